@@ -1,0 +1,64 @@
+"""petkit — parameter-efficient tuning of pretrained transformers on any torch.nn.Module.
+
+    import petkit as pk
+    model = pk.attach(model, pk.LoraConfig(r=8, alpha=16, targets=["q_proj", "v_proj"]))
+    pk.save_adapter(model, "out/adapter")
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .core.errors import (
+    AdapterLoadError,
+    AdapterStateError,
+    CheckpointError,
+    ConfigError,
+    MissingPackageError,
+    PetkitError,
+    TargetError,
+)
+from .core.io import adapter_state, load_adapter, read_adapter, save_adapter
+from .core.model import (
+    activate,
+    active_adapters,
+    adapters,
+    attach,
+    detach,
+    disabled,
+    merge,
+    set_trainable,
+    summary,
+    trainable_parameters,
+    unload,
+    unmerge,
+)
+from .core.registry import METHODS, MethodConfig, get_method, make_config, register
+from .methods import *  # noqa: F401,F403 - registers every method and exports its config
+from .methods import __all__ as _method_configs
+
+
+def list_methods() -> list[tuple[str, str, str]]:
+    """(name, family, paper) of every registered method."""
+    return [(m.name, m.family, m.paper) for m in METHODS.values()]
+
+
+def __getattr__(name: str):  # heavier layers load on first use
+    if name in ("export_peft", "import_peft"):
+        from .core import peft_interop
+
+        return getattr(peft_interop, name)
+    if name in ("train", "TrainConfig", "TrainResult", "evaluate"):
+        from . import train as _train
+
+        return getattr(_train, name)
+    raise AttributeError(f"module 'petkit' has no attribute {name!r}")
+
+
+__all__ = [
+    "AdapterLoadError", "AdapterStateError", "CheckpointError", "ConfigError", "MissingPackageError",
+    "PetkitError", "TargetError", "METHODS", "MethodConfig", "activate", "active_adapters", "adapter_state",
+    "adapters", "attach", "detach", "disabled", "export_peft", "get_method", "import_peft", "list_methods",
+    "load_adapter", "make_config", "merge", "read_adapter", "register", "save_adapter", "set_trainable",
+    "summary", "train", "TrainConfig", "TrainResult", "evaluate", "trainable_parameters", "unload", "unmerge",
+    *_method_configs,
+]

@@ -1,0 +1,196 @@
+"""Adapter files: `adapter.safetensors` (delta tensors keyed by canonical module path) and
+`adapter.json` (method, config, targets, versions, base fingerprint, tensor checksum).
+
+Loading checks everything before it touches the model, and undoes its attach on any later
+failure, so a failed load leaves the model as it was. Nothing is pickled.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .delta import get_canonical, iter_deltas
+from .errors import AdapterLoadError, AdapterStateError, ConfigError
+from .fingerprint import compare, fingerprint
+from .model import activate, adapters, attach, detach, set_trainable
+from .registry import config_from_json
+
+FORMAT_VERSION = 1
+TENSORS, META = "adapter.safetensors", "adapter.json"
+
+
+def adapter_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """Adapter `name`'s delta tensors keyed `<canonical module path>.<local name>`."""
+    if name not in adapters(model):
+        raise AdapterStateError(f"unknown adapter {name!r}; attached: {list(adapters(model)) or 'none'}")
+    state = {}
+    for path, w in iter_deltas(model):
+        if w.adapter_name == name:
+            for local, p in w.delta_parameters().items():
+                state[f"{path}.{local}" if path else local] = p
+    return state
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default") -> Path:
+    """Write adapter `name` to folder `path` atomically; returns the folder."""
+    from .. import __version__
+
+    state = {k: v.detach().contiguous().cpu() for k, v in adapter_state(model, name).items()}
+    if not state:
+        raise AdapterStateError(f"adapter {name!r} has no tensors to save")
+    record = adapters(model)[name]
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        save_file(state, str(tmp / TENSORS), metadata={"format": "pt"})
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "library": "petkit",
+            "library_version": __version__,
+            "name": name,
+            "method": record.config.method,
+            "config": record.config.to_dict(),
+            "targets": record.targets,
+            "base_fingerprint": record.fingerprint,
+            "tensors_sha256": _sha256(tmp / TENSORS),
+            "num_parameters": int(sum(v.numel() for v in state.values())),
+        }
+        (tmp / META).write_text(json.dumps(meta, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Read and check an adapter folder (JSON, checksum, tensors) without touching any model."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise AdapterLoadError(f"adapter folder {folder} does not exist")
+    meta_path, tensor_path = folder / META, folder / TENSORS
+    if not meta_path.is_file():
+        raise AdapterLoadError(f"{meta_path} is missing: not a petkit adapter folder")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterLoadError(f"{meta_path} is not valid JSON: {exc}") from None
+    need = ("format_version", "method", "config", "targets", "base_fingerprint", "tensors_sha256")
+    missing = [k for k in need if k not in meta] if isinstance(meta, dict) else list(need)
+    if missing:
+        raise AdapterLoadError(f"{meta_path} lacks field(s) {missing}")
+    if meta["format_version"] > FORMAT_VERSION:
+        raise AdapterLoadError(f"{folder} has format version {meta['format_version']}; this petkit reads <= {FORMAT_VERSION}")
+    if not tensor_path.is_file() or tensor_path.stat().st_size == 0:
+        raise AdapterLoadError(f"{tensor_path} is missing or empty")
+    if _sha256(tensor_path) != meta["tensors_sha256"]:
+        raise AdapterLoadError(f"{tensor_path} does not match the checksum in {META}: truncated or corrupted")
+    try:
+        with safe_open(str(tensor_path), framework="pt") as fh:
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise AdapterLoadError(f"{tensor_path} is not a readable safetensors file: {exc}") from None
+    if not tensors:
+        raise AdapterLoadError(f"{tensor_path} holds no tensors")
+    return meta, tensors
+
+
+def load_adapter(
+    model: nn.Module,
+    path: str | os.PathLike,
+    name: str | None = None,
+    strict: bool = True,
+    trainable: bool = False,
+) -> nn.Module:
+    """Load an adapter folder into `model` as `name` (default: its saved name) and activate it.
+
+    strict=False turns a base-fingerprint mismatch into a warning; shapes and keys are always checked.
+    """
+    meta, tensors = read_adapter(path)
+    try:
+        config = config_from_json({"method": meta["method"], **meta["config"]})
+    except (ConfigError, TypeError) as exc:
+        raise AdapterLoadError(f"{path}: its config does not load: {exc}") from None
+    name = name or meta.get("name") or "default"
+    if name in adapters(model):
+        raise AdapterStateError(f"an adapter named {name!r} is already attached; pass name=... to load under another")
+    _check_base(model, meta, path, strict)
+    attach(model, config, name)
+    try:
+        _copy_tensors(model, name, tensors)
+    except BaseException:
+        detach(model, name)
+        raise
+    set_trainable(model, name, trainable)
+    activate(model, name)
+    return model
+
+
+def _check_base(model: nn.Module, meta: dict[str, Any], path: Any, strict: bool) -> None:
+    expected = meta["base_fingerprint"]
+    missing = []
+    for p in meta["targets"]:
+        try:
+            get_canonical(model, p)
+        except AttributeError:
+            missing.append(p)
+    if missing:
+        raise AdapterLoadError(
+            f"{path} was made for another model: {len(missing)} module(s) it touches are not in "
+            f"{type(model).__name__}, e.g. {missing[0]!r} (adapter base: {expected.get('architecture')})"
+        )
+    problems = compare(expected, fingerprint(model, list(meta["targets"])))
+    if problems:
+        msg = f"{path} was trained on a different base model: " + "; ".join(problems[:3])
+        if strict:
+            raise AdapterLoadError(msg + " (load_adapter(..., strict=False) loads it anyway)")
+        warnings.warn(msg, stacklevel=3)
+
+
+def _copy_tensors(model: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> None:
+    state = adapter_state(model, name)
+    missing = sorted(set(state) - set(tensors))
+    unexpected = sorted(set(tensors) - set(state))
+    if missing or unexpected:
+        raise AdapterLoadError(
+            f"adapter tensors do not fit: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+        )
+    for key, param in state.items():
+        if tuple(tensors[key].shape) != tuple(param.shape):
+            raise AdapterLoadError(
+                f"tensor {key!r} has shape {tuple(tensors[key].shape)} in the file but "
+                f"{tuple(param.shape)} in the model"
+            )
+    with torch.no_grad():
+        for key, param in state.items():
+            param.copy_(tensors[key].to(param.dtype))
+
+
+def load_state_into(model: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy delta tensors (keys as in `adapter_state`) into attached adapter `name` (checked)."""
+    if name not in adapters(model):
+        raise AdapterStateError(f"unknown adapter {name!r}")
+    _copy_tensors(model, name, tensors)

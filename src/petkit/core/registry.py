@@ -1,0 +1,118 @@
+"""Method registry and the config base class every method's config derives from."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar, TypeVar
+
+from torch import nn
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    name: str
+    family: str  # additive | selective | reparameterised | hybrid
+    paper: str
+    config_cls: type["MethodConfig"]
+
+
+METHODS: dict[str, MethodInfo] = {}
+C = TypeVar("C", bound=type)
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Fields every method has. Subclasses add theirs and implement `inject`.
+
+    targets: None means the method's defaults for the model's architecture.
+    modules_to_save: modules (e.g. a new classification head) trained as a full copy that
+    belongs to this adapter.
+    """
+
+    targets: str | tuple[str, ...] | None = None
+    modules_to_save: tuple[str, ...] = ()
+    method: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        for f in fields(self):  # lists from JSON/YAML become tuples: configs stay hashable
+            value = getattr(self, f.name)
+            if isinstance(value, list):
+                object.__setattr__(self, f.name, tuple(value))
+        if self.targets is not None and not isinstance(self.targets, (str, tuple)):
+            raise ConfigError(f"targets must be a list of names, a regex string or None, got {self.targets!r}")
+        if isinstance(self.targets, tuple) and not all(isinstance(t, str) and t for t in self.targets):
+            raise ConfigError(f"targets must hold non-empty strings, got {self.targets!r}")
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the field and its allowed range."""
+
+    def inject(self, model: nn.Module, name: str) -> list[str]:
+        """Wrap/extend the model for adapter `name`; return the canonical paths it touched."""
+        raise NotImplementedError
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+    def to_json(self) -> str:
+        return json.dumps({"method": self.method, **self.to_dict()}, indent=2)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "MethodConfig":
+        data = {k: v for k, v in data.items() if k != "method"}
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"{cls.__name__} has no field(s) {unknown}; fields: {sorted(known)}")
+        return cls(**data)
+
+
+def check_range(name: str, value: Any, low: float | None = None, high: float | None = None,
+                *, kind: type | tuple[type, ...] = (int, float), low_open: bool = False) -> None:
+    """Raise ConfigError unless `value` is of `kind` and inside [low, high] (or (low, high])."""
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise ConfigError(f"{name} must be {getattr(kind, '__name__', kind)}, got {value!r}")
+    if low is not None and (value <= low if low_open else value < low):
+        raise ConfigError(f"{name} must be {'>' if low_open else '>='} {low}, got {value!r}")
+    if high is not None and value > high:
+        raise ConfigError(f"{name} must be <= {high}, got {value!r}")
+
+
+def check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+def register(name: str, *, family: str, paper: str) -> Callable[[C], C]:
+    """Class decorator: register a MethodConfig subclass under a short name."""
+
+    def deco(cls: C) -> C:
+        if name in METHODS:
+            raise ValueError(f"method {name!r} is registered twice")
+        cls.method = name
+        METHODS[name] = MethodInfo(name, family, paper, cls)
+        return cls
+
+    return deco
+
+
+def get_method(name: str) -> MethodInfo:
+    if name not in METHODS:
+        raise ConfigError(f"unknown method {name!r}; registered: {', '.join(sorted(METHODS))}")
+    return METHODS[name]
+
+
+def make_config(method: str, **kwargs: Any) -> MethodConfig:
+    """Build a method's config by its registered name: `make_config("lora", r=8)`."""
+    return get_method(method).config_cls.from_dict(kwargs)
+
+
+def config_from_json(data: dict[str, Any]) -> MethodConfig:
+    if "method" not in data:
+        raise ConfigError("config JSON has no 'method' field")
+    return get_method(data["method"]).config_cls.from_dict(data)

@@ -1,0 +1,83 @@
+"""LoRA — Hu et al., 2021, "LoRA: Low-Rank Adaptation of Large Language Models" (arXiv:2106.09685).
+
+    h = W0 x + (alpha / r) * B A x          A: (r, in), B: (out, r), B = 0 at init
+    rsLoRA (Kalajdzievski, 2023): scale alpha / sqrt(r) instead of alpha / r.
+
+Touches Linear / GPT-2 Conv1D layers (default: the attention query and value projections).
+The forward adds two small matmuls and nothing else: no dropout op when p = 0, no dict
+look-ups, no dtype round trips — so it compiles without graph breaks. Mergeable.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core.bias import BiasDelta
+from ..core.delta import DeltaModule, get_canonical, innermost, wrap
+from ..core.registry import MethodConfig, check_choice, check_range, register
+from ..core.targets import linear_dims, match_targets, role_targets
+
+
+class LoraLinear(DeltaModule):
+    def __init__(self, base: nn.Module, adapter_name: str, r: int, alpha: float, dropout: float,
+                 rslora: bool, bias: bool) -> None:
+        super().__init__(base, adapter_name)
+        inner = innermost(base)
+        fan_in, fan_out, self.transposed = linear_dims(inner)
+        kw = {"dtype": inner.weight.dtype, "device": inner.weight.device}
+        self.lora_A = nn.Parameter(torch.empty(r, fan_in, **kw))
+        self.lora_B = nn.Parameter(torch.zeros(fan_out, r, **kw))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.lora_bias = nn.Parameter(torch.zeros(fan_out, **kw)) if bias else None
+        self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if not self.enabled:
+            return y
+        if self.dropout is not None:
+            x = self.dropout(x)
+        y = y + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
+        return y if self.lora_bias is None else y + self.lora_bias
+
+    def delta_weight(self) -> torch.Tensor:
+        dw = (self.lora_B @ self.lora_A).detach() * self.scaling
+        return dw.T if self.transposed else dw
+
+    def delta_bias(self) -> torch.Tensor | None:
+        return None if self.lora_bias is None else self.lora_bias.detach()
+
+
+@register("lora", family="reparameterised", paper="Hu et al., 2021, LoRA: Low-Rank Adaptation of Large Language Models")
+@dataclass(frozen=True)
+class LoraConfig(MethodConfig):
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    rslora: bool = False
+    bias: str = "none"  # none | lora_only (bias delta on wrapped layers) | all (also every other biased linear)
+
+    def validate(self) -> None:
+        check_range("r", self.r, 1, kind=int)
+        check_range("alpha", self.alpha, 0, low_open=True)
+        check_range("dropout", self.dropout, 0.0, 0.999)
+        check_choice("rslora", self.rslora, (True, False))
+        check_choice("bias", self.bias, ("none", "lora_only", "all"))
+
+    def inject(self, model: nn.Module, name: str) -> list[str]:
+        targets = self.targets if self.targets is not None else role_targets(model, "attn_qv")
+        paths = match_targets(model, targets)
+        for path in paths:
+            wrap(model, path, LoraLinear, name, self.r, self.alpha, self.dropout, self.rslora, self.bias != "none")
+        if self.bias == "all":
+            others = [p for p in match_targets(model, "all-linear") if p not in paths]
+            for path in others:
+                if getattr(innermost(get_canonical(model, path)), "bias", None) is not None:
+                    wrap(model, path, BiasDelta, name)
+                    paths.append(path)
+        return paths
