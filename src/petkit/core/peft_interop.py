@@ -1,0 +1,137 @@
+"""Hugging Face PEFT interop for the LoRA family: `export_peft` / `import_peft`.
+
+PEFT's folder: `adapter_config.json` (peft_type "LORA", r, lora_alpha, target_modules, ...) and
+`adapter_model.safetensors` with keys `base_model.model.<path>.lora_A.weight` (r, in) and
+`.lora_B.weight` (out, r) — the same layouts petkit's LoRA uses; `modules_to_save` tensors as
+`base_model.model.<path>.<param>`. Unlike PEFT, import checks every tensor against the model.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .errors import AdapterLoadError, AdapterStateError
+from .io import adapter_state, load_state_into
+from .model import activate, adapters, attach, detach, set_trainable
+from .registry import make_config
+
+PREFIX = "base_model.model."
+_TO_PEFT = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "lora_bias": "lora_B.bias"}
+_FROM_PEFT = {v: k for k, v in _TO_PEFT.items()}
+
+
+def export_peft(model: nn.Module, path: str | os.PathLike, name: str = "default") -> Path:
+    """Write adapter `name` (method "lora") as a PEFT LoRA folder."""
+    record = adapters(model).get(name)
+    if record is None:
+        raise AdapterStateError(f"unknown adapter {name!r}")
+    cfg = record.config
+    if cfg.method != "lora":
+        raise AdapterStateError(f"export_peft supports the LoRA family; {name!r} is {cfg.method!r}")
+    if cfg.bias == "all":
+        raise AdapterStateError("PEFT has no equivalent of bias='all' deltas; use bias='none' or 'lora_only'")
+    tensors: dict[str, torch.Tensor] = {}
+    for key, value in adapter_state(model, name).items():
+        module_path, _, local = key.rpartition(".")
+        if local in _TO_PEFT:
+            tensors[f"{PREFIX}{module_path}.{_TO_PEFT[local]}"] = value.detach().cpu().contiguous()
+        else:  # TrainableCopy: "<path>.copy.<param>"
+            mod, _, param = key.partition(".copy.")
+            tensors[f"{PREFIX}{mod}.{param}"] = value.detach().cpu().contiguous()
+    lora_paths = sorted({k[len(PREFIX):].rsplit(".lora_", 1)[0] for k in tensors if ".lora_" in k})
+    conv1d = any(getattr(w, "transposed", False) for w in _lora_wrappers(model, name))
+    config = {
+        "peft_type": "LORA", "task_type": None, "r": cfg.r, "lora_alpha": cfg.alpha,
+        "lora_dropout": cfg.dropout, "use_rslora": cfg.rslora, "target_modules": lora_paths,
+        "bias": "none", "lora_bias": cfg.bias == "lora_only", "fan_in_fan_out": conv1d,
+        "modules_to_save": list(cfg.modules_to_save) or None, "init_lora_weights": True,
+        "inference_mode": True, "use_dora": False, "rank_pattern": {}, "alpha_pattern": {},
+        "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None),
+    }
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    return out
+
+
+def _lora_wrappers(model: nn.Module, name: str) -> list[nn.Module]:
+    from .delta import iter_deltas
+
+    return [w for _, w in iter_deltas(model) if w.adapter_name == name and hasattr(w, "lora_A")]
+
+
+def _read_peft(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    cfg_path, tensor_path = folder / "adapter_config.json", folder / "adapter_model.safetensors"
+    if not cfg_path.is_file():
+        raise AdapterLoadError(f"{cfg_path} is missing: not a PEFT adapter folder")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise AdapterLoadError(f"{cfg_path} is not valid JSON: {exc}") from None
+    if not tensor_path.is_file() or tensor_path.stat().st_size == 0:
+        raise AdapterLoadError(f"{tensor_path} is missing or empty (PEFT .bin files are not read: no pickle)")
+    try:
+        tensors = load_file(str(tensor_path))
+    except (SafetensorError, OSError) as exc:
+        raise AdapterLoadError(f"{tensor_path} is not a readable safetensors file: {exc}") from None
+    if not tensors:
+        raise AdapterLoadError(f"{tensor_path} holds no tensors")
+    return config, tensors
+
+
+def import_peft(model: nn.Module, path: str | os.PathLike, name: str = "default", trainable: bool = False) -> nn.Module:
+    """Load a PEFT LoRA folder into `model` as petkit adapter `name` (checked, then activated)."""
+    config, tensors = _read_peft(Path(path))
+    if config.get("peft_type") != "LORA":
+        raise AdapterLoadError(f"import_peft reads LoRA adapters; this one is {config.get('peft_type')!r}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if config.get(key):
+            raise AdapterLoadError(f"PEFT {key} (per-module ranks) is not supported yet")
+    if config.get("use_dora"):
+        raise AdapterLoadError("this PEFT adapter uses DoRA; import it with the DoRA method")
+    if config.get("bias", "none") != "none":
+        raise AdapterLoadError("PEFT bias='all'/'lora_only' trains base biases; petkit cannot import that exactly")
+    ours: dict[str, torch.Tensor] = {}
+    saved = tuple(config.get("modules_to_save") or ())
+    for key, value in tensors.items():
+        if not key.startswith(PREFIX):
+            raise AdapterLoadError(f"unexpected tensor key {key!r} (expected {PREFIX}...)")
+        rest = key[len(PREFIX):].replace(".default.", ".")
+        head, sep, tail = rest.rpartition(".lora_")
+        if sep:
+            local = _FROM_PEFT.get("lora_" + tail)
+            if local is None:
+                raise AdapterLoadError(f"unexpected LoRA tensor {key!r}")
+            ours[f"{head}.{local}"] = value
+        else:
+            mod = next((m for m in saved if rest.startswith(m + ".") or f".{m}." in f".{rest}"), None)
+            if mod is None:
+                raise AdapterLoadError(f"tensor {key!r} is neither LoRA nor a modules_to_save module")
+            mod_path, _, param = rest.rpartition(".")
+            ours[f"{mod_path}.copy.{param}"] = value
+    targets = sorted({k.rsplit(".", 1)[0] for k in ours if k.rsplit(".", 1)[1].startswith("lora_")})
+    cfg = make_config(
+        "lora", r=int(config["r"]), alpha=float(config["lora_alpha"]), dropout=float(config.get("lora_dropout", 0.0)),
+        rslora=bool(config.get("use_rslora", False)), bias="lora_only" if config.get("lora_bias") else "none",
+        targets=targets, modules_to_save=list(saved),
+    )
+    try:
+        attach(model, cfg, name)
+    except Exception as exc:
+        raise AdapterLoadError(f"{path} does not fit this model: {exc}") from None
+    try:
+        load_state_into(model, name, ours)
+    except BaseException:
+        detach(model, name)
+        raise
+    set_trainable(model, name, trainable)
+    activate(model, name)
+    return model
