@@ -108,7 +108,9 @@ def set_canonical(model: nn.Module, path: str, new: nn.Module) -> None:
 
 def wrap(model: nn.Module, path: str, make: "type[DeltaModule] | object", *args, **kwargs) -> DeltaModule:
     """Wrap the module at `path` (stacking on any wrapper already there) with `make(base, ...)`."""
-    wrapper = make(get_canonical(model, path), *args, **kwargs)
+    base = get_canonical(model, path)
+    wrapper = make(base, *args, **kwargs)
+    wrapper.train(base.training)  # a new wrapper follows the model's train/eval mode
     set_canonical(model, path, wrapper)
     return wrapper
 

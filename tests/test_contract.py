@@ -1,0 +1,223 @@
+"""The contract table: every registered method x toy model runs through the same properties.
+
+A new method passes by adding a row to CASES — no per-method `if` in any test below.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import torch
+
+import petkit as pk
+from petkit.core.delta import DeltaModule
+from toys import TOYS, inputs, perturb, run
+
+
+@dataclass(frozen=True)
+class Case:
+    method: str
+    toy: str
+    kwargs: dict[str, Any]
+    identity: bool  # identity at initialisation (the paper's init)
+    mergeable: bool
+
+    @property
+    def id(self) -> str:
+        extra = ",".join(f"{k}={v}" for k, v in self.kwargs.items())
+        return f"{self.method}[{extra}]-{self.toy}" if extra else f"{self.method}-{self.toy}"
+
+
+CASES = [
+    Case("lora", "mlp", {}, True, True),
+    Case("lora", "llama", {}, True, True),
+    Case("lora", "gpt2", {"rslora": True, "bias": "lora_only"}, True, True),
+    Case("lora", "bert", {"targets": "all-linear", "dropout": 0.1}, True, True),
+    Case("adapter", "mlp", {}, True, False),
+    Case("adapter", "llama", {}, True, False),
+    Case("adapter", "gpt2", {"variant": "parallel"}, True, False),
+    Case("adapter", "bert", {}, True, False),
+    Case("prompt", "llama", {"num_virtual_tokens": 4}, False, False),
+    Case("prompt", "gpt2", {"num_virtual_tokens": 3, "init": "random"}, False, False),
+    Case("prompt", "bert", {"num_virtual_tokens": 2}, False, False),
+    Case("bitfit", "mlp", {}, True, True),
+    Case("bitfit", "llama", {}, True, True),
+    Case("bitfit", "gpt2", {}, True, True),
+    Case("bitfit", "bert", {}, True, True),
+]
+ids = [c.id for c in CASES]
+
+
+def test_every_registered_method_has_a_row():
+    assert {m for m, *_ in pk.list_methods()} <= {c.method for c in CASES}
+
+
+def fresh(case: Case, seed: int = 0) -> tuple[torch.nn.Module, torch.nn.Module, dict]:
+    base = TOYS[case.toy](seed)
+    model = copy.deepcopy(base)
+    pk.attach(model, pk.make_config(case.method, **case.kwargs), name="a")
+    return base, model, inputs(case.toy)
+
+
+def trained(case: Case, seed: int = 0):
+    base, model, batch = fresh(case, seed)
+    perturb(pk.trainable_parameters(model), seed=seed + 10)
+    return base, model, batch
+
+
+def base_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    deltas = {id(p) for m in model.modules() if isinstance(m, DeltaModule) for p in m.delta_parameters().values()}
+    return {n: p.detach().clone() for n, p in model.named_parameters() if id(p) not in deltas}
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.identity], ids=[c.id for c in CASES if c.identity])
+def test_identity_at_init(case):
+    base, model, batch = fresh(case)
+    torch.testing.assert_close(run(model, batch), run(base, batch), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("case", CASES, ids=ids)
+def test_only_the_delta_trains(case):
+    _, model, batch = fresh(case)
+    model.train()
+    params = pk.trainable_parameters(model)
+    assert params and all(p.requires_grad for p in params.values())
+    assert all(not p.requires_grad for n, p in model.named_parameters() if n not in params)
+    before_base, before_delta = base_state(model), {n: p.detach().clone() for n, p in params.items()}
+    opt = torch.optim.SGD(params.values(), lr=0.5)
+    for _ in range(3):
+        opt.zero_grad()
+        run(model, batch).float().pow(2).mean().backward()
+        opt.step()
+    after = base_state(model)
+    assert all(torch.equal(before_base[n], after[n]) for n in before_base)
+    assert any(not torch.equal(before_delta[n], p) for n, p in params.items())
+
+
+@pytest.mark.parametrize("case", CASES, ids=ids)
+def test_delta_changes_output_and_disabled_gives_base_exactly(case):
+    base, model, batch = trained(case)
+    expected = run(base, batch)
+    assert not torch.allclose(run(model, batch), expected)
+    with pk.disabled(model):
+        torch.testing.assert_close(run(model, batch), expected, rtol=0, atol=0)
+    assert not torch.allclose(run(model, batch), expected)  # restored after
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.mergeable], ids=[c.id for c in CASES if c.mergeable])
+def test_merge_equals_unmerged_and_unmerge_restores(case):
+    base, model, batch = trained(case)
+    model.eval()
+    unmerged = run(model, batch)
+    weights = base_state(model)
+    pk.merge(model)
+    torch.testing.assert_close(run(model, batch), unmerged, rtol=1e-5, atol=1e-5)
+    pk.merge(model)  # second merge is a no-op
+    torch.testing.assert_close(run(model, batch), unmerged, rtol=1e-5, atol=1e-5)
+    with pk.disabled(model):
+        torch.testing.assert_close(run(model, batch), run(base, batch), rtol=1e-5, atol=1e-5)
+    pk.unmerge(model)
+    after = base_state(model)
+    assert weights.keys() == after.keys()
+    assert all(torch.allclose(weights[n], after[n], atol=1e-6) for n in weights)
+    torch.testing.assert_close(run(model, batch), unmerged, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if not c.mergeable], ids=[c.id for c in CASES if not c.mergeable])
+def test_merge_of_unmergeable_method_raises_and_changes_nothing(case):
+    _, model, batch = trained(case)
+    out = run(model, batch)
+    with pytest.raises(pk.AdapterStateError, match="not mergeable"):
+        pk.merge(model)
+    torch.testing.assert_close(run(model, batch), out, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.mergeable], ids=[c.id for c in CASES if c.mergeable])
+def test_merge_with_nan_raises_and_changes_nothing(case):
+    _, model, batch = trained(case)
+    out = run(model, batch)
+    with torch.no_grad():
+        next(iter(pk.trainable_parameters(model).values())).view(-1)[0] = float("nan")
+    weights = base_state(model)
+    with pytest.raises(pk.AdapterStateError, match="NaN"):
+        pk.merge(model)
+    after = base_state(model)
+    assert all(torch.equal(weights[n], after[n]) for n in weights)
+    assert not torch.isnan(out).any()
+
+
+@pytest.mark.parametrize("case", CASES, ids=ids)
+def test_save_load_round_trip_is_exact(case, tmp_path):
+    base, model, batch = trained(case)
+    expected = run(model, batch)
+    pk.save_adapter(model, tmp_path / "ad", name="a")
+    other = copy.deepcopy(base)
+    pk.load_adapter(other, tmp_path / "ad")
+    assert pk.active_adapters(other) == ["a"]
+    torch.testing.assert_close(run(other, batch), expected, rtol=0, atol=0)
+    assert not pk.trainable_parameters(other)  # loaded frozen by default
+    pk.detach(other, "a")
+    pk.load_adapter(other, tmp_path / "ad", name="again", trainable=True)
+    assert pk.trainable_parameters(other)
+
+
+@pytest.mark.parametrize("case", CASES, ids=ids)
+def test_several_adapters_switch_exactly(case):
+    base, model, batch = trained(case, seed=0)
+    only_a = run(model, batch)
+    pk.attach(model, pk.make_config(case.method, **case.kwargs), name="b")
+    perturb(pk.trainable_parameters(model), seed=99)
+    only_b = run(model, batch)
+    assert not torch.allclose(only_a, only_b)
+    pk.activate(model, "a")
+    torch.testing.assert_close(run(model, batch), only_a, rtol=0, atol=0)
+    pk.activate(model, ["a", "b"])  # stacked: differs from each alone
+    both = run(model, batch)
+    assert not torch.allclose(both, only_a) and not torch.allclose(both, only_b)
+    pk.detach(model, "a")
+    assert pk.active_adapters(model) == ["b"]
+    torch.testing.assert_close(run(model, batch), only_b, rtol=0, atol=0)
+    pk.detach(model, "b")
+    torch.testing.assert_close(run(model, batch), run(base, batch), rtol=0, atol=0)
+    assert not any(isinstance(m, DeltaModule) for m in model.modules())
+
+
+@pytest.mark.parametrize("case", CASES, ids=ids)
+def test_unload_leaves_no_petkit_modules(case):
+    base, model, batch = trained(case)
+    merge = case.mergeable
+    expected = run(model, batch) if merge else run(base, batch)
+    plain = pk.unload(model, merge=merge)
+    assert not any(isinstance(m, DeltaModule) for m in plain.modules())
+    assert not plain._forward_pre_hooks and not plain._forward_hooks
+    torch.testing.assert_close(run(plain, batch), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", CASES, ids=ids)
+def test_user_mistakes_raise_and_leave_model_unchanged(case):
+    _, model, batch = trained(case)
+    out = run(model, batch)
+    cfg = pk.make_config(case.method, **case.kwargs)
+    with pytest.raises(pk.AdapterStateError, match="already attached"):
+        pk.attach(model, cfg, name="a")
+    with pytest.raises(pk.AdapterStateError, match="unknown adapter"):
+        pk.activate(model, ["a", "nope"])
+    with pytest.raises(pk.AdapterStateError, match="unknown adapter"):
+        pk.detach(model, "nope")
+    with pytest.raises(pk.ConfigError, match="unknown method"):
+        pk.make_config(case.method + "x")
+    with pytest.raises(pk.ConfigError, match="no field"):
+        pk.make_config(case.method, not_a_field=1)
+    assert pk.active_adapters(model) == ["a"]
+    torch.testing.assert_close(run(model, batch), out, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("case", CASES, ids=ids)
+def test_config_round_trips_through_json(case):
+    import json
+
+    cfg = pk.make_config(case.method, **case.kwargs)
+    again = pk.core.registry.config_from_json(json.loads(cfg.to_json()))
+    assert again == cfg

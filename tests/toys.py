@@ -1,0 +1,66 @@
+"""Toy models and inputs shared by the contract table and method tests."""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from petkit.models import tiny_model
+
+
+class MLP(nn.Module):
+    """A plain nn.Module with no transformers in it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(8, 16)
+        self.norm = nn.LayerNorm(16)
+        self.fc2 = nn.Linear(16, 16, bias=False)
+        self.out = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.fc2(self.norm(torch.relu(self.fc1(x))))))
+
+
+def mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return MLP().eval()
+
+
+def llama(seed: int = 0) -> nn.Module:
+    return tiny_model("llama", seed=seed)[0].eval()
+
+
+def gpt2(seed: int = 0) -> nn.Module:
+    return tiny_model("gpt2", seed=seed)[0].eval()
+
+
+def bert_cls(seed: int = 0) -> nn.Module:
+    return tiny_model("bert", task="seq-cls", num_labels=3, seed=seed)[0].eval()
+
+
+TOYS: dict[str, Callable[[int], nn.Module]] = {"mlp": mlp, "llama": llama, "gpt2": gpt2, "bert": bert_cls}
+
+
+def inputs(kind: str, seed: int = 1) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    if kind == "mlp":
+        return {"x": torch.randn(4, 8, generator=g)}
+    ids = torch.randint(3, 60, (2, 6), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, -2:] = 0  # one padded row
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def run(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    out = model(**batch)
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def perturb(params: dict[str, nn.Parameter], seed: int = 0, scale: float = 0.1) -> None:
+    """Give every delta parameter a seeded non-trivial value (deltas start at identity)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in params.values():
+            p.add_(torch.randn(p.shape, generator=g).to(p.dtype) * scale)
