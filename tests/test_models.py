@@ -43,7 +43,8 @@ def test_smollm2_knows_paris(smollm2):
     inputs = tokenizer("The capital of France is", return_tensors="pt")
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-        sentence = tokenizer("The cat sat on the mat and looked out of the window.", return_tensors="pt")
+        text = "The cat sat on the mat and looked out of the window."
+        sentence = tokenizer(text, return_tensors="pt")
         loss = model(**sentence, labels=sentence["input_ids"]).loss
     assert "Paris" in tokenizer.decode(out[0, inputs["input_ids"].shape[1]:])
     assert loss.item() < 5.0  # uniform guessing would be ln(49152) = 10.8
@@ -51,7 +52,8 @@ def test_smollm2_knows_paris(smollm2):
 
 def test_smollm2_encoding_chat_and_verbaliser(smollm2):
     _, tokenizer = smollm2
-    [enc] = encode_instruction([{"prompt": "Hi?", "completion": "Hello."}], tokenizer, max_length=128)
+    pair = {"prompt": "Hi?", "completion": "Hello."}
+    [enc] = encode_instruction([pair], tokenizer, max_length=128)
     answer = [t for t in enc["labels"] if t != -100]
     assert tokenizer.decode(answer) == "Hello." + tokenizer.eos_token
     assert "<|im_start|>assistant" in tokenizer.decode(enc["input_ids"])
@@ -88,6 +90,8 @@ def test_resolve_passthrough_and_unknown(tmp_path: Path):
     assert resolve_model("org/some-model") == "org/some-model"
     with pytest.raises(PetkitError, match="smollm2-135m, minilm-l6"):
         load_model("org/surely-not-a-model-xyz")
+    with pytest.raises(PetkitError, match="from folder"):
+        load_model(str(tmp_path))
     with pytest.raises(ConfigError):
         load_model("minilm-l6", task="translate")
 
@@ -107,11 +111,20 @@ def test_atomic_write_leaves_nothing_on_crash(tmp_path: Path):
         (folder / "config.json").write_text("{}")
         raise RuntimeError("killed mid-write")
 
+    def finish(folder: Path) -> None:
+        (folder / CACHE_MARKER).write_text("{}")
+
+    def done(folder: Path) -> bool:
+        return (folder / CACHE_MARKER).exists()
+
     with pytest.raises(RuntimeError):
-        _write_atomically(target, crash)
+        _write_atomically(target, crash, done)
     assert not target.exists() and list(target.parent.iterdir()) == []
-    _write_atomically(target, lambda folder: (folder / CACHE_MARKER).write_text("{}"))
-    assert (target / CACHE_MARKER).exists() and len(list(target.parent.iterdir())) == 1
+    target.mkdir()  # a stale, incomplete cache from an older crash is replaced
+    (target / "junk").write_text("x")
+    _write_atomically(target, finish, done)
+    assert sorted(p.name for p in target.iterdir()) == [CACHE_MARKER]
+    assert len(list(target.parent.iterdir())) == 1
 
 
 @pytest.mark.parametrize("arch", ["llama", "bert", "gpt2"])

@@ -44,7 +44,8 @@ def _label_names(values: list[object]) -> tuple[tuple[str, ...], dict[object, in
         ints = sorted({int(v) for v in values})  # type: ignore[arg-type]
         if ints[0] < 0:
             raise ConfigError(f"integer labels must be >= 0, found {ints[0]}")
-        return tuple(str(i) for i in range(ints[-1] + 1)), {v: int(v) for v in set(values)}  # type: ignore[arg-type]
+        names = tuple(str(i) for i in range(ints[-1] + 1))
+        return names, {v: int(v) for v in set(values)}  # type: ignore[call-overload]
     names = tuple(sorted({str(v) for v in values}))
     index = {n: i for i, n in enumerate(names)}
     return names, {v: index[str(v)] for v in set(values)}
@@ -88,7 +89,7 @@ def load_file_task(
     kind = _kind(path, train_rows, columns)
     test_rows = read_records(test_path) if test_path is not None else []
     if test_path is not None and (not test_rows or _kind(test_path, test_rows, columns) != kind):
-        raise ConfigError(f"test file {str(test_path)!r} does not have the columns of {str(path)!r}")
+        raise ConfigError(f"test file {str(test_path)!r} lacks the columns of {str(path)!r}")
     names: tuple[str, ...] = ()
     index: dict[object, int] = {}
     if kind == "classification":

@@ -63,7 +63,7 @@ def _quotas(sizes: dict[object, int], n_holdout: int) -> dict[object, int]:
 
 
 def _holdout_indices(examples: list[dict], order: list[int], n_holdout: int) -> set[int]:
-    """Pick held-out indices in `order`: stratified by label, grouped by prompt, else the first n."""
+    """Held-out indices taken in `order`: stratified by label, grouped by prompt, else first n."""
     first = examples[0]
     if "label" in first:
         by_label: dict[object, list[int]] = defaultdict(list)
@@ -90,7 +90,8 @@ def holdout_split(
     """(rest, held_out) with about n_holdout held out; both in one seeded shuffled order."""
     if not 0 < n_holdout < len(examples):
         raise ConfigError(
-            f"cannot hold out {n_holdout} of {len(examples)} examples (need 0 < n < {len(examples)})"
+            f"cannot hold out {n_holdout} of {len(examples)} examples "
+            f"(need 0 < n < {len(examples)})"
         )
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)

