@@ -43,7 +43,9 @@ class TrainerState:
     position: DataPosition = field(default_factory=DataPosition)
     best_step: int | None = None
     best_metric: float | None = None
+    best_loss: float | None = None
     bad_evals: int = 0
+    pending_losses: list[float] = field(default_factory=list)  # since the last log row
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -193,5 +195,6 @@ def load_checkpoint(path: Path, params: dict[str, torch.nn.Parameter],
     raw = meta["trainer"]
     state = TrainerState(step=raw["step"], position=DataPosition(**raw["position"]),
                          best_step=raw["best_step"], best_metric=raw["best_metric"],
-                         bad_evals=raw["bad_evals"], history=raw["history"])
+                         best_loss=raw["best_loss"], bad_evals=raw["bad_evals"],
+                         pending_losses=raw["pending_losses"], history=raw["history"])
     return state, best, blob["stepper"]

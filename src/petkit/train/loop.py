@@ -64,6 +64,18 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def save_active_adapters(model: nn.Module, path: Path) -> Path:
+    """`pk.save_adapter` to `path`; with several active adapters, one sub-folder per name."""
+    import petkit
+
+    names = petkit.active_adapters(model) or ["default"]
+    if len(names) == 1:
+        return petkit.save_adapter(model, path, name=names[0])
+    for name in names:
+        petkit.save_adapter(model, path / name, name=name)
+    return path
+
+
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (dropout and any stepper noise draw from these)."""
     random.seed(seed)
@@ -71,10 +83,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _better(metric: str, new: float, old: float | None) -> bool:
-    if old is None:
+def _improves(metrics: dict[str, float], state: ckpt.TrainerState, metric: str) -> bool:
+    """Higher accuracy, or equal accuracy with lower loss; for LM tasks lower loss."""
+    if state.best_metric is None or state.best_loss is None:
         return True
-    return new > old if metric == "accuracy" else new < old
+    if metric == "accuracy" and metrics["accuracy"] != state.best_metric:
+        return metrics["accuracy"] > state.best_metric
+    return metrics["loss"] < state.best_loss
 
 
 class _Run:
@@ -109,8 +124,9 @@ class _Run:
         self.state, self.best, stepper_state = ckpt.load_checkpoint(latest, self.params,
                                                                      self.config)
         self.stepper.load_state_dict(stepper_state)
-        self.metric = next((k[5:] for r in self.state.history for k in r
-                            if k in ("eval_accuracy", "eval_loss")), None)
+        keys = {k for row in self.state.history for k in row}
+        self.metric = ("accuracy" if "eval_accuracy" in keys
+                       else "loss" if "eval_loss" in keys else None)
 
     def loss(self, batch: Batch) -> torch.Tensor:
         """Forward + objective for one micro-batch, under the configured precision."""
@@ -127,10 +143,9 @@ class _Run:
         row = {"step": self.state.step, **{f"eval_{k}": v for k, v in metrics.items()}}
         self.state.history.append(row)
         self.monitor.record(row)
-        value = metrics[self.metric]
-        if _better(self.metric, value, self.state.best_metric):
-            self.state.best_metric, self.state.best_step, self.state.bad_evals = (
-                value, self.state.step, 0)
+        if _improves(metrics, self.state, self.metric):
+            self.state.best_metric, self.state.best_loss = metrics[self.metric], metrics["loss"]
+            self.state.best_step, self.state.bad_evals = self.state.step, 0
             self.best = {k: p.detach().clone() for k, p in self.params.items()}
         else:
             self.state.bad_evals += 1
@@ -148,7 +163,7 @@ class _Run:
 
     def loop(self) -> None:
         """Step until `total` steps or early stopping."""
-        cfg, losses = self.config, []
+        cfg, losses = self.config, self.state.pending_losses
         steps = micro_batches(self.data, cfg, self.state.position, self.collate)
         self.model.train()
         while self.state.step < self.total and not self.should_stop():
@@ -159,7 +174,7 @@ class _Run:
             step, last = self.state.step, self.state.step == self.total
             if step % cfg.log_every == 0 or last:
                 self.log_train(losses, lr)
-                losses = []
+                losses.clear()
             if self.eval_data and ((cfg.eval_every and step % cfg.eval_every == 0) or last):
                 self.evaluate()
             if self.out is not None and cfg.save_every and step % cfg.save_every == 0:
@@ -181,10 +196,7 @@ class _Run:
                     param.copy_(self.best[key])
         adapter = None
         if self.out is not None:
-            import petkit
-
-            adapter = str(self.out / "adapter")
-            petkit.save_adapter(self.model, adapter)
+            adapter = str(save_active_adapters(self.model, self.out / "adapter"))
             plot_history(self.state.history, self.out / "training.png", self.metric or "loss")
         self.monitor.info(f"done: step={self.state.step} best_step={self.state.best_step} "
                           f"best_{self.metric}={self.state.best_metric}")
