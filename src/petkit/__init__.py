@@ -33,8 +33,11 @@ from .core.model import (
     unmerge,
 )
 from .core.registry import METHODS, MethodConfig, get_method, make_config, register
-from .methods import *  # noqa: F401,F403 - registers every method and exports its config
-from .methods import __all__ as _method_configs
+from . import methods as _methods  # noqa: F401 - registers every method
+
+# pk.<Method>Config for every registered method (LoraConfig, AdapterConfig, ...)
+globals().update({m.config_cls.__name__: m.config_cls for m in METHODS.values()})
+_method_configs = [m.config_cls.__name__ for m in METHODS.values()]
 
 
 def list_methods() -> list[tuple[str, str, str]]:

@@ -1,7 +1,7 @@
-"""One file per method; importing this package registers them all."""
-from .adapter import AdapterConfig
-from .bitfit import BitFitConfig
-from .lora import LoraConfig
-from .prompt import PromptConfig
+"""One file per method; importing this package imports (and so registers) every module in it."""
+import importlib
+import pkgutil
 
-__all__ = ["AdapterConfig", "BitFitConfig", "LoraConfig", "PromptConfig"]
+for _info in pkgutil.iter_modules(__path__):
+    if not _info.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_info.name}")
