@@ -171,7 +171,9 @@ def _accepts(annotation: Any, kind: type) -> bool:
 
 def parse_value(text: str, annotation: Any = Any) -> Any:
     """A flag's text as a value of `annotation`: YAML scalars/lists, with numbers made floats
-    where the field is a float (YAML reads "1e-4" as a string)."""
+    where the field is a float (YAML reads "1e-4" as a string); "none" means None."""
+    if text.strip().lower() == "none":
+        return None
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError:
@@ -184,17 +186,17 @@ def parse_value(text: str, annotation: Any = Any) -> Any:
     return value
 
 
-def _section_class(recipe: Recipe, section: str) -> type | None:
+def _section_class(data: dict[str, Any], section: str) -> type:
     if section == "method":
         import petkit.core.registry as registry
 
-        return registry.get_method(recipe.method_name).config_cls
+        return registry.get_method(str(data["method"].get("name", "lora"))).config_cls
     return {"model": ModelSpec, "data": DataSpec, "train": TrainConfig}[section]
 
 
 def apply_overrides(recipe: Recipe, overrides: dict[str, str]) -> Recipe:
     """Apply {"section.field": text} overrides, e.g. {"train.lr": "1e-4", "method.r": "16"}."""
-    data = recipe.to_dict()
+    data = recipe.to_dict()  # validated once, at the end: overrides may depend on each other
     # Method name first: the other method fields are checked against that method's config.
     ordered = sorted(overrides.items(), key=lambda kv: kv[0] != "method.name")
     for key, text in ordered:
@@ -205,7 +207,7 @@ def apply_overrides(recipe: Recipe, overrides: dict[str, str]) -> Recipe:
         if key == "method.name" and text != data["method"].get("name"):
             data["method"] = {"name": text}
             continue
-        cls = _section_class(recipe_from_dict(data), section)
+        cls = _section_class(data, section)
         known = {f.name for f in dataclasses.fields(cls)} | ({"name"} if section == "method" else set())
         if name not in known:
             raise ConfigError(f"unknown option --{key}; {section} fields: {sorted(known)}")

@@ -1,0 +1,201 @@
+"""`petkit` command line: parse, call the library, print. Every user mistake is one red line and
+exit code 2; no traceback.
+
+    petkit train                         # LoRA on smollm2-135m for rotten-tomatoes, on the CPU
+    petkit train --recipe minilm-bbc --steps 50 --method.r=16 --train.lr=1e-3
+    petkit eval --adapter runs/default/adapter
+    petkit merge --adapter runs/default/adapter --output merged/
+    petkit inspect --method lora         # model tree, where each delta sits, trainable counts
+    petkit methods
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from petkit.core.errors import PetkitError
+
+ERR = Console(stderr=True, highlight=False, soft_wrap=True)
+OUT = Console(highlight=False, soft_wrap=True)
+
+# Named flags and the recipe field each one sets; any other field is reachable as --section.field.
+FLAGS = {"method": "method.name", "model": "model.name", "data": "data.name",
+         "task_type": "data.task_type", "steps": "train.max_steps", "lr": "train.lr",
+         "batch_size": "train.batch_size", "max_length": "data.max_length",
+         "train_size": "data.train_size", "test_size": "data.test_size", "seed": "train.seed",
+         "output": "train.output_dir"}
+COMMON = ("model", "data", "max_length", "test_size", "task_type")
+
+
+class UsageError(PetkitError):
+    """A command-line mistake (unknown flag, missing value)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def _add_flags(parser: argparse.ArgumentParser, names: Sequence[str]) -> None:
+    helps = {"steps": "optimiser steps", "output": "output folder (adapter, logs, checkpoints)",
+             "task_type": "auto | verbaliser | head | instruction",
+             "method": "registered method name (see `petkit methods`)"}
+    for name in names:
+        flag = "--" + name.replace("_", "-")
+        parser.add_argument(flag, dest=name, default=None,
+                            help=helps.get(name, f"sets {FLAGS[name]}"))
+    parser.add_argument("--recipe", help="YAML recipe file or shipped recipe name")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `petkit` parser; dotted `--section.field=value` overrides are taken on top."""
+    parser = _Parser(prog="petkit", description="Parameter-efficient tuning of transformers.",
+                     epilog="Any recipe field can be set as --method.r=16, --train.lr=1e-4, ...")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    train = sub.add_parser("train", help="train a delta (default: LoRA, smollm2-135m, "
+                                         "rotten-tomatoes, CPU, a few minutes)")
+    _add_flags(train, list(FLAGS))
+    train.add_argument("--head", action="store_true", help="train a classification head "
+                                                             "instead of the verbaliser")
+    train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    evaluate = sub.add_parser("eval", help="test metrics of a saved adapter")
+    evaluate.add_argument("--adapter", required=True, help="adapter folder")
+    _add_flags(evaluate, COMMON)
+    merge = sub.add_parser("merge", help="merge an adapter into a plain Hugging Face model folder")
+    merge.add_argument("--adapter", required=True, help="adapter folder")
+    merge.add_argument("--output", dest="merged", required=True, help="folder to write")
+    _add_flags(merge, ("model", "data", "task_type"))
+    inspect = sub.add_parser("inspect", help="model tree with each delta and trainable counts")
+    inspect.add_argument("--adapter", help="adapter folder to load")
+    _add_flags(inspect, ("model", "method", "data", "task_type"))
+    sub.add_parser("methods", help="registered methods, family and paper")
+    return parser
+
+
+def _split_dotted(extra: Sequence[str]) -> dict[str, str]:
+    """`--section.field=value` / `--section.field value` pairs; anything else is an error."""
+    out, items = {}, list(extra)
+    while items:
+        item = items.pop(0)
+        key, eq, value = item[2:].partition("=")
+        if not item.startswith("--") or "." not in key:
+            raise UsageError(f"unrecognised argument {item!r} (see petkit <command> --help)")
+        if not eq:
+            if not items or items[0].startswith("--"):
+                raise UsageError(f"{item} needs a value")
+            value = items.pop(0)
+        out[key.replace("-", "_")] = value
+    return out
+
+
+def _recipe(args: argparse.Namespace, dotted: dict[str, str], base: Any = None) -> Any:
+    """Recipe from --recipe (or `base`, or the default), then named flags, then dotted ones."""
+    from petkit.train.recipe import apply_overrides, load_recipe
+
+    recipe = load_recipe(args.recipe) if args.recipe else base or load_recipe("default")
+    named = {FLAGS[k]: str(v) for k, v in vars(args).items() if k in FLAGS and v is not None}
+    if getattr(args, "head", False):
+        named["data.task_type"] = "head"
+    if getattr(args, "resume", False):
+        named["train.resume"] = "true"
+    return apply_overrides(recipe, {**named, **dotted})
+
+
+def _fmt(metrics: dict[str, float]) -> str:
+    return "  ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+
+
+def cmd_train(args: argparse.Namespace, dotted: dict[str, str]) -> None:
+    """Train as the recipe + flags say; print before/after test metrics and the adapter."""
+    from petkit.train.pipeline import run_recipe
+
+    report = run_recipe(_recipe(args, dotted), echo=lambda line: OUT.print(f"[dim]{line}[/dim]"))
+    result = report.result
+    OUT.print(f"test before: {_fmt(report.before)}")
+    OUT.print(f"test after:  [bold green]{_fmt(report.after)}[/bold green]")
+    best = f", best {result.metric}={result.best_metric:.4f} at step {result.best_step}" \
+        if result.best_metric is not None else ""
+    OUT.print(f"{result.steps} steps in {result.seconds:.0f}s{best}; "
+              f"peak memory {result.peak_memory_mb:.0f} MiB; total {report.seconds:.0f}s")
+    OUT.print(f"adapter: {result.adapter_path} ({report.adapter_bytes / 2**20:.2f} MiB on disk)")
+
+
+def _adapter_recipe(args: argparse.Namespace, dotted: dict[str, str]) -> Any:
+    from petkit.train.pipeline import recipe_for_adapter
+
+    return _recipe(args, dotted, base=recipe_for_adapter(args.adapter))
+
+
+def cmd_eval(args: argparse.Namespace, dotted: dict[str, str]) -> None:
+    """Test metrics of the base model with the adapter loaded."""
+    from petkit.train.pipeline import load_with_adapter, test_metrics
+
+    recipe = _adapter_recipe(args, dotted)
+    prep = load_with_adapter(recipe, args.adapter)
+    OUT.print(f"{recipe.data.name} test ({len(prep.test)} examples, {prep.task_type}): "
+              f"{_fmt(test_metrics(prep, recipe))}")
+
+
+def cmd_merge(args: argparse.Namespace, dotted: dict[str, str]) -> None:
+    """Write the merged model as a plain Hugging Face folder."""
+    from petkit.train.pipeline import folder_bytes, merge_to_folder
+
+    out = merge_to_folder(_adapter_recipe(args, dotted), args.adapter, args.merged)
+    OUT.print(f"merged model: {out} ({folder_bytes(out) / 2**20:.1f} MiB; "
+              "loads with transformers' from_pretrained, no petkit needed)")
+
+
+def cmd_inspect(args: argparse.Namespace, dotted: dict[str, str]) -> None:
+    """pk.summary of the model with the adapter loaded or the method attached."""
+    import petkit
+    from petkit.train.pipeline import load_with_adapter, method_config
+
+    if args.adapter and args.method:
+        raise UsageError("inspect takes --adapter or --method, not both")
+    recipe = _adapter_recipe(args, dotted) if args.adapter else _recipe(args, dotted)
+    head = recipe.data.task_type == "head"
+    prep = load_with_adapter(recipe, args.adapter, with_data=head)
+    if not args.adapter:
+        petkit.attach(prep.model, method_config(recipe, prep))
+    OUT.print(petkit.summary(prep.model), markup=False)
+
+
+def cmd_methods(args: argparse.Namespace, dotted: dict[str, str]) -> None:
+    """Table of registered methods."""
+    import petkit
+
+    table = Table("method", "family", "paper")
+    for name, family, paper in petkit.list_methods():
+        table.add_row(name, family, paper)
+    OUT.print(table)
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "merge": cmd_merge, "inspect": cmd_inspect,
+            "methods": cmd_methods}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `petkit` console script; returns the exit code."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        args, extra = build_parser().parse_known_args(argv)
+        COMMANDS[args.command](args, _split_dotted(extra))
+    except PetkitError as err:
+        ERR.print(f"[bold red]error:[/bold red] {escape(str(err).splitlines()[0])}")
+        return 2
+    except KeyboardInterrupt:
+        ERR.print("[yellow]interrupted[/yellow]")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

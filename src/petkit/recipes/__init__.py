@@ -1,0 +1,1 @@
+"""Shipped YAML recipes (package data): `petkit train --recipe <name>` or `load_recipe(name)`."""
