@@ -1,14 +1,19 @@
-"""Bottleneck adapters — Houlsby et al., 2019, "Parameter-Efficient Transfer Learning for NLP"
-(serial), and He et al., 2022, "Towards a Unified View of Parameter-Efficient Transfer
-Learning" (parallel).
+"""Bottleneck adapters — Houlsby et al., 2019, "Parameter-Efficient Transfer Learning for NLP";
+Pfeiffer et al., 2021, "AdapterFusion: Non-Destructive Task Composition for Transfer Learning";
+He et al., 2022, "Towards a Unified View of Parameter-Efficient Transfer Learning" (parallel).
 
-    serial   (Houlsby placement, after attention output and after FFN output):
-             h = f(x);  h' = h + s * W_up act(W_down h)
-    parallel (beside the wrapped module):
-             h' = f(x) + s * W_up act(W_down x)
+    serial   h = f(x);  h' = h + s * W_up act(W_down h)       (after the wrapped module)
+    parallel h' = f(x) + s * W_up act(W_down x)               (beside the wrapped module)
+
+Variants (where they sit by default, from `core.targets` roles of the architecture):
+    houlsby   serial, after the attention output projection and after the FFN output
+    pfeiffer  serial, after the FFN output only (half the parameters of houlsby)
+    parallel  parallel, beside the FFN block (beside its output projection on BERT, which
+              has no single FFN module)
+With explicit `targets`, houlsby and pfeiffer are the same serial adapter at those modules.
 
 W_up = 0 at init, so the adapter starts as the exact identity. Width of the bottleneck is
-`hidden / reduction_factor`. Not mergeable (non-linear).
+`width / reduction_factor`; `activation` is the non-linearity. Not mergeable (non-linear).
 """
 from __future__ import annotations
 
@@ -18,10 +23,12 @@ import torch
 from torch import nn
 
 from ..core.delta import DeltaModule, innermost, wrap
+from ..core.errors import TargetError
 from ..core.registry import MethodConfig, check_choice, check_range, register
 from ..core.targets import is_linear, linear_dims, match_targets, role_targets
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
+PLACEMENT_ROLES = {"houlsby": ("attn_out", "ffn_out"), "pfeiffer": ("ffn_out",), "parallel": ("ffn",)}
 
 
 def io_widths(module: nn.Module) -> tuple[int, int]:
@@ -32,7 +39,7 @@ def io_widths(module: nn.Module) -> tuple[int, int]:
         return fan_in, fan_out
     linears = [m for m in inner.modules() if is_linear(m)]
     if not linears:
-        raise TypeError(f"{type(inner).__name__} has no linear layer to size an adapter by")
+        raise TargetError(f"{type(inner).__name__} has no linear layer to size an adapter by")
     return linear_dims(linears[0])[0], linear_dims(linears[-1])[1]
 
 
@@ -69,24 +76,19 @@ class Bottleneck(DeltaModule):
 @register("adapter", family="additive", paper="Houlsby et al., 2019, Parameter-Efficient Transfer Learning for NLP")
 @dataclass(frozen=True)
 class AdapterConfig(MethodConfig):
-    variant: str = "serial"  # serial (Houlsby placement) | parallel
+    variant: str = "houlsby"  # houlsby | pfeiffer | parallel
     reduction_factor: float = 16.0
     activation: str = "relu"
     scale: float = 1.0
 
     def validate(self) -> None:
-        check_choice("variant", self.variant, ("serial", "parallel"))
+        check_choice("variant", self.variant, tuple(PLACEMENT_ROLES))
         check_range("reduction_factor", self.reduction_factor, 0, low_open=True)
         check_choice("activation", self.activation, tuple(ACTIVATIONS))
         check_range("scale", self.scale, 0, low_open=True)
 
     def inject(self, model: nn.Module, name: str) -> list[str]:
-        if self.targets is not None:
-            targets = self.targets
-        elif self.variant == "serial":
-            targets = role_targets(model, "attn_out", "ffn_out")
-        else:
-            targets = role_targets(model, "ffn")
+        targets = self.targets if self.targets is not None else role_targets(model, *PLACEMENT_ROLES[self.variant])
         paths = match_targets(model, targets, accept=_has_linear, what="a linear layer or a block with linear layers")
         for path in paths:
             wrap(model, path, Bottleneck, name, self.variant == "parallel", self.reduction_factor,
