@@ -185,6 +185,9 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "merge": cmd_merge, "inspect":
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `petkit` console script; returns the exit code."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Loading weights" bars would bury petkit's own output
     try:
         args, extra = build_parser().parse_known_args(argv)
         COMMANDS[args.command](args, _split_dotted(extra))

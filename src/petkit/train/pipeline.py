@@ -156,6 +156,7 @@ def run_recipe(recipe: Recipe, echo: Echo = print) -> RunReport:
     import petkit
 
     started = time.perf_counter()
+    recipe.method_config()  # a bad method name or field fails before minutes of loading
     output = Path(recipe.train.output_dir or "runs/default")
     echo(f"loading {recipe.model.name} and {recipe.data.name} ...")
     prep, _ = prepare(recipe)
