@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from petkit.core.errors import ConfigError
+from petkit.data.access import RecordedSplit, SealedSplitError
 from petkit.data.embedded import EMBEDDED_TASKS, load_embedded
 from petkit.data.encode import collate, encode_classification, encode_instruction, label_token_ids
 from petkit.data.files import SUFFIXES, load_file_task
@@ -47,6 +48,8 @@ def load_task(
 
 __all__ = [
     "EMBEDDED_TASKS",
+    "RecordedSplit",
+    "SealedSplitError",
     "Task",
     "collate",
     "encode_classification",

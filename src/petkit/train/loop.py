@@ -96,16 +96,20 @@ class _Run:
     """State of one call to `train`; each method is one phase of a step."""
 
     def __init__(self, model: nn.Module, data: Sequence[Example], config: TrainConfig,
-                 eval_data: Sequence[Example] | None, collate: CollateFn) -> None:
+                 eval_data: Sequence[Example] | None, collate: CollateFn,
+                 parameters: dict[str, nn.Parameter] | None = None) -> None:
         self.model, self.data, self.config, self.collate = model, data, config, collate
         self.eval_data = eval_data if eval_data else None
         self.out = Path(config.output_dir) if config.output_dir else None
         self.device = model_device(model)
         self.objective = make_objective(config.label_token_ids)
-        self.params = trainable_parameters(model)
+        self.params = dict(parameters) if parameters else trainable_parameters(model)
         self.total = total_steps(len(data), config)
         seed_everything(config.seed)
         self.stepper: Stepper = make_stepper(self.params, config, self.total)
+        bind = getattr(self.stepper, "bind_model", None)
+        if callable(bind):  # optional hook: a population stepper batches its forward passes
+            bind(model)
         self.state = ckpt.TrainerState()
         self.best: dict[str, torch.Tensor] | None = None
         self.metric: str | None = None
@@ -210,17 +214,20 @@ class _Run:
 
 def train(model: nn.Module, train_data: Sequence[Example], config: TrainConfig | None = None,
           eval_data: Sequence[Example] | None = None, *, collate_fn: CollateFn | None = None,
-          pad_id: int = 0) -> TrainResult:
+          pad_id: int = 0, parameters: dict[str, nn.Parameter] | None = None) -> TrainResult:
     """Train the model's trainable (delta) parameters on encoded `train_data`.
 
     `train_data`/`eval_data` are sequences of encoded examples ({"input_ids", "attention_mask",
     "labels"}); never pass the test split. With `eval_data`, the best-by-validation tensors are
     restored at the end. With `config.output_dir`, the adapter is saved to `output_dir/adapter`
     with metrics.jsonl, train.log, training.png and (if `save_every`) checkpoints.
+    `parameters` ({path: Parameter}) trains those instead of the petkit adapters' (baselines:
+    full fine-tuning, another library's adapters).
     """
     started = time.perf_counter()
     config = config or TrainConfig()
-    run = _Run(model, train_data, config, eval_data, resolve_collate(collate_fn, pad_id))
+    run = _Run(model, train_data, config, eval_data, resolve_collate(collate_fn, pad_id),
+               parameters)
     try:
         run.loop()
     except BaseException:
