@@ -14,10 +14,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..core.delta import get_canonical, innermost, wrap
-from ..core.errors import ConfigError
+from ..core.delta import wrap
 from ..core.inputs import InputExtension, ensure_input_hooks, input_embedding_path
-from ..core.registry import MethodConfig, check_choice, check_range, register
+from ..core.prompt_init import check_prompt_fields, initial_prompt
+from ..core.registry import MethodConfig, register
 
 
 class PromptEmbedding(InputExtension):
@@ -38,31 +38,11 @@ class PromptConfig(MethodConfig):
     seed: int = 0
 
     def validate(self) -> None:
-        check_range("num_virtual_tokens", self.num_virtual_tokens, 1, kind=int)
-        check_choice("init", self.init, ("vocab", "text", "random"))
-        if self.init == "text" and not self.init_text_ids:
-            raise ConfigError("init='text' needs init_text_ids (the token ids of the initial prompt text)")
-        if self.targets is not None:
-            raise ConfigError("prompt tuning places its tokens at the input; targets must be None")
+        check_prompt_fields(self.num_virtual_tokens, self.init, self.init_text_ids, self.targets)
 
     def inject(self, model: nn.Module, name: str) -> list[str]:
         path = input_embedding_path(model)
-        emb = innermost(get_canonical(model, path))
-        weight = emb.weight.detach()
-        limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-        if limit is not None and self.num_virtual_tokens >= limit:
-            raise ConfigError(f"num_virtual_tokens={self.num_virtual_tokens} must be < the model's context ({limit})")
-        gen = torch.Generator().manual_seed(self.seed)
-        if self.init == "vocab":
-            rows = torch.randint(0, weight.shape[0], (self.num_virtual_tokens,), generator=gen)
-            init = weight[rows.to(weight.device)]
-        elif self.init == "text":
-            ids = torch.tensor(self.init_text_ids, device=weight.device)
-            if int(ids.max()) >= weight.shape[0] or int(ids.min()) < 0:
-                raise ConfigError(f"init_text_ids must be < vocab size {weight.shape[0]}")
-            init = weight[ids.repeat(self.num_virtual_tokens // len(ids) + 1)[: self.num_virtual_tokens]]
-        else:
-            init = torch.randn(self.num_virtual_tokens, weight.shape[1], generator=gen).to(weight) * 0.02
+        init = initial_prompt(model, path, self.num_virtual_tokens, self.init, self.init_text_ids, self.seed)
         wrap(model, path, PromptEmbedding, name, init)
         ensure_input_hooks(model, name)
         return [path]
