@@ -18,6 +18,7 @@ from .core.errors import (
     TargetError,
 )
 from .core.io import adapter_state, load_adapter, read_adapter, save_adapter
+from .core.fold import fold
 from .core.model import (
     activate,
     active_adapters,
@@ -33,10 +34,15 @@ from .core.model import (
     unmerge,
 )
 from .core.registry import METHODS, MethodConfig, get_method, make_config, register
+from .core.combine import merge_adapters
+from .core.compose import adapter_weights, swap_adapter
+from .core.controls import expert_load, set_rank
+from .core.mixed import mixed_forward, mixed_generate
 from . import methods as _methods  # noqa: F401 - registers every method
 
 # pk.<Method>Config for every registered method (LoraConfig, AdapterConfig, ...)
 globals().update({m.config_cls.__name__: m.config_cls for m in METHODS.values()})
+from .methods.cola import save_links  # noqa: E402 - chain of LoRA: one adapter folder per link
 _method_configs = [m.config_cls.__name__ for m in METHODS.values()]
 
 
@@ -60,8 +66,9 @@ def __getattr__(name: str):  # heavier layers load on first use
 __all__ = [
     "AdapterLoadError", "AdapterStateError", "CheckpointError", "ConfigError", "MissingPackageError",
     "PetkitError", "TargetError", "METHODS", "MethodConfig", "activate", "active_adapters", "adapter_state",
-    "adapters", "attach", "detach", "disabled", "export_peft", "get_method", "import_peft", "list_methods",
+    "adapters", "attach", "detach", "disabled", "export_peft", "fold", "get_method", "import_peft", "list_methods",
     "load_adapter", "make_config", "merge", "read_adapter", "register", "save_adapter", "set_trainable",
-    "summary", "train", "TrainConfig", "TrainResult", "evaluate", "trainable_parameters", "unload", "unmerge",
+    "summary", "merge_adapters", "adapter_weights", "swap_adapter", "expert_load", "set_rank", "mixed_forward",
+    "mixed_generate", "save_links", "train", "TrainConfig", "TrainResult", "evaluate", "trainable_parameters", "unload", "unmerge",
     *_method_configs,
 ]

@@ -111,14 +111,20 @@ def detach(model: nn.Module, name: str) -> nn.Module:
     _check_known(model, [name])
     _remove_wrappers(model, name)
     del adapters(model)[name]
-    activate(model, [n for n in active_adapters(model) if n != name])
+    from .compose import adapter_weights
+
+    rest, kept = [n for n in active_adapters(model) if n != name], adapter_weights(model)
+    activate(model, rest, [kept[n] for n in rest])
     return model
 
 
-def activate(model: nn.Module, names: str | Sequence[str]) -> nn.Module:
-    """Make exactly `names` the active adapters (a list stacks them)."""
+def activate(model: nn.Module, names: str | Sequence[str], weights: Sequence[float] | None = None) -> nn.Module:
+    """Make exactly `names` the active adapters (a list stacks them), each scaled by its weight."""
+    from .compose import apply_weights, check_weights  # late: compose builds on this module
+
     names = [names] if isinstance(names, str) else list(names)
     _check_known(model, names)
+    apply_weights(model, names, check_weights(model, names, weights))
     for _, w in _wrappers(model):
         w.set_state(active=w.adapter_name in names)
     model.__dict__["_petkit_active"] = names

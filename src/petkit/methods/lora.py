@@ -18,6 +18,7 @@ from torch import nn
 
 from ..core.bias import BiasDelta
 from ..core.delta import DeltaModule, get_canonical, innermost, wrap
+from ..core.lowrank import factor_pair
 from ..core.registry import MethodConfig, check_choice, check_range, register
 from ..core.targets import linear_dims, match_targets, role_targets
 
@@ -29,11 +30,10 @@ class LoraLinear(DeltaModule):
         inner = innermost(base)
         fan_in, fan_out, self.transposed = linear_dims(inner)
         kw = {"dtype": inner.weight.dtype, "device": inner.weight.device}
-        self.lora_A = nn.Parameter(torch.empty(r, fan_in, **kw))
-        self.lora_B = nn.Parameter(torch.zeros(fan_out, r, **kw))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.lora_A, self.lora_B = factor_pair(r, fan_in, fan_out, inner.weight)
         self.lora_bias = nn.Parameter(torch.zeros(fan_out, **kw)) if bias else None
         self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
+        self.mix = 1.0  # this adapter's weight when stacked (pk.activate(..., weights=...))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -42,15 +42,18 @@ class LoraLinear(DeltaModule):
             return y
         if self.dropout is not None:
             x = self.dropout(x)
-        y = y + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
-        return y if self.lora_bias is None else y + self.lora_bias
+        y = y + F.linear(F.linear(x, self.lora_A), self.lora_B) * (self.scaling * self.mix)
+        return y if self.lora_bias is None else y + self.lora_bias * self.mix
+
+    def lowrank(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        return self.lora_A, self.lora_B, self.scaling
 
     def delta_weight(self) -> torch.Tensor:
-        dw = (self.lora_B @ self.lora_A).detach() * self.scaling
+        dw = (self.lora_B @ self.lora_A).detach() * (self.scaling * self.mix)
         return dw.T if self.transposed else dw
 
     def delta_bias(self) -> torch.Tensor | None:
-        return None if self.lora_bias is None else self.lora_bias.detach()
+        return None if self.lora_bias is None else self.lora_bias.detach() * self.mix
 
 
 @register("lora", family="reparameterised", paper="Hu et al., 2021, LoRA: Low-Rank Adaptation of Large Language Models")
