@@ -25,6 +25,7 @@ from petkit.core.errors import ConfigError
 from petkit.train import checkpoint as ckpt
 from petkit.train.batching import (Batch, CollateFn, DataPosition, Example, micro_batches, move,
                                    total_steps)
+from petkit.train.callbacks import StepHooks
 from petkit.train.config import TrainConfig
 from petkit.train.evaluate import autocast, model_device, resolve_collate, run_objective
 from petkit.train.monitor import Monitor, plot_history
@@ -110,6 +111,7 @@ class _Run:
         bind = getattr(self.stepper, "bind_model", None)
         if callable(bind):  # optional hook: a population stepper batches its forward passes
             bind(model)
+        self.hooks = StepHooks(model)  # methods' per-step hooks (COLA links, expert load)
         self.state = ckpt.TrainerState()
         self.best: dict[str, torch.Tensor] | None = None
         self.metric: str | None = None
@@ -170,10 +172,12 @@ class _Run:
         cfg, losses = self.config, self.state.pending_losses
         steps = micro_batches(self.data, cfg, self.state.position, self.collate)
         self.model.train()
+        self.hooks.on_step(self.state.step, self.total)
         while self.state.step < self.total and not self.should_stop():
             lr = self.stepper.current_lr()
             losses.append(self.stepper.step(next(steps), self.loss))
             self.state.step += 1
+            self.hooks.on_step(self.state.step, self.total)
             self.monitor.advance()
             step, last = self.state.step, self.state.step == self.total
             if step % cfg.log_every == 0 or last:
@@ -188,7 +192,7 @@ class _Run:
         """Record the mean train loss since the last log row."""
         pos: DataPosition = self.state.position
         row = {"step": self.state.step, "train_loss": sum(losses) / len(losses), "lr": lr,
-               "epoch": pos.epoch + pos.index / len(self.data)}
+               "epoch": pos.epoch + pos.index / len(self.data), **self.hooks.metrics()}
         self.state.history.append(row)
         self.monitor.record(row)
 
