@@ -138,27 +138,42 @@ def recipe_from_dict(data: dict[str, Any]) -> Recipe:
                   train=_section(TrainConfig, data.get("train"), "train"))
 
 
-def builtin_recipes() -> dict[str, Path]:
-    """The recipes shipped in `petkit/recipes/`, by file stem."""
+def shipped_recipes(subfolder: str = "") -> dict[str, Path]:
+    """YAML recipes shipped in `petkit/recipes/<subfolder>`, by file stem."""
     folder = resources.files("petkit.recipes")
+    if subfolder:
+        folder = folder / subfolder
+    if not folder.is_dir():
+        return {}
     return {Path(p.name).stem: Path(str(p)) for p in folder.iterdir()
             if p.name.endswith((".yaml", ".yml"))}
 
 
-def load_recipe(path_or_name: str | Path) -> Recipe:
-    """Read a recipe from a YAML file, or a shipped one by name ("default", "minilm-bbc")."""
+def builtin_recipes() -> dict[str, Path]:
+    """The training recipes shipped in `petkit/recipes/`, by file stem."""
+    return shipped_recipes()
+
+
+def read_yaml_mapping(path_or_name: str | Path, shipped: dict[str, Path],
+                      what: str = "recipe") -> dict[str, Any]:
+    """The mapping in a YAML file, or in the shipped file of that name; `ConfigError` if neither
+    exists or the YAML does not parse. Shared by every kind of recipe (training, federated)."""
     path = Path(path_or_name)
     if not path.is_file():
-        shipped = builtin_recipes()
         if str(path_or_name) not in shipped:
-            raise ConfigError(f"recipe {str(path_or_name)!r} is not a file nor a shipped recipe "
-                              f"({', '.join(sorted(shipped))})")
+            raise ConfigError(f"{what} {str(path_or_name)!r} is not a file nor a shipped {what} "
+                              f"({', '.join(sorted(shipped)) or 'none'})")
         path = shipped[str(path_or_name)]
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as err:
-        raise ConfigError(f"cannot read recipe {path}: {err}") from err
-    return recipe_from_dict(data or {})
+        raise ConfigError(f"cannot read {what} {path}: {err}") from err
+    return data or {}
+
+
+def load_recipe(path_or_name: str | Path) -> Recipe:
+    """Read a recipe from a YAML file, or a shipped one by name ("default", "minilm-bbc")."""
+    return recipe_from_dict(read_yaml_mapping(path_or_name, builtin_recipes()))
 
 
 def _field_type(cls: type, name: str) -> Any:
