@@ -3,7 +3,9 @@
 PEFT's folder: `adapter_config.json` (peft_type "LORA", r, lora_alpha, target_modules, ...) and
 `adapter_model.safetensors` with keys `base_model.model.<path>.lora_A.weight` (r, in) and
 `.lora_B.weight` (out, r) — the same layouts petkit's LoRA uses; `modules_to_save` tensors as
-`base_model.model.<path>.<param>`. Unlike PEFT, import checks every tensor against the model.
+`base_model.model.<path>.<param>`. DoRA is PEFT's LoRA with `use_dora: true` and one more tensor
+per layer, `.lora_magnitude_vector` (out,) — petkit's "dora" `magnitude`. Unlike PEFT, import
+checks every tensor against the model.
 """
 from __future__ import annotations
 
@@ -23,19 +25,21 @@ from .model import activate, adapters, attach, detach, set_trainable
 from .registry import make_config
 
 PREFIX = "base_model.model."
-_TO_PEFT = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "lora_bias": "lora_B.bias"}
+_TO_PEFT = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "lora_bias": "lora_B.bias",
+            "magnitude": "lora_magnitude_vector"}  # DoRA's magnitude (one entry per output row)
 _FROM_PEFT = {v: k for k, v in _TO_PEFT.items()}
 
 
 def export_peft(model: nn.Module, path: str | os.PathLike, name: str = "default") -> Path:
-    """Write adapter `name` (method "lora") as a PEFT LoRA folder."""
+    """Write adapter `name` (method "lora" or "dora") as a PEFT LoRA folder."""
     record = adapters(model).get(name)
     if record is None:
         raise AdapterStateError(f"unknown adapter {name!r}")
     cfg = record.config
-    if cfg.method != "lora":
+    if cfg.method not in ("lora", "dora"):
         raise AdapterStateError(f"export_peft supports the LoRA family; {name!r} is {cfg.method!r}")
-    if cfg.bias == "all":
+    bias = getattr(cfg, "bias", "none")
+    if bias == "all":
         raise AdapterStateError("PEFT has no equivalent of bias='all' deltas; use bias='none' or 'lora_only'")
     tensors: dict[str, torch.Tensor] = {}
     for key, value in adapter_state(model, name).items():
@@ -50,9 +54,9 @@ def export_peft(model: nn.Module, path: str | os.PathLike, name: str = "default"
     config = {
         "peft_type": "LORA", "task_type": None, "r": cfg.r, "lora_alpha": cfg.alpha,
         "lora_dropout": cfg.dropout, "use_rslora": cfg.rslora, "target_modules": lora_paths,
-        "bias": "none", "lora_bias": cfg.bias == "lora_only", "fan_in_fan_out": conv1d,
+        "bias": "none", "lora_bias": bias == "lora_only", "fan_in_fan_out": conv1d,
         "modules_to_save": list(cfg.modules_to_save) or None, "init_lora_weights": True,
-        "inference_mode": True, "use_dora": False, "rank_pattern": {}, "alpha_pattern": {},
+        "inference_mode": True, "use_dora": cfg.method == "dora", "rank_pattern": {}, "alpha_pattern": {},
         "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None),
     }
     out = Path(path)
@@ -88,15 +92,13 @@ def _read_peft(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
 
 
 def import_peft(model: nn.Module, path: str | os.PathLike, name: str = "default", trainable: bool = False) -> nn.Module:
-    """Load a PEFT LoRA folder into `model` as petkit adapter `name` (checked, then activated)."""
+    """Load a PEFT LoRA (or DoRA: use_dora) folder into `model` as adapter `name` (checked, then activated)."""
     config, tensors = _read_peft(Path(path))
     if config.get("peft_type") != "LORA":
         raise AdapterLoadError(f"import_peft reads LoRA adapters; this one is {config.get('peft_type')!r}")
     for key in ("rank_pattern", "alpha_pattern"):
         if config.get(key):
             raise AdapterLoadError(f"PEFT {key} (per-module ranks) is not supported yet")
-    if config.get("use_dora"):
-        raise AdapterLoadError("this PEFT adapter uses DoRA; import it with the DoRA method")
     if config.get("bias", "none") != "none":
         raise AdapterLoadError("PEFT bias='all'/'lora_only' trains base biases; petkit cannot import that exactly")
     ours: dict[str, torch.Tensor] = {}
@@ -118,11 +120,15 @@ def import_peft(model: nn.Module, path: str | os.PathLike, name: str = "default"
             mod_path, _, param = rest.rpartition(".")
             ours[f"{mod_path}.copy.{param}"] = value
     targets = sorted({k.rsplit(".", 1)[0] for k in ours if k.rsplit(".", 1)[1].startswith("lora_")})
-    cfg = make_config(
-        "lora", r=int(config["r"]), alpha=float(config["lora_alpha"]), dropout=float(config.get("lora_dropout", 0.0)),
-        rslora=bool(config.get("use_rslora", False)), bias="lora_only" if config.get("lora_bias") else "none",
-        targets=targets, modules_to_save=list(saved),
-    )
+    fields = {"r": int(config["r"]), "alpha": float(config["lora_alpha"]),
+              "dropout": float(config.get("lora_dropout", 0.0)), "rslora": bool(config.get("use_rslora", False)),
+              "targets": targets, "modules_to_save": list(saved)}
+    if config.get("use_dora"):
+        if config.get("lora_bias"):
+            raise AdapterLoadError("PEFT DoRA with lora_bias has no petkit equivalent")
+        cfg = make_config("dora", **fields)
+    else:
+        cfg = make_config("lora", bias="lora_only" if config.get("lora_bias") else "none", **fields)
     try:
         attach(model, cfg, name)
     except Exception as exc:
