@@ -13,7 +13,10 @@ from typing import Any
 
 from petkit.core.errors import ConfigError
 
-OPTIMIZERS = ("adamw", "sgd")
+OPTIMIZERS = ("adamw", "sgd", "mezo", "zo-adam", "cma")
+# The stepper each optimizer runs on when `stepper="auto"`.
+OPTIMIZER_STEPPER = {"adamw": "backprop", "sgd": "backprop", "mezo": "zo", "zo-adam": "zo",
+                     "cma": "cma"}
 SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -40,7 +43,8 @@ class TrainConfig:
     whichever comes first. Warm-up: `warmup_steps`, or `warmup_ratio` of the total steps.
     `eval_every=0` evaluates only at the end; `save_every=0` writes no intermediate checkpoints.
     `label_token_ids` switches to verbaliser classification on a decoder (no new head).
-    `stepper` names a registered stepper ("backprop"; zeroth-order/evolution ones plug in later).
+    `stepper` names a registered stepper; "auto" picks it from `optimizer`: adamw/sgd backprop,
+    mezo/zo-adam the zeroth-order stepper (`zo_*` fields), cma the CMA-ES stepper (`es_*` fields).
     """
 
     lr: float = 2e-4
@@ -58,6 +62,8 @@ class TrainConfig:
     eval_every: int = 0
     eval_batch_size: int | None = None
     early_stopping_patience: int | None = None
+    ist_top_k: int | None = None  # IST: update only k importance-sampled layers per step
+    ist_every: int = 10  # IST: re-score layer importance every this many steps
     seed: int = 0
     output_dir: str | None = None
     save_every: int = 0
@@ -65,14 +71,22 @@ class TrainConfig:
     log_every: int = 10
     label_token_ids: list[int] | None = None
     resume: bool = False
-    stepper: str = "backprop"
+    stepper: str = "auto"
     progress: bool = True
+    zo_eps: float = 1e-3
+    zo_n_spsa: int = 1
+    zo_momentum: float = 0.0
+    zo_log: bool = False
+    es_dim: int = 64
+    es_popsize: int | None = None
+    es_sigma: float = 0.01
 
     def __post_init__(self) -> None:
         """Validate every field; normalise `label_token_ids` to a list."""
         self._check_length()
         self._check_optimisation()
         self._check_io()
+        self._check_gradient_free()
         if self.label_token_ids is not None:
             ids = list(self.label_token_ids)
             _check(len(ids) >= 2 and all(_is_int(i) and i >= 0 for i in ids), "label_token_ids",
@@ -111,6 +125,11 @@ class TrainConfig:
                    "None or a number > 0", self.max_grad_norm)
         _check(isinstance(self.stepper, str) and bool(self.stepper), "stepper",
                "a registered stepper name", self.stepper)
+        if self.ist_top_k is not None:
+            _check(_is_int(self.ist_top_k) and self.ist_top_k >= 1, "ist_top_k",
+                   "None or an int >= 1 (at most the model's number of layers)", self.ist_top_k)
+        _check(_is_int(self.ist_every) and self.ist_every >= 1, "ist_every", "an int >= 1",
+               self.ist_every)
 
     def _check_io(self) -> None:
         for name in ("eval_every", "save_every", "seed"):
@@ -128,6 +147,30 @@ class TrainConfig:
         needs_dir = self.resume or self.save_every > 0
         _check(self.output_dir is not None or not needs_dir, "output_dir",
                "set when resume or save_every is used", self.output_dir)
+
+    def _check_gradient_free(self) -> None:
+        """Zeroth-order (`zo_*`) and evolution (`es_*`) knobs; checked whatever the optimizer."""
+        _check(_is_num(self.zo_eps) and self.zo_eps > 0, "zo_eps", "a number > 0", self.zo_eps)
+        _check(_is_int(self.zo_n_spsa) and 1 <= self.zo_n_spsa <= 1024, "zo_n_spsa",
+               "an int in [1, 1024]", self.zo_n_spsa)
+        _check(_is_num(self.zo_momentum) and 0 <= self.zo_momentum < 1, "zo_momentum",
+               "a number in [0, 1)", self.zo_momentum)
+        _check(isinstance(self.zo_log, bool), "zo_log", "true or false", self.zo_log)
+        _check(not self.zo_log or self.output_dir is not None, "output_dir",
+               "set when zo_log is true (the log is written there)", self.output_dir)
+        _check(_is_int(self.es_dim) and self.es_dim >= 2, "es_dim", "an int >= 2", self.es_dim)
+        if self.es_popsize is not None:
+            _check(_is_int(self.es_popsize) and self.es_popsize >= 2, "es_popsize",
+                   "None or an int >= 2", self.es_popsize)
+        _check(_is_num(self.es_sigma) and self.es_sigma > 0, "es_sigma", "a number > 0",
+               self.es_sigma)
+        wanted = OPTIMIZER_STEPPER[self.optimizer]
+        _check(self.stepper not in set(OPTIMIZER_STEPPER.values()) or self.stepper == wanted,
+               "stepper", f"'auto' or {wanted!r} for optimizer={self.optimizer!r}", self.stepper)
+
+    def stepper_name(self) -> str:
+        """The registered stepper this run uses (`stepper`, or the optimizer's when "auto")."""
+        return OPTIMIZER_STEPPER[self.optimizer] if self.stepper == "auto" else self.stepper
 
     def warmup(self, total_steps: int) -> int:
         """Number of warm-up steps for a run of `total_steps` optimiser steps."""

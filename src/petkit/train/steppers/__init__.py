@@ -5,6 +5,7 @@ The training loop hands a stepper the step's micro-batches and a `loss_fn(batch)
 business: backprop calls `.backward()`; a zeroth-order stepper (MeZO) runs two forward passes under
 seeded perturbations; an evolution stepper (CMA-ES) evaluates a population. A new stepper is one
 file that defines a class with this protocol and registers a factory with `@register_stepper`.
+A stepper may also define `bind_model(model)`; the loop calls it once before the first step.
 """
 
 from __future__ import annotations
@@ -62,14 +63,17 @@ def list_steppers() -> list[str]:
 
 
 def make_stepper(params: dict[str, nn.Parameter], config: TrainConfig, total_steps: int) -> Stepper:
-    """Build the stepper `config.stepper` names for `params`."""
-    if config.stepper not in _REGISTRY:
-        raise ConfigError(f"TrainConfig.stepper must be one of {list_steppers()}, "
+    """Build the stepper `config.stepper` names (or, when "auto", the optimizer's) for `params`."""
+    name = config.stepper_name()
+    if name not in _REGISTRY:
+        raise ConfigError(f"TrainConfig.stepper must be 'auto' or one of {list_steppers()}, "
                           f"got {config.stepper!r}")
-    return _REGISTRY[config.stepper](params, config, total_steps)
+    return _REGISTRY[name](params, config, total_steps)
 
 
 from petkit.train.steppers import backprop as _backprop  # noqa: E402,F401  (registers "backprop")
+from petkit.train.steppers import cma_es as _cma_es  # noqa: E402,F401  (registers "cma")
+from petkit.train.steppers import zeroth as _zeroth  # noqa: E402,F401  (registers "zo")
 
 __all__ = ["Batch", "LossFn", "Stepper", "StepperFactory", "list_steppers", "make_stepper",
            "register_stepper"]
