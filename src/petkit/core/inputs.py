@@ -75,6 +75,30 @@ class InputExtension(DeltaModule):
         return self.base(*args, **kwargs)
 
 
+class LayerExtension(DeltaModule):
+    """A wrapper around transformer block `layer` that acts while the content of its `source`
+    extension (same adapter) is in the running forward: `transform(hidden, live)` returns the
+    block's input hidden states. In decoding steps (`live` is None) the block runs unchanged."""
+
+    def __init__(self, base: nn.Module, adapter_name: str, source: InputExtension, layer: int) -> None:
+        super().__init__(base, adapter_name)
+        object.__setattr__(self, "source", source)  # not a sub-module: its parameters are its own wrapper's
+        source.per_layer = True
+        self.layer = layer
+
+    def transform(self, hidden: torch.Tensor, live: Live) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        live = self.source.live if self.enabled else None
+        if live is not None:
+            if args:
+                args = (self.transform(args[0], live), *args[1:])
+            else:
+                kwargs["hidden_states"] = self.transform(kwargs["hidden_states"], live)
+        return self.base(*args, **kwargs)
+
+
 def input_embedding_path(model: nn.Module) -> str:
     get = getattr(model, "get_input_embeddings", None)
     emb = get() if callable(get) else None
@@ -94,7 +118,7 @@ def _forward_params(cls: type) -> frozenset[str]:
     return frozenset(inspect.signature(cls.forward).parameters)
 
 
-def _cache_key(model: nn.Module, kwargs: dict[str, Any]) -> str:
+def cache_kwarg(model: nn.Module, kwargs: dict[str, Any]) -> str:
     if kwargs.get("past_key_values") is not None:
         return "past_key_values"
     params = _forward_params(type(model))
@@ -179,7 +203,7 @@ def _shift_decoding(model: nn.Module, kwargs: dict[str, Any], ref: torch.Tensor,
         kwargs["cache_position"] = kwargs["cache_position"] + n_tok + n_kv
 
 
-def _new_cache(model: nn.Module) -> Any:
+def new_cache(model: nn.Module) -> Any:
     try:
         from transformers import DynamicCache
     except ImportError:  # pragma: no cover - transformers is a dependency
@@ -190,9 +214,9 @@ def _new_cache(model: nn.Module) -> Any:
 def _fill_cache(model: nn.Module, kwargs: dict[str, Any], kv: list[InputExtension], ref: torch.Tensor,
                 n_tok: int, mask: torch.Tensor | None) -> None:
     """Put every layer's key/value prefixes into the (empty or new) cache the model will use."""
-    key = _cache_key(model, kwargs)
+    key = cache_kwarg(model, kwargs)
     cache = kwargs.get(key)
-    cache = _new_cache(model) if cache is None else cache
+    cache = new_cache(model) if cache is None else cache
     prefixes = [e.kv_prefix(ref.shape[0]) for e in kv]
     if len({len(p) for p in prefixes}) != 1:
         raise TargetError("active key/value prefixes disagree on the number of attention layers")
