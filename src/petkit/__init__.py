@@ -56,6 +56,10 @@ def __getattr__(name: str):  # heavier layers load on first use
         from .core import peft_interop
 
         return getattr(peft_interop, name)
+    if name == "bench":  # the harness module, callable: pk.bench("grid.yaml", "runs/bench")
+        import importlib  # not `from . import bench`: that asks this __getattr__ for "bench"
+
+        return importlib.import_module(".bench", __name__)
     if name in ("train", "TrainConfig", "TrainResult", "evaluate"):
         from . import train as _train
 
@@ -64,7 +68,7 @@ def __getattr__(name: str):  # heavier layers load on first use
 
 
 __all__ = [
-    "AdapterLoadError", "AdapterStateError", "CheckpointError", "ConfigError", "MissingPackageError",
+    "AdapterLoadError", "bench", "AdapterStateError", "CheckpointError", "ConfigError", "MissingPackageError",
     "PetkitError", "TargetError", "METHODS", "MethodConfig", "activate", "active_adapters", "adapter_state",
     "adapters", "attach", "detach", "disabled", "export_peft", "fold", "get_method", "import_peft", "list_methods",
     "load_adapter", "make_config", "merge", "read_adapter", "register", "save_adapter", "set_trainable",

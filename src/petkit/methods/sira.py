@@ -142,16 +142,16 @@ class SiraConfig(MethodConfig):
         check_range("alpha", self.alpha, 0, low_open=True)
         check_range("dropout", self.dropout, 0.0, 0.999)
         check_range("num_experts", self.num_experts, 1, kind=int)
+        if self.layer_experts is not None:
+            if not isinstance(self.layer_experts, tuple) or not self.layer_experts:
+                raise ConfigError("layer_experts must be None or a non-empty list of expert counts")
+            for i, n in enumerate(self.layer_experts):
+                check_range(f"layer_experts[{i}]", n, 1, kind=int)
         fewest = min(self.layer_experts) if self.layer_experts else self.num_experts
         check_range("top_k", self.top_k, 1, fewest, kind=int)
         if self.capacity_factor is not None:
             check_range("capacity_factor", self.capacity_factor, 0, low_open=True)
         check_range("expert_dropout", self.expert_dropout, 0.0, 0.999)
-        if self.layer_experts is not None:
-            if not self.layer_experts:
-                raise ConfigError("layer_experts must be None or a non-empty list of expert counts")
-            for i, n in enumerate(self.layer_experts):
-                check_range(f"layer_experts[{i}]", n, 1, kind=int)
 
     def inject(self, model: nn.Module, name: str) -> list[str]:
         targets = self.targets if self.targets is not None else role_targets(model, "attn_qv")
