@@ -308,3 +308,12 @@ def test_bad_checkpoint_is_a_checkpoint_error(tmp_path: Path, damage: str) -> No
         model = lora_model(r=2)
     with pytest.raises(CheckpointError):
         run(model, data, output_dir=str(tmp_path), resume=True, max_steps=8, **overrides)
+
+
+def test_epochs_and_bf16_autocast() -> None:
+    model, data = lora_model(), separable(20)
+    result = run(model, data, max_steps=None, epochs=2, batch_size=8, precision="bf16")
+    assert result.steps == 6  # 2 epochs of 3 batches (8, 8, 4)
+    assert result.history[-1]["epoch"] == 2.0
+    # Autocast computes in bf16; the trained tensors stay fp32.
+    assert all(p.dtype == torch.float32 for p in pk.trainable_parameters(model).values())

@@ -7,6 +7,7 @@ exit code 2; no traceback.
     petkit merge --adapter runs/default/adapter --output merged/
     petkit inspect --method lora         # model tree, where each delta sits, trainable counts
     petkit methods
+    petkit bench grid.yaml --output runs/bench   # methods x tasks x seeds x sizes, resumable
 """
 
 from __future__ import annotations
@@ -77,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--adapter", help="adapter folder to load")
     _add_flags(inspect, ("model", "method", "data", "task_type"))
     sub.add_parser("methods", help="registered methods, family and paper")
+    from petkit.bench import cli as bench_cli
+
+    bench_cli.add_arguments(sub.add_parser("bench", help="fair benchmark grid from a YAML file: "
+                                           "methods x tasks x seeds x sizes (resumable)"))
     return parser
 
 
@@ -178,8 +183,15 @@ def cmd_methods(args: argparse.Namespace, dotted: dict[str, str]) -> None:
     OUT.print(table)
 
 
+def cmd_bench(args: argparse.Namespace, dotted: dict[str, str]) -> None:
+    """Run or resume a benchmark grid; print where the results are."""
+    from petkit.bench import cli as bench_cli
+
+    OUT.print(bench_cli.command(args, dotted))
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "merge": cmd_merge, "inspect": cmd_inspect,
-            "methods": cmd_methods}
+            "methods": cmd_methods, "bench": cmd_bench}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

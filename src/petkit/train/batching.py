@@ -43,8 +43,9 @@ def total_steps(n_examples: int, config: TrainConfig) -> int:
     if config.epochs is None:
         assert config.max_steps is not None
         return config.max_steps
-    per_step = config.batch_size * config.grad_accum
-    from_epochs = max(1, math.ceil(config.epochs * n_examples / per_step))
+    # An epoch's last short batch is kept, so an epoch is ceil(n / batch_size) micro-batches.
+    micro_per_epoch = math.ceil(n_examples / config.batch_size)
+    from_epochs = max(1, math.ceil(config.epochs * micro_per_epoch / config.grad_accum))
     return from_epochs if config.max_steps is None else min(from_epochs, config.max_steps)
 
 
