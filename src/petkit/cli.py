@@ -7,6 +7,7 @@ exit code 2; no traceback.
     petkit merge --adapter runs/default/adapter --output merged/
     petkit inspect --method lora         # model tree, where each delta sits, trainable counts
     petkit methods
+    petkit fed --clients 10 --alpha 0.5   # federated LoRA on Flower, only the delta travels
     petkit bench grid.yaml --output runs/bench   # methods x tasks x seeds x sizes, resumable
 """
 
@@ -78,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--adapter", help="adapter folder to load")
     _add_flags(inspect, ("model", "method", "data", "task_type"))
     sub.add_parser("methods", help="registered methods, family and paper")
+    from petkit.fed import cli as fed_cli
+
+    fed_cli.add_arguments(sub.add_parser("fed", help="federated tuning on Flower (simulation, or "
+                                         "--deploy to a SuperLink): only the delta travels"))
     from petkit.bench import cli as bench_cli
 
     bench_cli.add_arguments(sub.add_parser("bench", help="fair benchmark grid from a YAML file: "
@@ -190,8 +195,15 @@ def cmd_bench(args: argparse.Namespace, dotted: dict[str, str]) -> None:
     OUT.print(bench_cli.command(args, dotted))
 
 
+def cmd_fed(args: argparse.Namespace, dotted: dict[str, str]) -> None:
+    """Federated rounds on Flower; prints each round, the partition, bytes vs full-model FedAvg."""
+    from petkit.fed import cli as fed_cli
+
+    fed_cli.run_command(args, dotted, lambda line: OUT.print(line, markup=False))
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "merge": cmd_merge, "inspect": cmd_inspect,
-            "methods": cmd_methods, "bench": cmd_bench}
+            "methods": cmd_methods, "fed": cmd_fed, "bench": cmd_bench}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,200 @@
+"""`FedConfig` (how the federation runs) and `FedRecipe` (a petkit recipe plus a `fed` section).
+
+A federated recipe is an ordinary recipe — `method`, `model`, `data`, `train` — with a fifth
+section `fed`. `train` describes one client's *local* training per round (`max_steps` local
+steps, `lr`, `batch_size`); `train.output_dir` is where the server writes the run's report.
+
+    fed:   {clients: 10, rounds: 10, fraction: 0.5, partition: dirichlet, alpha: 0.5}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from petkit.core.errors import ConfigError
+from petkit.core.registry import check_choice, check_range
+from petkit.train.recipe import Recipe, apply_overrides, parse_value, recipe_from_dict
+
+STRATEGIES = ("fedavg", "fedprox")
+PARTITIONS = ("iid", "dirichlet")
+FAULTS = ("crash", "malformed", "wrong-shape", "nan")
+
+
+@dataclass(frozen=True)
+class FedConfig:
+    """The federation: clients, rounds, sampling, partitioning, aggregation, privacy.
+
+    fraction / fraction_evaluate: share of the clients sampled per round for training / for
+    evaluation on their own held-out split (0 turns client evaluation off).
+    partition: "iid" or "dirichlet" over labels with concentration `alpha` (small = skewed).
+    strategy: "fedavg" (weighted by examples) or "fedprox" (adds mu/2 ||w - w_global||^2 locally).
+    personal: each client also trains a private adapter "local", active beside "shared".
+    dp_clip: clip each client's update to this L2 norm (None: no DP); dp_noise: Gaussian noise
+    multiplier z (std z * dp_clip on the sum of clipped updates); dp_delta: delta of the
+    reported (epsilon, delta). faults: {partition id: kind} makes a client misbehave on purpose
+    (robustness tests and demos): crash | malformed | wrong-shape | nan.
+    """
+
+    clients: int = 10
+    rounds: int = 5
+    fraction: float = 0.5
+    fraction_evaluate: float = 1.0
+    partition: str = "dirichlet"
+    alpha: float = 0.5
+    client_test_fraction: float = 0.2
+    strategy: str = "fedavg"
+    proximal_mu: float = 0.01
+    personal: bool = False
+    dp_clip: float | None = None
+    dp_noise: float = 0.0
+    dp_delta: float = 1e-5
+    dp_seed: int | None = None
+    seed: int = 0
+    workers: int = 2
+    timeout: float = 3600.0
+    faults: dict[int, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        """Validate every field (ConfigError names the field and its range)."""
+        check_range("fed.clients", self.clients, 1, 10_000, kind=int)
+        check_range("fed.rounds", self.rounds, 1, 100_000, kind=int)
+        check_range("fed.fraction", self.fraction, 0.0, 1.0, low_open=True)
+        check_range("fed.fraction_evaluate", self.fraction_evaluate, 0.0, 1.0)
+        check_choice("fed.partition", self.partition, PARTITIONS)
+        check_range("fed.alpha", self.alpha, 0.0, low_open=True)
+        check_range("fed.client_test_fraction", self.client_test_fraction, 0.0, 0.9, low_open=True)
+        check_choice("fed.strategy", self.strategy, STRATEGIES)
+        check_range("fed.proximal_mu", self.proximal_mu, 0.0)
+        check_choice("fed.personal", self.personal, (True, False))
+        if self.dp_clip is not None:
+            check_range("fed.dp_clip", self.dp_clip, 0.0, low_open=True)
+        check_range("fed.dp_noise", self.dp_noise, 0.0)
+        check_range("fed.dp_delta", self.dp_delta, 0.0, 1.0, low_open=True)
+        if self.dp_noise > 0 and self.dp_clip is None:
+            raise ConfigError("fed.dp_noise needs fed.dp_clip (noise is scaled to the clip norm)")
+        check_range("fed.workers", self.workers, 1, 1024, kind=int)
+        check_range("fed.timeout", self.timeout, 0.0, low_open=True)
+        self._check_faults()
+
+    def _check_faults(self) -> None:
+        if not isinstance(self.faults, dict):
+            raise ConfigError(f"fed.faults must map partition ids to {list(FAULTS)}, got {self.faults!r}")
+        try:
+            faults = {int(k): v for k, v in self.faults.items()}
+        except (TypeError, ValueError):
+            raise ConfigError(f"fed.faults keys must be partition ids, got {list(self.faults)}") from None
+        for pid, kind in faults.items():
+            check_range("fed.faults partition id", pid, 0, self.clients - 1, kind=int)
+            check_choice(f"fed.faults[{pid}]", kind, FAULTS)
+        object.__setattr__(self, "faults", faults)
+
+    @property
+    def sampled(self) -> int:
+        """Clients trained per round."""
+        return max(1, round(self.fraction * self.clients))
+
+    @property
+    def evaluated(self) -> int:
+        """Clients evaluated per round (0: no client evaluation)."""
+        return 0 if self.fraction_evaluate == 0 else max(1, round(self.fraction_evaluate * self.clients))
+
+    @property
+    def proximal(self) -> float:
+        """The proximal weight clients apply (0 under FedAvg)."""
+        return self.proximal_mu if self.strategy == "fedprox" else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain YAML/JSON-able dict."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> FedConfig:
+        """Build from a mapping; unknown keys raise ConfigError listing the known ones."""
+        if data is None:
+            return cls()
+        if not isinstance(data, dict):
+            raise ConfigError(f"recipe section 'fed' must be a mapping, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"recipe section 'fed' has no field(s) {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class FedRecipe:
+    """A petkit recipe (local training) plus the federation settings."""
+
+    recipe: Recipe = field(default_factory=Recipe)
+    fed: FedConfig = field(default_factory=FedConfig)
+
+    @property
+    def output_dir(self) -> Path:
+        """Where the server writes report.json, metrics.jsonl, the plot and the adapter."""
+        return Path(self.recipe.train.output_dir or "runs/fed")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The five sections as plain data."""
+        return {**self.recipe.to_dict(), "fed": self.fed.to_dict()}
+
+    def to_yaml(self) -> str:
+        """YAML that `fed_recipe_from_dict(yaml.safe_load(...))` reads back."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def replace_fed(self, **changes: Any) -> FedRecipe:
+        """A copy with fed fields changed (validated)."""
+        return dataclasses.replace(self, fed=dataclasses.replace(self.fed, **changes))
+
+
+def fed_recipe_from_dict(data: dict[str, Any]) -> FedRecipe:
+    """FedRecipe from {method, model, data, train, fed}; missing sections take defaults."""
+    if not isinstance(data, dict):
+        raise ConfigError("a federated recipe must be a mapping with sections method, model, "
+                          "data, train, fed")
+    rest = {k: v for k, v in data.items() if k != "fed"}
+    return FedRecipe(recipe_from_dict(rest), FedConfig.from_dict(data.get("fed")))
+
+
+def shipped_fed_recipes() -> dict[str, Path]:
+    """The federated recipes shipped in `petkit/recipes/fed/`, by file stem."""
+    folder = resources.files("petkit.recipes") / "fed"
+    if not folder.is_dir():
+        return {}
+    return {Path(p.name).stem: Path(str(p)) for p in folder.iterdir() if p.name.endswith((".yaml", ".yml"))}
+
+
+def load_fed_recipe(path_or_name: str | Path) -> FedRecipe:
+    """Read a federated recipe from a YAML file or a shipped one by name."""
+    path = Path(path_or_name)
+    if not path.is_file():
+        shipped = shipped_fed_recipes()
+        if str(path_or_name) not in shipped:
+            raise ConfigError(f"federated recipe {str(path_or_name)!r} is not a file nor a shipped "
+                              f"one ({', '.join(sorted(shipped)) or 'none'})")
+        path = shipped[str(path_or_name)]
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"cannot read federated recipe {path}: {err}") from err
+    return fed_recipe_from_dict(data or {})
+
+
+def apply_fed_overrides(recipe: FedRecipe, overrides: dict[str, str]) -> FedRecipe:
+    """Apply {"fed.alpha": "0.1", "train.lr": "1e-3", ...} (typed by the config fields)."""
+    fed_part = {k.partition(".")[2]: v for k, v in overrides.items() if k.startswith("fed.")}
+    rest = {k: v for k, v in overrides.items() if not k.startswith("fed.")}
+    data = recipe.fed.to_dict()
+    hints = typing.get_type_hints(FedConfig)
+    for name, text in fed_part.items():
+        if name not in hints:
+            raise ConfigError(f"unknown option --fed.{name}; fed fields: {sorted(hints)}")
+        data[name] = parse_value(text, hints[name])
+    return FedRecipe(apply_overrides(recipe.recipe, rest) if rest else recipe.recipe,
+                     FedConfig.from_dict(data))
