@@ -1,0 +1,144 @@
+"""petkit LoRA vs Hugging Face PEFT LoRA: same model, data, batch, rank, optimiser, in one run.
+
+Each library trains in its own subprocess (so peak memory is its own); the parent prints
+median step time and peak memory with ratios petkit/peft (goal: both <= 1.0).
+
+    python benchmarks/lora_vs_peft.py                         # CPU, smollm2-135m
+    python benchmarks/lora_vs_peft.py --device cuda --model llama-1b --batch 8 --seq 512 --compile
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+LLAMA_1B = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048)
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakRSS(threading.Thread):
+    """Samples this process's RSS every 2 ms; `.peak` is the highest seen."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.peak, self.running = _rss(), True
+
+    def run(self) -> None:
+        while self.running:
+            self.peak = max(self.peak, _rss())
+            time.sleep(0.002)
+
+
+def build_model(name: str, device: str, dtype):
+    import torch
+
+    if name == "llama-1b":  # random weights: fine for speed and memory
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        with torch.device(device):
+            return LlamaForCausalLM(LlamaConfig(**LLAMA_1B)).to(dtype)
+    from petkit.models import load_model
+
+    return load_model(name, dtype=dtype)[0].to(device)
+
+
+def worker(args: argparse.Namespace) -> dict:
+    import torch
+
+    device, dtype = args.device, getattr(torch, args.dtype)
+    model = build_model(args.model, device, dtype)
+    model.config.use_cache = False
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"] if args.all_linear else ["q_proj", "v_proj"]
+    if args.lib == "petkit":
+        import petkit as pk
+
+        pk.attach(model, pk.LoraConfig(r=args.rank, alpha=2 * args.rank, dropout=0.0, targets=targets))
+        params = list(pk.trainable_parameters(model).values())
+    else:
+        import peft
+
+        model = peft.get_peft_model(model, peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules=targets))
+        params = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+    fwd = torch.compile(model) if args.compile else model
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    g = torch.Generator().manual_seed(0)
+    vocab = model.config.vocab_size if hasattr(model, "config") else 32000
+    batches = [torch.randint(0, vocab, (args.batch, args.seq), generator=g).to(device) for _ in range(4)]
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    base_rss = _rss()
+    sampler = PeakRSS()
+    sampler.start()
+    times = []
+    for step in range(args.warmup + args.steps):
+        ids = batches[step % len(batches)]
+        t0 = time.perf_counter()
+        loss = fwd(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        if step >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    sampler.running = False
+    sampler.join()
+    peak = torch.cuda.max_memory_allocated() if cuda else sampler.peak - base_rss
+    return {"lib": args.lib, "median_step_s": statistics.median(times), "peak_bytes": peak, "loss": float(loss)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default=None, help="float32 on CPU, bfloat16 on CUDA by default")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--all-linear", action="store_true")
+    ap.add_argument("--lib", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    if args.lib:
+        print(json.dumps(worker(args)))
+        return
+    results = {}
+    for lib in ("peft", "petkit", "peft", "petkit") if args.device.startswith("cuda") else ("peft", "petkit"):
+        out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--lib", lib], capture_output=True, text=True)
+        if out.returncode:
+            sys.exit(out.stderr[-3000:])
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        prev = results.get(lib)
+        results[lib] = r if prev is None or r["median_step_s"] < prev["median_step_s"] else prev
+    mem = "peak CUDA allocated" if args.device.startswith("cuda") else "peak RSS growth while training"
+    print(f"model={args.model} device={args.device} dtype={args.dtype} batch={args.batch} seq={args.seq} "
+          f"rank={args.rank} compile={args.compile} all_linear={args.all_linear} steps={args.steps}")
+    print(f"| library | median step (s) | {mem} (MiB) | final loss |")
+    print("|---|---|---|---|")
+    for lib in ("peft", "petkit"):
+        r = results[lib]
+        print(f"| {lib} | {r['median_step_s']:.4f} | {r['peak_bytes'] / 2**20:.1f} | {r['loss']:.4f} |")
+    t = results["petkit"]["median_step_s"] / results["peft"]["median_step_s"]
+    m = results["petkit"]["peak_bytes"] / max(results["peft"]["peak_bytes"], 1)
+    print(f"ratios petkit/peft: step time {t:.3f}, peak memory {m:.3f}")
+
+
+if __name__ == "__main__":
+    main()
