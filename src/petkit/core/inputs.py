@@ -216,7 +216,10 @@ def _fill_cache(model: nn.Module, kwargs: dict[str, Any], kv: list[InputExtensio
     """Put every layer's key/value prefixes into the (empty or new) cache the model will use."""
     key = cache_kwarg(model, kwargs)
     cache = kwargs.get(key)
-    cache = new_cache(model) if cache is None else cache
+    if cache is None:
+        cache = new_cache(model)
+        # the caller asked for no cache: do not hand ours back (generate would feed it in again)
+        model.__dict__["_petkit_hide_cache"] = kwargs.get("use_cache") is False
     prefixes = [e.kv_prefix(ref.shape[0]) for e in kv]
     if len({len(p) for p in prefixes}) != 1:
         raise TargetError("active key/value prefixes disagree on the number of attention layers")
@@ -270,6 +273,10 @@ def _post_hook(model: nn.Module, args: tuple, kwargs: dict[str, Any], output: An
     for _, w in iter_deltas(model):
         if isinstance(w, InputExtension):
             w.live = None
+    if model.__dict__.pop("_petkit_hide_cache", False) and isinstance(output, dict):
+        for key in ("cache", "past_key_values"):
+            if key in output:
+                output[key] = None
     info = model.__dict__.pop("_petkit_stripped", None)
     logits = getattr(output, "logits", None)
     if info is None or logits is None or logits.dim() != 3:
