@@ -33,7 +33,8 @@ FLAGS = {"method": "method.name", "model": "model.name", "data": "data.name",
          "task_type": "data.task_type", "steps": "train.max_steps", "lr": "train.lr",
          "batch_size": "train.batch_size", "max_length": "data.max_length",
          "train_size": "data.train_size", "test_size": "data.test_size", "seed": "train.seed",
-         "output": "train.output_dir"}
+         "output": "train.output_dir", "ist_top_k": "train.ist_top_k",
+         "ist_every": "train.ist_every"}
 COMMON = ("model", "data", "max_length", "test_size", "task_type")
 
 
@@ -49,7 +50,9 @@ class _Parser(argparse.ArgumentParser):
 def _add_flags(parser: argparse.ArgumentParser, names: Sequence[str]) -> None:
     helps = {"steps": "optimiser steps", "output": "output folder (adapter, logs, checkpoints)",
              "task_type": "auto | verbaliser | head | instruction",
-             "method": "registered method name (see `petkit methods`)"}
+             "method": "registered method name (see `petkit methods`)",
+             "ist_top_k": "IST: update only this many importance-sampled layers per step",
+             "ist_every": "IST: re-score layer importance every this many steps (default 10)"}
     for name in names:
         flag = "--" + name.replace("_", "-")
         parser.add_argument(flag, dest=name, default=None,
@@ -136,6 +139,8 @@ def cmd_train(args: argparse.Namespace, dotted: dict[str, str]) -> None:
     OUT.print(f"{result.steps} steps in {result.seconds:.0f}s{best}; "
               f"peak memory {result.peak_memory_mb:.0f} MiB; total {report.seconds:.0f}s")
     OUT.print(f"adapter: {result.adapter_path} ({report.adapter_bytes / 2**20:.2f} MiB on disk)")
+    for key, value in result.report.items():  # e.g. IST: steps each layer was updated in
+        OUT.print(f"{key}: {value}", markup=False)
 
 
 def _adapter_recipe(args: argparse.Namespace, dotted: dict[str, str]) -> Any:

@@ -31,11 +31,14 @@ class MethodConfig:
     targets: None means the method's defaults for the model's architecture.
     modules_to_save: modules (e.g. a new classification head) trained as a full copy that
     belongs to this adapter.
+    applies_to: the model kinds ("decoder", "encoder") the method is meant for; benchmarks
+    (`benchmarks/methods_table.py`) skip the others with a note.
     """
 
     targets: str | tuple[str, ...] | None = None
     modules_to_save: tuple[str, ...] = ()
     method: ClassVar[str] = ""
+    applies_to: ClassVar[tuple[str, ...]] = ("decoder", "encoder")
 
     def __post_init__(self) -> None:
         for f in fields(self):  # lists from JSON/YAML become tuples: configs stay hashable

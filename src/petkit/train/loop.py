@@ -30,6 +30,7 @@ from petkit.train.config import TrainConfig
 from petkit.train.evaluate import autocast, model_device, resolve_collate, run_objective
 from petkit.train.monitor import Monitor, plot_history
 from petkit.train.objectives import make_objective
+from petkit.train.ist import with_ist
 from petkit.train.steppers import Stepper, make_stepper
 
 
@@ -45,6 +46,7 @@ class TrainResult:
     adapter_path: str | None = None
     seconds: float = 0.0
     peak_memory_mb: float = 0.0
+    report: dict[str, Any] = field(default_factory=dict)  # the stepper's summary (IST layers)
 
 
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -111,6 +113,7 @@ class _Run:
         bind = getattr(self.stepper, "bind_model", None)
         if callable(bind):  # optional hook: a population stepper batches its forward passes
             bind(model)
+        self.stepper = with_ist(self.stepper, model, self.params, config)  # IST when asked
         self.hooks = StepHooks(model)  # methods' per-step hooks (COLA links, expert load)
         self.state = ckpt.TrainerState()
         self.best: dict[str, torch.Tensor] | None = None
@@ -192,7 +195,8 @@ class _Run:
         """Record the mean train loss since the last log row."""
         pos: DataPosition = self.state.position
         row = {"step": self.state.step, "train_loss": sum(losses) / len(losses), "lr": lr,
-               "epoch": pos.epoch + pos.index / len(self.data), **self.hooks.metrics()}
+               "epoch": pos.epoch + pos.index / len(self.data), **self.hooks.metrics(),
+               **getattr(self.stepper, "log_fields", dict)()}
         self.state.history.append(row)
         self.monitor.record(row)
 
@@ -206,14 +210,16 @@ class _Run:
         if self.out is not None:
             adapter = str(save_active_adapters(self.model, self.out / "adapter"))
             plot_history(self.state.history, self.out / "training.png", self.metric or "loss")
+        report = getattr(self.stepper, "report", dict)()
         self.monitor.info(f"done: step={self.state.step} best_step={self.state.best_step} "
-                          f"best_{self.metric}={self.state.best_metric}")
+                          f"best_{self.metric}={self.state.best_metric}"
+                          + "".join(f" {k}={v}" for k, v in report.items()))
         self.monitor.close()
         return TrainResult(steps=self.state.step, best_step=self.state.best_step,
                            best_metric=self.state.best_metric, metric=self.metric,
                            history=self.state.history, adapter_path=adapter,
                            seconds=time.perf_counter() - started,
-                           peak_memory_mb=peak_memory_mb(self.device))
+                           peak_memory_mb=peak_memory_mb(self.device), report=report)
 
 
 def train(model: nn.Module, train_data: Sequence[Example], config: TrainConfig | None = None,
