@@ -76,8 +76,9 @@ def test_merge_writes_a_plain_transformers_model(trained: Path, tmp_path: Path,
     pk.load_adapter(model, str(trained / "adapter"))
     with torch.no_grad():
         expected = model(input_ids=torch.tensor([[1, 2, 3, 4]])).logits
+    # fp32 rounding of W + BA vs W x + B A x through 30 layers: ~4e-4 on logits of ~30.
     torch.testing.assert_close(torch.load(logits_file, weights_only=True), expected,
-                               atol=1e-4, rtol=1e-4)
+                               atol=2e-3, rtol=1e-4)
 
 
 @pytest.mark.slow
