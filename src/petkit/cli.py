@@ -71,8 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--head", action="store_true", help="train a classification head "
                                                              "instead of the verbaliser")
     train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    train.add_argument("--dylora-eval-ranks", dest="eval_ranks", default=None,
+                       help="after training, test the adapter at each rank, e.g. 1,2,4,8 (dylora)")
     evaluate = sub.add_parser("eval", help="test metrics of a saved adapter")
     evaluate.add_argument("--adapter", required=True, help="adapter folder")
+    evaluate.add_argument("--rank", type=int, default=None,
+                          help="evaluate at this rank (methods trained over a range of ranks: dylora)")
     _add_flags(evaluate, COMMON)
     merge = sub.add_parser("merge", help="merge an adapter into a plain Hugging Face model folder")
     merge.add_argument("--adapter", required=True, help="adapter folder")
@@ -130,7 +134,9 @@ def cmd_train(args: argparse.Namespace, dotted: dict[str, str]) -> None:
     """Train as the recipe + flags say; print before/after test metrics and the adapter."""
     from petkit.train.pipeline import run_recipe
 
-    report = run_recipe(_recipe(args, dotted), echo=lambda line: OUT.print(f"[dim]{line}[/dim]"))
+    recipe = _recipe(args, dotted)
+    ranks = _eval_ranks(args, recipe)
+    report = run_recipe(recipe, echo=lambda line: OUT.print(f"[dim]{line}[/dim]"))
     result = report.result
     OUT.print(f"test before: {_fmt(report.before)}")
     OUT.print(f"test after:  [bold green]{_fmt(report.after)}[/bold green]")
@@ -139,8 +145,35 @@ def cmd_train(args: argparse.Namespace, dotted: dict[str, str]) -> None:
     OUT.print(f"{result.steps} steps in {result.seconds:.0f}s{best}; "
               f"peak memory {result.peak_memory_mb:.0f} MiB; total {report.seconds:.0f}s")
     OUT.print(f"adapter: {result.adapter_path} ({report.adapter_bytes / 2**20:.2f} MiB on disk)")
+    if ranks:
+        _rank_sweep(report.recipe, result.adapter_path, ranks)
     for key, value in result.report.items():  # e.g. IST: steps each layer was updated in
         OUT.print(f"{key}: {value}", markup=False)
+
+
+def _eval_ranks(args: argparse.Namespace, recipe: Any) -> list[int]:
+    """--dylora-eval-ranks, checked against the method before any training."""
+    from petkit.train.rank_sweep import check_ranks, parse_ranks
+
+    if not getattr(args, "eval_ranks", None):
+        return []
+    ranks = parse_ranks(args.eval_ranks)
+    check_ranks(recipe.method_config(), ranks)
+    return ranks
+
+
+def _rank_sweep(recipe: Any, adapter: Any, ranks: list[int]) -> None:
+    """Test accuracy at each rank of the one trained adapter; also written to rank_sweep.json."""
+    from pathlib import Path
+
+    from petkit.train.rank_sweep import evaluate_at_ranks, write_sweep
+
+    results = evaluate_at_ranks(recipe, adapter, ranks)
+    table = Table("rank", *next(iter(results.values())))
+    for rank, metrics in results.items():
+        table.add_row(str(rank), *(f"{v:.4f}" for v in metrics.values()))
+    OUT.print(table)
+    OUT.print(f"rank sweep: {write_sweep(results, Path(adapter).parent / 'rank_sweep.json')}")
 
 
 def _adapter_recipe(args: argparse.Namespace, dotted: dict[str, str]) -> Any:
@@ -155,6 +188,10 @@ def cmd_eval(args: argparse.Namespace, dotted: dict[str, str]) -> None:
 
     recipe = _adapter_recipe(args, dotted)
     prep = load_with_adapter(recipe, args.adapter)
+    if args.rank is not None:
+        import petkit
+
+        petkit.set_rank(prep.model, args.rank, petkit.active_adapters(prep.model)[0])
     OUT.print(f"{recipe.data.name} test ({len(prep.test)} examples, {prep.task_type}): "
               f"{_fmt(test_metrics(prep, recipe))}")
 
