@@ -40,10 +40,11 @@ def sample(model, ids, mask, seed):
 def test_cached_greedy_generation_equals_full_recomputation(method, arch):
     base, m = tuned(method, arch)
     ids = torch.tensor([[7, 8, 9, 10]])
-    out = greedy(m, ids, torch.ones_like(ids))
-    seq = ids
-    for _ in range(5):  # no cache: every step runs the whole sequence through the hooks again
+    gen = greedy(m, ids, torch.ones_like(ids), output_logits=True, return_dict_in_generate=True)
+    out, seq = gen.sequences, ids
+    for step in range(5):  # no cache: every step runs the whole sequence through the hooks again
         logits = m(input_ids=seq, attention_mask=torch.ones_like(seq), use_cache=False).logits
+        torch.testing.assert_close(gen.logits[step], logits[:, -1], rtol=1e-4, atol=1e-5)
         seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(out, seq)
     assert torch.equal(greedy(m, ids, torch.ones_like(ids), use_cache=False), seq)
@@ -78,3 +79,26 @@ def test_sampling_is_seeded_and_reloaded_adapter_generates_identically(method, a
     pk.load_adapter(other, tmp_path / "ad")
     assert torch.equal(greedy(other, ids, mask), greedy(m, ids, mask))
     assert torch.equal(sample(other, ids, mask, seed=5), drawn)
+
+
+@pytest.mark.parametrize("arch", sorted(DECODERS))
+def test_prompt_and_prefixes_stacked_decode_like_full_recomputation(arch):
+    m = DECODERS[arch]()
+    for name, (method, kw) in {"p": ("prompt", {"num_virtual_tokens": 2}), "a": ("adaptive-prefix", {"num_virtual_tokens": 3}),
+                               "q": ("prefix-propagation", {"num_virtual_tokens": 2})}.items():
+        pk.attach(m, pk.make_config(method, **kw), name=name)
+    pk.activate(m, ["p", "a", "q"])
+    perturb(pk.trainable_parameters(m), seed=4, scale=0.5)
+    ids = torch.tensor([[0, 7, 8, 9], [5, 6, 7, 8]])
+    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    gen = m.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0,
+                     output_logits=True, return_dict_in_generate=True)
+    seq, seq_mask = ids, mask
+    for step in range(4):  # no cache; positions from the mask, as generate makes them
+        pos = (seq_mask.cumsum(-1) - 1).clamp(min=0)
+        logits = m(input_ids=seq, attention_mask=seq_mask, position_ids=pos, use_cache=False).logits
+        assert logits.shape[1] == seq.shape[1]  # virtual positions stripped
+        torch.testing.assert_close(gen.logits[step], logits[:, -1], rtol=1e-4, atol=1e-5)
+        seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        seq_mask = torch.cat([seq_mask, torch.ones(2, 1, dtype=mask.dtype)], dim=1)
+    assert torch.equal(gen.sequences, seq)

@@ -20,7 +20,6 @@ reparameterisation MLP and `pk.fold`) and every transformer block (the gates). N
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -29,9 +28,9 @@ from torch import nn
 from ..core.delta import innermost, wrap
 from ..core.errors import TargetError
 from ..core.inputs import LayerExtension, Live
-from ..core.registry import MethodConfig, register
 from ..core.layers import layer_paths
-from .prefix import KVPrefix, attach_prefix, check_prefix_fields
+from ..core.registry import register
+from .prefix import KVPrefix, PrefixConfig, attach_prefix
 
 
 def first_real_token(live: Live, batch: int, device: torch.device) -> torch.Tensor:
@@ -75,15 +74,8 @@ class PrefixGate(LayerExtension):
 @register("adaptive-prefix", family="additive",
           paper="Zhang et al., 2023, Towards Adaptive Prefix Tuning for Parameter-Efficient Language Model Fine-tuning")
 @dataclass(frozen=True)
-class AdaptivePrefixConfig(MethodConfig):
-    num_virtual_tokens: int = 20
-    projection_dim: int = 0  # > 0: prefixes = MLP(embeddings), as prefix tuning; fold after training
-    init: str = "vocab"  # vocab | random
-    init_std: float = 0.02
-    seed: int = 0
-
-    def validate(self) -> None:
-        check_prefix_fields(self)
+class AdaptivePrefixConfig(PrefixConfig):
+    """PrefixConfig's fields (the prefixes are prefix tuning's); `inject` adds the gates."""
 
     def inject(self, model: nn.Module, name: str) -> list[str]:
         blocks = layer_paths(model)
@@ -97,6 +89,3 @@ class AdaptivePrefixConfig(MethodConfig):
         for i, block in enumerate(blocks):
             wrap(model, block, PrefixGate, name, source, i, hidden)
         return [path, *blocks]
-
-    def folded(self) -> "AdaptivePrefixConfig":
-        return dataclasses.replace(self, projection_dim=0)
