@@ -3,21 +3,10 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 
 import petkit as pk
 from petkit.core.combine import dare, svd_factors, ties
-from toys import inputs, llama, perturb, run
-
-
-class One(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.proj = nn.Linear(6, 5)
-
-    def forward(self, x):
-        return self.proj(x)
+from toys import One, bert_cls, inputs, llama, perturb, run
 
 
 def two(make=One, cfg_a=None, cfg_b=None):
@@ -161,8 +150,6 @@ def test_merge_adapters_errors_change_nothing():
 
 
 def test_trained_heads_are_combined_too():
-    from toys import bert_cls
-
     m, batch = bert_cls(), inputs("bert")
     for name, seed in (("a", 1), ("b", 2)):
         pk.attach(m, pk.LoraConfig(r=2, modules_to_save=["classifier"]), name=name)

@@ -5,21 +5,10 @@ import pytest
 import torch
 
 import petkit as pk
+from test_peft_interop import peft_train
 from toys import gpt2, inputs, llama, perturb, run
 
 peft = pytest.importorskip("peft")
-
-
-def peft_dora_train(model, target_modules, batch):
-    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=target_modules, use_dora=True)
-    p = peft.get_peft_model(model, cfg)
-    opt = torch.optim.AdamW([q for q in p.parameters() if q.requires_grad], lr=1e-2)
-    p.train()
-    for _ in range(5):
-        opt.zero_grad()
-        p(**batch, labels=batch["input_ids"]).loss.backward()
-        opt.step()
-    return p.eval()
 
 
 @pytest.mark.parametrize("make,toy,targets", [(llama, "llama", ["q_proj", "v_proj"]), (gpt2, "gpt2", ["c_attn"])])
@@ -27,7 +16,7 @@ def test_peft_trained_dora_loads_in_petkit_with_identical_outputs(make, toy, tar
     batch = inputs(toy)
     base = make()
     ours = copy.deepcopy(base)
-    p = peft_dora_train(base, targets, batch)
+    p = peft_train(base, targets, batch, use_dora=True)
     expected = run(p, batch)
     p.save_pretrained(tmp_path / "peft")
     pk.import_peft(ours, tmp_path / "peft")

@@ -10,8 +10,8 @@ from toys import gpt2, inputs, llama, perturb, run
 peft = pytest.importorskip("peft")
 
 
-def peft_train(model, target_modules, batch):
-    p = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=target_modules))
+def peft_train(model, target_modules, batch, **config):
+    p = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=target_modules, **config))
     opt = torch.optim.AdamW([q for q in p.parameters() if q.requires_grad], lr=1e-2)
     p.train()
     for _ in range(5):

@@ -23,6 +23,18 @@ class MLP(nn.Module):
         return self.out(torch.relu(self.fc2(self.norm(torch.relu(self.fc1(x))))))
 
 
+class One(nn.Module):
+    """A single Linear(6 -> 5) named `proj`: the smallest model for closed-form checks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = nn.Linear(6, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
 def mlp(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return MLP().eval()

@@ -5,27 +5,16 @@
 import copy
 
 import torch
-from torch import nn
 
 import petkit as pk
 from petkit.train import TrainConfig, train
-from toys import inputs, llama, perturb, run
+from toys import One, inputs, llama, perturb, run
 
 
 def lm_data(n: int = 16) -> list[dict]:
     gen = torch.Generator().manual_seed(0)
     rows = [torch.randint(3, 60, (8,), generator=gen).tolist() for _ in range(n)]
     return [{"input_ids": r, "attention_mask": [1] * len(r), "labels": r} for r in rows]
-
-
-class One(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.proj = nn.Linear(6, 5)
-
-    def forward(self, x):
-        return self.proj(x)
 
 
 def test_eval_forward_is_the_sum_of_every_link():

@@ -1,20 +1,9 @@
 """DoRA numerics against the closed form W' = m * (W0 + s B A) / ||W0 + s B A||_row."""
 import pytest
 import torch
-from torch import nn
 
 import petkit as pk
-from toys import gpt2, inputs, perturb, run
-
-
-class One(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.proj = nn.Linear(6, 5)
-
-    def forward(self, x):
-        return self.proj(x)
+from toys import One, gpt2, inputs, perturb, run
 
 
 def reference(m, w0, b0, x):

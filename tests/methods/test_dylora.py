@@ -3,20 +3,9 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 
 import petkit as pk
-from toys import inputs, llama, perturb, run
-
-
-class One(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.proj = nn.Linear(6, 5)
-
-    def forward(self, x):
-        return self.proj(x)
+from toys import One, inputs, llama, perturb, run
 
 
 def closed_form(m, w0, b0, x, b):

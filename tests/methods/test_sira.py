@@ -6,22 +6,11 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 import petkit as pk
 from petkit.methods.sira import experts_per_path
 from petkit.train.callbacks import StepHooks
-from toys import inputs, llama, perturb, run
-
-
-class One(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.proj = nn.Linear(6, 5)
-
-    def forward(self, x):
-        return self.proj(x)
+from toys import One, inputs, llama, perturb, run
 
 
 def reference(w, x):

@@ -77,7 +77,8 @@ def _check_args(model: nn.Module, names: list[str], weights: list[float], name: 
     if r is not None:
         check_range("r", r, 1, kind=int)
         if how in ("linear", "cat"):
-            raise ConfigError(f"r is the target rank of how='svd', 'ties' or 'dare'; how={how!r} keeps the inputs' ranks")
+            raise ConfigError(f"r is the target rank of how='svd', 'ties' or 'dare'; "
+                              f"how={how!r} keeps the inputs' ranks")
     check_range("density", density, 0.0, 1.0, low_open=True)
     merged = [w.adapter_name for _, w in iter_deltas(model) if w.adapter_name in names and w.merged]
     if merged:

@@ -30,7 +30,8 @@ def check_weights(model: nn.Module, names: Sequence[str], weights: Sequence[floa
     else:
         values = [float(w) for w in weights] if _numbers(weights) else []
         if len(values) != len(names) or not all(math.isfinite(w) for w in values):
-            raise ConfigError(f"weights must be {len(names)} finite numbers, one per adapter in {list(names)}; got {weights!r}")
+            raise ConfigError(f"weights must be {len(names)} finite numbers, one per adapter in "
+                              f"{list(names)}; got {weights!r}")
     for adapter, weight in zip(names, values):
         wrappers = [w for _, w in iter_deltas(model) if w.adapter_name == adapter]
         if weight != 1.0:

@@ -64,3 +64,12 @@ def frozen_prefix(a: torch.Tensor, b: torch.Tensor, frozen: int, used: int) -> t
         return a, b
     return (torch.cat([a[:frozen].detach(), a[frozen:]], dim=0),
             torch.cat([b[:, :frozen].detach(), b[:, frozen:]], dim=1))
+
+
+def check_lora_fields(config: object) -> None:
+    """Validate the fields every LoRA-family config has: r >= 1, alpha > 0, dropout in [0, 0.999]."""
+    from .registry import check_range
+
+    check_range("r", getattr(config, "r"), 1, kind=int)
+    check_range("alpha", getattr(config, "alpha"), 0, low_open=True)
+    check_range("dropout", getattr(config, "dropout"), 0.0, 0.999)

@@ -56,7 +56,8 @@ def _run_grouped(model: nn.Module, names: Sequence[RowName], fn: Callable[..., A
 def _groups(model: nn.Module, names: Sequence[RowName], size: int) -> dict[tuple[str, ...], list[int]]:
     if isinstance(names, (str, bytes)) or len(names) != size:
         got = "a string" if isinstance(names, (str, bytes)) else f"{len(names)} names"
-        raise ConfigError(f"adapter_names must name one adapter (or None) per row: the batch has {size} rows, got {got}")
+        raise ConfigError(f"adapter_names must name one adapter (or None) per row: "
+                          f"the batch has {size} rows, got {got}")
     if model.training:
         raise AdapterStateError("mixed batches are for inference: call model.eval() first")
     merged = sorted({w.adapter_name for _, w in iter_deltas(model) if w.merged})
@@ -99,7 +100,8 @@ def _scatter(outs: list[Any], groups: list[list[int]], size: int) -> Any:
             return None
         shapes = {tuple(o.shape[1:]) for o in outs}
         if len(shapes) > 1:
-            raise ConfigError(f"groups produced outputs of different shapes {sorted(shapes)}; they cannot share a batch")
+            raise ConfigError(f"groups produced outputs of different shapes {sorted(shapes)}; "
+                              "they cannot share a batch")
         full = first.new_empty((size, *first.shape[1:]))
         for out, rows in zip(outs, groups):
             full[torch.tensor(rows, device=full.device)] = out

@@ -29,7 +29,7 @@ from ..core.combine import lora_from_factors
 from ..core.delta import DeltaModule, iter_deltas, wrap
 from ..core.errors import ConfigError
 from ..core.io import save_adapter
-from ..core.lowrank import factor_pair, frozen_prefix, linear_shape, to_base_layout, weight_out_in
+from ..core.lowrank import check_lora_fields, factor_pair, frozen_prefix, linear_shape, to_base_layout, weight_out_in
 from ..core.compose import keep_activation
 from ..core.model import TrainableCopy, adapters, detach
 from ..core.registry import MethodConfig, check_range, register
@@ -93,9 +93,7 @@ class ColaConfig(MethodConfig):
     link_steps: int | None = None  # steps per link; None: the run's steps split evenly
 
     def validate(self) -> None:
-        check_range("r", self.r, 1, kind=int)
-        check_range("alpha", self.alpha, 0, low_open=True)
-        check_range("dropout", self.dropout, 0.0, 0.999)
+        check_lora_fields(self)
         check_range("links", self.links, 1, kind=int)
         if self.link_steps is not None:
             check_range("link_steps", self.link_steps, 1, kind=int)
@@ -117,7 +115,8 @@ def save_links(model: nn.Module, path: str | os.PathLike, name: str = "default")
     if name not in adapters(model) or adapters(model)[name].config.method != "cola":
         raise ConfigError(f"save_links needs a 'cola' adapter; {name!r} is not one")
     chain = [(p, w) for p, w in iter_deltas(model) if w.adapter_name == name and isinstance(w, ColaLinear)]
-    heads = {p: w.merge_deltas() for p, w in iter_deltas(model) if w.adapter_name == name and isinstance(w, TrainableCopy)}
+    heads = {p: w.merge_deltas() for p, w in iter_deltas(model)
+             if w.adapter_name == name and isinstance(w, TrainableCopy)}
     r, links = chain[0][1].r, chain[0][1].links
     trained = [i for i in range(links) if any(w.lora_B[:, i * r:(i + 1) * r].any() for _, w in chain)] or [0]
     out, written = Path(path), []

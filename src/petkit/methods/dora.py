@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.delta import DeltaModule, innermost, wrap
-from ..core.lowrank import factor_pair, linear_shape, to_base_layout, weight_out_in
+from ..core.lowrank import check_lora_fields, factor_pair, linear_shape, to_base_layout, weight_out_in
 from ..core.registry import MethodConfig, check_choice, check_range, register
 from ..core.targets import match_targets, role_targets
 
@@ -86,9 +86,7 @@ class DoraConfig(MethodConfig):
     rslora: bool = False
 
     def validate(self) -> None:
-        check_range("r", self.r, 1, kind=int)
-        check_range("alpha", self.alpha, 0, low_open=True)
-        check_range("dropout", self.dropout, 0.0, 0.999)
+        check_lora_fields(self)
         check_choice("rslora", self.rslora, (True, False))
 
     def inject(self, model: nn.Module, name: str) -> list[str]:

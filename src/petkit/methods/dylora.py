@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.delta import DeltaModule, iter_deltas, wrap
-from ..core.lowrank import factor_pair, frozen_prefix, linear_shape, to_base_layout, weight_out_in
+from ..core.lowrank import check_lora_fields, factor_pair, frozen_prefix, linear_shape, to_base_layout, weight_out_in
 from ..core.model import add_detach_hook
 from ..core.registry import MethodConfig, check_choice, check_range, register
 from ..core.targets import match_targets, role_targets
@@ -89,10 +89,8 @@ class DyLoraConfig(MethodConfig):
     eval_rank: int | None = None  # rank outside training; None = r
 
     def validate(self) -> None:
-        check_range("r", self.r, 1, kind=int)
+        check_lora_fields(self)
         check_range("min_rank", self.min_rank, 1, self.r, kind=int)
-        check_range("alpha", self.alpha, 0, low_open=True)
-        check_range("dropout", self.dropout, 0.0, 0.999)
         check_choice("update", self.update, ("all", "last"))
         if self.eval_rank is not None:
             check_range("eval_rank", self.eval_rank, self.min_rank, self.r, kind=int)

@@ -28,7 +28,7 @@ from torch import nn
 
 from ..core.delta import DeltaModule, wrap
 from ..core.errors import ConfigError
-from ..core.lowrank import factor_pair, linear_shape, weight_out_in
+from ..core.lowrank import check_lora_fields, factor_pair, linear_shape, weight_out_in
 from ..core.registry import MethodConfig, check_range, register
 from ..core.targets import match_targets, role_targets
 
@@ -138,9 +138,7 @@ class SiraConfig(MethodConfig):
     layer_experts: tuple[int, ...] | None = None  # MoLA: experts per depth group, e.g. (2, 4, 6, 8)
 
     def validate(self) -> None:
-        check_range("r", self.r, 1, kind=int)
-        check_range("alpha", self.alpha, 0, low_open=True)
-        check_range("dropout", self.dropout, 0.0, 0.999)
+        check_lora_fields(self)
         check_range("num_experts", self.num_experts, 1, kind=int)
         if self.layer_experts is not None:
             if not isinstance(self.layer_experts, tuple) or not self.layer_experts:
