@@ -161,11 +161,12 @@ def peft_config(method: str, config: Any, model: nn.Module, task_type: str) -> A
 
     kind = peft.TaskType.SEQ_CLS if task_type == "head" else peft.TaskType.CAUSAL_LM
     if method in ("prompt", "prefix"):
-        n = getattr(config, "num_virtual_tokens", None) or getattr(config, "length", 20)
+        n = config.num_virtual_tokens
         if method == "prefix":
+            hidden = int(getattr(config, "projection_dim", 0) or 0)  # > 0: MLP reparameterisation
             return peft.PrefixTuningConfig(task_type=kind, num_virtual_tokens=n,
-                                           prefix_projection=bool(getattr(config, "projection",
-                                                                          False)))
+                                           prefix_projection=hidden > 0,
+                                           encoder_hidden_size=hidden or None)
         init = peft.PromptTuningInit.SAMPLE_VOCAB if getattr(config, "init", "") == "vocab" \
             else peft.PromptTuningInit.RANDOM
         return peft.PromptTuningConfig(task_type=kind, num_virtual_tokens=n,

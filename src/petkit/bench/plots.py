@@ -61,12 +61,10 @@ def _metric_vs_size(rows: list[Summary], path: Path) -> None:
     plt, colors = _plt(), _colors(rows)
     fig, ax = plt.subplots(figsize=(9, 5))
     for s in rows:
-        points = [(sum(s.n_train[k]) / len(s.n_train[k]), s.mean_std(k)) for k in sizes_of([s])]
-        if not points:
-            continue
-        xs = [x for x, _ in points]
-        ys = [st[0] for _, st in points if st]
-        es = [st[1] for _, st in points if st]
+        sizes = sizes_of([s])
+        stats = [s.mean_std(k) or (0.0, 0.0, 0) for k in sizes]
+        xs = [sum(s.n_train[k]) / len(s.n_train[k]) for k in sizes]  # "full" at its real size
+        ys, es = [st[0] for st in stats], [st[1] for st in stats]
         ax.errorbar(xs, ys, yerr=es, marker=MARKERS.get(s.impl, "o"), color=colors[s.arm],
                     capsize=3, label=s.arm, linestyle="--" if s.impl == "peft" else "-")
     ax.set_xscale("log", base=2)
@@ -89,7 +87,8 @@ def _stability(rows: list[Summary], path: Path) -> None:
     ax.set_xlabel("trainable parameters")
     ax.set_ylabel(f"std of test {rows[0].metric} over seeds")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.collections:
+        ax.legend(fontsize=8)
     _save(fig, path)
 
 

@@ -64,7 +64,8 @@ def _identity(cell: Cell, fingerprint: str) -> dict[str, Any]:
     return {"key": cell.key, "fingerprint": fingerprint, "task": cell.task.name,
             "model": cell.task.model, "data": cell.task.data, "arm": arm.name, "impl": arm.kind,
             "method": arm.method or arm.name, "family": family, "size": cell.size_label,
-            "seed": cell.seed}
+            "seed": cell.seed, "device": torch.cuda.get_device_name() if torch.cuda.is_available()
+            else "cpu"}
 
 
 def _run_one(cell: Cell, spec: BenchSpec, tasks: _Tasks, folder: Path) -> dict[str, Any]:
@@ -109,8 +110,17 @@ def run_grid(spec: BenchSpec, out: Path, *, retry_failed: bool = False, progress
     `shard=(i, n)` runs only every n-th cell starting at the i-th (1-based): n processes with
     i = 1..n share one run folder (each appends whole lines to cells.jsonl).
     """
+    threads = torch.get_num_threads()
     if spec.threads:
         torch.set_num_threads(spec.threads)
+    try:
+        return _run(spec, out, retry_failed, progress, shard, echo)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(spec: BenchSpec, out: Path, retry_failed: bool, progress: bool, shard: tuple[int, int],
+         echo: Echo) -> list[dict[str, Any]]:
     store = ResultStore(out)
     stored = store.load()
     cells = spec.cells()

@@ -18,7 +18,7 @@ COLUMNS = ("key", "status", "task", "model", "data", "arm", "impl", "method", "f
            "seed", "n_train", "n_val", "n_test", "metric", "test_metric", "test_loss",
            "best_val_metric", "best_step", "steps", "trainable_params", "base_params",
            "trainable_pct", "peak_mem_mb", "train_s", "s_per_step", "adapter_bytes", "cell_s",
-           "fingerprint", "finished", "error")
+           "device", "fingerprint", "finished", "error")
 
 
 class ResultStore:
