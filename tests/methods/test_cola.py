@@ -86,3 +86,16 @@ def test_chain_saves_as_one_adapter_or_as_its_links(tmp_path):
     pk.merge_adapters(m, ["default"], how="cat", name="summed")  # one plain LoRA of rank 3 * 2
     assert pk.adapters(m)["summed"].config.r == 6
     torch.testing.assert_close(run(m, batch), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_loaded_frozen_chain_uses_every_link_even_in_training_mode(tmp_path):
+    base, batch = llama(), inputs("llama")
+    m = copy.deepcopy(base)
+    pk.attach(m, pk.ColaConfig(r=2, links=3))
+    perturb(pk.trainable_parameters(m))
+    expected = run(m, batch)
+    pk.save_adapter(m, tmp_path / "chain")
+    other = copy.deepcopy(base)
+    pk.load_adapter(other, tmp_path / "chain")  # frozen
+    other.train()
+    torch.testing.assert_close(run(other, batch), expected, rtol=0, atol=0)

@@ -87,3 +87,13 @@ def test_saved_at_a_rank_loads_at_that_rank_and_exports_as_a_plain_lora(tmp_path
     pk.merge_adapters(m, ["default"], how="cat", name="lora2")  # rank-2 LoRA of the same delta
     assert pk.adapters(m)["lora2"].config.r == 2
     torch.testing.assert_close(run(m, batch), at2, rtol=1e-5, atol=1e-5)
+
+
+def test_a_frozen_dylora_keeps_its_rank_in_training_mode():
+    m, w0, b0 = attached(r=4, alpha=8.0)
+    pk.set_rank(m, 2)
+    pk.set_trainable(m, "default", False)
+    m.train()
+    x = torch.randn(3, 6)
+    for _ in range(5):
+        torch.testing.assert_close(m(x), closed_form(m, w0, b0, x, 2).detach())

@@ -54,7 +54,7 @@ class ColaLinear(DeltaModule):
         y = self.base(x)
         if not self.enabled:
             return y
-        if self.training:  # earlier links frozen, later ones not yet started
+        if self.training and self.lora_A.requires_grad:  # earlier links frozen, later not started
             a, b = frozen_prefix(self.lora_A, self.lora_B, self.link * self.r, (self.link + 1) * self.r)
         else:
             a, b = self.lora_A, self.lora_B

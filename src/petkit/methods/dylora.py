@@ -46,8 +46,9 @@ class DyLoraLinear(DeltaModule):
         y = self.base(x)
         if not self.enabled:
             return y
-        b = self.train_rank if self.training else self.rank
-        frozen = b - 1 if self.training and self.update == "last" else 0  # "last": only rank b learns
+        learning = self.training and self.lora_A.requires_grad  # a frozen DyLoRA keeps its rank
+        b = self.train_rank if learning else self.rank
+        frozen = b - 1 if learning and self.update == "last" else 0  # "last": only rank b learns
         a, bm = frozen_prefix(self.lora_A, self.lora_B, frozen, b)
         if self.dropout is not None:
             x = self.dropout(x)
