@@ -26,3 +26,17 @@ def test_parse_and_check_ranks():
 def test_cli_rank_mistakes_exit_2_before_any_work(argv, message, capsys):
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_new_classification_head_is_the_same_on_every_load():
+    """A head-task adapter's fingerprint covers the new head, so `petkit eval` must see the same one."""
+    import torch
+
+    from petkit.models import load_model
+
+    torch.manual_seed(123)
+    state = torch.random.get_rng_state()
+    first, _ = load_model("minilm-l6", task="seq-cls", num_labels=5)
+    second, _ = load_model("minilm-l6", task="seq-cls", num_labels=5)
+    assert torch.equal(first.classifier.weight, second.classifier.weight)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's RNG is untouched

@@ -68,7 +68,11 @@ def load_model(
         kwargs["num_labels"] = num_labels
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model, info = auto.from_pretrained(path, output_loading_info=True, **kwargs)
+        # A new head starts the same on every load, so an adapter saved with it (its fingerprint
+        # covers the head it replaces) loads again; the caller's RNG state is left as it was.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model, info = auto.from_pretrained(path, output_loading_info=True, **kwargs)
     except (OSError, ValueError) as err:
         raise _not_found(name_or_path, path, err) from err
     _ensure_pad(model, tokenizer)
