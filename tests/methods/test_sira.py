@@ -96,3 +96,17 @@ def test_mola_layer_wise_allocation():
 def test_bad_config_names_field_and_range(kw, match):
     with pytest.raises(pk.ConfigError, match=match):
         pk.SiraConfig(**kw)
+
+
+def test_training_log_rows_report_expert_load():
+    from petkit.train import TrainConfig, train
+
+    m = llama()
+    pk.attach(m, pk.SiraConfig(num_experts=4, top_k=1, capacity_factor=1.0))
+    gen = torch.Generator().manual_seed(0)
+    rows = [torch.randint(3, 60, (8,), generator=gen).tolist() for _ in range(8)]
+    data = [{"input_ids": r, "attention_mask": [1] * 8, "labels": r} for r in rows]
+    result = train(m, data, TrainConfig(lr=1e-2, max_steps=4, batch_size=4, log_every=2, progress=False))
+    logged = [r for r in result.history if "train_loss" in r]
+    assert len(logged) == 2
+    assert all(r["expert_imbalance"] >= 1.0 and 0.0 <= r["expert_dropped"] < 1.0 for r in logged)
