@@ -1,0 +1,67 @@
+"""Markdown for docs/methods.md from the cells that `methods_table.py` cached."""
+from __future__ import annotations
+
+from typing import Any
+
+HEADER = """# Methods
+
+Every registered method (`petkit methods` lists them with their papers) trained on two small,
+embedded settings with `petkit.train` — the same path as `petkit train --method NAME`. This file
+is generated; regenerate it (and its cache `docs/methods_table.json`) with one command:
+
+    python benchmarks/methods_table.py
+
+`--only METHOD[,METHOD]` re-runs some methods' cells; cached cells are reused, so an interrupted
+run resumes. New methods appear automatically (they are read from the registry).
+
+Protocol: a seeded subset of the training split ({sizes}), {epochs} epochs, batch {batch_size},
+AdamW with linear decay after {warmup}% warm-up, the learning rate in the table, max length
+{max_length} tokens, seed {seed}; test accuracy on a fixed subset of {test_size} test examples;
+no validation split and no tuning (one run: read the accuracy as "it learns", not as a ranking).
+Each cell runs in its own process with {threads} torch threads on the CPU. *Trainable* counts
+the active delta (for the encoder also the new classification head, trained in full);
+*% of base* divides by the base model's parameter count. *Peak RSS* is the cell process's peak
+resident memory (model, data and training). *CPU s/step* is the process's CPU time per optimiser
+step (OpenMP threads wait passively, so it counts work, but a shared, oversubscribed machine
+still inflates it through cache and memory contention); *wall s/step* is elapsed time per step
+as measured, which depends on that load. Compare methods within one table, not across runs.
+"""
+
+
+def _fmt_int(n: Any) -> str:
+    return f"{int(n):,}" if isinstance(n, (int, float)) else "—"
+
+
+def _row(method: str, family: str, cell: dict[str, Any] | None) -> str:
+    if cell is None:
+        return f"| {method} | {family} | not run yet | | | | | | |"
+    if "accuracy" not in cell:
+        return f"| {method} | {family} | skipped: {cell.get('note', '?')} | | | | | | |"
+    trainable = cell.get("trainable", 0)
+    pct = 100.0 * trainable / cell["base_params"]
+    steps = (f"{cell['cpu_s_per_step']:.2f} | {cell['wall_s_per_step']:.2f}"
+             if "cpu_s_per_step" in cell else "— | —")
+    lr = f"{cell['lr']:g}" if "lr" in cell else "—"
+    return (f"| {method} | {family} | {_fmt_int(trainable)} | {pct:.3f}% | "
+            f"{100 * cell['accuracy']:.1f} | {cell['peak_mb']:.0f} | {steps} | {lr} |")
+
+
+def render(cache: dict[str, Any], methods: list[tuple[str, str]], settings: dict[str, dict[str, str]],
+           protocol: dict[str, Any], baseline: str) -> str:
+    """The whole document: header, then one table per setting."""
+    sizes = ", ".join(f"{spec['train_size']} for the {name}" for name, spec in settings.items())
+    out = [HEADER.format(warmup=int(100 * protocol["warmup_ratio"]), sizes=sizes, **protocol)]
+    for setting, spec in settings.items():
+        out.append(f"## {spec['data']} · {spec['model']} ({spec['task_type']}, {setting})\n")
+        out.append("| method | family | trainable | % of base | test acc (%) | peak RSS (MiB) "
+                   "| CPU s/step | wall s/step | lr |")
+        out.append("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        out.append(_row(baseline, "(no delta)", cache["cells"].get(f"{setting}/{baseline}")))
+        for method, family in methods:
+            out.append(_row(method, family, cache["cells"].get(f"{setting}/{method}")))
+        out.append("")
+    cpu = sum(c.get("cpu_seconds", 0.0) for c in cache["cells"].values())
+    wall = sum(c.get("seconds", 0.0) for c in cache["cells"].values())
+    out.append(f"Cost of these cells: {cpu / 60:.0f} CPU-minutes (about {cpu / 120:.0f} minutes on 2 idle "
+               f"cores); measured wall time {wall / 60:.0f} minutes on the machine as it was loaded.\n")
+    return "\n".join(out)
