@@ -149,3 +149,22 @@ def test_bad_ist_configurations_fail_before_training():
     with pytest.raises(ConfigError, match="inside the blocks"):
         train(prompt_model, examples(4), TrainConfig(max_steps=1, ist_top_k=1, progress=False,
                                                       label_token_ids=LABEL_IDS))
+
+
+def test_resume_with_ist_is_bit_exact(tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    cfg = dict(max_steps=6, save_every=3, keep_checkpoints=5, batch_size=4, lr=1e-2, ist_top_k=1,
+               ist_every=2, label_token_ids=LABEL_IDS, progress=False)
+    full, part = tmp_path / "full", tmp_path / "part"
+    train(lora_llama(), examples(12), TrainConfig(output_dir=str(full), **cfg))
+    shutil.copytree(full / "checkpoints" / "step-3", part / "checkpoints" / "step-3")
+    train(lora_llama(), examples(12), TrainConfig(output_dir=str(part), resume=True, **cfg))
+    a, b = (load_file(str(p / "adapter" / "adapter.safetensors")) for p in (full, part))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (part / "metrics.jsonl").read_text() == (full / "metrics.jsonl").read_text()
+    with pytest.raises(pk.CheckpointError, match="ist_top_k"):
+        train(lora_llama(), examples(12), TrainConfig(output_dir=str(part), resume=True,
+                                                      **{**cfg, "ist_top_k": 2}))

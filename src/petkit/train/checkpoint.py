@@ -31,7 +31,8 @@ from petkit.train.config import TrainConfig
 
 FORMAT = 1
 # Fields that must match for a resumed run to continue the same trajectory.
-_MUST_MATCH = ("seed", "batch_size", "grad_accum", "optimizer", "stepper", "label_token_ids")
+_MUST_MATCH = ("seed", "batch_size", "grad_accum", "optimizer", "stepper", "label_token_ids",
+               "ist_top_k")
 Tensors = dict[str, torch.Tensor]
 
 
