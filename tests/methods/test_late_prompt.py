@@ -169,3 +169,11 @@ def test_bad_layer_and_models_without_blocks_fail_before_training():
     with pytest.raises(pk.ConfigError):
         pk.attach(m, pk.LatePromptConfig(layer=5))
     assert not pk.adapters(m) and not any(isinstance(x, pk.core.delta.DeltaModule) for x in m.modules())
+
+
+def test_two_d_padding_masks_get_the_prompt_in_front():
+    from petkit.core import layer_tokens as lt
+
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    assert lt.extend_mask(mask, 2, True, True).tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
+    assert lt.visible_keys(mask, 2, 3, mask.device).tolist() == [[True, True, False], [True, True, True]]

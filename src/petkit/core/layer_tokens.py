@@ -14,7 +14,8 @@ the caller's L tokens. A method that prepends n vectors to the hidden states ent
 
 and the last block drops the n positions from its output, so the final norm, the head, the
 logits and the labels line up with the caller's tokens. A mask of None (SDPA with no padding)
-stays None: a causal kernel over [n prompt; L tokens] is exactly the rule above.
+stays None: a causal kernel over [n prompt; L tokens] is exactly the rule above; a (B, L)
+padding mask (flash attention) gets n ones in front, for the same reason.
 """
 from __future__ import annotations
 
@@ -89,14 +90,18 @@ def visible_keys(mask: torch.Tensor | None, batch: int, length: int, device: tor
     """(B, L) bool: keys any query may attend to (the non-padding tokens)."""
     if mask is None:
         return torch.ones(batch, length, dtype=torch.bool, device=device)
+    if mask.dim() == 2:  # (B, L) padding mask (flash attention): 1 = token
+        return mask.bool()
     allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
     return allowed.any(dim=-2).reshape(allowed.shape[0], -1).expand(batch, -1)
 
 
 def extend_mask(mask: torch.Tensor | None, n: int, inserting: bool, causal: bool) -> torch.Tensor | None:
     """The 4-d mask for n extra positions in front (see the module docstring)."""
-    if mask is None or mask.dim() != 4:
+    if mask is None:
         return mask
+    if mask.dim() == 2:  # (B, L) padding mask: the kernel applies causality itself
+        return torch.cat([mask.new_ones(mask.shape[0], n), mask], dim=1)
     attend, block = _values(mask)
     b, h, q, kv = mask.shape
     front = torch.full((b, h, q, n), attend, dtype=mask.dtype, device=mask.device)
