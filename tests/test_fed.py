@@ -62,7 +62,8 @@ def test_accountant_composes_rounds_replace_one_with_half_the_noise_multiplier()
     eps = [acc.step() for _ in range(3)]
     assert eps[0] < eps[1] < eps[2]
     ref = RdpAccountant(neighboring_relation=dpa.NeighboringRelation.REPLACE_ONE)
-    ref.compose(dpa.SelfComposedDpEvent(dpa.SampledWithoutReplacementDpEvent(10, 5, dpa.GaussianDpEvent(0.6)), 3))
+    per_round = dpa.SampledWithoutReplacementDpEvent(10, 5, dpa.GaussianDpEvent(0.6))  # z / 2
+    ref.compose(dpa.SelfComposedDpEvent(per_round, 3))
     assert eps[2] == pytest.approx(ref.get_epsilon(1e-5))
     more_noise = PrivacyAccountant(clients=10, sampled=5, noise=2.4, delta=1e-5)
     assert [more_noise.step() for _ in range(3)][-1] < eps[2]
@@ -123,8 +124,8 @@ def test_partitions_are_disjoint_seeded_and_dirichlet_skews_with_small_alpha() -
 
 @pytest.mark.parametrize("field,value,match", [
     ("clients", 0, "fed.clients"), ("fraction", 0.0, "fed.fraction"), ("alpha", -1.0, "fed.alpha"),
-    ("strategy", "fedsgd", "fed.strategy"), ("dp_noise", 1.0, "dp_clip"), ("faults", {12: "crash"}, "partition id"),
-    ("faults", {0: "explode"}, "faults"),
+    ("strategy", "fedsgd", "fed.strategy"), ("dp_noise", 1.0, "dp_clip"),
+    ("faults", {12: "crash"}, "partition id"), ("faults", {0: "explode"}, "faults"),
 ])
 def test_bad_fed_config_names_the_field(field: str, value: object, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
@@ -315,8 +316,8 @@ def test_multi_process_localhost_deployment_end_to_end(tiny_bert: str, tmp_path:
             procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
                                           start_new_session=True))
         _wait_for_port(port, 120)
-        report = run_deployment(_recipe(tiny_bert, tmp_path / "run", clients=2, rounds=1), f"127.0.0.1:{port}",
-                                echo=lambda line: None, timeout=600)
+        recipe = _recipe(tiny_bert, tmp_path / "run", clients=2, rounds=1)
+        report = run_deployment(recipe, f"127.0.0.1:{port}", echo=lambda line: None, timeout=600)
     finally:
         for proc in procs:  # each started its own session: end it and its children
             os.killpg(proc.pid, signal.SIGTERM)

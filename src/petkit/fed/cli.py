@@ -73,10 +73,12 @@ def run_command(args: argparse.Namespace, dotted: dict[str, str], echo: Echo) ->
 
     recipe = fed_recipe(args, dotted)
     fed = recipe.fed
+    extras = [f"alpha={fed.alpha}" if fed.partition == "dirichlet" else "", fed.strategy,
+              "personal" if fed.personal else "",
+              f"DP clip={fed.dp_clip} z={fed.dp_noise}" if fed.dp_clip is not None else ""]
     echo(f"{recipe.recipe.method_name} on {recipe.recipe.model.name} + {recipe.recipe.data.name}: "
-         f"{fed.clients} clients, {fed.rounds} rounds, {fed.sampled} per round, {fed.partition}"
-         f"{f' alpha={fed.alpha}' if fed.partition == 'dirichlet' else ''}, {fed.strategy}"
-         f"{', personal' if fed.personal else ''}{f', DP clip={fed.dp_clip} z={fed.dp_noise}' if fed.dp_clip else ''}")
+         f"{fed.clients} clients, {fed.rounds} rounds, {fed.sampled} per round, {fed.partition} "
+         + ", ".join(e for e in extras if e))
     handler = _Echo(echo)
     LOG.addHandler(handler)
     LOG.setLevel(logging.INFO)

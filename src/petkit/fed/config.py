@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,8 @@ import yaml
 
 from petkit.core.errors import ConfigError
 from petkit.core.registry import check_choice, check_range
-from petkit.train.recipe import Recipe, apply_overrides, parse_value, recipe_from_dict
+from petkit.train.recipe import (Recipe, apply_overrides, parse_value, read_yaml_mapping,
+                                 recipe_from_dict, shipped_recipes)
 
 STRATEGIES = ("fedavg", "fedprox")
 PARTITIONS = ("iid", "dirichlet")
@@ -164,26 +164,12 @@ def fed_recipe_from_dict(data: dict[str, Any]) -> FedRecipe:
 
 def shipped_fed_recipes() -> dict[str, Path]:
     """The federated recipes shipped in `petkit/recipes/fed/`, by file stem."""
-    folder = resources.files("petkit.recipes") / "fed"
-    if not folder.is_dir():
-        return {}
-    return {Path(p.name).stem: Path(str(p)) for p in folder.iterdir() if p.name.endswith((".yaml", ".yml"))}
+    return shipped_recipes("fed")
 
 
 def load_fed_recipe(path_or_name: str | Path) -> FedRecipe:
     """Read a federated recipe from a YAML file or a shipped one by name."""
-    path = Path(path_or_name)
-    if not path.is_file():
-        shipped = shipped_fed_recipes()
-        if str(path_or_name) not in shipped:
-            raise ConfigError(f"federated recipe {str(path_or_name)!r} is not a file nor a shipped "
-                              f"one ({', '.join(sorted(shipped)) or 'none'})")
-        path = shipped[str(path_or_name)]
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as err:
-        raise ConfigError(f"cannot read federated recipe {path}: {err}") from err
-    return fed_recipe_from_dict(data or {})
+    return fed_recipe_from_dict(read_yaml_mapping(path_or_name, shipped_fed_recipes(), "federated recipe"))
 
 
 def apply_fed_overrides(recipe: FedRecipe, overrides: dict[str, str]) -> FedRecipe:

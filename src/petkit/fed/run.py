@@ -33,7 +33,8 @@ def _quiet_flower(verbose: bool) -> None:
 def _read_report(recipe: FedRecipe) -> dict[str, Any]:
     path = recipe.output_dir.resolve() / "report.json"
     if not path.is_file():
-        raise PetkitError(f"the federated run wrote no {path}; see the log above and {path.parent / 'fed.log'}")
+        raise PetkitError(f"the federated run wrote no {path}; see the log above and "
+                          f"{path.parent / 'fed.log'}")
     return json.loads(path.read_text(encoding="utf-8"))
 
 

@@ -94,8 +94,10 @@ class PetStrategy(FedAvg):
             try:
                 state, n = check_reply(msg, self.spec, self.arrayrecord_key)
             except RejectedUpdate as why:
-                LOG.warning("round %d: rejected the update of node %d: %s", server_round, node, why)
-                row["rejected"].append({"node": node, "reason": str(why)})
+                pid = _claimed_partition(msg)
+                LOG.warning("round %d: rejected the update of node %d%s: %s", server_round, node,
+                            "" if pid is None else f" (partition {pid})", why)
+                row["rejected"].append({"node": node, "partition": pid, "reason": str(why)})
                 continue
             metrics = next(iter(msg.content.metric_records.values()))
             row["accepted"].append(int(metrics.get("partition-id", -1)))
@@ -155,7 +157,19 @@ def client_means(clients: dict[int, dict[str, float]]) -> dict[str, float]:
     weights = {pid: float(m.get("num-examples", 1)) for pid, m in clients.items()}
     keys = {k for m in clients.values() for k in m if k != "num-examples"}
     total = sum(weights.values())
-    return {k: sum(weights[p] * float(m[k]) for p, m in clients.items() if k in m) / total for k in sorted(keys)}
+    return {k: sum(weights[p] * float(m[k]) for p, m in clients.items() if k in m) / total
+            for k in sorted(keys)}
+
+
+def _claimed_partition(msg: Message) -> int | None:
+    """The partition id a reply says it comes from (None for an error reply)."""
+    if msg.has_error():
+        return None
+    for record in msg.content.metric_records.values():
+        value = record.get("partition-id")
+        if isinstance(value, int):
+            return value
+    return None
 
 
 def _reply_bytes(msg: Message) -> int:
