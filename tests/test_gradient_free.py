@@ -308,3 +308,28 @@ def test_subspace_larger_than_the_delta_fails_before_training() -> None:
 def test_zo_settings_reject_bad_values(field: str, value: Any) -> None:
     with pytest.raises(ConfigError, match=field):
         ZOSettings(**{"lr": 1e-3, field: value})
+
+
+# --- CLI: --optimizer and replay on the embedded model ---------------------------------------
+
+
+@pytest.mark.slow
+def test_cli_mezo_run_is_rebuilt_by_petkit_replay(tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from petkit.cli import main
+
+    run = tmp_path / "run"
+    args = ["train", "--optimizer", "mezo", "--eps", "1e-2", "--n-spsa", "2", "--steps", "3",
+            "--lr", "1e-4", "--train-size", "16", "--test-size", "4", "--max-length", "32",
+            "--batch-size", "2", "--output", str(run), "--train.zo_log=true",
+            "--train.progress=false"]
+    assert main(args) == 0
+    assert main(["replay", "--log", str(run / "zo_log.jsonl"), "--output",
+                 str(tmp_path / "rebuilt")]) == 0
+    assert "rebuilt from" in capsys.readouterr().out
+    trained = load_file(str(run / "adapter" / "adapter.safetensors"))
+    rebuilt = load_file(str(tmp_path / "rebuilt" / "adapter.safetensors"))
+    assert trained.keys() == rebuilt.keys()
+    assert all(torch.equal(trained[k], rebuilt[k]) for k in trained)
+    assert main(["train", "--optimizer", "mezo", "--eps", "0"]) == 2
+    assert "zo_eps" in capsys.readouterr().err

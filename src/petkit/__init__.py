@@ -60,10 +60,10 @@ def __getattr__(name: str):  # heavier layers load on first use
         import importlib  # not `from . import bench`: that asks this __getattr__ for "bench"
 
         return importlib.import_module(".bench", __name__)
-    if name in ("train", "TrainConfig", "TrainResult", "evaluate"):
-        from . import train as _train
+    if name in ("train", "TrainConfig", "TrainResult", "evaluate", "replay_mezo"):
+        import importlib  # not `from . import train`: that asks this __getattr__ for "train"
 
-        return getattr(_train, name)
+        return getattr(importlib.import_module(".train", __name__), name)
     raise AttributeError(f"module 'petkit' has no attribute {name!r}")
 
 
@@ -73,6 +73,6 @@ __all__ = [
     "adapters", "attach", "detach", "disabled", "export_peft", "fold", "get_method", "import_peft", "list_methods",
     "load_adapter", "make_config", "merge", "read_adapter", "register", "save_adapter", "set_trainable",
     "summary", "merge_adapters", "adapter_weights", "swap_adapter", "expert_load", "set_rank", "mixed_forward",
-    "mixed_generate", "save_links", "train", "TrainConfig", "TrainResult", "evaluate", "trainable_parameters", "unload", "unmerge",
+    "mixed_generate", "save_links", "train", "replay_mezo", "TrainConfig", "TrainResult", "evaluate", "trainable_parameters", "unload", "unmerge",
     *_method_configs,
 ]

@@ -34,7 +34,8 @@ FLAGS = {"method": "method.name", "model": "model.name", "data": "data.name",
          "batch_size": "train.batch_size", "max_length": "data.max_length",
          "train_size": "data.train_size", "test_size": "data.test_size", "seed": "train.seed",
          "output": "train.output_dir", "ist_top_k": "train.ist_top_k",
-         "ist_every": "train.ist_every"}
+         "ist_every": "train.ist_every", "optimizer": "train.optimizer", "eps": "train.zo_eps",
+         "n_spsa": "train.zo_n_spsa", "dim": "train.es_dim", "popsize": "train.es_popsize"}
 COMMON = ("model", "data", "max_length", "test_size", "task_type")
 
 
@@ -52,7 +53,12 @@ def _add_flags(parser: argparse.ArgumentParser, names: Sequence[str]) -> None:
              "task_type": "auto | verbaliser | head | instruction",
              "method": "registered method name (see `petkit methods`)",
              "ist_top_k": "IST: update only this many importance-sampled layers per step",
-             "ist_every": "IST: re-score layer importance every this many steps (default 10)"}
+             "ist_every": "IST: re-score layer importance every this many steps (default 10)",
+             "optimizer": "adamw | sgd (backprop), mezo | zo-adam (zeroth-order), cma (CMA-ES)",
+             "eps": "zeroth-order perturbation scale (train.zo_eps)",
+             "n_spsa": "zeroth-order perturbations per step (train.zo_n_spsa)",
+             "dim": "CMA-ES subspace dimension d (train.es_dim)",
+             "popsize": "CMA-ES population size (train.es_popsize)"}
     for name in names:
         flag = "--" + name.replace("_", "-")
         parser.add_argument(flag, dest=name, default=None,
@@ -86,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--adapter", help="adapter folder to load")
     _add_flags(inspect, ("model", "method", "data", "task_type"))
     sub.add_parser("methods", help="registered methods, family and paper")
+    replay = sub.add_parser("replay", help="rebuild a zeroth-order run's adapter from its "
+                                           "(seed, gradient) log")
+    replay.add_argument("--log", required=True, help="zo_log.jsonl of a run with train.zo_log=true")
+    replay.add_argument("--output", dest="replayed", required=True, help="adapter folder to write")
+    replay.add_argument("--steps", dest="replay_steps", type=int, default=None,
+                        help="replay only the first N steps (e.g. the run's best step)")
     from petkit.fed import cli as fed_cli
 
     fed_cli.add_arguments(sub.add_parser("fed", help="federated tuning on Flower (simulation, or "
@@ -244,8 +256,18 @@ def cmd_fed(args: argparse.Namespace, dotted: dict[str, str]) -> None:
     fed_cli.run_command(args, dotted, lambda line: OUT.print(line, markup=False))
 
 
+def cmd_replay(args: argparse.Namespace, dotted: dict[str, str]) -> None:
+    """Rebuild the adapter of a zeroth-order run from its log."""
+    from petkit.train.pipeline import folder_bytes
+    from petkit.train.replay import replay_run
+
+    out = replay_run(args.log, args.replayed, args.replay_steps)
+    OUT.print(f"adapter: {out} ({folder_bytes(out) / 2**20:.2f} MiB) rebuilt from "
+              f"{args.log} ({os.path.getsize(args.log) / 1024:.1f} KiB)")
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "merge": cmd_merge, "inspect": cmd_inspect,
-            "methods": cmd_methods, "fed": cmd_fed, "bench": cmd_bench}
+            "methods": cmd_methods, "replay": cmd_replay, "fed": cmd_fed, "bench": cmd_bench}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from petkit.core.errors import ConfigError
@@ -159,6 +160,7 @@ def run_recipe(recipe: Recipe, echo: Echo = print) -> RunReport:
     recipe.method_config()  # a bad method name or field fails before minutes of loading
     output = Path(recipe.train.output_dir or "runs/default")
     echo(f"loading {recipe.model.name} and {recipe.data.name} ...")
+    torch.manual_seed(recipe.train.seed)  # a new head's and the delta's init follow the seed
     prep, _ = prepare(recipe)
     resolved = dataclasses.replace(recipe, data=dataclasses.replace(
         recipe.data, task_type=prep.task_type))

@@ -72,7 +72,8 @@ class ZOLog:
             try:
                 old, rows = read_log(self.path)
             except AdapterLoadError as err:
-                raise CheckpointError(f"resuming at step {step} needs the run's log: {err}") from err
+                raise CheckpointError(f"resuming at step {step} needs the run's log: "
+                                      f"{err}") from err
             if len(rows) < step:
                 raise CheckpointError(f"{self.path} has {len(rows)} steps, the run resumes at "
                                       f"step {step}")
