@@ -1,4 +1,4 @@
-"""Adaptive prefix tuning numerics: layer l's prefix is lambda_l * sigmoid(W_l rms(h) + b_l) (.) P_l,
+"""Adaptive prefix tuning numerics: layer l's prefix is lambda_l * sigmoid(W_l h/|h| + b_l) (.) P_l,
 h the hidden state of the first real token entering block l; at init it is prefix tuning."""
 import copy
 
@@ -17,8 +17,8 @@ def batch():
     return ids, torch.tensor([[1, 1, 1, 1, 1], [0, 1, 1, 1, 0]])  # row 1: first real token at 1
 
 
-def rms(h):
-    return h / torch.sqrt(h.pow(2).mean() + 1e-6)
+def unit(h):
+    return h / h.norm()
 
 
 def blocks(model):
@@ -53,7 +53,7 @@ def test_gates_match_closed_form(arch):
     first = mask.argmax(dim=1)
     for row in range(2):
         gated = torch.stack([
-            g.scale * torch.sigmoid(g.gate(rms(entering[l][row, first[row]]))) for l, g in enumerate(blocks(apt))
+            g.scale * torch.sigmoid(g.gate(unit(entering[l][row, first[row]]))) for l, g in enumerate(blocks(apt))
         ]).detach()  # (layers, n)
         plain = copy.deepcopy(base)
         pk.attach(plain, pk.PrefixConfig(num_virtual_tokens=3, init="random"))

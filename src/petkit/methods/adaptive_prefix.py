@@ -4,15 +4,16 @@ Parameter-Efficient Language Model Fine-tuning" (ACL 2023).
 Prefix tuning (`methods.prefix`: n keys and values in front of every attention layer) whose
 prefix in layer l is re-weighted by two gates computed at that layer:
 
-    alpha_l = sigmoid(W_l rms(h_{l-1}) + b_l)  token level: one weight per prefix token, from the
-                                                hidden state entering layer l
+    alpha_l = sigmoid(W_l u_{l-1} + b_l)       token level: one weight per prefix token, from the
+                                                hidden state entering layer l, u = h / |h|
     lambda_l                                    layer level: a trainable scalar per layer
     [Pk_l ; Pv_l]  ->  lambda_l * alpha_l (.) [Pk_l ; Pv_l]
 
 h_{l-1} is the hidden state of the caller's first real token (its [CLS] on an encoder; on a
 decoder the one state every position may see, so the gate leaks nothing from later tokens),
-scaled to unit RMS (rms(h) = h / sqrt(mean(h^2) + eps)): hidden-state scales differ by orders of
-magnitude across layers, and a decoder's first token carries massive activations.
+scaled to unit length: hidden-state norms differ by orders of magnitude across layers (a
+decoder's first token carries massive activations, |h| ~ 1e4 in SmolLM2), and at unit length
+an optimiser step of size lr moves a gate logit by at most about lr * sqrt(hidden).
 W_l = 0, b_l = 0 and lambda_l = 2 at initialisation, so APT starts as plain prefix tuning
 (2 * sigmoid(0) = 1). The gated prefix is computed once per input (in the forward that puts it
 into the key/value cache); cached decoding and `generate` reuse it.
@@ -57,10 +58,10 @@ class PrefixGate(LayerExtension):
         self.scale = nn.Parameter(torch.tensor(2.0, dtype=ref.dtype, device=ref.device))
 
     def gates(self, hidden: torch.Tensor, live: Live) -> torch.Tensor:
-        """lambda * sigmoid(W rms(h) + b): (batch, n)."""
+        """lambda * sigmoid(W h/|h| + b): (batch, n)."""
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         h = hidden[rows, first_real_token(live, hidden.shape[0], hidden.device)].to(self.gate.weight.dtype)
-        return self.scale * torch.sigmoid(self.gate(F.rms_norm(h, h.shape[-1:], eps=1e-6)))
+        return self.scale * torch.sigmoid(self.gate(F.normalize(h, dim=-1)))
 
     def transform(self, hidden: torch.Tensor, live: Live) -> torch.Tensor:
         # The cache holds this layer's prefixes (this adapter's at live.start:live.end) and nothing
