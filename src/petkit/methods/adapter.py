@@ -18,6 +18,7 @@ W_up = 0 at init, so the adapter starts as the exact identity. Width of the bott
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -64,7 +65,7 @@ class Bottleneck(DeltaModule):
         self.transforms_output = not parallel
         self.scale = scale
 
-    def forward(self, x: torch.Tensor, *args, **kwargs):
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         out = self.base(x, *args, **kwargs)
         if not self.enabled:
             return out
