@@ -14,6 +14,11 @@ is generated; regenerate it (and its cache `docs/methods_table.json`) with one c
 `--only METHOD[,METHOD]` re-runs some methods' cells; cached cells are reused, so an interrupted
 run resumes. New methods appear automatically (they are read from the registry).
 
+Any method whose delta sits inside the transformer blocks can also be trained with IST
+(importance-aware sparse tuning, `petkit train --method lora --ist-top-k 4 --ist-every 10`):
+only k importance-sampled layers' deltas update at each step; the chosen layers are logged as
+`ist_layers` in `metrics.jsonl` and counted per layer in the run's summary.
+
 Protocol: a seeded subset of the training split ({sizes}), {epochs} epochs, batch {batch_size},
 AdamW with linear decay after {warmup}% warm-up, the learning rate in the table, max length
 {max_length} tokens, seed {seed}; test accuracy on a fixed subset of {test_size} test examples;

@@ -140,6 +140,7 @@ def run_missing(cache: dict[str, Any], only: set[str] | None) -> None:
             started = time.perf_counter()
             cell = {"note": reason} if reason else cell_in_subprocess(setting, method)
             cell["seconds"] = round(time.perf_counter() - started, 1)
+            cache["cells"].update(load_cache()["cells"])  # keep what a parallel run wrote meanwhile
             cache["cells"][key] = cell
             CACHE.write_text(json.dumps(cache, indent=1, sort_keys=True))
             print(f"{key}: {cell}", flush=True)

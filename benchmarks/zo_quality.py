@@ -25,7 +25,9 @@ ZO = {"train.optimizer": "mezo", "train.max_steps": "300", "train.batch_size": "
       "train.schedule": "constant", "train.warmup_steps": "0", "train.zo_log": "true"}
 RUNS: dict[str, dict[str, str]] = {
     "backprop-lora": {},  # the default recipe: LoRA r=8, AdamW lr 1e-3, 60 steps of batch 8
-    "mezo-lora": {**ZO, "train.lr": "4e-3", "train.zo_eps": "1e-3"},
+    # lr 4e-3 (constant) diverged after ~80 steps: the random walk of a 0.46 M-dim delta grows
+    # as lr sqrt(t); a linear decay from 2e-3 keeps it small.
+    "mezo-lora": {**ZO, "train.lr": "2e-3", "train.zo_eps": "1e-3", "train.schedule": "linear"},
     "mezo-prompt": {**ZO, "method.name": "prompt", "train.lr": "1e-2", "train.zo_eps": "1e-1"},
 }
 
