@@ -150,3 +150,15 @@ def test_gradient_checkpointing_is_refused_before_training():
     ids, mask = batch()
     with pytest.raises(pk.ConfigError, match="gradient checkpointing"):
         m(input_ids=ids, attention_mask=mask, labels=ids)
+
+
+@pytest.mark.parametrize("projection_dim", [0, 8])
+def test_zero_init_gives_zero_keys_and_values_that_still_train(projection_dim):
+    m = llama()
+    pk.attach(m, pk.PrefixConfig(num_virtual_tokens=2, init="zero", projection_dim=projection_dim))
+    ext = m.get_input_embeddings()
+    assert torch.count_nonzero(ext.prefixes()) == 0
+    ids, mask = batch()
+    m(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+    grads = [p.grad for p in pk.trainable_parameters(m).values()]
+    assert any(g is not None and torch.count_nonzero(g) > 0 for g in grads)

@@ -20,7 +20,9 @@ which trains more stably. After training, `pk.fold(model)` replaces E and the ML
 they compute (same outputs, fewer parameters); the adapter's config becomes `projection_dim=0`.
 
 init "vocab": the prefixes (or E) start from n random vocabulary tokens — the keys and values the
-frozen model computes for them (Li & Liang's real-word initialisation); "random": N(0, init_std).
+frozen model computes for them (Li & Liang's real-word initialisation); "random": N(0, init_std);
+"zero": keys and values 0 (the MLP's output layer 0), so the prefix only takes a little attention
+mass (logit 0 against the real keys' logits) and adds nothing: the model starts close to its base.
 Touches the input embedding (wrapped, unchanged: the prefix parameters live in that wrapper).
 Not mergeable; not the identity at initialisation.
 """
@@ -72,6 +74,12 @@ class KVPrefix(InputExtension):
         p = self.prefixes().unsqueeze(2)  # (layers, 2, 1, heads, n, dim)
         return [(p[i, 0].expand(batch, -1, -1, -1), p[i, 1].expand(batch, -1, -1, -1)) for i in range(p.shape[0])]
 
+    def zero_prefixes(self) -> None:
+        """Keys and values 0 (through the MLP: its output layer 0, its input E as initialised)."""
+        with torch.no_grad():
+            for p in [self.prefix] if self.encoder is None else list(self.encoder[2].parameters()):
+                p.zero_()
+
     def fold(self) -> None:
         """Replace embedding + MLP by the prefixes they compute."""
         if self.encoder is None:
@@ -86,7 +94,7 @@ def check_prefix_fields(cfg: MethodConfig) -> None:
     """The fields every key/value-prefix config shares (see PrefixConfig)."""
     check_range("num_virtual_tokens", cfg.num_virtual_tokens, 1, kind=int)
     check_range("projection_dim", cfg.projection_dim, 0, kind=int)
-    check_choice("init", cfg.init, ("vocab", "random"))
+    check_choice("init", cfg.init, ("vocab", "random", "zero"))
     check_range("init_std", cfg.init_std, 0, low_open=True)
     check_range("seed", cfg.seed, 0, kind=int)
     if cfg.targets is not None:
@@ -143,6 +151,8 @@ def attach_prefix(model: nn.Module, name: str, n: int, projection_dim: int, init
         kv = (torch.randn(kv.shape, generator=gen) * init_std).to(kv)
         embed = (torch.randn(embed.shape, generator=gen) * init_std).to(embed)
     wrapper = wrap(model, path, KVPrefix, name, kv, projection_dim, embed)
+    if init == "zero":
+        wrapper.zero_prefixes()
     ensure_input_hooks(model, name)
     return path, wrapper
 
@@ -153,7 +163,7 @@ def attach_prefix(model: nn.Module, name: str, n: int, projection_dim: int, init
 class PrefixConfig(MethodConfig):
     num_virtual_tokens: int = 20
     projection_dim: int = 0  # > 0: prefixes = MLP(embeddings) with this hidden width; fold after training
-    init: str = "vocab"  # vocab | random
+    init: str = "vocab"  # vocab | random | zero
     init_std: float = 0.02
     seed: int = 0
 
