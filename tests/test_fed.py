@@ -287,9 +287,11 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _wait_for_port(port: int, seconds: float) -> None:
+def _wait_for_port(port: int, seconds: float, proc: subprocess.Popen, log: Path) -> None:
     deadline = time.time() + seconds
     while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the SuperLink exited ({proc.returncode}):\n{log.read_text()[-2000:]}")
         with socket.socket() as sock:
             if sock.connect_ex(("127.0.0.1", port)) == 0:
                 return
@@ -302,7 +304,10 @@ def test_multi_process_localhost_deployment_end_to_end(tiny_bert: str, tmp_path:
     from petkit.fed import run_deployment
 
     bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home"), "FLWR_TELEMETRY_ENABLED": "0"}
+    # the SuperLink starts `flower-superexec` by name: the venv's bin must be on PATH (CI runs
+    # .venv/bin/python without activating the venv)
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home"), "FLWR_TELEMETRY_ENABLED": "0",
+           "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
     port = _free_port()
     commands = [[str(bin_dir / "flower-superlink"), "--insecure", "--disable-runtime-dependency-installation",
                  "--port", str(port)]]
@@ -315,7 +320,7 @@ def test_multi_process_localhost_deployment_end_to_end(tiny_bert: str, tmp_path:
             log = open(tmp_path / f"proc{i}.log", "w")
             procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
                                           start_new_session=True))
-        _wait_for_port(port, 120)
+        _wait_for_port(port, 120, procs[0], tmp_path / "proc0.log")
         recipe = _recipe(tiny_bert, tmp_path / "run", clients=2, rounds=1)
         report = run_deployment(recipe, f"127.0.0.1:{port}", echo=lambda line: None, timeout=600)
     finally:

@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -101,7 +102,8 @@ def run_deployment(recipe: FedRecipe, address: str, echo: Echo = print,
     The SuperLink and one SuperNode per client must be up (see docs/federated.md). The output
     folder must be reachable by the ServerApp (same machine, or an absolute shared path).
     """
-    flwr = shutil.which("flwr")
+    beside = Path(sys.executable).parent / "flwr"  # the interpreter's own environment first
+    flwr = str(beside) if beside.is_file() else shutil.which("flwr")
     if flwr is None:
         raise MissingPackageError("the `flwr` command is missing: pip install 'petkit[fed]'")
     out = recipe.output_dir.resolve()
