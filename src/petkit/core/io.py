@@ -138,13 +138,7 @@ def load_adapter(
         raise AdapterStateError(f"an adapter named {name!r} is already attached; pass name=... to load under another")
     _check_base(model, meta, path, strict)
     attach(model, config, name)
-    try:
-        _copy_tensors(model, name, tensors)
-    except BaseException:
-        detach(model, name)
-        raise
-    set_trainable(model, name, trainable)
-    activate(model, name)
+    fill_attached(model, name, tensors, trainable)
     return model
 
 
@@ -187,6 +181,18 @@ def _copy_tensors(model: nn.Module, name: str, tensors: dict[str, torch.Tensor])
     with torch.no_grad():
         for key, param in state.items():
             param.copy_(tensors[key].to(param.dtype))
+
+
+def fill_attached(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], trainable: bool) -> None:
+    """Copy `tensors` into the just-attached adapter `name` and activate it; on any failure the
+    adapter is detached again, so a load that fails leaves the model as it was."""
+    try:
+        _copy_tensors(model, name, tensors)
+    except BaseException:
+        detach(model, name)
+        raise
+    set_trainable(model, name, trainable)
+    activate(model, name)
 
 
 def load_state_into(model: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> None:

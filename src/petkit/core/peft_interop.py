@@ -20,8 +20,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .errors import AdapterLoadError, AdapterStateError
-from .io import adapter_state, load_state_into
-from .model import activate, adapters, attach, detach, set_trainable
+from .io import adapter_state, fill_attached
+from .model import adapters, attach
 from .registry import make_config
 
 PREFIX = "base_model.model."
@@ -133,11 +133,5 @@ def import_peft(model: nn.Module, path: str | os.PathLike, name: str = "default"
         attach(model, cfg, name)
     except Exception as exc:
         raise AdapterLoadError(f"{path} does not fit this model: {exc}") from None
-    try:
-        load_state_into(model, name, ours)
-    except BaseException:
-        detach(model, name)
-        raise
-    set_trainable(model, name, trainable)
-    activate(model, name)
+    fill_attached(model, name, ours, trainable)
     return model

@@ -24,7 +24,7 @@ from petkit.fed.partition import ClientShare, labels_of, partition
 from petkit.fed.payload import State, state_of
 from petkit.train.config import TrainConfig
 from petkit.train.evaluate import evaluate
-from petkit.train.pipeline import Prepared, _encode, method_config, prepare
+from petkit.train.pipeline import Prepared, encode_examples, method_config, prepare
 
 SHARED, LOCAL = "shared", "local"
 Examples = list[dict[str, Any]]
@@ -59,7 +59,7 @@ class Workspace:
         return self._client_data[pid]
 
     def _encode(self, examples: Examples) -> Examples:
-        return _encode(examples, self.prep, self.task, self.recipe.recipe.data.max_length)
+        return encode_examples(examples, self.prep, self.task, self.recipe.recipe.data.max_length)
 
     def evaluate(self, data: Examples) -> dict[str, float]:
         """Loss (and accuracy) of the model as it is on encoded `data`."""

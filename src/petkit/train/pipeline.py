@@ -86,7 +86,8 @@ def _subset(examples: Examples, size: int | None, seed: int) -> Examples:
     return random.Random(seed).sample(list(examples), size)
 
 
-def _encode(examples: Examples, prep: Prepared, task: Any, max_length: int) -> Examples:
+def encode_examples(examples: Examples, prep: Prepared, task: Any, max_length: int) -> Examples:
+    """Tokenise raw examples for this run's task type (classification or instruction)."""
     from petkit.data import encode_classification, encode_instruction
 
     if prep.task_type == "instruction":
@@ -119,11 +120,11 @@ def prepare(recipe: Recipe, *, with_train: bool = True) -> tuple[Prepared, Any]:
     if with_train and spec.validation_size:
         train_raw, val_raw = split_validation(train_raw, spec.validation_size / len(train_raw),
                                               seed)
-    prep.train = _encode(train_raw, prep, task, spec.max_length)
-    prep.validation = _by_length(_encode(val_raw, prep, task, spec.max_length))
+    prep.train = encode_examples(train_raw, prep, task, spec.max_length)
+    prep.validation = _by_length(encode_examples(val_raw, prep, task, spec.max_length))
     # The test subset is fixed (seed 0), whatever the training seed.
     test_raw = _subset(task.test, spec.test_size, 0)
-    prep.test = _by_length(_encode(test_raw, prep, task, spec.max_length))
+    prep.test = _by_length(encode_examples(test_raw, prep, task, spec.max_length))
     return prep, task
 
 
