@@ -1,4 +1,4 @@
-"""`generate` on decoders with the prefix-family methods active: greedy decoding with the KV cache
+"""`generate` on decoders with the prompt- and prefix-family methods active: greedy decoding with the KV cache
 equals recomputing everything each step, left-padded batches equal single rows, sampling is
 reproducible with a seed, and a saved + reloaded adapter generates exactly the same tokens."""
 import copy
@@ -10,6 +10,8 @@ import petkit as pk
 from toys import gpt2, llama, perturb
 
 METHODS = {
+    "prompt": {"num_virtual_tokens": 3},
+    "residual-prompt": {"num_virtual_tokens": 3, "bottleneck": 8},
     "prefix": {"num_virtual_tokens": 3},
     "adaptive-prefix": {"num_virtual_tokens": 3},
     "prefix-propagation": {"num_virtual_tokens": 3},
