@@ -222,6 +222,18 @@ class _Run:
                            peak_memory_mb=peak_memory_mb(self.device), report=report)
 
 
+def preflight(model: nn.Module, train_data: Sequence[Example], config: TrainConfig) -> None:
+    """Make every check `train` makes of the model, the data size and the config, then stop.
+
+    Call it before slow work that precedes training (loading, a baseline evaluation), so a
+    mistake (nothing trainable, an IST top-k above the model's layer count, a CMA-ES subspace
+    larger than the delta) is reported in seconds. Nothing is trained or changed.
+    """
+    params = trainable_parameters(model)
+    stepper = make_stepper(params, config, total_steps(len(train_data), config))
+    with_ist(stepper, model, params, config)
+
+
 def train(model: nn.Module, train_data: Sequence[Example], config: TrainConfig | None = None,
           eval_data: Sequence[Example] | None = None, *, collate_fn: CollateFn | None = None,
           pad_id: int = 0, parameters: dict[str, nn.Parameter] | None = None) -> TrainResult:

@@ -20,7 +20,7 @@ from torch import nn
 
 from petkit.core.errors import ConfigError
 from petkit.train.evaluate import evaluate
-from petkit.train.loop import TrainResult, train
+from petkit.train.loop import TrainResult, preflight, train
 from petkit.train.recipe import Recipe, load_recipe
 
 ENCODER_TYPES = {"bert", "roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2",
@@ -168,6 +168,7 @@ def run_recipe(recipe: Recipe, echo: Echo = print) -> RunReport:
     config = resolved.train.replace(output_dir=str(output), label_token_ids=prep.label_token_ids)
     resolved = dataclasses.replace(resolved, train=config)
     petkit.attach(prep.model, method_config(resolved, prep))
+    preflight(prep.model, prep.train, config)  # a bad set-up fails before the baseline evaluation
     echo(f"{prep.task_type} on {len(prep.train)} train / {len(prep.validation)} validation / "
          f"{len(prep.test)} test examples")
     before = test_metrics(prep, resolved)
