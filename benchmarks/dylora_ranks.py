@@ -39,7 +39,8 @@ def run_setting(recipe_name: str) -> dict[str, Any]:
         "train.progress": "false", "train.output_dir": f"runs/dylora-ranks/{recipe_name}"})
     report = run_recipe(recipe, echo=lambda line: print(f"  [{recipe_name}] {line}", flush=True))
     sweep = evaluate_at_ranks(report.recipe, report.result.adapter_path, RANKS)
-    return {"untuned": report.before["accuracy"], "trained_at_max_rank": report.after["accuracy"],
+    return {"label": SETTINGS[recipe_name], "untuned": report.before["accuracy"],
+            "trained_at_max_rank": report.after["accuracy"],
             "steps": report.result.steps, "seconds": round(report.seconds, 1),
             "by_rank": {str(r): m["accuracy"] for r, m in sweep.items()}}
 

@@ -1,7 +1,11 @@
 """Markdown for docs/methods.md from the cells that `methods_table.py` cached."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
+
+DYLORA_JSON = Path(__file__).resolve().parents[1] / "docs" / "dylora_ranks.json"
 
 HEADER = """# Methods
 
@@ -37,18 +41,41 @@ def _fmt_int(n: Any) -> str:
     return f"{int(n):,}" if isinstance(n, (int, float)) else "—"
 
 
-def _row(method: str, family: str, cell: dict[str, Any] | None) -> str:
+def _row(method: str, family: str, cell: dict[str, Any] | None, untuned: float | None) -> str:
     if cell is None:
-        return f"| {method} | {family} | not run yet | | | | | | |"
+        return f"| {method} | {family} | not run yet | | | | | | | |"
     if "accuracy" not in cell:
-        return f"| {method} | {family} | skipped: {cell.get('note', '?')} | | | | | | |"
+        return f"| {method} | {family} | skipped: {cell.get('note', '?')} | | | | | | | |"
     trainable = cell.get("trainable", 0)
     pct = 100.0 * trainable / cell["base_params"]
     steps = (f"{cell['cpu_s_per_step']:.2f} | {cell['wall_s_per_step']:.2f}"
              if "cpu_s_per_step" in cell else "— | —")
     lr = f"{cell['lr']:g}" if "lr" in cell else "—"
+    gain = "—" if untuned is None or "trainable" not in cell else f"{100 * (cell['accuracy'] - untuned):+.1f}"
     return (f"| {method} | {family} | {_fmt_int(trainable)} | {pct:.3f}% | "
-            f"{100 * cell['accuracy']:.1f} | {cell['peak_mb']:.0f} | {steps} | {lr} |")
+            f"{100 * cell['accuracy']:.1f} | {gain} | {cell['peak_mb']:.0f} | {steps} | {lr} |")
+
+
+def _dylora_section() -> list[str]:
+    """Accuracy against rank from one DyLoRA run per setting (benchmarks/dylora_ranks.py)."""
+    if not DYLORA_JSON.is_file():
+        return []
+    results = json.loads(DYLORA_JSON.read_text())
+    ranks = sorted({int(r) for res in results.values() for r in res["by_rank"]})
+    out = ["## DyLoRA: accuracy against rank from one training run\n",
+           "One DyLoRA adapter per setting is trained over ranks 1..8 (a rank drawn per step, "
+           "the recipe's other settings unchanged: `default` and `minilm-bbc`), saved once, then "
+           "tested truncated to each rank, without retraining. Regenerate with "
+           "`python benchmarks/dylora_ranks.py` (~10 min on 2 cores); the CLI does the same for one "
+           "run: `petkit train --method dylora --dylora-eval-ranks 1,2,4,8`, and `petkit eval "
+           "--adapter A --rank 2` tests a saved adapter at rank 2.\n",
+           "| setting | untuned | " + " | ".join(f"r={r}" for r in ranks) + " | steps |",
+           "| --- | ---: | " + " | ".join("---:" for _ in ranks) + " | ---: |"]
+    for name, res in results.items():
+        cells = " | ".join(f"{100 * res['by_rank'][str(r)]:.1f}" for r in ranks)
+        out.append(f"| {res.get('label', name)} | {100 * res['untuned']:.1f} | {cells} | {res['steps']} |")
+    out += ["", "![DyLoRA accuracy against rank](dylora-ranks.png)", ""]
+    return out
 
 
 def render(cache: dict[str, Any], methods: list[tuple[str, str]], settings: dict[str, dict[str, str]],
@@ -58,15 +85,18 @@ def render(cache: dict[str, Any], methods: list[tuple[str, str]], settings: dict
     out = [HEADER.format(warmup=int(100 * protocol["warmup_ratio"]), sizes=sizes, **protocol)]
     for setting, spec in settings.items():
         out.append(f"## {spec['data']} · {spec['model']} ({spec['task_type']}, {setting})\n")
-        out.append("| method | family | trainable | % of base | test acc (%) | peak RSS (MiB) "
-                   "| CPU s/step | wall s/step | lr |")
-        out.append("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-        out.append(_row(baseline, "(no delta)", cache["cells"].get(f"{setting}/{baseline}")))
+        out.append("| method | family | trainable | % of base | test acc (%) | vs untuned (points) "
+                   "| peak RSS (MiB) | CPU s/step | wall s/step | lr |")
+        out.append("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        base_cell = cache["cells"].get(f"{setting}/{baseline}") or {}
+        untuned = base_cell.get("accuracy")
+        out.append(_row(baseline, "(no delta)", base_cell or None, untuned))
         for method, family in methods:
-            out.append(_row(method, family, cache["cells"].get(f"{setting}/{method}")))
+            out.append(_row(method, family, cache["cells"].get(f"{setting}/{method}"), untuned))
         out.append("")
     cpu = sum(c.get("cpu_seconds", 0.0) for c in cache["cells"].values())
     wall = sum(c.get("seconds", 0.0) for c in cache["cells"].values())
     out.append(f"Cost of these cells: {cpu / 60:.0f} CPU-minutes (about {cpu / 120:.0f} minutes on 2 idle "
                f"cores); measured wall time {wall / 60:.0f} minutes on the machine as it was loaded.\n")
+    out += _dylora_section()
     return "\n".join(out)

@@ -23,8 +23,8 @@ def test_rows_for_every_registered_method_with_numbers_and_notes():
     }
     cache = {"protocol": {}, "cells": cells}
     text = doc.render(cache, table.methods(), table.SETTINGS, table.PROTOCOL, table.BASELINE)
-    assert "| lora | reparameterised | 10 | 1.000% | 80.0 | 600 | 1.50 | 2.00 | 0.003 |" in text
-    assert "| untuned | (no delta) | 0 | 0.000% | 60.0 | 500 | — | — | — |" in text
+    assert "| lora | reparameterised | 10 | 1.000% | 80.0 | +20.0 | 600 | 1.50 | 2.00 | 0.003 |" in text
+    assert "| untuned | (no delta) | 0 | 0.000% | 60.0 | — | 500 | — | — | — |" in text
     assert "skipped: TargetError: nothing to wrap" in text
     assert "python benchmarks/methods_table.py" in text
     for name, _, _ in pk.list_methods():
