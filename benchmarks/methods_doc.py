@@ -27,6 +27,10 @@ Protocol: a seeded subset of the training split ({sizes}), {epochs} epochs, batc
 AdamW with linear decay after {warmup}% warm-up, the learning rate in the table, max length
 {max_length} tokens, seed {seed}; test accuracy on a fixed subset of {test_size} test examples;
 no validation split and no tuning (one run: read the accuracy as "it learns", not as a ranking).
+Soft prompts (`prompt`, `residual-prompt`, `prefix-propagation`) start from the embeddings of a
+sentence naming the task (Lester et al.'s text initialisation: `init="text"`, `init_text_ids`);
+the learning rate is per method (prompt-style deltas and the prefixes need larger steps, and at
+3e-3 the encoder's new head barely moves in 32 steps).
 Each cell runs in its own process with {threads} torch threads on the CPU. *Trainable* counts
 the active delta (for the encoder also the new classification head, trained in full);
 *% of base* divides by the base model's parameter count. *Peak RSS* is the cell process's peak
