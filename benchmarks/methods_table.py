@@ -36,14 +36,18 @@ PROMPT_TEXT = {"decoder": "Classify the sentiment of this movie review.",  # sof
                "encoder": "Classify the topic of this news article."}
 PROTOCOL = {"test_size": 300, "max_length": 64, "epochs": 2, "batch_size": 16,
             "warmup_ratio": 0.1, "seed": 0, "threads": 2}
-# Learning rate by method (prompt-style deltas need larger steps); anything else: DEFAULT_LR.
-# Prefixes: P-tuning v2's range (5e-3..1e-2); at 3e-3 they and the encoder's new head barely
-# move in this short protocol (bbc-news: 0.24, below the untuned 0.26).
-LR = {"prompt": 3e-2, "residual-prompt": 3e-2, "late-prompt": 5e-3, "ia3": 1e-2, "bitfit": 5e-3,
-      "ln-tuning": 5e-3, "prefix": 1e-2, "adaptive-prefix": 1e-2, "prefix-propagation": 1e-2,
-      "krona": 1e-2}
+# Learning rate: the method's `suggested_lr` (what `petkit train --method NAME` uses; soft prompts
+# and prefixes need ~10x LoRA's steps, and at 3e-3 the prefixes and the encoder's new head barely
+# move in this short protocol), else DEFAULT_LR.
 DEFAULT_LR = 3e-3
 BASELINE = "untuned"
+
+
+def learning_rate(method: str) -> float:
+    import petkit
+
+    suggested = None if method == BASELINE else petkit.get_method(method).config_cls.suggested_lr
+    return suggested or DEFAULT_LR
 
 
 def recipe(setting: str, method: str) -> Any:
@@ -53,7 +57,7 @@ def recipe(setting: str, method: str) -> Any:
     s, p = SETTINGS[setting], PROTOCOL
     data = DataSpec(name=s["data"], task_type=s["task_type"], train_size=s["train_size"],
                     test_size=p["test_size"], max_length=p["max_length"])
-    train = TrainConfig(lr=LR.get(method, DEFAULT_LR), max_steps=None, epochs=p["epochs"],
+    train = TrainConfig(lr=learning_rate(method), max_steps=None, epochs=p["epochs"],
                         batch_size=p["batch_size"], warmup_ratio=p["warmup_ratio"], seed=p["seed"],
                         progress=False, log_every=1000)
     return Recipe(method={"name": "lora" if method == BASELINE else method},

@@ -120,3 +120,18 @@ def test_entry_point_in_a_subprocess() -> None:
     done = subprocess.run([sys.executable, "-m", "petkit.cli", "train", "--steps", "x"],
                           capture_output=True, text=True)
     assert done.returncode == 2 and "max_steps" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("argv,lr", [
+    (["train"], 1e-3),                                             # the default recipe's LoRA rate
+    (["train", "--method", "prefix"], 1e-2),                       # switched: the method's suggested rate
+    (["train", "--method", "prompt", "--lr", "5e-3"], 5e-3),       # a given rate wins
+    (["train", "--method", "prompt", "--train.lr=2e-3"], 2e-3),
+    (["train", "--method", "dora"], 1e-3),                         # no suggestion: the recipe's
+    (["train", "--recipe", "minilm-bbc", "--method", "ia3"], 1e-2),
+])
+def test_switching_method_takes_its_suggested_learning_rate(argv: list[str], lr: float) -> None:
+    from petkit.cli import _recipe, _split_dotted, build_parser
+
+    args, extra = build_parser().parse_known_args(argv)
+    assert _recipe(args, _split_dotted(extra)).train.lr == pytest.approx(lr)

@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from petkit.core.errors import PetkitError
+from petkit.core.errors import ConfigError, PetkitError
 
 ERR = Console(stderr=True, highlight=False, soft_wrap=True)
 OUT = Console(highlight=False, soft_wrap=True)
@@ -135,7 +135,24 @@ def _recipe(args: argparse.Namespace, dotted: dict[str, str], base: Any = None) 
         named["data.task_type"] = "head"
     if getattr(args, "resume", False):
         named["train.resume"] = "true"
-    return apply_overrides(recipe, {**named, **dotted})
+    overrides = {**named, **dotted}
+    switched = overrides.get("method.name", recipe.method_name) != recipe.method_name
+    if switched and "train.lr" not in overrides:  # the new method's own rate, unless one is given
+        lr = suggested_lr(overrides["method.name"])
+        if lr is not None:
+            overrides["train.lr"] = str(lr)
+            OUT.print(f"[dim]lr {lr:g}: {overrides['method.name']}'s suggested rate (--lr sets another)[/dim]")
+    return apply_overrides(recipe, overrides)
+
+
+def suggested_lr(method: str) -> float | None:
+    """The method's `suggested_lr` (None: keep the recipe's); an unknown name is left to the recipe."""
+    import petkit
+
+    try:
+        return petkit.get_method(method).config_cls.suggested_lr
+    except ConfigError:
+        return None
 
 
 def _fmt(metrics: dict[str, float]) -> str:

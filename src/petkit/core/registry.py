@@ -33,12 +33,16 @@ class MethodConfig:
     belongs to this adapter.
     applies_to: the model kinds ("decoder", "encoder") the method is meant for; benchmarks
     (`benchmarks/methods_table.py`) skip the others with a note.
+    suggested_lr: the AdamW learning rate this method wants when it differs from LoRA's (soft
+    prompts and prefixes need ~10x larger steps); `petkit train --method NAME` uses it unless a
+    learning rate is given, and the methods table trains with it. None: the recipe's rate.
     """
 
     targets: str | tuple[str, ...] | None = None
     modules_to_save: tuple[str, ...] = ()
     method: ClassVar[str] = ""
     applies_to: ClassVar[tuple[str, ...]] = ("decoder", "encoder")
+    suggested_lr: ClassVar[float | None] = None
 
     def __post_init__(self) -> None:
         for f in fields(self):  # lists from JSON/YAML become tuples: configs stay hashable

@@ -10,6 +10,7 @@ Where a targeted layer has no bias (Llama), a zero bias is added so it can still
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from torch import nn
 
@@ -26,6 +27,7 @@ def _biasable(module: nn.Module) -> bool:
 @register("bitfit", family="selective", paper="Ben Zaken et al., 2022, BitFit: Simple Parameter-efficient Fine-tuning")
 @dataclass(frozen=True)
 class BitFitConfig(MethodConfig):
+    suggested_lr: ClassVar[float | None] = 0.005
     include_norms: bool = True  # also LayerNorm biases (the paper tunes every bias)
 
     def validate(self) -> None:

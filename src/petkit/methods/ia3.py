@@ -18,6 +18,7 @@ merged delta is kept while merged, so unmerging subtracts exactly what merging a
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -88,6 +89,7 @@ def _as_targets(value: object, field: str) -> None:
           paper="Liu et al., 2022, Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper than In-Context Learning")
 @dataclass(frozen=True)
 class IA3Config(MethodConfig):
+    suggested_lr: ClassVar[float | None] = 0.01
     feedforward_targets: str | tuple[str, ...] | None = None  # scaled at their input (FFN down projections)
 
     def validate(self) -> None:

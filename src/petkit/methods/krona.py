@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -81,6 +82,7 @@ class KronaLinear(DeltaModule):
           paper="Edalati et al., 2022, KronA: Parameter Efficient Tuning with Kronecker Adapter")
 @dataclass(frozen=True)
 class KronaConfig(MethodConfig):
+    suggested_lr: ClassVar[float | None] = 0.01
     a_out: int | None = None  # rows of A (must divide each target's output width)
     a_in: int | None = None  # columns of A (must divide each target's input width)
     scale: float = 1.0

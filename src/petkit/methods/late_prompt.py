@@ -20,7 +20,7 @@ Not mergeable; not the identity at init (a prompt is added).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -120,6 +120,7 @@ class LatePromptBlock(DeltaModule):
           paper="Liu et al., 2022, Late Prompt Tuning: A Late Prompt Could Be Better Than Many Prompts")
 @dataclass(frozen=True)
 class LatePromptConfig(MethodConfig):
+    suggested_lr: ClassVar[float | None] = 0.005
     num_virtual_tokens: int = 10
     layer: int | None = None  # block the prompt enters; None = the middle block
     bottleneck: int = 64  # width of the prompt generator

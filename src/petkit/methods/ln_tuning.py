@@ -13,6 +13,7 @@ weight, Δβ to the bias (a norm without a bias gets no bias delta).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -68,6 +69,7 @@ class NormDelta(DeltaModule):
           paper="Zhao et al., 2023, Tuning LayerNorm in Attention: Towards Efficient Multi-Modal LLM Finetuning")
 @dataclass(frozen=True)
 class LNTuningConfig(MethodConfig):
+    suggested_lr: ClassVar[float | None] = 0.005
     bias: bool = True  # also tune LayerNorm biases (RMSNorm has none)
 
     def validate(self) -> None:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -161,6 +162,7 @@ def attach_prefix(model: nn.Module, name: str, n: int, projection_dim: int, init
           paper="Li & Liang, 2021, Prefix-Tuning; Liu et al., 2022, P-Tuning v2")
 @dataclass(frozen=True)
 class PrefixConfig(MethodConfig):
+    suggested_lr: ClassVar[float | None] = 0.01
     num_virtual_tokens: int = 20
     projection_dim: int = 0  # > 0: prefixes = MLP(embeddings) with this hidden width; fold after training
     init: str = "vocab"  # vocab | random | zero

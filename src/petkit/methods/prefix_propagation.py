@@ -19,6 +19,7 @@ Touches the input embedding and blocks 1..L-1. Not mergeable; not the identity a
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -49,6 +50,7 @@ class PropagatedPrefix(LayerExtension):
           paper="Li et al., 2023, Prefix Propagation: Parameter-Efficient Tuning for Long Sequences")
 @dataclass(frozen=True)
 class PrefixPropagationConfig(MethodConfig):
+    suggested_lr: ClassVar[float | None] = 0.01
     num_virtual_tokens: int = 20
     init: str = "vocab"  # P_0: vocab | text | random (as prompt tuning)
     init_text_ids: tuple[int, ...] = ()

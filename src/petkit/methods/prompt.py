@@ -10,6 +10,7 @@ and cached generation are extended by `core.inputs`. Not mergeable.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -32,6 +33,7 @@ class PromptEmbedding(InputExtension):
 @register("prompt", family="additive", paper="Lester et al., 2021, The Power of Scale for Parameter-Efficient Prompt Tuning")
 @dataclass(frozen=True)
 class PromptConfig(MethodConfig):
+    suggested_lr: ClassVar[float | None] = 0.03
     num_virtual_tokens: int = 20
     init: str = "vocab"  # vocab | text | random
     init_text_ids: tuple[int, ...] = ()  # token ids of the init text (tokenise with your tokenizer)

@@ -14,6 +14,7 @@ can use with no MLP. Masks, labels, positions and cached generation are handled 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -47,6 +48,7 @@ class ResidualPromptEmbedding(InputExtension):
           paper="Razdaibiedina et al., 2023, Residual Prompt Tuning: Improving Prompt Tuning with Residual Reparameterization")
 @dataclass(frozen=True)
 class ResidualPromptConfig(MethodConfig):
+    suggested_lr: ClassVar[float | None] = 0.03
     num_virtual_tokens: int = 20
     init: str = "vocab"  # vocab | text | random
     init_text_ids: tuple[int, ...] = ()  # token ids of the init text (tokenise with your tokenizer)
