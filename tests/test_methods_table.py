@@ -42,4 +42,4 @@ def test_applies_to_skips_a_setting(monkeypatch):
 def test_cell_recipes_are_valid(setting):
     rec = table.recipe(setting, "ia3")
     assert rec.method_config().method == "ia3"
-    assert rec.data.test_size == table.PROTOCOL["test_size"] and rec.train.lr == table.LR["ia3"]
+    assert rec.data.test_size == table.PROTOCOL["test_size"] and rec.train.lr == pk.IA3Config.suggested_lr == 1e-2
