@@ -28,7 +28,8 @@ AdamW with linear decay after {warmup}% warm-up, the learning rate in the table,
 {max_length} tokens, seed {seed}; test accuracy on a fixed subset of {test_size} test examples;
 no validation split and no tuning (one run: read the accuracy as "it learns", not as a ranking).
 Soft prompts (`prompt`, `residual-prompt`, `prefix-propagation`) start from the embeddings of a
-sentence naming the task (Lester et al.'s text initialisation: `init="text"`, `init_text_ids`);
+sentence naming the task (Lester et al.'s text initialisation: `init="text"`, `init_text_ids`;
+the residual prompt's branch starts at 0, `branch_init="zero"`, so its prompt starts there too);
 the learning rate is per method (prompt-style deltas and the prefixes need larger steps, and at
 3e-3 the encoder's new head barely moves in 32 steps).
 Each cell runs in its own process with {threads} torch threads on the CPU. *Trainable* counts

@@ -104,11 +104,15 @@ def with_text_init(rec: Any, setting: str, tokenizer: Any) -> Any:
 
     import petkit
 
-    if rec.method["name"] == BASELINE or "init_text_ids" not in {
-            f.name for f in dataclasses.fields(petkit.get_method(rec.method["name"]).config_cls)}:
+    if rec.method["name"] == BASELINE:
+        return rec
+    names = {f.name for f in dataclasses.fields(petkit.get_method(rec.method["name"]).config_cls)}
+    if "init_text_ids" not in names:
         return rec
     ids = list(tokenizer(PROMPT_TEXT[setting], add_special_tokens=False)["input_ids"])
     method = {**rec.method, "init": "text", "init_text_ids": ids, "num_virtual_tokens": len(ids)}
+    if "branch_init" in names:  # residual prompt: P' starts as the sentence too
+        method["branch_init"] = "zero"
     return dataclasses.replace(rec, method=method)
 
 

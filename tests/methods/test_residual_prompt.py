@@ -43,6 +43,21 @@ def test_the_mlp_trains_and_gradients_reach_the_prompt():
     assert {"embed_tokens.prompt", "down.weight", "up.weight", "norm.weight"} <= set(grads)
 
 
+@pytest.mark.parametrize("layer_norm", [True, False])
+def test_zero_branch_starts_at_the_prompt_and_still_learns(layer_norm):
+    m = llama()
+    pk.attach(m, pk.ResidualPromptConfig(num_virtual_tokens=2, bottleneck=4, layer_norm=layer_norm,
+                                         branch_init="zero"))
+    wrapper = m.model.embed_tokens
+    assert torch.equal(wrapper.folded_prompt(), wrapper.prompt)
+    ids = torch.randint(3, 60, (2, 5))
+    m(input_ids=ids, labels=ids).loss.backward()
+    zeroed = wrapper.norm.weight if layer_norm else wrapper.up.weight
+    assert zeroed.grad is not None and zeroed.grad.abs().sum() > 0
+    with pytest.raises(pk.ConfigError, match="branch_init"):
+        pk.ResidualPromptConfig(branch_init="ones")
+
+
 def test_greedy_generation_reloads_identically(tmp_path):
     m = llama()
     pk.attach(m, pk.ResidualPromptConfig(num_virtual_tokens=2, layer_norm=False))

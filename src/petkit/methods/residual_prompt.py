@@ -8,7 +8,9 @@ Prompt tuning (`methods/prompt.py`) whose n trainable embeddings P (n, hidden) p
 bottleneck MLP with a residual connection before they are prepended; P, W_down, W_up and the
 LayerNorm train. P starts like prompt tuning's ("vocab" | "text" | "random"). The MLP only
 reparameterises the prompt: after training `folded_prompt()` gives P', which plain prompt tuning
-can use with no MLP. Masks, labels, positions and cached generation are handled by
+can use with no MLP. `branch_init="zero"` starts the residual branch at 0 (the LayerNorm's scale,
+or W_up without one), so P' = P at first: a text-initialised prompt then starts as that text
+(with the paper's init the LayerNorm adds O(1) values, far above a small model's embeddings). Masks, labels, positions and cached generation are handled by
 `core.inputs`. Not mergeable.
 """
 from __future__ import annotations
@@ -27,7 +29,7 @@ from ..core.registry import MethodConfig, check_choice, check_range, register
 
 class ResidualPromptEmbedding(InputExtension):
     def __init__(self, base: nn.Module, adapter_name: str, init: torch.Tensor, bottleneck: int,
-                 layer_norm: bool) -> None:
+                 layer_norm: bool, zero_branch: bool = False) -> None:
         super().__init__(base, adapter_name)
         hidden = init.shape[1]
         kw = {"dtype": init.dtype, "device": init.device}
@@ -35,6 +37,10 @@ class ResidualPromptEmbedding(InputExtension):
         self.down = nn.Linear(hidden, bottleneck, **kw)
         self.up = nn.Linear(bottleneck, hidden, **kw)
         self.norm = nn.LayerNorm(hidden, **kw) if layer_norm else nn.Identity()
+        if zero_branch:  # P' = P at init; the scale (or W_up) still gets a gradient
+            nn.init.zeros_(self.norm.weight if layer_norm else self.up.weight)
+            if not layer_norm:
+                nn.init.zeros_(self.up.bias)
 
     def folded_prompt(self) -> torch.Tensor:
         """P' = P + LN(W_up ReLU(W_down P)), shape (n, hidden)."""
@@ -55,17 +61,20 @@ class ResidualPromptConfig(MethodConfig):
     seed: int = 0
     bottleneck: int = 128  # width of the reparameterisation MLP
     layer_norm: bool = True  # LayerNorm on the MLP's output (as in the paper)
+    branch_init: str = "default"  # default (the paper's) | zero: the residual branch starts at 0
 
     def validate(self) -> None:
         check_prompt_fields(self.num_virtual_tokens, self.init, self.init_text_ids, self.targets)
         check_range("bottleneck", self.bottleneck, 1, kind=int)
         check_choice("layer_norm", self.layer_norm, (True, False))
+        check_choice("branch_init", self.branch_init, ("default", "zero"))
 
     def inject(self, model: nn.Module, name: str) -> list[str]:
         path = input_embedding_path(model)
         init = initial_prompt(model, path, self.num_virtual_tokens, self.init, self.init_text_ids, self.seed)
         with torch.random.fork_rng(devices=[]):  # the MLP's init is seeded, the global RNG untouched
             torch.manual_seed(self.seed)
-            wrap(model, path, ResidualPromptEmbedding, name, init, self.bottleneck, self.layer_norm)
+            wrap(model, path, ResidualPromptEmbedding, name, init, self.bottleneck, self.layer_norm,
+                 self.branch_init == "zero")
         ensure_input_hooks(model, name)
         return [path]
