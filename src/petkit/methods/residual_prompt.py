@@ -54,7 +54,7 @@ class ResidualPromptEmbedding(InputExtension):
           paper="Razdaibiedina et al., 2023, Residual Prompt Tuning: Improving Prompt Tuning with Residual Reparameterization")
 @dataclass(frozen=True)
 class ResidualPromptConfig(MethodConfig):
-    suggested_lr: ClassVar[float | None] = 0.003  # the MLP branch: 3e-2 overshoots (0.56 on rotten-tomatoes)
+    suggested_lr: ClassVar[float | None] = 0.01  # the MLP branch: 3e-2 overshoots (0.56 on rotten-tomatoes)
     num_virtual_tokens: int = 20
     init: str = "vocab"  # vocab | text | random
     init_text_ids: tuple[int, ...] = ()  # token ids of the init text (tokenise with your tokenizer)
