@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -64,15 +65,6 @@ def plot(results: dict[str, Any]) -> None:
     fig.savefig(OUT_PNG, dpi=110)
 
 
-def markdown(results: dict[str, Any]) -> str:
-    head = "| setting | untuned | " + " | ".join(f"r={r}" for r in RANKS) + " |"
-    rows = [head, "| --- | ---: | " + " | ".join("---:" for _ in RANKS) + " |"]
-    for name, res in results.items():
-        cells = " | ".join(f"{100 * res['by_rank'][str(r)]:.1f}" for r in RANKS)
-        rows.append(f"| {SETTINGS[name]} | {100 * res['untuned']:.1f} | {cells} |")
-    return "\n".join(rows)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--render", action="store_true", help="only redraw from docs/dylora_ranks.json")
@@ -83,7 +75,10 @@ def main() -> None:
         results = {name: run_setting(name) for name in SETTINGS}
         OUT_JSON.write_text(json.dumps(results, indent=1))
     plot(results)
-    print(markdown(results))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from methods_doc import dylora_table
+
+    print(dylora_table(results))
 
 
 if __name__ == "__main__":

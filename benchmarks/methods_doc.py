@@ -65,8 +65,6 @@ def _dylora_section() -> list[str]:
     """Accuracy against rank from one DyLoRA run per setting (benchmarks/dylora_ranks.py)."""
     if not DYLORA_JSON.is_file():
         return []
-    results = json.loads(DYLORA_JSON.read_text())
-    ranks = sorted({int(r) for res in results.values() for r in res["by_rank"]})
     out = ["## DyLoRA: accuracy against rank from one training run\n",
            "One DyLoRA adapter per setting is trained over ranks 1..8 (a rank drawn per step, "
            "the recipe's other settings unchanged: `default` and `minilm-bbc`), saved once, then "
@@ -74,13 +72,20 @@ def _dylora_section() -> list[str]:
            "`python benchmarks/dylora_ranks.py` (~10 min on 2 cores); the CLI does the same for one "
            "run: `petkit train --method dylora --dylora-eval-ranks 1,2,4,8`, and `petkit eval "
            "--adapter A --rank 2` tests a saved adapter at rank 2.\n",
-           "| setting | untuned | " + " | ".join(f"r={r}" for r in ranks) + " | steps |",
-           "| --- | ---: | " + " | ".join("---:" for _ in ranks) + " | ---: |"]
+           dylora_table(json.loads(DYLORA_JSON.read_text())),
+           "", "![DyLoRA accuracy against rank](dylora-ranks.png)", ""]
+    return out
+
+
+def dylora_table(results: dict[str, Any]) -> str:
+    """Markdown: per setting, untuned accuracy, accuracy at each rank, training steps."""
+    ranks = sorted({int(r) for res in results.values() for r in res["by_rank"]})
+    rows = ["| setting | untuned | " + " | ".join(f"r={r}" for r in ranks) + " | steps |",
+            "| --- | ---: | " + " | ".join("---:" for _ in ranks) + " | ---: |"]
     for name, res in results.items():
         cells = " | ".join(f"{100 * res['by_rank'][str(r)]:.1f}" for r in ranks)
-        out.append(f"| {res.get('label', name)} | {100 * res['untuned']:.1f} | {cells} | {res['steps']} |")
-    out += ["", "![DyLoRA accuracy against rank](dylora-ranks.png)", ""]
-    return out
+        rows.append(f"| {res.get('label', name)} | {100 * res['untuned']:.1f} | {cells} | {res['steps']} |")
+    return "\n".join(rows)
 
 
 def render(cache: dict[str, Any], methods: list[tuple[str, str]], settings: dict[str, dict[str, str]],

@@ -37,17 +37,16 @@ PROMPT_TEXT = {"decoder": "Classify the sentiment of this movie review.",  # sof
 PROTOCOL = {"test_size": 300, "max_length": 64, "epochs": 2, "batch_size": 16,
             "warmup_ratio": 0.1, "seed": 0, "threads": 2}
 # Learning rate: the method's `suggested_lr` (what `petkit train --method NAME` uses; soft prompts
-# and prefixes need ~10x LoRA's steps, and at 3e-3 the prefixes and the encoder's new head barely
+# and prefixes need 3-10x LoRA's rate, and at 3e-3 the prefixes and the encoder's new head barely
 # move in this short protocol), else DEFAULT_LR.
 DEFAULT_LR = 3e-3
 BASELINE = "untuned"
 
 
 def learning_rate(method: str) -> float:
-    import petkit
+    from petkit.core.registry import suggested_lr
 
-    suggested = None if method == BASELINE else petkit.get_method(method).config_cls.suggested_lr
-    return suggested or DEFAULT_LR
+    return suggested_lr(method) or DEFAULT_LR  # the baseline's name is no method: DEFAULT_LR
 
 
 def recipe(setting: str, method: str) -> Any:

@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from petkit.core.errors import ConfigError, PetkitError
+from petkit.core.errors import PetkitError
 
 ERR = Console(stderr=True, highlight=False, soft_wrap=True)
 OUT = Console(highlight=False, soft_wrap=True)
@@ -127,6 +127,7 @@ def _split_dotted(extra: Sequence[str]) -> dict[str, str]:
 
 def _recipe(args: argparse.Namespace, dotted: dict[str, str], base: Any = None) -> Any:
     """Recipe from --recipe (or `base`, or the default), then named flags, then dotted ones."""
+    from petkit.core.registry import suggested_lr
     from petkit.train.recipe import apply_overrides, load_recipe
 
     recipe = load_recipe(args.recipe) if args.recipe else base or load_recipe("default")
@@ -143,16 +144,6 @@ def _recipe(args: argparse.Namespace, dotted: dict[str, str], base: Any = None) 
             overrides["train.lr"] = str(lr)
             OUT.print(f"[dim]lr {lr:g}: {overrides['method.name']}'s suggested rate (--lr sets another)[/dim]")
     return apply_overrides(recipe, overrides)
-
-
-def suggested_lr(method: str) -> float | None:
-    """The method's `suggested_lr` (None: keep the recipe's); an unknown name is left to the recipe."""
-    import petkit
-
-    try:
-        return petkit.get_method(method).config_cls.suggested_lr
-    except ConfigError:
-        return None
 
 
 def _fmt(metrics: dict[str, float]) -> str:

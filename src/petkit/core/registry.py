@@ -34,7 +34,7 @@ class MethodConfig:
     applies_to: the model kinds ("decoder", "encoder") the method is meant for; benchmarks
     (`benchmarks/methods_table.py`) skip the others with a note.
     suggested_lr: the AdamW learning rate this method wants when it differs from LoRA's (soft
-    prompts and prefixes need ~10x larger steps); `petkit train --method NAME` uses it unless a
+    prompts and prefixes need 3-10x larger steps); `petkit train --method NAME` uses it unless a
     learning rate is given, and the methods table trains with it. None: the recipe's rate.
     """
 
@@ -106,6 +106,12 @@ def register(name: str, *, family: str, paper: str) -> Callable[[C], C]:
         return cls
 
     return deco
+
+
+def suggested_lr(name: str) -> float | None:
+    """The registered method's `suggested_lr`; None for no suggestion or an unknown name."""
+    info = METHODS.get(name)
+    return None if info is None else info.config_cls.suggested_lr
 
 
 def get_method(name: str) -> MethodInfo:

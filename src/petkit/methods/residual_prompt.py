@@ -10,8 +10,8 @@ LayerNorm train. P starts like prompt tuning's ("vocab" | "text" | "random"). Th
 reparameterises the prompt: after training `folded_prompt()` gives P', which plain prompt tuning
 can use with no MLP. `branch_init="zero"` starts the residual branch at 0 (the LayerNorm's scale,
 or W_up without one), so P' = P at first: a text-initialised prompt then starts as that text
-(with the paper's init the LayerNorm adds O(1) values, far above a small model's embeddings). Masks, labels, positions and cached generation are handled by
-`core.inputs`. Not mergeable.
+(with the paper's init the LayerNorm adds O(1) values, far above a small model's embeddings).
+Masks, labels, positions and cached generation are handled by `core.inputs`. Not mergeable.
 """
 from __future__ import annotations
 
