@@ -31,9 +31,9 @@ SETTINGS = {  # recipe name -> label
 
 
 def run_setting(recipe_name: str) -> dict[str, Any]:
-    from petkit.train.pipeline import run_recipe
-    from petkit.train.rank_sweep import evaluate_at_ranks
-    from petkit.train.recipe import apply_overrides, load_recipe
+    from petkit.app.pipeline import run_recipe
+    from petkit.app.rank_sweep import evaluate_at_ranks
+    from petkit.app.recipe import apply_overrides, load_recipe
 
     recipe = apply_overrides(load_recipe(recipe_name), {
         "method.name": "dylora", "method.r": "8", "method.min_rank": "1",

@@ -10,7 +10,7 @@ DYLORA_JSON = Path(__file__).resolve().parents[1] / "docs" / "dylora_ranks.json"
 HEADER = """# Methods
 
 Every registered method (`petkit methods` lists them with their papers) trained on two small,
-embedded settings with `petkit.train` — the same path as `petkit train --method NAME`. This file
+embedded settings with `petkit.training` — the same path as `petkit train --method NAME`. This file
 is generated; regenerate it (and its cache `docs/methods_table.json`) with one command:
 
     python benchmarks/methods_table.py

@@ -50,8 +50,8 @@ def learning_rate(method: str) -> float:
 
 
 def recipe(setting: str, method: str) -> Any:
-    from petkit.train.config import TrainConfig
-    from petkit.train.recipe import DataSpec, ModelSpec, Recipe
+    from petkit.training.config import TrainConfig
+    from petkit.app.recipe import DataSpec, ModelSpec, Recipe
 
     s, p = SETTINGS[setting], PROTOCOL
     data = DataSpec(name=s["data"], task_type=s["task_type"], train_size=s["train_size"],
@@ -68,9 +68,9 @@ def run_cell(setting: str, method: str) -> dict[str, Any]:
     import torch
 
     import petkit
-    from petkit.train import train
-    from petkit.train.loop import peak_memory_mb
-    from petkit.train.pipeline import method_config, prepare, test_metrics
+    from petkit.training import train
+    from petkit.training.loop import peak_memory_mb
+    from petkit.app.pipeline import method_config, prepare, test_metrics
 
     torch.set_num_threads(PROTOCOL["threads"])
     rec = recipe(setting, method)

@@ -73,9 +73,9 @@ def peak_mib(device: str) -> float:
 def make_stepper(mode: str, model: Any, steps: int) -> Any:
     """The petkit stepper of `mode` (None for forward-only)."""
     import petkit as pk
-    from petkit.train import TrainConfig
-    from petkit.train.steppers.backprop import BackpropStepper
-    from petkit.train.steppers.zeroth import ZOSettings, ZOStepper
+    from petkit.training import TrainConfig
+    from petkit.training.steppers.backprop import BackpropStepper
+    from petkit.training.steppers.zeroth import ZOSettings, ZOStepper
 
     if mode == "forward":
         return None

@@ -44,8 +44,8 @@ def prompt_text_ids() -> list[int]:
 
 def run(name: str, overrides: dict[str, str], output: str) -> dict[str, Any]:
     """One pipeline run; test metrics before/after, steps, best step, wall and CPU seconds."""
-    from petkit.train.pipeline import run_recipe
-    from petkit.train.recipe import apply_overrides, load_recipe
+    from petkit.app.pipeline import run_recipe
+    from petkit.app.recipe import apply_overrides, load_recipe
 
     settings = {**COMMON, **RUNS[name], **overrides, "train.output_dir": f"{output}/{name}"}
     if settings.get("method.name") == "prompt":

@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 import petkit as pk
-import petkit.bench as bench
+import petkit.benchmark as bench
 from petkit.core.errors import ConfigError
 from petkit.data import RecordedSplit, SealedSplitError
 from petkit.models import tiny_model
@@ -141,7 +141,7 @@ def test_shipped_grid_files_load() -> None:
 def _spy_train(monkeypatch: pytest.MonkeyPatch, calls: list[str]) -> None:
     """Wrap the cell's `train`: while it runs, the task's test split exists, is sealed and has
     not been read (nor has any read been tried)."""
-    import petkit.bench.cell as cell_module
+    import petkit.benchmark.cell as cell_module
 
     real = cell_module.train
 

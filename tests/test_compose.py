@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import petkit as pk
-from petkit.core.combine import dare, svd_factors, ties
+from petkit.core.adapter_merge import dare, svd_factors, ties
 from toys import One, bert_cls, inputs, llama, perturb, run
 
 

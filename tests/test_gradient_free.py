@@ -19,11 +19,11 @@ from torch import nn
 import petkit as pk
 from petkit.core.errors import AdapterLoadError, ConfigError
 from petkit.models import tiny_model
-from petkit.train import TrainConfig, evaluate, make_stepper, train
-from petkit.train.steppers.backprop import BackpropStepper
-from petkit.train.steppers.cma_es import CmaStepper
-from petkit.train.steppers.noise import SeededNoise, step_seed
-from petkit.train.steppers.zeroth import ZOSettings, ZOStepper, replay_mezo
+from petkit.training import TrainConfig, evaluate, make_stepper, train
+from petkit.training.steppers.backprop import BackpropStepper
+from petkit.training.steppers.cma_es import CmaStepper
+from petkit.training.steppers.noise import SeededNoise, step_seed
+from petkit.training.steppers.zeroth import ZOSettings, ZOStepper, replay_mezo
 from test_train import LABEL_IDS, collate, lora_model, separable
 
 Batch = dict[str, torch.Tensor]
@@ -48,7 +48,7 @@ def snapshot(params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
 
 def model_loss(model: nn.Module, data: list[dict[str, Any]]):  # noqa: ANN201
     batch = collate(data[:8])
-    from petkit.train.objectives import Verbaliser
+    from petkit.training.objectives import Verbaliser
 
     objective = Verbaliser(LABEL_IDS)
     return batch, lambda b: objective(model, b).loss

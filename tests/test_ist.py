@@ -12,10 +12,10 @@ import torch
 import petkit as pk
 from petkit.core.errors import ConfigError
 from petkit.models import tiny_model
-from petkit.train import TrainConfig, train
-from petkit.train import ist as ist_mod
-from petkit.train.ist import ISTStepper, LayerGroups
-from petkit.train.steppers.backprop import BackpropStepper
+from petkit.training import TrainConfig, train
+from petkit.training import ist as ist_mod
+from petkit.training.ist import ISTStepper, LayerGroups
+from petkit.training.steppers.backprop import BackpropStepper
 
 LABEL_IDS = [7, 8]
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from petkit.core.errors import ConfigError, TargetError
-from petkit.train.pipeline import run_recipe
-from petkit.train.recipe import apply_overrides, load_recipe
+from petkit.app.pipeline import run_recipe
+from petkit.app.recipe import apply_overrides, load_recipe
 
 CASES = {
     "ist-top-k-above-layers": ({"train.ist_top_k": "7"}, ConfigError, r"ist_top_k must be in \[1, 6\]"),

@@ -3,7 +3,7 @@ import pytest
 
 import petkit as pk
 from petkit.cli import main
-from petkit.train.rank_sweep import check_ranks, parse_ranks
+from petkit.app.rank_sweep import check_ranks, parse_ranks
 
 
 def test_parse_and_check_ranks():

@@ -9,7 +9,7 @@ import yaml
 
 import petkit as pk
 from petkit.core.errors import ConfigError
-from petkit.train.recipe import (Recipe, apply_overrides, builtin_recipes, load_recipe,
+from petkit.app.recipe import (Recipe, apply_overrides, builtin_recipes, load_recipe,
                                  parse_value, recipe_from_dict)
 
 SHIPPED = sorted(builtin_recipes())

@@ -19,10 +19,10 @@ from safetensors.torch import load_file
 import petkit as pk
 from petkit.core.errors import CheckpointError, ConfigError
 from petkit.models import head_module_names, tiny_model
-from petkit.train import TrainConfig, TrainResult, evaluate, register_stepper, train
-from petkit.train.batching import DataPosition, epoch_order, micro_batches
-from petkit.train.objectives import Verbaliser
-from petkit.train.schedule import lr_factor
+from petkit.training import TrainConfig, TrainResult, evaluate, register_stepper, train
+from petkit.training.batching import DataPosition, epoch_order, micro_batches
+from petkit.training.objectives import Verbaliser
+from petkit.training.schedule import lr_factor
 
 LABEL_IDS = [7, 8]
 
@@ -262,7 +262,7 @@ def test_resume_after_a_real_interruption(tmp_path: Path, monkeypatch: pytest.Mo
     data = separable(32)
     cfg = dict(max_steps=8, save_every=2, batch_size=8)
     train(lora_model(dropout=0.1), data, _cfg(tmp_path / "full", **cfg), collate_fn=collate)
-    from petkit.train import loop
+    from petkit.training import loop
 
     real = loop.ckpt.save_checkpoint
 

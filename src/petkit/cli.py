@@ -24,6 +24,10 @@ from rich.markup import escape
 from rich.table import Table
 
 from petkit.core.errors import PetkitError
+from petkit.core.capabilities import set_rank
+from petkit.core.model import attach, summary
+from petkit.core.registry import list_methods
+from petkit.core.state import active_adapters
 
 ERR = Console(stderr=True, highlight=False, soft_wrap=True)
 OUT = Console(highlight=False, soft_wrap=True)
@@ -102,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     fed_cli.add_arguments(sub.add_parser("fed", help="federated tuning on Flower (simulation, or "
                                          "--deploy to a SuperLink): only the delta travels"))
-    from petkit.bench import cli as bench_cli
+    from petkit.benchmark import cli as bench_cli
 
     bench_cli.add_arguments(sub.add_parser("bench", help="fair benchmark grid from a YAML file: "
                                            "methods x tasks x seeds x sizes (resumable)"))
@@ -128,7 +132,7 @@ def _split_dotted(extra: Sequence[str]) -> dict[str, str]:
 def _recipe(args: argparse.Namespace, dotted: dict[str, str], base: Any = None) -> Any:
     """Recipe from --recipe (or `base`, or the default), then named flags, then dotted ones."""
     from petkit.core.registry import suggested_lr
-    from petkit.train.recipe import apply_overrides, load_recipe
+    from petkit.app.recipe import apply_overrides, load_recipe
 
     recipe = load_recipe(args.recipe) if args.recipe else base or load_recipe("default")
     named = {FLAGS[k]: str(v) for k, v in vars(args).items() if k in FLAGS and v is not None}
@@ -152,7 +156,7 @@ def _fmt(metrics: dict[str, float]) -> str:
 
 def cmd_train(args: argparse.Namespace, dotted: dict[str, str]) -> None:
     """Train as the recipe + flags say; print before/after test metrics and the adapter."""
-    from petkit.train.pipeline import run_recipe
+    from petkit.app.pipeline import run_recipe
 
     recipe = _recipe(args, dotted)
     ranks = _eval_ranks(args, recipe)
@@ -173,7 +177,7 @@ def cmd_train(args: argparse.Namespace, dotted: dict[str, str]) -> None:
 
 def _eval_ranks(args: argparse.Namespace, recipe: Any) -> list[int]:
     """--dylora-eval-ranks, checked against the method before any training."""
-    from petkit.train.rank_sweep import check_ranks, parse_ranks
+    from petkit.app.rank_sweep import check_ranks, parse_ranks
 
     if not getattr(args, "eval_ranks", None):
         return []
@@ -186,7 +190,7 @@ def _rank_sweep(recipe: Any, adapter: Any, ranks: list[int]) -> None:
     """Test accuracy at each rank of the one trained adapter; also written to rank_sweep.json."""
     from pathlib import Path
 
-    from petkit.train.rank_sweep import evaluate_at_ranks, write_sweep
+    from petkit.app.rank_sweep import evaluate_at_ranks, write_sweep
 
     results = evaluate_at_ranks(recipe, adapter, ranks)
     table = Table("rank", *next(iter(results.values())))
@@ -197,28 +201,26 @@ def _rank_sweep(recipe: Any, adapter: Any, ranks: list[int]) -> None:
 
 
 def _adapter_recipe(args: argparse.Namespace, dotted: dict[str, str]) -> Any:
-    from petkit.train.pipeline import recipe_for_adapter
+    from petkit.app.pipeline import recipe_for_adapter
 
     return _recipe(args, dotted, base=recipe_for_adapter(args.adapter))
 
 
 def cmd_eval(args: argparse.Namespace, dotted: dict[str, str]) -> None:
     """Test metrics of the base model with the adapter loaded."""
-    from petkit.train.pipeline import load_with_adapter, test_metrics
+    from petkit.app.pipeline import load_with_adapter, test_metrics
 
     recipe = _adapter_recipe(args, dotted)
     prep = load_with_adapter(recipe, args.adapter)
     if args.rank is not None:
-        import petkit
-
-        petkit.set_rank(prep.model, args.rank, petkit.active_adapters(prep.model)[0])
+        set_rank(prep.model, args.rank, active_adapters(prep.model)[0])
     OUT.print(f"{recipe.data.name} test ({len(prep.test)} examples, {prep.task_type}): "
               f"{_fmt(test_metrics(prep, recipe))}")
 
 
 def cmd_merge(args: argparse.Namespace, dotted: dict[str, str]) -> None:
     """Write the merged model as a plain Hugging Face folder."""
-    from petkit.train.pipeline import folder_bytes, merge_to_folder
+    from petkit.app.pipeline import folder_bytes, merge_to_folder
 
     out = merge_to_folder(_adapter_recipe(args, dotted), args.adapter, args.merged)
     OUT.print(f"merged model: {out} ({folder_bytes(out) / 2**20:.1f} MiB; "
@@ -227,8 +229,7 @@ def cmd_merge(args: argparse.Namespace, dotted: dict[str, str]) -> None:
 
 def cmd_inspect(args: argparse.Namespace, dotted: dict[str, str]) -> None:
     """pk.summary of the model with the adapter loaded or the method attached."""
-    import petkit
-    from petkit.train.pipeline import load_with_adapter, method_config
+    from petkit.app.pipeline import load_with_adapter, method_config
 
     if args.adapter and args.method:
         raise UsageError("inspect takes --adapter or --method, not both")
@@ -236,23 +237,21 @@ def cmd_inspect(args: argparse.Namespace, dotted: dict[str, str]) -> None:
     head = recipe.data.task_type == "head"
     prep = load_with_adapter(recipe, args.adapter, with_data=head)
     if not args.adapter:
-        petkit.attach(prep.model, method_config(recipe, prep))
-    OUT.print(petkit.summary(prep.model), markup=False)
+        attach(prep.model, method_config(recipe, prep))
+    OUT.print(summary(prep.model), markup=False)
 
 
 def cmd_methods(args: argparse.Namespace, dotted: dict[str, str]) -> None:
     """Table of registered methods."""
-    import petkit
-
     table = Table("method", "family", "paper")
-    for name, family, paper in petkit.list_methods():
+    for name, family, paper in list_methods():
         table.add_row(name, family, paper)
     OUT.print(table)
 
 
 def cmd_bench(args: argparse.Namespace, dotted: dict[str, str]) -> None:
     """Run or resume a benchmark grid; print where the results are."""
-    from petkit.bench import cli as bench_cli
+    from petkit.benchmark import cli as bench_cli
 
     OUT.print(bench_cli.command(args, dotted))
 
@@ -266,8 +265,8 @@ def cmd_fed(args: argparse.Namespace, dotted: dict[str, str]) -> None:
 
 def cmd_replay(args: argparse.Namespace, dotted: dict[str, str]) -> None:
     """Rebuild the adapter of a zeroth-order run from its log."""
-    from petkit.train.pipeline import folder_bytes
-    from petkit.train.replay import replay_run
+    from petkit.app.pipeline import folder_bytes
+    from petkit.app.replay import replay_run
 
     out = replay_run(args.log, args.replayed, args.replay_steps)
     OUT.print(f"adapter: {out} ({folder_bytes(out) / 2**20:.2f} MiB) rebuilt from "

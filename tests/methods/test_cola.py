@@ -7,7 +7,7 @@ import copy
 import torch
 
 import petkit as pk
-from petkit.train import TrainConfig, train
+from petkit.training import TrainConfig, train
 from toys import One, inputs, llama, perturb, run
 
 

@@ -172,7 +172,7 @@ def test_bad_layer_and_models_without_blocks_fail_before_training():
 
 
 def test_two_d_padding_masks_get_the_prompt_in_front():
-    from petkit.core import layer_tokens as lt
+    from petkit.methods.family import layer_prompts as lt
 
     mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
     assert lt.extend_mask(mask, 2, True, True).tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]

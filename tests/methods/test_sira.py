@@ -9,7 +9,7 @@ import torch
 
 import petkit as pk
 from petkit.methods.sira import experts_per_path
-from petkit.train.callbacks import StepHooks
+from petkit.training.callbacks import StepHooks
 from toys import One, inputs, llama, perturb, run
 
 
@@ -99,7 +99,7 @@ def test_bad_config_names_field_and_range(kw, match):
 
 
 def test_training_log_rows_report_expert_load():
-    from petkit.train import TrainConfig, train
+    from petkit.training import TrainConfig, train
 
     m = llama()
     pk.attach(m, pk.SiraConfig(num_experts=4, top_k=1, capacity_factor=1.0))

@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +24,10 @@ from torch import nn
 from .delta import get_canonical, iter_deltas
 from .errors import AdapterLoadError, AdapterStateError, ConfigError
 from .fingerprint import compare, fingerprint
-from .model import activate, adapters, attach, detach, set_trainable
+from .model import activate, attach, detach, set_trainable
+from .state import adapters, check_known
 from .registry import config_from_json
+from .version import __version__
 
 FORMAT_VERSION = 1
 TENSORS, META = "adapter.safetensors", "adapter.json"
@@ -52,7 +55,7 @@ def _sha256(path: Path) -> str:
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default") -> Path:
     """Write adapter `name` to folder `path` atomically; returns the folder."""
-    from .. import __version__
+
 
     state = {k: v.detach().contiguous().cpu() for k, v in adapter_state(model, name).items()}
     if not state:
@@ -200,3 +203,42 @@ def load_state_into(model: nn.Module, name: str, tensors: dict[str, torch.Tensor
     if name not in adapters(model):
         raise AdapterStateError(f"unknown adapter {name!r}")
     _copy_tensors(model, name, tensors)
+
+
+def swap_adapter(model: nn.Module, name: str, source: str | os.PathLike | Mapping[str, torch.Tensor],
+                 strict: bool = True) -> nn.Module:
+    """Replace adapter `name`'s tensors in place from an adapter folder or a state dict.
+
+    The modules, their parameters (so optimisers and compiled graphs) and the activation stay;
+    only values change. A folder is checked like `load_adapter` (checksum, method, config,
+    targets, base fingerprint — a warning with strict=False); a state dict (keys as in
+    `pk.adapter_state`) is checked for missing/unexpected keys and shapes. On any error nothing
+    changes. A merged adapter is refused: unmerge it first.
+    """
+    check_known(model, [name])
+    if any(w.merged for _, w in iter_deltas(model) if w.adapter_name == name):
+        raise AdapterStateError(f"adapter {name!r} is merged into the base; unmerge it before swapping")
+    if isinstance(source, Mapping):
+        bad = [k for k, v in source.items() if not isinstance(v, torch.Tensor)]
+        if bad:
+            raise AdapterLoadError(f"state dict values must be tensors; {bad[0]!r} is {type(source[bad[0]]).__name__}")
+        load_state_into(model, name, dict(source))
+        return model
+    meta, tensors = read_adapter(source)
+    _check_same_kind(model, name, meta, source)
+    _check_base(model, meta, source, strict)
+    load_state_into(model, name, tensors)
+    return model
+
+
+def _check_same_kind(model: nn.Module, name: str, meta: dict, source: object) -> None:
+    record = adapters(model)[name]
+    if meta["method"] != record.config.method:
+        raise AdapterLoadError(f"{source} holds a {meta['method']!r} adapter; {name!r} is {record.config.method!r}")
+    ours = record.config.to_dict()
+    differ = sorted(k for k in set(ours) | set(meta["config"]) if ours.get(k) != meta["config"].get(k))
+    if differ:
+        raise AdapterLoadError(f"{source} has another config than {name!r} (fields {differ}); "
+                               "hot-swap needs the same config: detach and load_adapter instead")
+    if list(meta["targets"]) != list(record.targets):
+        raise AdapterLoadError(f"{source} touches other modules than {name!r}; detach and load_adapter instead")

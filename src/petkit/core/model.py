@@ -5,45 +5,17 @@ import contextlib
 import math
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from .delta import DeltaModule, innermost, iter_deltas, unwrap, wrap
+from .delta import DeltaModule, innermost, unwrap, wrap
 from .errors import AdapterStateError, ConfigError, TargetError
 from .registry import MethodConfig
+from .stacking import adapter_weights, apply_weights, check_weights
+from .state import AdapterRecord, active_adapters, adapters, check_known, wrappers_of
 from .targets import match_targets
-
-
-@dataclass
-class AdapterRecord:
-    name: str
-    config: MethodConfig
-    targets: list[str]
-    trainable: bool = True
-    fingerprint: dict[str, Any] = field(default_factory=dict)
-
-
-def adapters(model: nn.Module) -> dict[str, AdapterRecord]:
-    """The named adapters attached to `model`, in attach order."""
-    return model.__dict__.setdefault("_petkit_adapters", {})
-
-
-def active_adapters(model: nn.Module) -> list[str]:
-    return list(model.__dict__.setdefault("_petkit_active", []))
-
-
-def _wrappers(model: nn.Module, names: Sequence[str] | None = None) -> list[tuple[str, DeltaModule]]:
-    return [(p, w) for p, w in iter_deltas(model) if names is None or w.adapter_name in names]
-
-
-def _check_known(model: nn.Module, names: Sequence[str]) -> None:
-    known = adapters(model)
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise AdapterStateError(f"unknown adapter(s) {unknown}; attached: {list(known) or 'none'}")
 
 
 class TrainableCopy(DeltaModule):
@@ -87,7 +59,7 @@ def attach(model: nn.Module, config: MethodConfig, name: str = "default") -> nn.
                 wrap(model, path, TrainableCopy, name)
                 touched.append(path)
     except BaseException:
-        _remove_wrappers(model, name)
+        _removewrappers_of(model, name)
         raise
     from .fingerprint import fingerprint  # late: fingerprint imports targets only
 
@@ -96,8 +68,8 @@ def attach(model: nn.Module, config: MethodConfig, name: str = "default") -> nn.
     return model
 
 
-def _remove_wrappers(model: nn.Module, name: str) -> None:
-    for path, w in _wrappers(model, [name]):
+def _removewrappers_of(model: nn.Module, name: str) -> None:
+    for path, w in wrappers_of(model, [name]):
         if w.merged:
             _unmerge_one(w)
         unwrap(model, path, w)
@@ -108,11 +80,9 @@ def _remove_wrappers(model: nn.Module, name: str) -> None:
 
 def detach(model: nn.Module, name: str) -> nn.Module:
     """Remove adapter `name` (unmerging it first if merged)."""
-    _check_known(model, [name])
-    _remove_wrappers(model, name)
+    check_known(model, [name])
+    _removewrappers_of(model, name)
     del adapters(model)[name]
-    from .compose import adapter_weights
-
     rest, kept = [n for n in active_adapters(model) if n != name], adapter_weights(model)
     activate(model, rest, [kept[n] for n in rest])
     return model
@@ -120,12 +90,10 @@ def detach(model: nn.Module, name: str) -> nn.Module:
 
 def activate(model: nn.Module, names: str | Sequence[str], weights: Sequence[float] | None = None) -> nn.Module:
     """Make exactly `names` the active adapters (a list stacks them), each scaled by its weight."""
-    from .compose import apply_weights, check_weights  # late: compose builds on this module
-
     names = [names] if isinstance(names, str) else list(names)
-    _check_known(model, names)
+    check_known(model, names)
     apply_weights(model, names, check_weights(model, names, weights))
-    for _, w in _wrappers(model):
+    for _, w in wrappers_of(model):
         w.set_state(active=w.adapter_name in names)
     model.__dict__["_petkit_active"] = names
     _refresh_requires_grad(model)
@@ -133,7 +101,7 @@ def activate(model: nn.Module, names: str | Sequence[str], weights: Sequence[flo
 
 
 def set_trainable(model: nn.Module, name: str, trainable: bool) -> None:
-    _check_known(model, [name])
+    check_known(model, [name])
     adapters(model)[name].trainable = trainable
     _refresh_requires_grad(model)
 
@@ -150,7 +118,7 @@ def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     records = adapters(model)
     chosen = {
         id(p)
-        for _, w in _wrappers(model, active_adapters(model))
+        for _, w in wrappers_of(model, active_adapters(model))
         if records[w.adapter_name].trainable
         for p in w.delta_parameters().values()
     }
@@ -160,7 +128,7 @@ def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 @contextlib.contextmanager
 def disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Inside: the exact base model (merged adapters are unmerged). Restored after."""
-    wrappers = _wrappers(model)
+    wrappers = wrappers_of(model)
     state = [(w, w.active, w.merged) for _, w in wrappers]
     for w, _, merged in state:
         if merged:
@@ -229,8 +197,8 @@ def _unmerge_one(wrapper: DeltaModule) -> None:
 def merge(model: nn.Module, names: Sequence[str] | None = None) -> nn.Module:
     """Fold the named (default: active) adapters into the base weights. Merging twice is a no-op."""
     names = active_adapters(model) if names is None else list(names)
-    _check_known(model, names)
-    todo = [w for _, w in _wrappers(model, names) if not w.merged]
+    check_known(model, names)
+    todo = [w for _, w in wrappers_of(model, names) if not w.merged]
     for w in todo:
         _check_mergeable(model, w)
     deltas = []
@@ -248,8 +216,8 @@ def merge(model: nn.Module, names: Sequence[str] | None = None) -> nn.Module:
 def unmerge(model: nn.Module, names: Sequence[str] | None = None) -> nn.Module:
     """Take merged adapters back out of the base weights."""
     names = list(adapters(model)) if names is None else list(names)
-    _check_known(model, names)
-    for _, w in _wrappers(model, names):
+    check_known(model, names)
+    for _, w in wrappers_of(model, names):
         if w.merged:
             _unmerge_one(w)
     return model
@@ -260,7 +228,7 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     if merge and active_adapters(model):
         globals()["merge"](model)
     for name in list(adapters(model)):
-        for path, w in _wrappers(model, [name]):
+        for path, w in wrappers_of(model, [name]):
             unwrap(model, path, w)  # merged ones stay in the weights
         for fn in model.__dict__.get("_petkit_detach_hooks", {}).pop(name, []):
             fn()
@@ -279,10 +247,10 @@ def add_detach_hook(model: nn.Module, name: str, fn: Any) -> None:
 def summary(model: nn.Module) -> str:
     """A table: where each delta sits (layers folded as `*`), its parameters, % of the base."""
     records = adapters(model)
-    delta_ids = {id(p) for _, w in _wrappers(model) for p in w.delta_parameters().values()}
+    delta_ids = {id(p) for _, w in wrappers_of(model) for p in w.delta_parameters().values()}
     base_total = sum(p.numel() for p in model.parameters() if id(p) not in delta_ids)
     rows: dict[tuple[str, str, str, str], list[int]] = {}
-    for path, w in _wrappers(model):
+    for path, w in wrappers_of(model):
         key = (w.adapter_name, re.sub(r"\.\d+\.", ".*.", path), type(w).__name__, "; ".join(w.notes))
         n = sum(p.numel() for p in w.delta_parameters().values())
         rows.setdefault(key, [0, 0])
@@ -300,8 +268,8 @@ def summary(model: nn.Module) -> str:
 
 
 def delta_size(model: nn.Module, name: str) -> int:
-    _check_known(model, [name])
-    return sum(p.numel() for _, w in _wrappers(model, [name]) for p in w.delta_parameters().values())
+    check_known(model, [name])
+    return sum(p.numel() for _, w in wrappers_of(model, [name]) for p in w.delta_parameters().values())
 
 
 def require_finite(x: float, what: str) -> None:
@@ -311,3 +279,14 @@ def require_finite(x: float, what: str) -> None:
 
 def no_targets_error(method: str, model: nn.Module) -> TargetError:
     return TargetError(f"{method} found nothing to apply to in {type(model).__name__}")
+
+
+@contextlib.contextmanager
+def keep_activation(model: nn.Module) -> Iterator[None]:
+    """Restore the active adapters and their weights on exit (adapters detached inside drop out)."""
+    saved, weights = active_adapters(model), adapter_weights(model)
+    try:
+        yield
+    finally:
+        kept = [n for n in saved if n in adapters(model)]
+        activate(model, kept, [weights[n] for n in kept])

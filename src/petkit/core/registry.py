@@ -114,6 +114,11 @@ def suggested_lr(name: str) -> float | None:
     return None if info is None else info.config_cls.suggested_lr
 
 
+def list_methods() -> list[tuple[str, str, str]]:
+    """(name, family, paper) of every registered method, sorted by name."""
+    return sorted((m.name, m.family, m.paper) for m in METHODS.values())
+
+
 def get_method(name: str) -> MethodInfo:
     if name not in METHODS:
         raise ConfigError(f"unknown method {name!r}; registered: {', '.join(sorted(METHODS))}")

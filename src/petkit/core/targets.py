@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 
 from torch import nn
 
-from .delta import canonical_modules
+from .delta import canonical_modules, innermost
 from .errors import TargetError
 
 try:  # GPT-2 style layers store weight as (in, out)
@@ -150,3 +150,8 @@ def _close(entry: str, paths: Sequence[str]) -> str:
         close = sorted({p.rsplit(".", 1)[-1] for p in paths})[:12]
         return f" Module names in this model include: {', '.join(close)}"
     return f" Close names: {', '.join(close)}"
+
+
+def linear_shape(base: nn.Module) -> tuple[int, int, bool]:
+    """(in, out, transposed) of the innermost Linear / Conv1D under `base`."""
+    return linear_dims(innermost(base))

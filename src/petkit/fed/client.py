@@ -1,7 +1,7 @@
 """The Flower `ClientApp`: local training and evaluation of the shared delta on one client's data.
 
 train:    global delta in -> load into "shared" (+ this client's private "local", kept in the
-          node's Flower `Context.state`) -> `petkit.train` for `train.max_steps` local steps
+          node's Flower `Context.state`) -> `petkit.training` for `train.max_steps` local steps
           (FedProx adds its proximal gradient) -> the shared delta out, with num-examples.
 evaluate: global delta in -> accuracy/loss on the client's own held-out split, with the shared
           adapter alone and, with personalisation, shared + local together.
@@ -17,13 +17,14 @@ import yaml
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-import petkit
 from petkit.core.io import adapter_state
 from petkit.fed.config import FedRecipe, fed_recipe_from_dict
 from petkit.fed.payload import State, from_record, load_into, state_of, to_record
 from petkit.fed.prox import proximal
 from petkit.fed.workspace import LOCAL, SHARED, Workspace, partition_id, workspace
-from petkit.train.loop import train
+from petkit.training.loop import train
+from petkit.core.errors import ConfigError
+from petkit.core.model import activate
 
 LOCAL_STATE = "petkit-local"
 RECIPE_KEY = "recipe-yaml"
@@ -33,7 +34,7 @@ def recipe_from_context(context: Context) -> FedRecipe:
     """The federated recipe a deployment run carries in its run config (`recipe-yaml`)."""
     text = context.run_config.get(RECIPE_KEY)
     if not isinstance(text, str) or not text.strip():
-        raise petkit.ConfigError(f"run config has no {RECIPE_KEY!r}: start runs with `petkit fed --deploy`")
+        raise ConfigError(f"run config has no {RECIPE_KEY!r}: start runs with `petkit fed --deploy`")
     return fed_recipe_from_dict(yaml.safe_load(text))
 
 
@@ -53,7 +54,7 @@ def _use(ws: Workspace, msg: Message, context: Context, personal: bool) -> State
     if personal:
         load_into(ws.model, LOCAL, _local_state(ws, context))
         names.append(LOCAL)
-    petkit.activate(ws.model, names)
+    activate(ws.model, names)
     return glob
 
 

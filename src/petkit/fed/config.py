@@ -19,7 +19,7 @@ import yaml
 
 from petkit.core.errors import ConfigError
 from petkit.core.registry import check_choice, check_range
-from petkit.train.recipe import (Recipe, apply_overrides, parse_value, read_yaml_mapping,
+from petkit.app.recipe import (Recipe, apply_overrides, parse_value, read_yaml_mapping,
                                  recipe_from_dict, shipped_recipes)
 
 STRATEGIES = ("fedavg", "fedprox")

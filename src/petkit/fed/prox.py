@@ -2,7 +2,7 @@
 
 Each client minimises  F_k(w) + (mu / 2) ||w - w_global||^2  over the shared delta. Its gradient
 is  grad F_k(w) + mu (w - w_global);  we add the second part with a gradient hook on each shared
-parameter, so any backprop stepper of `petkit.train` gets FedProx without knowing about it.
+parameter, so any backprop stepper of `petkit.training` gets FedProx without knowing about it.
 With gradient accumulation over k micro-batches the hook runs k times per step, so each adds 1/k.
 """
 

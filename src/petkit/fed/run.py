@@ -129,7 +129,7 @@ def run_centralised(recipe: FedRecipe, echo: Echo = print) -> dict[str, Any]:
     """The same method trained on the pooled clients' training splits for the same number of
     optimiser steps (rounds x sampled clients x local steps); test metrics before and after."""
     from petkit.fed.workspace import build_workspace
-    from petkit.train.loop import train
+    from petkit.training.loop import train
 
     ws = build_workspace(recipe, "server")
     pooled = [e for pid in range(recipe.fed.clients) for e in ws.client_data(pid)[0]]

@@ -15,13 +15,13 @@ from typing import Any
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-import petkit
 from petkit.fed.client import recipe_from_context
 from petkit.fed.config import FedRecipe
 from petkit.fed.payload import Spec, from_record, load_into, record_bytes, state_of, to_record
 from petkit.fed.report import append_row, plot_rounds, round_line, totals, write_report
 from petkit.fed.strategy import LOG, PetStrategy
 from petkit.fed.workspace import SHARED, Workspace, workspace
+from petkit.core.io import save_adapter
 
 
 class _Run:
@@ -67,7 +67,7 @@ class _Run:
     def finish(self, arrays: ArrayRecord) -> dict[str, Any]:
         """Save the final global adapter, the report and the plot."""
         load_into(self.ws.model, SHARED, from_record(arrays))
-        petkit.save_adapter(self.ws.model, self.out / "adapter", name=SHARED)
+        save_adapter(self.ws.model, self.out / "adapter", name=SHARED)
         rows = self.report["rounds"]
         self.report.update(totals=totals(rows), final=rows[-1], seconds=time.time() - self.started,
                            adapter=str(self.out / "adapter"))

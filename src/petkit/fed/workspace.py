@@ -16,15 +16,15 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
-import petkit
 from petkit.core.errors import ConfigError
 from petkit.data import split_validation
 from petkit.fed.config import FedRecipe
 from petkit.fed.partition import ClientShare, labels_of, partition
 from petkit.fed.payload import State, state_of
-from petkit.train.config import TrainConfig
-from petkit.train.evaluate import evaluate
-from petkit.train.pipeline import Prepared, encode_examples, method_config, prepare
+from petkit.training.config import TrainConfig
+from petkit.training.evaluate import evaluate
+from petkit.app.pipeline import Prepared, encode_examples, method_config, prepare
+from petkit.core.model import activate, attach
 
 SHARED, LOCAL = "shared", "local"
 Examples = list[dict[str, Any]]
@@ -107,11 +107,11 @@ def build_workspace(recipe: FedRecipe, role: str) -> Workspace:
     full = sum(p.numel() * p.element_size() for p in prep.model.parameters())
     ws = Workspace(recipe, prep, task, pool, shares, full)
     shared = method_config(recipe.recipe, prep)
-    petkit.attach(prep.model, shared, name=SHARED)
+    attach(prep.model, shared, name=SHARED)
     if fed.personal and role == "client":
-        petkit.attach(prep.model, dataclasses.replace(shared, modules_to_save=()), name=LOCAL)
+        attach(prep.model, dataclasses.replace(shared, modules_to_save=()), name=LOCAL)
         ws.local_init = state_of(prep.model, LOCAL)
-        petkit.activate(prep.model, [SHARED])
+        activate(prep.model, [SHARED])
     return ws
 
 

@@ -31,8 +31,8 @@ from torch import nn
 
 from ..core.delta import innermost, wrap
 from ..core.errors import TargetError
-from ..core.inputs import LayerExtension, Live
-from ..core.layers import layer_paths
+from .family.virtual_tokens import LayerExtension, Live
+from ..core.blocks import layer_paths
 from ..core.registry import register
 from .prefix import KVPrefix, PrefixConfig, attach_prefix
 

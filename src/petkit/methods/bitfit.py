@@ -14,7 +14,7 @@ from typing import ClassVar
 
 from torch import nn
 
-from ..core.bias import BiasDelta
+from .family.bias import BiasDelta
 from ..core.delta import canonical_modules, wrap
 from ..core.registry import MethodConfig, check_choice, register
 from ..core.targets import is_linear, match_targets

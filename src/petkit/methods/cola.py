@@ -10,7 +10,7 @@ petkit keeps the links beside the base rather than adding them into W0: the froz
 cut from the gradient and restored after every optimiser step, which is the same function as
 merging them (W0 + sum_{i<j} s B_i A_i is what link j learns on) but keeps the base untouched,
 so disable, save/load and unmerge stay exact. The training loop advances the chain through the
-wrapper's `on_train_step` hook (petkit.train.callbacks). The result saves as one adapter (the
+wrapper's `on_train_step` hook (petkit.training.callbacks). The result saves as one adapter (the
 summed delta: a rank L*r LoRA, `pk.save_adapter`) or as its links (`pk.save_links`: one plain
 LoRA folder per link; stacking them gives the same delta). Mergeable.
 """
@@ -25,12 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.combine import lora_from_factors
+from ..core.adapter_merge import lora_from_factors
 from ..core.delta import DeltaModule, iter_deltas, wrap
 from ..core.errors import ConfigError
 from ..core.io import save_adapter
-from ..core.lowrank import check_lora_fields, factor_pair, frozen_prefix, linear_shape, to_base_layout, weight_out_in
-from ..core.compose import keep_activation
+from .family.lowrank import check_lora_fields, factor_pair, frozen_prefix, linear_shape, to_base_layout, weight_out_in
+from ..core.model import keep_activation
 from ..core.model import TrainableCopy, adapters, detach
 from ..core.registry import MethodConfig, check_range, register
 from ..core.targets import match_targets, role_targets

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.delta import DeltaModule, innermost, wrap
-from ..core.lowrank import check_lora_fields, factor_pair, linear_shape, to_base_layout, weight_out_in
-from ..core.registry import MethodConfig, check_choice, check_range, register
+from .family.lowrank import check_lora_fields, factor_pair, linear_shape, to_base_layout, weight_out_in
+from ..core.registry import MethodConfig, check_choice, register
 from ..core.targets import match_targets, role_targets
 
 

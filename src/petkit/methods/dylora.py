@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.delta import DeltaModule, iter_deltas, wrap
-from ..core.lowrank import check_lora_fields, factor_pair, frozen_prefix, linear_shape, to_base_layout, weight_out_in
+from .family.lowrank import check_lora_fields, factor_pair, frozen_prefix, linear_shape, to_base_layout, weight_out_in
 from ..core.model import add_detach_hook
 from ..core.registry import MethodConfig, check_choice, check_range, register
 from ..core.targets import match_targets, role_targets

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..core.delta import DeltaModule, get_canonical, wrap
 from ..core.errors import ConfigError
-from ..core.lowrank import linear_shape, to_base_layout, weight_out_in
+from .family.lowrank import linear_shape, to_base_layout, weight_out_in
 from ..core.registry import MethodConfig, check_range, register
 from ..core.targets import match_targets, role_targets
 

@@ -9,7 +9,7 @@ prepended there; blocks 0..k-1 never see it:
     block k input   [h_1 .. h_L]  ->  [P_1 .. P_n, h_1 .. h_L]
 
 W_down, W_up (the prompt generator) train. `layer` is k (default: the middle block; it must lie
-in [1, number of blocks - 1]). Blocks k..last are wrapped (`core.layer_tokens`): their mask,
+in [1, number of blocks - 1]). Blocks k..last are wrapped (`methods.family.layer_prompts`): their mask,
 rotary position embeddings and position ids are widened by n (prompt rows are causal among
 themselves on decoders; the prompt sits at rotary position 0), the last block drops the n
 positions, so logits, labels, pooled [CLS] outputs and `generate` line up with the caller's
@@ -25,10 +25,10 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..core import layer_tokens as lt
+from .family import layer_prompts as lt
 from ..core.delta import DeltaModule, get_canonical, innermost, wrap
 from ..core.errors import ConfigError, TargetError
-from ..core.layers import layer_paths
+from ..core.blocks import layer_paths
 from ..core.registry import MethodConfig, check_choice, check_range, register
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "silu": nn.SiLU}

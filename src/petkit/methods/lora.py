@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.bias import BiasDelta
+from .family.bias import BiasDelta
 from ..core.delta import DeltaModule, get_canonical, innermost, wrap
-from ..core.lowrank import factor_pair
+from .family.lowrank import factor_pair
 from ..core.registry import MethodConfig, check_choice, check_range, register
 from ..core.targets import linear_dims, match_targets, role_targets
 

@@ -7,7 +7,7 @@ keys and values it computes from its input:
 
     attn_l(x) = softmax(q [Pk_l ; K x]^T / sqrt(d) + mask) [Pv_l ; V x]
 
-The prefixes enter through the model's own key/value cache (`core.inputs`), so attention masks,
+The prefixes enter through the model's own key/value cache (`methods.family.virtual_tokens`), so attention masks,
 padding, positions (the caller's tokens keep positions 0..L-1; a prefix has none), cached
 decoding and `generate` work without touching the model. Encoders (BERT) take the cache too.
 
@@ -37,7 +37,7 @@ from torch import nn
 
 from ..core.delta import get_canonical, innermost, wrap
 from ..core.errors import ConfigError, TargetError
-from ..core.inputs import KV, InputExtension, cache_kwarg, ensure_input_hooks, input_embedding_path, new_cache
+from .family.virtual_tokens import KV, InputExtension, cache_kwarg, ensure_input_hooks, input_embedding_path, new_cache
 from ..core.model import disabled
 from ..core.registry import MethodConfig, check_choice, check_range, register
 

@@ -9,7 +9,7 @@ trainable prefix to the hidden states the previous block computed at the prefix 
     H_l = [block_{l-1}(H_{l-1})[:n] + P_l ; block_{l-1}(H_{l-1})[n:]]      (into block l >= 1)
 
 One vector per prefix token and layer where prefix tuning needs a key and a value: half the
-parameters. P_0 is a soft prompt (`methods.prompt`'s module: `core.inputs` extends masks, labels,
+parameters. P_0 is a soft prompt (`methods.prompt`'s module: `methods.family.virtual_tokens` extends masks, labels,
 token types and positions, strips the prefix from the logits and handles `generate`); P_l (l >= 1)
 sits in a wrapper around block l and starts at zero, so at initialisation the method is prompt
 tuning with P_0. In cached decoding the prefix is already in the cache and nothing is added.
@@ -26,9 +26,9 @@ from torch import nn
 
 from ..core.delta import wrap
 from ..core.errors import TargetError
-from ..core.inputs import LayerExtension, Live, ensure_input_hooks, input_embedding_path
-from ..core.layers import layer_paths
-from ..core.prompt_init import check_prompt_fields, initial_prompt
+from .family.virtual_tokens import LayerExtension, Live, ensure_input_hooks, input_embedding_path
+from ..core.blocks import layer_paths
+from .family.prompt_init import check_prompt_fields, initial_prompt
 from ..core.registry import MethodConfig, register
 from .prompt import PromptEmbedding
 

@@ -5,7 +5,7 @@
 n trainable virtual-token embeddings P (n, hidden) are prepended to every input; the model is
 untouched. P starts from random vocabulary embeddings ("vocab"), from the embeddings of a text
 ("text", repeated/cut to n) or from N(0, 0.02) ("random"). Attention masks, labels, positions
-and cached generation are extended by `core.inputs`. Not mergeable.
+and cached generation are extended by `methods.family.virtual_tokens`. Not mergeable.
 """
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from ..core.delta import wrap
-from ..core.inputs import InputExtension, ensure_input_hooks, input_embedding_path
-from ..core.prompt_init import check_prompt_fields, initial_prompt
+from .family.virtual_tokens import InputExtension, ensure_input_hooks, input_embedding_path
+from .family.prompt_init import check_prompt_fields, initial_prompt
 from ..core.registry import MethodConfig, register
 
 

@@ -11,7 +11,7 @@ reparameterises the prompt: after training `folded_prompt()` gives P', which pla
 can use with no MLP. `branch_init="zero"` starts the residual branch at 0 (the LayerNorm's scale,
 or W_up without one), so P' = P at first: a text-initialised prompt then starts as that text
 (with the paper's init the LayerNorm adds O(1) values, far above a small model's embeddings).
-Masks, labels, positions and cached generation are handled by `core.inputs`. Not mergeable.
+Masks, labels, positions and cached generation are handled by `methods.family.virtual_tokens`. Not mergeable.
 """
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from ..core.delta import wrap
-from ..core.inputs import InputExtension, ensure_input_hooks, input_embedding_path
-from ..core.prompt_init import check_prompt_fields, initial_prompt
+from .family.virtual_tokens import InputExtension, ensure_input_hooks, input_embedding_path
+from .family.prompt_init import check_prompt_fields, initial_prompt
 from ..core.registry import MethodConfig, check_choice, check_range, register
 
 

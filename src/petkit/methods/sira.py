@@ -28,7 +28,7 @@ from torch import nn
 
 from ..core.delta import DeltaModule, wrap
 from ..core.errors import ConfigError
-from ..core.lowrank import check_lora_fields, factor_pair, linear_shape, weight_out_in
+from .family.lowrank import check_lora_fields, factor_pair, linear_shape, weight_out_in
 from ..core.registry import MethodConfig, check_range, register
 from ..core.targets import match_targets, role_targets
 

@@ -1,0 +1,224 @@
+"""Recipe -> result: load model and task, encode, attach, evaluate before/after, train.
+
+What `petkit train | eval | merge | inspect` do, as library functions the CLI only calls.
+A run writes its resolved recipe to `output_dir/recipe.yaml`, so `eval`/`merge` of
+`output_dir/adapter` rebuild the same model, task type and encoding without flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from petkit.core.errors import ConfigError
+from petkit.training.evaluate import evaluate
+from petkit.training.loop import TrainResult, preflight, train
+from petkit.app.recipe import Recipe, load_recipe
+from petkit.core.io import load_adapter
+from petkit.core.model import attach, unload
+from petkit.core.registry import make_config
+
+ENCODER_TYPES = {"bert", "roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2",
+                 "xlm-roberta", "mpnet", "camembert", "modernbert"}
+Echo = Callable[[str], None]
+Examples = list[dict[str, Any]]
+
+
+@dataclass
+class Prepared:
+    """A model ready for a delta and the task encoded for its task type."""
+
+    model: nn.Module
+    tokenizer: Any
+    task_type: str
+    train: Examples
+    validation: Examples
+    test: Examples
+    label_token_ids: list[int] | None
+    pad_id: int
+
+
+@dataclass
+class RunReport:
+    """Before/after test metrics of a run, its training result and the adapter's size."""
+
+    recipe: Recipe
+    before: dict[str, float]
+    after: dict[str, float]
+    result: TrainResult
+    adapter_bytes: int
+    seconds: float
+
+
+def _is_encoder(model_name: str) -> bool:
+    from transformers import AutoConfig
+
+    from petkit.models import resolve_model
+
+    try:
+        config = AutoConfig.from_pretrained(resolve_model(model_name))
+    except (OSError, ValueError):
+        return False  # load_model reports a missing model properly later
+    return config.model_type in ENCODER_TYPES
+
+
+def resolve_task_type(recipe: Recipe, task_kind: str) -> str:
+    """The concrete task type: "auto" becomes instruction / head (encoders) / verbaliser."""
+    wanted = recipe.data.task_type
+    if task_kind == "instruction" or wanted == "instruction":
+        if task_kind != "instruction" or wanted not in ("auto", "instruction"):
+            raise ConfigError(f"data.task_type={wanted!r} does not fit task {recipe.data.name!r} "
+                              f"(a {task_kind} task)")
+        return "instruction"
+    if wanted != "auto":
+        return wanted
+    return "head" if _is_encoder(recipe.model.name) else "verbaliser"
+
+
+def _subset(examples: Examples, size: int | None, seed: int) -> Examples:
+    if size is None or size >= len(examples):
+        return list(examples)
+    return random.Random(seed).sample(list(examples), size)
+
+
+def encode_examples(examples: Examples, prep: Prepared, task: Any, max_length: int) -> Examples:
+    """Tokenise raw examples for this run's task type (classification or instruction)."""
+    from petkit.data import encode_classification, encode_instruction
+
+    if prep.task_type == "instruction":
+        return encode_instruction(examples, prep.tokenizer, max_length=max_length)
+    template = task.template if prep.task_type == "verbaliser" else "{text}"
+    return encode_classification(examples, prep.tokenizer, max_length=max_length,
+                                 template=template)
+
+
+def _by_length(examples: Examples) -> Examples:
+    """Order for evaluation: similar lengths share a batch, so less padding is computed."""
+    return sorted(examples, key=lambda e: len(e["input_ids"]))
+
+
+def prepare(recipe: Recipe, *, with_train: bool = True) -> tuple[Prepared, Any]:
+    """Load the task and the model, encode the train/validation/test subsets."""
+    from petkit.data import label_token_ids, load_task, split_validation
+    from petkit.models import load_model
+
+    spec, seed = recipe.data, recipe.train.seed
+    task = load_task(spec.name)
+    task_type = resolve_task_type(recipe, task.kind)
+    kind = "seq-cls" if task_type == "head" else "causal-lm"
+    num_labels = len(task.label_names) if task_type == "head" else None
+    model, tokenizer = load_model(recipe.model.name, task=kind, num_labels=num_labels)
+    ids = label_token_ids(tokenizer, task.label_words) if task_type == "verbaliser" else None
+    prep = Prepared(model, tokenizer, task_type, [], [], [], ids, int(tokenizer.pad_token_id))
+    train_raw = _subset(task.train, spec.train_size, seed) if with_train else []
+    val_raw: Examples = []
+    if with_train and spec.validation_size:
+        train_raw, val_raw = split_validation(train_raw, spec.validation_size / len(train_raw),
+                                              seed)
+    prep.train = encode_examples(train_raw, prep, task, spec.max_length)
+    prep.validation = _by_length(encode_examples(val_raw, prep, task, spec.max_length))
+    # The test subset is fixed (seed 0), whatever the training seed.
+    test_raw = _subset(task.test, spec.test_size, 0)
+    prep.test = _by_length(encode_examples(test_raw, prep, task, spec.max_length))
+    return prep, task
+
+
+def method_config(recipe: Recipe, prep: Prepared) -> Any:
+    """The recipe's method config; a head task also trains the new head (`modules_to_save`)."""
+    from petkit.models import head_module_names
+
+    fields = {k: v for k, v in recipe.method.items() if k != "name"}
+    if prep.task_type == "head":
+        extra = [m for m in head_module_names(prep.model)
+                 if m not in fields.get("modules_to_save", ())]
+        fields["modules_to_save"] = [*fields.get("modules_to_save", ()), *extra]
+    return make_config(recipe.method_name, **fields)
+
+
+def test_metrics(prep: Prepared, recipe: Recipe) -> dict[str, float]:
+    """Metrics of the current model on the prepared test subset."""
+    return evaluate(prep.model, prep.test, batch_size=recipe.train.eval_batch_size or 16,
+                    pad_id=prep.pad_id, label_token_ids=prep.label_token_ids,
+                    precision=recipe.train.precision)
+
+
+def folder_bytes(path: Path) -> int:
+    """Total size of the files in `path`."""
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def run_recipe(recipe: Recipe, echo: Echo = print) -> RunReport:
+    """Train as `recipe` says; evaluate on the fixed test subset before and after."""
+    started = time.perf_counter()
+    recipe.method_config()  # a bad method name or field fails before minutes of loading
+    output = Path(recipe.train.output_dir or "runs/default")
+    echo(f"loading {recipe.model.name} and {recipe.data.name} ...")
+    torch.manual_seed(recipe.train.seed)  # a new head's and the delta's init follow the seed
+    prep, _ = prepare(recipe)
+    resolved = dataclasses.replace(recipe, data=dataclasses.replace(
+        recipe.data, task_type=prep.task_type))
+    config = resolved.train.replace(output_dir=str(output), label_token_ids=prep.label_token_ids)
+    resolved = dataclasses.replace(resolved, train=config)
+    attach(prep.model, method_config(resolved, prep))
+    preflight(prep.model, prep.train, config)  # a bad set-up fails before the baseline evaluation
+    echo(f"{prep.task_type} on {len(prep.train)} train / {len(prep.validation)} validation / "
+         f"{len(prep.test)} test examples")
+    before = test_metrics(prep, resolved)
+    echo(f"before: {_fmt(before)}")
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "recipe.yaml").write_text(resolved.to_yaml(), encoding="utf-8")
+    result = train(prep.model, prep.train, config, eval_data=prep.validation or None,
+                   pad_id=prep.pad_id)
+    after = test_metrics(prep, resolved)
+    adapter = Path(result.adapter_path or output / "adapter")
+    return RunReport(resolved, before, after, result, folder_bytes(adapter),
+                     time.perf_counter() - started)
+
+
+def _fmt(metrics: dict[str, float]) -> str:
+    return " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+
+
+def recipe_for_adapter(adapter: str | Path) -> Recipe:
+    """The recipe a run saved next to `adapter` (`../recipe.yaml`), else the default recipe."""
+    folder = Path(adapter)
+    if not (folder / "adapter.json").is_file():
+        raise ConfigError(f"{folder} is not an adapter folder (no adapter.json)")
+    saved = folder.parent / "recipe.yaml"
+    return load_recipe(saved) if saved.is_file() else Recipe()
+
+
+def load_with_adapter(recipe: Recipe, adapter: str | Path | None,
+                      with_data: bool = True) -> Prepared:
+    """Model (and test data) of `recipe`, with the adapter folder loaded and active."""
+    prep, _ = prepare(recipe, with_train=False) if with_data else (_model_only(recipe), None)
+    if adapter is not None:
+        load_adapter(prep.model, str(adapter))
+    return prep
+
+
+def _model_only(recipe: Recipe) -> Prepared:
+    from petkit.models import load_model
+
+    model, tokenizer = load_model(recipe.model.name, task="causal-lm")
+    return Prepared(model, tokenizer, "verbaliser", [], [], [], None,
+                    int(tokenizer.pad_token_id))
+
+
+def merge_to_folder(recipe: Recipe, adapter: str | Path, output: str | Path) -> Path:
+    """Merge the adapter into the base and save a plain Hugging Face model folder."""
+    needs_task = recipe.data.task_type == "head"
+    prep = load_with_adapter(recipe, adapter, with_data=needs_task)
+    base = unload(prep.model, merge=True)
+    out = Path(output)
+    base.save_pretrained(out)
+    prep.tokenizer.save_pretrained(out)
+    return out

@@ -1,0 +1,230 @@
+"""Recipes: a whole run (method, model, data, train) as one validated object, YAML round-trip.
+
+A recipe file has four sections::
+
+    method: {name: lora, r: 8, targets: [q_proj, v_proj]}   # fields of that method's config
+    model:  {name: smollm2-135m}                             # ModelSpec fields
+    data:   {name: rotten-tomatoes, train_size: 512}         # DataSpec fields
+    train:  {lr: 1.0e-3, max_steps: 60}                      # TrainConfig fields
+
+Dotted overrides (`method.r=16`, `train.lr=1e-4`) are checked against those dataclasses, so the
+CLI's generic flags come from the configs themselves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from petkit.core.errors import ConfigError
+from petkit.training.config import TrainConfig
+from petkit.core.registry import make_config
+
+TASK_TYPES = ("auto", "verbaliser", "head", "instruction")
+SECTIONS = ("method", "model", "data", "train")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which pretrained model to tune: an embedded short name, a local folder or a hub id."""
+
+    name: str = "smollm2-135m"
+
+    def __post_init__(self) -> None:
+        """Validate."""
+        if not isinstance(self.name, str) or not self.name:
+            raise ConfigError(f"model.name must be a non-empty string, got {self.name!r}")
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Which task, how it becomes training examples and how much of it is used.
+
+    task_type: "verbaliser" (decoder, label-word logits), "head" (new classification head),
+    "instruction" (causal LM on completions) or "auto" (instruction for instruction tasks, head
+    for encoder models, verbaliser otherwise). Sizes are seeded subsets; None uses everything.
+    `validation_size` examples are split off the training subset for best-by-validation selection.
+    """
+
+    name: str = "rotten-tomatoes"
+    task_type: str = "auto"
+    train_size: int | None = None
+    test_size: int | None = 200
+    validation_size: int = 0
+    max_length: int = 128
+
+    def __post_init__(self) -> None:
+        """Validate each field."""
+        if not isinstance(self.name, str) or not self.name:
+            raise ConfigError(f"data.name must be a non-empty string, got {self.name!r}")
+        if self.task_type not in TASK_TYPES:
+            raise ConfigError(f"data.task_type must be one of {TASK_TYPES}, got {self.task_type!r}")
+        for name in ("train_size", "test_size"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ConfigError(f"data.{name} must be None or an int >= 1, got {value!r}")
+        if not isinstance(self.validation_size, int) or self.validation_size < 0:
+            raise ConfigError(f"data.validation_size must be an int >= 0, "
+                              f"got {self.validation_size!r}")
+        if not isinstance(self.max_length, int) or not 8 <= self.max_length <= 32768:
+            raise ConfigError(f"data.max_length must be an int in [8, 32768], "
+                              f"got {self.max_length!r}")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A complete run. `method` is the method's name plus its config fields (checked on use)."""
+
+    method: dict[str, Any] = field(default_factory=lambda: {"name": "lora"})
+    model: ModelSpec = field(default_factory=ModelSpec)
+    data: DataSpec = field(default_factory=DataSpec)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def method_config(self) -> Any:
+        """The petkit method config this recipe describes (validated by the method)."""
+        fields = {k: v for k, v in self.method.items() if k != "name"}
+        return make_config(self.method_name, **fields)
+
+    @property
+    def method_name(self) -> str:
+        """Registered name of the method."""
+        return str(self.method.get("name", "lora"))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict with the four sections."""
+        return {"method": dict(self.method), "model": dataclasses.asdict(self.model),
+                "data": dataclasses.asdict(self.data), "train": self.train.to_dict()}
+
+    def to_yaml(self) -> str:
+        """YAML text that `recipe_from_dict(yaml.safe_load(...))` reads back."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _section(cls: type, data: Any, section: str) -> Any:
+    """Build dataclass `cls` from the mapping `data`, naming unknown keys."""
+    if data is None:
+        return cls()
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe section {section!r} must be a mapping, got {type(data).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"recipe section {section!r} has no field(s) {unknown}; "
+                          f"known: {sorted(known)}")
+    return cls(**data)
+
+
+def recipe_from_dict(data: dict[str, Any]) -> Recipe:
+    """Recipe from a {method, model, data, train} mapping; missing sections take defaults."""
+    if not isinstance(data, dict):
+        raise ConfigError("a recipe must be a mapping with sections " + ", ".join(SECTIONS))
+    unknown = sorted(set(data) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"recipe has unknown section(s) {unknown}; sections: {list(SECTIONS)}")
+    method = data.get("method") or {"name": "lora"}
+    if isinstance(method, str):
+        method = {"name": method}
+    if not isinstance(method, dict):
+        raise ConfigError("recipe section 'method' must be a mapping with a 'name'")
+    return Recipe(method=dict(method), model=_section(ModelSpec, data.get("model"), "model"),
+                  data=_section(DataSpec, data.get("data"), "data"),
+                  train=_section(TrainConfig, data.get("train"), "train"))
+
+
+def shipped_recipes(subfolder: str = "") -> dict[str, Path]:
+    """YAML recipes shipped in `petkit/recipes/<subfolder>`, by file stem."""
+    folder = resources.files("petkit.recipes")
+    if subfolder:
+        folder = folder / subfolder
+    if not folder.is_dir():
+        return {}
+    return {Path(p.name).stem: Path(str(p)) for p in folder.iterdir()
+            if p.name.endswith((".yaml", ".yml"))}
+
+
+def builtin_recipes() -> dict[str, Path]:
+    """The training recipes shipped in `petkit/recipes/`, by file stem."""
+    return shipped_recipes()
+
+
+def read_yaml_mapping(path_or_name: str | Path, shipped: dict[str, Path],
+                      what: str = "recipe") -> dict[str, Any]:
+    """The mapping in a YAML file, or in the shipped file of that name; `ConfigError` if neither
+    exists or the YAML does not parse. Shared by every kind of recipe (training, federated)."""
+    path = Path(path_or_name)
+    if not path.is_file():
+        if str(path_or_name) not in shipped:
+            raise ConfigError(f"{what} {str(path_or_name)!r} is not a file nor a shipped {what} "
+                              f"({', '.join(sorted(shipped)) or 'none'})")
+        path = shipped[str(path_or_name)]
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"cannot read {what} {path}: {err}") from err
+    return data or {}
+
+
+def load_recipe(path_or_name: str | Path) -> Recipe:
+    """Read a recipe from a YAML file, or a shipped one by name ("default", "minilm-bbc")."""
+    return recipe_from_dict(read_yaml_mapping(path_or_name, builtin_recipes()))
+
+
+def _field_type(cls: type, name: str) -> Any:
+    return typing.get_type_hints(cls)[name]
+
+
+def _accepts(annotation: Any, kind: type) -> bool:
+    return annotation is kind or kind in typing.get_args(annotation)
+
+
+def parse_value(text: str, annotation: Any = Any) -> Any:
+    """A flag's text as a value of `annotation`: YAML scalars/lists, with numbers made floats
+    where the field is a float (YAML reads "1e-4" as a string); "none" means None."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = text
+    if _accepts(annotation, float) and isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _section_class(data: dict[str, Any], section: str) -> type:
+    if section == "method":
+        import petkit.core.registry as registry
+
+        return registry.get_method(str(data["method"].get("name", "lora"))).config_cls
+    return {"model": ModelSpec, "data": DataSpec, "train": TrainConfig}[section]
+
+
+def apply_overrides(recipe: Recipe, overrides: dict[str, str]) -> Recipe:
+    """Apply {"section.field": text} overrides, e.g. {"train.lr": "1e-4", "method.r": "16"}."""
+    data = recipe.to_dict()  # validated once, at the end: overrides may depend on each other
+    # Method name first: the other method fields are checked against that method's config.
+    ordered = sorted(overrides.items(), key=lambda kv: kv[0] != "method.name")
+    for key, text in ordered:
+        section, _, name = key.partition(".")
+        if section not in SECTIONS or not name:
+            raise ConfigError(f"override {key!r} must look like <section>.<field> with section "
+                              f"in {list(SECTIONS)}")
+        if key == "method.name" and text != data["method"].get("name"):
+            data["method"] = {"name": text}
+            continue
+        cls = _section_class(data, section)
+        known = {f.name for f in dataclasses.fields(cls)} | ({"name"} if section == "method" else set())
+        if name not in known:
+            raise ConfigError(f"unknown option --{key}; {section} fields: {sorted(known)}")
+        annotation = str if name == "name" else _field_type(cls, name)
+        data[section][name] = parse_value(text, annotation)
+    return recipe_from_dict(data)

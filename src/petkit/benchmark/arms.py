@@ -1,0 +1,219 @@
+"""What a cell trains: a petkit method, full fine-tuning, or the `peft` package's twin of a method.
+
+Every arm answers the same three questions, so the cell runner never branches on the kind:
+`setup` (the module to train and evaluate), `parameters` (what the optimiser updates) and `save`
+(what a user would keep on disk). Full fine-tuning is a baseline of the harness, not a method:
+it trains every parameter of the base and saves them all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from petkit.benchmark.spec import ArmSpec
+from petkit.core.errors import ConfigError
+from petkit.core.io import save_adapter
+from petkit.core.model import attach, detach, trainable_parameters
+from petkit.core.registry import get_method, make_config
+from petkit.core.state import adapters
+
+
+@dataclass(frozen=True)
+class ArmContext:
+    """What an arm needs to know about the cell: task type, new head modules, seed."""
+
+    task_type: str  # verbaliser | head | instruction
+    head_modules: tuple[str, ...]
+    seed: int
+
+
+class Arm(Protocol):
+    """A way of training a model in the grid."""
+
+    def setup(self, model: nn.Module, ctx: ArmContext) -> nn.Module:
+        """Prepare `model` (in place where possible); return the module to train/evaluate."""
+        ...
+
+    def parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        """The parameters the optimiser updates, by name."""
+        ...
+
+    def save(self, model: nn.Module, path: Path) -> None:
+        """Write what a user keeps after training to the folder `path`."""
+        ...
+
+
+def petkit_config(spec: ArmSpec, ctx: ArmContext, with_head: bool = True) -> Any:
+    """The arm's method config: the cell's seed where the method has one; on a head task (and
+    `with_head`) it also trains the new head (`modules_to_save`)."""
+    assert spec.method is not None
+    fields = dict(spec.options)
+    config_cls = get_method(spec.method).config_cls
+    if "seed" in {f.name for f in dataclasses.fields(config_cls)} and "seed" not in fields:
+        fields["seed"] = ctx.seed
+    if ctx.task_type == "head" and with_head:
+        fields["modules_to_save"] = [*fields.get("modules_to_save", ()),
+                                     *[m for m in ctx.head_modules
+                                       if m not in fields.get("modules_to_save", ())]]
+    return make_config(spec.method, **fields)
+
+
+class PetkitArm:
+    """A registered petkit method, attached with `pk.attach`."""
+
+    def __init__(self, spec: ArmSpec) -> None:
+        """Arm for `spec.method` with `spec.options`."""
+        self.spec = spec
+
+    def setup(self, model: nn.Module, ctx: ArmContext) -> nn.Module:
+        """Attach the method (its init drawn from the cell's seed)."""
+        torch.manual_seed(ctx.seed)
+        return attach(model, petkit_config(self.spec, ctx))
+
+    def parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        """The adapter's trainable parameters."""
+        return trainable_parameters(model)
+
+    def save(self, model: nn.Module, path: Path) -> None:
+        """`pk.save_adapter`."""
+        save_adapter(model, path)
+
+
+class FullArm:
+    """Full fine-tuning: every parameter of the base trains; the whole model is saved."""
+
+    def setup(self, model: nn.Module, ctx: ArmContext) -> nn.Module:
+        """Unfreeze everything."""
+        for param in model.parameters():
+            param.requires_grad_(True)
+        return model
+
+    def parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        """All parameters (tied weights once)."""
+        return dict(model.named_parameters())
+
+    def save(self, model: nn.Module, path: Path) -> None:
+        """All weights as one safetensors file."""
+        from safetensors.torch import save_file
+
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {n: p.detach().contiguous() for n, p in model.named_parameters()}
+        save_file(tensors, str(path / "model.safetensors"))
+
+
+class PeftCausalView(nn.Module):
+    """A peft causal-LM model seen with petkit's calling convention.
+
+    Prompt tuning in peft returns logits for its virtual tokens too; this view drops them (or
+    shifts `logits_to_keep` past them), so the verbaliser reads the caller's last token.
+    """
+
+    def __init__(self, peft_model: nn.Module, shift: int) -> None:
+        """`shift`: virtual tokens peft puts in front of the sequence (0 unless prompt tuning)."""
+        super().__init__()
+        self.peft_model = peft_model
+        self.shift = shift
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None,
+                logits_to_keep: torch.Tensor | int | None = None) -> Any:
+        """peft's forward; logits aligned with `input_ids`."""
+        kwargs: dict[str, Any] = {}
+        if logits_to_keep is not None:
+            kwargs["logits_to_keep"] = logits_to_keep + self.shift \
+                if isinstance(logits_to_keep, torch.Tensor) else logits_to_keep
+        out = self.peft_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                              **kwargs)
+        if logits_to_keep is None and self.shift and out.logits.shape[1] == \
+                input_ids.shape[1] + self.shift:
+            out.logits = out.logits[:, self.shift:]
+        return out
+
+
+def _targets_of(model: nn.Module, config: Any) -> tuple[list[str], list[str]]:
+    """Where petkit would put `config`: (all touched paths, paths scaled at their input)."""
+    from petkit.core.delta import iter_deltas
+
+    attach(model, config, name="_placement")
+    try:
+        record = adapters(model)["_placement"]
+        on_input = [p for p, w in iter_deltas(model)
+                    if w.adapter_name == "_placement" and getattr(w, "on_input", False)]
+        return list(record.targets), on_input
+    finally:
+        detach(model, "_placement")
+
+
+def peft_config(method: str, config: Any, model: nn.Module, task_type: str) -> Any:
+    """The `peft` config matching petkit's `config` (same sizes, same placement)."""
+    import peft
+
+    kind = peft.TaskType.SEQ_CLS if task_type == "head" else peft.TaskType.CAUSAL_LM
+    if method in ("prompt", "prefix"):
+        n = config.num_virtual_tokens
+        if method == "prefix":
+            hidden = int(getattr(config, "projection_dim", 0) or 0)  # > 0: MLP reparameterisation
+            return peft.PrefixTuningConfig(task_type=kind, num_virtual_tokens=n,
+                                           prefix_projection=hidden > 0,
+                                           encoder_hidden_size=hidden or None)
+        init = peft.PromptTuningInit.SAMPLE_VOCAB if getattr(config, "init", "") == "vocab" \
+            else peft.PromptTuningInit.RANDOM
+        return peft.PromptTuningConfig(task_type=kind, num_virtual_tokens=n,
+                                       prompt_tuning_init=init)
+    targets, on_input = _targets_of(model, config)
+    if method == "lora":
+        return peft.LoraConfig(task_type=kind, r=config.r, lora_alpha=config.alpha,
+                               lora_dropout=config.dropout, use_rslora=config.rslora,
+                               target_modules=targets)
+    if method == "ia3":
+        return peft.IA3Config(task_type=kind, target_modules=targets,
+                              feedforward_modules=on_input)
+    raise ConfigError(f"no peft twin for method {method!r}")
+
+
+class PeftArm:
+    """The `peft` package's implementation of a petkit method, on the same base and data."""
+
+    def __init__(self, spec: ArmSpec) -> None:
+        """Twin of `spec.method` with the same options."""
+        self.spec = spec
+
+    def setup(self, model: nn.Module, ctx: ArmContext) -> nn.Module:
+        """`peft.get_peft_model`; a causal model is wrapped in `PeftCausalView`."""
+        import peft
+
+        assert self.spec.method is not None
+        config = petkit_config(self.spec, ctx, with_head=False)  # peft adds the head itself
+        torch.manual_seed(ctx.seed)
+        peft_model = peft.get_peft_model(model, peft_config(self.spec.method, config, model,
+                                                            ctx.task_type))
+        if ctx.task_type == "head":
+            return peft_model
+        shift = config.num_virtual_tokens if self.spec.method == "prompt" else 0
+        return PeftCausalView(peft_model, shift)
+
+    def parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        """Whatever peft left trainable (its adapter, and the head for classification)."""
+        return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+    def save(self, model: nn.Module, path: Path) -> None:
+        """peft's `save_pretrained`."""
+        inner = model.peft_model if isinstance(model, PeftCausalView) else model
+        inner.save_pretrained(str(path))
+
+
+def make_arm(spec: ArmSpec) -> Arm:
+    """The arm object for a spec."""
+    if spec.kind == "petkit":
+        return PetkitArm(spec)
+    if spec.kind == "full":
+        return FullArm()
+    if spec.kind == "peft":
+        return PeftArm(spec)
+    raise ConfigError(f"unknown arm kind {spec.kind!r}; expected petkit, full or peft")

@@ -1,0 +1,259 @@
+"""Benchmark grids from YAML: tasks x arms x seeds x training sizes, checked before anything runs.
+
+    tasks:                                  # a model + data pair each
+      - {name: rt, model: smollm2-135m, data: rotten-tomatoes, max_length: 64, test_size: 300}
+    methods: all                            # every registered method, or a list:
+                                            #   [lora, {name: prompt, num_virtual_tokens: 10}]
+    exclude: [cola]                         # with `all`: methods to leave out
+    method_options:                         # per method: config fields, and `train` overrides
+      prompt: {num_virtual_tokens: 10, train: {lr: 3.0e-2}}
+    baselines:
+      full: {lr: 5.0e-5}                    # full fine-tuning (TrainConfig overrides), or true
+      peft: true                            # the `peft` twin of each petkit method peft also has
+    seeds: [0, 1, 2]
+    sizes: [64, 256, 1024, full]            # training examples, validation carved from them
+    validation: {fraction: 0.2, max: 64}
+    train: {epochs: 5, max_steps: 30, batch_size: 8, eval_every: 10, lr: 1.0e-3}
+
+An *arm* is what a cell trains: a petkit method, the full fine-tuning baseline or a `peft`
+baseline. Each cell has a fingerprint of everything that decides its result (resolved method
+config included), so a resumed grid re-runs a cell whose definition changed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from petkit.core.errors import ConfigError
+from petkit.training.config import TrainConfig
+from petkit.core.registry import METHODS, get_method, make_config
+
+KEYS = ("tasks", "methods", "method_options", "baselines", "seeds", "sizes", "validation",
+        "train", "threads")
+TASK_KEYS = ("name", "model", "data", "task_type", "max_length", "test_size", "train")
+# petkit methods that `peft` also implements: the twins the peft baseline runs.
+PEFT_TWINS = ("lora", "prefix", "prompt", "ia3")
+FULL = "full"
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A model + data pair; `train` overrides the grid's TrainConfig fields for this task."""
+
+    name: str
+    model: str
+    data: str
+    task_type: str = "auto"
+    max_length: int = 128
+    test_size: int | None = 300
+    train: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ArmSpec:
+    """What a cell trains. kind: "petkit" | "full" | "peft"; `method` is the petkit method name
+    (for "peft", the method whose twin runs); `options` its config fields."""
+
+    name: str
+    kind: str
+    method: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One training run of the grid."""
+
+    task: TaskSpec
+    arm: ArmSpec
+    size: int | None  # None: the full training set
+    seed: int
+
+    @property
+    def size_label(self) -> str:
+        """"64", "256", ... or "full"."""
+        return FULL if self.size is None else str(self.size)
+
+    @property
+    def key(self) -> str:
+        """Readable unique id: task/arm/size/seed."""
+        return f"{self.task.name}/{self.arm.name}/n={self.size_label}/seed={self.seed}"
+
+
+@dataclass(frozen=True)
+class BenchSpec:
+    """A validated grid."""
+
+    tasks: tuple[TaskSpec, ...]
+    arms: tuple[ArmSpec, ...]
+    seeds: tuple[int, ...] = (0, 1, 2)
+    sizes: tuple[int | None, ...] = (64, 256, 1024, None)
+    validation_fraction: float = 0.2
+    validation_max: int | None = None
+    train: dict[str, Any] = field(default_factory=dict)
+    threads: int | None = None
+
+    def cells(self) -> list[Cell]:
+        """Every cell; seeds outermost, so a grid cut short still compares every arm."""
+        return [Cell(task, arm, size, seed) for seed in self.seeds for task in self.tasks
+                for size in self.sizes for arm in self.arms]
+
+    def train_config(self, cell: Cell) -> TrainConfig:
+        """The grid's, then the task's, then the arm's TrainConfig fields; the cell's seed."""
+        fields = {"progress": False, **self.train, **cell.task.train, **cell.arm.train}
+        return TrainConfig.from_dict({**fields, "seed": cell.seed, "output_dir": None,
+                                      "resume": False, "save_every": 0})
+
+    def fingerprint(self, cell: Cell) -> str:
+        """Hash of everything that decides the cell's result."""
+        method = resolved_options(cell.arm) if cell.arm.method else {}
+        blob = {"task": dataclasses.asdict(cell.task), "arm": dataclasses.asdict(cell.arm),
+                "method": method, "size": cell.size, "seed": cell.seed,
+                "validation": [self.validation_fraction, self.validation_max],
+                "train": self.train_config(cell).to_dict()}
+        text = json.dumps(blob, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def resolved_options(arm: ArmSpec) -> dict[str, Any]:
+    """The method's full config (defaults filled in) as a dict."""
+    assert arm.method is not None
+    return make_config(arm.method, **arm.options).to_dict()
+
+
+def _mapping(value: Any, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"bench spec: {where} must be a mapping, got {type(value).__name__}")
+    return dict(value)
+
+
+def _no_unknown(data: dict[str, Any], known: tuple[str, ...], where: str) -> None:
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(f"bench spec: {where} has unknown key(s) {unknown}; known: {list(known)}")
+
+
+def _task(data: Any, index: int) -> TaskSpec:
+    entry = _mapping(data, f"tasks[{index}]")
+    _no_unknown(entry, TASK_KEYS, f"tasks[{index}]")
+    for key in ("model", "data"):
+        if not isinstance(entry.get(key), str) or not entry[key]:
+            raise ConfigError(f"bench spec: tasks[{index}].{key} must be a non-empty string")
+    entry.setdefault("name", f"{entry['data']}-{entry['model']}")
+    entry["train"] = _mapping(entry.get("train"), f"tasks[{index}].train")
+    return TaskSpec(**entry)
+
+
+def _method_arm(entry: Any, options: dict[str, Any]) -> ArmSpec:
+    """A petkit arm from `lora` or `{name: lora, r: 4, train: {...}}` plus method_options."""
+    fields = {"name": entry} if isinstance(entry, str) else _mapping(entry, "methods entry")
+    name = fields.pop("name", None)
+    if not isinstance(name, str):
+        raise ConfigError(f"bench spec: each methods entry needs a name, got {entry!r}")
+    merged = {**_mapping(options.get(name), f"method_options.{name}"), **fields}
+    train = _mapping(merged.pop("train", None), f"{name}.train")
+    make_config(name, **merged)  # unknown method / bad field: ConfigError now
+    return ArmSpec(name=name, kind="petkit", method=name, options=merged, train=train)
+
+
+def _arms(data: dict[str, Any]) -> list[ArmSpec]:
+    options = _mapping(data.get("method_options"), "method_options")
+    for name in options:
+        get_method(name)  # a typo in a method name: ConfigError listing the registered
+    methods = data.get("methods", "all")
+    exclude = data.get("exclude") or []
+    if not isinstance(exclude, list):
+        raise ConfigError("bench spec: exclude must be a list of method names")
+    if methods == "all":
+        methods = [name for name in METHODS if name not in exclude]
+    if not isinstance(methods, list):
+        raise ConfigError("bench spec: methods must be 'all' or a list of method entries")
+    arms = [_method_arm(m, options) for m in methods]
+    baselines = _mapping(data.get("baselines"), "baselines")
+    _no_unknown(baselines, (FULL, "peft"), "baselines")
+    full = baselines.get(FULL)
+    if full:
+        arms.append(ArmSpec(FULL, FULL, train={} if full is True else _mapping(full, FULL)))
+    peft = baselines.get("peft")
+    if peft:
+        wanted = PEFT_TWINS if peft is True else tuple(peft)
+        arms += [dataclasses.replace(a, name=f"peft:{a.method}", kind="peft")
+                 for a in list(arms) if a.kind == "petkit" and a.method in wanted]
+    names = [a.name for a in arms]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"bench spec: arm names repeat in {names}; give entries distinct names")
+    return arms
+
+
+def _sizes(values: Any) -> tuple[int | None, ...]:
+    if not isinstance(values, list) or not values:
+        raise ConfigError("bench spec: sizes must be a non-empty list of ints >= 2 or 'full'")
+    out: list[int | None] = []
+    for v in values:
+        if v == FULL:
+            out.append(None)
+        elif isinstance(v, int) and not isinstance(v, bool) and v >= 2:
+            out.append(v)
+        else:
+            raise ConfigError(f"bench spec: sizes entries must be ints >= 2 or 'full', got {v!r}")
+    return tuple(out)
+
+
+def _seeds(values: Any) -> tuple[int, ...]:
+    ok = isinstance(values, list) and values and all(
+        isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in values)
+    if not ok or len(set(values)) != len(values):
+        raise ConfigError(f"bench spec: seeds must be a list of distinct ints >= 0, got {values!r}")
+    return tuple(values)
+
+
+def spec_from_dict(data: dict[str, Any]) -> BenchSpec:
+    """Build and check a grid from its YAML mapping (every TrainConfig is built once)."""
+    data = _mapping(data, "the spec")
+    _no_unknown(data, KEYS + ("exclude",), "the spec")
+    tasks = data.get("tasks")
+    if not isinstance(tasks, list) or not tasks:
+        raise ConfigError("bench spec: tasks must be a non-empty list of {model, data} entries")
+    validation = _mapping(data.get("validation"), "validation")
+    _no_unknown(validation, ("fraction", "max"), "validation")
+    fraction = validation.get("fraction", 0.2)
+    if not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+        raise ConfigError(f"bench spec: validation.fraction must be in (0, 1), got {fraction!r}")
+    vmax = validation.get("max")
+    if vmax is not None and (not isinstance(vmax, int) or vmax < 1):
+        raise ConfigError(f"bench spec: validation.max must be an int >= 1, got {vmax!r}")
+    threads = data.get("threads")
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise ConfigError(f"bench spec: threads must be an int >= 1, got {threads!r}")
+    spec = BenchSpec(tasks=tuple(_task(t, i) for i, t in enumerate(tasks)),
+                     arms=tuple(_arms(data)), seeds=_seeds(data.get("seeds", [0, 1, 2])),
+                     sizes=_sizes(data.get("sizes", [64, 256, 1024, FULL])),
+                     validation_fraction=float(fraction), validation_max=vmax,
+                     train=_mapping(data.get("train"), "train"), threads=threads)
+    names = [t.name for t in spec.tasks]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"bench spec: task names repeat in {names}")
+    for task in spec.tasks:  # a bad train field fails here, not after an hour of grid
+        for arm in spec.arms:
+            spec.train_config(Cell(task, arm, None, spec.seeds[0]))
+    return spec
+
+
+def load_spec(path: str | Path) -> BenchSpec:
+    """Read a grid from a YAML file."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"cannot read bench spec {path}: {err}") from err
+    return spec_from_dict(data or {})

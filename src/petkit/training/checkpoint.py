@@ -1,0 +1,201 @@
+"""Training checkpoints: written atomically, rotated safely, verified on load. No pickle.
+
+`output_dir/checkpoints/step-N/` holds
+  trainable.safetensors   the trainable (delta) tensors after step N
+  best.safetensors        the best-by-validation tensors so far (when there is one)
+  state.pt                stepper state (optimiser, scheduler) + torch/numpy RNG, tensors only
+                          (`torch.load(weights_only=True)`)
+  trainer.json            step, data position, best-so-far, history, python RNG, config, sha256
+                          of every other file (written last)
+A checkpoint is built in a temp folder and renamed into place, so `step-N` exists only complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from petkit.core.errors import CheckpointError
+from petkit.training.batching import DataPosition
+from petkit.training.config import TrainConfig
+
+FORMAT = 1
+# Fields that must match for a resumed run to continue the same trajectory.
+_MUST_MATCH = ("seed", "batch_size", "grad_accum", "optimizer", "stepper", "label_token_ids",
+               "ist_top_k")
+Tensors = dict[str, torch.Tensor]
+
+
+@dataclass
+class TrainerState:
+    """Loop bookkeeping saved with every checkpoint."""
+
+    step: int = 0
+    position: DataPosition = field(default_factory=DataPosition)
+    best_step: int | None = None
+    best_metric: float | None = None
+    best_loss: float | None = None
+    bad_evals: int = 0
+    pending_losses: list[float] = field(default_factory=list)  # since the last log row
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _step_of(path: Path) -> int:
+    return int(path.name.split("-", 1)[1])
+
+
+def _rng_tensors() -> Tensors:
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    rng = {"torch": torch.get_rng_state(),
+           "numpy_keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+           "numpy_extra": torch.tensor([pos, has_gauss, cached], dtype=torch.float64)}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            rng[f"cuda{i}"] = s
+    return rng
+
+
+def _restore_rng(rng: Tensors, python_state: list[Any]) -> None:
+    torch.set_rng_state(rng["torch"])
+    pos, has_gauss, cached = rng["numpy_extra"].tolist()
+    np.random.set_state(("MT19937", rng["numpy_keys"].numpy().astype(np.uint32), int(pos),
+                         int(has_gauss), float(cached)))
+    version, internal, gauss = python_state
+    random.setstate((version, tuple(internal), gauss))
+    if torch.cuda.is_available():
+        cuda = [rng[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in rng]
+        if cuda:
+            torch.cuda.set_rng_state_all(cuda)
+
+
+def _cpu(tensors: Tensors) -> Tensors:
+    return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+
+
+def checkpoint_dir(output_dir: str | Path) -> Path:
+    """The folder holding a run's `step-N` checkpoints."""
+    return Path(output_dir) / "checkpoints"
+
+
+def save_checkpoint(output_dir: str | Path, state: TrainerState, params: Tensors,
+                    best: Tensors | None, stepper_state: dict[str, Any],
+                    config: TrainConfig) -> Path:
+    """Write `step-<state.step>` atomically, then rotate to `config.keep_checkpoints`."""
+    root = checkpoint_dir(output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{state.step}"
+    tmp = root / f".tmp-step-{state.step}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file(_cpu(params), str(tmp / "trainable.safetensors"))
+    if best is not None:
+        save_file(_cpu(best), str(tmp / "best.safetensors"))
+    torch.save({"stepper": stepper_state, "rng": _rng_tensors()}, tmp / "state.pt")
+    meta = {"format": FORMAT, "trainer": asdict(state), "config": config.to_dict(),
+            "python_rng": list(random.getstate()),
+            "files": {p.name: _sha256(p) for p in sorted(tmp.iterdir())}}
+    (tmp / "trainer.json").write_text(json.dumps(meta))
+    if final.exists():  # re-saving a step (e.g. after a resume): swap, never leave it half-written
+        old = root / f".old-step-{state.step}-{os.getpid()}"
+        os.replace(final, old)
+        shutil.rmtree(old)
+    os.replace(tmp, final)
+    rotate(root, config.keep_checkpoints)
+    return final
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Complete `step-N` folders under `root`, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir()
+             if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit()
+             and (p / "trainer.json").is_file()]
+    return sorted(found, key=_step_of)
+
+
+def rotate(root: Path, keep: int) -> None:
+    """Delete all but the newest `keep` (>= 1) complete checkpoints and stale temp folders."""
+    for old in complete_checkpoints(root)[:-max(keep, 1)]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(".tmp-step-*"):
+        if not stale.name.endswith(f"-{os.getpid()}"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint of a run, or None."""
+    found = complete_checkpoints(checkpoint_dir(output_dir))
+    return found[-1] if found else None
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads((path / "trainer.json").read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: unreadable trainer.json ({err})") from err
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: checkpoint format {meta.get('format')!r}, expected {FORMAT}")
+    for name, digest in meta.get("files", {}).items():
+        file = path / name
+        if not file.is_file() or _sha256(file) != digest:
+            raise CheckpointError(f"{path}: {name} is missing or corrupt (checksum mismatch)")
+    return meta
+
+
+def _check_compatible(path: Path, meta: dict[str, Any], config: TrainConfig,
+                      params: Tensors, saved: Tensors) -> None:
+    for name in _MUST_MATCH:
+        if meta["config"].get(name) != getattr(config, name):
+            raise CheckpointError(f"{path}: saved with {name}={meta['config'].get(name)!r}, "
+                                  f"this run has {getattr(config, name)!r}")
+    if set(saved) != set(params):
+        missing, extra = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
+        raise CheckpointError(f"{path}: trainable tensors differ (missing {missing[:5]}, "
+                              f"unexpected {extra[:5]})")
+    for key, value in saved.items():
+        if value.shape != params[key].shape:
+            raise CheckpointError(f"{path}: {key} has shape {tuple(value.shape)} in the "
+                                  f"checkpoint, {tuple(params[key].shape)} in the model")
+
+
+def load_checkpoint(path: Path, params: dict[str, torch.nn.Parameter],
+                    config: TrainConfig) -> tuple[TrainerState, Tensors | None, dict[str, Any]]:
+    """Restore `params` (in place) and the RNG states from `path`.
+
+    Returns the trainer state, the best-so-far tensors and the stepper state.
+    Raises `CheckpointError` for a corrupt or incompatible checkpoint.
+    """
+    meta = _read_meta(path)
+    try:
+        saved = load_file(str(path / "trainable.safetensors"))
+        best_file = path / "best.safetensors"
+        best = load_file(str(best_file)) if best_file.is_file() else None
+        blob = torch.load(path / "state.pt", weights_only=True, map_location="cpu")
+    except Exception as err:  # safetensors/torch raise several types for a damaged file
+        raise CheckpointError(f"{path}: cannot read checkpoint ({err})") from err
+    _check_compatible(path, meta, config, params, saved)
+    with torch.no_grad():
+        for key, param in params.items():
+            param.copy_(saved[key])
+    _restore_rng(blob["rng"], meta["python_rng"])
+    raw = meta["trainer"]
+    state = TrainerState(step=raw["step"], position=DataPosition(**raw["position"]),
+                         best_step=raw["best_step"], best_metric=raw["best_metric"],
+                         best_loss=raw["best_loss"], bad_evals=raw["bad_evals"],
+                         pending_losses=raw["pending_losses"], history=raw["history"])
+    return state, best, blob["stepper"]

@@ -1,0 +1,257 @@
+"""`train`: the one training loop. The objective computes losses, the stepper updates parameters.
+
+Per step: take `grad_accum` micro-batches from the seeded data order, let the stepper update the
+trainable parameters, log, evaluate every `eval_every` steps (keeping a copy of the best
+tensors), checkpoint every `save_every` steps. At the end the best tensors are restored, the
+adapter is saved with `pk.save_adapter` and the curves are plotted.
+"""
+
+from __future__ import annotations
+
+import random
+import resource
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from petkit.core.errors import ConfigError
+from petkit.training import checkpoint as ckpt
+from petkit.training.batching import (Batch, CollateFn, DataPosition, Example, micro_batches, move,
+                                   total_steps)
+from petkit.training.callbacks import StepHooks
+from petkit.training.config import TrainConfig
+from petkit.training.evaluate import autocast, model_device, resolve_collate, run_objective
+from petkit.training.monitor import Monitor, plot_history
+from petkit.training.objectives import make_objective
+from petkit.training.ist import with_ist
+from petkit.training.steppers import Stepper, make_stepper
+from petkit.core.io import save_adapter
+from petkit.core.model import trainable_parameters
+from petkit.core.state import active_adapters
+
+
+@dataclass
+class TrainResult:
+    """What a run did. `metric` is "accuracy" (higher is better) or "loss" (lower is better)."""
+
+    steps: int
+    best_step: int | None
+    best_metric: float | None
+    metric: str | None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    adapter_path: str | None = None
+    seconds: float = 0.0
+    peak_memory_mb: float = 0.0
+    report: dict[str, Any] = field(default_factory=dict)  # the stepper's summary (IST layers)
+
+
+def require_trainable(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The active adapters' trainable parameters (petkit's contract), by path."""
+    params = dict(trainable_parameters(model))
+    if not params:
+        raise ConfigError("the model has no trainable parameters: attach a method first "
+                          "(pk.attach(model, pk.make_config('lora')))")
+    return params
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak GPU memory allocated on a CUDA device, else this process's peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def save_active_adapters(model: nn.Module, path: Path) -> Path:
+    """`pk.save_adapter` to `path`; with several active adapters, one sub-folder per name."""
+    names = active_adapters(model) or ["default"]
+    if len(names) == 1:
+        return save_adapter(model, path, name=names[0])
+    for name in names:
+        save_adapter(model, path / name, name=name)
+    return path
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (dropout and any stepper noise draw from these)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _improves(metrics: dict[str, float], state: ckpt.TrainerState, metric: str) -> bool:
+    """Higher accuracy, or equal accuracy with lower loss; for LM tasks lower loss."""
+    if state.best_metric is None or state.best_loss is None:
+        return True
+    if metric == "accuracy" and metrics["accuracy"] != state.best_metric:
+        return metrics["accuracy"] > state.best_metric
+    return metrics["loss"] < state.best_loss
+
+
+class _Run:
+    """State of one call to `train`; each method is one phase of a step."""
+
+    def __init__(self, model: nn.Module, data: Sequence[Example], config: TrainConfig,
+                 eval_data: Sequence[Example] | None, collate: CollateFn,
+                 parameters: dict[str, nn.Parameter] | None = None) -> None:
+        self.model, self.data, self.config, self.collate = model, data, config, collate
+        self.eval_data = eval_data if eval_data else None
+        self.out = Path(config.output_dir) if config.output_dir else None
+        self.device = model_device(model)
+        self.objective = make_objective(config.label_token_ids)
+        self.params = dict(parameters) if parameters else require_trainable(model)
+        self.total = total_steps(len(data), config)
+        seed_everything(config.seed)
+        self.stepper: Stepper = make_stepper(self.params, config, self.total)
+        bind = getattr(self.stepper, "bind_model", None)
+        if callable(bind):  # optional hook: a population stepper batches its forward passes
+            bind(model)
+        self.stepper = with_ist(self.stepper, model, self.params, config)  # IST when asked
+        self.hooks = StepHooks(model)  # methods' per-step hooks (COLA links, expert load)
+        self.state = ckpt.TrainerState()
+        self.best: dict[str, torch.Tensor] | None = None
+        self.metric: str | None = None
+        self._resume_or_reset()
+        self.monitor = Monitor(self.out, self.total, self.state.step, self.state.history,
+                               config.progress)
+
+    def _resume_or_reset(self) -> None:
+        """Continue from the newest complete checkpoint, or clear stale ones of an older run."""
+        if self.out is None:
+            return
+        latest = ckpt.latest_checkpoint(self.out) if self.config.resume else None
+        if latest is None:
+            shutil.rmtree(ckpt.checkpoint_dir(self.out), ignore_errors=True)
+            return
+        self.state, self.best, stepper_state = ckpt.load_checkpoint(latest, self.params,
+                                                                     self.config)
+        self.stepper.load_state_dict(stepper_state)
+        keys = {k for row in self.state.history for k in row}
+        self.metric = ("accuracy" if "eval_accuracy" in keys
+                       else "loss" if "eval_loss" in keys else None)
+
+    def loss(self, batch: Batch) -> torch.Tensor:
+        """Forward + objective for one micro-batch, under the configured precision."""
+        with autocast(self.config.precision, self.device):
+            return self.objective(self.model, move(batch, self.device)).loss
+
+    def evaluate(self) -> None:
+        """Evaluate, record, keep the best tensors, count evaluations without improvement."""
+        assert self.eval_data is not None
+        size = self.config.eval_batch_size or self.config.batch_size
+        metrics = run_objective(self.model, self.eval_data, self.objective, batch_size=size,
+                                collate=self.collate, precision=self.config.precision)
+        self.metric = self.metric or ("accuracy" if "accuracy" in metrics else "loss")
+        row = {"step": self.state.step, **{f"eval_{k}": v for k, v in metrics.items()}}
+        self.state.history.append(row)
+        self.monitor.record(row)
+        if _improves(metrics, self.state, self.metric):
+            self.state.best_metric, self.state.best_loss = metrics[self.metric], metrics["loss"]
+            self.state.best_step, self.state.bad_evals = self.state.step, 0
+            self.best = {k: p.detach().clone() for k, p in self.params.items()}
+        else:
+            self.state.bad_evals += 1
+
+    def should_stop(self) -> bool:
+        """Early stopping: `patience` evaluations in a row without improvement."""
+        patience = self.config.early_stopping_patience
+        return patience is not None and self.state.bad_evals >= patience
+
+    def save(self) -> None:
+        """Checkpoint the current step."""
+        assert self.out is not None
+        ckpt.save_checkpoint(self.out, self.state, dict(self.params), self.best,
+                             self.stepper.state_dict(), self.config)
+
+    def loop(self) -> None:
+        """Step until `total` steps or early stopping."""
+        cfg, losses = self.config, self.state.pending_losses
+        steps = micro_batches(self.data, cfg, self.state.position, self.collate)
+        self.model.train()
+        self.hooks.on_step(self.state.step, self.total)
+        while self.state.step < self.total and not self.should_stop():
+            lr = self.stepper.current_lr()
+            losses.append(self.stepper.step(next(steps), self.loss))
+            self.state.step += 1
+            self.hooks.on_step(self.state.step, self.total)
+            self.monitor.advance()
+            step, last = self.state.step, self.state.step == self.total
+            if step % cfg.log_every == 0 or last:
+                self.log_train(losses, lr)
+                losses.clear()
+            if self.eval_data and ((cfg.eval_every and step % cfg.eval_every == 0) or last):
+                self.evaluate()
+            if self.out is not None and cfg.save_every and step % cfg.save_every == 0:
+                self.save()
+
+    def log_train(self, losses: list[float], lr: float) -> None:
+        """Record the mean train loss since the last log row."""
+        pos: DataPosition = self.state.position
+        row = {"step": self.state.step, "train_loss": sum(losses) / len(losses), "lr": lr,
+               "epoch": pos.epoch + pos.index / len(self.data), **self.hooks.metrics(),
+               **getattr(self.stepper, "log_fields", dict)()}
+        self.state.history.append(row)
+        self.monitor.record(row)
+
+    def finish(self, started: float) -> TrainResult:
+        """Restore the best tensors, save the adapter and the plot, build the result."""
+        if self.best is not None:
+            with torch.no_grad():
+                for key, param in self.params.items():
+                    param.copy_(self.best[key])
+        adapter = None
+        if self.out is not None:
+            adapter = str(save_active_adapters(self.model, self.out / "adapter"))
+            plot_history(self.state.history, self.out / "training.png", self.metric or "loss")
+        report = getattr(self.stepper, "report", dict)()
+        self.monitor.info(f"done: step={self.state.step} best_step={self.state.best_step} "
+                          f"best_{self.metric}={self.state.best_metric}"
+                          + "".join(f" {k}={v}" for k, v in report.items()))
+        self.monitor.close()
+        return TrainResult(steps=self.state.step, best_step=self.state.best_step,
+                           best_metric=self.state.best_metric, metric=self.metric,
+                           history=self.state.history, adapter_path=adapter,
+                           seconds=time.perf_counter() - started,
+                           peak_memory_mb=peak_memory_mb(self.device), report=report)
+
+
+def preflight(model: nn.Module, train_data: Sequence[Example], config: TrainConfig) -> None:
+    """Make every check `train` makes of the model, the data size and the config, then stop.
+
+    Call it before slow work that precedes training (loading, a baseline evaluation), so a
+    mistake (nothing trainable, an IST top-k above the model's layer count, a CMA-ES subspace
+    larger than the delta) is reported in seconds. Nothing is trained or changed.
+    """
+    params = require_trainable(model)
+    stepper = make_stepper(params, config, total_steps(len(train_data), config))
+    with_ist(stepper, model, params, config)
+
+
+def train(model: nn.Module, train_data: Sequence[Example], config: TrainConfig | None = None,
+          eval_data: Sequence[Example] | None = None, *, collate_fn: CollateFn | None = None,
+          pad_id: int = 0, parameters: dict[str, nn.Parameter] | None = None) -> TrainResult:
+    """Train the model's trainable (delta) parameters on encoded `train_data`.
+
+    `train_data`/`eval_data` are sequences of encoded examples ({"input_ids", "attention_mask",
+    "labels"}); never pass the test split. With `eval_data`, the best-by-validation tensors are
+    restored at the end. With `config.output_dir`, the adapter is saved to `output_dir/adapter`
+    with metrics.jsonl, train.log, training.png and (if `save_every`) checkpoints.
+    `parameters` ({path: Parameter}) trains those instead of the petkit adapters' (baselines:
+    full fine-tuning, another library's adapters).
+    """
+    started = time.perf_counter()
+    config = config or TrainConfig()
+    run = _Run(model, train_data, config, eval_data, resolve_collate(collate_fn, pad_id),
+               parameters)
+    try:
+        run.loop()
+    except BaseException:
+        run.monitor.close()
+        raise
+    return run.finish(started)

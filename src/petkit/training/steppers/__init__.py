@@ -1,0 +1,79 @@
+"""Steppers: how one optimisation step updates the trainable parameters.
+
+The training loop hands a stepper the step's micro-batches and a `loss_fn(batch) -> loss` closure
+(forward pass, autocast and objective already inside). What the stepper does with them is its own
+business: backprop calls `.backward()`; a zeroth-order stepper (MeZO) runs two forward passes under
+seeded perturbations; an evolution stepper (CMA-ES) evaluates a population. A new stepper is one
+file that defines a class with this protocol and registers a factory with `@register_stepper`.
+A stepper may also define `bind_model(model)`; the loop calls it once before the first step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from petkit.core.errors import ConfigError
+from petkit.training.config import TrainConfig
+
+Batch = dict[str, torch.Tensor]
+LossFn = Callable[[Batch], torch.Tensor]
+
+
+class Stepper(Protocol):
+    """Updates a fixed set of parameters, one optimisation step at a time."""
+
+    def step(self, micro_batches: Sequence[Batch], loss_fn: LossFn) -> float:
+        """Do one update from `micro_batches`; return the step's mean training loss."""
+        ...
+
+    def current_lr(self) -> float:
+        """Learning rate used by the next step (for logging)."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """State to resume from; only tensors, numbers, strings, lists, dicts (no pickle)."""
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned."""
+        ...
+
+
+StepperFactory = Callable[[dict[str, nn.Parameter], TrainConfig, int], Stepper]
+_REGISTRY: dict[str, StepperFactory] = {}
+
+
+def register_stepper(name: str) -> Callable[[StepperFactory], StepperFactory]:
+    """Decorator: make `factory(params, config, total_steps)` available as `config.stepper=name`."""
+
+    def decorate(factory: StepperFactory) -> StepperFactory:
+        _REGISTRY[name] = factory
+        return factory
+
+    return decorate
+
+
+def list_steppers() -> list[str]:
+    """Registered stepper names."""
+    return sorted(_REGISTRY)
+
+
+def make_stepper(params: dict[str, nn.Parameter], config: TrainConfig, total_steps: int) -> Stepper:
+    """Build the stepper `config.stepper` names (or, when "auto", the optimizer's) for `params`."""
+    name = config.stepper_name()
+    if name not in _REGISTRY:
+        raise ConfigError(f"TrainConfig.stepper must be 'auto' or one of {list_steppers()}, "
+                          f"got {config.stepper!r}")
+    return _REGISTRY[name](params, config, total_steps)
+
+
+from petkit.training.steppers import backprop as _backprop  # noqa: E402,F401  (registers "backprop")
+from petkit.training.steppers import cma_es as _cma_es  # noqa: E402,F401  (registers "cma")
+from petkit.training.steppers import zeroth as _zeroth  # noqa: E402,F401  (registers "zo")
+
+__all__ = ["Batch", "LossFn", "Stepper", "StepperFactory", "list_steppers", "make_stepper",
+           "register_stepper"]
