@@ -12,10 +12,12 @@ client lowers the signal, never the noise scale.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from petkit.fed.payload import State
+if TYPE_CHECKING:  # payload imports Flower; `petkit fed --help` must not need it
+    from petkit.fed.payload import State
 
 
 def weighted_average(states: Sequence[State], weights: Sequence[float]) -> State:
