@@ -3,6 +3,7 @@
     petkit fed                                          # shipped recipe minilm-bbc-noniid
     petkit fed --clients 10 --rounds 5 --alpha 0.1 --strategy fedprox --mu 0.05
     petkit fed --personal --dp-clip 1.0 --dp-noise 0.8 --dp-delta 1e-5
+    petkit fed --compress topk:0.1                      # sparsified updates, error feedback
     petkit fed --centralised                            # also train the pooled baseline
     petkit fed --deploy 127.0.0.1:9190                  # SuperLink + SuperNodes already running
 """
@@ -23,12 +24,13 @@ FLAGS = {"clients": "fed.clients", "rounds": "fed.rounds", "fraction": "fed.frac
          "dp_clip": "fed.dp_clip", "dp_noise": "fed.dp_noise", "dp_delta": "fed.dp_delta",
          "workers": "fed.workers", "local_steps": "train.max_steps", "lr": "train.lr",
          "method": "method.name", "model": "model.name", "data": "data.name",
-         "seed": "fed.seed", "output": "train.output_dir"}
+         "seed": "fed.seed", "output": "train.output_dir", "compress": "fed.compress"}
 HELP = {"clients": "number of clients N", "rounds": "federated rounds", "alpha": "Dirichlet concentration",
         "fraction": "share of clients trained per round", "strategy": "fedavg | fedprox",
         "mu": "FedProx proximal weight", "dp_clip": "clip each client update to this L2 norm (DP)",
         "dp_noise": "Gaussian noise multiplier z (DP)", "dp_delta": "delta of the reported epsilon",
-        "workers": "simulation worker processes", "local_steps": "local optimiser steps per round"}
+        "workers": "simulation worker processes", "local_steps": "local optimiser steps per round",
+        "compress": "client updates: none | int8 | topk:P (error feedback on the client)"}
 Echo = Callable[[str], None]
 
 

@@ -18,6 +18,7 @@ from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordD
 from flwr.clientapp import ClientApp
 
 from petkit.core.io import adapter_state
+from petkit.fed.compress import encode
 from petkit.fed.config import FedRecipe, fed_recipe_from_dict
 from petkit.fed.payload import State, from_record, load_into, state_of, to_record
 from petkit.fed.prox import proximal
@@ -27,6 +28,7 @@ from petkit.core.errors import ConfigError
 from petkit.core.model import activate
 
 LOCAL_STATE = "petkit-local"
+RESIDUAL_STATE = "petkit-residual"  # error feedback of compressed updates
 RECIPE_KEY = "recipe-yaml"
 
 
@@ -78,8 +80,21 @@ def client_train(msg: Message, context: Context, recipe: FedRecipe) -> Message:
     losses = [r["train_loss"] for r in result.history if "train_loss" in r]
     metrics = {"num-examples": len(data), "train-loss": float(np.mean(losses)) if losses else 0.0,
                "partition-id": pid}
-    arrays = _faulty(state_of(ws.model, SHARED), fault)
+    arrays = _faulty(_outgoing(state_of(ws.model, SHARED), glob, context, recipe), fault)
     return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+def _outgoing(local: State, glob: State, context: Context, recipe: FedRecipe) -> State:
+    """What the client sends: its delta, or its compressed update with error feedback."""
+    how = recipe.fed.compression
+    if not how.active:
+        return local
+    record = context.state.array_records.get(RESIDUAL_STATE)
+    residual = from_record(record) if record is not None else {}
+    update = {k: local[k].astype(np.float32) - glob[k] + residual.get(k, 0.0) for k in local}
+    sent, dropped = encode(update, how)
+    context.state[RESIDUAL_STATE] = to_record(dropped)
+    return sent
 
 
 def _faulty(state: State, fault: str | None) -> ArrayRecord:
@@ -94,7 +109,7 @@ def _faulty(state: State, fault: str | None) -> ArrayRecord:
         key = next(iter(state))
         state = {**state, key: np.zeros((state[key].shape[0] + 1, *state[key].shape[1:]), state[key].dtype)}
     if fault == "nan":
-        key = next(iter(state))
+        key = next(k for k, v in state.items() if np.issubdtype(v.dtype, np.floating))
         state = {**state, key: np.full_like(state[key], np.nan)}
     return to_record(state)
 

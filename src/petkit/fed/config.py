@@ -19,6 +19,7 @@ import yaml
 
 from petkit.core.errors import ConfigError
 from petkit.core.registry import check_choice, check_range
+from petkit.fed.compress import Compression
 from petkit.app.recipe import (Recipe, apply_overrides, parse_value, read_yaml_mapping,
                                  recipe_from_dict, shipped_recipes)
 
@@ -38,7 +39,8 @@ class FedConfig:
     personal: each client also trains a private adapter "local", active beside "shared".
     dp_clip: clip each client's update to this L2 norm (None: no DP); dp_noise: Gaussian noise
     multiplier z (std z * dp_clip on the sum of clipped updates); dp_delta: delta of the
-    reported (epsilon, delta). faults: {partition id: kind} makes a client misbehave on purpose
+    reported (epsilon, delta). compress: what clients send — "none" (the delta), "int8" or
+    "topk:P" (their update, quantised or sparsified, with error feedback; see compress.py). faults: {partition id: kind} makes a client misbehave on purpose
     (robustness tests and demos): crash | malformed | wrong-shape | nan.
     """
 
@@ -59,6 +61,7 @@ class FedConfig:
     seed: int = 0
     workers: int = 2
     timeout: float = 3600.0
+    compress: str = "none"
     faults: dict[int, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -81,6 +84,7 @@ class FedConfig:
             raise ConfigError("fed.dp_noise needs fed.dp_clip (noise is scaled to the clip norm)")
         check_range("fed.workers", self.workers, 1, 1024, kind=int)
         check_range("fed.timeout", self.timeout, 0.0, low_open=True)
+        Compression.parse(self.compress)
         self._check_faults()
 
     def _check_faults(self) -> None:
@@ -104,6 +108,11 @@ class FedConfig:
     def evaluated(self) -> int:
         """Clients evaluated per round (0: no client evaluation)."""
         return 0 if self.fraction_evaluate == 0 else max(1, round(self.fraction_evaluate * self.clients))
+
+    @property
+    def compression(self) -> Compression:
+        """How client updates travel (parsed `compress`)."""
+        return Compression.parse(self.compress)
 
     @property
     def proximal(self) -> float:

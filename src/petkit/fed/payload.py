@@ -9,6 +9,7 @@ petkit adapter folder.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,8 +70,13 @@ class RejectedUpdate(Exception):
     """A client's reply that cannot be aggregated; the message says why."""
 
 
-def check_reply(msg: Message, spec: Spec, key: str = "arrays") -> tuple[State, float]:
-    """(state, num_examples) of a training reply, or RejectedUpdate naming what is wrong."""
+def check_reply(msg: Message, spec: Spec, key: str = "arrays",
+                decode: Callable[[State], State] | None = None) -> tuple[State, float]:
+    """(state, num_examples) of a training reply, or RejectedUpdate naming what is wrong.
+
+    `decode` turns what the client sent into its delta (compressed updates); a ValueError from
+    it rejects the update.
+    """
     if msg.has_error():
         raise RejectedUpdate(f"client failed: {short_reason(msg.error.reason)}")
     content = msg.content
@@ -80,6 +86,11 @@ def check_reply(msg: Message, spec: Spec, key: str = "arrays") -> tuple[State, f
         state = from_record(content.array_records[key])
     except Exception as err:  # noqa: BLE001 - any decoding failure is the client's fault
         raise RejectedUpdate(f"malformed arrays: {type(err).__name__}: {err}") from None
+    if decode is not None:
+        try:
+            state = decode(state)
+        except ValueError as err:
+            raise RejectedUpdate(f"malformed compressed update: {err}") from None
     _check_state(state, spec)
     return state, _num_examples(msg)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -24,6 +24,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from petkit.fed.aggregate import dp_average, weighted_average
+from petkit.fed.compress import decode
 from petkit.fed.config import FedConfig
 from petkit.fed.payload import (RejectedUpdate, Spec, State, check_reply, from_record, record_bytes,
                                 short_reason, to_record)
@@ -92,7 +93,7 @@ class PetStrategy(FedAvg):
             node = msg.metadata.src_node_id
             row["bytes_up"] += _reply_bytes(msg)
             try:
-                state, n = check_reply(msg, self.spec, self.arrayrecord_key)
+                state, n = check_reply(msg, self.spec, self.arrayrecord_key, self._decoder())
             except RejectedUpdate as why:
                 pid = _claimed_partition(msg)
                 LOG.warning("round %d: rejected the update of node %d%s: %s", server_round, node,
@@ -113,6 +114,19 @@ class PetStrategy(FedAvg):
             LOG.warning("round %d: no update accepted; the global adapter is unchanged", server_round)
             return None, loss
         return to_record(weighted_average(states, weights)), loss
+
+    def _decoder(self) -> Callable[[State], State] | None:
+        """Compressed replies -> the client's delta (global sent + decoded update)."""
+        how = self.fed.compression
+        if not how.active:
+            return None
+        ref = self.reference
+
+        def delta(sent: State) -> State:
+            update = decode(sent, self.spec.shapes, how)
+            return {k: (ref[k].astype(np.float32) + update[k]).astype(ref[k].dtype) for k in ref}
+
+        return delta
 
     def _dp_aggregate(self, server_round: int, states: list[State]) -> ArrayRecord:
         assert self.accountant is not None and self.fed.dp_clip is not None
