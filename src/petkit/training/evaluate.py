@@ -52,7 +52,7 @@ def run_objective(model: nn.Module, data: Sequence[Example], objective: Objectiv
         for batch in eval_batches(data, batch_size, collate):
             with autocast(precision, device):
                 out = objective(model, move(batch, device))
-            n = len(batch["input_ids"])
+            n = len(batch["labels"])  # text (input_ids) or image (pixel_values) batches
             loss_sum, count = loss_sum + float(out.loss) * n, count + n
             if out.predictions is not None and out.targets is not None:
                 correct += int((out.predictions == out.targets).sum())

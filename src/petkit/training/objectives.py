@@ -42,8 +42,9 @@ class Objective(Protocol):
 
 
 def _model_inputs(batch: Batch) -> Batch:
-    """The keys a HF model's forward takes (drops e.g. bookkeeping columns)."""
-    return {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    """The keys a HF model's forward takes (drops e.g. bookkeeping columns); images: pixel_values."""
+    keys = ("input_ids", "attention_mask", "token_type_ids", "pixel_values")
+    return {k: v for k, v in batch.items() if k in keys}
 
 
 class ModelLoss:
