@@ -210,8 +210,9 @@ class _Run:
             adapter = str(save_active_adapters(self.model, self.out / "adapter"))
             plot_history(self.state.history, self.out / "training.png", self.metric or "loss")
         report = getattr(self.stepper, "report", dict)()
-        self.monitor.info(f"done: step={self.state.step} best_step={self.state.best_step} "
-                          f"best_{self.metric}={self.state.best_metric}"
+        best = "" if self.state.best_step is None else \
+            f" best_step={self.state.best_step} best_{self.metric}={self.state.best_metric}"
+        self.monitor.info(f"done: step={self.state.step}{best}"
                           + "".join(f" {k}={v}" for k, v in report.items()))
         self.monitor.close()
         return TrainResult(steps=self.state.step, best_step=self.state.best_step,
