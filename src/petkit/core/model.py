@@ -235,7 +235,7 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     for key in ("_petkit_adapters", "_petkit_active", "_petkit_detach_hooks"):
         model.__dict__.pop(key, None)
     for p in model.parameters():
-        p.requires_grad_(True)
+        p.requires_grad_(p.is_floating_point())  # a quantised base's packed integers cannot
     return model
 
 

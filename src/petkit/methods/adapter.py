@@ -27,6 +27,7 @@ from ..core.delta import DeltaModule, innermost, wrap
 from ..core.errors import TargetError
 from ..core.registry import MethodConfig, check_choice, check_range, register
 from ..core.targets import is_linear, linear_dims, match_targets, role_targets
+from ..core.qweight import delta_dtype
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 PLACEMENT_ROLES = {"houlsby": ("attn_out", "ffn_out"), "pfeiffer": ("ffn_out",), "parallel": ("ffn",)}
@@ -54,9 +55,10 @@ class Bottleneck(DeltaModule):
         width = fan_in if parallel else fan_out
         hidden = max(1, int(round(width / reduction)))
         ref = next(innermost(base).parameters())
-        self.down = nn.Linear(width, hidden, dtype=ref.dtype, device=ref.device)
+        kw = {"dtype": delta_dtype(innermost(base)), "device": ref.device}
+        self.down = nn.Linear(width, hidden, **kw)
         self.act = ACTIVATIONS[activation]()
-        self.up = nn.Linear(hidden, fan_out, dtype=ref.dtype, device=ref.device)
+        self.up = nn.Linear(hidden, fan_out, **kw)
         nn.init.normal_(self.down.weight, std=1e-2)
         nn.init.zeros_(self.down.bias)
         nn.init.zeros_(self.up.weight)

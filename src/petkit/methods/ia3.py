@@ -27,6 +27,7 @@ from ..core.delta import DeltaModule, innermost, wrap
 from ..core.errors import AdapterStateError, ConfigError, TargetError
 from ..core.registry import MethodConfig, register
 from ..core.targets import ROLES, Targets, linear_dims, match_targets, model_type, role_targets
+from ..core.qweight import delta_dtype, dense_weight
 
 
 class IA3Scale(DeltaModule):
@@ -39,7 +40,7 @@ class IA3Scale(DeltaModule):
         inner = innermost(base)
         fan_in, fan_out, self.transposed = linear_dims(inner)
         self.on_input = on_input
-        kw = {"dtype": inner.weight.dtype, "device": inner.weight.device}
+        kw = {"dtype": delta_dtype(inner), "device": inner.weight.device}
         self.ia3_l = nn.Parameter(torch.ones(fan_in if on_input else fan_out, **kw))
         self._merged_deltas: dict[str, torch.Tensor] = {}
 
@@ -52,7 +53,7 @@ class IA3Scale(DeltaModule):
 
     def delta_weight(self) -> torch.Tensor:
         """(l - 1) applied to the weight's output (or input) axis, in the weight's own layout."""
-        weight = innermost(self.base).weight.detach()
+        weight = dense_weight(innermost(self.base)).detach()
         d = self.ia3_l.detach() - 1
         # Linear weight is (out, in); GPT-2 Conv1D is (in, out).
         rows = self.on_input == self.transposed

@@ -22,6 +22,7 @@ from .family.lowrank import factor_pair
 from ..core.registry import MethodConfig, check_choice, check_range, register
 from ..core.targets import linear_dims, match_targets, role_targets
 
+from ..core.qweight import delta_dtype
 
 class LoraLinear(DeltaModule):
     def __init__(self, base: nn.Module, adapter_name: str, r: int, alpha: float, dropout: float,
@@ -29,8 +30,8 @@ class LoraLinear(DeltaModule):
         super().__init__(base, adapter_name)
         inner = innermost(base)
         fan_in, fan_out, self.transposed = linear_dims(inner)
-        kw = {"dtype": inner.weight.dtype, "device": inner.weight.device}
-        self.lora_A, self.lora_B = factor_pair(r, fan_in, fan_out, inner.weight)
+        kw = {"dtype": delta_dtype(inner), "device": inner.weight.device}
+        self.lora_A, self.lora_B = factor_pair(r, fan_in, fan_out, inner)
         self.lora_bias = nn.Parameter(torch.zeros(fan_out, **kw)) if bias else None
         self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
         self.mix = 1.0  # this adapter's weight when stacked (pk.activate(..., weights=...))

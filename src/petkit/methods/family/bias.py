@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from petkit.core.delta import DeltaModule, innermost
+from petkit.core.qweight import delta_dtype
 
 
 def output_width(module: nn.Module) -> int:
@@ -29,7 +30,7 @@ class BiasDelta(DeltaModule):
         super().__init__(base, adapter_name)
         inner = innermost(base)
         ref = getattr(inner, "weight", None)
-        self.bias_delta = nn.Parameter(torch.zeros(output_width(base), dtype=ref.dtype if ref is not None else None,
+        self.bias_delta = nn.Parameter(torch.zeros(output_width(base), dtype=delta_dtype(inner) if ref is not None else None,
                                                    device=ref.device if ref is not None else None))
         if not isinstance(getattr(inner, "bias", None), torch.Tensor):
             self.notes.append("added zero bias (base had none)")

@@ -15,22 +15,31 @@ from torch import nn
 from petkit.core.delta import DeltaModule, innermost
 from petkit.core.registry import check_range
 from petkit.core.capabilities import Factors, LowRank, lowrank_factors  # noqa: F401 - re-exported for methods
+from petkit.core.qweight import delta_dtype, dense_weight
 from petkit.core.targets import linear_dims, linear_shape  # noqa: F401
 
 
-def factor_pair(rows: int, fan_in: int, fan_out: int, like: torch.Tensor) -> tuple[nn.Parameter, nn.Parameter]:
-    """LoRA's init: A Kaiming-uniform (rows, in), B zeros (out, rows) — so B A = 0."""
-    kw = {"dtype": like.dtype, "device": like.device}
+def factor_pair(rows: int, fan_in: int, fan_out: int, like: torch.Tensor | nn.Module) -> tuple[nn.Parameter, nn.Parameter]:
+    """LoRA's init: A Kaiming-uniform (rows, in), B zeros (out, rows) — so B A = 0.
+
+    `like` is a dense weight or the base layer (a quantised one gives its compute dtype)."""
+    if isinstance(like, nn.Module):
+        kw = {"dtype": delta_dtype(like), "device": like.weight.device}
+    else:
+        kw = {"dtype": like.dtype, "device": like.device}
     a = nn.Parameter(torch.empty(rows, fan_in, **kw))
     nn.init.kaiming_uniform_(a, a=math.sqrt(5))
     return a, nn.Parameter(torch.zeros(fan_out, rows, **kw))
 
 
 def weight_out_in(wrapper: DeltaModule) -> torch.Tensor:
-    """The innermost base weight in (out, in) layout (a view; Conv1D stores (in, out))."""
+    """The innermost base weight in (out, in) layout (a view; Conv1D stores (in, out)).
+
+    A quantised base gives a dequantised temporary in its compute dtype (core.qweight)."""
     inner = innermost(wrapper.base)
     _, _, transposed = linear_dims(inner)
-    return inner.weight.T if transposed else inner.weight
+    weight = dense_weight(inner)
+    return weight.T if transposed else weight
 
 
 def to_base_layout(delta: torch.Tensor, transposed: bool) -> torch.Tensor:
