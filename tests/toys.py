@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from petkit.models import tiny_model
+from petkit.models.vision import tiny_vision_model
 
 
 class MLP(nn.Module):
@@ -52,13 +53,21 @@ def bert_cls(seed: int = 0) -> nn.Module:
     return tiny_model("bert", task="seq-cls", num_labels=3, seed=seed)[0].eval()
 
 
-TOYS: dict[str, Callable[[int], nn.Module]] = {"mlp": mlp, "llama": llama, "gpt2": gpt2, "bert": bert_cls}
+def vit(seed: int = 0) -> nn.Module:
+    """A 2-block, 32-wide DINOv2 classifier on 16x16 images (patch 4: 16 patches), 3 classes."""
+    return tiny_vision_model(num_labels=3, seed=seed)
+
+
+TOYS: dict[str, Callable[[int], nn.Module]] = {"mlp": mlp, "llama": llama, "gpt2": gpt2, "bert": bert_cls,
+                                               "vit": vit}
 
 
 def inputs(kind: str, seed: int = 1) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     if kind == "mlp":
         return {"x": torch.randn(4, 8, generator=g)}
+    if kind == "vit":
+        return {"pixel_values": torch.randn(2, 3, 16, 16, generator=g)}
     ids = torch.randint(3, 60, (2, 6), generator=g)
     mask = torch.ones_like(ids)
     mask[1, -2:] = 0  # one padded row

@@ -107,6 +107,11 @@ def input_embedding_path(model: nn.Module) -> str:
                           "input-extending methods need a transformers-style model")
     from petkit.core.delta import canonical_modules, innermost
 
+    if not isinstance(getattr(innermost(emb), "weight", None), torch.Tensor):  # a ViT's patches
+        raise TargetError(f"{type(model).__name__} takes no token ids (its input embedding is "
+                          f"{type(innermost(emb)).__name__}): prompt/prefix methods extend a text "
+                          "model's token sequence; for a vision transformer use 'vpt'")
+
     for path, outer, inner in canonical_modules(model):
         if outer is emb or inner is innermost(emb):
             return path
