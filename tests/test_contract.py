@@ -12,7 +12,9 @@ import pytest
 import torch
 
 import petkit as pk
-from petkit.core.delta import DeltaModule
+from capability_checks import CHECKS
+from petkit.core import capabilities as cap
+from petkit.core.delta import DeltaModule, iter_deltas
 from toys import TOYS, inputs, perturb, run
 
 
@@ -91,8 +93,15 @@ CASES = [
     Case("sira", "llama", {"layer_experts": [2, 3], "top_k": 1}, True, False),
     Case("sira", "gpt2", {"capacity_factor": None, "expert_dropout": 0.1}, True, False),
     Case("sira", "bert", {"num_experts": 3, "top_k": 3}, True, False),
+    Case("peqa", "mlp", {}, False, True),  # init = the RTN-quantised base (tests/methods/test_peqa.py)
+    Case("peqa", "llama", {"bits": 3, "group_size": 8}, False, True),
+    Case("peqa", "gpt2", {"group_size": 16}, False, True),
+    Case("peqa", "bert", {"bits": 4}, False, True),
 ]
 ids = [c.id for c in CASES]
+
+
+CLAIMS = [(c, p) for c in CASES for p in pk.get_method(c.method).config_cls.capabilities]
 
 
 def test_every_registered_method_has_a_row():
@@ -266,3 +275,19 @@ def test_config_round_trips_through_json(case):
     cfg = pk.make_config(case.method, **case.kwargs)
     again = pk.core.registry.config_from_json(json.loads(cfg.to_json()))
     assert again == cfg
+
+
+@pytest.mark.parametrize("case", CASES, ids=ids)
+def test_declared_capabilities_are_what_the_wrappers_and_config_satisfy(case):
+    _, model, _ = fresh(case)
+    cfg = pk.adapters(model)["a"].config
+    found = {p for p in cap.WRAPPER_CAPABILITIES if any(isinstance(w, p) for _, w in iter_deltas(model))}
+    found |= {p for p in cap.CONFIG_CAPABILITIES if isinstance(cfg, p)}
+    assert set(type(cfg).capabilities) == found
+    assert all(case.method in cap.capable(p) for p in found)
+
+
+@pytest.mark.parametrize("case,protocol", CLAIMS, ids=[f"{c.id}-{p.__name__}" for c, p in CLAIMS])
+def test_each_claimed_capability_behaves(case, protocol, tmp_path):
+    base, model, batch = trained(case)
+    CHECKS[protocol](base, model, batch, tmp_path)

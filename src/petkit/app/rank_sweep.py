@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from petkit.core.errors import ConfigError
-from petkit.core.capabilities import set_rank
+from petkit.core.capabilities import RankRange, capable_text, set_rank
 from petkit.core.state import active_adapters
 
 
@@ -28,12 +28,11 @@ def parse_ranks(text: str) -> list[int]:
 
 def check_ranks(method_config: Any, ranks: Sequence[int]) -> None:
     """Fail before training if the method has no rank range or a rank is outside it."""
-    at_rank = getattr(method_config, "at_rank", None)
-    if at_rank is None:
+    if not isinstance(method_config, RankRange):
         raise ConfigError(f"evaluating at several ranks needs a method trained over a range of ranks "
-                          f"(dylora); this run's method is {method_config.method!r}")
+                          f"({capable_text(RankRange)}); this run's method is {method_config.method!r}")
     for rank in ranks:
-        at_rank(rank)
+        method_config.at_rank(rank)
 
 
 def evaluate_at_ranks(recipe: Any, adapter: str | Path, ranks: Sequence[int]) -> dict[int, dict[str, float]]:

@@ -17,6 +17,8 @@ import torch
 from torch import nn
 
 from petkit.benchmark.spec import ArmSpec
+from petkit.core.capabilities import InputScaled
+from petkit.core.delta import iter_deltas
 from petkit.core.errors import ConfigError
 from petkit.core.io import save_adapter
 from petkit.core.model import attach, detach, trainable_parameters
@@ -138,13 +140,11 @@ class PeftCausalView(nn.Module):
 
 def _targets_of(model: nn.Module, config: Any) -> tuple[list[str], list[str]]:
     """Where petkit would put `config`: (all touched paths, paths scaled at their input)."""
-    from petkit.core.delta import iter_deltas
-
     attach(model, config, name="_placement")
     try:
         record = adapters(model)["_placement"]
         on_input = [p for p, w in iter_deltas(model)
-                    if w.adapter_name == "_placement" and getattr(w, "on_input", False)]
+                    if w.adapter_name == "_placement" and isinstance(w, InputScaled) and w.on_input]
         return list(record.targets), on_input
     finally:
         detach(model, "_placement")

@@ -29,7 +29,7 @@ from torch import nn
 
 from .delta import DeltaModule, get_canonical, innermost, iter_deltas
 from .errors import AdapterStateError, ConfigError
-from .capabilities import lowrank_factors
+from .capabilities import Weighted, lowrank_factors
 from .model import TrainableCopy, activate, attach
 from .state import adapters, check_known
 from .targets import linear_shape
@@ -90,7 +90,7 @@ def _check_args(model: nn.Module, names: list[str], weights: list[float], name: 
 @contextlib.contextmanager
 def _unit_mix(model: nn.Module, names: list[str]) -> Iterator[None]:
     """Read each input's own delta, not its stacking weight."""
-    saved = [(w, w.mix) for _, w in iter_deltas(model) if w.adapter_name in names and hasattr(w, "mix")]
+    saved = [(w, w.mix) for _, w in iter_deltas(model) if w.adapter_name in names and isinstance(w, Weighted)]
     for w, _ in saved:
         w.mix = 1.0
     try:

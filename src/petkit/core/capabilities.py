@@ -1,7 +1,27 @@
-"""Knobs some methods' wrappers expose, reached by structure (never by method name).
+"""Optional capabilities of a method, declared as Protocols and checked with isinstance.
 
-    pk.set_rank(model, 4, name="default")    # wrappers with `set_rank` (DyLoRA): rank from now on
-    pk.expert_load(model, name="default")    # wrappers with `expert_counts` (LoRA mixtures)
+Every wrapper satisfies the delta contract (`delta.DeltaModule`); some offer more. Each extra is
+a runtime-checkable Protocol below, and core / training reach it only through `isinstance` —
+never through a method's name or a `hasattr` probe:
+
+    Weighted        a float `mix` scaling its delta when stacked (`pk.activate(..., weights=)`)
+    LowRank         `lowrank() -> (A, B, scale)`: its delta is `scale * B @ A`
+    RankSettable    `set_rank(r)`: evaluate at another rank without retraining (DyLoRA)
+    ExpertRouted    `expert_counts()`: tokens routed to each expert (LoRA mixtures)
+    StepHooked      `on_train_step(step, total)` after each optimiser step (COLA's links)
+    ReportsMetrics  `train_metrics()`: extra numbers for each training log row
+    Foldable        `fold()`: replace a training-time reparameterisation by what it computes
+    MergesOwnDeltas `merge_deltas()`: what merging adds, by base parameter name
+    TransformsOutput `transforms_output`: True when it changes its base's output non-additively
+    InputScaled     `on_input`: True when it scales its base's input rather than its output
+
+A config may satisfy RankRange (`rank_range`, `at_rank`) and FoldableConfig (`folded`). A registered method
+declares what its wrappers and config satisfy in its config's `capabilities` ClassVar; the
+contract table (tests/test_contract.py) checks every claim, and `capable(P)` lists the methods
+claiming P for error messages.
+
+    pk.set_rank(model, 4, name="default")    # RankSettable wrappers (DyLoRA): rank from now on
+    pk.expert_load(model, name="default")    # ExpertRouted wrappers (LoRA mixtures)
 """
 from __future__ import annotations
 
@@ -12,10 +32,16 @@ from torch import nn
 
 from .delta import DeltaModule, iter_deltas
 from .errors import AdapterStateError, ConfigError
+from .registry import METHODS, MethodConfig
 from .state import adapters, check_known
 
 
 Factors = tuple[torch.Tensor, torch.Tensor, float]
+
+
+@runtime_checkable
+class Weighted(Protocol):
+    mix: float
 
 
 @runtime_checkable
@@ -24,6 +50,74 @@ class LowRank(Protocol):
         """(A (r, in), B (out, r), scale): the delta is `scale * B @ A` in (out, in) layout."""
         ...
 
+
+@runtime_checkable
+class RankSettable(Protocol):
+    def set_rank(self, rank: int) -> None: ...
+
+
+@runtime_checkable
+class ExpertRouted(Protocol):
+    def expert_counts(self, reset: bool = False) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class StepHooked(Protocol):
+    def on_train_step(self, step: int, total_steps: int) -> None: ...
+
+
+@runtime_checkable
+class ReportsMetrics(Protocol):
+    def train_metrics(self) -> dict[str, float]: ...
+
+
+@runtime_checkable
+class Foldable(Protocol):
+    def fold(self) -> None: ...
+
+
+@runtime_checkable
+class MergesOwnDeltas(Protocol):
+    def merge_deltas(self) -> dict[str, torch.Tensor]: ...
+
+
+@runtime_checkable
+class TransformsOutput(Protocol):
+    transforms_output: bool
+
+
+@runtime_checkable
+class InputScaled(Protocol):
+    on_input: bool
+
+
+@runtime_checkable
+class RankRange(Protocol):
+    def rank_range(self) -> tuple[int, int]:
+        """(lowest, highest) rank `at_rank` accepts."""
+        ...
+
+    def at_rank(self, rank: int) -> MethodConfig: ...
+
+
+@runtime_checkable
+class FoldableConfig(Protocol):
+    def folded(self) -> MethodConfig: ...
+
+
+WRAPPER_CAPABILITIES: tuple[type, ...] = (Weighted, LowRank, RankSettable, ExpertRouted, StepHooked,
+                                          ReportsMetrics, Foldable, MergesOwnDeltas, TransformsOutput,
+                                          InputScaled)
+CONFIG_CAPABILITIES: tuple[type, ...] = (RankRange, FoldableConfig)
+
+
+def capable(protocol: type) -> list[str]:
+    """The registered methods that declare `protocol`, sorted (for error messages)."""
+    return sorted(name for name, info in METHODS.items() if protocol in info.config_cls.capabilities)
+
+
+def capable_text(protocol: type) -> str:
+    return ", ".join(capable(protocol)) or "none registered"
 
 
 def lowrank_factors(wrapper: DeltaModule) -> Factors | None:
@@ -39,14 +133,13 @@ def set_rank(model: nn.Module, rank: int, name: str = "default") -> nn.Module:
     """
     check_known(model, [name])
     record = adapters(model)[name]
-    at_rank = getattr(record.config, "at_rank", None)
-    if at_rank is None:
-        raise ConfigError(f"adapter {name!r} ({record.config.method}) has one fixed rank; "
-                          "set_rank needs a method trained over a range of ranks (dylora)")
-    wrappers = [w for _, w in iter_deltas(model) if w.adapter_name == name and hasattr(w, "set_rank")]
+    if not isinstance(record.config, RankRange):
+        raise ConfigError(f"adapter {name!r} ({record.config.method}) has one fixed rank; set_rank needs a "
+                          f"method trained over a range of ranks ({capable_text(RankRange)})")
+    wrappers = [w for _, w in iter_deltas(model) if w.adapter_name == name and isinstance(w, RankSettable)]
     if any(w.merged for w in wrappers):
         raise AdapterStateError(f"adapter {name!r} is merged; unmerge it before changing its rank")
-    record.config = at_rank(rank)  # validates the range before anything changes
+    record.config = record.config.at_rank(rank)  # validates the range before anything changes
     for w in wrappers:
         w.set_rank(rank)
     return model
@@ -62,10 +155,11 @@ def expert_load(model: nn.Module, name: str = "default", reset: bool = False) ->
     check_known(model, [name])
     out: dict[str, list[float]] = {}
     for path, w in iter_deltas(model):
-        if w.adapter_name == name and hasattr(w, "expert_counts"):
+        if w.adapter_name == name and isinstance(w, ExpertRouted):
             counts: torch.Tensor = w.expert_counts(reset=reset)
             total = float(counts.sum())
             out[path] = [float(c) / total if total else 0.0 for c in counts]
     if not out:
-        raise ConfigError(f"adapter {name!r} ({adapters(model)[name].config.method}) has no experts")
+        raise ConfigError(f"adapter {name!r} ({adapters(model)[name].config.method}) has no experts; "
+                          f"methods with experts: {capable_text(ExpertRouted)}")
     return out

@@ -2,9 +2,9 @@
 
 Some methods train their delta through a reparameterisation that inference does not need (prefix
 tuning's MLP over prefix embeddings). After training, `fold` asks each of the adapter's wrappers
-to `fold()` itself (same outputs, fewer parameters) and replaces the adapter's config by the
-config's `folded()` form, so a saved folded adapter loads into the folded structure.
-Methods without a `folded()` config have nothing to fold and are left as they are.
+that is `capabilities.Foldable` to `fold()` itself (same outputs, fewer parameters) and replaces
+the adapter's config by its `folded()` form (`capabilities.FoldableConfig`), so a saved folded
+adapter loads into the folded structure. Other methods have nothing to fold and are left as they are.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from .capabilities import Foldable, FoldableConfig
 from .delta import iter_deltas
 from .errors import AdapterStateError
 from .model import adapters, set_trainable
@@ -25,12 +26,12 @@ def fold(model: nn.Module, names: str | Sequence[str] | None = None) -> nn.Modul
     if unknown:
         raise AdapterStateError(f"unknown adapter(s) {unknown}; attached: {list(records) or 'none'}")
     for name in names:
-        folded = getattr(records[name].config, "folded", None)
-        if folded is None or folded() == records[name].config:
+        config = records[name].config
+        if not isinstance(config, FoldableConfig) or config.folded() == config:
             continue
         for _, wrapper in iter_deltas(model):
-            if wrapper.adapter_name == name and callable(getattr(wrapper, "fold", None)):
+            if wrapper.adapter_name == name and isinstance(wrapper, Foldable):
                 wrapper.fold()
-        records[name].config = folded()
+        records[name].config = config.folded()
         set_trainable(model, name, records[name].trainable)  # new tensors follow the adapter's state
     return model

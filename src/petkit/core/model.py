@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .capabilities import MergesOwnDeltas, TransformsOutput
 from .delta import DeltaModule, innermost, unwrap, wrap
 from .errors import AdapterStateError, ConfigError, TargetError
 from .registry import MethodConfig
@@ -37,9 +38,8 @@ class TrainableCopy(DeltaModule):
 
 def merge_deltas(wrapper: DeltaModule) -> dict[str, torch.Tensor]:
     """What merging `wrapper` adds to its innermost base's parameters, by parameter name."""
-    own = getattr(wrapper, "merge_deltas", None)
-    if own is not None:
-        return own()
+    if isinstance(wrapper, MergesOwnDeltas):
+        return wrapper.merge_deltas()
     out = {"weight": wrapper.delta_weight(), "bias": wrapper.delta_bias()}
     return {k: v for k, v in out.items() if v is not None}
 
@@ -144,13 +144,13 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def _check_mergeable(model: nn.Module, wrapper: DeltaModule) -> None:
-    if not (wrapper.mergeable or hasattr(wrapper, "merge_deltas")):
+    if not (wrapper.mergeable or isinstance(wrapper, MergesOwnDeltas)):
         raise AdapterStateError(
             f"adapter {wrapper.adapter_name!r} ({type(wrapper).__name__}) is not mergeable: its delta is not a weight change"
         )
     inner = wrapper.base
     while isinstance(inner, DeltaModule):
-        if getattr(inner, "transforms_output", False) and not inner.merged:
+        if isinstance(inner, TransformsOutput) and inner.transforms_output and not inner.merged:
             raise AdapterStateError(
                 f"cannot merge {wrapper.adapter_name!r}: it wraps {inner.adapter_name!r} "
                 f"({type(inner).__name__}), which transforms its base's output; detach or reorder"

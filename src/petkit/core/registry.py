@@ -36,6 +36,8 @@ class MethodConfig:
     suggested_lr: the AdamW learning rate this method wants when it differs from LoRA's (soft
     prompts and prefixes need 3-10x larger steps); `petkit train --method NAME` uses it unless a
     learning rate is given, and the methods table trains with it. None: the recipe's rate.
+    capabilities: the Protocols of `core.capabilities` this method's wrappers (and config) satisfy
+    beyond the delta contract; the contract table checks each claim.
     """
 
     targets: str | tuple[str, ...] | None = None
@@ -43,6 +45,7 @@ class MethodConfig:
     method: ClassVar[str] = ""
     applies_to: ClassVar[tuple[str, ...]] = ("decoder", "encoder")
     suggested_lr: ClassVar[float | None] = None
+    capabilities: ClassVar[tuple[type, ...]] = ()
 
     def __post_init__(self) -> None:
         for f in fields(self):  # lists from JSON/YAML become tuples: configs stay hashable

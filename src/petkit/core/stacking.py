@@ -4,8 +4,8 @@
     pk.adapter_weights(model)                             # {"a": 1.0, "b": 0.5}
 
 A weight scales a wrapper's delta, in its forward and in what merging adds. Wrappers that can be
-weighted say so by structure: they satisfy `capabilities.Weighted` (a float `mix`: the LoRA
-family, DoRA, KronA, mixtures of LoRA experts). Weighted merges into a new adapter live in
+weighted satisfy `capabilities.Weighted` (a float `mix`); which methods do is read from the
+registry (`capabilities.capable(Weighted)`). Weighted merges into a new adapter live in
 `adapter_merge.py`, mixed batches in `mixed_batch.py`.
 """
 from __future__ import annotations
@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from .capabilities import Weighted, capable_text
 from .delta import iter_deltas
 from .errors import AdapterStateError, ConfigError
 from .state import adapters
@@ -32,12 +33,12 @@ def check_weights(model: nn.Module, names: Sequence[str], weights: Sequence[floa
     for adapter, weight in zip(names, values):
         wrappers = [w for _, w in iter_deltas(model) if w.adapter_name == adapter]
         if weight != 1.0:
-            fixed = sorted({type(w).__name__ for w in wrappers if not hasattr(w, "mix")})
+            fixed = sorted({type(w).__name__ for w in wrappers if not isinstance(w, Weighted)})
             if fixed:
                 method = adapters(model)[adapter].config.method
                 raise ConfigError(f"adapter {adapter!r} ({method}: {', '.join(fixed)}) cannot be weighted; "
-                                  "weights apply to the LoRA family, DoRA, KronA and LoRA mixtures")
-        if any(w.merged and getattr(w, "mix", 1.0) != weight for w in wrappers):
+                                  f"methods that can be weighted: {capable_text(Weighted)}")
+        if any(w.merged and isinstance(w, Weighted) and w.mix != weight for w in wrappers):
             raise AdapterStateError(f"adapter {adapter!r} is merged with weight {_mix_of(model, adapter)}; "
                                     "unmerge it before changing its weight")
     return values
@@ -51,12 +52,12 @@ def apply_weights(model: nn.Module, names: Sequence[str], weights: Sequence[floa
     """Set each adapter's weight (checked by `check_weights` first)."""
     chosen = dict(zip(names, weights))
     for _, w in iter_deltas(model):
-        if w.adapter_name in chosen and hasattr(w, "mix"):
+        if w.adapter_name in chosen and isinstance(w, Weighted):
             w.mix = chosen[w.adapter_name]
 
 
 def _mix_of(model: nn.Module, name: str) -> float:
-    return next((w.mix for _, w in iter_deltas(model) if w.adapter_name == name and hasattr(w, "mix")), 1.0)
+    return next((w.mix for _, w in iter_deltas(model) if w.adapter_name == name and isinstance(w, Weighted)), 1.0)
 
 
 def adapter_weights(model: nn.Module) -> dict[str, float]:

@@ -18,11 +18,12 @@ W_up = 0 at init, so the adapter starts as the exact identity. Width of the bott
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from ..core.capabilities import TransformsOutput
 from ..core.delta import DeltaModule, innermost, wrap
 from ..core.errors import TargetError
 from ..core.registry import MethodConfig, check_choice, check_range, register
@@ -79,6 +80,7 @@ class Bottleneck(DeltaModule):
 @register("adapter", family="additive", paper="Houlsby et al., 2019, Parameter-Efficient Transfer Learning for NLP")
 @dataclass(frozen=True)
 class AdapterConfig(MethodConfig):
+    capabilities: ClassVar[tuple[type, ...]] = (TransformsOutput,)
     variant: str = "houlsby"  # houlsby | pfeiffer | parallel
     reduction_factor: float = 16.0
     activation: str = "relu"

@@ -19,12 +19,14 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from typing import ClassVar
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.capabilities import LowRank, StepHooked, Weighted
 from ..core.adapter_merge import lora_from_factors
 from ..core.delta import DeltaModule, iter_deltas, wrap
 from ..core.errors import ConfigError
@@ -86,6 +88,7 @@ class ColaLinear(DeltaModule):
           paper="Xia et al., 2024, Chain of LoRA: Efficient Fine-tuning of Language Models via Residual Learning")
 @dataclass(frozen=True)
 class ColaConfig(MethodConfig):
+    capabilities: ClassVar[tuple[type, ...]] = (Weighted, LowRank, StepHooked)
     r: int = 8  # rank of each link
     alpha: float = 16.0
     dropout: float = 0.0

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.capabilities import MergesOwnDeltas, Weighted
 from ..core.delta import DeltaModule, innermost, wrap
 from .family.lowrank import check_lora_fields, factor_pair, linear_shape, to_base_layout, weight_out_in
 from ..core.registry import MethodConfig, check_choice, register
@@ -80,6 +82,7 @@ class DoraLinear(DeltaModule):
           paper="Liu et al., 2024, DoRA: Weight-Decomposed Low-Rank Adaptation")
 @dataclass(frozen=True)
 class DoraConfig(MethodConfig):
+    capabilities: ClassVar[tuple[type, ...]] = (Weighted, MergesOwnDeltas)
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.capabilities import LowRank, RankRange, RankSettable, Weighted
 from ..core.delta import DeltaModule, iter_deltas, wrap
 from .family.lowrank import check_lora_fields, factor_pair, frozen_prefix, linear_shape, to_base_layout, weight_out_in
 from ..core.model import add_detach_hook
@@ -82,6 +83,7 @@ def _rank_sampler(wrappers: list[DyLoraLinear], low: int, high: int) -> Any:
                 "using Dynamic Search-Free Low-Rank Adaptation")
 @dataclass(frozen=True)
 class DyLoraConfig(MethodConfig):
+    capabilities: ClassVar[tuple[type, ...]] = (Weighted, LowRank, RankSettable, RankRange)
     r: int = 8  # the largest rank trained
     min_rank: int = 1
     alpha: float = 16.0
@@ -95,6 +97,9 @@ class DyLoraConfig(MethodConfig):
         check_choice("update", self.update, ("all", "last"))
         if self.eval_rank is not None:
             check_range("eval_rank", self.eval_rank, self.min_rank, self.r, kind=int)
+
+    def rank_range(self) -> tuple[int, int]:
+        return self.min_rank, self.r
 
     def at_rank(self, rank: int) -> "DyLoraConfig":
         """This config evaluated at `rank` (checked against [min_rank, r])."""

@@ -23,6 +23,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from ..core.capabilities import InputScaled, MergesOwnDeltas, TransformsOutput
 from ..core.delta import DeltaModule, innermost, wrap
 from ..core.errors import AdapterStateError, ConfigError, TargetError
 from ..core.registry import MethodConfig, register
@@ -90,6 +91,7 @@ def _as_targets(value: object, field: str) -> None:
           paper="Liu et al., 2022, Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper than In-Context Learning")
 @dataclass(frozen=True)
 class IA3Config(MethodConfig):
+    capabilities: ClassVar[tuple[type, ...]] = (MergesOwnDeltas, TransformsOutput, InputScaled)
     suggested_lr: ClassVar[float | None] = 0.01
     feedforward_targets: str | tuple[str, ...] | None = None  # scaled at their input (FFN down projections)
 

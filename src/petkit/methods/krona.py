@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.capabilities import Weighted
 from ..core.delta import DeltaModule, get_canonical, wrap
 from ..core.errors import ConfigError
 from .family.lowrank import linear_shape, to_base_layout, weight_out_in
@@ -82,6 +83,7 @@ class KronaLinear(DeltaModule):
           paper="Edalati et al., 2022, KronA: Parameter Efficient Tuning with Kronecker Adapter")
 @dataclass(frozen=True)
 class KronaConfig(MethodConfig):
+    capabilities: ClassVar[tuple[type, ...]] = (Weighted,)
     suggested_lr: ClassVar[float | None] = 0.01
     a_out: int | None = None  # rows of A (must divide each target's output width)
     a_in: int | None = None  # columns of A (must divide each target's input width)

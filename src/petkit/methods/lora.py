@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .family.bias import BiasDelta
+from ..core.capabilities import LowRank, Weighted
 from ..core.delta import DeltaModule, get_canonical, innermost, wrap
 from .family.lowrank import factor_pair
 from ..core.registry import MethodConfig, check_choice, check_range, register
@@ -60,6 +62,7 @@ class LoraLinear(DeltaModule):
 @register("lora", family="reparameterised", paper="Hu et al., 2021, LoRA: Low-Rank Adaptation of Large Language Models")
 @dataclass(frozen=True)
 class LoraConfig(MethodConfig):
+    capabilities: ClassVar[tuple[type, ...]] = (Weighted, LowRank)
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0

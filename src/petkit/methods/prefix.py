@@ -35,6 +35,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from ..core.capabilities import Foldable, FoldableConfig
 from ..core.delta import get_canonical, innermost, wrap
 from ..core.errors import ConfigError, TargetError
 from .family.virtual_tokens import KV, InputExtension, cache_kwarg, ensure_input_hooks, input_embedding_path, new_cache
@@ -162,6 +163,7 @@ def attach_prefix(model: nn.Module, name: str, n: int, projection_dim: int, init
           paper="Li & Liang, 2021, Prefix-Tuning; Liu et al., 2022, P-Tuning v2")
 @dataclass(frozen=True)
 class PrefixConfig(MethodConfig):
+    capabilities: ClassVar[tuple[type, ...]] = (Foldable, FoldableConfig)
     suggested_lr: ClassVar[float | None] = 0.01
     num_virtual_tokens: int = 20
     projection_dim: int = 0  # > 0: prefixes = MLP(embeddings) with this hidden width; fold after training

@@ -21,11 +21,13 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.capabilities import ExpertRouted, ReportsMetrics, Weighted
 from ..core.delta import DeltaModule, wrap
 from ..core.errors import ConfigError
 from .family.lowrank import check_lora_fields, factor_pair, linear_shape, weight_out_in
@@ -128,6 +130,7 @@ def experts_per_path(paths: list[str], default: int, pattern: tuple[int, ...] | 
                 "Gao et al., 2024, Higher Layers Need More LoRA Experts (MoLA)")
 @dataclass(frozen=True)
 class SiraConfig(MethodConfig):
+    capabilities: ClassVar[tuple[type, ...]] = (Weighted, ExpertRouted, ReportsMetrics)
     r: int = 4  # rank of each expert
     alpha: float = 8.0
     dropout: float = 0.0

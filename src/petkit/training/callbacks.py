@@ -1,11 +1,12 @@
 """Per-step hooks that methods declare on their wrappers, run by the training loop.
 
-A wrapper (found by structure, never by method name) may define
+A wrapper (found by its declared capability, never by method name) may be
 
-    on_train_step(step: int, total_steps: int) -> None   # after each optimiser step, and once
-                                                         # before the first (step = start step)
-    train_metrics() -> dict[str, float]                  # extra numbers for each train log row
+    StepHooked:     on_train_step(step, total_steps)  # after each optimiser step, and once
+                                                      # before the first (step = start step)
+    ReportsMetrics: train_metrics() -> dict[str, float]  # extra numbers for each train log row
 
+(Protocols in `petkit.core.capabilities`.)
 Chain of LoRA uses the first to freeze a link and start the next on its schedule; mixtures of
 LoRA experts use the second to report expert load. A custom training loop gets the same
 behaviour by calling `StepHooks(model).on_step(step, total)` after each step.
@@ -16,6 +17,7 @@ from collections.abc import Callable
 
 from torch import nn
 
+from petkit.core.capabilities import ReportsMetrics, StepHooked
 from petkit.core.delta import iter_deltas
 
 
@@ -25,9 +27,9 @@ class StepHooks:
     def __init__(self, model: nn.Module) -> None:
         wrappers = [w for _, w in iter_deltas(model) if w.active]
         self.steps: list[Callable[[int, int], None]] = [
-            w.on_train_step for w in wrappers if callable(getattr(w, "on_train_step", None))]
+            w.on_train_step for w in wrappers if isinstance(w, StepHooked)]
         self.sources: list[Callable[[], dict[str, float]]] = [
-            w.train_metrics for w in wrappers if callable(getattr(w, "train_metrics", None))]
+            w.train_metrics for w in wrappers if isinstance(w, ReportsMetrics)]
 
     def on_step(self, step: int, total_steps: int) -> None:
         """Tell every wrapper that `step` optimiser steps of `total_steps` are done."""
