@@ -37,9 +37,10 @@ FLAGS = {"method": "method.name", "model": "model.name", "data": "data.name",
          "task_type": "data.task_type", "steps": "train.max_steps", "lr": "train.lr",
          "batch_size": "train.batch_size", "max_length": "data.max_length",
          "train_size": "data.train_size", "test_size": "data.test_size", "seed": "train.seed",
-         "output": "train.output_dir", "ist_top_k": "train.ist_top_k",
-         "ist_every": "train.ist_every", "optimizer": "train.optimizer", "eps": "train.zo_eps",
-         "n_spsa": "train.zo_n_spsa", "dim": "train.es_dim", "popsize": "train.es_popsize"}
+         "output": "train.output_dir", "ist_top_k": "train.ist.top_k",
+         "ist_every": "train.ist.every", "optimizer": "train.optimizer", "eps": "train.stepper.eps",
+         "n_spsa": "train.stepper.n_spsa", "dim": "train.stepper.dim",
+         "popsize": "train.stepper.popsize"}
 COMMON = ("model", "data", "max_length", "test_size", "task_type")
 
 
@@ -59,10 +60,10 @@ def _add_flags(parser: argparse.ArgumentParser, names: Sequence[str]) -> None:
              "ist_top_k": "IST: update only this many importance-sampled layers per step",
              "ist_every": "IST: re-score layer importance every this many steps (default 10)",
              "optimizer": "adamw | sgd (backprop), mezo | zo-adam (zeroth-order), cma (CMA-ES)",
-             "eps": "zeroth-order perturbation scale (train.zo_eps)",
-             "n_spsa": "zeroth-order perturbations per step (train.zo_n_spsa)",
-             "dim": "CMA-ES subspace dimension d (train.es_dim)",
-             "popsize": "CMA-ES population size (train.es_popsize)"}
+             "eps": "zeroth-order perturbation scale (train.stepper.eps)",
+             "n_spsa": "zeroth-order perturbations per step (train.stepper.n_spsa)",
+             "dim": "CMA-ES subspace dimension d (train.stepper.dim)",
+             "popsize": "CMA-ES population size (train.stepper.popsize)"}
     for name in names:
         flag = "--" + name.replace("_", "-")
         parser.add_argument(flag, dest=name, default=None,

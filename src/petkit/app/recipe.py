@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 from petkit.core.errors import ConfigError
-from petkit.training.config import TrainConfig
+from petkit.training.config import LEGACY_KEYS, TrainConfig, option_type, set_option
 from petkit.core.registry import make_config
 
 TASK_TYPES = ("auto", "verbaliser", "head", "instruction")
@@ -113,6 +113,7 @@ def _section(cls: type, data: Any, section: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"recipe section {section!r} must be a mapping, got {type(data).__name__}")
     known = {f.name for f in dataclasses.fields(cls)}
+    known |= set(LEGACY_KEYS) if cls is TrainConfig else set()  # flat keys, deprecated
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"recipe section {section!r} has no field(s) {unknown}; "
@@ -211,8 +212,10 @@ def _section_class(data: dict[str, Any], section: str) -> type:
 def apply_overrides(recipe: Recipe, overrides: dict[str, str]) -> Recipe:
     """Apply {"section.field": text} overrides, e.g. {"train.lr": "1e-4", "method.r": "16"}."""
     data = recipe.to_dict()  # validated once, at the end: overrides may depend on each other
-    # Method name first: the other method fields are checked against that method's config.
-    ordered = sorted(overrides.items(), key=lambda kv: kv[0] != "method.name")
+    # Method name first: the other method fields are checked against that method's config;
+    # the optimizer before the train options, since it picks the stepper whose options they are.
+    first = ("method.name", "train.optimizer")
+    ordered = sorted(overrides.items(), key=lambda kv: kv[0] not in first)
     for key, text in ordered:
         section, _, name = key.partition(".")
         if section not in SECTIONS or not name:
@@ -220,6 +223,9 @@ def apply_overrides(recipe: Recipe, overrides: dict[str, str]) -> Recipe:
                               f"in {list(SECTIONS)}")
         if key == "method.name" and text != data["method"].get("name"):
             data["method"] = {"name": text}
+            continue
+        if section == "train":  # nested stepper / IST options and flat legacy keys
+            set_option(data["train"], name, parse_value(text, option_type(data["train"], name)))
             continue
         cls = _section_class(data, section)
         known = {f.name for f in dataclasses.fields(cls)} | ({"name"} if section == "method" else set())

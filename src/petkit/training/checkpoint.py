@@ -13,6 +13,7 @@ A checkpoint is built in a temp folder and renamed into place, so `step-N` exist
 from __future__ import annotations
 
 import hashlib
+import warnings
 import json
 import os
 import random
@@ -30,9 +31,6 @@ from petkit.training.batching import DataPosition
 from petkit.training.config import TrainConfig
 
 FORMAT = 1
-# Fields that must match for a resumed run to continue the same trajectory.
-_MUST_MATCH = ("seed", "batch_size", "grad_accum", "optimizer", "stepper", "label_token_ids",
-               "ist_top_k")
 Tensors = dict[str, torch.Tensor]
 
 
@@ -159,10 +157,13 @@ def _read_meta(path: Path) -> dict[str, Any]:
 
 def _check_compatible(path: Path, meta: dict[str, Any], config: TrainConfig,
                       params: Tensors, saved: Tensors) -> None:
-    for name in _MUST_MATCH:
-        if meta["config"].get(name) != getattr(config, name):
-            raise CheckpointError(f"{path}: saved with {name}={meta['config'].get(name)!r}, "
-                                  f"this run has {getattr(config, name)!r}")
+    with warnings.catch_warnings():  # a checkpoint of an earlier release holds flat keys
+        warnings.simplefilter("ignore", DeprecationWarning)
+        saved_identity = TrainConfig.from_dict(meta["config"]).resume_identity()
+    for name, value in config.resume_identity().items():
+        if saved_identity[name] != value:
+            raise CheckpointError(f"{path}: saved with {name}={saved_identity[name]!r}, "
+                                  f"this run has {value!r}")
     if set(saved) != set(params):
         missing, extra = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
         raise CheckpointError(f"{path}: trainable tensors differ (missing {missing[:5]}, "

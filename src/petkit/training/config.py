@@ -1,5 +1,19 @@
 """`TrainConfig`: every knob of a training run, validated on construction, JSON round-trip.
 
+Common loop fields live here; each stepper's own knobs live in its own config dataclass, defined
+and registered in the stepper's file (`steppers/backprop.py` `BackpropConfig`, `steppers/zeroth.py`
+`ZOConfig`, `steppers/cma_es.py` `CmaConfig`), and IST's in `ist.py` (`IstConfig`):
+
+    TrainConfig(optimizer="mezo", stepper=ZOConfig(eps=1e-2))   # or stepper="zo", or a dict
+    TrainConfig(ist=IstConfig(top_k=2))
+
+`stepper` is normalised to a config object: "auto" (the default) takes the default config of the
+stepper that serves `optimizer`; a name takes that stepper's defaults; a dict ({"name": "zo",
+"eps": 0.01}, as in YAML) is read field by field. A stepper config left at its defaults follows
+`optimizer`, so `cfg.replace(optimizer="mezo")` works; a non-default one must serve it.
+The flat keys of earlier releases (`zo_eps`, `es_dim`, `ist_top_k`, ...) are still accepted, with
+a DeprecationWarning, and mapped onto the nested configs (`LEGACY_KEYS`).
+
 A bad value raises `ConfigError` naming the field and its allowed range, so a typo in a recipe or
 a CLI flag fails before any model is loaded.
 """
@@ -8,17 +22,25 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
-from typing import Any
+import warnings
+from dataclasses import InitVar, dataclass
+from typing import Any, ClassVar, TypeVar
 
+from petkit.core.config_io import dataclass_from_dict
 from petkit.core.errors import ConfigError
+from petkit.training.ist import IstConfig
 
-OPTIMIZERS = ("adamw", "sgd", "mezo", "zo-adam", "cma")
-# The stepper each optimizer runs on when `stepper="auto"`.
-OPTIMIZER_STEPPER = {"adamw": "backprop", "sgd": "backprop", "mezo": "zo", "zo-adam": "zo",
-                     "cma": "cma"}
 SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")
+DISTRIBUTED = ("auto", "ddp", "fsdp", "off")  # training/distributed.py
+# Flat keys of earlier releases -> (stepper name or "ist", field of that config).
+LEGACY_KEYS = {"zo_eps": ("zo", "eps"), "zo_n_spsa": ("zo", "n_spsa"),
+               "zo_momentum": ("zo", "momentum"), "zo_log": ("zo", "log"),
+               "es_dim": ("cma", "dim"), "es_popsize": ("cma", "popsize"),
+               "es_sigma": ("cma", "sigma"), "ist_top_k": ("ist", "top_k"),
+               "ist_every": ("ist", "every")}
+
+S = TypeVar("S", bound="StepperConfig")
 
 
 def _check(ok: bool, field: str, allowed: str, value: object) -> None:
@@ -27,12 +49,115 @@ def _check(ok: bool, field: str, allowed: str, value: object) -> None:
         raise ConfigError(f"TrainConfig.{field} must be {allowed}, got {value!r}")
 
 
-def _is_int(value: object) -> bool:
+def is_int(value: object) -> bool:
+    """An int that is not a bool."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_num(value: object) -> bool:
+def is_num(value: object) -> bool:
+    """An int or float that is not a bool."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class StepperConfig:
+    """Base of a stepper's own settings (a frozen dataclass in the stepper's file).
+
+    `NAME` is the registered stepper name; `OPTIMIZERS` the `TrainConfig.optimizer` values it
+    serves (the stepper "auto" picks); `LEGACY_PREFIX` the prefix of its flat keys of earlier
+    releases (error messages name both spellings).
+    """
+
+    NAME: ClassVar[str] = ""
+    OPTIMIZERS: ClassVar[tuple[str, ...]] = ()
+    LEGACY_PREFIX: ClassVar[str] = ""
+
+    def require(self, ok: bool, field: str, allowed: str, value: object) -> None:
+        """Raise `ConfigError` naming `field` (nested and flat spelling) unless `ok`."""
+        if not ok:
+            legacy = f" (train.{self.LEGACY_PREFIX}{field})" if self.LEGACY_PREFIX else ""
+            raise ConfigError(f"TrainConfig.stepper.{field}{legacy} of stepper {self.NAME!r} "
+                              f"must be {allowed}, got {value!r}")
+
+    def check(self, train: TrainConfig) -> None:
+        """Checks that involve the rest of the run's config (e.g. a log needs `output_dir`)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """{"name": NAME, **fields}, JSON-able."""
+        return {"name": self.NAME, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls: type[S], data: dict[str, Any]) -> S:
+        """Build from a dict (an optional "name" key is ignored); unknown keys are an error."""
+        data = {k: v for k, v in data.items() if k != "name"}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"stepper {cls.NAME!r} has no option(s) {unknown}; "
+                              f"known: {sorted(known)}")
+        return cls(**data)
+
+
+_STEPPER_CONFIGS: dict[str, type[StepperConfig]] = {}
+
+
+def register_stepper_config(cls: type[S]) -> type[S]:
+    """Class decorator: make `cls` the config of stepper `cls.NAME`."""
+    _STEPPER_CONFIGS[cls.NAME] = cls
+    return cls
+
+
+def stepper_configs() -> dict[str, type[StepperConfig]]:
+    """Registered stepper configs by name (importing the built-in steppers registers theirs)."""
+    # Imported here, not at the top: the steppers import this module.
+    import petkit.training.steppers  # noqa: F401
+
+    return _STEPPER_CONFIGS
+
+
+def optimizers() -> list[str]:
+    """Every `TrainConfig.optimizer` value some registered stepper serves."""
+    return sorted({o for cls in stepper_configs().values() for o in cls.OPTIMIZERS})
+
+
+def stepper_for(optimizer: str) -> type[StepperConfig]:
+    """The stepper config class that serves `optimizer` ("auto")."""
+    for cls in stepper_configs().values():
+        if optimizer in cls.OPTIMIZERS:
+            return cls
+    raise ConfigError(f"TrainConfig.optimizer must be one of {optimizers()}, got {optimizer!r}")
+
+
+def resolve_stepper(optimizer: str, stepper: Any) -> StepperConfig:
+    """`stepper` ("auto", a name, a dict or a config) as a config object that serves `optimizer`."""
+    auto = stepper_for(optimizer)
+    if isinstance(stepper, StepperConfig):
+        if stepper.OPTIMIZERS and optimizer not in stepper.OPTIMIZERS:
+            if stepper == type(stepper)():  # defaults carry no choice: follow the optimizer
+                return auto()
+            raise ConfigError(f"TrainConfig.stepper must be 'auto' or {auto.NAME!r} for "
+                              f"optimizer={optimizer!r}, got {stepper.NAME!r} with options "
+                              f"{stepper.to_dict()}")
+        return stepper
+    if isinstance(stepper, dict):
+        name = stepper.get("name", "auto")
+        cls = auto if name == "auto" else _named(name)
+        return resolve_stepper(optimizer, cls.from_dict(stepper))
+    if stepper == "auto":
+        return auto()
+    cls = _named(stepper)
+    if cls.OPTIMIZERS and optimizer not in cls.OPTIMIZERS:
+        raise ConfigError(f"TrainConfig.stepper must be 'auto' or {auto.NAME!r} for "
+                          f"optimizer={optimizer!r}, got {stepper!r}")
+    return cls()
+
+
+def _named(name: Any) -> type[StepperConfig]:
+    configs = stepper_configs()
+    if not isinstance(name, str) or name not in configs:
+        raise ConfigError(f"TrainConfig.stepper must be 'auto' or one of {sorted(configs)}, "
+                          f"got {name!r}")
+    return configs[name]
 
 
 @dataclass(frozen=True)
@@ -43,8 +168,8 @@ class TrainConfig:
     whichever comes first. Warm-up: `warmup_steps`, or `warmup_ratio` of the total steps.
     `eval_every=0` evaluates only at the end; `save_every=0` writes no intermediate checkpoints.
     `label_token_ids` switches to verbaliser classification on a decoder (no new head).
-    `stepper` names a registered stepper; "auto" picks it from `optimizer`: adamw/sgd backprop,
-    mezo/zo-adam the zeroth-order stepper (`zo_*` fields), cma the CMA-ES stepper (`es_*` fields).
+    `optimizer` picks the stepper: adamw/sgd backprop, mezo/zo-adam zeroth-order, cma CMA-ES;
+    `stepper` holds that stepper's own config (see the module docstring); `ist` turns on IST.
     """
 
     lr: float = 2e-4
@@ -62,8 +187,6 @@ class TrainConfig:
     eval_every: int = 0
     eval_batch_size: int | None = None
     early_stopping_patience: int | None = None
-    ist_top_k: int | None = None  # IST: update only k importance-sampled layers per step
-    ist_every: int = 10  # IST: re-score layer importance every this many steps
     seed: int = 0
     output_dir: str | None = None
     save_every: int = 0
@@ -71,106 +194,119 @@ class TrainConfig:
     log_every: int = 10
     label_token_ids: list[int] | None = None
     resume: bool = False
-    stepper: str = "auto"
     progress: bool = True
-    zo_eps: float = 1e-3
-    zo_n_spsa: int = 1
-    zo_momentum: float = 0.0
-    zo_log: bool = False
-    es_dim: int = 64
-    es_popsize: int | None = None
-    es_sigma: float = 0.01
+    distributed: str = "auto"  # under torchrun: auto | ddp | fsdp | off (docs/distributed.md)
+    stepper: StepperConfig | str | dict[str, Any] = "auto"
+    ist: IstConfig | dict[str, Any] | None = None
+    # Flat keys of earlier releases (deprecated; see LEGACY_KEYS): accepted, never stored.
+    zo_eps: InitVar[float | None] = None
+    zo_n_spsa: InitVar[int | None] = None
+    zo_momentum: InitVar[float | None] = None
+    zo_log: InitVar[bool | None] = None
+    es_dim: InitVar[int | None] = None
+    es_popsize: InitVar[int | None] = None
+    es_sigma: InitVar[float | None] = None
+    ist_top_k: InitVar[int | None] = None
+    ist_every: InitVar[int | None] = None
 
-    def __post_init__(self) -> None:
-        """Validate every field; normalise `label_token_ids` to a list."""
+    def __post_init__(self, *legacy: Any) -> None:
+        """Validate every field; resolve the stepper and IST configs; map flat legacy keys."""
         self._check_length()
         self._check_optimisation()
         self._check_io()
-        self._check_gradient_free()
         if self.label_token_ids is not None:
             ids = list(self.label_token_ids)
-            _check(len(ids) >= 2 and all(_is_int(i) and i >= 0 for i in ids), "label_token_ids",
+            _check(len(ids) >= 2 and all(is_int(i) and i >= 0 for i in ids), "label_token_ids",
                    "None or a list of >= 2 non-negative token ids", self.label_token_ids)
             object.__setattr__(self, "label_token_ids", ids)
+        object.__setattr__(self, "stepper", resolve_stepper(self.optimizer, self.stepper))
+        if isinstance(self.ist, dict):
+            object.__setattr__(self, "ist", IstConfig.from_dict(self.ist))
+        _check(self.ist is None or isinstance(self.ist, IstConfig), "ist",
+               "None, an IstConfig or a mapping of its fields", self.ist)
+        given = {k: v for k, v in zip(LEGACY_KEYS, legacy) if v is not None}
+        if given:
+            self._apply_legacy(given)
+        self.stepper.check(self)
+
+    def _apply_legacy(self, given: dict[str, Any]) -> None:
+        """Map flat keys onto the nested configs; keys of a stepper not in use are only checked."""
+        nested = [("ist." if LEGACY_KEYS[k][0] == "ist" else "stepper.") + LEGACY_KEYS[k][1]
+                  for k in sorted(given)]
+        warnings.warn(f"TrainConfig keys {sorted(given)} are deprecated: use {nested} "
+                      "(TrainConfig.stepper holds the stepper's config, TrainConfig.ist IST's)",
+                      DeprecationWarning, stacklevel=4)
+        groups: dict[str, dict[str, Any]] = {}
+        for key, value in given.items():
+            owner, field = LEGACY_KEYS[key]
+            groups.setdefault(owner, {})[field] = value
+        ist = groups.pop("ist", None)
+        if ist is not None:
+            if "top_k" in ist:
+                base = self.ist.to_dict() if self.ist else {}
+                object.__setattr__(self, "ist", IstConfig.from_dict({**base, **ist}))
+            else:  # ist_every without ist_top_k: checked, nothing to switch on
+                IstConfig.from_dict({"top_k": 1, **ist})
+        for name, fields in groups.items():
+            if name == self.stepper.NAME:
+                object.__setattr__(self, "stepper", dataclasses.replace(self.stepper, **fields))
+            else:  # another stepper's knobs (validated, then unused, as before)
+                stepper_configs()[name](**fields).check(self)
 
     def _check_length(self) -> None:
         _check(self.max_steps is not None or self.epochs is not None, "max_steps",
                "set (or epochs set)", self.max_steps)
         if self.max_steps is not None:
-            _check(_is_int(self.max_steps) and self.max_steps >= 1, "max_steps", "an int >= 1",
+            _check(is_int(self.max_steps) and self.max_steps >= 1, "max_steps", "an int >= 1",
                    self.max_steps)
         if self.epochs is not None:
-            _check(_is_num(self.epochs) and self.epochs > 0, "epochs", "a number > 0", self.epochs)
+            _check(is_num(self.epochs) and self.epochs > 0, "epochs", "a number > 0", self.epochs)
         for name in ("batch_size", "grad_accum"):
             value = getattr(self, name)
-            _check(_is_int(value) and value >= 1, name, "an int >= 1", value)
+            _check(is_int(value) and value >= 1, name, "an int >= 1", value)
         if self.eval_batch_size is not None:
-            _check(_is_int(self.eval_batch_size) and self.eval_batch_size >= 1, "eval_batch_size",
+            _check(is_int(self.eval_batch_size) and self.eval_batch_size >= 1, "eval_batch_size",
                    "None or an int >= 1", self.eval_batch_size)
 
     def _check_optimisation(self) -> None:
-        _check(_is_num(self.lr) and 0 < self.lr <= 10, "lr", "a number in (0, 10]", self.lr)
-        _check(self.optimizer in OPTIMIZERS, "optimizer", f"one of {OPTIMIZERS}", self.optimizer)
+        _check(is_num(self.lr) and 0 < self.lr <= 10, "lr", "a number in (0, 10]", self.lr)
+        stepper_for(self.optimizer)  # ConfigError listing the optimizers when none serves it
         _check(self.schedule in SCHEDULES, "schedule", f"one of {SCHEDULES}", self.schedule)
         _check(self.precision in PRECISIONS, "precision", f"one of {PRECISIONS}", self.precision)
-        _check(_is_num(self.weight_decay) and self.weight_decay >= 0, "weight_decay",
+        _check(is_num(self.weight_decay) and self.weight_decay >= 0, "weight_decay",
                "a number >= 0", self.weight_decay)
-        _check(_is_int(self.warmup_steps) and self.warmup_steps >= 0, "warmup_steps",
+        _check(is_int(self.warmup_steps) and self.warmup_steps >= 0, "warmup_steps",
                "an int >= 0", self.warmup_steps)
         if self.warmup_ratio is not None:
-            _check(_is_num(self.warmup_ratio) and 0 <= self.warmup_ratio < 1, "warmup_ratio",
+            _check(is_num(self.warmup_ratio) and 0 <= self.warmup_ratio < 1, "warmup_ratio",
                    "None or a number in [0, 1)", self.warmup_ratio)
         if self.max_grad_norm is not None:
-            _check(_is_num(self.max_grad_norm) and self.max_grad_norm > 0, "max_grad_norm",
+            _check(is_num(self.max_grad_norm) and self.max_grad_norm > 0, "max_grad_norm",
                    "None or a number > 0", self.max_grad_norm)
-        _check(isinstance(self.stepper, str) and bool(self.stepper), "stepper",
-               "a registered stepper name", self.stepper)
-        if self.ist_top_k is not None:
-            _check(_is_int(self.ist_top_k) and self.ist_top_k >= 1, "ist_top_k",
-                   "None or an int >= 1 (at most the model's number of layers)", self.ist_top_k)
-        _check(_is_int(self.ist_every) and self.ist_every >= 1, "ist_every", "an int >= 1",
-               self.ist_every)
 
     def _check_io(self) -> None:
         for name in ("eval_every", "save_every", "seed"):
             value = getattr(self, name)
-            _check(_is_int(value) and value >= 0, name, "an int >= 0", value)
-        _check(_is_int(self.log_every) and self.log_every >= 1, "log_every", "an int >= 1",
+            _check(is_int(value) and value >= 0, name, "an int >= 0", value)
+        _check(is_int(self.log_every) and self.log_every >= 1, "log_every", "an int >= 1",
                self.log_every)
-        _check(_is_int(self.keep_checkpoints) and self.keep_checkpoints >= 1, "keep_checkpoints",
+        _check(is_int(self.keep_checkpoints) and self.keep_checkpoints >= 1, "keep_checkpoints",
                "an int >= 1", self.keep_checkpoints)
         if self.early_stopping_patience is not None:
-            _check(_is_int(self.early_stopping_patience) and self.early_stopping_patience >= 1,
+            _check(is_int(self.early_stopping_patience) and self.early_stopping_patience >= 1,
                    "early_stopping_patience", "None or an int >= 1", self.early_stopping_patience)
         for name in ("resume", "progress"):
             _check(isinstance(getattr(self, name), bool), name, "true or false", getattr(self, name))
+        _check(self.distributed in DISTRIBUTED, "distributed", f"one of {DISTRIBUTED}",
+               self.distributed)
         needs_dir = self.resume or self.save_every > 0
         _check(self.output_dir is not None or not needs_dir, "output_dir",
                "set when resume or save_every is used", self.output_dir)
 
-    def _check_gradient_free(self) -> None:
-        """Zeroth-order (`zo_*`) and evolution (`es_*`) knobs; checked whatever the optimizer."""
-        _check(_is_num(self.zo_eps) and self.zo_eps > 0, "zo_eps", "a number > 0", self.zo_eps)
-        _check(_is_int(self.zo_n_spsa) and 1 <= self.zo_n_spsa <= 1024, "zo_n_spsa",
-               "an int in [1, 1024]", self.zo_n_spsa)
-        _check(_is_num(self.zo_momentum) and 0 <= self.zo_momentum < 1, "zo_momentum",
-               "a number in [0, 1)", self.zo_momentum)
-        _check(isinstance(self.zo_log, bool), "zo_log", "true or false", self.zo_log)
-        _check(not self.zo_log or self.output_dir is not None, "output_dir",
-               "set when zo_log is true (the log is written there)", self.output_dir)
-        _check(_is_int(self.es_dim) and self.es_dim >= 2, "es_dim", "an int >= 2", self.es_dim)
-        if self.es_popsize is not None:
-            _check(_is_int(self.es_popsize) and self.es_popsize >= 2, "es_popsize",
-                   "None or an int >= 2", self.es_popsize)
-        _check(_is_num(self.es_sigma) and self.es_sigma > 0, "es_sigma", "a number > 0",
-               self.es_sigma)
-        wanted = OPTIMIZER_STEPPER[self.optimizer]
-        _check(self.stepper not in set(OPTIMIZER_STEPPER.values()) or self.stepper == wanted,
-               "stepper", f"'auto' or {wanted!r} for optimizer={self.optimizer!r}", self.stepper)
-
     def stepper_name(self) -> str:
-        """The registered stepper this run uses (`stepper`, or the optimizer's when "auto")."""
-        return OPTIMIZER_STEPPER[self.optimizer] if self.stepper == "auto" else self.stepper
+        """The registered stepper this run uses."""
+        assert isinstance(self.stepper, StepperConfig)
+        return self.stepper.NAME
 
     def warmup(self, total_steps: int) -> int:
         """Number of warm-up steps for a run of `total_steps` optimiser steps."""
@@ -178,9 +314,21 @@ class TrainConfig:
             return int(self.warmup_ratio * total_steps)
         return self.warmup_steps
 
+    def resume_identity(self) -> dict[str, Any]:
+        """Values a resumed run must share with its checkpoint to continue the same trajectory."""
+        return {"seed": self.seed, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
+                "optimizer": self.optimizer, "stepper": self.stepper_name(),
+                "label_token_ids": self.label_token_ids,
+                "ist_top_k": self.ist.top_k if isinstance(self.ist, IstConfig) else None}
+
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able dict of every field."""
-        return dataclasses.asdict(self)
+        """Plain JSON-able dict of every field; `stepper` and `ist` as nested dicts."""
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        data["label_token_ids"] = (list(self.label_token_ids)
+                                   if self.label_token_ids is not None else None)
+        data["stepper"] = self.stepper.to_dict()  # type: ignore[union-attr]
+        data["ist"] = self.ist.to_dict() if isinstance(self.ist, IstConfig) else None
+        return data
 
     def to_json(self) -> str:
         """JSON text; `TrainConfig.from_json(cfg.to_json()) == cfg`."""
@@ -188,12 +336,8 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        """Build from a dict; unknown keys raise `ConfigError` listing the known ones."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"TrainConfig has no field(s) {unknown}; known: {sorted(known)}")
-        return cls(**data)
+        """Build from a dict (flat legacy keys allowed); unknown keys raise `ConfigError`."""
+        return dataclass_from_dict(cls, data, "TrainConfig", extra=LEGACY_KEYS)
 
     @classmethod
     def from_json(cls, text: str) -> TrainConfig:
@@ -203,3 +347,48 @@ class TrainConfig:
     def replace(self, **changes: Any) -> TrainConfig:
         """A copy with `changes` applied (and validated)."""
         return dataclasses.replace(self, **changes)
+
+
+def option_type(train: dict[str, Any], key: str) -> Any:
+    """The annotation of train option `key` ("lr", "stepper.eps", "ist.top_k", or a flat legacy
+    key) given the train section `train` (its optimizer picks the stepper); `ConfigError` if
+    there is no such option."""
+    import typing
+
+    head, _, rest = key.partition(".")
+    if not rest:
+        hints = typing.get_type_hints(TrainConfig)
+        if key in LEGACY_KEYS:
+            owner, rest = LEGACY_KEYS[key]
+            head = "stepper" if owner != "ist" else "ist"
+            if owner != "ist":
+                return typing.get_type_hints(stepper_configs()[owner])[rest]
+        elif key in {f.name for f in dataclasses.fields(TrainConfig)}:
+            return hints[key]
+        else:
+            known = sorted({f.name for f in dataclasses.fields(TrainConfig)} | set(LEGACY_KEYS))
+            raise ConfigError(f"unknown option --train.{key}; train fields: {known}")
+    if head == "ist":
+        cls: type = IstConfig
+    elif head == "stepper":
+        cls = type(resolve_stepper(train.get("optimizer", "adamw"), train.get("stepper", "auto")))
+    else:
+        raise ConfigError(f"unknown option --train.{key}; nested sections: stepper, ist")
+    hints = typing.get_type_hints(cls)
+    if rest not in hints or rest.isupper():
+        raise ConfigError(f"unknown option --train.{key}; {head} fields: "
+                          f"{sorted(f.name for f in dataclasses.fields(cls))}")
+    return hints[rest]
+
+
+def set_option(train: dict[str, Any], key: str, value: Any) -> None:
+    """Set train option `key` (see `option_type`) in the train section dict `train`."""
+    head, _, rest = key.partition(".")
+    if not rest:
+        train[key] = value
+        return
+    if head == "ist":
+        train["ist"] = {**(train.get("ist") or {}), rest: value}
+        return
+    current = resolve_stepper(train.get("optimizer", "adamw"), train.get("stepper", "auto"))
+    train["stepper"] = {**current.to_dict(), rest: value}

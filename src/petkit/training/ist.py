@@ -20,9 +20,11 @@ backprop stepper; the chosen blocks are logged as `ist_layers` and counted in th
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -30,12 +32,44 @@ from torch import nn
 from petkit.core.delta import DeltaModule, iter_deltas
 from petkit.core.errors import ConfigError
 from petkit.core.blocks import layer_of, layer_paths
-from petkit.training.config import TrainConfig
-from petkit.training.steppers import Batch, LossFn, Stepper
+
+if TYPE_CHECKING:  # the config imports IstConfig from here; these are for annotations only
+    from petkit.training.config import TrainConfig
+    from petkit.training.steppers import Batch, LossFn, Stepper
 
 ROUNDS = 3  # suppression rounds per re-scoring
 LR = 10.0  # step size of the score update
 SUPPRESSED = 0.5  # fraction of the blocks switched off in a round
+
+
+@dataclass(frozen=True)
+class IstConfig:
+    """IST's settings (`TrainConfig.ist`): update `top_k` sampled blocks per step, re-score
+    their importance every `every` steps. Flat keys of earlier releases: ist_top_k, ist_every."""
+
+    top_k: int
+    every: int = 10
+
+    def __post_init__(self) -> None:
+        """top_k >= 1 (at most the model's number of blocks, checked at train time); every >= 1."""
+        for name, value in (("top_k", self.top_k), ("every", self.every)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"TrainConfig.ist.{name} (train.ist_{name}) must be an int "
+                                  f">= 1, got {value!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able fields."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> IstConfig:
+        """Build from a mapping; unknown or missing keys raise `ConfigError`."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown or "top_k" not in data:
+            raise ConfigError(f"TrainConfig.ist needs top_k (and optionally every); got "
+                              f"{sorted(data)}")
+        return cls(**data)
 
 
 class LayerGroups:
@@ -58,7 +92,8 @@ class LayerGroups:
 
 def check_ist(config: TrainConfig, groups: LayerGroups, stepper: Stepper) -> None:
     """ConfigError unless IST can run: a block stack, deltas in it, k <= blocks, backprop."""
-    k = config.ist_top_k
+    assert config.ist is not None
+    k = config.ist.top_k
     if groups.num_layers == 0:
         raise ConfigError("TrainConfig.ist_top_k needs a model with a stack of transformer blocks")
     if k > groups.num_layers:
@@ -83,8 +118,9 @@ class ISTStepper:
         self.groups = LayerGroups(model, params)
         check_ist(config, self.groups, inner)
         self.params = list(params.values())
-        self.k = min(config.ist_top_k, len(self.groups.layers))
-        self.every = config.ist_every
+        assert config.ist is not None
+        self.k = min(config.ist.top_k, len(self.groups.layers))
+        self.every = config.ist.every
         self.scores = torch.zeros(len(self.groups.layers))
         self.counts = [0] * len(self.groups.layers)
         self.generator = torch.Generator().manual_seed(config.seed + 7919)
@@ -168,7 +204,7 @@ class ISTStepper:
 
 def with_ist(stepper: Stepper, model: nn.Module, params: dict[str, nn.Parameter],
              config: TrainConfig) -> Stepper:
-    """`stepper` wrapped in IST when `config.ist_top_k` is set, else unchanged."""
-    if config.ist_top_k is None:
+    """`stepper` wrapped in IST when `config.ist` is set, else unchanged."""
+    if config.ist is None:
         return stepper
     return ISTStepper(stepper, model, params, config)

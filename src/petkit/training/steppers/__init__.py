@@ -4,20 +4,23 @@ The training loop hands a stepper the step's micro-batches and a `loss_fn(batch)
 (forward pass, autocast and objective already inside). What the stepper does with them is its own
 business: backprop calls `.backward()`; a zeroth-order stepper (MeZO) runs two forward passes under
 seeded perturbations; an evolution stepper (CMA-ES) evaluates a population. A new stepper is one
-file that defines a class with this protocol and registers a factory with `@register_stepper`.
+file that defines a class with this protocol, its own settings as a `StepperConfig` dataclass
+(which `TrainConfig.stepper` then holds), and registers both with
+`@register_stepper(name, config=MyConfig)`.
 A stepper may also define `bind_model(model)`; the loop calls it once before the first step.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+import dataclasses
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from petkit.core.errors import ConfigError
-from petkit.training.config import TrainConfig
+from petkit.training.config import StepperConfig, TrainConfig, register_stepper_config
 
 Batch = dict[str, torch.Tensor]
 LossFn = Callable[[Batch], torch.Tensor]
@@ -47,8 +50,19 @@ StepperFactory = Callable[[dict[str, nn.Parameter], TrainConfig, int], Stepper]
 _REGISTRY: dict[str, StepperFactory] = {}
 
 
-def register_stepper(name: str) -> Callable[[StepperFactory], StepperFactory]:
-    """Decorator: make `factory(params, config, total_steps)` available as `config.stepper=name`."""
+def register_stepper(name: str, config: type[StepperConfig] | None = None
+                     ) -> Callable[[StepperFactory], StepperFactory]:
+    """Decorator: make `factory(params, train_config, total_steps)` available as stepper `name`.
+
+    `config` is the stepper's own settings class (`NAME` must equal `name`); a stepper without
+    settings gets an empty one, so `TrainConfig(stepper=name)` works for it too.
+    """
+    if config is None:
+        config = dataclasses.make_dataclass(f"{name}Config", [], bases=(StepperConfig,),
+                                            frozen=True, namespace={"NAME": name})
+    if config.NAME != name:
+        raise ConfigError(f"stepper {name!r}: its config {config.__name__}.NAME is {config.NAME!r}")
+    register_stepper_config(config)
 
     def decorate(factory: StepperFactory) -> StepperFactory:
         _REGISTRY[name] = factory
@@ -75,5 +89,5 @@ from petkit.training.steppers import backprop as _backprop  # noqa: E402,F401  (
 from petkit.training.steppers import cma_es as _cma_es  # noqa: E402,F401  (registers "cma")
 from petkit.training.steppers import zeroth as _zeroth  # noqa: E402,F401  (registers "zo")
 
-__all__ = ["Batch", "LossFn", "Stepper", "StepperFactory", "list_steppers", "make_stepper",
+__all__ = ["Batch", "LossFn", "Stepper", "StepperConfig", "StepperFactory", "list_steppers", "make_stepper",
            "register_stepper"]

@@ -8,21 +8,51 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from petkit.training.config import TrainConfig
+from petkit.training.config import StepperConfig, TrainConfig, is_num
 from petkit.training.schedule import lr_factor
 from petkit.training.steppers import Batch, LossFn, register_stepper
 
 
+@dataclass(frozen=True)
+class BackpropConfig(StepperConfig):
+    """Backprop's own settings: SGD momentum, AdamW betas, and the fused AdamW kernel (None:
+    fused when every parameter is on a GPU)."""
+
+    NAME: ClassVar[str] = "backprop"
+    OPTIMIZERS: ClassVar[tuple[str, ...]] = ("adamw", "sgd")
+
+    momentum: float = 0.9
+    beta1: float = 0.9
+    beta2: float = 0.999
+    fused: bool | None = None
+
+    def __post_init__(self) -> None:
+        """Momentum and betas in [0, 1); fused None, true or false."""
+        for name in ("momentum", "beta1", "beta2"):
+            value = getattr(self, name)
+            self.require(is_num(value) and 0 <= value < 1, name, "a number in [0, 1)", value)
+        self.require(self.fused is None or isinstance(self.fused, bool), "fused",
+                     "None, true or false", self.fused)
+
+
 def _optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+    own = config.stepper
+    assert isinstance(own, BackpropConfig)
     if config.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=config.lr, momentum=0.9,
+        return torch.optim.SGD(params, lr=config.lr, momentum=own.momentum,
                                weight_decay=config.weight_decay)
-    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    fused = own.fused
+    if fused is None:
+        fused = bool(params) and all(p.device.type == "cuda" and p.dtype.is_floating_point
+                                     for p in params)
+    return torch.optim.AdamW(params, lr=config.lr, betas=(own.beta1, own.beta2),
+                             weight_decay=config.weight_decay, fused=fused or None)
 
 
 class BackpropStepper:
@@ -69,7 +99,7 @@ class BackpropStepper:
         self.scheduler.load_state_dict(sched)
 
 
-@register_stepper("backprop")
+@register_stepper("backprop", config=BackpropConfig)
 def _make_backprop(params: dict[str, nn.Parameter], config: TrainConfig,
                    total_steps: int) -> BackpropStepper:
     return BackpropStepper(params, config, total_steps)

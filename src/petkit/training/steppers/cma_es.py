@@ -19,14 +19,15 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 
 from petkit.core.errors import ConfigError, MissingPackageError
-from petkit.training.config import TrainConfig
+from petkit.training.config import StepperConfig, TrainConfig, is_int, is_num
 from petkit.training.steppers import Batch, LossFn, register_stepper
 from petkit.training.steppers.noise import RngSnapshot, mean_loss, require_parameters
 
@@ -38,6 +39,28 @@ def _cma() -> Any:
         raise MissingPackageError("the CMA-ES stepper needs the `cma` package: "
                                   "pip install 'petkit[zo]'") from err
     return cma
+
+
+@dataclass(frozen=True)
+class CmaConfig(StepperConfig):
+    """CMA-ES's own settings (`TrainConfig.stepper` for optimizer cma): subspace dimension
+    `dim`, population size `popsize` (None: cma's 4 + 3 ln d), initial step size `sigma`."""
+
+    NAME: ClassVar[str] = "cma"
+    OPTIMIZERS: ClassVar[tuple[str, ...]] = ("cma",)
+    LEGACY_PREFIX: ClassVar[str] = "es_"
+
+    dim: int = 64
+    popsize: int | None = None
+    sigma: float = 0.01
+
+    def __post_init__(self) -> None:
+        """dim >= 2 (at most the delta's size, checked when the stepper is built), popsize None
+        or >= 2, sigma > 0."""
+        self.require(is_int(self.dim) and self.dim >= 2, "dim", "an int >= 2", self.dim)
+        self.require(self.popsize is None or (is_int(self.popsize) and self.popsize >= 2),
+                     "popsize", "None or an int >= 2", self.popsize)
+        self.require(is_num(self.sigma) and self.sigma > 0, "sigma", "a number > 0", self.sigma)
 
 
 class _LossOf(nn.Module):
@@ -61,10 +84,12 @@ class CmaStepper:
         self.params = require_parameters(params, "CMA-ES stepper")
         total = sum(p.numel() for p in self.params)
         if not isinstance(dim, int) or not 2 <= dim <= total:
-            raise ConfigError(f"TrainConfig.es_dim must be an int in [2, {total}] (the number of "
+            raise ConfigError(f"TrainConfig.stepper.dim (train.es_dim) must be an int in "
+                              f"[2, {total}] (the number of "
                               f"trainable parameters), got {dim!r}")
         if not sigma > 0:
-            raise ConfigError(f"TrainConfig.es_sigma must be a number > 0, got {sigma!r}")
+            raise ConfigError(f"TrainConfig.stepper.sigma (train.es_sigma) must be a number > 0, "
+                              f"got {sigma!r}")
         self.dim, self.sigma, self.popsize, self.seed = dim, float(sigma), popsize, seed
         device = self.params[0].device
         with torch.no_grad():
@@ -177,8 +202,9 @@ class CmaStepper:
         self.es = self._replayed(self.fitness)
 
 
-@register_stepper("cma")
+@register_stepper("cma", config=CmaConfig)
 def _make_cma(params: dict[str, nn.Parameter], config: TrainConfig,
               total_steps: int) -> CmaStepper:
-    return CmaStepper(params, dim=config.es_dim, sigma=config.es_sigma,
-                      popsize=config.es_popsize, seed=config.seed)
+    own = config.stepper
+    assert isinstance(own, CmaConfig)
+    return CmaStepper(params, dim=own.dim, sigma=own.sigma, popsize=own.popsize, seed=config.seed)

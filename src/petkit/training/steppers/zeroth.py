@@ -23,13 +23,13 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from petkit.core.errors import AdapterLoadError, ConfigError
-from petkit.training.config import SCHEDULES, TrainConfig
+from petkit.training.config import SCHEDULES, StepperConfig, TrainConfig, is_int, is_num
 from petkit.training.schedule import lr_factor
 from petkit.training.steppers import Batch, LossFn, register_stepper
 from petkit.training.steppers.noise import (RngSnapshot, SeededNoise, mean_loss, parameters_sha256,
@@ -78,6 +78,37 @@ class ZOSettings:
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able values."""
         return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class ZOConfig(StepperConfig):
+    """The zeroth-order stepper's own settings (`TrainConfig.stepper` for mezo / zo-adam):
+    perturbation scale `eps`, `n_spsa` perturbations per step, ZO-SGD `momentum`, and `log`
+    (append (seed, projected gradient) rows to output_dir/zo_log.jsonl for `replay_mezo`)."""
+
+    NAME: ClassVar[str] = "zo"
+    OPTIMIZERS: ClassVar[tuple[str, ...]] = ("mezo", "zo-adam")
+    LEGACY_PREFIX: ClassVar[str] = "zo_"
+
+    eps: float = 1e-3
+    n_spsa: int = 1
+    momentum: float = 0.0
+    log: bool = False
+
+    def __post_init__(self) -> None:
+        """eps > 0, n_spsa in [1, 1024], momentum in [0, 1), log a bool."""
+        self.require(is_num(self.eps) and self.eps > 0, "eps", "a number > 0", self.eps)
+        self.require(is_int(self.n_spsa) and 1 <= self.n_spsa <= 1024, "n_spsa",
+                     "an int in [1, 1024]", self.n_spsa)
+        self.require(is_num(self.momentum) and 0 <= self.momentum < 1, "momentum",
+                     "a number in [0, 1)", self.momentum)
+        self.require(isinstance(self.log, bool), "log", "true or false", self.log)
+
+    def check(self, train: TrainConfig) -> None:
+        """The log is written to `output_dir`."""
+        if self.log and train.output_dir is None:
+            raise ConfigError("TrainConfig.output_dir must be set when stepper.log (train.zo_log) "
+                              "is true (the log is written there)")
 
 
 class SgdRule:
@@ -251,17 +282,21 @@ class ZOStepper:
 
 def settings_from_config(config: TrainConfig, total_steps: int) -> ZOSettings:
     """The zeroth-order settings a `TrainConfig` describes."""
-    return ZOSettings(lr=config.lr, eps=config.zo_eps, n_spsa=config.zo_n_spsa,
+    own = config.stepper
+    assert isinstance(own, ZOConfig)
+    return ZOSettings(lr=config.lr, eps=own.eps, n_spsa=own.n_spsa,
                       rule="adam" if config.optimizer == "zo-adam" else "sgd",
-                      momentum=config.zo_momentum, weight_decay=config.weight_decay,
+                      momentum=own.momentum, weight_decay=config.weight_decay,
                       schedule=config.schedule, warmup_steps=config.warmup(total_steps),
                       total_steps=total_steps, seed=config.seed)
 
 
-@register_stepper("zo")
+@register_stepper("zo", config=ZOConfig)
 def _make_zo(params: dict[str, nn.Parameter], config: TrainConfig,
              total_steps: int) -> ZOStepper:
-    log = Path(config.output_dir) / LOG_NAME if config.zo_log and config.output_dir else None
+    own = config.stepper
+    assert isinstance(own, ZOConfig)
+    log = Path(config.output_dir) / LOG_NAME if own.log and config.output_dir else None
     return ZOStepper(params, settings_from_config(config, total_steps), log)
 
 
