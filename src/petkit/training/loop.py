@@ -27,6 +27,7 @@ from petkit.training.batching import (Batch, CollateFn, DataPosition, Example, m
                                    total_steps)
 from petkit.training.callbacks import StepHooks
 from petkit.training.config import TrainConfig
+from petkit.training.distributed import Distributed
 from petkit.training.evaluate import autocast, model_device, resolve_collate, run_objective
 from petkit.training.monitor import Monitor, plot_history
 from petkit.training.objectives import make_objective
@@ -103,23 +104,25 @@ class _Run:
         self.model, self.data, self.config, self.collate = model, data, config, collate
         self.eval_data = eval_data if eval_data else None
         self.out = Path(config.output_dir) if config.output_dir else None
+        self.job = Distributed(model, config.distributed)  # torchrun: DDP / FSDP2, rank 0 writes
         self.device = model_device(model)
         self.objective = make_objective(config.label_token_ids)
         self.params = dict(parameters) if parameters else require_trainable(model)
         self.total = total_steps(len(data), config)
         seed_everything(config.seed)
-        self.stepper: Stepper = make_stepper(self.params, config, self.total)
+        self.stepper: Stepper = make_stepper(self.params, self.job.local_config(config), self.total)
         bind = getattr(self.stepper, "bind_model", None)
         if callable(bind):  # optional hook: a population stepper batches its forward passes
             bind(model)
         self.stepper = with_ist(self.stepper, model, self.params, config)  # IST when asked
+        self.stepper = self.job.wrap(self.stepper)  # under torchrun: this rank's share of a step
         self.hooks = StepHooks(model)  # methods' per-step hooks (COLA links, expert load)
         self.state = ckpt.TrainerState()
         self.best: dict[str, torch.Tensor] | None = None
         self.metric: str | None = None
         self._resume_or_reset()
-        self.monitor = Monitor(self.out, self.total, self.state.step, self.state.history,
-                               config.progress)
+        self.monitor = Monitor(self.out if self.job.writer else None, self.total, self.state.step,
+                               self.state.history, config.progress and self.job.writer)
 
     def _resume_or_reset(self) -> None:
         """Continue from the newest complete checkpoint, or clear stale ones of an older run."""
@@ -129,8 +132,8 @@ class _Run:
         if latest is None:
             shutil.rmtree(ckpt.checkpoint_dir(self.out), ignore_errors=True)
             return
-        self.state, self.best, stepper_state = ckpt.load_checkpoint(latest, self.params,
-                                                                     self.config)
+        self.state, self.best, stepper_state = self.job.load_checkpoint(latest, self.params,
+                                                                         self.config)
         self.stepper.load_state_dict(stepper_state)
         keys = {k for row in self.state.history for k in row}
         self.metric = ("accuracy" if "eval_accuracy" in keys
@@ -139,7 +142,7 @@ class _Run:
     def loss(self, batch: Batch) -> torch.Tensor:
         """Forward + objective for one micro-batch, under the configured precision."""
         with autocast(self.config.precision, self.device):
-            return self.objective(self.model, move(batch, self.device)).loss
+            return self.objective(self.job.forward_model, move(batch, self.device)).loss
 
     def evaluate(self) -> None:
         """Evaluate, record, keep the best tensors, count evaluations without improvement."""
@@ -166,8 +169,8 @@ class _Run:
     def save(self) -> None:
         """Checkpoint the current step."""
         assert self.out is not None
-        ckpt.save_checkpoint(self.out, self.state, dict(self.params), self.best,
-                             self.stepper.state_dict(), self.config)
+        self.job.save_checkpoint(self.out, self.state, dict(self.params), self.best,
+                                 self.stepper.state_dict(), self.config)
 
     def loop(self) -> None:
         """Step until `total` steps or early stopping."""
@@ -207,7 +210,9 @@ class _Run:
                     param.copy_(self.best[key])
         adapter = None
         if self.out is not None:
-            adapter = str(save_active_adapters(self.model, self.out / "adapter"))
+            adapter = str(self.job.save_adapters(save_active_adapters, self.out / "adapter",
+                                                 self.params))
+        if self.out is not None and self.job.writer:
             plot_history(self.state.history, self.out / "training.png", self.metric or "loss")
         report = getattr(self.stepper, "report", dict)()
         best = "" if self.state.best_step is None else \

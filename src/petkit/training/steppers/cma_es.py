@@ -100,7 +100,12 @@ class CmaStepper:
         self.fitness: list[list[float]] = []
         self.model: nn.Module | None = None
         self.batched: bool | None = None  # None: not tried yet
+        self.group: Any = None  # distributed.RankGroup: candidates split across ranks
         self.es = self._replayed([])
+
+    def bind_group(self, group: Any) -> None:
+        """Under torchrun: evaluate this rank's share of each population, all-gather fitness."""
+        self.group = group
 
     def bind_model(self, model: nn.Module) -> None:
         """The model whose `named_parameters` the params come from: enables batched evaluation."""
@@ -177,7 +182,13 @@ class CmaStepper:
     def step(self, micro_batches: Sequence[Batch], loss_fn: LossFn) -> float:
         """One CMA-ES generation; the parameters end at the new mean. Returns mean fitness."""
         points = self.es.ask()
-        losses = self._evaluate(self._thetas(np.stack(points)), micro_batches, loss_fn)
+        thetas = self._thetas(np.stack(points))
+        if self.group is None:
+            losses = self._evaluate(thetas, micro_batches, loss_fn)
+        else:
+            lo, hi = self.group.share(len(points))
+            mine = self._evaluate(thetas[lo:hi], micro_batches, loss_fn) if hi > lo else []
+            losses = self.group.gather(mine, len(points))
         safe = [x if math.isfinite(x) else float("inf") for x in losses]
         self.es.tell(points, safe)
         self.fitness.append(safe)
