@@ -1,0 +1,245 @@
+"""Hostile adapter metadata: whatever `adapter.json` holds, loading ends in a petkit error, fast,
+without large allocations, and leaves the model unchanged."""
+from __future__ import annotations
+
+import copy
+import json
+import resource
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
+
+import petkit as pk
+from petkit.core.adapter_schema import MAX_DEPTH, MAX_JSON_BYTES
+from petkit.core.delta import DeltaModule
+from toys import mlp, perturb
+
+MODEL = mlp()
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    model = copy.deepcopy(MODEL)
+    pk.attach(model, pk.LoraConfig(r=2, targets=["fc1", "fc2"]), name="a")
+    perturb(pk.trainable_parameters(model))
+    return pk.save_adapter(model, tmp_path_factory.mktemp("schema") / "ad", name="a")
+
+
+def untouched(model: torch.nn.Module) -> bool:
+    return not pk.adapters(model) and not any(isinstance(m, DeltaModule) for m in model.modules())
+
+
+def load_with(folder: Path, tmp: Path, change) -> pk.PetkitError:
+    """Copy the adapter, edit its metadata with `change(meta)`, load it: the petkit error."""
+    out = tmp / f"case{len(list(tmp.iterdir()))}"
+    out.mkdir()
+    (out / "adapter.safetensors").write_bytes((folder / "adapter.safetensors").read_bytes())
+    meta = json.loads((folder / "adapter.json").read_text())
+    text = change(meta)
+    (out / "adapter.json").write_text(text if isinstance(text, str) else json.dumps(meta))
+    model = copy.deepcopy(MODEL)
+    with pytest.raises(pk.PetkitError) as info:
+        pk.load_adapter(model, out)
+    assert untouched(model)
+    return info.value
+
+
+def test_the_unchanged_adapter_loads(folder: Path) -> None:
+    pk.load_adapter(copy.deepcopy(MODEL), folder)
+
+
+def _set(path: str, value):
+    def change(meta):
+        node = meta
+        *parents, leaf = path.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return change
+
+
+@pytest.mark.parametrize("path,value,field", [
+    ("format_version", "1", "format_version"), ("format_version", None, "format_version"),
+    ("targets", 7, "targets"), ("targets", [3], "targets[0]"), ("name", ["a"], "name"),
+    ("base_fingerprint", [1, 2], "base_fingerprint"),
+    ("base_fingerprint.shapes", [[1]], "base_fingerprint.shapes"),
+    ("base_fingerprint.shapes.fc1", "8x16", "base_fingerprint.shapes['fc1']"),
+    ("tensors_sha256", 5, "tensors_sha256"), ("config", "r=2", "config"),
+    ("config.r", {"a": 1}, "config['r']"), ("method", None, "method"),
+])
+def test_wrong_json_types_name_the_field(folder, tmp_path, path, value, field) -> None:
+    err = load_with(folder, tmp_path, _set(path, value))
+    assert isinstance(err, pk.AdapterLoadError) and repr(field) in str(err)
+
+
+@pytest.mark.parametrize("path,value,match", [
+    ("method", "nosuch", "field 'method'"), ("config.r", "8", "r must be int"),
+    ("config.r", -1, "r must be >= 1"), ("config.alpha", 1e308 * 10, "not valid JSON"),
+    ("targets", ["fc1.weight", "fc2"], "not modules"), ("targets", ["__class__"], "not modules"),
+    ("targets", ["norm", "fc2"], "targets"), ("format_version", 99, "format version 99"),
+])
+def test_wrong_values_are_refused(folder, tmp_path, path, value, match) -> None:
+    err = load_with(folder, tmp_path, _set(path, value))
+    assert isinstance(err, pk.AdapterLoadError) and match in str(err)
+
+
+def test_catastrophic_regex_targets_is_never_run(folder, tmp_path, monkeypatch) -> None:
+    """A regex from a file is replaced by the recorded exact paths: never compiled, loads fine."""
+    import re
+
+    evil = "(" + "(.*)*" * 30 + ")x"
+    compile_ = re.compile
+
+    def guarded(pattern, *args, **kwargs):
+        assert pattern != evil, "a regex read from a file was compiled"
+        return compile_(pattern, *args, **kwargs)
+
+    monkeypatch.setattr(re, "compile", guarded)
+    meta = json.loads((folder / "adapter.json").read_text())
+    meta["config"]["targets"] = evil
+    out = tmp_path / "regex"
+    out.mkdir()
+    (out / "adapter.safetensors").write_bytes((folder / "adapter.safetensors").read_bytes())
+    (out / "adapter.json").write_text(json.dumps(meta))
+    started = time.perf_counter()
+    model = pk.load_adapter(copy.deepcopy(MODEL), out)
+    assert time.perf_counter() - started < 5
+    assert pk.adapters(model)["a"].targets == ["fc1", "fc2"]
+
+
+def test_rank_of_ten_million_is_refused_before_any_allocation(folder, tmp_path) -> None:
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    err = load_with(folder, tmp_path, _set("config.r", 10**7))
+    assert "config.r=10000000" in str(err)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KiB
+
+
+def test_rank_above_the_layer_dims_is_refused(folder, tmp_path) -> None:
+    """r=40 on 8x16 / 16x16 layers: refused by name, not by a shape error after attaching."""
+    model = copy.deepcopy(MODEL)
+    pk.attach(model, pk.LoraConfig(r=2, targets=["fc1", "fc2"]), name="a")
+    big = {k: torch.zeros(40, v.shape[1]) if "lora_A" in k else torch.zeros(v.shape[0], 40)
+           for k, v in pk.adapter_state(model, "a").items()}
+    out = tmp_path / "big"
+    out.mkdir()
+    save_file(big, str(out / "adapter.safetensors"))
+    meta = json.loads((folder / "adapter.json").read_text())
+    meta["config"]["r"] = 40
+    import hashlib
+    meta["tensors_sha256"] = hashlib.sha256((out / "adapter.safetensors").read_bytes()).hexdigest()
+    (out / "adapter.json").write_text(json.dumps(meta))
+    with pytest.raises(pk.AdapterLoadError, match="above the dimensions"):
+        pk.load_adapter(copy.deepcopy(MODEL), out)
+
+
+def test_a_config_that_builds_other_shapes_is_refused_on_the_meta_skeleton(folder, tmp_path) -> None:
+    err = load_with(folder, tmp_path, _set("config.r", 3))
+    assert "shape" in str(err) and "lora_A" in str(err)
+
+
+def test_two_gigabyte_json_is_refused_by_its_size(folder, tmp_path) -> None:
+    out = tmp_path / "huge"
+    out.mkdir()
+    (out / "adapter.safetensors").write_bytes((folder / "adapter.safetensors").read_bytes())
+    with open(out / "adapter.json", "wb") as fh:  # sparse: 2 GB on paper, nothing on disk
+        fh.truncate(2 << 30)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(pk.AdapterLoadError, match="metadata files are at most"):
+        pk.load_adapter(copy.deepcopy(MODEL), out)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 50_000  # KiB
+
+
+@pytest.mark.parametrize("depth", [MAX_DEPTH + 1, 100_000])
+def test_deep_nesting_is_refused(folder, tmp_path, depth) -> None:
+    err = load_with(folder, tmp_path, lambda meta: json.dumps(meta)[:-1]
+                    + ', "extra": ' + "[" * depth + "]" * depth + "}")
+    assert "nests deeper" in str(err)
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "int"])
+def test_tensors_with_nan_inf_or_integers_are_refused_and_warned_with_strict_false(
+        folder, tmp_path, bad) -> None:
+    tensors = load_file(str(folder / "adapter.safetensors"))
+    key = sorted(tensors)[0]
+    if bad == "int":
+        tensors[key] = tensors[key].to(torch.int32)
+    else:
+        tensors[key][0, 0] = float(bad)
+    out = tmp_path / bad
+    out.mkdir()
+    save_file(tensors, str(out / "adapter.safetensors"))
+    meta = json.loads((folder / "adapter.json").read_text())
+    import hashlib
+    meta["tensors_sha256"] = hashlib.sha256((out / "adapter.safetensors").read_bytes()).hexdigest()
+    (out / "adapter.json").write_text(json.dumps(meta))
+    model = copy.deepcopy(MODEL)
+    with pytest.raises(pk.AdapterLoadError, match="NaN or inf" if bad != "int" else "dtype"):
+        pk.load_adapter(model, out)
+    assert untouched(model)
+    with pytest.warns(UserWarning, match="NaN or inf" if bad != "int" else "dtype"):
+        pk.load_adapter(model, out, strict=False)
+
+
+# --- property: any JSON at all ----------------------------------------------------------------
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False)
+    | st.text(max_size=30),
+    lambda inner: st.lists(inner, max_size=6) | st.dictionaries(st.text(max_size=10), inner, max_size=6),
+    max_leaves=40)
+FIELDS = ["format_version", "library", "library_version", "name", "method", "config", "targets",
+          "base_fingerprint", "tensors_sha256", "num_parameters"]
+CONFIG_FIELDS = ["r", "alpha", "dropout", "rslora", "bias", "targets", "modules_to_save"]
+
+
+@st.composite
+def metadata(draw: st.DrawFn):
+    """A real adapter.json with some fields (or config fields) replaced by arbitrary JSON."""
+    meta = json.loads(ORIGINAL)
+    for name in draw(st.lists(st.sampled_from(FIELDS), max_size=3)):
+        meta[name] = draw(JSON)
+    if isinstance(meta.get("config"), dict):
+        for name in draw(st.lists(st.sampled_from(CONFIG_FIELDS), max_size=3)):
+            meta["config"][name] = draw(JSON | st.integers(10**6, 10**12))
+    if draw(st.booleans()):
+        meta = draw(JSON) if draw(st.integers(0, 9)) == 0 else meta
+    return meta
+
+
+ORIGINAL = ""
+
+
+@settings(max_examples=150, deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                   HealthCheck.too_slow])
+@given(meta=metadata())
+def test_any_metadata_gives_only_petkit_errors_fast_and_small(folder, tmp_path, meta) -> None:
+    global ORIGINAL
+    out = tmp_path / "prop"
+    out.mkdir(exist_ok=True)
+    (out / "adapter.safetensors").write_bytes((folder / "adapter.safetensors").read_bytes())
+    (out / "adapter.json").write_text(json.dumps(meta))
+    model = copy.deepcopy(MODEL)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    started = time.perf_counter()
+    try:
+        pk.load_adapter(model, out)
+    except pk.PetkitError:
+        assert untouched(model)
+    assert time.perf_counter() - started < 2.0
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100_000  # KiB
+
+
+@pytest.fixture(autouse=True)
+def _original(folder: Path) -> None:
+    global ORIGINAL
+    ORIGINAL = (folder / "adapter.json").read_text()
+
+
+def test_metadata_above_the_size_cap_is_refused(folder, tmp_path) -> None:
+    err = load_with(folder, tmp_path, lambda meta: json.dumps({**meta, "pad": "x" * MAX_JSON_BYTES}))
+    assert "at most" in str(err)
