@@ -20,6 +20,7 @@ LAYERS: dict[str, int] = {
     "app": 4, "recipes": 4,
     "fed": 5, "benchmark": 5, "continual": 5, "distributed": 5, "hybrid": 5, "compress": 5,
     "cli": 6,
+    "__main__": 7,  # python -m petkit (torchrun -m petkit): only calls cli.main
 }
 # Regimes sit side by side: none of them imports another.
 REGIMES = {name for name, level in LAYERS.items() if level == 5}
