@@ -7,6 +7,8 @@ from typing import Any
 from torch import nn
 
 from .delta import get_canonical, innermost
+from .delta import canonical_modules
+from .qweight import logical_shape, plain_tensor, quantization_changed, quantization_field
 
 
 def _base_params(module: nn.Module) -> dict[str, Any]:
@@ -26,10 +28,10 @@ def fingerprint(model: nn.Module, paths: list[str]) -> dict[str, Any]:
     shapes: dict[str, list[list[int]]] = {}
     for path in sorted(set(paths)):
         params = _base_params(get_canonical(model, path))
-        shapes[path] = [list(p.shape) for _, p in sorted(params.items())]
+        shapes[path] = [list(logical_shape(p)) for _, p in sorted(params.items())]
         for pname, p in sorted(params.items()):
             digest.update(f"{path}.{pname}:{tuple(p.shape)}".encode())
-            t = p.detach().float().cpu().contiguous()
+            t = plain_tensor(p)
             if t.numel() > 1 << 22:  # large tensors (embeddings): hash a fixed strided sample
                 t = t.flatten()[:: max(1, t.numel() >> 20)].contiguous()
             digest.update(t.numpy().tobytes())
@@ -37,6 +39,7 @@ def fingerprint(model: nn.Module, paths: list[str]) -> dict[str, Any]:
     return {
         "architecture": type(innermost(model)).__name__,
         "model_type": str(getattr(config, "model_type", "") or ""),
+        **quantization_field(model),
         "shapes": shapes,
         "weights_sha256": digest.hexdigest(),
     }
@@ -51,6 +54,6 @@ def compare(expected: dict[str, Any], actual: dict[str, Any]) -> list[str]:
         got = actual.get("shapes", {}).get(path)
         if got != shapes:
             problems.append(f"module {path}: shapes {shapes} != this model's {got}")
-    if not problems and expected.get("weights_sha256") != actual.get("weights_sha256"):
+    if not problems and expected.get("weights_sha256") != actual.get("weights_sha256") and not quantization_changed(expected, actual):
         problems.append("the touched base weights differ (another checkpoint, dtype, or a merged adapter?)")
     return problems

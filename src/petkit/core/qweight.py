@@ -67,8 +67,42 @@ def dense_weight(module: nn.Module, dtype: torch.dtype | None = None) -> torch.T
         scb = getattr(module.state, "SCB", None) if hasattr(module, "state") else None
     if scb is not None:  # bitsandbytes int8 (Int8Params): row-wise absmax scaling
         return (weight.data.float() * (scb.float()[:, None] / 127.0)).to(dtype)
-    for name in ("dequantize", "get_original_weight"):  # torchao tensor subclasses
+    for name in ("get_original_weight", "dequantize"):  # torchao tensor subclasses (NF4Tensor, Int8Tensor)
         fn = getattr(weight, name, None)
         if callable(fn):
             return fn().to(dtype)
     raise TypeError(f"cannot read the weight of {type(module).__name__} ({type(weight).__name__}) as a dense tensor")
+
+
+def quantization_field(model: nn.Module) -> dict:
+    """{"quantization": record} for a quantised base's fingerprint; {} for a dense one."""
+    record = quantization_record(model)
+    return {"quantization": record} if record else {}
+
+
+def quantization_changed(expected: dict, actual: dict) -> bool:
+    """True, with a warning, when an adapter's base and this one differ in quantisation.
+
+    Quantising changes every weight, so the weight hash cannot match; loading an adapter trained
+    on a 4-bit base onto the full-precision one (or back) is allowed, and said.
+    """
+    before, now = expected.get("quantization"), actual.get("quantization")
+    if before == now:
+        return False
+    import warnings
+
+    def show(q: dict | None) -> str:
+        return f"{q['mode']} ({q['backend']})" if q else "not quantised"
+
+    warnings.warn(f"the adapter's base was {show(before)}; this base is {show(now)}: loading anyway "
+                  "(the weight hash is not compared)", stacklevel=4)
+    return True
+
+
+def plain_tensor(param: torch.Tensor) -> torch.Tensor:
+    """A plain float CPU tensor of what is stored (a torchao subclass is dequantised), for hashing."""
+    t = param.detach()
+    if type(t).__module__.startswith("torchao"):
+        fn = getattr(t, "get_original_weight", None) or getattr(t, "dequantize")
+        t = fn()
+    return t.float().cpu().contiguous()

@@ -43,6 +43,7 @@ def _logits(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
+    got, ref = got.detach().float(), ref.detach().float()
     return float((got - ref).norm() / ref.norm().clamp_min(1e-12))
 
 
