@@ -60,6 +60,8 @@ def _set(path: str, value):
         for p in parents:
             node = node[p]
         node[leaf] = value
+        if path == "targets" and isinstance(value, list) and all(isinstance(v, str) for v in value):
+            meta["base_fingerprint"]["shapes"] = {v: [[1]] for v in value}  # consistent record
     return change
 
 
@@ -81,11 +83,29 @@ def test_wrong_json_types_name_the_field(folder, tmp_path, path, value, field) -
     ("method", "nosuch", "field 'method'"), ("config.r", "8", "r must be int"),
     ("config.r", -1, "r must be >= 1"), ("config.alpha", 1e308 * 10, "not valid JSON"),
     ("targets", ["fc1.weight", "fc2"], "not modules"), ("targets", ["__class__"], "not modules"),
-    ("targets", ["norm", "fc2"], "targets"), ("format_version", 99, "format version 99"),
+    ("format_version", 99, "format version 99"),
+    ("base_fingerprint.shapes", {"fc1": [[1]]}, "name different modules"),
 ])
 def test_wrong_values_are_refused(folder, tmp_path, path, value, match) -> None:
     err = load_with(folder, tmp_path, _set(path, value))
     assert isinstance(err, pk.AdapterLoadError) and match in str(err)
+
+
+def test_targets_the_config_would_not_select_are_refused_even_with_strict_false(folder, tmp_path) -> None:
+    """Recorded targets naming real modules the method cannot wrap (a LayerNorm for LoRA)."""
+    meta = json.loads((folder / "adapter.json").read_text())
+    shapes = meta["base_fingerprint"]["shapes"]
+    meta["targets"] = ["norm", "fc2"]
+    meta["base_fingerprint"]["shapes"] = {"norm": [[16], [16]], "fc2": shapes["fc2"]}
+    meta["config"]["targets"] = ["norm", "fc2"]
+    out = tmp_path / "norm"
+    out.mkdir()
+    (out / "adapter.safetensors").write_bytes((folder / "adapter.safetensors").read_bytes())
+    (out / "adapter.json").write_text(json.dumps(meta))
+    model = copy.deepcopy(MODEL)
+    with pytest.warns(UserWarning), pytest.raises(pk.AdapterLoadError, match="does not fit"):
+        pk.load_adapter(model, out, strict=False)
+    assert untouched(model)
 
 
 def test_catastrophic_regex_targets_is_never_run(folder, tmp_path, monkeypatch) -> None:
