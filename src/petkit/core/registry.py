@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar, TypeVar
@@ -52,6 +53,9 @@ class MethodConfig:
             value = getattr(self, f.name)
             if isinstance(value, list):
                 object.__setattr__(self, f.name, tuple(value))
+            for item in value if isinstance(value, (list, tuple)) else (value,):
+                if isinstance(item, float) and not math.isfinite(item):
+                    raise ConfigError(f"{type(self).__name__}.{f.name} must be a finite number, got {value!r}")
         if self.targets is not None and not isinstance(self.targets, (str, tuple)):
             raise ConfigError(f"targets must be a list of names, a regex string or None, got {self.targets!r}")
         if isinstance(self.targets, tuple) and not all(isinstance(t, str) and t for t in self.targets):
@@ -87,6 +91,8 @@ def check_range(name: str, value: Any, low: float | None = None, high: float | N
     """Raise ConfigError unless `value` is of `kind` and inside [low, high] (or (low, high])."""
     if isinstance(value, bool) or not isinstance(value, kind):
         raise ConfigError(f"{name} must be {getattr(kind, '__name__', kind)}, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value!r}")
     if low is not None and (value <= low if low_open else value < low):
         raise ConfigError(f"{name} must be {'>' if low_open else '>='} {low}, got {value!r}")
     if high is not None and value > high:
