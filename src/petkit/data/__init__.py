@@ -8,8 +8,14 @@ from petkit.core.errors import ConfigError
 from petkit.data.access import RecordedSplit, SealedSplitError
 from petkit.data.embedded import EMBEDDED_TASKS, load_embedded
 from petkit.data.encode import collate, encode_classification, encode_instruction, label_token_ids
-from petkit.data.files import SUFFIXES, load_file_task
+from petkit.data.files import Columns, load_file_task, load_test_file
+from petkit.data.readers import SUFFIXES, read_records, read_rows
 from petkit.data.task import Task, split_validation
+
+
+def is_data_file(name: str) -> bool:
+    """True when `name` is not an embedded task but ends like a data file (.csv, .jsonl, ...)."""
+    return name not in EMBEDDED_TASKS and Path(name).suffix.lower() in SUFFIXES
 
 
 def load_task(
@@ -21,40 +27,52 @@ def load_task(
     completion_column: str = "completion",
     test_fraction: float = 0.2,
     seed: int = 0,
-    test_path: str | None = None,
+    test_file: str | Path | None = None,
+    validation_file: str | Path | None = None,
+    labels: list[str] | None = None,
+    test_path: str | Path | None = None,
 ) -> Task:
-    """An embedded task by name, or a task from a .jsonl/.json/.csv/.parquet file.
+    """An embedded task by name, or a task from a .csv/.jsonl/.json/.parquet training file.
 
-    Without `test_path`, a seeded stratified test split of `test_fraction` is carved from the file
-    (embedded rotten-tomatoes caps its test split at 2000 examples).
+    A training file trains on all its rows. With `test_file` (`test_path` is its old name) every
+    row of that file is the test set; without it, a seeded stratified `test_fraction` of the
+    training file is held out and `Task.notes` says so. `validation_file` becomes
+    `Task.validation`. `labels` are the label names a model was trained with, in index order.
+    Every mistake in a file is a one-line `ConfigError` naming file, line and reason.
     """
+    test_file = test_file if test_file is not None else test_path
     if name_or_path in EMBEDDED_TASKS:
+        if test_file is not None or validation_file is not None:
+            raise ConfigError(f"a test or validation file goes with a training file, not with "
+                              f"the embedded task {name_or_path!r}")
         return load_embedded(name_or_path, test_fraction, seed)
-    path = Path(name_or_path)
-    if path.suffix.lower() not in SUFFIXES:
+    if not is_data_file(name_or_path):
         raise ConfigError(
             f"unknown task {name_or_path!r}: not an embedded task ({', '.join(EMBEDDED_TASKS)}) "
             f"nor a data file ({', '.join(SUFFIXES)})"
         )
-    columns = {
-        "text": text_column,
-        "label": label_column,
-        "prompt": prompt_column,
-        "completion": completion_column,
-    }
-    test = Path(test_path) if test_path is not None else None
-    return load_file_task(path, test, columns, test_fraction, seed)
+    columns = Columns(text_column, label_column, prompt_column, completion_column)
+    return load_file_task(Path(name_or_path), columns,
+                          test_file=Path(test_file) if test_file is not None else None,
+                          validation_file=Path(validation_file) if validation_file else None,
+                          labels=labels, test_fraction=test_fraction, seed=seed)
 
 
 __all__ = [
     "EMBEDDED_TASKS",
+    "SUFFIXES",
+    "Columns",
     "RecordedSplit",
     "SealedSplitError",
     "Task",
     "collate",
     "encode_classification",
     "encode_instruction",
+    "is_data_file",
     "label_token_ids",
     "load_task",
+    "load_test_file",
+    "read_records",
+    "read_rows",
     "split_validation",
 ]

@@ -122,22 +122,39 @@ def encode_instruction(
     return out
 
 
+def _as_list(value: object, field: str) -> list:
+    """A sequence field as a list of ints: lists, tuples, 1-D tensors and numpy arrays."""
+    if hasattr(value, "tolist"):  # torch.Tensor, numpy.ndarray
+        value = value.tolist()  # type: ignore[union-attr]
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"example field {field!r} must be a list or 1-D tensor of token ids, "
+                          f"got {type(value).__name__}")
+    return list(value)
+
+
 def collate(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch: labels (B,) for classification or (B, T) padded with -100 for LM."""
+    """Right-pad a batch: labels (B,) for classification or (B, T) padded with -100 for LM.
+
+    Fields may be lists or tensors; `attention_mask` defaults to ones when absent."""
     if not batch:
         raise ConfigError("cannot collate an empty batch")
-    width = max(len(b["input_ids"]) for b in batch)
-    pad = [width - len(b["input_ids"]) for b in batch]
+    ids = [_as_list(b["input_ids"], "input_ids") for b in batch]
+    masks = [_as_list(b["attention_mask"], "attention_mask") if "attention_mask" in b
+             else [1] * len(i) for b, i in zip(batch, ids)]
+    width = max(len(i) for i in ids)
+    pad = [width - len(i) for i in ids]
     out = {
-        "input_ids": torch.tensor([b["input_ids"] + [pad_id] * p for b, p in zip(batch, pad)]),
-        "attention_mask": torch.tensor([b["attention_mask"] + [0] * p for b, p in zip(batch, pad)]),
+        "input_ids": torch.tensor([i + [pad_id] * p for i, p in zip(ids, pad)], dtype=torch.long),
+        "attention_mask": torch.tensor([m + [0] * p for m, p in zip(masks, pad)],
+                                       dtype=torch.long),
     }
     if "labels" in batch[0]:
-        if isinstance(batch[0]["labels"], list):
-            rows = [b["labels"] + [IGNORE_INDEX] * p for b, p in zip(batch, pad)]
-            out["labels"] = torch.tensor(rows, dtype=torch.long)
+        labels = [b["labels"] for b in batch]
+        if all(isinstance(x, (int, float)) or getattr(x, "ndim", 1) == 0 for x in labels):
+            out["labels"] = torch.tensor([int(x) for x in labels], dtype=torch.long)
         else:
-            out["labels"] = torch.tensor([int(b["labels"]) for b in batch], dtype=torch.long)
+            rows = [_as_list(x, "labels") + [IGNORE_INDEX] * p for x, p in zip(labels, pad)]
+            out["labels"] = torch.tensor(rows, dtype=torch.long)
     return out
 
 

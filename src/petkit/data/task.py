@@ -22,6 +22,8 @@ class Task:
 
     classification examples: {"text": str, "label": int}; instruction: {"prompt", "completion"}.
     `template` and `label_words` form the verbaliser used when a decoder classifies by next token.
+    `validation` is a user's own validation file ([] otherwise); `notes` say where each split
+    came from and how big it is ("test: 60 rows held out of train.csv (20%, ...)").
     """
 
     name: str
@@ -31,6 +33,8 @@ class Task:
     label_names: tuple[str, ...] = ()
     template: str = "{text}"
     label_words: tuple[str, ...] = ()
+    validation: list[dict] = field(default_factory=list, repr=False)
+    notes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:

@@ -139,7 +139,12 @@ def _check_tied(model: torch.nn.Module) -> None:
 
 
 def resolve_model(name_or_path: str) -> str:
-    """Short embedded name -> local HF folder; a local folder -> itself; anything else unchanged."""
+    """Short embedded name -> local HF folder; a local folder -> itself; a hub id -> itself when
+    the hub is reachable, else its cached copy (`PetkitError` when neither)."""
     if name_or_path in EMBEDDED_MODELS:
         return str(embedded_model_dir(name_or_path))
-    return name_or_path
+    if Path(name_or_path).expanduser().exists():
+        return name_or_path
+    from petkit.models.hub import hub_model
+
+    return hub_model(name_or_path, ", ".join(EMBEDDED_MODELS))
