@@ -3,8 +3,9 @@
 - hide (after HiDe-Prompt / HiDe-LoRA, Wang et al., 2023, "Hierarchical Decomposition of
   Prompt-Based Continual Learning"): an adapter and head per task, frozen once learned, plus
   task-identity inference from the *frozen* model's features: each class keeps a prototype (the
-  unit-norm mean feature of its training examples, base model with every adapter off); a test
-  example goes to the task owning its most similar prototype (cosine), whose adapter then
+  mean feature of its training examples, base model with every adapter off); a test example
+  goes to the task owning its most similar prototype (cosine, after subtracting the mean of the
+  tasks' features, which removes the direction every sentence shares), whose adapter then
   classifies it among that task's classes. No task id is needed.
 - conpet (after Dynamic ConPET, Song et al., 2023, "ConPET: Continual Parameter-Efficient
   Tuning for Large Language Models"): a bounded pool of `pool` adapters; task t trains adapter
@@ -38,6 +39,7 @@ class Hide(Strategy):
         super().__init__(*args, **kwargs)
         self.prototypes = torch.zeros(0, 0)
         self.owner = torch.zeros(0, dtype=torch.long)  # task of each prototype
+        self.task_means = torch.zeros(0, 0)  # mean frozen feature of each learned task
 
     def learn(self, task: int) -> None:
         self.add_adapter(f"task{task}", [task])
@@ -49,14 +51,16 @@ class Hide(Strategy):
         block = self.model.block(task)
         protos = [feats[labels == c].mean(0) for c in range(block.start, block.stop)
                   if bool((labels == c).any())]
-        new = F.normalize(torch.stack(protos), dim=-1)
-        self.prototypes = new if self.prototypes.numel() == 0 else torch.cat([self.prototypes, new])
+        self.prototypes = _append(self.prototypes, torch.stack(protos))
+        self.task_means = _append(self.task_means, feats.mean(0, keepdim=True))
         self.owner = torch.cat([self.owner, torch.full((len(protos),), task)])
 
     def infer_task(self, examples: Sequence[dict], seen: int) -> torch.Tensor:
         """The task (<= seen) of each example's most similar class prototype."""
         keep = self.owner <= seen
-        sims = self.frozen_features(examples) @ self.prototypes[keep].T
+        center = self.task_means[: seen + 1].mean(0)
+        feats = F.normalize(self.frozen_features(examples) - center, dim=-1)
+        sims = feats @ F.normalize(self.prototypes[keep] - center, dim=-1).T
         return self.owner[keep][sims.argmax(dim=-1)]
 
     def logits(self, examples: Sequence[dict], seen: int, task: int | None) -> torch.Tensor:
@@ -66,10 +70,17 @@ class Hide(Strategy):
         return self.routed_scores(examples, owner, plan)
 
     def routing_state(self) -> dict[str, torch.Tensor]:
-        return {"prototypes": self.prototypes.contiguous(), "owner": self.owner}
+        return {"prototypes": self.prototypes.contiguous(), "owner": self.owner,
+                "task_means": self.task_means.contiguous()}
 
     def load_routing(self, tensors: dict[str, torch.Tensor]) -> None:
         self.prototypes, self.owner = tensors["prototypes"], tensors["owner"].long()
+        self.task_means = tensors["task_means"]
+
+
+def _append(rows: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """`rows` with `new` stacked below (`rows` may still be empty)."""
+    return new if rows.numel() == 0 else torch.cat([rows, new])
 
 
 class ConPet(Strategy):
