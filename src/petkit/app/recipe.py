@@ -55,14 +55,33 @@ class DataSpec:
     name: str = "rotten-tomatoes"
     task_type: str = "auto"
     train_size: int | None = None
-    test_size: int | None = 200
+    test_size: int | None = None
     validation_size: int = 0
     max_length: int = 128
+    test_file: str | None = None
+    validation_file: str | None = None
+    text_column: str = "text"
+    label_column: str = "label"
+    prompt_column: str = "prompt"
+    completion_column: str = "completion"
+    test_fraction: float = 0.2
+    labels: list[str] | None = None
 
     def __post_init__(self) -> None:
         """Validate each field."""
-        if not isinstance(self.name, str) or not self.name:
-            raise ConfigError(f"data.name must be a non-empty string, got {self.name!r}")
+        for name in ("name", "text_column", "label_column", "prompt_column", "completion_column"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value:
+                raise ConfigError(f"data.{name} must be a non-empty string, got {value!r}")
+        for name in ("test_file", "validation_file"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ConfigError(f"data.{name} must be None or a file path, got {value!r}")
+        if not isinstance(self.test_fraction, (int, float)) or not 0 < self.test_fraction < 1:
+            raise ConfigError(f"data.test_fraction must be in (0, 1), got {self.test_fraction!r}")
+        if self.labels is not None and (not isinstance(self.labels, list) or len(self.labels) < 2):
+            raise ConfigError(f"data.labels must be None or a list of >= 2 label names, "
+                              f"got {self.labels!r}")
         if self.task_type not in TASK_TYPES:
             raise ConfigError(f"data.task_type must be one of {TASK_TYPES}, got {self.task_type!r}")
         for name in ("train_size", "test_size"):
@@ -193,6 +212,8 @@ def parse_value(text: str, annotation: Any = Any) -> Any:
         value = yaml.safe_load(text)
     except yaml.YAMLError:
         value = text
+    if annotation is str or annotation == str | None:  # a column or file named "1" stays text
+        return value if value is None else text
     if _accepts(annotation, float) and isinstance(value, (int, str)) and not isinstance(value, bool):
         try:
             return float(value)
@@ -233,4 +254,17 @@ def apply_overrides(recipe: Recipe, overrides: dict[str, str]) -> Recipe:
             raise ConfigError(f"unknown option --{key}; {section} fields: {sorted(known)}")
         annotation = str if name == "name" else _field_type(cls, name)
         data[section][name] = parse_value(text, annotation)
+    _fresh_file_sizes(recipe, data["data"], overrides)
     return recipe_from_dict(data)
+
+
+def _fresh_file_sizes(recipe: Recipe, data: dict[str, Any], overrides: dict[str, str]) -> None:
+    """A user file that an override names trains and tests on all its rows: the sizes and label
+    names that came with the recipe's previous task are dropped unless these overrides set them."""
+    from petkit.data import is_data_file
+
+    if data["name"] == recipe.data.name or not is_data_file(data["name"]):
+        return
+    for key in ("train_size", "test_size", "labels"):
+        if f"data.{key}" not in overrides:
+            data[key] = None
