@@ -11,7 +11,7 @@ import dataclasses
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from torch import nn
 from petkit.core.errors import ConfigError
 from petkit.training.evaluate import evaluate
 from petkit.training.loop import TrainResult, preflight, train
-from petkit.app.recipe import Recipe, load_recipe
+from petkit.app.recipe import DataSpec, Recipe, load_recipe
 from petkit.core.io import load_adapter
 from petkit.core.model import attach, unload
 from petkit.core.registry import make_config
@@ -44,6 +44,7 @@ class Prepared:
     test: Examples
     label_token_ids: list[int] | None
     pad_id: int
+    notes: list[str] = field(default_factory=list)  # where each split came from, its size
 
 
 @dataclass
@@ -105,28 +106,61 @@ def _by_length(examples: Examples) -> Examples:
     return sorted(examples, key=lambda e: len(e["input_ids"]))
 
 
-def prepare(recipe: Recipe, *, with_train: bool = True) -> tuple[Prepared, Any]:
-    """Load the task and the model, encode the train/validation/test subsets."""
-    from petkit.data import label_token_ids, load_task, split_validation
+def load_recipe_task(spec: DataSpec, seed: int = 0, test_only: bool = False) -> Any:
+    """The recipe's task; `test_only` with a test file reads just that file (all of it)."""
+    from petkit.data import Columns, load_task, load_test_file
+
+    columns = Columns(spec.text_column, spec.label_column, spec.prompt_column,
+                      spec.completion_column)
+    if test_only and spec.test_file:
+        return load_test_file(Path(spec.test_file), columns, spec.labels)
+    return load_task(spec.name, text_column=spec.text_column, label_column=spec.label_column,
+                     prompt_column=spec.prompt_column, completion_column=spec.completion_column,
+                     test_fraction=spec.test_fraction, seed=seed, test_file=spec.test_file,
+                     validation_file=spec.validation_file, labels=spec.labels)
+
+
+def _sized(what: str, examples: Examples, size: int | None, seed: int, flag: str,
+           notes: list[str]) -> Examples:
+    """A seeded subset of `size` (None: all); a cap that bites is stated in `notes`."""
+    chosen = _subset(examples, size, seed)
+    if len(chosen) < len(examples):
+        notes.append(f"{what}: {len(chosen):,} of {len(examples):,} examples ({flag})")
+    return chosen
+
+
+def prepare(recipe: Recipe, *, with_train: bool = True,
+            test_only: bool = False) -> tuple[Prepared, Any]:
+    """Load the task (checked before the model loads), then the model; encode the
+    train/validation/test subsets. `test_only` (eval) reads only a test file when one is set."""
+    from petkit.data import label_token_ids, split_validation
     from petkit.models import load_model
 
     spec, seed = recipe.data, recipe.train.seed
-    task = load_task(spec.name)
+    task = load_recipe_task(spec, test_only=test_only)
+    notes = list(task.notes)
+    train_raw = _sized("train", task.train, spec.train_size, seed, "--train-size",
+                       notes) if with_train else []
+    val_raw: Examples = list(task.validation) if with_train else []
+    if with_train and spec.validation_size and not val_raw:
+        if spec.validation_size >= len(train_raw):
+            raise ConfigError(f"data.validation_size={spec.validation_size} leaves no training "
+                              f"examples (there are {len(train_raw)})")
+        train_raw, val_raw = split_validation(train_raw, spec.validation_size / len(train_raw),
+                                              seed)
+        notes.append(f"validation: {len(val_raw):,} examples held out of the training examples "
+                     f"(data.validation_size)")
+    # The test subset is fixed (seed 0), whatever the training seed.
+    test_raw = _sized("test", task.test, spec.test_size, 0, "--test-size", notes)
     task_type = resolve_task_type(recipe, task.kind)
     kind = "seq-cls" if task_type == "head" else "causal-lm"
     num_labels = len(task.label_names) if task_type == "head" else None
     model, tokenizer = load_model(recipe.model.name, task=kind, num_labels=num_labels)
     ids = label_token_ids(tokenizer, task.label_words) if task_type == "verbaliser" else None
-    prep = Prepared(model, tokenizer, task_type, [], [], [], ids, int(tokenizer.pad_token_id))
-    train_raw = _subset(task.train, spec.train_size, seed) if with_train else []
-    val_raw: Examples = []
-    if with_train and spec.validation_size:
-        train_raw, val_raw = split_validation(train_raw, spec.validation_size / len(train_raw),
-                                              seed)
+    prep = Prepared(model, tokenizer, task_type, [], [], [], ids, int(tokenizer.pad_token_id),
+                    notes)
     prep.train = encode_examples(train_raw, prep, task, spec.max_length)
     prep.validation = _by_length(encode_examples(val_raw, prep, task, spec.max_length))
-    # The test subset is fixed (seed 0), whatever the training seed.
-    test_raw = _subset(task.test, spec.test_size, 0)
     prep.test = _by_length(encode_examples(test_raw, prep, task, spec.max_length))
     return prep, task
 
@@ -162,17 +196,20 @@ def run_recipe(recipe: Recipe, echo: Echo = print) -> RunReport:
     output = Path(recipe.train.output_dir or "runs/default")
     echo(f"loading {recipe.model.name} and {recipe.data.name} ...")
     torch.manual_seed(recipe.train.seed)  # a new head's and the delta's init follow the seed
-    prep, _ = prepare(recipe)
+    prep, task = prepare(recipe)
+    labels = list(task.label_names) or None  # eval / merge of this run map labels the same way
     resolved = dataclasses.replace(recipe, data=dataclasses.replace(
-        recipe.data, task_type=prep.task_type))
+        recipe.data, task_type=prep.task_type, labels=labels))
     config = resolved.train.replace(output_dir=str(output), label_token_ids=prep.label_token_ids)
     resolved = dataclasses.replace(resolved, train=config)
     attach(prep.model, method_config(resolved, prep))
     preflight(prep.model, prep.train, config)  # a bad set-up fails before the baseline evaluation
+    for note in prep.notes:
+        echo(note)
     echo(f"{prep.task_type} on {len(prep.train)} train / {len(prep.validation)} validation / "
          f"{len(prep.test)} test examples")
     before = test_metrics(prep, resolved)
-    echo(f"before: {_fmt(before)}")
+    echo(f"test before: {_fmt(before)}")
     output.mkdir(parents=True, exist_ok=True)
     (output / "recipe.yaml").write_text(resolved.to_yaml(), encoding="utf-8")
     result = train(prep.model, prep.train, config, eval_data=prep.validation or None,
@@ -199,7 +236,8 @@ def recipe_for_adapter(adapter: str | Path) -> Recipe:
 def load_with_adapter(recipe: Recipe, adapter: str | Path | None,
                       with_data: bool = True) -> Prepared:
     """Model (and test data) of `recipe`, with the adapter folder loaded and active."""
-    prep, _ = prepare(recipe, with_train=False) if with_data else (_model_only(recipe), None)
+    prep, _ = prepare(recipe, with_train=False, test_only=True) if with_data \
+        else (_model_only(recipe), None)
     if adapter is not None:
         load_adapter(prep.model, str(adapter))
     return prep
