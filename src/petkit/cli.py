@@ -3,9 +3,10 @@ exit code 2; no traceback.
 
     petkit train                         # LoRA on smollm2-135m for rotten-tomatoes, on the CPU
     petkit train --recipe minilm-bbc --steps 50 --method.r=16 --train.lr=1e-3
-    petkit eval --adapter runs/default/adapter
+    petkit train --data tweets.csv --test-file test.csv --text-column tweet --label-column mood
+    petkit eval --adapter runs/default/adapter --data test.csv   # scores every row of test.csv
     petkit merge --adapter runs/default/adapter --output merged/
-    petkit inspect --method lora         # model tree, where each delta sits, trainable counts
+    petkit inspect --method lora         # table: where each delta sits, trainable counts
     petkit methods
     petkit fed --clients 10 --alpha 0.5   # federated LoRA on Flower, only the delta travels
     petkit bench grid.yaml --output runs/bench   # methods x tasks x seeds x sizes, resumable
@@ -17,6 +18,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 from rich.console import Console
@@ -34,14 +36,66 @@ OUT = Console(highlight=False, soft_wrap=True)
 
 # Named flags and the recipe field each one sets; any other field is reachable as --section.field.
 FLAGS = {"method": "method.name", "model": "model.name", "data": "data.name",
-         "task_type": "data.task_type", "steps": "train.max_steps", "lr": "train.lr",
-         "batch_size": "train.batch_size", "max_length": "data.max_length",
+         "validation_file": "data.validation_file", "test_file": "data.test_file",
+         "text_column": "data.text_column", "label_column": "data.label_column",
+         "prompt_column": "data.prompt_column", "completion_column": "data.completion_column",
+         "task_type": "data.task_type", "steps": "train.max_steps", "epochs": "train.epochs",
+         "lr": "train.lr", "batch_size": "train.batch_size", "grad_accum": "train.grad_accum",
+         "warmup": "train.warmup_steps", "schedule": "train.schedule",
+         "eval_every": "train.eval_every", "precision": "train.precision",
+         "rank": "method.r", "alpha": "method.alpha", "max_length": "data.max_length",
          "train_size": "data.train_size", "test_size": "data.test_size", "seed": "train.seed",
          "output": "train.output_dir", "ist_top_k": "train.ist.top_k",
          "ist_every": "train.ist.every", "optimizer": "train.optimizer", "eps": "train.stepper.eps",
          "n_spsa": "train.stepper.n_spsa", "dim": "train.stepper.dim",
          "popsize": "train.stepper.popsize"}
-COMMON = ("model", "data", "max_length", "test_size", "task_type")
+COLUMNS = ("text_column", "label_column", "prompt_column", "completion_column")
+DATA = ("data", "validation_file", "test_file", *COLUMNS, "task_type", "max_length",
+        "train_size", "test_size")
+TRAINING = ("steps", "epochs", "lr", "batch_size", "grad_accum", "warmup", "schedule",
+            "eval_every", "precision", "seed", "output")
+METHOD = ("method", "rank", "alpha", "model")
+OPTIMISERS = ("optimizer", "ist_top_k", "ist_every", "eps", "n_spsa", "dim", "popsize")
+HELP = {"data": "embedded task (rotten-tomatoes, bbc-news, chatterbot-qa) or your training file "
+                "(.csv .jsonl .json .parquet): all its rows train unless --train-size is given",
+        "validation_file": "your validation file: picks the best step (with --eval-every)",
+        "test_file": "your test file, scored in full before and after training (without it, "
+                     "20%% of the training file is held out and the output says so)",
+        "text_column": "column holding the text (default: text)",
+        "label_column": "column holding the label, words or integers (default: label)",
+        "prompt_column": "instruction data: column holding the prompt (default: prompt)",
+        "completion_column": "instruction data: column holding the answer (default: completion)",
+        "task_type": "auto | verbaliser | head | instruction",
+        "max_length": "tokens per example (longer texts are cut)",
+        "train_size": "train on a seeded subset of this many examples",
+        "test_size": "score a fixed subset of this many test examples",
+        "steps": "optimiser steps", "epochs": "passes over the training data (instead of --steps)",
+        "lr": "learning rate (default: the method's suggested rate)",
+        "batch_size": "examples per optimiser step", "grad_accum": "micro-batches per step",
+        "warmup": "warm-up steps (train.warmup_steps)", "schedule": "linear | cosine | constant",
+        "eval_every": "validate every N steps and keep the best (needs validation data)",
+        "precision": "auto | fp32 | bf16", "seed": "seed of data order and initialisation",
+        "output": "output folder (adapter, logs, checkpoints)",
+        "method": "registered method name (see `petkit methods`)",
+        "rank": "rank r of LoRA-family methods (method.r)",
+        "alpha": "scaling alpha of LoRA-family methods (method.alpha)",
+        "model": "embedded model (smollm2-135m, minilm-l6), a local folder or a hub id",
+        "ist_top_k": "IST: update only this many importance-sampled layers per step",
+        "ist_every": "IST: re-score layer importance every this many steps (default 10)",
+        "optimizer": "adamw | sgd (backprop), mezo | zo-adam (zeroth-order), cma (CMA-ES)",
+        "eps": "zeroth-order perturbation scale (train.stepper.eps)",
+        "n_spsa": "zeroth-order perturbations per step (train.stepper.n_spsa)",
+        "dim": "CMA-ES subspace dimension d (train.stepper.dim)",
+        "popsize": "CMA-ES population size (train.stepper.popsize)"}
+METAVARS = {"data": "TASK|FILE", "warmup": "STEPS", "eval_every": "STEPS", "n_spsa": "N",
+            "grad_accum": "N", "epochs": "N", "output": "DIR", "method": "NAME", "model": "NAME",
+            "schedule": "NAME", "precision": "NAME", "optimizer": "NAME", "rank": "R",
+            "alpha": "ALPHA", "steps": "N", "eps": "EPS", "dim": "D", "popsize": "N"}
+DOTTED = ("Every recipe field is an option too, written --SECTION.FIELD=VALUE with SECTION one of "
+          "method, model, data, train: --method.dropout=0.1 --train.weight_decay=0.01 "
+          "--data.validation_size=100 --train.stepper.eps=1e-3. Order of precedence: --recipe "
+          "(default: the shipped 'default'), then the flags above, then dotted options. An "
+          "unknown field's error lists the fields of its section.")
 
 
 class UsageError(PetkitError):
@@ -53,49 +107,52 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
 
 
-def _add_flags(parser: argparse.ArgumentParser, names: Sequence[str]) -> None:
-    helps = {"steps": "optimiser steps", "output": "output folder (adapter, logs, checkpoints)",
-             "task_type": "auto | verbaliser | head | instruction",
-             "method": "registered method name (see `petkit methods`)",
-             "ist_top_k": "IST: update only this many importance-sampled layers per step",
-             "ist_every": "IST: re-score layer importance every this many steps (default 10)",
-             "optimizer": "adamw | sgd (backprop), mezo | zo-adam (zeroth-order), cma (CMA-ES)",
-             "eps": "zeroth-order perturbation scale (train.stepper.eps)",
-             "n_spsa": "zeroth-order perturbations per step (train.stepper.n_spsa)",
-             "dim": "CMA-ES subspace dimension d (train.stepper.dim)",
-             "popsize": "CMA-ES population size (train.stepper.popsize)"}
+def _add_flags(parser: argparse.ArgumentParser, names: Sequence[str], title: str | None = None,
+               recipe: bool = True) -> None:
+    group = parser.add_argument_group(title) if title else parser
     for name in names:
-        flag = "--" + name.replace("_", "-")
-        parser.add_argument(flag, dest=name, default=None,
-                            help=helps.get(name, f"sets {FLAGS[name]}"))
-    parser.add_argument("--recipe", help="YAML recipe file or shipped recipe name")
+        flags = ["--" + name.replace("_", "-")] + (["--train-file"] if name == "data" else [])
+        group.add_argument(*flags, dest=name, default=None,
+                           metavar=METAVARS.get(name, name.split("_")[-1].upper()),
+                           help=HELP.get(name, f"sets {FLAGS[name]}"))
+    if recipe:
+        parser.add_argument("--recipe", help="YAML recipe file or shipped recipe name")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The `petkit` parser; dotted `--section.field=value` overrides are taken on top."""
     parser = _Parser(prog="petkit", description="Parameter-efficient tuning of transformers.",
-                     epilog="Any recipe field can be set as --method.r=16, --train.lr=1e-4, ...")
+                     epilog="Any recipe field can be set as --method.r=16, --train.lr=1e-4, ... "
+                            "(see petkit train --help)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     train = sub.add_parser("train", help="train a delta (default: LoRA, smollm2-135m, "
-                                         "rotten-tomatoes, CPU, a few minutes)")
-    _add_flags(train, list(FLAGS))
+                                         "rotten-tomatoes, CPU, a few minutes)", epilog=DOTTED)
+    _add_flags(train, DATA, "data")
+    _add_flags(train, TRAINING, "training", recipe=False)
+    _add_flags(train, METHOD, "method and model", recipe=False)
+    _add_flags(train, OPTIMISERS, "other optimisers", recipe=False)
+    train.add_argument("--bf16", action="store_true", help="bfloat16 autocast (--precision bf16)")
     train.add_argument("--head", action="store_true", help="train a classification head "
                                                              "instead of the verbaliser")
     train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
-    train.add_argument("--nproc", type=int, default=None,
-                       help="train on N local processes through torchrun (DDP or FSDP2: train.distributed; docs/distributed.md)")
     train.add_argument("--dylora-eval-ranks", dest="eval_ranks", default=None,
                        help="after training, test the adapter at each rank, e.g. 1,2,4,8 (dylora)")
-    evaluate = sub.add_parser("eval", help="test metrics of a saved adapter")
+    train.add_argument("--nproc", type=int, default=None,
+                       help="train on N local processes through torchrun (DDP or FSDP2: train.distributed; docs/distributed.md)")
+    evaluate = sub.add_parser("eval", help="test metrics of a saved adapter", epilog=DOTTED)
     evaluate.add_argument("--adapter", required=True, help="adapter folder")
-    evaluate.add_argument("--rank", type=int, default=None,
+    evaluate.add_argument("--data", dest="eval_data", metavar="FILE",
+                          help="file to score, all its rows unless --test-size (or a task name); "
+                               "default: the run's own test set")
+    evaluate.add_argument("--rank", dest="eval_rank", type=int, default=None,
                           help="evaluate at this rank (methods trained over a range of ranks: dylora)")
-    _add_flags(evaluate, COMMON)
+    _add_flags(evaluate, ("model", *COLUMNS, "max_length", "test_size", "task_type"))
     merge = sub.add_parser("merge", help="merge an adapter into a plain Hugging Face model folder")
     merge.add_argument("--adapter", required=True, help="adapter folder")
     merge.add_argument("--output", dest="merged", required=True, help="folder to write")
     _add_flags(merge, ("model", "data", "task_type"))
-    inspect = sub.add_parser("inspect", help="model tree with each delta and trainable counts")
+    inspect = sub.add_parser("inspect", help="table of where each delta sits, with trainable "
+                                             "counts")
     inspect.add_argument("--adapter", help="adapter folder to load")
     _add_flags(inspect, ("model", "method", "data", "task_type"))
     sub.add_parser("methods", help="registered methods, family and paper")
@@ -105,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--output", dest="replayed", required=True, help="adapter folder to write")
     replay.add_argument("--steps", dest="replay_steps", type=int, default=None,
                         help="replay only the first N steps (e.g. the run's best step)")
+    # Flag definitions only: these modules import nothing optional (Flower loads in cmd_fed).
     from petkit.fed import cli as fed_cli
 
     fed_cli.add_arguments(sub.add_parser("fed", help="federated tuning on Flower (simulation, or "
@@ -141,6 +199,8 @@ def _recipe(args: argparse.Namespace, dotted: dict[str, str], base: Any = None) 
     named = {FLAGS[k]: str(v) for k, v in vars(args).items() if k in FLAGS and v is not None}
     if getattr(args, "head", False):
         named["data.task_type"] = "head"
+    if getattr(args, "bf16", False):
+        named["train.precision"] = "bf16"
     if getattr(args, "resume", False):
         named["train.resume"] = "true"
     overrides = {**named, **dotted}
@@ -168,13 +228,15 @@ def cmd_train(args: argparse.Namespace, dotted: dict[str, str]) -> None:
     ranks = _eval_ranks(args, recipe)
     report = run_recipe(recipe, echo=lambda line: OUT.print(f"[dim]{line}[/dim]"))
     result = report.result
-    OUT.print(f"test before: {_fmt(report.before)}")
     OUT.print(f"test after:  [bold green]{_fmt(report.after)}[/bold green]")
     best = f", best {result.metric}={result.best_metric:.4f} at step {result.best_step}" \
         if result.best_metric is not None else ""
     OUT.print(f"{result.steps} steps in {result.seconds:.0f}s{best}; "
               f"peak memory {result.peak_memory_mb:.0f} MiB; total {report.seconds:.0f}s")
     OUT.print(f"adapter: {result.adapter_path} ({report.adapter_bytes / 2**20:.2f} MiB on disk)")
+    plot = Path(report.recipe.train.output_dir or "runs/default") / "training.png"
+    if plot.is_file():
+        OUT.print(f"loss curve: {plot}; log: {plot.parent / 'train.log'}")
     if ranks:
         _rank_sweep(report.recipe, result.adapter_path, ranks)
     for key, value in result.report.items():  # e.g. IST: steps each layer was updated in
@@ -194,8 +256,6 @@ def _eval_ranks(args: argparse.Namespace, recipe: Any) -> list[int]:
 
 def _rank_sweep(recipe: Any, adapter: Any, ranks: list[int]) -> None:
     """Test accuracy at each rank of the one trained adapter; also written to rank_sweep.json."""
-    from pathlib import Path
-
     from petkit.app.rank_sweep import evaluate_at_ranks, write_sweep
 
     results = evaluate_at_ranks(recipe, adapter, ranks)
@@ -212,15 +272,29 @@ def _adapter_recipe(args: argparse.Namespace, dotted: dict[str, str]) -> Any:
     return _recipe(args, dotted, base=recipe_for_adapter(args.adapter))
 
 
+def _eval_data(args: argparse.Namespace, dotted: dict[str, str]) -> dict[str, str]:
+    """`eval --data FILE` scores all of FILE (unless --test-size); a task name replaces the task."""
+    from petkit.data import is_data_file
+
+    if not args.eval_data:
+        return dotted
+    if not is_data_file(args.eval_data):
+        return {"data.name": args.eval_data, **dotted}
+    sized = {} if args.test_size is not None else {"data.test_size": "none"}
+    return {"data.test_file": args.eval_data, **sized, **dotted}
+
+
 def cmd_eval(args: argparse.Namespace, dotted: dict[str, str]) -> None:
     """Test metrics of the base model with the adapter loaded."""
     from petkit.app.pipeline import load_with_adapter, test_metrics
 
-    recipe = _adapter_recipe(args, dotted)
+    recipe = _adapter_recipe(args, _eval_data(args, dotted))
     prep = load_with_adapter(recipe, args.adapter)
-    if args.rank is not None:
-        set_rank(prep.model, args.rank, active_adapters(prep.model)[0])
-    OUT.print(f"{recipe.data.name} test ({len(prep.test)} examples, {prep.task_type}): "
+    if args.eval_rank is not None:
+        set_rank(prep.model, args.eval_rank, active_adapters(prep.model)[0])
+    for note in prep.notes:
+        OUT.print(f"[dim]{escape(note)}[/dim]")
+    OUT.print(f"test on {len(prep.test)} examples ({prep.task_type}): "
               f"{_fmt(test_metrics(prep, recipe))}")
 
 
@@ -250,7 +324,7 @@ def cmd_inspect(args: argparse.Namespace, dotted: dict[str, str]) -> None:
 def cmd_methods(args: argparse.Namespace, dotted: dict[str, str]) -> None:
     """Table of registered methods."""
     table = Table("method", "family", "paper")
-    for name, family, paper in list_methods():
+    for name, family, paper in sorted(list_methods()):
         table.add_row(name, family, paper)
     OUT.print(table)
 
@@ -265,7 +339,9 @@ def cmd_bench(args: argparse.Namespace, dotted: dict[str, str]) -> None:
 def cmd_fed(args: argparse.Namespace, dotted: dict[str, str]) -> None:
     """Federated rounds on Flower; prints each round, the partition, bytes vs full-model FedAvg."""
     from petkit.fed import cli as fed_cli
+    from petkit.models.packages import require_module
 
+    require_module("flwr", "'petkit[fed]'", "petkit fed")
     fed_cli.run_command(args, dotted, lambda line: OUT.print(line, markup=False))
 
 
@@ -296,7 +372,6 @@ def _relaunch(nproc: int, argv: list[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `petkit` console script; returns the exit code."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars would bury petkit's own output
