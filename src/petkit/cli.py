@@ -10,6 +10,7 @@ exit code 2; no traceback.
     petkit methods
     petkit fed --clients 10 --alpha 0.5   # federated LoRA on Flower, only the delta travels
     petkit bench grid.yaml --output runs/bench   # methods x tasks x seeds x sizes, resumable
+    petkit continual --tasks bbc-classes --strategy hide   # tasks in sequence, forgetting
 """
 
 from __future__ import annotations
@@ -171,6 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench_cli.add_arguments(sub.add_parser("bench", help="fair benchmark grid from a YAML file: "
                                            "methods x tasks x seeds x sizes (resumable)"))
+    from petkit.continual import cli as continual_cli
+
+    continual_cli.add_arguments(sub.add_parser("continual", help="tasks in sequence: accuracy "
+                                               "matrix, forgetting (o-lora, inflora, hide, ...)"))
     return parser
 
 
@@ -336,6 +341,14 @@ def cmd_bench(args: argparse.Namespace, dotted: dict[str, str]) -> None:
     OUT.print(bench_cli.command(args, dotted))
 
 
+def cmd_continual(args: argparse.Namespace, dotted: dict[str, str]) -> None:
+    """Learn tasks in order; print the accuracy matrix, forgetting and where the files are."""
+    from petkit.continual import cli as continual_cli
+
+    for line in continual_cli.command(args, dotted):
+        OUT.print(line, markup=False)
+
+
 def cmd_fed(args: argparse.Namespace, dotted: dict[str, str]) -> None:
     """Federated rounds on Flower; prints each round, the partition, bytes vs full-model FedAvg."""
     from petkit.fed import cli as fed_cli
@@ -356,7 +369,8 @@ def cmd_replay(args: argparse.Namespace, dotted: dict[str, str]) -> None:
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "merge": cmd_merge, "inspect": cmd_inspect,
-            "methods": cmd_methods, "replay": cmd_replay, "fed": cmd_fed, "bench": cmd_bench}
+            "methods": cmd_methods, "replay": cmd_replay, "fed": cmd_fed, "bench": cmd_bench,
+            "continual": cmd_continual}
 
 
 def _relaunch(nproc: int, argv: list[str]) -> int:
