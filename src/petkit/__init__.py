@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from petkit.benchmark import BenchReport
 from petkit.benchmark import run as bench
+from petkit.continual import run_continual as continual
 from petkit.core.adapter_merge import merge_adapters
 from petkit.core.capabilities import expert_load, set_rank
 from petkit.core.errors import (
@@ -53,7 +54,7 @@ __all__ = [
     "METHODS", "AdapterLoadError", "AdapterStateError", "BenchReport", "CheckpointError", "ConfigError",
     "MethodConfig", "MissingPackageError", "PetkitError", "TargetError", "TrainConfig", "TrainResult",
     "__version__", "activate", "active_adapters", "adapter_state", "adapter_weights", "adapters", "attach",
-    "bench", "detach", "disabled", "evaluate", "expert_load", "export_peft", "fold", "get_method",
+    "bench", "continual", "detach", "disabled", "evaluate", "expert_load", "export_peft", "fold", "get_method",
     "import_peft", "list_methods", "load_adapter", "make_config", "merge", "merge_adapters", "mixed_forward",
     "mixed_generate", "read_adapter", "register", "replay_mezo", "save_adapter", "save_links", "set_rank",
     "set_trainable", "summary", "swap_adapter", "train", "trainable_parameters", "unload", "unmerge",
