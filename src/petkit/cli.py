@@ -164,9 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--steps", dest="replay_steps", type=int, default=None,
                         help="replay only the first N steps (e.g. the run's best step)")
     # Flag definitions only: these modules import nothing optional (Flower loads in cmd_fed).
-    from petkit.fed import cli as fed_cli
+    from petkit.fed import flags as fed_flags
 
-    fed_cli.add_arguments(sub.add_parser("fed", help="federated tuning on Flower (simulation, or "
+    fed_flags.add_arguments(sub.add_parser("fed", help="federated tuning on Flower (simulation, or "
                                          "--deploy to a SuperLink): only the delta travels"))
     from petkit.benchmark import cli as bench_cli
 
@@ -351,10 +351,10 @@ def cmd_continual(args: argparse.Namespace, dotted: dict[str, str]) -> None:
 
 def cmd_fed(args: argparse.Namespace, dotted: dict[str, str]) -> None:
     """Federated rounds on Flower; prints each round, the partition, bytes vs full-model FedAvg."""
-    from petkit.fed import cli as fed_cli
     from petkit.models.packages import require_module
 
     require_module("flwr", "'petkit[fed]'", "petkit fed")
+    from petkit.fed import cli as fed_cli  # after the check: it imports Flower
     fed_cli.run_command(args, dotted, lambda line: OUT.print(line, markup=False))
 
 
