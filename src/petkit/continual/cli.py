@@ -1,0 +1,97 @@
+"""`petkit continual`: the subcommand's flags and what it does (imports nothing optional).
+
+    petkit continual --tasks bbc-classes --strategy hide --output runs/cl-hide
+    petkit continual --tasks rotten-tomatoes,bbc-news,convention-party --method lora \\
+        --strategy o-lora --method.r=8 --option ortho_weight=1.0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from petkit.core.errors import ConfigError
+
+STRATEGY_NAMES = ("sequential", "multitask", "per-task", "o-lora", "inflora", "hide", "conpet")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of `petkit continual`."""
+    parser.add_argument("--tasks", dest="cl_tasks", metavar="SPEC", required=True,
+                        help="a sequence (bbc-classes, domains) or TASK,TASK,... where TASK is an "
+                             "embedded task, convention-party or a data file, optionally "
+                             ":CLASS+CLASS (e.g. bbc-news:business+tech)")
+    parser.add_argument("--strategy", dest="cl_strategy", metavar="NAME", default="sequential",
+                        help=f"one of {', '.join(STRATEGY_NAMES)} (default sequential)")
+    parser.add_argument("--method", dest="cl_method", metavar="NAME", default="lora",
+                        help="PET method per task (default lora; o-lora/inflora need the LoRA "
+                             "family); set its fields with --method.FIELD=VALUE")
+    parser.add_argument("--model", dest="cl_model", metavar="NAME", default="minilm-l6",
+                        help="encoder (default minilm-l6, embedded)")
+    parser.add_argument("--output", dest="cl_output", metavar="DIR", default=None,
+                        help="run folder (default runs/continual-<strategy>)")
+    parser.add_argument("--steps", dest="cl_steps", metavar="N", type=int, default=60,
+                        help="optimiser steps per task (default 60)")
+    parser.add_argument("--lr", dest="cl_lr", metavar="LR", type=float, default=1e-3, help="default 1e-3")
+    parser.add_argument("--batch-size", dest="cl_batch_size", metavar="N", type=int, default=16)
+    parser.add_argument("--seed", dest="cl_seed", metavar="N", type=int, default=0)
+    parser.add_argument("--max-train", dest="cl_max_train", metavar="N", type=int, default=400,
+                        help="train examples per task (default 400)")
+    parser.add_argument("--max-test", dest="cl_max_test", metavar="N", type=int, default=200,
+                        help="test examples per task (default 200)")
+    parser.add_argument("--max-length", dest="cl_max_length", metavar="N", type=int, default=64)
+    parser.add_argument("--option", dest="cl_options", action="append", default=[],
+                        metavar="KEY=VALUE", help="strategy knob: ortho_weight, "
+                        "inflora_threshold, pool, replay (repeatable)")
+
+
+def _value(text: str) -> Any:
+    """'3' -> 3, '0.5' -> 0.5, 'true' -> True, anything else stays text."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def parse_options(items: list[str]) -> dict[str, Any]:
+    """["pool=2", "replay=16"] -> {"pool": 2, "replay": 16}."""
+    out = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise ConfigError(f"--option must look like KEY=VALUE, got {item!r}")
+        out[key] = _value(value)
+    return out
+
+
+def method_overrides(dotted: dict[str, str]) -> dict[str, Any]:
+    """`--method.r=16` -> {"r": 16}; any other section is an error."""
+    others = sorted(k for k in dotted if not k.startswith("method."))
+    if others:
+        raise ConfigError(f"petkit continual takes only --method.FIELD overrides, got {others}")
+    return {k.removeprefix("method."): _value(v) for k, v in dotted.items()}
+
+
+def command(args: argparse.Namespace, dotted: dict[str, str]) -> list[str]:
+    """Run the sequence; return the lines to print (matrix and metrics)."""
+    from petkit.continual.run import run_continual
+
+    out = args.cl_output or f"runs/continual-{args.cl_strategy}"
+    result = run_continual(
+        args.cl_tasks, args.cl_strategy, method=args.cl_method, model=args.cl_model,
+        output_dir=out, lr=args.cl_lr, steps=args.cl_steps, batch_size=args.cl_batch_size,
+        seed=args.cl_seed, max_train=args.cl_max_train, max_test=args.cl_max_test,
+        max_length=args.cl_max_length, method_options=method_overrides(dotted),
+        options=parse_options(args.cl_options))
+    lines = [f"accuracy a[t][i] ({'task id given' if result.uses_task_id else 'no task id'}):"]
+    for t, row in enumerate(result.matrix):
+        cells = " ".join("   -  " if v is None else f"{100 * v:5.1f}%" for v in row)
+        lines.append(f"  after {t + 1}: {cells}")
+    for label, metrics in (("no task id", result.metrics),
+                           ("task id given", result.metrics_task_aware)):
+        parts = [f"{k.replace('_', ' ')} {'n/a' if v is None else f'{100 * v:.1f}'}"
+                 for k, v in metrics.items()]
+        lines.append(f"{label}: " + ", ".join(parts))
+    lines.append(f"results: {out}/results.json, plot: {out}/accuracy.png, adapters: {out}/adapters")
+    return lines
