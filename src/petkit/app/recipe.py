@@ -58,6 +58,7 @@ class DataSpec:
     test_size: int | None = None
     validation_size: int = 0
     max_length: int = 128
+    image_size: int = 224  # image tasks: side of the ViT's input (dinov2-s: a multiple of 14)
     test_file: str | None = None
     validation_file: str | None = None
     text_column: str = "text"
