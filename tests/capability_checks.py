@@ -20,7 +20,7 @@ import petkit as pk
 from petkit.core import capabilities as cap
 from petkit.core.delta import DeltaModule, innermost, iter_deltas
 from petkit.core.targets import is_linear, linear_dims
-from petkit.training.callbacks import StepHooks
+from petkit.training.step_hooks import StepHooks
 from toys import run
 
 Check = Callable[[nn.Module, nn.Module, dict, Path], None]

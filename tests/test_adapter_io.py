@@ -10,6 +10,7 @@ import torch
 
 import petkit as pk
 from petkit.core.delta import DeltaModule
+from petkit.core.disk import file_sha256
 from toys import gpt2, inputs, llama, perturb, run
 
 
@@ -69,7 +70,7 @@ def test_shape_mismatch_names_tensor_and_shapes(saved):
     tensors[key] = torch.zeros(tensors[key].shape[0] + 1, tensors[key].shape[1])
     save_file(tensors, folder / "adapter.safetensors")
     meta = json.loads((folder / "adapter.json").read_text())
-    meta["tensors_sha256"] = pk.core.io._sha256(folder / "adapter.safetensors")
+    meta["tensors_sha256"] = file_sha256(folder / "adapter.safetensors")
     (folder / "adapter.json").write_text(json.dumps(meta))
     expect_load_error(folder, rf"tensor '{key}' has shape \(5, 32\) in the file but \(4, 32\)")
 
@@ -86,7 +87,7 @@ def test_missing_and_unexpected_keys(saved, change):
         tensors["model.layers.0.self_attn.q_proj.extra"] = torch.zeros(2)
     save_file(tensors, folder / "adapter.safetensors")
     meta = json.loads((folder / "adapter.json").read_text())
-    meta["tensors_sha256"] = pk.core.io._sha256(folder / "adapter.safetensors")
+    meta["tensors_sha256"] = file_sha256(folder / "adapter.safetensors")
     (folder / "adapter.json").write_text(json.dumps(meta))
     expect_load_error(folder, f"{change} \\['model")
 

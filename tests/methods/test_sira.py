@@ -9,7 +9,7 @@ import torch
 
 import petkit as pk
 from petkit.methods.sira import experts_per_path
-from petkit.training.callbacks import StepHooks
+from petkit.training.step_hooks import StepHooks
 from toys import One, inputs, llama, perturb, run
 
 

@@ -19,13 +19,16 @@ import torch
 from torch import nn
 
 from petkit.core.errors import ConfigError
-from petkit.training.evaluate import evaluate
+from petkit.core.disk import folder_bytes
+from petkit.training.evaluate import evaluate, format_metrics
 from petkit.training.loop import TrainResult, preflight, train
 from petkit.app.recipe import DataSpec, Recipe, load_recipe
 from petkit.core.io import load_adapter
 from petkit.core.model import attach, unload
 from petkit.core.registry import make_config
 
+from petkit.data import encode_classification, encode_instruction
+from petkit.models import head_module_names, load_model, resolve_model
 ENCODER_TYPES = {"bert", "roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2",
                  "xlm-roberta", "mpnet", "camembert", "modernbert"}
 Echo = Callable[[str], None]
@@ -62,8 +65,6 @@ class RunReport:
 def _is_encoder(model_name: str) -> bool:
     from transformers import AutoConfig
 
-    from petkit.models import resolve_model
-
     try:
         config = AutoConfig.from_pretrained(resolve_model(model_name))
     except (OSError, ValueError):
@@ -92,8 +93,6 @@ def _subset(examples: Examples, size: int | None, seed: int) -> Examples:
 
 def encode_examples(examples: Examples, prep: Prepared, task: Any, max_length: int) -> Examples:
     """Tokenise raw examples for this run's task type (classification or instruction)."""
-    from petkit.data import encode_classification, encode_instruction
-
     if prep.task_type == "instruction":
         return encode_instruction(examples, prep.tokenizer, max_length=max_length)
     template = task.template if prep.task_type == "verbaliser" else "{text}"
@@ -167,8 +166,6 @@ def prepare(recipe: Recipe, *, with_train: bool = True,
 
 def method_config(recipe: Recipe, prep: Prepared) -> Any:
     """The recipe's method config; a head task also trains the new head (`modules_to_save`)."""
-    from petkit.models import head_module_names
-
     fields = {k: v for k, v in recipe.method.items() if k != "name"}
     if prep.task_type == "head":
         extra = [m for m in head_module_names(prep.model)
@@ -209,7 +206,7 @@ def run_recipe(recipe: Recipe, echo: Echo = print) -> RunReport:
     echo(f"{prep.task_type} on {len(prep.train)} train / {len(prep.validation)} validation / "
          f"{len(prep.test)} test examples")
     before = test_metrics(prep, resolved)
-    echo(f"test before: {_fmt(before)}")
+    echo(f"test before: {format_metrics(before)}")
     output.mkdir(parents=True, exist_ok=True)
     (output / "recipe.yaml").write_text(resolved.to_yaml(), encoding="utf-8")
     result = train(prep.model, prep.train, config, eval_data=prep.validation or None,
@@ -218,10 +215,6 @@ def run_recipe(recipe: Recipe, echo: Echo = print) -> RunReport:
     adapter = Path(result.adapter_path or output / "adapter")
     return RunReport(resolved, before, after, result, folder_bytes(adapter),
                      time.perf_counter() - started)
-
-
-def _fmt(metrics: dict[str, float]) -> str:
-    return " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
 
 
 def recipe_for_adapter(adapter: str | Path) -> Recipe:
@@ -244,8 +237,6 @@ def load_with_adapter(recipe: Recipe, adapter: str | Path | None,
 
 
 def _model_only(recipe: Recipe) -> Prepared:
-    from petkit.models import load_model
-
     model, tokenizer = load_model(recipe.model.name, task="causal-lm")
     return Prepared(model, tokenizer, "verbaliser", [], [], [], None,
                     int(tokenizer.pad_token_id))

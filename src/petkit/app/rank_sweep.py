@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from petkit.core.errors import ConfigError
+from petkit.app.pipeline import load_with_adapter, test_metrics
 from petkit.core.capabilities import RankRange, capable_text, set_rank
 from petkit.core.state import active_adapters
 
@@ -37,8 +38,6 @@ def check_ranks(method_config: Any, ranks: Sequence[int]) -> None:
 
 def evaluate_at_ranks(recipe: Any, adapter: str | Path, ranks: Sequence[int]) -> dict[int, dict[str, float]]:
     """Test metrics of the saved adapter at each rank (one model load; no retraining)."""
-    from petkit.app.pipeline import load_with_adapter, test_metrics
-
     prep = load_with_adapter(recipe, adapter)
     name = active_adapters(prep.model)[0]
     out = {}

@@ -22,9 +22,10 @@ from typing import Any
 
 import yaml
 
+from petkit.core.config_io import check_keys, dataclass_from_dict
 from petkit.core.errors import ConfigError
 from petkit.training.config import LEGACY_KEYS, TrainConfig, option_type, set_option
-from petkit.core.registry import make_config
+from petkit.core.registry import get_method, make_config
 
 TASK_TYPES = ("auto", "verbaliser", "head", "instruction")
 SECTIONS = ("method", "model", "data", "train")
@@ -127,18 +128,9 @@ class Recipe:
 
 
 def _section(cls: type, data: Any, section: str) -> Any:
-    """Build dataclass `cls` from the mapping `data`, naming unknown keys."""
-    if data is None:
-        return cls()
-    if not isinstance(data, dict):
-        raise ConfigError(f"recipe section {section!r} must be a mapping, got {type(data).__name__}")
-    known = {f.name for f in dataclasses.fields(cls)}
-    known |= set(LEGACY_KEYS) if cls is TrainConfig else set()  # flat keys, deprecated
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"recipe section {section!r} has no field(s) {unknown}; "
-                          f"known: {sorted(known)}")
-    return cls(**data)
+    """Build dataclass `cls` from the mapping `data` (None: defaults), naming unknown keys."""
+    extra = LEGACY_KEYS if cls is TrainConfig else ()  # flat train keys, deprecated
+    return dataclass_from_dict(cls, data, section, extra=extra)
 
 
 def recipe_from_dict(data: dict[str, Any]) -> Recipe:
@@ -225,9 +217,7 @@ def parse_value(text: str, annotation: Any = Any) -> Any:
 
 def _section_class(data: dict[str, Any], section: str) -> type:
     if section == "method":
-        import petkit.core.registry as registry
-
-        return registry.get_method(str(data["method"].get("name", "lora"))).config_cls
+        return get_method(str(data["method"].get("name", "lora"))).config_cls
     return {"model": ModelSpec, "data": DataSpec, "train": TrainConfig}[section]
 
 
@@ -251,8 +241,7 @@ def apply_overrides(recipe: Recipe, overrides: dict[str, str]) -> Recipe:
             continue
         cls = _section_class(data, section)
         known = {f.name for f in dataclasses.fields(cls)} | ({"name"} if section == "method" else set())
-        if name not in known:
-            raise ConfigError(f"unknown option --{key}; {section} fields: {sorted(known)}")
+        check_keys({key: text}, [f"{section}.{k}" for k in known], section)
         annotation = str if name == "name" else _field_type(cls, name)
         data[section][name] = parse_value(text, annotation)
     _fresh_file_sizes(recipe, data["data"], overrides)

@@ -21,6 +21,7 @@ import torch
 from petkit.benchmark.arms import ArmContext, make_arm
 from petkit.benchmark.spec import BenchSpec, Cell
 from petkit.benchmark.tasks import CellData, LoadedTask
+from petkit.core.disk import folder_bytes
 from petkit.training import evaluate, train
 
 PAGE = 4096
@@ -80,11 +81,6 @@ class PeakMemory:
             self._thread.join()
             peak = max(self._max, _rss_bytes())
         self.peak_mb = (peak - self._start) / 2**20
-
-
-def folder_bytes(path: Path) -> int:
-    """Total size of the files under `path`."""
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 def _device() -> torch.device:

@@ -12,6 +12,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+from petkit.core.disk import format_bytes
+
 Record = dict[str, Any]
 IMPL_ORDER = {"full": 0, "petkit": 1, "peft": 2}
 
@@ -80,15 +82,6 @@ def _fmt_count(n: float | None) -> str:
     return "–" if n is None else f"{n:,.0f}"
 
 
-def _fmt_bytes(n: float | None) -> str:
-    if n is None:
-        return "–"
-    for unit, scale in (("MiB", 2**20), ("KiB", 2**10)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n:.0f} B"
-
-
 def _fmt_quality(value: tuple[float, float, int] | None) -> str:
     if value is None:
         return "–"
@@ -112,7 +105,7 @@ def task_table(summaries: list[Summary]) -> str:
                _fmt(s.cost("trainable_pct"), ".3f") + ("%" if s.cost("trainable_pct") else ""),
                *[_fmt_quality(s.mean_std(size)) for size in sizes],
                _fmt(s.cost("peak_mem_mb"), ".0f"), _fmt(s.cost("s_per_step"), ".2f"),
-               _fmt_bytes(s.cost("adapter_bytes"))]
+               format_bytes(s.cost("adapter_bytes"))]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 

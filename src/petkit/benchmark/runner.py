@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from petkit.benchmark.cell import run_cell
 from petkit.benchmark.spec import BenchSpec, Cell
 from petkit.benchmark.store import ResultStore, is_done
 from petkit.benchmark.tasks import CellData, LoadedTask, cell_data, load
@@ -68,8 +69,6 @@ def _identity(cell: Cell, fingerprint: str) -> dict[str, Any]:
 
 
 def _run_one(cell: Cell, spec: BenchSpec, tasks: _Tasks, folder: Path) -> dict[str, Any]:
-    from petkit.benchmark.cell import run_cell
-
     record = _identity(cell, spec.fingerprint(cell))
     shutil.rmtree(folder, ignore_errors=True)  # what a killed attempt left
     try:

@@ -18,8 +18,13 @@ import torch
 from torch import nn
 
 from petkit.benchmark.spec import TaskSpec
+from petkit.app.pipeline import resolve_task_type
+from petkit.app.recipe import DataSpec, ModelSpec, Recipe
 from petkit.core.errors import ConfigError
-from petkit.data.access import RecordedSplit
+from petkit.data.sealed_split import RecordedSplit
+from petkit.data import encode_classification, encode_instruction, label_token_ids, load_task
+from petkit.data.task import holdout_split
+from petkit.models import head_module_names, load_model
 
 Examples = list[dict[str, Any]]
 TEST_SEED = 0  # the test subset is the same for every cell
@@ -56,8 +61,6 @@ class LoadedTask:
 
     def encode(self, examples: Examples) -> Examples:
         """Token ids for this task type (the verbaliser keeps the task's template)."""
-        from petkit.data import encode_classification, encode_instruction
-
         length = self.spec.max_length
         if self.task_type == "instruction":
             return encode_instruction(examples, self.tokenizer, max_length=length)
@@ -81,9 +84,6 @@ class LoadedTask:
 
 
 def _task_type(spec: TaskSpec, kind: str) -> str:
-    from petkit.app.pipeline import resolve_task_type
-    from petkit.app.recipe import DataSpec, ModelSpec, Recipe
-
     recipe = Recipe(model=ModelSpec(spec.model), data=DataSpec(
         name=spec.data, task_type=spec.task_type, max_length=spec.max_length))
     return resolve_task_type(recipe, kind)
@@ -95,9 +95,6 @@ def _count(model: nn.Module) -> int:
 
 def load(spec: TaskSpec) -> LoadedTask:
     """Load the data and the model of `spec`; seal the test subset."""
-    from petkit.data import label_token_ids, load_task
-    from petkit.models import head_module_names, load_model
-
     task = load_task(spec.data)
     task_type = _task_type(spec, task.kind)
     num_labels = task.num_labels if task_type == "head" else None
@@ -116,8 +113,6 @@ def load(spec: TaskSpec) -> LoadedTask:
 def cell_data(loaded: LoadedTask, size: int | None, seed: int, fraction: float,
               max_validation: int | None) -> CellData:
     """The cell's training subset (nested across sizes) and validation carved from it."""
-    from petkit.data.task import holdout_split
-
     order = list(range(len(loaded.pool)))
     random.Random(seed).shuffle(order)
     n = len(order) if size is None else size

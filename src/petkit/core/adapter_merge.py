@@ -29,8 +29,9 @@ from torch import nn
 
 from .delta import DeltaModule, get_canonical, innermost, iter_deltas
 from .errors import AdapterStateError, ConfigError
+from .io import adapter_state
 from .capabilities import Weighted, lowrank_factors
-from .model import TrainableCopy, activate, attach
+from .model import TrainableCopy, activate, attach, detach
 from .state import adapters, check_known
 from .targets import linear_shape
 from .registry import check_choice, check_range, make_config
@@ -229,8 +230,6 @@ def lora_from_factors(model: nn.Module, name: str, factors: dict[str, tuple[torc
     try:
         _fill(model, name, factors, biases, heads)
     except BaseException:
-        from .model import detach
-
         detach(model, name)
         raise
     activate(model, name)
@@ -238,8 +237,6 @@ def lora_from_factors(model: nn.Module, name: str, factors: dict[str, tuple[torc
 
 
 def _fill(model: nn.Module, name: str, factors: dict, biases: dict, heads: dict) -> None:
-    from .io import adapter_state
-
     state = adapter_state(model, name)
     with torch.no_grad():
         for path, pair in factors.items():

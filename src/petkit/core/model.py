@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import re
 from collections.abc import Iterator, Sequence
@@ -13,6 +14,7 @@ from torch import nn
 from .capabilities import MergesOwnDeltas, TransformsOutput
 from .delta import DeltaModule, innermost, unwrap, wrap
 from .errors import AdapterStateError, ConfigError, TargetError
+from .fingerprint import fingerprint
 from .registry import MethodConfig
 from .stacking import adapter_weights, apply_weights, check_weights
 from .state import AdapterRecord, active_adapters, adapters, check_known, wrappers_of
@@ -24,8 +26,6 @@ class TrainableCopy(DeltaModule):
 
     def __init__(self, base: nn.Module, adapter_name: str) -> None:
         super().__init__(base, adapter_name)
-        import copy
-
         self.copy = copy.deepcopy(innermost(base))
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -61,8 +61,6 @@ def attach(model: nn.Module, config: MethodConfig, name: str = "default") -> nn.
     except BaseException:
         _removewrappers_of(model, name)
         raise
-    from .fingerprint import fingerprint  # late: fingerprint imports targets only
-
     adapters(model)[name] = AdapterRecord(name, config, touched, True, fingerprint(model, touched))
     activate(model, name)
     return model

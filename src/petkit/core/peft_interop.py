@@ -19,10 +19,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .delta import innermost
 from .errors import AdapterLoadError, AdapterStateError
 from .io import adapter_state, fill_attached
 from .model import adapters, attach
 from .registry import make_config
+from .state import wrappers_of
+from .targets import is_linear, linear_dims
 
 PREFIX = "base_model.model."
 _TO_PEFT = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "lora_bias": "lora_B.bias",
@@ -50,7 +53,7 @@ def export_peft(model: nn.Module, path: str | os.PathLike, name: str = "default"
             mod, _, param = key.partition(".copy.")
             tensors[f"{PREFIX}{mod}.{param}"] = value.detach().cpu().contiguous()
     lora_paths = sorted({k[len(PREFIX):].rsplit(".lora_", 1)[0] for k in tensors if ".lora_" in k})
-    conv1d = any(getattr(w, "transposed", False) for w in _lora_wrappers(model, name))
+    conv1d = any(is_linear(innermost(w)) and linear_dims(innermost(w))[2] for _, w in wrappers_of(model, [name]))
     config = {
         "peft_type": "LORA", "task_type": None, "r": cfg.r, "lora_alpha": cfg.alpha,
         "lora_dropout": cfg.dropout, "use_rslora": cfg.rslora, "target_modules": lora_paths,
@@ -64,12 +67,6 @@ def export_peft(model: nn.Module, path: str | os.PathLike, name: str = "default"
     save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
     return out
-
-
-def _lora_wrappers(model: nn.Module, name: str) -> list[nn.Module]:
-    from .delta import iter_deltas
-
-    return [w for _, w in iter_deltas(model) if w.adapter_name == name and hasattr(w, "lora_A")]
 
 
 def _read_peft(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

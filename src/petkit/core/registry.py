@@ -10,6 +10,7 @@ from typing import Any, ClassVar, TypeVar
 
 from torch import nn
 
+from .config_io import dataclass_from_dict
 from .errors import ConfigError
 
 
@@ -78,12 +79,7 @@ class MethodConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "MethodConfig":
-        data = {k: v for k, v in data.items() if k != "method"}
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"{cls.__name__} has no field(s) {unknown}; fields: {sorted(known)}")
-        return cls(**data)
+        return dataclass_from_dict(cls, data, cls.__name__, ignore=("method",))
 
 
 def check_range(name: str, value: Any, low: float | None = None, high: float | None = None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from petkit.core.errors import ConfigError
-from petkit.data.access import RecordedSplit, SealedSplitError
+from petkit.data.sealed_split import RecordedSplit, SealedSplitError
 from petkit.data.embedded import EMBEDDED_TASKS, load_embedded
 from petkit.data.encode import collate, encode_classification, encode_instruction, label_token_ids
 from petkit.data.files import Columns, load_file_task, load_test_file

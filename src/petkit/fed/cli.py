@@ -15,9 +15,12 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from petkit.fed import run
 from petkit.fed.config import FedRecipe, apply_fed_overrides, load_fed_recipe
 # The flags live apart (fed.flags imports nothing optional), so `petkit --help` needs no Flower.
 from petkit.fed.flags import DEFAULT_RECIPE, FLAGS, HELP, add_arguments  # noqa: F401
+from petkit.fed.partition import ClientShare, report as partition_table
+from petkit.fed.report import write_report
 
 Echo = Callable[[str], None]
 
@@ -43,9 +46,7 @@ class _Echo(logging.Handler):
 
 def run_command(args: argparse.Namespace, dotted: dict[str, str], echo: Echo) -> dict[str, Any]:
     """Run `petkit fed`; returns the report (with "centralised" when asked)."""
-    from petkit.fed import run
-    from petkit.fed.partition import ClientShare, report as partition_table
-    from petkit.fed.strategy import LOG
+    from petkit.fed.strategy import LOG  # optional package: strategy imports flwr at module level
 
     recipe = fed_recipe(args, dotted)
     fed = recipe.fed
@@ -87,6 +88,4 @@ def _summary(report: dict[str, Any], echo: Echo) -> None:
 
 
 def _write(recipe: FedRecipe, report: dict[str, Any]) -> None:
-    from petkit.fed.report import write_report
-
     write_report(recipe.output_dir.resolve(), report)

@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from petkit.core.config_io import check_keys, dataclass_from_dict
 from petkit.core.errors import ConfigError
 from petkit.core.registry import check_choice, check_range
 from petkit.fed.compress import Compression
@@ -125,16 +126,8 @@ class FedConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> FedConfig:
-        """Build from a mapping; unknown keys raise ConfigError listing the known ones."""
-        if data is None:
-            return cls()
-        if not isinstance(data, dict):
-            raise ConfigError(f"recipe section 'fed' must be a mapping, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"recipe section 'fed' has no field(s) {unknown}; known: {sorted(known)}")
-        return cls(**data)
+        """Build from a mapping (None: defaults); unknown keys and wrong types raise ConfigError."""
+        return dataclass_from_dict(cls, data, "fed")
 
 
 @dataclass(frozen=True)
@@ -187,9 +180,8 @@ def apply_fed_overrides(recipe: FedRecipe, overrides: dict[str, str]) -> FedReci
     rest = {k: v for k, v in overrides.items() if not k.startswith("fed.")}
     data = recipe.fed.to_dict()
     hints = typing.get_type_hints(FedConfig)
+    check_keys({f"fed.{k}": v for k, v in fed_part.items()}, [f"fed.{h}" for h in hints], "fed")
     for name, text in fed_part.items():
-        if name not in hints:
-            raise ConfigError(f"unknown option --fed.{name}; fed fields: {sorted(hints)}")
         data[name] = parse_value(text, hints[name])
     return FedRecipe(apply_overrides(recipe.recipe, rest) if rest else recipe.recipe,
                      FedConfig.from_dict(data))

@@ -7,12 +7,9 @@ import math
 from pathlib import Path
 from typing import Any
 
+from petkit.core.disk import format_bytes
+
 Row = dict[str, Any]
-
-
-def mib(n: float) -> str:
-    """Bytes as a short human string."""
-    return f"{n / 2**20:.2f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
 
 
 def round_line(row: Row) -> str:
@@ -25,7 +22,7 @@ def round_line(row: Row) -> str:
             parts.append(f"{label} {row[key]:.4f}")
     if row["round"] > 0:
         moved = row["bytes_down"] + row["bytes_up"] + row["bytes_down_eval"]
-        parts.append(f"sent {mib(moved)} (full-model FedAvg {mib(row['full_model_bytes'])})")
+        parts.append(f"sent {format_bytes(moved, 2)} (full-model FedAvg {format_bytes(row['full_model_bytes'], 2)})")
         parts.append(f"clients {len(row['accepted'])}/{row['sampled']}")
         if row["rejected"]:
             parts.append(f"rejected {len(row['rejected'])}")

@@ -19,6 +19,8 @@ from typing import Any
 
 from petkit.core.errors import MissingPackageError, PetkitError
 from petkit.fed.config import FedRecipe
+from petkit.fed.workspace import build_workspace
+from petkit.training.loop import train
 
 Echo = Callable[[str], None]
 CONNECTION = "petkit"
@@ -128,9 +130,6 @@ def run_deployment(recipe: FedRecipe, address: str, echo: Echo = print,
 def run_centralised(recipe: FedRecipe, echo: Echo = print) -> dict[str, Any]:
     """The same method trained on the pooled clients' training splits for the same number of
     optimiser steps (rounds x sampled clients x local steps); test metrics before and after."""
-    from petkit.fed.workspace import build_workspace
-    from petkit.training.loop import train
-
     ws = build_workspace(recipe, "server")
     pooled = [e for pid in range(recipe.fed.clients) for e in ws.client_data(pid)[0]]
     steps = recipe.fed.rounds * recipe.fed.sampled * (recipe.recipe.train.max_steps or 1)

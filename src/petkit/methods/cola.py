@@ -10,7 +10,7 @@ petkit keeps the links beside the base rather than adding them into W0: the froz
 cut from the gradient and restored after every optimiser step, which is the same function as
 merging them (W0 + sum_{i<j} s B_i A_i is what link j learns on) but keeps the base untouched,
 so disable, save/load and unmerge stay exact. The training loop advances the chain through the
-wrapper's `on_train_step` hook (petkit.training.callbacks). The result saves as one adapter (the
+wrapper's `on_train_step` hook (petkit.training.step_hooks). The result saves as one adapter (the
 summed delta: a rank L*r LoRA, `pk.save_adapter`) or as its links (`pk.save_links`: one plain
 LoRA folder per link; stacking them gives the same delta). Mergeable.
 """

@@ -25,7 +25,7 @@ from petkit.core.errors import ConfigError
 from petkit.training import checkpoint as ckpt
 from petkit.training.batching import (Batch, CollateFn, DataPosition, Example, micro_batches, move,
                                    total_steps)
-from petkit.training.callbacks import StepHooks
+from petkit.training.step_hooks import StepHooks
 from petkit.training.config import TrainConfig
 from petkit.training.distributed import Distributed
 from petkit.training.evaluate import autocast, model_device, resolve_collate, run_objective

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from petkit.core.delta import DeltaModule, iter_deltas
+from petkit.core.delta import DeltaModule, canonical_modules, innermost, iter_deltas
 from petkit.core.errors import ConfigError, TargetError
 from petkit.core.model import add_detach_hook
 
@@ -105,8 +105,6 @@ def input_embedding_path(model: nn.Module) -> str:
     if emb is None:
         raise TargetError(f"{type(model).__name__} has no input embeddings (get_input_embeddings): "
                           "input-extending methods need a transformers-style model")
-    from petkit.core.delta import canonical_modules, innermost
-
     if not isinstance(getattr(innermost(emb), "weight", None), torch.Tensor):  # a ViT's patches
         raise TargetError(f"{type(model).__name__} takes no token ids (its input embedding is "
                           f"{type(innermost(emb)).__name__}): prompt/prefix methods extend a text "
