@@ -1,0 +1,61 @@
+"""`petkit continual`: flags, option parsing, and a run through the CLI on a user file."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from petkit.cli import build_parser
+from petkit.continual.cli import STRATEGY_NAMES, method_overrides, parse_options
+from petkit.continual.run import STRATEGIES
+from petkit.core.errors import ConfigError
+
+
+def test_cli_names_every_strategy():
+    assert STRATEGY_NAMES == tuple(STRATEGIES)
+
+
+def test_parser_takes_the_continual_flags():
+    args, extra = build_parser().parse_known_args(
+        ["continual", "--tasks", "a.csv,b.csv", "--strategy", "hide", "--steps", "5",
+         "--option", "pool=3", "--method.r=4"])
+    assert (args.command, args.cl_tasks, args.cl_strategy, args.cl_steps) == (
+        "continual", "a.csv,b.csv", "hide", 5)
+    assert parse_options(args.cl_options) == {"pool": 3}
+    assert extra == ["--method.r=4"]
+
+
+def test_option_and_override_errors():
+    assert parse_options(["ortho_weight=0.5", "name=x"]) == {"ortho_weight": 0.5, "name": "x"}
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_options(["pool"])
+    assert method_overrides({"method.r": "16"}) == {"r": 16}
+    with pytest.raises(ConfigError, match="only --method"):
+        method_overrides({"train.lr": "1"})
+
+
+def test_unknown_strategy_is_one_red_line(capsys):
+    from petkit.cli import main
+
+    code = main(["continual", "--tasks", "a.csv,b.csv", "--strategy", "ewc"])
+    assert code == 2
+    assert "strategy must be one of" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_runs_a_sequence_of_user_files(tmp_path, capsys):
+    from petkit.cli import main
+
+    specs = []
+    for k, words in enumerate((("good", "bad"), ("cat", "dog"))):
+        path = tmp_path / f"t{k}.jsonl"
+        rows = [{"text": f"this is {words[i % 2]} number {i}", "label": words[i % 2]}
+                for i in range(40)]
+        path.write_text("\n".join(json.dumps(r) for r in rows))
+        specs.append(str(path))
+    out = tmp_path / "run"
+    code = main(["continual", "--tasks", ",".join(specs), "--strategy", "hide", "--steps", "3",
+                 "--max-train", "16", "--max-test", "8", "--output", str(out)])
+    assert code == 0, capsys.readouterr().err
+    assert "forgetting" in capsys.readouterr().out
+    assert (out / "results.json").exists() and (out / "adapters" / "routing.json").exists()
