@@ -203,6 +203,7 @@ def test_failing_cell_does_not_stop_grid(toy: dict[str, str], tmp_path: Path) ->
     assert again.records == report.records  # nothing re-run: failed cells stay recorded
 
 
+@pytest.mark.slow
 def test_resume_after_kill_skips_finished_cells(toy: dict[str, str], tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     spec_file = tmp_path / "grid.yaml"

@@ -116,6 +116,7 @@ def test_user_mistakes_are_one_red_line_and_exit_2(args: list[str], needle: str,
     assert needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_entry_point_in_a_subprocess() -> None:
     done = subprocess.run([sys.executable, "-m", "petkit.cli", "train", "--steps", "x"],
                           capture_output=True, text=True)

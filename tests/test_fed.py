@@ -252,6 +252,7 @@ def _check_report(report: dict, clients: int, rounds: int) -> None:
     assert report["totals"]["saving_factor"] > 100
 
 
+@pytest.mark.slow
 def test_two_round_simulation_end_to_end_with_faulty_clients(tiny_bert: str, tmp_path: Path) -> None:
     from petkit.fed import run_simulation
 
@@ -299,6 +300,7 @@ def _wait_for_port(port: int, seconds: float, proc: subprocess.Popen, log: Path)
     raise TimeoutError(f"nothing listens on port {port} after {seconds}s")
 
 
+@pytest.mark.slow
 def test_multi_process_localhost_deployment_end_to_end(tiny_bert: str, tmp_path: Path) -> None:
     """flower-superlink + 2 flower-supernode processes; `flwr run` submits the petkit app."""
     from petkit.fed import run_deployment

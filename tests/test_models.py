@@ -24,6 +24,7 @@ def smollm2():
     return load_model("smollm2-135m")
 
 
+@pytest.mark.slow
 def test_smollm2_cache_is_plain_and_reused(smollm2):
     start = time.perf_counter()
     folder = Path(resolve_model("smollm2-135m"))
@@ -38,6 +39,7 @@ def test_smollm2_cache_is_plain_and_reused(smollm2):
     assert tokenizer.pad_token is not None and model.config.pad_token_id == tokenizer.pad_token_id
 
 
+@pytest.mark.slow
 def test_smollm2_knows_paris(smollm2):
     model, tokenizer = smollm2
     inputs = tokenizer("The capital of France is", return_tensors="pt")
@@ -50,6 +52,7 @@ def test_smollm2_knows_paris(smollm2):
     assert loss.item() < 5.0  # uniform guessing would be ln(49152) = 10.8
 
 
+@pytest.mark.slow
 def test_smollm2_encoding_chat_and_verbaliser(smollm2):
     _, tokenizer = smollm2
     pair = {"prompt": "Hi?", "completion": "Hello."}
@@ -66,6 +69,7 @@ def test_smollm2_encoding_chat_and_verbaliser(smollm2):
     assert len(label_token_ids(tokenizer, (" negative", " positive"))) == 2
 
 
+@pytest.mark.slow
 def test_smollm2_seq_cls_has_new_score_head():
     model, tokenizer = load_model("smollm2-135m", task="seq-cls", num_labels=2)
     assert head_module_names(model) == ["score"]
@@ -74,6 +78,7 @@ def test_smollm2_seq_cls_has_new_score_head():
         assert model(**batch).logits.shape == (2, 2)
 
 
+@pytest.mark.slow
 def test_minilm_loads_as_seq_cls_with_new_head():
     model, tokenizer = load_model("minilm-l6", task="seq-cls", num_labels=3)
     assert type(model).__name__ == "BertForSequenceClassification"

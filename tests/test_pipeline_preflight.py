@@ -25,6 +25,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_setup_mistakes_fail_before_the_baseline_evaluation(case: str, tmp_path: Path) -> None:
     overrides, error, match = CASES[case]

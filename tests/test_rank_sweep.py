@@ -28,6 +28,7 @@ def test_cli_rank_mistakes_exit_2_before_any_work(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_new_classification_head_is_the_same_on_every_load():
     """A head-task adapter's fingerprint covers the new head, so `petkit eval` must see the same one."""
     import torch
