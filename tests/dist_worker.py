@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,7 @@ def _inject_failure(model: torch.nn.Module, spec: dict[str, Any]) -> None:
     def hook(*_: Any) -> None:
         calls[0] += 1
         if calls[0] == spec["fail_call"]:
+            print(f"failing at {time.time():.3f}", file=sys.stderr, flush=True)
             if spec.get("fail") == "raise":
                 raise RuntimeError(f"injected failure on rank {rank()}")
             os.kill(os.getpid(), signal.SIGKILL)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -155,6 +156,8 @@ def test_ddp_equals_one_process_and_resumes_at_world_size_1(reference, tmp_path)
     # 2 -> 1: resume the 2-process step-3 checkpoint in this process
     again = resume_from(out / "run", tmp_path / "resumed", 3)
     model, _ = single({"train": {**TRAIN, "output_dir": str(again), "resume": True}})
+    print(f"ddp 2 -> 1: max |resumed - uninterrupted| = "
+          f"{max_diff(delta(model), reference['fp32']):.2e}")
     assert max_diff(delta(model), reference["fp32"]) <= TOL
     print(f"ddp 2-process run: {seconds:.1f}s; max |2 proc - 1 proc| = "
           f"{max_diff(r0, reference['fp32']):.2e}")
@@ -176,6 +179,7 @@ def test_fsdp_resumes_a_one_process_checkpoint_and_equals_it(reference, tmp_path
     check_ok(torchrun([resume, *bf16]))
     r0, r1 = ranks(out)
     assert max_diff(r0, r1) == 0.0
+    print(f"fsdp 1 -> 2: max |2 proc - 1 proc| = {max_diff(r0, reference['fp32']):.2e}")
     assert max_diff(r0, reference["fp32"]) <= TOL
     saved = load_file(str(run / "checkpoints" / "step-6" / "trainable.safetensors"))
     assert max_diff(saved, r0) == 0.0
@@ -198,22 +202,26 @@ def test_ddp_resumes_a_one_process_checkpoint(reference, tmp_path):
     check_ok(torchrun([{"out": str(out), "train": {**TRAIN, "output_dir": str(run),
                                                    "resume": True, "distributed": "ddp"}}]))
     r0, r1 = ranks(out)
+    print(f"ddp 1 -> 2: max |2 proc - 1 proc| = {max_diff(r0, reference['fp32']):.2e}")
     assert max_diff(r0, r1) == 0.0 and max_diff(r0, reference["fp32"]) <= TOL
 
 
 @pytest.mark.slow
 def test_gradient_free_steppers_exchange_scalars(tmp_path):
-    """MeZO: each forward all-reduces one float64 (2 per step) and matches 1 process; CMA-ES
+    """MeZO: each forward all-reduces one float64 (2 per step) and matches 1 process (to 1e-5:
+    the difference quotient magnifies rounding); CMA-ES
     splits its population of 8 over the ranks and all-gathers 4 fitness values per rank."""
     mezo = {"train": {**TRAIN, "optimizer": "mezo", "grad_accum": 1, "lr": 1e-3}}
     cma = {"train": {**TRAIN, "optimizer": "cma", "grad_accum": 1,
                      "stepper": {"name": "cma", "dim": 8, "popsize": 8, "sigma": 0.05}}}
     specs = [{**mezo, "out": str(tmp_path / "mezo")}, {**cma, "out": str(tmp_path / "cma")}]
     check_ok(torchrun(specs))
-    for name, spec, tol in (("mezo", mezo, TOL), ("cma", cma, 1e-4)):
+    # MeZO's (f+ - f-) / (2 eps) magnifies the losses' float rounding by 1 / (2 eps) = 500.
+    for name, spec, tol in (("mezo", mezo, 1e-5), ("cma", cma, 1e-4)):
         r0, r1 = ranks(tmp_path / name)
         assert max_diff(r0, r1) == 0.0
         model, _ = single(spec)
+        print(f"{name}: max |2 proc - 1 proc| = {max_diff(r0, delta(model)):.2e}")
         assert max_diff(r0, delta(model)) <= tol, name
     mezo_report = json.loads((tmp_path / "mezo" / "rank0.json").read_text())["report"]
     assert mezo_report["collective_bytes_per_step"] == 16.0  # f+ and f-: one float64 each
@@ -230,11 +238,13 @@ def test_a_failing_rank_ends_the_job(tmp_path, fail):
             "train": {**TRAIN, "max_steps": 50, "distributed": "ddp"}}
     started = time.perf_counter()
     proc = torchrun([spec], timeout=120)
-    seconds = time.perf_counter() - started
+    ended, seconds = time.time(), time.perf_counter() - started
     assert proc.returncode != 0
     assert seconds < 60, seconds
+    failed_at = float(re.search(r"failing at ([0-9.]+)", proc.stderr).group(1))
     text = proc.stdout + proc.stderr
     assert "rank      : 1" in text or "rank: 1" in text, text[-3000:]
     assert ("Signal 9" in text or "SIGKILL" in text) if fail == "kill" else \
         "injected failure on rank 1" in text
-    print(f"{fail}: exit {proc.returncode} after {seconds:.1f}s")
+    print(f"{fail}: exit {proc.returncode}, {ended - failed_at:.1f}s after the failure "
+          f"({seconds:.1f}s in all)")

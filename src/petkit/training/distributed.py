@@ -315,10 +315,18 @@ class Distributed:
         self.ddp: nn.Module | None = None
         self.grad_bytes = 0
         self.reduced: set[int] = set()  # ids of the parameters DDP's buckets reduced
+        self._moved: dict[int, nn.Parameter] = {}  # id(parameter before FSDP) -> after
         if self.group is not None:
             _broadcast_trainable(model)
             if self.mode == "fsdp":
+                owners = {id(p): (m, n) for m in model.modules()
+                          for n, p in m.named_parameters(recurse=False)}
                 _fully_shard(model)
+                self._moved = {i: getattr(m, n) for i, (m, n) in owners.items()}
+
+    def sharded(self, params: dict[str, nn.Parameter]) -> dict[str, nn.Parameter]:
+        """`params` as the model holds them now (FSDP2 replaced each by a DTensor parameter)."""
+        return {k: self._moved.get(id(p), p) for k, p in params.items()}
 
     def local_config(self, config: TrainConfig) -> TrainConfig:
         """`config` for this rank's stepper: only rank 0 keeps the stepper's own log file."""
