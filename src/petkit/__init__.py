@@ -12,6 +12,7 @@ from __future__ import annotations
 from petkit.benchmark import BenchReport
 from petkit.benchmark import run as bench
 from petkit.continual import run_continual as continual
+from petkit.compress import PruneConfig, finish_pruning, merge_dense, merge_quantized, quantization_info, quantize, start_pruning
 from petkit.core.adapter_merge import merge_adapters
 from petkit.core.capabilities import expert_load, set_rank
 from petkit.core.errors import (
@@ -51,6 +52,7 @@ from petkit.training import TrainConfig, TrainResult, evaluate, replay_mezo, tra
 globals().update(method_configs())
 
 __all__ = [
+    "PruneConfig", "finish_pruning", "merge_dense", "merge_quantized", "quantization_info", "quantize", "start_pruning",
     "METHODS", "AdapterLoadError", "AdapterStateError", "BenchReport", "CheckpointError", "ConfigError",
     "MethodConfig", "MissingPackageError", "PetkitError", "TargetError", "TrainConfig", "TrainResult",
     "__version__", "activate", "active_adapters", "adapter_state", "adapter_weights", "adapters", "attach",

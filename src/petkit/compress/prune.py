@@ -1,0 +1,259 @@
+"""Pruning while tuning: LoRAPrune (Zhang et al., 2024) and APT (Zhao et al., 2024).
+
+    pk.attach(model, pk.LoraConfig(r=8, targets="all-linear"))
+    pruner = pk.start_pruning(model, pk.PruneConfig(sparsity=0.5))      # gates + gradient hooks
+    pk.train(model, data, config)                                      # the schedule runs per step
+    report = pk.finish_pruning(model)        # merge LoRA, slice, shrink the config: a plain model
+    model.save_pretrained("out/pruned")      # from_pretrained loads the smaller shapes
+
+LoRAPrune: structured units are KV groups (a key/value head with its query heads: GQA is never
+broken) and MLP channels; importance comes from the LoRA factors' gradients only
+(`importance.py`), smoothed by a moving average; the pruned fraction of decoder-block
+parameters follows a cubic schedule from `start` to `end` (fractions of training) up to
+`sparsity`; every layer prunes the same number of groups and channels (HF Llama configs hold
+one size for all layers), each layer choosing its own least important ones. Attention is pruned
+by whole groups (floor(sparsity * kv_heads)); the MLP takes the rest so the block-parameter
+sparsity hits the target.
+
+APT (method="apt"): the same pruning, ending early (`end`, default 0.3), while LoRA ranks grow:
+LoRA starts with `init_rank` of its r ranks live; every `grow_every` steps until `end`, the
+`grow_fraction` most salient LoRA layers (moving average of sum |theta ⊙ grad| over their
+factors) get `grow_rank` more. New ranks start with B = 0, so growing never changes the output.
+Not included: APT's self-distillation and its layer-wise (non-uniform) pruning.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from petkit.compress.gates import PruneGate
+from petkit.compress.importance import GradStash, cubic_sparsity, floor_count, watch_layer, weight_importance
+from petkit.compress.structure import LayerParts, decoder_layers, slice_layer
+from petkit.core.delta import iter_deltas, unwrap, wrap
+from petkit.core.errors import AdapterStateError, ConfigError
+from petkit.core.model import unload
+from petkit.core.registry import check_choice, check_range
+
+PRUNER_ATTR = "_petkit_pruner"
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    sparsity: float = 0.5  # fraction of decoder-block (attention + MLP) parameters removed
+    method: str = "loraprune"  # loraprune | apt
+    start: float = 0.0  # fraction of training before pruning starts
+    end: float | None = None  # fraction at which the target is reached (loraprune 0.7, apt 0.3)
+    every: int = 5  # steps between mask updates
+    ema: float = 0.9  # moving average of importance
+    attention: bool = True  # prune KV groups as well as MLP channels
+    init_rank: int = 2  # apt: live ranks at the start
+    grow_rank: int = 2  # apt: ranks added per growth
+    grow_every: int = 10  # apt: steps between growths
+    grow_fraction: float = 0.25  # apt: share of LoRA layers that grow each time
+
+    def __post_init__(self) -> None:
+        check_range("sparsity", self.sparsity, 0.0, 0.95, low_open=True)
+        check_choice("method", self.method, ("loraprune", "apt"))
+        check_range("start", self.start, 0.0, 1.0)
+        if self.end is not None:
+            check_range("end", self.end, self.start, 1.0, low_open=True)
+        check_range("every", self.every, 1, kind=int)
+        check_range("ema", self.ema, 0.0, 0.999)
+        for name in ("init_rank", "grow_rank", "grow_every"):
+            check_range(name, getattr(self, name), 1, kind=int)
+        check_range("grow_fraction", self.grow_fraction, 0.0, 1.0, low_open=True)
+
+    @property
+    def end_fraction(self) -> float:
+        return self.end if self.end is not None else (0.3 if self.method == "apt" else 0.7)
+
+
+@dataclass
+class LayerState:
+    parts: LayerParts
+    attn_gate: PruneGate
+    mlp_gate: PruneGate
+    wrappers: dict[str, nn.Module]
+    groups: torch.Tensor
+    channels: torch.Tensor
+    pruned_groups: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    pruned_channels: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+
+
+class Pruner:
+    """Drives the masks (and APT's rank growth) from the training loop's step hook."""
+
+    def __init__(self, model: nn.Module, config: PruneConfig, name: str) -> None:
+        self.model, self.config, self.name = model, config, name
+        self.stash = GradStash()
+        self.last_step = -1
+        self.layers = [self._layer(p) for p in decoder_layers(model)]
+        self.ranks = RankGrowth(self.layers, config) if config.method == "apt" else None
+        self.sparsity = 0.0
+
+    def _layer(self, parts: LayerParts) -> LayerState:
+        wrappers = watch_layer(self.model, parts.attention() + parts.mlp(), self.stash)
+        tag = f"{self.name}.prune"
+        attn = wrap(self.model, parts.o, PruneGate, tag, parts.heads * parts.head_dim,
+                    parts.n_rep * parts.head_dim, self.on_step)
+        mlp = wrap(self.model, parts.down, PruneGate, tag, parts.channels, 1, self.on_step)
+        return LayerState(parts, attn, mlp, wrappers, torch.zeros(parts.kv_heads), torch.zeros(parts.channels))
+
+    def on_step(self, step: int, total: int) -> None:
+        if step == self.last_step:  # every gate forwards the same call
+            return
+        self.last_step = step
+        if self.stash.grads:
+            for layer in self.layers:
+                self._accumulate(layer)
+            if self.ranks is not None:
+                self.ranks.observe(self.stash)
+        self.stash.grads.clear()
+        cfg = self.config
+        if step and (step % cfg.every == 0 or step == total):
+            self.sparsity = cubic_sparsity(step, total, cfg.sparsity, cfg.start, cfg.end_fraction)
+            for layer in self.layers:
+                self._apply(layer, *self.counts(layer.parts, self.sparsity))
+        if self.ranks is not None and step and step % cfg.grow_every == 0 and step <= cfg.end_fraction * total:
+            self.ranks.grow()
+
+    def _accumulate(self, layer: LayerState) -> None:
+        p, b = layer.parts, self.config.ema
+        imp = {path: weight_importance(w, self.stash) for path, w in layer.wrappers.items()}
+        groups, channels = torch.zeros(p.kv_heads), torch.zeros(p.channels)
+        for path, i in imp.items():
+            if i is None:
+                continue
+            if path in (p.q, p.k, p.v):
+                groups += i.sum(1).view(p.kv_heads, -1).sum(1).cpu()
+            elif path == p.o:
+                groups += i.sum(0).view(p.kv_heads, -1).sum(1).cpu()
+            elif path in (p.gate, p.up):
+                channels += i.sum(1).cpu()
+            else:
+                channels += i.sum(0).cpu()
+        layer.groups.mul_(b).add_(groups, alpha=1 - b)
+        layer.channels.mul_(b).add_(channels, alpha=1 - b)
+
+    def counts(self, p: LayerParts, sparsity: float) -> tuple[int, int]:
+        """(KV groups, MLP channels) pruned per layer at `sparsity` on the way to the target.
+
+        At the target, block parameters drop by `config.sparsity`: floor(target * kv_heads)
+        groups and the MLP channels that make up the rest; on the way, both counts scale with
+        sparsity / target (so neither overshoots its final count).
+        """
+        hidden, target = self.model.config.hidden_size, self.config.sparsity
+        per_group = 2 * hidden * p.n_rep * p.head_dim + 2 * hidden * p.head_dim
+        per_channel = 3 * hidden
+        total = per_group * p.kv_heads + per_channel * p.channels
+        groups = floor_count(target, p.kv_heads) if self.config.attention else 0
+        channels = max(0, min(p.channels - 1, round((target * total - groups * per_group) / per_channel)))
+        share = sparsity / target
+        return int(groups * share + 1e-9), round(channels * share)
+
+    def _apply(self, layer: LayerState, groups: int, channels: int) -> None:
+        layer.pruned_groups = _grow(layer.pruned_groups, layer.groups, groups)
+        layer.pruned_channels = _grow(layer.pruned_channels, layer.channels, channels)
+        layer.attn_gate.set_pruned(layer.pruned_groups)
+        layer.mlp_gate.set_pruned(layer.pruned_channels)
+
+    def close(self) -> None:
+        self.stash.close()
+        if self.ranks is not None:
+            self.ranks.close()
+        for layer in self.layers:
+            for gate, path in ((layer.attn_gate, layer.parts.o), (layer.mlp_gate, layer.parts.down)):
+                unwrap(self.model, path, gate)
+
+
+def _grow(pruned: torch.Tensor, importance: torch.Tensor, count: int) -> torch.Tensor:
+    """Add the least important live units to `pruned` until it holds `count` (never un-prunes)."""
+    if count <= len(pruned):
+        return pruned
+    live = torch.ones(len(importance), dtype=torch.bool)
+    live[pruned] = False
+    order = torch.argsort(torch.where(live, importance, torch.inf))
+    return torch.cat([pruned, order[: count - len(pruned)]]).sort().values
+
+
+class RankGrowth:
+    """APT's adaptive ranks: gradient masks over LoRA ranks, opened in the most salient layers."""
+
+    def __init__(self, layers: list[LayerState], config: PruneConfig) -> None:
+        self.config = config
+        self.wrappers = [w for layer in layers for w in layer.wrappers.values()]
+        self.masks, self.handles, self.salience = [], [], torch.zeros(len(self.wrappers))
+        for w in self.wrappers:
+            a, b, _ = w.lowrank()
+            mask = torch.zeros(a.shape[0], device=a.device, dtype=a.dtype)
+            mask[: config.init_rank] = 1
+            with torch.no_grad():
+                b.mul_(mask[None, :])  # closed ranks contribute nothing
+            self.handles += [a.register_hook(lambda g, m=mask: g * m[:, None]),
+                             b.register_hook(lambda g, m=mask: g * m[None, :])]
+            self.masks.append(mask)
+
+    def observe(self, stash: GradStash) -> None:
+        now = torch.zeros(len(self.wrappers))
+        for i, w in enumerate(self.wrappers):
+            a, b, _ = w.lowrank()
+            for p in (a, b):
+                g = stash.grads.get(id(p))
+                if g is not None:
+                    now[i] += float((p.detach() * g).abs().sum())
+        self.salience.mul_(self.config.ema).add_(now, alpha=1 - self.config.ema)
+
+    def grow(self) -> None:
+        n = max(1, round(self.config.grow_fraction * len(self.wrappers)))
+        for i in torch.argsort(self.salience, descending=True)[:n].tolist():
+            mask = self.masks[i]
+            live = int(mask.sum())
+            mask[live: live + self.config.grow_rank] = 1
+
+    def live_parameters(self) -> int:
+        return sum(int(m.sum()) * (w.lowrank()[0].shape[1] + w.lowrank()[1].shape[0])
+                   for w, m in zip(self.wrappers, self.masks))
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def start_pruning(model: nn.Module, config: PruneConfig | None = None, name: str = "default") -> Pruner:
+    """Put pruning gates and gradient hooks on a LoRA-tuned Llama-style model; train it next."""
+    if PRUNER_ATTR in model.__dict__:
+        raise AdapterStateError("pruning already started on this model")
+    if not any(w.adapter_name == name for _, w in iter_deltas(model)):
+        raise AdapterStateError(f"no adapter named {name!r}: attach a LoRA (targets='all-linear') first")
+    pruner = Pruner(model, config or PruneConfig(), name)
+    model.__dict__[PRUNER_ATTR] = pruner
+    return pruner
+
+
+def finish_pruning(model: nn.Module) -> dict:
+    """Merge the LoRA, slice away the pruned groups and channels, shrink the config; a plain model.
+
+    Returns what was kept: heads, KV heads, intermediate size, parameters before and after.
+    """
+    pruner: Pruner | None = model.__dict__.pop(PRUNER_ATTR, None)
+    if pruner is None:
+        raise ConfigError("finish_pruning needs start_pruning (and training) first")
+    kept = [(layer.parts, layer.attn_gate.kept(), layer.mlp_gate.kept()) for layer in pruner.layers]
+    live_lora = pruner.ranks.live_parameters() if pruner.ranks is not None else None
+    pruner.close()
+    unload(model, merge=True)
+    before = sum(p.numel() for p in model.parameters())
+    for parts, groups, channels in kept:
+        slice_layer(model, parts, groups, channels)
+    parts, groups, channels = kept[0]
+    config = model.config
+    config.head_dim = parts.head_dim
+    config.num_key_value_heads = len(groups)
+    config.num_attention_heads = len(groups) * parts.n_rep
+    config.intermediate_size = len(channels)
+    after = sum(p.numel() for p in model.parameters())
+    return {"num_attention_heads": config.num_attention_heads, "num_key_value_heads": len(groups),
+            "intermediate_size": len(channels), "parameters_before": before, "parameters_after": after,
+            "sparsity_reached": pruner.sparsity, "apt_live_lora_parameters": live_lora}
