@@ -26,6 +26,7 @@ from petkit.core.config_io import check_keys, dataclass_from_dict
 from petkit.core.errors import ConfigError
 from petkit.training.config import LEGACY_KEYS, TrainConfig, option_type, set_option
 from petkit.core.registry import get_method, make_config
+from petkit.data import is_data_file
 
 TASK_TYPES = ("auto", "verbaliser", "head", "instruction")
 SECTIONS = ("method", "model", "data", "train")
@@ -251,8 +252,6 @@ def apply_overrides(recipe: Recipe, overrides: dict[str, str]) -> Recipe:
 def _fresh_file_sizes(recipe: Recipe, data: dict[str, Any], overrides: dict[str, str]) -> None:
     """A user file that an override names trains and tests on all its rows: the sizes and label
     names that came with the recipe's previous task are dropped unless these overrides set them."""
-    from petkit.data import is_data_file
-
     if data["name"] == recipe.data.name or not is_data_file(data["name"]):
         return
     for key in ("train_size", "test_size", "labels"):

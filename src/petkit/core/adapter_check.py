@@ -20,6 +20,7 @@ from torch import nn
 
 from .delta import canonical_modules, iter_deltas, wrap
 from .errors import AdapterLoadError, PetkitError
+from .model import TrainableCopy
 from .registry import MethodConfig
 from .targets import match_targets
 
@@ -86,8 +87,6 @@ def dry_attach(model: nn.Module, config: MethodConfig,
                name: str) -> tuple[list[str], dict[str, tuple[int, ...]]] | None:
     """(touched paths, {tensor key: shape}) `attach(model, config, name)` would give, computed
     on a meta skeleton; None when the method cannot be attached on the meta device."""
-    from .model import TrainableCopy  # late: model imports this module's neighbours
-
     try:
         skeleton = _skeleton(model)
         with torch.device("meta"):

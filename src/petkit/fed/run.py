@@ -56,7 +56,7 @@ def run_simulation(recipe: FedRecipe, verbose: bool = False) -> dict[str, Any]:
     _quiet_flower(verbose)
     from flwr.simulation import run_simulation as flower_simulation
 
-    from petkit.fed.client import make_client_app
+    from petkit.fed.client import make_client_app  # optional package: client and server import flwr
     from petkit.fed.server import make_server_app
 
     _clear_report(recipe)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from petkit.models.hub import hub_model
 from petkit.models.packages import (
     MINILM,
     SMOLLM2,
@@ -145,6 +146,4 @@ def resolve_model(name_or_path: str) -> str:
         return str(embedded_model_dir(name_or_path))
     if Path(name_or_path).expanduser().exists():
         return name_or_path
-    from petkit.models.hub import hub_model
-
     return hub_model(name_or_path, ", ".join(EMBEDDED_MODELS))
