@@ -26,11 +26,22 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from petkit.app.pipeline import (load_with_adapter, merge_to_folder, method_config, recipe_for_adapter,
+                                 run_recipe, test_metrics)
+from petkit.app.rank_sweep import check_ranks, evaluate_at_ranks, parse_ranks, write_sweep
+from petkit.app.recipe import apply_overrides, load_recipe
+from petkit.app.replay import replay_run
+from petkit.benchmark import cli as bench_cli
+from petkit.core.disk import folder_bytes, format_bytes
 from petkit.core.errors import PetkitError
 from petkit.core.capabilities import set_rank
 from petkit.core.model import attach, summary
-from petkit.core.registry import list_methods
+from petkit.core.registry import list_methods, suggested_lr
 from petkit.core.state import active_adapters
+from petkit.data import is_data_file
+from petkit.fed import flags as fed_flags  # flags only: `petkit fed` imports Flower when it runs
+from petkit.models.packages import require_module
+from petkit.training.evaluate import format_metrics
 
 ERR = Console(stderr=True, highlight=False, soft_wrap=True)
 OUT = Console(highlight=False, soft_wrap=True)
@@ -163,13 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--output", dest="replayed", required=True, help="adapter folder to write")
     replay.add_argument("--steps", dest="replay_steps", type=int, default=None,
                         help="replay only the first N steps (e.g. the run's best step)")
-    # Flag definitions only: these modules import nothing optional (Flower loads in cmd_fed).
-    from petkit.fed import flags as fed_flags
-
     fed_flags.add_arguments(sub.add_parser("fed", help="federated tuning on Flower (simulation, or "
                                          "--deploy to a SuperLink): only the delta travels"))
-    from petkit.benchmark import cli as bench_cli
-
     bench_cli.add_arguments(sub.add_parser("bench", help="fair benchmark grid from a YAML file: "
                                            "methods x tasks x seeds x sizes (resumable)"))
     from petkit.continual import cli as continual_cli
@@ -197,9 +203,6 @@ def _split_dotted(extra: Sequence[str]) -> dict[str, str]:
 
 def _recipe(args: argparse.Namespace, dotted: dict[str, str], base: Any = None) -> Any:
     """Recipe from --recipe (or `base`, or the default), then named flags, then dotted ones."""
-    from petkit.core.registry import suggested_lr
-    from petkit.app.recipe import apply_overrides, load_recipe
-
     recipe = load_recipe(args.recipe) if args.recipe else base or load_recipe("default")
     named = {FLAGS[k]: str(v) for k, v in vars(args).items() if k in FLAGS and v is not None}
     if getattr(args, "head", False):
@@ -218,13 +221,8 @@ def _recipe(args: argparse.Namespace, dotted: dict[str, str], base: Any = None) 
     return apply_overrides(recipe, overrides)
 
 
-def _fmt(metrics: dict[str, float]) -> str:
-    return "  ".join(f"{k}={v:.4f}" for k, v in metrics.items())
-
-
 def cmd_train(args: argparse.Namespace, dotted: dict[str, str]) -> None:
     """Train as the recipe + flags say; print before/after test metrics and the adapter."""
-    from petkit.app.pipeline import run_recipe
     from petkit.training.distributed import init_from_env, rank
 
     if init_from_env():  # under torchrun: join the job before loading (cuda = this rank's GPU)
@@ -233,12 +231,12 @@ def cmd_train(args: argparse.Namespace, dotted: dict[str, str]) -> None:
     ranks = _eval_ranks(args, recipe)
     report = run_recipe(recipe, echo=lambda line: OUT.print(f"[dim]{line}[/dim]"))
     result = report.result
-    OUT.print(f"test after:  [bold green]{_fmt(report.after)}[/bold green]")
+    OUT.print(f"test after:  [bold green]{format_metrics(report.after)}[/bold green]")
     best = f", best {result.metric}={result.best_metric:.4f} at step {result.best_step}" \
         if result.best_metric is not None else ""
     OUT.print(f"{result.steps} steps in {result.seconds:.0f}s{best}; "
               f"peak memory {result.peak_memory_mb:.0f} MiB; total {report.seconds:.0f}s")
-    OUT.print(f"adapter: {result.adapter_path} ({report.adapter_bytes / 2**20:.2f} MiB on disk)")
+    OUT.print(f"adapter: {result.adapter_path} ({format_bytes(report.adapter_bytes, 2)} on disk)")
     plot = Path(report.recipe.train.output_dir or "runs/default") / "training.png"
     if plot.is_file():
         OUT.print(f"loss curve: {plot}; log: {plot.parent / 'train.log'}")
@@ -250,8 +248,6 @@ def cmd_train(args: argparse.Namespace, dotted: dict[str, str]) -> None:
 
 def _eval_ranks(args: argparse.Namespace, recipe: Any) -> list[int]:
     """--dylora-eval-ranks, checked against the method before any training."""
-    from petkit.app.rank_sweep import check_ranks, parse_ranks
-
     if not getattr(args, "eval_ranks", None):
         return []
     ranks = parse_ranks(args.eval_ranks)
@@ -261,8 +257,6 @@ def _eval_ranks(args: argparse.Namespace, recipe: Any) -> list[int]:
 
 def _rank_sweep(recipe: Any, adapter: Any, ranks: list[int]) -> None:
     """Test accuracy at each rank of the one trained adapter; also written to rank_sweep.json."""
-    from petkit.app.rank_sweep import evaluate_at_ranks, write_sweep
-
     results = evaluate_at_ranks(recipe, adapter, ranks)
     table = Table("rank", *next(iter(results.values())))
     for rank, metrics in results.items():
@@ -272,15 +266,11 @@ def _rank_sweep(recipe: Any, adapter: Any, ranks: list[int]) -> None:
 
 
 def _adapter_recipe(args: argparse.Namespace, dotted: dict[str, str]) -> Any:
-    from petkit.app.pipeline import recipe_for_adapter
-
     return _recipe(args, dotted, base=recipe_for_adapter(args.adapter))
 
 
 def _eval_data(args: argparse.Namespace, dotted: dict[str, str]) -> dict[str, str]:
     """`eval --data FILE` scores all of FILE (unless --test-size); a task name replaces the task."""
-    from petkit.data import is_data_file
-
     if not args.eval_data:
         return dotted
     if not is_data_file(args.eval_data):
@@ -291,8 +281,6 @@ def _eval_data(args: argparse.Namespace, dotted: dict[str, str]) -> dict[str, st
 
 def cmd_eval(args: argparse.Namespace, dotted: dict[str, str]) -> None:
     """Test metrics of the base model with the adapter loaded."""
-    from petkit.app.pipeline import load_with_adapter, test_metrics
-
     recipe = _adapter_recipe(args, _eval_data(args, dotted))
     prep = load_with_adapter(recipe, args.adapter)
     if args.eval_rank is not None:
@@ -300,22 +288,18 @@ def cmd_eval(args: argparse.Namespace, dotted: dict[str, str]) -> None:
     for note in prep.notes:
         OUT.print(f"[dim]{escape(note)}[/dim]")
     OUT.print(f"test on {len(prep.test)} examples ({prep.task_type}): "
-              f"{_fmt(test_metrics(prep, recipe))}")
+              f"{format_metrics(test_metrics(prep, recipe))}")
 
 
 def cmd_merge(args: argparse.Namespace, dotted: dict[str, str]) -> None:
     """Write the merged model as a plain Hugging Face folder."""
-    from petkit.app.pipeline import folder_bytes, merge_to_folder
-
     out = merge_to_folder(_adapter_recipe(args, dotted), args.adapter, args.merged)
-    OUT.print(f"merged model: {out} ({folder_bytes(out) / 2**20:.1f} MiB; "
+    OUT.print(f"merged model: {out} ({format_bytes(folder_bytes(out))}; "
               "loads with transformers' from_pretrained, no petkit needed)")
 
 
 def cmd_inspect(args: argparse.Namespace, dotted: dict[str, str]) -> None:
     """pk.summary of the model with the adapter loaded or the method attached."""
-    from petkit.app.pipeline import load_with_adapter, method_config
-
     if args.adapter and args.method:
         raise UsageError("inspect takes --adapter or --method, not both")
     recipe = _adapter_recipe(args, dotted) if args.adapter else _recipe(args, dotted)
@@ -336,8 +320,6 @@ def cmd_methods(args: argparse.Namespace, dotted: dict[str, str]) -> None:
 
 def cmd_bench(args: argparse.Namespace, dotted: dict[str, str]) -> None:
     """Run or resume a benchmark grid; print where the results are."""
-    from petkit.benchmark import cli as bench_cli
-
     OUT.print(bench_cli.command(args, dotted))
 
 
@@ -351,8 +333,6 @@ def cmd_continual(args: argparse.Namespace, dotted: dict[str, str]) -> None:
 
 def cmd_fed(args: argparse.Namespace, dotted: dict[str, str]) -> None:
     """Federated rounds on Flower; prints each round, the partition, bytes vs full-model FedAvg."""
-    from petkit.models.packages import require_module
-
     require_module("flwr", "'petkit[fed]'", "petkit fed")
     from petkit.fed import cli as fed_cli  # after the check: it imports Flower
     fed_cli.run_command(args, dotted, lambda line: OUT.print(line, markup=False))
@@ -360,11 +340,8 @@ def cmd_fed(args: argparse.Namespace, dotted: dict[str, str]) -> None:
 
 def cmd_replay(args: argparse.Namespace, dotted: dict[str, str]) -> None:
     """Rebuild the adapter of a zeroth-order run from its log."""
-    from petkit.app.pipeline import folder_bytes
-    from petkit.app.replay import replay_run
-
     out = replay_run(args.log, args.replayed, args.replay_steps)
-    OUT.print(f"adapter: {out} ({folder_bytes(out) / 2**20:.2f} MiB) rebuilt from "
+    OUT.print(f"adapter: {out} ({format_bytes(folder_bytes(out), 2)}) rebuilt from "
               f"{args.log} ({os.path.getsize(args.log) / 1024:.1f} KiB)")
 
 
