@@ -1,16 +1,18 @@
 """Adapter files: `adapter.safetensors` (delta tensors keyed by canonical module path) and
 `adapter.json` (method, config, targets, versions, base fingerprint, tensor checksum).
 
-Loading checks everything before it touches the model, and undoes its attach on any later
-failure, so a failed load leaves the model as it was. Nothing is pickled.
+Saving is atomic (`durable.write_folder`: temp folder, fsync, rename the old aside, rename the
+new in): a reader or a crash never sees half an adapter. Loading checks everything before it
+touches the model: `adapter.json` against its declared schema (`adapter_schema`), the checksum,
+the safetensors header, the recorded targets (exact module paths; a regex from a file is never
+run), the config's sizes and shapes against the base (`adapter_check`, on a meta skeleton, before
+any allocation), the tensors' values. A load that fails later undoes its attach, so a failed
+load leaves the model as it was. Nothing is pickled.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
-import tempfile
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,15 +23,18 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .delta import get_canonical, iter_deltas
+from .disk import file_sha256
+from .adapter_check import check_targets_exist, check_values, compare_shapes, exact_targets, precheck
+from .adapter_schema import FORMAT_VERSION, check_meta, read_header, read_json
+from .delta import iter_deltas
+from .durable import reading, resolve_folder, write_folder
 from .errors import AdapterLoadError, AdapterStateError, ConfigError
 from .fingerprint import compare, fingerprint
 from .model import activate, attach, detach, set_trainable
 from .state import adapters, check_known
-from .registry import config_from_json
+from .registry import METHODS, MethodConfig, config_from_json
 from .version import __version__
 
-FORMAT_VERSION = 1
 TENSORS, META = "adapter.safetensors", "adapter.json"
 
 
@@ -45,26 +50,17 @@ def adapter_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default") -> Path:
-    """Write adapter `name` to folder `path` atomically; returns the folder."""
+    """Write adapter `name` to folder `path` atomically (replacing any adapter there); returns it.
 
-
+    Concurrent saves into one parent folder take turns; a reader always finds a complete adapter.
+    """
     state = {k: v.detach().contiguous().cpu() for k, v in adapter_state(model, name).items()}
     if not state:
         raise AdapterStateError(f"adapter {name!r} has no tensors to save")
     record = adapters(model)[name]
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+
+    def fill(tmp: Path) -> None:
         save_file(state, str(tmp / TENSORS), metadata={"format": "pt"})
         meta = {
             "format_version": FORMAT_VERSION,
@@ -75,49 +71,58 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
             "config": record.config.to_dict(),
             "targets": record.targets,
             "base_fingerprint": record.fingerprint,
-            "tensors_sha256": _sha256(tmp / TENSORS),
+            "tensors_sha256": file_sha256(tmp / TENSORS),
             "num_parameters": int(sum(v.numel() for v in state.values())),
         }
         (tmp / META).write_text(json.dumps(meta, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+
+    return write_folder(Path(path), fill)
+
+
+def _complete(folder: Path) -> bool:
+    return (folder / META).is_file() and (folder / TENSORS).is_file()
 
 
 def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Read and check an adapter folder (JSON, checksum, tensors) without touching any model."""
+    """Read and check an adapter folder (schema, checksum, header, tensors) without touching
+    any model. Waits for a save into the same folder to finish."""
     folder = Path(path)
+    with reading(folder):
+        return _read_folder(resolve_folder(folder, _complete), folder)
+
+
+def _read_folder(folder: Path, asked: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     if not folder.is_dir():
-        raise AdapterLoadError(f"adapter folder {folder} does not exist")
+        raise AdapterLoadError(f"adapter folder {asked} does not exist")
     meta_path, tensor_path = folder / META, folder / TENSORS
     if not meta_path.is_file():
         raise AdapterLoadError(f"{meta_path} is missing: not a petkit adapter folder")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AdapterLoadError(f"{meta_path} is not valid JSON: {exc}") from None
-    need = ("format_version", "method", "config", "targets", "base_fingerprint", "tensors_sha256")
-    missing = [k for k in need if k not in meta] if isinstance(meta, dict) else list(need)
-    if missing:
-        raise AdapterLoadError(f"{meta_path} lacks field(s) {missing}")
-    if meta["format_version"] > FORMAT_VERSION:
-        raise AdapterLoadError(f"{folder} has format version {meta['format_version']}; this petkit reads <= {FORMAT_VERSION}")
+    meta = check_meta(read_json(meta_path), str(meta_path))
     if not tensor_path.is_file() or tensor_path.stat().st_size == 0:
         raise AdapterLoadError(f"{tensor_path} is missing or empty")
-    if _sha256(tensor_path) != meta["tensors_sha256"]:
+    if file_sha256(tensor_path) != meta["tensors_sha256"]:
         raise AdapterLoadError(f"{tensor_path} does not match the checksum in {META}: truncated or corrupted")
+    read_header(tensor_path)
     try:
         with safe_open(str(tensor_path), framework="pt") as fh:
             tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    except (SafetensorError, OSError, ValueError) as exc:
+    except (SafetensorError, OSError, ValueError, TypeError) as exc:
         raise AdapterLoadError(f"{tensor_path} is not a readable safetensors file: {exc}") from None
     if not tensors:
         raise AdapterLoadError(f"{tensor_path} holds no tensors")
     return meta, tensors
+
+
+def config_of(meta: dict[str, Any], where: object) -> MethodConfig:
+    """The method config recorded in (schema-checked) `meta`; AdapterLoadError naming the field."""
+    try:
+        return config_from_json({**meta["config"], "method": meta["method"]})
+    except ConfigError as exc:
+        field = "method" if meta["method"] not in METHODS else "config"
+        raise AdapterLoadError(f"{where}: field {field!r}: {exc}") from None
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise AdapterLoadError(f"{where}: field 'config' does not build a "
+                               f"{meta['method']} config: {exc}") from None
 
 
 def load_adapter(
@@ -132,14 +137,14 @@ def load_adapter(
     strict=False turns a base-fingerprint mismatch into a warning; shapes and keys are always checked.
     """
     meta, tensors = read_adapter(path)
-    try:
-        config = config_from_json({"method": meta["method"], **meta["config"]})
-    except (ConfigError, TypeError) as exc:
-        raise AdapterLoadError(f"{path}: its config does not load: {exc}") from None
+    config = config_of(meta, path)
     name = name or meta.get("name") or "default"
     if name in adapters(model):
         raise AdapterStateError(f"an adapter named {name!r} is already attached; pass name=... to load under another")
     _check_base(model, meta, path, strict)
+    check_values(tensors, path, strict)
+    config = exact_targets(model, config, meta["targets"], path)
+    precheck(model, config, name, meta["targets"], tensors, path)
     attach(model, config, name)
     fill_attached(model, name, tensors, trainable)
     return model
@@ -147,17 +152,7 @@ def load_adapter(
 
 def _check_base(model: nn.Module, meta: dict[str, Any], path: Any, strict: bool) -> None:
     expected = meta["base_fingerprint"]
-    missing = []
-    for p in meta["targets"]:
-        try:
-            get_canonical(model, p)
-        except AttributeError:
-            missing.append(p)
-    if missing:
-        raise AdapterLoadError(
-            f"{path} was made for another model: {len(missing)} module(s) it touches are not in "
-            f"{type(model).__name__}, e.g. {missing[0]!r} (adapter base: {expected.get('architecture')})"
-        )
+    check_targets_exist(model, meta["targets"], path)
     problems = compare(expected, fingerprint(model, list(meta["targets"])))
     if problems:
         msg = f"{path} was trained on a different base model: " + "; ".join(problems[:3])
@@ -168,19 +163,7 @@ def _check_base(model: nn.Module, meta: dict[str, Any], path: Any, strict: bool)
 
 def _copy_tensors(model: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> None:
     state = adapter_state(model, name)
-    missing = sorted(set(state) - set(tensors))
-    unexpected = sorted(set(tensors) - set(state))
-    if missing or unexpected:
-        raise AdapterLoadError(
-            f"adapter tensors do not fit: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
-        )
-    for key, param in state.items():
-        if tuple(tensors[key].shape) != tuple(param.shape):
-            raise AdapterLoadError(
-                f"tensor {key!r} has shape {tuple(tensors[key].shape)} in the file but "
-                f"{tuple(param.shape)} in the model"
-            )
+    compare_shapes({k: tuple(p.shape) for k, p in state.items()}, tensors)
     with torch.no_grad():
         for key, param in state.items():
             param.copy_(tensors[key].to(param.dtype))
@@ -222,11 +205,13 @@ def swap_adapter(model: nn.Module, name: str, source: str | os.PathLike | Mappin
         bad = [k for k, v in source.items() if not isinstance(v, torch.Tensor)]
         if bad:
             raise AdapterLoadError(f"state dict values must be tensors; {bad[0]!r} is {type(source[bad[0]]).__name__}")
+        check_values(source, "state dict", strict)
         load_state_into(model, name, dict(source))
         return model
     meta, tensors = read_adapter(source)
     _check_same_kind(model, name, meta, source)
     _check_base(model, meta, source, strict)
+    check_values(tensors, source, strict)
     load_state_into(model, name, tensors)
     return model
 

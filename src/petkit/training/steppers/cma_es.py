@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from petkit.core.errors import ConfigError, MissingPackageError
+from petkit.core.errors import CheckpointError, ConfigError, MissingPackageError
 from petkit.training.config import StepperConfig, TrainConfig, is_int, is_num
 from petkit.training.steppers import Batch, LossFn, register_stepper
 from petkit.training.steppers.noise import RngSnapshot, mean_loss, require_parameters
@@ -203,13 +203,19 @@ class CmaStepper:
     def state_dict(self) -> dict[str, Any]:
         """theta0 and every generation's fitness values (enough to rebuild CMA-ES exactly)."""
         rows = self.fitness or [[]]
+        batched = {None: -1, False: 0, True: 1}[self.batched]
         return {"theta0": self.theta0.cpu(), "fitness": torch.tensor(rows, dtype=torch.float64),
-                "steps": len(self.fitness)}
+                "steps": len(self.fitness), "batched": batched}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore theta0 and replay the fitness history into a fresh CMA-ES."""
+        """Restore theta0, the batched-or-one-by-one choice (re-deciding it after a resume would
+        evaluate that step differently) and replay the fitness history into a fresh CMA-ES."""
+        if tuple(state["theta0"].shape) != tuple(self.theta0.shape):
+            raise CheckpointError(f"CMA-ES state holds {state['theta0'].numel()} delta values, this "
+                                  f"run has {self.theta0.numel()}")
         self.theta0 = state["theta0"].to(self.theta0.device)
         self.fitness = state["fitness"][:int(state["steps"])].tolist()
+        self.batched = {-1: None, 0: False, 1: True}[int(state.get("batched", -1))]
         self.es = self._replayed(self.fitness)
 
 
