@@ -30,7 +30,7 @@ from torch import nn
 from .delta import DeltaModule, get_canonical, innermost, iter_deltas
 from .errors import AdapterStateError, ConfigError
 from .io import adapter_state
-from .capabilities import Weighted, lowrank_factors
+from .capabilities import LowRank, Weighted, capable_text, lowrank_factors
 from .model import TrainableCopy, activate, attach, detach
 from .state import adapters, check_known
 from .targets import linear_shape
@@ -137,8 +137,8 @@ def _add_weight_part(w: DeltaModule, path: str, adapter: str, method: str, weigh
             return  # a bias-only change (BitFit-style) on a linear layer
         raise ConfigError(f"adapter {adapter!r} ({method}) is not a weight change; it cannot be merged")
     if how in ("linear", "cat"):
-        raise ConfigError(f"how={how!r} needs low-rank inputs (lora, dylora, cola); {adapter!r} is "
-                          f"{method!r}: use how='svd', 'ties' or 'dare'")
+        raise ConfigError(f"how={how!r} needs low-rank inputs ({capable_text(LowRank)}); {adapter!r} "
+                          f"is {method!r}: use how='svd', 'ties' or 'dare'")
     part.dense.append((weight, (dw.T if transposed else dw).detach().float()))
 
 
