@@ -19,7 +19,7 @@ from torch import nn
 from petkit.benchmark.spec import ArmSpec
 from petkit.core.capabilities import InputScaled
 from petkit.core.delta import iter_deltas
-from petkit.core.errors import ConfigError
+from petkit.core.errors import ConfigError, MissingPackageError
 from petkit.core.io import save_adapter
 from petkit.core.model import attach, detach, trainable_parameters
 from petkit.core.registry import get_method, make_config
@@ -150,9 +150,19 @@ def _targets_of(model: nn.Module, config: Any) -> tuple[list[str], list[str]]:
         detach(model, "_placement")
 
 
+def _peft() -> Any:
+    """The `peft` package (optional: only the benchmark's PEFT arm needs it)."""
+    try:
+        import peft
+    except ImportError as err:
+        raise MissingPackageError("the benchmark's PEFT arm needs the peft package: "
+                                  "pip install peft") from err
+    return peft
+
+
 def peft_config(method: str, config: Any, model: nn.Module, task_type: str) -> Any:
     """The `peft` config matching petkit's `config` (same sizes, same placement)."""
-    import peft
+    peft = _peft()
 
     kind = peft.TaskType.SEQ_CLS if task_type == "head" else peft.TaskType.CAUSAL_LM
     if method in ("prompt", "prefix"):
@@ -186,7 +196,7 @@ class PeftArm:
 
     def setup(self, model: nn.Module, ctx: ArmContext) -> nn.Module:
         """`peft.get_peft_model`; a causal model is wrapped in `PeftCausalView`."""
-        import peft
+        peft = _peft()
 
         assert self.spec.method is not None
         config = petkit_config(self.spec, ctx, with_head=False)  # peft adds the head itself
