@@ -7,15 +7,17 @@
                           (`torch.load(weights_only=True)`)
   trainer.json            step, data position, best-so-far, history, python RNG, config, sha256
                           of every other file (written last)
-A checkpoint is built in a temp folder and renamed into place, so `step-N` exists only complete.
+A checkpoint is built in a temp folder, fsynced and renamed into place (`core.durable`), so
+`step-N` exists only complete; what a killed save leaves is cleaned by the next save or resume.
+Resuming takes the newest checkpoint that reads back intact (warning about each damaged newer
+one) and refuses a run whose schedule-defining settings changed (`SCHEDULE`) unless
+`TrainConfig.resume_override` is set.
 """
 
 from __future__ import annotations
 
-import hashlib
 import warnings
 import json
-import os
 import random
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -26,11 +28,16 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from petkit.core.errors import CheckpointError
+from petkit.core.durable import clean_folder, write_folder
+from petkit.core.errors import CheckpointError, ConfigError
+from petkit.core.disk import file_sha256
 from petkit.training.batching import DataPosition
 from petkit.training.config import TrainConfig
 
 FORMAT = 1
+# Settings that shape the trajectory; a resume may change them only with `resume_override`.
+SCHEDULE = ("max_steps", "epochs", "lr", "schedule", "warmup_steps", "warmup_ratio",
+            "weight_decay", "max_grad_norm", "batch_size", "grad_accum", "stepper", "ist")
 Tensors = dict[str, torch.Tensor]
 
 
@@ -46,10 +53,6 @@ class TrainerState:
     bad_evals: int = 0
     pending_losses: list[float] = field(default_factory=list)  # since the last log row
     history: list[dict[str, Any]] = field(default_factory=list)
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _step_of(path: Path) -> int:
@@ -94,24 +97,18 @@ def save_checkpoint(output_dir: str | Path, state: TrainerState, params: Tensors
                     config: TrainConfig) -> Path:
     """Write `step-<state.step>` atomically, then rotate to `config.keep_checkpoints`."""
     root = checkpoint_dir(output_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{state.step}"
-    tmp = root / f".tmp-step-{state.step}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file(_cpu(params), str(tmp / "trainable.safetensors"))
-    if best is not None:
-        save_file(_cpu(best), str(tmp / "best.safetensors"))
-    torch.save({"stepper": stepper_state, "rng": _rng_tensors()}, tmp / "state.pt")
-    meta = {"format": FORMAT, "trainer": asdict(state), "config": config.to_dict(),
-            "python_rng": list(random.getstate()),
-            "files": {p.name: _sha256(p) for p in sorted(tmp.iterdir())}}
-    (tmp / "trainer.json").write_text(json.dumps(meta))
-    if final.exists():  # re-saving a step (e.g. after a resume): swap, never leave it half-written
-        old = root / f".old-step-{state.step}-{os.getpid()}"
-        os.replace(final, old)
-        shutil.rmtree(old)
-    os.replace(tmp, final)
+
+    def fill(tmp: Path) -> None:
+        save_file(_cpu(params), str(tmp / "trainable.safetensors"))
+        if best is not None:
+            save_file(_cpu(best), str(tmp / "best.safetensors"))
+        torch.save({"stepper": stepper_state, "rng": _rng_tensors()}, tmp / "state.pt")
+        meta = {"format": FORMAT, "trainer": asdict(state), "config": config.to_dict(),
+                "python_rng": list(random.getstate()),
+                "files": {p.name: file_sha256(p) for p in sorted(tmp.iterdir())}}
+        (tmp / "trainer.json").write_text(json.dumps(meta))
+
+    final = write_folder(root / f"step-{state.step}", fill)
     rotate(root, config.keep_checkpoints)
     return final
 
@@ -130,9 +127,35 @@ def rotate(root: Path, keep: int) -> None:
     """Delete all but the newest `keep` (>= 1) complete checkpoints and stale temp folders."""
     for old in complete_checkpoints(root)[:-max(keep, 1)]:
         shutil.rmtree(old, ignore_errors=True)
-    for stale in root.glob(".tmp-step-*"):
-        if not stale.name.endswith(f"-{os.getpid()}"):
-            shutil.rmtree(stale, ignore_errors=True)
+    for stale in root.glob(".tmp-step-*"):  # temp folders of earlier releases
+        shutil.rmtree(stale, ignore_errors=True)
+    clean_folder(root)
+
+
+def intact_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest checkpoint whose files read back intact (None when there is none).
+
+    Cleans what a killed save left first. A damaged checkpoint (unreadable, checksum mismatch)
+    is skipped with a warning naming it and the next older one is tried; when every one is
+    damaged, `CheckpointError`.
+    """
+    root = checkpoint_dir(output_dir)
+    clean_folder(root)
+    found, damaged = complete_checkpoints(root), []
+    for path in reversed(found):
+        try:
+            _read_meta(path)
+            _read_files(path)
+        except CheckpointError as err:
+            damaged.append(path.name)
+            warnings.warn(f"checkpoint {path} is damaged ({err}); resuming from an older one",
+                          stacklevel=2)
+            continue
+        return path
+    if damaged:
+        raise CheckpointError(f"{root}: every checkpoint is damaged ({', '.join(damaged)}); "
+                              "start again without resume")
+    return None
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
@@ -146,23 +169,43 @@ def _read_meta(path: Path) -> dict[str, Any]:
         meta = json.loads((path / "trainer.json").read_text())
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{path}: unreadable trainer.json ({err})") from err
+    if not isinstance(meta, dict) or not {"trainer", "config", "python_rng", "files"} <= set(meta) \
+            or not isinstance(meta["files"], dict):
+        raise CheckpointError(f"{path}: trainer.json lacks its fields")
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: checkpoint format {meta.get('format')!r}, expected {FORMAT}")
     for name, digest in meta.get("files", {}).items():
         file = path / name
-        if not file.is_file() or _sha256(file) != digest:
+        if not file.is_file() or file_sha256(file) != digest:
             raise CheckpointError(f"{path}: {name} is missing or corrupt (checksum mismatch)")
     return meta
 
 
+def _saved_config(path: Path, meta: dict[str, Any]) -> TrainConfig:
+    try:
+        with warnings.catch_warnings():  # a checkpoint of an earlier release holds flat keys
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return TrainConfig.from_dict(meta["config"])
+    except (ConfigError, TypeError, KeyError) as err:
+        raise CheckpointError(f"{path}: its training config does not load ({err})") from err
+
+
 def _check_compatible(path: Path, meta: dict[str, Any], config: TrainConfig,
                       params: Tensors, saved: Tensors) -> None:
-    with warnings.catch_warnings():  # a checkpoint of an earlier release holds flat keys
-        warnings.simplefilter("ignore", DeprecationWarning)
-        saved_identity = TrainConfig.from_dict(meta["config"]).resume_identity()
+    before = _saved_config(path, meta)
+    old, new = before.to_dict(), config.to_dict()
+    changed = [k for k in SCHEDULE if old.get(k) != new.get(k)]
+    if changed and not getattr(config, "resume_override", False):
+        raise CheckpointError(
+            f"{path}: resuming would change {', '.join(f'{k} {old.get(k)!r} -> {new.get(k)!r}' for k in changed)};"
+            " the run would no longer continue the same schedule (resume_override=True / "
+            "--resume-override accepts it)")
     for name, value in config.resume_identity().items():
-        if saved_identity[name] != value:
-            raise CheckpointError(f"{path}: saved with {name}={saved_identity[name]!r}, "
+        if name in SCHEDULE and getattr(config, "resume_override", False):
+            continue
+        saved_value = before.resume_identity()[name]
+        if saved_value != value:
+            raise CheckpointError(f"{path}: saved with {name}={saved_value!r}, "
                                   f"this run has {value!r}")
     if set(saved) != set(params):
         missing, extra = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
@@ -174,14 +217,7 @@ def _check_compatible(path: Path, meta: dict[str, Any], config: TrainConfig,
                                   f"checkpoint, {tuple(params[key].shape)} in the model")
 
 
-def load_checkpoint(path: Path, params: dict[str, torch.nn.Parameter],
-                    config: TrainConfig) -> tuple[TrainerState, Tensors | None, dict[str, Any]]:
-    """Restore `params` (in place) and the RNG states from `path`.
-
-    Returns the trainer state, the best-so-far tensors and the stepper state.
-    Raises `CheckpointError` for a corrupt or incompatible checkpoint.
-    """
-    meta = _read_meta(path)
+def _read_files(path: Path) -> tuple[Tensors, Tensors | None, dict[str, Any]]:
     try:
         saved = load_file(str(path / "trainable.safetensors"))
         best_file = path / "best.safetensors"
@@ -189,6 +225,13 @@ def load_checkpoint(path: Path, params: dict[str, torch.nn.Parameter],
         blob = torch.load(path / "state.pt", weights_only=True, map_location="cpu")
     except Exception as err:  # safetensors/torch raise several types for a damaged file
         raise CheckpointError(f"{path}: cannot read checkpoint ({err})") from err
+    return saved, best, blob
+
+
+def _restore(path: Path, meta: dict[str, Any], loaded: tuple[Tensors, Tensors | None, dict[str, Any]],
+             params: dict[str, torch.nn.Parameter], config: TrainConfig
+             ) -> tuple[TrainerState, Tensors | None, dict[str, Any]]:
+    saved, best, blob = loaded
     _check_compatible(path, meta, config, params, saved)
     with torch.no_grad():
         for key, param in params.items():
@@ -200,3 +243,13 @@ def load_checkpoint(path: Path, params: dict[str, torch.nn.Parameter],
                          best_loss=raw["best_loss"], bad_evals=raw["bad_evals"],
                          pending_losses=raw["pending_losses"], history=raw["history"])
     return state, best, blob["stepper"]
+
+
+def load_checkpoint(path: Path, params: dict[str, torch.nn.Parameter],
+                    config: TrainConfig) -> tuple[TrainerState, Tensors | None, dict[str, Any]]:
+    """Restore `params` (in place) and the RNG states from `path`.
+
+    Returns the trainer state, the best-so-far tensors and the stepper state.
+    Raises `CheckpointError` for a corrupt or incompatible checkpoint.
+    """
+    return _restore(path, _read_meta(path), _read_files(path), params, config)

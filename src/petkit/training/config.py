@@ -194,6 +194,7 @@ class TrainConfig:
     log_every: int = 10
     label_token_ids: list[int] | None = None
     resume: bool = False
+    resume_override: bool = False  # resume even though max_steps/lr/schedule/batch... changed
     progress: bool = True
     distributed: str = "auto"  # under torchrun: auto | ddp | fsdp | off (docs/distributed.md)
     stepper: StepperConfig | str | dict[str, Any] = "auto"
@@ -211,6 +212,10 @@ class TrainConfig:
 
     def __post_init__(self, *legacy: Any) -> None:
         """Validate every field; resolve the stepper and IST configs; map flat legacy keys."""
+        for f in dataclasses.fields(self):  # nan/inf pass every range check written as a < b
+            value = getattr(self, f.name)
+            _check(not isinstance(value, float) or value - value == 0, f.name, "a finite number",
+                   value)
         self._check_length()
         self._check_optimisation()
         self._check_io()
@@ -260,7 +265,8 @@ class TrainConfig:
             _check(is_int(self.max_steps) and self.max_steps >= 1, "max_steps", "an int >= 1",
                    self.max_steps)
         if self.epochs is not None:
-            _check(is_num(self.epochs) and self.epochs > 0, "epochs", "a number > 0", self.epochs)
+            _check(is_num(self.epochs) and 0 < self.epochs < float("inf"), "epochs",
+                   "a finite number > 0", self.epochs)
         for name in ("batch_size", "grad_accum"):
             value = getattr(self, name)
             _check(is_int(value) and value >= 1, name, "an int >= 1", value)
@@ -285,7 +291,9 @@ class TrainConfig:
                    "None or a number > 0", self.max_grad_norm)
 
     def _check_io(self) -> None:
-        for name in ("eval_every", "save_every", "seed"):
+        _check(is_int(self.seed) and 0 <= self.seed < 2**32, "seed", "an int in [0, 2**32)",
+               self.seed)  # numpy's seed range
+        for name in ("eval_every", "save_every"):
             value = getattr(self, name)
             _check(is_int(value) and value >= 0, name, "an int >= 0", value)
         _check(is_int(self.log_every) and self.log_every >= 1, "log_every", "an int >= 1",
@@ -295,7 +303,7 @@ class TrainConfig:
         if self.early_stopping_patience is not None:
             _check(is_int(self.early_stopping_patience) and self.early_stopping_patience >= 1,
                    "early_stopping_patience", "None or an int >= 1", self.early_stopping_patience)
-        for name in ("resume", "progress"):
+        for name in ("resume", "resume_override", "progress"):
             _check(isinstance(getattr(self, name), bool), name, "true or false", getattr(self, name))
         _check(self.distributed in DISTRIBUTED, "distributed", f"one of {DISTRIBUTED}",
                self.distributed)

@@ -8,10 +8,13 @@ adapter is saved with `pk.save_adapter` and the curves are plotted.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import random
 import resource
 import shutil
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,12 +24,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from petkit.core.durable import RunLock
 from petkit.core.errors import ConfigError
 from petkit.training import checkpoint as ckpt
 from petkit.training.batching import (Batch, CollateFn, DataPosition, Example, micro_batches, move,
                                    total_steps)
 from petkit.training.step_hooks import StepHooks
 from petkit.training.config import TrainConfig
+from petkit.training.guards import check_inputs, check_not_merged, usable_batches
 from petkit.training.distributed import Distributed
 from petkit.training.evaluate import autocast, model_device, resolve_collate, run_objective
 from petkit.training.monitor import Monitor, plot_history
@@ -55,6 +60,7 @@ class TrainResult:
 
 def require_trainable(model: nn.Module) -> dict[str, nn.Parameter]:
     """The active adapters' trainable parameters (petkit's contract), by path."""
+    check_not_merged(model)
     params = dict(trainable_parameters(model))
     if not params:
         raise ConfigError("the model has no trainable parameters: attach a method first "
@@ -118,6 +124,7 @@ class _Run:
         self.stepper = self.job.wrap(self.stepper)  # under torchrun: this rank's share of a step
         self.hooks = StepHooks(model)  # methods' per-step hooks (COLA links, expert load)
         self.state = ckpt.TrainerState()
+        self.skipped = 0  # steps whose every label was ignored
         self.best: dict[str, torch.Tensor] | None = None
         self.metric: str | None = None
         self._resume_or_reset()
@@ -128,7 +135,7 @@ class _Run:
         """Continue from the newest complete checkpoint, or clear stale ones of an older run."""
         if self.out is None:
             return
-        latest = ckpt.latest_checkpoint(self.out) if self.config.resume else None
+        latest = ckpt.intact_checkpoint(self.out) if self.config.resume else None
         if latest is None:
             shutil.rmtree(ckpt.checkpoint_dir(self.out), ignore_errors=True)
             return
@@ -180,12 +187,18 @@ class _Run:
         self.hooks.on_step(self.state.step, self.total)
         while self.state.step < self.total and not self.should_stop():
             lr = self.stepper.current_lr()
-            losses.append(self.stepper.step(next(steps), self.loss))
+            micro = usable_batches(next(steps), cfg.label_token_ids is not None)
+            if micro:
+                losses.append(self.stepper.step(micro, self.loss))
+            else:  # every label ignored: the loss would be NaN; no update, counted
+                self.skipped += 1
+                warnings.warn(f"step {self.state.step + 1}: every label of the batch is ignored "
+                              f"(-100); skipped ({self.skipped} so far)", stacklevel=2)
             self.state.step += 1
             self.hooks.on_step(self.state.step, self.total)
             self.monitor.advance()
             step, last = self.state.step, self.state.step == self.total
-            if step % cfg.log_every == 0 or last:
+            if (step % cfg.log_every == 0 or last) and losses:
                 self.log_train(losses, lr)
                 losses.clear()
             if self.eval_data and ((cfg.eval_every and step % cfg.eval_every == 0) or last):
@@ -215,6 +228,8 @@ class _Run:
         if self.out is not None and self.job.writer:
             plot_history(self.state.history, self.out / "training.png", self.metric or "loss")
         report = getattr(self.stepper, "report", dict)()
+        if self.skipped:
+            report = {**report, "skipped_batches": self.skipped}
         best = "" if self.state.best_step is None else \
             f" best_step={self.state.best_step} best_{self.metric}={self.state.best_metric}"
         self.monitor.info(f"done: step={self.state.step}{best}"
@@ -253,11 +268,21 @@ def train(model: nn.Module, train_data: Sequence[Example], config: TrainConfig |
     """
     started = time.perf_counter()
     config = config or TrainConfig()
-    run = _Run(model, train_data, config, eval_data, resolve_collate(collate_fn, pad_id),
-               parameters)
-    try:
-        run.loop()
-    except BaseException:
-        run.monitor.close()
-        raise
-    return run.finish(started)
+    check_inputs(model, train_data, eval_data, config.label_token_ids, collate_fn is None)
+    with _run_lock(config):
+        run = _Run(model, train_data, config, eval_data, resolve_collate(collate_fn, pad_id),
+                   parameters)
+        try:
+            run.loop()
+        except BaseException:
+            run.monitor.close()
+            raise
+        return run.finish(started)
+
+
+def _run_lock(config: TrainConfig) -> contextlib.AbstractContextManager[Any]:
+    """One live run per `output_dir` (rank 0 holds it under torchrun): `CheckpointError` naming
+    the holder when another run has it."""
+    if config.output_dir is None or os.environ.get("RANK", "0") != "0":
+        return contextlib.nullcontext()
+    return RunLock(config.output_dir)
