@@ -1,8 +1,8 @@
 """One rank of a distributed test run (tests/test_distributed.py starts it with torchrun).
 
-`python dist_worker.py '<json list of specs>'`: for each spec, trains LoRA on a tiny random Llama with `pk.train` and
-writes `rank<r>.safetensors` (the full delta this rank ends with) and `rank<r>.json` (the run's
-report and history) to spec["out"]. The same `build` / `data` serve the 1-process reference runs.
+`python dist_worker.py '<json list of specs>'`: for each spec, trains LoRA on a tiny random
+Llama with `pk.train` and writes `rank<r>.safetensors` (the full delta this rank ends with) and
+`rank<r>.json` (the run's report and history) to spec["out"]. The same `build` / `data` serve the 1-process reference runs.
 """
 from __future__ import annotations
 

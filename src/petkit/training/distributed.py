@@ -13,9 +13,10 @@ micro-batch. DDP and FSDP2 average gradients over ranks, hence the same gradient
 (to float rounding) and checkpoints that resume at any world size (2 -> 1, 1 -> 2).
 
 - Gradient steppers: DDP (default when the model fits one device) reduces only parameters with
-  `requires_grad` — the delta; `no_sync` on all but a step's last micro-batch. FSDP2 (`fully_shard`
-  per block and on the root) shards the frozen base too; only the delta's gradients are
-  reduce-scattered. A bf16 base with fp32 deltas and non-reentrant checkpointing work under both.
+  `requires_grad` — the delta; `no_sync` on all but a step's last micro-batch. FSDP2
+  (`fully_shard` per block and on the root) shards the frozen base too; only the delta's
+  gradients are reduce-scattered. A bf16 base with fp32 deltas and non-reentrant checkpointing
+  work under both.
 - A loss computed without gradients (zeroth-order probes, IST scoring) is averaged across ranks at
   once: each MeZO forward all-reduces one scalar, so every rank computes the same projected
   gradient from the shared seed. A stepper that `SplitsPopulation` (CMA-ES) sees whole batches and
@@ -23,19 +24,14 @@ micro-batch. DDP and FSDP2 average gradients over ranks, hence the same gradient
 - Rank 0 alone writes checkpoints and adapters, with full (unsharded) tensors, in the
   single-process format; every rank can read them.
 - Failure: collectives time out after `PETKIT_DIST_TIMEOUT` seconds (default 600); torchrun stops
-  the job when a rank dies or raises.
+  the job when a rank dies or raises. Process group, launching and row shards: `ranks.py`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
-import subprocess
-import sys
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -48,104 +44,15 @@ from petkit.core.errors import ConfigError
 from petkit.training import checkpoint as ckpt
 from petkit.training.config import DISTRIBUTED as MODES
 from petkit.training.config import TrainConfig
+from petkit.training.ranks import (RankGroup, cleanup, cut, init_from_env, launch, rank,
+                                   world_size)
 from petkit.training.steppers import Batch, LossFn, Stepper
 
-TIMEOUT_ENV, DEFAULT_TIMEOUT_S = "PETKIT_DIST_TIMEOUT", 600.0
+__all__ = ["Distributed", "RankGroup", "SplitsPopulation", "choose_mode", "cleanup", "cut", "full",
+           "init_from_env", "launch", "rank", "shard_state", "world_size"]
+
 FSDP_FRACTION = 0.4  # "auto": FSDP when the weights take more than this share of one GPU
-IGNORE_INDEX = -100
 Tensors = dict[str, torch.Tensor]
-
-
-def world_size() -> int:
-    """Processes in the job: the process group's size, else torchrun's WORLD_SIZE, else 1."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def rank() -> int:
-    """This process's rank (0 outside a distributed job)."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank()
-    return int(os.environ.get("RANK", "0"))
-
-
-def init_from_env() -> bool:
-    """Join torchrun's process group (NCCL on GPUs, else gloo) once; False outside torchrun.
-
-    Call it before loading the model: on GPUs it makes `cuda` mean this rank's device.
-    """
-    if dist.is_initialized():
-        return True
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return False
-    timeout = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
-                            timeout=timedelta(seconds=timeout))
-    return True
-
-
-def cleanup() -> None:
-    """Leave the process group (if this process joined one)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def launch(nproc: int, argv: Sequence[str]) -> int:
-    """Run `python -m petkit <argv>` on `nproc` local processes through torchrun; its exit code."""
-    if not isinstance(nproc, int) or nproc < 1:
-        raise ConfigError(f"--nproc must be an int >= 1, got {nproc!r}")
-    args = list(argv)
-    for i, item in enumerate(args):  # drop --nproc N / --nproc=N: the workers must not relaunch
-        if item == "--nproc":
-            del args[i:i + 2]
-            break
-        if item.startswith("--nproc="):
-            del args[i]
-            break
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={nproc}", "-m", "petkit", *args]
-    return subprocess.call(cmd)
-
-
-class RankGroup:
-    """The job's ranks and the few collectives petkit makes itself, counted in bytes sent."""
-
-    def __init__(self) -> None:
-        """The default process group (must be initialised)."""
-        self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        nccl = dist.get_backend() == "nccl"
-        self.device = torch.device("cuda", torch.cuda.current_device()) if nccl else None
-        self.bytes = 0  # payload of every collective made through this object
-
-    def _tensor(self, values: Sequence[float]) -> torch.Tensor:
-        return torch.tensor(list(values), dtype=torch.float64, device=self.device)
-
-    def mean(self, values: Sequence[float]) -> list[float]:
-        """Element-wise mean over ranks of `values` (one all-reduce of float64s)."""
-        t = self._tensor(values)
-        dist.all_reduce(t)
-        self.bytes += t.numel() * t.element_size()
-        return (t / self.world).tolist()
-
-    def share(self, n: int) -> tuple[int, int]:
-        """This rank's contiguous part [lo, hi) of n items (sizes differ by at most one)."""
-        return self.rank * n // self.world, (self.rank + 1) * n // self.world
-
-    def gather(self, values: Sequence[float], n: int) -> list[float]:
-        """Every rank's `values` (its `share(n)` of n items) concatenated in rank order."""
-        width = -(-n // self.world)
-        padded = self._tensor(list(values) + [0.0] * (width - len(values)))
-        parts = [torch.empty_like(padded) for _ in range(self.world)]
-        dist.all_gather(parts, padded)
-        self.bytes += padded.numel() * padded.element_size()
-        out: list[float] = []
-        for r, part in enumerate(parts):
-            lo, hi = r * n // self.world, (r + 1) * n // self.world
-            out += part[:hi - lo].tolist()
-        return out
 
 
 @runtime_checkable
@@ -155,49 +62,6 @@ class SplitsPopulation(Protocol):
     def bind_group(self, group: RankGroup) -> None:
         """Evaluate only `group.share` of each population; `group.gather` the fitness."""
         ...
-
-
-@dataclass
-class Shard:
-    """A rank's rows of a micro-batch and the weight that makes the ranks' mean exact."""
-
-    batch: Batch
-    weight: float
-
-
-def _rows(batch: Batch) -> int:
-    first = batch["labels"] if "labels" in batch else next(iter(batch.values()))
-    return len(first)
-
-
-def _units(batch: Batch, causal: bool) -> torch.Tensor:
-    """Per-row count of what the loss averages over: predicted tokens (causal LM) or 1."""
-    labels = batch.get("labels")
-    if labels is None or labels.dim() == 1:
-        return torch.ones(_rows(batch))
-    kept = labels[:, 1:] if causal else labels
-    return (kept != IGNORE_INDEX).sum(dim=1).double()
-
-
-def _take(batch: Batch, lo: int, hi: int, rows: int) -> Batch:
-    return {k: v[lo:hi] if isinstance(v, torch.Tensor) and v.dim() and len(v) == rows else v
-            for k, v in batch.items()}
-
-
-def cut(batch: Batch, rank_: int, world: int, causal: bool) -> Shard:
-    """Rank `rank_`'s contiguous rows of `batch` and its loss weight W * units_r / units.
-
-    A rank left without rows (or without predicted tokens) computes one row at weight 0, so it
-    still joins the gradient reduction.
-    """
-    rows = _rows(batch)
-    units = _units(batch, causal)
-    lo, hi = rank_ * rows // world, (rank_ + 1) * rows // world
-    total, mine = float(units.sum()), float(units[lo:hi].sum())
-    if mine == 0 or total == 0:
-        row = int(units.argmax())
-        return Shard(_take(batch, row, row + 1, rows), 0.0)
-    return Shard(_take(batch, lo, hi, rows), world * mine / total)
 
 
 def _is_causal_lm(model: nn.Module) -> bool:
@@ -310,7 +174,7 @@ class Distributed:
         self.model, self.forward_model = model, model
         self.group = RankGroup() if active else None
         self.mode = choose_mode(model, mode) if active else "off"
-        self.writer = rank() == 0
+        self.writer = self.group is None or self.group.rank == 0
         self.causal = _is_causal_lm(model)
         self.ddp: nn.Module | None = None
         self.grad_bytes = 0
@@ -375,7 +239,8 @@ class Distributed:
         return ddp
 
     def sync(self, on: bool) -> contextlib.AbstractContextManager[Any]:
-        """DDP: reduce gradients in this forward's backward only when `on` (the last micro-batch)."""
+        """DDP: reduce gradients in this forward's backward only when `on` (a step's last
+        micro-batch)."""
         if self.ddp is None or on:
             return contextlib.nullcontext()
         return self.ddp.no_sync()  # type: ignore[operator]
