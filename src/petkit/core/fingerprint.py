@@ -13,8 +13,6 @@ from .qweight import logical_shape, plain_tensor, quantization_changed, quantiza
 
 def _base_params(module: nn.Module) -> dict[str, Any]:
     """The original parameters of a (possibly wrapped) module, wrappers' deltas excluded."""
-    from .delta import canonical_modules
-
     out = {}
     for sub_path, _, inner in canonical_modules(module):
         for pname, p in inner.named_parameters(recurse=False):
