@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from petkit.core.capabilities import MergesOwnDeltas
 from petkit.core.delta import canonical_modules, iter_deltas
 from petkit.core.errors import AdapterStateError
 from petkit.core.model import merge_deltas, unload
@@ -54,7 +55,7 @@ def _active_deltas(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
     for path, w in iter_deltas(model):
         if w.adapter_name not in active or w.merged:
             continue
-        if not (w.mergeable or hasattr(w, "merge_deltas")):
+        if not (w.mergeable or isinstance(w, MergesOwnDeltas)):
             raise AdapterStateError(f"adapter {w.adapter_name!r} ({type(w).__name__}) is not mergeable")
         for name, d in merge_deltas(w).items():
             if d is None:
