@@ -120,3 +120,12 @@ def test_compressed_simulation_sends_a_sixth_of_the_bytes_up(tiny_bert_folder: s
     for row in rows:  # down: the dense global delta; up: top-10% indices + float16 values
         assert row["bytes_up"] < row["bytes_down"] / 5
     assert (tmp_path / "run" / "adapter" / "adapter.safetensors").exists()
+
+
+def test_compress_none_from_the_command_line_means_no_compression() -> None:
+    from petkit.fed.config import apply_fed_overrides, load_fed_recipe
+
+    recipe = apply_fed_overrides(load_fed_recipe("minilm-bbc-noniid"), {"fed.compress": "none"})
+    assert not recipe.fed.compression.active
+    recipe = apply_fed_overrides(recipe, {"fed.compress": "topk:0.05"})
+    assert recipe.fed.compression == Compression("topk", 0.05)

@@ -62,7 +62,7 @@ class FedConfig:
     seed: int = 0
     workers: int = 2
     timeout: float = 3600.0
-    compress: str = "none"
+    compress: str | None = "none"  # None (or "none"): the delta itself
     faults: dict[int, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
