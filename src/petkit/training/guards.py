@@ -18,6 +18,8 @@ from torch import nn
 
 from petkit.core.errors import ConfigError
 from petkit.core.state import active_adapters, wrappers_of
+from petkit.training.batching import CollateFn
+from petkit.training.evaluate import resolve_collate
 
 IGNORE = -100
 _INPUT_KEYS = ("input_ids", "pixel_values", "image")
@@ -96,12 +98,18 @@ def check_examples(model: nn.Module, data: Sequence[Any], label_token_ids: list[
 
 
 def check_inputs(model: nn.Module, train_data: Sequence[Any], eval_data: Sequence[Any] | None,
-                 label_token_ids: list[int] | None, default_collate: bool) -> None:
-    """`check_label_token_ids`, and `check_examples` of both splits under petkit's collate."""
+                 label_token_ids: list[int] | None, collate_fn: CollateFn | None,
+                 pad_id: int) -> None:
+    """`check_label_token_ids`; `check_examples` of both splits under petkit's collate; the keys
+    of one collated batch under a custom `collate_fn`."""
     check_label_token_ids(model, label_token_ids)
-    if default_collate:
+    if collate_fn is None:
         check_examples(model, train_data, label_token_ids, "training")
         check_examples(model, eval_data or [], label_token_ids, "validation")
+    elif len(train_data):
+        batch = resolve_collate(collate_fn, pad_id)([train_data[0]])
+        if isinstance(batch, Mapping):
+            check_batch_keys(batch, label_token_ids is not None)
 
 
 def has_targets(batch: Mapping[str, Any]) -> bool:

@@ -268,7 +268,7 @@ def train(model: nn.Module, train_data: Sequence[Example], config: TrainConfig |
     """
     started = time.perf_counter()
     config = config or TrainConfig()
-    check_inputs(model, train_data, eval_data, config.label_token_ids, collate_fn is None)
+    check_inputs(model, train_data, eval_data, config.label_token_ids, collate_fn, pad_id)
     with _run_lock(config):
         run = _Run(model, train_data, config, eval_data, resolve_collate(collate_fn, pad_id),
                    parameters)
