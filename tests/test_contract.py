@@ -106,6 +106,7 @@ CASES = [
     Case("krona", "vit", {}, True, True),
     Case("cola", "vit", {}, True, True),
     Case("sira", "vit", {}, True, False),
+    Case("peqa", "vit", {}, False, True),
     Case("peqa", "mlp", {}, False, True),  # init = the RTN-quantised base (tests/methods/test_peqa.py)
     Case("peqa", "llama", {"bits": 3, "group_size": 8}, False, True),
     Case("peqa", "gpt2", {"group_size": 16}, False, True),

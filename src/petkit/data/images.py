@@ -84,7 +84,7 @@ def _read(image: Any) -> torch.Tensor:
                 image = np.asarray(img.convert("RGB"))
         except OSError as err:
             raise ConfigError(f"cannot read image {image}: {err}") from err
-    array = torch.as_tensor(np.asarray(image), dtype=torch.float32) / 255.0
+    array = torch.tensor(np.asarray(image), dtype=torch.float32) / 255.0
     if array.dim() == 2:
         array = array.unsqueeze(-1)
     array = array.permute(2, 0, 1)

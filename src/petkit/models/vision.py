@@ -163,23 +163,24 @@ def load_vision_model(name: str, num_labels: int, *, image_size: int = DEFAULT_I
 
     if num_labels < 1:
         raise ConfigError(f"num_labels must be >= 1, got {num_labels}")
-    check_image_size(image_size)
     path = dinov2_s_dir() if name in VISION_MODELS else Path(name)
     if not is_vision_model(str(path)):
         raise ConfigError(f"model {name!r} is not a vision model (embedded: "
                           f"{', '.join(VISION_MODELS)}; or a folder whose config has patch_size)")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = AutoModelForImageClassification.from_pretrained(path, num_labels=num_labels)
+        model = AutoModelForImageClassification.from_pretrained(
+            path, num_labels=num_labels, ignore_mismatched_sizes=True)  # a head of another size: new
+    check_image_size(image_size, model.config.patch_size)
     setattr(model, NEW_MODULES_ATTR, ["classifier"])
     return model.eval()
 
 
-def check_image_size(size: int) -> None:
-    """Sides must be a positive multiple of the 14-px patch."""
-    if size < PATCH or size % PATCH:
-        raise ConfigError(f"image_size must be a positive multiple of {PATCH} (e.g. 98, 112, 224), "
-                          f"got {size}")
+def check_image_size(size: int, patch: int = PATCH) -> None:
+    """Sides must be a positive multiple of the model's patch (dinov2-s: 14, e.g. 56, 112, 224)."""
+    if size < patch or size % patch:
+        raise ConfigError(f"data.image_size must be a positive multiple of the model's patch "
+                          f"side {patch}, got {size}")
 
 
 def tiny_vision_model(num_labels: int = 3, seed: int = 0, image_size: int = 16) -> nn.Module:
