@@ -9,7 +9,9 @@ file, merge and reload with plain transformers, export to PEFT and load it with 
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import os
 import re
@@ -237,45 +239,80 @@ def test_the_cli_starts_without_optional_packages() -> None:
     assert "pip install 'petkit[fed]'" in done.stderr and "Traceback" not in done.stderr
 
 
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """`petkit train` on a user CSV with a separate test file and custom column names."""
+    folder = tmp_path_factory.mktemp("first-hour")
+    train = write_csv(folder / "train.csv", tweets(24))
+    test = write_csv(folder / "test.csv", tweets(8, 100))
+    out = folder / "run"
+    argv = ["train", "--data", str(train), "--test-file", str(test), *COLS, "--steps", "2",
+            "--batch-size", "4", "--max-length", "24", "--output", str(out),
+            "--train.progress=false"]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(argv) == 0
+    return out, printed.getvalue()
+
+
+# Each step of the hour loads SmolLM2-135M: minutes on a busy 2-core machine.
 @pytest.mark.slow
-def test_the_newcomers_hour_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    train = write_csv(tmp_path / "train.csv", tweets(24))
-    test = write_csv(tmp_path / "test.csv", tweets(10, 100))
-    out = tmp_path / "run"
-    code, text, err = cli(["train", "--data", str(train), "--test-file", str(test), *COLS,
-                           "--steps", "2", "--batch-size", "4", "--max-length", "24",
-                           "--output", str(out), "--train.progress=false"], capsys)
-    assert code == 0, err
-    assert f"train: {train}, all 24 rows" in text and f"test: {test}, all 10 rows" in text
+@pytest.mark.timeout(900)
+def test_hour_train_on_own_files(first_run: tuple[Path, str]) -> None:
+    out, text = first_run
+    folder = out.parent
+    assert f"train: {folder / 'train.csv'}, all 24 rows" in text
+    assert f"test: {folder / 'test.csv'}, all 8 rows" in text
     assert text.count("before") == 1 and f"loss curve: {out / 'training.png'}" in text
     assert "best_None" not in (out / "train.log").read_text()
     saved = (out / "recipe.yaml").read_text()
-    assert "- happy\n  - sad" in saved and "tweet" in saved
+    assert "- happy\n  - sad" in saved and "label_column: mood" in saved
 
-    # eval scores every row of a file, CSV or JSONL, mapping labels as training did
-    adapter = out / "adapter"
-    later = write_jsonl(tmp_path / "later.jsonl", tweets(7, 200))
-    for path, n in ((test, 10), (later, 7)):
-        code, text, err = cli(["eval", "--adapter", str(adapter), "--data", str(path)], capsys)
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_hour_eval_scores_whole_files(first_run: tuple[Path, str],
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """CSV or JSONL, every row, labels mapped as training mapped them."""
+    out, _ = first_run
+    later = write_jsonl(out.parent / "later.jsonl", tweets(5, 200))
+    for path, n in ((out.parent / "test.csv", 8), (later, 5)):
+        code, text, err = cli(["eval", "--adapter", str(out / "adapter"), "--data", str(path)],
+                              capsys)
         assert code == 0 and f"test on {n} examples (verbaliser): " in text, err
 
-    # merge, then reload with plain transformers: same logits as base + adapter in petkit
-    from transformers import AutoModelForCausalLM
 
-    merged = tmp_path / "merged"
-    assert cli(["merge", "--adapter", str(adapter), "--output", str(merged)], capsys)[0] == 0
+def _with_adapter(out: Path) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
     ids = torch.tensor([[1, 2, 3, 4, 5]])
     model, _ = models.load_model("smollm2-135m")
-    pk.load_adapter(model, str(adapter))
+    pk.load_adapter(model, str(out / "adapter"))
     with torch.no_grad():
-        expected = model(input_ids=ids).logits
+        return model, ids, model(input_ids=ids).logits
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_hour_merge_reloads_with_plain_transformers(first_run: tuple[Path, str],
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from transformers import AutoModelForCausalLM
+
+    out, _ = first_run
+    merged = out.parent / "merged"
+    assert cli(["merge", "--adapter", str(out / "adapter"), "--output", str(merged)], capsys)[0] == 0
+    _, ids, expected = _with_adapter(out)
+    with torch.no_grad():
         plain = AutoModelForCausalLM.from_pretrained(merged)(input_ids=ids).logits
     torch.testing.assert_close(plain, expected, atol=2e-3, rtol=1e-4)
 
-    # export to PEFT and load it with peft on a fresh base: equal logits
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_hour_export_to_peft_loads_with_peft(first_run: tuple[Path, str]) -> None:
     peft = pytest.importorskip("peft")
-    pk.export_peft(model, tmp_path / "peft")
+    out, _ = first_run
+    model, ids, expected = _with_adapter(out)
+    pk.export_peft(model, out.parent / "peft")
     base, _ = models.load_model("smollm2-135m")
     with torch.no_grad():
-        theirs = peft.PeftModel.from_pretrained(base, tmp_path / "peft").eval()(input_ids=ids).logits
+        theirs = peft.PeftModel.from_pretrained(base, out.parent / "peft").eval()(input_ids=ids).logits
     torch.testing.assert_close(theirs, expected, atol=1e-4, rtol=1e-5)
