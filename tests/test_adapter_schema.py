@@ -263,3 +263,47 @@ def _original(folder: Path) -> None:
 def test_metadata_above_the_size_cap_is_refused(folder, tmp_path) -> None:
     err = load_with(folder, tmp_path, lambda meta: json.dumps({**meta, "pad": "x" * MAX_JSON_BYTES}))
     assert "at most" in str(err)
+
+
+# --- PEFT folders: the same checks where they apply --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def peft_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    model = copy.deepcopy(MODEL)
+    pk.attach(model, pk.LoraConfig(r=2, targets=["fc1", "fc2"]), name="a")
+    perturb(pk.trainable_parameters(model))
+    return pk.export_peft(model, tmp_path_factory.mktemp("peft") / "p", name="a")
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("r", "2", "field 'r'"), ("r", 10**7, "field 'r'"), ("r", 10**5, "config.r=100000"),
+    ("lora_alpha", None, "field 'lora_alpha'"), ("lora_dropout", 2.0, "field 'lora_dropout'"),
+    ("modules_to_save", 5, "field 'modules_to_save'"), ("use_dora", "yes", "field 'use_dora'"),
+    ("r", 3, "shape"),
+])
+def test_peft_config_values_are_checked_before_attaching(peft_folder, tmp_path, field, value, match) -> None:
+    out = tmp_path / "p"
+    out.mkdir()
+    (out / "adapter_model.safetensors").write_bytes((peft_folder / "adapter_model.safetensors").read_bytes())
+    config = json.loads((peft_folder / "adapter_config.json").read_text())
+    config[field] = value
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    model = copy.deepcopy(MODEL)
+    with pytest.raises(pk.AdapterLoadError, match=match):
+        pk.import_peft(model, out)
+    assert untouched(model)
+    pk.import_peft(copy.deepcopy(MODEL), peft_folder)  # the unchanged folder imports
+
+
+def test_peft_config_size_and_depth_caps(peft_folder, tmp_path) -> None:
+    out = tmp_path / "p"
+    out.mkdir()
+    (out / "adapter_model.safetensors").write_bytes((peft_folder / "adapter_model.safetensors").read_bytes())
+    with open(out / "adapter_config.json", "wb") as fh:
+        fh.truncate(2 << 30)
+    with pytest.raises(pk.AdapterLoadError, match="at most"):
+        pk.import_peft(copy.deepcopy(MODEL), out)
+    (out / "adapter_config.json").write_text('{"x": ' + "[" * 50_000 + "]" * 50_000 + "}")
+    with pytest.raises(pk.AdapterLoadError, match="nests deeper"):
+        pk.import_peft(copy.deepcopy(MODEL), out)

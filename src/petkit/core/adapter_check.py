@@ -33,8 +33,9 @@ def check_targets_exist(model: nn.Module, targets: list[str], where: object) -> 
     missing = [p for p in targets if p not in paths]
     if missing:
         raise AdapterLoadError(
-            f"{where} was made for another model: field 'targets' names {len(missing)} path(s) "
-            f"that are not modules of {type(model).__name__}, e.g. {missing[0]!r}")
+            f"{where} was made for another model (it does not fit this {type(model).__name__}): "
+            f"field 'targets' names {len(missing)} path(s) that are not modules of it, "
+            f"e.g. {missing[0]!r}")
 
 
 def _target_fields(config: MethodConfig) -> list[str]:

@@ -109,6 +109,35 @@ class Obj:
                 node.check(value[name], where, _join(field, name))
 
 
+@dataclass(frozen=True)
+class Num:
+    """A finite JSON number (int or float) in [low, high]."""
+
+    low: float = -1e30
+    high: float = 1e30
+
+    def check(self, value: Any, where: str, field: str) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not self.low <= value <= self.high:
+            raise _fail(where, field, f"a number in [{self.low:g}, {self.high:g}]", value)
+
+
+class Bool:
+    def check(self, value: Any, where: str, field: str) -> None:
+        if not isinstance(value, bool):
+            raise _fail(where, field, "true or false", value)
+
+
+@dataclass(frozen=True)
+class Opt:
+    """`node`, or null."""
+
+    node: Any
+
+    def check(self, value: Any, where: str, field: str) -> None:
+        if value is not None:
+            self.node.check(value, where, field)
+
+
 class Scalar:
     """A config value: a JSON scalar, or a flat list of scalars."""
 
@@ -144,6 +173,15 @@ ADAPTER_SCHEMA = Obj({
     "num_parameters": Int(0),
 }, required=("format_version", "method", "config", "targets", "base_fingerprint",
              "tensors_sha256"))
+
+
+# The fields of a PEFT `adapter_config.json` that `import_peft` reads (others are ignored).
+PEFT_SCHEMA = Obj({
+    "peft_type": Str(32), "r": Int(1, 1 << 20), "lora_alpha": Num(), "lora_dropout": Num(0.0, 1.0),
+    "use_rslora": Bool(), "use_dora": Bool(), "lora_bias": Bool(), "bias": Str(16),
+    "modules_to_save": Opt(List(MODULE_PATH, 1000)), "rank_pattern": Opt(Map(Str(512), Scalar())),
+    "alpha_pattern": Opt(Map(Str(512), Scalar())),
+}, required=("peft_type", "r", "lora_alpha"))
 
 
 # --- reading -------------------------------------------------------------------------------

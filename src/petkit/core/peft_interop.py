@@ -19,8 +19,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .adapter_check import check_targets_exist, check_values, precheck
+from .adapter_schema import PEFT_SCHEMA, read_header, read_json
 from .delta import innermost
-from .errors import AdapterLoadError, AdapterStateError
+from .durable import write_folder
+from .errors import AdapterLoadError, AdapterStateError, ConfigError
 from .io import adapter_state, fill_attached
 from .model import adapters, attach
 from .registry import make_config
@@ -62,26 +65,26 @@ def export_peft(model: nn.Module, path: str | os.PathLike, name: str = "default"
         "inference_mode": True, "use_dora": cfg.method == "dora", "rank_pattern": {}, "alpha_pattern": {},
         "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None),
     }
-    out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
-    (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
-    return out
+    def fill(out: Path) -> None:
+        save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
+
+    return write_folder(Path(path), fill)
 
 
 def _read_peft(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The checked `adapter_config.json` (size, depth, the fields petkit reads) and tensors."""
     cfg_path, tensor_path = folder / "adapter_config.json", folder / "adapter_model.safetensors"
     if not cfg_path.is_file():
         raise AdapterLoadError(f"{cfg_path} is missing: not a PEFT adapter folder")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise AdapterLoadError(f"{cfg_path} is not valid JSON: {exc}") from None
+    config = read_json(cfg_path)
+    PEFT_SCHEMA.check(config, str(cfg_path), "")
     if not tensor_path.is_file() or tensor_path.stat().st_size == 0:
         raise AdapterLoadError(f"{tensor_path} is missing or empty (PEFT .bin files are not read: no pickle)")
+    read_header(tensor_path)
     try:
         tensors = load_file(str(tensor_path))
-    except (SafetensorError, OSError) as exc:
+    except (SafetensorError, OSError, ValueError) as exc:
         raise AdapterLoadError(f"{tensor_path} is not a readable safetensors file: {exc}") from None
     if not tensors:
         raise AdapterLoadError(f"{tensor_path} holds no tensors")
@@ -120,12 +123,17 @@ def import_peft(model: nn.Module, path: str | os.PathLike, name: str = "default"
     fields = {"r": int(config["r"]), "alpha": float(config["lora_alpha"]),
               "dropout": float(config.get("lora_dropout", 0.0)), "rslora": bool(config.get("use_rslora", False)),
               "targets": targets, "modules_to_save": list(saved)}
-    if config.get("use_dora"):
-        if config.get("lora_bias"):
-            raise AdapterLoadError("PEFT DoRA with lora_bias has no petkit equivalent")
-        cfg = make_config("dora", **fields)
-    else:
-        cfg = make_config("lora", bias="lora_only" if config.get("lora_bias") else "none", **fields)
+    if config.get("use_dora") and config.get("lora_bias"):
+        raise AdapterLoadError("PEFT DoRA with lora_bias has no petkit equivalent")
+    try:
+        cfg = (make_config("dora", **fields) if config.get("use_dora") else
+               make_config("lora", bias="lora_only" if config.get("lora_bias") else "none", **fields))
+    except ConfigError as exc:
+        raise AdapterLoadError(f"{path}: adapter_config.json: {exc}") from None
+    touched = targets + sorted({k.split(".copy.", 1)[0] for k in ours if ".copy." in k})
+    check_targets_exist(model, touched, path)
+    check_values(ours, path, strict=True)
+    precheck(model, cfg, name, touched, ours, path)
     try:
         attach(model, cfg, name)
     except Exception as exc:
