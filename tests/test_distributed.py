@@ -196,14 +196,24 @@ def test_fsdp_resumes_a_one_process_checkpoint_and_equals_it(reference, tmp_path
 
 @pytest.mark.slow
 def test_ddp_resumes_a_one_process_checkpoint(reference, tmp_path):
-    """1 -> 2 under DDP: the 1-process step-3 checkpoint continued on 2 ranks."""
+    """1 -> 2 under DDP: the 1-process step-3 checkpoint continued on 2 ranks. IST (blocks'
+    requires_grad switched per step, its scores from gradient-free losses) under DDP too."""
     run = resume_from(reference["root"] / "fp32", tmp_path / "run", 3)
     out = tmp_path / "out"
+    ist = {"train": {**TRAIN, "ist": {"top_k": 1, "every": 2}, "distributed": "ddp"}}
     check_ok(torchrun([{"out": str(out), "train": {**TRAIN, "output_dir": str(run),
-                                                   "resume": True, "distributed": "ddp"}}]))
+                                                   "resume": True, "distributed": "ddp"}},
+                       {**ist, "out": str(tmp_path / "ist")}]))
     r0, r1 = ranks(out)
     print(f"ddp 1 -> 2: max |2 proc - 1 proc| = {max_diff(r0, reference['fp32']):.2e}")
     assert max_diff(r0, r1) == 0.0 and max_diff(r0, reference["fp32"]) <= TOL
+    i0, i1 = ranks(tmp_path / "ist")
+    model, result = single(ist)
+    print(f"ist: max |2 proc - 1 proc| = {max_diff(i0, delta(model)):.2e}")
+    assert max_diff(i0, i1) == 0.0 and max_diff(i0, delta(model)) <= 1e-5
+    report = json.loads((tmp_path / "ist" / "rank0.json").read_text())["report"]
+    assert report["ist_layer_steps"] == {str(k): v for k, v in
+                                         result.report["ist_layer_steps"].items()}
 
 
 @pytest.mark.slow
