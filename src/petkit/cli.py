@@ -147,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--head", action="store_true", help="train a classification head "
                                                              "instead of the verbaliser")
     train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    train.add_argument("--resume-override", action="store_true",
+                       help="with --resume: accept changed max steps, lr, schedule, batch or "
+                            "accumulation (the run is then no longer an exact continuation)")
     train.add_argument("--dylora-eval-ranks", dest="eval_ranks", default=None,
                        help="after training, test the adapter at each rank, e.g. 1,2,4,8 (dylora)")
     train.add_argument("--nproc", type=int, default=None,
@@ -211,6 +214,8 @@ def _recipe(args: argparse.Namespace, dotted: dict[str, str], base: Any = None) 
         named["train.precision"] = "bf16"
     if getattr(args, "resume", False):
         named["train.resume"] = "true"
+    if getattr(args, "resume_override", False):
+        named["train.resume_override"] = "true"
     overrides = {**named, **dotted}
     switched = overrides.get("method.name", recipe.method_name) != recipe.method_name
     if switched and "train.lr" not in overrides:  # the new method's own rate, unless one is given
