@@ -145,3 +145,18 @@ def test_user_mistakes_raise_petkit_errors(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "bitsandbytes" else real(n, *a))
     with pytest.raises(pk.MissingPackageError, match="pip install bitsandbytes"):
         quantize(llama(), "nf4", backend="bitsandbytes")
+
+
+@pytest.mark.slow
+def test_cli_trains_lora_over_an_nf4_base(tmp_path):
+    import json
+
+    from petkit.cli import main
+
+    out = tmp_path / "run"
+    args = ["train", "--quantize", "nf4", "--steps", "2", "--train-size", "16", "--test-size", "8",
+            "--max-length", "32", "--batch-size", "4", "--output", str(out), "--train.progress=false"]
+    assert main(args) == 0
+    meta = json.loads((out / "adapter" / "adapter.json").read_text())
+    assert meta["base_fingerprint"]["quantization"]["mode"] == "nf4"
+    assert "quantize: nf4" in (out / "recipe.yaml").read_text()

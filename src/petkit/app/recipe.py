@@ -37,11 +37,14 @@ class ModelSpec:
     """Which pretrained model to tune: an embedded short name, a local folder or a hub id."""
 
     name: str = "smollm2-135m"
+    quantize: str | None = None  # nf4 | fp4 | int8: the base's linear layers (pk.quantize) before attaching
 
     def __post_init__(self) -> None:
         """Validate."""
         if not isinstance(self.name, str) or not self.name:
             raise ConfigError(f"model.name must be a non-empty string, got {self.name!r}")
+        if self.quantize not in (None, "nf4", "fp4", "int8"):
+            raise ConfigError(f"model.quantize must be nf4, fp4 or int8, got {self.quantize!r}")
 
 
 @dataclass(frozen=True)

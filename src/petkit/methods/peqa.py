@@ -65,6 +65,7 @@ class PeqaLinear(DeltaModule):
         super().__init__(base, adapter_name)
         inner = innermost(base)
         fan_in, fan_out, self.transposed = linear_dims(inner)
+        self.bits = bits
         group = group_size or fan_in
         if fan_in % group:
             raise ConfigError(f"group_size {group_size} must divide the layer's {fan_in} inputs")

@@ -1,0 +1,207 @@
+"""The compressed-bases table of docs/compressed.md: LoRA on fp32 / nf4 / int8 bases, PEQA, pruning.
+
+    python benchmarks/compressed.py                          # run missing cells, print the table
+    python benchmarks/compressed.py --only qlora-nf4 --seeds 0,1,2
+    python benchmarks/compressed.py --render                 # table from the cache only
+
+Protocol: the methods table's (benchmarks/methods_table.py: smollm2-135m on rotten-tomatoes with
+a verbaliser, minilm-l6 on bbc-news with a new head; 128 / 256 training examples, 2 epochs,
+batch 16, 300 test examples, max length 64, 2 threads), one process per cell. LoRA arms use
+r=8 on every linear layer (pruning reads importance from all of them) at lr 3e-3. Measured per
+cell: test accuracy, trainable parameters, peak RSS *during training* (sampled every 20 ms: the
+fp32 checkpoint is loaded before quantising, so the process peak would hide the difference),
+wall time per step, and the size of the weights a deployment stores (quantised layers at their
+bit width, PEQA integers packed at `bits` per weight, pruned models at their new shapes). Pruned
+arms also time the forward pass of the pruned model against the unpruned one (same batch).
+Pruning needs a Llama-style decoder: the encoder gets no pruning cells.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+CACHE = ROOT / "docs" / "compressed.json"
+LORA = {"name": "lora", "r": 8, "alpha": 16, "targets": "all-linear"}
+ARMS: dict[str, dict[str, Any]] = {
+    "lora-fp32": {"method": LORA},
+    "qlora-nf4": {"method": LORA, "quantize": "nf4"},
+    "lora-int8": {"method": LORA, "quantize": "int8"},
+    "peqa-int4": {"method": {"name": "peqa", "bits": 4}, "lr": 1e-4},
+    "peqa-int3": {"method": {"name": "peqa", "bits": 3}, "lr": 1e-4},
+    "loraprune-30": {"method": LORA, "prune": {"sparsity": 0.3}},
+    "loraprune-50": {"method": LORA, "prune": {"sparsity": 0.5}},
+    "apt-30": {"method": LORA, "prune": {"sparsity": 0.3, "method": "apt", "init_rank": 2, "grow_rank": 2,
+                                         "grow_every": 2, "every": 1}},
+    "apt-50": {"method": LORA, "prune": {"sparsity": 0.5, "method": "apt", "init_rank": 2, "grow_rank": 2,
+                                         "grow_every": 2, "every": 1}},
+}
+LR = 3e-3
+
+
+class RssPeak:
+    """Peak resident memory of this process while the block runs (sampled from /proc)."""
+
+    def __enter__(self) -> "RssPeak":
+        self.peak, self.running = 0, True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self) -> None:
+        page = os.sysconf("SC_PAGE_SIZE")
+        while self.running:
+            with open("/proc/self/statm") as f:
+                self.peak = max(self.peak, int(f.read().split()[1]) * page)
+            time.sleep(0.02)
+
+    def __exit__(self, *exc: Any) -> None:
+        self.running = False
+        self.thread.join()
+
+    @property
+    def mb(self) -> float:
+        return self.peak / 2**20
+
+
+def stored_bytes(model: Any) -> int:
+    """Bytes of the weights a deployment keeps: quantised storage as stored, PEQA packed at its bits."""
+    from petkit.core.delta import innermost
+    from petkit.methods.peqa import PeqaLinear
+
+    total, skip = 0, set()
+    for module in model.modules():
+        if isinstance(module, PeqaLinear):  # W0 is replaced by packed codes + zero points + scales
+            skip |= {id(innermost(module.base).weight), id(module.codes), id(module.zeros)}
+            total += (module.codes.numel() + module.zeros.numel()) * module.bits // 8
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()] if id(t) not in skip}
+    return total + sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def forward_seconds(model: Any, batch: dict, repeats: int = 5) -> float:
+    """Median wall seconds of one no-grad forward of `batch`."""
+    import torch
+
+    times = []
+    with torch.no_grad():
+        model(**batch)  # warm-up
+        for _ in range(repeats):
+            t = time.perf_counter()
+            model(**batch)
+            times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+def run_cell(setting: str, arm: str, seed: int) -> dict[str, Any]:
+    import dataclasses
+
+    import torch
+
+    import petkit as pk
+    from methods_table import PROTOCOL, recipe
+    from petkit.app.pipeline import method_config, prepare, test_metrics
+    from petkit.training import train
+
+    torch.set_num_threads(PROTOCOL["threads"])
+    spec = ARMS[arm]
+    rec = recipe(setting, "lora")
+    rec = dataclasses.replace(rec, method=dict(spec["method"]),
+                              train=rec.train.replace(lr=spec.get("lr", LR), seed=seed))
+    torch.manual_seed(seed)
+    prep, _ = prepare(rec)
+    model = prep.model
+    batch = {"input_ids": torch.randint(3, 1000, (16, 64))}
+    out: dict[str, Any] = {"seed": seed}
+    if "prune" in spec:
+        out["forward_s_unpruned"] = forward_seconds(model, batch)
+    if "quantize" in spec:
+        pk.quantize(model, spec["quantize"])
+    pk.attach(model, method_config(rec, prep))
+    out["trainable"] = sum(p.numel() for p in pk.trainable_parameters(model).values())
+    pruner = pk.start_pruning(model, pk.PruneConfig(**spec["prune"])) if "prune" in spec else None
+    config = rec.train.replace(label_token_ids=prep.label_token_ids)
+    wall = time.perf_counter()
+    with RssPeak() as rss:
+        result = train(model, prep.train, config, pad_id=prep.pad_id)
+    out["wall_s_per_step"] = (time.perf_counter() - wall) / result.steps
+    out["peak_train_mb"] = rss.mb
+    if pruner is not None:
+        if pruner.ranks is not None:
+            out["trainable_live"] = pruner.ranks.live_parameters()
+        out["prune"] = pk.finish_pruning(model)
+        out["forward_s_pruned"] = forward_seconds(model, batch)
+    out["accuracy"] = test_metrics(prep, rec)["accuracy"]
+    out["stored_mb"] = stored_bytes(model) / 2**20
+    out["steps"] = result.steps
+    return out
+
+
+def cell_in_subprocess(setting: str, arm: str, seed: int) -> dict[str, Any]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "PASSIVE"}
+    cmd = [sys.executable, __file__, "--cell", setting, arm, str(seed)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode == 0 and lines:
+        return json.loads(lines[-1])
+    err = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    return {"note": (err[-1] if err else f"exit code {proc.returncode}")[:300]}
+
+
+def render(cache: dict[str, Any]) -> str:
+    """The markdown table: one row per (setting, arm), mean over the seeds run."""
+    rows = ["| setting | arm | seeds | accuracy | trainable | peak train MB | s/step | stored MB | forward speed-up |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for setting in ("decoder", "encoder"):
+        for arm in ARMS:
+            cells = [c for k, c in cache.items() if k.startswith(f"{setting}/{arm}/") and "accuracy" in c]
+            if not cells:
+                continue
+            mean = lambda key: sum(c[key] for c in cells) / len(cells)  # noqa: E731
+            accs = ", ".join(f"{c['accuracy']:.3f}" for c in cells)
+            trainable = cells[0].get("trainable_live", cells[0]["trainable"])
+            speed = (f"{cells[0]['forward_s_unpruned'] / cells[0]['forward_s_pruned']:.2f}x"
+                     if "forward_s_pruned" in cells[0] else "")
+            rows.append(f"| {setting} | {arm} | {len(cells)} | {mean('accuracy'):.3f} ({accs}) | {trainable:,} | "
+                        f"{mean('peak_train_mb'):,.0f} | {mean('wall_s_per_step'):.2f} | {mean('stored_mb'):,.1f} | {speed} |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", help="comma-separated arms")
+    parser.add_argument("--settings", default="decoder,encoder")
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--render", action="store_true")
+    parser.add_argument("--cell", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.cell:
+        print(json.dumps(run_cell(args.cell[0], args.cell[1], int(args.cell[2]))), flush=True)
+        return
+    cache = json.loads(CACHE.read_text()) if CACHE.is_file() else {}
+    arms = args.only.split(",") if args.only else list(ARMS)
+    for seed in ([] if args.render else [int(s) for s in args.seeds.split(",")]):
+        for setting in args.settings.split(","):
+            for arm in arms:
+                key = f"{setting}/{arm}/{seed}"
+                if key in cache or (setting == "encoder" and "prune" in ARMS[arm]):
+                    continue
+                started = time.perf_counter()
+                cell = cell_in_subprocess(setting, arm, seed)
+                cell["seconds"] = round(time.perf_counter() - started, 1)
+                cache = {**(json.loads(CACHE.read_text()) if CACHE.is_file() else {}), key: cell}
+                CACHE.write_text(json.dumps(cache, indent=1, sort_keys=True))
+                print(f"{key}: {cell}", flush=True)
+    print(render(cache))
+
+
+if __name__ == "__main__":
+    main()
