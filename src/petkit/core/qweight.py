@@ -34,6 +34,8 @@ def logical_shape(param: torch.Tensor) -> tuple[int, ...]:
 
 def is_quantized_weight(weight: torch.Tensor) -> bool:
     """True for a bitsandbytes packed weight or a torchao quantised tensor subclass."""
+    if type(weight) in (torch.Tensor, nn.Parameter):  # plain: no string test (torch.compile)
+        return not weight.is_floating_point()
     return not weight.is_floating_point() or type(weight).__module__.startswith("torchao")
 
 

@@ -32,6 +32,7 @@ from petkit.training.ist import IstConfig
 
 SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")
+DELTA_DTYPES = ("fp32", "bf16")
 DISTRIBUTED = ("auto", "ddp", "fsdp", "off")  # training/distributed.py
 # Flat keys of earlier releases -> (stepper name or "ist", field of that config).
 LEGACY_KEYS = {"zo_eps": ("zo", "eps"), "zo_n_spsa": ("zo", "n_spsa"),
@@ -199,6 +200,15 @@ class TrainConfig:
     distributed: str = "auto"  # under torchrun: auto | ddp | fsdp | off (docs/distributed.md)
     stepper: StepperConfig | str | dict[str, Any] = "auto"
     ist: IstConfig | dict[str, Any] | None = None
+    # Device and memory (docs/training-gpu.md).
+    device: str = "auto"  # auto (the model's GPU, else cuda when there is one, else cpu) | cpu | cuda[:N]
+    delta_dtype: str = "fp32"  # trainable deltas' dtype when precision is bf16: fp32 | bf16
+    compile: bool = False  # torch.compile the forward + loss
+    activation_checkpointing: str = "off"  # off | full | every-K (K >= 2) | selective
+    activation_offload: bool = False  # keep saved activations in host memory (eager only)
+    loss_chunk: int | None = None  # causal-LM loss: tokens per chunk; None auto, 0 dense logits
+    packing: bool = False  # causal LM: several examples per row, isolated by position ids
+    pack_length: int | None = None  # tokens per packed row (None: the micro-batch's longest)
     # Flat keys of earlier releases (deprecated; see LEGACY_KEYS): accepted, never stored.
     zo_eps: InitVar[float | None] = None
     zo_n_spsa: InitVar[int | None] = None
@@ -218,6 +228,7 @@ class TrainConfig:
                    value)
         self._check_length()
         self._check_optimisation()
+        self._check_device()
         self._check_io()
         if self.label_token_ids is not None:
             ids = list(self.label_token_ids)
@@ -289,6 +300,33 @@ class TrainConfig:
         if self.max_grad_norm is not None:
             _check(is_num(self.max_grad_norm) and self.max_grad_norm > 0, "max_grad_norm",
                    "None or a number > 0", self.max_grad_norm)
+
+    def _check_device(self) -> None:
+        ok = isinstance(self.device, str) and (
+            self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:"))
+        _check(ok, "device", "auto, cpu, cuda or cuda:N", self.device)
+        _check(self.delta_dtype in DELTA_DTYPES, "delta_dtype", f"one of {DELTA_DTYPES}",
+               self.delta_dtype)
+        for name in ("compile", "activation_offload", "packing"):
+            _check(isinstance(getattr(self, name), bool), name, "true or false", getattr(self, name))
+        mode = self.activation_checkpointing
+        every = isinstance(mode, str) and mode.startswith("every-") and mode[6:].isdigit()
+        _check(mode in ("off", "full", "selective") or (every and int(mode[6:]) >= 2),
+               "activation_checkpointing", "off, full, selective or every-K with K >= 2", mode)
+        _check(not (self.activation_offload and self.compile), "activation_offload",
+               "false when compile is true (offload hooks run in eager mode only)",
+               self.activation_offload)
+        if self.loss_chunk is not None:
+            _check(is_int(self.loss_chunk) and self.loss_chunk >= 0, "loss_chunk",
+                   "None (auto), 0 (dense) or a number of tokens >= 1", self.loss_chunk)
+        if self.pack_length is not None:
+            _check(is_int(self.pack_length) and self.pack_length >= 2, "pack_length",
+                   "None or an int >= 2", self.pack_length)
+
+    def checkpoint_every(self) -> int:
+        """Every how many blocks activations are recomputed (0: off, 1: every block)."""
+        mode = self.activation_checkpointing
+        return 0 if mode == "off" else 1 if mode in ("full", "selective") else int(mode[6:])
 
     def _check_io(self) -> None:
         _check(is_int(self.seed) and 0 <= self.seed < 2**32, "seed", "an int in [0, 2**32)",

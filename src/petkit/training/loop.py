@@ -33,9 +33,9 @@ from petkit.training.step_hooks import StepHooks
 from petkit.training.config import TrainConfig
 from petkit.training.guards import check_inputs, check_not_merged, usable_batches
 from petkit.training.distributed import Distributed
-from petkit.training.evaluate import autocast, model_device, resolve_collate, run_objective
+from petkit.training.evaluate import autocast, resolve_collate, run_objective
 from petkit.training.monitor import Monitor, plot_history
-from petkit.training.objectives import make_objective
+from petkit.training.run_modes import RunModes, packed_collate
 from petkit.training.ist import with_ist
 from petkit.training.steppers import Stepper, make_stepper
 from petkit.core.io import save_adapter
@@ -56,6 +56,7 @@ class TrainResult:
     seconds: float = 0.0
     peak_memory_mb: float = 0.0
     report: dict[str, Any] = field(default_factory=dict)  # the stepper's summary (IST layers)
+    tokens_per_s: float = 0.0  # input tokens per second over the last `log_every` steps
 
 
 def require_trainable(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -110,13 +111,18 @@ class _Run:
         self.model, self.data, self.config, self.collate = model, data, config, collate
         self.eval_data = eval_data if eval_data else None
         self.out = Path(config.output_dir) if config.output_dir else None
-        self.job = Distributed(model, config.distributed)  # torchrun: DDP / FSDP2, rank 0 writes
-        self.device = model_device(model)
-        self.objective = make_objective(config.label_token_ids)
         self.params = dict(parameters) if parameters else require_trainable(model)
+        self.modes = RunModes(model, config, self.params)  # device, precision, loss, memory
+        self.job = Distributed(model, config.distributed)  # torchrun: DDP / FSDP2, rank 0 writes
+        self.params = self.job.sharded(self.params)  # FSDP2 replaced them by DTensors
+        self.device = self.modes.device
+        self.objective = self.modes.objective()
+        self._forward = self.modes.wrap(self.dense_loss)  # compiled / offloaded when asked
+        self.tokens, self.clock, self.speeds = 0, time.perf_counter(), list[float]()
         self.total = total_steps(len(data), config)
         seed_everything(config.seed)
-        self.stepper: Stepper = make_stepper(self.params, self.job.local_config(config), self.total)
+        self.stepper: Stepper = make_stepper(self.params, self.job.local_config(config),
+                                             self.total)
         bind = getattr(self.stepper, "bind_model", None)
         if callable(bind):  # optional hook: a population stepper batches its forward passes
             bind(model)
@@ -146,10 +152,21 @@ class _Run:
         self.metric = ("accuracy" if "eval_accuracy" in keys
                        else "loss" if "eval_loss" in keys else None)
 
-    def loss(self, batch: Batch) -> torch.Tensor:
-        """Forward + objective for one micro-batch, under the configured precision."""
+    def dense_loss(self, batch: Batch) -> torch.Tensor:
+        """Forward + objective for one micro-batch on the device, under the run's precision."""
         with autocast(self.config.precision, self.device):
-            return self.objective(self.job.forward_model, move(batch, self.device)).loss
+            return self.objective(self.job.forward_model, batch).loss
+
+    def loss(self, batch: Batch) -> torch.Tensor:
+        """The stepper's loss function: the (compiled / offloaded) forward of one micro-batch."""
+        self.tokens += int(batch["input_ids"].numel()) if "input_ids" in batch else 0
+        return self._forward(move(self.modes.trim(batch), self.device))
+
+    def first_batch(self) -> Batch | None:
+        """One collated example on the device (to check the chunked loss against the dense)."""
+        if not len(self.data):
+            return None
+        return move(self.modes.trim(self.collate([self.data[0]])), self.device)
 
     def evaluate(self) -> None:
         """Evaluate, record, keep the best tensors, count evaluations without improvement."""
@@ -209,6 +226,9 @@ class _Run:
     def log_train(self, losses: list[float], lr: float) -> None:
         """Record the mean train loss since the last log row."""
         pos: DataPosition = self.state.position
+        now = time.perf_counter()  # throughput since the last row (kept out of the history)
+        self.speeds.append(self.tokens / max(now - self.clock, 1e-9))
+        self.tokens, self.clock = 0, now
         row = {"step": self.state.step, "train_loss": sum(losses) / len(losses), "lr": lr,
                "epoch": pos.epoch + pos.index / len(self.data), **self.hooks.metrics(),
                **getattr(self.stepper, "log_fields", dict)()}
@@ -239,7 +259,8 @@ class _Run:
                            best_metric=self.state.best_metric, metric=self.metric,
                            history=self.state.history, adapter_path=adapter,
                            seconds=time.perf_counter() - started,
-                           peak_memory_mb=peak_memory_mb(self.device), report=report)
+                           peak_memory_mb=peak_memory_mb(self.device), report=report,
+                           tokens_per_s=self.speeds[-1] if self.speeds else 0.0)
 
 
 def preflight(model: nn.Module, train_data: Sequence[Example], config: TrainConfig) -> None:
@@ -270,10 +291,11 @@ def train(model: nn.Module, train_data: Sequence[Example], config: TrainConfig |
     config = config or TrainConfig()
     check_inputs(model, train_data, eval_data, config.label_token_ids, collate_fn, pad_id)
     with _run_lock(config):
-        run = _Run(model, train_data, config, eval_data, resolve_collate(collate_fn, pad_id),
-                   parameters)
+        collate = packed_collate(config, collate_fn, pad_id) or resolve_collate(collate_fn, pad_id)
+        run = _Run(model, train_data, config, eval_data, collate, parameters)
         try:
-            run.loop()
+            with run.modes.installed(run.first_batch(), run.dense_loss):
+                run.loop()
         except BaseException:
             run.monitor.close()
             raise

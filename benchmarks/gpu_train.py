@@ -1,0 +1,302 @@
+"""LoRA training on a GPU: PEFT's modes against petkit through `pk.train`, side by side.
+
+Random-weight Llama shapes in bf16, LoRA r16 (alpha 32, no dropout) on all 7 linear layers,
+fused AdamW (lr 1e-3, linear decay, grad-norm clip 1.0), causal-LM loss on every token, the same
+64 seeded sequences in petkit's seeded epoch order for every case. Each case runs in its own
+process. Throughput is input tokens over the wall time of steps 41-50 (after compilation);
+peak is `torch.cuda.max_memory_allocated` over the whole process; the loss is the mean training
+loss of steps 41-50. MFU counts the useful work of a LoRA step, 4 N + 12 L s d FLOPs per token
+(forward 2N, input gradients 2N, attention forward + backward; recompute not counted), against
+989 TFLOP/s (H200 dense bf16). `petkit-bare-*` runs petkit's layers and modes in a plain loop
+(no `pk.train`): the loop's own cost is pk.train's time over it.
+
+    python benchmarks/gpu_train.py --shape 1b            # all 1.1B cases
+    python benchmarks/gpu_train.py --shape 8b --cases peft-compile-ckpt petkit-compile-ckpt
+    python benchmarks/gpu_train.py --shape tiny --device cpu --steps 6   # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+SHAPES: dict[str, dict[str, int]] = {
+    "tiny": dict(vocab=512, hidden=64, inter=128, layers=2, heads=4, kv=2, batch=2, seq=64),
+    "1b": dict(vocab=32000, hidden=2048, inter=5632, layers=22, heads=32, kv=4, batch=8, seq=1024),
+    "8b": dict(vocab=128256, hidden=4096, inter=14336, layers=32, heads=32, kv=8, batch=4,
+               seq=2048),
+}
+# case: (library, compile, activation checkpointing)
+CASES: dict[str, tuple[str, bool, str]] = {
+    "peft-eager": ("peft", False, "off"),
+    "peft-ckpt": ("peft", False, "full"),
+    "peft-compile-ckpt": ("peft", True, "full"),
+    "petkit-eager": ("petkit", False, "off"),
+    "petkit-compile": ("petkit", True, "off"),
+    "petkit-compile-ckpt": ("petkit", True, "full"),
+    "petkit-compile-selective": ("petkit", True, "selective"),
+    "petkit-compile-every2": ("petkit", True, "every-2"),
+    "petkit-bare-compile-ckpt": ("bare", True, "full"),
+}
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PEAK_TFLOPS = 989.0
+LR, SEQUENCES, WINDOW = 1e-3, 64, 10
+
+
+def build_model(shape: dict[str, int], device: str) -> Any:
+    """A random-weight Llama of `shape` in bf16 on `device`, seeded."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=shape["vocab"], hidden_size=shape["hidden"],
+                         intermediate_size=shape["inter"], num_hidden_layers=shape["layers"],
+                         num_attention_heads=shape["heads"], num_key_value_heads=shape["kv"],
+                         max_position_embeddings=max(shape["seq"], 2048), use_cache=False)
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    return model
+
+
+def examples(shape: dict[str, int]) -> list[dict[str, Any]]:
+    """SEQUENCES seeded random sequences; labels = inputs."""
+    import torch
+
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, shape["vocab"], (SEQUENCES, shape["seq"]), generator=gen)
+    return [{"input_ids": row, "labels": row} for row in ids]
+
+
+def flops_per_token(shape: dict[str, int]) -> float:
+    """Useful FLOPs of one LoRA training token: 4 N (linear layers and head) + attention."""
+    d, layers = shape["hidden"], shape["layers"]
+    kv = d // shape["heads"] * shape["kv"]
+    per_layer = 2 * d * d + 2 * d * kv + 3 * d * shape["inter"]
+    n = layers * per_layer + d * shape["vocab"]
+    return 4 * n + 12 * layers * shape["seq"] * d
+
+
+def batches(data: list[dict[str, Any]], batch: int, steps: int) -> list[dict[str, Any]]:
+    """The micro-batches pk.train sees: petkit's seeded epoch order, collated."""
+    from petkit.data import collate
+    from petkit.training.batching import epoch_order
+
+    out, epoch = [], 0
+    while len(out) < steps:
+        order = epoch_order(len(data), 0, epoch)
+        for start in range(0, len(order) - batch + 1, batch):
+            out.append(collate([data[i] for i in order[start:start + batch]], pad_id=0))
+        epoch += 1
+    return [{k: v for k, v in b.items() if k != "attention_mask"} for b in out[:steps]]
+
+
+def timed_loop(step: Any, plan: list[Any], device: str) -> tuple[list[float], list[float]]:
+    """Run `step(batch) -> loss` over `plan`; per-step wall times and losses."""
+    import torch
+
+    times, losses = [], []
+    for batch in plan:
+        start = time.perf_counter()
+        losses.append(float(step(batch)))
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return times, losses
+
+
+def peft_case(args: argparse.Namespace, shape: dict[str, int], compiled: bool, ckpt: str) -> dict:
+    """PEFT LoRA in a plain loop, HF gradient checkpointing, torch.compile(model)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from petkit.training.schedule import lr_factor
+
+    model = build_model(shape, args.device)
+    if ckpt == "full":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    torch.manual_seed(0)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
+                                             target_modules=TARGETS))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=LR, fused=args.device.startswith("cuda"))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s, total_steps=args.steps, warmup_steps=0, schedule="linear"))
+    model.train()
+    forward = torch.compile(model) if compiled else model
+
+    def step(batch: dict[str, Any]) -> torch.Tensor:
+        batch = {k: v.to(args.device) for k, v in batch.items()}
+        with torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16):
+            loss = forward(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    times, losses = timed_loop(step, batches(examples(shape), shape["batch"], args.steps),
+                               args.device)
+    return {"tok_s": shape["batch"] * shape["seq"] * WINDOW / sum(times[-WINDOW:]),
+            "loss": sum(losses[-WINDOW:]) / WINDOW, "first_s": times[0]}
+
+
+def petkit_config(args: argparse.Namespace, compiled: bool, ckpt: str, batch: int) -> Any:
+    from petkit.training import TrainConfig
+
+    return TrainConfig(lr=LR, max_steps=args.steps, batch_size=batch, log_every=WINDOW,
+                       schedule="linear", device=args.device, precision="bf16",
+                       compile=compiled, activation_checkpointing=ckpt, progress=False)
+
+
+def petkit_model(args: argparse.Namespace, shape: dict[str, int]) -> Any:
+    import torch
+
+    import petkit as pk
+
+    model = build_model(shape, args.device)
+    torch.manual_seed(0)
+    return pk.attach(model, pk.LoraConfig(r=16, alpha=32, dropout=0.0, targets=TARGETS))
+
+
+def petkit_case(args: argparse.Namespace, shape: dict[str, int], compiled: bool, ckpt: str) -> dict:
+    """petkit LoRA through pk.train with the run's modes set in TrainConfig."""
+    import petkit as pk
+
+    model = petkit_model(args, shape)
+    started = time.perf_counter()
+    result = pk.train(model, examples(shape), petkit_config(args, compiled, ckpt, shape["batch"]))
+    return {"tok_s": result.tokens_per_s, "loss": result.history[-1]["train_loss"],
+            "run_s": time.perf_counter() - started}
+
+
+def bare_case(args: argparse.Namespace, shape: dict[str, int], compiled: bool, ckpt: str) -> dict:
+    """petkit's layers and modes (compile, checkpointing, chunked loss) in a plain loop."""
+    import torch
+
+    import petkit as pk
+    from petkit.training.evaluate import autocast
+    from petkit.training.run_modes import RunModes
+
+    model = petkit_model(args, shape)
+    params = pk.trainable_parameters(model)
+    config = petkit_config(args, compiled, ckpt, shape["batch"])
+    modes = RunModes(model, config, params)
+    objective = modes.objective()
+    opt = torch.optim.AdamW(list(params.values()), lr=LR, fused=args.device.startswith("cuda"))
+
+    def dense(batch: dict[str, Any]) -> torch.Tensor:
+        with autocast("bf16", modes.device):
+            return objective(model, batch).loss
+
+    forward = modes.wrap(dense)
+
+    def step(batch: dict[str, Any]) -> torch.Tensor:
+        loss = forward({k: v.to(args.device) for k, v in batch.items()})
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    model.train()
+    plan = batches(examples(shape), shape["batch"], args.steps)
+    with modes.installed(None, dense):
+        times, losses = timed_loop(step, plan, args.device)
+    return {"tok_s": shape["batch"] * shape["seq"] * WINDOW / sum(times[-WINDOW:]),
+            "loss": sum(losses[-WINDOW:]) / WINDOW, "first_s": times[0]}
+
+
+def worker(args: argparse.Namespace) -> dict[str, Any]:
+    """One case in this process."""
+    import torch
+
+    library, compiled, ckpt = CASES[args.case]
+    shape = SHAPES[args.shape]
+    run = {"peft": peft_case, "petkit": petkit_case, "bare": bare_case}[library]
+    row = run(args, shape, compiled, ckpt)
+    cuda = args.device.startswith("cuda")
+    row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+    row["mfu"] = row["tok_s"] * flops_per_token(shape) / (PEAK_TFLOPS * 1e12)
+    return {"case": args.case, **row}
+
+
+def table(rows: list[dict[str, Any]], shape: str) -> str:
+    """Markdown table; ratios against the best PEFT row (highest tok/s)."""
+    s = SHAPES[shape]
+    peft = [r for r in rows if r["case"].startswith("peft") and "tok_s" in r]
+    best = max(peft, key=lambda r: r["tok_s"]) if peft else None
+    head = (f"{shape} Llama shape, batch {s['batch']}x{s['seq']}, bf16, LoRA r16 on 7 linear; "
+            f"ratios vs {best['case'] if best else '-'}")
+    lines = [head, "", "| case | tok/s | peak GiB | MFU | x tok/s | x GiB | loss steps 41-50 |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['case']} | failed: {r['error'][:80]} | | | | | |")
+            continue
+        ratio = f"{r['tok_s'] / best['tok_s']:.2f}" if best else "-"
+        mem = f"{r['peak_gib'] / best['peak_gib']:.2f}" if best and best["peak_gib"] else "-"
+        lines.append(f"| {r['case']} | {r['tok_s']:,.0f} | {r['peak_gib']:.2f} | "
+                     f"{r['mfu']:.1%} | {ratio} | {mem} | {r['loss']:.4f} |")
+    return "\n".join(lines)
+
+
+def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every case in a fresh process, with a time limit; one JSON line back from each."""
+    rows = []
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"),
+         os.environ.get("PYTHONPATH", "")])}
+    for case in args.cases:
+        cmd = [sys.executable, __file__, "--worker", "--case", case, "--shape", args.shape,
+               "--device", args.device, "--steps", str(args.steps)]
+        started = time.perf_counter()
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
+                                  env=env)
+            lines = done.stdout.strip().splitlines()
+            row = json.loads(lines[-1]) if done.returncode == 0 and lines else {
+                "case": case, "error": (done.stderr.strip().splitlines() or ["?"])[-1]}
+            if "error" in row:
+                print(done.stderr[-3000:], file=sys.stderr)
+        except subprocess.TimeoutExpired:
+            row = {"case": case, "error": f"timed out after {args.timeout} s"}
+        row["wall_s"] = round(time.perf_counter() - started, 1)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        if args.json:
+            with open(args.json, "w", encoding="utf-8") as out:
+                json.dump({"args": vars(args), "rows": rows}, out, indent=1)
+    return rows
+
+
+def main() -> None:
+    """Parse; run one case (`--worker`) or all asked for and print the table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="1b")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per case")
+    parser.add_argument("--json", help="write the rows to this file (after every case)")
+    parser.add_argument("--case", choices=list(CASES))
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+    rows = run_all(args)
+    print(table(rows, args.shape))
+
+
+if __name__ == "__main__":
+    main()

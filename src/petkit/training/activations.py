@@ -1,0 +1,147 @@
+"""Activation memory: checkpointing (recompute) and offload of a model's saved activations.
+
+`activation_checkpointing` wraps the forward of the model's transformer blocks (`core.blocks`) in
+non-reentrant `torch.utils.checkpoint` for the run and restores them afterwards:
+
+- "full": every block keeps only its inputs; the rest is recomputed in the backward pass.
+- "every-K": every K-th block (0, K, 2K, ...) is checkpointed; the others keep their activations.
+- "selective": every block, but matmul and attention outputs are kept and only the cheap
+  elementwise ops (norms, activations, residual adds, rotary) are recomputed.
+
+Non-reentrant checkpointing needs no input that requires grad and composes with DDP and
+torch.compile. Input-extension methods keep working: the prefix key/value cache and the
+extensions' per-forward state (`live`) are put back as they were when the block first ran
+before it is recomputed. `activation_offload` keeps every saved activation in pinned host memory
+(`torch.autograd.graph.save_on_cpu`) instead of the device: eager mode only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import (CheckpointPolicy, checkpoint,
+                                    create_selective_checkpoint_contexts)
+
+from petkit.core.blocks import layer_paths
+from petkit.core.delta import iter_deltas
+from petkit.core.errors import ConfigError
+
+_KEEP = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+         torch.ops.aten._scaled_dot_product_flash_attention.default,
+         torch.ops.aten._scaled_dot_product_efficient_attention.default,
+         torch.ops.aten._scaled_dot_product_cudnn_attention.default}
+
+
+def _keep_matmuls(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+    """Selective policy: save matmul / attention outputs, recompute everything else."""
+    return CheckpointPolicy.MUST_SAVE if op in _KEEP else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _selective_contexts() -> tuple[Any, Any]:
+    return create_selective_checkpoint_contexts(_keep_matmuls)
+
+
+def _state_objects(values: Iterator[Any]) -> list[Any]:
+    """Objects whose attributes a block's forward mutates: a key/value cache and its layers."""
+    found = []
+    for value in values:
+        if value is None or isinstance(value, (torch.Tensor, int, float, bool, str)):
+            continue
+        if hasattr(value, "update") and (hasattr(value, "layers") or hasattr(value, "key_cache")):
+            found.append(value)
+            found.extend(getattr(value, "layers", []) or [])
+    return found
+
+
+def _snapshot(objects: list[Any]) -> list[tuple[Any, dict[str, Any]]]:
+    """Shallow copies of `objects`' attributes (lists copied too): tensors are never mutated in
+    place by a cache update, only replaced, so references are enough."""
+    return [(o, {k: list(v) if isinstance(v, list) else v for k, v in vars(o).items()})
+            for o in objects]
+
+
+def _restore(snapshot: list[tuple[Any, dict[str, Any]]]) -> None:
+    for obj, attrs in snapshot:
+        vars(obj).update({k: list(v) if isinstance(v, list) else v for k, v in attrs.items()})
+
+
+def _extensions(model: nn.Module) -> list[Any]:
+    """Wrappers that hold per-forward state (`live`): input extensions."""
+    return [w for _, w in iter_deltas(model) if hasattr(w, "live")]
+
+
+def has_extensions(model: nn.Module) -> bool:
+    """Whether a method adds virtual tokens or key/value prefixes to the model's input."""
+    return bool(_extensions(model))
+
+
+def _checkpointed(forward: Callable[..., Any], extensions: list[Any], selective: bool,
+                  *args: Any, **kwargs: Any) -> Any:
+    """`forward(*args, **kwargs)` under non-reentrant checkpointing, with the mutable state it
+    reads (cache, extensions' `live`) restored to its first-run values for the recompute."""
+    if not torch.is_grad_enabled():
+        return forward(*args, **kwargs)
+    extra = {"context_fn": _selective_contexts} if selective else {}
+    objects = _state_objects(iter(list(args) + list(kwargs.values())))
+    if not objects and all(ext.live is None for ext in extensions):  # nothing to put back
+        return checkpoint(forward, *args, use_reentrant=False, **extra, **kwargs)
+    state = _snapshot(objects)
+    lives = [(ext, ext.live) for ext in extensions]
+    first = [True]
+
+    def run(*inner_args: Any, **inner_kwargs: Any) -> Any:
+        if first[0]:
+            first[0] = False
+            return forward(*inner_args, **inner_kwargs)
+        after = _snapshot([o for o, _ in state])
+        now = [(ext, ext.live) for ext in extensions]
+        _restore(state)
+        for ext, live in lives:
+            ext.live = live
+        try:
+            return forward(*inner_args, **inner_kwargs)
+        finally:
+            _restore(after)
+            for ext, live in now:
+                ext.live = live
+
+    return checkpoint(run, *args, use_reentrant=False, **extra, **kwargs)
+
+
+@contextlib.contextmanager
+def activation_checkpointing(model: nn.Module, every: int, selective: bool = False
+                             ) -> Iterator[int]:
+    """Checkpoint every `every`-th block of `model` inside the context (0: nothing); yields the
+    number of blocks wrapped. `ConfigError` when asked for on a model with no block stack."""
+    if every == 0:
+        yield 0
+        return
+    paths = layer_paths(model)
+    if not paths:
+        raise ConfigError("TrainConfig.activation_checkpointing needs a model with a stack of "
+                          "transformer blocks; this model has none")
+    blocks = [model.get_submodule(p) for i, p in enumerate(paths) if i % every == 0]
+    extensions = _extensions(model)
+    own = [vars(block).get("forward") for block in blocks]  # an instance forward set by others
+    for block in blocks:
+        block.forward = functools.partial(_checkpointed, block.forward, extensions, selective)
+    try:
+        yield len(blocks)
+    finally:
+        for block, previous in zip(blocks, own):
+            if previous is None:
+                del block.forward  # back to the class's forward
+            else:
+                block.forward = previous
+
+
+def offload_context(enabled: bool) -> contextlib.AbstractContextManager[Any]:
+    """Saved activations to pinned host memory while the forward runs, when `enabled`."""
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available())

@@ -1,0 +1,94 @@
+"""A run's device and speed/memory modes, set up once for the loop (docs/training-gpu.md).
+
+`RunModes` places the model (`placement`), picks the loss (`lm_loss`: chunked for causal LMs
+unless `loss_chunk=0`), wraps the forward + loss in `torch.compile` and/or activation offload,
+and installs activation checkpointing and the head bypass for the duration of the loop.
+`packed_collate` turns `packing=true` into the collate function.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+
+from petkit.core.errors import ConfigError
+from petkit.training.activations import activation_checkpointing, has_extensions, offload_context
+from petkit.training.batching import Batch, CollateFn
+from petkit.training.config import TrainConfig
+from petkit.training.lm_loss import HeadBypass, can_bypass
+from petkit.training.objectives import Objective, make_objective
+from petkit.training.packing import pack
+from petkit.training.placement import place
+
+LossFn = Callable[[Batch], torch.Tensor]
+
+
+def packed_collate(config: TrainConfig, collate_fn: CollateFn | None,
+                   pad_id: int) -> CollateFn | None:
+    """The packing collate when `config.packing`, else None."""
+    if not config.packing:
+        return None
+    if collate_fn is not None:
+        raise ConfigError("TrainConfig.packing builds its own batches: pass no collate_fn")
+    if config.label_token_ids is not None:
+        raise ConfigError("TrainConfig.packing is for causal-LM / instruction data, not "
+                          "verbaliser classification (label_token_ids)")
+    return functools.partial(pack, length=config.pack_length, pad_id=pad_id)
+
+
+class RunModes:
+    """Device, precision, loss, compile, checkpointing and offload of one run."""
+
+    def __init__(self, model: nn.Module, config: TrainConfig,
+                 params: dict[str, nn.Parameter]) -> None:
+        """Place the model now; the rest is installed by `installed` / applied by `wrap`."""
+        if config.packing and has_extensions(model):
+            raise ConfigError("TrainConfig.packing cannot isolate examples when a method adds "
+                              "virtual tokens or key/value prefixes (prompt / prefix family)")
+        self.model, self.config = model, config
+        self.device = place(model, config, params)
+        use = config.loss_chunk != 0 and can_bypass(model)
+        self.bypass = HeadBypass(model, config.loss_chunk or None) if use else None
+
+    def trim(self, batch: Batch) -> Batch:
+        """The CPU batch without an all-ones attention mask when the model computes the loss:
+        attention then takes the plain causal path (flash attention, no mask tensor)."""
+        mask = batch.get("attention_mask")
+        if self.config.label_token_ids is None and mask is not None and bool(mask.all()):
+            return {k: v for k, v in batch.items() if k != "attention_mask"}
+        return batch
+
+    def objective(self) -> Objective:
+        """The objective, chunked / label-rows-only where the head bypass applies."""
+        return make_objective(self.config.label_token_ids, self.bypass)
+
+    def wrap(self, forward: LossFn) -> LossFn:
+        """`forward` compiled and/or under activation offload, as configured."""
+        if self.config.compile:
+            forward = torch.compile(forward)
+        if not self.config.activation_offload:
+            return forward
+
+        def offloaded(batch: Batch) -> torch.Tensor:
+            with offload_context(True):
+                return forward(batch)
+
+        return offloaded
+
+    @contextlib.contextmanager
+    def installed(self, first: Batch | None, dense_forward: LossFn) -> Iterator[None]:
+        """Checkpointing and the head bypass (checked on `first` against the dense loss)."""
+        cfg = self.config
+        with contextlib.ExitStack() as stack:
+            if self.bypass is not None and first is not None \
+                    and not self.bypass.verify(first, dense_forward):
+                self.bypass = None
+            stack.enter_context(activation_checkpointing(
+                self.model, cfg.checkpoint_every(), cfg.activation_checkpointing == "selective"))
+            if self.bypass is not None:
+                stack.enter_context(self.bypass.installed())
+            yield
