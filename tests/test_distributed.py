@@ -112,6 +112,22 @@ def test_modes_and_the_config_field():
         launch(0, [])
 
 
+def test_nproc_relaunches_through_torchrun(monkeypatch):
+    """`petkit train --nproc 2 ...` runs `python -m torch.distributed.run --standalone
+    --nproc-per-node=2 -m petkit train ...` without --nproc, and returns its exit code."""
+    import petkit.training.ranks as ranks_module
+    from petkit.cli import main
+
+    calls: list[list[str]] = []
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(ranks_module.subprocess, "call", lambda cmd: calls.append(cmd) or 3)
+    assert main(["train", "--nproc", "2", "--steps", "3", "--train.distributed=fsdp"]) == 3
+    assert calls[0][1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                            "-m", "petkit", "train", "--steps", "3", "--train.distributed=fsdp"]
+    launch(4, ["train", "--nproc=4"])
+    assert calls[1][-2:] == ["petkit", "train"] and "--nproc-per-node=4" in calls[1]
+
+
 def test_one_process_is_untouched(tmp_path):
     """Outside torchrun the loop's job is the single-process path (no group, rank 0 writes)."""
     model, result = single({"train": {**TRAIN, "max_steps": 2}})
