@@ -86,6 +86,13 @@ def choose_mode(model: nn.Module, mode: str) -> str:
     return "fsdp" if _weights_bytes(model) > FSDP_FRACTION * total else "ddp"
 
 
+def _to_local_gpu(model: nn.Module) -> None:
+    """A model placed on a GPU before the job began (all ranks on cuda:0): to this rank's GPU."""
+    device = next((p.device for p in model.parameters()), None)
+    if device is not None and device.type == "cuda" and device.index != torch.cuda.current_device():
+        model.to(torch.device("cuda", torch.cuda.current_device()))
+
+
 def _broadcast_trainable(model: nn.Module) -> None:
     """Start every rank from rank 0's delta (a seeded init is equal anyway; this makes it sure)."""
     with torch.no_grad():
@@ -181,6 +188,7 @@ class Distributed:
         self.reduced: set[int] = set()  # ids of the parameters DDP's buckets reduced
         self._moved: dict[int, nn.Parameter] = {}  # id(parameter before FSDP) -> after
         if self.group is not None:
+            _to_local_gpu(model)
             _broadcast_trainable(model)
             if self.mode == "fsdp":
                 owners = {id(p): (m, n) for m in model.modules()
