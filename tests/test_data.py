@@ -156,3 +156,34 @@ def test_label_token_ids(bert_tokenizer):
     assert len(set(ids)) == 2
     with pytest.raises(ConfigError, match="share their first token"):
         label_token_ids(bert_tokenizer, (" positive", " positive!"))
+
+
+def test_user_files_in_every_format_read_the_same(tmp_path: Path):
+    rows = [{"t": f"text {i}", "y": [3, 1, 10][i % 3]} for i in range(12)]
+    (tmp_path / "a.json").write_text(json.dumps(rows))
+    (tmp_path / "b.json").write_text(json.dumps({"t": [r["t"] for r in rows],
+                                                 "y": [r["y"] for r in rows]}))
+    with (tmp_path / "c.csv").open("w", newline="", encoding="utf-8-sig") as handle:  # with a BOM
+        writer = csv.DictWriter(handle, fieldnames=["t", "y"])
+        writer.writeheader()
+        writer.writerows(rows)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    tasks = [load_task(str(tmp_path / n), text_column="t", label_column="y", test_fraction=0.25)
+             for n in ("a.json", "b.json", "c.csv", "d.parquet")]
+    for task in tasks:  # integer labels keep their value, as numbers (10 after 3), "1" == 1
+        assert task.label_names == tuple(str(i) for i in range(11))
+        assert task.train == tasks[0].train and task.test == tasks[0].test
+        assert {e["label"] for e in task.train + task.test} == {1, 3, 10}
+
+
+def test_a_broken_json_array_names_its_line(tmp_path: Path):
+    path = tmp_path / "rows.json"
+    path.write_text('[\n {"text": "a", "label": 0},\n {"text": "b" "label": 1}\n]')
+    with pytest.raises(ConfigError, match=r"rows\.json line 3: not valid JSON \(Expecting ','"):
+        load_task(str(path))
+    path.write_text('[{"text": "a", "label": 0}, ["b", 1]]')
+    with pytest.raises(ConfigError, match=r"rows\.json item 2: expected a JSON object"):
+        load_task(str(path))
