@@ -44,6 +44,7 @@ from petkit.core.registry import METHODS, MethodConfig, get_method, list_methods
 from petkit.core.stacking import adapter_weights
 from petkit.core.state import active_adapters, adapters
 from petkit.core.version import __version__
+from petkit.hybrid import port_adapter, train_preference, transfer_adapter
 from petkit.methods import method_configs
 from petkit.methods.cola import save_links
 from petkit.training import TrainConfig, TrainResult, evaluate, replay_mezo, train
@@ -60,5 +61,6 @@ __all__ = [
     "import_peft", "list_methods", "load_adapter", "make_config", "merge", "merge_adapters", "mixed_forward",
     "mixed_generate", "read_adapter", "register", "replay_mezo", "save_adapter", "save_links", "set_rank",
     "set_trainable", "summary", "swap_adapter", "train", "trainable_parameters", "unload", "unmerge",
+    "port_adapter", "train_preference", "transfer_adapter",
     *method_configs(),
 ]

@@ -1,0 +1,176 @@
+"""Module transfer from a small model to a larger one of the same family, without gradients (PET-GC).
+
+`transfer_adapter(adapter, small, large)` attaches the small model's adapter (same method and
+config) to the large model and fills it by two rules, then optionally refines it with a
+gradient-free stepper (`refine`: MeZO or CMA-ES through `pk.train`, never backpropagation):
+
+1. **Depth.** Large layer ``j`` (of ``L_l``) takes the delta of small layer
+   ``i = round(j * (L_s - 1) / (L_l - 1))`` (nearest relative depth); modules outside the layer
+   stack (a task head) keep their path. ``L_s == L_l`` is the identity map.
+2. **Width.** The two models share a vocabulary, so their input-embedding matrices ``E_s``
+   (V x d_s) and ``E_l`` (V x d_l) give a least-squares map of the residual stream,
+   ``P = argmin ||E_s P - E_l||`` (d_s x d_l), and back, ``Q = argmin ||E_l Q - E_s||``.
+   A delta ``dW_s`` that reads the residual stream reads it through ``Q``; one that writes it
+   writes through ``P``: ``dW_l = P^T dW_s Q^T`` — for LoRA ``A_l = A_s Q^T``, ``B_l = P^T B_s``;
+   a trainable full copy (task head) maps its input side only. A dimension that is not the
+   residual stream (attention-head space, FFN width, classes) is copied when the sizes agree and
+   zero-padded / truncated when they do not. When small and large are the same model, P = Q = I
+   and the transfer is exact.
+
+Which side of a module is the residual stream is read from the module's place in a BERT /
+Llama / GPT-2 block (`READS_RESIDUAL`, `WRITES_RESIDUAL`).
+"""
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from petkit.core.errors import ConfigError
+from petkit.core.io import adapter_state, fill_attached, read_adapter, config_of
+from petkit.core.model import attach
+from petkit.core.state import adapters
+from petkit.training import TrainConfig, TrainResult, train
+
+LAYER = re.compile(r"^(.*?\.(?:layer|layers|h|block)\.)(\d+)(\..*)$")
+READS_RESIDUAL = ("query", "key", "value", "q_proj", "k_proj", "v_proj", "intermediate.dense",
+                  "gate_proj", "up_proj", "c_attn", "c_fc", "pooler.dense")
+WRITES_RESIDUAL = ("attention.output.dense", "o_proj", "down_proj", "c_proj")
+WRITES_OUTPUT = re.compile(r"(^|\.)output\.dense$")  # BERT's FFN output (not attention.output)
+
+
+@dataclass
+class Transfer:
+    """What `transfer_adapter` did: the layer map, the alignment residual, refinement cost."""
+
+    layer_map: dict[int, int]
+    alignment_error: float  # ||E_s P - E_l|| / ||E_l||
+    refined: TrainResult | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def layer_count(model: nn.Module) -> int:
+    """Number of transformer blocks (config.num_hidden_layers / n_layer)."""
+    config = getattr(model, "config", None)
+    for key in ("num_hidden_layers", "n_layer"):
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            return value
+    raise ConfigError(f"cannot read the layer count of {type(model).__name__} "
+                      "(config.num_hidden_layers)")
+
+
+def depth_map(small_layers: int, large_layers: int) -> dict[int, int]:
+    """Large layer -> small layer by nearest relative depth."""
+    if large_layers == 1 or small_layers == 1:
+        return {j: 0 for j in range(large_layers)}
+    ratio = (small_layers - 1) / (large_layers - 1)
+    return {j: int(round(j * ratio)) for j in range(large_layers)}
+
+
+def hidden_maps(small: nn.Module, large: nn.Module) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(P, Q, relative residual): least-squares maps between the residual streams, from the
+    input embeddings of the shared vocabulary."""
+    e_s = small.get_input_embeddings().weight.detach().double()
+    e_l = large.get_input_embeddings().weight.detach().double()
+    if e_s.shape[0] != e_l.shape[0]:
+        raise ConfigError(f"the two models need one vocabulary to align their hidden spaces; "
+                          f"small has {e_s.shape[0]} tokens, large {e_l.shape[0]}")
+    if torch.equal(e_s, e_l):
+        eye = torch.eye(e_s.shape[1], dtype=torch.float32)
+        return eye, eye, 0.0
+    p = torch.linalg.lstsq(e_s, e_l).solution
+    q = torch.linalg.lstsq(e_l, e_s).solution
+    err = float(torch.linalg.norm(e_s @ p - e_l) / torch.linalg.norm(e_l))
+    return p.float(), q.float(), err
+
+
+def _fit(t: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """`t` zero-padded / truncated to `shape` (a dimension outside the residual stream)."""
+    out = torch.zeros(shape, dtype=t.dtype)
+    idx = tuple(slice(0, min(a, b)) for a, b in zip(t.shape, shape))
+    out[idx] = t[idx]
+    return out
+
+
+def _sides(module_path: str) -> tuple[bool, bool]:
+    """(reads the residual stream, writes it) for a module path."""
+    reads = any(module_path.endswith(s) for s in READS_RESIDUAL)
+    writes = any(module_path.endswith(s) for s in WRITES_RESIDUAL) or (
+        bool(WRITES_OUTPUT.search(module_path)) and "attention" not in module_path)
+    return reads, writes
+
+
+def map_tensor(key: str, local: str, t: torch.Tensor, shape: Sequence[int],
+               p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """One delta tensor of module `key` projected across widths (see the module docstring)."""
+    reads, writes = _sides(key.replace(".copy", ""))  # a trainable copy sits at <path>.copy
+    t = t.float()
+    d_s, d_l = p.shape
+    if t.dim() == 2 and local.endswith("lora_A") and reads and t.shape[1] == d_s:
+        t = t @ q.T  # (r, d_s) -> (r, d_l)
+    elif t.dim() == 2 and local.endswith("lora_B") and writes and t.shape[0] == d_s:
+        t = p.T @ t  # (d_s, r) -> (d_l, r)
+    elif t.dim() == 2 and local.endswith("weight") and reads and t.shape[1] == d_s:
+        t = t @ q.T  # a full copy (task head): input side
+    if tuple(t.shape) != tuple(shape):
+        t = _fit(t, shape)
+    return t
+
+
+def _source_key(key: str, layers: dict[int, int]) -> str:
+    match = LAYER.match(key)
+    if match is None:
+        return key
+    return f"{match.group(1)}{layers[int(match.group(2))]}{match.group(3)}"
+
+
+def _load(adapter: Any, small: nn.Module) -> tuple[Any, dict[str, torch.Tensor]]:
+    """(config, tensors) of an adapter attached to `small` by name, or of an adapter folder."""
+    if isinstance(adapter, str) and adapter in adapters(small):
+        state = {k: v.detach().cpu() for k, v in adapter_state(small, adapter).items()}
+        return adapters(small)[adapter].config, state
+    if not isinstance(adapter, (str, os.PathLike)):
+        raise ConfigError(f"adapter must be an adapter name attached to the small model or an "
+                          f"adapter folder, got {type(adapter).__name__}")
+    meta, tensors = read_adapter(adapter)
+    return config_of(meta, adapter), tensors
+
+
+def transfer_adapter(adapter: str | os.PathLike, small_model: nn.Module, large_model: nn.Module,
+                     *, name: str = "default", refine: TrainConfig | None = None,
+                     refine_data: Sequence[dict] | None = None,
+                     eval_data: Sequence[dict] | None = None, pad_id: int = 0) -> Transfer:
+    """Attach `adapter` (trained on `small_model`) to `large_model` as `name`, mapped by depth
+    and width without gradients; with `refine` (a zeroth-order or CMA-ES TrainConfig) and
+    `refine_data`, refine it with `pk.train`. Returns the layer map, alignment residual and the
+    refinement's `TrainResult`."""
+    if refine is not None and refine.stepper_name() == "backprop":
+        raise ConfigError(f"transfer refinement is gradient-free: TrainConfig.optimizer must be "
+                          f"mezo, zo-adam or cma, got {refine.optimizer!r}")
+    if refine is not None and not refine_data:
+        raise ConfigError("transfer_adapter(refine=...) needs refine_data")
+    config, tensors = _load(adapter, small_model)
+    layers = depth_map(layer_count(small_model), layer_count(large_model))
+    p, q, err = hidden_maps(small_model, large_model)
+    attach(large_model, config, name)
+    target = adapter_state(large_model, name)
+    mapped = {}
+    for key, param in target.items():
+        source = _source_key(key, layers)
+        if source not in tensors:
+            raise ConfigError(f"the small model's adapter has no tensor {source!r} for the large "
+                              f"model's {key!r}")
+        module, _, local = key.rpartition(".")
+        mapped[key] = map_tensor(module, local, tensors[source], param.shape, p, q)
+    fill_attached(large_model, name, mapped, trainable=True)
+    result = Transfer(layers, err)
+    if refine is not None:
+        result.refined = train(large_model, list(refine_data or []), refine, eval_data,
+                               pad_id=pad_id)
+    return result
