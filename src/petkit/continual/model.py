@@ -55,9 +55,11 @@ class ContinualClassifier(nn.Module):
         """Columns of the logits that score task `task`'s classes."""
         return slice(self.offsets[task], self.offsets[task] + self.class_counts[task])
 
-    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Mean of the last hidden states over real (unpadded) tokens: (B, hidden)."""
+        if attention_mask is None:  # a batch without padding may come without its mask
+            attention_mask = torch.ones_like(input_ids)
         kwargs = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask,
                               **kwargs).last_hidden_state
@@ -71,7 +73,7 @@ class ContinualClassifier(nn.Module):
             keep[self.block(task)] = True
         return keep
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None) -> ClassifierOutput:
         """Masked logits; cross-entropy (+ `penalty` while training) when labels are given."""
