@@ -46,7 +46,9 @@ from petkit.training.config import DISTRIBUTED as MODES
 from petkit.training.config import TrainConfig
 from petkit.training.ranks import (RankGroup, cleanup, cut, init_from_env, launch, rank,
                                    world_size)
+from petkit.training.ist import ISTStepper
 from petkit.training.steppers import Batch, LossFn, Stepper
+from petkit.training.steppers.backprop import BackpropStepper
 
 __all__ = ["Distributed", "RankGroup", "SplitsPopulation", "choose_mode", "cleanup", "cut", "full",
            "init_from_env", "launch", "rank", "shard_state", "world_size"]
@@ -211,10 +213,11 @@ class Distributed:
         """The loop's stepper, adapted to the job (the same object outside one)."""
         if self.group is None:
             return stepper
+        if self.mode == "fsdp" and not isinstance(stepper, (BackpropStepper, ISTStepper)):
+            raise ConfigError("TrainConfig.distributed='fsdp' trains with gradients (backprop); "
+                              "zeroth-order and CMA-ES keep the whole model on every rank: use "
+                              "'ddp'")
         if isinstance(stepper, SplitsPopulation):
-            if self.mode == "fsdp":
-                raise ConfigError("TrainConfig.distributed='fsdp' needs a gradient stepper; CMA-ES "
-                                  "keeps the whole model on every rank: use 'ddp'")
             stepper.bind_group(self.group)
             return _PopulationStepper(stepper, self)
         if self.mode == "ddp":
@@ -224,8 +227,6 @@ class Distributed:
     def _ddp(self, stepper: Stepper) -> nn.Module:
         from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
         from torch.nn.parallel import DistributedDataParallel
-
-        from petkit.training.ist import ISTStepper
 
         device = next(p.device for p in self.model.parameters())
         ids = [device] if device.type == "cuda" else None
