@@ -186,6 +186,7 @@ def bare_case(args: argparse.Namespace, shape: dict[str, int], compiled: bool, c
     import petkit as pk
     from petkit.training.evaluate import autocast
     from petkit.training.run_modes import RunModes
+    from petkit.training.schedule import lr_factor
 
     model = petkit_model(args, shape)
     params = pk.trainable_parameters(model)
@@ -193,6 +194,8 @@ def bare_case(args: argparse.Namespace, shape: dict[str, int], compiled: bool, c
     modes = RunModes(model, config, params)
     objective = modes.objective()
     opt = torch.optim.AdamW(list(params.values()), lr=LR, fused=args.device.startswith("cuda"))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s, total_steps=args.steps, warmup_steps=0, schedule="linear"))
 
     def dense(batch: dict[str, Any]) -> torch.Tensor:
         with autocast("bf16", modes.device):
@@ -205,6 +208,7 @@ def bare_case(args: argparse.Namespace, shape: dict[str, int], compiled: bool, c
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
         opt.step()
+        sched.step()
         opt.zero_grad(set_to_none=True)
         return loss.detach()
 

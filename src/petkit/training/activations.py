@@ -5,8 +5,9 @@ non-reentrant `torch.utils.checkpoint` for the run and restores them afterwards:
 
 - "full": every block keeps only its inputs; the rest is recomputed in the backward pass.
 - "every-K": every K-th block (0, K, 2K, ...) is checkpointed; the others keep their activations.
-- "selective": every block, but matmul and attention outputs are kept and only the cheap
-  elementwise ops (norms, activations, residual adds, rotary) are recomputed.
+- "selective": every block, but the outputs that are costly to recompute and cheap to keep are
+  saved: attention, and every matmul that reduces a dimension at least twofold (the MLP's down
+  projection, grouped-query key/value projections, LoRA's A); the rest is recomputed.
 
 Non-reentrant checkpointing needs no input that requires grad and composes with DDP and
 torch.compile. Input-extension methods keep working: the prefix key/value cache and the
@@ -31,15 +32,23 @@ from petkit.core.blocks import layer_paths
 from petkit.core.delta import iter_deltas
 from petkit.core.errors import ConfigError
 
-_KEEP = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
-         torch.ops.aten._scaled_dot_product_flash_attention.default,
-         torch.ops.aten._scaled_dot_product_efficient_attention.default,
-         torch.ops.aten._scaled_dot_product_cudnn_attention.default}
+_ATTENTION = {torch.ops.aten._scaled_dot_product_flash_attention.default,
+              torch.ops.aten._scaled_dot_product_efficient_attention.default,
+              torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+              torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default}
+_MATMUL = {torch.ops.aten.mm.default: (0, 1), torch.ops.aten.addmm.default: (1, 2)}
 
 
 def _keep_matmuls(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
-    """Selective policy: save matmul / attention outputs, recompute everything else."""
-    return CheckpointPolicy.MUST_SAVE if op in _KEEP else CheckpointPolicy.PREFER_RECOMPUTE
+    """Selective policy: save attention outputs and reducing matmuls' outputs, recompute the
+    rest (see the module docstring)."""
+    if op in _ATTENTION:
+        return CheckpointPolicy.MUST_SAVE
+    if op in _MATMUL:
+        a, b = (args[i] for i in _MATMUL[op])
+        if a.shape[-1] >= 2 * b.shape[-1]:  # (M, K) @ (K, N) with K >= 2 N
+            return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def _selective_contexts() -> tuple[Any, Any]:
