@@ -166,6 +166,8 @@ def test_cli_sizes_apply_to_the_embedded_task_only(tmp_path: Path) -> None:
     flags = recipe(["train", "--epochs", "2", "--grad-accum", "4", "--warmup", "3", "--rank", "4",
                     "--alpha", "8", "--schedule", "cosine", "--bf16", "--eval-every", "5"])
     assert (flags.train.epochs, flags.train.grad_accum, flags.train.warmup_steps) == (2, 4, 3)
+    assert flags.train.max_steps is None  # --epochs alone is not cut by the recipe's 60 steps
+    assert recipe(["train", "--epochs", "2", "--steps", "7"]).train.max_steps == 7
     assert (flags.method["r"], flags.method["alpha"], flags.train.schedule) == (4, 8, "cosine")
     assert (flags.train.precision, flags.train.eval_every) == ("bf16", 5)
     args, _ = build_parser().parse_known_args(["eval", "--adapter", "a", "--data", data])

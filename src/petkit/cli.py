@@ -217,6 +217,8 @@ def _recipe(args: argparse.Namespace, dotted: dict[str, str], base: Any = None) 
     if getattr(args, "resume_override", False):
         named["train.resume_override"] = "true"
     overrides = {**named, **dotted}
+    if "train.epochs" in overrides and "train.max_steps" not in overrides:
+        overrides["train.max_steps"] = "none"  # --epochs alone: the recipe's step cap would cut it
     switched = overrides.get("method.name", recipe.method_name) != recipe.method_name
     if switched and "train.lr" not in overrides:  # the new method's own rate, unless one is given
         lr = suggested_lr(overrides["method.name"])

@@ -204,7 +204,7 @@ def run_recipe(recipe: Recipe, echo: Echo = print) -> RunReport:
     for note in prep.notes:
         echo(note)
     echo(f"{prep.task_type} on {len(prep.train)} train / {len(prep.validation)} validation / "
-         f"{len(prep.test)} test examples")
+         f"{len(prep.test)} test examples; {_plan(config, len(prep.train))}")
     before = test_metrics(prep, resolved)
     echo(f"test before: {format_metrics(before)}")
     output.mkdir(parents=True, exist_ok=True)
@@ -215,6 +215,16 @@ def run_recipe(recipe: Recipe, echo: Echo = print) -> RunReport:
     adapter = Path(result.adapter_path or output / "adapter")
     return RunReport(resolved, before, after, result, folder_bytes(adapter),
                      time.perf_counter() - started)
+
+
+def _plan(config: Any, n_train: int) -> str:
+    """How much of the training data the run sees: steps x examples per step, in epochs."""
+    from petkit.training.batching import total_steps
+
+    steps, per_step = total_steps(n_train, config), config.batch_size * config.grad_accum
+    epochs = steps * per_step / n_train
+    hint = "" if config.epochs is not None or epochs >= 1 else " (--epochs N: N full passes)"
+    return f"{steps} steps of {per_step} = {epochs:.2f} epochs{hint}"
 
 
 def recipe_for_adapter(adapter: str | Path) -> Recipe:
