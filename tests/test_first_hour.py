@@ -318,3 +318,15 @@ def test_hour_export_to_peft_loads_with_peft(first_run: tuple[Path, str]) -> Non
     with torch.no_grad():
         theirs = peft.PeftModel.from_pretrained(base, out.parent / "peft").eval()(input_ids=ids).logits
     torch.testing.assert_close(theirs, expected, atol=1e-4, rtol=1e-5)
+
+
+def test_a_run_saves_its_files_as_absolute_paths(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """So `petkit eval --adapter runs/x/adapter` finds the test file from any folder."""
+    from petkit.app.recipe import DataSpec
+
+    monkeypatch.chdir(tmp_path)
+    spec = DataSpec(name="train.csv", test_file="test.csv")
+    assert pipeline._absolute_files(spec) == {"name": str(tmp_path / "train.csv"),
+                                              "test_file": str(tmp_path / "test.csv")}
+    assert pipeline._absolute_files(DataSpec(name="bbc-news")) == {}

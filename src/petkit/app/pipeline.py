@@ -196,7 +196,7 @@ def run_recipe(recipe: Recipe, echo: Echo = print) -> RunReport:
     prep, task = prepare(recipe)
     labels = list(task.label_names) or None  # eval / merge of this run map labels the same way
     resolved = dataclasses.replace(recipe, data=dataclasses.replace(
-        recipe.data, task_type=prep.task_type, labels=labels))
+        recipe.data, task_type=prep.task_type, labels=labels, **_absolute_files(recipe.data)))
     config = resolved.train.replace(output_dir=str(output), label_token_ids=prep.label_token_ids)
     resolved = dataclasses.replace(resolved, train=config)
     attach(prep.model, method_config(resolved, prep))
@@ -215,6 +215,15 @@ def run_recipe(recipe: Recipe, echo: Echo = print) -> RunReport:
     adapter = Path(result.adapter_path or output / "adapter")
     return RunReport(resolved, before, after, result, folder_bytes(adapter),
                      time.perf_counter() - started)
+
+
+def _absolute_files(spec: DataSpec) -> dict[str, str]:
+    """The user's data files as absolute paths, so eval / merge of the run work from any folder."""
+    from petkit.data import is_data_file
+
+    files = {"name": spec.name} if is_data_file(spec.name) else {}
+    files.update({k: v for k in ("test_file", "validation_file") if (v := getattr(spec, k))})
+    return {k: str(Path(v).resolve()) for k, v in files.items()}
 
 
 def _plan(config: Any, n_train: int) -> str:

@@ -171,7 +171,8 @@ def label_token_ids(
             other = label_words[ids.index(tokens[0])]
             raise ConfigError(
                 f"label words {other!r} and {word!r} share their first token ({tokens[0]}); "
-                "choose words that start differently"
+                "labels read as next-token words must start differently: rename them, or "
+                "train a classification head (--head / data.task_type=head)"
             )
         ids.append(tokens[0])
     return ids
