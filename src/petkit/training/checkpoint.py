@@ -192,21 +192,19 @@ def _saved_config(path: Path, meta: dict[str, Any]) -> TrainConfig:
 
 def _check_compatible(path: Path, meta: dict[str, Any], config: TrainConfig,
                       params: Tensors, saved: Tensors) -> None:
-    before = _saved_config(path, meta)
+    before, override = _saved_config(path, meta), getattr(config, "resume_override", False)
+    for name, value in config.resume_identity().items():  # what no override can change
+        saved_value = before.resume_identity()[name]
+        if saved_value != value and name not in SCHEDULE:
+            raise CheckpointError(f"{path}: saved with {name}={saved_value!r}, "
+                                  f"this run has {value!r}")
     old, new = before.to_dict(), config.to_dict()
     changed = [k for k in SCHEDULE if old.get(k) != new.get(k)]
-    if changed and not getattr(config, "resume_override", False):
+    if changed and not override:
         raise CheckpointError(
             f"{path}: resuming would change {', '.join(f'{k} {old.get(k)!r} -> {new.get(k)!r}' for k in changed)};"
             " the run would no longer continue the same schedule (resume_override=True / "
             "--resume-override accepts it)")
-    for name, value in config.resume_identity().items():
-        if name in SCHEDULE and getattr(config, "resume_override", False):
-            continue
-        saved_value = before.resume_identity()[name]
-        if saved_value != value:
-            raise CheckpointError(f"{path}: saved with {name}={saved_value!r}, "
-                                  f"this run has {value!r}")
     if set(saved) != set(params):
         missing, extra = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
         raise CheckpointError(f"{path}: trainable tensors differ (missing {missing[:5]}, "
