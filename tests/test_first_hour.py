@@ -77,6 +77,8 @@ BAD_FILES = [
     ("nolabel.jsonl", '{"tweet": "a", "mood": "sad"}\n{"tweet": "b"}\n', COLS,
      r"nolabel\.jsonl line 2: no 'mood' \(it has: tweet\)"),
     ("notes.txt", "hello", COLS, r"unknown task '.*notes\.txt': not an embedded task"),
+    ("same.jsonl", '{"prompt": "q", "completion": "a"}\n' * 5, [],
+     r"same\.jsonl: holding out a test set left no training rows"),
     ("qa.jsonl", '{"prompt": "q", "completion": "a"}\n', [],
      r"qa\.jsonl has 1 row\(s\): too few to hold out a test set; add rows or give a test file"),
 ]

@@ -184,7 +184,11 @@ def _hold_out_test(path: Path, examples: list[dict], fraction: float,
     if n_test >= len(examples):
         raise ConfigError(f"{path} has {len(examples)} row(s): too few to hold out a test set; "
                           f"add rows or give a test file (--test-file)")
-    return holdout_split(examples, n_test, seed)
+    rest, test = holdout_split(examples, n_test, seed)
+    if not rest:  # instruction rows are held out by prompt: one prompt everywhere takes them all
+        raise ConfigError(f"{path}: holding out a test set left no training rows (its rows share "
+                          f"one prompt); give a test file (--test-file)")
+    return rest, test
 
 
 def load_test_file(path: Path, columns: Columns, labels: list[str] | None = None) -> Task:
