@@ -8,6 +8,7 @@ A run writes its resolved recipe to `output_dir/recipe.yaml`, so `eval`/`merge` 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import random
 import time
 from collections.abc import Callable
@@ -28,7 +29,9 @@ from petkit.core.model import attach, unload
 from petkit.core.registry import make_config
 
 from petkit.data import encode_classification, encode_instruction
+from petkit.data.images import collate_images, encode_images, is_image_task, load_image_folder
 from petkit.models import head_module_names, load_model, resolve_model
+from petkit.models.vision import load_vision_model
 ENCODER_TYPES = {"bert", "roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2",
                  "xlm-roberta", "mpnet", "camembert", "modernbert"}
 Echo = Callable[[str], None]
@@ -48,6 +51,7 @@ class Prepared:
     label_token_ids: list[int] | None
     pad_id: int
     notes: list[str] = field(default_factory=list)  # where each split came from, its size
+    collate: Callable[[Examples], dict[str, torch.Tensor]] | None = None  # image tasks: pixels
 
 
 @dataclass
@@ -107,6 +111,8 @@ def _by_length(examples: Examples) -> Examples:
 
 def load_recipe_task(spec: DataSpec, seed: int = 0, test_only: bool = False) -> Any:
     """The recipe's task; `test_only` with a test file reads just that file (all of it)."""
+    if Path(spec.name).is_dir():  # one sub-folder of images per class
+        return load_image_folder(Path(spec.name), spec.test_fraction, seed)
     from petkit.data import Columns, load_task, load_test_file
 
     columns = Columns(spec.text_column, spec.label_column, spec.prompt_column,
@@ -151,6 +157,11 @@ def prepare(recipe: Recipe, *, with_train: bool = True,
                      f"(data.validation_size)")
     # The test subset is fixed (seed 0), whatever the training seed.
     test_raw = _sized("test", task.test, spec.test_size, 0, "--test-size", notes)
+    if is_image_task(task):  # a ViT classifier on pixels (models.vision, data.images)
+        model = load_vision_model(recipe.model.name, task.num_labels, image_size=spec.image_size)
+        collate = functools.partial(collate_images, image_size=spec.image_size)
+        return Prepared(model, None, "head", encode_images(train_raw), encode_images(val_raw),
+                        encode_images(test_raw), None, 0, notes, collate), task
     task_type = resolve_task_type(recipe, task.kind)
     kind = "seq-cls" if task_type == "head" else "causal-lm"
     num_labels = len(task.label_names) if task_type == "head" else None
@@ -178,7 +189,7 @@ def test_metrics(prep: Prepared, recipe: Recipe) -> dict[str, float]:
     """Metrics of the current model on the prepared test subset."""
     return evaluate(prep.model, prep.test, batch_size=recipe.train.eval_batch_size or 16,
                     pad_id=prep.pad_id, label_token_ids=prep.label_token_ids,
-                    precision=recipe.train.precision)
+                    precision=recipe.train.precision, collate_fn=prep.collate)
 
 
 def folder_bytes(path: Path) -> int:
@@ -210,7 +221,7 @@ def run_recipe(recipe: Recipe, echo: Echo = print) -> RunReport:
     output.mkdir(parents=True, exist_ok=True)
     (output / "recipe.yaml").write_text(resolved.to_yaml(), encoding="utf-8")
     result = train(prep.model, prep.train, config, eval_data=prep.validation or None,
-                   pad_id=prep.pad_id)
+                   pad_id=prep.pad_id, collate_fn=prep.collate)
     after = test_metrics(prep, resolved)
     adapter = Path(result.adapter_path or output / "adapter")
     return RunReport(resolved, before, after, result, folder_bytes(adapter),
