@@ -258,16 +258,16 @@ class PeakRss:
         self.thread.join()
 
 
-def sentiment_classifier(seed: int) -> tuple[Any, Any, float]:
+def sentiment_classifier(seed: int, steps: int) -> tuple[Any, Any, float]:
     """minilm-l6 + LoRA + head trained by petkit on rotten-tomatoes; (model, tokenizer, test acc)."""
     model, tok = load_model("minilm-l6", task="seq-cls", num_labels=2)
     task = load_task("rotten-tomatoes")
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(task.train), generator=g).tolist()[:1024]
     train = encode_classification([task.train[i] for i in order], tok, max_length=64)
-    test = encode_classification(task.test[:300], tok, max_length=64)
+    test = encode_classification(task.test[:300 if steps > 1 else 16], tok, max_length=64)
     pk.attach(model, lora_head(model))
-    pk.train(model, train, pk.TrainConfig(lr=2e-3, max_steps=64, batch_size=16, seed=seed,
+    pk.train(model, train, pk.TrainConfig(lr=2e-3, max_steps=steps, batch_size=16, seed=seed,
                                           progress=False), pad_id=int(tok.pad_token_id))
     return model, tok, accuracy(model, test, int(tok.pad_token_id))
 
@@ -305,7 +305,7 @@ def cmd_prefer(args: argparse.Namespace) -> None:
         held, train_movies = order[: args.eval_movies], order[args.eval_movies:][: args.train_movies]
         prompts = [prompt_of(m, s) for m in held for s in (0, 1)]
         wanted = [s for _ in held for s in (0, 1)]
-        clf, clf_tok, clf_acc = sentiment_classifier(seed)
+        clf, clf_tok, clf_acc = sentiment_classifier(seed, args.clf_steps)
         row: dict[str, Any] = {"seed": seed, "train_pairs": 2 * len(train_movies) * args.per_movie,
                                "eval_generations": len(prompts), "new_tokens": args.new_tokens,
                                "steps": args.steps, "classifier_test_acc": clf_acc}
@@ -371,6 +371,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--new-tokens", type=int, default=24)
+    p.add_argument("--clf-steps", type=int, default=64)
     for p in sub.choices.values():
         p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0])
     args = parser.parse_args(argv)

@@ -74,6 +74,20 @@ def test_transfer_maps_depth_and_width(tmp_path) -> None:
     assert torch.isfinite(large(input_ids=torch.randint(0, TINY_VOCAB, (1, 5))).logits).all()
 
 
+def test_hidden_state_alignment_of_a_model_with_itself_is_exact() -> None:
+    small = bert()
+    pk.attach(small, lora_head())
+    randomise(small)
+    large = bert()
+    g = torch.Generator().manual_seed(0)
+    data = [{"input_ids": torch.randint(1, TINY_VOCAB, (12,), generator=g).tolist(),
+             "attention_mask": [1] * 12} for _ in range(8)]
+    with pk.disabled(small):  # the large model is untuned: align on the small model's base
+        pk.transfer_adapter("default", small, large, align_data=data)
+    x = torch.randint(0, TINY_VOCAB, (2, 9))
+    assert torch.allclose(small(input_ids=x).logits, large(input_ids=x).logits, atol=1e-3)
+
+
 def test_transfer_refuses_gradient_refinement() -> None:
     small, large = bert(), bert()
     pk.attach(small, lora_head())
@@ -206,12 +220,12 @@ def test_dpo_at_identity_init_is_log2_and_training_raises_the_margin() -> None:
     model = tiny_model("llama")[0]
     pk.attach(model, pk.LoraConfig(r=2, targets=["q_proj", "v_proj"]))
     batch = pair_batch()
-    assert math.isclose(float(DPOModel(model)(**batch).loss), math.log(2), rel_tol=1e-5)
+    assert math.isclose(float(DPOModel(model)(**batch).loss.detach()), math.log(2), rel_tol=1e-5)
     pairs = [{"input_ids": [5, 6, 7, 8], "labels": [-100, -100, 7, 8],
               "rejected_input_ids": [5, 6, 9], "rejected_labels": [-100, -100, 9]}] * 8
     cfg = pk.TrainConfig(lr=5e-2, max_steps=10, batch_size=4, progress=False)
     pk.train_preference(model, pairs, cfg, beta=0.5)
-    assert float(DPOModel(model, beta=0.5)(**batch).loss) < math.log(2)
+    assert float(DPOModel(model, beta=0.5)(**batch).loss.detach()) < math.log(2)
 
 
 def test_meet_trains_control_tokens_then_lora_with_them_fixed() -> None:

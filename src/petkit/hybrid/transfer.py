@@ -15,7 +15,11 @@ gradient-free stepper (`refine`: MeZO or CMA-ES through `pk.train`, never backpr
    a trainable full copy (task head) maps its input side only. A dimension that is not the
    residual stream (attention-head space, FFN width, classes) is copied when the sizes agree and
    zero-padded / truncated when they do not. When small and large are the same model, P = Q = I
-   and the transfer is exact.
+   and the transfer is exact. With `align_data` (a few encoded texts), the maps are fitted
+   instead on the two models' hidden states over those texts, one pair per (small, large)
+   hidden state: a module of large layer ``j`` (from small layer ``i``) reads through the map
+   of states (i, j) and writes through (i + 1, j + 1); the task head reads through the last
+   states' map. This costs one forward pass of each model over the texts.
 
 Which side of a module is the residual stream is read from the module's place in a BERT /
 Llama / GPT-2 block (`READS_RESIDUAL`, `WRITES_RESIDUAL`).
@@ -35,6 +39,7 @@ from petkit.core.errors import ConfigError
 from petkit.core.io import adapter_state, fill_attached, read_adapter, config_of
 from petkit.core.model import attach
 from petkit.core.state import adapters
+from petkit.data import collate
 from petkit.training import TrainConfig, TrainResult, train
 
 LAYER = re.compile(r"^(.*?\.(?:layer|layers|h|block)\.)(\d+)(\..*)$")
@@ -106,28 +111,60 @@ def _sides(module_path: str) -> tuple[bool, bool]:
     return reads, writes
 
 
+Maps = tuple[torch.Tensor, torch.Tensor]  # (P: small -> large, Q: large -> small)
+
+
+class HiddenAligner:
+    """(P, Q) between the small model's hidden state `i` and the large model's `j` (0 = the
+    embedding output), fitted by least squares on the non-pad tokens of `data`."""
+
+    def __init__(self, small: nn.Module, large: nn.Module, data: Sequence[dict],
+                 pad_id: int) -> None:
+        batch = collate(list(data), pad_id)
+        keep = batch["attention_mask"].reshape(-1).bool()
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+        self.states = []
+        with torch.no_grad():
+            for model in (small, large):
+                out = model(**inputs, output_hidden_states=True)
+                self.states.append([h.reshape(-1, h.shape[-1])[keep].double()
+                                    for h in out.hidden_states])
+        self.cache: dict[tuple[int, int], Maps] = {}
+
+    def __call__(self, i: int, j: int) -> Maps:
+        if (i, j) not in self.cache:
+            h_s, h_l = self.states[0][i], self.states[1][j]
+            p = torch.linalg.lstsq(h_s, h_l).solution.float()
+            q = torch.linalg.lstsq(h_l, h_s).solution.float()
+            self.cache[(i, j)] = (p, q)
+        return self.cache[(i, j)]
+
+
 def map_tensor(key: str, local: str, t: torch.Tensor, shape: Sequence[int],
-               p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """One delta tensor of module `key` projected across widths (see the module docstring)."""
+               read: Maps, write: Maps) -> torch.Tensor:
+    """One delta tensor of module `key` projected across widths (see the module docstring):
+    `read` maps the residual stream the module reads, `write` the one it writes."""
     reads, writes = _sides(key.replace(".copy", ""))  # a trainable copy sits at <path>.copy
     t = t.float()
-    d_s, d_l = p.shape
+    d_s = read[0].shape[0]
     if t.dim() == 2 and local.endswith("lora_A") and reads and t.shape[1] == d_s:
-        t = t @ q.T  # (r, d_s) -> (r, d_l)
+        t = t @ read[1].T  # (r, d_s) -> (r, d_l)
     elif t.dim() == 2 and local.endswith("lora_B") and writes and t.shape[0] == d_s:
-        t = p.T @ t  # (d_s, r) -> (d_l, r)
+        t = write[0].T @ t  # (d_s, r) -> (d_l, r)
     elif t.dim() == 2 and local.endswith("weight") and reads and t.shape[1] == d_s:
-        t = t @ q.T  # a full copy (task head): input side
+        t = t @ read[1].T  # a full copy (task head): input side
     if tuple(t.shape) != tuple(shape):
         t = _fit(t, shape)
     return t
 
 
-def _source_key(key: str, layers: dict[int, int]) -> str:
+def _source_key(key: str, layers: dict[int, int]) -> tuple[str, int | None]:
+    """The small model's key for large `key`, and the large layer index (None: not in a layer)."""
     match = LAYER.match(key)
     if match is None:
-        return key
-    return f"{match.group(1)}{layers[int(match.group(2))]}{match.group(3)}"
+        return key, None
+    j = int(match.group(2))
+    return f"{match.group(1)}{layers[j]}{match.group(3)}", j
 
 
 def _load(adapter: Any, small: nn.Module) -> tuple[Any, dict[str, torch.Tensor]]:
@@ -145,11 +182,14 @@ def _load(adapter: Any, small: nn.Module) -> tuple[Any, dict[str, torch.Tensor]]
 def transfer_adapter(adapter: str | os.PathLike, small_model: nn.Module, large_model: nn.Module,
                      *, name: str = "default", refine: TrainConfig | None = None,
                      refine_data: Sequence[dict] | None = None,
-                     eval_data: Sequence[dict] | None = None, pad_id: int = 0) -> Transfer:
+                     eval_data: Sequence[dict] | None = None, pad_id: int = 0,
+                     align_data: Sequence[dict] | None = None) -> Transfer:
     """Attach `adapter` (trained on `small_model`) to `large_model` as `name`, mapped by depth
     and width without gradients; with `refine` (a zeroth-order or CMA-ES TrainConfig) and
-    `refine_data`, refine it with `pk.train`. Returns the layer map, alignment residual and the
-    refinement's `TrainResult`."""
+    `refine_data`, refine it with `pk.train`. With `align_data` (encoded examples), the width
+    maps come from the two models' hidden states on those texts, one pair of maps per (small,
+    large) hidden state a delta reads or writes, instead of from the embeddings. Returns the
+    layer map, the embedding alignment residual and the refinement's `TrainResult`."""
     if refine is not None and refine.stepper_name() == "backprop":
         raise ConfigError(f"transfer refinement is gradient-free: TrainConfig.optimizer must be "
                           f"mezo, zo-adam or cma, got {refine.optimizer!r}")
@@ -158,16 +198,22 @@ def transfer_adapter(adapter: str | os.PathLike, small_model: nn.Module, large_m
     config, tensors = _load(adapter, small_model)
     layers = depth_map(layer_count(small_model), layer_count(large_model))
     p, q, err = hidden_maps(small_model, large_model)
+    n_s, n_l = layer_count(small_model), layer_count(large_model)
+    aligner = HiddenAligner(small_model, large_model, align_data, pad_id) if align_data else None
+    maps = (lambda i, j: aligner(i, j)) if aligner else (lambda i, j: (p, q))  # noqa: E731
     attach(large_model, config, name)
     target = adapter_state(large_model, name)
     mapped = {}
     for key, param in target.items():
-        source = _source_key(key, layers)
+        source, j = _source_key(key, layers)
         if source not in tensors:
             raise ConfigError(f"the small model's adapter has no tensor {source!r} for the large "
                               f"model's {key!r}")
         module, _, local = key.rpartition(".")
-        mapped[key] = map_tensor(module, local, tensors[source], param.shape, p, q)
+        # a layer reads hidden state j and writes j + 1; the head reads the last one
+        read = maps(layers[j], j) if j is not None else maps(n_s, n_l)
+        write = maps(layers[j] + 1, j + 1) if j is not None else read
+        mapped[key] = map_tensor(module, local, tensors[source], param.shape, read, write)
     fill_attached(large_model, name, mapped, trainable=True)
     result = Transfer(layers, err)
     if refine is not None:
