@@ -90,6 +90,12 @@ def cmd_transfer(args: argparse.Namespace) -> None:
         row["alignment_error"] = t.alignment_error
         row["layer_map"] = t.layer_map
         row["large_transferred"] = accuracy(large, test, pad)
+        aligned, _ = load_model("minilm-l6", task="seq-cls", num_labels=5)
+        started = time.perf_counter()
+        transfer_adapter("default", small, aligned, align_data=train[: args.align_size], pad_id=pad)
+        row["align_transfer_s"], row["align_passes"] = time.perf_counter() - started, 2 * args.align_size
+        row["large_transferred_hidden"] = accuracy(aligned, test, pad)
+        del aligned
         zo = pk.TrainConfig(lr=args.zo_lr, max_steps=args.zo_steps, batch_size=16,
                             optimizer="mezo", schedule="constant", seed=seed, progress=False,
                             max_grad_norm=None)
@@ -103,7 +109,7 @@ def cmd_transfer(args: argparse.Namespace) -> None:
         row["large_direct"] = accuracy(direct, test, pad)
         row["direct_s"], row["direct_passes"] = res.seconds, backprop_passes
         gap = row["large_direct"] - row["large_untuned"]
-        for arm in ("large_transferred", "large_refined"):
+        for arm in ("large_transferred", "large_transferred_hidden", "large_refined"):
             row[f"{arm}_gap_recovered"] = (row[arm] - row["large_untuned"]) / gap if gap else None
         row["refine_compute_share"] = row["refine_passes"] / backprop_passes
         record("transfer", row)
@@ -358,6 +364,7 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--zo-steps", type=int, default=10)
     t.add_argument("--zo-lr", type=float, default=1e-4)
     t.add_argument("--max-length", type=int, default=128)
+    t.add_argument("--align-size", type=int, default=64)
     p = sub.add_parser("port")
     p.add_argument("--train-size", type=int, default=256)
     p.add_argument("--steps", type=int, default=32)
