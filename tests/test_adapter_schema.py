@@ -3,6 +3,7 @@ without large allocations, and leaves the model unchanged."""
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import resource
 import time
@@ -22,26 +23,45 @@ from toys import mlp, perturb
 MODEL = mlp()
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def trained() -> torch.nn.Module:
+    """The toy MLP with a perturbed rank-2 LoRA "a" on fc1 and fc2."""
     model = copy.deepcopy(MODEL)
     pk.attach(model, pk.LoraConfig(r=2, targets=["fc1", "fc2"]), name="a")
     perturb(pk.trainable_parameters(model))
-    return pk.save_adapter(model, tmp_path_factory.mktemp("schema") / "ad", name="a")
+    return model
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return pk.save_adapter(trained(), tmp_path_factory.mktemp("schema") / "ad", name="a")
 
 
 def untouched(model: torch.nn.Module) -> bool:
     return not pk.adapters(model) and not any(isinstance(m, DeltaModule) for m in model.modules())
 
 
+def meta_of(folder: Path) -> dict:
+    return json.loads((folder / "adapter.json").read_text())
+
+
+def write(out: Path, folder: Path, meta: dict | str, tensors: dict | None = None) -> Path:
+    """An adapter folder `out` with `meta` and `folder`'s tensors (or `tensors`, re-hashed)."""
+    out.mkdir()
+    if tensors is None:
+        (out / "adapter.safetensors").write_bytes((folder / "adapter.safetensors").read_bytes())
+    else:
+        save_file(tensors, str(out / "adapter.safetensors"))
+        assert isinstance(meta, dict)
+        meta["tensors_sha256"] = hashlib.sha256((out / "adapter.safetensors").read_bytes()).hexdigest()
+    (out / "adapter.json").write_text(meta if isinstance(meta, str) else json.dumps(meta))
+    return out
+
+
 def load_with(folder: Path, tmp: Path, change) -> pk.PetkitError:
     """Copy the adapter, edit its metadata with `change(meta)`, load it: the petkit error."""
-    out = tmp / f"case{len(list(tmp.iterdir()))}"
-    out.mkdir()
-    (out / "adapter.safetensors").write_bytes((folder / "adapter.safetensors").read_bytes())
-    meta = json.loads((folder / "adapter.json").read_text())
+    meta = meta_of(folder)
     text = change(meta)
-    (out / "adapter.json").write_text(text if isinstance(text, str) else json.dumps(meta))
+    out = write(tmp / f"case{len(list(tmp.iterdir()))}", folder, text if isinstance(text, str) else meta)
     model = copy.deepcopy(MODEL)
     with pytest.raises(pk.PetkitError) as info:
         pk.load_adapter(model, out)
@@ -93,15 +113,12 @@ def test_wrong_values_are_refused(folder, tmp_path, path, value, match) -> None:
 
 def test_targets_the_config_would_not_select_are_refused_even_with_strict_false(folder, tmp_path) -> None:
     """Recorded targets naming real modules the method cannot wrap (a LayerNorm for LoRA)."""
-    meta = json.loads((folder / "adapter.json").read_text())
+    meta = meta_of(folder)
     shapes = meta["base_fingerprint"]["shapes"]
     meta["targets"] = ["norm", "fc2"]
     meta["base_fingerprint"]["shapes"] = {"norm": [[16], [16]], "fc2": shapes["fc2"]}
     meta["config"]["targets"] = ["norm", "fc2"]
-    out = tmp_path / "norm"
-    out.mkdir()
-    (out / "adapter.safetensors").write_bytes((folder / "adapter.safetensors").read_bytes())
-    (out / "adapter.json").write_text(json.dumps(meta))
+    out = write(tmp_path / "norm", folder, meta)
     model = copy.deepcopy(MODEL)
     with pytest.warns(UserWarning), pytest.raises(pk.AdapterLoadError, match="does not fit"):
         pk.load_adapter(model, out, strict=False)
@@ -120,12 +137,9 @@ def test_catastrophic_regex_targets_is_never_run(folder, tmp_path, monkeypatch) 
         return compile_(pattern, *args, **kwargs)
 
     monkeypatch.setattr(re, "compile", guarded)
-    meta = json.loads((folder / "adapter.json").read_text())
+    meta = meta_of(folder)
     meta["config"]["targets"] = evil
-    out = tmp_path / "regex"
-    out.mkdir()
-    (out / "adapter.safetensors").write_bytes((folder / "adapter.safetensors").read_bytes())
-    (out / "adapter.json").write_text(json.dumps(meta))
+    out = write(tmp_path / "regex", folder, meta)
     started = time.perf_counter()
     model = pk.load_adapter(copy.deepcopy(MODEL), out)
     assert time.perf_counter() - started < 5
@@ -145,14 +159,9 @@ def test_rank_above_the_layer_dims_is_refused(folder, tmp_path) -> None:
     pk.attach(model, pk.LoraConfig(r=2, targets=["fc1", "fc2"]), name="a")
     big = {k: torch.zeros(40, v.shape[1]) if "lora_A" in k else torch.zeros(v.shape[0], 40)
            for k, v in pk.adapter_state(model, "a").items()}
-    out = tmp_path / "big"
-    out.mkdir()
-    save_file(big, str(out / "adapter.safetensors"))
-    meta = json.loads((folder / "adapter.json").read_text())
+    meta = meta_of(folder)
     meta["config"]["r"] = 40
-    import hashlib
-    meta["tensors_sha256"] = hashlib.sha256((out / "adapter.safetensors").read_bytes()).hexdigest()
-    (out / "adapter.json").write_text(json.dumps(meta))
+    out = write(tmp_path / "big", folder, meta, big)
     with pytest.raises(pk.AdapterLoadError, match="above the dimensions"):
         pk.load_adapter(copy.deepcopy(MODEL), out)
 
@@ -163,9 +172,7 @@ def test_a_config_that_builds_other_shapes_is_refused_on_the_meta_skeleton(folde
 
 
 def test_two_gigabyte_json_is_refused_by_its_size(folder, tmp_path) -> None:
-    out = tmp_path / "huge"
-    out.mkdir()
-    (out / "adapter.safetensors").write_bytes((folder / "adapter.safetensors").read_bytes())
+    out = write(tmp_path / "huge", folder, "{}")
     with open(out / "adapter.json", "wb") as fh:  # sparse: 2 GB on paper, nothing on disk
         fh.truncate(2 << 30)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -190,13 +197,7 @@ def test_tensors_with_nan_inf_or_integers_are_refused_and_warned_with_strict_fal
         tensors[key] = tensors[key].to(torch.int32)
     else:
         tensors[key][0, 0] = float(bad)
-    out = tmp_path / bad
-    out.mkdir()
-    save_file(tensors, str(out / "adapter.safetensors"))
-    meta = json.loads((folder / "adapter.json").read_text())
-    import hashlib
-    meta["tensors_sha256"] = hashlib.sha256((out / "adapter.safetensors").read_bytes()).hexdigest()
-    (out / "adapter.json").write_text(json.dumps(meta))
+    out = write(tmp_path / bad, folder, meta_of(folder), tensors)
     model = copy.deepcopy(MODEL)
     with pytest.raises(pk.AdapterLoadError, match="NaN or inf" if bad != "int" else "dtype"):
         pk.load_adapter(model, out)
@@ -270,10 +271,7 @@ def test_metadata_above_the_size_cap_is_refused(folder, tmp_path) -> None:
 
 @pytest.fixture(scope="module")
 def peft_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    model = copy.deepcopy(MODEL)
-    pk.attach(model, pk.LoraConfig(r=2, targets=["fc1", "fc2"]), name="a")
-    perturb(pk.trainable_parameters(model))
-    return pk.export_peft(model, tmp_path_factory.mktemp("peft") / "p", name="a")
+    return pk.export_peft(trained(), tmp_path_factory.mktemp("peft") / "p", name="a")
 
 
 @pytest.mark.parametrize("field,value,match", [

@@ -24,50 +24,9 @@ from petkit.core.errors import CheckpointError
 from petkit.training import TrainConfig, train
 from test_train import LABEL_IDS, collate, lora_model, separable
 
-ROOT = Path(__file__).resolve().parents[1]
-
-# A child process that saves adapter versions k = 1, 2, ... into one folder for ever; version k
-# holds the value `sign * k` in every tensor, so a reader can tell versions apart.
-SAVER = """
-import sys, torch, petkit as pk
-from torch import nn
-folder, sign = sys.argv[1], float(sys.argv[2])
-limit = int(sys.argv[3]) if len(sys.argv) > 3 else 10**9
-torch.manual_seed(0)
-model = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 4))
-pk.attach(model, pk.LoraConfig(r=32, targets=["0"]), name="a")
-params = list(pk.trainable_parameters(model).values())
-for k in range(1, limit + 1):
-    with torch.no_grad():
-        for p in params:
-            p.fill_(sign * k)
-    pk.save_adapter(model, folder, name="a")
-    print(k, flush=True)
-"""
-
-
-def fresh() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 4))
-
-
-def saver(folder: Path, sign: float = 1.0, limit: int | None = None) -> subprocess.Popen:
-    args = [sys.executable, "-c", SAVER, str(folder), str(sign)] + ([str(limit)] if limit else [])
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-
-
-def loaded_version(folder: Path) -> float:
-    """Load the adapter into a fresh model; every tensor must hold one version's value."""
-    model = pk.load_adapter(fresh(), folder)
-    values = {float(v.flatten()[0]) for v in pk.adapter_state(model, "a").values()}
-    values |= {float(v.max()) for v in pk.adapter_state(model, "a").values()}
-    assert len(values) == 1, f"a mix of versions {values}"
-    return values.pop()
-
-
-def leftovers(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.parent.iterdir() if ".petkit-" in p.name)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from durability import fresh, leftovers, saver  # noqa: E402  (the child saver of the benchmark)
+from durability import version as loaded_version  # noqa: E402
 
 
 @pytest.mark.slow
@@ -75,7 +34,7 @@ def test_sigkill_during_overwriting_saves_never_loses_the_adapter(tmp_path: Path
     folder, rng, kills = tmp_path / "ad", random.Random(0), 15
     versions = []
     for _ in range(kills):
-        child = saver(folder)
+        child = saver(folder, 1.0, 10**9)
         assert child.stdout is not None
         child.stdout.readline()  # the first save of this child is complete
         time.sleep(rng.uniform(0.0, 0.3))
