@@ -208,9 +208,12 @@ def test_tensors_with_nan_inf_or_integers_are_refused_and_warned_with_strict_fal
 
 # --- property: any JSON at all ----------------------------------------------------------------
 
+LARGE = (st.integers(0, 2 * MAX_JSON_BYTES).map(lambda n: "x" * n)  # up to twice the size cap
+         | st.integers(0, 200_000).map(lambda n: ["fc1"] * n)  # long lists (e.g. of targets)
+         | st.integers(1, 200).map(lambda n: json.loads("[" * n + "]" * n)))  # deep nesting
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False)
-    | st.text(max_size=30),
+    | st.text(max_size=30) | LARGE,
     lambda inner: st.lists(inner, max_size=6) | st.dictionaries(st.text(max_size=10), inner, max_size=6),
     max_leaves=40)
 FIELDS = ["format_version", "library", "library_version", "name", "method", "config", "targets",
