@@ -232,7 +232,7 @@ class Distributed:
         ids = [device] if device.type == "cuda" else None
         # IST switches blocks' requires_grad per step: DDP must look for unused parameters.
         ddp = DistributedDataParallel(self.model, device_ids=ids, init_sync=False,
-                                      forward_sync_buffers=False,
+                                      broadcast_buffers=False,  # torch 2.11 has no forward_sync_buffers
                                       find_unused_parameters=isinstance(stepper, ISTStepper))
 
         # The default all-reduce, counting what it sends. (Unannotated: DDP checks annotations,
