@@ -308,3 +308,18 @@ def test_peft_config_size_and_depth_caps(peft_folder, tmp_path) -> None:
     (out / "adapter_config.json").write_text('{"x": ' + "[" * 50_000 + "]" * 50_000 + "}")
     with pytest.raises(pk.AdapterLoadError, match="nests deeper"):
         pk.import_peft(copy.deepcopy(MODEL), out)
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3", "adapter"])
+def test_a_regex_saved_by_the_user_loads_by_its_recorded_paths(tmp_path, method) -> None:
+    """Round trip of a regex-targeted adapter (IA3: a second, default target field beside it)."""
+    from toys import inputs, llama, run
+
+    base = llama()
+    model = pk.attach(copy.deepcopy(base), pk.make_config(method, targets=r".*self_attn\.(q|v)_proj"),
+                      name="a")
+    perturb(pk.trainable_parameters(model))
+    other = pk.load_adapter(copy.deepcopy(base), pk.save_adapter(model, tmp_path / "ad", name="a"))
+    batch = inputs("llama")
+    torch.testing.assert_close(run(other, batch), run(model, batch), rtol=0, atol=0)
+    assert sorted(pk.adapters(other)["a"].targets) == sorted(pk.adapters(model)["a"].targets)
