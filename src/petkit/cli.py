@@ -68,7 +68,8 @@ TRAINING = ("steps", "epochs", "lr", "batch_size", "grad_accum", "warmup", "sche
             "eval_every", "precision", "seed", "output")
 METHOD = ("method", "rank", "alpha", "model")
 OPTIMISERS = ("optimizer", "ist_top_k", "ist_every", "eps", "n_spsa", "dim", "popsize")
-HELP = {"data": "embedded task (rotten-tomatoes, bbc-news, chatterbot-qa) or your training file "
+HELP = {"data": "embedded task (rotten-tomatoes, bbc-news, chatterbot-qa, mnist-5k), an image folder "
+                "(one sub-folder per class) or your training file "
                 "(.csv .jsonl .json .parquet): all its rows train unless --train-size is given",
         "validation_file": "your validation file: picks the best step (with --eval-every)",
         "test_file": "your test file, scored in full before and after training (without it, "
@@ -91,7 +92,7 @@ HELP = {"data": "embedded task (rotten-tomatoes, bbc-news, chatterbot-qa) or you
         "method": "registered method name (see `petkit methods`)",
         "rank": "rank r of LoRA-family methods (method.r)",
         "alpha": "scaling alpha of LoRA-family methods (method.alpha)",
-        "model": "embedded model (smollm2-135m, minilm-l6), a local folder or a hub id",
+        "model": "embedded model (smollm2-135m, minilm-l6, dinov2-s), a local folder or a hub id",
         "ist_top_k": "IST: update only this many importance-sampled layers per step",
         "ist_every": "IST: re-score layer importance every this many steps (default 10)",
         "optimizer": "adamw | sgd (backprop), mezo | zo-adam (zeroth-order), cma (CMA-ES)",
