@@ -101,6 +101,34 @@ def forward_seconds(model: Any, batch: dict, repeats: int = 5) -> tuple[float, f
     return sorted(walls)[repeats // 2], sorted(cpus)[repeats // 2]
 
 
+def memory_cell(arm: str, steps: int = 4) -> dict[str, Any]:
+    """Peak RSS while training `steps` steps of a decoder arm (run with MALLOC_MMAP_THRESHOLD_ set,
+    so memory freed after quantising goes back to the OS and RSS shows live memory)."""
+    import dataclasses
+
+    import torch
+
+    import petkit as pk
+    from methods_table import recipe
+    from petkit.app.pipeline import method_config, prepare
+    from petkit.training import train
+
+    torch.set_num_threads(2)
+    spec = ARMS[arm]
+    rec = recipe("decoder", "lora")
+    rec = dataclasses.replace(rec, method=dict(spec["method"]), train=rec.train.replace(
+        lr=spec.get("lr", LR), max_steps=steps, epochs=None))
+    prep, _ = prepare(rec)
+    if "quantize" in spec:
+        pk.quantize(prep.model, spec["quantize"])
+    pk.attach(prep.model, method_config(rec, prep))
+    with RssPeak() as idle:
+        time.sleep(0.2)
+    with RssPeak() as rss:
+        train(prep.model, prep.train, rec.train.replace(label_token_ids=prep.label_token_ids), pad_id=prep.pad_id)
+    return {"arm": arm, "steps": steps, "rss_before_train_mb": round(idle.mb), "peak_train_mb": round(rss.mb)}
+
+
 def run_cell(setting: str, arm: str, seed: int) -> dict[str, Any]:
     import dataclasses
 
@@ -241,8 +269,17 @@ def main() -> None:
     parser.add_argument("--cell", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--backends", action="store_true", help="time one layer per quantisation backend")
     parser.add_argument("--merge-error", action="store_true", help="merge-into-4-bit error on a tiny Llama")
+    parser.add_argument("--memory", help="peak RSS of a few training steps of these arms (comma-separated)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.memory and not os.environ.get("MALLOC_MMAP_THRESHOLD_"):
+        for arm in args.memory.split(","):  # each arm in its own process, freed memory returned to the OS
+            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "2"}
+            subprocess.run([sys.executable, __file__, "--memory", arm], env=env, cwd=ROOT)
+        return
+    if args.memory:
+        print(json.dumps(memory_cell(args.memory)), flush=True)
+        return
     if args.backends or args.merge_error:
         for row in (backend_speed() if args.backends else merge_error()):
             print(json.dumps(row))
