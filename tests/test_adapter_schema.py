@@ -92,6 +92,8 @@ def _set(path: str, value):
     ("base_fingerprint.shapes", [[1]], "base_fingerprint.shapes"),
     ("base_fingerprint.shapes.fc1", "8x16", "base_fingerprint.shapes['fc1']"),
     ("tensors_sha256", 5, "tensors_sha256"), ("config", "r=2", "config"),
+    ("base_fingerprint.quantization", "4bit", "base_fingerprint.quantization"),
+    ("base_fingerprint.quantization", {"mode": 4, "backend": "bnb"}, "base_fingerprint.quantization.mode"),
     ("config.r", {"a": 1}, "config['r']"), ("method", None, "method"),
 ])
 def test_wrong_json_types_name_the_field(folder, tmp_path, path, value, field) -> None:
@@ -216,6 +218,7 @@ JSON = st.recursive(
     | st.text(max_size=30) | LARGE,
     lambda inner: st.lists(inner, max_size=6) | st.dictionaries(st.text(max_size=10), inner, max_size=6),
     max_leaves=40)
+FINGERPRINT_FIELDS = ["architecture", "shapes", "weights_sha256", "quantization"]
 FIELDS = ["format_version", "library", "library_version", "name", "method", "config", "targets",
           "base_fingerprint", "tensors_sha256", "num_parameters"]
 CONFIG_FIELDS = ["r", "alpha", "dropout", "rslora", "bias", "targets", "modules_to_save"]
@@ -227,6 +230,9 @@ def metadata(draw: st.DrawFn):
     meta = json.loads(ORIGINAL)
     for name in draw(st.lists(st.sampled_from(FIELDS), max_size=3)):
         meta[name] = draw(JSON)
+    if isinstance(meta.get("base_fingerprint"), dict):
+        for name in draw(st.lists(st.sampled_from(FINGERPRINT_FIELDS), max_size=2)):
+            meta["base_fingerprint"][name] = draw(JSON)
     if isinstance(meta.get("config"), dict):
         for name in draw(st.lists(st.sampled_from(CONFIG_FIELDS), max_size=3)):
             meta["config"][name] = draw(JSON | st.integers(10**6, 10**12))

@@ -158,7 +158,11 @@ MODULE_PATH = Str(512, _PATH, "a module path (letters, digits, '_', '-', '.')")
 SHAPE = List(Int(0, 2**40), max_len=8)
 FINGERPRINT = Obj({"architecture": Str(256), "model_type": Str(256),
                    "shapes": Map(MODULE_PATH, List(SHAPE, max_len=64)),
-                   "weights_sha256": Str(64, _HEX64, "a sha256 hex digest")},
+                   "weights_sha256": Str(64, _HEX64, "a sha256 hex digest"),
+                   "quantization": Opt(Obj({"mode": Str(64), "backend": Str(64),
+                                            "block_size": Opt(Int(0, 1 << 30)),
+                                            "compute_dtype": Opt(Str(64))},
+                                           required=("mode", "backend")))},
                   required=("architecture", "shapes", "weights_sha256"))
 ADAPTER_SCHEMA = Obj({
     "format_version": Int(1, FORMAT_VERSION),
