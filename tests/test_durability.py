@@ -77,6 +77,17 @@ def test_a_save_cut_between_its_renames_is_read_from_the_aside_copy(tmp_path: Pa
     assert leftovers(folder) == [] and folder.is_dir()
 
 
+def test_a_saver_that_cannot_get_its_turn_gets_a_petkit_error(tmp_path: Path, monkeypatch) -> None:
+    from petkit.core import durable
+
+    model = pk.attach(fresh(), pk.LoraConfig(r=2, targets=["0"]), name="a")
+    monkeypatch.setattr(durable, "LOCK_TIMEOUT_S", 0.2)
+    with durable.folder_lock(tmp_path):  # another saver holds the folder
+        with pytest.raises(pk.PetkitError, match="another process has been saving into"):
+            pk.save_adapter(model, tmp_path / "ad", name="a")
+    assert leftovers(tmp_path / "ad") == []
+
+
 # --- run folders ------------------------------------------------------------------------------
 
 

@@ -56,8 +56,9 @@ def fsync_tree(folder: Path) -> None:
 
 
 @contextlib.contextmanager
-def folder_lock(folder: Path, *, shared: bool = False, timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
-    """`flock` on `folder` itself (no lock file is left behind); waits up to `timeout` seconds."""
+def folder_lock(folder: Path, *, shared: bool = False, timeout: float | None = None) -> Iterator[None]:
+    """`flock` on `folder` itself (no lock file is left behind); waits up to `timeout` seconds
+    (default `LOCK_TIMEOUT_S`)."""
     try:
         import fcntl
     except ImportError:  # no flock on this platform: saves are not serialised
@@ -65,6 +66,7 @@ def folder_lock(folder: Path, *, shared: bool = False, timeout: float = LOCK_TIM
         return
     fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     mode = (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB
+    timeout = LOCK_TIMEOUT_S if timeout is None else timeout
     deadline = time.monotonic() + timeout
     try:
         while True:
