@@ -138,23 +138,33 @@ def collate(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     Fields may be lists or tensors; `attention_mask` defaults to ones when absent."""
     if not batch:
         raise ConfigError("cannot collate an empty batch")
-    ids = [_as_list(b["input_ids"], "input_ids") for b in batch]
-    masks = [_as_list(b["attention_mask"], "attention_mask") if "attention_mask" in b
-             else [1] * len(i) for b, i in zip(batch, ids)]
+    ids = [_as_row(b["input_ids"], "input_ids") for b in batch]
     width = max(len(i) for i in ids)
-    pad = [width - len(i) for i in ids]
-    out = {
-        "input_ids": torch.tensor([i + [pad_id] * p for i, p in zip(ids, pad)], dtype=torch.long),
-        "attention_mask": torch.tensor([m + [0] * p for m, p in zip(masks, pad)],
-                                       dtype=torch.long),
-    }
+    out = {"input_ids": _padded(ids, width, pad_id),
+           "attention_mask": _padded([_as_row(b["attention_mask"], "attention_mask")
+                                      if "attention_mask" in b else torch.ones_like(i)
+                                      for b, i in zip(batch, ids)], width, 0)}
     if "labels" in batch[0]:
         labels = [b["labels"] for b in batch]
         if all(isinstance(x, (int, float)) or getattr(x, "ndim", 1) == 0 for x in labels):
             out["labels"] = torch.tensor([int(x) for x in labels], dtype=torch.long)
         else:
-            rows = [_as_list(x, "labels") + [IGNORE_INDEX] * p for x, p in zip(labels, pad)]
-            out["labels"] = torch.tensor(rows, dtype=torch.long)
+            out["labels"] = _padded([_as_row(x, "labels") for x in labels], width, IGNORE_INDEX)
+    return out
+
+
+def _as_row(value: object, field: str) -> torch.Tensor:
+    """A sequence field as a 1-D long tensor (tensors are not round-tripped through lists)."""
+    if isinstance(value, torch.Tensor) and value.dim() == 1:
+        return value.long()
+    return torch.tensor(_as_list(value, field), dtype=torch.long)
+
+
+def _padded(rows: list[torch.Tensor], width: int, value: int) -> torch.Tensor:
+    """(len(rows), width) long tensor: each row, then `value` up to `width`."""
+    out = torch.full((len(rows), width), value, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, :len(row)] = row
     return out
 
 
