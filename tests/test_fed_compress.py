@@ -108,17 +108,19 @@ def tiny_bert_folder(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.mark.slow
-def test_compressed_simulation_sends_a_sixth_of_the_bytes_up(tiny_bert_folder: str, tmp_path: Path) -> None:
+def test_compressed_simulation_sends_fewer_bytes_both_ways(tiny_bert_folder: str, tmp_path: Path) -> None:
     from test_fed import _recipe
 
     from petkit.fed import run_simulation
 
     report = run_simulation(_recipe(tiny_bert_folder, tmp_path / "run", clients=2, rounds=2,
-                                    compress="topk:0.1", workers=1))
+                                    compress="topk:0.1", compress_down="int8", workers=1))
     rows = report["rounds"][1:]
+    for row in rows:  # down: int8 of the global delta (a quarter of it, plus headers)
+        assert row["bytes_down"] < row["sampled"] * report["delta_bytes"] / 3
     assert all(row["accepted"] == [0, 1] or sorted(row["accepted"]) == [0, 1] for row in rows)
-    for row in rows:  # down: the dense global delta; up: top-10% indices + float16 values
-        assert row["bytes_up"] < row["bytes_down"] / 5
+    for row in rows:  # up: top-10% indices + float16 values
+        assert row["bytes_up"] < row["sampled"] * report["delta_bytes"] / 5
     assert (tmp_path / "run" / "adapter" / "adapter.safetensors").exists()
 
 
@@ -129,3 +131,38 @@ def test_compress_none_from_the_command_line_means_no_compression() -> None:
     assert not recipe.fed.compression.active
     recipe = apply_fed_overrides(recipe, {"fed.compress": "topk:0.05"})
     assert recipe.fed.compression == Compression("topk", 0.05)
+
+
+def test_int8_broadcast_keeps_the_server_global_exact() -> None:
+    """Clients train from the dequantised global; the server adds their updates to the exact one."""
+    from flwr.app import Message, Metadata, MetricRecord, RecordDict
+
+    from petkit.fed.payload import Spec, from_record, to_record
+    from petkit.fed.strategy import PetStrategy
+
+    rng = np.random.default_rng(3)
+    glob = {"a.lora_A": rng.normal(size=(2, 3)).astype(np.float32), "a.lora_B": rng.normal(size=(3, 2)).astype(np.float32)}
+    shapes = {k: v.shape for k, v in glob.items()}
+    for up in ("none", "int8"):
+        fed = FedConfig(clients=1, fraction=1.0, compress=up, compress_down="int8")
+        strategy = PetStrategy(fed, Spec.of(glob), 1000)
+        strategy.reference = glob
+        sent = strategy._broadcast(to_record(glob))
+        assert set(sent) == {"int8-values", "int8-scales"}
+        received = decode(from_record(sent), shapes, Compression("int8"))
+        assert 0 < max(np.abs(received[k] - glob[k]).max() for k in glob) < 0.05
+        local = {k: received[k] + 0.25 for k in glob}  # the client's training moved every entry by 0.25
+        reply_state = local if up == "none" else encode({k: local[k] - received[k] for k in glob},
+                                                         Compression("int8"))[0]
+        meta = Metadata(run_id=1, message_id="", src_node_id=1, dst_node_id=0, reply_to_message_id="m",
+                        group_id="", created_at=0.0, ttl=60.0, message_type="train")
+        content = RecordDict({"arrays": to_record(reply_state), "metrics": MetricRecord({"num-examples": 4})})
+        arrays, _ = strategy.aggregate_train(1, [Message(content, metadata=meta)])
+        out = from_record(arrays)
+        for key in glob:  # exact global + 0.25, not the dequantised global + 0.25
+            np.testing.assert_allclose(out[key], glob[key] + 0.25, atol=1e-6)
+
+
+def test_top_k_broadcast_is_refused() -> None:
+    with pytest.raises(ConfigError, match="compress_down"):
+        FedConfig(compress_down="topk:0.5")

@@ -18,7 +18,7 @@ from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordD
 from flwr.clientapp import ClientApp
 
 from petkit.core.io import adapter_state
-from petkit.fed.compress import encode
+from petkit.fed.compress import decode, encode
 from petkit.fed.config import FedRecipe, fed_recipe_from_dict
 from petkit.fed.payload import State, from_record, load_into, state_of, to_record
 from petkit.fed.prox import proximal
@@ -51,6 +51,10 @@ def _local_state(ws: Workspace, context: Context) -> State:
 def _use(ws: Workspace, msg: Message, context: Context, personal: bool) -> State:
     """Load the message's global delta (and the private one) and activate them; return the global."""
     glob = from_record(msg.content["arrays"])
+    how = ws.recipe.fed.broadcast
+    if how.active:  # the int8 global delta: decode against this client's own adapter's shapes
+        shapes = {k: tuple(v.shape) for k, v in adapter_state(ws.model, SHARED).items()}
+        glob = decode(glob, shapes, how)
     load_into(ws.model, SHARED, glob)
     names = [SHARED]
     if personal:

@@ -41,7 +41,8 @@ class FedConfig:
     dp_clip: clip each client's update to this L2 norm (None: no DP); dp_noise: Gaussian noise
     multiplier z (std z * dp_clip on the sum of clipped updates); dp_delta: delta of the
     reported (epsilon, delta). compress: what clients send — "none" (the delta), "int8" or
-    "topk:P" (their update, quantised or sparsified, with error feedback; see compress.py). faults: {partition id: kind} makes a client misbehave on purpose
+    "topk:P" (their update, quantised or sparsified, with error feedback; see compress.py);
+    compress_down: what the server broadcasts, "none" or "int8" (the global delta quantised). faults: {partition id: kind} makes a client misbehave on purpose
     (robustness tests and demos): crash | malformed | wrong-shape | nan.
     """
 
@@ -63,6 +64,7 @@ class FedConfig:
     workers: int = 2
     timeout: float = 3600.0
     compress: str | None = "none"  # None (or "none"): the delta itself
+    compress_down: str | None = "none"  # what the server broadcasts: none | int8
     faults: dict[int, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -86,6 +88,9 @@ class FedConfig:
         check_range("fed.workers", self.workers, 1, 1024, kind=int)
         check_range("fed.timeout", self.timeout, 0.0, low_open=True)
         Compression.parse(self.compress)
+        if Compression.parse(self.compress_down).kind == "topk":
+            raise ConfigError("fed.compress_down must be none or int8: the server sends the whole "
+                              "global delta, which a top-k cut would lose")
         self._check_faults()
 
     def _check_faults(self) -> None:
@@ -114,6 +119,11 @@ class FedConfig:
     def compression(self) -> Compression:
         """How client updates travel (parsed `compress`)."""
         return Compression.parse(self.compress)
+
+    @property
+    def broadcast(self) -> Compression:
+        """How the global delta travels to clients (parsed `compress_down`)."""
+        return Compression.parse(self.compress_down)
 
     @property
     def proximal(self) -> float:

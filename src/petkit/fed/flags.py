@@ -14,13 +14,15 @@ FLAGS = {"clients": "fed.clients", "rounds": "fed.rounds", "fraction": "fed.frac
          "dp_clip": "fed.dp_clip", "dp_noise": "fed.dp_noise", "dp_delta": "fed.dp_delta",
          "workers": "fed.workers", "local_steps": "train.max_steps", "lr": "train.lr",
          "method": "method.name", "model": "model.name", "data": "data.name",
-         "seed": "fed.seed", "output": "train.output_dir", "compress": "fed.compress"}
+         "seed": "fed.seed", "output": "train.output_dir", "compress": "fed.compress",
+         "compress_down": "fed.compress_down"}
 HELP = {"clients": "number of clients N", "rounds": "federated rounds", "alpha": "Dirichlet concentration",
         "fraction": "share of clients trained per round", "strategy": "fedavg | fedprox",
         "mu": "FedProx proximal weight", "dp_clip": "clip each client update to this L2 norm (DP)",
         "dp_noise": "Gaussian noise multiplier z (DP)", "dp_delta": "delta of the reported epsilon",
         "workers": "simulation worker processes", "local_steps": "local optimiser steps per round",
-        "compress": "client updates: none | int8 | topk:P (error feedback on the client)"}
+        "compress": "client updates: none | int8 | topk:P (error feedback on the client)",
+        "compress_down": "the global delta as broadcast: none | int8"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

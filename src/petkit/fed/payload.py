@@ -87,10 +87,14 @@ def check_reply(msg: Message, spec: Spec, key: str = "arrays",
     except Exception as err:  # noqa: BLE001 - any decoding failure is the client's fault
         raise RejectedUpdate(f"malformed arrays: {type(err).__name__}: {err}") from None
     if decode is not None:
-        try:
+        if not any(k in state for k in spec.shapes):  # a compressed reply: codec arrays only
+            try:
+                state = decode(state)
+            except ValueError as err:
+                raise RejectedUpdate(f"malformed compressed update: {err}") from None
+        else:  # a plain delta relative to the broadcast: its keys and shapes are checked first
+            _check_state(state, spec)
             state = decode(state)
-        except ValueError as err:
-            raise RejectedUpdate(f"malformed compressed update: {err}") from None
     _check_state(state, spec)
     return state, _num_examples(msg)
 

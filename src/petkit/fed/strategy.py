@@ -24,7 +24,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from petkit.fed.aggregate import dp_average, weighted_average
-from petkit.fed.compress import decode
+from petkit.fed.compress import decode, encode
 from petkit.fed.config import FedConfig
 from petkit.fed.payload import (RejectedUpdate, Spec, State, check_reply, from_record, record_bytes,
                                 short_reason, to_record)
@@ -76,6 +76,7 @@ class PetStrategy(FedAvg):
         """Sample clients; send the global delta with the round and the proximal weight."""
         nodes = self._sample(grid, self.fed.sampled, server_round, 0)
         self.reference = from_record(arrays)
+        arrays = self._broadcast(arrays)
         config["server-round"] = server_round
         config["proximal-mu"] = self.fed.proximal
         row = self.row(server_round)
@@ -115,15 +116,28 @@ class PetStrategy(FedAvg):
             return None, loss
         return to_record(weighted_average(states, weights)), loss
 
-    def _decoder(self) -> Callable[[State], State] | None:
-        """Compressed replies -> the client's delta (global sent + decoded update)."""
-        how = self.fed.compression
-        if not how.active:
-            return None
-        ref = self.reference
+    def _broadcast(self, arrays: ArrayRecord) -> ArrayRecord:
+        """The global delta as sent: as is, or int8 (`fed.compress_down`)."""
+        how = self.fed.broadcast
+        return to_record(encode(from_record(arrays), how)[0]) if how.active else arrays
 
-        def delta(sent: State) -> State:
-            update = decode(sent, self.spec.shapes, how)
+    def _decoder(self) -> Callable[[State], State] | None:
+        """Replies -> the client's delta on the server's exact global: exact + the client's update.
+
+        The update is what the client changed relative to the global it *received*: decoded from
+        a compressed reply, or its delta minus the dequantised broadcast (`compress_down`).
+        Adding it to the exact global keeps the broadcast's quantisation error out of the
+        server's state (it is not baked in round after round).
+        """
+        up, down = self.fed.compression, self.fed.broadcast
+        if not (up.active or down.active):
+            return None
+        ref, shapes = self.reference, self.spec.shapes
+        received = decode(encode(ref, down)[0], shapes, down) if down.active else ref
+
+        def delta(reply: State) -> State:
+            update = (decode(reply, shapes, up) if up.active
+                      else {k: reply[k].astype(np.float32) - received[k] for k in ref})
             return {k: (ref[k].astype(np.float32) + update[k]).astype(ref[k].dtype) for k in ref}
 
         return delta
@@ -143,6 +157,7 @@ class PetStrategy(FedAvg):
         if self.fed.evaluated == 0:
             return []
         nodes = self._sample(grid, self.fed.evaluated, server_round, 1)
+        arrays = self._broadcast(arrays)
         config["server-round"] = server_round
         row = self.row(server_round)
         row["bytes_down_eval"] += record_bytes(arrays) * len(nodes)
