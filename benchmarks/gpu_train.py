@@ -3,9 +3,9 @@
 Random-weight Llama shapes in bf16, LoRA r16 (alpha 32, no dropout) on all 7 linear layers,
 fused AdamW (lr 1e-3, linear decay, grad-norm clip 1.0), causal-LM loss on every token, the same
 64 seeded sequences in petkit's seeded epoch order for every case. Each case runs in its own
-process. Throughput is input tokens over the wall time of steps 41-50 (after compilation);
+process. Throughput is input tokens over the wall time of the last 10 steps (after compilation);
 peak is `torch.cuda.max_memory_allocated` over the whole process; the loss is the mean training
-loss of steps 41-50. MFU counts the useful work of a LoRA step, 4 N + 12 L s d FLOPs per token
+loss of the last 10 steps. MFU counts the useful work of a LoRA step, 4 N + 12 L s d FLOPs per token
 (forward 2N, input gradients 2N, attention forward + backward; recompute not counted), against
 989 TFLOP/s (H200 dense bf16). `petkit-bare-*` runs petkit's layers and modes in a plain loop
 (no `pk.train`): the loop's own cost is pk.train's time over it.
@@ -37,11 +37,13 @@ CASES: dict[str, tuple[str, bool, str]] = {
     "peft-ckpt": ("peft", False, "full"),
     "peft-compile-ckpt": ("peft", True, "full"),
     "petkit-eager": ("petkit", False, "off"),
+    "petkit-ckpt": ("petkit", False, "full"),
     "petkit-compile": ("petkit", True, "off"),
     "petkit-compile-ckpt": ("petkit", True, "full"),
     "petkit-compile-selective": ("petkit", True, "selective"),
     "petkit-compile-every2": ("petkit", True, "every-2"),
     "petkit-bare-compile-ckpt": ("bare", True, "full"),
+    "petkit-bare-eager": ("bare", False, "off"),
 }
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PEAK_TFLOPS = 989.0
@@ -241,7 +243,7 @@ def table(rows: list[dict[str, Any]], shape: str) -> str:
     best = max(peft, key=lambda r: r["tok_s"]) if peft else None
     head = (f"{shape} Llama shape, batch {s['batch']}x{s['seq']}, bf16, LoRA r16 on 7 linear; "
             f"ratios vs {best['case'] if best else '-'}")
-    lines = [head, "", "| case | tok/s | peak GiB | MFU | x tok/s | x GiB | loss steps 41-50 |",
+    lines = [head, "", "| case | tok/s | peak GiB | MFU | x tok/s | x GiB | loss, last 10 steps |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if "error" in r:
