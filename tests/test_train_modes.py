@@ -27,7 +27,11 @@ from toys import TOYS, llama, perturb  # noqa: E402
 
 LLAMA = {c.method: c for c in reversed([c for c in CASES if c.toy == "llama"])}  # one per method
 # Methods that do not compile without graph breaks, and why (docs/training-gpu.md lists them).
-GRAPH_BREAKS: dict[str, str] = {}
+_RESTORE = "checkpointed blocks restore the prefix cache / extension state: Python side effects"
+GRAPH_BREAKS: dict[str, str] = {
+    **{m: _RESTORE for m in ("prompt", "prefix", "adaptive-prefix", "prefix-propagation",
+                             "residual-prompt", "late-prompt")},
+    "dylora": "samples the training rank with Tensor.item()"}
 
 
 def lm_examples(n: int = 6, seed: int = 0) -> list[dict[str, Any]]:
