@@ -60,15 +60,22 @@ FLAGS = {"method": "method.name", "model": "model.name", "data": "data.name",
          "output": "train.output_dir", "ist_top_k": "train.ist.top_k",
          "ist_every": "train.ist.every", "optimizer": "train.optimizer", "eps": "train.stepper.eps",
          "n_spsa": "train.stepper.n_spsa", "dim": "train.stepper.dim",
-         "popsize": "train.stepper.popsize"}
+         "popsize": "train.stepper.popsize",
+         "device": "train.device", "compile": "train.compile",
+         "checkpointing": "train.activation_checkpointing", "packing": "train.packing"}
 COLUMNS = ("text_column", "label_column", "prompt_column", "completion_column")
 DATA = ("data", "validation_file", "test_file", *COLUMNS, "task_type", "max_length",
         "train_size", "test_size")
 TRAINING = ("steps", "epochs", "lr", "batch_size", "grad_accum", "warmup", "schedule",
-            "eval_every", "precision", "seed", "output")
+            "eval_every", "precision", "seed", "output", "device", "compile", "checkpointing",
+            "packing")
 METHOD = ("method", "rank", "alpha", "model")
 OPTIMISERS = ("optimizer", "ist_top_k", "ist_every", "eps", "n_spsa", "dim", "popsize")
-HELP = {"data": "embedded task (rotten-tomatoes, bbc-news, chatterbot-qa, mnist-5k), an image folder "
+HELP = {"device": "auto (the GPU when there is one) | cpu | cuda | cuda:N",
+        "compile": "true: torch.compile the forward and loss (docs/training-gpu.md)",
+        "checkpointing": "activation checkpointing: off | full | every-K | selective",
+        "packing": "true: several causal-LM examples per row, isolated by position ids",
+        "data": "embedded task (rotten-tomatoes, bbc-news, chatterbot-qa, mnist-5k), an image folder "
                 "(one sub-folder per class) or your training file "
                 "(.csv .jsonl .json .parquet): all its rows train unless --train-size is given",
         "validation_file": "your validation file: picks the best step (with --eval-every)",
