@@ -265,3 +265,18 @@ def test_graph_breaks_under_compile_with_checkpointing_and_chunked_loss(method: 
         assert explained.graph_break_count > 0, f"{method} compiles clean now: update the docs"
     else:
         assert explained.graph_break_count == 0, reasons
+
+
+def test_cli_flags_reach_the_train_config() -> None:
+    from petkit.app.recipe import Recipe, apply_overrides
+    from petkit.cli import FLAGS, build_parser
+
+    args, _ = build_parser().parse_known_args(
+        ["train", "--device", "cpu", "--compile", "true", "--checkpointing", "every-2",
+         "--packing", "true", "--precision", "bf16"])
+    named = {FLAGS[k]: str(v) for k, v in vars(args).items() if k in FLAGS and v is not None}
+    cfg = apply_overrides(Recipe(), named).train
+    assert (cfg.device, cfg.compile, cfg.activation_checkpointing, cfg.packing, cfg.precision) \
+        == ("cpu", True, "every-2", True, "bf16")
+    with pytest.raises(ConfigError, match="activation_checkpointing"):
+        apply_overrides(Recipe(), {"train.activation_checkpointing": "every-1"})

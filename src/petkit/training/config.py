@@ -201,7 +201,7 @@ class TrainConfig:
     stepper: StepperConfig | str | dict[str, Any] = "auto"
     ist: IstConfig | dict[str, Any] | None = None
     # Device and memory (docs/training-gpu.md).
-    device: str = "auto"  # auto (the model's GPU, else cuda when there is one, else cpu) | cpu | cuda[:N]
+    device: str = "auto"  # auto (the model's GPU, else cuda if any, else cpu) | cpu | cuda[:N]
     delta_dtype: str = "fp32"  # trainable deltas' dtype when precision is bf16: fp32 | bf16
     compile: bool = False  # torch.compile the forward + loss
     activation_checkpointing: str = "off"  # off | full | every-K (K >= 2) | selective
@@ -308,7 +308,8 @@ class TrainConfig:
         _check(self.delta_dtype in DELTA_DTYPES, "delta_dtype", f"one of {DELTA_DTYPES}",
                self.delta_dtype)
         for name in ("compile", "activation_offload", "packing"):
-            _check(isinstance(getattr(self, name), bool), name, "true or false", getattr(self, name))
+            value = getattr(self, name)
+            _check(isinstance(value, bool), name, "true or false", value)
         mode = self.activation_checkpointing
         every = isinstance(mode, str) and mode.startswith("every-") and mode[6:].isdigit()
         _check(mode in ("off", "full", "selective") or (every and int(mode[6:]) >= 2),
@@ -342,7 +343,8 @@ class TrainConfig:
             _check(is_int(self.early_stopping_patience) and self.early_stopping_patience >= 1,
                    "early_stopping_patience", "None or an int >= 1", self.early_stopping_patience)
         for name in ("resume", "resume_override", "progress"):
-            _check(isinstance(getattr(self, name), bool), name, "true or false", getattr(self, name))
+            value = getattr(self, name)
+            _check(isinstance(value, bool), name, "true or false", value)
         _check(self.distributed in DISTRIBUTED, "distributed", f"one of {DISTRIBUTED}",
                self.distributed)
         needs_dir = self.resume or self.save_every > 0

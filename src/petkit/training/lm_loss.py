@@ -39,7 +39,10 @@ def default_chunk(vocab_size: int) -> int:
     return max(128, LOGIT_BYTES // (4 * vocab_size))
 
 
-def _chunk_loss_sum(hidden: torch.Tensor, labels: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor],
+Head = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _chunk_loss_sum(hidden: torch.Tensor, labels: torch.Tensor, head: Head,
                     ignore_index: int) -> torch.Tensor:
     logits = head(hidden).float()
     return F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
@@ -130,13 +133,16 @@ class HeadBypass:
                 del self.model._loss_function
 
     @torch.no_grad()
-    def verify(self, batch: dict[str, torch.Tensor], forward: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+    def verify(self, batch: dict[str, torch.Tensor],
+               forward: Callable[[dict[str, torch.Tensor]], torch.Tensor],
                tokens: int = 32) -> bool:
         """Chunked loss == dense loss on `tokens` tokens of the first row (eval mode): its first
         ones, or its last ones when the first are all ignored (an instruction's prompt)."""
         labels = batch.get("labels")
         cut = slice(0, tokens)
-        if labels is not None and labels.dim() == 2 and bool((labels[0, :tokens] == IGNORE_INDEX).all()):
+        head_ignored = labels is not None and labels.dim() == 2 \
+            and bool((labels[0, :tokens] == IGNORE_INDEX).all())
+        if head_ignored:
             cut = slice(max(labels.shape[1] - tokens, 0), labels.shape[1])
         piece = {k: v[:1, cut] if v.dim() == 2 else v[:1] for k, v in batch.items()}
         was_training = self.model.training

@@ -89,5 +89,6 @@ from petkit.training.steppers import backprop as _backprop  # noqa: E402,F401  (
 from petkit.training.steppers import cma_es as _cma_es  # noqa: E402,F401  (registers "cma")
 from petkit.training.steppers import zeroth as _zeroth  # noqa: E402,F401  (registers "zo")
 
-__all__ = ["Batch", "LossFn", "Stepper", "StepperConfig", "StepperFactory", "list_steppers", "make_stepper",
+__all__ = ["Batch", "LossFn", "Stepper", "StepperConfig", "StepperFactory", "list_steppers",
+           "make_stepper",
            "register_stepper"]
