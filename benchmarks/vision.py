@@ -42,6 +42,8 @@ ARMS: dict[str, dict[str, Any] | None] = {  # None: a baseline trained without p
 LR = {"linear-probe": 1e-3, "full": 1e-4, "vpt-shallow": 1e-3, "vpt-deep": 1e-3, "lora": 1e-3,
       "pvp": 1e-3}
 OUT = Path("docs/vision")
+LABELS = {"vpt-deep": "VPT-deep from scratch", "pvp": "VPT-deep from digits 0-4 (PVP)",
+          "full": "full fine-tuning", "linear-probe": "linear probe"}
 
 
 def build(arm: str, num_labels: int, seed: int) -> tuple[torch.nn.Module, dict, int]:
@@ -204,8 +206,9 @@ def _plot(few: list[dict], arms: list[str], shots: list[int]) -> None:
         xs = [k for k in shots if any(r["arm"] == arm and r["shots"] == k for r in few)]
         ys = [100 * statistics.mean(r["accuracy"] for r in few if r["arm"] == arm and r["shots"] == k)
               for k in xs]
-        ax.plot(xs, ys, marker="o", label=arm)
+        ax.plot(xs, ys, marker="o", label=LABELS.get(arm, arm))
     ax.set_xscale("log", base=2)
+    ax.set_xticks(shots, [str(k) for k in shots])
     ax.set_xlabel("shots per class (digits 5-9)")
     ax.set_ylabel("test accuracy %")
     ax.set_title("dinov2-s few-shot: PVP (prompts from digits 0-4) vs scratch")
