@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 import dataclasses
+import importlib
+import pkgutil
 from typing import Any, Protocol
 
 import torch
@@ -85,9 +87,14 @@ def make_stepper(params: dict[str, nn.Parameter], config: TrainConfig, total_ste
     return _REGISTRY[name](params, config, total_steps)
 
 
-from petkit.training.steppers import backprop as _backprop  # noqa: E402,F401  (registers "backprop")
-from petkit.training.steppers import cma_es as _cma_es  # noqa: E402,F401  (registers "cma")
-from petkit.training.steppers import zeroth as _zeroth  # noqa: E402,F401  (registers "zo")
+def _register_all() -> None:
+    """Import every module of this package: each stepper file registers itself on import, so a
+    new stepper is one file here (backprop, zeroth, cma_es, ...)."""
+    for info in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{info.name}")
+
+
+_register_all()
 
 __all__ = ["Batch", "LossFn", "Stepper", "StepperConfig", "StepperFactory", "list_steppers",
            "make_stepper",
