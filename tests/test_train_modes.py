@@ -280,3 +280,14 @@ def test_cli_flags_reach_the_train_config() -> None:
         == ("cpu", True, "every-2", True, "bf16")
     with pytest.raises(ConfigError, match="activation_checkpointing"):
         apply_overrides(Recipe(), {"train.activation_checkpointing": "every-1"})
+
+
+def test_preflight_reports_a_mode_the_model_cannot_run() -> None:
+    from petkit.training.loop import preflight
+
+    mlp = pk.attach(TOYS["mlp"](0), pk.LoraConfig(r=2))
+    with pytest.raises(ConfigError, match="activation_checkpointing"):
+        preflight(mlp, lm_examples(), TrainConfig(activation_checkpointing="full"))
+    prefix = pk.attach(llama(), pk.make_config("prefix", num_virtual_tokens=2))
+    with pytest.raises(ConfigError, match="packing"):
+        preflight(prefix, lm_examples(), TrainConfig(packing=True))

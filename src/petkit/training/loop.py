@@ -35,7 +35,7 @@ from petkit.training.guards import check_inputs, check_not_merged, usable_batche
 from petkit.training.distributed import Distributed
 from petkit.training.evaluate import autocast, resolve_collate, run_objective
 from petkit.training.monitor import Monitor, plot_history
-from petkit.training.run_modes import RunModes, packed_collate
+from petkit.training.run_modes import RunModes, check_modes, packed_collate
 from petkit.training.ist import with_ist
 from petkit.training.steppers import Stepper, make_stepper
 from petkit.core.io import save_adapter
@@ -271,6 +271,7 @@ def preflight(model: nn.Module, train_data: Sequence[Example], config: TrainConf
     larger than the delta) is reported in seconds. Nothing is trained or changed.
     """
     params = require_trainable(model)
+    check_modes(model, config)  # device, packing, checkpointing
     stepper = make_stepper(params, config, total_steps(len(train_data), config))
     with_ist(stepper, model, params, config)
 

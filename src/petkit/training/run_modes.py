@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
+from petkit.core.blocks import layer_paths
 from petkit.core.errors import ConfigError
 from petkit.training.activations import activation_checkpointing, has_extensions, offload_context
 from petkit.training.batching import Batch, CollateFn
@@ -22,7 +23,7 @@ from petkit.training.config import TrainConfig
 from petkit.training.lm_loss import HeadBypass, can_bypass
 from petkit.training.objectives import Objective, make_objective
 from petkit.training.packing import pack
-from petkit.training.placement import place
+from petkit.training.placement import place, resolve_device
 
 LossFn = Callable[[Batch], torch.Tensor]
 
@@ -40,15 +41,24 @@ def packed_collate(config: TrainConfig, collate_fn: CollateFn | None,
     return functools.partial(pack, length=config.pack_length, pad_id=pad_id)
 
 
+def check_modes(model: nn.Module, config: TrainConfig) -> None:
+    """`ConfigError` for a mode this model cannot run (checked before anything is moved)."""
+    resolve_device(config.device, model)
+    if config.packing and has_extensions(model):
+        raise ConfigError("TrainConfig.packing cannot isolate examples when a method adds "
+                          "virtual tokens or key/value prefixes (prompt / prefix family)")
+    if config.checkpoint_every() and not layer_paths(model):
+        raise ConfigError("TrainConfig.activation_checkpointing needs a model with a stack of "
+                          "transformer blocks; this model has none")
+
+
 class RunModes:
     """Device, precision, loss, compile, checkpointing and offload of one run."""
 
     def __init__(self, model: nn.Module, config: TrainConfig,
                  params: dict[str, nn.Parameter]) -> None:
         """Place the model now; the rest is installed by `installed` / applied by `wrap`."""
-        if config.packing and has_extensions(model):
-            raise ConfigError("TrainConfig.packing cannot isolate examples when a method adds "
-                              "virtual tokens or key/value prefixes (prompt / prefix family)")
+        check_modes(model, config)
         self.model, self.config = model, config
         self.device = place(model, config, params)
         use = config.loss_chunk != 0 and can_bypass(model)
