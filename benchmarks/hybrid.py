@@ -39,6 +39,11 @@ def record(system: str, row: dict[str, Any]) -> None:
         fh.write(line + "\n")
 
 
+def partial(row: dict[str, Any]) -> None:
+    """The row so far, to stderr (a slow run can be read before it ends)."""
+    print("partial " + json.dumps(row, default=str), file=sys.stderr, flush=True)
+
+
 def accuracy(model: torch.nn.Module, data: list[dict], pad_id: int, **kw: Any) -> float:
     """Test accuracy (eval mode, no grad)."""
     with torch.no_grad():
@@ -48,14 +53,15 @@ def accuracy(model: torch.nn.Module, data: list[dict], pad_id: int, **kw: Any) -
 # --- 1. transfer ---------------------------------------------------------------------------
 
 
-def bbc_data(tokenizer: Any, seed: int, n_train: int, max_length: int) -> tuple[list, list, list]:
+def bbc_data(tokenizer: Any, seed: int, n_train: int, max_length: int,
+             test_size: int = 300) -> tuple[list, list, list]:
     task = load_task("bbc-news")
     train = sorted(task.train, key=lambda e: e["text"])
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(train), generator=generator).tolist()
     train = [train[i] for i in order[: n_train + 100]]
     train, val = split_validation(train, 100 / len(train), seed)
-    test = task.test[:300]
+    test = task.test[:test_size]
     enc = lambda xs: encode_classification(xs, tokenizer, max_length=max_length)  # noqa: E731
     return enc(train), enc(val), enc(test)
 
@@ -70,7 +76,7 @@ def cmd_transfer(args: argparse.Namespace) -> None:
 
     for seed in args.seeds:
         small, tok = load_model(str(minilm_l3_dir()), task="seq-cls", num_labels=5)
-        train, val, test = bbc_data(tok, seed, args.train_size, args.max_length)
+        train, val, test = bbc_data(tok, seed, args.train_size, args.max_length, args.test_size)
         pad = int(tok.pad_token_id)
         cfg = pk.TrainConfig(lr=2e-3, max_steps=args.steps, batch_size=16, warmup_ratio=0.1,
                              seed=seed, progress=False)
@@ -80,27 +86,32 @@ def cmd_transfer(args: argparse.Namespace) -> None:
                                "max_length": args.max_length, "steps": args.steps,
                                "small_trained": accuracy(small, test, pad),
                                "small_train_s": res_small.seconds}
+        partial(row)
         backprop_passes = 2 * args.steps * 16
 
         large, _ = load_model("minilm-l6", task="seq-cls", num_labels=5)
         row["large_untuned"] = accuracy(large, test, pad)
+        partial(row)
         started = time.perf_counter()
         t = transfer_adapter("default", small, large)
         row["transfer_s"] = time.perf_counter() - started
         row["alignment_error"] = t.alignment_error
         row["layer_map"] = t.layer_map
         row["large_transferred"] = accuracy(large, test, pad)
+        partial(row)
         aligned, _ = load_model("minilm-l6", task="seq-cls", num_labels=5)
         started = time.perf_counter()
         transfer_adapter("default", small, aligned, align_data=train[: args.align_size], pad_id=pad)
         row["align_transfer_s"], row["align_passes"] = time.perf_counter() - started, 2 * args.align_size
         row["large_transferred_hidden"] = accuracy(aligned, test, pad)
+        partial(row)
         del aligned
         zo = pk.TrainConfig(lr=args.zo_lr, max_steps=args.zo_steps, batch_size=16,
                             optimizer="mezo", schedule="constant", seed=seed, progress=False,
                             max_grad_norm=None)
         res_zo = pk.train(large, train, zo, pad_id=pad)
         row["large_refined"] = accuracy(large, test, pad)
+        partial(row)
         row["refine_s"], row["refine_passes"] = res_zo.seconds, 2 * args.zo_steps * 16
 
         direct, _ = load_model("minilm-l6", task="seq-cls", num_labels=5)
@@ -365,6 +376,7 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--zo-lr", type=float, default=1e-4)
     t.add_argument("--max-length", type=int, default=128)
     t.add_argument("--align-size", type=int, default=64)
+    t.add_argument("--test-size", type=int, default=300)
     p = sub.add_parser("port")
     p.add_argument("--train-size", type=int, default=256)
     p.add_argument("--steps", type=int, default=32)
