@@ -81,7 +81,7 @@ def report() -> None:
                              for t in range(size)]
             row["tasks"] = runs[0]["tasks"]
             summary.setdefault(seq, {})[strategy] = row
-            panels[strategy] = row["matrix"]
+            panels[strategy + (" (task id)" if row["uses_task_id"] else "")] = row["matrix"]
             lines.append(
                 f"| {seq} | {strategy} | {'yes' if row['uses_task_id'] else 'no'} | {len(runs)} | "
                 f"{_cell(row['average_accuracy'], row['average_accuracy_sd'])} | "
