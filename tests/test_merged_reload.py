@@ -2,7 +2,7 @@
 transformers (no petkit) and gives the adapted outputs."""
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+from transformers import AutoModelForCausalLM, AutoModelForImageClassification, AutoModelForSequenceClassification
 
 import petkit as pk
 from petkit.core.delta import DeltaModule
@@ -28,6 +28,7 @@ def test_merged_model_reloads_with_plain_transformers(case, tmp_path):
     assert not plain._forward_pre_hooks and not plain._forward_hooks
     torch.testing.assert_close(run(plain, batch), expected, rtol=1e-5, atol=1e-5)
     plain.save_pretrained(tmp_path / "merged")
-    auto = AutoModelForSequenceClassification if case.toy == "bert" else AutoModelForCausalLM
+    auto = {"bert": AutoModelForSequenceClassification,
+            "vit": AutoModelForImageClassification}.get(case.toy, AutoModelForCausalLM)
     reloaded = auto.from_pretrained(tmp_path / "merged").eval()
     torch.testing.assert_close(run(reloaded, batch), expected, rtol=1e-5, atol=1e-5)
