@@ -160,3 +160,24 @@ def test_cli_trains_lora_over_an_nf4_base(tmp_path):
     meta = json.loads((out / "adapter" / "adapter.json").read_text())
     assert meta["base_fingerprint"]["quantization"]["mode"] == "nf4"
     assert "quantize: nf4" in (out / "recipe.yaml").read_text()
+
+
+def test_an_eval_forward_does_not_break_later_gradients():
+    """bitsandbytes repacks 4-bit weights for CPU inference (eval + no grad) into a layout whose
+    matmul has no autograd; petkit turns that off, so training after an evaluation is exact."""
+    from petkit.models.quantize import dequantize
+
+    model, batch = quantize(llama(), "nf4", block_size=32), inputs("llama")
+    pk.attach(model, pk.LoraConfig(targets="all-linear"))
+    dense = dequantize(copy.deepcopy(model), torch.float32)
+    model.eval()
+    with torch.no_grad():
+        run(model, batch)
+
+    def grads(m):
+        m.train()
+        run(m, batch).pow(2).mean().backward()
+        return [p.grad for p in pk.trainable_parameters(m).values()]
+
+    for got, expected in zip(grads(model), grads(dense)):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)

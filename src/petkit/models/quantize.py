@@ -103,6 +103,10 @@ def _bnb_linear(weight: torch.Tensor, bias: torch.Tensor | None, spec: QuantSpec
                                   quant_type=spec.mode, device="meta")
         layer.weight = bnb.nn.Params4bit(weight.to(spec.dtype).contiguous(), requires_grad=False,
                                          quant_type=spec.mode, blocksize=spec.block_size).to(device)
+        # bitsandbytes' CPU inference repacking (eval + no grad) swaps the weight for a layout whose
+        # matmul has no autograd: a later training step would silently drop the gradient through
+        # the base. Keep the one layout that trains.
+        layer.support_avx512bf16_for_cpu = False
     if bias is not None:
         layer.bias = nn.Parameter(bias.detach().to(spec.dtype).clone(), requires_grad=False)
     return layer
