@@ -60,7 +60,7 @@ FLAGS = {"method": "method.name", "model": "model.name", "data": "data.name",
          "output": "train.output_dir", "ist_top_k": "train.ist.top_k",
          "ist_every": "train.ist.every", "optimizer": "train.optimizer", "eps": "train.stepper.eps",
          "n_spsa": "train.stepper.n_spsa", "dim": "train.stepper.dim",
-         "popsize": "train.stepper.popsize",
+         "popsize": "train.stepper.popsize", "quantize": "model.quantize",
          "device": "train.device", "compile": "train.compile",
          "checkpointing": "train.activation_checkpointing", "packing": "train.packing"}
 COLUMNS = ("text_column", "label_column", "prompt_column", "completion_column")
@@ -69,7 +69,7 @@ DATA = ("data", "validation_file", "test_file", *COLUMNS, "task_type", "max_leng
 TRAINING = ("steps", "epochs", "lr", "batch_size", "grad_accum", "warmup", "schedule",
             "eval_every", "precision", "seed", "output", "device", "compile", "checkpointing",
             "packing")
-METHOD = ("method", "rank", "alpha", "model")
+METHOD = ("method", "rank", "alpha", "model", "quantize")
 OPTIMISERS = ("optimizer", "ist_top_k", "ist_every", "eps", "n_spsa", "dim", "popsize")
 HELP = {"device": "auto (the GPU when there is one) | cpu | cuda | cuda:N",
         "compile": "true: torch.compile the forward and loss (docs/training-gpu.md)",
@@ -106,7 +106,8 @@ HELP = {"device": "auto (the GPU when there is one) | cpu | cuda | cuda:N",
         "eps": "zeroth-order perturbation scale (train.stepper.eps)",
         "n_spsa": "zeroth-order perturbations per step (train.stepper.n_spsa)",
         "dim": "CMA-ES subspace dimension d (train.stepper.dim)",
-        "popsize": "CMA-ES population size (train.stepper.popsize)"}
+        "popsize": "CMA-ES population size (train.stepper.popsize)",
+        "quantize": "nf4 | fp4 | int8: quantise the base's linear layers first (QLoRA; pip install bitsandbytes)"}
 METAVARS = {"data": "TASK|FILE", "warmup": "STEPS", "eval_every": "STEPS", "n_spsa": "N",
             "grad_accum": "N", "epochs": "N", "output": "DIR", "method": "NAME", "model": "NAME",
             "schedule": "NAME", "precision": "NAME", "optimizer": "NAME", "rank": "R",

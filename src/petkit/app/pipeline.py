@@ -30,6 +30,7 @@ from petkit.core.registry import make_config
 
 from petkit.data import encode_classification, encode_instruction
 from petkit.data.images import collate_images, encode_images, is_image_task, load_image_folder
+from petkit.models.quantize import quantize
 from petkit.models import head_module_names, load_model, resolve_model
 from petkit.models.vision import load_vision_model
 ENCODER_TYPES = {"bert", "roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2",
@@ -210,6 +211,8 @@ def run_recipe(recipe: Recipe, echo: Echo = print) -> RunReport:
         recipe.data, task_type=prep.task_type, labels=labels, **_absolute_files(recipe.data)))
     config = resolved.train.replace(output_dir=str(output), label_token_ids=prep.label_token_ids)
     resolved = dataclasses.replace(resolved, train=config)
+    if recipe.model.quantize:  # QLoRA-style: the wrappers call the 4/8-bit layers
+        quantize(prep.model, recipe.model.quantize)
     attach(prep.model, method_config(resolved, prep))
     preflight(prep.model, prep.train, config)  # a bad set-up fails before the baseline evaluation
     for note in prep.notes:
