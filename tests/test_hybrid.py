@@ -242,3 +242,10 @@ def test_meet_trains_control_tokens_then_lora_with_them_fixed() -> None:
     assert pk.active_adapters(model) == ["control", "meet"]
     pk.train_preference(model, pairs, cfg)
     assert all(torch.equal(before[k], v) for k, v in pk.adapter_state(model, "control").items())
+
+
+def test_dpo_holds_no_second_copy_of_the_weights() -> None:
+    model = tiny_model("llama")[0]
+    pk.attach(model, pk.LoraConfig(r=2, targets=["q_proj"]))
+    storages = lambda m: {p.untyped_storage().data_ptr() for p in m.parameters()}  # noqa: E731
+    assert storages(DPOModel(model)) == storages(model)
