@@ -159,10 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume-override", action="store_true",
                        help="with --resume: accept changed max steps, lr, schedule, batch or "
                             "accumulation (the run is then no longer an exact continuation)")
-    train.add_argument("--dylora-eval-ranks", dest="eval_ranks", default=None,
-                       help="after training, test the adapter at each rank, e.g. 1,2,4,8 (dylora)")
     train.add_argument("--nproc", type=int, default=None,
                        help="train on N local processes through torchrun (DDP or FSDP2: train.distributed; docs/distributed.md)")
+    train.add_argument("--dylora-eval-ranks", dest="eval_ranks", default=None,
+                       help="after training, test the adapter at each rank, e.g. 1,2,4,8 (dylora)")
     evaluate = sub.add_parser("eval", help="test metrics of a saved adapter", epilog=DOTTED)
     evaluate.add_argument("--adapter", required=True, help="adapter folder")
     evaluate.add_argument("--data", dest="eval_data", metavar="FILE",
@@ -350,7 +350,8 @@ def cmd_continual(args: argparse.Namespace, dotted: dict[str, str]) -> None:
 def cmd_fed(args: argparse.Namespace, dotted: dict[str, str]) -> None:
     """Federated rounds on Flower; prints each round, the partition, bytes vs full-model FedAvg."""
     require_module("flwr", "'petkit[fed]'", "petkit fed")
-    from petkit.fed import cli as fed_cli  # after the check: it imports Flower
+    from petkit.fed import cli as fed_cli  # here, not at the top: it imports Flower
+
     fed_cli.run_command(args, dotted, lambda line: OUT.print(line, markup=False))
 
 

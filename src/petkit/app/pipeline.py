@@ -27,12 +27,13 @@ from petkit.app.recipe import DataSpec, Recipe, load_recipe
 from petkit.core.io import load_adapter
 from petkit.core.model import attach, unload
 from petkit.core.registry import make_config
-
-from petkit.data import encode_classification, encode_instruction
+from petkit.data import (Columns, encode_classification, encode_instruction, label_token_ids, load_task,
+                         load_test_file, split_validation)
 from petkit.data.images import collate_images, encode_images, is_image_task, load_image_folder
 from petkit.models.quantize import quantize
 from petkit.models import head_module_names, load_model, resolve_model
 from petkit.models.vision import load_vision_model
+
 ENCODER_TYPES = {"bert", "roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2",
                  "xlm-roberta", "mpnet", "camembert", "modernbert"}
 Echo = Callable[[str], None]
@@ -52,6 +53,7 @@ class Prepared:
     label_token_ids: list[int] | None
     pad_id: int
     notes: list[str] = field(default_factory=list)  # where each split came from, its size
+
     collate: Callable[[Examples], dict[str, torch.Tensor]] | None = None  # image tasks: pixels
 
 
@@ -114,8 +116,6 @@ def load_recipe_task(spec: DataSpec, seed: int = 0, test_only: bool = False) -> 
     """The recipe's task; `test_only` with a test file reads just that file (all of it)."""
     if Path(spec.name).is_dir():  # one sub-folder of images per class
         return load_image_folder(Path(spec.name), spec.test_fraction, seed)
-    from petkit.data import Columns, load_task, load_test_file
-
     columns = Columns(spec.text_column, spec.label_column, spec.prompt_column,
                       spec.completion_column)
     if test_only and spec.test_file:
@@ -139,9 +139,6 @@ def prepare(recipe: Recipe, *, with_train: bool = True,
             test_only: bool = False) -> tuple[Prepared, Any]:
     """Load the task (checked before the model loads), then the model; encode the
     train/validation/test subsets. `test_only` (eval) reads only a test file when one is set."""
-    from petkit.data import label_token_ids, split_validation
-    from petkit.models import load_model
-
     spec, seed = recipe.data, recipe.train.seed
     task = load_recipe_task(spec, test_only=test_only)
     notes = list(task.notes)
@@ -191,11 +188,6 @@ def test_metrics(prep: Prepared, recipe: Recipe) -> dict[str, float]:
     return evaluate(prep.model, prep.test, batch_size=recipe.train.eval_batch_size or 16,
                     pad_id=prep.pad_id, label_token_ids=prep.label_token_ids,
                     precision=recipe.train.precision, collate_fn=prep.collate)
-
-
-def folder_bytes(path: Path) -> int:
-    """Total size of the files in `path`."""
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 def run_recipe(recipe: Recipe, echo: Echo = print) -> RunReport:

@@ -37,9 +37,9 @@ def fingerprint(model: nn.Module, paths: list[str]) -> dict[str, Any]:
     return {
         "architecture": type(innermost(model)).__name__,
         "model_type": str(getattr(config, "model_type", "") or ""),
-        **quantization_field(model),
         "shapes": shapes,
         "weights_sha256": digest.hexdigest(),
+        **quantization_field(model),
     }
 
 

@@ -27,8 +27,8 @@ from ..core.capabilities import TransformsOutput
 from ..core.delta import DeltaModule, innermost, wrap
 from ..core.errors import TargetError
 from ..core.registry import MethodConfig, check_choice, check_range, register
-from ..core.targets import is_linear, linear_dims, match_targets, role_targets
 from ..core.qweight import delta_dtype
+from ..core.targets import is_linear, linear_dims, match_targets, role_targets
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 PLACEMENT_ROLES = {"houlsby": ("attn_out", "ffn_out"), "pfeiffer": ("ffn_out",), "parallel": ("ffn",)}

@@ -27,8 +27,8 @@ from ..core.capabilities import InputScaled, MergesOwnDeltas, TransformsOutput
 from ..core.delta import DeltaModule, innermost, wrap
 from ..core.errors import AdapterStateError, ConfigError, TargetError
 from ..core.registry import MethodConfig, register
-from ..core.targets import ROLES, Targets, linear_dims, match_targets, model_type, role_targets
 from ..core.qweight import delta_dtype, dense_weight
+from ..core.targets import ROLES, Targets, linear_dims, match_targets, model_type, role_targets
 
 
 class IA3Scale(DeltaModule):

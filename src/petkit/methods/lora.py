@@ -22,9 +22,9 @@ from ..core.capabilities import LowRank, Weighted
 from ..core.delta import DeltaModule, get_canonical, innermost, wrap
 from .family.lowrank import factor_pair
 from ..core.registry import MethodConfig, check_choice, check_range, register
+from ..core.qweight import delta_dtype
 from ..core.targets import linear_dims, match_targets, role_targets
 
-from ..core.qweight import delta_dtype
 
 class LoraLinear(DeltaModule):
     def __init__(self, base: nn.Module, adapter_name: str, r: int, alpha: float, dropout: float,
