@@ -1,6 +1,6 @@
 """Read the rows of a user's data file: .csv, .jsonl, .json or .parquet, each row with where it is.
 
-The standard library reads CSV and JSON (pyarrow, which `datasets` brings, reads parquet), so a
+The standard library reads CSV and JSON (pyarrow reads parquet), so a
 mistake in the file is a one-line `ConfigError` that names the file, the line and the reason:
 
     reviews.jsonl line 7: not valid JSON (Expecting ',' delimiter at column 31)
