@@ -1,6 +1,7 @@
 """petkit LoRA vs Hugging Face PEFT LoRA: same model, data, batch, rank, optimiser, in one run.
 
-Each library trains in its own subprocess (so peak memory is its own); the parent prints
+Each library trains in its own subprocess (so peak memory is its own), the two alternating
+(`--rounds`, best of each kept, so slow drift of a shared machine hits both); the parent prints
 median step time and peak memory with ratios petkit/peft (goal: both <= 1.0).
 
     python benchmarks/lora_vs_peft.py                         # CPU, smollm2-135m
@@ -113,6 +114,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--all-linear", action="store_true")
+    ap.add_argument("--rounds", type=int, default=2, help="runs per library, alternating; best kept")
     ap.add_argument("--lib", help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
@@ -120,7 +122,7 @@ def main() -> None:
         print(json.dumps(worker(args)))
         return
     results = {}
-    for lib in ("peft", "petkit", "peft", "petkit") if args.device.startswith("cuda") else ("peft", "petkit"):
+    for lib in ("peft", "petkit") * args.rounds:  # alternating, best of `rounds` each: drift hits both
         out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--lib", lib], capture_output=True, text=True)
         if out.returncode:
             sys.exit(out.stderr[-3000:])
