@@ -114,8 +114,3 @@ def decode(sent: State, shapes: dict[str, tuple[int, ...]], how: Compression) ->
         flat[idx] = val.astype(np.float32)
     pieces = np.split(flat, np.cumsum(sizes)[:-1]) if keys else []
     return {k: p.reshape(shapes[k]) for k, p in zip(keys, pieces)}
-
-
-def wire_bytes(sent: State) -> int:
-    """Bytes of the arrays' data (what a message carries for them, headers aside)."""
-    return sum(int(v.nbytes) for v in sent.values())

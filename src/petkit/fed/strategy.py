@@ -90,11 +90,12 @@ class PetStrategy(FedAvg):
         """Check each reply, reject bad ones (logged), aggregate the rest."""
         row = self.row(server_round)
         states, weights, losses = [], [], []
+        decoder = self._decoder()  # once a round: it may re-encode the broadcast
         for msg in replies:
             node = msg.metadata.src_node_id
             row["bytes_up"] += _reply_bytes(msg)
             try:
-                state, n = check_reply(msg, self.spec, self.arrayrecord_key, self._decoder())
+                state, n = check_reply(msg, self.spec, self.arrayrecord_key, decoder)
             except RejectedUpdate as why:
                 pid = _claimed_partition(msg)
                 LOG.warning("round %d: rejected the update of node %d%s: %s", server_round, node,
