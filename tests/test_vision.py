@@ -138,6 +138,38 @@ def test_pipeline_trains_vpt_on_an_image_folder(tmp_path):
     assert pk.active_adapters(saved) == ["default"]
 
 
+def test_cli_trains_on_mnist_5k_then_merges_to_a_plain_vit_folder(tmp_path, capsys):
+    """`petkit train` (a few LoRA steps on mnist-5k) then `petkit merge`: the merged folder loads
+    with transformers alone and gives the adapted model's logits; VPT says it cannot merge."""
+    from transformers import AutoModelForImageClassification
+
+    from petkit.app.pipeline import load_with_adapter, recipe_for_adapter
+    from petkit.cli import main
+
+    tiny_vision_model(num_labels=10, image_size=16).save_pretrained(tmp_path / "vit")
+    common = ["--model", str(tmp_path / "vit"), "--data", "mnist-5k", "--train-size", "24",
+              "--test-size", "8", "--steps", "3", "--batch-size", "8", "--data.image_size=16",
+              "--train.progress=false"]
+    assert main(["train", *common, "--method", "lora", "--output", str(tmp_path / "run")]) == 0
+    adapter = tmp_path / "run" / "adapter"
+    assert main(["merge", "--adapter", str(adapter), "--output", str(tmp_path / "merged")]) == 0
+    assert not (tmp_path / "merged" / "tokenizer.json").exists()
+    merged = AutoModelForImageClassification.from_pretrained(tmp_path / "merged").eval()
+    adapted = load_with_adapter(recipe_for_adapter(adapter), adapter).model.eval()
+    pixels = collate_images([{"image": e["image"], "labels": 0} for e in
+                             load_mnist_5k().test[:4]], 16)["pixel_values"]
+    with torch.no_grad():
+        expected = adapted(pixel_values=pixels).logits
+        torch.testing.assert_close(merged(pixel_values=pixels).logits, expected)
+    assert not torch.allclose(expected, tiny_vision_model(10)(pixel_values=pixels).logits)
+
+    assert main(["train", *common, "--method", "vpt", "--output", str(tmp_path / "vpt")]) == 0
+    capsys.readouterr()
+    assert main(["merge", "--adapter", str(tmp_path / "vpt" / "adapter"), "--output",
+                 str(tmp_path / "vpt-merged")]) != 0
+    assert "not mergeable" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_dinov2_s_matches_onnxruntime_on_real_digits(mnist):
     """The rebuilt backbone reproduces the ONNX graph's final hidden states on MNIST digits."""

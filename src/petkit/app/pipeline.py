@@ -32,7 +32,7 @@ from petkit.data import (Columns, encode_classification, encode_instruction, lab
 from petkit.data.images import collate_images, encode_images, is_image_task, load_image_folder
 from petkit.models.quantize import quantize
 from petkit.models import head_module_names, load_model, resolve_model
-from petkit.models.vision import load_vision_model
+from petkit.models.vision import is_vision_model, load_vision_model
 
 ENCODER_TYPES = {"bert", "roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2",
                  "xlm-roberta", "mpnet", "camembert", "modernbert"}
@@ -269,10 +269,12 @@ def _model_only(recipe: Recipe) -> Prepared:
 
 def merge_to_folder(recipe: Recipe, adapter: str | Path, output: str | Path) -> Path:
     """Merge the adapter into the base and save a plain Hugging Face model folder."""
-    needs_task = recipe.data.task_type == "head"
+    # A new head's size comes from the task; an image model's head always does.
+    needs_task = recipe.data.task_type == "head" or is_vision_model(recipe.model.name)
     prep = load_with_adapter(recipe, adapter, with_data=needs_task)
     base = unload(prep.model, merge=True)
     out = Path(output)
     base.save_pretrained(out)
-    prep.tokenizer.save_pretrained(out)
+    if prep.tokenizer is not None:  # a ViT has none (its pixels come from data.images)
+        prep.tokenizer.save_pretrained(out)
     return out
