@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -27,7 +28,7 @@ from petkit.models import load_model
 from petkit.models.loading import head_module_names
 
 ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "runs" / "hybrid"
+OUT = Path(os.environ.get("HYBRID_OUT", ROOT / "runs" / "hybrid"))  # a smoke run: elsewhere
 
 
 def record(system: str, row: dict[str, Any]) -> None:
@@ -91,28 +92,30 @@ def cmd_transfer(args: argparse.Namespace) -> None:
 
         large, _ = load_model("minilm-l6", task="seq-cls", num_labels=5)
         row["large_untuned"] = accuracy(large, test, pad)
-        partial(row)
+        # the default: hidden-state alignment on a few training texts, one pass of each model
         started = time.perf_counter()
-        t = transfer_adapter("default", small, large)
-        row["transfer_s"] = time.perf_counter() - started
-        row["alignment_error"] = t.alignment_error
-        row["layer_map"] = t.layer_map
-        row["large_transferred"] = accuracy(large, test, pad)
-        partial(row)
-        aligned, _ = load_model("minilm-l6", task="seq-cls", num_labels=5)
-        started = time.perf_counter()
-        transfer_adapter("default", small, aligned, align_data=train[: args.align_size], pad_id=pad)
+        t = transfer_adapter("default", small, large, align_data=train[: args.align_size],
+                             pad_id=pad)
         row["align_transfer_s"], row["align_passes"] = time.perf_counter() - started, 2 * args.align_size
-        row["large_transferred_hidden"] = accuracy(aligned, test, pad)
+        row["hidden_alignment_error"] = t.alignment_error
+        row["layer_map"] = t.layer_map
+        row["large_transferred_hidden"] = accuracy(large, test, pad)
         partial(row)
-        del aligned
-        zo = pk.TrainConfig(lr=args.zo_lr, max_steps=args.zo_steps, batch_size=16,
-                            optimizer="mezo", schedule="constant", seed=seed, progress=False,
-                            max_grad_norm=None)
-        res_zo = pk.train(large, train, zo, pad_id=pad)
-        row["large_refined"] = accuracy(large, test, pad)
+        embedded, _ = load_model("minilm-l6", task="seq-cls", num_labels=5)
+        started = time.perf_counter()
+        t = transfer_adapter("default", small, embedded, align="embeddings")
+        row["transfer_s"], row["alignment_error"] = time.perf_counter() - started, t.alignment_error
+        row["large_transferred"] = accuracy(embedded, test, pad)
         partial(row)
-        row["refine_s"], row["refine_passes"] = res_zo.seconds, 2 * args.zo_steps * 16
+        del embedded
+        if args.zo_steps:  # gradient-free refinement of the default (hidden-aligned) transfer
+            zo = pk.TrainConfig(lr=args.zo_lr, max_steps=args.zo_steps, batch_size=16,
+                                optimizer="mezo", schedule="constant", seed=seed, progress=False,
+                                max_grad_norm=None)
+            res_zo = pk.train(large, train, zo, pad_id=pad)
+            row["large_refined"] = accuracy(large, test, pad)
+            row["refine_s"], row["refine_passes"] = res_zo.seconds, 2 * args.zo_steps * 16
+            partial(row)
 
         direct, _ = load_model("minilm-l6", task="seq-cls", num_labels=5)
         pk.attach(direct, lora_head(direct))
@@ -121,15 +124,19 @@ def cmd_transfer(args: argparse.Namespace) -> None:
         row["direct_s"], row["direct_passes"] = res.seconds, backprop_passes
         gap = row["large_direct"] - row["large_untuned"]
         for arm in ("large_transferred", "large_transferred_hidden", "large_refined"):
-            row[f"{arm}_gap_recovered"] = (row[arm] - row["large_untuned"]) / gap if gap else None
-        row["refine_compute_share"] = row["refine_passes"] / backprop_passes
+            if arm in row:
+                row[f"{arm}_gap_recovered"] = (row[arm] - row["large_untuned"]) / gap if gap else None
+        row["align_compute_share"] = row["align_passes"] / backprop_passes
+        if "refine_passes" in row:
+            row["refine_compute_share"] = (row["align_passes"] + row["refine_passes"]) / backprop_passes
         record("transfer", row)
 
 
 # --- 2. port ------------------------------------------------------------------------------
 
 
-def rotten(tokenizer: Any, seed: int, n_train: int, max_length: int) -> tuple[list, list, list]:
+def rotten(tokenizer: Any, seed: int, n_train: int, max_length: int,
+           n_test: int = 300) -> tuple[list, list, list]:
     """Encoded rotten-tomatoes train / test subsets and the verbaliser token ids."""
     from petkit.data import label_token_ids
 
@@ -139,7 +146,7 @@ def rotten(tokenizer: Any, seed: int, n_train: int, max_length: int) -> tuple[li
     train = [task.train[i] for i in order[:n_train]]
     enc = lambda xs: encode_classification(xs, tokenizer, max_length=max_length,  # noqa: E731
                                            template=task.template)
-    return enc(train), enc(task.test[:300]), label_token_ids(tokenizer, task.label_words)
+    return enc(train), enc(task.test[:n_test]), label_token_ids(tokenizer, task.label_words)
 
 
 def evolved_base(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
@@ -153,14 +160,15 @@ def evolved_base(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
     model, tok = load_model("smollm2-135m")
     task = load_task("chatterbot-qa")
     texts = [f"{e['prompt']} {e['completion']}" for e in task.train]
-    cfg = pk.TrainConfig(lr=args.cpt_lr, max_steps=args.cpt_steps, batch_size=4, seed=0,
-                         warmup_steps=2, progress=False)
+    cfg = pk.TrainConfig(lr=args.cpt_lr, max_steps=args.cpt_steps, batch_size=args.cpt_batch,
+                         seed=0, warmup_steps=2, progress=False)
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    res = evolve_base(model, tok, texts, folder, cfg, length=128)
+    res = evolve_base(model, tok, texts, folder, cfg, length=args.cpt_len)
     change = sum(float((model.state_dict()[k] - v).norm() ** 2) for k, v in before.items()) ** 0.5
     norm = sum(float(v.norm() ** 2) for v in before.values()) ** 0.5
     losses = [r["train_loss"] for r in res.history if "train_loss" in r]
-    info = {"cpt_steps": args.cpt_steps, "cpt_lr": args.cpt_lr, "cpt_batch": 4, "cpt_len": 128,
+    info = {"cpt_steps": args.cpt_steps, "cpt_lr": args.cpt_lr, "cpt_batch": args.cpt_batch,
+            "cpt_len": args.cpt_len,
             "cpt_s": res.seconds, "cpt_first_loss": losses[0], "cpt_last_loss": losses[-1],
             "relative_weight_change": change / norm}
     info_path.write_text(json.dumps(info))
@@ -174,7 +182,7 @@ def cmd_port(args: argparse.Namespace) -> None:
     lora = pk.LoraConfig(r=8, alpha=16, targets=["q_proj", "v_proj"])
     for seed in args.seeds:
         old, tok = load_model("smollm2-135m")
-        train, test, ids = rotten(tok, seed, args.train_size, 64)
+        train, test, ids = rotten(tok, seed, args.train_size, 64, args.test_size)
         pad = int(tok.pad_token_id)
         cfg = pk.TrainConfig(lr=3e-3, max_steps=args.steps, batch_size=16, seed=seed,
                              label_token_ids=ids, progress=False)
@@ -275,18 +283,60 @@ class PeakRss:
         self.thread.join()
 
 
-def sentiment_classifier(seed: int, steps: int) -> tuple[Any, Any, float]:
-    """minilm-l6 + LoRA + head trained by petkit on rotten-tomatoes; (model, tokenizer, test acc)."""
+def sentiment_judge(steps: int, n_test: int) -> tuple[Any, Any, dict[str, Any]]:
+    """minilm-l6 + LoRA r16 on every linear layer + head, trained by petkit on the whole
+    rotten-tomatoes train split (built once, cached in runs/hybrid/judge); (model, tokenizer,
+    info with its accuracy on `n_test` held-out test reviews)."""
+    folder, info_path = OUT / "judge", OUT / "judge.json"
+    torch.manual_seed(0)  # the new head's initialisation is part of the adapter's fingerprint
     model, tok = load_model("minilm-l6", task="seq-cls", num_labels=2)
+    pad = int(tok.pad_token_id)
+    if info_path.exists() and json.loads(info_path.read_text())["steps"] == steps:
+        pk.load_adapter(model, folder)
+        return model.eval(), tok, json.loads(info_path.read_text())
     task = load_task("rotten-tomatoes")
-    g = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(task.train), generator=g).tolist()[:1024]
-    train = encode_classification([task.train[i] for i in order], tok, max_length=64)
-    test = encode_classification(task.test[:300 if steps > 1 else 16], tok, max_length=64)
-    pk.attach(model, lora_head(model))
-    pk.train(model, train, pk.TrainConfig(lr=2e-3, max_steps=steps, batch_size=16, seed=seed,
-                                          progress=False), pad_id=int(tok.pad_token_id))
-    return model, tok, accuracy(model, test, int(tok.pad_token_id))
+    train = encode_classification(task.train, tok, max_length=64)
+    test = encode_classification(task.test[:n_test], tok, max_length=64)
+    pk.attach(model, pk.LoraConfig(r=16, alpha=32, targets="all-linear",
+                                   modules_to_save=head_module_names(model)))
+    res = pk.train(model, train, pk.TrainConfig(lr=1e-3, max_steps=steps, batch_size=32,
+                                                warmup_ratio=0.06, seed=0, progress=False),
+                   pad_id=pad)
+    info = {"steps": steps, "batch": 32, "train_examples": len(train), "test_examples": len(test),
+            "test_acc": accuracy(model, test, pad), "train_s": res.seconds}
+    pk.save_adapter(model, folder)
+    info_path.write_text(json.dumps(info))
+    return model.eval(), tok, info
+
+
+def weights_held_mb() -> float:
+    """MB of distinct parameter and buffer storages held by every live nn.Module."""
+    import gc
+    import warnings
+
+    storages: dict[int, int] = {}
+    with warnings.catch_warnings():  # isinstance on torch's deprecated module proxies warns
+        warnings.simplefilter("ignore")
+        modules = [obj for obj in gc.get_objects() if isinstance(obj, torch.nn.Module)]
+    for module in modules:
+        for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+            storage = t.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values()) / 2**20
+
+
+class ReferenceProbe:
+    """Weights held in memory before DPO and during its first reference pass (a forward under
+    no_grad): their difference is any second copy the reference needed."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.before, self.during = weights_held_mb(), None
+        self.handle = model.register_forward_pre_hook(self.hook)
+
+    def hook(self, *_: Any) -> None:
+        if not torch.is_grad_enabled() and self.during is None:
+            self.during = weights_held_mb()
+            self.handle.remove()
 
 
 def generate(model: Any, tok: Any, prompts: list[str], new_tokens: int) -> list[str]:
@@ -304,6 +354,7 @@ def generate(model: Any, tok: Any, prompts: list[str], new_tokens: int) -> list[
 
 
 def requested_rate(clf: Any, clf_tok: Any, texts: list[str], wanted: list[int]) -> float:
+    clf.eval()
     enc = clf_tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=64)
     with torch.no_grad():
         pred = clf(**enc).logits.argmax(-1).tolist()
@@ -316,16 +367,19 @@ def cmd_prefer(args: argparse.Namespace) -> None:
 
     movies = movie_reviews()
     names = list(movies)
+    clf, clf_tok, judge = sentiment_judge(args.clf_steps, args.clf_test)
+    print("judge " + json.dumps(judge), file=sys.stderr, flush=True)
+    meet_steps = args.meet_steps or max(1, args.steps // 2)  # two stages: DPO's compute in all
     for seed in args.seeds:
         g = torch.Generator().manual_seed(seed)
         order = [names[i] for i in torch.randperm(len(names), generator=g).tolist()]
         held, train_movies = order[: args.eval_movies], order[args.eval_movies:][: args.train_movies]
         prompts = [prompt_of(m, s) for m in held for s in (0, 1)]
         wanted = [s for _ in held for s in (0, 1)]
-        clf, clf_tok, clf_acc = sentiment_classifier(seed, args.clf_steps)
         row: dict[str, Any] = {"seed": seed, "train_pairs": 2 * len(train_movies) * args.per_movie,
                                "eval_generations": len(prompts), "new_tokens": args.new_tokens,
-                               "steps": args.steps, "classifier_test_acc": clf_acc}
+                               "steps": args.steps, "meet_steps": meet_steps, "lr": args.lr,
+                               "classifier": judge}
         _, tok = load_model("smollm2-135m")
         pairs = encode_pairs(preference_pairs(movies, train_movies, args.per_movie), tok, 96)
         pad = int(tok.pad_token_id)
@@ -351,15 +405,19 @@ def cmd_prefer(args: argparse.Namespace) -> None:
         del sft
         dpo, _ = load_model("smollm2-135m")
         pk.attach(dpo, lora)
+        probe = ReferenceProbe(dpo)
         with PeakRss() as mem:
             res = train_preference(dpo, pairs, cfg, beta=args.beta, pad_id=pad)
         row["dpo_s"], row["dpo_peak_rss_mb"] = res.seconds, mem.peak
+        row["weights_held_mb_before_dpo"], row["weights_held_mb_in_reference_pass"] = (
+            probe.before, probe.during)
         score("dpo", dpo)
         del dpo
         model, _ = load_model("smollm2-135m")
         control = pk.make_config("prompt", num_virtual_tokens=8)
-        first, second = meet(model, pairs, control, lora, cfg, beta=args.beta, pad_id=pad,
-                             control_config=cfg.replace(lr=3e-2))
+        stage = cfg.replace(max_steps=meet_steps)
+        first, second = meet(model, pairs, control, lora, stage, beta=args.beta, pad_id=pad,
+                             control_config=stage.replace(lr=3e-2))
         row["meet_s"] = first.seconds + second.seconds
         score("meet", model)
         row["samples"] = samples
@@ -380,8 +438,11 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("port")
     p.add_argument("--train-size", type=int, default=256)
     p.add_argument("--steps", type=int, default=32)
-    p.add_argument("--cpt-steps", type=int, default=30)
-    p.add_argument("--cpt-lr", type=float, default=1e-4)
+    p.add_argument("--test-size", type=int, default=300)
+    p.add_argument("--cpt-steps", type=int, default=40)
+    p.add_argument("--cpt-lr", type=float, default=3e-4)
+    p.add_argument("--cpt-batch", type=int, default=8)
+    p.add_argument("--cpt-len", type=int, default=64)
     p = sub.add_parser("prefer")
     p.add_argument("--train-movies", type=int, default=64)
     p.add_argument("--per-movie", type=int, default=1)
@@ -390,11 +451,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--new-tokens", type=int, default=24)
-    p.add_argument("--clf-steps", type=int, default=64)
+    p.add_argument("--clf-steps", type=int, default=400)
+    p.add_argument("--clf-test", type=int, default=1000)
+    p.add_argument("--meet-steps", type=int, default=0, help="per stage; 0: half of --steps")
     for p in sub.choices.values():
         p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0])
     args = parser.parse_args(argv)
-    torch.set_num_threads(int(__import__("os").environ.get("OMP_NUM_THREADS", "2")))
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     {"transfer": cmd_transfer, "port": cmd_port, "prefer": cmd_prefer}[args.cmd](args)
 
 

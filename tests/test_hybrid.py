@@ -13,7 +13,7 @@ import petkit as pk
 from petkit.core.errors import AdapterLoadError, ConfigError
 from petkit.hybrid.port import ported_from
 from petkit.hybrid.preference import DPOModel, dpo_loss, pair_collate, sequence_logp
-from petkit.hybrid.transfer import depth_map, hidden_maps
+from petkit.hybrid.transfer import depth_map, embedding_maps
 from petkit.models import tiny_model
 from petkit.models.tiny import TINY_VOCAB
 
@@ -45,15 +45,33 @@ def test_depth_map_nearest_relative_depth() -> None:
     assert depth_map(4, 4) == {i: i for i in range(4)}
 
 
-def test_transfer_to_the_same_model_is_exact() -> None:
+def texts(n: int = 8, length: int = 12) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    return [{"input_ids": torch.randint(1, TINY_VOCAB, (length,), generator=g).tolist(),
+             "attention_mask": [1] * length, "labels": i % 3} for i in range(n)]
+
+
+def test_embedding_alignment_to_the_same_model_is_exact() -> None:
     small = bert()
     pk.attach(small, lora_head())
     randomise(small)
     large = bert()
     x = torch.randint(0, TINY_VOCAB, (2, 9))
-    t = pk.transfer_adapter("default", small, large)
-    assert t.alignment_error == 0.0 and t.layer_map == {0: 0, 1: 1}
+    t = pk.transfer_adapter("default", small, large, align="embeddings")
+    assert t.alignment_error == 0.0 and t.layer_map == {0: 0, 1: 1} and t.align == "embeddings"
     assert torch.allclose(small(input_ids=x).logits, large(input_ids=x).logits, atol=1e-5)
+
+
+def test_hidden_state_alignment_is_the_default_and_needs_texts() -> None:
+    small, large = bert(), bert(seed=1)
+    pk.attach(small, lora_head())
+    with pytest.raises(ConfigError, match="align_data"):
+        pk.transfer_adapter("default", small, large)
+    with pytest.raises(ConfigError, match="align must be one of"):
+        pk.transfer_adapter("default", small, large, align="vocab", align_data=texts())
+    assert "default" not in pk.adapters(large)  # a refused transfer attaches nothing
+    t = pk.transfer_adapter("default", small, large, align_data=texts())
+    assert t.align == "hidden" and 0.0 < t.alignment_error < 1.0
 
 
 def test_transfer_maps_depth_and_width(tmp_path) -> None:
@@ -61,13 +79,13 @@ def test_transfer_maps_depth_and_width(tmp_path) -> None:
     pk.attach(small, lora_head())
     randomise(small)
     pk.save_adapter(small, tmp_path / "a")
-    pk.transfer_adapter(tmp_path / "a", small, large)
+    pk.transfer_adapter(tmp_path / "a", small, large, align="embeddings")
     state = pk.adapter_state(large, "default")
     a = state["bert.encoder.layer.3.attention.self.query.lora_A"]
     b = state["bert.encoder.layer.3.output.dense.lora_B"]
     assert a.shape == (2, 48) and b.shape == (48, 2)
     # layer 3 of 4 takes small layer 1; its A reads the residual stream through Q^T
-    _, q, _ = hidden_maps(small, large)
+    _, q, _ = embedding_maps(small, large)
     src = pk.adapter_state(small, "default")
     assert torch.allclose(a, src["bert.encoder.layer.1.attention.self.query.lora_A"] @ q.T,
                           atol=1e-5)
@@ -79,13 +97,21 @@ def test_hidden_state_alignment_of_a_model_with_itself_is_exact() -> None:
     pk.attach(small, lora_head())
     randomise(small)
     large = bert()
-    g = torch.Generator().manual_seed(0)
-    data = [{"input_ids": torch.randint(1, TINY_VOCAB, (12,), generator=g).tolist(),
-             "attention_mask": [1] * 12} for _ in range(8)]
-    with pk.disabled(small):  # the large model is untuned: align on the small model's base
-        pk.transfer_adapter("default", small, large, align_data=data)
+    t = pk.transfer_adapter("default", small, large, align_data=texts())  # aligns the two bases
     x = torch.randint(0, TINY_VOCAB, (2, 9))
+    assert t.alignment_error < 1e-4
     assert torch.allclose(small(input_ids=x).logits, large(input_ids=x).logits, atol=1e-3)
+
+
+def test_hidden_state_transfer_maps_depth_and_width() -> None:
+    small, large = bert(layers=2, width=32), bert(layers=4, width=48, seed=1)
+    pk.attach(small, lora_head())
+    randomise(small)
+    t = pk.transfer_adapter("default", small, large, align_data=texts(16))
+    state = pk.adapter_state(large, "default")
+    assert state["bert.encoder.layer.3.attention.self.query.lora_A"].shape == (2, 48)
+    assert t.layer_map == {0: 0, 1: 0, 2: 1, 3: 1}
+    assert torch.isfinite(large(input_ids=torch.randint(0, TINY_VOCAB, (1, 5))).logits).all()
 
 
 def test_transfer_refuses_gradient_refinement() -> None:
@@ -100,10 +126,9 @@ def test_transfer_refines_with_mezo() -> None:
     small, large = bert(), bert(seed=1)
     pk.attach(small, lora_head())
     randomise(small)
-    data = [{"input_ids": [1, 5, 7, 2], "attention_mask": [1] * 4, "labels": i % 3}
-            for i in range(8)]
     cfg = pk.TrainConfig(optimizer="mezo", lr=1e-3, max_steps=2, batch_size=4, progress=False)
-    t = pk.transfer_adapter("default", small, large, refine=cfg, refine_data=data)
+    t = pk.transfer_adapter("default", small, large, refine=cfg, refine_data=texts())
+    assert t.align == "hidden"  # aligned on the refinement texts
     assert t.refined is not None and t.refined.steps == 2
 
 

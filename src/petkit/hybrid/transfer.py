@@ -7,19 +7,24 @@ gradient-free stepper (`refine`: MeZO or CMA-ES through `pk.train`, never backpr
 1. **Depth.** Large layer ``j`` (of ``L_l``) takes the delta of small layer
    ``i = round(j * (L_s - 1) / (L_l - 1))`` (nearest relative depth); modules outside the layer
    stack (a task head) keep their path. ``L_s == L_l`` is the identity map.
-2. **Width.** The two models share a vocabulary, so their input-embedding matrices ``E_s``
-   (V x d_s) and ``E_l`` (V x d_l) give a least-squares map of the residual stream,
-   ``P = argmin ||E_s P - E_l||`` (d_s x d_l), and back, ``Q = argmin ||E_l Q - E_s||``.
-   A delta ``dW_s`` that reads the residual stream reads it through ``Q``; one that writes it
-   writes through ``P``: ``dW_l = P^T dW_s Q^T`` — for LoRA ``A_l = A_s Q^T``, ``B_l = P^T B_s``;
-   a trainable full copy (task head) maps its input side only. A dimension that is not the
-   residual stream (attention-head space, FFN width, classes) is copied when the sizes agree and
-   zero-padded / truncated when they do not. When small and large are the same model, P = Q = I
-   and the transfer is exact. With `align_data` (a few encoded texts), the maps are fitted
-   instead on the two models' hidden states over those texts, one pair per (small, large)
-   hidden state: a module of large layer ``j`` (from small layer ``i``) reads through the map
-   of states (i, j) and writes through (i + 1, j + 1); the task head reads through the last
-   states' map. This costs one forward pass of each model over the texts.
+2. **Width.** A delta ``dW_s`` that reads the residual stream reads it through a map ``Q``
+   (large -> small); one that writes it writes through ``P`` (small -> large):
+   ``dW_l = P^T dW_s Q^T`` — for LoRA ``A_l = A_s Q^T``, ``B_l = P^T B_s``; a trainable full copy
+   (task head) maps its input side only. A dimension that is not the residual stream
+   (attention-head space, FFN width, classes) is copied when the sizes agree and zero-padded /
+   truncated when they do not. The maps are least-squares fits, chosen by `align`:
+
+   - ``"hidden"`` (the default): fitted on the two models' hidden states over a few encoded
+     texts (`align_data`; 64 is enough), one pair per (small, large) hidden state: a module of
+     large layer ``j`` (from small layer ``i``) reads through the map of states (i, j) and writes
+     through (i + 1, j + 1); the task head reads through the last states' map. One forward pass
+     of each model over the texts.
+   - ``"embeddings"``: one pair from the input-embedding matrices of the shared vocabulary,
+     ``P = argmin ||E_s P - E_l||``, ``Q = argmin ||E_l Q - E_s||``; needs no data, but two
+     independently trained models' embedding tables are far apart (docs/hybrid.md: near chance
+     on MiniLM-L3 -> L6), so it is the fallback, not the default.
+
+   When small and large are the same model, the maps are the identity and the transfer is exact.
 
 Which side of a module is the residual stream is read from the module's place in a BERT /
 Llama / GPT-2 block (`READS_RESIDUAL`, `WRITES_RESIDUAL`).
@@ -37,7 +42,7 @@ from torch import nn
 
 from petkit.core.errors import ConfigError
 from petkit.core.io import adapter_state, fill_attached, read_adapter, config_of
-from petkit.core.model import attach
+from petkit.core.model import attach, disabled
 from petkit.core.state import adapters
 from petkit.data import collate
 from petkit.training import TrainConfig, TrainResult, train
@@ -54,7 +59,8 @@ class Transfer:
     """What `transfer_adapter` did: the layer map, the alignment residual, refinement cost."""
 
     layer_map: dict[int, int]
-    alignment_error: float  # ||E_s P - E_l|| / ||E_l||
+    alignment_error: float  # relative least-squares residual ||x P - y|| / ||y|| (mean over maps)
+    align: str = "hidden"
     refined: TrainResult | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -87,9 +93,13 @@ def least_squares(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve(gram + ridge * torch.eye(len(gram), dtype=gram.dtype), x.T @ y)
 
 
-def hidden_maps(small: nn.Module, large: nn.Module) -> tuple[torch.Tensor, torch.Tensor, float]:
+ALIGNS = ("hidden", "embeddings")
+ALIGN_TEXTS = 64  # texts taken from refine_data when align_data is not given
+
+
+def embedding_maps(small: nn.Module, large: nn.Module) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(P, Q, relative residual): least-squares maps between the residual streams, from the
-    input embeddings of the shared vocabulary."""
+    input embeddings of the shared vocabulary (`align="embeddings"`)."""
     e_s = small.get_input_embeddings().weight.detach().double()
     e_l = large.get_input_embeddings().weight.detach().double()
     if e_s.shape[0] != e_l.shape[0]:
@@ -124,7 +134,9 @@ Maps = tuple[torch.Tensor, torch.Tensor]  # (P: small -> large, Q: large -> smal
 
 class HiddenAligner:
     """(P, Q) between the small model's hidden state `i` and the large model's `j` (0 = the
-    embedding output), fitted by least squares on the non-pad tokens of `data`."""
+    embedding output), fitted by least squares on the non-pad tokens of `data`. Both models run
+    inside `disabled`: the maps relate the two *bases*, which is what the delta was trained on
+    and what it is added to."""
 
     def __init__(self, small: nn.Module, large: nn.Module, data: Sequence[dict],
                  pad_id: int) -> None:
@@ -134,16 +146,38 @@ class HiddenAligner:
         self.states = []
         with torch.no_grad():
             for model in (small, large):
-                out = model(**inputs, output_hidden_states=True)
+                with disabled(model):
+                    out = model(**inputs, output_hidden_states=True)
                 self.states.append([h.reshape(-1, h.shape[-1])[keep].double()
                                     for h in out.hidden_states])
         self.cache: dict[tuple[int, int], Maps] = {}
+        self.errors: list[float] = []
 
     def __call__(self, i: int, j: int) -> Maps:
         if (i, j) not in self.cache:
             h_s, h_l = self.states[0][i], self.states[1][j]
-            self.cache[(i, j)] = (least_squares(h_s, h_l).float(), least_squares(h_l, h_s).float())
+            p = least_squares(h_s, h_l)
+            self.errors.append(float(torch.linalg.norm(h_s @ p - h_l) / torch.linalg.norm(h_l)))
+            self.cache[(i, j)] = (p.float(), least_squares(h_l, h_s).float())
         return self.cache[(i, j)]
+
+    def error(self) -> float:
+        """Mean relative residual of the fitted small -> large maps."""
+        return sum(self.errors) / len(self.errors) if self.errors else 0.0
+
+
+def _aligner(align: str, small: nn.Module, large: nn.Module, align_data: Sequence[dict] | None,
+             pad_id: int) -> tuple[Any, Any]:
+    """(maps(i, j) -> (P, Q), error() -> residual) for the chosen alignment."""
+    if align == "embeddings":
+        p, q, err = embedding_maps(small, large)
+        return (lambda i, j: (p, q)), (lambda: err)
+    if not align_data:
+        raise ConfigError("transfer_adapter: hidden-state alignment (align='hidden', the default) "
+                          "needs align_data (a few encoded texts, e.g. 64 training examples) or "
+                          "refine_data; pass align='embeddings' to align without data")
+    aligner = HiddenAligner(small, large, align_data, pad_id)
+    return aligner, aligner.error
 
 
 def map_tensor(key: str, local: str, t: torch.Tensor, shape: Sequence[int],
@@ -189,13 +223,15 @@ def transfer_adapter(adapter: str | os.PathLike, small_model: nn.Module, large_m
                      *, name: str = "default", refine: TrainConfig | None = None,
                      refine_data: Sequence[dict] | None = None,
                      eval_data: Sequence[dict] | None = None, pad_id: int = 0,
-                     align_data: Sequence[dict] | None = None) -> Transfer:
+                     align: str = "hidden", align_data: Sequence[dict] | None = None) -> Transfer:
     """Attach `adapter` (trained on `small_model`) to `large_model` as `name`, mapped by depth
     and width without gradients; with `refine` (a zeroth-order or CMA-ES TrainConfig) and
-    `refine_data`, refine it with `pk.train`. With `align_data` (encoded examples), the width
-    maps come from the two models' hidden states on those texts, one pair of maps per (small,
-    large) hidden state a delta reads or writes, instead of from the embeddings. Returns the
-    layer map, the embedding alignment residual and the refinement's `TrainResult`."""
+    `refine_data`, refine it with `pk.train`. `align="hidden"` (default) fits the width maps on
+    the two models' hidden states over `align_data` (encoded examples; when not given, the first
+    64 of `refine_data`); `align="embeddings"` fits one pair on the input embeddings (no data).
+    Returns the layer map, the alignment residual and the refinement's `TrainResult`."""
+    if align not in ALIGNS:
+        raise ConfigError(f"transfer_adapter: align must be one of {ALIGNS}, got {align!r}")
     if refine is not None and refine.stepper_name() == "backprop":
         raise ConfigError(f"transfer refinement is gradient-free: TrainConfig.optimizer must be "
                           f"mezo, zo-adam or cma, got {refine.optimizer!r}")
@@ -203,10 +239,9 @@ def transfer_adapter(adapter: str | os.PathLike, small_model: nn.Module, large_m
         raise ConfigError("transfer_adapter(refine=...) needs refine_data")
     config, tensors = _load(adapter, small_model)
     layers = depth_map(layer_count(small_model), layer_count(large_model))
-    p, q, err = hidden_maps(small_model, large_model)
     n_s, n_l = layer_count(small_model), layer_count(large_model)
-    aligner = HiddenAligner(small_model, large_model, align_data, pad_id) if align_data else None
-    maps = (lambda i, j: aligner(i, j)) if aligner else (lambda i, j: (p, q))  # noqa: E731
+    texts = align_data if align_data else list(refine_data or [])[:ALIGN_TEXTS]
+    maps, error = _aligner(align, small_model, large_model, texts, pad_id)
     attach(large_model, config, name)
     target = adapter_state(large_model, name)
     mapped = {}
@@ -221,7 +256,7 @@ def transfer_adapter(adapter: str | os.PathLike, small_model: nn.Module, large_m
         write = maps(layers[j] + 1, j + 1) if j is not None else read
         mapped[key] = map_tensor(module, local, tensors[source], param.shape, read, write)
     fill_attached(large_model, name, mapped, trainable=True)
-    result = Transfer(layers, err)
+    result = Transfer(layers, error(), align)
     if refine is not None:
         result.refined = train(large_model, list(refine_data or []), refine, eval_data,
                                pad_id=pad_id)
