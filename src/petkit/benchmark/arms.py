@@ -3,7 +3,8 @@
 Every arm answers the same three questions, so the cell runner never branches on the kind:
 `setup` (the module to train and evaluate), `parameters` (what the optimiser updates) and `save`
 (what a user would keep on disk). Full fine-tuning is a baseline of the harness, not a method:
-it trains every parameter of the base and saves them all.
+it trains every parameter of the base and saves them all; linear probing trains the new head
+alone. A petkit arm with `pretrain` (PVP) starts from a source run's delta, head excluded.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 import torch
@@ -20,7 +22,7 @@ from petkit.benchmark.spec import ArmSpec
 from petkit.core.capabilities import InputScaled
 from petkit.core.delta import iter_deltas
 from petkit.core.errors import ConfigError, MissingPackageError
-from petkit.core.io import save_adapter
+from petkit.core.io import adapter_state, save_adapter
 from petkit.core.model import attach, detach, trainable_parameters
 from petkit.core.registry import get_method, make_config
 from petkit.core.state import adapters
@@ -33,6 +35,7 @@ class ArmContext:
     task_type: str  # verbaliser | head | instruction
     head_modules: tuple[str, ...]
     seed: int
+    init: Mapping[str, torch.Tensor] | None = None  # pre-trained delta tensors (PVP)
 
 
 class Arm(Protocol):
@@ -74,9 +77,12 @@ class PetkitArm:
         self.spec = spec
 
     def setup(self, model: nn.Module, ctx: ArmContext) -> nn.Module:
-        """Attach the method (its init drawn from the cell's seed)."""
+        """Attach the method (its init drawn from the cell's seed, or `ctx.init`'s tensors)."""
         torch.manual_seed(ctx.seed)
-        return attach(model, petkit_config(self.spec, ctx))
+        attach(model, petkit_config(self.spec, ctx))
+        if ctx.init is not None:
+            start_from(model, ctx.init)
+        return model
 
     def parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
         """The adapter's trainable parameters."""
@@ -85,6 +91,55 @@ class PetkitArm:
     def save(self, model: nn.Module, path: Path) -> None:
         """`pk.save_adapter`."""
         save_adapter(model, path)
+
+
+def transferable_state(model: nn.Module, head_modules: tuple[str, ...],
+                       name: str = "default") -> dict[str, torch.Tensor]:
+    """Adapter `name`'s delta tensors without those of the new head (copies, by key)."""
+    heads = tuple(f"{h}." for h in head_modules)
+    return {k: v.detach().clone() for k, v in adapter_state(model, name).items()
+            if not k.startswith(heads)}
+
+
+def start_from(model: nn.Module, tensors: Mapping[str, torch.Tensor],
+               name: str = "default") -> None:
+    """Copy pre-trained delta tensors into the attached adapter (every key must fit)."""
+    state = adapter_state(model, name)
+    missing = sorted(set(tensors) - set(state))
+    if missing:
+        raise ConfigError(f"pre-trained delta has tensors the arm's adapter lacks: {missing[:3]}")
+    with torch.no_grad():
+        for key, value in tensors.items():
+            if state[key].shape != value.shape:
+                raise ConfigError(f"pre-trained tensor {key} has shape {tuple(value.shape)}, "
+                                  f"the arm's {tuple(state[key].shape)}")
+            state[key].copy_(value)
+
+
+class LinearProbeArm:
+    """Linear probing: the base stays frozen; only the task's new head trains and is saved."""
+
+    def setup(self, model: nn.Module, ctx: ArmContext) -> nn.Module:
+        """Freeze everything but the head modules."""
+        if not ctx.head_modules:
+            raise ConfigError("the linear-probe baseline trains a new classification head; this "
+                              f"task ({ctx.task_type}) has none (use a task_type: head task)")
+        model.requires_grad_(False)
+        for path in ctx.head_modules:
+            model.get_submodule(path).requires_grad_(True)
+        return model
+
+    def parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        """The head's parameters."""
+        return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+    def save(self, model: nn.Module, path: Path) -> None:
+        """The head's weights as one safetensors file."""
+        from safetensors.torch import save_file
+
+        path.mkdir(parents=True, exist_ok=True)
+        save_file({n: p.detach().contiguous() for n, p in self.parameters(model).items()},
+                  str(path / "head.safetensors"))
 
 
 class FullArm:
@@ -224,6 +279,8 @@ def make_arm(spec: ArmSpec) -> Arm:
         return PetkitArm(spec)
     if spec.kind == "full":
         return FullArm()
+    if spec.kind == "linear-probe":
+        return LinearProbeArm()
     if spec.kind == "peft":
         return PeftArm(spec)
-    raise ConfigError(f"unknown arm kind {spec.kind!r}; expected petkit, full or peft")
+    raise ConfigError(f"unknown arm kind {spec.kind!r}; expected petkit, full, linear-probe or peft")

@@ -96,14 +96,15 @@ def _final_test(model: torch.nn.Module, loaded: LoadedTask, spec: BenchSpec,
         examples = loaded.encode(list(test.open("final evaluation")))
         size = spec.train_config(cell).eval_batch_size or 32
         return evaluate(model, examples, batch_size=size, pad_id=loaded.pad_id,
-                        label_token_ids=loaded.label_token_ids)
+                        label_token_ids=loaded.label_token_ids, collate_fn=loaded.collate)
     finally:
         log_path.write_text(json.dumps(test.log, indent=1), encoding="utf-8")
 
 
 def run_cell(cell: Cell, spec: BenchSpec, loaded: LoadedTask, data: CellData,
-             folder: Path) -> dict[str, Any]:
-    """Train and test one cell; returns its measurements (raises on failure)."""
+             folder: Path, init: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+    """Train and test one cell (`init`: a pre-trained delta to start from); returns its
+    measurements (raises on failure)."""
     folder.mkdir(parents=True, exist_ok=True)
     config = spec.train_config(cell).replace(label_token_ids=loaded.label_token_ids)
     arm = make_arm(cell.arm)
@@ -111,12 +112,12 @@ def run_cell(cell: Cell, spec: BenchSpec, loaded: LoadedTask, data: CellData,
     started = time.perf_counter()
     with PeakMemory(device) as memory:
         model = loaded.fresh_model(cell.seed).to(device)
-        ctx = ArmContext(loaded.task_type, loaded.head_modules, cell.seed)
+        ctx = ArmContext(loaded.task_type, loaded.head_modules, cell.seed, init)
         model = arm.setup(model, ctx)
         params = arm.parameters(model)
         begun = time.perf_counter()
         result = train(model, data.train, config, eval_data=data.validation or None,
-                       pad_id=loaded.pad_id, parameters=params)
+                       pad_id=loaded.pad_id, parameters=params, collate_fn=loaded.collate)
         train_s = time.perf_counter() - begun
     test = _final_test(model, loaded, spec, cell, folder / "test_access.json")
     arm.save(model, folder / "adapter")

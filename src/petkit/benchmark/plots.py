@@ -63,12 +63,14 @@ def _metric_vs_size(rows: list[Summary], path: Path) -> None:
     for s in rows:
         sizes = sizes_of([s])
         stats = [s.mean_std(k) or (0.0, 0.0, 0) for k in sizes]
-        xs = [sum(s.n_train[k]) / len(s.n_train[k]) for k in sizes]  # "full" at its real size
+        xs = [int(k) if s.unit == "k" else sum(s.n_train[k]) / len(s.n_train[k])
+              for k in sizes]  # "full" at its real size
         ys, es = [st[0] for st in stats], [st[1] for st in stats]
         ax.errorbar(xs, ys, yerr=es, marker=MARKERS.get(s.impl, "o"), color=colors[s.arm],
                     capsize=3, label=s.arm, linestyle="--" if s.impl == "peft" else "-")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("training examples (validation carved from them)")
+    ax.set_xlabel("shots per class" if rows[0].unit == "k"
+                  else "training examples (validation carved from them)")
     ax.set_ylabel(f"test {rows[0].metric}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))

@@ -15,7 +15,7 @@ from typing import Any
 from petkit.core.disk import format_bytes
 
 Record = dict[str, Any]
-IMPL_ORDER = {"full": 0, "petkit": 1, "peft": 2}
+IMPL_ORDER = {"full": 0, "linear-probe": 0, "petkit": 1, "peft": 2}
 
 
 @dataclass
@@ -27,6 +27,7 @@ class Summary:
     impl: str
     family: str
     metric: str
+    unit: str = "n"  # sizes count training examples (n) or shots per class (k)
     quality: dict[str, list[float]] = field(default_factory=dict)  # size -> per-seed metrics
     n_train: dict[str, list[int]] = field(default_factory=dict)  # size -> examples used
     costs: dict[str, list[float]] = field(default_factory=dict)
@@ -57,7 +58,7 @@ def summarise(records: list[Record]) -> list[Summary]:
         key = (r["task"], r["arm"])
         if key not in groups:
             groups[key] = Summary(r["task"], r["arm"], r["impl"], r["family"],
-                                  r.get("metric") or "accuracy")
+                                  r.get("metric") or "accuracy", r.get("unit") or "n")
         s = groups[key]
         if r.get("status") != "ok":
             s.failed.append(f"n={r['size']} seed={r['seed']}: {r.get('error')}")
@@ -97,7 +98,8 @@ def task_table(summaries: list[Summary]) -> str:
     """Markdown table of one task's arms."""
     sizes = sizes_of(summaries)
     metric = summaries[0].metric if summaries else "metric"
-    head = ["arm", "family", "trainable", "% of base", *[f"{metric} n={s}" for s in sizes],
+    unit = summaries[0].unit if summaries else "n"
+    head = ["arm", "family", "trainable", "% of base", *[f"{metric} {unit}={s}" for s in sizes],
             "peak MiB", "s/step", "on disk"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in summaries:

@@ -20,7 +20,8 @@ import torch
 from tqdm.auto import tqdm
 
 from petkit.benchmark.cell import run_cell
-from petkit.benchmark.spec import BenchSpec, Cell
+from petkit.benchmark.pretrain import pretrained_delta, source_task
+from petkit.benchmark.spec import BenchSpec, Cell, TaskSpec
 from petkit.benchmark.store import ResultStore, is_done
 from petkit.benchmark.tasks import CellData, LoadedTask, cell_data, load
 from petkit.core.registry import get_method
@@ -31,22 +32,34 @@ Echo = Callable[[str], None]
 class _Tasks:
     """Loaded tasks and encoded cell data, each built once per run (a load error is kept)."""
 
-    def __init__(self, spec: BenchSpec) -> None:
-        self.spec = spec
+    def __init__(self, spec: BenchSpec, out: Path) -> None:
+        self.spec, self.out = spec, out
         self.loaded: dict[str, LoadedTask | BaseException] = {}
         self.data: dict[tuple[str, int | None, int], CellData] = {}
+        self.inits: dict[str, dict[str, torch.Tensor]] = {}
 
-    def task(self, cell: Cell) -> LoadedTask:
-        name = cell.task.name
-        if name not in self.loaded:
+    def task(self, cell: Cell, spec: TaskSpec | None = None) -> LoadedTask:
+        task = spec or cell.task
+        if task.name not in self.loaded:
             try:
-                self.loaded[name] = load(cell.task)
+                self.loaded[task.name] = load(task)
             except Exception as err:  # every cell of the task reports it
-                self.loaded[name] = err
-        found = self.loaded[name]
+                self.loaded[task.name] = err
+        found = self.loaded[task.name]
         if isinstance(found, BaseException):
             raise found
         return found
+
+    def init(self, cell: Cell) -> dict[str, torch.Tensor] | None:
+        """The arm's pre-trained delta (PVP), trained once per run; None without `pretrain`."""
+        if not cell.arm.pretrain:
+            return None
+        key = f"{cell.task.name}/{cell.arm.name}"
+        if key not in self.inits:
+            source = self.task(cell, source_task(cell))
+            self.inits[key] = pretrained_delta(cell, self.spec, source, self.out / "pretrain")
+            self.loaded.pop(source.spec.name)  # its model copy is not needed again
+        return self.inits[key]
 
     def cell_data(self, cell: Cell) -> CellData:
         key = (cell.task.name, cell.size, cell.seed)
@@ -54,7 +67,8 @@ class _Tasks:
             if len(self.data) > 8:  # seeds are outermost: older entries are done with
                 self.data.pop(next(iter(self.data)))
             self.data[key] = cell_data(self.task(cell), cell.size, cell.seed,
-                                       self.spec.validation_fraction, self.spec.validation_max)
+                                       self.spec.validation_fraction, self.spec.validation_max,
+                                       cell.per_class)
         return self.data[key]
 
 
@@ -64,6 +78,7 @@ def _identity(cell: Cell, fingerprint: str) -> dict[str, Any]:
     return {"key": cell.key, "fingerprint": fingerprint, "task": cell.task.name,
             "model": cell.task.model, "data": cell.task.data, "arm": arm.name, "impl": arm.kind,
             "method": arm.method or arm.name, "family": family, "size": cell.size_label,
+            "unit": cell.unit,
             "seed": cell.seed, "device": torch.cuda.get_device_name() if torch.cuda.is_available()
             else "cpu"}
 
@@ -72,7 +87,8 @@ def _run_one(cell: Cell, spec: BenchSpec, tasks: _Tasks, folder: Path) -> dict[s
     record = _identity(cell, spec.fingerprint(cell))
     shutil.rmtree(folder, ignore_errors=True)  # what a killed attempt left
     try:
-        record.update(run_cell(cell, spec, tasks.task(cell), tasks.cell_data(cell), folder))
+        record.update(run_cell(cell, spec, tasks.task(cell), tasks.cell_data(cell), folder,
+                               tasks.init(cell)))
         record["status"] = "ok"
     except Exception as err:  # the grid goes on; the record says why
         folder.mkdir(parents=True, exist_ok=True)
@@ -128,7 +144,7 @@ def _run(spec: BenchSpec, out: Path, retry_failed: bool, progress: bool, shard: 
     todo = [c for c in mine if not is_done(stored.get(c.key), prints[c.key], retry_failed)]
     echo(f"bench: {len(mine)} cells{f' (shard {index}/{count})' if count > 1 else ''}, "
          f"{len(mine) - len(todo)} already done, {len(todo)} to run -> {out}")
-    tasks = _Tasks(spec)
+    tasks = _Tasks(spec, out)
 
     def current() -> list[dict[str, Any]]:  # records that match the cells as defined now
         return [stored[c.key] for c in cells

@@ -12,8 +12,14 @@
       peft: true                            # the `peft` twin of each petkit method peft also has
     seeds: [0, 1, 2]
     sizes: [64, 256, 1024, full]            # training examples, validation carved from them
-    validation: {fraction: 0.2, max: 64}
+    validation: {fraction: 0.2, max: 64}    # fraction 0: no validation, the last step is kept
     train: {epochs: 5, max_steps: 30, batch_size: 8, eval_every: 10, lr: 1.0e-3}
+
+Image tasks (docs/vision.md): a task takes `image_size` and `classes` (the labels kept, relabelled
+0..k-1 in that order); `shots: [1, 2, 4]` instead of `sizes` draws k training examples per class;
+`baselines: {linear-probe: true}` trains the new head alone; a method entry's `arm` names it (two
+entries of one method) and its `pretrain: {classes: [0, 1, 2, 3, 4], train: {max_steps: 40}}`
+starts it from the same method trained on those classes of the task's training split (PVP).
 
 An *arm* is what a cell trains: a petkit method, the full fine-tuning baseline or a `peft`
 baseline. Each cell has a fingerprint of everything that decides its result (resolved method
@@ -35,9 +41,12 @@ from petkit.core.errors import ConfigError
 from petkit.training.config import TrainConfig
 from petkit.core.registry import METHODS, get_method, make_config
 
-KEYS = ("tasks", "methods", "method_options", "baselines", "seeds", "sizes", "validation",
+KEYS = ("tasks", "methods", "method_options", "baselines", "seeds", "sizes", "shots", "validation",
         "train", "threads")
-TASK_KEYS = ("name", "model", "data", "task_type", "max_length", "test_size", "train")
+TASK_KEYS = ("name", "model", "data", "task_type", "max_length", "test_size", "train",
+             "image_size", "classes")
+PRETRAIN_KEYS = ("classes", "train", "seed")
+LINEAR_PROBE = "linear-probe"
 # petkit methods that `peft` also implements: the twins the peft baseline runs.
 PEFT_TWINS = ("lora", "prefix", "prompt", "ia3")
 FULL = "full"
@@ -54,18 +63,22 @@ class TaskSpec:
     max_length: int = 128
     test_size: int | None = 300
     train: dict[str, Any] = field(default_factory=dict)
+    image_size: int = 224  # image tasks: the ViT's input side
+    classes: tuple[int, ...] | None = None  # image tasks: labels kept, relabelled in this order
 
 
 @dataclass(frozen=True)
 class ArmSpec:
     """What a cell trains. kind: "petkit" | "full" | "peft"; `method` is the petkit method name
-    (for "peft", the method whose twin runs); `options` its config fields."""
+    (for "peft", the method whose twin runs); `options` its config fields; `pretrain` (petkit
+    arms): classes, train overrides and seed of the source run whose delta the arm starts from."""
 
     name: str
     kind: str
     method: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
+    pretrain: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -76,6 +89,7 @@ class Cell:
     arm: ArmSpec
     size: int | None  # None: the full training set
     seed: int
+    per_class: bool = False  # size counts examples per class (shots)
 
     @property
     def size_label(self) -> str:
@@ -83,9 +97,14 @@ class Cell:
         return FULL if self.size is None else str(self.size)
 
     @property
+    def unit(self) -> str:
+        """"k" (shots per class) or "n" (training examples)."""
+        return "k" if self.per_class else "n"
+
+    @property
     def key(self) -> str:
         """Readable unique id: task/arm/size/seed."""
-        return f"{self.task.name}/{self.arm.name}/n={self.size_label}/seed={self.seed}"
+        return f"{self.task.name}/{self.arm.name}/{self.unit}={self.size_label}/seed={self.seed}"
 
 
 @dataclass(frozen=True)
@@ -100,11 +119,12 @@ class BenchSpec:
     validation_max: int | None = None
     train: dict[str, Any] = field(default_factory=dict)
     threads: int | None = None
+    per_class: bool = False  # sizes are shots per class
 
     def cells(self) -> list[Cell]:
         """Every cell; seeds outermost, so a grid cut short still compares every arm."""
-        return [Cell(task, arm, size, seed) for seed in self.seeds for task in self.tasks
-                for size in self.sizes for arm in self.arms]
+        return [Cell(task, arm, size, seed, self.per_class) for seed in self.seeds
+                for task in self.tasks for size in self.sizes for arm in self.arms]
 
     def train_config(self, cell: Cell) -> TrainConfig:
         """The grid's, then the task's, then the arm's TrainConfig fields; the cell's seed."""
@@ -112,15 +132,33 @@ class BenchSpec:
         return TrainConfig.from_dict({**fields, "seed": cell.seed, "output_dir": None,
                                       "resume": False, "save_every": 0})
 
+    def pretrain_config(self, cell: Cell) -> TrainConfig:
+        """TrainConfig of the arm's source run: the cell's fields, then `pretrain.train`; no
+        validation (nothing of the source task's test split is read)."""
+        fields = {"progress": False, **self.train, **cell.task.train, **cell.arm.train,
+                  **cell.arm.pretrain.get("train", {})}
+        return TrainConfig.from_dict({**fields, "seed": cell.arm.pretrain.get("seed", 0),
+                                      "output_dir": None, "resume": False, "save_every": 0,
+                                      "eval_every": 0})
+
     def fingerprint(self, cell: Cell) -> str:
         """Hash of everything that decides the cell's result."""
         method = resolved_options(cell.arm) if cell.arm.method else {}
-        blob = {"task": dataclasses.asdict(cell.task), "arm": dataclasses.asdict(cell.arm),
-                "method": method, "size": cell.size, "seed": cell.seed,
+        blob = {"task": _set_fields(cell.task), "arm": _set_fields(cell.arm), "method": method, "size": cell.size, "seed": cell.seed,
                 "validation": [self.validation_fraction, self.validation_max],
                 "train": self.train_config(cell).to_dict()}
+        if cell.per_class:  # only when set, so the fingerprints of earlier grids stay
+            blob["per_class"] = True
+        if cell.arm.pretrain:
+            blob["pretrain_train"] = self.pretrain_config(cell).to_dict()
         text = json.dumps(blob, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _set_fields(spec: TaskSpec | ArmSpec) -> dict[str, Any]:
+    """The spec as a dict; the image / pretraining fields only when set (older fingerprints stay)."""
+    later = {"image_size": 224, "classes": None, "pretrain": {}}
+    return {k: v for k, v in dataclasses.asdict(spec).items() if k not in later or v != later[k]}
 
 
 def resolved_options(arm: ArmSpec) -> dict[str, Any]:
@@ -151,7 +189,35 @@ def _task(data: Any, index: int) -> TaskSpec:
             raise ConfigError(f"bench spec: tasks[{index}].{key} must be a non-empty string")
     entry.setdefault("name", f"{entry['data']}-{entry['model']}")
     entry["train"] = _mapping(entry.get("train"), f"tasks[{index}].train")
+    size = entry.get("image_size", 224)
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise ConfigError(f"bench spec: tasks[{index}].image_size must be an int >= 1, got {size!r}")
+    if entry.get("classes") is not None:
+        entry["classes"] = _classes(entry["classes"], f"tasks[{index}].classes")
     return TaskSpec(**entry)
+
+
+def _classes(values: Any, where: str) -> tuple[int, ...]:
+    ok = isinstance(values, list) and len(values) >= 2 and all(
+        isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in values)
+    if not ok or len(set(values)) != len(values):
+        raise ConfigError(f"bench spec: {where} must be a list of >= 2 distinct label ids, "
+                          f"got {values!r}")
+    return tuple(values)
+
+
+def _pretrain(value: Any, where: str) -> dict[str, Any]:
+    """`{classes: [...], train: {...}, seed: 0}` of a PVP arm (classes required)."""
+    pre = _mapping(value, where)
+    if not pre:
+        return {}
+    _no_unknown(pre, PRETRAIN_KEYS, where)
+    pre["classes"] = list(_classes(pre.get("classes"), f"{where}.classes"))
+    pre["train"] = _mapping(pre.get("train"), f"{where}.train")
+    seed = pre.setdefault("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ConfigError(f"bench spec: {where}.seed must be an int >= 0, got {seed!r}")
+    return pre
 
 
 def _method_arm(entry: Any, options: dict[str, Any]) -> ArmSpec:
@@ -162,8 +228,13 @@ def _method_arm(entry: Any, options: dict[str, Any]) -> ArmSpec:
         raise ConfigError(f"bench spec: each methods entry needs a name, got {entry!r}")
     merged = {**_mapping(options.get(name), f"method_options.{name}"), **fields}
     train = _mapping(merged.pop("train", None), f"{name}.train")
+    label = merged.pop("arm", name)
+    if not isinstance(label, str) or not label:
+        raise ConfigError(f"bench spec: {name}.arm must be a non-empty string, got {label!r}")
+    pretrain = _pretrain(merged.pop("pretrain", None), f"{label}.pretrain")
     make_config(name, **merged)  # unknown method / bad field: ConfigError now
-    return ArmSpec(name=name, kind="petkit", method=name, options=merged, train=train)
+    return ArmSpec(name=label, kind="petkit", method=name, options=merged, train=train,
+                   pretrain=pretrain)
 
 
 def _arms(data: dict[str, Any]) -> list[ArmSpec]:
@@ -180,10 +251,11 @@ def _arms(data: dict[str, Any]) -> list[ArmSpec]:
         raise ConfigError("bench spec: methods must be 'all' or a list of method entries")
     arms = [_method_arm(m, options) for m in methods]
     baselines = _mapping(data.get("baselines"), "baselines")
-    _no_unknown(baselines, (FULL, "peft"), "baselines")
-    full = baselines.get(FULL)
-    if full:
-        arms.append(ArmSpec(FULL, FULL, train={} if full is True else _mapping(full, FULL)))
+    _no_unknown(baselines, (FULL, LINEAR_PROBE, "peft"), "baselines")
+    for kind in (LINEAR_PROBE, FULL):
+        wanted = baselines.get(kind)
+        if wanted:
+            arms.append(ArmSpec(kind, kind, train={} if wanted is True else _mapping(wanted, kind)))
     peft = baselines.get("peft")
     if peft:
         wanted = PEFT_TWINS if peft is True else tuple(peft)
@@ -209,6 +281,19 @@ def _sizes(values: Any) -> tuple[int | None, ...]:
     return tuple(out)
 
 
+def _sizes_or_shots(data: dict[str, Any]) -> tuple[int | None, ...]:
+    """`sizes` (training examples), or `shots` (examples per class: ints >= 1)."""
+    if "shots" not in data:
+        return _sizes(data.get("sizes", [64, 256, 1024, FULL]))
+    if "sizes" in data:
+        raise ConfigError("bench spec: give sizes (training examples) or shots (per class), not both")
+    shots = data["shots"]
+    if not isinstance(shots, list) or not shots or not all(
+            isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in shots):
+        raise ConfigError(f"bench spec: shots must be a non-empty list of ints >= 1, got {shots!r}")
+    return tuple(shots)
+
+
 def _seeds(values: Any) -> tuple[int, ...]:
     ok = isinstance(values, list) and values and all(
         isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in values)
@@ -227,8 +312,8 @@ def spec_from_dict(data: dict[str, Any]) -> BenchSpec:
     validation = _mapping(data.get("validation"), "validation")
     _no_unknown(validation, ("fraction", "max"), "validation")
     fraction = validation.get("fraction", 0.2)
-    if not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
-        raise ConfigError(f"bench spec: validation.fraction must be in (0, 1), got {fraction!r}")
+    if not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
+        raise ConfigError(f"bench spec: validation.fraction must be in [0, 1), got {fraction!r}")
     vmax = validation.get("max")
     if vmax is not None and (not isinstance(vmax, int) or vmax < 1):
         raise ConfigError(f"bench spec: validation.max must be an int >= 1, got {vmax!r}")
@@ -237,15 +322,17 @@ def spec_from_dict(data: dict[str, Any]) -> BenchSpec:
         raise ConfigError(f"bench spec: threads must be an int >= 1, got {threads!r}")
     spec = BenchSpec(tasks=tuple(_task(t, i) for i, t in enumerate(tasks)),
                      arms=tuple(_arms(data)), seeds=_seeds(data.get("seeds", [0, 1, 2])),
-                     sizes=_sizes(data.get("sizes", [64, 256, 1024, FULL])),
-                     validation_fraction=float(fraction), validation_max=vmax,
-                     train=_mapping(data.get("train"), "train"), threads=threads)
+                     sizes=_sizes_or_shots(data), validation_fraction=float(fraction),
+                     validation_max=vmax, train=_mapping(data.get("train"), "train"),
+                     threads=threads, per_class="shots" in data)
     names = [t.name for t in spec.tasks]
     if len(set(names)) != len(names):
         raise ConfigError(f"bench spec: task names repeat in {names}")
     for task in spec.tasks:  # a bad train field fails here, not after an hour of grid
         for arm in spec.arms:
             spec.train_config(Cell(task, arm, None, spec.seeds[0]))
+            if arm.pretrain:
+                spec.pretrain_config(Cell(task, arm, None, spec.seeds[0]))
     return spec
 
 

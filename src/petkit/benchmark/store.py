@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-COLUMNS = ("key", "status", "task", "model", "data", "arm", "impl", "method", "family", "size",
+COLUMNS = ("key", "status", "task", "model", "data", "arm", "impl", "method", "family", "size", "unit",
            "seed", "n_train", "n_val", "n_test", "metric", "test_metric", "test_loss",
            "best_val_metric", "best_step", "steps", "trainable_params", "base_params",
            "trainable_pct", "peak_mem_mb", "train_s", "s_per_step", "adapter_bytes", "cell_s",

@@ -4,14 +4,21 @@ The fair protocol lives here. The test subset is chosen by index only (a fixed s
 cell's) and kept in a sealed `RecordedSplit`; each cell gets its own sealed view and opens it
 for the final evaluation only. A cell's training data is the first `size` examples of the pool
 in the seed's shuffled order (so smaller sizes are nested in larger ones), and its validation
-split is carved from those examples, stratified, with the same seed.
+split is carved from those examples, stratified, with the same seed. With shots, a cell's
+training data is k seeded examples of each class instead.
+
+Image tasks (`mnist-5k`, a folder of class folders) load a ViT classifier with a new head
+(`models.vision`); their examples stay images and become pixels per batch (`collate`).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,8 +30,11 @@ from petkit.app.recipe import DataSpec, ModelSpec, Recipe
 from petkit.core.errors import ConfigError
 from petkit.data.sealed_split import RecordedSplit
 from petkit.data import encode_classification, encode_instruction, label_token_ids, load_task
-from petkit.data.task import holdout_split
+from petkit.data.images import (collate_images, encode_images, few_shot, is_image_task,
+                                load_image_folder, select_classes)
+from petkit.data.task import Task, holdout_split
 from petkit.models import head_module_names, load_model
+from petkit.models.vision import load_vision_model
 
 Examples = list[dict[str, Any]]
 TEST_SEED = 0  # the test subset is the same for every cell
@@ -53,6 +63,7 @@ class LoadedTask:
     pad_id: int
     base_params: int
     head_modules: tuple[str, ...]
+    collate: Callable[[Examples], dict[str, torch.Tensor]] | None = None  # image tasks: pixels
 
     @property
     def metric(self) -> str:
@@ -62,6 +73,8 @@ class LoadedTask:
     def encode(self, examples: Examples) -> Examples:
         """Token ids for this task type (the verbaliser keeps the task's template)."""
         length = self.spec.max_length
+        if self.collate is not None:
+            return encode_images(examples)
         if self.task_type == "instruction":
             return encode_instruction(examples, self.tokenizer, max_length=length)
         template = self.template if self.task_type == "verbaliser" else "{text}"
@@ -93,33 +106,69 @@ def _count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _sealed_test(test: Examples, spec: TaskSpec) -> RecordedSplit:
+    n_test = len(test)
+    size = n_test if spec.test_size is None else min(spec.test_size, n_test)
+    chosen = sorted(random.Random(TEST_SEED).sample(range(n_test), size))  # by index only
+    return RecordedSplit(test).view(chosen)
+
+
+def _load_images(spec: TaskSpec, task: Task) -> LoadedTask:
+    """A ViT classifier with a new head over the kept classes; examples stay images."""
+    train, test = list(task.train), list(task.test)
+    num_labels = task.num_labels
+    if spec.classes is not None:
+        missing = sorted(set(spec.classes) - set(range(task.num_labels)))
+        if missing:
+            raise ConfigError(f"task {spec.name!r}: classes {missing} are not labels of "
+                              f"{spec.data!r} (0..{task.num_labels - 1})")
+        classes = list(spec.classes)
+        train, test = select_classes(train, classes), select_classes(test, classes)
+        num_labels = len(classes)
+    model = load_vision_model(spec.model, num_labels, image_size=spec.image_size)
+    return LoadedTask(spec, "head", model, None, train, _sealed_test(test, spec), "", None, 0,
+                      _count(model), tuple(head_module_names(model)),
+                      functools.partial(collate_images, image_size=spec.image_size))
+
+
 def load(spec: TaskSpec) -> LoadedTask:
     """Load the data and the model of `spec`; seal the test subset."""
-    task = load_task(spec.data)
+    task = load_image_folder(Path(spec.data)) if Path(spec.data).is_dir() else load_task(spec.data)
+    if is_image_task(task):
+        return _load_images(spec, task)
+    if spec.classes is not None:
+        raise ConfigError(f"task {spec.name!r}: classes applies to image tasks, not {spec.data!r}")
     task_type = _task_type(spec, task.kind)
     num_labels = task.num_labels if task_type == "head" else None
     model, tokenizer = load_model(spec.model, task="seq-cls" if task_type == "head"
                                   else "causal-lm", num_labels=num_labels)
     ids = label_token_ids(tokenizer, task.label_words) if task_type == "verbaliser" else None
-    n_test = len(task.test)
-    size = n_test if spec.test_size is None else min(spec.test_size, n_test)
-    chosen = sorted(random.Random(TEST_SEED).sample(range(n_test), size))  # by index only
     heads = tuple(head_module_names(model)) if task_type == "head" else ()
     return LoadedTask(spec, task_type, model, tokenizer, list(task.train),
-                      RecordedSplit(task.test).view(chosen), task.template, ids,
+                      _sealed_test(list(task.test), spec), task.template, ids,
                       int(tokenizer.pad_token_id), _count(model), heads)
 
 
-def cell_data(loaded: LoadedTask, size: int | None, seed: int, fraction: float,
-              max_validation: int | None) -> CellData:
-    """The cell's training subset (nested across sizes) and validation carved from it."""
+def _chosen(loaded: LoadedTask, size: int | None, seed: int, per_class: bool) -> Examples:
+    """`size` shots per class, or the first `size` of the seed's order (nested across sizes)."""
+    if per_class and size is not None:
+        return few_shot(loaded.pool, size, seed)
     order = list(range(len(loaded.pool)))
     random.Random(seed).shuffle(order)
     n = len(order) if size is None else size
     if n > len(order):
         raise ConfigError(f"size {n} is larger than the {len(order)} training examples of "
                           f"{loaded.spec.data!r}; use a smaller size or 'full'")
-    chosen = [loaded.pool[i] for i in order[:n]]
+    return [loaded.pool[i] for i in order[:n]]
+
+
+def cell_data(loaded: LoadedTask, size: int | None, seed: int, fraction: float,
+              max_validation: int | None, per_class: bool = False) -> CellData:
+    """The cell's training subset and validation carved from it (none with fraction 0)."""
+    chosen = _chosen(loaded, size, seed, per_class)
+    n = len(chosen)
+    if fraction == 0:
+        return CellData(loaded.encode(chosen), [])
     n_val = max(1, round(fraction * n))
     n_val = min(n_val, max_validation) if max_validation else n_val
     if n - n_val < 1:
