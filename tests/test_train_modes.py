@@ -291,3 +291,34 @@ def test_preflight_reports_a_mode_the_model_cannot_run() -> None:
     prefix = pk.attach(llama(), pk.make_config("prefix", num_virtual_tokens=2))
     with pytest.raises(ConfigError, match="packing"):
         preflight(prefix, lm_examples(), TrainConfig(packing=True))
+
+
+@pytest.mark.slow  # compiles a block with inductor on the CPU (~15 s)
+def test_compiling_blocks_compiles_one_block_graph_for_all_blocks() -> None:
+    """compile_scope='blocks': the same losses as eager, and the 4 identical blocks share their
+    compiled graph (regional compilation) instead of one graph of the whole model: two graphs,
+    since the first block's input (the frozen embeddings) needs no gradient and the others' do."""
+    import transformers
+    from torch._dynamo.utils import counters
+
+    def run(**modes: Any) -> list[float]:
+        torch.manual_seed(0)
+        config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                          num_hidden_layers=4, num_attention_heads=4,
+                                          num_key_value_heads=2)
+        model = pk.attach(transformers.LlamaForCausalLM(config), pk.LoraConfig(r=4))
+        cfg = TrainConfig(max_steps=3, batch_size=3, lr=1e-2, progress=False, log_every=1,
+                          activation_checkpointing="selective", **modes)
+        return [h["train_loss"] for h in train(model, same_length, cfg).history]
+
+    same_length = [{"input_ids": row, "labels": row} for row in torch.randint(3, 60, (9, 8))]
+    eager = run()
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = run(compile=True, compile_scope="blocks")
+    assert compiled == pytest.approx(eager, rel=1e-4)
+    assert 1 <= counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    torch._dynamo.reset()
+    with pytest.raises(ConfigError, match="compile_scope"):
+        TrainConfig(compile=True, compile_scope="layers")

@@ -62,17 +62,20 @@ FLAGS = {"method": "method.name", "model": "model.name", "data": "data.name",
          "n_spsa": "train.stepper.n_spsa", "dim": "train.stepper.dim",
          "popsize": "train.stepper.popsize", "quantize": "model.quantize",
          "device": "train.device", "compile": "train.compile",
+         "compile_scope": "train.compile_scope",
          "checkpointing": "train.activation_checkpointing", "packing": "train.packing"}
 COLUMNS = ("text_column", "label_column", "prompt_column", "completion_column")
 DATA = ("data", "validation_file", "test_file", *COLUMNS, "task_type", "max_length",
         "train_size", "test_size")
 TRAINING = ("steps", "epochs", "lr", "batch_size", "grad_accum", "warmup", "schedule",
-            "eval_every", "precision", "seed", "output", "device", "compile", "checkpointing",
-            "packing")
+            "eval_every", "precision", "seed", "output", "device", "compile", "compile_scope",
+            "checkpointing", "packing")
 METHOD = ("method", "rank", "alpha", "model", "quantize")
 OPTIMISERS = ("optimizer", "ist_top_k", "ist_every", "eps", "n_spsa", "dim", "popsize")
 HELP = {"device": "auto (the GPU when there is one) | cpu | cuda | cuda:N",
         "compile": "true: torch.compile the forward and loss (docs/training-gpu.md)",
+        "compile_scope": "model: one graph of forward + loss | blocks: each transformer block "
+                         "compiled once (far shorter compile on deep models)",
         "checkpointing": "activation checkpointing: off | full | every-K | selective",
         "packing": "true: several causal-LM examples per row, isolated by position ids",
         "data": "embedded task (rotten-tomatoes, bbc-news, chatterbot-qa, mnist-5k), an image folder "

@@ -204,6 +204,7 @@ class TrainConfig:
     device: str = "auto"  # auto (the model's GPU, else cuda if any, else cpu) | cpu | cuda[:N]
     delta_dtype: str = "fp32"  # trainable deltas' dtype when precision is bf16: fp32 | bf16
     compile: bool = False  # torch.compile the forward + loss
+    compile_scope: str = "model"  # model: one graph of forward + loss | blocks: each block once
     activation_checkpointing: str = "off"  # off | full | every-K (K >= 2) | selective
     activation_offload: bool = False  # keep saved activations in host memory (eager only)
     loss_chunk: int | None = None  # causal-LM loss: tokens per chunk; None auto, 0 dense logits
@@ -310,6 +311,8 @@ class TrainConfig:
         for name in ("compile", "activation_offload", "packing"):
             value = getattr(self, name)
             _check(isinstance(value, bool), name, "true or false", value)
+        _check(self.compile_scope in ("model", "blocks"), "compile_scope", "model or blocks",
+               self.compile_scope)
         mode = self.activation_checkpointing
         every = isinstance(mode, str) and mode.startswith("every-") and mode[6:].isdigit()
         _check(mode in ("off", "full", "selective") or (every and int(mode[6:]) >= 2),

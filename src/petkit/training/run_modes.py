@@ -1,8 +1,9 @@
 """A run's device and speed/memory modes, set up once for the loop (docs/training-gpu.md).
 
 `RunModes` places the model (`placement`), picks the loss (`lm_loss`: chunked for causal LMs
-unless `loss_chunk=0`), wraps the forward + loss in `torch.compile` and/or activation offload,
-and installs activation checkpointing and the head bypass for the duration of the loop.
+unless `loss_chunk=0`), wraps the forward + loss in `torch.compile` (or compiles each transformer
+block, `compile_scope="blocks"`) and/or activation offload, and installs activation
+checkpointing and the head bypass for the duration of the loop.
 `packed_collate` turns `packing=true` into the collate function.
 """
 
@@ -17,7 +18,8 @@ from torch import nn
 
 from petkit.core.blocks import layer_paths
 from petkit.core.errors import ConfigError
-from petkit.training.activations import activation_checkpointing, has_extensions, offload_context
+from petkit.training.activations import (activation_checkpointing, compiled_blocks,
+                                         has_extensions, offload_context)
 from petkit.training.batching import Batch, CollateFn
 from petkit.training.config import TrainConfig
 from petkit.training.lm_loss import HeadBypass, can_bypass
@@ -47,9 +49,10 @@ def check_modes(model: nn.Module, config: TrainConfig) -> None:
     if config.packing and has_extensions(model):
         raise ConfigError("TrainConfig.packing cannot isolate examples when a method adds "
                           "virtual tokens or key/value prefixes (prompt / prefix family)")
-    if config.checkpoint_every() and not layer_paths(model):
-        raise ConfigError("TrainConfig.activation_checkpointing needs a model with a stack of "
-                          "transformer blocks; this model has none")
+    if (config.checkpoint_every() or (config.compile and config.compile_scope == "blocks")) \
+            and not layer_paths(model):
+        raise ConfigError("TrainConfig.activation_checkpointing and compile_scope='blocks' need "
+                          "a model with a stack of transformer blocks; this model has none")
 
 
 class RunModes:
@@ -78,7 +81,7 @@ class RunModes:
 
     def wrap(self, forward: LossFn) -> LossFn:
         """`forward` compiled and/or under activation offload, as configured."""
-        if self.config.compile:
+        if self.config.compile and self.config.compile_scope == "model":
             forward = torch.compile(forward)
         if not self.config.activation_offload:
             return forward
@@ -99,6 +102,8 @@ class RunModes:
                 self.bypass = None
             stack.enter_context(activation_checkpointing(
                 self.model, cfg.checkpoint_every(), cfg.activation_checkpointing == "selective"))
+            if cfg.compile and cfg.compile_scope == "blocks":
+                stack.enter_context(compiled_blocks(self.model))
             if self.bypass is not None:
                 stack.enter_context(self.bypass.installed())
             yield
