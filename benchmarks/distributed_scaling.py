@@ -27,16 +27,17 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpu_train import SHAPES, TARGETS, build_model, examples, flops_per_token  # noqa: E402
 
-# case: (shape, distributed mode, optimizer, compile, activation checkpointing)
-CASES: dict[str, tuple[str, str, str, bool, str]] = {
-    "ddp-1b": ("1b", "ddp", "adamw", True, "selective"),
-    "ddp-1b-eager": ("1b", "ddp", "adamw", False, "full"),
-    "fsdp-8b": ("8b", "fsdp", "adamw", False, "full"),
-    "fsdp-8b-compile": ("8b", "fsdp", "adamw", True, "full"),
-    "mezo-1b": ("1b", "ddp", "mezo", False, "off"),
-    "ddp-tiny": ("tiny", "ddp", "adamw", False, "full"),
-    "fsdp-tiny": ("tiny", "fsdp", "adamw", False, "full"),
-    "mezo-tiny": ("tiny", "ddp", "mezo", False, "off"),
+# case: (shape, distributed mode, optimizer, compile: "" | "model" | "blocks", checkpointing)
+CASES: dict[str, tuple[str, str, str, str, str]] = {
+    "ddp-1b": ("1b", "ddp", "adamw", "blocks", "selective"),
+    "ddp-1b-model": ("1b", "ddp", "adamw", "model", "selective"),
+    "ddp-1b-eager": ("1b", "ddp", "adamw", "", "full"),
+    "fsdp-8b": ("8b", "fsdp", "adamw", "", "full"),
+    "mezo-1b": ("1b", "ddp", "mezo", "", "off"),
+    "ddp-tiny": ("tiny", "ddp", "adamw", "", "full"),
+    "ddp-tiny-blocks": ("tiny", "ddp", "adamw", "blocks", "selective"),
+    "fsdp-tiny": ("tiny", "fsdp", "adamw", "", "full"),
+    "mezo-tiny": ("tiny", "ddp", "mezo", "", "off"),
 }
 PEAK_TFLOPS = 989.0
 
@@ -64,7 +65,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     config = pk.TrainConfig(lr=1e-3 if optimizer == "adamw" else 1e-6, max_steps=steps,
                             batch_size=shape["batch"] * world, optimizer=optimizer,
                             log_every=args.window, schedule="constant", device=device,
-                            precision="bf16", compile=compiled, activation_checkpointing=ckpt,
+                            precision="bf16", compile=bool(compiled),
+                            compile_scope=compiled or "model", activation_checkpointing=ckpt,
                             distributed=mode if world > 1 else "off", progress=False)
     data = examples({**shape, "batch": shape["batch"] * world})
     started = time.perf_counter()

@@ -31,19 +31,24 @@ SHAPES: dict[str, dict[str, int]] = {
     "8b": dict(vocab=128256, hidden=4096, inter=14336, layers=32, heads=32, kv=8, batch=4,
                seq=2048),
 }
-# case: (library, compile, activation checkpointing)
-CASES: dict[str, tuple[str, bool, str]] = {
-    "peft-eager": ("peft", False, "off"),
-    "peft-ckpt": ("peft", False, "full"),
-    "peft-compile-ckpt": ("peft", True, "full"),
-    "petkit-eager": ("petkit", False, "off"),
-    "petkit-ckpt": ("petkit", False, "full"),
-    "petkit-compile": ("petkit", True, "off"),
-    "petkit-compile-ckpt": ("petkit", True, "full"),
-    "petkit-compile-selective": ("petkit", True, "selective"),
-    "petkit-compile-every2": ("petkit", True, "every-2"),
-    "petkit-bare-compile-ckpt": ("bare", True, "full"),
-    "petkit-bare-eager": ("bare", False, "off"),
+# case: (library, compile: "" eager | "model" one graph | "blocks" each block, checkpointing)
+CASES: dict[str, tuple[str, str, str]] = {
+    "peft-eager": ("peft", "", "off"),
+    "peft-ckpt": ("peft", "", "full"),
+    "peft-compile-ckpt": ("peft", "model", "full"),
+    "peft-blocks-ckpt": ("peft", "blocks", "full"),
+    "petkit-eager": ("petkit", "", "off"),
+    "petkit-ckpt": ("petkit", "", "full"),
+    "petkit-compile": ("petkit", "model", "off"),
+    "petkit-compile-ckpt": ("petkit", "model", "full"),
+    "petkit-compile-selective": ("petkit", "model", "selective"),
+    "petkit-compile-every2": ("petkit", "model", "every-2"),
+    "petkit-blocks": ("petkit", "blocks", "off"),
+    "petkit-blocks-ckpt": ("petkit", "blocks", "full"),
+    "petkit-blocks-selective": ("petkit", "blocks", "selective"),
+    "petkit-bare-compile-ckpt": ("bare", "model", "full"),
+    "petkit-bare-blocks-selective": ("bare", "blocks", "selective"),
+    "petkit-bare-eager": ("bare", "", "off"),
 }
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PEAK_TFLOPS = 989.0
@@ -115,8 +120,9 @@ def timed_loop(step: Any, plan: list[Any], device: str) -> tuple[list[float], li
     return times, losses
 
 
-def peft_case(args: argparse.Namespace, shape: dict[str, int], compiled: bool, ckpt: str) -> dict:
-    """PEFT LoRA in a plain loop, HF gradient checkpointing, torch.compile(model)."""
+def peft_case(args: argparse.Namespace, shape: dict[str, int], compiled: str, ckpt: str) -> dict:
+    """PEFT LoRA in a plain loop, HF gradient checkpointing, torch.compile(model) or of each
+    decoder layer (regional, as `compile_scope="blocks"` does for petkit)."""
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -133,7 +139,10 @@ def peft_case(args: argparse.Namespace, shape: dict[str, int], compiled: bool, c
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, total_steps=args.steps, warmup_steps=0, schedule="linear"))
     model.train()
-    forward = torch.compile(model) if compiled else model
+    forward = torch.compile(model) if compiled == "model" else model
+    if compiled == "blocks":
+        for layer in model.base_model.model.model.layers:
+            layer.compile()
 
     def step(batch: dict[str, Any]) -> torch.Tensor:
         batch = {k: v.to(args.device) for k, v in batch.items()}
@@ -152,12 +161,13 @@ def peft_case(args: argparse.Namespace, shape: dict[str, int], compiled: bool, c
             "loss": sum(losses[-WINDOW:]) / WINDOW, "first_s": times[0]}
 
 
-def petkit_config(args: argparse.Namespace, compiled: bool, ckpt: str, batch: int) -> Any:
+def petkit_config(args: argparse.Namespace, compiled: str, ckpt: str, batch: int) -> Any:
     from petkit.training import TrainConfig
 
     return TrainConfig(lr=LR, max_steps=args.steps, batch_size=batch, log_every=WINDOW,
                        schedule="linear", device=args.device, precision="bf16",
-                       compile=compiled, activation_checkpointing=ckpt, progress=False)
+                       compile=bool(compiled), compile_scope=compiled or "model",
+                       activation_checkpointing=ckpt, progress=False)
 
 
 def petkit_model(args: argparse.Namespace, shape: dict[str, int]) -> Any:
@@ -170,7 +180,7 @@ def petkit_model(args: argparse.Namespace, shape: dict[str, int]) -> Any:
     return pk.attach(model, pk.LoraConfig(r=16, alpha=32, dropout=0.0, targets=TARGETS))
 
 
-def petkit_case(args: argparse.Namespace, shape: dict[str, int], compiled: bool, ckpt: str) -> dict:
+def petkit_case(args: argparse.Namespace, shape: dict[str, int], compiled: str, ckpt: str) -> dict:
     """petkit LoRA through pk.train with the run's modes set in TrainConfig."""
     import petkit as pk
 
@@ -181,7 +191,7 @@ def petkit_case(args: argparse.Namespace, shape: dict[str, int], compiled: bool,
             "run_s": time.perf_counter() - started}
 
 
-def bare_case(args: argparse.Namespace, shape: dict[str, int], compiled: bool, ckpt: str) -> dict:
+def bare_case(args: argparse.Namespace, shape: dict[str, int], compiled: str, ckpt: str) -> dict:
     """petkit's layers and modes (compile, checkpointing, chunked loss) in a plain loop."""
     import torch
 

@@ -7,9 +7,12 @@
 Each arm runs in its own process (its own peak memory). The base is a randomly initialised
 LlamaForCausalLM of the given shape (no download), quantised with petkit's `pk.quantize`
 (bitsandbytes `Linear4bit`, nf4, bf16 compute) — both arms get the same bitsandbytes layers.
-  petkit: pk.attach(LoraConfig(r=16, alpha=32, targets="all-linear")); nothing upcast
+  petkit: pk.attach(LoraConfig(r=16, alpha=32, targets="all-linear")), then `pk.train` with
+          precision bf16 (nothing upcast), its activation checkpointing (full, non-reentrant)
+          and chunked loss (no [tokens, vocab] fp32 logits)
   peft:   peft.prepare_model_for_kbit_training (PEFT's QLoRA recipe; it upcasts the
-          non-quantised parameters to fp32) + get_peft_model(target_modules="all-linear")
+          non-quantised parameters to fp32) + get_peft_model(target_modules="all-linear"),
+          HF gradient checkpointing (non-reentrant), bf16 autocast, in a plain loop
 Memory counted: torch.cuda.max_memory_allocated from after quantisation to the end of the
 timed steps (CPU: peak RSS, indicative only). Throughput: tokens of the timed steps / their time.
 Prints one JSON line per arm and a markdown table.
@@ -38,10 +41,14 @@ def build(shape: str, device: str) -> Any:
 
     import petkit as pk
 
-    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=8192, torch_dtype="bfloat16")
+    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=8192, use_cache=False)
     torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    torch.set_default_dtype(torch.bfloat16)  # never a full fp32 copy of the 8B base
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(torch.float32)
     pk.quantize(model, "nf4", compute_dtype=torch.bfloat16)
     return model
 
@@ -60,11 +67,35 @@ def attach(model: Any, arm: str, r: int) -> list:
     return [p for p in peft_model.parameters() if p.requires_grad]
 
 
+def petkit_arm(model: Any, device: str, batch: int, seq: int, steps: int, warmup: int,
+               r: int) -> tuple[list, float, float]:
+    """pk.train over 2 x `steps` steps of fixed random sequences (the first `steps` warm up;
+    tok/s is pk.train's rate over its last log window, the last `steps`); (params, tok/s, loss)."""
+    import torch
+
+    import petkit as pk
+
+    params = attach(model, "petkit", r)
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq))
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    config = pk.TrainConfig(lr=1e-4, max_steps=2 * steps, batch_size=batch, log_every=steps,
+                            schedule="constant", device=device, precision="bf16" if device == "cuda" else "fp32",
+                            activation_checkpointing="full", progress=False)
+    result = pk.train(model, data, config)
+    return params, result.tokens_per_s, result.history[-1]["train_loss"]
+
+
 def run_arm(arm: str, shape: str, batch: int, seq: int, steps: int, warmup: int, r: int) -> dict[str, Any]:
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = build(shape, device)
+    if arm == "petkit":
+        params, tok_s, loss = petkit_arm(model, device, batch, seq, steps, warmup, r)
+        return report(arm, shape, device, model, params, tok_s, loss)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     model.train()
@@ -87,15 +118,25 @@ def run_arm(arm: str, shape: str, batch: int, seq: int, steps: int, warmup: int,
         opt.zero_grad(set_to_none=True)
     if device == "cuda":
         torch.cuda.synchronize()
+    seconds = time.perf_counter() - started
+    return report(arm, shape, device, model, params, batch * seq * steps / seconds, float(loss))
+
+
+def report(arm: str, shape: str, device: str, model: Any, params: list, tok_s: float,
+           loss: float) -> dict[str, Any]:
+    """One arm's JSON row: peak memory since the reset after quantisation, speed, fp32 count."""
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() / 2**30
     else:
         import resource
 
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    seconds = time.perf_counter() - started
     return {"arm": arm, "shape": shape, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
             "trainable": sum(p.numel() for p in params), "peak_gib": round(peak, 2),
-            "tokens_per_s": round(batch * seq * steps / seconds, 1), "loss": float(loss),
+            "tokens_per_s": round(tok_s, 1), "loss": loss,
             "fp32_params": sum(p.numel() for p in model.parameters() if p.dtype == torch.float32)}
 
 
