@@ -181,3 +181,20 @@ def test_an_eval_forward_does_not_break_later_gradients():
 
     for got, expected in zip(grads(model), grads(dense)):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_quantize_lets_go_of_the_memory_mapped_checkpoint(tmp_path):
+    """The dense tensors left after quantising are copied out of the checkpoint's memory map, so the
+    map (and with it the full-precision weights of the quantised layers) can be released."""
+    from transformers import AutoModelForCausalLM
+
+    llama().save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path)
+    dense = {n: (p.data_ptr(), p.detach().clone()) for n, p in model.named_parameters()
+             if "layers" not in n or "norm" in n}
+    quantize(model, "nf4")
+    for name, param in model.named_parameters():
+        if name in dense:
+            assert param.data_ptr() != dense[name][0], name
+            assert torch.equal(param, dense[name][1]), name
+    assert model.lm_head.weight is model.model.embed_tokens.weight or not model.config.tie_word_embeddings

@@ -171,7 +171,23 @@ def quantize(
         set_canonical(model, path, quantize_linear(layer.weight, layer.bias, spec))
         done.append(path)
     model.__dict__[QUANT_ATTR] = {**asdict(spec), "layers": len(done), "skipped": skipped}
+    _release_checkpoint(model)
     return model
+
+
+def _release_checkpoint(model: nn.Module) -> None:
+    """Copy the weights left dense (embeddings, norms, head) into memory of their own.
+
+    transformers maps the safetensors checkpoint into memory; the dense tensors left after
+    quantising still point into that mapping, which keeps every page of it resident, the
+    full-precision weights of the quantised layers included (measured on smollm2-135m: 520 MB
+    file-backed RSS stays mapped after `quantize` without this, 115 MB with it). Copying the
+    few dense tensors lets the mapping close.
+    """
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if tensor.is_floating_point() and not is_quantized_weight(tensor):
+                tensor.data = tensor.data.clone()
 
 
 def quantization_info(model: nn.Module) -> dict | None:
