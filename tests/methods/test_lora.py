@@ -33,6 +33,40 @@ def test_forward_is_closed_form(rslora, scale):
     torch.testing.assert_close(m.proj.delta_weight(), scale * (B @ A).detach())
 
 
+@pytest.mark.parametrize("shape", [(6,), (4, 6), (2, 3, 6), (3, 2, 6, 4)])
+def test_forward_and_gradients_are_closed_form_for_any_leading_dims(shape):
+    m = One()
+    W0, b0 = m.proj.weight.detach().clone(), m.proj.bias.detach().clone()
+    pk.attach(m, pk.LoraConfig(r=3, alpha=6.0, targets=["proj"]))
+    perturb(pk.trainable_parameters(m))
+    A, B = m.proj.lora_A, m.proj.lora_B
+    x = torch.randn(shape, requires_grad=True)
+    x_in = x.transpose(-1, -2) if len(shape) == 4 else x  # a non-contiguous input too
+    out = m(x_in)
+    A2, B2, x2 = A.detach().clone().requires_grad_(), B.detach().clone().requires_grad_(), x.detach().clone().requires_grad_()
+    x2_in = x2.transpose(-1, -2) if len(shape) == 4 else x2
+    expected = x2_in @ W0.T + b0 + 2.0 * (x2_in @ A2.T @ B2.T)
+    torch.testing.assert_close(out, expected)
+    g = torch.randn_like(out)
+    out.backward(g)
+    expected.backward(g)
+    for got, want in ((A.grad, A2.grad), (B.grad, B2.grad), (x.grad, x2.grad)):
+        torch.testing.assert_close(got, want)
+
+
+def test_a_base_returning_another_dtype_gets_the_promoted_sum():
+    m = One()  # its layer returns float64 here, as some quantised layers return another dtype
+    m.proj.register_forward_hook(lambda mod, args, y: y.double())
+    pk.attach(m, pk.LoraConfig(r=2, alpha=2.0, targets=["proj"]))
+    perturb(pk.trainable_parameters(m))
+    x = torch.randn(3, 6)
+    out = m(x)
+    assert out.dtype == torch.float64
+    lora = m.proj
+    expected = lora.base(x) + (x @ lora.lora_A.T @ lora.lora_B.T).double()
+    torch.testing.assert_close(out, expected.detach())
+
+
 def test_conv1d_merge_uses_transposed_layout():
     m, batch = gpt2(), inputs("gpt2")
     pk.attach(m, pk.LoraConfig(r=2, targets=["c_attn"]))

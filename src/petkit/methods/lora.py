@@ -4,8 +4,10 @@
     rsLoRA (Kalajdzievski, 2023): scale alpha / sqrt(r) instead of alpha / r.
 
 Touches Linear / GPT-2 Conv1D layers (default: the attention query and value projections).
-The forward adds two small matmuls and nothing else: no dropout op when p = 0, no dict
-look-ups, no dtype round trips — so it compiles without graph breaks. Mergeable.
+The forward adds two small matmuls and nothing else: the second is an `addmm` that adds the
+scaled B A x into the base output (no (..., out) temporaries for the scaling and the sum), no
+dropout op when p = 0, no dict look-ups, no dtype round trips — so it compiles without graph
+breaks. Mergeable.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from torch import nn
 from .family.bias import BiasDelta
 from ..core.capabilities import LowRank, Weighted
 from ..core.delta import DeltaModule, get_canonical, innermost, wrap
-from .family.lowrank import factor_pair
+from .family.lowrank import add_lowrank, factor_pair
 from ..core.registry import MethodConfig, check_choice, check_range, register
 from ..core.qweight import delta_dtype
 from ..core.targets import linear_dims, match_targets, role_targets
@@ -45,7 +47,7 @@ class LoraLinear(DeltaModule):
             return y
         if self.dropout is not None:
             x = self.dropout(x)
-        y = y + F.linear(F.linear(x, self.lora_A), self.lora_B) * (self.scaling * self.mix)
+        y = add_lowrank(y, F.linear(x, self.lora_A), self.lora_B, self.scaling * self.mix)
         return y if self.lora_bias is None else y + self.lora_bias * self.mix
 
     def lowrank(self) -> tuple[torch.Tensor, torch.Tensor, float]:

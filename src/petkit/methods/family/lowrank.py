@@ -32,6 +32,19 @@ def factor_pair(rows: int, fan_in: int, fan_out: int, like: torch.Tensor | nn.Mo
     return a, nn.Parameter(torch.zeros(fan_out, rows, **kw))
 
 
+def add_lowrank(y: torch.Tensor, h: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """`y + scale * h B^T` as one `addmm` over the flattened leading dimensions.
+
+    `h` is the low-rank activation A x (..., r), `b` the factor B (out, r). Unlike
+    `y + F.linear(h, b) * scale` this forms no (..., out) temporaries for the product and its
+    scaling, and the backward has no (..., out) multiply. Where `y` and `h` differ in dtype (no
+    autocast; a base that returns another dtype) it falls back to that expression, which promotes."""
+    if y.dtype != h.dtype:
+        return y + torch.nn.functional.linear(h, b) * scale
+    out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), b.t(), alpha=scale)
+    return out.view(y.shape)
+
+
 def weight_out_in(wrapper: DeltaModule) -> torch.Tensor:
     """The innermost base weight in (out, in) layout (a view; Conv1D stores (in, out)).
 
