@@ -6,6 +6,7 @@ median step time and peak memory with ratios petkit/peft (goal: both <= 1.0).
 
     python benchmarks/lora_vs_peft.py                         # CPU, smollm2-135m
     python benchmarks/lora_vs_peft.py --device cuda --model llama-1b --batch 8 --seq 512 --compile
+    python benchmarks/lora_vs_peft.py --rounds 1 --steps 2 --warmup 1 --profile   # op counts that differ
 """
 from __future__ import annotations
 
@@ -99,7 +100,31 @@ def worker(args: argparse.Namespace) -> dict:
     sampler.running = False
     sampler.join()
     peak = torch.cuda.max_memory_allocated() if cuda else sampler.peak - base_rss
-    return {"lib": args.lib, "median_step_s": statistics.median(times), "peak_bytes": peak, "loss": float(loss)}
+    result = {"lib": args.lib, "median_step_s": statistics.median(times), "peak_bytes": peak, "loss": float(loss)}
+    if args.profile:  # one more step, after the timed ones, under torch.profiler: aten op counts
+        from torch.profiler import profile
+
+        with profile() as prof:
+            fwd(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        result["ops"] = {e.key: [e.count, e.self_cpu_time_total / 1e3] for e in prof.key_averages()}
+    return result
+
+
+def print_profile(results: dict) -> None:
+    """The ops whose call counts differ between the two libraries, and each library's totals."""
+    ops = {lib: results[lib]["ops"] for lib in ("peft", "petkit")}
+    print("\nprofiled step (torch.profiler, one step after the timed ones):")
+    for lib, table in ops.items():
+        calls = sum(c for c, _ in table.values())
+        self_ms = sum(t for _, t in table.values())
+        print(f"  {lib}: {calls} op calls, {self_ms:.0f} ms self CPU")
+    print("| op | peft calls | petkit calls | peft self ms | petkit self ms |\n|---|---|---|---|---|")
+    for key in sorted(set(ops["peft"]) | set(ops["petkit"])):
+        a, b = ops["peft"].get(key, [0, 0.0]), ops["petkit"].get(key, [0, 0.0])
+        if a[0] != b[0]:
+            print(f"| {key[:60]} | {a[0]} | {b[0]} | {a[1]:.1f} | {b[1]:.1f} |")
 
 
 def main() -> None:
@@ -115,18 +140,20 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--all-linear", action="store_true")
     ap.add_argument("--rounds", type=int, default=2, help="runs per library, alternating; best kept")
+    ap.add_argument("--profile", action="store_true", help="also profile one step of each; print the ops whose counts differ")
     ap.add_argument("--lib", help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     if args.lib:
         print(json.dumps(worker(args)))
         return
-    results = {}
+    results, medians = {}, {"peft": [], "petkit": []}
     for lib in ("peft", "petkit") * args.rounds:  # alternating, best of `rounds` each: drift hits both
         out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--lib", lib], capture_output=True, text=True)
         if out.returncode:
             sys.exit(out.stderr[-3000:])
         r = json.loads(out.stdout.strip().splitlines()[-1])
+        medians[lib].append(r["median_step_s"])
         prev = results.get(lib)
         results[lib] = r if prev is None or r["median_step_s"] < prev["median_step_s"] else prev
     mem = "peak CUDA allocated" if args.device.startswith("cuda") else "peak RSS growth while training"
@@ -140,6 +167,11 @@ def main() -> None:
     t = results["petkit"]["median_step_s"] / results["peft"]["median_step_s"]
     m = results["petkit"]["peak_bytes"] / max(results["peft"]["peak_bytes"], 1)
     print(f"ratios petkit/peft: step time {t:.3f}, peak memory {m:.3f}")
+    pairs = [f"{b / a:.3f}" for a, b in zip(medians["peft"], medians["petkit"])]
+    print(f"per round, median step (s): peft {[round(v, 4) for v in medians['peft']]}, "
+          f"petkit {[round(v, 4) for v in medians['petkit']]}; ratios {', '.join(pairs)}")
+    if args.profile:
+        print_profile(results)
 
 
 if __name__ == "__main__":
