@@ -3,6 +3,7 @@ exit code 2; no traceback.
 
     petkit train                         # LoRA on smollm2-135m for rotten-tomatoes, on the CPU
     petkit train --recipe minilm-bbc --steps 50 --method.r=16 --train.lr=1e-3
+    petkit train --prune loraprune --sparsity 0.5   # prune heads + MLP channels while tuning
     petkit train --data tweets.csv --test-file test.csv --text-column tweet --label-column mood
     petkit eval --adapter runs/default/adapter --data test.csv   # scores every row of test.csv
     petkit merge --adapter runs/default/adapter --output merged/
@@ -32,6 +33,7 @@ from petkit.app.rank_sweep import check_ranks, evaluate_at_ranks, parse_ranks, w
 from petkit.app.recipe import apply_overrides, load_recipe
 from petkit.app.replay import replay_run
 from petkit.benchmark import cli as bench_cli
+from petkit.compress.cli import pruning_hooks
 from petkit.core.disk import folder_bytes, format_bytes
 from petkit.core.errors import PetkitError
 from petkit.core.capabilities import set_rank
@@ -61,6 +63,7 @@ FLAGS = {"method": "method.name", "model": "model.name", "data": "data.name",
          "ist_every": "train.ist.every", "optimizer": "train.optimizer", "eps": "train.stepper.eps",
          "n_spsa": "train.stepper.n_spsa", "dim": "train.stepper.dim",
          "popsize": "train.stepper.popsize", "quantize": "model.quantize",
+         "prune": "model.prune", "sparsity": "model.sparsity",
          "device": "train.device", "compile": "train.compile",
          "compile_scope": "train.compile_scope",
          "checkpointing": "train.activation_checkpointing", "packing": "train.packing"}
@@ -70,7 +73,7 @@ DATA = ("data", "validation_file", "test_file", *COLUMNS, "task_type", "max_leng
 TRAINING = ("steps", "epochs", "lr", "batch_size", "grad_accum", "warmup", "schedule",
             "eval_every", "precision", "seed", "output", "device", "compile", "compile_scope",
             "checkpointing", "packing")
-METHOD = ("method", "rank", "alpha", "model", "quantize")
+METHOD = ("method", "rank", "alpha", "model", "quantize", "prune", "sparsity")
 OPTIMISERS = ("optimizer", "ist_top_k", "ist_every", "eps", "n_spsa", "dim", "popsize")
 HELP = {"device": "auto (the GPU when there is one) | cpu | cuda | cuda:N",
         "compile": "true: torch.compile the forward and loss (docs/training-gpu.md)",
@@ -110,7 +113,10 @@ HELP = {"device": "auto (the GPU when there is one) | cpu | cuda | cuda:N",
         "n_spsa": "zeroth-order perturbations per step (train.stepper.n_spsa)",
         "dim": "CMA-ES subspace dimension d (train.stepper.dim)",
         "popsize": "CMA-ES population size (train.stepper.popsize)",
-        "quantize": "nf4 | fp4 | int8: quantise the base's linear layers first (QLoRA; pip install bitsandbytes)"}
+        "quantize": "nf4 | fp4 | int8: quantise the base's linear layers first (QLoRA; pip install bitsandbytes)",
+        "prune": "loraprune | apt: prune heads and MLP channels while tuning a LoRA (Llama-style "
+                 "decoders); the pruned model is saved to OUTPUT/pruned (docs/compressed.md)",
+        "sparsity": "with --prune: fraction of decoder-block parameters removed (default 0.5)"}
 METAVARS = {"data": "TASK|FILE", "warmup": "STEPS", "eval_every": "STEPS", "n_spsa": "N",
             "grad_accum": "N", "epochs": "N", "output": "DIR", "method": "NAME", "model": "NAME",
             "schedule": "NAME", "precision": "NAME", "optimizer": "NAME", "rank": "R",
@@ -177,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     merge = sub.add_parser("merge", help="merge an adapter into a plain Hugging Face model folder")
     merge.add_argument("--adapter", required=True, help="adapter folder")
     merge.add_argument("--output", dest="merged", required=True, help="folder to write")
+    merge.add_argument("--requantize", action="store_true",
+                       help="adapter trained on a quantised base: merge into its 4/8-bit weights and "
+                            "report the error that adds (default: into the dequantised base, exact)")
     _add_flags(merge, ("model", "data", "task_type"))
     inspect = sub.add_parser("inspect", help="table of where each delta sits, with trainable "
                                              "counts")
@@ -248,7 +257,8 @@ def cmd_train(args: argparse.Namespace, dotted: dict[str, str]) -> None:
         OUT.quiet = rank() != 0
     recipe = _recipe(args, dotted)
     ranks = _eval_ranks(args, recipe)
-    report = run_recipe(recipe, echo=lambda line: OUT.print(f"[dim]{line}[/dim]"))
+    report = run_recipe(recipe, echo=lambda line: OUT.print(f"[dim]{line}[/dim]"),
+                        hooks=pruning_hooks(recipe))
     result = report.result
     OUT.print(f"test after:  [bold green]{format_metrics(report.after)}[/bold green]")
     best = f", best {result.metric}={result.best_metric:.4f} at step {result.best_step}" \
@@ -312,7 +322,8 @@ def cmd_eval(args: argparse.Namespace, dotted: dict[str, str]) -> None:
 
 def cmd_merge(args: argparse.Namespace, dotted: dict[str, str]) -> None:
     """Write the merged model as a plain Hugging Face folder."""
-    out = merge_to_folder(_adapter_recipe(args, dotted), args.adapter, args.merged)
+    out = merge_to_folder(_adapter_recipe(args, dotted), args.adapter, args.merged,
+                          requantize=args.requantize, echo=lambda line: OUT.print(line, markup=False))
     OUT.print(f"merged model: {out} ({format_bytes(folder_bytes(out))}; "
               "loads with transformers' from_pretrained, no petkit needed)")
 

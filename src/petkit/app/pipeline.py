@@ -30,6 +30,7 @@ from petkit.core.registry import make_config
 from petkit.data import (Columns, encode_classification, encode_instruction, label_token_ids, load_task,
                          load_test_file, split_validation)
 from petkit.data.images import collate_images, encode_images, is_image_task, load_image_folder
+from petkit.models.quant_merge import merge_for_saving
 from petkit.models.quantize import quantize
 from petkit.models import head_module_names, load_model, resolve_model
 from petkit.models.vision import is_vision_model, load_vision_model
@@ -55,6 +56,15 @@ class Prepared:
     notes: list[str] = field(default_factory=list)  # where each split came from, its size
 
     collate: Callable[[Examples], dict[str, torch.Tensor]] | None = None  # image tasks: pixels
+
+
+@dataclass
+class RunHooks:
+    """A regime that reshapes the model around training (pruning: `petkit.compress.cli`)."""
+
+    attached: Callable[[Prepared], None]  # after the delta is attached, before training
+    trained: Callable[[Prepared, Path], dict[str, Any]]  # after training, before the final test;
+    # what it returns joins the training result's report
 
 
 @dataclass
@@ -190,7 +200,7 @@ def test_metrics(prep: Prepared, recipe: Recipe) -> dict[str, float]:
                     precision=recipe.train.precision, collate_fn=prep.collate)
 
 
-def run_recipe(recipe: Recipe, echo: Echo = print) -> RunReport:
+def run_recipe(recipe: Recipe, echo: Echo = print, hooks: RunHooks | None = None) -> RunReport:
     """Train as `recipe` says; evaluate on the fixed test subset before and after."""
     started = time.perf_counter()
     recipe.method_config()  # a bad method name or field fails before minutes of loading
@@ -206,6 +216,8 @@ def run_recipe(recipe: Recipe, echo: Echo = print) -> RunReport:
     if recipe.model.quantize:  # QLoRA-style: the wrappers call the 4/8-bit layers
         quantize(prep.model, recipe.model.quantize)
     attach(prep.model, method_config(resolved, prep))
+    if hooks is not None:
+        hooks.attached(prep)
     preflight(prep.model, prep.train, config)  # a bad set-up fails before the baseline evaluation
     for note in prep.notes:
         echo(note)
@@ -217,6 +229,8 @@ def run_recipe(recipe: Recipe, echo: Echo = print) -> RunReport:
     (output / "recipe.yaml").write_text(resolved.to_yaml(), encoding="utf-8")
     result = train(prep.model, prep.train, config, eval_data=prep.validation or None,
                    pad_id=prep.pad_id, collate_fn=prep.collate)
+    if hooks is not None:
+        result.report.update(hooks.trained(prep, output))
     after = test_metrics(prep, resolved)
     adapter = Path(result.adapter_path or output / "adapter")
     return RunReport(resolved, before, after, result, folder_bytes(adapter),
@@ -256,6 +270,8 @@ def load_with_adapter(recipe: Recipe, adapter: str | Path | None,
     """Model (and test data) of `recipe`, with the adapter folder loaded and active."""
     prep, _ = prepare(recipe, with_train=False, test_only=True) if with_data \
         else (_model_only(recipe), None)
+    if recipe.model.quantize:  # the base the adapter was trained on (its fingerprint says so)
+        quantize(prep.model, recipe.model.quantize)
     if adapter is not None:
         load_adapter(prep.model, str(adapter))
     return prep
@@ -267,14 +283,32 @@ def _model_only(recipe: Recipe) -> Prepared:
                     int(tokenizer.pad_token_id))
 
 
-def merge_to_folder(recipe: Recipe, adapter: str | Path, output: str | Path) -> Path:
-    """Merge the adapter into the base and save a plain Hugging Face model folder."""
+def merge_to_folder(recipe: Recipe, adapter: str | Path, output: str | Path, requantize: bool = False,
+                    echo: Echo | None = None) -> Path:
+    """Merge the adapter into the base and save a plain Hugging Face model folder.
+
+    Over a quantised base (model.quantize): into the dequantised base (exact), or with
+    `requantize` into the 4/8-bit weights, saved so that `from_pretrained` reloads them as they are.
+    """
+    if requantize and not recipe.model.quantize:
+        raise ConfigError("--requantize needs an adapter trained on a quantised base (model.quantize)")
     # A new head's size comes from the task; an image model's head always does.
-    needs_task = recipe.data.task_type == "head" or is_vision_model(recipe.model.name)
+    needs_task = recipe.data.task_type == "head" or is_vision_model(recipe.model.name) or requantize
     prep = load_with_adapter(recipe, adapter, with_data=needs_task)
-    base = unload(prep.model, merge=True)
+    if recipe.model.quantize:
+        base, note = merge_for_saving(prep.model, requantize, sample_batch(prep) if requantize else None)
+        (echo or print)(note)
+    else:
+        base = unload(prep.model, merge=True)
     out = Path(output)
     base.save_pretrained(out)
     if prep.tokenizer is not None:  # a ViT has none (its pixels come from data.images)
         prep.tokenizer.save_pretrained(out)
     return out
+
+
+def sample_batch(prep: Prepared, size: int = 8) -> dict[str, torch.Tensor]:
+    """Up to `size` test examples cut to a common length: inputs to measure a merge's error on."""
+    rows = [e["input_ids"] for e in prep.test[-size:]]  # sorted by length: the longest
+    length = min(len(r) for r in rows)
+    return {"input_ids": torch.tensor([list(r[:length]) for r in rows])}

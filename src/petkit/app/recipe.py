@@ -38,6 +38,8 @@ class ModelSpec:
 
     name: str = "smollm2-135m"
     quantize: str | None = None  # nf4 | fp4 | int8: the base's linear layers (pk.quantize) before attaching
+    prune: str | None = None  # loraprune | apt: structured pruning while tuning (petkit.compress)
+    sparsity: float = 0.5  # with prune: fraction of decoder-block parameters removed
 
     def __post_init__(self) -> None:
         """Validate."""
@@ -45,6 +47,12 @@ class ModelSpec:
             raise ConfigError(f"model.name must be a non-empty string, got {self.name!r}")
         if self.quantize not in (None, "nf4", "fp4", "int8"):
             raise ConfigError(f"model.quantize must be nf4, fp4 or int8, got {self.quantize!r}")
+        if self.prune not in (None, "loraprune", "apt"):
+            raise ConfigError(f"model.prune must be loraprune or apt, got {self.prune!r}")
+        if not isinstance(self.sparsity, (int, float)) or not 0 < self.sparsity <= 0.95:
+            raise ConfigError(f"model.sparsity must be in (0, 0.95], got {self.sparsity!r}")
+        if self.prune and self.quantize:
+            raise ConfigError("model.prune with model.quantize is not supported: pruning slices dense weights")
 
 
 @dataclass(frozen=True)

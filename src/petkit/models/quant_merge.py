@@ -7,6 +7,9 @@ A 4-bit weight cannot take `W += dW` in place. Two ways out:
                                               against the unmerged one on `inputs`
     dense  = merge_dense(model, torch.bfloat16)   W' = deq(W) + dW in bf16: a plain model
                                               (`save_pretrained` gives an ordinary HF folder)
+    model, note = merge_for_saving(model, requantize=True, inputs=batch)   (bitsandbytes)
+                                              the requantised model with the BitsAndBytesConfig
+                                              that makes `from_pretrained` reload it as it is
 
 Requantising moves every weight of a block to the new grid, so a merge into 4 bits is lossy
 (PEFT's is too, with nothing reported); `merge_quantized` says by how much. Both remove every
@@ -22,11 +25,11 @@ from torch import nn
 
 from petkit.core.capabilities import MergesOwnDeltas
 from petkit.core.delta import canonical_modules, iter_deltas
-from petkit.core.errors import AdapterStateError
+from petkit.core.errors import AdapterStateError, ConfigError
 from petkit.core.model import merge_deltas, unload
 from petkit.core.qweight import dense_weight, is_quantized_weight
 from petkit.core.state import active_adapters
-from petkit.models.quantize import dequantize, quantize_linear, replace_innermost, spec_of
+from petkit.models.quantize import dequantize, quantize_linear, quantized_paths, replace_innermost, spec_of
 
 
 @dataclass(frozen=True)
@@ -121,3 +124,43 @@ def merge_dense(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Mod
         _dense_like(inners[path], weight, bias)
     unload(model, merge=False)
     return model
+
+
+def hf_quantization_config(model: nn.Module) -> Any:
+    """The transformers `BitsAndBytesConfig` that reloads this bitsandbytes-quantised model as it is.
+
+    Set as `model.config.quantization_config` before `save_pretrained`: `from_pretrained` then reads
+    the packed weights back bit for bit (tested); the layers left dense are named as skipped.
+    """
+    from transformers import BitsAndBytesConfig
+
+    spec = spec_of(model)
+    if spec.backend != "bitsandbytes":
+        raise ConfigError(f"saving a quantised model as a Hugging Face folder needs the bitsandbytes "
+                          f"backend (this one is {spec.backend}); merge into a dense copy instead")
+    quantized = set(quantized_paths(model))
+    skipped = [p for p, _, inner in canonical_modules(model) if isinstance(inner, nn.Linear) and p not in quantized]
+    if spec.mode == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=0.0, llm_int8_skip_modules=skipped)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=spec.mode, bnb_4bit_compute_dtype=spec.dtype,
+                              bnb_4bit_use_double_quant=False, llm_int8_skip_modules=skipped)
+
+
+def merge_for_saving(model: nn.Module, requantize: bool = False,
+                     inputs: dict[str, Any] | None = None) -> tuple[nn.Module, str]:
+    """A quantised model with adapters -> a plain model to `save_pretrained`, and a line saying what it is.
+
+    Default: dequantised to the compute dtype with the deltas added (exact). `requantize`: merged
+    into the 4/8-bit weights (`merge_quantized`, its added error measured on `inputs`) with the
+    `BitsAndBytesConfig` that reloads it attached to `model.config`.
+    """
+    spec = spec_of(model)
+    if not requantize:
+        merge_dense(model, spec.dtype)
+        return model, f"merged into the dequantised {spec.mode} base, saved in {spec.compute_dtype} (exact)"
+    config = hf_quantization_config(model)
+    report = merge_quantized(model, inputs)
+    model.config.quantization_config = config
+    error = "" if report.relative_error is None else \
+        f"; relative logits error added by requantising: {report.relative_error:.4f}"
+    return model, f"merged into the {spec.mode} weights of {report.layers} layers (dequantise, add, requantise){error}"
