@@ -70,18 +70,19 @@ class BackpropStepper:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
 
     def step(self, micro_batches: Sequence[Batch], loss_fn: LossFn) -> float:
-        """Average the micro-batches' gradients, clip, update, tick the schedule."""
-        total = 0.0
+        """Average the micro-batches' gradients, clip, update, tick the schedule. The losses are
+        read back once, after the update is queued: no device sync between backward and update."""
+        losses = []
         for batch in micro_batches:
             loss = loss_fn(batch)
             (loss / len(micro_batches)).backward()
-            total += float(loss.detach())
+            losses.append(loss.detach())
         if self.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return total / len(micro_batches)
+        return sum(torch.stack(losses).double().tolist()) / len(micro_batches)
 
     def current_lr(self) -> float:
         """Learning rate of the next update."""
