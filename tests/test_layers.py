@@ -18,7 +18,8 @@ LAYERS: dict[str, int] = {
     "data": 2, "models": 2,
     "training": 3,
     "app": 4, "recipes": 4,
-    "fed": 5, "benchmark": 5, "continual": 5, "distributed": 5, "hybrid": 5, "compress": 5,
+    "compress": 4,  # pruning while tuning: used by the CLI and by the benchmark harness's arms
+    "fed": 5, "benchmark": 5, "continual": 5, "distributed": 5, "hybrid": 5,
     "cli": 6,
     "__main__": 7,  # python -m petkit (torchrun -m petkit): only calls cli.main
 }

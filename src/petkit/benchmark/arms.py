@@ -13,12 +13,13 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
 from petkit.benchmark.spec import ArmSpec
+from petkit.compress.prune import PruneConfig, finish_pruning, start_pruning
 from petkit.core.capabilities import InputScaled
 from petkit.core.delta import iter_deltas
 from petkit.core.errors import ConfigError, MissingPackageError
@@ -26,6 +27,7 @@ from petkit.core.io import adapter_state, save_adapter
 from petkit.core.model import attach, detach, trainable_parameters
 from petkit.core.registry import get_method, make_config
 from petkit.core.state import adapters
+from petkit.models.quantize import quantize
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,43 @@ class PetkitArm:
     def save(self, model: nn.Module, path: Path) -> None:
         """`pk.save_adapter`."""
         save_adapter(model, path)
+
+
+@runtime_checkable
+class Finishing(Protocol):
+    """An arm that changes the model after training, before it is tested (pruning slices it)."""
+
+    def finish(self, model: nn.Module) -> nn.Module:
+        """The model to test and save."""
+        ...
+
+
+class CompressedArm(PetkitArm):
+    """A petkit method over a compressed base: quantised before attaching (QLoRA, int8 LoRA), or
+    pruned while it trains (LoRAPrune, APT), after which the merged, sliced model is tested and
+    saved as a Hugging Face folder."""
+
+    def setup(self, model: nn.Module, ctx: ArmContext) -> nn.Module:
+        """Quantise, attach, start pruning: as the spec says."""
+        if self.spec.quantize:
+            quantize(model, self.spec.quantize)
+        model = super().setup(model, ctx)
+        if self.spec.prune:
+            start_pruning(model, PruneConfig(**self.spec.prune))
+        return model
+
+    def finish(self, model: nn.Module) -> nn.Module:
+        """`finish_pruning` (merge the LoRA, slice the pruned heads and channels) when pruning."""
+        if self.spec.prune:
+            finish_pruning(model)
+        return model
+
+    def save(self, model: nn.Module, path: Path) -> None:
+        """The adapter; a pruned arm saves the pruned model (`save_pretrained`)."""
+        if self.spec.prune:
+            model.save_pretrained(path)
+        else:
+            super().save(model, path)
 
 
 def transferable_state(model: nn.Module, head_modules: tuple[str, ...],
@@ -276,7 +315,7 @@ class PeftArm:
 def make_arm(spec: ArmSpec) -> Arm:
     """The arm object for a spec."""
     if spec.kind == "petkit":
-        return PetkitArm(spec)
+        return CompressedArm(spec) if spec.quantize or spec.prune else PetkitArm(spec)
     if spec.kind == "full":
         return FullArm()
     if spec.kind == "linear-probe":

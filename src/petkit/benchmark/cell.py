@@ -18,9 +18,10 @@ from typing import Any
 
 import torch
 
-from petkit.benchmark.arms import ArmContext, make_arm
+from petkit.benchmark.arms import ArmContext, Finishing, make_arm
 from petkit.benchmark.spec import BenchSpec, Cell
 from petkit.benchmark.tasks import CellData, LoadedTask
+from petkit.compress.measure import stored_bytes
 from petkit.core.disk import folder_bytes
 from petkit.training import evaluate, train
 
@@ -119,6 +120,8 @@ def run_cell(cell: Cell, spec: BenchSpec, loaded: LoadedTask, data: CellData,
         result = train(model, data.train, config, eval_data=data.validation or None,
                        pad_id=loaded.pad_id, parameters=params, collate_fn=loaded.collate)
         train_s = time.perf_counter() - begun
+    if isinstance(arm, Finishing):  # e.g. pruning: the sliced model is what is tested
+        model = arm.finish(model)
     test = _final_test(model, loaded, spec, cell, folder / "test_access.json")
     arm.save(model, folder / "adapter")
     trainable = sum(p.numel() for p in params.values())
@@ -131,5 +134,6 @@ def run_cell(cell: Cell, spec: BenchSpec, loaded: LoadedTask, data: CellData,
         "peak_mem_mb": memory.peak_mb, "train_s": train_s,
         "s_per_step": train_s / max(result.steps, 1),
         "adapter_bytes": folder_bytes(folder / "adapter"),
+        "model_bytes": stored_bytes(model),
         "cell_s": time.perf_counter() - started,
     }

@@ -4,6 +4,9 @@
       - {name: rt, model: smollm2-135m, data: rotten-tomatoes, max_length: 64, test_size: 300}
     methods: all                            # every registered method, or a list:
                                             #   [lora, {name: prompt, num_virtual_tokens: 10}]
+                                            # compressed bases (`arm` names the row):
+                                            #   {name: lora, arm: qlora-nf4, quantize: nf4}
+                                            #   {name: lora, arm: loraprune-50, prune: {sparsity: 0.5}}
     exclude: [cola]                         # with `all`: methods to leave out
     method_options:                         # per method: config fields, and `train` overrides
       prompt: {num_virtual_tokens: 10, train: {lr: 3.0e-2}}
@@ -37,6 +40,7 @@ from typing import Any
 
 import yaml
 
+from petkit.compress.prune import PruneConfig
 from petkit.core.errors import ConfigError
 from petkit.training.config import TrainConfig
 from petkit.core.registry import METHODS, get_method, make_config
@@ -79,6 +83,8 @@ class ArmSpec:
     options: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
     pretrain: dict[str, Any] = field(default_factory=dict)
+    quantize: str | None = None  # petkit arms: nf4 | fp4 | int8 base (pk.quantize) before attaching
+    prune: dict[str, Any] = field(default_factory=dict)  # petkit arms: PruneConfig fields (LoRAPrune, APT)
 
 
 @dataclass(frozen=True)
@@ -232,9 +238,14 @@ def _method_arm(entry: Any, options: dict[str, Any]) -> ArmSpec:
     if not isinstance(label, str) or not label:
         raise ConfigError(f"bench spec: {name}.arm must be a non-empty string, got {label!r}")
     pretrain = _pretrain(merged.pop("pretrain", None), f"{label}.pretrain")
+    quantize, prune = merged.pop("quantize", None), _mapping(merged.pop("prune", None), f"{label}.prune")
     make_config(name, **merged)  # unknown method / bad field: ConfigError now
+    if quantize not in (None, "nf4", "fp4", "int8"):
+        raise ConfigError(f"bench spec: {label}.quantize must be nf4, fp4 or int8, got {quantize!r}")
+    if prune:
+        PruneConfig(**prune)  # a bad field fails now
     return ArmSpec(name=label, kind="petkit", method=name, options=merged, train=train,
-                   pretrain=pretrain)
+                   pretrain=pretrain, quantize=quantize, prune=prune)
 
 
 def _arms(data: dict[str, Any]) -> list[ArmSpec]:
@@ -260,7 +271,8 @@ def _arms(data: dict[str, Any]) -> list[ArmSpec]:
     if peft:
         wanted = PEFT_TWINS if peft is True else tuple(peft)
         arms += [dataclasses.replace(a, name=f"peft:{a.method}", kind="peft")
-                 for a in list(arms) if a.kind == "petkit" and a.method in wanted]
+                 for a in list(arms) if a.kind == "petkit" and a.method in wanted
+                 and not (a.quantize or a.prune)]  # twins of the plain arms only
     names = [a.name for a in arms]
     if len(set(names)) != len(names):
         raise ConfigError(f"bench spec: arm names repeat in {names}; give entries distinct names")
