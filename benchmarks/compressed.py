@@ -72,35 +72,6 @@ class RssPeak:
         return self.peak / 2**20
 
 
-def stored_bytes(model: Any) -> int:
-    """Bytes of the weights a deployment keeps: quantised storage as stored, PEQA packed at its bits."""
-    from petkit.core.delta import innermost
-    from petkit.methods.peqa import PeqaLinear
-
-    total, skip = 0, set()
-    for module in model.modules():
-        if isinstance(module, PeqaLinear):  # W0 is replaced by packed codes + zero points + scales
-            skip |= {id(innermost(module.base).weight), id(module.codes), id(module.zeros)}
-            total += (module.codes.numel() + module.zeros.numel()) * module.bits // 8
-    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()] if id(t) not in skip}
-    return total + sum(t.numel() * t.element_size() for t in tensors.values())
-
-
-def forward_seconds(model: Any, batch: dict, repeats: int = 5) -> tuple[float, float]:
-    """Median (wall, CPU) seconds of one no-grad forward of `batch` (CPU time: the machine is shared)."""
-    import torch
-
-    walls, cpus = [], []
-    with torch.no_grad():
-        model(**batch)  # warm-up
-        for _ in range(repeats):
-            t, c = time.perf_counter(), time.process_time()
-            model(**batch)
-            walls.append(time.perf_counter() - t)
-            cpus.append(time.process_time() - c)
-    return sorted(walls)[repeats // 2], sorted(cpus)[repeats // 2]
-
-
 def memory_cell(arm: str, steps: int = 4) -> dict[str, Any]:
     """Peak RSS while training `steps` steps of a decoder arm (run with MALLOC_MMAP_THRESHOLD_ set,
     so memory freed after quantising goes back to the OS and RSS shows live memory)."""
@@ -126,7 +97,10 @@ def memory_cell(arm: str, steps: int = 4) -> dict[str, Any]:
         time.sleep(0.2)
     with RssPeak() as rss:
         train(prep.model, prep.train, rec.train.replace(label_token_ids=prep.label_token_ids), pad_id=prep.pad_id)
-    return {"arm": arm, "steps": steps, "rss_before_train_mb": round(idle.mb), "peak_train_mb": round(rss.mb)}
+    status = dict(line.split(":", 1) for line in open("/proc/self/status") if line.startswith("Rss"))
+    kinds = {k.lower(): round(int(v.split()[0]) / 1024) for k, v in status.items()}  # anon / file-backed
+    return {"arm": arm, "steps": steps, "rss_before_train_mb": round(idle.mb), "peak_train_mb": round(rss.mb),
+            "after_train_mb": kinds}
 
 
 def run_cell(setting: str, arm: str, seed: int) -> dict[str, Any]:
@@ -137,6 +111,7 @@ def run_cell(setting: str, arm: str, seed: int) -> dict[str, Any]:
     import petkit as pk
     from methods_table import PROTOCOL, recipe
     from petkit.app.pipeline import method_config, prepare, test_metrics
+    from petkit.compress.measure import forward_seconds, stored_bytes
     from petkit.training import train
 
     torch.set_num_threads(PROTOCOL["threads"])
