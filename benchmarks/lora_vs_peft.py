@@ -2,7 +2,8 @@
 
 Each library trains in its own subprocess (so peak memory is its own), the two alternating
 (`--rounds`, best of each kept, so slow drift of a shared machine hits both); the parent prints
-median step time and peak memory with ratios petkit/peft (goal: both <= 1.0).
+median step time (wall clock, and CPU time of the process: steadier on a shared machine) and
+peak memory with ratios petkit/peft (goal: both <= 1.0).
 
     python benchmarks/lora_vs_peft.py                         # CPU, smollm2-135m
     python benchmarks/lora_vs_peft.py --device cuda --model llama-1b --batch 8 --seq 512 --compile
@@ -85,10 +86,10 @@ def worker(args: argparse.Namespace) -> dict:
     base_rss = _rss()
     sampler = PeakRSS()
     sampler.start()
-    times = []
+    times, cpu_times = [], []
     for step in range(args.warmup + args.steps):
         ids = batches[step % len(batches)]
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         loss = fwd(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
@@ -97,10 +98,12 @@ def worker(args: argparse.Namespace) -> dict:
             torch.cuda.synchronize()
         if step >= args.warmup:
             times.append(time.perf_counter() - t0)
+            cpu_times.append(time.process_time() - c0)
     sampler.running = False
     sampler.join()
     peak = torch.cuda.max_memory_allocated() if cuda else sampler.peak - base_rss
-    result = {"lib": args.lib, "median_step_s": statistics.median(times), "peak_bytes": peak, "loss": float(loss)}
+    result = {"lib": args.lib, "median_step_s": statistics.median(times), "median_cpu_s": statistics.median(cpu_times),
+              "peak_bytes": peak, "loss": float(loss)}
     if args.profile:  # one more step, after the timed ones, under torch.profiler: aten op counts
         from torch.profiler import profile
 
@@ -153,23 +156,26 @@ def main() -> None:
         if out.returncode:
             sys.exit(out.stderr[-3000:])
         r = json.loads(out.stdout.strip().splitlines()[-1])
-        medians[lib].append(r["median_step_s"])
+        medians[lib].append((r["median_step_s"], r["median_cpu_s"]))
         prev = results.get(lib)
         results[lib] = r if prev is None or r["median_step_s"] < prev["median_step_s"] else prev
     mem = "peak CUDA allocated" if args.device.startswith("cuda") else "peak RSS growth while training"
     print(f"model={args.model} device={args.device} dtype={args.dtype} batch={args.batch} seq={args.seq} "
           f"rank={args.rank} compile={args.compile} all_linear={args.all_linear} steps={args.steps}")
-    print(f"| library | median step (s) | {mem} (MiB) | final loss |")
-    print("|---|---|---|---|")
+    print(f"| library | median step (s) | median step CPU time (s) | {mem} (MiB) | final loss |")
+    print("|---|---|---|---|---|")
     for lib in ("peft", "petkit"):
         r = results[lib]
-        print(f"| {lib} | {r['median_step_s']:.4f} | {r['peak_bytes'] / 2**20:.1f} | {r['loss']:.4f} |")
+        print(f"| {lib} | {r['median_step_s']:.4f} | {r['median_cpu_s']:.4f} | {r['peak_bytes'] / 2**20:.1f} | {r['loss']:.4f} |")
     t = results["petkit"]["median_step_s"] / results["peft"]["median_step_s"]
+    c = results["petkit"]["median_cpu_s"] / results["peft"]["median_cpu_s"]
     m = results["petkit"]["peak_bytes"] / max(results["peft"]["peak_bytes"], 1)
-    print(f"ratios petkit/peft: step time {t:.3f}, peak memory {m:.3f}")
-    pairs = [f"{b / a:.3f}" for a, b in zip(medians["peft"], medians["petkit"])]
-    print(f"per round, median step (s): peft {[round(v, 4) for v in medians['peft']]}, "
-          f"petkit {[round(v, 4) for v in medians['petkit']]}; ratios {', '.join(pairs)}")
+    print(f"ratios petkit/peft: step time {t:.3f}, step CPU time {c:.3f}, peak memory {m:.3f}")
+    for i, kind in enumerate(("step", "step CPU time")):
+        a, b = ([v[i] for v in medians[lib]] for lib in ("peft", "petkit"))
+        ratios = ", ".join(f"{y / x:.3f}" for x, y in zip(a, b))
+        print(f"per round, median {kind} (s): peft {[round(v, 4) for v in a]}, petkit {[round(v, 4) for v in b]}; "
+              f"ratios {ratios}")
     if args.profile:
         print_profile(results)
 
