@@ -322,3 +322,25 @@ def test_compiling_blocks_compiles_one_block_graph_for_all_blocks() -> None:
     torch._dynamo.reset()
     with pytest.raises(ConfigError, match="compile_scope"):
         TrainConfig(compile=True, compile_scope="layers")
+
+
+def test_a_model_that_requires_the_attention_mask_keeps_it() -> None:
+    """The all-ones mask is dropped only for a forward that takes it as optional."""
+
+    class NeedsMask(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = torch.nn.Embedding(64, 8)
+            self.out = torch.nn.Linear(8, 64)
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    labels: torch.Tensor) -> Any:
+            logits = self.out(self.emb(input_ids) * attention_mask[..., None])
+            loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+            return type("Out", (), {"loss": loss, "logits": logits})()
+
+    model = pk.attach(NeedsMask(), pk.LoraConfig(r=2, targets=["out"]))
+    ids = torch.randint(3, 60, (6, 5))  # one length: the collated mask is all ones
+    data = [{"input_ids": row, "attention_mask": torch.ones_like(row), "labels": row} for row in ids]
+    result = train(model, data, TrainConfig(max_steps=2, batch_size=3, progress=False))
+    assert result.steps == 2

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 from collections.abc import Callable, Iterator
 
 import torch
@@ -43,6 +44,15 @@ def packed_collate(config: TrainConfig, collate_fn: CollateFn | None,
     return functools.partial(pack, length=config.pack_length, pad_id=pad_id)
 
 
+def _optional_mask(model: nn.Module) -> bool:
+    """Whether `model.forward` takes `attention_mask` with a default (Hugging Face models do)."""
+    try:
+        param = inspect.signature(model.forward).parameters.get("attention_mask")
+    except (TypeError, ValueError):
+        return False
+    return param is not None and param.default is not inspect.Parameter.empty
+
+
 def check_modes(model: nn.Module, config: TrainConfig) -> None:
     """`ConfigError` for a mode this model cannot run (checked before anything is moved)."""
     resolve_device(config.device, model)
@@ -66,12 +76,15 @@ class RunModes:
         self.device = place(model, config, params)
         use = config.loss_chunk != 0 and can_bypass(model)
         self.bypass = HeadBypass(model, config.loss_chunk or None) if use else None
+        self.mask_optional = _optional_mask(model)
 
     def trim(self, batch: Batch) -> Batch:
-        """The CPU batch without an all-ones attention mask when the model computes the loss:
-        attention then takes the plain causal path (flash attention, no mask tensor)."""
+        """The CPU batch without an all-ones attention mask when the model computes the loss and
+        its forward takes the mask as optional: attention then takes the plain causal path (flash
+        attention, no mask tensor). A model whose forward requires the mask keeps it."""
         mask = batch.get("attention_mask")
-        if self.config.label_token_ids is None and mask is not None and bool(mask.all()):
+        if self.config.label_token_ids is None and self.mask_optional and mask is not None \
+                and bool(mask.all()):
             return {k: v for k, v in batch.items() if k != "attention_mask"}
         return batch
 
