@@ -22,9 +22,10 @@ from typing import Any
 
 import yaml
 
+from petkit.app.train_options import option_type, set_option
 from petkit.core.config_io import check_keys, dataclass_from_dict
 from petkit.core.errors import ConfigError
-from petkit.training.config import LEGACY_KEYS, TrainConfig, option_type, set_option
+from petkit.training.config import LEGACY_KEYS, TrainConfig
 from petkit.core.registry import get_method, make_config
 from petkit.data import is_data_file
 
