@@ -54,6 +54,7 @@ def test_vision_grid_runs_methods_by_shots_by_seeds_with_baselines(vit: str, tmp
     assert cells[("pvp", "1", 0)]["test_loss"] != cells[("vpt-deep", "1", 0)]["test_loss"]
     table = report.markdown.read_text()
     assert "accuracy k=1" in table and "| linear-probe |" in table
+    assert "No validation split: the last step is kept" in table
     assert (tmp_path / "run" / "plots" / "digits-metric-vs-size.png").is_file()
     again = bench.run(grid(vit), tmp_path / "run", progress=False, echo=lambda _: None)
     assert [r["finished"] for r in again.records] == [r["finished"] for r in report.records]

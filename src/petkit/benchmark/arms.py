@@ -109,6 +109,8 @@ class CompressedArm(PetkitArm):
     pruned while it trains (LoRAPrune, APT), after which the merged, sliced model is tested and
     saved as a Hugging Face folder."""
 
+    report: dict[str, Any] = {}
+
     def setup(self, model: nn.Module, ctx: ArmContext) -> nn.Module:
         """Quantise, attach, start pruning: as the spec says."""
         if self.spec.quantize:
@@ -121,7 +123,7 @@ class CompressedArm(PetkitArm):
     def finish(self, model: nn.Module) -> nn.Module:
         """`finish_pruning` (merge the LoRA, slice the pruned heads and channels) when pruning."""
         if self.spec.prune:
-            finish_pruning(model)
+            self.report = finish_pruning(model)  # what was kept; APT's live LoRA parameters
         return model
 
     def save(self, model: nn.Module, path: Path) -> None:

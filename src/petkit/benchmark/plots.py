@@ -69,6 +69,9 @@ def _metric_vs_size(rows: list[Summary], path: Path) -> None:
         ax.errorbar(xs, ys, yerr=es, marker=MARKERS.get(s.impl, "o"), color=colors[s.arm],
                     capsize=3, label=s.arm, linestyle="--" if s.impl == "peft" else "-")
     ax.set_xscale("log", base=2)
+    if rows[0].unit == "k":  # shots: plain numbers on the axis
+        shots = sorted({int(k) for s in rows for k in sizes_of([s])})
+        ax.set_xticks(shots, [str(k) for k in shots])
     ax.set_xlabel("shots per class" if rows[0].unit == "k"
                   else "training examples (validation carved from them)")
     ax.set_ylabel(f"test {rows[0].metric}")

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from petkit.benchmark.arms import ArmContext, PetkitArm, transferable_state
-from petkit.benchmark.spec import BenchSpec, Cell, TaskSpec, resolved_options
+from petkit.benchmark.spec import BenchSpec, Cell, TaskSpec, resolved_options, set_train_fields
 from petkit.benchmark.tasks import LoadedTask
 from petkit.training import train
 
@@ -32,7 +32,7 @@ def source_task(cell: Cell) -> TaskSpec:
 
 def _cache_path(cell: Cell, spec: BenchSpec, folder: Path) -> Path:
     blob = {"task": dataclasses.asdict(source_task(cell)), "method": resolved_options(cell.arm),
-            "train": spec.pretrain_config(cell).to_dict()}
+            "train": set_train_fields(spec.pretrain_config(cell))}
     digest = hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
     return folder / f"{cell.arm.name}-{digest[:16]}.safetensors"
 

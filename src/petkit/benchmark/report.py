@@ -127,10 +127,13 @@ def failures(summaries: list[Summary]) -> str:
 def markdown(records: list[Record], title: str = "Benchmark") -> str:
     """The whole report: one table per task (mean ± std over seeds (seeds)), then failures."""
     summaries = summarise(records)
+    selection = ("Validation carved from each training subset selects the best step"
+                 if any(r.get("n_val") for r in records) else
+                 "No validation split: the last step is kept")
     out = [f"# {title}", "",
            "Test metric: mean ± sample std over seeds (number of seeds). Costs: mean over the "
-           "arm's finished cells. Validation carved from each training subset selects the "
-           "best step; the test split is read once, after training.", ""]
+           f"arm's finished cells. {selection}; the test split is read once, after training.",
+           ""]
     for task in dict.fromkeys(s.task for s in summaries):
         rows = [s for s in summaries if s.task == task]
         first = next(r for r in records if r["task"] == task)

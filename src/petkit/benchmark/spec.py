@@ -152,13 +152,20 @@ class BenchSpec:
         method = resolved_options(cell.arm) if cell.arm.method else {}
         blob = {"task": _set_fields(cell.task), "arm": _set_fields(cell.arm), "method": method, "size": cell.size, "seed": cell.seed,
                 "validation": [self.validation_fraction, self.validation_max],
-                "train": self.train_config(cell).to_dict()}
+                "train": set_train_fields(self.train_config(cell))}
         if cell.per_class:  # only when set, so the fingerprints of earlier grids stay
             blob["per_class"] = True
         if cell.arm.pretrain:
-            blob["pretrain_train"] = self.pretrain_config(cell).to_dict()
+            blob["pretrain_train"] = set_train_fields(self.pretrain_config(cell))
         text = json.dumps(blob, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def set_train_fields(config: TrainConfig) -> dict[str, Any]:
+    """The TrainConfig fields that differ from their defaults: a field added to TrainConfig later
+    (with a default that keeps the old behaviour) leaves finished cells finished."""
+    defaults = TrainConfig().to_dict()
+    return {k: v for k, v in config.to_dict().items() if k not in defaults or v != defaults[k]}
 
 
 def _set_fields(spec: TaskSpec | ArmSpec) -> dict[str, Any]:
