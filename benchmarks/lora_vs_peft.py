@@ -8,6 +8,7 @@ peak memory with ratios petkit/peft (goal: both <= 1.0).
     python benchmarks/lora_vs_peft.py                         # CPU, smollm2-135m
     python benchmarks/lora_vs_peft.py --device cuda --model llama-1b --batch 8 --seq 512 --compile
     python benchmarks/lora_vs_peft.py --rounds 1 --steps 2 --warmup 1 --profile   # op counts that differ
+    python benchmarks/lora_vs_peft.py --layer-reps 300                        # the LoRA path alone, per layer
 """
 from __future__ import annotations
 
@@ -130,6 +131,46 @@ def print_profile(results: dict) -> None:
             print(f"| {key[:60]} | {a[0]} | {b[0]} | {a[1]:.1f} | {b[1]:.1f} |")
 
 
+def layer_bench(args: argparse.Namespace) -> None:
+    """The LoRA path alone, per layer: forward + backward of the wrapped layer minus the bare one.
+
+    The model's first q_proj and v_proj (real shapes) are copied three times: bare, petkit-wrapped,
+    PEFT-wrapped; the three run in rotated order every repetition and the medians of
+    (wrapped - bare) are printed. Far less noisy than whole steps, where the LoRA path is ~1% of the time."""
+    import copy
+
+    import peft
+    import petkit as pk
+    import torch
+
+    model = build_model(args.model, args.device, getattr(torch, args.dtype))
+    print(f"| layer (in -> out), {args.batch}x{args.seq} tokens | bare fwd+bwd (ms) | petkit LoRA path (ms) | PEFT LoRA path (ms) | ratio |")
+    print("|---|---|---|---|---|")
+    for target in ("q_proj", "v_proj"):
+        base = next(m for n, m in model.named_modules() if n.endswith(target))
+        layers = {}
+        for lib in ("bare", "petkit", "peft"):
+            holder = torch.nn.Module()
+            holder.lin = copy.deepcopy(base).requires_grad_(False)
+            if lib == "petkit":
+                pk.attach(holder, pk.LoraConfig(r=args.rank, alpha=2 * args.rank, targets=["lin"]))
+            elif lib == "peft":
+                peft.inject_adapter_in_model(peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=["lin"]), holder)
+            layers[lib] = holder.lin
+        x = torch.randn(args.batch, args.seq, base.in_features, device=args.device, dtype=base.weight.dtype, requires_grad=True)
+        grad = torch.randn(args.batch, args.seq, base.out_features, device=args.device, dtype=base.weight.dtype)
+        times: dict[str, list[float]] = {lib: [] for lib in layers}
+        order = list(layers)
+        for rep in range(args.layer_reps):
+            for lib in order[rep % 3:] + order[:rep % 3]:  # rotated: none always runs right after another
+                t0 = time.perf_counter()
+                layers[lib](x).backward(grad)
+                times[lib].append(time.perf_counter() - t0)
+        over = {lib: statistics.median(t - b for t, b in zip(times[lib], times["bare"])) * 1e3 for lib in ("petkit", "peft")}
+        print(f"| {target} ({base.in_features} -> {base.out_features}) | {statistics.median(times['bare']) * 1e3:.3f} | "
+              f"{over['petkit']:.3f} | {over['peft']:.3f} | {over['petkit'] / over['peft']:.3f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
@@ -144,11 +185,15 @@ def main() -> None:
     ap.add_argument("--all-linear", action="store_true")
     ap.add_argument("--rounds", type=int, default=2, help="runs per library, alternating; best kept")
     ap.add_argument("--profile", action="store_true", help="also profile one step of each; print the ops whose counts differ")
+    ap.add_argument("--layer-reps", type=int, default=0, help="instead: time the LoRA path alone, per layer, this many times")
     ap.add_argument("--lib", help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     if args.lib:
         print(json.dumps(worker(args)))
+        return
+    if args.layer_reps:
+        layer_bench(args)
         return
     results, medians = {}, {"peft": [], "petkit": []}
     for lib in ("peft", "petkit") * args.rounds:  # alternating, best of `rounds` each: drift hits both
