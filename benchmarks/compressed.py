@@ -104,14 +104,19 @@ def memory_cell(arm: str, steps: int = 4) -> dict[str, Any]:
 
 
 def run_cell(setting: str, arm: str, seed: int) -> dict[str, Any]:
+    """One cell through the harness's arm (`petkit.benchmark.arms`): quantise / attach / prune,
+    train, finish pruning; on the methods table's protocol (no validation carve-out)."""
     import dataclasses
 
     import torch
 
     import petkit as pk
     from methods_table import PROTOCOL, recipe
-    from petkit.app.pipeline import method_config, prepare, test_metrics
+    from petkit.app.pipeline import prepare, test_metrics
+    from petkit.benchmark.arms import ArmContext, Finishing, make_arm
+    from petkit.benchmark.spec import ArmSpec
     from petkit.compress.measure import forward_seconds, stored_bytes
+    from petkit.models import head_module_names
     from petkit.training import train
 
     torch.set_num_threads(PROTOCOL["threads"])
@@ -126,21 +131,23 @@ def run_cell(setting: str, arm: str, seed: int) -> dict[str, Any]:
     out: dict[str, Any] = {"seed": seed}
     if "prune" in spec:
         out["forward_s_unpruned"], out["forward_cpu_s_unpruned"] = forward_seconds(model, batch)
-    if "quantize" in spec:
-        pk.quantize(model, spec["quantize"])
-    pk.attach(model, method_config(rec, prep))
+    options = {k: v for k, v in spec["method"].items() if k != "name"}
+    bench_arm = make_arm(ArmSpec(arm, "petkit", spec["method"]["name"], options,
+                                 quantize=spec.get("quantize"), prune=spec.get("prune", {})))
+    heads = tuple(head_module_names(model)) if prep.task_type == "head" else ()
+    model = bench_arm.setup(model, ArmContext(prep.task_type, heads, seed))
     out["trainable"] = sum(p.numel() for p in pk.trainable_parameters(model).values())
-    pruner = pk.start_pruning(model, pk.PruneConfig(**spec["prune"])) if "prune" in spec else None
     config = rec.train.replace(label_token_ids=prep.label_token_ids)
     wall = time.perf_counter()
     with RssPeak() as rss:
         result = train(model, prep.train, config, pad_id=prep.pad_id)
     out["wall_s_per_step"] = (time.perf_counter() - wall) / result.steps
     out["peak_train_mb"] = rss.mb
-    if pruner is not None:
-        if pruner.ranks is not None:
-            out["trainable_live"] = pruner.ranks.live_parameters()
-        out["prune"] = pk.finish_pruning(model)
+    if isinstance(bench_arm, Finishing) and "prune" in spec:
+        model = bench_arm.finish(model)
+        out["prune"] = bench_arm.report
+        if bench_arm.report.get("apt_live_lora_parameters"):
+            out["trainable_live"] = bench_arm.report["apt_live_lora_parameters"]
         out["forward_s_pruned"], out["forward_cpu_s_pruned"] = forward_seconds(model, batch)
     out["accuracy"] = test_metrics(prep, rec)["accuracy"]
     out["stored_mb"] = stored_bytes(model) / 2**20
