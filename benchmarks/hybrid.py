@@ -180,37 +180,42 @@ def cmd_port(args: argparse.Namespace) -> None:
 
     folder, info = evolved_base(args)
     lora = pk.LoraConfig(r=8, alpha=16, targets=["q_proj", "v_proj"])
+    old, tok = load_model("smollm2-135m")
+    new, _ = load_model(str(folder))
+    pad = int(tok.pad_token_id)
+    _, test, ids = rotten(tok, 0, 0, 64, args.test_size)
+    acc = lambda m: accuracy(m, test, pad, label_token_ids=ids)  # noqa: E731
+    untuned = {"old_untuned": acc(old), "new_untuned": acc(new)}  # the same for every seed
+    partial(untuned)
     for seed in args.seeds:
-        old, tok = load_model("smollm2-135m")
-        train, test, ids = rotten(tok, seed, args.train_size, 64, args.test_size)
-        pad = int(tok.pad_token_id)
-        cfg = pk.TrainConfig(lr=3e-3, max_steps=args.steps, batch_size=16, seed=seed,
+        train, _, _ = rotten(tok, seed, args.train_size, 64, 0)
+        cfg = pk.TrainConfig(lr=args.lr, max_steps=args.steps, batch_size=args.batch, seed=seed,
                              label_token_ids=ids, progress=False)
-        acc = lambda m: accuracy(m, test, pad, label_token_ids=ids)  # noqa: E731
         row: dict[str, Any] = {"seed": seed, "train": len(train), "test": len(test),
-                               "steps": args.steps, **info, "old_untuned": acc(old)}
+                               "steps": args.steps, "batch": args.batch, **info, **untuned}
         pk.attach(old, lora)
         res = pk.train(old, train, cfg, pad_id=pad)
         row["old_patched"], row["patch_train_s"] = acc(old), res.seconds
         patch = OUT / f"port-patch-{seed}"
         pk.save_adapter(old, patch)
         pk.detach(old, "default")
-        new, _ = load_model(str(folder))
-        row["new_untuned"] = acc(new)
         started = time.perf_counter()
         port_adapter(patch, old, new, output=OUT / f"port-ported-{seed}")
         row["port_s"] = time.perf_counter() - started
         row["new_ported"] = acc(new)
         row["ported_from_recorded"] = ported_from(OUT / f"port-ported-{seed}") is not None
-        retrained, _ = load_model(str(folder))
-        pk.attach(retrained, lora)
-        res = pk.train(retrained, train, cfg, pad_id=pad)
-        row["new_retrained"], row["retrain_s"] = acc(retrained), res.seconds
+        pk.detach(new, "default")
+        partial(row)
         gain = row["old_patched"] - row["old_untuned"]
         row["ported_gain_kept"] = (row["new_ported"] - row["new_untuned"]) / gain if gain else None
-        regain = row["new_retrained"] - row["new_untuned"]
-        row["ported_vs_retrained_gain"] = ((row["new_ported"] - row["new_untuned"]) / regain
-                                           if regain else None)
+        if seed in args.retrain_seeds:
+            pk.attach(new, lora)
+            res = pk.train(new, train, cfg, pad_id=pad)
+            row["new_retrained"], row["retrain_s"] = acc(new), res.seconds
+            pk.detach(new, "default")
+            regain = row["new_retrained"] - row["new_untuned"]
+            row["ported_vs_retrained_gain"] = ((row["new_ported"] - row["new_untuned"]) / regain
+                                               if regain else None)
         record("port", row)
 
 
@@ -283,6 +288,9 @@ class PeakRss:
         self.thread.join()
 
 
+JUDGE_LENGTH = 48  # tokens; a review is ~30, a scored generation 24
+
+
 def sentiment_judge(steps: int, n_test: int) -> tuple[Any, Any, dict[str, Any]]:
     """minilm-l6 + LoRA r16 on every linear layer + head, trained by petkit on the whole
     rotten-tomatoes train split (built once, cached in runs/hybrid/judge); (model, tokenizer,
@@ -295,8 +303,8 @@ def sentiment_judge(steps: int, n_test: int) -> tuple[Any, Any, dict[str, Any]]:
         pk.load_adapter(model, folder)
         return model.eval(), tok, json.loads(info_path.read_text())
     task = load_task("rotten-tomatoes")
-    train = encode_classification(task.train, tok, max_length=64)
-    test = encode_classification(task.test[:n_test], tok, max_length=64)
+    train = encode_classification(task.train, tok, max_length=JUDGE_LENGTH)
+    test = encode_classification(task.test[:n_test], tok, max_length=JUDGE_LENGTH)
     pk.attach(model, pk.LoraConfig(r=16, alpha=32, targets="all-linear",
                                    modules_to_save=head_module_names(model)))
     res = pk.train(model, train, pk.TrainConfig(lr=1e-3, max_steps=steps, batch_size=32,
@@ -355,21 +363,51 @@ def generate(model: Any, tok: Any, prompts: list[str], new_tokens: int) -> list[
 
 def requested_rate(clf: Any, clf_tok: Any, texts: list[str], wanted: list[int]) -> float:
     clf.eval()
-    enc = clf_tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=64)
+    enc = clf_tok(texts, return_tensors="pt", padding=True, truncation=True,
+                  max_length=JUDGE_LENGTH)
     with torch.no_grad():
         pred = clf(**enc).logits.argmax(-1).tolist()
     return sum(int(p == w) for p, w in zip(pred, wanted)) / len(wanted)
 
 
-def cmd_prefer(args: argparse.Namespace) -> None:
-    from petkit.hybrid import encode_pairs, meet, train_preference
+PREFER_ARMS = ("untuned", "sft_chosen", "dpo", "meet")
+
+
+def train_arm(arm: str, model: Any, pairs: list[dict], cfg: pk.TrainConfig,
+              args: argparse.Namespace, pad: int, row: dict[str, Any]) -> None:
+    """Train one arm of the preference measurement in place; its costs go into `row`."""
+    from petkit.hybrid import meet, train_preference
     from petkit.hybrid.preference import chosen_only
+
+    lora = pk.LoraConfig(r=8, alpha=16, targets=["q_proj", "v_proj"])
+    if arm == "sft_chosen":
+        pk.attach(model, lora)
+        with PeakRss() as mem:
+            res = pk.train(model, chosen_only(pairs), cfg, pad_id=pad)
+        row["sft_s"], row["sft_peak_rss_mb"] = res.seconds, mem.peak
+    elif arm == "dpo":
+        pk.attach(model, lora)
+        probe = ReferenceProbe(model)
+        with PeakRss() as mem:
+            res = train_preference(model, pairs, cfg, beta=args.beta, pad_id=pad)
+        row["dpo_s"], row["dpo_peak_rss_mb"] = res.seconds, mem.peak
+        row["weights_held_mb_before_dpo"] = probe.before
+        row["weights_held_mb_in_reference_pass"] = probe.during
+    elif arm == "meet":  # two stages, each half of DPO's steps by default
+        stage = cfg.replace(max_steps=row["meet_steps"])
+        control = pk.make_config("prompt", num_virtual_tokens=8)
+        first, second = meet(model, pairs, control, lora, stage, beta=args.beta, pad_id=pad,
+                             control_config=stage.replace(lr=args.control_lr))
+        row["meet_s"] = first.seconds + second.seconds
+
+
+def cmd_prefer(args: argparse.Namespace) -> None:
+    from petkit.hybrid import encode_pairs
 
     movies = movie_reviews()
     names = list(movies)
     clf, clf_tok, judge = sentiment_judge(args.clf_steps, args.clf_test)
     print("judge " + json.dumps(judge), file=sys.stderr, flush=True)
-    meet_steps = args.meet_steps or max(1, args.steps // 2)  # two stages: DPO's compute in all
     for seed in args.seeds:
         g = torch.Generator().manual_seed(seed)
         order = [names[i] for i in torch.randperm(len(names), generator=g).tolist()]
@@ -378,49 +416,24 @@ def cmd_prefer(args: argparse.Namespace) -> None:
         wanted = [s for _ in held for s in (0, 1)]
         row: dict[str, Any] = {"seed": seed, "train_pairs": 2 * len(train_movies) * args.per_movie,
                                "eval_generations": len(prompts), "new_tokens": args.new_tokens,
-                               "steps": args.steps, "meet_steps": meet_steps, "lr": args.lr,
-                               "classifier": judge}
+                               "steps": args.steps, "lr": args.lr, "beta": args.beta,
+                               "meet_steps": args.meet_steps or max(1, args.steps // 2),
+                               "arms": args.arms, "classifier": judge, "samples": {}}
         _, tok = load_model("smollm2-135m")
-        pairs = encode_pairs(preference_pairs(movies, train_movies, args.per_movie), tok, 96)
+        pairs = encode_pairs(preference_pairs(movies, train_movies, args.per_movie), tok,
+                             args.max_length)
         pad = int(tok.pad_token_id)
         cfg = pk.TrainConfig(lr=args.lr, max_steps=args.steps, batch_size=4, seed=seed,
                              warmup_steps=2, progress=False)
-        lora = pk.LoraConfig(r=8, alpha=16, targets=["q_proj", "v_proj"])
-        samples = {}
-
-        def score(arm: str, model: Any) -> None:
+        for arm in args.arms:
+            model, _ = load_model("smollm2-135m")
+            row["model_mb"] = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+            train_arm(arm, model, pairs, cfg, args, pad, row)
             texts = generate(model, tok, prompts, args.new_tokens)
             row[arm] = requested_rate(clf, clf_tok, texts, wanted)
-            samples[arm] = texts[:4]
-
-        base, _ = load_model("smollm2-135m")
-        row["model_mb"] = sum(p.numel() * p.element_size() for p in base.parameters()) / 2**20
-        score("untuned", base)
-        sft, _ = load_model("smollm2-135m")
-        pk.attach(sft, lora)
-        with PeakRss() as mem:
-            res = pk.train(sft, chosen_only(pairs), cfg, pad_id=pad)
-        row["sft_s"], row["sft_peak_rss_mb"] = res.seconds, mem.peak
-        score("sft_chosen", sft)
-        del sft
-        dpo, _ = load_model("smollm2-135m")
-        pk.attach(dpo, lora)
-        probe = ReferenceProbe(dpo)
-        with PeakRss() as mem:
-            res = train_preference(dpo, pairs, cfg, beta=args.beta, pad_id=pad)
-        row["dpo_s"], row["dpo_peak_rss_mb"] = res.seconds, mem.peak
-        row["weights_held_mb_before_dpo"], row["weights_held_mb_in_reference_pass"] = (
-            probe.before, probe.during)
-        score("dpo", dpo)
-        del dpo
-        model, _ = load_model("smollm2-135m")
-        control = pk.make_config("prompt", num_virtual_tokens=8)
-        stage = cfg.replace(max_steps=meet_steps)
-        first, second = meet(model, pairs, control, lora, stage, beta=args.beta, pad_id=pad,
-                             control_config=stage.replace(lr=3e-2))
-        row["meet_s"] = first.seconds + second.seconds
-        score("meet", model)
-        row["samples"] = samples
+            row["samples"][arm] = texts[:4]
+            partial({k: v for k, v in row.items() if k != "samples"})
+            del model
         record("prefer", row)
 
 
@@ -437,10 +450,14 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--test-size", type=int, default=300)
     p = sub.add_parser("port")
     p.add_argument("--train-size", type=int, default=256)
-    p.add_argument("--steps", type=int, default=32)
-    p.add_argument("--test-size", type=int, default=300)
+    p.add_argument("--steps", type=int, default=24)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--test-size", type=int, default=200)
+    p.add_argument("--retrain-seeds", type=lambda s: [int(x) for x in s.split(",") if x],
+                   default=[0], help="seeds that also re-train the LoRA on the new base")
     p.add_argument("--cpt-steps", type=int, default=40)
-    p.add_argument("--cpt-lr", type=float, default=3e-4)
+    p.add_argument("--cpt-lr", type=float, default=5e-4)
     p.add_argument("--cpt-batch", type=int, default=8)
     p.add_argument("--cpt-len", type=int, default=64)
     p = sub.add_parser("prefer")
@@ -454,9 +471,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--clf-steps", type=int, default=400)
     p.add_argument("--clf-test", type=int, default=1000)
     p.add_argument("--meet-steps", type=int, default=0, help="per stage; 0: half of --steps")
+    p.add_argument("--control-lr", type=float, default=3e-2)
+    p.add_argument("--max-length", type=int, default=96)
+    p.add_argument("--arms", type=lambda s: s.split(","), default=list(PREFER_ARMS))
     for p in sub.choices.values():
         p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0])
     args = parser.parse_args(argv)
+    if args.cmd == "prefer" and set(args.arms) - set(PREFER_ARMS):
+        parser.error(f"--arms: unknown {sorted(set(args.arms) - set(PREFER_ARMS))}; "
+                     f"choose from {','.join(PREFER_ARMS)}")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     {"transfer": cmd_transfer, "port": cmd_port, "prefer": cmd_prefer}[args.cmd](args)
 
