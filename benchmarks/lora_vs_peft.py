@@ -8,6 +8,7 @@ peak memory with ratios petkit/peft (goal: both <= 1.0).
     python benchmarks/lora_vs_peft.py                         # CPU, smollm2-135m
     python benchmarks/lora_vs_peft.py --device cuda --model llama-1b --batch 8 --seq 512 --compile
     python benchmarks/lora_vs_peft.py --rounds 1 --steps 2 --warmup 1 --profile   # op counts that differ
+    python benchmarks/lora_vs_peft.py --paired 30                             # steps alternating in one process
     python benchmarks/lora_vs_peft.py --layer-reps 300                        # the LoRA path alone, per layer
 """
 from __future__ import annotations
@@ -57,14 +58,15 @@ def build_model(name: str, device: str, dtype):
     return load_model(name, dtype=dtype)[0].to(device)
 
 
-def worker(args: argparse.Namespace) -> dict:
+def setup(args: argparse.Namespace, lib: str) -> tuple:
+    """(model or its compiled forward, AdamW over the LoRA factors, 4 random batches) for one library."""
     import torch
 
     device, dtype = args.device, getattr(torch, args.dtype)
     model = build_model(args.model, device, dtype)
     model.config.use_cache = False
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"] if args.all_linear else ["q_proj", "v_proj"]
-    if args.lib == "petkit":
+    if lib == "petkit":
         import petkit as pk
 
         pk.attach(model, pk.LoraConfig(r=args.rank, alpha=2 * args.rank, dropout=0.0, targets=targets))
@@ -80,7 +82,22 @@ def worker(args: argparse.Namespace) -> dict:
     g = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size if hasattr(model, "config") else 32000
     batches = [torch.randint(0, vocab, (args.batch, args.seq), generator=g).to(device) for _ in range(4)]
-    cuda = device.startswith("cuda")
+    return fwd, opt, batches
+
+
+def train_step(fwd, opt, ids) -> "torch.Tensor":
+    loss = fwd(input_ids=ids, labels=ids).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
+
+
+def worker(args: argparse.Namespace) -> dict:
+    import torch
+
+    fwd, opt, batches = setup(args, args.lib)
+    cuda = args.device.startswith("cuda")
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -91,10 +108,7 @@ def worker(args: argparse.Namespace) -> dict:
     for step in range(args.warmup + args.steps):
         ids = batches[step % len(batches)]
         t0, c0 = time.perf_counter(), time.process_time()
-        loss = fwd(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        loss = train_step(fwd, opt, ids)
         if cuda:
             torch.cuda.synchronize()
         if step >= args.warmup:
@@ -109,9 +123,7 @@ def worker(args: argparse.Namespace) -> dict:
         from torch.profiler import profile
 
         with profile() as prof:
-            fwd(input_ids=ids, labels=ids).loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            train_step(fwd, opt, ids)
         result["ops"] = {e.key: [e.count, e.self_cpu_time_total / 1e3] for e in prof.key_averages()}
     return result
 
@@ -129,6 +141,34 @@ def print_profile(results: dict) -> None:
         a, b = ops["peft"].get(key, [0, 0.0]), ops["petkit"].get(key, [0, 0.0])
         if a[0] != b[0]:
             print(f"| {key[:60]} | {a[0]} | {b[0]} | {a[1]:.1f} | {b[1]:.1f} |")
+
+
+def paired_bench(args: argparse.Namespace) -> None:
+    """Both libraries' models in one process, single steps alternating (order swapped every pair):
+    load drift of a shared machine hits both alike, so the per-pair ratios are steadier than whole
+    runs. Time only; peak memory needs the separate processes of the default mode."""
+    import torch
+
+    libs = {lib: setup(args, lib) for lib in ("peft", "petkit")}
+    wall: dict[str, list[float]] = {lib: [] for lib in libs}
+    cpu: dict[str, list[float]] = {lib: [] for lib in libs}
+    for step in range(args.warmup + args.paired):
+        for lib in (("peft", "petkit") if step % 2 else ("petkit", "peft")):
+            fwd, opt, batches = libs[lib]
+            t0, c0 = time.perf_counter(), time.process_time()
+            train_step(fwd, opt, batches[step % len(batches)])
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            if step >= args.warmup:
+                wall[lib].append(time.perf_counter() - t0)
+                cpu[lib].append(time.process_time() - c0)
+    print(f"model={args.model} device={args.device} dtype={args.dtype} batch={args.batch} seq={args.seq} "
+          f"rank={args.rank} all_linear={args.all_linear}: {args.paired} pairs of steps in one process")
+    for name, table in (("wall", wall), ("CPU", cpu)):
+        ratios = [b / a for a, b in zip(table["peft"], table["petkit"])]
+        print(f"step {name} time: median peft {statistics.median(table['peft']):.4f} s, petkit "
+              f"{statistics.median(table['petkit']):.4f} s; petkit/peft per pair: median {statistics.median(ratios):.4f}, "
+              f"mean {statistics.mean(ratios):.4f} +- {statistics.stdev(ratios) / len(ratios) ** 0.5:.4f} (s.e.)")
 
 
 def layer_bench(args: argparse.Namespace) -> None:
@@ -185,12 +225,16 @@ def main() -> None:
     ap.add_argument("--all-linear", action="store_true")
     ap.add_argument("--rounds", type=int, default=2, help="runs per library, alternating; best kept")
     ap.add_argument("--profile", action="store_true", help="also profile one step of each; print the ops whose counts differ")
+    ap.add_argument("--paired", type=int, default=0, help="instead: this many pairs of steps, both libraries in one process (time only)")
     ap.add_argument("--layer-reps", type=int, default=0, help="instead: time the LoRA path alone, per layer, this many times")
     ap.add_argument("--lib", help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     if args.lib:
         print(json.dumps(worker(args)))
+        return
+    if args.paired:
+        paired_bench(args)
         return
     if args.layer_reps:
         layer_bench(args)
