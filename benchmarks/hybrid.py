@@ -106,8 +106,12 @@ def cmd_transfer(args: argparse.Namespace) -> None:
         t = transfer_adapter("default", small, embedded, align="embeddings")
         row["transfer_s"], row["alignment_error"] = time.perf_counter() - started, t.alignment_error
         row["large_transferred"] = accuracy(embedded, test, pad)
+        adapted, _ = load_model("minilm-l6", task="seq-cls", num_labels=5)
+        transfer_adapter("default", small, adapted, align="hidden-adapted",
+                         align_data=train[: args.align_size], pad_id=pad)
+        row["large_transferred_hidden_adapted"] = accuracy(adapted, test, pad)
         partial(row)
-        del embedded
+        del embedded, adapted
         if args.zo_steps:  # gradient-free refinement of the default (hidden-aligned) transfer
             zo = pk.TrainConfig(lr=args.zo_lr, max_steps=args.zo_steps, batch_size=16,
                                 optimizer="mezo", schedule="constant", seed=seed, progress=False,
@@ -123,7 +127,8 @@ def cmd_transfer(args: argparse.Namespace) -> None:
         row["large_direct"] = accuracy(direct, test, pad)
         row["direct_s"], row["direct_passes"] = res.seconds, backprop_passes
         gap = row["large_direct"] - row["large_untuned"]
-        for arm in ("large_transferred", "large_transferred_hidden", "large_refined"):
+        for arm in ("large_transferred", "large_transferred_hidden",
+                    "large_transferred_hidden_adapted", "large_refined"):
             if arm in row:
                 row[f"{arm}_gap_recovered"] = (row[arm] - row["large_untuned"]) / gap if gap else None
         row["align_compute_share"] = row["align_passes"] / backprop_passes

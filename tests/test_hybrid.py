@@ -103,6 +103,20 @@ def test_hidden_state_alignment_of_a_model_with_itself_is_exact() -> None:
     assert torch.allclose(small(input_ids=x).logits, large(input_ids=x).logits, atol=1e-3)
 
 
+def test_adapted_alignment_reads_the_small_model_with_its_adapter() -> None:
+    small = bert()
+    pk.attach(small, lora_head())
+    randomise(small)
+    base, adapted = bert(), bert()
+    pk.transfer_adapter("default", small, base, align_data=texts())
+    pk.transfer_adapter("default", small, adapted, align="hidden-adapted", align_data=texts())
+    x = torch.randint(0, TINY_VOCAB, (2, 9))
+    key = "bert.encoder.layer.1.attention.self.query.lora_A"  # reads state 1: layer 0's output
+    a_base, a_adapted = pk.adapter_state(base, "default")[key], pk.adapter_state(adapted, "default")[key]
+    assert not torch.allclose(a_base, a_adapted)  # the maps differ once the adapter is on
+    assert torch.isfinite(adapted(input_ids=x).logits).all()
+
+
 def test_hidden_state_transfer_maps_depth_and_width() -> None:
     small, large = bert(layers=2, width=32), bert(layers=4, width=48, seed=1)
     pk.attach(small, lora_head())

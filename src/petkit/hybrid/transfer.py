@@ -24,7 +24,12 @@ gradient-free stepper (`refine`: MeZO or CMA-ES through `pk.train`, never backpr
      independently trained models' embedding tables are far apart (docs/hybrid.md: near chance
      on MiniLM-L3 -> L6), so it is the fallback, not the default.
 
-   When small and large are the same model, the maps are the identity and the transfer is exact.
+   - ``"hidden-adapted"``: as ``"hidden"``, but the small model keeps its adapter on while its
+     states are read, so the maps also regress the large base's states onto the small model's
+     *adapted* ones (not exact when small == large).
+
+   When small and large are the same model, the maps are the identity and the transfer is exact
+   (``"hidden"``, ``"embeddings"``).
 
 Which side of a module is the residual stream is read from the module's place in a BERT /
 Llama / GPT-2 block (`READS_RESIDUAL`, `WRITES_RESIDUAL`).
@@ -34,6 +39,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,7 +99,7 @@ def least_squares(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve(gram + ridge * torch.eye(len(gram), dtype=gram.dtype), x.T @ y)
 
 
-ALIGNS = ("hidden", "embeddings")
+ALIGNS = ("hidden", "hidden-adapted", "embeddings")
 ALIGN_TEXTS = 64  # texts taken from refine_data when align_data is not given
 
 
@@ -136,17 +142,18 @@ class HiddenAligner:
     """(P, Q) between the small model's hidden state `i` and the large model's `j` (0 = the
     embedding output), fitted by least squares on the non-pad tokens of `data`. Both models run
     inside `disabled`: the maps relate the two *bases*, which is what the delta was trained on
-    and what it is added to."""
+    and what it is added to. With `adapted`, the small model keeps its adapters on, so the maps
+    also carry what the adapter does to its hidden states (`align="hidden-adapted"`)."""
 
     def __init__(self, small: nn.Module, large: nn.Module, data: Sequence[dict],
-                 pad_id: int) -> None:
+                 pad_id: int, adapted: bool = False) -> None:
         batch = collate(list(data), pad_id)
         keep = batch["attention_mask"].reshape(-1).bool()
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
         self.states = []
         with torch.no_grad():
             for model in (small, large):
-                with disabled(model):
+                with nullcontext() if adapted and model is small else disabled(model):
                     out = model(**inputs, output_hidden_states=True)
                 self.states.append([h.reshape(-1, h.shape[-1])[keep].double()
                                     for h in out.hidden_states])
@@ -173,10 +180,10 @@ def _aligner(align: str, small: nn.Module, large: nn.Module, align_data: Sequenc
         p, q, err = embedding_maps(small, large)
         return (lambda i, j: (p, q)), (lambda: err)
     if not align_data:
-        raise ConfigError("transfer_adapter: hidden-state alignment (align='hidden', the default) "
+        raise ConfigError(f"transfer_adapter: hidden-state alignment (align={align!r}) "
                           "needs align_data (a few encoded texts, e.g. 64 training examples) or "
                           "refine_data; pass align='embeddings' to align without data")
-    aligner = HiddenAligner(small, large, align_data, pad_id)
+    aligner = HiddenAligner(small, large, align_data, pad_id, adapted=align == "hidden-adapted")
     return aligner, aligner.error
 
 
@@ -228,7 +235,8 @@ def transfer_adapter(adapter: str | os.PathLike, small_model: nn.Module, large_m
     and width without gradients; with `refine` (a zeroth-order or CMA-ES TrainConfig) and
     `refine_data`, refine it with `pk.train`. `align="hidden"` (default) fits the width maps on
     the two models' hidden states over `align_data` (encoded examples; when not given, the first
-    64 of `refine_data`); `align="embeddings"` fits one pair on the input embeddings (no data).
+    64 of `refine_data`); `"hidden-adapted"` reads the small model's states with its adapter
+    on; `align="embeddings"` fits one pair on the input embeddings (no data).
     Returns the layer map, the alignment residual and the refinement's `TrainResult`."""
     if align not in ALIGNS:
         raise ConfigError(f"transfer_adapter: align must be one of {ALIGNS}, got {align!r}")
