@@ -79,14 +79,25 @@ def test_smollm2_seq_cls_has_new_score_head():
 
 
 @pytest.mark.slow
-def test_minilm_loads_as_seq_cls_with_new_head():
+def test_minilm_loads_as_seq_cls_with_new_head(capfd, recwarn):
     model, tokenizer = load_model("minilm-l6", task="seq-cls", num_labels=3)
+    assert "LOAD REPORT" not in capfd.readouterr().err  # the new head is expected: no report
+    assert not [w for w in recwarn if "newly initialised" in str(w.message)]
     assert type(model).__name__ == "BertForSequenceClassification"
     assert head_module_names(model) == ["classifier"]
     assert 22e6 < sum(p.numel() for p in model.parameters()) < 23e6
     base, _ = load_model("minilm-l6", task="base")
     assert head_module_names(base) == []
     assert Path(resolve_model("minilm-l6")).is_dir()
+
+
+def test_unexpected_new_or_unused_weights_are_one_warning_each():
+    from petkit.models.loading import report_new_weights
+
+    with pytest.warns(UserWarning, match="newly initialised .*encoder.layer.0.attention"):
+        report_new_weights("m", ["classifier", "encoder.layer.0.attention"], [])
+    with pytest.warns(UserWarning, match="2 checkpoint weights unused"):
+        report_new_weights("m", ["score"], ["lm_head.weight", "x.bias"])
 
 
 def test_resolve_passthrough_and_unknown(tmp_path: Path):

@@ -8,6 +8,9 @@ from the checkpoint, so a trainer can make exactly those trainable alongside the
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -37,6 +40,33 @@ def _auto_class(task: str) -> type:
     if task not in classes:
         raise ConfigError(f"task must be one of {TASKS}, got {task!r}")
     return classes[task]
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' warnings (its load report) off inside: a task head missing from the
+    checkpoint is expected, and petkit reports what else it finds (`report_new_weights`)."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def report_new_weights(name: str, new_modules: list[str], unexpected: object) -> None:
+    """One warning for weights that are new although they are not a task head, and one for
+    checkpoint weights the model did not use."""
+    odd = [m for m in new_modules if m.split(".")[-1] not in KNOWN_HEAD_NAMES]
+    if odd:
+        warnings.warn(f"model {name!r}: newly initialised (not in the checkpoint): "
+                      f"{', '.join(odd[:5])}{' ...' if len(odd) > 5 else ''}", stacklevel=3)
+    unused = sorted(unexpected or [])  # type: ignore[call-overload]
+    if unused:
+        warnings.warn(f"model {name!r}: {len(unused)} checkpoint weights unused, e.g. "
+                      f"{', '.join(unused[:3])}", stacklevel=3)
 
 
 def _not_found(name: str, path: str, cause: Exception) -> PetkitError:
@@ -70,13 +100,16 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(path)
         # A new head starts the same on every load, so an adapter saved with it (its fingerprint
         # covers the head it replaces) loads again; the caller's RNG state is left as it was.
-        with torch.random.fork_rng(devices=[]):
+        quiet = quiet_transformers() if task == "seq-cls" else contextlib.nullcontext()
+        with torch.random.fork_rng(devices=[]), quiet:
             torch.manual_seed(0)
             model, info = auto.from_pretrained(path, output_loading_info=True, **kwargs)
     except (OSError, ValueError) as err:
         raise _not_found(name_or_path, path, err) from err
     _ensure_pad(model, tokenizer)
     new_modules = _missing_modules(model, info.get("missing_keys", ())) if task == "seq-cls" else []
+    if task == "seq-cls":
+        report_new_weights(name_or_path, new_modules, info.get("unexpected_keys"))
     setattr(model, NEW_MODULES_ATTR, new_modules)
     model.eval()
     return model, tokenizer

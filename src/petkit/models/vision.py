@@ -32,6 +32,7 @@ from torch import nn
 
 from petkit.core.errors import ConfigError
 from petkit.models.embedded import CACHE_MARKER, _cache_is_valid, _write_atomically, cache_root
+from petkit.models.loading import quiet_transformers, report_new_weights
 from petkit.models.loading import NEW_MODULES_ATTR
 from petkit.models.packages import EmbeddedPackage, installed_version, package_file, require_module
 
@@ -167,10 +168,13 @@ def load_vision_model(name: str, num_labels: int, *, image_size: int = DEFAULT_I
     if not is_vision_model(str(path)):
         raise ConfigError(f"model {name!r} is not a vision model (embedded: "
                           f"{', '.join(VISION_MODELS)}; or a folder whose config has patch_size)")
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), quiet_transformers():  # the head is new: no report
         torch.manual_seed(0)
-        model = AutoModelForImageClassification.from_pretrained(
-            path, num_labels=num_labels, ignore_mismatched_sizes=True)  # a head of another size: new
+        model, info = AutoModelForImageClassification.from_pretrained(
+            path, num_labels=num_labels, ignore_mismatched_sizes=True,  # a head of another size: new
+            output_loading_info=True)
+    report_new_weights(name, [k.rpartition(".")[0] for k in info.get("missing_keys", ())],
+                       info.get("unexpected_keys"))
     check_image_size(image_size, model.config.patch_size)
     setattr(model, NEW_MODULES_ATTR, ["classifier"])
     return model.eval()
