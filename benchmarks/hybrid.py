@@ -92,7 +92,8 @@ def cmd_transfer(args: argparse.Namespace) -> None:
 
         large, _ = load_model("minilm-l6", task="seq-cls", num_labels=5)
         row["large_untuned"] = accuracy(large, test, pad)
-        # the default: hidden-state alignment on a few training texts, one pass of each model
+        # the default: hidden-state alignment on a few training texts (small model with its
+        # adapter, large base), one forward pass of each model
         started = time.perf_counter()
         t = transfer_adapter("default", small, large, align_data=train[: args.align_size],
                              pad_id=pad)
@@ -106,12 +107,12 @@ def cmd_transfer(args: argparse.Namespace) -> None:
         t = transfer_adapter("default", small, embedded, align="embeddings")
         row["transfer_s"], row["alignment_error"] = time.perf_counter() - started, t.alignment_error
         row["large_transferred"] = accuracy(embedded, test, pad)
-        adapted, _ = load_model("minilm-l6", task="seq-cls", num_labels=5)
-        transfer_adapter("default", small, adapted, align="hidden-adapted",
+        bases, _ = load_model("minilm-l6", task="seq-cls", num_labels=5)
+        transfer_adapter("default", small, bases, align="hidden-base",
                          align_data=train[: args.align_size], pad_id=pad)
-        row["large_transferred_hidden_adapted"] = accuracy(adapted, test, pad)
+        row["large_transferred_hidden_base"] = accuracy(bases, test, pad)
         partial(row)
-        del embedded, adapted
+        del embedded, bases
         if args.zo_steps:  # gradient-free refinement of the default (hidden-aligned) transfer
             zo = pk.TrainConfig(lr=args.zo_lr, max_steps=args.zo_steps, batch_size=16,
                                 optimizer="mezo", schedule="constant", seed=seed, progress=False,
@@ -128,7 +129,7 @@ def cmd_transfer(args: argparse.Namespace) -> None:
         row["direct_s"], row["direct_passes"] = res.seconds, backprop_passes
         gap = row["large_direct"] - row["large_untuned"]
         for arm in ("large_transferred", "large_transferred_hidden",
-                    "large_transferred_hidden_adapted", "large_refined"):
+                    "large_transferred_hidden_base", "large_refined"):
             if arm in row:
                 row[f"{arm}_gap_recovered"] = (row[arm] - row["large_untuned"]) / gap if gap else None
         row["align_compute_share"] = row["align_passes"] / backprop_passes

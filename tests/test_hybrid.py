@@ -92,24 +92,24 @@ def test_transfer_maps_depth_and_width(tmp_path) -> None:
     assert torch.isfinite(large(input_ids=torch.randint(0, TINY_VOCAB, (1, 5))).logits).all()
 
 
-def test_hidden_state_alignment_of_a_model_with_itself_is_exact() -> None:
+def test_base_hidden_state_alignment_of_a_model_with_itself_is_exact() -> None:
     small = bert()
     pk.attach(small, lora_head())
     randomise(small)
     large = bert()
-    t = pk.transfer_adapter("default", small, large, align_data=texts())  # aligns the two bases
+    t = pk.transfer_adapter("default", small, large, align="hidden-base", align_data=texts())
     x = torch.randint(0, TINY_VOCAB, (2, 9))
     assert t.alignment_error < 1e-4
     assert torch.allclose(small(input_ids=x).logits, large(input_ids=x).logits, atol=1e-3)
 
 
-def test_adapted_alignment_reads_the_small_model_with_its_adapter() -> None:
+def test_default_alignment_reads_the_small_model_with_its_adapter() -> None:
     small = bert()
     pk.attach(small, lora_head())
     randomise(small)
     base, adapted = bert(), bert()
-    pk.transfer_adapter("default", small, base, align_data=texts())
-    pk.transfer_adapter("default", small, adapted, align="hidden-adapted", align_data=texts())
+    pk.transfer_adapter("default", small, base, align="hidden-base", align_data=texts())
+    pk.transfer_adapter("default", small, adapted, align_data=texts())
     x = torch.randint(0, TINY_VOCAB, (2, 9))
     key = "bert.encoder.layer.1.attention.self.query.lora_A"  # reads state 1: layer 0's output
     a_base, a_adapted = pk.adapter_state(base, "default")[key], pk.adapter_state(adapted, "default")[key]

@@ -18,18 +18,18 @@ gradient-free stepper (`refine`: MeZO or CMA-ES through `pk.train`, never backpr
      texts (`align_data`; 64 is enough), one pair per (small, large) hidden state: a module of
      large layer ``j`` (from small layer ``i``) reads through the map of states (i, j) and writes
      through (i + 1, j + 1); the task head reads through the last states' map. One forward pass
-     of each model over the texts.
+     of each model over the texts. The small model is read *with its adapter on* and the large
+     one as its base, so the maps regress the large base's states onto the small model's adapted
+     ones: they carry part of what the adapter does (docs/hybrid.md: 20 points better than
+     aligning the two bases on MiniLM-L3 -> L6). Not exact when small == large.
+   - ``"hidden-base"``: as ``"hidden"``, with both models read as their bases (`disabled`).
    - ``"embeddings"``: one pair from the input-embedding matrices of the shared vocabulary,
      ``P = argmin ||E_s P - E_l||``, ``Q = argmin ||E_l Q - E_s||``; needs no data, but two
      independently trained models' embedding tables are far apart (docs/hybrid.md: near chance
      on MiniLM-L3 -> L6), so it is the fallback, not the default.
 
-   - ``"hidden-adapted"``: as ``"hidden"``, but the small model keeps its adapter on while its
-     states are read, so the maps also regress the large base's states onto the small model's
-     *adapted* ones (not exact when small == large).
-
-   When small and large are the same model, the maps are the identity and the transfer is exact
-   (``"hidden"``, ``"embeddings"``).
+   When small and large are the same model, ``"hidden-base"`` and ``"embeddings"`` give identity
+   maps and an exact transfer.
 
 Which side of a module is the residual stream is read from the module's place in a BERT /
 Llama / GPT-2 block (`READS_RESIDUAL`, `WRITES_RESIDUAL`).
@@ -99,7 +99,7 @@ def least_squares(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve(gram + ridge * torch.eye(len(gram), dtype=gram.dtype), x.T @ y)
 
 
-ALIGNS = ("hidden", "hidden-adapted", "embeddings")
+ALIGNS = ("hidden", "hidden-base", "embeddings")
 ALIGN_TEXTS = 64  # texts taken from refine_data when align_data is not given
 
 
@@ -140,10 +140,10 @@ Maps = tuple[torch.Tensor, torch.Tensor]  # (P: small -> large, Q: large -> smal
 
 class HiddenAligner:
     """(P, Q) between the small model's hidden state `i` and the large model's `j` (0 = the
-    embedding output), fitted by least squares on the non-pad tokens of `data`. Both models run
-    inside `disabled`: the maps relate the two *bases*, which is what the delta was trained on
-    and what it is added to. With `adapted`, the small model keeps its adapters on, so the maps
-    also carry what the adapter does to its hidden states (`align="hidden-adapted"`)."""
+    embedding output), fitted by least squares on the non-pad tokens of `data`. The large model
+    runs inside `disabled` (its base); the small one with its adapters on when `adapted` (the
+    maps then carry what the adapter does to its states, `align="hidden"`), else as its base
+    too (`align="hidden-base"`)."""
 
     def __init__(self, small: nn.Module, large: nn.Module, data: Sequence[dict],
                  pad_id: int, adapted: bool = False) -> None:
@@ -183,7 +183,7 @@ def _aligner(align: str, small: nn.Module, large: nn.Module, align_data: Sequenc
         raise ConfigError(f"transfer_adapter: hidden-state alignment (align={align!r}) "
                           "needs align_data (a few encoded texts, e.g. 64 training examples) or "
                           "refine_data; pass align='embeddings' to align without data")
-    aligner = HiddenAligner(small, large, align_data, pad_id, adapted=align == "hidden-adapted")
+    aligner = HiddenAligner(small, large, align_data, pad_id, adapted=align == "hidden")
     return aligner, aligner.error
 
 
@@ -235,8 +235,8 @@ def transfer_adapter(adapter: str | os.PathLike, small_model: nn.Module, large_m
     and width without gradients; with `refine` (a zeroth-order or CMA-ES TrainConfig) and
     `refine_data`, refine it with `pk.train`. `align="hidden"` (default) fits the width maps on
     the two models' hidden states over `align_data` (encoded examples; when not given, the first
-    64 of `refine_data`); `"hidden-adapted"` reads the small model's states with its adapter
-    on; `align="embeddings"` fits one pair on the input embeddings (no data).
+    64 of `refine_data`), reading the small model with its adapter on; `"hidden-base"` reads it
+    as its base; `align="embeddings"` fits one pair on the input embeddings (no data).
     Returns the layer map, the alignment residual and the refinement's `TrainResult`."""
     if align not in ALIGNS:
         raise ConfigError(f"transfer_adapter: align must be one of {ALIGNS}, got {align!r}")
