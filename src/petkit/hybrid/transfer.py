@@ -20,7 +20,7 @@ gradient-free stepper (`refine`: MeZO or CMA-ES through `pk.train`, never backpr
      through (i + 1, j + 1); the task head reads through the last states' map. One forward pass
      of each model over the texts. The small model is read *with its adapter on* and the large
      one as its base, so the maps regress the large base's states onto the small model's adapted
-     ones: they carry part of what the adapter does (docs/hybrid.md: 14 points better than
+     ones: they carry part of what the adapter does (docs/hybrid.md: 12 points better than
      aligning the two bases on MiniLM-L3 -> L6, 3 seeds). Not exact when small == large.
    - ``"hidden-base"``: as ``"hidden"``, with both models read as their bases (`disabled`).
    - ``"embeddings"``: one pair from the input-embedding matrices of the shared vocabulary,
