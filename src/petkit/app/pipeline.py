@@ -300,11 +300,16 @@ def merge_to_folder(recipe: Recipe, adapter: str | Path, output: str | Path, req
         (echo or print)(note)
     else:
         base = unload(prep.model, merge=True)
-    out = Path(output)
-    base.save_pretrained(out)
-    if prep.tokenizer is not None:  # a ViT has none (its pixels come from data.images)
-        prep.tokenizer.save_pretrained(out)
-    return out
+    return save_folder(base, prep.tokenizer, Path(output))
+
+
+def save_folder(model: nn.Module, tokenizer: Any, folder: Path) -> Path:
+    """`save_pretrained` of `model` and of its tokenizer, if it has one (a ViT has none: its
+    pixels come from `data.images`)."""
+    model.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    return folder
 
 
 def sample_batch(prep: Prepared, size: int = 8) -> dict[str, torch.Tensor]:

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from petkit.app.pipeline import Prepared, RunHooks, sample_batch
+from petkit.app.pipeline import Prepared, RunHooks, sample_batch, save_folder
 from petkit.app.recipe import Recipe
 from petkit.compress.prune import PruneConfig, finish_pruning, start_pruning
 
@@ -27,20 +27,12 @@ def pruning_hooks(recipe: Recipe) -> RunHooks | None:
 
     def trained(prep: Prepared, output: Path) -> dict[str, Any]:
         report = finish_pruning(prep.model)
-        folder = save_pruned(prep, output / "pruned")
+        folder = save_folder(prep.model, prep.tokenizer, output / "pruned")
         kept = {k: v for k, v in report.items() if v is not None and k != "sparsity_reached"}
         return {"pruned model": str(folder), **kept,
                 "reloaded max |logit difference|": f"{reload_difference(prep, folder):.2e}"}
 
     return RunHooks(attached=lambda prep: start_pruning(prep.model, config), trained=trained)
-
-
-def save_pruned(prep: Prepared, folder: Path) -> Path:
-    """`save_pretrained` of the pruned model and its tokenizer."""
-    prep.model.save_pretrained(folder)
-    if prep.tokenizer is not None:
-        prep.tokenizer.save_pretrained(folder)
-    return folder
 
 
 def reload_difference(prep: Prepared, folder: Path, size: int = 4) -> float:

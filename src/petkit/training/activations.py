@@ -122,6 +122,16 @@ def _checkpointed(forward: Callable[..., Any], extensions: list[Any], selective:
     return checkpoint(run, *args, use_reentrant=False, **extra, **kwargs)
 
 
+def block_modules(model: nn.Module) -> list[nn.Module]:
+    """The model's transformer blocks (`core.blocks`); `ConfigError` when it has no such stack
+    (activation checkpointing and block compilation work block by block)."""
+    paths = layer_paths(model)
+    if not paths:
+        raise ConfigError("TrainConfig.activation_checkpointing and compile_scope='blocks' need "
+                          "a model with a stack of transformer blocks; this model has none")
+    return [model.get_submodule(p) for p in paths]
+
+
 @contextlib.contextmanager
 def activation_checkpointing(model: nn.Module, every: int, selective: bool = False
                              ) -> Iterator[int]:
@@ -130,11 +140,7 @@ def activation_checkpointing(model: nn.Module, every: int, selective: bool = Fal
     if every == 0:
         yield 0
         return
-    paths = layer_paths(model)
-    if not paths:
-        raise ConfigError("TrainConfig.activation_checkpointing needs a model with a stack of "
-                          "transformer blocks; this model has none")
-    blocks = [model.get_submodule(p) for i, p in enumerate(paths) if i % every == 0]
+    blocks = block_modules(model)[::every]
     extensions = _extensions(model)
     own = [vars(block).get("forward") for block in blocks]  # an instance forward set by others
     for block in blocks:
@@ -152,13 +158,10 @@ def activation_checkpointing(model: nn.Module, every: int, selective: bool = Fal
 @contextlib.contextmanager
 def compiled_blocks(model: nn.Module) -> Iterator[int]:
     """`torch.compile` each transformer block of `model` inside the context (regional
-    compilation: identical blocks share one compiled graph, so a 32-block model compiles about
-    as fast as a 1-block one); yields the number of blocks. Checkpointing installed on a block
+    compilation: identical blocks share one compiled graph instead of one graph of the whole
+    model); yields the number of blocks. Checkpointing installed on a block
     (above) is traced into its graph, since the compiled call runs the block's `forward`."""
-    blocks = [model.get_submodule(p) for p in layer_paths(model)]
-    if not blocks:
-        raise ConfigError("TrainConfig.compile_scope='blocks' needs a model with a stack of "
-                          "transformer blocks; this model has none")
+    blocks = block_modules(model)
     previous = [block._compiled_call_impl for block in blocks]
     for block in blocks:
         block.compile()

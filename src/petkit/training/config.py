@@ -327,6 +327,10 @@ class TrainConfig:
             _check(is_int(self.pack_length) and self.pack_length >= 2, "pack_length",
                    "None or an int >= 2", self.pack_length)
 
+    def compiles_blocks(self) -> bool:
+        """Whether each transformer block is compiled (compile with compile_scope='blocks')."""
+        return self.compile and self.compile_scope == "blocks"
+
     def checkpoint_every(self) -> int:
         """Every how many blocks activations are recomputed (0: off, 1: every block)."""
         mode = self.activation_checkpointing

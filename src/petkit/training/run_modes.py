@@ -17,10 +17,9 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-from petkit.core.blocks import layer_paths
 from petkit.core.errors import ConfigError
-from petkit.training.activations import (activation_checkpointing, compiled_blocks,
-                                         has_extensions, offload_context)
+from petkit.training.activations import (activation_checkpointing, block_modules,
+                                         compiled_blocks, has_extensions, offload_context)
 from petkit.training.batching import Batch, CollateFn
 from petkit.training.config import TrainConfig
 from petkit.training.lm_loss import HeadBypass, can_bypass
@@ -59,10 +58,8 @@ def check_modes(model: nn.Module, config: TrainConfig) -> None:
     if config.packing and has_extensions(model):
         raise ConfigError("TrainConfig.packing cannot isolate examples when a method adds "
                           "virtual tokens or key/value prefixes (prompt / prefix family)")
-    if (config.checkpoint_every() or (config.compile and config.compile_scope == "blocks")) \
-            and not layer_paths(model):
-        raise ConfigError("TrainConfig.activation_checkpointing and compile_scope='blocks' need "
-                          "a model with a stack of transformer blocks; this model has none")
+    if config.checkpoint_every() or config.compiles_blocks():
+        block_modules(model)  # ConfigError when the model has no block stack
 
 
 class RunModes:
@@ -94,7 +91,7 @@ class RunModes:
 
     def wrap(self, forward: LossFn) -> LossFn:
         """`forward` compiled and/or under activation offload, as configured."""
-        if self.config.compile and self.config.compile_scope == "model":
+        if self.config.compile and not self.config.compiles_blocks():
             forward = torch.compile(forward)
         if not self.config.activation_offload:
             return forward
@@ -115,7 +112,7 @@ class RunModes:
                 self.bypass = None
             stack.enter_context(activation_checkpointing(
                 self.model, cfg.checkpoint_every(), cfg.activation_checkpointing == "selective"))
-            if cfg.compile and cfg.compile_scope == "blocks":
+            if cfg.compiles_blocks():
                 stack.enter_context(compiled_blocks(self.model))
             if self.bypass is not None:
                 stack.enter_context(self.bypass.installed())
