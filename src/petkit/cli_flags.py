@@ -1,0 +1,81 @@
+"""The `petkit train / eval / merge` flags: the recipe field each one sets, its help text and
+metavar, and the groups `--help` shows them in (used by `petkit.cli` to build its parser).
+Any recipe field without a named flag is reachable as --section.field."""
+
+FLAGS = {"method": "method.name", "model": "model.name", "data": "data.name",
+         "validation_file": "data.validation_file", "test_file": "data.test_file",
+         "text_column": "data.text_column", "label_column": "data.label_column",
+         "prompt_column": "data.prompt_column", "completion_column": "data.completion_column",
+         "task_type": "data.task_type", "steps": "train.max_steps", "epochs": "train.epochs",
+         "lr": "train.lr", "batch_size": "train.batch_size", "grad_accum": "train.grad_accum",
+         "warmup": "train.warmup_steps", "schedule": "train.schedule",
+         "eval_every": "train.eval_every", "precision": "train.precision",
+         "rank": "method.r", "alpha": "method.alpha", "max_length": "data.max_length",
+         "train_size": "data.train_size", "test_size": "data.test_size", "seed": "train.seed",
+         "output": "train.output_dir", "ist_top_k": "train.ist.top_k",
+         "ist_every": "train.ist.every", "optimizer": "train.optimizer", "eps": "train.stepper.eps",
+         "n_spsa": "train.stepper.n_spsa", "dim": "train.stepper.dim",
+         "popsize": "train.stepper.popsize", "quantize": "model.quantize",
+         "prune": "model.prune", "sparsity": "model.sparsity",
+         "device": "train.device", "compile": "train.compile",
+         "compile_scope": "train.compile_scope",
+         "checkpointing": "train.activation_checkpointing", "packing": "train.packing"}
+COLUMNS = ("text_column", "label_column", "prompt_column", "completion_column")
+DATA = ("data", "validation_file", "test_file", *COLUMNS, "task_type", "max_length",
+        "train_size", "test_size")
+TRAINING = ("steps", "epochs", "lr", "batch_size", "grad_accum", "warmup", "schedule",
+            "eval_every", "precision", "seed", "output", "device", "compile", "compile_scope",
+            "checkpointing", "packing")
+METHOD = ("method", "rank", "alpha", "model", "quantize", "prune", "sparsity")
+OPTIMISERS = ("optimizer", "ist_top_k", "ist_every", "eps", "n_spsa", "dim", "popsize")
+HELP = {"device": "auto (the GPU when there is one) | cpu | cuda | cuda:N",
+        "compile": "true: torch.compile the forward and loss (docs/training-gpu.md)",
+        "compile_scope": "model: one graph of forward + loss | blocks: each transformer block "
+                         "compiled once (far shorter compile on deep models)",
+        "checkpointing": "activation checkpointing: off | full | every-K | selective",
+        "packing": "true: several causal-LM examples per row, isolated by position ids",
+        "data": "embedded task (rotten-tomatoes, bbc-news, chatterbot-qa, mnist-5k), an image folder "
+                "(one sub-folder per class) or your training file "
+                "(.csv .jsonl .json .parquet): all its rows train unless --train-size is given",
+        "validation_file": "your validation file: picks the best step (with --eval-every)",
+        "test_file": "your test file, scored in full before and after training (without it, "
+                     "20%% of the training file is held out and the output says so)",
+        "text_column": "column holding the text (default: text)",
+        "label_column": "column holding the label, words or integers (default: label)",
+        "prompt_column": "instruction data: column holding the prompt (default: prompt)",
+        "completion_column": "instruction data: column holding the answer (default: completion)",
+        "task_type": "auto | verbaliser | head | instruction",
+        "max_length": "tokens per example (longer texts are cut)",
+        "train_size": "train on a seeded subset of this many examples",
+        "test_size": "score a fixed subset of this many test examples",
+        "steps": "optimiser steps", "epochs": "passes over the training data (instead of --steps)",
+        "lr": "learning rate (default: the method's suggested rate)",
+        "batch_size": "examples per optimiser step", "grad_accum": "micro-batches per step",
+        "warmup": "warm-up steps (train.warmup_steps)", "schedule": "linear | cosine | constant",
+        "eval_every": "validate every N steps and keep the best (needs validation data)",
+        "precision": "auto | fp32 | bf16", "seed": "seed of data order and initialisation",
+        "output": "output folder (adapter, logs, checkpoints)",
+        "method": "registered method name (see `petkit methods`)",
+        "rank": "rank r of LoRA-family methods (method.r)",
+        "alpha": "scaling alpha of LoRA-family methods (method.alpha)",
+        "model": "embedded model (smollm2-135m, minilm-l6, dinov2-s), a local folder or a hub id",
+        "ist_top_k": "IST: update only this many importance-sampled layers per step",
+        "ist_every": "IST: re-score layer importance every this many steps (default 10)",
+        "optimizer": "adamw | sgd (backprop), mezo | zo-adam (zeroth-order), cma (CMA-ES)",
+        "eps": "zeroth-order perturbation scale (train.stepper.eps)",
+        "n_spsa": "zeroth-order perturbations per step (train.stepper.n_spsa)",
+        "dim": "CMA-ES subspace dimension d (train.stepper.dim)",
+        "popsize": "CMA-ES population size (train.stepper.popsize)",
+        "quantize": "nf4 | fp4 | int8: quantise the base's linear layers first (QLoRA; pip install bitsandbytes)",
+        "prune": "loraprune | apt: prune heads and MLP channels while tuning a LoRA (Llama-style "
+                 "decoders); the pruned model is saved to OUTPUT/pruned (docs/compressed.md)",
+        "sparsity": "with --prune: fraction of decoder-block parameters removed (default 0.5)"}
+METAVARS = {"data": "TASK|FILE", "warmup": "STEPS", "eval_every": "STEPS", "n_spsa": "N",
+            "grad_accum": "N", "epochs": "N", "output": "DIR", "method": "NAME", "model": "NAME",
+            "schedule": "NAME", "precision": "NAME", "optimizer": "NAME", "rank": "R",
+            "alpha": "ALPHA", "steps": "N", "eps": "EPS", "dim": "D", "popsize": "N"}
+DOTTED = ("Every recipe field is an option too, written --SECTION.FIELD=VALUE with SECTION one of "
+          "method, model, data, train: --method.dropout=0.1 --train.weight_decay=0.01 "
+          "--data.validation_size=100 --train.stepper.eps=1e-3. Order of precedence: --recipe "
+          "(default: the shipped 'default'), then the flags above, then dotted options. An "
+          "unknown field's error lists the fields of its section.")
