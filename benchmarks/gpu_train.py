@@ -46,8 +46,10 @@ CASES: dict[str, tuple[str, str, str]] = {
     "petkit-blocks": ("petkit", "blocks", "off"),
     "petkit-blocks-ckpt": ("petkit", "blocks", "full"),
     "petkit-blocks-selective": ("petkit", "blocks", "selective"),
+    "petkit-blocks-elementwise": ("petkit", "blocks", "elementwise"),
     "petkit-bare-compile-ckpt": ("bare", "model", "full"),
     "petkit-bare-blocks-selective": ("bare", "blocks", "selective"),
+    "petkit-bare-blocks-elementwise": ("bare", "blocks", "elementwise"),
     "petkit-bare-eager": ("bare", "", "off"),
 }
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

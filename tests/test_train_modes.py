@@ -123,14 +123,15 @@ def test_train_accepts_examples_as_tensors_or_lists() -> None:
 
 
 @pytest.mark.parametrize("method", sorted(LLAMA))
-@pytest.mark.parametrize("every,selective", [(1, False), (2, False), (1, True)],
-                         ids=["full", "every-2", "selective"])
+@pytest.mark.parametrize("every,mode", [(1, "full"), (2, "full"), (1, "selective"),
+                                        (1, "elementwise")],
+                         ids=["full", "every-2", "selective", "elementwise"])
 def test_checkpointing_gives_the_same_loss_and_gradients(method: str, every: int,
-                                                         selective: bool) -> None:
+                                                         mode: str) -> None:
     model, params = attached(method)
     batch = padded(lm_examples(3))
     ref_loss, ref_grads = loss_and_grads(model, params, batch)
-    with activation_checkpointing(model, every, selective) as wrapped:
+    with activation_checkpointing(model, every, mode) as wrapped:
         loss, grads = loss_and_grads(model, params, batch)
     assert wrapped == (2 if every == 1 else 1)  # the tiny llama has 2 blocks
     assert loss == pytest.approx(ref_loss, abs=1e-6)
@@ -138,6 +139,35 @@ def test_checkpointing_gives_the_same_loss_and_gradients(method: str, every: int
     for key, grad in grads.items():
         torch.testing.assert_close(grad, ref_grads[key], atol=1e-6, rtol=1e-5)
     assert "forward" not in vars(model.get_submodule("model.layers.0"))  # restored
+
+
+def test_recompute_modes_redo_fewer_matmuls_in_order() -> None:
+    """full recomputes every matmul of a block, selective only the non-reducing ones, elementwise
+    none: the backward pass of a LoRA model runs as many matmuls as without checkpointing."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountMatmuls(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None
+                               ) -> Any:
+            self.count += func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+            return func(*args, **(kwargs or {}))
+
+    model, params = attached("lora")
+    batch = padded(lm_examples(3))
+    counts = {}
+    for mode in ("off", "full", "selective", "elementwise"):
+        with activation_checkpointing(model, 0 if mode == "off" else 1,
+                                      "full" if mode == "off" else mode), CountMatmuls() as count:
+            loss_and_grads(model, params, batch)
+        counts[mode] = count.count
+    assert counts["full"] > counts["selective"] > counts["elementwise"] == counts["off"], counts
+    with pytest.raises(ConfigError, match="checkpointing mode"):
+        with activation_checkpointing(model, 1, "some"):
+            pass
 
 
 def test_checkpointing_needs_a_block_stack() -> None:

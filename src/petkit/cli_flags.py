@@ -32,7 +32,7 @@ HELP = {"device": "auto (the GPU when there is one) | cpu | cuda | cuda:N",
         "compile": "true: torch.compile the forward and loss (docs/training-gpu.md)",
         "compile_scope": "model: one graph of forward + loss | blocks: each transformer block "
                          "compiled once (far shorter compile on deep models)",
-        "checkpointing": "activation checkpointing: off | full | every-K | selective",
+        "checkpointing": "activation checkpointing: off | full | every-K | selective | elementwise",
         "packing": "true: several causal-LM examples per row, isolated by position ids",
         "data": "embedded task (rotten-tomatoes, bbc-news, chatterbot-qa, mnist-5k), an image folder "
                 "(one sub-folder per class) or your training file "

@@ -8,6 +8,9 @@ non-reentrant `torch.utils.checkpoint` for the run and restores them afterwards:
 - "selective": every block, but the outputs that are costly to recompute and cheap to keep are
   saved: attention, and every matmul that reduces a dimension at least twofold (the MLP's down
   projection, grouped-query key/value projections, LoRA's A); the rest is recomputed.
+- "elementwise": every block, saving attention and every matmul's output: only the element-wise
+  ops (norms, activations, rotary embeddings, residual sums, casts) are recomputed. Near the
+  speed of no checkpointing, at a memory between "selective" and "off".
 
 Non-reentrant checkpointing needs no input that requires grad and composes with DDP and
 torch.compile. Input-extension methods keep working: the prefix key/value cache and the
@@ -39,9 +42,11 @@ _ATTENTION = {torch.ops.aten._scaled_dot_product_flash_attention.default,
 _MATMUL = {torch.ops.aten.mm.default: (0, 1), torch.ops.aten.addmm.default: (1, 2)}
 
 
-def _keep_matmuls(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
-    """Selective policy: save attention outputs and reducing matmuls' outputs, recompute the
-    rest (see the module docstring)."""
+RECOMPUTE_MODES = ("full", "selective", "elementwise")
+
+
+def _keep_reducing_matmuls(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+    """The "selective" policy: save attention and reducing matmuls' outputs, recompute the rest."""
     if op in _ATTENTION:
         return CheckpointPolicy.MUST_SAVE
     if op in _MATMUL:
@@ -51,8 +56,14 @@ def _keep_matmuls(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPol
     return CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def _selective_contexts() -> tuple[Any, Any]:
-    return create_selective_checkpoint_contexts(_keep_matmuls)
+def _keep_all_matmuls(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+    """The "elementwise" policy: save attention and every matmul's output, recompute the rest."""
+    if op in _ATTENTION or op in _MATMUL:
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+_POLICIES = {"selective": _keep_reducing_matmuls, "elementwise": _keep_all_matmuls}
 
 
 def _state_objects(values: Iterator[Any]) -> list[Any]:
@@ -89,13 +100,15 @@ def has_extensions(model: nn.Module) -> bool:
     return bool(_extensions(model))
 
 
-def _checkpointed(forward: Callable[..., Any], extensions: list[Any], selective: bool,
+def _checkpointed(forward: Callable[..., Any], extensions: list[Any], mode: str,
                   *args: Any, **kwargs: Any) -> Any:
     """`forward(*args, **kwargs)` under non-reentrant checkpointing, with the mutable state it
     reads (cache, extensions' `live`) restored to its first-run values for the recompute."""
     if not torch.is_grad_enabled():
         return forward(*args, **kwargs)
-    extra = {"context_fn": _selective_contexts} if selective else {}
+    policy = _POLICIES.get(mode)
+    extra = ({"context_fn": functools.partial(create_selective_checkpoint_contexts, policy)}
+             if policy is not None else {})
     objects = _state_objects(iter(list(args) + list(kwargs.values())))
     if not objects and all(ext.live is None for ext in extensions):  # nothing to put back
         return checkpoint(forward, *args, use_reentrant=False, **extra, **kwargs)
@@ -133,10 +146,13 @@ def block_modules(model: nn.Module) -> list[nn.Module]:
 
 
 @contextlib.contextmanager
-def activation_checkpointing(model: nn.Module, every: int, selective: bool = False
+def activation_checkpointing(model: nn.Module, every: int, mode: str = "full"
                              ) -> Iterator[int]:
-    """Checkpoint every `every`-th block of `model` inside the context (0: nothing); yields the
-    number of blocks wrapped. `ConfigError` when asked for on a model with no block stack."""
+    """Checkpoint every `every`-th block of `model` inside the context (0: nothing), recomputing
+    what `mode` (one of RECOMPUTE_MODES) says; yields the number of blocks wrapped.
+    `ConfigError` when asked for on a model with no block stack."""
+    if mode not in RECOMPUTE_MODES:
+        raise ConfigError(f"checkpointing mode must be one of {RECOMPUTE_MODES}, not {mode!r}")
     if every == 0:
         yield 0
         return
@@ -144,7 +160,7 @@ def activation_checkpointing(model: nn.Module, every: int, selective: bool = Fal
     extensions = _extensions(model)
     own = [vars(block).get("forward") for block in blocks]  # an instance forward set by others
     for block in blocks:
-        block.forward = functools.partial(_checkpointed, block.forward, extensions, selective)
+        block.forward = functools.partial(_checkpointed, block.forward, extensions, mode)
     try:
         yield len(blocks)
     finally:

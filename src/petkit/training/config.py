@@ -205,7 +205,8 @@ class TrainConfig:
     delta_dtype: str = "fp32"  # trainable deltas' dtype when precision is bf16: fp32 | bf16
     compile: bool = False  # torch.compile the forward + loss
     compile_scope: str = "model"  # model: one graph of forward + loss | blocks: each block once
-    activation_checkpointing: str = "off"  # off | full | every-K (K >= 2) | selective
+    # off | full | every-K (K >= 2) | selective | elementwise (training/activations.py)
+    activation_checkpointing: str = "off"
     activation_offload: bool = False  # keep saved activations in host memory (eager only)
     loss_chunk: int | None = None  # causal-LM loss: tokens per chunk; None auto, 0 dense logits
     packing: bool = False  # causal LM: several examples per row, isolated by position ids
@@ -315,8 +316,9 @@ class TrainConfig:
                self.compile_scope)
         mode = self.activation_checkpointing
         every = isinstance(mode, str) and mode.startswith("every-") and mode[6:].isdigit()
-        _check(mode in ("off", "full", "selective") or (every and int(mode[6:]) >= 2),
-               "activation_checkpointing", "off, full, selective or every-K with K >= 2", mode)
+        _check(mode in ("off", "full", "selective", "elementwise")
+               or (every and int(mode[6:]) >= 2), "activation_checkpointing",
+               "off, full, selective, elementwise or every-K with K >= 2", mode)
         _check(not (self.activation_offload and self.compile), "activation_offload",
                "false when compile is true (offload hooks run in eager mode only)",
                self.activation_offload)
@@ -334,7 +336,12 @@ class TrainConfig:
     def checkpoint_every(self) -> int:
         """Every how many blocks activations are recomputed (0: off, 1: every block)."""
         mode = self.activation_checkpointing
-        return 0 if mode == "off" else 1 if mode in ("full", "selective") else int(mode[6:])
+        return 0 if mode == "off" else int(mode[6:]) if mode.startswith("every-") else 1
+
+    def recompute_mode(self) -> str:
+        """What a checkpointed block recomputes: full, selective or elementwise."""
+        mode = self.activation_checkpointing
+        return mode if mode in ("selective", "elementwise") else "full"
 
     def _check_io(self) -> None:
         _check(is_int(self.seed) and 0 <= self.seed < 2**32, "seed", "an int in [0, 2**32)",

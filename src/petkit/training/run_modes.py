@@ -111,7 +111,7 @@ class RunModes:
                     and not self.bypass.verify(first, dense_forward):
                 self.bypass = None
             stack.enter_context(activation_checkpointing(
-                self.model, cfg.checkpoint_every(), cfg.activation_checkpointing == "selective"))
+                self.model, cfg.checkpoint_every(), cfg.recompute_mode()))
             if cfg.compiles_blocks():
                 stack.enter_context(compiled_blocks(self.model))
             if self.bypass is not None:
