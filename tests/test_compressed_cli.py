@@ -31,6 +31,23 @@ def tiny_llama(tmp_path_factory):
     return str(folder)
 
 
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    """A 2-layer random BERT (4 heads, a 4x-wide MLP of 128 channels) with minilm-l6's tokenizer."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from petkit.models import resolve_model
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("minilm-l6"))
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
 def _logits(model, ids):
     with torch.no_grad():
         return model.eval()(input_ids=ids).logits
@@ -50,6 +67,29 @@ def test_train_prunes_and_saves_a_smaller_folder_with_the_same_logits(method, ti
     pruned = AutoModelForCausalLM.from_pretrained(out / "pruned")
     assert pruned.model.layers[0].mlp.down_proj.weight.shape == (32, 32)
     assert "prune: " + method in (out / "recipe.yaml").read_text()
+
+
+@pytest.mark.parametrize("method", ["loraprune", "apt"])
+def test_train_prunes_the_mlp_channels_of_an_encoder(method, tiny_bert, tmp_path, capsys):
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    out = tmp_path / "run"
+    assert main(["train", "--model", tiny_bert, "--data", "bbc-news", "--prune", method, "--sparsity", "0.5",
+                 "--output", str(out), *SHORT[2:]]) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"reloaded max \|logit difference\|: 0\.00e\+00", printed), printed
+    config = AutoConfig.from_pretrained(out / "pruned")
+    # half of 2 x (4 x 32 x 33 + 128 x 65 + 32) block parameters is 97 channels of 65; heads all stay
+    assert (config.num_attention_heads, config.intermediate_size, config.num_labels) == (4, 31, 5)
+    pruned = AutoModelForSequenceClassification.from_pretrained(out / "pruned")
+    assert pruned.bert.encoder.layer[0].output.dense.weight.shape == (32, 31)
+
+
+def test_encoder_sparsity_beyond_the_mlp_is_a_one_line_error(tiny_bert, tmp_path, capsys):
+    assert main(["train", "--model", tiny_bert, "--data", "bbc-news", "--prune", "loraprune", "--sparsity", "0.7",
+                 "--output", str(tmp_path / "x"), *SHORT[2:]]) == 2
+    assert "sparsity=0.7 is out of reach on this model: MLP channels alone (a BERT-style encoder keeps its heads) " \
+           "remove at most 0.656 of the block parameters" in capsys.readouterr().err
 
 
 def test_merge_of_a_qlora_adapter_dense_and_requantised(tiny_llama, tmp_path, capsys):

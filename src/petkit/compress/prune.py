@@ -20,6 +20,11 @@ LoRA starts with `init_rank` of its r ranks live; every `grow_every` steps until
 `grow_fraction` most salient LoRA layers (moving average of sum |theta ⊙ grad| over their
 factors) get `grow_rank` more. New ranks start with B = 0, so growing never changes the output.
 Not included: APT's self-distillation and its layer-wise (non-uniform) pruning.
+
+BERT-style encoders are pruned in MLP channels only (transformers 5 cannot reload a BERT with
+fewer heads, see `structure.py`): `sparsity` is still the fraction of block parameters removed,
+reached from the channels alone, so it is capped below the MLP's share of the block (about 2/3
+for a 4x-wide MLP); a target beyond the cap is a ConfigError naming it.
 """
 from __future__ import annotations
 
@@ -30,7 +35,7 @@ from torch import nn
 
 from petkit.compress.gates import PruneGate
 from petkit.compress.importance import GradStash, cubic_sparsity, floor_count, watch_layer, weight_importance
-from petkit.compress.structure import LayerParts, decoder_layers, slice_layer
+from petkit.compress.structure import LayerParts, prunable_layers, slice_layer, unit_sizes
 from petkit.core.delta import iter_deltas, unwrap, wrap
 from petkit.core.errors import AdapterStateError, ConfigError
 from petkit.core.model import unload
@@ -41,13 +46,13 @@ PRUNER_ATTR = "_petkit_pruner"
 
 @dataclass(frozen=True)
 class PruneConfig:
-    sparsity: float = 0.5  # fraction of decoder-block (attention + MLP) parameters removed
+    sparsity: float = 0.5  # fraction of block (attention + MLP linear) parameters removed
     method: str = "loraprune"  # loraprune | apt
     start: float = 0.0  # fraction of training before pruning starts
     end: float | None = None  # fraction at which the target is reached (loraprune 0.7, apt 0.3)
     every: int = 5  # steps between mask updates
     ema: float = 0.9  # moving average of importance
-    attention: bool = True  # prune KV groups as well as MLP channels
+    attention: bool = True  # prune KV groups as well as MLP channels (decoders; encoders never)
     init_rank: int = 2  # apt: live ranks at the start
     grow_rank: int = 2  # apt: ranks added per growth
     grow_every: int = 10  # apt: steps between growths
@@ -73,7 +78,7 @@ class PruneConfig:
 @dataclass
 class LayerState:
     parts: LayerParts
-    attn_gate: PruneGate
+    attn_gate: PruneGate | None  # None where heads are not pruned (BERT-style encoders)
     mlp_gate: PruneGate
     wrappers: dict[str, nn.Module]
     groups: torch.Tensor
@@ -89,7 +94,10 @@ class Pruner:
         self.model, self.config, self.name = model, config, name
         self.stash = GradStash()
         self.last_step = -1
-        self.layers = [self._layer(p) for p in decoder_layers(model)]
+        parts = prunable_layers(model)
+        for p in parts:
+            self.counts(p, config.sparsity)  # a target out of reach fails before anything is wrapped
+        self.layers = [self._layer(p) for p in parts]
         self.ranks = RankGrowth(self.layers, config) if config.method == "apt" else None
         self.sparsity = 0.0
 
@@ -97,7 +105,7 @@ class Pruner:
         wrappers = watch_layer(self.model, parts.attention() + parts.mlp(), self.stash)
         tag = f"{self.name}.prune"
         attn = wrap(self.model, parts.o, PruneGate, tag, parts.heads * parts.head_dim,
-                    parts.n_rep * parts.head_dim, self.on_step)
+                    parts.n_rep * parts.head_dim, self.on_step) if parts.heads_prunable else None
         mlp = wrap(self.model, parts.down, PruneGate, tag, parts.channels, 1, self.on_step)
         return LayerState(parts, attn, mlp, wrappers, torch.zeros(parts.kv_heads), torch.zeros(parts.channels))
 
@@ -106,10 +114,10 @@ class Pruner:
             return
         self.last_step = step
         if self.stash.grads:
+            if self.ranks is not None:  # before the importance pops the factors' gradients
+                self.ranks.observe(self.stash)
             for layer in self.layers:
                 self._accumulate(layer)
-            if self.ranks is not None:
-                self.ranks.observe(self.stash)
         self.stash.grads.clear()
         cfg = self.config
         if step and (step % cfg.every == 0 or step == total):
@@ -121,16 +129,18 @@ class Pruner:
 
     def _accumulate(self, layer: LayerState) -> None:
         p, b = layer.parts, self.config.ema
-        imp = {path: weight_importance(w, self.stash) for path, w in layer.wrappers.items()}
+        scored = layer.wrappers.items() if p.heads_prunable else \
+            [(path, w) for path, w in layer.wrappers.items() if path in p.mlp()]
         groups, channels = torch.zeros(p.kv_heads), torch.zeros(p.channels)
-        for path, i in imp.items():
+        for path, w in scored:
+            i = weight_importance(w, self.stash)
             if i is None:
                 continue
             if path in (p.q, p.k, p.v):
                 groups += i.sum(1).view(p.kv_heads, -1).sum(1).cpu()
             elif path == p.o:
                 groups += i.sum(0).view(p.kv_heads, -1).sum(1).cpu()
-            elif path in (p.gate, p.up):
+            elif path in p.mlp_in:
                 channels += i.sum(1).cpu()
             else:
                 channels += i.sum(0).cpu()
@@ -141,22 +151,27 @@ class Pruner:
         """(KV groups, MLP channels) pruned per layer at `sparsity` on the way to the target.
 
         At the target, block parameters drop by `config.sparsity`: floor(target * kv_heads)
-        groups and the MLP channels that make up the rest; on the way, both counts scale with
-        sparsity / target (so neither overshoots its final count).
+        groups (none on an encoder) and the MLP channels that make up the rest; on the way, both
+        counts scale with sparsity / target (so neither overshoots its final count). A target the
+        channels cannot make up (one must stay) raises ConfigError naming the reachable maximum.
         """
-        hidden, target = self.model.config.hidden_size, self.config.sparsity
-        per_group = 2 * hidden * p.n_rep * p.head_dim + 2 * hidden * p.head_dim
-        per_channel = 3 * hidden
-        total = per_group * p.kv_heads + per_channel * p.channels
-        groups = floor_count(target, p.kv_heads) if self.config.attention else 0
-        channels = max(0, min(p.channels - 1, round((target * total - groups * per_group) / per_channel)))
+        target, size = self.config.sparsity, unit_sizes(self.model, p)
+        groups = floor_count(target, p.kv_heads) if self.config.attention and p.heads_prunable else 0
+        channels = max(0, round((target * size.total - groups * size.group) / size.channel))
+        if channels > p.channels - 1:
+            reach = (groups * size.group + (p.channels - 1) * size.channel) / size.total
+            how = "MLP channels alone (a BERT-style encoder keeps its heads)" if not p.heads_prunable else \
+                f"{groups} KV group(s) and MLP channels" if groups else "MLP channels alone (attention=False)"
+            raise ConfigError(f"sparsity={target} is out of reach on this model: {how} remove at most "
+                              f"{reach:.3f} of the block parameters")
         share = sparsity / target
         return int(groups * share + 1e-9), round(channels * share)
 
     def _apply(self, layer: LayerState, groups: int, channels: int) -> None:
         layer.pruned_groups = _grow(layer.pruned_groups, layer.groups, groups)
         layer.pruned_channels = _grow(layer.pruned_channels, layer.channels, channels)
-        layer.attn_gate.set_pruned(layer.pruned_groups)
+        if layer.attn_gate is not None:
+            layer.attn_gate.set_pruned(layer.pruned_groups)
         layer.mlp_gate.set_pruned(layer.pruned_channels)
 
     def close(self) -> None:
@@ -165,7 +180,8 @@ class Pruner:
             self.ranks.close()
         for layer in self.layers:
             for gate, path in ((layer.attn_gate, layer.parts.o), (layer.mlp_gate, layer.parts.down)):
-                unwrap(self.model, path, gate)
+                if gate is not None:
+                    unwrap(self.model, path, gate)
 
 
 def _grow(pruned: torch.Tensor, importance: torch.Tensor, count: int) -> torch.Tensor:
@@ -222,7 +238,8 @@ class RankGrowth:
 
 
 def start_pruning(model: nn.Module, config: PruneConfig | None = None, name: str = "default") -> Pruner:
-    """Put pruning gates and gradient hooks on a LoRA-tuned Llama-style model; train it next."""
+    """Put pruning gates and gradient hooks on a LoRA-tuned Llama-style decoder or BERT-style
+    encoder; train it next."""
     if PRUNER_ATTR in model.__dict__:
         raise AdapterStateError("pruning already started on this model")
     if not any(w.adapter_name == name for _, w in iter_deltas(model)):
@@ -235,12 +252,13 @@ def start_pruning(model: nn.Module, config: PruneConfig | None = None, name: str
 def finish_pruning(model: nn.Module) -> dict:
     """Merge the LoRA, slice away the pruned groups and channels, shrink the config; a plain model.
 
-    Returns what was kept: heads, KV heads, intermediate size, parameters before and after.
+    Returns what was kept: heads, KV heads (None on an encoder), intermediate size, parameters
+    before and after.
     """
     pruner: Pruner | None = model.__dict__.pop(PRUNER_ATTR, None)
     if pruner is None:
         raise ConfigError("finish_pruning needs start_pruning (and training) first")
-    kept = [(layer.parts, layer.attn_gate.kept(), layer.mlp_gate.kept()) for layer in pruner.layers]
+    kept = [(layer.parts, _kept_groups(layer), layer.mlp_gate.kept()) for layer in pruner.layers]
     live_lora = pruner.ranks.live_parameters() if pruner.ranks is not None else None
     pruner.close()
     unload(model, merge=True)
@@ -249,11 +267,19 @@ def finish_pruning(model: nn.Module) -> dict:
         slice_layer(model, parts, groups, channels)
     parts, groups, channels = kept[0]
     config = model.config
-    config.head_dim = parts.head_dim
-    config.num_key_value_heads = len(groups)
-    config.num_attention_heads = len(groups) * parts.n_rep
+    if parts.heads_prunable:
+        config.head_dim = parts.head_dim
+        config.num_key_value_heads = len(groups)
+        config.num_attention_heads = len(groups) * parts.n_rep
     config.intermediate_size = len(channels)
     after = sum(p.numel() for p in model.parameters())
-    return {"num_attention_heads": config.num_attention_heads, "num_key_value_heads": len(groups),
+    return {"num_attention_heads": config.num_attention_heads,
+            "num_key_value_heads": len(groups) if parts.heads_prunable else None,
             "intermediate_size": len(channels), "parameters_before": before, "parameters_after": after,
             "sparsity_reached": pruner.sparsity, "apt_live_lora_parameters": live_lora}
+
+
+def _kept_groups(layer: LayerState) -> torch.Tensor:
+    if layer.attn_gate is None:
+        return torch.arange(layer.parts.kv_heads)
+    return layer.attn_gate.kept()
