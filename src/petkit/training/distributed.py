@@ -311,7 +311,7 @@ class _ShardedStepper:
         assert job.group is not None
         self.group = job.group
 
-    def step(self, micro_batches: Sequence[Batch], loss_fn: LossFn) -> float:
+    def step(self, micro_batches: Sequence[Batch], loss_fn: LossFn) -> float | torch.Tensor:
         """One step on this rank's rows; returns the global mean loss (same on every rank)."""
         shards = [cut(b, self.group.rank, self.group.world, self.job.causal) for b in micro_batches]
         weights = {id(s.batch): s.weight for s in shards}
@@ -327,7 +327,7 @@ class _ShardedStepper:
 
         loss = self.inner.step([s.batch for s in shards], local)
         self.steps += 1
-        return self.group.mean([loss])[0] if graphs[0] else loss
+        return self.group.mean([float(loss)])[0] if graphs[0] else loss
 
     def current_lr(self) -> float:
         """The inner stepper's."""
@@ -353,7 +353,7 @@ class _ShardedStepper:
 class _PopulationStepper(_ShardedStepper):
     """Whole batches for a stepper that splits its population itself (it gathers the fitness)."""
 
-    def step(self, micro_batches: Sequence[Batch], loss_fn: LossFn) -> float:
+    def step(self, micro_batches: Sequence[Batch], loss_fn: LossFn) -> float | torch.Tensor:
         """The inner step; its population is spread over the ranks by `bind_group`."""
         self.steps += 1
         return self.inner.step(micro_batches, loss_fn)

@@ -193,6 +193,8 @@ class _Run:
     def save(self) -> None:
         """Checkpoint the current step."""
         assert self.out is not None
+        pending = self.state.pending_losses
+        pending[:] = [float(x) for x in pending]
         self.job.save_checkpoint(self.out, self.state, dict(self.params), self.best,
                                  self.stepper.state_dict(), self.config)
 
@@ -223,8 +225,10 @@ class _Run:
             if self.out is not None and cfg.save_every and step % cfg.save_every == 0:
                 self.save()
 
-    def log_train(self, losses: list[float], lr: float) -> None:
-        """Record the mean train loss since the last log row."""
+    def log_train(self, losses: list[float | torch.Tensor], lr: float) -> None:
+        """Record the mean train loss since the last log row (the one device sync of the
+        steps since: the losses are read back here)."""
+        losses = [float(x) for x in losses]
         pos: DataPosition = self.state.position
         now = time.perf_counter()  # throughput since the last row (kept out of the history)
         self.speeds.append(self.tokens / max(now - self.clock, 1e-9))

@@ -31,8 +31,9 @@ LossFn = Callable[[Batch], torch.Tensor]
 class Stepper(Protocol):
     """Updates a fixed set of parameters, one optimisation step at a time."""
 
-    def step(self, micro_batches: Sequence[Batch], loss_fn: LossFn) -> float:
-        """Do one update from `micro_batches`; return the step's mean training loss."""
+    def step(self, micro_batches: Sequence[Batch], loss_fn: LossFn) -> float | torch.Tensor:
+        """Do one update from `micro_batches`; return the step's mean training loss: a float, or
+        a 0-dim tensor that the loop reads back only when it logs (no device sync per step)."""
         ...
 
     def current_lr(self) -> float:

@@ -69,9 +69,10 @@ class BackpropStepper:
                                    schedule=config.schedule)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
 
-    def step(self, micro_batches: Sequence[Batch], loss_fn: LossFn) -> float:
-        """Average the micro-batches' gradients, clip, update, tick the schedule. The losses are
-        read back once, after the update is queued: no device sync between backward and update."""
+    def step(self, micro_batches: Sequence[Batch], loss_fn: LossFn) -> torch.Tensor:
+        """Average the micro-batches' gradients, clip, update, tick the schedule. The mean loss
+        stays on the device (the loop reads it back when it logs): nothing in a step waits for
+        the device, so the host prepares the next batch while this step runs."""
         losses = []
         for batch in micro_batches:
             loss = loss_fn(batch)
@@ -82,7 +83,7 @@ class BackpropStepper:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return sum(torch.stack(losses).double().tolist()) / len(micro_batches)
+        return torch.stack(losses).double().sum() / len(micro_batches)
 
     def current_lr(self) -> float:
         """Learning rate of the next update."""
