@@ -54,7 +54,7 @@ CASES: dict[str, tuple[str, str, str]] = {
 }
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PEAK_TFLOPS = 989.0
-LR, SEQUENCES, WINDOW = 1e-3, 64, 10
+LR, SEQUENCES = 1e-3, 64
 
 
 def build_model(shape: dict[str, int], device: str) -> Any:
@@ -159,14 +159,21 @@ def peft_case(args: argparse.Namespace, shape: dict[str, int], compiled: str, ck
 
     times, losses = timed_loop(step, batches(examples(shape), shape["batch"], args.steps),
                                args.device)
-    return {"tok_s": shape["batch"] * shape["seq"] * WINDOW / sum(times[-WINDOW:]),
-            "loss": sum(losses[-WINDOW:]) / WINDOW, "first_s": times[0]}
+    return window_row(args, shape, times, losses)
+
+
+def window_row(args: argparse.Namespace, shape: dict[str, int], times: list[float],
+               losses: list[float]) -> dict[str, float]:
+    """tok/s and mean loss over the last `args.window` steps of a plain loop."""
+    w = args.window
+    return {"tok_s": shape["batch"] * shape["seq"] * w / sum(times[-w:]),
+            "loss": sum(losses[-w:]) / w, "first_s": times[0]}
 
 
 def petkit_config(args: argparse.Namespace, compiled: str, ckpt: str, batch: int) -> Any:
     from petkit.training import TrainConfig
 
-    return TrainConfig(lr=LR, max_steps=args.steps, batch_size=batch, log_every=WINDOW,
+    return TrainConfig(lr=LR, max_steps=args.steps, batch_size=batch, log_every=args.window,
                        schedule="linear", device=args.device, precision="bf16",
                        compile=bool(compiled), compile_scope=compiled or "model",
                        activation_checkpointing=ckpt, progress=False)
@@ -230,8 +237,7 @@ def bare_case(args: argparse.Namespace, shape: dict[str, int], compiled: str, ck
     plan = batches(examples(shape), shape["batch"], args.steps)
     with modes.installed(None, dense):
         times, losses = timed_loop(step, plan, args.device)
-    return {"tok_s": shape["batch"] * shape["seq"] * WINDOW / sum(times[-WINDOW:]),
-            "loss": sum(losses[-WINDOW:]) / WINDOW, "first_s": times[0]}
+    return window_row(args, shape, times, losses)
 
 
 def worker(args: argparse.Namespace) -> dict[str, Any]:
@@ -255,7 +261,7 @@ def table(rows: list[dict[str, Any]], shape: str) -> str:
     best = max(peft, key=lambda r: r["tok_s"]) if peft else None
     head = (f"{shape} Llama shape, batch {s['batch']}x{s['seq']}, bf16, LoRA r16 on 7 linear; "
             f"ratios vs {best['case'] if best else '-'}")
-    lines = [head, "", "| case | tok/s | peak GiB | MFU | x tok/s | x GiB | loss, last 10 steps |",
+    lines = [head, "", "| case | tok/s | peak GiB | MFU | x tok/s | x GiB | loss, window mean |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if "error" in r:
@@ -276,7 +282,7 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
          os.environ.get("PYTHONPATH", "")])}
     for case in args.cases:
         cmd = [sys.executable, __file__, "--worker", "--case", case, "--shape", args.shape,
-               "--device", args.device, "--steps", str(args.steps)]
+               "--device", args.device, "--steps", str(args.steps), "--window", str(args.window)]
         started = time.perf_counter()
         try:
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
@@ -303,6 +309,8 @@ def main() -> None:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="1b")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--window", type=int, default=10,
+                        help="tok/s and loss over the last WINDOW steps (pk.train's log_every)")
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per case")
     parser.add_argument("--json", help="write the rows to this file (after every case)")
