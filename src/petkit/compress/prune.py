@@ -161,7 +161,8 @@ class Pruner:
         if channels > p.channels - 1:
             reach = (groups * size.group + (p.channels - 1) * size.channel) / size.total
             how = "MLP channels alone (a BERT-style encoder keeps its heads)" if not p.heads_prunable else \
-                f"{groups} KV group(s) and MLP channels" if groups else "MLP channels alone (attention=False)"
+                f"{groups} KV group(s) and MLP channels" if self.config.attention else \
+                "MLP channels alone (attention=False)"
             raise ConfigError(f"sparsity={target} is out of reach on this model: {how} remove at most "
                               f"{reach:.3f} of the block parameters")
         share = sparsity / target
