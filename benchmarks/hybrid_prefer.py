@@ -7,8 +7,10 @@ sentiment, one of its reviews with that sentiment is chosen, one with the other 
 shuffles the movies: the first --eval-movies are held out for the standard evaluation (both
 sentiments each), the next --train-movies give the pairs, and with --hard-movies the next movies
 whose reviews lean one way form a second, larger evaluation scored also on the prompts that ask
-for the sentiment against that majority. The hard set is generated after the standard one, so it
-changes neither the trained models nor the standard numbers."""
+for the sentiment against that majority; --hard-new-tokens makes those generations longer (scored
+at the --new-tokens prefix and in full) and --hard-paraphrase asks for the same movies in a wording
+never trained on. The hard set is generated after the standard one, so it changes neither the
+trained models nor the standard numbers."""
 from __future__ import annotations
 
 import argparse
@@ -28,6 +30,8 @@ from petkit.models.loading import head_module_names
 SENTIMENTS = ("negative", "positive")  # index = rotten-tomatoes label
 PREFER_ARMS = ("untuned", "sft_chosen", "dpo", "meet")
 JUDGE_LENGTH = 48  # tokens; a review is ~30, a scored generation 24
+LONG_JUDGE_LENGTH = 128  # for generations longer than 24 tokens: the judge reads all of them
+PARAPHRASE = "What did you think of {title}? Answer with a {sentiment} opinion.\nAnswer:"
 Movies = dict[str, dict[int, list[str]]]
 
 
@@ -39,6 +43,11 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--hard-movies", type=int, default=0,
                    help="a second evaluation on this many more held-out movies whose reviews "
                         "lean one way (0: none)")
+    p.add_argument("--hard-new-tokens", type=int, default=0,
+                   help="length of the hard set's generations (0: --new-tokens); when longer, "
+                        "scored at the --new-tokens prefix and in full")
+    p.add_argument("--hard-paraphrase", action="store_true",
+                   help="also ask for the hard movies in a wording never trained on")
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--beta", type=float, default=0.1)
@@ -78,8 +87,11 @@ def movie_reviews() -> Movies:
     return {m: d for m, d in sorted(out.items()) if d[0] and d[1]}
 
 
-def prompt_of(movie: str, sentiment: int) -> str:
+def prompt_of(movie: str, sentiment: int, template: str | None = None) -> str:
+    """The request (the trained wording unless `template` is given)."""
     title = movie.replace("_", " ")
+    if template is not None:
+        return template.format(title=title, sentiment=SENTIMENTS[sentiment])
     return f"Write a {SENTIMENTS[sentiment]} review of the movie {title}.\nReview:"
 
 
@@ -103,14 +115,15 @@ def split_movies(names: list[str], seed: int, n_eval: int,
     return order[:n_eval], order[n_eval:][:n_train], order[n_eval + n_train:]
 
 
-def hard_prompts(movies: Movies, names: list[str], n: int) -> list[tuple[str, int, bool]]:
+def hard_prompts(movies: Movies, names: list[str], n: int,
+                 template: str | None = None) -> list[tuple[str, int, bool]]:
     """(prompt, requested sentiment, against the majority?) for both sentiments of the first `n`
     of `names` whose reviews have a strict majority one way."""
     leaning = [m for m in names if len(movies[m][0]) != len(movies[m][1])][:n]
     out = []
     for m in leaning:
         majority = int(len(movies[m][1]) > len(movies[m][0]))
-        out += [(prompt_of(m, s), s, s != majority) for s in (0, 1)]
+        out += [(prompt_of(m, s, template), s, s != majority) for s in (0, 1)]
     return out
 
 
@@ -145,23 +158,34 @@ def sentiment_judge(steps: int, n_test: int) -> tuple[Any, Any, dict[str, Any]]:
 
 def generate(model: Any, tok: Any, prompts: list[str], new_tokens: int) -> list[str]:
     """Greedy continuations (no 3-gram repeats), batched with left padding."""
+    return generate_prefixes(model, tok, prompts, (new_tokens,))[new_tokens]
+
+
+def generate_prefixes(model: Any, tok: Any, prompts: list[str],
+                      lengths: tuple[int, ...]) -> dict[int, list[str]]:
+    """{n: the first n tokens of each greedy continuation} for every n in `lengths`, from one
+    run of the longest (greedy decoding is prefix-consistent: the first n tokens of a longer
+    run are the run of length n)."""
     tok.padding_side = "left"
-    outs = []
+    outs: dict[int, list[str]] = {n: [] for n in lengths}
     with torch.no_grad():
         for i in range(0, len(prompts), 8):
             enc = tok(prompts[i:i + 8], return_tensors="pt", padding=True)
-            ids = model.generate(**enc, max_new_tokens=new_tokens, do_sample=False,
+            ids = model.generate(**enc, max_new_tokens=max(lengths), do_sample=False,
                                  no_repeat_ngram_size=3, pad_token_id=tok.pad_token_id)
-            outs += tok.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            new = ids[:, enc["input_ids"].shape[1]:]
+            for n in lengths:
+                outs[n] += tok.batch_decode(new[:, :n], skip_special_tokens=True)
     tok.padding_side = "right"
     return outs
 
 
-def requested_probs(clf: Any, clf_tok: Any, texts: list[str], wanted: list[int]) -> list[float]:
+def requested_probs(clf: Any, clf_tok: Any, texts: list[str], wanted: list[int],
+                    max_length: int = JUDGE_LENGTH) -> list[float]:
     """The judge's probability of the requested sentiment for each text."""
     clf.eval()
     enc = clf_tok(texts, return_tensors="pt", padding=True, truncation=True,
-                  max_length=JUDGE_LENGTH)
+                  max_length=max_length)
     with torch.no_grad():
         probs = clf(**enc).logits.float().softmax(-1)
     return [float(probs[i, w]) for i, w in enumerate(wanted)]
@@ -206,23 +230,38 @@ def train_arm(arm: str, model: Any, pairs: list[dict], cfg: pk.TrainConfig,
         row["meet_s"] = first.seconds + second.seconds
 
 
+def score_set(name: str, texts: list[str], hard: list[tuple[str, int, bool]],
+              judge: tuple[Any, Any], max_length: int, row: dict[str, Any]) -> list[float]:
+    """Rates of one generated set into `row` under `name`: overall, against and with the
+    majority, the judge's mean probability, the share of distinct generations."""
+    _, wanted, against = (list(x) for x in zip(*hard))
+    probs = requested_probs(*judge, texts, wanted, max_length)
+    row[name], row[f"{name}_prob"] = scores(probs)
+    row[f"{name}_against"], row[f"{name}_against_prob"] = scores(probs, against)
+    row[f"{name}_with"], _ = scores(probs, [not a for a in against])
+    row[f"{name}_distinct"] = len(set(texts)) / len(texts)
+    return probs
+
+
 def score_hard(arm: str, model: Any, tok: Any, judge: tuple[Any, Any],
-               hard: list[tuple[str, int, bool]], args: argparse.Namespace, seed: int,
-               row: dict[str, Any]) -> None:
-    """The hard evaluation of one trained arm: overall, against and with the majority; the
+               sets: dict[str, list[tuple[str, int, bool]]], args: argparse.Namespace,
+               seed: int, row: dict[str, Any]) -> None:
+    """The hard evaluation of one trained arm, each set ("hard", "para") at --new-tokens
+    (`<arm>_<set>`) and, when --hard-new-tokens is longer, in full (`<arm>_<set>_long`); the
     generations go to OUT/prefer-hard-<seed>-<arm>.json."""
-    prompts, wanted, against = (list(x) for x in zip(*hard))
-    started = time.perf_counter()
-    texts = generate(model, tok, prompts, args.new_tokens)
-    row[f"{arm}_hard_gen_s"] = time.perf_counter() - started
-    probs = requested_probs(*judge, texts, wanted)
-    row[f"{arm}_hard"], row[f"{arm}_hard_prob"] = scores(probs)
-    row[f"{arm}_hard_against"], row[f"{arm}_hard_against_prob"] = scores(probs, against)
-    row[f"{arm}_hard_with"], _ = scores(probs, [not a for a in against])
-    row[f"{arm}_hard_distinct"] = len(set(texts)) / len(texts)
-    (OUT / f"prefer-hard-{seed}-{arm}.json").write_text(json.dumps(
-        [{"prompt": p, "wanted": w, "against": a, "text": t, "prob": q}
-         for p, w, a, t, q in zip(prompts, wanted, against, texts, probs)], indent=1))
+    lengths = (args.new_tokens, *[n for n in [args.hard_new_tokens] if n > args.new_tokens])
+    saved = []
+    for set_name, hard in sets.items():
+        started = time.perf_counter()
+        texts = generate_prefixes(model, tok, [p for p, _, _ in hard], lengths)
+        row[f"{arm}_{set_name}_gen_s"] = time.perf_counter() - started
+        for n in lengths:
+            name = f"{arm}_{set_name}" + ("_long" if n > args.new_tokens else "")
+            length = JUDGE_LENGTH if n == args.new_tokens else LONG_JUDGE_LENGTH
+            probs = score_set(name, texts[n], hard, judge, length, row)
+            saved += [{"set": set_name, "new_tokens": n, "prompt": p, "wanted": w, "against": a,
+                       "text": t, "prob": q} for (p, w, a), t, q in zip(hard, texts[n], probs)]
+    (OUT / f"prefer-hard-{seed}-{arm}.json").write_text(json.dumps(saved, indent=1))
 
 
 def run(args: argparse.Namespace) -> None:
@@ -237,15 +276,19 @@ def run(args: argparse.Namespace) -> None:
                                                 args.train_movies)
         prompts = [prompt_of(m, s) for m in held for s in (0, 1)]
         wanted = [s for _ in held for s in (0, 1)]
-        hard = hard_prompts(movies, rest, args.hard_movies)
+        hard = {"hard": hard_prompts(movies, rest, args.hard_movies)}
+        if args.hard_paraphrase:
+            hard["para"] = hard_prompts(movies, rest, args.hard_movies, PARAPHRASE)
         row: dict[str, Any] = {"seed": seed, "train_pairs": 2 * len(train_movies) * args.per_movie,
                                "eval_generations": len(prompts), "new_tokens": args.new_tokens,
                                "steps": args.steps, "lr": args.lr, "beta": args.beta,
                                "meet_steps": args.meet_steps or max(1, args.steps // 2),
                                "arms": args.arms, "classifier": judge, "samples": {}}
-        if hard:
-            row["hard_generations"] = len(hard)
-            row["hard_against_generations"] = sum(a for *_, a in hard)
+        if args.hard_movies:
+            row["hard_generations"] = len(hard["hard"])
+            row["hard_against_generations"] = sum(a for *_, a in hard["hard"])
+            row["hard_new_tokens"] = max(args.hard_new_tokens, args.new_tokens)
+            row["hard_sets"] = list(hard)
         _, tok = load_model("smollm2-135m")
         pairs = encode_pairs(preference_pairs(movies, train_movies, args.per_movie), tok,
                              args.max_length)
@@ -259,7 +302,7 @@ def run(args: argparse.Namespace) -> None:
             texts = generate(model, tok, prompts, args.new_tokens)
             row[arm], row[f"{arm}_prob"] = scores(requested_probs(clf, clf_tok, texts, wanted))
             row["samples"][arm] = texts[:4]
-            if hard:
+            if args.hard_movies:
                 score_hard(arm, model, tok, (clf, clf_tok), hard, args, seed, row)
             partial({k: v for k, v in row.items() if k != "samples"})
             del model

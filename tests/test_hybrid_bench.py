@@ -79,3 +79,11 @@ def test_preference_pairs_take_chosen_from_the_requested_sentiment() -> None:
     pairs = hybrid_prefer.preference_pairs(MOVIES, ["disliked"], 2)
     assert [p["chosen"] for p in pairs] == [" bad", " awful", " fine", " fine"]
     assert [p["rejected"] for p in pairs] == [" fine", " fine", " bad", " awful"]
+
+
+def test_hard_prompts_in_the_untrained_wording_keep_movie_and_sentiment() -> None:
+    trained = hybrid_prefer.hard_prompts(MOVIES, list(MOVIES), 1)
+    para = hybrid_prefer.hard_prompts(MOVIES, list(MOVIES), 1, hybrid_prefer.PARAPHRASE)
+    assert [(s, a) for _, s, a in para] == [(s, a) for _, s, a in trained]
+    assert para[0][0] == "What did you think of liked? Answer with a negative opinion.\nAnswer:"
+    assert para[0][0] != trained[0][0]
