@@ -153,6 +153,23 @@ def test_a_user_file_trains_on_all_rows_and_states_any_carve_out(tmp_path: Path)
     assert len(with_val.validation) == 6 and len(with_val.train) == 50
 
 
+@pytest.mark.parametrize("delimiter", [",", ";", "\t", "|"], ids=["comma", "semicolon", "tab", "pipe"])
+def test_a_spreadsheet_export_reads_whatever_its_delimiter(tmp_path: Path, delimiter: str) -> None:
+    """A header split by ';', tab or '|' (and not by commas) sets the file's delimiter; a byte
+    order mark and CRLF line ends (Excel's) change nothing; commas inside fields stay text."""
+    rows = [{"tweet": f"{row['tweet']}, really", "mood": row["mood"]} for row in tweets(12)]
+    path = tmp_path / "export.csv"
+    with path.open("w", newline="", encoding="utf-8-sig") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["tweet", "mood"], delimiter=delimiter,
+                                lineterminator="\r\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    task = load_task(str(path), text_column="tweet", label_column="mood")
+    texts = sorted(ex["text"] for ex in [*task.train, *task.test])
+    assert texts == sorted(row["tweet"] for row in rows)
+    assert task.label_names == ("happy", "sad")
+
+
 def test_cli_sizes_apply_to_the_embedded_task_only(tmp_path: Path) -> None:
     def recipe(argv: list[str]) -> Recipe:
         args, extra = build_parser().parse_known_args(argv)

@@ -253,7 +253,8 @@ def _plan(config: Any, n_train: int) -> str:
     steps, per_step = total_steps(n_train, config), config.batch_size * config.grad_accum
     epochs = steps * per_step / n_train
     hint = "" if config.epochs is not None or epochs >= 1 else " (--epochs N: N full passes)"
-    return f"{steps} steps of {per_step} = {epochs:.2f} epochs{hint}"
+    noun = "step" if steps == 1 else "steps"
+    return f"{steps} {noun} of {per_step} = {epochs:.2f} epochs{hint}"
 
 
 def recipe_for_adapter(adapter: str | Path) -> Recipe:

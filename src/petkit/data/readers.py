@@ -68,8 +68,21 @@ def _read_text_rows(path: Path, suffix: str) -> list[Row]:
     return rows
 
 
+# Tried in order on the header line: the first that splits it into several columns is the file's
+# (spreadsheets export ';' where the decimal mark is a comma, and tab-separated text is common).
+_DELIMITERS = (",", ";", "\t", "|")
+
+
+def _delimiter(text: str) -> str:
+    header = text.split("\n", 1)[0]
+    for delimiter in _DELIMITERS:
+        if len(next(csv.reader([header], delimiter=delimiter))) > 1:
+            return delimiter
+    return ","
+
+
 def _csv_rows(path: Path, text: str) -> list[Row]:
-    reader = csv.reader(io.StringIO(text, newline=""))
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=_delimiter(text))
     try:
         header = [name.strip() for name in next(reader)]
         if not all(header) or len(set(header)) != len(header):

@@ -9,6 +9,7 @@ from the checkpoint, so a trainer can make exactly those trainable alongside the
 from __future__ import annotations
 
 import contextlib
+import logging
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -56,6 +57,26 @@ def quiet_transformers() -> Iterator[None]:
         hf_logging.set_verbosity(level)
 
 
+# Loggers of packages transformers imports when they are installed, whatever the model: torchao
+# logs "Failed to load" for each CUDA kernel library a CPU build cannot load, and torch's pytree
+# a deprecation per enum torchao registers. Noise unrelated to the run while a model loads.
+_IMPORT_NOISE = ("torchao", "torch.utils._pytree")
+
+
+@contextlib.contextmanager
+def quiet_optional_imports() -> Iterator[None]:
+    """`_IMPORT_NOISE`'s loggers at errors only inside."""
+    loggers = [logging.getLogger(name) for name in _IMPORT_NOISE]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
 def report_new_weights(name: str, new_modules: list[str], unexpected: object) -> None:
     """One warning for weights that are new although they are not a task head, and one for
     checkpoint weights the model did not use."""
@@ -101,7 +122,7 @@ def load_model(
         # A new head starts the same on every load, so an adapter saved with it (its fingerprint
         # covers the head it replaces) loads again; the caller's RNG state is left as it was.
         quiet = quiet_transformers() if task == "seq-cls" else contextlib.nullcontext()
-        with torch.random.fork_rng(devices=[]), quiet:
+        with torch.random.fork_rng(devices=[]), quiet, quiet_optional_imports():
             torch.manual_seed(0)
             model, info = auto.from_pretrained(path, output_loading_info=True, **kwargs)
     except (OSError, ValueError) as err:
