@@ -170,8 +170,9 @@ def load_file_task(path: Path, columns: Columns, *, test_file: Path | None = Non
     else:
         train_ex, test = _hold_out_test(path, train_ex, test_fraction, seed)
         notes[0] = f"train: {path}, {len(train_ex):,} of its {len(train_ex) + len(test):,} rows"
+        how = "stratified" if kind == "classification" else "a prompt's rows together"
         notes.append(f"test: {len(test):,} rows held out of {path} ({test_fraction:.0%}, "
-                     f"stratified, seed {seed}); give a test file (--test-file) to use your own")
+                     f"{how}, seed {seed}); give a test file (--test-file) to use your own")
     return Task(name=path.stem, kind=kind, train=train_ex, test=test, label_names=names,
                 validation=validation, notes=tuple(notes))
 
