@@ -31,7 +31,8 @@ SHAPES: dict[str, dict[str, int]] = {
     "8b": dict(vocab=128256, hidden=4096, inter=14336, layers=32, heads=32, kv=8, batch=4,
                seq=2048),
 }
-# case: (library, compile: "" eager | "model" one graph | "blocks" each block, checkpointing)
+# case: (library, compile: "" eager | "model" one graph | "blocks" each block, checkpointing or
+# "budget-F": no checkpointing, the compiler keeps at most F of the activations)
 CASES: dict[str, tuple[str, str, str]] = {
     "peft-eager": ("peft", "", "off"),
     "peft-ckpt": ("peft", "", "full"),
@@ -47,6 +48,9 @@ CASES: dict[str, tuple[str, str, str]] = {
     "petkit-blocks-ckpt": ("petkit", "blocks", "full"),
     "petkit-blocks-selective": ("petkit", "blocks", "selective"),
     "petkit-blocks-elementwise": ("petkit", "blocks", "elementwise"),
+    "petkit-blocks-budget50": ("petkit", "blocks", "budget-0.5"),
+    "petkit-blocks-budget35": ("petkit", "blocks", "budget-0.35"),
+    "petkit-blocks-budget20": ("petkit", "blocks", "budget-0.2"),
     "petkit-bare-compile-ckpt": ("bare", "model", "full"),
     "petkit-bare-blocks-selective": ("bare", "blocks", "selective"),
     "petkit-bare-blocks-elementwise": ("bare", "blocks", "elementwise"),
@@ -173,10 +177,13 @@ def window_row(args: argparse.Namespace, shape: dict[str, int], times: list[floa
 def petkit_config(args: argparse.Namespace, compiled: str, ckpt: str, batch: int) -> Any:
     from petkit.training import TrainConfig
 
+    budget = ckpt.startswith("budget-")  # the compiler chooses what to recompute
+
     return TrainConfig(lr=LR, max_steps=args.steps, batch_size=batch, log_every=args.window,
                        schedule="linear", device=args.device, precision="bf16",
                        compile=bool(compiled), compile_scope=compiled or "model",
-                       activation_checkpointing=ckpt, progress=False)
+                       activation_checkpointing="off" if budget else ckpt,
+                       activation_budget=float(ckpt[7:]) if budget else None, progress=False)
 
 
 def petkit_model(args: argparse.Namespace, shape: dict[str, int]) -> Any:

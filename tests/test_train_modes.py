@@ -354,6 +354,47 @@ def test_compiling_blocks_compiles_one_block_graph_for_all_blocks() -> None:
         TrainConfig(compile=True, compile_scope="layers")
 
 
+@pytest.mark.slow  # compiles a block with inductor on the CPU
+def test_an_activation_budget_reaches_the_compiler_and_keeps_the_losses() -> None:
+    """activation_budget: the partitioner sees the fraction while the blocks compile, and the
+    losses equal eager mode's; without compile (or with checkpointing) it is refused."""
+    import torch._functorch.config as functorch_config
+    import transformers
+
+    seen: list[float] = []
+    block_forward = transformers.models.llama.modeling_llama.LlamaDecoderLayer.forward
+
+    def spy(self: Any, *args: Any, **kwargs: Any) -> Any:
+        seen.append(functorch_config.activation_memory_budget)
+        return block_forward(self, *args, **kwargs)
+
+    def run(**modes: Any) -> list[float]:
+        torch.manual_seed(0)
+        config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                          num_hidden_layers=2, num_attention_heads=4,
+                                          num_key_value_heads=2)
+        model = pk.attach(transformers.LlamaForCausalLM(config), pk.LoraConfig(r=4))
+        cfg = TrainConfig(max_steps=2, batch_size=3, lr=1e-2, progress=False, log_every=1,
+                          **modes)
+        return [h["train_loss"] for h in train(model, same_length, cfg).history]
+
+    same_length = [{"input_ids": row, "labels": row} for row in torch.randint(3, 60, (6, 8))]
+    eager = run()
+    torch._dynamo.reset()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(transformers.models.llama.modeling_llama.LlamaDecoderLayer, "forward", spy)
+        compiled = run(compile=True, compile_scope="blocks", activation_budget=0.3)
+    torch._dynamo.reset()
+    assert compiled == pytest.approx(eager, rel=1e-4)
+    assert seen[-1] == 0.3  # the steps ran with the budget set (the 1.0s: the eager pre-check)
+    assert functorch_config.activation_memory_budget == 1.0  # restored after the run
+    for bad in ({"activation_budget": 0.5},
+                {"activation_budget": 0.5, "compile": True, "activation_checkpointing": "full"},
+                {"activation_budget": 0.0, "compile": True}):
+        with pytest.raises(ConfigError, match="activation_budget"):
+            TrainConfig(**bad)
+
+
 def test_a_model_that_requires_the_attention_mask_keeps_it() -> None:
     """The all-ones mask is dropped only for a forward that takes it as optional."""
 

@@ -16,7 +16,8 @@ Non-reentrant checkpointing needs no input that requires grad and composes with 
 torch.compile. Input-extension methods keep working: the prefix key/value cache and the
 extensions' per-forward state (`live`) are put back as they were when the block first ran
 before it is recomputed. `activation_offload` keeps every saved activation in pinned host memory
-(`torch.autograd.graph.save_on_cpu`) instead of the device: eager mode only.
+(`torch.autograd.graph.save_on_cpu`) instead of the device: eager mode only. Under compile,
+`activation_budget` lets the compiler choose what to recompute instead (`memory_budget`).
 """
 
 from __future__ import annotations
@@ -186,6 +187,14 @@ def compiled_blocks(model: nn.Module) -> Iterator[int]:
     finally:
         for block, before in zip(blocks, previous):
             block._compiled_call_impl = before
+
+
+def memory_budget(fraction: float) -> contextlib.AbstractContextManager[Any]:
+    """torch.compile's partitioner keeps at most `fraction` of the activations of the graphs
+    compiled inside, recomputing the ops cheapest per byte saved (its knapsack solver)."""
+    import torch._functorch.config as functorch_config
+
+    return functorch_config.patch(activation_memory_budget=fraction)
 
 
 def offload_context(enabled: bool) -> contextlib.AbstractContextManager[Any]:

@@ -208,6 +208,9 @@ class TrainConfig:
     # off | full | every-K (K >= 2) | selective | elementwise (training/activations.py)
     activation_checkpointing: str = "off"
     activation_offload: bool = False  # keep saved activations in host memory (eager only)
+    # compile only: fraction (0, 1] of the activations torch.compile's partitioner may keep; it
+    # recomputes the cheapest ops to fit (torch._functorch.config.activation_memory_budget)
+    activation_budget: float | None = None
     loss_chunk: int | None = None  # causal-LM loss: tokens per chunk; None auto, 0 dense logits
     packing: bool = False  # causal LM: several examples per row, isolated by position ids
     pack_length: int | None = None  # tokens per packed row (None: the micro-batch's longest)
@@ -322,6 +325,12 @@ class TrainConfig:
         _check(not (self.activation_offload and self.compile), "activation_offload",
                "false when compile is true (offload hooks run in eager mode only)",
                self.activation_offload)
+        if self.activation_budget is not None:
+            _check(is_num(self.activation_budget) and 0 < self.activation_budget <= 1,
+                   "activation_budget", "None or a number in (0, 1]", self.activation_budget)
+            _check(self.compile and mode == "off", "activation_budget",
+                   "None unless compile is true and activation_checkpointing is off (the "
+                   "compiler chooses what to recompute)", self.activation_budget)
         if self.loss_chunk is not None:
             _check(is_int(self.loss_chunk) and self.loss_chunk >= 0, "loss_chunk",
                    "None (auto), 0 (dense) or a number of tokens >= 1", self.loss_chunk)

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from petkit.core.errors import ConfigError
-from petkit.training.activations import (activation_checkpointing, block_modules,
-                                         compiled_blocks, has_extensions, offload_context)
+from petkit.training.activations import (activation_checkpointing, block_modules, compiled_blocks,
+                                         has_extensions, memory_budget, offload_context)
 from petkit.training.batching import Batch, CollateFn
 from petkit.training.config import TrainConfig
 from petkit.training.lm_loss import HeadBypass, can_bypass
@@ -114,6 +114,8 @@ class RunModes:
                 self.model, cfg.checkpoint_every(), cfg.recompute_mode()))
             if cfg.compiles_blocks():
                 stack.enter_context(compiled_blocks(self.model))
+            if cfg.activation_budget is not None:  # read when a graph compiles: the first step
+                stack.enter_context(memory_budget(cfg.activation_budget))
             if self.bypass is not None:
                 stack.enter_context(self.bypass.installed())
             yield
