@@ -178,11 +178,17 @@ def render(cache: dict[str, Any]) -> str:
                 continue
             mean = lambda key: sum(c[key] for c in cells) / len(cells)  # noqa: E731
             accs = ", ".join(f"{c['accuracy']:.3f}" for c in cells)
-            trainable = cells[0].get("trainable_live", cells[0]["trainable"])
+            trainable = round(mean_of(cells, "trainable_live") or cells[0]["trainable"])  # APT: live ranks
             speed = _speed_up(cells)
             rows.append(f"| {setting} | {arm} | {len(cells)} | {mean('accuracy'):.3f} ({accs}) | {trainable:,} | "
                         f"{mean('peak_train_mb'):,.0f} | {mean('wall_s_per_step'):.2f} | {mean('stored_mb'):,.1f} | {speed} |")
     return "\n".join(rows)
+
+
+def mean_of(cells: list[dict[str, Any]], key: str) -> float | None:
+    """Mean of `key` over the cells that have it (None if none does)."""
+    values = [c[key] for c in cells if key in c]
+    return sum(values) / len(values) if values else None
 
 
 def _speed_up(cells: list[dict[str, Any]]) -> str:
