@@ -58,6 +58,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--control-lr", type=float, default=3e-2)
     p.add_argument("--max-length", type=int, default=96)
     p.add_argument("--arms", type=lambda s: s.split(","), default=list(PREFER_ARMS))
+    sub.add_parser("prefer-summary", help="the hard evaluation's table, from the generations "
+                                          "that `prefer --hard-movies` saved")
 
 
 def check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -307,3 +309,37 @@ def run(args: argparse.Namespace) -> None:
             partial({k: v for k, v in row.items() if k != "samples"})
             del model
         record("prefer", row)
+
+
+def summary_rows(rows: list[dict[str, Any]]) -> dict[tuple[str, int], dict[str, float]]:
+    """{(set, new tokens): rates} of one arm's saved hard generations: overall, against and with
+    the majority, the judge's mean probability, distinct share, mean words. Files written before
+    the "set" / "new_tokens" keys hold the trained wording at 24 tokens."""
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r.get("set", "hard"), r.get("new_tokens", 24)), []).append(r)
+    out = {}
+    for key, group in groups.items():
+        probs, against = [r["prob"] for r in group], [r["against"] for r in group]
+        texts = [r["text"] for r in group]
+        out[key] = {"n": len(group), "rate": scores(probs)[0], "prob": scores(probs)[1],
+                    "against": scores(probs, against)[0],
+                    "with": scores(probs, [not a for a in against])[0],
+                    "distinct": len(set(texts)) / len(texts),
+                    "words": sum(len(t.split()) for t in texts) / len(texts)}
+    return out
+
+
+def summarise(args: argparse.Namespace) -> None:
+    """Print the hard evaluation's markdown rows for every saved (seed, arm)."""
+    print("| seed | arm | wording | tokens | n | requested | against majority | with majority "
+          "| judge prob | distinct | words |")
+    for seed in args.seeds:
+        for arm in PREFER_ARMS:
+            path = OUT / f"prefer-hard-{seed}-{arm}.json"
+            if not path.exists():
+                continue
+            for (wording, n), r in sorted(summary_rows(json.loads(path.read_text())).items()):
+                print(f"| {seed} | {arm} | {wording} | {n} | {r['n']} | {r['rate']:.1%} | "
+                      f"{r['against']:.1%} | {r['with']:.1%} | {r['prob']:.3f} | "
+                      f"{r['distinct']:.2f} | {r['words']:.1f} |")

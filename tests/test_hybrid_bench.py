@@ -87,3 +87,16 @@ def test_hard_prompts_in_the_untrained_wording_keep_movie_and_sentiment() -> Non
     assert [(s, a) for _, s, a in para] == [(s, a) for _, s, a in trained]
     assert para[0][0] == "What did you think of liked? Answer with a negative opinion.\nAnswer:"
     assert para[0][0] != trained[0][0]
+
+
+def test_summary_groups_saved_generations_by_wording_and_length() -> None:
+    rows = [{"set": "hard", "new_tokens": 24, "against": True, "prob": 0.9, "text": "bad film"},
+            {"set": "hard", "new_tokens": 24, "against": False, "prob": 0.2, "text": "bad film"},
+            {"set": "para", "new_tokens": 48, "against": True, "prob": 0.7, "text": "a b c"},
+            {"against": False, "prob": 0.6, "text": "old format"}]
+    out = hybrid_prefer.summary_rows(rows)
+    assert set(out) == {("hard", 24), ("para", 48)}
+    hard = out[("hard", 24)]
+    assert (hard["n"], hard["rate"], hard["against"], hard["with"]) == (3, 2 / 3, 1.0, 0.5)
+    assert hard["distinct"] == pytest.approx(2 / 3) and hard["words"] == pytest.approx(2.0)
+    assert out[("para", 48)]["words"] == 3.0
