@@ -323,23 +323,31 @@ def test_preflight_reports_a_mode_the_model_cannot_run() -> None:
         preflight(prefix, lm_examples(), TrainConfig(packing=True))
 
 
+def lora_losses(data: list[dict[str, torch.Tensor]], layers: int, steps: int,
+                **modes: Any) -> list[float]:
+    """Per-step training losses of LoRA on a seeded tiny Llama of `layers` identical blocks."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=layers, num_attention_heads=4,
+                                      num_key_value_heads=2)
+    model = pk.attach(transformers.LlamaForCausalLM(config), pk.LoraConfig(r=4))
+    cfg = TrainConfig(max_steps=steps, batch_size=3, lr=1e-2, progress=False, log_every=1,
+                      **modes)
+    return [h["train_loss"] for h in train(model, data, cfg).history]
+
+
 @pytest.mark.slow  # compiles a block with inductor on the CPU (~15 s)
 def test_compiling_blocks_compiles_one_block_graph_for_all_blocks() -> None:
     """compile_scope='blocks': the same losses as eager, and the 4 identical blocks share their
     compiled graph (regional compilation) instead of one graph of the whole model: two graphs,
     since the first block's input (the frozen embeddings) needs no gradient and the others' do."""
-    import transformers
     from torch._dynamo.utils import counters
 
     def run(**modes: Any) -> list[float]:
-        torch.manual_seed(0)
-        config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
-                                          num_hidden_layers=4, num_attention_heads=4,
-                                          num_key_value_heads=2)
-        model = pk.attach(transformers.LlamaForCausalLM(config), pk.LoraConfig(r=4))
-        cfg = TrainConfig(max_steps=3, batch_size=3, lr=1e-2, progress=False, log_every=1,
-                          activation_checkpointing="selective", **modes)
-        return [h["train_loss"] for h in train(model, same_length, cfg).history]
+        return lora_losses(same_length, layers=4, steps=3, activation_checkpointing="selective",
+                           **modes)
 
     same_length = [{"input_ids": row, "labels": row} for row in torch.randint(3, 60, (9, 8))]
     eager = run()
@@ -369,14 +377,7 @@ def test_an_activation_budget_reaches_the_compiler_and_keeps_the_losses() -> Non
         return block_forward(self, *args, **kwargs)
 
     def run(**modes: Any) -> list[float]:
-        torch.manual_seed(0)
-        config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
-                                          num_hidden_layers=2, num_attention_heads=4,
-                                          num_key_value_heads=2)
-        model = pk.attach(transformers.LlamaForCausalLM(config), pk.LoraConfig(r=4))
-        cfg = TrainConfig(max_steps=2, batch_size=3, lr=1e-2, progress=False, log_every=1,
-                          **modes)
-        return [h["train_loss"] for h in train(model, same_length, cfg).history]
+        return lora_losses(same_length, layers=2, steps=2, **modes)
 
     same_length = [{"input_ids": row, "labels": row} for row in torch.randint(3, 60, (6, 8))]
     eager = run()
