@@ -68,8 +68,9 @@ HELP = {"device": "auto (the GPU when there is one) | cpu | cuda | cuda:N",
         "popsize": "CMA-ES population size (train.stepper.popsize)",
         "quantize": "nf4 | fp4 | int8: quantise the base's linear layers first (QLoRA; pip install bitsandbytes)",
         "prune": "loraprune | apt: prune heads and MLP channels while tuning a LoRA (Llama-style "
-                 "decoders); the pruned model is saved to OUTPUT/pruned (docs/compressed.md)",
-        "sparsity": "with --prune: fraction of decoder-block parameters removed (default 0.5)"}
+                 "decoders; BERT-style encoders: MLP channels only); the pruned model is saved "
+                 "to OUTPUT/pruned (docs/compressed.md)",
+        "sparsity": "with --prune: fraction of block parameters removed (default 0.5)"}
 METAVARS = {"data": "TASK|FILE", "warmup": "STEPS", "eval_every": "STEPS", "n_spsa": "N",
             "grad_accum": "N", "epochs": "N", "output": "DIR", "method": "NAME", "model": "NAME",
             "schedule": "NAME", "precision": "NAME", "optimizer": "NAME", "rank": "R",

@@ -40,7 +40,7 @@ class ModelSpec:
     name: str = "smollm2-135m"
     quantize: str | None = None  # nf4 | fp4 | int8: the base's linear layers (pk.quantize) before attaching
     prune: str | None = None  # loraprune | apt: structured pruning while tuning (petkit.compress)
-    sparsity: float = 0.5  # with prune: fraction of decoder-block parameters removed
+    sparsity: float = 0.5  # with prune: fraction of block parameters removed (decoder or BERT-style encoder)
 
     def __post_init__(self) -> None:
         """Validate."""
