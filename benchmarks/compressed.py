@@ -3,6 +3,8 @@
     python benchmarks/compressed.py                          # run missing cells, print the table
     python benchmarks/compressed.py --only qlora-nf4 --seeds 0,1,2
     python benchmarks/compressed.py --render                 # table from the cache only
+    python benchmarks/compressed.py --settings decoder --only lora-fp32,loraprune-50 \
+        --train-size 512 --epochs 2 --threads 1              # a longer schedule (64 steps)
 
 Protocol: the methods table's (benchmarks/methods_table.py: smollm2-135m on rotten-tomatoes with
 a verbaliser, minilm-l6 on bbc-news with a new head; 128 / 256 training examples, 2 epochs,
@@ -15,6 +17,11 @@ bit width, PEQA integers packed at `bits` per weight, pruned models at their new
 arms also time the forward pass of the pruned model against the unpruned one (same batch).
 On the encoder (minilm-l6) pruning removes MLP channels only (BERT heads cannot be reloaded
 fewer by transformers 5), the same fraction of block parameters as on the decoder.
+
+`--train-size N` / `--epochs N` / `--threads N` change the protocol (defaults: the methods
+table's, unchanged). Cells of a changed size or epochs go to docs/compressed_long.json under
+keys `setting/arm/seed/nNeE` (N training examples, E epochs), never into the table's cache;
+`--render` with the same flags shows that protocol's table. `--threads` changes only speed.
 """
 from __future__ import annotations
 
@@ -31,6 +38,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 CACHE = ROOT / "docs" / "compressed.json"
+LONG_CACHE = ROOT / "docs" / "compressed_long.json"  # cells of a non-default --train-size / --epochs
 LORA = {"name": "lora", "r": 8, "alpha": 16, "targets": "all-linear"}
 ARMS: dict[str, dict[str, Any]] = {
     "lora-fp32": {"method": LORA},
@@ -104,9 +112,11 @@ def memory_cell(arm: str, steps: int = 4) -> dict[str, Any]:
             "after_train_mb": kinds}
 
 
-def run_cell(setting: str, arm: str, seed: int) -> dict[str, Any]:
+def run_cell(setting: str, arm: str, seed: int, train_size: int | None = None,
+             epochs: int | None = None, threads: int | None = None) -> dict[str, Any]:
     """One cell through the harness's arm (`petkit.benchmark.arms`): quantise / attach / prune,
-    train, finish pruning; on the methods table's protocol (no validation carve-out)."""
+    train, finish pruning; on the methods table's protocol (no validation carve-out), with its
+    training size, epochs and threads unless given."""
     import dataclasses
 
     import torch
@@ -120,11 +130,12 @@ def run_cell(setting: str, arm: str, seed: int) -> dict[str, Any]:
     from petkit.models import head_module_names
     from petkit.training import train
 
-    torch.set_num_threads(PROTOCOL["threads"])
+    torch.set_num_threads(threads or PROTOCOL["threads"])
     spec = ARMS[arm]
     rec = recipe(setting, "lora")
-    rec = dataclasses.replace(rec, method=dict(spec["method"]),
-                              train=rec.train.replace(lr=spec.get("lr", LR), seed=seed))
+    data = dataclasses.replace(rec.data, train_size=train_size or rec.data.train_size)
+    rec = dataclasses.replace(rec, method=dict(spec["method"]), data=data, train=rec.train.replace(
+        lr=spec.get("lr", LR), seed=seed, epochs=epochs or rec.train.epochs))
     torch.manual_seed(seed)
     prep, _ = prepare(rec)
     model = prep.model
@@ -153,12 +164,14 @@ def run_cell(setting: str, arm: str, seed: int) -> dict[str, Any]:
     out["accuracy"] = test_metrics(prep, rec)["accuracy"]
     out["stored_mb"] = stored_bytes(model) / 2**20
     out["steps"] = result.steps
+    out["train_size"], out["epochs"] = len(prep.train), rec.train.epochs
     return out
 
 
-def cell_in_subprocess(setting: str, arm: str, seed: int) -> dict[str, Any]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "PASSIVE"}
-    cmd = [sys.executable, __file__, "--cell", setting, arm, str(seed)]
+def cell_in_subprocess(setting: str, arm: str, seed: int, protocol: list[str], threads: int) -> dict[str, Any]:
+    """`protocol`: the --train-size / --epochs / --threads arguments passed on to the cell."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE"}
+    cmd = [sys.executable, __file__, "--cell", setting, arm, str(seed), *protocol]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode == 0 and lines:
@@ -167,13 +180,15 @@ def cell_in_subprocess(setting: str, arm: str, seed: int) -> dict[str, Any]:
     return {"note": (err[-1] if err else f"exit code {proc.returncode}")[:300]}
 
 
-def render(cache: dict[str, Any]) -> str:
-    """The markdown table: one row per (setting, arm), mean over the seeds run."""
+def render(cache: dict[str, Any], suffix: str = "") -> str:
+    """The markdown table: one row per (setting, arm), mean over the seeds run (keys ending in
+    `suffix`: one protocol of the long cache)."""
     rows = ["| setting | arm | seeds | accuracy | trainable | peak train MB | s/step | stored MB | forward speed-up |",
             "|---|---|---|---|---|---|---|---|---|"]
     for setting in ("decoder", "encoder"):
         for arm in ARMS:
-            cells = [c for k, c in cache.items() if k.startswith(f"{setting}/{arm}/") and "accuracy" in c]
+            cells = [c for k, c in cache.items()
+                     if k.startswith(f"{setting}/{arm}/") and k.endswith(suffix) and "accuracy" in c]
             if not cells:
                 continue
             mean = lambda key: sum(c[key] for c in cells) / len(cells)  # noqa: E731
@@ -265,6 +280,9 @@ def main() -> None:
     parser.add_argument("--backends", action="store_true", help="time one layer per quantisation backend")
     parser.add_argument("--merge-error", action="store_true", help="merge-into-4-bit error on a tiny Llama")
     parser.add_argument("--memory", help="peak RSS of a few training steps of these arms (comma-separated)")
+    parser.add_argument("--train-size", type=int, help="training examples (default: the methods table's)")
+    parser.add_argument("--epochs", type=int, help="epochs (default: the methods table's, 2)")
+    parser.add_argument("--threads", type=int, help="torch / OpenMP threads per cell (default 2)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.memory and not os.environ.get("MALLOC_MMAP_THRESHOLD_"):
@@ -280,24 +298,43 @@ def main() -> None:
             print(json.dumps(row))
         return
     if args.cell:
-        print(json.dumps(run_cell(args.cell[0], args.cell[1], int(args.cell[2]))), flush=True)
+        cell = run_cell(args.cell[0], args.cell[1], int(args.cell[2]), args.train_size, args.epochs, args.threads)
+        print(json.dumps(cell), flush=True)
         return
-    cache = json.loads(CACHE.read_text()) if CACHE.is_file() else {}
+    run_grid(args)
+
+
+def run_grid(args: argparse.Namespace) -> None:
+    """Run the missing cells one process at a time, caching each, then print the table."""
+    from methods_table import PROTOCOL, SETTINGS
+
+    protocol = [f"--{flag}={value}" for flag, value in
+                (("train-size", args.train_size), ("epochs", args.epochs), ("threads", args.threads)) if value]
+    suffix, cache_path = "", CACHE
+    if args.train_size or args.epochs:
+        sizes = {SETTINGS[s]["train_size"] for s in args.settings.split(",")}
+        if not args.train_size and len(sizes) > 1:
+            raise SystemExit("--epochs without --train-size: run one --settings at a time")
+        suffix = f"/n{args.train_size or sizes.pop()}e{args.epochs or PROTOCOL['epochs']}"
+        cache_path = LONG_CACHE
+    threads = args.threads or PROTOCOL["threads"]
+    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
     arms = args.only.split(",") if args.only else list(ARMS)
     for seed in ([] if args.render else [int(s) for s in args.seeds.split(",")]):
         for setting in args.settings.split(","):
             for arm in arms:
-                key = f"{setting}/{arm}/{seed}"
-                cache = json.loads(CACHE.read_text()) if CACHE.is_file() else {}  # a parallel run may have done it
+                key = f"{setting}/{arm}/{seed}{suffix}"
+                cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}  # a parallel run may have done it
                 if key in cache:
                     continue
                 started = time.perf_counter()
-                cell = cell_in_subprocess(setting, arm, seed)
+                cell = cell_in_subprocess(setting, arm, seed, protocol, threads)
                 cell["seconds"] = round(time.perf_counter() - started, 1)
-                cache = {**(json.loads(CACHE.read_text()) if CACHE.is_file() else {}), key: cell}
-                CACHE.write_text(json.dumps(cache, indent=1, sort_keys=True))
+                cell["threads"], cell["load_average"] = threads, [round(x, 2) for x in os.getloadavg()]
+                cache = {**(json.loads(cache_path.read_text()) if cache_path.is_file() else {}), key: cell}
+                cache_path.write_text(json.dumps(cache, indent=1, sort_keys=True))
                 print(f"{key}: {cell}", flush=True)
-    print(render(cache))
+    print(render(cache, suffix))
 
 
 if __name__ == "__main__":
