@@ -313,7 +313,7 @@ def run(args: argparse.Namespace) -> None:
 
 def summary_rows(rows: list[dict[str, Any]]) -> dict[tuple[str, int], dict[str, float]]:
     """{(set, new tokens): rates} of one arm's saved hard generations: overall, against and with
-    the majority, the judge's mean probability, distinct share, mean words. Files written before
+    the majority, the judge's mean probability, distinct share, mean words, empty share. Files written before
     the "set" / "new_tokens" keys hold the trained wording at 24 tokens."""
     groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for r in rows:
@@ -326,14 +326,15 @@ def summary_rows(rows: list[dict[str, Any]]) -> dict[tuple[str, int], dict[str, 
                     "against": scores(probs, against)[0],
                     "with": scores(probs, [not a for a in against])[0],
                     "distinct": len(set(texts)) / len(texts),
-                    "words": sum(len(t.split()) for t in texts) / len(texts)}
+                    "words": sum(len(t.split()) for t in texts) / len(texts),
+                    "empty": sum(not t.strip() for t in texts) / len(texts)}
     return out
 
 
 def summarise(args: argparse.Namespace) -> None:
     """Print the hard evaluation's markdown rows for every saved (seed, arm)."""
     print("| seed | arm | wording | tokens | n | requested | against majority | with majority "
-          "| judge prob | distinct | words |")
+          "| judge prob | distinct | words | empty |")
     for seed in args.seeds:
         for arm in PREFER_ARMS:
             path = OUT / f"prefer-hard-{seed}-{arm}.json"
@@ -342,4 +343,4 @@ def summarise(args: argparse.Namespace) -> None:
             for (wording, n), r in sorted(summary_rows(json.loads(path.read_text())).items()):
                 print(f"| {seed} | {arm} | {wording} | {n} | {r['n']} | {r['rate']:.1%} | "
                       f"{r['against']:.1%} | {r['with']:.1%} | {r['prob']:.3f} | "
-                      f"{r['distinct']:.2f} | {r['words']:.1f} |")
+                      f"{r['distinct']:.2f} | {r['words']:.1f} | {r['empty']:.0%} |")

@@ -99,4 +99,4 @@ def test_summary_groups_saved_generations_by_wording_and_length() -> None:
     hard = out[("hard", 24)]
     assert (hard["n"], hard["rate"], hard["against"], hard["with"]) == (3, 2 / 3, 1.0, 0.5)
     assert hard["distinct"] == pytest.approx(2 / 3) and hard["words"] == pytest.approx(2.0)
-    assert out[("para", 48)]["words"] == 3.0
+    assert out[("para", 48)]["words"] == 3.0 and out[("para", 48)]["empty"] == 0.0
