@@ -58,6 +58,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--control-lr", type=float, default=3e-2)
     p.add_argument("--max-length", type=int, default=96)
     p.add_argument("--arms", type=lambda s: s.split(","), default=list(PREFER_ARMS))
+    p.add_argument("--init-seed", type=int, default=None,
+                   help="seed torch before each arm's adapter is attached (default: not "
+                        "reseeded, so an arm's initialisation follows the arms before it)")
     sub.add_parser("prefer-summary", help="the hard evaluation's table, from the generations "
                                           "that `prefer --hard-movies` saved")
 
@@ -285,7 +288,8 @@ def run(args: argparse.Namespace) -> None:
                                "eval_generations": len(prompts), "new_tokens": args.new_tokens,
                                "steps": args.steps, "lr": args.lr, "beta": args.beta,
                                "meet_steps": args.meet_steps or max(1, args.steps // 2),
-                               "arms": args.arms, "classifier": judge, "samples": {}}
+                               "arms": args.arms, "classifier": judge, "samples": {},
+                               "init_seed": args.init_seed}
         if args.hard_movies:
             row["hard_generations"] = len(hard["hard"])
             row["hard_against_generations"] = sum(a for *_, a in hard["hard"])
@@ -300,6 +304,8 @@ def run(args: argparse.Namespace) -> None:
         for arm in args.arms:
             model, _ = load_model("smollm2-135m")
             row["model_mb"] = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+            if args.init_seed is not None:
+                torch.manual_seed(args.init_seed)
             train_arm(arm, model, pairs, cfg, args, pad, row)
             texts = generate(model, tok, prompts, args.new_tokens)
             row[arm], row[f"{arm}_prob"] = scores(requested_probs(clf, clf_tok, texts, wanted))
