@@ -217,6 +217,25 @@ def test_merge_with_nan_raises_and_changes_nothing(case):
 
 
 @pytest.mark.parametrize("case", CASES, ids=ids)
+def test_a_seeded_attach_draws_the_same_delta_whatever_ran_before(case):
+    """attach(seed=...): the initial delta depends on the seed only, and the caller's random
+    state is untouched (arms trained one after another in a process start alike)."""
+    base = TOYS[case.toy](0)
+    deltas = []
+    for draws_before in (0, 7):
+        torch.manual_seed(draws_before)
+        torch.rand(draws_before)
+        state = torch.random.get_rng_state()
+        model = pk.attach(copy.deepcopy(base), pk.make_config(case.method, **case.kwargs), seed=3)
+        assert torch.equal(torch.random.get_rng_state(), state)
+        deltas.append({n: p.detach().clone() for n, p in pk.trainable_parameters(model).items()})
+    assert deltas[0].keys() == deltas[1].keys()
+    assert all(torch.equal(deltas[0][n], deltas[1][n]) for n in deltas[0])
+    with pytest.raises(pk.ConfigError, match="seed"):
+        pk.attach(copy.deepcopy(base), pk.make_config(case.method, **case.kwargs), seed=-1)
+
+
+@pytest.mark.parametrize("case", CASES, ids=ids)
 def test_save_load_round_trip_is_exact(case, tmp_path):
     base, model, batch = trained(case)
     expected = run(model, batch)

@@ -44,8 +44,25 @@ def merge_deltas(wrapper: DeltaModule) -> dict[str, torch.Tensor]:
     return {k: v for k, v in out.items() if v is not None}
 
 
-def attach(model: nn.Module, config: MethodConfig, name: str = "default") -> nn.Module:
-    """Add adapter `name` described by `config` to `model` in place; freeze the base; activate it."""
+def _seeded_init(model: nn.Module, seed: int | None) -> contextlib.AbstractContextManager[Any]:
+    """Initial values drawn from generators seeded with `seed`, the caller's random state left as
+    it was (CPU and the model's GPUs); None: torch's global generators, as they stand."""
+    if seed is None:
+        return contextlib.nullcontext()
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ConfigError(f"attach: seed must be None or an int >= 0, got {seed!r}")
+    gpus = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.random.fork_rng(devices=gpus))
+    torch.manual_seed(seed)
+    return stack
+
+
+def attach(model: nn.Module, config: MethodConfig, name: str = "default",
+           seed: int | None = None) -> nn.Module:
+    """Add adapter `name` described by `config` to `model` in place; freeze the base; activate it.
+    With `seed`, the delta's initial values depend on the seed only (not on what drew random
+    numbers before), and the global random state is left unchanged."""
     if not isinstance(config, MethodConfig):
         raise ConfigError(f"attach needs a petkit method config (e.g. pk.LoraConfig), got {type(config).__name__}")
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_\-]+", name):
@@ -53,7 +70,8 @@ def attach(model: nn.Module, config: MethodConfig, name: str = "default") -> nn.
     if name in adapters(model):
         raise AdapterStateError(f"an adapter named {name!r} is already attached; detach it or pick another name")
     try:
-        touched = config.inject(model, name)
+        with _seeded_init(model, seed):
+            touched = config.inject(model, name)
         if config.modules_to_save:
             for path in match_targets(model, list(config.modules_to_save), accept=lambda m: True, what="any"):
                 wrap(model, path, TrainableCopy, name)
