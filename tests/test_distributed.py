@@ -263,13 +263,18 @@ def test_a_failing_rank_ends_the_job(tmp_path, fail):
     well under 60 s."""
     spec = {"out": str(tmp_path), "fail_rank": 1, "fail_call": 3, "fail": fail,
             "train": {**TRAIN, "max_steps": 50, "distributed": "ddp"}}
-    started = time.perf_counter()
-    proc = torchrun([spec], timeout=120, collective_timeout=60)
-    ended, seconds = time.time(), time.perf_counter() - started
+    for _ in range(2):
+        started = time.perf_counter()
+        proc = torchrun([spec], timeout=120, collective_timeout=60)
+        ended, seconds = time.time(), time.perf_counter() - started
+        text = proc.stdout + proc.stderr
+        # torch's elastic agent can read a surviving rank's error file while @record is still
+        # writing it and die of a JSONDecodeError itself (torch's race, seen once in CI): rerun
+        if not ("_capture_process_failures" in text and "JSONDecodeError" in text):
+            break
     assert proc.returncode != 0
     assert seconds < 60, seconds
     failed_at = float(re.search(r"failing at ([0-9.]+)", proc.stderr).group(1))
-    text = proc.stdout + proc.stderr
     assert "rank      : 1" in text or "rank: 1" in text, text[-3000:]
     assert ("Signal 9" in text or "SIGKILL" in text) if fail == "kill" else \
         "injected failure on rank 1" in text
