@@ -1,6 +1,6 @@
-"""GPU-style training modes, checked on the CPU: device and precision, activation checkpointing
-(same loss and gradients), chunked loss (== dense), packing (== unpacked), graph breaks under
-torch.compile for every method, encoded examples given as tensors."""
+"""GPU-style training modes, checked on the CPU: device and precision, chunked loss (== dense),
+packing (== unpacked), graph breaks under torch.compile for every method, encoded examples given
+as tensors. Activation checkpointing and block compilation: test_activations.py."""
 
 from __future__ import annotations
 
@@ -117,77 +117,6 @@ def test_train_accepts_examples_as_tensors_or_lists() -> None:
         train(model, data, cfg)
         runs.append({k: v.detach().clone() for k, v in pk.trainable_parameters(model).items()})
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
-
-
-# --- activation checkpointing --------------------------------------------------------------
-
-
-@pytest.mark.parametrize("method", sorted(LLAMA))
-@pytest.mark.parametrize("every,mode", [(1, "full"), (2, "full"), (1, "selective"),
-                                        (1, "elementwise")],
-                         ids=["full", "every-2", "selective", "elementwise"])
-def test_checkpointing_gives_the_same_loss_and_gradients(method: str, every: int,
-                                                         mode: str) -> None:
-    model, params = attached(method)
-    batch = padded(lm_examples(3))
-    ref_loss, ref_grads = loss_and_grads(model, params, batch)
-    with activation_checkpointing(model, every, mode) as wrapped:
-        loss, grads = loss_and_grads(model, params, batch)
-    assert wrapped == (2 if every == 1 else 1)  # the tiny llama has 2 blocks
-    assert loss == pytest.approx(ref_loss, abs=1e-6)
-    assert grads.keys() == ref_grads.keys()
-    for key, grad in grads.items():
-        torch.testing.assert_close(grad, ref_grads[key], atol=1e-6, rtol=1e-5)
-    assert "forward" not in vars(model.get_submodule("model.layers.0"))  # restored
-
-
-def test_recompute_modes_redo_fewer_matmuls_in_order() -> None:
-    """full recomputes every matmul of a block, selective only the non-reducing ones, elementwise
-    none: the backward pass of a LoRA model runs as many matmuls as without checkpointing."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class CountMatmuls(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.count = 0
-
-        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None
-                               ) -> Any:
-            self.count += func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
-            return func(*args, **(kwargs or {}))
-
-    model, params = attached("lora")
-    batch = padded(lm_examples(3))
-    counts = {}
-    for mode in ("off", "full", "selective", "elementwise"):
-        with activation_checkpointing(model, 0 if mode == "off" else 1,
-                                      "full" if mode == "off" else mode), CountMatmuls() as count:
-            loss_and_grads(model, params, batch)
-        counts[mode] = count.count
-    assert counts["full"] > counts["selective"] > counts["elementwise"] == counts["off"], counts
-    with pytest.raises(ConfigError, match="checkpointing mode"):
-        with activation_checkpointing(model, 1, "some"):
-            pass
-
-
-def test_checkpointing_needs_a_block_stack() -> None:
-    with pytest.raises(ConfigError, match="activation_checkpointing"):
-        with activation_checkpointing(TOYS["mlp"](0), 1):
-            pass
-
-
-def test_checkpointing_and_offload_through_train_match_a_plain_run() -> None:
-    results = []
-    for extra in ({}, {"activation_checkpointing": "full"}, {"activation_offload": True}):
-        torch.manual_seed(0)
-        model = pk.attach(llama(), pk.LoraConfig(r=4, dropout=0.0))
-        cfg = TrainConfig(max_steps=3, batch_size=3, lr=1e-2, progress=False, **extra)
-        results.append((train(model, lm_examples(), cfg).history,
-                        torch.cat([p.detach().flatten()
-                                   for p in pk.trainable_parameters(model).values()])))
-    for history, flat in results[1:]:
-        assert history[-1]["train_loss"] == pytest.approx(results[0][0][-1]["train_loss"], rel=1e-5)
-        torch.testing.assert_close(flat, results[0][1], atol=1e-6, rtol=1e-5)
 
 
 # --- chunked loss --------------------------------------------------------------------------
@@ -321,79 +250,6 @@ def test_preflight_reports_a_mode_the_model_cannot_run() -> None:
     prefix = pk.attach(llama(), pk.make_config("prefix", num_virtual_tokens=2))
     with pytest.raises(ConfigError, match="packing"):
         preflight(prefix, lm_examples(), TrainConfig(packing=True))
-
-
-def lora_losses(data: list[dict[str, torch.Tensor]], layers: int, steps: int,
-                **modes: Any) -> list[float]:
-    """Per-step training losses of LoRA on a seeded tiny Llama of `layers` identical blocks."""
-    import transformers
-
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=layers, num_attention_heads=4,
-                                      num_key_value_heads=2)
-    model = pk.attach(transformers.LlamaForCausalLM(config), pk.LoraConfig(r=4))
-    cfg = TrainConfig(max_steps=steps, batch_size=3, lr=1e-2, progress=False, log_every=1,
-                      **modes)
-    return [h["train_loss"] for h in train(model, data, cfg).history]
-
-
-@pytest.mark.slow  # compiles a block with inductor on the CPU (~15 s)
-def test_compiling_blocks_compiles_one_block_graph_for_all_blocks() -> None:
-    """compile_scope='blocks': the same losses as eager, and the 4 identical blocks share their
-    compiled graph (regional compilation) instead of one graph of the whole model: two graphs,
-    since the first block's input (the frozen embeddings) needs no gradient and the others' do."""
-    from torch._dynamo.utils import counters
-
-    def run(**modes: Any) -> list[float]:
-        return lora_losses(same_length, layers=4, steps=3, activation_checkpointing="selective",
-                           **modes)
-
-    same_length = [{"input_ids": row, "labels": row} for row in torch.randint(3, 60, (9, 8))]
-    eager = run()
-    torch._dynamo.reset()
-    counters.clear()
-    compiled = run(compile=True, compile_scope="blocks")
-    assert compiled == pytest.approx(eager, rel=1e-4)
-    assert 1 <= counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
-    assert not counters["graph_break"], dict(counters["graph_break"])
-    torch._dynamo.reset()
-    with pytest.raises(ConfigError, match="compile_scope"):
-        TrainConfig(compile=True, compile_scope="layers")
-
-
-@pytest.mark.slow  # compiles a block with inductor on the CPU
-def test_an_activation_budget_reaches_the_compiler_and_keeps_the_losses() -> None:
-    """activation_budget: the partitioner sees the fraction while the blocks compile, and the
-    losses equal eager mode's; without compile (or with checkpointing) it is refused."""
-    import torch._functorch.config as functorch_config
-    import transformers
-
-    seen: list[float] = []
-    block_forward = transformers.models.llama.modeling_llama.LlamaDecoderLayer.forward
-
-    def spy(self: Any, *args: Any, **kwargs: Any) -> Any:
-        seen.append(functorch_config.activation_memory_budget)
-        return block_forward(self, *args, **kwargs)
-
-    def run(**modes: Any) -> list[float]:
-        return lora_losses(same_length, layers=2, steps=2, **modes)
-
-    same_length = [{"input_ids": row, "labels": row} for row in torch.randint(3, 60, (6, 8))]
-    eager = run()
-    torch._dynamo.reset()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(transformers.models.llama.modeling_llama.LlamaDecoderLayer, "forward", spy)
-        compiled = run(compile=True, compile_scope="blocks", activation_budget=0.3)
-    torch._dynamo.reset()
-    assert compiled == pytest.approx(eager, rel=1e-4)
-    assert seen[-1] == 0.3  # the steps ran with the budget set (the 1.0s: the eager pre-check)
-    assert functorch_config.activation_memory_budget == 1.0  # restored after the run
-    for bad in ({"activation_budget": 0.5},
-                {"activation_budget": 0.5, "compile": True, "activation_checkpointing": "full"},
-                {"activation_budget": 0.0, "compile": True}):
-        with pytest.raises(ConfigError, match="activation_budget"):
-            TrainConfig(**bad)
 
 
 def test_a_model_that_requires_the_attention_mask_keeps_it() -> None:

@@ -8,8 +8,8 @@ import typing
 from typing import Any
 
 from petkit.core.errors import ConfigError
-from petkit.training.config import (LEGACY_KEYS, TrainConfig, resolve_stepper,
-                                    stepper_configs)
+from petkit.training.config import LEGACY_KEYS, TrainConfig
+from petkit.training.stepper_config import resolve_stepper, stepper_configs
 from petkit.training.ist import IstConfig
 
 

@@ -44,18 +44,19 @@ def merge_deltas(wrapper: DeltaModule) -> dict[str, torch.Tensor]:
     return {k: v for k, v in out.items() if v is not None}
 
 
-def _seeded_init(model: nn.Module, seed: int | None) -> contextlib.AbstractContextManager[Any]:
+@contextlib.contextmanager
+def _seeded_init(model: nn.Module, seed: int | None) -> Iterator[None]:
     """Initial values drawn from generators seeded with `seed`, the caller's random state left as
     it was (CPU and the model's GPUs); None: torch's global generators, as they stand."""
     if seed is None:
-        return contextlib.nullcontext()
+        yield
+        return
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
         raise ConfigError(f"attach: seed must be None or an int >= 0, got {seed!r}")
     gpus = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
-    stack = contextlib.ExitStack()
-    stack.enter_context(torch.random.fork_rng(devices=gpus))
-    torch.manual_seed(seed)
-    return stack
+    with torch.random.fork_rng(devices=gpus):
+        torch.manual_seed(seed)
+        yield
 
 
 def attach(model: nn.Module, config: MethodConfig, name: str = "default",

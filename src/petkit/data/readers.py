@@ -74,7 +74,7 @@ _DELIMITERS = (",", ";", "\t", "|")
 
 
 def _delimiter(text: str) -> str:
-    header = text.split("\n", 1)[0]
+    header = text[:text.find("\n")] if "\n" in text else text  # the header, not a whole copy
     for delimiter in _DELIMITERS:
         if len(next(csv.reader([header], delimiter=delimiter))) > 1:
             return delimiter

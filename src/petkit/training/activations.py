@@ -101,15 +101,13 @@ def has_extensions(model: nn.Module) -> bool:
     return bool(_extensions(model))
 
 
-def _checkpointed(forward: Callable[..., Any], extensions: list[Any], mode: str,
+def _checkpointed(forward: Callable[..., Any], extensions: list[Any], extra: dict[str, Any],
                   *args: Any, **kwargs: Any) -> Any:
-    """`forward(*args, **kwargs)` under non-reentrant checkpointing, with the mutable state it
-    reads (cache, extensions' `live`) restored to its first-run values for the recompute."""
+    """`forward(*args, **kwargs)` under non-reentrant checkpointing (`extra`: its selective
+    policy, if any), with the mutable state it reads (cache, extensions' `live`) restored to its
+    first-run values for the recompute."""
     if not torch.is_grad_enabled():
         return forward(*args, **kwargs)
-    policy = _POLICIES.get(mode)
-    extra = ({"context_fn": functools.partial(create_selective_checkpoint_contexts, policy)}
-             if policy is not None else {})
     objects = _state_objects(iter(list(args) + list(kwargs.values())))
     if not objects and all(ext.live is None for ext in extensions):  # nothing to put back
         return checkpoint(forward, *args, use_reentrant=False, **extra, **kwargs)
@@ -159,9 +157,12 @@ def activation_checkpointing(model: nn.Module, every: int, mode: str = "full"
         return
     blocks = block_modules(model)[::every]
     extensions = _extensions(model)
+    policy = _POLICIES.get(mode)
+    extra = ({"context_fn": functools.partial(create_selective_checkpoint_contexts, policy)}
+             if policy is not None else {})
     own = [vars(block).get("forward") for block in blocks]  # an instance forward set by others
     for block in blocks:
-        block.forward = functools.partial(_checkpointed, block.forward, extensions, mode)
+        block.forward = functools.partial(_checkpointed, block.forward, extensions, extra)
     try:
         yield len(blocks)
     finally:

@@ -75,14 +75,13 @@ def eval_batches(data: Sequence[Example], batch_size: int, collate: CollateFn) -
 
 
 def move(batch: Batch, device: torch.device) -> Batch:
-    """`batch` with every tensor on `device`. To a GPU from pinned host memory without waiting:
-    a plain copy from pageable memory would wait for every kernel queued before it."""
-    if device.type != "cuda":
-        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    return {k: _to_gpu(v, device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    """`batch` with every tensor on `device`."""
+    return {k: _to(v, device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def _to_gpu(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    if tensor.device.type != "cpu":
-        return tensor.to(device)
-    return tensor.pin_memory().to(device, non_blocking=True)
+def _to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """From host memory to a GPU through pinned memory without waiting: a plain copy from
+    pageable memory would wait for every kernel queued before it."""
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)

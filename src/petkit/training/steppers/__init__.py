@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from petkit.core.errors import ConfigError
-from petkit.training.config import StepperConfig, TrainConfig, register_stepper_config
+from petkit.training.config import TrainConfig
+from petkit.training.stepper_config import StepperConfig, register_stepper_config
 
 Batch = dict[str, torch.Tensor]
 LossFn = Callable[[Batch], torch.Tensor]

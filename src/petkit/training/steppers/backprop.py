@@ -14,7 +14,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from petkit.training.config import StepperConfig, TrainConfig, is_num
+from petkit.training.config import TrainConfig
+from petkit.training.stepper_config import StepperConfig, is_num
 from petkit.training.schedule import lr_factor
 from petkit.training.steppers import Batch, LossFn, register_stepper
 

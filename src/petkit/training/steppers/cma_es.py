@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from petkit.core.errors import CheckpointError, ConfigError, MissingPackageError
-from petkit.training.config import StepperConfig, TrainConfig, is_int, is_num
+from petkit.training.config import TrainConfig
+from petkit.training.stepper_config import StepperConfig, is_int, is_num
 from petkit.training.steppers import Batch, LossFn, register_stepper
 from petkit.training.steppers.noise import RngSnapshot, mean_loss, require_parameters
 

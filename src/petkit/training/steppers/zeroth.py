@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from petkit.core.errors import AdapterLoadError, ConfigError
-from petkit.training.config import SCHEDULES, StepperConfig, TrainConfig, is_int, is_num
+from petkit.training.config import SCHEDULES, TrainConfig
+from petkit.training.stepper_config import StepperConfig, is_int, is_num
 from petkit.training.schedule import lr_factor
 from petkit.training.steppers import Batch, LossFn, register_stepper
 from petkit.training.steppers.noise import (RngSnapshot, SeededNoise, mean_loss, parameters_sha256,
