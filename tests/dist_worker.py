@@ -51,7 +51,8 @@ def build(spec: dict[str, Any]) -> torch.nn.Module:
 
 
 def _inject_failure(model: torch.nn.Module, spec: dict[str, Any]) -> None:
-    """On spec["fail_rank"], die (SIGKILL) or raise at its spec["fail_call"]-th forward."""
+    """On spec["fail_rank"], die (SIGKILL, or SIGABRT with "abort") or raise at its
+    spec["fail_call"]-th forward."""
     if spec.get("fail_rank") != rank():
         return
     calls = [0]
@@ -62,6 +63,8 @@ def _inject_failure(model: torch.nn.Module, spec: dict[str, Any]) -> None:
             print(f"failing at {time.time():.3f}", file=sys.stderr, flush=True)
             if spec.get("fail") == "raise":
                 raise RuntimeError(f"injected failure on rank {rank()}")
+            if spec.get("fail") == "abort":  # a native crash (SIGABRT)
+                os.abort()
             os.kill(os.getpid(), signal.SIGKILL)
 
     model.register_forward_pre_hook(hook)

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -37,18 +38,41 @@ TOL = 1e-6
 
 
 def torchrun(specs: list[dict[str, Any]], nproc: int = 2, timeout: float = 240,
-             collective_timeout: int = 180) -> subprocess.CompletedProcess[str]:
+             collective_timeout: int = 180,
+             rerun_crash: bool = True) -> subprocess.CompletedProcess[str]:
     """Run the worker on `nproc` gloo processes; returns the finished process. A collective
-    waits up to `collective_timeout` s (a starved rank on a loaded 2-core machine is no bug)."""
+    waits up to `collective_timeout` s (a starved rank on a loaded 2-core machine is no bug).
+    `rerun_crash`: a run where a rank died of SIGABRT/SIGSEGV runs once more (below); off where
+    a test kills a rank (gloo may then abort the survivor)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "PETKIT_DIST_TIMEOUT": str(collective_timeout)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc-per-node={nproc}", str(WORKER), json.dumps(specs)]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if rerun_crash and proc.returncode != 0 and NATIVE_CRASH.search(proc.stderr):
+        # A rank aborted inside native code (seen once in CI, on a 2-core machine; not
+        # reproduced in 30 local runs): rerun once and keep the crash in the log,
+        # so a real, repeatable crash still fails and a one-off is recorded rather than hidden.
+        warnings.warn(f"a rank died of a signal; rerunning once. First attempt:\n"
+                      f"{crash_report(proc.stderr)}")
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    return proc
+
+
+NATIVE_CRASH = re.compile(r"exitcode\s*:\s*-(6|11)\b")  # SIGABRT, SIGSEGV (tests inject SIGKILL)
+
+
+def crash_report(err: str) -> str:
+    """Where a rank died hard (C++ `terminate` or Python's fatal-error dump, whose module list
+    would fill the tail) and the launcher's summary."""
+    marks = [i for i in (err.find("terminate called"), err.find("Fatal Python error")) if i >= 0]
+    head = err[max(0, min(marks) - 2000):min(marks) + 3000] if marks else ""
+    return f"{head}\n...\n{err[-3000:]}"
 
 
 def check_ok(proc: subprocess.CompletedProcess[str]) -> None:
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    if proc.returncode != 0:
+        raise AssertionError(crash_report(proc.stderr))
 
 
 def single(spec: dict[str, Any]) -> tuple[torch.nn.Module, pk.TrainResult]:
@@ -265,7 +289,7 @@ def test_a_failing_rank_ends_the_job(tmp_path, fail):
             "train": {**TRAIN, "max_steps": 50, "distributed": "ddp"}}
     for _ in range(2):
         started = time.perf_counter()
-        proc = torchrun([spec], timeout=120, collective_timeout=60)
+        proc = torchrun([spec], timeout=120, collective_timeout=60, rerun_crash=False)
         ended, seconds = time.time(), time.perf_counter() - started
         text = proc.stdout + proc.stderr
         # torch's elastic agent can read a surviving rank's error file while @record is still

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -231,8 +232,12 @@ class Distributed:
         device = next(p.device for p in self.model.parameters())
         ids = [device] if device.type == "cuda" else None
         # IST switches blocks' requires_grad per step: DDP must look for unused parameters.
+        # Buffers are the base's (the same on every rank): never synced. torch >= 2.13 renamed
+        # broadcast_buffers (and warns on the old name); 2.11 knows only the old one.
+        renamed = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
         ddp = DistributedDataParallel(self.model, device_ids=ids, init_sync=False,
-                                      broadcast_buffers=False,  # torch 2.11 has no forward_sync_buffers
+                                      **{"forward_sync_buffers" if renamed
+                                         else "broadcast_buffers": False},
                                       find_unused_parameters=isinstance(stepper, ISTStepper))
 
         # The default all-reduce, counting what it sends. (Unannotated: DDP checks annotations,
