@@ -59,8 +59,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--max-length", type=int, default=96)
     p.add_argument("--arms", type=lambda s: s.split(","), default=list(PREFER_ARMS))
     p.add_argument("--init-seed", type=int, default=None,
-                   help="seed torch before each arm's adapter is attached (default: not "
-                        "reseeded, so an arm's initialisation follows the arms before it)")
+                   help="every arm's adapters are attached with pk.attach(seed=this) (default: "
+                        "the run's seed), so an arm's initialisation does not depend on the "
+                        "arms before it")
     sub.add_parser("prefer-summary", help="the hard evaluation's table, from the generations "
                                           "that `prefer --hard-movies` saved")
 
@@ -207,32 +208,41 @@ def scores(probs: list[float], keep: list[bool] | None = None) -> tuple[float, f
 # --- arms -----------------------------------------------------------------------------------
 
 
+def compact(trace: list[dict[str, float]]) -> dict[str, list[float]]:
+    """A DPO trace (one dict per step) as one rounded list per quantity, for the results row."""
+    return {k: [round(t[k], 4) for t in trace] for k in (trace[0] if trace else {})}
+
+
 def train_arm(arm: str, model: Any, pairs: list[dict], cfg: pk.TrainConfig,
               args: argparse.Namespace, pad: int, row: dict[str, Any]) -> None:
-    """Train one arm of the preference measurement in place; its costs go into `row`."""
+    """Train one arm of the preference measurement in place, its adapters attached with
+    `pk.attach(seed=row["init_seed"])`; its costs and DPO traces go into `row`."""
     from petkit.hybrid import meet, train_preference
     from petkit.hybrid.preference import chosen_only
 
-    lora = pk.LoraConfig(r=8, alpha=16, targets=["q_proj", "v_proj"])
+    lora, init = pk.LoraConfig(r=8, alpha=16, targets=["q_proj", "v_proj"]), row["init_seed"]
     if arm == "sft_chosen":
-        pk.attach(model, lora)
+        pk.attach(model, lora, seed=init)
         with PeakRss() as mem:
             res = pk.train(model, chosen_only(pairs), cfg, pad_id=pad)
         row["sft_s"], row["sft_peak_rss_mb"] = res.seconds, mem.peak
     elif arm == "dpo":
-        pk.attach(model, lora)
+        pk.attach(model, lora, seed=init)
         probe = ReferenceProbe(model)
         with PeakRss() as mem:
             res = train_preference(model, pairs, cfg, beta=args.beta, pad_id=pad)
         row["dpo_s"], row["dpo_peak_rss_mb"] = res.seconds, mem.peak
         row["weights_held_mb_before_dpo"] = probe.before
         row["weights_held_mb_in_reference_pass"] = probe.during
+        row["dpo_trace"] = compact(res.report["dpo_trace"])
     elif arm == "meet":  # two stages, each half of DPO's steps by default
         stage = cfg.replace(max_steps=row["meet_steps"])
-        control = pk.make_config("prompt", num_virtual_tokens=8)
+        control = pk.make_config("prompt", num_virtual_tokens=8, seed=init)  # its vocab rows
         first, second = meet(model, pairs, control, lora, stage, beta=args.beta, pad_id=pad,
-                             control_config=stage.replace(lr=args.control_lr))
+                             control_config=stage.replace(lr=args.control_lr), seed=init)
         row["meet_s"] = first.seconds + second.seconds
+        row["meet_trace"] = {"control": compact(first.report["dpo_trace"]),
+                             "lora": compact(second.report["dpo_trace"])}
 
 
 def score_set(name: str, texts: list[str], hard: list[tuple[str, int, bool]],
@@ -269,6 +279,21 @@ def score_hard(arm: str, model: Any, tok: Any, judge: tuple[Any, Any],
     (OUT / f"prefer-hard-{seed}-{arm}.json").write_text(json.dumps(saved, indent=1))
 
 
+def init_seed(args: argparse.Namespace, seed: int) -> int:
+    """The seed every arm's adapters are attached with: --init-seed, else the run's seed."""
+    return seed if args.init_seed is None else args.init_seed
+
+
+def save_generations(row: dict[str, Any], arm: str, prompts: list[str], wanted: list[int],
+                     texts: list[str], probs: list[float]) -> None:
+    """The standard set's generations of one arm, to OUT/prefer-gen-s<seed>-i<init>-<recipe>-<arm>.json
+    (the recipe: lr and beta)."""
+    name = f"s{row['seed']}-i{row['init_seed']}-lr{row['lr']:g}-b{row['beta']:g}-{arm}"
+    saved = [{"prompt": p, "wanted": w, "text": t, "prob": q}
+             for p, w, t, q in zip(prompts, wanted, texts, probs)]
+    (OUT / f"prefer-gen-{name}.json").write_text(json.dumps(saved, indent=1))
+
+
 def run(args: argparse.Namespace) -> None:
     from petkit.hybrid import encode_pairs
 
@@ -289,7 +314,7 @@ def run(args: argparse.Namespace) -> None:
                                "steps": args.steps, "lr": args.lr, "beta": args.beta,
                                "meet_steps": args.meet_steps or max(1, args.steps // 2),
                                "arms": args.arms, "classifier": judge, "samples": {},
-                               "init_seed": args.init_seed}
+                               "init_seed": init_seed(args, seed), "init": "attach-seed"}
         if args.hard_movies:
             row["hard_generations"] = len(hard["hard"])
             row["hard_against_generations"] = sum(a for *_, a in hard["hard"])
@@ -304,12 +329,12 @@ def run(args: argparse.Namespace) -> None:
         for arm in args.arms:
             model, _ = load_model("smollm2-135m")
             row["model_mb"] = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
-            if args.init_seed is not None:
-                torch.manual_seed(args.init_seed)
             train_arm(arm, model, pairs, cfg, args, pad, row)
             texts = generate(model, tok, prompts, args.new_tokens)
-            row[arm], row[f"{arm}_prob"] = scores(requested_probs(clf, clf_tok, texts, wanted))
+            probs = requested_probs(clf, clf_tok, texts, wanted)
+            row[arm], row[f"{arm}_prob"] = scores(probs)
             row["samples"][arm] = texts[:4]
+            save_generations(row, arm, prompts, wanted, texts, probs)
             if args.hard_movies:
                 score_hard(arm, model, tok, (clf, clf_tok), hard, args, seed, row)
             partial({k: v for k, v in row.items() if k != "samples"})

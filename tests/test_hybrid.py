@@ -288,3 +288,39 @@ def test_dpo_holds_no_second_copy_of_the_weights() -> None:
     pk.attach(model, pk.LoraConfig(r=2, targets=["q_proj"]))
     storages = lambda m: {p.untyped_storage().data_ptr() for p in m.parameters()}  # noqa: E731
     assert storages(DPOModel(model)) == storages(model)
+
+
+def test_dpo_trace_has_one_row_per_step_starting_at_the_reference() -> None:
+    model = tiny_model("llama")[0]
+    pk.attach(model, pk.LoraConfig(r=2, targets=["q_proj", "v_proj"]), seed=0)
+    pairs = [{"input_ids": [5, 6, 7, 8], "labels": [-100, -100, 7, 8],
+              "rejected_input_ids": [5, 6, 9], "rejected_labels": [-100, -100, 9]}] * 8
+    cfg = pk.TrainConfig(lr=5e-2, max_steps=3, batch_size=4, progress=False)
+    trace = pk.train_preference(model, pairs, cfg, beta=0.5).report["dpo_trace"]
+    assert len(trace) == 3
+    first = trace[0]  # LoRA starts as the identity: policy == reference
+    assert first["chosen"] == first["rejected"] == 0.0
+    assert math.isclose(first["loss"], math.log(2), rel_tol=1e-5)
+    assert first["chosen_token_logp"] == pytest.approx(first["ref_chosen_token_logp"])
+    assert trace[-1]["chosen"] - trace[-1]["rejected"] > 0  # the margin grew
+
+
+def test_meet_with_a_seed_does_not_depend_on_the_global_random_state() -> None:
+    from petkit.hybrid.preference import meet
+
+    pairs = [{"input_ids": [5, 6, 7, 8], "labels": [-100, -100, 7, 8],
+              "rejected_input_ids": [5, 6, 9], "rejected_labels": [-100, -100, 9]}] * 4
+    cfg = pk.TrainConfig(lr=1e-2, max_steps=1, batch_size=2, progress=False)
+
+    def states(global_seed: int, seed: int | None) -> dict[str, torch.Tensor]:
+        model = tiny_model("llama")[0]
+        torch.manual_seed(global_seed)
+        meet(model, pairs, pk.make_config("prompt", num_virtual_tokens=2),
+             pk.LoraConfig(r=2, targets=["q_proj"]), cfg, seed=seed)
+        return {f"{name}:{k}": v for name in ("control", "meet")
+                for k, v in pk.adapter_state(model, name).items()}
+
+    a, b = states(0, 7), states(1, 7)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    c = states(0, 8)  # the seed decides the LoRA's initialisation
+    assert not all(torch.equal(a[k], c[k]) for k in a if k.startswith("meet:"))

@@ -100,3 +100,15 @@ def test_summary_groups_saved_generations_by_wording_and_length() -> None:
     assert (hard["n"], hard["rate"], hard["against"], hard["with"]) == (3, 2 / 3, 1.0, 0.5)
     assert hard["distinct"] == pytest.approx(2 / 3) and hard["words"] == pytest.approx(2.0)
     assert out[("para", 48)]["words"] == 3.0 and out[("para", 48)]["empty"] == 0.0
+
+
+def test_every_arm_is_attached_with_the_init_seed_or_the_run_seed() -> None:
+    parser = hybrid.build_parser()
+    assert hybrid_prefer.init_seed(parser.parse_args(["prefer"]), 2) == 2
+    assert hybrid_prefer.init_seed(parser.parse_args(["prefer", "--init-seed", "5"]), 2) == 5
+
+
+def test_compact_trace_is_one_rounded_list_per_quantity() -> None:
+    trace = [{"loss": 0.693147, "chosen": 0.0}, {"loss": 0.5, "chosen": -1.23456}]
+    assert hybrid_prefer.compact(trace) == {"loss": [0.6931, 0.5], "chosen": [0.0, -1.2346]}
+    assert hybrid_prefer.compact([]) == {}

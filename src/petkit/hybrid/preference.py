@@ -69,6 +69,7 @@ class DPOModel(nn.Module):
             raise ConfigError(f"DPO beta must be > 0, got {beta!r}")
         self.model, self.beta = model, float(beta)
         self.config = getattr(model, "config", None)
+        self.trace: list[dict[str, float]] = []  # one row per training forward (`trace_row`)
 
     def logps(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
               labels: torch.Tensor) -> torch.Tensor:
@@ -88,7 +89,24 @@ class DPOModel(nn.Module):
         half = len(input_ids) // 2
         loss = dpo_loss(policy[:half], policy[half:], ref[:half], ref[half:], self.beta)
         margins = (policy[:half] - ref[:half]) - (policy[half:] - ref[half:])
+        if self.training and torch.is_grad_enabled():
+            self.trace.append(trace_row(loss, policy.detach(), ref, labels, half))
         return PreferenceOutput(loss, margins.detach())
+
+
+def trace_row(loss: torch.Tensor, policy: torch.Tensor, ref: torch.Tensor,
+              labels: torch.Tensor, half: int) -> dict[str, float]:
+    """What one DPO step did, averaged over its pairs: the loss, the chosen and rejected
+    log-ratios log pi - log ref (summed over answer tokens), the share of pairs whose margin is
+    positive, and the policy's mean log-probability per chosen answer token (falling far below
+    the reference's means the chosen text itself is being unlearned)."""
+    ratio = policy - ref
+    tokens = (labels[:half, 1:] != IGNORE).sum().clamp(min=1)
+    margin = ratio[:half] - ratio[half:]
+    return {"loss": float(loss.detach()), "chosen": float(ratio[:half].mean()),
+            "rejected": float(ratio[half:].mean()), "accuracy": float((margin > 0).float().mean()),
+            "chosen_token_logp": float(policy[:half].sum() / tokens),
+            "ref_chosen_token_logp": float(ref[:half].sum() / tokens)}
 
 
 def encode_pairs(pairs: Sequence[dict[str, str]], tokenizer: Any,
@@ -131,7 +149,9 @@ def train_preference(model: nn.Module, pairs: Sequence[dict], config: TrainConfi
                      eval_pairs: Sequence[dict] | None = None) -> TrainResult:
     """DPO-train the active, trainable adapters of `model` on encoded `pairs` (`encode_pairs`)
     with `pk.train` (any stepper). With `config.output_dir`, the adapter is saved to
-    `output_dir/adapter`; checkpoints and resume are not offered for DPO runs."""
+    `output_dir/adapter`; checkpoints and resume are not offered for DPO runs. The result's
+    `report["dpo_trace"]` holds one `trace_row` per training forward (loss, chosen / rejected
+    log-ratios, pair accuracy)."""
     config = config or TrainConfig()
     if config.resume or config.save_every:
         raise ConfigError("TrainConfig.resume / save_every are not offered for DPO runs "
@@ -143,6 +163,7 @@ def train_preference(model: nn.Module, pairs: Sequence[dict], config: TrainConfi
     wrapper = DPOModel(model, beta)
     result = train(wrapper, list(pairs), config.replace(output_dir=None), eval_pairs,
                    collate_fn=lambda b: pair_collate(b, pad_id), pad_id=pad_id, parameters=params)
+    result.report["dpo_trace"] = wrapper.trace
     if out is not None:
         trained = [n for n in active_adapters(model) if adapters(model)[n].trainable]
         result.adapter_path = str(save_adapter(model, f"{out}/adapter", name=trained[0]))
@@ -151,14 +172,15 @@ def train_preference(model: nn.Module, pairs: Sequence[dict], config: TrainConfi
 
 def meet(model: nn.Module, pairs: Sequence[dict], control: Any, lora: Any,
          config: TrainConfig, *, control_config: TrainConfig | None = None, beta: float = 0.1,
-         pad_id: int = 0) -> tuple[TrainResult, TrainResult]:
+         pad_id: int = 0, seed: int | None = None) -> tuple[TrainResult, TrainResult]:
     """MEET's two steps: (1) learn control tokens (`control`, a prompt-tuning config) by prompt
     tuning with the DPO objective; (2) attach `lora` and train it with DPO while the control
-    tokens stay fixed. Both adapters stay active ("control", "meet")."""
-    attach(model, control, "control")
+    tokens stay fixed. Both adapters stay active ("control", "meet"). With `seed`, both are
+    attached with it (`attach(seed=)`): their initial values depend on it alone."""
+    attach(model, control, "control", seed=seed)
     first = train_preference(model, pairs, control_config or config, beta=beta, pad_id=pad_id)
     set_trainable(model, "control", False)
-    attach(model, lora, "meet")
+    attach(model, lora, "meet", seed=seed)
     activate(model, ["control", "meet"])
     second = train_preference(model, pairs, config, beta=beta, pad_id=pad_id)
     return first, second
