@@ -142,6 +142,14 @@ def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if id(p) in chosen}
 
 
+def trainable_copy_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The part of `trainable_parameters(model)` that belongs to full trainable copies
+    (`modules_to_save`, e.g. a new task head), found by wrapper type, by path."""
+    ids = {id(p) for _, w in wrappers_of(model) if isinstance(w, TrainableCopy)
+           for p in w.delta_parameters().values()}
+    return {n: p for n, p in trainable_parameters(model).items() if id(p) in ids}
+
+
 @contextlib.contextmanager
 def disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Inside: the exact base model (merged adapters are unmerged). Restored after."""

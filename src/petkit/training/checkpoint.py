@@ -36,7 +36,7 @@ from petkit.training.config import TrainConfig
 
 FORMAT = 1
 # Settings that shape the trajectory; a resume may change them only with `resume_override`.
-SCHEDULE = ("max_steps", "epochs", "lr", "schedule", "warmup_steps", "warmup_ratio",
+SCHEDULE = ("max_steps", "epochs", "lr", "head_lr", "schedule", "warmup_steps", "warmup_ratio",
             "weight_decay", "max_grad_norm", "batch_size", "grad_accum", "stepper", "ist")
 Tensors = dict[str, torch.Tensor]
 

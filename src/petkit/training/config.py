@@ -61,9 +61,12 @@ class TrainConfig:
     `label_token_ids` switches to verbaliser classification on a decoder (no new head).
     `optimizer` picks the stepper: adamw/sgd backprop, mezo/zo-adam zeroth-order, cma CMA-ES;
     `stepper` holds that stepper's own config (see the module docstring); `ist` turns on IST.
+    `head_lr` (None: `lr`) is the learning rate of full trainable copies (`modules_to_save`, e.g.
+    a new task head) under backprop; every other trainable parameter trains at `lr`.
     """
 
     lr: float = 2e-4
+    head_lr: float | None = None
     max_steps: int | None = 100
     epochs: float | None = None
     batch_size: int = 8
@@ -131,6 +134,9 @@ class TrainConfig:
                    "None or a list of >= 2 non-negative token ids", self.label_token_ids)
             object.__setattr__(self, "label_token_ids", ids)
         object.__setattr__(self, "stepper", resolve_stepper(self.optimizer, self.stepper))
+        _check(self.head_lr is None or self.stepper.HEAD_LR, "head_lr",
+               f"None for optimizer={self.optimizer!r} (stepper {self.stepper.NAME!r} has no "
+               "per-parameter learning rates; head_lr needs adamw or sgd)", self.head_lr)
         if isinstance(self.ist, dict):
             object.__setattr__(self, "ist", IstConfig.from_dict(self.ist))
         _check(self.ist is None or isinstance(self.ist, IstConfig), "ist",
@@ -182,6 +188,9 @@ class TrainConfig:
 
     def _check_optimisation(self) -> None:
         _check(is_num(self.lr) and 0 < self.lr <= 10, "lr", "a number in (0, 10]", self.lr)
+        if self.head_lr is not None:
+            _check(is_num(self.head_lr) and 0 < self.head_lr <= 10, "head_lr",
+                   "None or a number in (0, 10]", self.head_lr)
         stepper_for(self.optimizer)  # ConfigError listing the optimizers when none serves it
         _check(self.schedule in SCHEDULES, "schedule", f"one of {SCHEDULES}", self.schedule)
         _check(self.precision in PRECISIONS, "precision", f"one of {PRECISIONS}", self.precision)

@@ -277,6 +277,9 @@ def preflight(model: nn.Module, train_data: Sequence[Example], config: TrainConf
     params = require_trainable(model)
     check_modes(model, config)  # device, packing, checkpointing
     stepper = make_stepper(params, config, total_steps(len(train_data), config))
+    bind = getattr(stepper, "bind_model", None)
+    if callable(bind):  # e.g. head_lr set on a model without a trainable copy
+        bind(model)
     with_ist(stepper, model, params, config)
 
 

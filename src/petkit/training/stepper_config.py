@@ -33,12 +33,14 @@ class StepperConfig:
 
     `NAME` is the registered stepper name; `OPTIMIZERS` the `TrainConfig.optimizer` values it
     serves (the stepper "auto" picks); `LEGACY_PREFIX` the prefix of its flat keys of earlier
-    releases (error messages name both spellings).
+    releases (error messages name both spellings); `HEAD_LR` whether the stepper trains full
+    trainable copies (a new task head) at `TrainConfig.head_lr` (one optimiser group each).
     """
 
     NAME: ClassVar[str] = ""
     OPTIMIZERS: ClassVar[tuple[str, ...]] = ()
     LEGACY_PREFIX: ClassVar[str] = ""
+    HEAD_LR: ClassVar[bool] = False
 
     def require(self, ok: bool, field: str, allowed: str, value: object) -> None:
         """Raise `ConfigError` naming `field` (nested and flat spelling) unless `ok`."""

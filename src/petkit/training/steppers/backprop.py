@@ -1,4 +1,5 @@
-"""Backpropagation stepper: AdamW or SGD, gradient accumulation, clipping, LR schedule.
+"""Backpropagation stepper: AdamW or SGD, gradient accumulation, clipping, LR schedule, and
+`TrainConfig.head_lr` (a second parameter group for full trainable copies such as a new head).
 
 One step = `len(micro_batches)` forward/backward passes whose gradients are averaged, an optional
 clip of the global grad norm to `max_grad_norm`, one optimiser update, one scheduler tick.
@@ -14,6 +15,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from petkit.core.errors import ConfigError
+from petkit.core.model import trainable_copy_parameters
 from petkit.training.config import TrainConfig
 from petkit.training.stepper_config import StepperConfig, is_num
 from petkit.training.schedule import lr_factor
@@ -27,6 +30,7 @@ class BackpropConfig(StepperConfig):
 
     NAME: ClassVar[str] = "backprop"
     OPTIMIZERS: ClassVar[tuple[str, ...]] = ("adamw", "sgd")
+    HEAD_LR: ClassVar[bool] = True
 
     momentum: float = 0.9
     beta1: float = 0.9
@@ -42,38 +46,86 @@ class BackpropConfig(StepperConfig):
                      "None, true or false", self.fused)
 
 
-def _optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+def _optimizer(groups: list[list[nn.Parameter]], lrs: list[float],
+               config: TrainConfig) -> torch.optim.Optimizer:
+    """The configured optimiser with one parameter group per entry of `groups`, at `lrs`."""
     own = config.stepper
     assert isinstance(own, BackpropConfig)
+    spec = [{"params": g, "lr": lr} for g, lr in zip(groups, lrs)]
     if config.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=config.lr, momentum=own.momentum,
+        return torch.optim.SGD(spec, lr=lrs[0], momentum=own.momentum,
                                weight_decay=config.weight_decay)
+    params = [p for g in groups for p in g]
     fused = own.fused
     if fused is None:
         fused = bool(params) and all(p.device.type == "cuda" and p.dtype.is_floating_point
                                      for p in params)
-    return torch.optim.AdamW(params, lr=config.lr, betas=(own.beta1, own.beta2),
+    return torch.optim.AdamW(spec, lr=lrs[0], betas=(own.beta1, own.beta2),
                              weight_decay=config.weight_decay, fused=fused or None)
 
 
 class BackpropStepper:
-    """Gradient descent on the trainable parameters with a torch optimiser."""
+    """Gradient descent on the trainable parameters with a torch optimiser.
+
+    Without `head_lr`: one parameter group at `lr`. With it: group 0 holds the delta at `lr`,
+    group 1 the full trainable copies (found on the model by `bind_model`) at `head_lr`; both
+    follow the same schedule.
+    """
 
     def __init__(self, params: dict[str, nn.Parameter], config: TrainConfig,
                  total_steps: int) -> None:
         """Optimiser over `params` (in dict order); schedule over `total_steps`."""
+        self.named = dict(params)
         self.params = list(params.values())
+        self.config = config
         self.max_grad_norm = config.max_grad_norm
-        self.optimizer = _optimizer(self.params, config)
-        factor = functools.partial(lr_factor, total_steps=total_steps,
-                                   warmup_steps=config.warmup(total_steps),
-                                   schedule=config.schedule)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
+        self.factor = functools.partial(lr_factor, total_steps=total_steps,
+                                        warmup_steps=config.warmup(total_steps),
+                                        schedule=config.schedule)
+        self.head: set[str] = set()  # names of the full trainable copies' parameters
+        self.bound = config.head_lr is None  # head_lr needs bind_model before the first step
+        self._build()
+
+    def _build(self) -> None:
+        self.optimizer = _optimizer(self._groups(), self._lrs(), self.config)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.factor)
+
+    def _lrs(self) -> list[float]:
+        head_lr = self.config.head_lr
+        return [self.config.lr] if head_lr is None else [self.config.lr, head_lr]
+
+    def _order(self, groups: int) -> list[str]:
+        """Parameter names in optimiser index order for a layout of `groups` groups."""
+        if groups == 1:
+            return list(self.named)
+        return [n for n in self.named if n not in self.head] + [n for n in self.named if n in self.head]
+
+    def _groups(self) -> list[list[nn.Parameter]]:
+        if self.config.head_lr is None:
+            return [self.params]
+        delta = [p for n, p in self.named.items() if n not in self.head]
+        return [delta, [p for n, p in self.named.items() if n in self.head]]
+
+    def bind_model(self, model: nn.Module) -> None:
+        """Find the full trainable copies among the parameters; with `head_lr`, regroup."""
+        self.head = set(trainable_copy_parameters(model)) & set(self.named)
+        if self.config.head_lr is None:
+            return
+        if not self.head:
+            raise ConfigError(
+                f"TrainConfig.head_lr={self.config.head_lr!r} but none of the trained parameters "
+                "is a full trainable copy (modules_to_save, e.g. a new task head): drop head_lr, "
+                "or attach with modules_to_save")
+        self._build()
+        self.bound = True
 
     def step(self, micro_batches: Sequence[Batch], loss_fn: LossFn) -> torch.Tensor:
         """Average the micro-batches' gradients, clip, update, tick the schedule. The mean loss
         stays on the device (the loop reads it back when it logs): nothing in a step waits for
         the device, so the host prepares the next batch while this step runs."""
+        if not self.bound:
+            raise ConfigError("TrainConfig.head_lr needs the model: call the stepper's "
+                              "bind_model(model) before its first step (train() does)")
         losses = []
         for batch in micro_batches:
             loss = loss_fn(batch)
@@ -87,7 +139,7 @@ class BackpropStepper:
         return torch.stack(losses).double().sum() / len(micro_batches)
 
     def current_lr(self) -> float:
-        """Learning rate of the next update."""
+        """Learning rate of the next update (of the delta, when the head has its own)."""
         return float(self.optimizer.param_groups[0]["lr"])
 
     def state_dict(self) -> dict[str, Any]:
@@ -96,10 +148,33 @@ class BackpropStepper:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": sched}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore optimiser and scheduler state."""
-        self.optimizer.load_state_dict(state["optimizer"])
-        sched = dict(state["scheduler"], lr_lambdas=[None] * len(self.optimizer.param_groups))
-        self.scheduler.load_state_dict(sched)
+        """Restore optimiser and scheduler state. A checkpoint of the other group layout (head_lr
+        set or dropped under `resume_override`) is regrouped by parameter name; a base learning
+        rate changed under `resume_override` applies from the resumed step on."""
+        saved = state["optimizer"]
+        if len(saved["param_groups"]) != len(self.optimizer.param_groups):
+            saved = self._regrouped(saved)
+        self.optimizer.load_state_dict(saved)
+        groups = len(self.optimizer.param_groups)
+        self.scheduler.load_state_dict(dict(state["scheduler"], lr_lambdas=[None] * groups))
+        lrs = self._lrs()
+        if list(self.scheduler.base_lrs) != lrs:  # only under resume_override (SCHEDULE)
+            lr_now = [base * self.factor(self.scheduler.last_epoch) for base in lrs]
+            for group, base, lr in zip(self.optimizer.param_groups, lrs, lr_now):
+                group["initial_lr"], group["lr"] = base, lr
+            self.scheduler.base_lrs, self.scheduler._last_lr = lrs, lr_now
+
+    def _regrouped(self, saved: dict[str, Any]) -> dict[str, Any]:
+        """`saved` (an optimiser state of another group layout) in this one's layout."""
+        index = {name: i for i, name in enumerate(self._order(len(saved["param_groups"])))}
+        new = self._order(len(self.optimizer.param_groups))
+        state = {j: saved["state"][index[n]] for j, n in enumerate(new) if index[n] in saved["state"]}
+        hyper = {k: v for k, v in saved["param_groups"][0].items() if k != "params"}
+        groups, start = [], 0
+        for group in self.optimizer.param_groups:
+            groups.append({**hyper, "params": list(range(start, start + len(group["params"])))})
+            start += len(group["params"])
+        return {"state": state, "param_groups": groups}
 
 
 @register_stepper("backprop", config=BackpropConfig)
