@@ -32,6 +32,7 @@ from petkit.app.pipeline import (load_with_adapter, merge_to_folder, method_conf
 from petkit.app.rank_sweep import check_ranks, evaluate_at_ranks, parse_ranks, write_sweep
 from petkit.app.recipe import apply_overrides, load_recipe
 from petkit.app.replay import replay_run
+from petkit.app.run_folder import DEFAULT_OUTPUT, claim_output
 from petkit.benchmark import cli as bench_cli
 from petkit.cli_flags import (COLUMNS, DATA, DOTTED, FLAGS, HELP, METAVARS, METHOD, OPTIMISERS,
                               TRAINING)
@@ -87,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--head", action="store_true", help="train a classification head "
                                                              "instead of the verbaliser")
     train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    train.add_argument("--overwrite", action="store_true",
+                       help="replace the run already in --output (by default a named folder "
+                            "holding a run is refused, and the default folder moves on to "
+                            "runs/default-N)")
     train.add_argument("--resume-override", action="store_true",
                        help="with --resume: accept changed max steps, lr, schedule, batch or "
                             "accumulation (the run is then no longer an exact continuation)")
@@ -179,6 +184,7 @@ def cmd_train(args: argparse.Namespace, dotted: dict[str, str]) -> None:
         OUT.quiet = rank() != 0
     recipe = _recipe(args, dotted)
     ranks = _eval_ranks(args, recipe)
+    recipe = claim_output(recipe, args.overwrite, lambda line: OUT.print(line, markup=False))
     report = run_recipe(recipe, echo=lambda line: OUT.print(f"[dim]{line}[/dim]"),
                         hooks=pruning_hooks(recipe))
     result = report.result
@@ -188,7 +194,7 @@ def cmd_train(args: argparse.Namespace, dotted: dict[str, str]) -> None:
     OUT.print(f"{result.steps} steps in {result.seconds:.0f}s{best}; "
               f"peak memory {result.peak_memory_mb:.0f} MiB; total {report.seconds:.0f}s")
     OUT.print(f"adapter: {result.adapter_path} ({format_bytes(report.adapter_bytes, 2)} on disk)")
-    plot = Path(report.recipe.train.output_dir or "runs/default") / "training.png"
+    plot = Path(report.recipe.train.output_dir or DEFAULT_OUTPUT) / "training.png"
     if plot.is_file():
         OUT.print(f"loss curve: {plot}; log: {plot.parent / 'train.log'}")
     if ranks:

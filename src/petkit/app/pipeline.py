@@ -24,6 +24,7 @@ from petkit.core.disk import folder_bytes
 from petkit.training.evaluate import evaluate, format_metrics
 from petkit.training.loop import TrainResult, preflight, train
 from petkit.app.recipe import DataSpec, Recipe, load_recipe
+from petkit.app.run_folder import DEFAULT_OUTPUT
 from petkit.core.io import load_adapter
 from petkit.core.model import attach, unload
 from petkit.core.registry import make_config
@@ -204,7 +205,7 @@ def run_recipe(recipe: Recipe, echo: Echo = print, hooks: RunHooks | None = None
     """Train as `recipe` says; evaluate on the fixed test subset before and after."""
     started = time.perf_counter()
     recipe.method_config()  # a bad method name or field fails before minutes of loading
-    output = Path(recipe.train.output_dir or "runs/default")
+    output = Path(recipe.train.output_dir or DEFAULT_OUTPUT)
     echo(f"loading {recipe.model.name} and {recipe.data.name} ...")
     torch.manual_seed(recipe.train.seed)  # a new head's and the delta's init follow the seed
     prep, task = prepare(recipe)
