@@ -22,6 +22,16 @@ fewer by transformers 5), the same fraction of block parameters as on the decode
 table's, unchanged). Cells of a changed size or epochs go to docs/compressed_long.json under
 keys `setting/arm/seed/nNeE` (N training examples, E epochs), never into the table's cache;
 `--render` with the same flags shows that protocol's table. `--threads` changes only speed.
+
+Learning-rate selection (how PEQA's lr was chosen; the test examples are never evaluated):
+
+    python benchmarks/compressed.py --settings encoder --only peqa-int4 --seeds 0 \
+        --select-lr 1e-4,3e-4,1e-3,3e-3 --val 200 --threads 1
+
+trains each candidate lr on the protocol's number of training examples, drawn from a seeded
+subset of N + V training-split examples whose other V are held out (`data.validation_size`), and
+reports accuracy on those V. Cells go to docs/compressed_long.json under
+`setting/arm/seed/valV/lrX`; `--head-lr X|none` overrides an arm's head_lr there.
 """
 from __future__ import annotations
 
@@ -40,12 +50,16 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 CACHE = ROOT / "docs" / "compressed.json"
 LONG_CACHE = ROOT / "docs" / "compressed_long.json"  # cells of a non-default --train-size / --epochs
 LORA = {"name": "lora", "r": 8, "alpha": 16, "targets": "all-linear"}
+LR = 3e-3
+PEQA_LR = {"decoder": 1e-4, "encoder": 1e-4}
 ARMS: dict[str, dict[str, Any]] = {
     "lora-fp32": {"method": LORA},
     "qlora-nf4": {"method": LORA, "quantize": "nf4"},
     "lora-int8": {"method": LORA, "quantize": "int8"},
-    "peqa-int4": {"method": {"name": "peqa", "bits": 4}, "lr": 1e-4},
-    "peqa-int3": {"method": {"name": "peqa", "bits": 3}, "lr": 1e-4},
+    # PEQA's scale lr per setting, chosen on held-out training examples (--select-lr, docs);
+    # head_lr: the encoder's new head trains at the LoRA arms' lr (it is new, not quantised).
+    "peqa-int4": {"method": {"name": "peqa", "bits": 4}, "lr": PEQA_LR, "head_lr": LR},
+    "peqa-int3": {"method": {"name": "peqa", "bits": 3}, "lr": PEQA_LR, "head_lr": LR},
     "loraprune-30": {"method": LORA, "prune": {"sparsity": 0.3}},
     "loraprune-50": {"method": LORA, "prune": {"sparsity": 0.5}},
     "apt-30": {"method": LORA, "prune": {"sparsity": 0.3, "method": "apt", "init_rank": 2, "grow_rank": 2,
@@ -53,7 +67,12 @@ ARMS: dict[str, dict[str, Any]] = {
     "apt-50": {"method": LORA, "prune": {"sparsity": 0.5, "method": "apt", "init_rank": 2, "grow_rank": 2,
                                          "grow_every": 2, "every": 1}},
 }
-LR = 3e-3
+
+
+def lr_of(arm: str, setting: str) -> float:
+    """The arm's learning rate on `setting` (a number, or one per setting)."""
+    lr = ARMS[arm].get("lr", LR)
+    return lr[setting] if isinstance(lr, dict) else lr
 
 
 class RssPeak:
@@ -97,7 +116,7 @@ def memory_cell(arm: str, steps: int = 4) -> dict[str, Any]:
     spec = ARMS[arm]
     rec = recipe("decoder", "lora")
     rec = dataclasses.replace(rec, method=dict(spec["method"]), train=rec.train.replace(
-        lr=spec.get("lr", LR), max_steps=steps, epochs=None))
+        lr=lr_of(arm, "decoder"), max_steps=steps, epochs=None))
     prep, _ = prepare(rec)
     if "quantize" in spec:
         pk.quantize(prep.model, spec["quantize"])
@@ -112,11 +131,20 @@ def memory_cell(arm: str, steps: int = 4) -> dict[str, Any]:
             "after_train_mb": kinds}
 
 
-def run_cell(setting: str, arm: str, seed: int, train_size: int | None = None,
-             epochs: int | None = None, threads: int | None = None) -> dict[str, Any]:
+def head_lr_of(arm: str, task_type: str, override: str | None = None) -> float | None:
+    """The arm's head_lr on a task with a new head (`override`: a number or "none"); None on a
+    verbaliser task (no trainable copy: TrainConfig.head_lr would be refused)."""
+    value = ARMS[arm].get("head_lr") if override is None else \
+        (None if override == "none" else float(override))
+    return value if task_type == "head" else None
+
+
+def run_cell(setting: str, arm: str, seed: int, opts: argparse.Namespace) -> dict[str, Any]:
     """One cell through the harness's arm (`petkit.benchmark.arms`): quantise / attach / prune,
     train, finish pruning; on the methods table's protocol (no validation carve-out), with its
-    training size, epochs and threads unless given."""
+    training size, epochs and threads unless `opts` gives them. With `opts.val` V, the training
+    examples are drawn from N + V with V held out, and the cell reports accuracy on those V only
+    (the test subset is never evaluated): learning-rate selection."""
     import dataclasses
 
     import torch
@@ -127,20 +155,22 @@ def run_cell(setting: str, arm: str, seed: int, train_size: int | None = None,
     from petkit.benchmark.arms import ArmContext, Finishing, make_arm
     from petkit.benchmark.spec import ArmSpec
     from petkit.compress.measure import forward_seconds, stored_bytes
+    from petkit.core.model import trainable_copy_parameters
     from petkit.models import head_module_names
-    from petkit.training import train
+    from petkit.training import evaluate, train
 
-    torch.set_num_threads(threads or PROTOCOL["threads"])
+    torch.set_num_threads(opts.threads or PROTOCOL["threads"])
     spec = ARMS[arm]
     rec = recipe(setting, "lora")
-    data = dataclasses.replace(rec.data, train_size=train_size or rec.data.train_size)
+    size, val = opts.train_size or rec.data.train_size, opts.val or 0
+    data = dataclasses.replace(rec.data, train_size=size + val, validation_size=val or None)
     rec = dataclasses.replace(rec, method=dict(spec["method"]), data=data, train=rec.train.replace(
-        lr=spec.get("lr", LR), seed=seed, epochs=epochs or rec.train.epochs))
+        lr=opts.lr or lr_of(arm, setting), seed=seed, epochs=opts.epochs or rec.train.epochs))
     torch.manual_seed(seed)
     prep, _ = prepare(rec)
     model = prep.model
     batch = {"input_ids": torch.randint(3, 1000, (16, 64))}
-    out: dict[str, Any] = {"seed": seed}
+    out: dict[str, Any] = {"seed": seed, "lr": rec.train.lr}
     if "prune" in spec:
         out["forward_s_unpruned"], out["forward_cpu_s_unpruned"] = forward_seconds(model, batch)
     options = {k: v for k, v in spec["method"].items() if k != "name"}
@@ -149,19 +179,32 @@ def run_cell(setting: str, arm: str, seed: int, train_size: int | None = None,
     heads = tuple(head_module_names(model)) if prep.task_type == "head" else ()
     model = bench_arm.setup(model, ArmContext(prep.task_type, heads, seed))
     out["trainable"] = sum(p.numel() for p in pk.trainable_parameters(model).values())
-    config = rec.train.replace(label_token_ids=prep.label_token_ids)
+    config = rec.train.replace(label_token_ids=prep.label_token_ids,
+                               head_lr=head_lr_of(arm, prep.task_type, opts.head_lr))
+    out["head_lr"] = config.head_lr
+    head_before = {k: p.detach().clone() for k, p in trainable_copy_parameters(model).items()}
     wall = time.perf_counter()
     with RssPeak() as rss:
         result = train(model, prep.train, config, pad_id=prep.pad_id)
     out["wall_s_per_step"] = (time.perf_counter() - wall) / result.steps
     out["peak_train_mb"] = rss.mb
+    if head_before:  # how far the new head moved: ||W - W0|| / ||W0|| over its parameters
+        after = trainable_copy_parameters(model)
+        moved = sum(float((after[k] - v).norm() ** 2) for k, v in head_before.items()) ** 0.5
+        out["head_relative_change"] = moved / sum(float(v.norm() ** 2) for v in head_before.values()) ** 0.5
     if isinstance(bench_arm, Finishing) and "prune" in spec:
         model = bench_arm.finish(model)
         out["prune"] = bench_arm.report
         if bench_arm.report.get("apt_live_lora_parameters"):
             out["trainable_live"] = bench_arm.report["apt_live_lora_parameters"]
         out["forward_s_pruned"], out["forward_cpu_s_pruned"] = forward_seconds(model, batch)
-    out["accuracy"] = test_metrics(prep, rec)["accuracy"]
+    if val:
+        out["val_accuracy"] = evaluate(model, prep.validation, batch_size=16, pad_id=prep.pad_id,
+                                       label_token_ids=prep.label_token_ids,
+                                       collate_fn=prep.collate)["accuracy"]
+        out["val_size"] = len(prep.validation)
+    else:
+        out["accuracy"] = test_metrics(prep, rec)["accuracy"]
     out["stored_mb"] = stored_bytes(model) / 2**20
     out["steps"] = result.steps
     out["train_size"], out["epochs"] = len(prep.train), rec.train.epochs
@@ -283,6 +326,10 @@ def main() -> None:
     parser.add_argument("--train-size", type=int, help="training examples (default: the methods table's)")
     parser.add_argument("--epochs", type=int, help="epochs (default: the methods table's, 2)")
     parser.add_argument("--threads", type=int, help="torch / OpenMP threads per cell (default 2)")
+    parser.add_argument("--select-lr", help="comma-separated candidate lrs, scored on --val held-out examples")
+    parser.add_argument("--val", type=int, help="training examples held out for validation (with --select-lr)")
+    parser.add_argument("--lr", type=float, help=argparse.SUPPRESS)  # a cell's lr (from --select-lr)
+    parser.add_argument("--head-lr", help="override the arms' head_lr in a selection run: a number or none")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.memory and not os.environ.get("MALLOC_MMAP_THRESHOLD_"):
@@ -298,7 +345,7 @@ def main() -> None:
             print(json.dumps(row))
         return
     if args.cell:
-        cell = run_cell(args.cell[0], args.cell[1], int(args.cell[2]), args.train_size, args.epochs, args.threads)
+        cell = run_cell(args.cell[0], args.cell[1], int(args.cell[2]), args)
         print(json.dumps(cell), flush=True)
         return
     run_grid(args)
@@ -317,24 +364,52 @@ def run_grid(args: argparse.Namespace) -> None:
             raise SystemExit("--epochs without --train-size: run one --settings at a time")
         suffix = f"/n{args.train_size or sizes.pop()}e{args.epochs or PROTOCOL['epochs']}"
         cache_path = LONG_CACHE
+    # Learning-rate selection: one cell per candidate, scored on held-out training examples.
+    candidates: list[float | None] = [None]
+    if args.select_lr:
+        if not args.val:
+            raise SystemExit("--select-lr needs --val N (held-out training examples to score on)")
+        candidates, cache_path = [float(x) for x in args.select_lr.split(",")], LONG_CACHE
+        suffix += f"/val{args.val}" + (f"/head{args.head_lr}" if args.head_lr else "")
+        protocol += [f"--val={args.val}"] + ([f"--head-lr={args.head_lr}"] if args.head_lr else [])
     threads = args.threads or PROTOCOL["threads"]
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
     arms = args.only.split(",") if args.only else list(ARMS)
     for seed in ([] if args.render else [int(s) for s in args.seeds.split(",")]):
         for setting in args.settings.split(","):
             for arm in arms:
-                key = f"{setting}/{arm}/{seed}{suffix}"
-                cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}  # a parallel run may have done it
-                if key in cache:
-                    continue
-                started = time.perf_counter()
-                cell = cell_in_subprocess(setting, arm, seed, protocol, threads)
-                cell["seconds"] = round(time.perf_counter() - started, 1)
-                cell["threads"], cell["load_average"] = threads, [round(x, 2) for x in os.getloadavg()]
-                cache = {**(json.loads(cache_path.read_text()) if cache_path.is_file() else {}), key: cell}
-                cache_path.write_text(json.dumps(cache, indent=1, sort_keys=True))
-                print(f"{key}: {cell}", flush=True)
-    print(render(cache, suffix))
+                for lr in candidates:
+                    key = f"{setting}/{arm}/{seed}{suffix}" + (f"/lr{lr:g}" if lr else "")
+                    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}  # a parallel run may have done it
+                    if key in cache:
+                        continue
+                    started = time.perf_counter()
+                    cell = cell_in_subprocess(setting, arm, seed, protocol + ([f"--lr={lr}"] if lr else []), threads)
+                    cell["seconds"] = round(time.perf_counter() - started, 1)
+                    cell["threads"], cell["load_average"] = threads, [round(x, 2) for x in os.getloadavg()]
+                    cache = {**(json.loads(cache_path.read_text()) if cache_path.is_file() else {}), key: cell}
+                    cache_path.write_text(json.dumps(cache, indent=1, sort_keys=True))
+                    print(f"{key}: {cell}", flush=True)
+    print(render_selection(cache, suffix, candidates) if args.select_lr else render(cache, suffix))
+
+
+def render_selection(cache: dict[str, Any], suffix: str, candidates: list[float | None]) -> str:
+    """Validation accuracy per candidate lr: one row per (setting, arm, seed) of this protocol."""
+    rows = ["| setting | arm | seed | head_lr | " + " | ".join(f"lr {lr:g}" for lr in candidates if lr)
+            + " | chosen |", "|---" * (5 + len(candidates)) + "|"]
+    seen = sorted({k.split("/lr")[0] for k in cache if k.split("/lr")[0].endswith(suffix) and "/lr" in k})
+    for prefix in seen:
+        cells = [cache.get(f"{prefix}/lr{lr:g}", {}) for lr in candidates if lr]
+        scores = [c.get("val_accuracy") for c in cells]
+        if not any(s is not None for s in scores):
+            continue
+        best = max((s, -i) for i, s in enumerate(scores) if s is not None)  # ties: the smaller lr
+        setting, arm, seed = prefix.split("/")[:3]
+        head = next((c.get("head_lr") for c in cells if c), None)
+        shown = [("n/a" if s is None else f"{s:.3f}") for s in scores]
+        rows.append(f"| {setting} | {arm} | {seed} | {head if head is not None else '-'} | "
+                    + " | ".join(shown) + f" | {candidates[-best[1]]:g} |")
+    return "\n".join(rows)
 
 
 if __name__ == "__main__":

@@ -138,14 +138,16 @@ def test_a_changed_head_lr_is_refused_unless_overridden_and_then_applies(tmp_pat
         train(head_model(), data, TrainConfig(**cfg, head_lr=HEAD_LR, resume=True), collate_fn=collate)
     model = head_model()
     params = pk.trainable_parameters(model)
-    new = TrainConfig(**cfg, head_lr=HEAD_LR, resume=True, resume_override=True, schedule="constant")
+    new = TrainConfig(**{**cfg, "lr": 2 * LR}, head_lr=HEAD_LR, resume=True, resume_override=True,
+                      schedule="constant")  # a changed lr applies too
     stepper = make_stepper(params, new, 4)
     stepper.bind_model(model)
     old = TrainConfig(**cfg, head_lr=1e-3, schedule="constant")
     saved = make_stepper(params, old, 4)
     saved.bind_model(model)
     stepper.load_state_dict(saved.state_dict())
-    assert [g["lr"] for g in stepper.optimizer.param_groups] == [LR, HEAD_LR]
+    assert [g["lr"] for g in stepper.optimizer.param_groups] == [2 * LR, HEAD_LR]
+    assert stepper.scheduler.base_lrs == [2 * LR, HEAD_LR]
 
 
 @pytest.mark.parametrize("value", [0, -1e-3, 11.0, "3e-3", True, float("nan")])
@@ -187,3 +189,37 @@ def test_head_lr_round_trips_and_comes_from_a_recipe_or_a_dotted_flag(tmp_path: 
     path.write_text("model: {name: minilm-l6}\ndata: {name: bbc-news}\ntrain: {lr: 1.0e-4, head_lr: 3.0e-3}\n")
     assert load_recipe(path).train.head_lr == 3e-3
     assert apply_overrides(load_recipe(path), {"train.head_lr": "5e-2"}).train.head_lr == 5e-2
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_folder(tmp_path_factory) -> str:
+    """A 2-layer random BERT with minilm-l6's tokenizer (the CLI loads models by folder)."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from petkit.models import resolve_model
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("minilm-l6"))
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128,
+                        pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def test_the_cli_takes_head_lr_as_a_dotted_override(tiny_bert_folder: str, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    import yaml
+
+    from petkit.cli import main
+
+    args = ["train", "--model", tiny_bert_folder, "--data", "bbc-news", "--steps", "2",
+            "--train-size", "16", "--test-size", "8", "--max-length", "32", "--batch-size", "4",
+            "--train.progress=false", "--train.head_lr=3e-3"]
+    assert main([*args, "--output", str(tmp_path / "run")]) == 0
+    saved = yaml.safe_load((tmp_path / "run" / "recipe.yaml").read_text())
+    assert saved["train"]["head_lr"] == 3e-3
+    assert main([*args, "--optimizer", "mezo", "--output", str(tmp_path / "zo")]) == 2
+    assert "head_lr must be None for optimizer='mezo'" in capsys.readouterr().err
