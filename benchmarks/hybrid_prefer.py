@@ -51,6 +51,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--rpo-alpha", type=float, default=0.0,
+                   help="DPO and MEET add this times the chosen side's NLL per token (RPO; "
+                        "0: plain DPO)")
     p.add_argument("--new-tokens", type=int, default=24)
     p.add_argument("--clf-steps", type=int, default=400)
     p.add_argument("--clf-test", type=int, default=1000)
@@ -230,7 +233,8 @@ def train_arm(arm: str, model: Any, pairs: list[dict], cfg: pk.TrainConfig,
         pk.attach(model, lora, seed=init)
         probe = ReferenceProbe(model)
         with PeakRss() as mem:
-            res = train_preference(model, pairs, cfg, beta=args.beta, pad_id=pad)
+            res = train_preference(model, pairs, cfg, beta=args.beta, pad_id=pad,
+                                   rpo_alpha=args.rpo_alpha)
         row["dpo_s"], row["dpo_peak_rss_mb"] = res.seconds, mem.peak
         row["weights_held_mb_before_dpo"] = probe.before
         row["weights_held_mb_in_reference_pass"] = probe.during
@@ -239,7 +243,8 @@ def train_arm(arm: str, model: Any, pairs: list[dict], cfg: pk.TrainConfig,
         stage = cfg.replace(max_steps=row["meet_steps"])
         control = pk.make_config("prompt", num_virtual_tokens=8, seed=init)  # its vocab rows
         first, second = meet(model, pairs, control, lora, stage, beta=args.beta, pad_id=pad,
-                             control_config=stage.replace(lr=args.control_lr), seed=init)
+                             control_config=stage.replace(lr=args.control_lr), seed=init,
+                             rpo_alpha=args.rpo_alpha)
         row["meet_s"] = first.seconds + second.seconds
         row["meet_trace"] = {"control": compact(first.report["dpo_trace"]),
                              "lora": compact(second.report["dpo_trace"])}
@@ -287,8 +292,9 @@ def init_seed(args: argparse.Namespace, seed: int) -> int:
 def save_generations(row: dict[str, Any], arm: str, prompts: list[str], wanted: list[int],
                      texts: list[str], probs: list[float]) -> None:
     """The standard set's generations of one arm, to OUT/prefer-gen-s<seed>-i<init>-<recipe>-<arm>.json
-    (the recipe: lr and beta)."""
-    name = f"s{row['seed']}-i{row['init_seed']}-lr{row['lr']:g}-b{row['beta']:g}-{arm}"
+    (the recipe: lr, beta and any RPO weight)."""
+    rpo = f"-rpo{row['rpo_alpha']:g}" if row["rpo_alpha"] else ""
+    name = f"s{row['seed']}-i{row['init_seed']}-lr{row['lr']:g}-b{row['beta']:g}{rpo}-{arm}"
     saved = [{"prompt": p, "wanted": w, "text": t, "prob": q}
              for p, w, t, q in zip(prompts, wanted, texts, probs)]
     (OUT / f"prefer-gen-{name}.json").write_text(json.dumps(saved, indent=1))
@@ -312,6 +318,7 @@ def run(args: argparse.Namespace) -> None:
         row: dict[str, Any] = {"seed": seed, "train_pairs": 2 * len(train_movies) * args.per_movie,
                                "eval_generations": len(prompts), "new_tokens": args.new_tokens,
                                "steps": args.steps, "lr": args.lr, "beta": args.beta,
+                               "rpo_alpha": args.rpo_alpha,
                                "meet_steps": args.meet_steps or max(1, args.steps // 2),
                                "arms": args.arms, "classifier": judge, "samples": {},
                                "init_seed": init_seed(args, seed), "init": "attach-seed"}

@@ -324,3 +324,35 @@ def test_meet_with_a_seed_does_not_depend_on_the_global_random_state() -> None:
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     c = states(0, 8)  # the seed decides the LoRA's initialisation
     assert not all(torch.equal(a[k], c[k]) for k in a if k.startswith("meet:"))
+
+
+def test_rpo_adds_the_chosen_nll_per_token_to_the_dpo_loss() -> None:
+    model = tiny_model("llama")[0]
+    pk.attach(model, pk.LoraConfig(r=2, targets=["q_proj", "v_proj"]), seed=0)
+    randomise(model)
+    batch = pair_batch()
+    plain = DPOModel(model, beta=0.1)(**batch).loss
+    rpo = DPOModel(model, beta=0.1, rpo_alpha=0.5)(**batch).loss
+    logp = sequence_logp(model(input_ids=batch["input_ids"],
+                               attention_mask=batch["attention_mask"]).logits, batch["labels"])
+    chosen_tokens = 2 + 2  # answer tokens of the two chosen rows (labels other than -100, shifted)
+    assert torch.allclose(rpo, plain - 0.5 * logp[:2].sum() / chosen_tokens, atol=1e-6)
+    with pytest.raises(ConfigError, match="rpo_alpha"):
+        DPOModel(model, rpo_alpha=-1.0)
+
+
+def test_rpo_keeps_the_chosen_answers_likelihood_up() -> None:
+    pairs = [{"input_ids": [5, 6, 7, 8], "labels": [-100, -100, 7, 8],
+              "rejected_input_ids": [5, 6, 7, 9], "rejected_labels": [-100, -100, 7, 9]}] * 8
+    cfg = pk.TrainConfig(lr=5e-2, max_steps=8, batch_size=4, progress=False)
+
+    def last(rpo_alpha: float) -> dict[str, float]:
+        model = tiny_model("llama")[0]
+        pk.attach(model, pk.LoraConfig(r=2, targets=["q_proj", "v_proj"]), seed=0)
+        return pk.train_preference(model, pairs, cfg, beta=0.5,
+                                   rpo_alpha=rpo_alpha).report["dpo_trace"][-1]
+
+    plain, rpo = last(0.0), last(1.0)
+    assert rpo["chosen_token_logp"] > rpo["ref_chosen_token_logp"]
+    assert rpo["chosen_token_logp"] > plain["chosen_token_logp"]
+    assert rpo["chosen"] - rpo["rejected"] > 0  # still a preference, not only SFT

@@ -10,6 +10,14 @@ pass under `torch.no_grad`, not memory. Log-probabilities sum over the answer to
 other than -100). Any method works, additive-input ones (prompt, prefix) included, because
 `pk.disabled` gives the exact base.
 
+With `rpo_alpha > 0` the loss gains the chosen answers' negative log-likelihood per token (RPO,
+Pang et al., 2024, "Iterative Reasoning Preference Optimization"; TRL's `rpo_alpha`):
+
+    loss_RPO = loss + rpo_alpha * (-sum log pi(y_w|x) / |y_w|)   (tokens of the batch's chosen rows)
+
+It keeps DPO from lowering the chosen answers' own likelihood along with the rejected ones'
+("likelihood displacement"), which can move the model's mass onto text neither side holds.
+
 `DPOModel` wraps the model so the one training loop (`pk.train`, any stepper) trains it:
 its forward takes the collated pair batch (chosen rows first, then rejected; `pair_collate`)
 and returns the DPO loss. `train_preference` is the entry point; `meet` runs MEET's two steps.
@@ -63,11 +71,13 @@ class PreferenceOutput:
 class DPOModel(nn.Module):
     """`model` (adapters attached) whose forward on a pair batch is the DPO loss."""
 
-    def __init__(self, model: nn.Module, beta: float = 0.1) -> None:
+    def __init__(self, model: nn.Module, beta: float = 0.1, rpo_alpha: float = 0.0) -> None:
         super().__init__()
         if not beta > 0:
             raise ConfigError(f"DPO beta must be > 0, got {beta!r}")
-        self.model, self.beta = model, float(beta)
+        if not rpo_alpha >= 0:
+            raise ConfigError(f"rpo_alpha must be >= 0 (0: plain DPO), got {rpo_alpha!r}")
+        self.model, self.beta, self.rpo_alpha = model, float(beta), float(rpo_alpha)
         self.config = getattr(model, "config", None)
         self.trace: list[dict[str, float]] = []  # one row per training forward (`trace_row`)
 
@@ -88,6 +98,9 @@ class DPOModel(nn.Module):
             ref = self.logps(input_ids, attention_mask, labels)
         half = len(input_ids) // 2
         loss = dpo_loss(policy[:half], policy[half:], ref[:half], ref[half:], self.beta)
+        if self.rpo_alpha:
+            tokens = (labels[:half, 1:] != IGNORE).sum().clamp(min=1)
+            loss = loss - self.rpo_alpha * policy[:half].sum() / tokens
         margins = (policy[:half] - ref[:half]) - (policy[half:] - ref[half:])
         if self.training and torch.is_grad_enabled():
             self.trace.append(trace_row(loss, policy.detach(), ref, labels, half))
@@ -146,12 +159,14 @@ def pair_collate(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 
 def train_preference(model: nn.Module, pairs: Sequence[dict], config: TrainConfig | None = None,
                      *, beta: float = 0.1, pad_id: int = 0,
-                     eval_pairs: Sequence[dict] | None = None) -> TrainResult:
+                     eval_pairs: Sequence[dict] | None = None,
+                     rpo_alpha: float = 0.0) -> TrainResult:
     """DPO-train the active, trainable adapters of `model` on encoded `pairs` (`encode_pairs`)
     with `pk.train` (any stepper). With `config.output_dir`, the adapter is saved to
     `output_dir/adapter`; checkpoints and resume are not offered for DPO runs. The result's
     `report["dpo_trace"]` holds one `trace_row` per training forward (loss, chosen / rejected
-    log-ratios, pair accuracy)."""
+    log-ratios, pair accuracy). `rpo_alpha > 0` adds RPO's chosen-side NLL term (module
+    docstring)."""
     config = config or TrainConfig()
     if config.resume or config.save_every:
         raise ConfigError("TrainConfig.resume / save_every are not offered for DPO runs "
@@ -160,7 +175,7 @@ def train_preference(model: nn.Module, pairs: Sequence[dict], config: TrainConfi
     if not params:
         raise ConfigError("the model has no trainable parameters: attach a method first")
     out = config.output_dir
-    wrapper = DPOModel(model, beta)
+    wrapper = DPOModel(model, beta, rpo_alpha)
     result = train(wrapper, list(pairs), config.replace(output_dir=None), eval_pairs,
                    collate_fn=lambda b: pair_collate(b, pad_id), pad_id=pad_id, parameters=params)
     result.report["dpo_trace"] = wrapper.trace
@@ -172,15 +187,18 @@ def train_preference(model: nn.Module, pairs: Sequence[dict], config: TrainConfi
 
 def meet(model: nn.Module, pairs: Sequence[dict], control: Any, lora: Any,
          config: TrainConfig, *, control_config: TrainConfig | None = None, beta: float = 0.1,
-         pad_id: int = 0, seed: int | None = None) -> tuple[TrainResult, TrainResult]:
+         pad_id: int = 0, seed: int | None = None,
+         rpo_alpha: float = 0.0) -> tuple[TrainResult, TrainResult]:
     """MEET's two steps: (1) learn control tokens (`control`, a prompt-tuning config) by prompt
     tuning with the DPO objective; (2) attach `lora` and train it with DPO while the control
     tokens stay fixed. Both adapters stay active ("control", "meet"). With `seed`, both are
-    attached with it (`attach(seed=)`): their initial values depend on it alone."""
+    attached with it (`attach(seed=)`); `rpo_alpha` applies to both steps."""
     attach(model, control, "control", seed=seed)
-    first = train_preference(model, pairs, control_config or config, beta=beta, pad_id=pad_id)
+    first = train_preference(model, pairs, control_config or config, beta=beta, pad_id=pad_id,
+                             rpo_alpha=rpo_alpha)
     set_trainable(model, "control", False)
     attach(model, lora, "meet", seed=seed)
     activate(model, ["control", "meet"])
-    second = train_preference(model, pairs, config, beta=beta, pad_id=pad_id)
+    second = train_preference(model, pairs, config, beta=beta, pad_id=pad_id,
+                              rpo_alpha=rpo_alpha)
     return first, second
