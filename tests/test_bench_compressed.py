@@ -41,6 +41,11 @@ def test_compressed_arms_run_in_a_grid(toy, tmp_path):  # noqa: F811
     assert rec["qlora-nf4"]["trainable_params"] == rec["lora"]["trainable_params"]
     assert rec["qlora-nf4"]["model_bytes"] < rec["lora"]["model_bytes"]
     assert rec["peqa"]["trainable_params"] < rec["lora"]["trainable_params"]
+    # APT counts its open ranks only (it starts at 2 of r=4 and opens a quarter of the layers'
+    # next 2 every 2 steps); LoRAPrune trains all its ranks, like LoRA
+    assert rec["loraprune-50"]["trainable_params"] == rec["lora"]["trainable_params"]
+    assert rec["lora"]["trainable_params"] / 2 <= rec["apt-50"]["trainable_params"] \
+        < rec["lora"]["trainable_params"]
     for arm in ("loraprune-50", "apt-50"):
         assert rec[arm]["model_bytes"] < rec["lora"]["model_bytes"]
         folder = next(Path(report.folder, "cells").glob(f"*{arm}*")) / "adapter"

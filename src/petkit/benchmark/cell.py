@@ -124,7 +124,7 @@ def run_cell(cell: Cell, spec: BenchSpec, loaded: LoadedTask, data: CellData,
         model = arm.finish(model)
     test = _final_test(model, loaded, spec, cell, folder / "test_access.json")
     arm.save(model, folder / "adapter")
-    trainable = sum(p.numel() for p in params.values())
+    trainable = sum(p.numel() for p in params.values()) - _closed_ranks(arm)
     return {
         "n_train": len(data.train), "n_val": len(data.validation), "n_test": len(loaded.test),
         "metric": loaded.metric, "test_metric": test.get(loaded.metric), "test_loss": test["loss"],
@@ -137,3 +137,10 @@ def run_cell(cell: Cell, spec: BenchSpec, loaded: LoadedTask, data: CellData,
         "model_bytes": stored_bytes(model),
         "cell_s": time.perf_counter() - started,
     }
+
+
+def _closed_ranks(arm: object) -> int:
+    """LoRA parameters an arm allocated but never trained (APT's closed ranks), from its report."""
+    report = getattr(arm, "report", None) or {}
+    live, allocated = (report.get(f"apt_{k}_lora_parameters") for k in ("live", "allocated"))
+    return allocated - live if live is not None and allocated is not None else 0

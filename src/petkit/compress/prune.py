@@ -29,6 +29,7 @@ for a 4x-wide MLP); a target beyond the cap is a ConfigError naming it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -230,8 +231,17 @@ class RankGrowth:
             mask[live: live + self.config.grow_rank] = 1
 
     def live_parameters(self) -> int:
-        return sum(int(m.sum()) * (w.lowrank()[0].shape[1] + w.lowrank()[1].shape[0])
-                   for w, m in zip(self.wrappers, self.masks))
+        """LoRA parameters in open ranks (the ones that train)."""
+        return sum(int(m.sum()) * self._per_rank(w) for w, m in zip(self.wrappers, self.masks))
+
+    def allocated_parameters(self) -> int:
+        """LoRA parameters allocated (every rank, open or closed)."""
+        return sum(len(m) * self._per_rank(w) for w, m in zip(self.wrappers, self.masks))
+
+    @staticmethod
+    def _per_rank(wrapper: Any) -> int:
+        a, b, _ = wrapper.lowrank()
+        return a.shape[1] + b.shape[0]
 
     def close(self) -> None:
         for h in self.handles:
@@ -260,7 +270,9 @@ def finish_pruning(model: nn.Module) -> dict:
     if pruner is None:
         raise ConfigError("finish_pruning needs start_pruning (and training) first")
     kept = [(layer.parts, _kept_groups(layer), layer.mlp_gate.kept()) for layer in pruner.layers]
-    live_lora = pruner.ranks.live_parameters() if pruner.ranks is not None else None
+    ranks = pruner.ranks
+    live_lora = ranks.live_parameters() if ranks is not None else None
+    allocated_lora = ranks.allocated_parameters() if ranks is not None else None
     pruner.close()
     unload(model, merge=True)
     before = sum(p.numel() for p in model.parameters())
@@ -277,7 +289,8 @@ def finish_pruning(model: nn.Module) -> dict:
     return {"num_attention_heads": config.num_attention_heads,
             "num_key_value_heads": len(groups) if parts.heads_prunable else None,
             "intermediate_size": len(channels), "parameters_before": before, "parameters_after": after,
-            "sparsity_reached": pruner.sparsity, "apt_live_lora_parameters": live_lora}
+            "sparsity_reached": pruner.sparsity, "apt_live_lora_parameters": live_lora,
+            "apt_allocated_lora_parameters": allocated_lora}
 
 
 def _kept_groups(layer: LayerState) -> torch.Tensor:
