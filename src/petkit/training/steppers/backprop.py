@@ -8,6 +8,7 @@ clip of the global grad norm to `max_grad_norm`, one optimiser update, one sched
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -109,15 +110,16 @@ class BackpropStepper:
     def bind_model(self, model: nn.Module) -> None:
         """Find the full trainable copies among the parameters; with `head_lr`, regroup."""
         self.head = set(trainable_copy_parameters(model)) & set(self.named)
+        self.bound = True
         if self.config.head_lr is None:
             return
-        if not self.head:
-            raise ConfigError(
-                f"TrainConfig.head_lr={self.config.head_lr!r} but none of the trained parameters "
-                "is a full trainable copy (modules_to_save, e.g. a new task head): drop head_lr, "
-                "or attach with modules_to_save")
+        if not self.head:  # a warning, not an error: one config may serve tasks with and without a head
+            warnings.warn(
+                f"TrainConfig.head_lr={self.config.head_lr!r} has no effect: none of the trained "
+                "parameters is a full trainable copy (modules_to_save, e.g. a new task head); "
+                f"everything trains at lr={self.config.lr!r}", UserWarning, stacklevel=2)
+            return
         self._build()
-        self.bound = True
 
     def step(self, micro_batches: Sequence[Batch], loss_fn: LossFn) -> torch.Tensor:
         """Average the micro-batches' gradients, clip, update, tick the schedule. The mean loss
