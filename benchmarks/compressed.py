@@ -51,15 +51,14 @@ CACHE = ROOT / "docs" / "compressed.json"
 LONG_CACHE = ROOT / "docs" / "compressed_long.json"  # cells of a non-default --train-size / --epochs
 LORA = {"name": "lora", "r": 8, "alpha": 16, "targets": "all-linear"}
 LR = 3e-3
-PEQA_LR = {"decoder": 1e-4, "encoder": 1e-4}
 ARMS: dict[str, dict[str, Any]] = {
     "lora-fp32": {"method": LORA},
     "qlora-nf4": {"method": LORA, "quantize": "nf4"},
     "lora-int8": {"method": LORA, "quantize": "int8"},
-    # PEQA's scale lr per setting, chosen on held-out training examples (--select-lr, docs);
-    # head_lr: the encoder's new head trains at the LoRA arms' lr (it is new, not quantised).
-    "peqa-int4": {"method": {"name": "peqa", "bits": 4}, "lr": PEQA_LR, "head_lr": LR},
-    "peqa-int3": {"method": {"name": "peqa", "bits": 3}, "lr": PEQA_LR, "head_lr": LR},
+    # PEQA's scale lr per setting, chosen on 200 held-out training examples, seed 0 (--select-lr,
+    # docs/compressed.md); head_lr: the encoder's new head trains at the LoRA arms' lr.
+    "peqa-int4": {"method": {"name": "peqa", "bits": 4}, "lr": {"decoder": 3e-4, "encoder": 1e-3}, "head_lr": LR},
+    "peqa-int3": {"method": {"name": "peqa", "bits": 3}, "lr": {"decoder": 3e-3, "encoder": 3e-3}, "head_lr": LR},
     "loraprune-30": {"method": LORA, "prune": {"sparsity": 0.3}},
     "loraprune-50": {"method": LORA, "prune": {"sparsity": 0.5}},
     "apt-30": {"method": LORA, "prune": {"sparsity": 0.3, "method": "apt", "init_rank": 2, "grow_rank": 2,
@@ -163,7 +162,7 @@ def run_cell(setting: str, arm: str, seed: int, opts: argparse.Namespace) -> dic
     spec = ARMS[arm]
     rec = recipe(setting, "lora")
     size, val = opts.train_size or rec.data.train_size, opts.val or 0
-    data = dataclasses.replace(rec.data, train_size=size + val, validation_size=val or None)
+    data = dataclasses.replace(rec.data, train_size=size + val, validation_size=val)
     rec = dataclasses.replace(rec, method=dict(spec["method"]), data=data, train=rec.train.replace(
         lr=opts.lr or lr_of(arm, setting), seed=seed, epochs=opts.epochs or rec.train.epochs))
     torch.manual_seed(seed)
