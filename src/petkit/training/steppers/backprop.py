@@ -99,7 +99,8 @@ class BackpropStepper:
         """Parameter names in optimiser index order for a layout of `groups` groups."""
         if groups == 1:
             return list(self.named)
-        return [n for n in self.named if n not in self.head] + [n for n in self.named if n in self.head]
+        delta = [n for n in self.named if n not in self.head]
+        return delta + [n for n in self.named if n in self.head]
 
     def _groups(self) -> list[list[nn.Parameter]]:
         if self.config.head_lr is None:
@@ -113,7 +114,7 @@ class BackpropStepper:
         self.bound = True
         if self.config.head_lr is None:
             return
-        if not self.head:  # a warning, not an error: one config may serve tasks with and without a head
+        if not self.head:  # a warning, not an error: one config may serve head and verbaliser tasks
             warnings.warn(
                 f"TrainConfig.head_lr={self.config.head_lr!r} has no effect: none of the trained "
                 "parameters is a full trainable copy (modules_to_save, e.g. a new task head); "
@@ -170,7 +171,8 @@ class BackpropStepper:
         """`saved` (an optimiser state of another group layout) in this one's layout."""
         index = {name: i for i, name in enumerate(self._order(len(saved["param_groups"])))}
         new = self._order(len(self.optimizer.param_groups))
-        state = {j: saved["state"][index[n]] for j, n in enumerate(new) if index[n] in saved["state"]}
+        state = {j: saved["state"][index[n]] for j, n in enumerate(new)
+                 if index[n] in saved["state"]}
         hyper = {k: v for k, v in saved["param_groups"][0].items() if k != "params"}
         groups, start = [], 0
         for group in self.optimizer.param_groups:
