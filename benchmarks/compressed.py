@@ -9,7 +9,8 @@
 Protocol: the methods table's (benchmarks/methods_table.py: smollm2-135m on rotten-tomatoes with
 a verbaliser, minilm-l6 on bbc-news with a new head; 128 / 256 training examples, 2 epochs,
 batch 16, 300 test examples, max length 64, 2 threads), one process per cell. LoRA arms use
-r=8 on every linear layer (pruning reads importance from all of them) at lr 3e-3. Measured per
+r=8 on every linear layer (pruning reads importance from all of them) at lr 3e-3; PEQA arms at
+the rates `--select-lr` chose per setting (below), a new head at head_lr 3e-3. Measured per
 cell: test accuracy, trainable parameters, peak RSS *during training* (sampled every 20 ms: the
 fp32 checkpoint is loaded before quantising, so the process peak would hide the difference),
 wall time per step, and the size of the weights a deployment stores (quantised layers at their
