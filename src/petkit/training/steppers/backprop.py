@@ -118,7 +118,7 @@ class BackpropStepper:
             warnings.warn(
                 f"TrainConfig.head_lr={self.config.head_lr!r} has no effect: none of the trained "
                 "parameters is a full trainable copy (modules_to_save, e.g. a new task head); "
-                f"everything trains at lr={self.config.lr!r}", UserWarning, stacklevel=2)
+                f"everything trains at lr={self.config.lr!r}", UserWarning)  # once per process
             return
         self._build()
 
