@@ -22,7 +22,9 @@ IGNORE_INDEX = -100
 
 
 def _ids(tokenizer: PreTrainedTokenizerBase, text: str, special: bool) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+    """All of `text`'s ids (petkit cuts to max_length itself: no "longer than the maximum
+    sequence length ... indexing errors" warning for a long review)."""
+    return list(tokenizer(text, add_special_tokens=special, verbose=False)["input_ids"])
 
 
 def _cut_text(tokenizer: PreTrainedTokenizerBase, text: str, n_tokens: int) -> str:
@@ -30,7 +32,7 @@ def _cut_text(tokenizer: PreTrainedTokenizerBase, text: str, n_tokens: int) -> s
     if n_tokens <= 0:
         return ""
     if tokenizer.is_fast:
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
         offsets = enc["offset_mapping"]
         return text if n_tokens >= len(offsets) else text[: offsets[n_tokens - 1][1]]
     return tokenizer.decode(_ids(tokenizer, text, False)[:n_tokens])

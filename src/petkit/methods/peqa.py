@@ -110,6 +110,9 @@ class PeqaLinear(DeltaModule):
 @dataclass(frozen=True)
 class PeqaConfig(MethodConfig):
     capabilities: ClassVar[tuple[type, ...]] = (MergesOwnDeltas,)
+    # int4 on smollm2-135m / rotten-tomatoes, chosen on 200 held-out training examples among
+    # 1e-4..3e-3 (docs/compressed.md); minilm-l6 / bbc-news preferred 1e-3
+    suggested_lr: ClassVar[float | None] = 3e-4
     bits: int = 4
     group_size: int | None = None  # None: one scale per output channel (the paper's default)
 
