@@ -60,7 +60,7 @@ def quiet_transformers() -> Iterator[None]:
 # Loggers of packages transformers imports when they are installed, whatever the model: torchao
 # logs "Failed to load" for each CUDA kernel library a CPU build cannot load, and torch's pytree
 # a deprecation per enum torchao registers. Noise unrelated to the run while a model loads.
-_IMPORT_NOISE = ("torchao", "torch.utils._pytree")
+_IMPORT_NOISE = ("torchao", "torch.utils._pytree", "bitsandbytes.backends.cpu.ops")
 
 
 @contextlib.contextmanager

@@ -29,6 +29,7 @@ from petkit.core.delta import DeltaModule, canonical_modules, get_canonical, set
 from petkit.core.errors import ConfigError, MissingPackageError
 from petkit.core.qweight import QUANT_ATTR, dense_weight, is_quantized_weight
 from petkit.core.targets import Targets, match_targets
+from petkit.models.loading import quiet_optional_imports
 
 MODES = ("nf4", "fp4", "int8")
 BACKENDS = ("auto", "bitsandbytes", "torchao")
@@ -89,7 +90,8 @@ def quantize_linear(weight: torch.Tensor, bias: torch.Tensor | None, spec: Quant
 
 
 def _bnb_linear(weight: torch.Tensor, bias: torch.Tensor | None, spec: QuantSpec) -> nn.Module:
-    import bitsandbytes as bnb
+    with quiet_optional_imports():  # its CPU backend logs a missing optional kernel on import
+        import bitsandbytes as bnb
 
     out_f, in_f = weight.shape
     device = weight.device

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from petkit.core.errors import ConfigError
-from petkit.models.loading import NEW_MODULES_ATTR, KNOWN_HEAD_NAMES, _auto_class
+from petkit.models.loading import (NEW_MODULES_ATTR, KNOWN_HEAD_NAMES, _auto_class,
+                                   quiet_optional_imports)
 
 TINY_VOCAB = 128
 
@@ -38,11 +39,12 @@ def tiny_model(
     arch: str, task: str = "causal-lm", num_labels: int = 2, seed: int = 0
 ) -> tuple[torch.nn.Module, None]:
     """A seeded random tiny model of `arch` for `task`; returns (model, None) (no tokenizer)."""
-    auto = _auto_class(task)
-    config = _tiny_config(arch, task, num_labels)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = auto.from_config(config)
+    with quiet_optional_imports():  # transformers' first model import pulls in torchao
+        auto = _auto_class(task)
+        config = _tiny_config(arch, task, num_labels)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = auto.from_config(config)
     children = dict(model.named_children())
     heads = [n for n in KNOWN_HEAD_NAMES if n in children] if task == "seq-cls" else []
     setattr(model, NEW_MODULES_ATTR, heads)
