@@ -5,6 +5,7 @@ A new method passes by adding a row to CASES — no per-method `if` in any test 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -231,6 +232,17 @@ def test_a_seeded_attach_draws_the_same_delta_whatever_ran_before(case):
         deltas.append({n: p.detach().clone() for n, p in pk.trainable_parameters(model).items()})
     assert deltas[0].keys() == deltas[1].keys()
     assert all(torch.equal(deltas[0][n], deltas[1][n]) for n in deltas[0])
+    # a method whose init is random at all (global generator, or its config's own `seed`, as
+    # prompt tokens drawn from the vocabulary) takes that randomness from attach's seed
+    config = pk.make_config(case.method, **case.kwargs)
+    unseeded = []
+    for state in (1, 2):
+        torch.manual_seed(state)
+        unseeded.append(pk.trainable_parameters(pk.attach(copy.deepcopy(base), config)))
+    random_init = any(not torch.equal(unseeded[0][n], unseeded[1][n]) for n in unseeded[0])
+    if random_init or "seed" in {f.name for f in dataclasses.fields(config)}:
+        other = pk.trainable_parameters(pk.attach(copy.deepcopy(base), config, seed=4))
+        assert any(not torch.equal(other[n], deltas[0][n]) for n in other), "seed ignored"
     with pytest.raises(pk.ConfigError, match="seed"):
         pk.attach(copy.deepcopy(base), pk.make_config(case.method, **case.kwargs), seed=-1)
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 import re
 from collections.abc import Iterator, Sequence
@@ -51,25 +52,37 @@ def _seeded_init(model: nn.Module, seed: int | None) -> Iterator[None]:
     if seed is None:
         yield
         return
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-        raise ConfigError(f"attach: seed must be None or an int >= 0, got {seed!r}")
     gpus = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
     with torch.random.fork_rng(devices=gpus):
         torch.manual_seed(seed)
         yield
 
 
+def _with_seed(config: MethodConfig, seed: int | None) -> MethodConfig:
+    """A method that draws its init from its own generator (prompt tokens: the config's `seed`
+    field) takes attach's seed there too, so the seed decides every method's init."""
+    if seed is None:
+        return config
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ConfigError(f"attach: seed must be None or an int >= 0, got {seed!r}")
+    if "seed" not in {f.name for f in dataclasses.fields(config)}:
+        return config
+    return dataclasses.replace(config, seed=seed)
+
+
 def attach(model: nn.Module, config: MethodConfig, name: str = "default",
            seed: int | None = None) -> nn.Module:
     """Add adapter `name` described by `config` to `model` in place; freeze the base; activate it.
     With `seed`, the delta's initial values depend on the seed only (not on what drew random
-    numbers before), and the global random state is left unchanged."""
+    numbers before; a config's own `seed` field, e.g. prompt tuning's, is set to it), and the
+    global random state is left unchanged."""
     if not isinstance(config, MethodConfig):
         raise ConfigError(f"attach needs a petkit method config (e.g. pk.LoraConfig), got {type(config).__name__}")
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_\-]+", name):
         raise ConfigError(f"adapter name must be letters, digits, '_' or '-', got {name!r}")
     if name in adapters(model):
         raise AdapterStateError(f"an adapter named {name!r} is already attached; detach it or pick another name")
+    config = _with_seed(config, seed)
     try:
         with _seeded_init(model, seed):
             touched = config.inject(model, name)
