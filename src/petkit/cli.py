@@ -191,7 +191,8 @@ def cmd_train(args: argparse.Namespace, dotted: dict[str, str]) -> None:
     OUT.print(f"test after:  [bold green]{format_metrics(report.after)}[/bold green]")
     best = f", best {result.metric}={result.best_metric:.4f} at step {result.best_step}" \
         if result.best_metric is not None else ""
-    OUT.print(f"{result.steps} steps in {result.seconds:.0f}s{best}; "
+    noun = "step" if result.steps == 1 else "steps"
+    OUT.print(f"{result.steps} {noun} in {result.seconds:.0f}s{best}; "
               f"peak memory {result.peak_memory_mb:.0f} MiB; total {report.seconds:.0f}s")
     OUT.print(f"adapter: {result.adapter_path} ({format_bytes(report.adapter_bytes, 2)} on disk)")
     plot = Path(report.recipe.train.output_dir or DEFAULT_OUTPUT) / "training.png"
