@@ -51,7 +51,7 @@ def torchrun(specs: list[dict[str, Any]], nproc: int = 2, timeout: float = 240,
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     if rerun_crash and proc.returncode != 0 and NATIVE_CRASH.search(proc.stderr):
         # A rank aborted inside native code (seen once in CI, on a 2-core machine; not
-        # reproduced in 30 local runs): rerun once and keep the crash in the log,
+        # reproduced in 24 local runs of that test): rerun once and keep the crash in the log,
         # so a real, repeatable crash still fails and a one-off is recorded rather than hidden.
         warnings.warn(f"a rank died of a signal; rerunning once. First attempt:\n"
                       f"{crash_report(proc.stderr)}")

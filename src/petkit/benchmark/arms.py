@@ -103,6 +103,11 @@ class Finishing(Protocol):
         """The model to test and save."""
         ...
 
+    def untrained_parameters(self) -> int:
+        """Of the parameters the arm handed to training, how many never trained (after
+        `finish`; e.g. APT's LoRA ranks that stayed closed)."""
+        ...
+
 
 class CompressedArm(PetkitArm):
     """A petkit method over a compressed base: quantised before attaching (QLoRA, int8 LoRA), or
@@ -125,6 +130,11 @@ class CompressedArm(PetkitArm):
         if self.spec.prune:
             self.report = finish_pruning(model)  # what was kept; APT's live LoRA parameters
         return model
+
+    def untrained_parameters(self) -> int:
+        """APT's LoRA parameters in ranks that never opened (0 for every other arm)."""
+        live, allocated = (self.report.get(f"apt_{k}_lora_parameters") for k in ("live", "allocated"))
+        return allocated - live if live is not None and allocated is not None else 0
 
     def save(self, model: nn.Module, path: Path) -> None:
         """The adapter; a pruned arm saves the pruned model (`save_pretrained`)."""

@@ -120,11 +120,13 @@ def run_cell(cell: Cell, spec: BenchSpec, loaded: LoadedTask, data: CellData,
         result = train(model, data.train, config, eval_data=data.validation or None,
                        pad_id=loaded.pad_id, parameters=params, collate_fn=loaded.collate)
         train_s = time.perf_counter() - begun
+    untrained = 0
     if isinstance(arm, Finishing):  # e.g. pruning: the sliced model is what is tested
         model = arm.finish(model)
+        untrained = arm.untrained_parameters()
     test = _final_test(model, loaded, spec, cell, folder / "test_access.json")
     arm.save(model, folder / "adapter")
-    trainable = sum(p.numel() for p in params.values()) - _closed_ranks(arm)
+    trainable = sum(p.numel() for p in params.values()) - untrained
     return {
         "n_train": len(data.train), "n_val": len(data.validation), "n_test": len(loaded.test),
         "metric": loaded.metric, "test_metric": test.get(loaded.metric), "test_loss": test["loss"],
@@ -138,9 +140,3 @@ def run_cell(cell: Cell, spec: BenchSpec, loaded: LoadedTask, data: CellData,
         "cell_s": time.perf_counter() - started,
     }
 
-
-def _closed_ranks(arm: object) -> int:
-    """LoRA parameters an arm allocated but never trained (APT's closed ranks), from its report."""
-    report = getattr(arm, "report", None) or {}
-    live, allocated = (report.get(f"apt_{k}_lora_parameters") for k in ("live", "allocated"))
-    return allocated - live if live is not None and allocated is not None else 0

@@ -95,18 +95,19 @@ class BackpropStepper:
         head_lr = self.config.head_lr
         return [self.config.lr] if head_lr is None else [self.config.lr, head_lr]
 
+    def _names(self, groups: int) -> list[list[str]]:
+        """Parameter names per optimiser group for a layout of `groups` groups (1: all; 2: the
+        delta, then the full trainable copies)."""
+        if groups == 1:
+            return [list(self.named)]
+        return [[n for n in self.named if n not in self.head], [n for n in self.named if n in self.head]]
+
     def _order(self, groups: int) -> list[str]:
         """Parameter names in optimiser index order for a layout of `groups` groups."""
-        if groups == 1:
-            return list(self.named)
-        delta = [n for n in self.named if n not in self.head]
-        return delta + [n for n in self.named if n in self.head]
+        return [n for names in self._names(groups) for n in names]
 
     def _groups(self) -> list[list[nn.Parameter]]:
-        if self.config.head_lr is None:
-            return [self.params]
-        delta = [p for n, p in self.named.items() if n not in self.head]
-        return [delta, [p for n, p in self.named.items() if n in self.head]]
+        return [[self.named[n] for n in names] for names in self._names(len(self._lrs()))]
 
     def bind_model(self, model: nn.Module) -> None:
         """Find the full trainable copies among the parameters; with `head_lr`, regroup."""
