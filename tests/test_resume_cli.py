@@ -79,11 +79,11 @@ def test_resume_reads_the_folders_recipe_not_the_defaults(tmp_path: Path) -> Non
     assert recipe.train.resume and not recipe.train.resume_override
     # where it runs may change freely; what it computes may not
     assert resume_recipe(run, {"train.device": "cpu", "train.progress": "false"}, []).train.device == "cpu"
-    for change, field in [({"data.name": "bbc-news"}, "data.name"),
+    for change, field in [({"data.name": "other.csv"}, "data.name"),
                           ({"train.max_steps": "1"}, "train.max_steps"),
                           ({"method.r": "16"}, "method.r"),
                           ({"train.stepper.beta1": "0.8"}, "train.stepper.beta1")]:
-        with pytest.raises(ConfigError, match=rf"would change {field} .*--resume-override {field}"):
+        with pytest.raises(ConfigError, match=rf"would change {field} .*--resume-override={field}"):
             resume_recipe(run, change, [])
     allowed = resume_recipe(run, {"train.max_steps": "8"}, ["train.max_steps"])
     assert allowed.train.max_steps == 8 and allowed.train.resume_override
@@ -94,8 +94,9 @@ def test_cli_resume_refusals_come_before_any_model_load(
     no_model_load(monkeypatch)
     run = fake_run(tmp_path / "run", (2,))
     before = digests(run)
-    cases = [(["--steps", "1"], "would change train.max_steps 4 -> 1"),
-             (["--data", "bbc-news"], "would change data.name"),
+    cases = [(["--steps", "1"], "would change --steps 4 -> 1"),
+             (["--data", "other.csv"], "would change --data"),
+             (["--data", "bbc-news"], "--text-column='review' names a column of your own"),
              (["--recipe", "default"], "drop --recipe"),
              (["--resume-override", "stepz"], "neither a flag name")]
     for extra, message in cases:

@@ -35,7 +35,7 @@ from petkit.app.replay import replay_run
 from petkit.app.run_folder import DEFAULT_OUTPUT, SCHEDULE_FIELDS, claim_output, resume_recipe
 from petkit.benchmark import cli as bench_cli
 from petkit.cli_flags import (COLUMNS, DATA, DOTTED, FLAGS, HELP, METAVARS, METHOD, OPTIMISERS,
-                              TRAINING)
+                              TRAINING, speak_flags)
 from petkit.compress.cli import pruning_hooks
 from petkit.core.disk import folder_bytes, format_bytes
 from petkit.core.errors import PetkitError
@@ -45,7 +45,7 @@ from petkit.core.registry import list_methods, suggested_lr
 from petkit.core.state import active_adapters
 from petkit.data import is_data_file
 from petkit.fed import flags as fed_flags  # flags only: `petkit fed` imports Flower when it runs
-from petkit.models.packages import require_module
+from petkit.models.packages import extra_install, require_module
 from petkit.training.evaluate import format_metrics
 
 ERR = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -220,7 +220,7 @@ def cmd_train(args: argparse.Namespace, dotted: dict[str, str]) -> None:
     ranks = _eval_ranks(args, recipe)
     recipe = claim_output(recipe, args.overwrite, lambda line: OUT.print(line, markup=False))
     report = run_recipe(recipe, echo=lambda line: OUT.print(f"[dim]{line}[/dim]"),
-                        hooks=pruning_hooks(recipe))
+                        hooks=pruning_hooks(recipe), command=["petkit", *args.argv])
     result = report.result
     OUT.print(f"test after:  [bold green]{format_metrics(report.after)}[/bold green]")
     best = f", best {result.metric}={result.best_metric:.4f} at step {result.best_step}" \
@@ -229,9 +229,11 @@ def cmd_train(args: argparse.Namespace, dotted: dict[str, str]) -> None:
     OUT.print(f"{result.steps} {noun} in {result.seconds:.0f}s{best}; "
               f"peak memory {result.peak_memory_mb:.0f} MiB; total {report.seconds:.0f}s")
     OUT.print(f"adapter: {result.adapter_path} ({format_bytes(report.adapter_bytes, 2)} on disk)")
-    plot = Path(report.recipe.train.output_dir or DEFAULT_OUTPUT) / "training.png"
+    folder = Path(report.recipe.train.output_dir or DEFAULT_OUTPUT)
+    plot = folder / "training.png"
     if plot.is_file():
         OUT.print(f"loss curve: {plot}; log: {plot.parent / 'train.log'}")
+    OUT.print(f"results (metrics, command, versions, times): {folder / 'results.json'}")
     if ranks:
         _rank_sweep(report.recipe, result.adapter_path, ranks)
     for key, value in result.report.items():  # e.g. IST: steps each layer was updated in
@@ -326,7 +328,7 @@ def cmd_continual(args: argparse.Namespace, dotted: dict[str, str]) -> None:
 
 def cmd_fed(args: argparse.Namespace, dotted: dict[str, str]) -> None:
     """Federated rounds on Flower; prints each round, the partition, bytes vs full-model FedAvg."""
-    require_module("flwr", "'petkit[fed]'", "petkit fed")
+    require_module("flwr", extra_install("fed"), "petkit fed")
     from petkit.fed import cli as fed_cli  # here, not at the top: it imports Flower
 
     fed_cli.run_command(args, dotted, lambda line: OUT.print(line, markup=False))
@@ -362,11 +364,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     hf_logging.disable_progress_bar()  # "Loading weights" bars would bury petkit's own output
     try:
         args, extra = build_parser().parse_known_args(argv)
+        args.argv = list(argv) if argv is not None else sys.argv[1:]
         if getattr(args, "nproc", None) and "WORLD_SIZE" not in os.environ:
             return _relaunch(args.nproc, list(argv) if argv is not None else sys.argv[1:])
         COMMANDS[args.command](args, _split_dotted(extra))
     except PetkitError as err:
-        ERR.print(f"[bold red]error:[/bold red] {escape(str(err).splitlines()[0])}")
+        ERR.print(f"[bold red]error:[/bold red] {escape(speak_flags(' '.join(str(err).split())))}")
         return 2
     except KeyboardInterrupt:
         ERR.print("[yellow]interrupted[/yellow]")

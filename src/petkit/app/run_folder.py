@@ -151,7 +151,7 @@ def resume_recipe(folder: Path, overrides: dict[str, str], allowed: Iterable[str
         raise ConfigError(
             f"--resume continues the run in {folder} exactly as its recipe.yaml says; this "
             f"command would change {listed}. Drop those options, or name them with "
-            f"--resume-override {','.join(refused)} (the run then no longer continues exactly)")
+            f"--resume-override={','.join(refused)} (the run then no longer continues exactly)")
     if changed:
         wanted = dataclasses.replace(wanted, train=wanted.train.replace(resume_override=True))
     return wanted
