@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import time
 from pathlib import Path
 
@@ -130,6 +131,10 @@ def test_the_first_hour_sequence_keeps_the_users_adapter(
               "--label-column", "verdict", "--batch-size", "4", "--train.progress=false"]
     assert main(["train", *common, "--steps", "2", "--output", "runs/csv"]) == 0
     capsys.readouterr()
+    results = json.loads((tmp_path / "runs" / "csv" / "results.json").read_text())
+    assert set(results["before"]) == set(results["after"]) == {"loss", "accuracy"}
+    assert results["command"][:2] == ["petkit", "train"] and results["steps"] == 2
+    assert results["versions"]["torch"] and results["seconds"]["total_s"] > 0
     before = digests(tmp_path / "runs" / "csv")
     assert main(["train", "--output", "runs/csv", "--steps", "1"]) == 2
     err = capsys.readouterr().err

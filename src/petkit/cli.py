@@ -322,7 +322,7 @@ def cmd_continual(args: argparse.Namespace, dotted: dict[str, str]) -> None:
     """Learn tasks in order; print the accuracy matrix, forgetting and where the files are."""
     from petkit.continual import cli as continual_cli
 
-    for line in continual_cli.command(args, dotted):
+    for line in continual_cli.command(args, dotted, lambda line: OUT.print(line, markup=False)):
         OUT.print(line, markup=False)
 
 

@@ -64,25 +64,35 @@ def check_folder_path(folder: Path, flag: str = "--output") -> None:
             raise ConfigError(f"{flag} {folder}: {parent} is a file, so no folder can be made there")
 
 
-def choose_output(recipe: Recipe, overwrite: bool, echo: Callable[[str], None]) -> Path:
-    """The folder this run may write to, as the module docstring says."""
-    train = recipe.train
-    folder = Path(train.output_dir or DEFAULT_OUTPUT)
+def claim_folder(folder: Path, *, default: bool, overwrite: bool,
+                 held_by: Callable[[Path], str | None], echo: Callable[[str], None],
+                 ways: str = "") -> Path:
+    """`folder`, unless it holds an earlier run (`held_by` says what) and `overwrite` is off:
+    then a `default` folder moves on to the first free `folder-N` and says so, and a folder the
+    user named is refused (`ways`: how else to go on, e.g. "--resume continues it, ")."""
     check_folder_path(folder)
-    held = None if train.resume or overwrite else earlier_run(folder)
+    held = None if overwrite else held_by(folder)
     if held is None:
         return folder
-    if folder == Path(DEFAULT_OUTPUT):
+    if default:
         n = 2
-        while earlier_run(Path(f"{folder}-{n}")) is not None:
+        while held_by(Path(f"{folder}-{n}")) is not None:
             n += 1
         free = Path(f"{folder}-{n}")
         echo(f"{folder} holds an earlier run ({held}); this run writes to {free} "
              f"(--output DIR names the folder; --overwrite replaces the earlier run)")
         return free
-    resume = "--resume continues it, " if complete_checkpoints(checkpoint_dir(folder)) else ""
-    raise ConfigError(f"{folder} already holds a run ({held}); {resume}--overwrite replaces it, "
+    raise ConfigError(f"{folder} already holds a run ({held}); {ways}--overwrite replaces it, "
                       f"or name another folder with --output")
+
+
+def choose_output(recipe: Recipe, overwrite: bool, echo: Callable[[str], None]) -> Path:
+    """The folder this run may write to, as the module docstring says."""
+    folder = Path(recipe.train.output_dir or DEFAULT_OUTPUT)
+    ways = "--resume continues it, " if complete_checkpoints(checkpoint_dir(folder)) else ""
+    return claim_folder(folder, default=folder == Path(DEFAULT_OUTPUT),
+                        overwrite=overwrite or recipe.train.resume, held_by=earlier_run,
+                        echo=echo, ways=ways)
 
 
 def claim_output(recipe: Recipe, overwrite: bool, echo: Callable[[str], None]) -> Recipe:
