@@ -75,6 +75,21 @@ def check_lowrank(base: nn.Module, model: nn.Module, batch: dict, tmp: Path) -> 
         torch.testing.assert_close(w.delta_weight(), expect.T if transposed else expect, rtol=1e-5, atol=1e-6)
 
 
+def check_row_batchable(base: nn.Module, model: nn.Module, batch: dict, tmp: Path) -> None:
+    """`row_terms()` rebuilds the wrapper's output: gain * base(x) + shift + scale * B A x."""
+    model.eval()
+    chosen = [w for _, w in wrappers(model, cap.RowBatchable)]
+    seen = wrapper_inputs(model, batch, chosen)
+    with torch.no_grad():
+        for w in chosen:
+            (x, *rest), kwargs = seen[id(w)]
+            a, b, scale, gain, shift = w.row_terms()
+            expect = w.base(x, *rest, **kwargs)
+            expect = expect if gain is None else expect * gain
+            expect = (expect if shift is None else expect + shift) + scale * (x @ a.T @ b.T)
+            torch.testing.assert_close(w(x, *rest, **kwargs), expect, rtol=1e-4, atol=1e-5)
+
+
 def check_rank_settable(base: nn.Module, model: nn.Module, batch: dict, tmp: Path) -> None:
     """set_rank changes the output, is stored in the config, survives save/load; out of range raises."""
     model.eval()
@@ -212,7 +227,7 @@ def check_input_scaled(base: nn.Module, model: nn.Module, batch: dict, tmp: Path
 
 
 CHECKS: dict[type, Check] = {
-    cap.Weighted: check_weighted, cap.LowRank: check_lowrank, cap.RankSettable: check_rank_settable,
+    cap.Weighted: check_weighted, cap.LowRank: check_lowrank, cap.RowBatchable: check_row_batchable, cap.RankSettable: check_rank_settable,
     cap.RankRange: check_rank_range, cap.ExpertRouted: check_expert_routed,
     cap.ReportsMetrics: check_reports_metrics, cap.StepHooked: check_step_hooked,
     cap.Foldable: check_foldable, cap.FoldableConfig: check_foldable_config,
