@@ -12,6 +12,7 @@ exit code 2; no traceback.
     petkit fed --clients 10 --alpha 0.5   # federated LoRA on Flower, only the delta travels
     petkit bench grid.yaml --output runs/bench   # methods x tasks x seeds x sizes, resumable
     petkit continual --tasks bbc-classes --strategy hide   # tasks in sequence, forgetting
+    petkit serve --adapter support=runs/default/adapter   # OpenAI-compatible API + playground
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from petkit.core.state import active_adapters
 from petkit.data import is_data_file
 from petkit.fed import flags as fed_flags  # flags only: `petkit fed` imports Flower when it runs
 from petkit.models.packages import require_module
+from petkit.serve import serve_cli  # flags only: FastAPI and uvicorn load when `petkit serve` runs
 from petkit.training.evaluate import format_metrics
 
 ERR = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -133,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     continual_cli.add_arguments(sub.add_parser("continual", help="tasks in sequence: accuracy "
                                                "matrix, forgetting (o-lora, inflora, hide, ...)"))
+    serve_cli.add_arguments(sub.add_parser("serve", help="OpenAI-compatible server of a base and "
+                                           "many adapters, with a playground page (docs/serving.md)"))
     return parser
 
 
@@ -305,7 +309,14 @@ def cmd_replay(args: argparse.Namespace, dotted: dict[str, str]) -> None:
               f"{args.log} ({os.path.getsize(args.log) / 1024:.1f} KiB)")
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "merge": cmd_merge, "inspect": cmd_inspect,
+def cmd_serve(args: argparse.Namespace, dotted: dict[str, str]) -> None:
+    """Serve the base and its adapters over HTTP until interrupted."""
+    if dotted:
+        raise UsageError(f"petkit serve takes no --section.field settings, got --{next(iter(dotted))}")
+    serve_cli.command(args, lambda line: OUT.print(line, markup=False))
+
+
+COMMANDS = {"serve": cmd_serve, "train": cmd_train, "eval": cmd_eval, "merge": cmd_merge, "inspect": cmd_inspect,
             "methods": cmd_methods, "replay": cmd_replay, "fed": cmd_fed, "bench": cmd_bench,
             "continual": cmd_continual}
 

@@ -1,0 +1,151 @@
+"""`petkit serve`: an OpenAI-compatible server of one base and many adapters on this machine.
+
+    petkit serve --model smollm2-135m --adapter support=runs/support/adapter --adapter-dir adapters/
+    curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \
+         -d '{"model": "support", "messages": [{"role": "user", "content": "Hi"}]}'
+
+The flags are added without importing FastAPI or uvicorn (`petkit --help` runs on the base
+install); `command` checks for them and names the pip install when they are missing.
+"""
+from __future__ import annotations
+
+import argparse
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+from petkit.core.errors import ConfigError
+from petkit.core.io import META as ADAPTER_JSON
+from petkit.serve.limits import check_bind
+
+EXTRA = "'petkit[serve]'"
+MODULES = ("fastapi", "uvicorn", "prometheus_client")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `petkit serve` flags."""
+    parser.add_argument("--model", default="smollm2-135m",
+                        help="base model: embedded name, local folder or hub id (default smollm2-135m)")
+    parser.add_argument("--served-model-name", default=None,
+                        help="the base's name in requests' \"model\" (default: --model as given)")
+    parser.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+                        help="serve the adapter folder PATH as model NAME (repeatable)")
+    parser.add_argument("--adapter-dir", default=None, metavar="DIR",
+                        help="serve every adapter folder inside DIR, each named after its folder")
+    parser.add_argument("--adapter-root", default=None, metavar="DIR",
+                        help="runtime loads (POST /v1/load_lora_adapter) only from folders under DIR "
+                             "(default: --adapter-dir if given, else the current folder)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    parser.add_argument("--allow-remote", action="store_true",
+                        help="allow a --host that other machines can reach")
+    parser.add_argument("--api-key", default=None,
+                        help="require 'Authorization: Bearer KEY' on /v1/* requests")
+    parser.add_argument("--max-adapters", type=int, default=8,
+                        help="adapters resident on the device at once, the rest on the host (LRU)")
+    parser.add_argument("--max-batch", type=int, default=16, help="rows decoded together")
+    parser.add_argument("--max-queue", type=int, default=64,
+                        help="requests waiting for a row; more get 503 (default 64)")
+    parser.add_argument("--max-tokens", type=int, default=1024,
+                        help="the most new tokens a request may ask for (more: 400)")
+    parser.add_argument("--max-body-kb", type=int, default=1024,
+                        help="largest request body in KiB (more: 413)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+
+
+def parse_adapters(specs: list[str], folder: str | None) -> dict[str, Path]:
+    """{name: folder} from --adapter NAME=PATH entries and the adapter folders inside --adapter-dir."""
+    adapters: dict[str, Path] = {}
+    for spec in specs:
+        name, eq, path = spec.partition("=")
+        if not eq or not name or not path:
+            raise ConfigError(f"--adapter takes NAME=PATH, got {spec!r}")
+        _add(adapters, name, Path(path).expanduser(), f"--adapter {spec}")
+    if folder is not None:
+        root = Path(folder).expanduser()
+        if not root.is_dir():
+            raise ConfigError(f"--adapter-dir {folder}: not a folder")
+        found = sorted(p for p in root.iterdir() if (p / ADAPTER_JSON).is_file())
+        if not found:
+            raise ConfigError(f"--adapter-dir {folder} holds no adapter folder (none has {ADAPTER_JSON})")
+        for path in found:
+            _add(adapters, path.name, path, f"--adapter-dir {folder}")
+    return adapters
+
+
+def _add(adapters: dict[str, Path], name: str, path: Path, source: str) -> None:
+    if name in adapters:
+        raise ConfigError(f"{source}: the adapter name {name!r} is given twice")
+    if not path.is_dir():
+        raise ConfigError(f"{source}: {path} is not a folder")
+    adapters[name] = path
+
+
+def _check_port(host: str, port: int) -> None:
+    """A clear error now rather than uvicorn's log line after the model has loaded."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            raise ConfigError(f"cannot listen on {host}:{port} ({err.strerror}); "
+                              f"pick another --port") from err
+
+
+def _settings(args: argparse.Namespace) -> "ServeSettings":  # noqa: F821 (imported in command)
+    from petkit.serve.http import ServeSettings
+
+    for flag in ("max_adapters", "max_batch", "max_queue", "max_tokens", "max_body_kb"):
+        if getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    root = args.adapter_root or args.adapter_dir or "."
+    return ServeSettings(model_name=args.served_model_name or args.model, api_key=args.api_key,
+                         max_tokens=args.max_tokens, default_tokens=min(256, args.max_tokens),
+                         max_body_bytes=args.max_body_kb * 1024,
+                         adapter_root=Path(root).expanduser().resolve())
+
+
+def command(args: argparse.Namespace, echo: Callable[[str], None]) -> None:
+    """Check everything cheap, load the base and adapters, serve until interrupted."""
+    from petkit.models.packages import require_module
+
+    for module in MODULES:
+        require_module(module, EXTRA, "petkit serve")
+    check_bind(args.host, args.allow_remote)
+    adapters = parse_adapters(args.adapter, args.adapter_dir)
+    settings = _settings(args)
+    _check_port(args.host, args.port)
+    engine = _engine(args, adapters, echo)
+    _serve(engine, settings, args, echo)
+
+
+def _engine(args: argparse.Namespace, adapters: dict[str, Path], echo: Callable[[str], None]) -> "Engine":  # noqa: F821
+    from petkit.models.loading import load_model
+    from petkit.serve.engine import Engine
+
+    echo(f"loading {args.model} ...")
+    model, tokenizer = load_model(args.model)
+    engine = Engine(model.to(args.device), tokenizer, max_batch=args.max_batch,
+                    max_adapters=args.max_adapters, max_queue=args.max_queue)
+    for name, path in adapters.items():
+        engine.add_adapter(name, path)
+        echo(f"adapter {name}: {path}")
+    return engine
+
+
+def _serve(engine: "Engine", settings: "ServeSettings", args: argparse.Namespace,  # noqa: F821
+           echo: Callable[[str], None]) -> None:
+    import uvicorn
+
+    from petkit.serve.http import create_app
+
+    app = create_app(engine, settings)
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    echo(f"serving {settings.model_name} + {len(engine.adapters())} adapters on "
+         f"http://{host}:{args.port} (playground at /, API at /v1; Ctrl-C stops)")
+    engine.start()
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False, ws="none")
+    finally:
+        engine.stop()
