@@ -12,6 +12,7 @@ exit code 2; no traceback.
     petkit fed --clients 10 --alpha 0.5   # federated LoRA on Flower, only the delta travels
     petkit bench grid.yaml --output runs/bench   # methods x tasks x seeds x sizes, resumable
     petkit continual --tasks bbc-classes --strategy hide   # tasks in sequence, forgetting
+    petkit chat --adapter runs/default/adapter --compare   # talk to an adapter (and its base)
     petkit serve --adapter support=runs/default/adapter   # OpenAI-compatible API + playground
 """
 
@@ -47,6 +48,7 @@ from petkit.core.state import active_adapters
 from petkit.data import is_data_file
 from petkit.fed import flags as fed_flags  # flags only: `petkit fed` imports Flower when it runs
 from petkit.models.packages import require_module
+from petkit.serve import cli as talk_cli
 from petkit.serve import serve_cli  # flags only: FastAPI and uvicorn load when `petkit serve` runs
 from petkit.training.evaluate import format_metrics
 
@@ -135,6 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     continual_cli.add_arguments(sub.add_parser("continual", help="tasks in sequence: accuracy "
                                                "matrix, forgetting (o-lora, inflora, hide, ...)"))
+    talk_cli.add_arguments(sub.add_parser("generate", help="answer prompts with a base and its adapters, "
+                                          "streamed (--compare: side by side)"), chat=False)
+    talk_cli.add_arguments(sub.add_parser("chat", help="chat with an adapter in the terminal (stdin "
+                                          "lines; /reset, /exit)"), chat=True)
     serve_cli.add_arguments(sub.add_parser("serve", help="OpenAI-compatible server of a base and "
                                            "many adapters, with a playground page (docs/serving.md)"))
     return parser
@@ -318,7 +324,9 @@ def cmd_serve(args: argparse.Namespace, dotted: dict[str, str]) -> None:
 
 COMMANDS = {"serve": cmd_serve, "train": cmd_train, "eval": cmd_eval, "merge": cmd_merge, "inspect": cmd_inspect,
             "methods": cmd_methods, "replay": cmd_replay, "fed": cmd_fed, "bench": cmd_bench,
-            "continual": cmd_continual}
+            "continual": cmd_continual,
+            "generate": lambda args, dotted: talk_cli.command(args, dotted, chat=False),
+            "chat": lambda args, dotted: talk_cli.command(args, dotted, chat=True)}
 
 
 def _relaunch(nproc: int, argv: list[str]) -> int:
