@@ -174,7 +174,8 @@ class LowRankBank:
         if path not in per_path:
             stack = self.stacks[path]
             live = any(s in stack.used for s in self._key)
-            per_path[path] = _Gathered(stack, self._index, len(self._key) == 1) if live else None
+            index = self._index.to(stack.a_t.device)
+            per_path[path] = _Gathered(stack, index, len(self._key) == 1) if live else None
         return per_path[path]
 
     def _hook(self, path: str):
