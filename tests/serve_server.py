@@ -41,8 +41,10 @@ def tiny_chat_model(seed: int = 0) -> tuple[torch.nn.Module, Any]:
     return model.eval(), tokenizer
 
 
-def save_adapters(model: torch.nn.Module, folder: Path, names: list[str], r: int = 4) -> dict[str, Path]:
-    """LoRA adapters with random non-zero B (seeded per name), each saved to folder/name."""
+def save_adapters(model: torch.nn.Module, folder: Path, names: list[str], r: int = 4,
+                  scale: float = 0.5) -> dict[str, Path]:
+    """LoRA adapters with random A and non-zero B (normal, std `scale`, seeded by position in
+    `names`), each saved to folder/name: deterministic, and each changes the model's answers."""
     out = {}
     for i, name in enumerate(names):
         pk.attach(model, pk.LoraConfig(r=r, alpha=2 * r, targets=["q_proj", "v_proj", "o_proj"]),
@@ -50,7 +52,7 @@ def save_adapters(model: torch.nn.Module, folder: Path, names: list[str], r: int
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
             torch.manual_seed(100 + i)
             for param in pk.trainable_parameters(model).values():
-                param.normal_(0.0, 0.5)
+                param.normal_(0.0, scale)
         out[name] = pk.save_adapter(model, folder / name, name=name)
         pk.detach(model, name)
     return out

@@ -16,7 +16,6 @@ from pathlib import Path
 
 from petkit.core.errors import ConfigError
 from petkit.core.io import META as ADAPTER_JSON
-from petkit.serve.limits import check_bind
 
 EXTRA = "'petkit[serve]'"
 MODULES = ("fastapi", "uvicorn", "prometheus_client")
@@ -112,6 +111,8 @@ def command(args: argparse.Namespace, echo: Callable[[str], None]) -> None:
 
     for module in MODULES:
         require_module(module, EXTRA, "petkit serve")
+    from petkit.serve.limits import check_bind  # imports pydantic, which comes with FastAPI
+
     check_bind(args.host, args.allow_remote)
     adapters = parse_adapters(args.adapter, args.adapter_dir)
     settings = _settings(args)

@@ -49,6 +49,7 @@ function column(model, kind) {
   card.className = "answer";
   card.dataset.model = model;
   card.dataset.state = "streaming";
+  card.dataset.chunks = "0";  // text chunks received so far
   const title = document.createElement("h2");
   const tag = document.createElement("span");
   tag.className = "kind";
@@ -104,12 +105,16 @@ async function ask(model, kind, prompt, controller) {
       if (chunk.error) throw new Error(chunk.error.message);
       const choice = chunk.choices[0];
       if (!choice) return;
-      if (choice.delta && choice.delta.content) text.textContent += choice.delta.content;
+      if (choice.delta && choice.delta.content) {
+        text.textContent += choice.delta.content;
+        card.dataset.chunks = String(Number(card.dataset.chunks) + 1);
+      }
       if (choice.finish_reason) finish = choice.finish_reason;
       meta.textContent = "streaming…";
     });
     card.dataset.state = "done";
-    meta.textContent = `${finish || "done"} in ${((performance.now() - started) / 1000).toFixed(1)} s`;
+    const seconds = ((performance.now() - started) / 1000).toFixed(1);
+    meta.textContent = `${finish || "done"}: ${card.dataset.chunks} chunks in ${seconds} s`;
   } catch (err) {
     card.dataset.state = controller.signal.aborted ? "stopped" : "error";
     meta.textContent = controller.signal.aborted ? "stopped" : "error";
