@@ -16,19 +16,23 @@ from pathlib import Path
 
 from petkit.core.errors import ConfigError
 from petkit.core.io import META as ADAPTER_JSON
+from petkit.serve.cli import base_of, parse_adapters
 
 EXTRA = "'petkit[serve]'"
+DEFAULT_MODEL = "smollm2-135m"
 MODULES = ("fastapi", "uvicorn", "prometheus_client")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The `petkit serve` flags."""
-    parser.add_argument("--model", default="smollm2-135m",
-                        help="base model: embedded name, local folder or hub id (default smollm2-135m)")
+    parser.add_argument("--model", default=None,
+                        help="base model: embedded name, local folder or hub id (default: the first "
+                             f"adapter's base, else {DEFAULT_MODEL})")
     parser.add_argument("--served-model-name", default=None,
                         help="the base's name in requests' \"model\" (default: --model as given)")
-    parser.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
-                        help="serve the adapter folder PATH as model NAME (repeatable)")
+    parser.add_argument("--adapter", action="append", default=[], metavar="[NAME=]PATH",
+                        help="serve the adapter folder PATH as model NAME (repeatable; NAME defaults "
+                             "to the folder's name)")
     parser.add_argument("--adapter-dir", default=None, metavar="DIR",
                         help="serve every adapter folder inside DIR, each named after its folder")
     parser.add_argument("--adapter-root", default=None, metavar="DIR",
@@ -52,32 +56,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
 
 
-def parse_adapters(specs: list[str], folder: str | None) -> dict[str, Path]:
-    """{name: folder} from --adapter NAME=PATH entries and the adapter folders inside --adapter-dir."""
-    adapters: dict[str, Path] = {}
-    for spec in specs:
-        name, eq, path = spec.partition("=")
-        if not eq or not name or not path:
-            raise ConfigError(f"--adapter takes NAME=PATH, got {spec!r}")
-        _add(adapters, name, Path(path).expanduser(), f"--adapter {spec}")
-    if folder is not None:
-        root = Path(folder).expanduser()
-        if not root.is_dir():
-            raise ConfigError(f"--adapter-dir {folder}: not a folder")
-        found = sorted(p for p in root.iterdir() if (p / ADAPTER_JSON).is_file())
-        if not found:
-            raise ConfigError(f"--adapter-dir {folder} holds no adapter folder (none has {ADAPTER_JSON})")
-        for path in found:
-            _add(adapters, path.name, path, f"--adapter-dir {folder}")
+def adapter_folders(specs: list[str], folder: str | None) -> dict[str, Path]:
+    """{name: folder} from --adapter [NAME=]PATH entries and the adapter folders inside --adapter-dir."""
+    adapters = parse_adapters(specs)
+    if folder is None:
+        return adapters
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise ConfigError(f"--adapter-dir {folder}: not a folder")
+    found = sorted(p for p in root.iterdir() if (p / ADAPTER_JSON).is_file())
+    if not found:
+        raise ConfigError(f"--adapter-dir {folder} holds no adapter folder (none has {ADAPTER_JSON})")
+    for path in found:
+        if path.name in adapters:
+            raise ConfigError(f"--adapter-dir {folder}: the adapter name {path.name!r} is given twice")
+        adapters[path.name] = path
     return adapters
 
 
-def _add(adapters: dict[str, Path], name: str, path: Path, source: str) -> None:
-    if name in adapters:
-        raise ConfigError(f"{source}: the adapter name {name!r} is given twice")
-    if not path.is_dir():
-        raise ConfigError(f"{source}: {path} is not a folder")
-    adapters[name] = path
+def base_name(args: argparse.Namespace, adapters: dict[str, Path]) -> str:
+    """--model, else the base the first adapter records, else the embedded default."""
+    if args.model:
+        return args.model
+    return base_of(next(iter(adapters.values()))) if adapters else DEFAULT_MODEL
 
 
 def _check_port(host: str, port: int) -> None:
@@ -114,7 +115,8 @@ def command(args: argparse.Namespace, echo: Callable[[str], None]) -> None:
     from petkit.serve.limits import check_bind  # imports pydantic, which comes with FastAPI
 
     check_bind(args.host, args.allow_remote)
-    adapters = parse_adapters(args.adapter, args.adapter_dir)
+    adapters = adapter_folders(args.adapter, args.adapter_dir)
+    args.model = base_name(args, adapters)
     settings = _settings(args)
     _check_port(args.host, args.port)
     engine = _engine(args, adapters, echo)
