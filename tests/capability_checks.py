@@ -75,14 +75,18 @@ def check_lowrank(base: nn.Module, model: nn.Module, batch: dict, tmp: Path) -> 
         torch.testing.assert_close(w.delta_weight(), expect.T if transposed else expect, rtol=1e-5, atol=1e-6)
 
 
+def calls(model: nn.Module, batch: dict, protocol: type) -> list[tuple[Any, torch.Tensor, list, dict]]:
+    """(wrapper, x, other args, kwargs) of each of adapter "a"'s `protocol` wrappers in one eval forward."""
+    model.eval()
+    chosen = [w for _, w in wrappers(model, protocol)]
+    seen = wrapper_inputs(model, batch, chosen)
+    return [(w, seen[id(w)][0][0], list(seen[id(w)][0][1:]), seen[id(w)][1]) for w in chosen]
+
+
 def check_row_batchable(base: nn.Module, model: nn.Module, batch: dict, tmp: Path) -> None:
     """`row_terms()` rebuilds the wrapper's output: gain * base(x) + shift + scale * B A x."""
-    model.eval()
-    chosen = [w for _, w in wrappers(model, cap.RowBatchable)]
-    seen = wrapper_inputs(model, batch, chosen)
     with torch.no_grad():
-        for w in chosen:
-            (x, *rest), kwargs = seen[id(w)]
+        for w, x, rest, kwargs in calls(model, batch, cap.RowBatchable):
             a, b, scale, gain, shift = w.row_terms()
             expect = w.base(x, *rest, **kwargs)
             expect = expect if gain is None else expect * gain
@@ -214,14 +218,10 @@ def check_transforms_output(base: nn.Module, model: nn.Module, batch: dict, tmp:
 
 def check_input_scaled(base: nn.Module, model: nn.Module, batch: dict, tmp: Path) -> None:
     """With its scale set to 2, an input-scaled wrapper gives base(2x); an output-scaled one 2 * base(x)."""
-    model.eval()
-    chosen = [w for _, w in wrappers(model, cap.InputScaled)]
-    seen = wrapper_inputs(model, batch, chosen)
     with torch.no_grad():
-        for w in chosen:
+        for w, x, rest, kwargs in calls(model, batch, cap.InputScaled):
             for p in w.delta_parameters().values():
                 p.fill_(2.0)
-            (x, *rest), kwargs = seen[id(w)]
             expect = w.base(2 * x, *rest, **kwargs) if w.on_input else 2 * w.base(x, *rest, **kwargs)
             torch.testing.assert_close(w(x, *rest, **kwargs), expect, rtol=1e-5, atol=1e-5)
 
