@@ -144,11 +144,11 @@ class Reply:
     def _choice(self, text: str | None, finish: str | None, delta: bool) -> dict[str, Any]:
         if not self.chat:
             return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-        key = "delta" if delta else "message"
-        content = {} if text is None else {"content": text}
-        if not delta:
-            content = {"role": "assistant", "content": text or ""}
-        return {"index": 0, key: content, "logprobs": None, "finish_reason": finish}
+        if delta:
+            return {"index": 0, "delta": {} if text is None else {"content": text}, "logprobs": None,
+                    "finish_reason": finish}
+        return {"index": 0, "message": {"role": "assistant", "content": text or ""}, "logprobs": None,
+                "finish_reason": finish}
 
     def whole(self, text: str, finish: str | None, usage: dict[str, int]) -> dict[str, Any]:
         """The non-streamed response."""
@@ -167,7 +167,7 @@ class Reply:
 
     def last_chunk(self, finish: str | None) -> dict[str, Any]:
         """The chunk that says why generation stopped."""
-        return self._envelope(True, [self._choice("" if not self.chat else None, finish, delta=True)])
+        return self._envelope(True, [self._choice(None, finish, delta=True)])
 
     def usage_chunk(self, usage: dict[str, int]) -> dict[str, Any]:
         """stream_options.include_usage: no choices, the token counts."""
