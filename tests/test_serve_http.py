@@ -169,9 +169,23 @@ def test_openai_client_raises_its_own_error_types(setup) -> None:
         _chat(_client(url), BASE, "x", tokens=LIMIT + 1)
 
 
+def _reshaped(folder: Path) -> None:
+    """Every tensor cut to half its rows, the checksum in adapter.json made to match: only the
+    shape check can refuse it."""
+    from safetensors.torch import load_file, save_file
+
+    from petkit.core.disk import file_sha256
+
+    tensors = {k: v[: max(1, v.shape[0] // 2)].clone() for k, v in load_file(folder / "adapter.safetensors").items()}
+    save_file(tensors, folder / "adapter.safetensors")
+    meta = json.loads((folder / "adapter.json").read_text())
+    meta["tensors_sha256"] = file_sha256(folder / "adapter.safetensors")
+    (folder / "adapter.json").write_text(json.dumps(meta))
+
+
 def _hostile_folders(root: Path, good: Path) -> dict[str, Path]:
     """Adapter folders a load endpoint must refuse, built from a good one."""
-    out = {name: root / name for name in ("corrupt", "missing", "empty", "shapes", "json")}
+    out = {name: root / name for name in ("corrupt", "missing", "empty", "shapes", "json", "other-base")}
     for folder in out.values():
         shutil.copytree(good, folder)
     (out["corrupt"] / "adapter.safetensors").write_bytes(b"\x00garbage" * 100)
@@ -179,10 +193,11 @@ def _hostile_folders(root: Path, good: Path) -> dict[str, Path]:
     for child in out["empty"].iterdir():
         child.unlink()
     (out["json"] / "adapter.json").write_text("{ not json")
+    _reshaped(out["shapes"])
     other, _ = tiny_chat_model(seed=1)
     wide = save_adapters(other, root / "wide", ["wide"], r=8)["wide"]
-    shutil.rmtree(out["shapes"])
-    shutil.copytree(wide, out["shapes"])  # rank 8 from another base: fingerprint and shapes differ
+    shutil.rmtree(out["other-base"])
+    shutil.copytree(wide, out["other-base"])  # rank 8 on another base: its fingerprint differs
     return out
 
 
@@ -191,9 +206,11 @@ def test_hostile_adapter_folders_are_refused_and_the_server_keeps_serving(setup,
     client = _client(url)
     before = _chat(client, "a4", "Hello")
     hostile = _hostile_folders(root / "served", root / "served" / "spare")
+    why = {"corrupt": "checksum", "missing": "missing", "empty": "missing", "shapes": "has shape",
+           "json": "not valid JSON", "other-base": "different base"}
     for name, folder in hostile.items():
         error = _error(_post(url, "/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(folder)}), 400)
-        assert error["code"] == "invalid_adapter", (name, error)
+        assert error["code"] == "invalid_adapter" and why[name] in error["message"], (name, error)
     outside = _post(url, "/v1/load_lora_adapter", {"lora_name": "out", "lora_path": str(tmp_path)})
     assert "outside" in _error(outside, 400)["message"]
     escape = _post(url, "/v1/load_lora_adapter",

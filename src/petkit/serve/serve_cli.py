@@ -10,6 +10,7 @@ install); `command` checks for them and names the pip install when they are miss
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -28,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="base model: embedded name, local folder or hub id (default: the first "
                              f"adapter's base, else {DEFAULT_MODEL})")
-    parser.add_argument("--served-model-name", default=None,
+    parser.add_argument("--served-model-name", default=None, metavar="NAME",
                         help="the base's name in requests' \"model\" (default: --model as given)")
     parser.add_argument("--adapter", action="append", default=[], metavar="[NAME=]PATH",
                         help="serve the adapter folder PATH as model NAME (repeatable; NAME defaults "
@@ -42,16 +43,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     parser.add_argument("--allow-remote", action="store_true",
                         help="allow a --host that other machines can reach")
-    parser.add_argument("--api-key", default=None,
-                        help="require 'Authorization: Bearer KEY' on /v1/* requests")
-    parser.add_argument("--max-adapters", type=int, default=8,
+    parser.add_argument("--api-key", default=os.environ.get("PETKIT_API_KEY"), metavar="KEY",
+                        help="require 'Authorization: Bearer KEY' on /v1/* requests (default: "
+                             "$PETKIT_API_KEY, which keeps the key out of the process list)")
+    parser.add_argument("--max-adapters", type=int, metavar="N", default=8,
                         help="adapters resident on the device at once, the rest on the host (LRU)")
-    parser.add_argument("--max-batch", type=int, default=16, help="rows decoded together")
-    parser.add_argument("--max-queue", type=int, default=64,
+    parser.add_argument("--max-batch", type=int, metavar="N", default=16, help="rows decoded together")
+    parser.add_argument("--max-queue", type=int, metavar="N", default=64,
                         help="requests waiting for a row; more get 503 (default 64)")
-    parser.add_argument("--max-tokens", type=int, default=1024,
+    parser.add_argument("--max-tokens", type=int, metavar="N", default=1024,
                         help="the most new tokens a request may ask for (more: 400)")
-    parser.add_argument("--max-body-kb", type=int, default=1024,
+    parser.add_argument("--max-body-kb", type=int, metavar="N", default=1024,
                         help="largest request body in KiB (more: 413)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
 
@@ -112,9 +114,12 @@ def command(args: argparse.Namespace, echo: Callable[[str], None]) -> None:
 
     for module in MODULES:
         require_module(module, EXTRA, "petkit serve")
-    from petkit.serve.limits import check_bind  # imports pydantic, which comes with FastAPI
+    from petkit.serve.limits import check_bind, is_loopback  # pydantic: it comes with FastAPI
 
     check_bind(args.host, args.allow_remote)
+    if not is_loopback(args.host) and not args.api_key:
+        echo(f"warning: --host {args.host} with no --api-key: anyone who reaches this machine "
+             "can use the API and load adapters")
     adapters = adapter_folders(args.adapter, args.adapter_dir)
     args.model = base_name(args, adapters)
     settings = _settings(args)
