@@ -27,7 +27,7 @@ from serve_server import BASE, running_server, save_adapters, tiny_chat_model  #
 
 KEY = "test-key"
 ADAPTERS = [f"a{i}" for i in range(8)]
-LIMIT = 64  # --max-tokens of the test server
+LIMIT = 400  # --max-tokens of the test server
 
 
 @pytest.fixture(scope="module")
@@ -263,11 +263,13 @@ def test_concurrent_mixed_adapters_equal_each_request_served_alone(setup) -> Non
     print(f"32 clients: p50 {statistics.median(latency):.3f}s, p99 {latency[-1]:.3f}s")
 
 
-def test_a_client_leaving_mid_stream_frees_its_row_and_others_finish_unchanged(setup) -> None:
+def test_a_client_leaving_mid_stream_frees_its_row_and_others_finish_unchanged(setup, monkeypatch) -> None:
     url, engine, _ = setup
     client = _client(url)
     others = [("a5", "Keep going"), ("a6", "Another one"), (BASE, "Base too")]
     alone = {job: _chat(client, *job, tokens=24) for job in others}
+    handles, submit = [], engine.submit
+    monkeypatch.setattr(engine, "submit", lambda request: handles.append(submit(request)) or handles[-1])
     body = {"model": "a7", "messages": [{"role": "user", "content": "Long"}], "max_tokens": LIMIT,
             "temperature": 0, "stream": True}
     with ThreadPoolExecutor(len(others)) as pool:
@@ -276,10 +278,12 @@ def test_a_client_leaving_mid_stream_frees_its_row_and_others_finish_unchanged(s
             lines = response.iter_lines()
             futures = [pool.submit(_chat, _client(url), *job, 24) for job in others]
             assert sum(1 for line, _ in zip(lines, range(3)) if line.startswith("data: ")) >= 1
-        # the client has gone: its row is freed long before LIMIT tokens could be made
-        deadline = time.monotonic() + 30
         results = {job: f.result(timeout=120) for job, f in zip(others, futures)}
-    assert results == alone
+    assert results == alone  # the others finish unchanged
+    leaver = next(h for h in handles if h.request.adapter == "a7")
+    assert leaver.wait(timeout=30) and leaver.finish_reason == "cancelled"
+    assert leaver.usage["completion_tokens"] < LIMIT  # its row left early: freed, not run to the end
+    deadline = time.monotonic() + 30
     while engine.active_rows() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert engine.active_rows() == 0
