@@ -97,7 +97,7 @@ def test_chat_streamed_and_whole_agree_and_adapters_differ(setup) -> None:
 
 
 def test_completions_text_and_usage(setup) -> None:
-    url, _, _ = setup
+    url, engine, _ = setup
     out = _client(url).completions.create(model="a2", prompt="Once upon a time", max_tokens=6,
                                           temperature=0)
     assert out.object == "text_completion" and out.choices[0].text
@@ -105,6 +105,11 @@ def test_completions_text_and_usage(setup) -> None:
     streamed = _client(url).completions.create(model="a2", prompt="Once upon a time", max_tokens=6,
                                                temperature=0, stream=True)
     assert "".join(c.choices[0].text for c in streamed if c.choices) == out.choices[0].text
+    ids = engine.tokenizer("Once upon a time").input_ids  # the same prompt as token ids
+    by_ids = _client(url).completions.create(model="a2", prompt=ids, max_tokens=6, temperature=0)
+    assert by_ids.choices[0].text == out.choices[0].text
+    echo = {"model": "a2", "prompt": "Hi", "echo": True}
+    assert _error(_post(url, "/v1/completions", echo), 400)["param"] == "echo"
 
 
 def test_stream_is_server_sent_events_in_openai_chunk_format(setup) -> None:
@@ -132,6 +137,7 @@ def test_stream_is_server_sent_events_in_openai_chunk_format(setup) -> None:
     ({"model": BASE, "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, 400, "max_tokens"),
     ({"model": BASE, "messages": [{"role": "user", "content": "x"}], "n": 2}, 400, "n"),
     ({"model": BASE, "messages": [{"role": "user", "content": "x"}], "stop": ["a"] * 5}, 400, "stop"),
+    ({"model": BASE, "messages": [{"role": "user", "content": "x"}], "logprobs": True}, 400, "logprobs"),
 ])
 def test_bad_requests_get_openai_errors(setup, body: dict, status: int, param: str) -> None:
     url, _, _ = setup

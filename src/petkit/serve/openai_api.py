@@ -47,6 +47,14 @@ class _Body(BaseModel):
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     n: int = Field(default=1, ge=1, le=1, description="one choice per request")
+    logprobs: bool | int | None = None
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, value: bool | int | None) -> None:
+        if value:
+            raise ValueError("logprobs are not served by petkit serve")
+        return None
 
     @field_validator("stop")
     @classmethod
@@ -97,6 +105,13 @@ class CompletionBody(_Body):
 
     prompt: str | list[int] | list[str]
     echo: bool = False
+
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, value: bool) -> bool:
+        if value:
+            raise ValueError("echo is not served by petkit serve (the prompt is yours already)")
+        return value
 
     @field_validator("prompt")
     @classmethod
