@@ -54,10 +54,14 @@ class AdapterPool:
             terms = {p: _to(t, "cpu") for p, t in adapter_terms(self.model, name).items()}
         finally:
             detach(self.model, name)
-        if name in self.slots:  # replaced under the same name: the resident copy is stale
+        self.register(name, terms, method)
+        return method
+
+    def register(self, name: str, terms: dict[str, RowTerms], method: str) -> None:
+        """Keep already-checked terms (path -> RowTerms, on the host) as adapter `name`."""
+        if name in self.slots and not self.pins.get(name):  # replaced: the resident copy is stale
             self._evict(name)
         self.host[name], self.methods[name] = terms, method
-        return method
 
     def remove(self, name: str) -> None:
         """Forget `name`; a resident copy goes once no running row uses it."""

@@ -77,8 +77,10 @@ class Engine:
     def add_adapter(self, name: str, path: str | os.PathLike) -> str:
         """Check and load an adapter folder onto the host as `name`; returns its method.
         A refused folder raises AdapterLoadError and changes nothing."""
-        if not name or name in ("base", ""):
+        if not name or name == "base":
             raise ConfigError(f"adapter name {name!r} is reserved")
+        if name in self.pool.host:
+            raise ConfigError(f"an adapter named {name!r} is already loaded; remove it first")
         with self._lock:
             return self.pool.load(name, path)
 
@@ -189,9 +191,10 @@ class Engine:
     def _decode(self) -> None:
         ids = torch.tensor([[r.last] for r in self._rows], device=self.device)
         mask, positions = self._batch.step_inputs()
-        self.pool.bank.rows([r.slot for r in self._rows])
-        out = self.model(input_ids=ids, attention_mask=mask.to(self.device), position_ids=positions.to(self.device),
-                         use_cache=True, **{self.cache_kw: self._batch.cache})
+        with self.pool.bank.using([r.slot for r in self._rows]):  # outside, the model is the plain base
+            out = self.model(input_ids=ids, attention_mask=mask.to(self.device),
+                             position_ids=positions.to(self.device), use_cache=True,
+                             **{self.cache_kw: self._batch.cache})
         logits = out.logits[:, -1]
         done = [i for i, row in enumerate(self._rows) if self._emit(row, logits[i])]
         self._leave(done, None)
