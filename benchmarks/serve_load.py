@@ -9,8 +9,8 @@ are saved to a temp folder; `petkit serve --adapter-dir` runs as its own process
 a free port (--max-adapters = --adapters, so all stay resident; --max-batch 16). First every
 distinct request (adapter x prompt) is served alone, one at a time: the reference answers. Then
 `--clients` threads start together, each sending `--requests` chat requests in turn through the
-`openai` client (client i on adapter i mod N; streamed and whole alternate), greedy,
-`--tokens` new tokens at most. Reported: errors, answers that differ from the reference,
+`openai` client (client i on adapter i mod N, one of `--prompts` prompts; streamed and whole
+alternate), greedy, `--tokens` new tokens at most. Reported: errors, answers that differ from the reference,
 latency per request (p50, p99: request sent -> last token), generated tokens per second over
 the loaded phase's wall time. Requests not sent before `--duration` seconds are counted as
 skipped; the server is stopped at the end whatever happened.
@@ -93,9 +93,9 @@ def ask(client: openai.OpenAI, model: str, prompt: str, tokens: int, stream: boo
     return text, chunks[-1].usage.completion_tokens
 
 
-def jobs(clients: int, requests: int, adapters: int) -> list[list[tuple[str, str, bool]]]:
+def jobs(clients: int, requests: int, adapters: int, prompts: int) -> list[list[tuple[str, str, bool]]]:
     """Per client, its requests in order: (adapter, prompt, streamed)."""
-    return [[(f"a{c % adapters}", PROMPTS[(c // adapters + k) % len(PROMPTS)], (c + k) % 2 == 0)
+    return [[(f"a{c % adapters}", PROMPTS[(c // adapters + k) % prompts], (c + k) % 2 == 0)
              for k in range(requests)] for c in range(clients)]
 
 
@@ -148,8 +148,10 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--adapters", type=int, default=8)
-    ap.add_argument("--requests", type=int, default=2, help="requests per client")
-    ap.add_argument("--tokens", type=int, default=16, help="max new tokens per request")
+    ap.add_argument("--requests", type=int, default=1, help="requests per client")
+    ap.add_argument("--prompts", type=int, default=2, choices=range(1, len(PROMPTS) + 1),
+                    metavar=f"1..{len(PROMPTS)}", help="distinct prompts per adapter")
+    ap.add_argument("--tokens", type=int, default=8, help="max new tokens per request")
     ap.add_argument("--duration", type=float, default=900.0, help="no request is sent after this (s)")
     ap.add_argument("--output", default=None, help="also write the results as JSON here")
     args = ap.parse_args()
@@ -160,13 +162,15 @@ def main() -> None:
         server = start_server(args.model, Path(tmp), args.adapters, port)
         url = f"http://127.0.0.1:{port}"
         try:
-            plan = jobs(args.clients, args.requests, args.adapters)
+            plan = jobs(args.clients, args.requests, args.adapters, args.prompts)
             alone = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=300)
             t0 = time.perf_counter()
             distinct = sorted({(m, p) for work in plan for m, p, _ in work})
             reference = {(m, p): ask(alone, m, p, args.tokens, False)[0] for m, p in distinct}
             alone_s = time.perf_counter() - t0
+            load_before = os.getloadavg()[0]
             result = load_phase(url, plan, reference, args.tokens, args.duration)
+            result["load_average_1min"] = [round(load_before, 1), round(os.getloadavg()[0], 1)]
         finally:
             server.send_signal(signal.SIGINT)
             try:
@@ -174,7 +178,7 @@ def main() -> None:
             except subprocess.TimeoutExpired:
                 server.kill()
     result.update({"model": args.model, "clients": args.clients, "adapters": args.adapters,
-                   "requests_per_client": args.requests, "max_tokens": args.tokens,
+                   "requests_per_client": args.requests, "prompts": args.prompts, "max_tokens": args.tokens,
                    "reference_requests": len(distinct), "reference_s": alone_s,
                    "cpu_count": os.cpu_count()})
     print(json.dumps(result, indent=2))
