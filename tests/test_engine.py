@@ -183,6 +183,13 @@ def test_cancel_queue_full_unknown_adapter(setup):
     engine.step()
     assert engine.active_rows() == 0
     assert "".join(hs[1]) == hs[1].text and list(hs[1]) == []  # iteration ends, and again at once
+    with pytest.raises(pk.ConfigError, match="over the model's 256 positions"):
+        engine.submit(GenerationRequest(prompt_ids=[5] * 250, max_new_tokens=10))
+    with pytest.raises(pk.ConfigError, match="already loaded"):
+        engine.add_adapter("lora4", setup[2]["lora4"])
+    queued = [engine.submit(GenerationRequest(prompt_ids=p, adapter="lora2", max_new_tokens=3)) for _ in range(2)]
+    engine.remove_adapter("lora2")  # queued requests for it are cancelled, with the reason
+    assert [h.finish_reason for h in queued] == ["cancelled"] * 2 and "removed" in queued[0].error
     with pytest.raises(pk.ConfigError, match="exactly one of"):
         GenerationRequest(prompt_ids=p, prompt="x")
     with pytest.raises(pk.ConfigError, match="top_p"):
