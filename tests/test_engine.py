@@ -13,6 +13,7 @@ import torch
 import petkit as pk
 from petkit.core.delta import iter_deltas
 from petkit.serve.engine import Engine, GenerationRequest, QueueFull, UnknownAdapter
+from petkit.serve.text import TextStream
 
 NAMES = ["lora4", "lora2", "dora3", "rslora8"]
 
@@ -246,3 +247,23 @@ def test_background_thread_serves_concurrent_clients(setup):
     finally:
         engine.stop()
     assert not engine.is_running()
+
+
+class Chars:
+    """A tokenizer stand-in: token i is the i-th character of ALPHABET."""
+    ALPHABET = "ab cd\nxy"
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(self.ALPHABET[i] for i in ids)
+
+
+def test_text_stream_holds_back_what_may_start_a_stop_string():
+    stream = TextStream(Chars(), stop=["cd\n"])
+    assert [stream.push(i) for i in (0, 1, 2, 3)] == ["a", "b", " ", ""]  # "c" may start "cd\n"
+    assert stream.push(4) == "" and not stream.stopped  # "cd" still may
+    assert stream.push(6) == "cdx" and not stream.stopped  # "cdx": not a stop, released
+    stream = TextStream(Chars(), stop=["cd\n"])
+    assert "".join(stream.push(i) for i in (0, 3, 4, 5, 6)) == "a" and stream.stopped
+    assert stream.flush() == "" and stream.text == "a"
+    stream = TextStream(Chars(), stop=["d\n"])
+    assert stream.push(4) == "" and stream.flush() == "d"  # held text comes out at the end

@@ -17,7 +17,7 @@ so the model's own wrappers must be disabled while the bank runs (`pk.disabled`)
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -76,8 +76,11 @@ class _Stack:
 class _Gathered:
     """The stacks indexed by one batch composition: what each row's hook multiplies by."""
 
-    def __init__(self, stack: _Stack, index: torch.Tensor, single: bool) -> None:
-        take = (lambda t: t[index[0]: index[0] + 1]) if single else (lambda t: t.index_select(0, index))
+    def __init__(self, stack: _Stack, key: tuple[int, ...], index: torch.Tensor) -> None:
+        if len(key) == 1:  # one row (a prefill): a view, no copy
+            take = lambda t: t[key[0]: key[0] + 1]  # noqa: E731
+        else:
+            take = lambda t: t.index_select(0, index)  # noqa: E731
         self.a_t, self.b_t = take(stack.a_t), take(stack.b_t)
         self.gain = None if stack.gain is None else take(stack.gain)[:, None, :]
         self.shift = None if stack.shift is None else take(stack.shift)[:, None, :]
@@ -175,10 +178,10 @@ class LowRankBank:
             stack = self.stacks[path]
             live = any(s in stack.used for s in self._key)
             index = self._index.to(stack.a_t.device)
-            per_path[path] = _Gathered(stack, index, len(self._key) == 1) if live else None
+            per_path[path] = _Gathered(stack, self._key, index) if live else None
         return per_path[path]
 
-    def _hook(self, path: str):
+    def _hook(self, path: str) -> Callable[[nn.Module, tuple, torch.Tensor], torch.Tensor]:
         def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
             g = self._gathered(path) if self._key else None
             if g is None:

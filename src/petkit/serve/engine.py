@@ -18,6 +18,7 @@ token). `petkit chat` / `generate` and `petkit serve` both run on this engine.
 from __future__ import annotations
 
 import collections
+import difflib
 import logging
 import os
 import threading
@@ -99,8 +100,6 @@ class Engine:
         return self.pool.names()
 
     def _unknown(self, name: str) -> str:
-        import difflib
-
         close = difflib.get_close_matches(name, self.pool.names(), n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         return f"unknown adapter {name!r} (loaded: {', '.join(self.pool.names()) or 'none'}){hint}"
