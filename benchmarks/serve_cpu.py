@@ -61,16 +61,29 @@ def prompt_ids(tokenizer, n: int) -> list[list[int]]:
             for i in range(n)]
 
 
-def engine_arm(engine: Engine, prompts: list[list[int]], adapters: list[str | None], tokens: int) -> float:
-    started = time.perf_counter()
-    handles = [engine.submit(GenerationRequest(prompt_ids=p, adapter=a, max_new_tokens=tokens))
-               for p, a in zip(prompts, adapters)]
-    while engine.step():
-        pass
-    elapsed = time.perf_counter() - started
+class Clock:
+    """Wall and CPU seconds of a block; rate() is tokens per wall second and per CPU second."""
+
+    def __enter__(self) -> "Clock":
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+    def rate(self, tokens: int) -> dict[str, float]:
+        return {"wall": tokens / self.wall, "cpu": tokens / self.cpu}
+
+
+def engine_arm(engine: Engine, prompts: list[list[int]], adapters: list[str | None], tokens: int) -> dict[str, float]:
+    with Clock() as clock:
+        handles = [engine.submit(GenerationRequest(prompt_ids=p, adapter=a, max_new_tokens=tokens))
+                   for p, a in zip(prompts, adapters)]
+        while engine.step():
+            pass
     made = sum(h.usage["completion_tokens"] for h in handles)
     assert made == tokens * len(prompts), made
-    return made / elapsed
+    return clock.rate(made)
 
 
 def padded(tokenizer, prompts: list[list[int]]) -> dict[str, torch.Tensor]:
@@ -86,28 +99,28 @@ def generate_kw(tokenizer, tokens: int) -> dict:
             "pad_token_id": tokenizer.pad_token_id}
 
 
-def grouped_arm(model, tokenizer, paths, prompts, names, tokens: int) -> float:
+def grouped_arm(model, tokenizer, prompts, names, tokens: int) -> dict[str, float]:
     """Today's mixed_generate before batching: one `generate` per adapter group."""
-    started = time.perf_counter()
-    with torch.no_grad():
+    with Clock() as clock, torch.no_grad():
         for name in dict.fromkeys(names):
             rows = [i for i, n in enumerate(names) if n == name]
             pk.activate(model, [name])
             model.generate(**padded(tokenizer, [prompts[i] for i in rows]), **generate_kw(tokenizer, tokens))
-    return tokens * len(prompts) / (time.perf_counter() - started)
+    return clock.rate(tokens * len(prompts))
 
 
-def mixed_arm(model, tokenizer, prompts, names, tokens: int) -> float:
-    started = time.perf_counter()
-    pk.mixed_generate(model, names, **padded(tokenizer, prompts), **generate_kw(tokenizer, tokens))
-    return tokens * len(prompts) / (time.perf_counter() - started)
+def mixed_arm(model, tokenizer, prompts, names, tokens: int) -> dict[str, float]:
+    with Clock() as clock:
+        pk.mixed_generate(model, names, **padded(tokenizer, prompts), **generate_kw(tokenizer, tokens))
+    return clock.rate(tokens * len(prompts))
 
 
-def ttft(engine: Engine, prompt: list[int], adapter: str | None) -> float:
-    handle = engine.submit(GenerationRequest(prompt_ids=prompt, adapter=adapter, max_new_tokens=1))
-    while engine.step():
-        pass
-    return handle.first_token_at - handle.submitted_at
+def ttft(engine: Engine, prompt: list[int], adapter: str | None) -> dict[str, float]:
+    with Clock() as clock:
+        engine.submit(GenerationRequest(prompt_ids=prompt, adapter=adapter, max_new_tokens=1))
+        while engine.step():
+            pass
+    return {"wall": clock.wall, "cpu": clock.cpu}
 
 
 def main() -> None:
@@ -126,6 +139,7 @@ def main() -> None:
     model.eval()
     n = args.requests
     prompts, names = prompt_ids(tokenizer, n), [f"a{i}" for i in range(n)]
+    med = statistics.median
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_adapters(model, Path(tmp), n, args.rank)
         # the base engine gets its own copy: the other engine's hooks sit on `model`'s layers
@@ -148,18 +162,20 @@ def main() -> None:
         del engine, base_engine
         for name in names:
             pk.load_adapter(model, paths[name], name=name)
-        grouped = grouped_arm(model, tokenizer, paths, prompts, names, args.new_tokens)
+        grouped = grouped_arm(model, tokenizer, prompts, names, args.new_tokens)
         mixed = mixed_arm(model, tokenizer, prompts, names, args.new_tokens)
-    med = statistics.median
     result = {"model": args.model, "requests": n, "new_tokens": args.new_tokens, "rank": args.rank,
-              "threads": torch.get_num_threads(), "rounds": args.rounds,
-              "tokens_per_s": {"base": med(base), "engine": med(batched), "grouped": grouped,
-                               "mixed_generate": mixed},
-              "tokens_per_s_rounds": {"base": base, "engine": batched},
-              "engine_vs_base": med(batched) / med(base), "engine_vs_grouped": med(batched) / grouped,
-              "ttft_ms": {"base": 1000 * med(t_base), "adapter": 1000 * med(t_adapter)},
-              "ttft_ratio": med(t_adapter) / med(t_base), "swap_ms_mean": stats["swap_ms_mean"],
-              "swaps": stats["swaps"]}
+              "threads": torch.get_num_threads(), "rounds": args.rounds, "swap_ms_mean": stats["swap_ms_mean"]}
+    for clock in ("wall", "cpu"):  # tokens per wall second, per CPU second of this process
+        b, e = [r[clock] for r in base], [r[clock] for r in batched]
+        result[clock] = {
+            "tokens_per_s": {"base": med(b), "engine": med(e), "grouped": grouped[clock], "mixed_generate": mixed[clock]},
+            "rounds": {"base": b, "engine": e},
+            "engine_vs_base": med([y / x for x, y in zip(b, e)]),  # median of the paired rounds' ratios
+            "engine_vs_grouped": med(e) / grouped[clock],
+            "ttft_ms": {"base": 1000 * med([t[clock] for t in t_base]),
+                        "adapter": 1000 * med([t[clock] for t in t_adapter])},
+            "ttft_ratio": med([a[clock] / b_[clock] for a, b_ in zip(t_adapter, t_base)])}
     print(json.dumps(result, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
