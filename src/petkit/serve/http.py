@@ -31,7 +31,7 @@ from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from petkit.core.errors import AdapterLoadError, PetkitError
-from petkit.serve.engine import Engine, GenerationRequest, QueueFull, UnknownAdapter
+from petkit.serve.engine import Engine, GenerationRequest, Handle, QueueFull, UnknownAdapter
 from petkit.serve.limits import BodyLimit, allowed_adapter_path, raise_thread_limit
 from petkit.serve.metrics import ServeMetrics
 from petkit.serve.openai_api import (ApiError, ChatBody, CompletionBody, LoadAdapterBody, Reply,
@@ -105,7 +105,7 @@ class _Server:
                                 f"(petkit serve --max-tokens)", param="max_tokens")
         return min(asked or self.settings.default_tokens, limit)
 
-    def submit(self, body: ChatBody | CompletionBody) -> Any:
+    def submit(self, body: ChatBody | CompletionBody) -> Handle:
         """The engine's handle for the request; engine refusals mapped to statuses."""
         prompt: dict[str, Any]
         if isinstance(body, ChatBody):
@@ -150,7 +150,7 @@ class _Server:
         self.metrics.answered(endpoint, 200)
         return _json(200, reply.whole(text, handle.finish_reason, usage))
 
-    async def _pieces(self, handle: Any, endpoint: str, started: float) -> AsyncIterator[str]:
+    async def _pieces(self, handle: Handle, endpoint: str, started: float) -> AsyncIterator[str]:
         """The handle's text pieces, read off the event loop; a client gone mid-stream (this
         generator closed or cancelled) cancels the request, which frees its batch row."""
         first = True
@@ -163,13 +163,13 @@ class _Server:
         finally:
             handle.cancel()  # no-op once finished
 
-    async def _events(self, handle: Any, reply: Reply, usage: bool, endpoint: str,
+    async def _events(self, handle: Handle, reply: Reply, usage: bool, endpoint: str,
                       started: float) -> AsyncIterator[str]:
         self.metrics.in_flight.inc()
         try:
-            for chunk in [reply.first_chunk()]:
-                if chunk is not None:
-                    yield _sse(chunk)
+            opening = reply.first_chunk()
+            if opening is not None:
+                yield _sse(opening)
             async for piece in self._pieces(handle, endpoint, started):
                 yield _sse(reply.chunk(piece))
             if handle.finish_reason == "error":
