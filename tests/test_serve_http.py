@@ -351,6 +351,8 @@ def test_binding_beyond_loopback_needs_allow_remote(host: str, ok: bool) -> None
     (["--adapter", "x=/no/such/folder"], "not an adapter folder"),
     (["--adapter-dir", "/no/such/folder"], "not a folder"),
     (["--max-queue", "0"], "--max-queue must be at least 1"),
+    (["--device", "cuda:7"], "CUDA device"),
+    (["--device", "toaster"], "not a device name"),
 ])
 def test_serve_command_refuses_mistakes_before_loading(argv: list[str], message: str, capsys) -> None:
     from petkit.cli import main

@@ -14,10 +14,17 @@ import os
 import socket
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from petkit.core.errors import ConfigError
 from petkit.core.io import META as ADAPTER_JSON
+from petkit.models.loading import load_model
+from petkit.models.packages import require_module
 from petkit.serve.cli import base_of, parse_adapters
+from petkit.serve.engine import Engine
+
+if TYPE_CHECKING:
+    from petkit.serve.http import ServeSettings
 
 EXTRA = "'petkit[serve]'"
 DEFAULT_MODEL = "smollm2-135m"
@@ -83,6 +90,19 @@ def base_name(args: argparse.Namespace, adapters: dict[str, Path]) -> str:
     return base_of(next(iter(adapters.values()))) if adapters else DEFAULT_MODEL
 
 
+def _check_device(name: str) -> None:
+    """--device names a device this machine has (before the model loads)."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ConfigError(f"--device {name}: not a device name (cpu, cuda, cuda:1, ...)") from err
+    count = torch.cuda.device_count() if device.type == "cuda" else 0
+    if device.type == "cuda" and (count == 0 or (device.index or 0) >= count):
+        raise ConfigError(f"--device {name}: torch sees {count} CUDA device(s) here; use --device cpu")
+
+
 def _check_port(host: str, port: int) -> None:
     """A clear error now rather than uvicorn's log line after the model has loaded."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -95,8 +115,8 @@ def _check_port(host: str, port: int) -> None:
                               f"pick another --port") from err
 
 
-def _settings(args: argparse.Namespace) -> "ServeSettings":  # noqa: F821 (imported in command)
-    from petkit.serve.http import ServeSettings
+def _settings(args: argparse.Namespace) -> ServeSettings:
+    from petkit.serve.http import ServeSettings  # FastAPI: only once `petkit serve` runs
 
     for flag in ("max_adapters", "max_batch", "max_queue", "max_tokens", "max_body_kb"):
         if getattr(args, flag) < 1:
@@ -110,8 +130,6 @@ def _settings(args: argparse.Namespace) -> "ServeSettings":  # noqa: F821 (impor
 
 def command(args: argparse.Namespace, echo: Callable[[str], None]) -> None:
     """Check everything cheap, load the base and adapters, serve until interrupted."""
-    from petkit.models.packages import require_module
-
     for module in MODULES:
         require_module(module, EXTRA, "petkit serve")
     from petkit.serve.limits import check_bind, is_loopback  # pydantic: it comes with FastAPI
@@ -123,15 +141,13 @@ def command(args: argparse.Namespace, echo: Callable[[str], None]) -> None:
     adapters = adapter_folders(args.adapter, args.adapter_dir)
     args.model = base_name(args, adapters)
     settings = _settings(args)
+    _check_device(args.device)
     _check_port(args.host, args.port)
     engine = _engine(args, adapters, echo)
     _serve(engine, settings, args, echo)
 
 
-def _engine(args: argparse.Namespace, adapters: dict[str, Path], echo: Callable[[str], None]) -> "Engine":  # noqa: F821
-    from petkit.models.loading import load_model
-    from petkit.serve.engine import Engine
-
+def _engine(args: argparse.Namespace, adapters: dict[str, Path], echo: Callable[[str], None]) -> Engine:
     echo(f"loading {args.model} ...")
     model, tokenizer = load_model(args.model)
     engine = Engine(model.to(args.device), tokenizer, max_batch=args.max_batch,
@@ -142,11 +158,11 @@ def _engine(args: argparse.Namespace, adapters: dict[str, Path], echo: Callable[
     return engine
 
 
-def _serve(engine: "Engine", settings: "ServeSettings", args: argparse.Namespace,  # noqa: F821
+def _serve(engine: Engine, settings: ServeSettings, args: argparse.Namespace,
            echo: Callable[[str], None]) -> None:
-    import uvicorn
+    import uvicorn  # the serve extra: only once `petkit serve` runs
 
-    from petkit.serve.http import create_app
+    from petkit.serve.http import create_app  # FastAPI, likewise
 
     app = create_app(engine, settings)
     host = f"[{args.host}]" if ":" in args.host else args.host
