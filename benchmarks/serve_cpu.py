@@ -4,7 +4,7 @@
     python benchmarks/serve_cpu.py --requests 4 --new-tokens 8     # a quick look
 
 Protocol: SmolLM2-135M in fp32 on this machine's CPU threads; `--requests` concurrent requests
-(distinct prompts of about 20 tokens, greedy, exactly `--new-tokens` new tokens each: EOS is
+(distinct prompts of about 10 tokens, greedy, exactly `--new-tokens` new tokens each: EOS is
 ignored so every arm makes the same tokens). Each of the 16 adapters is a rank-8 LoRA on q_proj and
 v_proj with random non-zero factors, saved and loaded through adapter folders. Arms:
 
