@@ -12,7 +12,6 @@ Two strategies, chosen once by `make_objective`, so the loop and `evaluate` neve
 
 from __future__ import annotations
 
-import functools
 import inspect
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -47,9 +46,17 @@ class Objective(Protocol):
 _INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "pixel_values")
 
 
-@functools.lru_cache(maxsize=64)
+_FORWARD_PARAMS: dict[type, frozenset[str]] = {}
+
+
 def _forward_params(forward_type: type) -> frozenset[str]:
-    return frozenset(inspect.signature(forward_type.forward).parameters)
+    """The parameter names of `forward_type.forward`, cached per class in a plain dict, which
+    torch.compile traces as a lookup (it warns about an `lru_cache` wrapper)."""
+    params = _FORWARD_PARAMS.get(forward_type)
+    if params is None:
+        params = frozenset(inspect.signature(forward_type.forward).parameters)
+        _FORWARD_PARAMS[forward_type] = params
+    return params
 
 
 def _forward_type(model: nn.Module) -> type:
