@@ -32,10 +32,10 @@ from petkit.app.pipeline import (load_with_adapter, merge_to_folder, method_conf
 from petkit.app.rank_sweep import check_ranks, evaluate_at_ranks, parse_ranks, write_sweep
 from petkit.app.recipe import apply_overrides, load_recipe
 from petkit.app.replay import replay_run
-from petkit.app.run_folder import DEFAULT_OUTPUT, claim_output
+from petkit.app.run_folder import DEFAULT_OUTPUT, SCHEDULE_FIELDS, claim_output, resume_recipe
 from petkit.benchmark import cli as bench_cli
 from petkit.cli_flags import (COLUMNS, DATA, DOTTED, FLAGS, HELP, METAVARS, METHOD, OPTIMISERS,
-                              TRAINING)
+                              TRAINING, speak_flags)
 from petkit.compress.cli import pruning_hooks
 from petkit.core.disk import folder_bytes, format_bytes
 from petkit.core.errors import PetkitError
@@ -45,7 +45,7 @@ from petkit.core.registry import list_methods, suggested_lr
 from petkit.core.state import active_adapters
 from petkit.data import is_data_file
 from petkit.fed import flags as fed_flags  # flags only: `petkit fed` imports Flower when it runs
-from petkit.models.packages import require_module
+from petkit.models.packages import extra_install, require_module
 from petkit.training.evaluate import format_metrics
 
 ERR = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -92,9 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="replace the run already in --output (by default a named folder "
                             "holding a run is refused, and the default folder moves on to "
                             "runs/default-N)")
-    train.add_argument("--resume-override", action="store_true",
-                       help="with --resume: accept changed max steps, lr, schedule, batch or "
-                            "accumulation (the run is then no longer an exact continuation)")
+    train.add_argument("--resume-override", nargs="?", const="schedule", default=None,
+                       metavar="FIELDS",
+                       help="with --resume: let these options change, comma-separated flag "
+                            "names or dotted fields (steps,lr or train.max_steps); alone: the "
+                            "schedule (steps, epochs, lr, warm-up, batch, accumulation). The run "
+                            "is then no longer an exact continuation")
     train.add_argument("--nproc", type=int, default=None,
                        help="train on N local processes through torchrun (DDP or FSDP2: train.distributed; docs/distributed.md)")
     train.add_argument("--dylora-eval-ranks", dest="eval_ranks", default=None,
@@ -153,17 +156,48 @@ def _split_dotted(extra: Sequence[str]) -> dict[str, str]:
 
 
 def _recipe(args: argparse.Namespace, dotted: dict[str, str], base: Any = None) -> Any:
-    """Recipe from --recipe (or `base`, or the default), then named flags, then dotted ones."""
+    """Recipe from --recipe (or `base`, or the default), then named flags, then dotted ones.
+    With --resume: the run folder's own recipe, changed only where --resume-override says."""
+    if getattr(args, "resume", False):
+        if args.recipe:
+            raise UsageError("--resume continues the run in --output with its own recipe.yaml; "
+                             "drop --recipe")
+        folder = Path(args.output or DEFAULT_OUTPUT)
+        saved = folder / "recipe.yaml"
+        recipe = load_recipe(saved) if saved.is_file() else load_recipe("default")
+        return resume_recipe(folder, _overrides(args, dotted, recipe),
+                             _override_fields(args.resume_override))
+    if getattr(args, "resume_override", None):
+        raise UsageError("--resume-override only applies with --resume")
     recipe = load_recipe(args.recipe) if args.recipe else base or load_recipe("default")
+    return apply_overrides(recipe, _overrides(args, dotted, recipe))
+
+
+def _override_fields(text: str | None) -> list[str]:
+    """--resume-override's value as dotted fields: flag names map through FLAGS."""
+    if not text:
+        return []
+    fields = []
+    for name in (n.strip() for n in text.split(",") if n.strip()):
+        if name == "schedule":
+            fields.extend(SCHEDULE_FIELDS)
+        elif name.lstrip("-").replace("-", "_") in FLAGS:
+            fields.append(FLAGS[name.lstrip("-").replace("-", "_")])
+        elif "." in name:
+            fields.append(name.lstrip("-").replace("-", "_"))
+        else:
+            raise UsageError(f"--resume-override: {name!r} is neither a flag name (steps, lr, "
+                             f"...) nor a dotted field (train.max_steps)")
+    return fields
+
+
+def _overrides(args: argparse.Namespace, dotted: dict[str, str], recipe: Any) -> dict[str, str]:
+    """The recipe fields the flags and dotted options set, as {"section.field": text}."""
     named = {FLAGS[k]: str(v) for k, v in vars(args).items() if k in FLAGS and v is not None}
     if getattr(args, "head", False):
         named["data.task_type"] = "head"
     if getattr(args, "bf16", False):
         named["train.precision"] = "bf16"
-    if getattr(args, "resume", False):
-        named["train.resume"] = "true"
-    if getattr(args, "resume_override", False):
-        named["train.resume_override"] = "true"
     overrides = {**named, **dotted}
     if "train.epochs" in overrides and "train.max_steps" not in overrides:
         overrides["train.max_steps"] = "none"  # --epochs alone: the recipe's step cap would cut it
@@ -173,7 +207,7 @@ def _recipe(args: argparse.Namespace, dotted: dict[str, str], base: Any = None) 
         if lr is not None:
             overrides["train.lr"] = str(lr)
             OUT.print(f"[dim]lr {lr:g}: {overrides['method.name']}'s suggested rate (--lr sets another)[/dim]")
-    return apply_overrides(recipe, overrides)
+    return overrides
 
 
 def cmd_train(args: argparse.Namespace, dotted: dict[str, str]) -> None:
@@ -186,7 +220,7 @@ def cmd_train(args: argparse.Namespace, dotted: dict[str, str]) -> None:
     ranks = _eval_ranks(args, recipe)
     recipe = claim_output(recipe, args.overwrite, lambda line: OUT.print(line, markup=False))
     report = run_recipe(recipe, echo=lambda line: OUT.print(f"[dim]{line}[/dim]"),
-                        hooks=pruning_hooks(recipe))
+                        hooks=pruning_hooks(recipe), command=["petkit", *args.argv])
     result = report.result
     OUT.print(f"test after:  [bold green]{format_metrics(report.after)}[/bold green]")
     best = f", best {result.metric}={result.best_metric:.4f} at step {result.best_step}" \
@@ -195,9 +229,11 @@ def cmd_train(args: argparse.Namespace, dotted: dict[str, str]) -> None:
     OUT.print(f"{result.steps} {noun} in {result.seconds:.0f}s{best}; "
               f"peak memory {result.peak_memory_mb:.0f} MiB; total {report.seconds:.0f}s")
     OUT.print(f"adapter: {result.adapter_path} ({format_bytes(report.adapter_bytes, 2)} on disk)")
-    plot = Path(report.recipe.train.output_dir or DEFAULT_OUTPUT) / "training.png"
+    folder = Path(report.recipe.train.output_dir or DEFAULT_OUTPUT)
+    plot = folder / "training.png"
     if plot.is_file():
         OUT.print(f"loss curve: {plot}; log: {plot.parent / 'train.log'}")
+    OUT.print(f"results (metrics, command, versions, times): {folder / 'results.json'}")
     if ranks:
         _rank_sweep(report.recipe, result.adapter_path, ranks)
     for key, value in result.report.items():  # e.g. IST: steps each layer was updated in
@@ -286,13 +322,13 @@ def cmd_continual(args: argparse.Namespace, dotted: dict[str, str]) -> None:
     """Learn tasks in order; print the accuracy matrix, forgetting and where the files are."""
     from petkit.continual import cli as continual_cli
 
-    for line in continual_cli.command(args, dotted):
+    for line in continual_cli.command(args, dotted, lambda line: OUT.print(line, markup=False)):
         OUT.print(line, markup=False)
 
 
 def cmd_fed(args: argparse.Namespace, dotted: dict[str, str]) -> None:
     """Federated rounds on Flower; prints each round, the partition, bytes vs full-model FedAvg."""
-    require_module("flwr", "'petkit[fed]'", "petkit fed")
+    require_module("flwr", extra_install("fed"), "petkit fed")
     from petkit.fed import cli as fed_cli  # here, not at the top: it imports Flower
 
     fed_cli.run_command(args, dotted, lambda line: OUT.print(line, markup=False))
@@ -328,11 +364,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     hf_logging.disable_progress_bar()  # "Loading weights" bars would bury petkit's own output
     try:
         args, extra = build_parser().parse_known_args(argv)
+        args.argv = list(argv) if argv is not None else sys.argv[1:]
         if getattr(args, "nproc", None) and "WORLD_SIZE" not in os.environ:
             return _relaunch(args.nproc, list(argv) if argv is not None else sys.argv[1:])
         COMMANDS[args.command](args, _split_dotted(extra))
     except PetkitError as err:
-        ERR.print(f"[bold red]error:[/bold red] {escape(str(err).splitlines()[0])}")
+        ERR.print(f"[bold red]error:[/bold red] {escape(speak_flags(' '.join(str(err).split())))}")
         return 2
     except KeyboardInterrupt:
         ERR.print("[yellow]interrupted[/yellow]")

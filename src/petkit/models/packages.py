@@ -83,6 +83,24 @@ def require_module(module: str, pip_name: str, what: str) -> None:
         raise MissingPackageError(f"{what} needs {module!r}. Fix: pip install {pip_name}")
 
 
+def extra_install(extra: str) -> str:
+    """The pip command that installs petkit's optional `extra`: its requirements themselves, which
+    works whether petkit came from PyPI or from a clone (where `petkit[extra]` would fetch
+    another petkit from PyPI)."""
+    import re
+    import shlex
+
+    try:
+        requires = metadata.requires("petkit") or []
+    except metadata.PackageNotFoundError:
+        requires = []
+    marker = re.compile(rf"""extra\s*==\s*["']{re.escape(extra)}["']""")
+    wanted = [r.split(";")[0].strip() for r in requires if marker.search(r)]
+    if not wanted:
+        return f"pip install 'petkit[{extra}]'"
+    return "pip install " + " ".join(shlex.quote(r.replace(" ", "")) for r in wanted)
+
+
 # Log records of optional packages that transformers imports when they are installed, whatever
 # the model: (logger, text in the message). torchao logs "Failed to load" for each CUDA kernel
 # library a CPU build cannot load, torch's pytree a deprecation per enum torchao registers, and
