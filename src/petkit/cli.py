@@ -98,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "names or dotted fields (steps,lr or train.max_steps); alone: the "
                             "schedule (steps, epochs, lr, warm-up, batch, accumulation). The run "
                             "is then no longer an exact continuation")
+    train.add_argument("--verbose", action="store_true",
+                       help="with --nproc: torchrun's own output and the bytes the processes exchanged")
     train.add_argument("--nproc", type=int, default=None,
                        help="train on N local processes through torchrun (DDP or FSDP2: train.distributed; docs/distributed.md)")
     train.add_argument("--dylora-eval-ranks", dest="eval_ranks", default=None,
@@ -212,7 +214,7 @@ def _overrides(args: argparse.Namespace, dotted: dict[str, str], recipe: Any) ->
 
 def cmd_train(args: argparse.Namespace, dotted: dict[str, str]) -> None:
     """Train as the recipe + flags say; print before/after test metrics and the adapter."""
-    from petkit.training.distributed import init_from_env, rank
+    from petkit.training.distributed import init_from_env, rank, report_lines
 
     if init_from_env():  # under torchrun: join the job before loading (cuda = this rank's GPU)
         OUT.quiet = rank() != 0
@@ -236,8 +238,8 @@ def cmd_train(args: argparse.Namespace, dotted: dict[str, str]) -> None:
     OUT.print(f"results (metrics, command, versions, times): {folder / 'results.json'}")
     if ranks:
         _rank_sweep(report.recipe, result.adapter_path, ranks)
-    for key, value in result.report.items():  # e.g. IST: steps each layer was updated in
-        OUT.print(f"{key}: {value}", markup=False)
+    for line in report_lines(result.report, args.verbose):  # e.g. IST: each layer's updates
+        OUT.print(line, markup=False)
 
 
 def _eval_ranks(args: argparse.Namespace, recipe: Any) -> list[int]:
@@ -346,11 +348,11 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "merge": cmd_merge, "inspect":
             "continual": cmd_continual}
 
 
-def _relaunch(nproc: int, argv: list[str]) -> int:
+def _relaunch(nproc: int, argv: list[str], verbose: bool) -> int:
     """`petkit train --nproc N ...`: the same command on N processes through torchrun."""
     from petkit.training.distributed import launch
 
-    code = launch(nproc, argv)
+    code = launch(nproc, argv, verbose)
     if code:
         ERR.print(f"[bold red]error:[/bold red] the {nproc}-process run failed (torchrun exit "
                   f"code {code}); the failing rank and its error are printed above")
@@ -366,7 +368,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args, extra = build_parser().parse_known_args(argv)
         args.argv = list(argv) if argv is not None else sys.argv[1:]
         if getattr(args, "nproc", None) and "WORLD_SIZE" not in os.environ:
-            return _relaunch(args.nproc, list(argv) if argv is not None else sys.argv[1:])
+            return _relaunch(args.nproc, list(argv) if argv is not None else sys.argv[1:],
+                             args.verbose)
         COMMANDS[args.command](args, _split_dotted(extra))
     except PetkitError as err:
         ERR.print(f"[bold red]error:[/bold red] {escape(speak_flags(' '.join(str(err).split())))}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from importlib import metadata
 from importlib.util import find_spec
@@ -122,10 +122,10 @@ class _DropText(logging.Filter):
 
 
 @contextlib.contextmanager
-def quiet_optional_imports() -> Iterator[None]:
-    """`_IMPORT_NOISE`'s records dropped inside (other records of those loggers still show):
-    wrap the first import of a transformers model class in it."""
-    filters = [(logging.getLogger(name), _DropText(text)) for name, text in _IMPORT_NOISE]
+def dropped_logs(noise: Iterable[tuple[str, str]]) -> Iterator[None]:
+    """Inside, for each (logger name, text) in `noise`, that logger's records whose message
+    contains the text are dropped; its other records still show."""
+    filters = [(logging.getLogger(name), _DropText(text)) for name, text in noise]
     for logger, drop in filters:
         logger.addFilter(drop)
     try:
@@ -133,3 +133,8 @@ def quiet_optional_imports() -> Iterator[None]:
     finally:
         for logger, drop in filters:
             logger.removeFilter(drop)
+
+
+def quiet_optional_imports() -> contextlib.AbstractContextManager[None]:
+    """`_IMPORT_NOISE` dropped inside: wrap the first import of a transformers model class."""
+    return dropped_logs(_IMPORT_NOISE)
