@@ -31,7 +31,8 @@ py="$venv/bin/python"
 "$py" -m pip install -q --no-deps "${nodeps[@]}" "${pin[@]}"
 
 names=$(printf '%s|' "${nodeps[@]%%==*}")
-if broken=$("$py" -m pip check 2>/dev/null | grep -vE "^(${names%|}) " | grep -v "^No broken"); then
+broken=$("$py" -m pip check 2>/dev/null | grep -vE "^(${names%|}) |^No broken" || true)
+if [ -n "$broken" ]; then
   echo "pip check: broken requirements (is constraints.txt out of date? see docs/install.md):"
   echo "$broken"
   exit 1
