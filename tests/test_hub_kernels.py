@@ -76,38 +76,46 @@ from petkit.data import collate
 from petkit.training.activations import activation_checkpointing
 from petkit.training.lm_loss import HeadBypass
 from petkit.training.objectives import ModelLoss
+from test_contract import CASES
 from toys import llama
 
-model = pk.attach(llama(), pk.LoraConfig(r=4))
-model.train()
 ids = torch.randint(3, 60, (3, 7), generator=torch.Generator().manual_seed(0))
 batch = collate([{"input_ids": row, "attention_mask": torch.ones_like(row), "labels": row}
                  for row in ids], pad_id=0)
-with warnings.catch_warnings(record=True) as caught, activation_checkpointing(model, 1), \\
-        HeadBypass(model, 5).installed():
-    warnings.simplefilter("always")
-    explained = torch._dynamo.explain(lambda b: ModelLoss()(model, b).loss)(batch)
-print(json.dumps({"breaks": explained.graph_break_count,
-                  "reasons": [str(r.reason).splitlines()[0] for r in explained.break_reasons],
-                  "wrapped": any("_kernel_funcs" in vars(m) for m in model.modules()),
-                  "warnings": [str(w.message).splitlines()[0] for w in caught]}))
+for method in sys.argv[3:]:
+    case = next(c for c in CASES if c.toy == "llama" and c.method == method)
+    model = pk.attach(llama(), pk.make_config(method, **case.kwargs))
+    model.train()
+    with warnings.catch_warnings(record=True) as caught, activation_checkpointing(model, 1), \\
+            HeadBypass(model, 5).installed():
+        warnings.simplefilter("always")
+        explained = torch._dynamo.explain(lambda b: ModelLoss()(model, b).loss)(batch)
+    torch._dynamo.reset()
+    print(json.dumps({"method": method, "breaks": explained.graph_break_count,
+                      "reasons": [str(r.reason).splitlines()[0] for r in explained.break_reasons],
+                      "wrapped": any("_kernel_funcs" in vars(m) for m in model.modules()),
+                      "warnings": [str(w.message).splitlines()[0] for w in caught]}))
 """
 
 
-@pytest.mark.slow  # a fresh interpreter and ~5 s of tracing, twice
+@pytest.mark.slow  # a fresh interpreter and ~5 s of tracing per method, twice
 @pytest.mark.parametrize("kernels", ["installed", "blocked"])
 def test_checkpointed_blocks_compile_without_breaks_with_and_without_kernels(kernels: str) -> None:
     """LoRA on a tiny Llama, every block checkpointed, the chunked loss: one graph under Dynamo.
     With `kernels` installed transformers wraps LlamaAttention (the wrapper stores a global,
-    which broke each checkpointed block's graph); without it there is no wrapper."""
+    which broke each checkpointed block's graph); without it there is no wrapper. Neither LoRA
+    nor the input-extension methods (prefix, late-prompt: their graph breaks are
+    test_train_modes.py's) make Dynamo warn about petkit's code."""
     if kernels == "installed":
         pytest.importorskip("kernels")
+    methods = ["lora", "prefix", "late-prompt"] if kernels == "installed" else ["lora"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [
         str(TESTS.parent / "src"), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, kernels, str(TESTS)], env=env,
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, kernels, str(TESTS), *methods], env=env,
                           capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out["wrapped"] == (kernels == "installed")
-    assert out["breaks"] == 0, out["reasons"]
-    assert not [w for w in out["warnings"] if "petkit" in w or "objectives.py" in w], out
+    rows = {r["method"]: r for r in map(json.loads, proc.stdout.strip().splitlines()[-len(methods):])}
+    assert rows["lora"]["wrapped"] == (kernels == "installed")
+    assert rows["lora"]["breaks"] == 0, rows["lora"]["reasons"]
+    for row in rows.values():
+        assert not [w for w in row["warnings"] if "petkit" in w or ".py:" in w], row
