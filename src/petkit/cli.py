@@ -130,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--output", dest="replayed", required=True, help="adapter folder to write")
     replay.add_argument("--steps", dest="replay_steps", type=int, default=None,
                         help="replay only the first N steps (e.g. the run's best step)")
+    replay.add_argument("--overwrite", action="store_true",
+                        help="replace the adapter already in --output")
     fed_flags.add_arguments(sub.add_parser("fed", help="federated tuning on Flower (simulation, or "
                                          "--deploy to a SuperLink): only the delta travels"))
     bench_cli.add_arguments(sub.add_parser("bench", help="fair benchmark grid from a YAML file: "
@@ -338,7 +340,7 @@ def cmd_fed(args: argparse.Namespace, dotted: dict[str, str]) -> None:
 
 def cmd_replay(args: argparse.Namespace, dotted: dict[str, str]) -> None:
     """Rebuild the adapter of a zeroth-order run from its log."""
-    out = replay_run(args.log, args.replayed, args.replay_steps)
+    out = replay_run(args.log, args.replayed, args.replay_steps, overwrite=args.overwrite)
     OUT.print(f"adapter: {out} ({format_bytes(folder_bytes(out), 2)}) rebuilt from "
               f"{args.log} ({os.path.getsize(args.log) / 1024:.1f} KiB)")
 
