@@ -4,6 +4,7 @@ simulation and a multi-process localhost deployment (SuperLink + 2 SuperNodes), 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -243,18 +244,31 @@ def _check_report(report: dict, clients: int, rounds: int) -> None:
     assert report["totals"]["saving_factor"] > 100
 
 
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
 @pytest.mark.slow
 def test_two_round_simulation_end_to_end_with_faulty_clients(
-        tiny_bert: str, tmp_path: Path, capfd: pytest.CaptureFixture[str],
-        recwarn: pytest.WarningsRecorder) -> None:
+        tiny_bert: str, tmp_path: Path, recwarn: pytest.WarningsRecorder) -> None:
     from petkit.fed import run_simulation
 
     faults = {1: "crash", 2: "wrong-shape", 3: "malformed"}
     recipe = _recipe(tiny_bert, tmp_path / "run", clients=4, rounds=2, strategy="fedprox", proximal_mu=0.1,
                      personal=True, dp_clip=1.0, dp_noise=0.5, dp_seed=0, faults=faults, workers=2)
-    report = run_simulation(recipe)
-    out, err = capfd.readouterr()  # quiet by default: no Flower banner, no Ray tip
-    assert "DEPRECATED" not in out + err and "Ray will no longer" not in out + err
+    flower = _Records()
+    logging.getLogger("flwr").addHandler(flower)
+    try:
+        report = run_simulation(recipe)
+    finally:
+        logging.getLogger("flwr").removeHandler(flower)
+    # quiet by default: no Flower banner, no Ray tip
+    assert not [m for m in flower.messages if "DEPRECATED" in m], flower.messages
     assert not [w for w in recwarn if "Ray will no longer" in str(w.message)]
     _check_report(report, clients=4, rounds=2)
     acc = PrivacyAccountant(4, 4, 0.5, 1e-5)
