@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from petkit.core.config_io import check_keys, dataclass_from_dict
 from petkit.core.errors import ConfigError
 from petkit.training.config import LEGACY_KEYS, TrainConfig
 from petkit.core.registry import get_method, make_config
+from petkit.recipes import shipped
 from petkit.data import EMBEDDED_TASKS, is_data_file
 
 TASK_TYPES = ("auto", "verbaliser", "head", "instruction")
@@ -178,13 +178,7 @@ def recipe_from_dict(data: dict[str, Any]) -> Recipe:
 
 def shipped_recipes(subfolder: str = "") -> dict[str, Path]:
     """YAML recipes shipped in `petkit/recipes/<subfolder>`, by file stem."""
-    folder = resources.files("petkit.recipes")
-    if subfolder:
-        folder = folder / subfolder
-    if not folder.is_dir():
-        return {}
-    return {Path(p.name).stem: Path(str(p)) for p in folder.iterdir()
-            if p.name.endswith((".yaml", ".yml"))}
+    return shipped(subfolder)
 
 
 def builtin_recipes() -> dict[str, Path]:

@@ -9,9 +9,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from petkit.app.recipe import shipped_recipes
-from petkit.benchmark.harness import run, write_report
 from petkit.core.errors import ConfigError, did_you_mean
+from petkit.recipes import shipped
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,7 +42,7 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 def shipped_grids() -> dict[str, Path]:
     """Grids shipped with petkit (`petkit/recipes/bench/*.yaml`), by name."""
-    return shipped_recipes("bench")
+    return shipped("bench")
 
 
 def grid_path(args: argparse.Namespace) -> Path:
@@ -64,6 +63,8 @@ def grid_path(args: argparse.Namespace) -> Path:
 
 def command(args: argparse.Namespace, dotted: dict[str, str]) -> str:
     """Run the grid (or only the report); return a short summary for the console."""
+    from petkit.benchmark.harness import run, write_report  # torch and the models: only to run
+
     if dotted:
         raise ConfigError(f"petkit bench takes no --section.field overrides ({sorted(dotted)}); "
                           "put them in the grid file")

@@ -13,7 +13,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from petkit.app.run_folder import claim_folder
 from petkit.core.errors import ConfigError
 
 STRATEGY_NAMES = ("sequential", "multitask", "per-task", "o-lora", "inflora", "hide", "conpet")
@@ -90,6 +89,7 @@ def command(args: argparse.Namespace, dotted: dict[str, str],
             echo: Callable[[str], None] = print) -> list[str]:
     """Run the sequence (`echo`: where the run goes, said before it starts); return the lines to
     print (matrix and metrics)."""
+    from petkit.app.run_folder import claim_folder  # the run's modules: only when it runs
     from petkit.continual.run import run_continual
 
     out = claim_folder(Path(args.cl_output or f"runs/continual-{args.cl_strategy}"),
