@@ -28,6 +28,7 @@ from petkit.fed.privacy import PrivacyAccountant
 from petkit.fed.prox import proximal, proximal_penalty
 
 sys.path.insert(0, str(Path(__file__).parent))
+from test_quiet import LogLines  # noqa: E402
 from toys import save_tiny_bert  # noqa: E402
 
 flwr = pytest.importorskip("flwr")
@@ -244,15 +245,6 @@ def _check_report(report: dict, clients: int, rounds: int) -> None:
     assert report["totals"]["saving_factor"] > 100
 
 
-class _Records(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-
 @pytest.mark.slow
 def test_two_round_simulation_end_to_end_with_faulty_clients(
         tiny_bert: str, tmp_path: Path, recwarn: pytest.WarningsRecorder) -> None:
@@ -261,14 +253,14 @@ def test_two_round_simulation_end_to_end_with_faulty_clients(
     faults = {1: "crash", 2: "wrong-shape", 3: "malformed"}
     recipe = _recipe(tiny_bert, tmp_path / "run", clients=4, rounds=2, strategy="fedprox", proximal_mu=0.1,
                      personal=True, dp_clip=1.0, dp_noise=0.5, dp_seed=0, faults=faults, workers=2)
-    flower = _Records()
+    flower = LogLines()
     logging.getLogger("flwr").addHandler(flower)
     try:
         report = run_simulation(recipe)
     finally:
         logging.getLogger("flwr").removeHandler(flower)
     # quiet by default: no Flower banner, no Ray tip
-    assert not [m for m in flower.messages if "DEPRECATED" in m], flower.messages
+    assert not [m for m in flower.lines if "DEPRECATED" in m], flower.lines
     assert not [w for w in recwarn if "Ray will no longer" in str(w.message)]
     _check_report(report, clients=4, rounds=2)
     acc = PrivacyAccountant(4, 4, 0.5, 1e-5)

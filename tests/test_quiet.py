@@ -21,7 +21,9 @@ TESTS = Path(__file__).resolve().parent
 REPO_SRC = str(TESTS.parent / "src")
 
 
-class _Lines(logging.Handler):
+class LogLines(logging.Handler):
+    """Keeps the messages of the records it receives (attach it to one logger)."""
+
     def __init__(self) -> None:
         super().__init__(logging.DEBUG)
         self.lines: list[str] = []
@@ -32,7 +34,7 @@ class _Lines(logging.Handler):
 
 def _logged(name: str, *messages: str) -> list[str]:
     """What a handler on logger `name` receives of `messages` logged as warnings there."""
-    logger, handler = logging.getLogger(name), _Lines()
+    logger, handler = logging.getLogger(name), LogLines()
     logger.addHandler(handler)
     try:
         for message in messages:
