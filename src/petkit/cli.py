@@ -12,6 +12,8 @@ exit code 2; no traceback.
     petkit fed --clients 10 --alpha 0.5   # federated LoRA on Flower, only the delta travels
     petkit bench grid.yaml --output runs/bench   # methods x tasks x seeds x sizes, resumable
     petkit continual --tasks bbc-classes --strategy hide   # tasks in sequence, forgetting
+    petkit chat --adapter runs/default/adapter --compare   # talk to an adapter (and its base)
+    petkit serve --adapter support=runs/default/adapter   # OpenAI-compatible API + playground
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from petkit.cli_io import ERR, OUT, UsageError
 from petkit.core.errors import PetkitError
 from petkit.continual import cli as continual_cli  # flags only, as for bench and fed
 from petkit.fed import flags as fed_flags  # flags only: `petkit fed` imports Flower when it runs
+from petkit.serve import cli as talk_cli  # flags only: the model loads when a command runs
+from petkit.serve import serve_cli  # flags only: FastAPI and uvicorn load when `petkit serve` runs
 
 
 class _Parser(argparse.ArgumentParser):
@@ -117,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
                                            "methods x tasks x seeds x sizes (resumable)"))
     continual_cli.add_arguments(sub.add_parser("continual", help="tasks in sequence: accuracy "
                                                "matrix, forgetting (o-lora, inflora, hide, ...)"))
+    talk_cli.add_arguments(sub.add_parser("generate", help="answer prompts with a base and its adapters, "
+                                          "streamed (--compare: side by side)"), chat=False)
+    talk_cli.add_arguments(sub.add_parser("chat", help="chat with an adapter in the terminal (stdin "
+                                          "lines; /reset, /exit)"), chat=True)
+    serve_cli.add_arguments(sub.add_parser("serve", help="OpenAI-compatible server of a base and "
+                                           "many adapters, with a playground page (docs/serving.md)"))
     return parser
 
 

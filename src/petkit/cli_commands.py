@@ -224,6 +224,23 @@ def cmd_replay(args: argparse.Namespace, dotted: dict[str, str]) -> None:
               f"{args.log} ({os.path.getsize(args.log) / 1024:.1f} KiB)")
 
 
+def cmd_serve(args: argparse.Namespace, dotted: dict[str, str]) -> None:
+    """Serve the base and its adapters over HTTP until interrupted."""
+    from petkit.serve import serve_cli
+
+    if dotted:
+        raise UsageError(f"petkit serve takes no --section.field settings, got --{next(iter(dotted))}")
+    serve_cli.command(args, lambda line: OUT.print(line, markup=False))
+
+
+def cmd_talk(args: argparse.Namespace, dotted: dict[str, str]) -> None:
+    """`petkit generate` / `petkit chat`: answers of a base and its adapters, streamed."""
+    from petkit.serve import cli as talk_cli
+
+    talk_cli.command(args, dotted, chat=args.command == "chat")
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "merge": cmd_merge, "inspect": cmd_inspect,
             "methods": cmd_methods, "replay": cmd_replay, "fed": cmd_fed, "bench": cmd_bench,
-            "continual": cmd_continual}
+            "continual": cmd_continual,
+            "serve": cmd_serve, "generate": cmd_talk, "chat": cmd_talk}

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .family.bias import BiasDelta
-from ..core.capabilities import LowRank, Weighted
+from ..core.capabilities import LowRank, RowBatchable, RowTerms, Weighted
 from ..core.delta import DeltaModule, get_canonical, innermost, wrap
 from .family.lowrank import add_lowrank, factor_pair
 from ..core.registry import MethodConfig, check_choice, check_range, register
@@ -53,6 +53,10 @@ class LoraLinear(DeltaModule):
     def lowrank(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         return self.lora_A, self.lora_B, self.scaling
 
+    def row_terms(self) -> RowTerms:
+        shift = None if self.lora_bias is None else self.lora_bias.detach()
+        return RowTerms(self.lora_A.detach(), self.lora_B.detach(), self.scaling, shift=shift)
+
     def delta_weight(self) -> torch.Tensor:
         dw = (self.lora_B @ self.lora_A).detach() * (self.scaling * self.mix)
         return dw.T if self.transposed else dw
@@ -64,7 +68,7 @@ class LoraLinear(DeltaModule):
 @register("lora", family="reparameterised", paper="Hu et al., 2021, LoRA: Low-Rank Adaptation of Large Language Models")
 @dataclass(frozen=True)
 class LoraConfig(MethodConfig):
-    capabilities: ClassVar[tuple[type, ...]] = (Weighted, LowRank)
+    capabilities: ClassVar[tuple[type, ...]] = (Weighted, LowRank, RowBatchable)
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
