@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "names or dotted fields (steps,lr or train.max_steps); alone: the "
                             "schedule (steps, epochs, lr, warm-up, batch, accumulation). The run "
                             "is then no longer an exact continuation")
+    train.add_argument("--verbose", action="store_true",
+                       help="with --nproc: torchrun's own output and the bytes the processes exchanged")
     train.add_argument("--nproc", type=int, default=None,
                        help="train on N local processes through torchrun (DDP or FSDP2: train.distributed; docs/distributed.md)")
     train.add_argument("--dylora-eval-ranks", dest="eval_ranks", default=None,
@@ -144,11 +146,11 @@ def _split_dotted(extra: Sequence[str]) -> dict[str, str]:
     return out
 
 
-def _relaunch(nproc: int, argv: list[str]) -> int:
+def _relaunch(nproc: int, argv: list[str], verbose: bool) -> int:
     """`petkit train --nproc N ...`: the same command on N processes through torchrun."""
     from petkit.training.distributed import launch
 
-    code = launch(nproc, argv)
+    code = launch(nproc, argv, verbose)
     if code:
         ERR.print(f"[bold red]error:[/bold red] the {nproc}-process run failed (torchrun exit "
                   f"code {code}); the failing rank and its error are printed above")
@@ -162,7 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args, extra = build_parser().parse_known_args(argv)
         args.argv = list(argv) if argv is not None else sys.argv[1:]
         if getattr(args, "nproc", None) and "WORLD_SIZE" not in os.environ:
-            return _relaunch(args.nproc, list(argv) if argv is not None else sys.argv[1:])
+            return _relaunch(args.nproc, list(argv) if argv is not None else sys.argv[1:],
+                             args.verbose)
         dotted = _split_dotted(extra)
         from petkit.cli_commands import COMMANDS
 

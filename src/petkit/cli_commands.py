@@ -95,7 +95,7 @@ def _overrides(args: argparse.Namespace, dotted: dict[str, str], recipe: Any) ->
 
 def cmd_train(args: argparse.Namespace, dotted: dict[str, str]) -> None:
     """Train as the recipe + flags say; print before/after test metrics and the adapter."""
-    from petkit.training.distributed import init_from_env, rank
+    from petkit.training.distributed import init_from_env, rank, report_lines
 
     if init_from_env():  # under torchrun: join the job before loading (cuda = this rank's GPU)
         OUT.quiet = rank() != 0
@@ -119,8 +119,8 @@ def cmd_train(args: argparse.Namespace, dotted: dict[str, str]) -> None:
     OUT.print(f"results (metrics, command, versions, times): {folder / 'results.json'}")
     if ranks:
         _rank_sweep(report.recipe, result.adapter_path, ranks)
-    for key, value in result.report.items():  # e.g. IST: steps each layer was updated in
-        OUT.print(f"{key}: {value}", markup=False)
+    for line in report_lines(result.report, args.verbose):  # e.g. IST: each layer's updates
+        OUT.print(line, markup=False)
 
 
 def _eval_ranks(args: argparse.Namespace, recipe: Any) -> list[int]:

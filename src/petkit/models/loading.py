@@ -9,7 +9,6 @@ from the checkpoint, so a trainer can make exactly those trainable alongside the
 from __future__ import annotations
 
 import contextlib
-import logging
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 
 from petkit.core.errors import ConfigError, PetkitError, did_you_mean
 from petkit.models.embedded import EMBEDDED_MODELS, resolve_model
+from petkit.models.packages import quiet_optional_imports
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -55,26 +55,6 @@ def quiet_transformers() -> Iterator[None]:
         yield
     finally:
         hf_logging.set_verbosity(level)
-
-
-# Loggers of packages transformers imports when they are installed, whatever the model: torchao
-# logs "Failed to load" for each CUDA kernel library a CPU build cannot load, and torch's pytree
-# a deprecation per enum torchao registers. Noise unrelated to the run while a model loads.
-_IMPORT_NOISE = ("torchao", "torch.utils._pytree", "bitsandbytes.backends.cpu.ops")
-
-
-@contextlib.contextmanager
-def quiet_optional_imports() -> Iterator[None]:
-    """`_IMPORT_NOISE`'s loggers at errors only inside."""
-    loggers = [logging.getLogger(name) for name in _IMPORT_NOISE]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
 
 
 def report_new_weights(name: str, new_modules: list[str], unexpected: object) -> None:
