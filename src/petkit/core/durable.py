@@ -124,7 +124,7 @@ def read_version(final: Path, read: Callable[[Path], T],
         try:
             return read(folder)
         except (PetkitError, OSError):
-            if attempt == 7 or folder.exists() or resolve_folder(final, complete) == folder:
+            if attempt == 7 or resolve_folder(final, complete) == folder:
                 raise
     raise AssertionError("unreachable")  # pragma: no cover
 
@@ -246,6 +246,41 @@ def write_folder(final: str | os.PathLike, fill: Callable[[Path], Any], *, versi
         for version in _versions(final).values():  # a versioned save's copies, now replaced
             _remove(version)
     return final
+
+
+def write_file(path: str | os.PathLike, data: bytes) -> Path:
+    """Atomically create or replace file `path` with `data` (temp file, fsync, rename); on a
+    full disk the temp file is removed and the old file kept (`DiskFullError`)."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}{TMP}{uuid.uuid4().hex[:12]}"
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and _disk_full(exc):
+            raise DiskFullError(_full_message(path, len(data), 0)) from None
+        raise
+    return path
+
+
+def append_text(path: str | os.PathLike, text: str) -> None:
+    """Append `text` to `path` whole or not at all: a full disk truncates back what was written
+    of it (`DiskFullError`), so a log never ends in half a row."""
+    path = Path(path)
+    with open(path, "ab") as fh:
+        size = fh.tell()
+        try:
+            fh.write(text.encode("utf-8"))
+            fh.flush()
+        except OSError as exc:
+            fh.truncate(size)
+            if _disk_full(exc):
+                raise DiskFullError(_full_message(path, len(text.encode()), 0)) from None
+            raise
 
 
 def _can_link(parent: Path) -> bool:

@@ -113,7 +113,11 @@ def _declared(folder: Path, asked: object) -> tuple[dict[str, Any], Header]:
 def _tensors(header: Header, meta: dict[str, Any], asked: object) -> dict[str, torch.Tensor]:
     """The tensors, read after the declared names, shapes and sizes passed: checksum first."""
     path, shown = header.path, Path(asked) / TENSORS
-    if file_sha256(path) != meta["tensors_sha256"]:
+    try:
+        digest = file_sha256(path)
+    except OSError as exc:
+        raise AdapterLoadError(f"{shown} cannot be read: {exc}") from None
+    if digest != meta["tensors_sha256"]:
         raise AdapterLoadError(f"{shown} does not match the checksum in {META}: truncated or corrupted")
     try:
         with safe_open(str(path), framework="pt") as fh:

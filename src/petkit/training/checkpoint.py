@@ -107,7 +107,7 @@ def save_checkpoint(output_dir: str | Path, state: TrainerState, params: Tensors
     blob = io.BytesIO()  # serialised first: its size is known and a full disk is an OSError
     torch.save({"stepper": stepper_state, "rng": _rng_tensors()}, blob)
     tensors = [*params.values(), *(best or {}).values()]
-    need = blob.tell() + sum(t.numel() * t.element_size() for t in tensors) + (1 << 20)
+    need = blob.tell() + sum(t.numel() * t.element_size() for t in tensors) + (64 << 10)
 
     def fill(tmp: Path) -> None:
         save_file(_cpu(params), str(tmp / "trainable.safetensors"))
