@@ -99,6 +99,8 @@ def test_readers_during_400_overwrites_never_see_missing_or_mixed(tmp_path: Path
         loads += 1
     out, err = writer.communicate()
     assert writer.returncode == 0, err
+    print(f"400 overwrites: {loads} loads, {len(seen)} versions seen, {len(failed)} failed, "
+          f"{mixed} mixed")
     assert (failed, mixed) == ([], 0)
     assert loads > 50 and len(seen) > 10, (loads, len(seen))
     assert loaded_version(folder) == 400 and leftovers(folder) == []
@@ -119,4 +121,5 @@ def test_30_kills_during_overwrites_leave_nothing_after_the_next_load(tmp_path: 
         inside += bool(leftovers(folder))
         assert loaded_version(folder) >= 1  # a complete adapter, whatever the moment of the kill
         assert leftovers(folder) == []  # ... and that load cleaned what the kill left
+    print(f"30 kills: {inside} landed inside a save; 0 leftovers after the next load")
     assert inside > 0  # some kills did land inside a save

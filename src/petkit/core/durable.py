@@ -29,12 +29,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .disk import folder_bytes, format_bytes
+from .disk import folder_bytes
+from .disk_full import DiskFullError, full_message, is_disk_full
 from .errors import CheckpointError, PetkitError
 
 TMP, OLD, VERSION = ".petkit-tmp-", ".petkit-old-", ".v"
-FULL_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
-FULL_TEXTS = ("No space left on device", "File too large", "Disk quota exceeded")
 T = TypeVar("T")
 LOCK_TIMEOUT_S = 60.0
 
@@ -179,30 +178,6 @@ def clean_folder(parent: Path) -> None:
             clean_stale(parent / name)
 
 
-class DiskFullError(PetkitError):
-    """A save ran out of disk space (or hit a file-size limit); nothing was replaced."""
-
-
-def _disk_full(exc: BaseException) -> bool:
-    """Whether `exc` (or what it wraps) says the disk or a file-size limit is full."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, OSError) and seen.errno in FULL_ERRNOS:
-            return True
-        if any(text in str(seen) for text in FULL_TEXTS):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
-
-
-def _full_message(final: Path, need: int | None, wrote: int) -> str:
-    free = shutil.disk_usage(final.parent).free
-    need_text = f"about {format_bytes(need)}" if need else f"more than the {format_bytes(wrote)} written"
-    return (f"not enough space in {final.parent} to save {final.name}: it needs {need_text}, "
-            f"{format_bytes(free)} is free (or a file-size limit was hit); nothing was replaced "
-            f"and the partial files are removed: free some space and run it again")
-
-
 def _fill_version(final: Path, tmp: Path, fill: Callable[[Path], Any], need: int | None) -> None:
     """`fill(tmp)` and fsync it; on any failure `tmp` is removed, a full disk told clearly."""
     try:
@@ -213,8 +188,8 @@ def _fill_version(final: Path, tmp: Path, fill: Callable[[Path], Any], need: int
     except BaseException as exc:
         wrote = folder_bytes(tmp) if tmp.is_dir() else 0
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, Exception) and _disk_full(exc):
-            raise DiskFullError(_full_message(final, need, wrote)) from None
+        if isinstance(exc, Exception) and is_disk_full(exc):
+            raise DiskFullError(full_message(final, need, wrote)) from None
         raise
 
 
@@ -248,41 +223,6 @@ def write_folder(final: str | os.PathLike, fill: Callable[[Path], Any], *, versi
     return final
 
 
-def write_file(path: str | os.PathLike, data: bytes) -> Path:
-    """Atomically create or replace file `path` with `data` (temp file, fsync, rename); on a
-    full disk the temp file is removed and the old file kept (`DiskFullError`)."""
-    path = Path(path)
-    tmp = path.parent / f".{path.name}{TMP}{uuid.uuid4().hex[:12]}"
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError) and _disk_full(exc):
-            raise DiskFullError(_full_message(path, len(data), 0)) from None
-        raise
-    return path
-
-
-def append_text(path: str | os.PathLike, text: str) -> None:
-    """Append `text` to `path` whole or not at all: a full disk truncates back what was written
-    of it (`DiskFullError`), so a log never ends in half a row."""
-    path = Path(path)
-    with open(path, "ab") as fh:
-        size = fh.tell()
-        try:
-            fh.write(text.encode("utf-8"))
-            fh.flush()
-        except OSError as exc:
-            fh.truncate(size)
-            if _disk_full(exc):
-                raise DiskFullError(_full_message(path, len(text.encode()), 0)) from None
-            raise
-
-
 def _can_link(parent: Path) -> bool:
     probe = parent / f".petkit-link-probe-{uuid.uuid4().hex[:8]}"
     try:
@@ -309,8 +249,8 @@ def _swap_version(final: Path, fill: Callable[[Path], Any], need: int | None) ->
     except BaseException as exc:
         _remove(link)
         _remove(version)
-        if isinstance(exc, OSError) and _disk_full(exc):
-            raise DiskFullError(_full_message(final, need, 0)) from None
+        if isinstance(exc, OSError) and is_disk_full(exc):
+            raise DiskFullError(full_message(final, need, 0)) from None
         raise
     _fsync_path(parent, directory=True)
     for old in versions.values():

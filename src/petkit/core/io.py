@@ -122,7 +122,7 @@ def _tensors(header: Header, meta: dict[str, Any], asked: object) -> dict[str, t
     try:
         with safe_open(str(path), framework="pt") as fh:
             return {k: fh.get_tensor(k) for k in fh.keys()}
-    except (SafetensorError, OSError, ValueError, TypeError) as exc:
+    except (SafetensorError, OSError, RuntimeError, ValueError, TypeError) as exc:
         raise AdapterLoadError(f"{shown} is not a readable safetensors file: {exc}") from None
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from petkit.core.disk import format_bytes
-from petkit.core.durable import append_text, write_file
+from petkit.core.disk_full import append_text, write_file
 
 Row = dict[str, Any]
 
