@@ -18,7 +18,7 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -134,13 +134,16 @@ def _fingerprint_budget(meta: dict[str, Any]) -> int:
 
 
 def read_adapter(path: str | os.PathLike, expected: Mapping[str, tuple[int, ...]] | None = None,
+                 check: Callable[[dict[str, Any]], None] | None = None,
                  ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Read and check an adapter folder without touching any model: schema, the tensor file's
-    declared layout, its names and shapes (against `expected` {key: shape} when given, else its
-    size against the recorded targets'), checksum, tensors. Reads one version whole even while
-    another process overwrites the folder."""
+    """Read and check an adapter folder without touching any model: schema, `check(meta)`, the
+    tensor file's declared layout, its names and shapes (against `expected` {key: shape} when
+    given, else its size against the recorded targets'), checksum, tensors. Reads one version
+    whole even while another process overwrites the folder."""
     def read(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         meta, header = _declared(folder, path)
+        if check is not None:
+            check(meta)
         if expected is not None:
             check_declared(header, expected, path, float_only=False)
         else:
@@ -257,8 +260,8 @@ def swap_adapter(model: nn.Module, name: str, source: str | os.PathLike | Mappin
         load_state_into(model, name, dict(source))
         return model
     expected = {k: tuple(p.shape) for k, p in adapter_state(model, name).items()}
-    meta, tensors = read_adapter(source, expected)
-    _check_same_kind(model, name, meta, source)
+    meta, tensors = read_adapter(source, expected,
+                                 check=lambda meta: _check_same_kind(model, name, meta, source))
     _check_base(model, meta, source, strict)
     check_values(tensors, source, strict)
     load_state_into(model, name, tensors)
