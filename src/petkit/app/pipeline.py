@@ -27,6 +27,7 @@ from petkit.training.placement import check_device
 from petkit.app.results import write_results
 from petkit.app.recipe import DataSpec, Recipe, load_recipe
 from petkit.app.run_folder import DEFAULT_OUTPUT
+from petkit.core.durable import write_folder
 from petkit.core.io import load_adapter
 from petkit.core.model import attach, unload
 from petkit.core.registry import make_config
@@ -322,11 +323,14 @@ def merge_to_folder(recipe: Recipe, adapter: str | Path, output: str | Path, req
 
 def save_folder(model: nn.Module, tokenizer: Any, folder: Path) -> Path:
     """`save_pretrained` of `model` and of its tokenizer, if it has one (a ViT has none: its
-    pixels come from `data.images`)."""
-    model.save_pretrained(folder)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
-    return folder
+    pixels come from `data.images`), written atomically: a full disk keeps the previous folder."""
+    def fill(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+
+    need = sum(p.numel() * p.element_size() for p in model.state_dict().values()) + (1 << 20)
+    return write_folder(folder, fill, need_bytes=need)
 
 
 def sample_batch(prep: Prepared, size: int = 8) -> dict[str, torch.Tensor]:

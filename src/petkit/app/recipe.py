@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from petkit.app.safe_yaml import load_yaml_file
 from petkit.app.train_options import option_type, set_option
 from petkit.core.config_io import check_keys, dataclass_from_dict
 from petkit.core.errors import ConfigError
@@ -196,10 +197,10 @@ def read_yaml_mapping(path_or_name: str | Path, shipped: dict[str, Path],
             raise ConfigError(f"{what} {str(path_or_name)!r} is not a file nor a shipped {what} "
                               f"({', '.join(sorted(shipped)) or 'none'})")
         path = shipped[str(path_or_name)]
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as err:
-        raise ConfigError(f"cannot read {what} {path}: {err}") from err
+    data = load_yaml_file(path, what)
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{what} {path} holds a YAML {type(data).__name__}; a {what} is a "
+                          "mapping of sections (method:, model:, data:, train:, ...)")
     return data or {}
 
 

@@ -1,19 +1,25 @@
 """Crash-safe folders: atomic replacement of a folder, and locks (savers, run folders).
 
-`write_folder(final, fill)` builds the new folder in a temp folder beside `final`, fsyncs its
-files and itself, renames the old `final` aside, renames the new one in, fsyncs the parent and
-only then deletes the old copy. A reader therefore always finds a complete folder: `final`, or
-(in the instant between the two renames, or after a crash there) the aside copy, which
-`resolve_folder` returns and the next save renames back. Savers into one parent serialise on an
-`flock` of the parent folder; temp and aside folders left by a killed saver are removed by the
-next save. `RunLock` keeps one live run per run folder (pid + host in the lock file; a lock whose
-process died is taken over with a warning).
+`write_folder(final, fill)` builds the new folder in a temp folder beside `final` and fsyncs
+it. Versioned (adapters: `versioned=True`), the new copy is `.<name>.v<N>` and `final` a
+symlink swapped onto it with one `os.replace`: `final` is never missing and never mixed, and
+`read_version` reads the one version it resolved (again on the next if a save removed it
+mid-read). Otherwise the old `final` is renamed aside and the new one in (a reader in between
+finds the aside copy through `resolve_folder`). Savers into one parent serialise on an `flock`
+of the parent; temp, aside and unlinked version folders left by a killed saver are removed by
+the next save, and by the next read when no saver is busy. A full disk (or a file-size limit)
+during a save is a `DiskFullError` naming the folder and the space needed, after the partial
+files are removed; the previous version is untouched. `RunLock` keeps one live run per run
+folder (pid + host in the lock file; a lock whose process died is taken over with a warning).
 """
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import json
 import os
+import re
 import shutil
 import socket
 import time
@@ -21,11 +27,14 @@ import uuid
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from .disk import folder_bytes
+from .disk_full import DiskFullError, full_message, is_disk_full
 from .errors import CheckpointError, PetkitError
 
-TMP, OLD = ".petkit-tmp-", ".petkit-old-"
+TMP, OLD, VERSION = ".petkit-tmp-", ".petkit-old-", ".v"
+T = TypeVar("T")
 LOCK_TIMEOUT_S = 60.0
 
 
@@ -83,25 +92,6 @@ def folder_lock(folder: Path, *, shared: bool = False, timeout: float | None = N
         os.close(fd)  # closing releases the flock
 
 
-@contextlib.contextmanager
-def reading(final: Path) -> Iterator[None]:
-    """Hold a shared lock on `final`'s parent while reading it, so no save swaps it mid-read.
-
-    Where the lock cannot be had (a read-only or lock-less file system, a saver stuck for
-    `LOCK_TIMEOUT_S`), the read goes on without it: `resolve_folder` still finds a complete copy.
-    """
-    try:
-        lock = folder_lock(final.parent, shared=True)
-        lock.__enter__()
-    except (OSError, PetkitError):
-        yield
-        return
-    try:
-        yield
-    finally:
-        lock.__exit__(None, None, None)
-
-
 def _siblings(final: Path, marker: str) -> list[Path]:
     prefix = f".{final.name}{marker}"
     if not final.parent.is_dir():
@@ -111,21 +101,70 @@ def _siblings(final: Path, marker: str) -> list[Path]:
 
 
 def resolve_folder(final: Path, complete: Callable[[Path], bool] = lambda p: True) -> Path:
-    """`final`, or when a save was cut between its two renames, the newest complete aside copy."""
+    """The folder a reader of `final` should read, resolved once: the version a versioned
+    `final` links to; a plain `final`; or, when an older release's save was cut between its two
+    renames, the newest complete aside copy."""
+    if final.is_symlink():
+        return Path(os.path.realpath(final))
     if final.is_dir():
         return final
     asides = [p for p in _siblings(final, OLD) if complete(p)]
     return asides[-1] if asides else final
 
 
+def read_version(final: Path, read: Callable[[Path], T],
+                 complete: Callable[[Path], bool] = lambda p: True) -> T:
+    """`read(folder)` of the version of `final` current now (`resolve_folder`). A version is
+    never changed once published, so a read sees one version whole; if a concurrent save swapped
+    `final` and removed that version mid-read, the read starts again on the new one."""
+    clean_if_idle(final)
+    for attempt in range(8):
+        folder = resolve_folder(final, complete)
+        try:
+            return read(folder)
+        except (PetkitError, OSError):
+            if attempt == 7 or resolve_folder(final, complete) == folder:
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _versions(final: Path) -> dict[int, Path]:
+    pattern = re.compile(re.escape(f".{final.name}{VERSION}") + r"(\d+)")
+    if not final.parent.is_dir():
+        return {}
+    return {int(m.group(1)): p for p in final.parent.iterdir() if (m := pattern.fullmatch(p.name))}
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def clean_stale(final: Path) -> None:
     """Undo what a killed saver of `final` left: put an aside copy back if `final` is missing,
-    delete temp and other aside folders. Call it holding the parent's saver lock."""
+    delete temp and other aside folders and every version `final` does not link to. Call it
+    holding the parent's saver lock."""
     asides = _siblings(final, OLD)
-    if asides and not final.exists():
+    if asides and not final.exists() and not final.is_symlink():
         os.replace(asides.pop(), final)
-    for stale in asides + _siblings(final, TMP):
-        shutil.rmtree(stale, ignore_errors=True)
+    current = resolve_folder(final) if final.is_symlink() else None
+    unused = [p for p in _versions(final).values() if p != current]
+    temps = [p for p in final.parent.iterdir() if p.name.startswith(f".{final.name}{TMP}")] \
+        if final.parent.is_dir() else []
+    for stale in asides + temps + unused:
+        _remove(stale)
+
+
+def clean_if_idle(final: Path) -> None:
+    """`clean_stale(final)` when no saver holds the parent now (a reader's chance to clean what
+    a killed save left); nothing when the folder is busy, read-only or lock-less."""
+    try:
+        with folder_lock(final.parent, timeout=0.0):
+            clean_stale(final)
+    except (OSError, PetkitError):
+        pass
 
 
 def clean_folder(parent: Path) -> None:
@@ -134,33 +173,105 @@ def clean_folder(parent: Path) -> None:
         return
     with folder_lock(parent):
         names = {p.name[1:].split(marker, 1)[0] for p in parent.iterdir()
-                 for marker in (TMP, OLD) if p.name.startswith(".") and marker in p.name}
+                 for marker in (TMP, OLD, VERSION) if p.name.startswith(".") and marker in p.name}
         for name in names:
             clean_stale(parent / name)
 
 
-def write_folder(final: str | os.PathLike, fill: Callable[[Path], Any]) -> Path:
-    """Atomically create or replace folder `final` with what `fill(tmp_folder)` writes."""
+def _fill_version(final: Path, tmp: Path, fill: Callable[[Path], Any], need: int | None) -> None:
+    """`fill(tmp)` and fsync it; on any failure `tmp` is removed, a full disk told clearly."""
+    try:
+        if need is not None and shutil.disk_usage(final.parent).free < need:
+            raise OSError(errno.ENOSPC, "not enough free space before writing")
+        fill(tmp)
+        fsync_tree(tmp)
+    except BaseException as exc:
+        wrote = folder_bytes(tmp) if tmp.is_dir() else 0
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, Exception) and is_disk_full(exc):
+            raise DiskFullError(full_message(final, need, wrote)) from None
+        raise
+
+
+def write_folder(final: str | os.PathLike, fill: Callable[[Path], Any], *, versioned: bool = False,
+                 need_bytes: int | None = None) -> Path:
+    """Atomically create or replace folder `final` with what `fill(tmp_folder)` writes.
+
+    `versioned`: `final` becomes a symlink to `.<name>.v<N>`, swapped with one `os.replace`, so a
+    reader never finds it missing (see `read_version`). `need_bytes`: the expected size, checked
+    against the free space before writing. A full disk is a `DiskFullError` naming the folder and
+    the space needed; the previous version stays as it was.
+    """
     final = Path(final)
     parent = final.parent
     parent.mkdir(parents=True, exist_ok=True)
     with folder_lock(parent):
         clean_stale(final)
+        if versioned and _can_link(parent):
+            return _swap_version(final, fill, need_bytes)
         tmp = parent / f".{final.name}{TMP}{uuid.uuid4().hex[:12]}"
         tmp.mkdir()
-        try:
-            fill(tmp)
-            fsync_tree(tmp)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        _fill_version(final, tmp, fill, need_bytes)
         aside = parent / f".{final.name}{OLD}{uuid.uuid4().hex[:12]}"
-        if final.exists():
+        if final.exists() or final.is_symlink():
             os.replace(final, aside)
         os.replace(tmp, final)
         _fsync_path(parent, directory=True)
-        shutil.rmtree(aside, ignore_errors=True)
+        _remove(aside)
+        for version in _versions(final).values():  # a versioned save's copies, now replaced
+            _remove(version)
     return final
+
+
+def _can_link(parent: Path) -> bool:
+    probe = parent / f".petkit-link-probe-{uuid.uuid4().hex[:8]}"
+    try:
+        os.symlink(".", probe)
+    except (OSError, NotImplementedError):
+        return False
+    probe.unlink()
+    return True
+
+
+def _swap_version(final: Path, fill: Callable[[Path], Any], need: int | None) -> Path:
+    parent, versions = final.parent, _versions(final)
+    version = parent / f".{final.name}{VERSION}{max(versions, default=0) + 1}"
+    version.mkdir()
+    _fill_version(final, version, fill, need)
+    link = parent / f".{final.name}{TMP}link-{uuid.uuid4().hex[:12]}"
+    try:
+        os.symlink(version.name, link)
+        if final.is_dir() and not final.is_symlink():  # a plain folder from an older release
+            _exchange(link, final)
+            _remove(link)
+        else:
+            os.replace(link, final)
+    except BaseException as exc:
+        _remove(link)
+        _remove(version)
+        if isinstance(exc, OSError) and is_disk_full(exc):
+            raise DiskFullError(full_message(final, need, 0)) from None
+        raise
+    _fsync_path(parent, directory=True)
+    for old in versions.values():
+        _remove(old)
+    return final
+
+
+def _exchange(link: Path, folder: Path) -> None:
+    """Swap the names `link` and `folder` (Linux `renameat2(RENAME_EXCHANGE)`, atomic); else
+    rename the folder aside first (a reader finds the aside copy in between)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        at_fdcwd, rename_exchange = -100, 2
+        if libc.renameat2(at_fdcwd, os.fsencode(link), at_fdcwd, os.fsencode(folder),
+                          rename_exchange) == 0:
+            return
+    except (OSError, AttributeError):
+        pass
+    os.replace(folder, folder.parent / f".{folder.name}{OLD}{uuid.uuid4().hex[:12]}")
+    os.replace(link, folder)
+    clean_stale(folder)
 
 
 # --- one live run per run folder -----------------------------------------------------------

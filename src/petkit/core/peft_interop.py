@@ -19,8 +19,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .adapter_check import check_targets_exist, check_values, precheck
-from .adapter_schema import PEFT_SCHEMA, read_header, read_json
+from .adapter_check import check_targets_exist, check_values, compare_shapes, precheck
+from .adapter_schema import PEFT_SCHEMA, read_json
+from .safetensors_header import read_header
 from .delta import innermost
 from .durable import write_folder
 from .errors import AdapterLoadError, AdapterStateError, ConfigError
@@ -133,7 +134,13 @@ def import_peft(model: nn.Module, path: str | os.PathLike, name: str = "default"
     touched = targets + sorted({k.split(".copy.", 1)[0] for k in ours if ".copy." in k})
     check_targets_exist(model, touched, path)
     check_values(ours, path, strict=True)
-    precheck(model, cfg, name, touched, ours, path)
+    shapes = {k: tuple(v.shape) for k, v in ours.items()}
+    expected = precheck(model, cfg, name, touched, shapes, path)
+    if expected is not None:
+        try:
+            compare_shapes(expected, shapes)
+        except AdapterLoadError as exc:
+            raise AdapterLoadError(f"{path}: {exc}") from None
     try:
         attach(model, cfg, name)
     except Exception as exc:

@@ -13,6 +13,7 @@ one-line `ConfigError` in the file's terms, raised before any model is loaded.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,7 +66,7 @@ def label_key(value: Any) -> str | None:
 
 
 def _is_int(key: str) -> bool:
-    return key.lstrip("-").isdigit()
+    return re.fullmatch(r"-?[0-9]+", key) is not None
 
 
 def label_names(keys: set[str]) -> tuple[str, ...]:
@@ -102,11 +103,26 @@ class _Split:
     rows: list[tuple[str, str, str]]
 
 
+MAX_CLASSES = 100_000  # integer labels name classes 0..max: a larger one is a mistake in the file
+
+
+def _check_int_labels(splits: list[_Split], column: str) -> None:
+    """Integer labels index classes 0..max; name the row of one that would make too many."""
+    for split in splits:
+        for where, _, key in split.rows:
+            if len(key) > 6 or not 0 <= int(key) < MAX_CLASSES:
+                raise ConfigError(f"{split.path} {where}: {column!r} is {key[:20]!r}: integer labels "
+                                  f"number classes 0..{MAX_CLASSES - 1}")
+
+
 def _label_index(splits: list[_Split], labels: list[str] | tuple[str, ...] | None,
                  column: str) -> tuple[tuple[str, ...], dict[str, int]]:
     """Label names and key -> index; a value outside given `labels` names its row."""
     if labels is None:
-        names = label_names({key for s in splits for _, _, key in s.rows})
+        keys = {key for s in splits for _, _, key in s.rows}
+        if keys and all(_is_int(k) for k in keys):
+            _check_int_labels(splits, column)
+        names = label_names(keys)
         return names, {n: i for i, n in enumerate(names)}
     names = tuple(str(n) for n in labels)
     index = {n: i for i, n in enumerate(names)}

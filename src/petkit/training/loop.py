@@ -141,7 +141,8 @@ class _Run:
         """Continue from the newest complete checkpoint, or clear stale ones of an older run."""
         if self.out is None:
             return
-        latest = ckpt.intact_checkpoint(self.out) if self.config.resume else None
+        shapes = {k: tuple(p.shape) for k, p in self.params.items()}
+        latest = ckpt.intact_checkpoint(self.out, shapes) if self.config.resume else None
         if latest is None:
             shutil.rmtree(ckpt.checkpoint_dir(self.out), ignore_errors=True)
             return
