@@ -112,6 +112,22 @@ CASES = [
     Case("peqa", "llama", {"bits": 3, "group_size": 8}, False, True),
     Case("peqa", "gpt2", {"group_size": 16}, False, True),
     Case("peqa", "bert", {"bits": 4}, False, True),
+    Case("loha", "mlp", {"r": 2}, True, True),
+    Case("loha", "llama", {}, True, True),
+    Case("loha", "gpt2", {"r": 4, "alpha": 2.0}, True, True),
+    Case("loha", "bert", {"targets": "all-linear"}, True, True),
+    Case("lokr", "mlp", {"r": 2, "decompose_both": True}, True, True),
+    Case("lokr", "llama", {}, True, True),
+    Case("lokr", "gpt2", {"r": 1, "factor": 4}, True, True),
+    Case("lokr", "bert", {"targets": "all-linear"}, True, True),
+    Case("hira", "mlp", {"r": 2}, True, True),
+    Case("hira", "llama", {}, True, True),
+    Case("hira", "gpt2", {"dropout": 0.1}, True, True),
+    Case("hira", "bert", {"targets": "all-linear"}, True, True),
+    Case("shira", "mlp", {"r": 2}, True, True),
+    Case("shira", "llama", {"r": 4}, True, True),
+    Case("shira", "gpt2", {"r": 2, "random_seed": 3}, True, True),
+    Case("shira", "bert", {"r": 2, "targets": "all-linear"}, True, True),
 ]
 ids = [c.id for c in CASES]
 

@@ -1,0 +1,138 @@
+"""Wrappers whose delta is a full (out, in) matrix built from a few small tensors each forward.
+
+LoHa (Hadamard product of two low-rank pairs), LoKr (Kronecker product), HiRA (Hadamard product
+with the frozen weight) and SHiRA (a sparse set of entries) all compute
+
+    h = W0 x + mix * dW(θ) x          dW: (out, in), differentiable in the wrapper's tensors θ
+
+so they share one wrapper: a subclass builds `weight_delta()` and the forward, merge and stacking
+weight come from here. Where dW reads the base weight (HiRA), the merged delta is remembered so
+that unmerging subtracts exactly what merging added (recomputing it from the merged weight would
+not). Also the rotation family's helper for layers whose input is transformed (OFT, BOFT, HRA):
+they rotate x before the base and merge as W R^T.
+"""
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from petkit.core.delta import DeltaModule, innermost, wrap
+from petkit.core.qweight import delta_dtype
+from petkit.core.targets import Targets, linear_shape, match_targets, role_targets
+
+from .lowrank import to_base_layout, weight_out_in
+
+
+def factor_kw(base: nn.Module) -> dict:
+    """dtype and device for a delta beside `base` (a quantised base gives its compute dtype)."""
+    inner = innermost(base)
+    return {"dtype": delta_dtype(inner), "device": inner.weight.device}
+
+
+def kaiming(*shape: int, kw: dict) -> nn.Parameter:
+    """A LoRA-style Kaiming-uniform (a = sqrt 5) parameter of `shape`."""
+    p = nn.Parameter(torch.empty(*shape, **kw))
+    nn.init.kaiming_uniform_(p, a=math.sqrt(5))
+    return p
+
+
+def zeros(*shape: int, kw: dict) -> nn.Parameter:
+    return nn.Parameter(torch.zeros(*shape, **kw))
+
+
+def wrap_targets(model: nn.Module, targets: Targets | None, make: type[DeltaModule], name: str,
+                 *args: object, role: str = "attn_qv") -> list[str]:
+    """Wrap every matched Linear / Conv1D (None: the architecture's `role` layers) with `make`."""
+    paths = match_targets(model, targets if targets is not None else role_targets(model, role))
+    for path in paths:
+        wrap(model, path, make, name, *args)
+    return paths
+
+
+class DenseDelta(DeltaModule):
+    """h = base(x) + mix * dropout(x) dW^T, with dW = `weight_delta()` (out, in) from the subclass."""
+
+    reads_base: ClassVar[bool] = False  # dW depends on the base weight (remembered while merged)
+
+    def __init__(self, base: nn.Module, adapter_name: str, dropout: float = 0.0) -> None:
+        super().__init__(base, adapter_name)
+        self.fan_in, self.fan_out, self.transposed = linear_shape(base)
+        self.kw = factor_kw(base)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
+        self.mix = 1.0
+        self._merged_delta: torch.Tensor | None = None
+
+    def weight_delta(self) -> torch.Tensor:
+        """dW in (out, in) layout, differentiable, without the stacking weight."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if not self.enabled:
+            return y
+        if self.dropout is not None:
+            x = self.dropout(x)
+        return y + F.linear(x, self.weight_delta().to(x.dtype)) * self.mix
+
+    def base_weight(self) -> torch.Tensor:
+        """The frozen W0 (out, in) this delta reads (HiRA), as a detached tensor."""
+        return weight_out_in(self).detach()
+
+    def delta_weight(self) -> torch.Tensor:
+        if self.merged and self._merged_delta is not None:
+            return self._merged_delta
+        delta = to_base_layout(self.weight_delta().detach() * self.mix, self.transposed)
+        if self.reads_base:
+            self._merged_delta = delta
+        return delta
+
+    def set_state(self, *, active: bool | None = None, merged: bool | None = None) -> None:
+        super().set_state(active=active, merged=merged)
+        if merged is False:
+            self._merged_delta = None
+
+
+class RotatedInput(DeltaModule):
+    """h = base(x R^T): a subclass gives `rotate(x)` (x R^T over the last dim) and `rotation()` (R).
+
+    Mergeable as W' = W R^T. The merged delta reads the base weight, so it is remembered.
+    Declares TransformsOutput: a LoRA stacked above must not merge into W underneath an unmerged
+    rotation (the rotation would turn its delta too).
+    """
+
+    transforms_output = True
+
+    def __init__(self, base: nn.Module, adapter_name: str) -> None:
+        super().__init__(base, adapter_name)
+        self.fan_in, self.fan_out, self.transposed = linear_shape(base)
+        self.kw = factor_kw(base)
+        self._merged_delta: torch.Tensor | None = None
+
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def rotation(self) -> torch.Tensor:
+        """R (in, in) such that rotate(x) == x @ R.T."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return self.base(x)
+        return self.base(self.rotate(x))
+
+    def delta_weight(self) -> torch.Tensor:
+        if self.merged and self._merged_delta is not None:
+            return self._merged_delta
+        w = weight_out_in(self).detach()
+        rot = self.rotation().detach().to(w.dtype)
+        self._merged_delta = to_base_layout(w @ rot.T - w, self.transposed)
+        return self._merged_delta
+
+    def set_state(self, *, active: bool | None = None, merged: bool | None = None) -> None:
+        super().set_state(active=active, merged=merged)
+        if merged is False:
+            self._merged_delta = None
