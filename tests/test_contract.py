@@ -128,6 +128,19 @@ CASES = [
     Case("shira", "llama", {"r": 4}, True, True),
     Case("shira", "gpt2", {"r": 2, "random_seed": 3}, True, True),
     Case("shira", "bert", {"r": 2, "targets": "all-linear"}, True, True),
+    Case("vera", "mlp", {"r": 4}, True, True),
+    Case("vera", "llama", {"r": 16}, True, True),  # a file with r above the widths is refused (adapter_check)
+    Case("vera", "gpt2", {"r": 8, "dropout": 0.1, "d_initial": 0.5}, True, True),
+    Case("vera", "bert", {"r": 32, "targets": "all-linear", "projection_prng_key": 7}, True, True),
+    Case("oft", "mlp", {"block_size": 4, "targets": ["fc2", "out"]}, True, True),
+    Case("oft", "llama", {"block_size": 8}, True, True),
+    Case("oft", "gpt2", {"block_size": 16, "block_share": True, "neumann_terms": 0}, True, True),
+    Case("oft", "bert", {"block_size": 4, "targets": "all-linear"}, True, True),
+    # HRA's identity init is a product of pairs of equal reflections: I up to rounding (test_hra.py)
+    Case("hra", "mlp", {"r": 2}, False, True),
+    Case("hra", "llama", {}, False, True),
+    Case("hra", "gpt2", {"r": 3}, False, True),
+    Case("hra", "bert", {"r": 4, "apply_gs": True, "targets": "all-linear"}, False, True),
 ]
 ids = [c.id for c in CASES]
 

@@ -8,8 +8,8 @@ with the frozen weight) and SHiRA (a sparse set of entries) all compute
 so they share one wrapper: a subclass builds `weight_delta()` and the forward, merge and stacking
 weight come from here. Where dW reads the base weight (HiRA), the merged delta is remembered so
 that unmerging subtracts exactly what merging added (recomputing it from the merged weight would
-not). Also the rotation family's helper for layers whose input is transformed (OFT, BOFT, HRA):
-they rotate x before the base and merge as W R^T.
+not). Also the wrapper of the orthogonal methods (OFT, HRA), which turn the input before the
+base, h = W0 (M x), and merge as W0 M.
 """
 from __future__ import annotations
 
@@ -97,11 +97,12 @@ class DenseDelta(DeltaModule):
 
 
 class RotatedInput(DeltaModule):
-    """h = base(x R^T): a subclass gives `rotate(x)` (x R^T over the last dim) and `rotation()` (R).
+    """h = base(x M^T) for an (in, in) matrix M near the identity (a rotation or reflection).
 
-    Mergeable as W' = W R^T. The merged delta reads the base weight, so it is remembered.
-    Declares TransformsOutput: a LoRA stacked above must not merge into W underneath an unmerged
-    rotation (the rotation would turn its delta too).
+    A subclass gives `rotate(x)` (x M^T over the last dimension, computed however is cheapest) and
+    `rotation()` (M). Mergeable as W' = W M; the merged delta reads the base weight, so it is
+    remembered for unmerging. Declares TransformsOutput: a LoRA stacked above must not merge into
+    W underneath an unmerged rotation (the rotation would turn its delta too).
     """
 
     transforms_output = True
@@ -116,7 +117,7 @@ class RotatedInput(DeltaModule):
         raise NotImplementedError
 
     def rotation(self) -> torch.Tensor:
-        """R (in, in) such that rotate(x) == x @ R.T."""
+        """M (in, in): rotate(x) == x @ M.T and the merged weight is W M."""
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -128,8 +129,7 @@ class RotatedInput(DeltaModule):
         if self.merged and self._merged_delta is not None:
             return self._merged_delta
         w = weight_out_in(self).detach()
-        rot = self.rotation().detach().to(w.dtype)
-        self._merged_delta = to_base_layout(w @ rot.T - w, self.transposed)
+        self._merged_delta = to_base_layout(w @ self.rotation().detach().to(w.dtype) - w, self.transposed)
         return self._merged_delta
 
     def set_state(self, *, active: bool | None = None, merged: bool | None = None) -> None:
