@@ -141,6 +141,9 @@ CASES = [
     Case("hra", "llama", {}, False, True),
     Case("hra", "gpt2", {"r": 3}, False, True),
     Case("hra", "bert", {"r": 4, "apply_gs": True, "targets": "all-linear"}, False, True),
+    Case("trainable-tokens", "llama", {"token_indices": [3, 5, 7]}, True, True),
+    Case("trainable-tokens", "gpt2", {"token_indices": [4, 9]}, True, True),  # tied head
+    Case("trainable-tokens", "bert", {"token_indices": [10]}, True, True),
 ]
 ids = [c.id for c in CASES]
 

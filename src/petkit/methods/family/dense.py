@@ -14,6 +14,7 @@ base, h = W0 (M x), and merge as W0 M.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import ClassVar
 
 import torch
@@ -44,6 +45,18 @@ def zeros(*shape: int, kw: dict) -> nn.Parameter:
     return nn.Parameter(torch.zeros(*shape, **kw))
 
 
+def remembered(wrapper: DeltaModule, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """The delta for merging, computed while unmerged and given back unchanged while merged.
+
+    For deltas that read the base weight (HiRA, rotations, replaced rows): computed again from the
+    merged weight they would differ, and unmerging would not restore the base."""
+    if wrapper.merged and "_merged_delta" in wrapper.__dict__:
+        return wrapper.__dict__["_merged_delta"]
+    delta = compute()
+    wrapper.__dict__["_merged_delta"] = delta
+    return delta
+
+
 def wrap_targets(model: nn.Module, targets: Targets | None, make: type[DeltaModule], name: str,
                  *args: object, role: str = "attn_qv") -> list[str]:
     """Wrap every matched Linear / Conv1D (None: the architecture's `role` layers) with `make`."""
@@ -64,7 +77,6 @@ class DenseDelta(DeltaModule):
         self.kw = factor_kw(base)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
         self.mix = 1.0
-        self._merged_delta: torch.Tensor | None = None
 
     def weight_delta(self) -> torch.Tensor:
         """dW in (out, in) layout, differentiable, without the stacking weight."""
@@ -83,17 +95,10 @@ class DenseDelta(DeltaModule):
         return weight_out_in(self).detach()
 
     def delta_weight(self) -> torch.Tensor:
-        if self.merged and self._merged_delta is not None:
-            return self._merged_delta
-        delta = to_base_layout(self.weight_delta().detach() * self.mix, self.transposed)
-        if self.reads_base:
-            self._merged_delta = delta
-        return delta
+        def compute() -> torch.Tensor:
+            return to_base_layout(self.weight_delta().detach() * self.mix, self.transposed)
 
-    def set_state(self, *, active: bool | None = None, merged: bool | None = None) -> None:
-        super().set_state(active=active, merged=merged)
-        if merged is False:
-            self._merged_delta = None
+        return remembered(self, compute) if self.reads_base else compute()
 
 
 class RotatedInput(DeltaModule):
@@ -111,7 +116,6 @@ class RotatedInput(DeltaModule):
         super().__init__(base, adapter_name)
         self.fan_in, self.fan_out, self.transposed = linear_shape(base)
         self.kw = factor_kw(base)
-        self._merged_delta: torch.Tensor | None = None
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -126,13 +130,8 @@ class RotatedInput(DeltaModule):
         return self.base(self.rotate(x))
 
     def delta_weight(self) -> torch.Tensor:
-        if self.merged and self._merged_delta is not None:
-            return self._merged_delta
-        w = weight_out_in(self).detach()
-        self._merged_delta = to_base_layout(w @ self.rotation().detach().to(w.dtype) - w, self.transposed)
-        return self._merged_delta
+        def compute() -> torch.Tensor:
+            w = weight_out_in(self).detach()
+            return to_base_layout(w @ self.rotation().detach().to(w.dtype) - w, self.transposed)
 
-    def set_state(self, *, active: bool | None = None, merged: bool | None = None) -> None:
-        super().set_state(active=active, merged=merged)
-        if merged is False:
-            self._merged_delta = None
+        return remembered(self, compute)
