@@ -144,6 +144,10 @@ CASES = [
     Case("trainable-tokens", "llama", {"token_indices": [3, 5, 7]}, True, True),
     Case("trainable-tokens", "gpt2", {"token_indices": [4, 9]}, True, True),  # tied head
     Case("trainable-tokens", "bert", {"token_indices": [10]}, True, True),
+    Case("adalora", "mlp", {"init_r": 4, "target_r": 2}, True, True),
+    Case("adalora", "llama", {}, True, True),
+    Case("adalora", "gpt2", {"tinit": 1, "tfinal": 1, "delta_t": 2, "dropout": 0.1}, True, True),
+    Case("adalora", "bert", {"targets": "all-linear", "init_r": 6, "target_r": 3}, True, True),
 ]
 ids = [c.id for c in CASES]
 
