@@ -3,7 +3,9 @@
 Finetuning Made Scalable", arXiv:2506.19847: input-side rotation, Cayley-Neumann).
 
     h = W0 (R^T x) + b0 ... written per token as  h = base(x R),   R = diag(R_1, ..., R_n)
-    R_i = Cayley(Q_i) = (I - Q_i)(I + Q_i)^-1 ≈ I + 2 Q_i + 2 Q_i² + ... (Neumann, `neumann_terms`)
+    R_i = (I + Q_i)(I - Q_i)^-1 ≈ I + 2 Q_i + 2 Q_i² + ...   (Neumann, `neumann_terms`, default)
+    R_i = (I - Q_i)(I + Q_i)^-1                               (neumann_terms=0: PEFT's exact path,
+                                                               the transpose of the above, as PEFT)
     Q_i = skew(q_i): b x b skew-symmetric from b (b - 1) / 2 numbers;  q = 0 at init (R = I: identity)
 
 The weight's angles between neurons are kept (R is orthogonal up to the Neumann truncation);
