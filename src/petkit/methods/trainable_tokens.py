@@ -117,9 +117,8 @@ class TrainableTokensConfig(MethodConfig):
         is_embedding = lambda m: isinstance(m, nn.Embedding)  # noqa: E731
         targets = self.targets if self.targets is not None else [input_embedding_path(model)]
         paths = match_targets(model, targets, accept=is_embedding, what="Embedding")
-        for path in list(paths):
+        for path in paths:  # a tied head holds nothing of its own: not among the touched paths
             rows = wrap(model, path, TokenRows, name, self.token_indices)
             for head in tied_heads(model, innermost(rows.base)):
                 wrap(model, head, TiedTokenLogits, name, rows)
-                paths.append(head)
         return paths
