@@ -38,10 +38,22 @@ def test_training_with_the_step_hooks_keeps_the_budget_across_layers():
     hooks, x = StepHooks(m), torch.randn(16, 8)
     hooks.on_step(0, 6)
     for step in range(1, 7):
-        opt.zero_grad()
         m(x).pow(2).mean().backward()
         opt.step()
+        opt.zero_grad(set_to_none=True)  # as the backprop stepper does, before the step hooks
         hooks.on_step(step, 6)
     kept = [int((w.lora_E != 0).sum()) for w in (m.fc1, m.fc2)]
     assert sum(kept) == 2 * 2  # the final budget: target_r x layers, wherever the scores put it
     assert hooks.metrics()["adalora_rank"] == sum(kept) / 2
+
+
+def test_pk_train_prunes_to_the_final_budget():
+    """Through the real loop (whose stepper clears gradients before the step hooks run)."""
+    from test_train import run as train_run, separable
+    from toys import llama
+
+    m = llama()
+    pk.attach(m, pk.AdaLoraConfig(init_r=4, target_r=1, targets=["q_proj", "v_proj"]))
+    train_run(m, separable(16), max_steps=4, grad_accum=2, batch_size=4)
+    kept = sum(int((w.lora_E != 0).sum()) for _, w in pk.core.delta.iter_deltas(m))
+    assert kept == 1 * 4  # target_r x 4 layers

@@ -120,7 +120,7 @@ class PeftLayout:
         (raises ConfigError for what petkit cannot load exactly)
     matches(PEFT config): whether this method reads a folder of `peft_type` (LoRA vs DoRA)
     fan_in_fan_out: PEFT's config has the flag (set for GPT-2 Conv1D layers)
-    skip(key): a PEFT tensor petkit rebuilds instead of reading (VeRA's shared projections)
+    skip(key, PEFT config): a PEFT tensor petkit rebuilds instead of reading (VeRA's projections)
     """
 
     peft_type: str
@@ -129,7 +129,7 @@ class PeftLayout:
     from_peft: Callable[[dict[str, Any]], dict[str, Any]]
     matches: Callable[[dict[str, Any]], bool] = field(default=lambda peft_config: True)
     fan_in_fan_out: bool = False
-    skip: Callable[[str], bool] = field(default=lambda key: False)
+    skip: Callable[[str, dict[str, Any]], bool] = field(default=lambda key, peft_config: False)
 
 
 WRAPPER_CAPABILITIES: tuple[type, ...] = (Weighted, LowRank, RankSettable, ExpertRouted, StepHooked,

@@ -104,12 +104,13 @@ def _config_class(config: dict[str, Any]) -> type[MethodConfig]:
     raise AdapterLoadError(f"import_peft reads PEFT types {', '.join(known)}; this one is {peft_type!r}")
 
 
-def _our_tensors(layout: PeftLayout, tensors: dict[str, torch.Tensor], saved: tuple[str, ...]) -> dict[str, torch.Tensor]:
+def _our_tensors(layout: PeftLayout, config: dict[str, Any], tensors: dict[str, torch.Tensor],
+                 saved: tuple[str, ...]) -> dict[str, torch.Tensor]:
     """PEFT's tensors under petkit's keys: `<path>.<local>` and `<path>.copy.<param>`."""
     suffixes = sorted(layout.keys.items(), key=lambda kv: -len(kv[1]))
     ours: dict[str, torch.Tensor] = {}
     for key, value in tensors.items():
-        if layout.skip(key):
+        if layout.skip(key, config):
             continue
         if not key.startswith(PREFIX):
             raise AdapterLoadError(f"unexpected tensor key {key!r} (expected {PREFIX}...)")
@@ -136,7 +137,7 @@ def import_peft(model: nn.Module, path: str | os.PathLike, name: str = "default"
         if config.get(key):
             raise AdapterLoadError(f"PEFT {key} (per-module ranks) is not supported yet")
     saved = tuple(config.get("modules_to_save") or ())
-    ours = _our_tensors(layout, tensors, saved)
+    ours = _our_tensors(layout, config, tensors, saved)
     targets = sorted({k.rsplit(".", 1)[0] for k in ours if ".copy." not in k})
     try:
         cfg = cls.from_dict({**layout.from_peft(config), "targets": targets, "modules_to_save": list(saved)})

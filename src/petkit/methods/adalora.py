@@ -25,6 +25,8 @@ from torch import nn
 
 from ..core.capabilities import ReportsMetrics, StepHooked, Weighted
 from ..core.delta import DeltaModule
+from ..core.capabilities import PeftLayout
+from .family.peft_fields import need
 from ..core.registry import MethodConfig, check_range, register
 from .family.dense import factor_kw, wrap_targets
 from .family.lowrank import linear_shape, to_base_layout
@@ -37,6 +39,15 @@ class RankAllocator:
         self.config, self.layers, self.done_step, self.budget = config, [], -1, 0
         self.ipt: dict[int, torch.Tensor] = {}
         self.unc: dict[int, torch.Tensor] = {}
+        self.grads: dict[int, torch.Tensor] = {}  # the step's accumulated gradient of each parameter
+
+    def watch(self, p: nn.Parameter) -> None:
+        """Keep a copy of p's gradient whenever one is accumulated into it (the stepper clears the
+        gradients before the step hooks run)."""
+        def record(param: torch.Tensor) -> None:
+            self.grads[id(param)] = param.grad.detach().clone()
+
+        p.register_post_accumulate_grad_hook(record)
 
     def schedule(self, step: int, total: int) -> tuple[int, bool]:
         """(budget, prune now?) at `step` of `total` (PEFT's `budget_schedule`)."""
@@ -51,7 +62,7 @@ class RankAllocator:
 
     def score(self, p: torch.Tensor) -> torch.Tensor:
         """Update p's EMAs of sensitivity and uncertainty from its gradient; return their product."""
-        ipt = (p * p.grad).abs().detach()
+        ipt = (p * self.grads.pop(id(p))).abs()  # p after the update, as PEFT's allocator
         old = self.ipt.get(id(p), torch.zeros_like(ipt))
         avg = self.config.beta1 * old + (1 - self.config.beta1) * ipt
         unc = self.config.beta2 * self.unc.get(id(p), torch.zeros_like(ipt)) + (1 - self.config.beta2) * (ipt - avg).abs()
@@ -62,7 +73,7 @@ class RankAllocator:
         if step == self.done_step:
             return
         self.done_step = step
-        if any(w.lora_E.grad is None for w in self.layers):
+        if any(id(w.lora_E) not in self.grads for w in self.layers):
             return  # before the first step, or a frozen adapter
         with torch.no_grad():
             scores = [self.score(w.lora_E).view(-1) + self.score(w.lora_A).mean(1) + self.score(w.lora_B).mean(0)
@@ -89,6 +100,8 @@ class AdaLoraLinear(DeltaModule):
         self.mix = 1.0
         self.__dict__["allocator"] = allocator  # shared, not a sub-module
         allocator.layers.append(self)
+        for p in (self.lora_A, self.lora_B, self.lora_E):
+            allocator.watch(p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
@@ -109,10 +122,24 @@ class AdaLoraLinear(DeltaModule):
         return {"adalora_rank": float((self.lora_E != 0).sum())}
 
 
+PEFT = PeftLayout(
+    "ADALORA", {"lora_A": "lora_A", "lora_B": "lora_B", "lora_E": "lora_E"},
+    to_peft=lambda c: {"init_r": c.init_r, "target_r": c.target_r, "r": c.init_r, "lora_alpha": c.alpha,
+                       "lora_dropout": c.dropout, "tinit": c.tinit, "tfinal": c.tfinal, "deltaT": c.delta_t,
+                       "beta1": c.beta1, "beta2": c.beta2, "orth_reg_weight": 0.0,
+                       "total_step": c.tinit + c.tfinal + 1, "rank_pattern": None, "bias": "none"},
+    from_peft=lambda d: {"init_r": int(need(d, "init_r")), "target_r": int(need(d, "target_r")),
+                         "alpha": float(d.get("lora_alpha", 8.0)), "dropout": float(d.get("lora_dropout", 0.0)),
+                         "tinit": int(d.get("tinit", 0)), "tfinal": int(d.get("tfinal", 0)),
+                         "delta_t": int(d.get("deltaT", 1)), "beta1": float(d.get("beta1", 0.85)),
+                         "beta2": float(d.get("beta2", 0.85))},
+    fan_in_fan_out=True)
+
 @register("adalora", family="reparameterised",
           paper="Zhang et al., 2023, Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning")
 @dataclass(frozen=True)
 class AdaLoraConfig(MethodConfig):
+    peft_layout: ClassVar[PeftLayout | None] = PEFT
     capabilities: ClassVar[tuple[type, ...]] = (Weighted, StepHooked, ReportsMetrics)
     init_r: int = 12  # rank each layer starts with (and keeps numbers for)
     target_r: int = 8  # mean rank per layer at the end of the budget schedule

@@ -19,6 +19,8 @@ from torch import nn
 
 from ..core.capabilities import Weighted
 from ..core.delta import innermost
+from ..core.capabilities import PeftLayout
+from .family.peft_fields import need
 from ..core.registry import MethodConfig, check_range, register
 from .family.dense import DenseDelta, wrap_targets
 from .family.lowrank import factor_pair
@@ -35,10 +37,17 @@ class HiraLinear(DenseDelta):
         return self.base_weight() * (self.hira_B @ self.hira_A)
 
 
+PEFT = PeftLayout(
+    "HIRA", {"hira_A": "hira_A", "hira_B": "hira_B"},
+    to_peft=lambda c: {"r": c.r, "hira_dropout": c.dropout, "init_weights": True},
+    from_peft=lambda d: {"r": int(need(d, "r")), "dropout": float(d.get("hira_dropout", 0.0))},
+    fan_in_fan_out=True)
+
 @register("hira", family="reparameterised",
           paper="Huang et al., 2025, HiRA: Parameter-Efficient Hadamard High-Rank Adaptation for Large Language Models")
 @dataclass(frozen=True)
 class HiraConfig(MethodConfig):
+    peft_layout: ClassVar[PeftLayout | None] = PEFT
     capabilities: ClassVar[tuple[type, ...]] = (Weighted,)
     r: int = 8
     dropout: float = 0.0

@@ -21,6 +21,8 @@ import torch
 from torch import nn
 
 from ..core.capabilities import TransformsOutput
+from ..core.capabilities import PeftLayout
+from .family.peft_fields import need, refuse
 from ..core.registry import MethodConfig, check_choice, check_range, register
 from .family.dense import RotatedInput, wrap_targets
 
@@ -61,11 +63,22 @@ class HraLinear(RotatedInput):
         return self.rotate(torch.eye(self.fan_in, **self.kw)).T
 
 
+PEFT = PeftLayout(
+    "HRA", {"hra_u": "hra_u"},
+    to_peft=lambda c: {"r": c.r, "apply_GS": c.apply_gs, "bias": "none", "init_weights": True},
+    from_peft=lambda d: _from_peft(d))
+
+
+def _from_peft(d: dict) -> dict:
+    refuse(d, "bias", "none", "PEFT bias training has no petkit equivalent in HRA")
+    return {"r": int(need(d, "r")), "apply_gs": bool(d.get("apply_GS", False))}
+
 @register("hra", family="reparameterised",
           paper="Yuan et al., 2024, Bridging The Gap between Low-rank and Orthogonal Adaptation via Householder "
                 "Reflection Adaptation")
 @dataclass(frozen=True)
 class HraConfig(MethodConfig):
+    peft_layout: ClassVar[PeftLayout | None] = PEFT
     capabilities: ClassVar[tuple[type, ...]] = (TransformsOutput,)
     suggested_lr: ClassVar[float | None] = 0.001
     r: int = 8  # reflections per layer (even: the identity init)

@@ -18,6 +18,8 @@ import torch
 from torch import nn
 
 from ..core.capabilities import Weighted
+from ..core.capabilities import PeftLayout
+from .family.peft_fields import need
 from ..core.registry import MethodConfig, check_range, register
 from .family.dense import DenseDelta, kaiming, wrap_targets, zeros
 
@@ -34,11 +36,18 @@ class LohaLinear(DenseDelta):
         return (self.hada_w1_a @ self.hada_w1_b) * (self.hada_w2_a @ self.hada_w2_b) * self.scale
 
 
+PEFT = PeftLayout(
+    "LOHA", {k: k for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")},
+    to_peft=lambda c: {"r": c.r, "alpha": c.alpha, "rank_dropout": 0.0, "module_dropout": 0.0,
+                       "use_effective_conv2d": False, "init_weights": True},
+    from_peft=lambda d: {"r": int(need(d, "r")), "alpha": float(need(d, "alpha"))})
+
 @register("loha", family="reparameterised",
           paper="Hyeon-Woo et al., 2022, FedPara: Low-Rank Hadamard Product for Communication-Efficient "
                 "Federated Learning")
 @dataclass(frozen=True)
 class LohaConfig(MethodConfig):
+    peft_layout: ClassVar[PeftLayout | None] = PEFT
     capabilities: ClassVar[tuple[type, ...]] = (Weighted,)
     r: int = 8
     alpha: float = 8.0

@@ -21,6 +21,8 @@ import torch
 from torch import nn
 
 from ..core.capabilities import Weighted
+from ..core.capabilities import PeftLayout
+from .family.peft_fields import need
 from ..core.registry import MethodConfig, check_choice, check_range, register
 from .family.dense import DenseDelta, kaiming, wrap_targets, zeros
 
@@ -71,11 +73,21 @@ class LokrLinear(DenseDelta):
         return torch.kron(self.factor("w1"), self.factor("w2")) * self.scale
 
 
+PEFT = PeftLayout(
+    "LOKR", {k: k for k in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")},
+    to_peft=lambda c: {"r": c.r, "alpha": c.alpha, "decompose_both": c.decompose_both, "decompose_factor": c.factor,
+                       "rank_dropout": 0.0, "module_dropout": 0.0, "use_effective_conv2d": False,
+                       "init_weights": True},
+    from_peft=lambda d: {"r": int(need(d, "r")), "alpha": float(need(d, "alpha")),
+                         "decompose_both": bool(d.get("decompose_both", False)),
+                         "factor": int(d.get("decompose_factor", -1))})
+
 @register("lokr", family="reparameterised",
           paper="Yeh et al., 2024, Navigating Text-To-Image Customization: From LyCORIS Fine-Tuning to "
                 "Model Evaluation")
 @dataclass(frozen=True)
 class LokrConfig(MethodConfig):
+    peft_layout: ClassVar[PeftLayout | None] = PEFT
     capabilities: ClassVar[tuple[type, ...]] = (Weighted,)
     r: int = 8
     alpha: float = 8.0

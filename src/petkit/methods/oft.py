@@ -24,6 +24,8 @@ from torch import nn
 
 from ..core.capabilities import TransformsOutput
 from ..core.errors import ConfigError
+from ..core.capabilities import PeftLayout
+from .family.peft_fields import refuse
 from ..core.registry import MethodConfig, check_choice, check_range, register
 from .family.dense import RotatedInput, wrap_targets
 
@@ -75,10 +77,28 @@ class OftLinear(RotatedInput):
         return torch.block_diag(*self.block_rotations()).T
 
 
+PEFT = PeftLayout(
+    "OFT", {"oft_R": "oft_R.weight"},
+    to_peft=lambda c: {"r": 0, "oft_block_size": c.block_size, "block_share": c.block_share, "coft": False,
+                       "use_cayley_neumann": c.neumann_terms > 0, "num_cayley_neumann_terms": c.neumann_terms or 5,
+                       "module_dropout": 0.0, "bias": "none", "init_weights": True},
+    from_peft=lambda d: _from_peft(d), fan_in_fan_out=True)
+
+
+def _from_peft(d: dict) -> dict:
+    refuse(d, "coft", False, "constrained OFT (coft) is not implemented in petkit")
+    refuse(d, "bias", "none", "PEFT bias training has no petkit equivalent in OFT")
+    if not d.get("oft_block_size"):
+        raise ConfigError("PEFT oft_block_size=0 (blocks set by r): petkit reads adapters saved with a block size")
+    terms = int(d.get("num_cayley_neumann_terms", 5)) if d.get("use_cayley_neumann", True) else 0
+    return {"block_size": int(d["oft_block_size"]), "block_share": bool(d.get("block_share", False)),
+            "neumann_terms": terms}
+
 @register("oft", family="reparameterised",
           paper="Qiu et al., 2023, Controlling Text-to-Image Diffusion by Orthogonal Finetuning")
 @dataclass(frozen=True)
 class OftConfig(MethodConfig):
+    peft_layout: ClassVar[PeftLayout | None] = PEFT
     capabilities: ClassVar[tuple[type, ...]] = (TransformsOutput,)
     suggested_lr: ClassVar[float | None] = 0.001
     block_size: int = 32  # b: must divide each target's input width

@@ -20,6 +20,8 @@ from torch import nn
 
 from ..core.capabilities import Weighted
 from ..core.errors import ConfigError
+from ..core.capabilities import PeftLayout
+from .family.peft_fields import need, refuse
 from ..core.registry import MethodConfig, check_range, register
 from .family.dense import DenseDelta, wrap_targets, zeros
 
@@ -47,9 +49,22 @@ class ShiraLinear(DenseDelta):
         return flat.index_put((self.positions,), self.shira_weight).view(self.fan_out, self.fan_in)
 
 
+PEFT = PeftLayout(
+    "SHIRA", {"shira_weight": "shira_weight"},
+    to_peft=lambda c: {"r": c.r, "mask_type": "random", "random_seed": c.random_seed, "init_weights": True},
+    from_peft=lambda d: _from_peft(d), fan_in_fan_out=True,
+    skip=lambda key, _: key.endswith(".shira_indices"))  # PEFT's copy of the mask: rebuilt from random_seed
+
+
+def _from_peft(d: dict) -> dict:
+    refuse(d, "mask_type", "random", "only PEFT's random mask is rebuilt from the config (a custom mask_fn "
+                                     "is code, not in the file)")
+    return {"r": int(need(d, "r")), "random_seed": d.get("random_seed")}
+
 @register("shira", family="reparameterised", paper="Bhardwaj et al., 2024, Sparse High Rank Adapters")
 @dataclass(frozen=True)
 class ShiraConfig(MethodConfig):
+    peft_layout: ClassVar[PeftLayout | None] = PEFT
     capabilities: ClassVar[tuple[type, ...]] = (Weighted,)
     r: int = 32  # trained entries per layer: r (out + in), as many as a rank-r LoRA
     random_seed: int | None = None  # the mask's generator seed (None: torch's default, as PEFT)

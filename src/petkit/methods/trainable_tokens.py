@@ -16,12 +16,15 @@ PEFT (`trainable_tokens_delta`: the new rows themselves, not differences).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from ..core.delta import DeltaModule, canonical_modules, innermost, wrap
 from ..core.errors import ConfigError, TargetError
+from ..core.capabilities import PeftLayout
+from .family.peft_fields import need
 from ..core.registry import MethodConfig, check_range, register
 from ..core.targets import match_targets
 from .family.dense import remembered
@@ -99,10 +102,25 @@ def tied_heads(model: nn.Module, embedding: nn.Module) -> list[str]:
             if p and isinstance(m, nn.Linear) and m.weight is embedding.weight]
 
 
+PEFT = PeftLayout(
+    "TRAINABLE_TOKENS", {"trainable_tokens_delta": "trainable_tokens_delta"},
+    to_peft=lambda c: {"token_indices": list(c.token_indices), "init_weights": True},
+    from_peft=lambda d: {"token_indices": [int(t) for t in need(d, "token_indices")]},
+    skip=lambda key, d: _tied_copy(key, d))
+
+
+def _tied_copy(key: str, peft_config: dict) -> bool:
+    """PEFT also saves the rows under a tied output head (not among its target_modules): petkit
+    ties the head itself, so that copy is not read."""
+    module = key.rsplit(".", 1)[0]
+    targets = peft_config.get("target_modules") or ()
+    return isinstance(targets, list) and not any(module == t or module.endswith("." + t) for t in targets)
+
 @register("trainable-tokens", family="selective",
           paper="Hugging Face PEFT, 2025, TrainableTokens: train selected embedding rows")
 @dataclass(frozen=True)
 class TrainableTokensConfig(MethodConfig):
+    peft_layout: ClassVar[PeftLayout | None] = PEFT
     token_indices: tuple[int, ...] = ()  # the token ids whose rows train (e.g. ids of added tokens)
 
     def validate(self) -> None:

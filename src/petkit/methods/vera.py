@@ -24,6 +24,8 @@ from torch import nn
 
 from ..core.capabilities import Weighted
 from ..core.delta import DeltaModule, get_canonical, wrap
+from ..core.capabilities import PeftLayout
+from .family.peft_fields import need
 from ..core.registry import MethodConfig, check_range, register
 from ..core.targets import linear_shape, match_targets, role_targets
 from .family.dense import factor_kw
@@ -70,10 +72,22 @@ class VeraLinear(DeltaModule):
         return to_base_layout(dw, self.transposed)
 
 
+PEFT = PeftLayout(
+    "VERA", {"vera_lambda_b": "vera_lambda_b", "vera_lambda_d": "vera_lambda_d"},
+    to_peft=lambda c: {"r": c.r, "vera_dropout": c.dropout, "d_initial": c.d_initial,
+                       "projection_prng_key": c.projection_prng_key, "save_projection": False, "bias": "none",
+                       "init_weights": True},
+    from_peft=lambda d: {"r": int(need(d, "r")), "dropout": float(d.get("vera_dropout", 0.0)),
+                         "d_initial": float(d.get("d_initial", 0.1)),
+                         "projection_prng_key": int(d.get("projection_prng_key", 0))},
+    fan_in_fan_out=True,
+    skip=lambda key, _: key.startswith(("base_model.vera_A", "base_model.vera_B")))  # rebuilt from the key
+
 @register("vera", family="reparameterised",
           paper="Kopiczko et al., 2024, VeRA: Vector-based Random Matrix Adaptation")
 @dataclass(frozen=True)
 class VeraConfig(MethodConfig):
+    peft_layout: ClassVar[PeftLayout | None] = PEFT
     capabilities: ClassVar[tuple[type, ...]] = (Weighted,)
     suggested_lr: ClassVar[float | None] = 0.01
     r: int = 256
