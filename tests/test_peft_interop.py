@@ -60,5 +60,5 @@ def test_import_checks_what_peft_does_not(tmp_path):
 def test_export_of_non_lora_is_refused(tmp_path):
     m = llama()
     pk.attach(m, pk.AdapterConfig())
-    with pytest.raises(pk.AdapterStateError, match="LoRA family"):
+    with pytest.raises(pk.AdapterStateError, match="which PEFT does not have"):
         pk.export_peft(m, tmp_path / "x")

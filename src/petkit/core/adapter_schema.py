@@ -180,11 +180,11 @@ ADAPTER_SCHEMA = Obj({
 
 # The fields of a PEFT `adapter_config.json` that `import_peft` reads (others are ignored).
 PEFT_SCHEMA = Obj({
-    "peft_type": Str(32), "r": Int(1, 1 << 20), "lora_alpha": Num(), "lora_dropout": Num(0.0, 1.0),
+    "peft_type": Str(32), "r": Int(0, 1 << 20), "lora_alpha": Num(), "lora_dropout": Num(0.0, 1.0),
     "use_rslora": Bool(), "use_dora": Bool(), "lora_bias": Bool(), "bias": Str(16),
     "modules_to_save": Opt(List(MODULE_PATH, 1000)), "rank_pattern": Opt(Map(Str(512), Scalar())),
     "alpha_pattern": Opt(Map(Str(512), Scalar())),
-}, required=("peft_type", "r", "lora_alpha"))
+}, required=("peft_type",))  # each method's fields: its PeftLayout.from_peft and config
 
 
 # --- reading -------------------------------------------------------------------------------

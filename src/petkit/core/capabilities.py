@@ -17,7 +17,9 @@ never through a method's name or a `hasattr` probe:
     TransformsOutput `transforms_output`: True when it changes its base's output non-additively
     InputScaled     `on_input`: True when it scales its base's input rather than its output
 
-A config may satisfy RankRange (`rank_range`, `at_rank`) and FoldableConfig (`folded`). A registered method
+A config may satisfy RankRange (`rank_range`, `at_rank`) and FoldableConfig (`folded`). A config
+class whose method PEFT also has declares its `peft_layout` (a `PeftLayout` below: how its
+adapter reads as a PEFT folder; core/peft_interop.py). A registered method
 declares what its wrappers and config satisfy in its config's `capabilities` ClassVar; the
 contract table (tests/test_contract.py) checks every claim, and `capable(P)` lists the methods
 claiming P for error messages.
@@ -27,7 +29,9 @@ claiming P for error messages.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Protocol, runtime_checkable
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -123,6 +127,29 @@ class RankRange(Protocol):
 @runtime_checkable
 class FoldableConfig(Protocol):
     def folded(self) -> MethodConfig: ...
+
+
+@dataclass(frozen=True)
+class PeftLayout:
+    """How a method's adapter reads as a Hugging Face PEFT folder (`pk.export_peft` / `import_peft`);
+    a config class declares it as its `peft_layout` ClassVar (None: PEFT has no such method).
+
+    keys: this method's parameter name -> PEFT's tensor name after the module path
+    to_peft(config) -> PEFT's config fields beyond peft_type / target_modules / modules_to_save
+    from_peft(PEFT config) -> this method's config fields beyond targets / modules_to_save
+        (raises ConfigError for what petkit cannot load exactly)
+    matches(PEFT config): whether this method reads a folder of `peft_type` (LoRA vs DoRA)
+    fan_in_fan_out: PEFT's config has the flag (set for GPT-2 Conv1D layers)
+    skip(key, PEFT config): a PEFT tensor petkit rebuilds instead of reading (VeRA's projections)
+    """
+
+    peft_type: str
+    keys: dict[str, str]
+    to_peft: Callable[[Any], dict[str, Any]]
+    from_peft: Callable[[dict[str, Any]], dict[str, Any]]
+    matches: Callable[[dict[str, Any]], bool] = field(default=lambda peft_config: True)
+    fan_in_fan_out: bool = False
+    skip: Callable[[str, dict[str, Any]], bool] = field(default=lambda key, peft_config: False)
 
 
 WRAPPER_CAPABILITIES: tuple[type, ...] = (Weighted, LowRank, RowBatchable, RankSettable, ExpertRouted,

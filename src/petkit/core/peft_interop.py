@@ -1,11 +1,12 @@
-"""Hugging Face PEFT interop for the LoRA family: `export_peft` / `import_peft`.
+"""Hugging Face PEFT interop: `export_peft` / `import_peft` for every method PEFT also has.
 
-PEFT's folder: `adapter_config.json` (peft_type "LORA", r, lora_alpha, target_modules, ...) and
-`adapter_model.safetensors` with keys `base_model.model.<path>.lora_A.weight` (r, in) and
-`.lora_B.weight` (out, r) — the same layouts petkit's LoRA uses; `modules_to_save` tensors as
-`base_model.model.<path>.<param>`. DoRA is PEFT's LoRA with `use_dora: true` and one more tensor
-per layer, `.lora_magnitude_vector` (out,) — petkit's "dora" `magnitude`. Unlike PEFT, import
-checks every tensor against the model.
+PEFT's folder: `adapter_config.json` (peft_type, target_modules, the method's fields) and
+`adapter_model.safetensors` with keys `base_model.model.<path>.<tensor>`; `modules_to_save`
+tensors as `base_model.model.<path>.<param>`. What differs per method — PEFT's peft_type, its
+tensor names, its config fields — each method declares as its config's `peft_layout`
+(core.capabilities.PeftLayout); this module knows no method by name. LoRA is peft_type "LORA"
+(`lora_A.weight` (r, in), `lora_B.weight` (out, r)); DoRA the same with `use_dora: true` and
+`lora_magnitude_vector`. Unlike PEFT, import checks every tensor against the model.
 """
 from __future__ import annotations
 
@@ -21,51 +22,52 @@ from torch import nn
 
 from .adapter_check import check_targets_exist, check_values, compare_shapes, precheck
 from .adapter_schema import PEFT_SCHEMA, read_json
+from .capabilities import PeftLayout
 from .safetensors_header import read_header
 from .delta import innermost
 from .durable import write_folder
 from .errors import AdapterLoadError, AdapterStateError, ConfigError
 from .io import adapter_state, fill_attached
 from .model import adapters, attach
-from .registry import make_config
+from .registry import METHODS, MethodConfig
 from .state import wrappers_of
 from .targets import is_linear, linear_dims
 
 PREFIX = "base_model.model."
-_TO_PEFT = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "lora_bias": "lora_B.bias",
-            "magnitude": "lora_magnitude_vector"}  # DoRA's magnitude (one entry per output row)
-_FROM_PEFT = {v: k for k, v in _TO_PEFT.items()}
+
+
+def exchangeable() -> list[str]:
+    """The registered methods PEFT also has (they declare a `peft_layout`), sorted."""
+    return sorted(n for n, info in METHODS.items() if info.config_cls.peft_layout is not None)
 
 
 def export_peft(model: nn.Module, path: str | os.PathLike, name: str = "default") -> Path:
-    """Write adapter `name` (method "lora" or "dora") as a PEFT LoRA folder."""
+    """Write adapter `name` as a PEFT folder (any method PEFT has: `exchangeable()`)."""
     record = adapters(model).get(name)
     if record is None:
         raise AdapterStateError(f"unknown adapter {name!r}")
     cfg = record.config
-    if cfg.method not in ("lora", "dora"):
-        raise AdapterStateError(f"export_peft supports the LoRA family; {name!r} is {cfg.method!r}")
-    bias = getattr(cfg, "bias", "none")
-    if bias == "all":
-        raise AdapterStateError("PEFT has no equivalent of bias='all' deltas; use bias='none' or 'lora_only'")
+    layout = type(cfg).peft_layout
+    if layout is None:
+        raise AdapterStateError(f"export_peft: {name!r} is {cfg.method!r}, which PEFT does not have (no PEFT tuner "
+                                f"computes it); methods PEFT has: {', '.join(exchangeable())}")
     tensors: dict[str, torch.Tensor] = {}
+    targets: set[str] = set()
     for key, value in adapter_state(model, name).items():
         module_path, _, local = key.rpartition(".")
-        if local in _TO_PEFT:
-            tensors[f"{PREFIX}{module_path}.{_TO_PEFT[local]}"] = value.detach().cpu().contiguous()
+        if local in layout.keys:
+            tensors[f"{PREFIX}{module_path}.{layout.keys[local]}"] = value.detach().cpu().contiguous()
+            targets.add(module_path)
         else:  # TrainableCopy: "<path>.copy.<param>"
             mod, _, param = key.partition(".copy.")
             tensors[f"{PREFIX}{mod}.{param}"] = value.detach().cpu().contiguous()
-    lora_paths = sorted({k[len(PREFIX):].rsplit(".lora_", 1)[0] for k in tensors if ".lora_" in k})
-    conv1d = any(is_linear(innermost(w)) and linear_dims(innermost(w))[2] for _, w in wrappers_of(model, [name]))
-    config = {
-        "peft_type": "LORA", "task_type": None, "r": cfg.r, "lora_alpha": cfg.alpha,
-        "lora_dropout": cfg.dropout, "use_rslora": cfg.rslora, "target_modules": lora_paths,
-        "bias": "none", "lora_bias": bias == "lora_only", "fan_in_fan_out": conv1d,
-        "modules_to_save": list(cfg.modules_to_save) or None, "init_lora_weights": True,
-        "inference_mode": True, "use_dora": cfg.method == "dora", "rank_pattern": {}, "alpha_pattern": {},
-        "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None),
-    }
+    config = {"peft_type": layout.peft_type, "task_type": None, "target_modules": sorted(targets),
+              "modules_to_save": list(cfg.modules_to_save) or None, "inference_mode": True, **layout.to_peft(cfg),
+              "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None)}
+    if layout.fan_in_fan_out:
+        config["fan_in_fan_out"] = any(is_linear(innermost(w)) and linear_dims(innermost(w))[2]
+                                       for _, w in wrappers_of(model, [name]))
+
     def fill(out: Path) -> None:
         save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
         (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
@@ -92,43 +94,54 @@ def _read_peft(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     return config, tensors
 
 
-def import_peft(model: nn.Module, path: str | os.PathLike, name: str = "default", trainable: bool = False) -> nn.Module:
-    """Load a PEFT LoRA (or DoRA: use_dora) folder into `model` as adapter `name` (checked, then activated)."""
-    config, tensors = _read_peft(Path(path))
-    if config.get("peft_type") != "LORA":
-        raise AdapterLoadError(f"import_peft reads LoRA adapters; this one is {config.get('peft_type')!r}")
-    for key in ("rank_pattern", "alpha_pattern"):
-        if config.get(key):
-            raise AdapterLoadError(f"PEFT {key} (per-module ranks) is not supported yet")
-    if config.get("bias", "none") != "none":
-        raise AdapterLoadError("PEFT bias='all'/'lora_only' trains base biases; petkit cannot import that exactly")
+def _config_class(config: dict[str, Any]) -> type[MethodConfig]:
+    """The method whose `peft_layout` reads this PEFT config."""
+    peft_type = config.get("peft_type")
+    for info in METHODS.values():
+        layout = info.config_cls.peft_layout
+        if layout is not None and layout.peft_type == peft_type and layout.matches(config):
+            return info.config_cls
+    known = sorted({i.config_cls.peft_layout.peft_type for i in METHODS.values() if i.config_cls.peft_layout})
+    raise AdapterLoadError(f"import_peft reads PEFT types {', '.join(known)}; this one is {peft_type!r}")
+
+
+def _our_tensors(layout: PeftLayout, config: dict[str, Any], tensors: dict[str, torch.Tensor],
+                 saved: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """PEFT's tensors under petkit's keys: `<path>.<local>` and `<path>.copy.<param>`."""
+    suffixes = sorted(layout.keys.items(), key=lambda kv: -len(kv[1]))
     ours: dict[str, torch.Tensor] = {}
-    saved = tuple(config.get("modules_to_save") or ())
     for key, value in tensors.items():
+        if layout.skip(key, config):
+            continue
         if not key.startswith(PREFIX):
             raise AdapterLoadError(f"unexpected tensor key {key!r} (expected {PREFIX}...)")
         rest = key[len(PREFIX):].replace(".default.", ".")
-        head, sep, tail = rest.rpartition(".lora_")
-        if sep:
-            local = _FROM_PEFT.get("lora_" + tail)
-            if local is None:
-                raise AdapterLoadError(f"unexpected LoRA tensor {key!r}")
-            ours[f"{head}.{local}"] = value
-        else:
-            mod = next((m for m in saved if rest.startswith(m + ".") or f".{m}." in f".{rest}"), None)
-            if mod is None:
-                raise AdapterLoadError(f"tensor {key!r} is neither LoRA nor a modules_to_save module")
-            mod_path, _, param = rest.rpartition(".")
-            ours[f"{mod_path}.copy.{param}"] = value
-    targets = sorted({k.rsplit(".", 1)[0] for k in ours if k.rsplit(".", 1)[1].startswith("lora_")})
-    fields = {"r": int(config["r"]), "alpha": float(config["lora_alpha"]),
-              "dropout": float(config.get("lora_dropout", 0.0)), "rslora": bool(config.get("use_rslora", False)),
-              "targets": targets, "modules_to_save": list(saved)}
-    if config.get("use_dora") and config.get("lora_bias"):
-        raise AdapterLoadError("PEFT DoRA with lora_bias has no petkit equivalent")
+        hit = next(((local, rest[: -len(sfx) - 1]) for local, sfx in suffixes if rest.endswith("." + sfx)), None)
+        if hit is not None:
+            ours[f"{hit[1]}.{hit[0]}"] = value
+            continue
+        mod = next((m for m in saved if rest.startswith(m + ".") or f".{m}." in f".{rest}"), None)
+        if mod is None:
+            raise AdapterLoadError(f"tensor {key!r} is neither a {layout.peft_type} tensor nor a modules_to_save module")
+        mod_path, _, param = rest.rpartition(".")
+        ours[f"{mod_path}.copy.{param}"] = value
+    return ours
+
+
+def import_peft(model: nn.Module, path: str | os.PathLike, name: str = "default", trainable: bool = False) -> nn.Module:
+    """Load a PEFT folder (any method PEFT and petkit share) into `model` as adapter `name`
+    (checked, then activated)."""
+    config, tensors = _read_peft(Path(path))
+    cls = _config_class(config)
+    layout = cls.peft_layout
+    for key in ("rank_pattern", "alpha_pattern"):
+        if config.get(key):
+            raise AdapterLoadError(f"PEFT {key} (per-module ranks) is not supported yet")
+    saved = tuple(config.get("modules_to_save") or ())
+    ours = _our_tensors(layout, config, tensors, saved)
+    targets = sorted({k.rsplit(".", 1)[0] for k in ours if ".copy." not in k})
     try:
-        cfg = (make_config("dora", **fields) if config.get("use_dora") else
-               make_config("lora", bias="lora_only" if config.get("lora_bias") else "none", **fields))
+        cfg = cls.from_dict({**layout.from_peft(config), "targets": targets, "modules_to_save": list(saved)})
     except ConfigError as exc:
         raise AdapterLoadError(f"{path}: adapter_config.json: {exc}") from None
     touched = targets + sorted({k.split(".copy.", 1)[0] for k in ours if ".copy." in k})

@@ -6,12 +6,15 @@ import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from torch import nn
 
 from .config_io import dataclass_from_dict
 from .errors import ConfigError, did_you_mean
+
+if TYPE_CHECKING:
+    from .capabilities import PeftLayout
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,8 @@ class MethodConfig:
     learning rate is given, and the methods table trains with it. None: the recipe's rate.
     capabilities: the Protocols of `core.capabilities` this method's wrappers (and config) satisfy
     beyond the delta contract; the contract table checks each claim.
+    peft_layout: how the adapter reads as a Hugging Face PEFT folder; None where PEFT has no such
+    method (`pk.export_peft` refuses it).
     """
 
     targets: str | tuple[str, ...] | None = None
@@ -106,6 +111,7 @@ class MethodConfig:
     applies_to: ClassVar[tuple[str, ...]] = ("decoder", "encoder")
     suggested_lr: ClassVar[float | None] = None
     capabilities: ClassVar[tuple[type, ...]] = ()
+    peft_layout: ClassVar["PeftLayout | None"] = None
 
     def __post_init__(self) -> None:
         for f in fields(self):  # lists from JSON/YAML become tuples: configs stay hashable

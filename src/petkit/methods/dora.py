@@ -21,9 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.capabilities import MergesOwnDeltas, RowBatchable, RowTerms, Weighted
+from ..core.capabilities import PeftLayout, MergesOwnDeltas, RowBatchable, RowTerms, Weighted
 from ..core.delta import DeltaModule, innermost, wrap
 from .family.lowrank import check_lora_fields, factor_pair, linear_shape, to_base_layout, weight_out_in
+from .family.peft_fields import lora_layout
 from ..core.registry import MethodConfig, check_choice, register
 from ..core.targets import match_targets, role_targets
 
@@ -90,6 +91,7 @@ class DoraLinear(DeltaModule):
           paper="Liu et al., 2024, DoRA: Weight-Decomposed Low-Rank Adaptation")
 @dataclass(frozen=True)
 class DoraConfig(MethodConfig):
+    peft_layout: ClassVar[PeftLayout | None] = lora_layout(dora=True)
     capabilities: ClassVar[tuple[type, ...]] = (Weighted, MergesOwnDeltas, RowBatchable)
     r: int = 8
     alpha: float = 16.0

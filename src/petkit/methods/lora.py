@@ -20,9 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .family.bias import BiasDelta
-from ..core.capabilities import LowRank, RowBatchable, RowTerms, Weighted
+from ..core.capabilities import PeftLayout, LowRank, RowBatchable, RowTerms, Weighted
 from ..core.delta import DeltaModule, get_canonical, innermost, wrap
 from .family.lowrank import add_lowrank, factor_pair
+from .family.peft_fields import lora_layout
 from ..core.registry import MethodConfig, check_choice, check_range, register
 from ..core.qweight import delta_dtype
 from ..core.targets import linear_dims, match_targets, role_targets
@@ -68,6 +69,7 @@ class LoraLinear(DeltaModule):
 @register("lora", family="reparameterised", paper="Hu et al., 2021, LoRA: Low-Rank Adaptation of Large Language Models")
 @dataclass(frozen=True)
 class LoraConfig(MethodConfig):
+    peft_layout: ClassVar[PeftLayout | None] = lora_layout(dora=False)
     capabilities: ClassVar[tuple[type, ...]] = (Weighted, LowRank, RowBatchable)
     r: int = 8
     alpha: float = 16.0

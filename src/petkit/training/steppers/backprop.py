@@ -1,5 +1,7 @@
-"""Backpropagation stepper: AdamW or SGD, gradient accumulation, clipping, LR schedule, and
-`TrainConfig.head_lr` (a second parameter group for full trainable copies such as a new head).
+"""Backpropagation stepper: AdamW or SGD, gradient accumulation, clipping, LR schedule,
+`TrainConfig.head_lr` (a second parameter group for full trainable copies such as a new head) and
+LoRA+ (`--stepper.loraplus_ratio`: Hayou et al., 2024, "LoRA+: Efficient Low Rank Adaptation of
+Large Models", arXiv:2402.12354 — the B factors of low-rank wrappers train at lr * ratio).
 
 One step = `len(micro_batches)` forward/backward passes whose gradients are averaged, an optional
 clip of the global grad norm to `max_grad_norm`, one optimiser update, one scheduler tick.
@@ -16,6 +18,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from petkit.core.capabilities import LowRank, capable_text, lowrank_factors
+from petkit.core.delta import iter_deltas
 from petkit.core.errors import ConfigError
 from petkit.core.model import trainable_copy_parameters
 from petkit.training.config import TrainConfig
@@ -37,9 +41,12 @@ class BackpropConfig(StepperConfig):
     beta1: float = 0.9
     beta2: float = 0.999
     fused: bool | None = None
+    loraplus_ratio: float | None = None  # LoRA+: B factors (LowRank wrappers) at lr * ratio (paper: 16)
 
     def __post_init__(self) -> None:
-        """Momentum and betas in [0, 1); fused None, true or false."""
+        """Momentum and betas in [0, 1); fused None, true or false; loraplus_ratio None or > 0."""
+        ratio = self.loraplus_ratio
+        self.require(ratio is None or (is_num(ratio) and ratio > 0), "loraplus_ratio", "None or a number > 0", ratio)
         for name in ("momentum", "beta1", "beta2"):
             value = getattr(self, name)
             self.require(is_num(value) and 0 <= value < 1, name, "a number in [0, 1)", value)
@@ -65,6 +72,13 @@ def _optimizer(groups: list[list[nn.Parameter]], lrs: list[float],
                              weight_decay=config.weight_decay, fused=fused or None)
 
 
+def lowrank_b_names(model: nn.Module, named: dict[str, nn.Parameter]) -> set[str]:
+    """Names (in `named`) of the B factors of the model's low-rank wrappers, found by structure:
+    the parameter a wrapper's `lowrank()` gives as B (a slice, as DyLoRA's, is not one)."""
+    b_ids = {id(factors[1]) for _, w in iter_deltas(model) if (factors := lowrank_factors(w)) is not None}
+    return {n for n, p in named.items() if id(p) in b_ids}
+
+
 class BackpropStepper:
     """Gradient descent on the trainable parameters with a torch optimiser.
 
@@ -84,7 +98,9 @@ class BackpropStepper:
                                         warmup_steps=config.warmup(total_steps),
                                         schedule=config.schedule)
         self.head: set[str] = set()  # names of the full trainable copies' parameters
-        self.bound = config.head_lr is None  # head_lr needs bind_model before the first step
+        self.lora_b: set[str] = set()  # names of low-rank B factors (LoRA+)
+        self.ratio = getattr(config.stepper, "loraplus_ratio", None)
+        self.bound = config.head_lr is None and self.ratio is None  # both need bind_model first
         self._build()
 
     def _build(self) -> None:
@@ -92,15 +108,24 @@ class BackpropStepper:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.factor)
 
     def _lrs(self) -> list[float]:
-        head_lr = self.config.head_lr
-        return [self.config.lr] if head_lr is None else [self.config.lr, head_lr]
+        lrs = [self.config.lr]
+        if self.ratio is not None and self.lora_b:
+            lrs.append(self.config.lr * self.ratio)
+        return lrs if self.config.head_lr is None else [*lrs, self.config.head_lr]
 
     def _names(self, groups: int) -> list[list[str]]:
         """Parameter names per optimiser group for a layout of `groups` groups (1: all; 2: the
-        delta, then the full trainable copies)."""
+        delta, then the full trainable copies; 3: the delta but B, LoRA+'s B factors, the copies).
+        With LoRA+ and no head_lr, 2 groups are the delta but B, then B."""
         if groups == 1:
             return [list(self.named)]
-        return [[n for n in self.named if n not in self.head], [n for n in self.named if n in self.head]]
+        b = self.lora_b if self.ratio is not None else set()
+        rest = [n for n in self.named if n not in self.head and n not in b]
+        if groups == 2 and b and self.config.head_lr is None:
+            return [rest, [n for n in self.named if n in b]]
+        if groups == 2:
+            return [[n for n in self.named if n not in self.head], [n for n in self.named if n in self.head]]
+        return [rest, [n for n in self.named if n in b], [n for n in self.named if n in self.head]]
 
     def _order(self, groups: int) -> list[str]:
         """Parameter names in optimiser index order for a layout of `groups` groups."""
@@ -110,9 +135,15 @@ class BackpropStepper:
         return [[self.named[n] for n in names] for names in self._names(len(self._lrs()))]
 
     def bind_model(self, model: nn.Module) -> None:
-        """Find the full trainable copies among the parameters; with `head_lr`, regroup."""
+        """Find the full trainable copies (head_lr) and low-rank B factors (LoRA+); regroup."""
         self.head = set(trainable_copy_parameters(model)) & set(self.named)
         self.bound = True
+        if self.ratio is not None:
+            self.lora_b = lowrank_b_names(model, self.named)
+            if not self.lora_b:
+                warnings.warn(f"loraplus_ratio={self.ratio!r} has no effect: no trained low-rank B factor "
+                              f"(methods with B: {capable_text(LowRank)})", UserWarning)
+            self._build()
         if self.config.head_lr is None:
             return
         if not self.head:  # a warning, not an error: one config may serve head and verbaliser tasks
@@ -128,7 +159,7 @@ class BackpropStepper:
         stays on the device (the loop reads it back when it logs): nothing in a step waits for
         the device, so the host prepares the next batch while this step runs."""
         if not self.bound:
-            raise ConfigError("TrainConfig.head_lr needs the model: call the stepper's "
+            raise ConfigError("head_lr / loraplus_ratio need the model: call the stepper's "
                               "bind_model(model) before its first step (train() does)")
         losses = []
         for batch in micro_batches:
