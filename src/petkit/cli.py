@@ -7,6 +7,8 @@ exit code 2; no traceback.
     petkit train --data tweets.csv --test-file test.csv --text-column tweet --label-column mood
     petkit eval --adapter runs/default/adapter --data test.csv   # scores every row of test.csv
     petkit merge --adapter runs/default/adapter --output merged/
+    petkit export --adapter runs/default/adapter --format vllm --output served/   # or peft
+    petkit predict --adapter runs/default/adapter --data new.csv --output preds.csv
     petkit inspect --method lora         # table: where each delta sits, trainable counts
     petkit methods
     petkit fed --clients 10 --alpha 0.5   # federated LoRA on Flower, only the delta travels
@@ -27,7 +29,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from petkit.app.pipeline import (load_with_adapter, merge_to_folder, method_config, recipe_for_adapter,
+from petkit.app.export import FORMATS, export_adapter, merge_to_folder
+from petkit.app.pipeline import (load_with_adapter, method_config, needs_data, recipe_for_adapter,
                                  run_recipe, test_metrics)
 from petkit.app.rank_sweep import check_ranks, evaluate_at_ranks, parse_ranks, write_sweep
 from petkit.app.recipe import apply_overrides, load_recipe
@@ -113,7 +116,30 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--requantize", action="store_true",
                        help="adapter trained on a quantised base: merge into its 4/8-bit weights and "
                             "report the error that adds (default: into the dequantised base, exact)")
+    merge.add_argument("--overwrite", action="store_true", help="replace a folder that holds "
+                       "files (by default refused; the old one goes only once the new is complete)")
     _add_flags(merge, ("model", "data", "task_type"))
+    export = sub.add_parser("export", help="write an adapter for other tools: PEFT, or vLLM's "
+                                           "LoRA loader (checked against its rules)")
+    export.add_argument("--adapter", required=True, help="adapter folder")
+    export.add_argument("--format", dest="export_format", default="peft", choices=FORMATS,
+                        help="peft (Hugging Face PEFT) | vllm (PEFT that vLLM serves)")
+    export.add_argument("--output", dest="exported", required=True, help="folder to write")
+    export.add_argument("--overwrite", action="store_true", help="replace a folder that holds files")
+    _add_flags(export, ("model",))
+    predict = sub.add_parser("predict", help="predictions (and scores) of an adapter for the "
+                                             "rows of a file without labels")
+    predict.add_argument("--adapter", required=True, help="adapter folder")
+    predict.add_argument("--data", dest="predict_data", required=True, metavar="FILE",
+                         help=".csv .jsonl .json .parquet with the column the run read")
+    predict.add_argument("--output", dest="predictions", required=True, metavar="FILE",
+                         help="predictions file to write (.csv or .jsonl): input columns + "
+                              "prediction and score_<label> (completion for instruction runs)")
+    predict.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    predict.add_argument("--batch-size", dest="predict_batch", type=int, default=16)
+    predict.add_argument("--max-new-tokens", type=int, default=64,
+                         help="instruction runs: tokens generated per row (greedy)")
+    _add_flags(predict, ("model", "text_column", "prompt_column", "max_length"))
     inspect = sub.add_parser("inspect", help="table of where each delta sits, with trainable "
                                              "counts")
     inspect.add_argument("--adapter", help="adapter folder to load")
@@ -224,7 +250,8 @@ def _rank_sweep(recipe: Any, adapter: Any, ranks: list[int]) -> None:
 
 
 def _adapter_recipe(args: argparse.Namespace, dotted: dict[str, str]) -> Any:
-    return _recipe(args, dotted, base=recipe_for_adapter(args.adapter))
+    model_given = args.model is not None or "model.name" in dotted
+    return _recipe(args, dotted, base=recipe_for_adapter(args.adapter, model_given))
 
 
 def _eval_data(args: argparse.Namespace, dotted: dict[str, str]) -> dict[str, str]:
@@ -252,9 +279,33 @@ def cmd_eval(args: argparse.Namespace, dotted: dict[str, str]) -> None:
 def cmd_merge(args: argparse.Namespace, dotted: dict[str, str]) -> None:
     """Write the merged model as a plain Hugging Face folder."""
     out = merge_to_folder(_adapter_recipe(args, dotted), args.adapter, args.merged,
-                          requantize=args.requantize, echo=lambda line: OUT.print(line, markup=False))
+                          requantize=args.requantize, overwrite=args.overwrite,
+                          echo=lambda line: OUT.print(line, markup=False))
     OUT.print(f"merged model: {out} ({format_bytes(folder_bytes(out))}; "
-              "loads with transformers' from_pretrained, no petkit needed)")
+              f"loads with transformers' from_pretrained, no petkit needed; how: {out / 'README.md'})")
+
+
+def cmd_export(args: argparse.Namespace, dotted: dict[str, str]) -> None:
+    """Write the adapter as a PEFT folder, or one vLLM's LoRA loader accepts."""
+    out, card = export_adapter(_adapter_recipe(args, dotted), args.adapter, args.exported,
+                               args.export_format, overwrite=args.overwrite)
+    OUT.print(f"{args.export_format} adapter: {out} ({format_bytes(folder_bytes(out), 2)}) for "
+              f"base {card['base']}; how to use it: {out / 'README.md'}", markup=False)
+    if card["max_lora_rank"]:
+        OUT.print(f"vllm serve {card['base']} --enable-lora --max-lora-rank "
+                  f"{card['max_lora_rank']} --lora-modules adapter={out.resolve()}", markup=False)
+
+
+def cmd_predict(args: argparse.Namespace, dotted: dict[str, str]) -> None:
+    """Predictions of the adapter for every row of a file."""
+    from petkit.app.predict import predict_file
+
+    done = predict_file(_adapter_recipe(args, dotted), args.adapter, args.predict_data,
+                        args.predictions, batch_size=args.predict_batch,
+                        max_new_tokens=args.max_new_tokens, overwrite=args.overwrite)
+    counts = ", ".join(f"{k} {v}" for k, v in done.counts.items())
+    OUT.print(f"{done.rows} predictions ({done.task_type}{': ' + counts if counts else ''}): "
+              f"{done.path}", markup=False)
 
 
 def cmd_inspect(args: argparse.Namespace, dotted: dict[str, str]) -> None:
@@ -262,8 +313,7 @@ def cmd_inspect(args: argparse.Namespace, dotted: dict[str, str]) -> None:
     if args.adapter and args.method:
         raise UsageError("inspect takes --adapter or --method, not both")
     recipe = _adapter_recipe(args, dotted) if args.adapter else _recipe(args, dotted)
-    head = recipe.data.task_type == "head"
-    prep = load_with_adapter(recipe, args.adapter, with_data=head)
+    prep = load_with_adapter(recipe, args.adapter, with_data=needs_data(recipe))
     if not args.adapter:
         attach(prep.model, method_config(recipe, prep))
     OUT.print(summary(prep.model), markup=False)
@@ -305,7 +355,8 @@ def cmd_replay(args: argparse.Namespace, dotted: dict[str, str]) -> None:
               f"{args.log} ({os.path.getsize(args.log) / 1024:.1f} KiB)")
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "merge": cmd_merge, "inspect": cmd_inspect,
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "merge": cmd_merge, "export": cmd_export,
+            "predict": cmd_predict, "inspect": cmd_inspect,
             "methods": cmd_methods, "replay": cmd_replay, "fed": cmd_fed, "bench": cmd_bench,
             "continual": cmd_continual}
 

@@ -2,7 +2,9 @@
 
 `write_folder(final, fill)` builds the new folder in a temp folder beside `final`, fsyncs its
 files and itself, renames the old `final` aside, renames the new one in, fsyncs the parent and
-only then deletes the old copy. A reader therefore always finds a complete folder: `final`, or
+only then deletes the old copy. Every file and folder in it gets the mode the user's umask gives
+a new one (0644 / 0755 under umask 022): writers that create private files (safetensors writes
+0600) do not leave a model another user or a serving container cannot read. A reader therefore always finds a complete folder: `final`, or
 (in the instant between the two renames, or after a crash there) the aside copy, which
 `resolve_folder` returns and the next save renames back. Savers into one parent serialise on an
 `flock` of the parent folder; temp and aside folders left by a killed saver are removed by the
@@ -139,6 +141,29 @@ def clean_folder(parent: Path) -> None:
             clean_stale(parent / name)
 
 
+def current_umask() -> int:
+    """This process's umask (Linux: read from /proc, no change; elsewhere: set and restored)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(folder: Path) -> None:
+    """Give `folder` and everything under it the modes the umask gives new files (0666 & ~umask)
+    and folders (0777 & ~umask)."""
+    mask = current_umask()
+    for path in [folder, *folder.rglob("*")]:
+        if path.is_symlink():
+            continue
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def write_folder(final: str | os.PathLike, fill: Callable[[Path], Any]) -> Path:
     """Atomically create or replace folder `final` with what `fill(tmp_folder)` writes."""
     final = Path(final)
@@ -150,6 +175,7 @@ def write_folder(final: str | os.PathLike, fill: Callable[[Path], Any]) -> Path:
         tmp.mkdir()
         try:
             fill(tmp)
+            follow_umask(tmp)
             fsync_tree(tmp)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

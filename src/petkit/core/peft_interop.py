@@ -26,7 +26,7 @@ from .durable import write_folder
 from .errors import AdapterLoadError, AdapterStateError, ConfigError
 from .io import adapter_state, fill_attached
 from .model import adapters, attach
-from .registry import make_config
+from .registry import MethodConfig, make_config
 from .state import wrappers_of
 from .targets import is_linear, linear_dims
 
@@ -36,40 +36,62 @@ _TO_PEFT = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "lora_bias": "
 _FROM_PEFT = {v: k for k, v in _TO_PEFT.items()}
 
 
-def export_peft(model: nn.Module, path: str | os.PathLike, name: str = "default") -> Path:
-    """Write adapter `name` (method "lora" or "dora") as a PEFT LoRA folder."""
-    record = adapters(model).get(name)
-    if record is None:
-        raise AdapterStateError(f"unknown adapter {name!r}")
-    cfg = record.config
+def peft_key(key: str) -> str:
+    """A petkit delta tensor key (`pk.adapter_state`) as PEFT names it."""
+    module_path, _, local = key.rpartition(".")
+    if local in _TO_PEFT:
+        return f"{PREFIX}{module_path}.{_TO_PEFT[local]}"
+    mod, _, param = key.partition(".copy.")  # TrainableCopy (modules_to_save): "<path>.copy.<param>"
+    return f"{PREFIX}{mod}.{param}"
+
+
+def peft_config(cfg: MethodConfig, keys: list[str], *, conv1d: bool = False,
+                base_model: str | None = None) -> dict[str, Any]:
+    """PEFT's `adapter_config.json` for LoRA-family config `cfg` whose tensors are `keys` (PEFT
+    names). Refuses what PEFT cannot express."""
     if cfg.method not in ("lora", "dora"):
-        raise AdapterStateError(f"export_peft supports the LoRA family; {name!r} is {cfg.method!r}")
+        raise AdapterStateError(f"export_peft supports the LoRA family; this adapter is {cfg.method!r}")
     bias = getattr(cfg, "bias", "none")
     if bias == "all":
         raise AdapterStateError("PEFT has no equivalent of bias='all' deltas; use bias='none' or 'lora_only'")
-    tensors: dict[str, torch.Tensor] = {}
-    for key, value in adapter_state(model, name).items():
-        module_path, _, local = key.rpartition(".")
-        if local in _TO_PEFT:
-            tensors[f"{PREFIX}{module_path}.{_TO_PEFT[local]}"] = value.detach().cpu().contiguous()
-        else:  # TrainableCopy: "<path>.copy.<param>"
-            mod, _, param = key.partition(".copy.")
-            tensors[f"{PREFIX}{mod}.{param}"] = value.detach().cpu().contiguous()
-    lora_paths = sorted({k[len(PREFIX):].rsplit(".lora_", 1)[0] for k in tensors if ".lora_" in k})
-    conv1d = any(is_linear(innermost(w)) and linear_dims(innermost(w))[2] for _, w in wrappers_of(model, [name]))
-    config = {
-        "peft_type": "LORA", "task_type": None, "r": cfg.r, "lora_alpha": cfg.alpha,
-        "lora_dropout": cfg.dropout, "use_rslora": cfg.rslora, "target_modules": lora_paths,
+    alpha = int(cfg.alpha) if float(cfg.alpha).is_integer() else cfg.alpha
+    return {
+        "peft_type": "LORA", "task_type": None, "r": cfg.r, "lora_alpha": alpha,
+        "lora_dropout": cfg.dropout, "use_rslora": cfg.rslora,
+        "target_modules": sorted({k[len(PREFIX):].rsplit(".lora_", 1)[0] for k in keys if ".lora_" in k}),
         "bias": "none", "lora_bias": bias == "lora_only", "fan_in_fan_out": conv1d,
         "modules_to_save": list(cfg.modules_to_save) or None, "init_lora_weights": True,
         "inference_mode": True, "use_dora": cfg.method == "dora", "rank_pattern": {}, "alpha_pattern": {},
-        "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None),
+        "base_model_name_or_path": base_model,
     }
-    def fill(out: Path) -> None:
-        save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
-        (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
 
-    return write_folder(Path(path), fill)
+
+def peft_files(model: nn.Module, name: str = "default",
+               base_model: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Adapter `name`'s tensors under PEFT's names and its `adapter_config.json` content."""
+    record = adapters(model).get(name)
+    if record is None:
+        raise AdapterStateError(f"unknown adapter {name!r}")
+    tensors = {peft_key(k): v.detach().cpu().contiguous() for k, v in adapter_state(model, name).items()}
+    conv1d = any(is_linear(innermost(w)) and linear_dims(innermost(w))[2] for _, w in wrappers_of(model, [name]))
+    base_model = base_model or getattr(getattr(model, "config", None), "_name_or_path", None)
+    return tensors, peft_config(record.config, list(tensors), conv1d=conv1d, base_model=base_model)
+
+
+def write_peft(folder: Path, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
+    """Write PEFT's two files into `folder`."""
+    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
+
+
+def export_peft(model: nn.Module, path: str | os.PathLike, name: str = "default",
+                base_model: str | None = None) -> Path:
+    """Write adapter `name` (method "lora" or "dora") as a PEFT LoRA folder.
+
+    `base_model` goes into `base_model_name_or_path` (default: the model config's
+    `_name_or_path`, often a local cache folder: give the hub id where there is one)."""
+    tensors, config = peft_files(model, name, base_model)
+    return write_folder(Path(path), lambda out: write_peft(out, tensors, config))
 
 
 def _read_peft(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
