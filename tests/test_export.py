@@ -219,3 +219,16 @@ def test_model_card_says_how_to_use_the_folder(kind: str, task: dict) -> None:
         assert "`a`, `b`, `c`" in text and ("num_labels=3" in code) == (kind != "merged")
     assert ("--max-lora-rank 8" in text) == (kind == "vllm")
     assert ("PeftModel" in code) == (kind != "merged")
+
+
+def test_an_image_models_card_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from petkit.models.vision import tiny_vision_model
+
+    model = tiny_vision_model(num_labels=3, image_size=16)
+    model.config.id2label = {0: "cat", 1: "dog", 2: "owl"}
+    model.save_pretrained(tmp_path / "vit")
+    card = Card("merged", "org/vit", "lora", {"r": 4}, {"type": "head", "labels": ["cat", "dog", "owl"]},
+                image=True)
+    code = render(card, str(tmp_path / "vit")).split("```python\n", 1)[1].split("```", 1)[0]
+    exec(compile(code, "README.md", "exec"), {})  # noqa: S102 - the card's own snippet
+    assert set(eval(capsys.readouterr().out)) == {"cat", "dog", "owl"}  # noqa: S307

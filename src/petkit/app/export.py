@@ -59,8 +59,9 @@ def _card(recipe: Recipe, adapter: str | Path, kind: str, prep: Prepared | None 
     if "labels" not in task and recipe.data.labels:
         task["labels"] = list(recipe.data.labels)
     chat = bool(getattr(getattr(prep, "tokenizer", None), "chat_template", None))
+    image = prep is not None and prep.tokenizer is None
     return Card(kind, public_name(recipe.model.name), meta["method"], dict(meta["config"]), task,
-                chat, rank)
+                chat, rank, image)
 
 
 def _name_labels(model: nn.Module, labels: list[str] | None) -> None:

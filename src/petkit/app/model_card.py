@@ -21,6 +21,7 @@ class Card:
     task: dict[str, Any] = field(default_factory=dict)  # adapter.json's task record
     chat_template: bool = False  # the tokenizer has one (instruction prompts go through it)
     max_lora_rank: int | None = None  # vllm
+    image: bool = False  # an image classifier (no tokenizer: pixels as petkit.data.images makes them)
 
 
 def _task_lines(card: Card) -> list[str]:
@@ -93,8 +94,21 @@ def _loader(card: Card, where: str) -> str:
     return "\n".join(lines)
 
 
+def _image_snippet(where: str) -> str:
+    return f"""import torch
+from transformers import AutoModelForImageClassification
+model = AutoModelForImageClassification.from_pretrained({where!r}).eval()
+size = model.config.image_size  # your image: RGB, resized to size x size, ImageNet-normalised
+pixel_values = torch.zeros(1, 3, size, size)
+with torch.no_grad():
+    probs = model(pixel_values=pixel_values).logits.softmax(-1)[0]
+print({{model.config.id2label[i]: p for i, p in enumerate(probs.tolist())}})"""
+
+
 def snippet(card: Card, where: str) -> str:
     """Python that loads the folder `where` and uses it for its task."""
+    if card.image:
+        return _image_snippet(where)
     load = _loader(card, where)
     kind = card.task.get("type")
     if kind == "head":

@@ -198,7 +198,9 @@ def describe_run(model: nn.Module, recipe: Recipe, task: Any, task_type: str) ->
     spec = recipe.data
     info: dict[str, Any] = {"type": task_type, "data": _absolute_files(spec).get("name", spec.name)}
     if task.kind == "classification":
-        info.update(labels=list(task.label_names), input_column=spec.text_column)
+        info["labels"] = list(task.label_names)
+        if not is_image_task(task):
+            info["input_column"] = spec.text_column
         if task_type == "verbaliser":
             info.update(label_words=list(task.label_words), template=task.template)
     elif task.kind == "instruction":
