@@ -22,18 +22,11 @@ from petkit.app.adapter_base import recipe_for_adapter
 from petkit.cli import main
 from petkit.core.vllm_format import folder_problems
 from petkit.models.embedded import embedded_model_dir
+from test_first_hour import write_csv
 
 HAPPY = ["love this", "great day", "so happy", "wonderful news"]
 SAD = ["hate this", "awful day", "so sad", "terrible news"]
 SHORT = ["--steps", "2", "--batch-size", "4", "--max-length", "24", "--train.progress=false"]
-
-
-def write_csv(path: Path, rows: list[dict[str, str]]) -> Path:
-    with path.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -242,6 +235,8 @@ def test_a_lone_adapter_finds_its_base_and_task(work: dict[str, Path], capsys) -
                           capsys)
     assert code == 0, err
     assert read_csv(preds) == read_csv(work["root"] / "preds-head.csv")
+    code, text, err = cli(["eval", "--adapter", lone], capsys)  # the run's own test file
+    assert code == 0 and "test on 8 examples (head)" in text, err
     # An older adapter (no base record): merge asks for --model, then infers the head itself.
     meta = json.loads((lone / "adapter.json").read_text())
     del meta["base_model"], meta["task"]

@@ -17,8 +17,6 @@ from petkit.app.recipe import DataSpec, ModelSpec, Recipe, load_recipe
 from petkit.core.adapter_schema import check_meta, read_header, read_json
 from petkit.core.errors import ConfigError
 from petkit.core.io import META, TENSORS
-from petkit.data import is_data_file
-from petkit.data.embedded import EMBEDDED_TASKS
 from petkit.models.embedded import EMBEDDED_MODELS
 from petkit.models.loading import KNOWN_HEAD_NAMES
 
@@ -50,13 +48,14 @@ def _task_spec(adapter: str | Path, meta: dict[str, Any]) -> DataSpec:
         n = head_labels(adapter, meta)
         labels = [str(i) for i in range(n)] if n >= 2 else None
         return DataSpec(task_type="head" if n else "auto", labels=labels)
-    column = {"instruction": "prompt_column"}.get(task["type"], "text_column")
+    columns = ("prompt_column", "completion_column") if task["type"] == "instruction" else \
+        ("text_column", "label_column")
     fields: dict[str, Any] = {"task_type": task["type"], "labels": task.get("labels") or None}
-    if task.get("input_column"):
-        fields[column] = task["input_column"]
-    data = task.get("data")
-    if data and (data in EMBEDDED_TASKS or (is_data_file(data) and Path(data).is_file())):
-        fields["name"] = data
+    for field, key in zip(columns, ("input_column", "target_column")):
+        if task.get(key):
+            fields[field] = task[key]
+    if task.get("data"):  # eval without --data scores this task (a vanished file: an error)
+        fields.update(name=task["data"], test_file=task.get("test_file"))
     return DataSpec(**fields)
 
 

@@ -196,15 +196,17 @@ def describe_run(model: nn.Module, recipe: Recipe, task: Any, task_type: str) ->
     """Record the base's name and the task on `model`: every adapter saved from it carries them
     in adapter.json (`core.io.describe_base`), so it needs no run folder to be used."""
     spec = recipe.data
-    info: dict[str, Any] = {"type": task_type, "data": _absolute_files(spec).get("name", spec.name)}
+    files = _absolute_files(spec)
+    info: dict[str, Any] = {"type": task_type, "data": files.get("name", spec.name),
+                            "test_file": files.get("test_file")}
     if task.kind == "classification":
         info["labels"] = list(task.label_names)
         if not is_image_task(task):
-            info["input_column"] = spec.text_column
+            info.update(input_column=spec.text_column, target_column=spec.label_column)
         if task_type == "verbaliser":
             info.update(label_words=list(task.label_words), template=task.template)
     elif task.kind == "instruction":
-        info["input_column"] = spec.prompt_column
+        info.update(input_column=spec.prompt_column, target_column=spec.completion_column)
     name = recipe.model.name
     describe_base(model, str(Path(name).resolve()) if Path(name).is_dir() else name, info)
 

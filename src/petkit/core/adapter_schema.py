@@ -167,7 +167,8 @@ FINGERPRINT = Obj({"architecture": Str(256), "model_type": Str(256),
 TASK_TYPES = ("verbaliser", "head", "instruction")
 TASK = Obj({"type": Str(16, re.compile("|".join(TASK_TYPES)), f"one of {', '.join(TASK_TYPES)}"),
             "labels": List(Str(1024), 100_000), "label_words": List(Str(1024), 100_000),
-            "template": Str(8192), "input_column": Str(1024), "data": Str(4096)}, required=("type",))
+            "template": Str(8192), "input_column": Str(1024), "target_column": Str(1024), "data": Str(4096),
+            "test_file": Str(4096)}, required=("type",))
 ADAPTER_SCHEMA = Obj({
     "format_version": Int(1, FORMAT_VERSION),
     "library": Str(64),
