@@ -261,3 +261,20 @@ def test_the_model_cards_snippet_runs_in_a_clean_interpreter(work: dict[str, Pat
     assert done.returncode == 0, done.stderr[-2000:]
     printed = re.search(r"\{.*\}", done.stdout).group(0)
     assert set(eval(printed)) == {"happy", "sad"}  # noqa: S307 - a dict the snippet printed
+
+
+def test_an_older_run_folder_reads_label_words_from_its_task(work: dict[str, Path], capsys) -> None:
+    """An adapter from before adapter.json named its task, inside its run folder: the card and
+    the predictions take the template and label words from the run's task."""
+    old = work["root"] / "older-run"
+    shutil.copytree(work["root"] / "verbaliser", old)
+    meta = json.loads((old / "adapter" / "adapter.json").read_text())
+    del meta["base_model"], meta["task"]
+    (old / "adapter" / "adapter.json").write_text(json.dumps(meta))
+    assert cli(["merge", "--adapter", old / "adapter", "--output", old / "merged"], capsys)[0] == 0
+    assert '`happy` -> `" happy"`' in (old / "merged" / "README.md").read_text()
+    preds = old / "preds.csv"
+    code, _, err = cli(["predict", "--adapter", old / "adapter", "--data", work["test"], "--output",
+                        preds], capsys)
+    assert code == 0, err
+    assert read_csv(preds) == read_csv(work["root"] / "preds-verbaliser.csv")

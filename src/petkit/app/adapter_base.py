@@ -78,3 +78,19 @@ def recipe_for_adapter(adapter: str | Path, model_given: bool = False) -> Recipe
 def task_record(adapter: str | Path) -> dict[str, Any]:
     """The adapter's recorded task ({} for an older adapter)."""
     return dict(adapter_meta(adapter).get("task") or {})
+
+
+def task_info(recipe: Recipe, adapter: str | Path, task_type: str) -> dict[str, Any]:
+    """The task of `task_type` with its labels (and label words, template for a verbaliser):
+    the adapter's record, else (an older adapter) read from the recipe's task."""
+    info = {**task_record(adapter), "type": task_type}
+    if task_type == "instruction" or (info.get("labels") and (
+            task_type == "head" or info.get("label_words"))):
+        return info
+    if task_type == "head" and recipe.data.labels:
+        return {**info, "labels": list(recipe.data.labels)}
+    from petkit.app.pipeline import load_recipe_task  # the pipeline imports this module
+
+    task = load_recipe_task(recipe.data)
+    return {**info, "labels": list(task.label_names), "label_words": list(task.label_words),
+            "template": task.template}

@@ -19,7 +19,7 @@ from typing import Any
 
 from torch import nn
 
-from petkit.app.adapter_base import adapter_meta, task_record
+from petkit.app.adapter_base import adapter_meta, task_info
 from petkit.app.model_card import Card, render
 from petkit.app.pipeline import Prepared, load_with_adapter, needs_data, sample_batch
 from petkit.app.recipe import Recipe
@@ -55,9 +55,11 @@ def claim_folder(output: str | Path, overwrite: bool) -> Path:
 def _card(recipe: Recipe, adapter: str | Path, kind: str, prep: Prepared | None = None,
           rank: int | None = None) -> Card:
     meta = adapter_meta(adapter)
-    task = task_record(adapter) or {"type": recipe.data.task_type}
-    if "labels" not in task and recipe.data.labels:
-        task["labels"] = list(recipe.data.labels)
+    kind_of_task = prep.task_type if prep else recipe.data.task_type
+    try:
+        task = task_info(recipe, adapter, kind_of_task)
+    except PetkitError:  # an older adapter whose task cannot be read: the card says less
+        task = {"type": kind_of_task}
     chat = bool(getattr(getattr(prep, "tokenizer", None), "chat_template", None))
     image = prep is not None and prep.tokenizer is None
     return Card(kind, public_name(recipe.model.name), meta["method"], dict(meta["config"]), task,

@@ -20,9 +20,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from petkit.app.adapter_base import task_record
-from petkit.app.pipeline import (Prepared, _is_encoder, load_recipe_task, load_with_adapter,
-                                 needs_data)
+from petkit.app.adapter_base import task_info
+from petkit.app.pipeline import Prepared, _is_encoder, load_with_adapter, needs_data
 from petkit.app.recipe import Recipe
 from petkit.core.errors import ConfigError
 from petkit.data import collate, encode_classification, label_token_ids
@@ -75,18 +74,6 @@ def claim_file(output: str | Path, overwrite: bool) -> Path:
     if path.exists() and not overwrite:
         raise ConfigError(f"--output {path} exists; choose a new file or pass --overwrite")
     return path
-
-
-def _label_info(recipe: Recipe, adapter: str | Path, task_type: str) -> dict[str, Any]:
-    """labels (and label_words, template for a verbaliser): the adapter's record, else the task's."""
-    info = task_record(adapter)
-    if info.get("labels") and (task_type == "head" or info.get("label_words")):
-        return info
-    if task_type == "head" and recipe.data.labels:
-        return {"labels": list(recipe.data.labels)}
-    task = load_recipe_task(recipe.data)  # an older adapter's run: read its task for the words
-    return {"labels": list(task.label_names), "label_words": list(task.label_words),
-            "template": task.template}
 
 
 def _batches(encoded: list[dict], size: int, progress: bool) -> Iterator[list[int]]:
@@ -174,7 +161,7 @@ def predict_file(recipe: Recipe, adapter: str | Path, data: str | Path, output: 
         else (recipe.data.text_column, "--text-column")
     rows = read_inputs(data, column, flag)
     path = claim_file(output, overwrite)
-    info = {} if task_type == "instruction" else _label_info(recipe, adapter, task_type)
+    info = {} if task_type == "instruction" else task_info(recipe, adapter, task_type)
     prep = load_with_adapter(recipe, adapter, with_data=needs_data(recipe))
     prep.model.eval()
     inputs, taken = [str(r[column]) for r in rows], {str(k) for r in rows for k in r}
