@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import petkit as pk
 import petkit.app.pipeline as pipeline
 from petkit.app.adapter_base import recipe_for_adapter
 from petkit.cli import main
