@@ -99,9 +99,9 @@ def test_methods_lists_the_registry(capsys: pytest.CaptureFixture[str]) -> None:
     (["train", "--bogus"], "--bogus"),
     (["train", "--train.learning_rate=1"], "learning_rate"),
     (["train", "--lr", "-3"], "lr"),
-    (["train", "--steps", "0"], "max_steps"),
+    (["train", "--steps", "0"], "--steps must be"),  # the flag, not TrainConfig.max_steps
     (["train", "--method", "nope"], "nope"),
-    (["train", "--task-type", "regression"], "task_type"),
+    (["train", "--task-type", "regression"], "--task-type must be"),
     (["train", "--recipe", "missing.yaml"], "missing.yaml"),
     (["train", "--method.r"], "needs a value"),
     (["eval"], "--adapter"),

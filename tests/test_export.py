@@ -157,7 +157,8 @@ def _adapter(tmp_path: Path, name: str = "ad", **record: object) -> Path:
 
 def test_adapter_json_records_the_base_and_task(tmp_path: Path) -> None:
     task = {"type": "verbaliser", "labels": ["neg", "pos"], "label_words": [" bad", " good"],
-            "template": "Review: {text}\nSentiment:", "input_column": "review"}
+            "template": "Review: {text}\nSentiment:", "input_column": "review",
+            "data": str(tmp_path / "reviews.csv")}
     folder = _adapter(tmp_path, base_model="smollm2-135m", task=task)
     meta = json.loads((folder / "adapter.json").read_text())
     assert meta["base_model"] == "smollm2-135m" and meta["task"] == task

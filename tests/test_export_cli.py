@@ -218,12 +218,26 @@ def test_predict_refusals_come_before_the_model(work: dict[str, Path], capsys, m
     bad = write_csv(work["root"] / "bad.csv", [{"body": "hello", "id": "1"}])
     code, _, err = cli(["predict", "--adapter", work["head"], "--data", bad, "--output",
                         work["root"] / "x.csv"], capsys)
-    assert code == 2 and "has no column 'tweet', the one this run read (its columns: body, id)" in err
+    assert code == 2 and "has no column 'tweet', the one this run read (its columns: body, id); " \
+        "rename it or pass --text-column" in err
     taken = work["root"] / "taken.csv"
     taken.write_text("keep")
     code, _, err = cli(["predict", "--adapter", work["head"], "--data", work["test"], "--output",
                         taken], capsys)
     assert code == 2 and "exists" in err and taken.read_text() == "keep"
+    code, _, err = cli(["predict", "--adapter", work["head"], "--data", bad, "--text-column", "text",
+                        "--output", work["root"] / "x.csv"], capsys)
+    assert code == 2 and "has no column 'text' (its columns: body, id)" in err
+
+
+def test_predict_reads_another_column_when_told(work: dict[str, Path], capsys) -> None:
+    renamed = write_csv(work["root"] / "renamed.csv", [{"body": r["tweet"]} for r in tweets(8, 100)])
+    preds = work["root"] / "renamed-preds.csv"
+    code, _, err = cli(["predict", "--adapter", work["head"], "--data", renamed, "--text-column",
+                        "body", "--output", preds], capsys)
+    assert code == 0, err
+    assert [r["prediction"] for r in read_csv(preds)] == \
+        [r["prediction"] for r in read_csv(work["root"] / "preds-head.csv")]
 
 
 def test_a_lone_adapter_finds_its_base_and_task(work: dict[str, Path], capsys) -> None:

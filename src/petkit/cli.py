@@ -35,10 +35,10 @@ from petkit.app.pipeline import (load_with_adapter, method_config, needs_data, r
 from petkit.app.rank_sweep import check_ranks, evaluate_at_ranks, parse_ranks, write_sweep
 from petkit.app.recipe import apply_overrides, load_recipe
 from petkit.app.replay import replay_run
-from petkit.app.run_folder import DEFAULT_OUTPUT, claim_output
+from petkit.app.run_folder import DEFAULT_OUTPUT, SCHEDULE_FIELDS, claim_output, resume_recipe
 from petkit.benchmark import cli as bench_cli
 from petkit.cli_flags import (COLUMNS, DATA, DOTTED, FLAGS, HELP, METAVARS, METHOD, OPTIMISERS,
-                              TRAINING)
+                              TRAINING, speak_flags)
 from petkit.compress.cli import pruning_hooks
 from petkit.core.disk import folder_bytes, format_bytes
 from petkit.core.errors import PetkitError
@@ -48,7 +48,7 @@ from petkit.core.registry import list_methods, suggested_lr
 from petkit.core.state import active_adapters
 from petkit.data import is_data_file
 from petkit.fed import flags as fed_flags  # flags only: `petkit fed` imports Flower when it runs
-from petkit.models.packages import require_module
+from petkit.models.packages import extra_install, require_module
 from petkit.training.evaluate import format_metrics
 
 ERR = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -95,9 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="replace the run already in --output (by default a named folder "
                             "holding a run is refused, and the default folder moves on to "
                             "runs/default-N)")
-    train.add_argument("--resume-override", action="store_true",
-                       help="with --resume: accept changed max steps, lr, schedule, batch or "
-                            "accumulation (the run is then no longer an exact continuation)")
+    train.add_argument("--resume-override", nargs="?", const="schedule", default=None,
+                       metavar="FIELDS",
+                       help="with --resume: let these options change, comma-separated flag "
+                            "names or dotted fields (steps,lr or train.max_steps); alone: the "
+                            "schedule (steps, epochs, lr, warm-up, batch, accumulation). The run "
+                            "is then no longer an exact continuation")
     train.add_argument("--nproc", type=int, default=None,
                        help="train on N local processes through torchrun (DDP or FSDP2: train.distributed; docs/distributed.md)")
     train.add_argument("--dylora-eval-ranks", dest="eval_ranks", default=None,
@@ -139,7 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--batch-size", dest="predict_batch", type=int, default=16)
     predict.add_argument("--max-new-tokens", type=int, default=64,
                          help="instruction runs: tokens generated per row (greedy)")
-    _add_flags(predict, ("model", "text_column", "prompt_column", "max_length"))
+    predict.add_argument("--text-column", "--prompt-column", dest="input_column", metavar="NAME",
+                         help="FILE's column to read (default: the one the run read)")
+    _add_flags(predict, ("model", "max_length"))
     inspect = sub.add_parser("inspect", help="table of where each delta sits, with trainable "
                                              "counts")
     inspect.add_argument("--adapter", help="adapter folder to load")
@@ -151,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--output", dest="replayed", required=True, help="adapter folder to write")
     replay.add_argument("--steps", dest="replay_steps", type=int, default=None,
                         help="replay only the first N steps (e.g. the run's best step)")
+    replay.add_argument("--overwrite", action="store_true",
+                        help="replace the adapter already in --output")
     fed_flags.add_arguments(sub.add_parser("fed", help="federated tuning on Flower (simulation, or "
                                          "--deploy to a SuperLink): only the delta travels"))
     bench_cli.add_arguments(sub.add_parser("bench", help="fair benchmark grid from a YAML file: "
@@ -179,17 +186,48 @@ def _split_dotted(extra: Sequence[str]) -> dict[str, str]:
 
 
 def _recipe(args: argparse.Namespace, dotted: dict[str, str], base: Any = None) -> Any:
-    """Recipe from --recipe (or `base`, or the default), then named flags, then dotted ones."""
+    """Recipe from --recipe (or `base`, or the default), then named flags, then dotted ones.
+    With --resume: the run folder's own recipe, changed only where --resume-override says."""
+    if getattr(args, "resume", False):
+        if args.recipe:
+            raise UsageError("--resume continues the run in --output with its own recipe.yaml; "
+                             "drop --recipe")
+        folder = Path(args.output or DEFAULT_OUTPUT)
+        saved = folder / "recipe.yaml"
+        recipe = load_recipe(saved) if saved.is_file() else load_recipe("default")
+        return resume_recipe(folder, _overrides(args, dotted, recipe),
+                             _override_fields(args.resume_override))
+    if getattr(args, "resume_override", None):
+        raise UsageError("--resume-override only applies with --resume")
     recipe = load_recipe(args.recipe) if args.recipe else base or load_recipe("default")
+    return apply_overrides(recipe, _overrides(args, dotted, recipe))
+
+
+def _override_fields(text: str | None) -> list[str]:
+    """--resume-override's value as dotted fields: flag names map through FLAGS."""
+    if not text:
+        return []
+    fields = []
+    for name in (n.strip() for n in text.split(",") if n.strip()):
+        if name == "schedule":
+            fields.extend(SCHEDULE_FIELDS)
+        elif name.lstrip("-").replace("-", "_") in FLAGS:
+            fields.append(FLAGS[name.lstrip("-").replace("-", "_")])
+        elif "." in name:
+            fields.append(name.lstrip("-").replace("-", "_"))
+        else:
+            raise UsageError(f"--resume-override: {name!r} is neither a flag name (steps, lr, "
+                             f"...) nor a dotted field (train.max_steps)")
+    return fields
+
+
+def _overrides(args: argparse.Namespace, dotted: dict[str, str], recipe: Any) -> dict[str, str]:
+    """The recipe fields the flags and dotted options set, as {"section.field": text}."""
     named = {FLAGS[k]: str(v) for k, v in vars(args).items() if k in FLAGS and v is not None}
     if getattr(args, "head", False):
         named["data.task_type"] = "head"
     if getattr(args, "bf16", False):
         named["train.precision"] = "bf16"
-    if getattr(args, "resume", False):
-        named["train.resume"] = "true"
-    if getattr(args, "resume_override", False):
-        named["train.resume_override"] = "true"
     overrides = {**named, **dotted}
     if "train.epochs" in overrides and "train.max_steps" not in overrides:
         overrides["train.max_steps"] = "none"  # --epochs alone: the recipe's step cap would cut it
@@ -199,7 +237,7 @@ def _recipe(args: argparse.Namespace, dotted: dict[str, str], base: Any = None) 
         if lr is not None:
             overrides["train.lr"] = str(lr)
             OUT.print(f"[dim]lr {lr:g}: {overrides['method.name']}'s suggested rate (--lr sets another)[/dim]")
-    return apply_overrides(recipe, overrides)
+    return overrides
 
 
 def cmd_train(args: argparse.Namespace, dotted: dict[str, str]) -> None:
@@ -212,7 +250,7 @@ def cmd_train(args: argparse.Namespace, dotted: dict[str, str]) -> None:
     ranks = _eval_ranks(args, recipe)
     recipe = claim_output(recipe, args.overwrite, lambda line: OUT.print(line, markup=False))
     report = run_recipe(recipe, echo=lambda line: OUT.print(f"[dim]{line}[/dim]"),
-                        hooks=pruning_hooks(recipe))
+                        hooks=pruning_hooks(recipe), command=["petkit", *args.argv])
     result = report.result
     OUT.print(f"test after:  [bold green]{format_metrics(report.after)}[/bold green]")
     best = f", best {result.metric}={result.best_metric:.4f} at step {result.best_step}" \
@@ -221,9 +259,11 @@ def cmd_train(args: argparse.Namespace, dotted: dict[str, str]) -> None:
     OUT.print(f"{result.steps} {noun} in {result.seconds:.0f}s{best}; "
               f"peak memory {result.peak_memory_mb:.0f} MiB; total {report.seconds:.0f}s")
     OUT.print(f"adapter: {result.adapter_path} ({format_bytes(report.adapter_bytes, 2)} on disk)")
-    plot = Path(report.recipe.train.output_dir or DEFAULT_OUTPUT) / "training.png"
+    folder = Path(report.recipe.train.output_dir or DEFAULT_OUTPUT)
+    plot = folder / "training.png"
     if plot.is_file():
         OUT.print(f"loss curve: {plot}; log: {plot.parent / 'train.log'}")
+    OUT.print(f"results (metrics, command, versions, times): {folder / 'results.json'}")
     if ranks:
         _rank_sweep(report.recipe, result.adapter_path, ranks)
     for key, value in result.report.items():  # e.g. IST: steps each layer was updated in
@@ -302,7 +342,8 @@ def cmd_predict(args: argparse.Namespace, dotted: dict[str, str]) -> None:
 
     done = predict_file(_adapter_recipe(args, dotted), args.adapter, args.predict_data,
                         args.predictions, batch_size=args.predict_batch,
-                        max_new_tokens=args.max_new_tokens, overwrite=args.overwrite)
+                        max_new_tokens=args.max_new_tokens, overwrite=args.overwrite,
+                        column=args.input_column)
     counts = ", ".join(f"{k} {v}" for k, v in done.counts.items())
     OUT.print(f"{done.rows} predictions ({done.task_type}{': ' + counts if counts else ''}): "
               f"{done.path}", markup=False)
@@ -336,13 +377,13 @@ def cmd_continual(args: argparse.Namespace, dotted: dict[str, str]) -> None:
     """Learn tasks in order; print the accuracy matrix, forgetting and where the files are."""
     from petkit.continual import cli as continual_cli
 
-    for line in continual_cli.command(args, dotted):
+    for line in continual_cli.command(args, dotted, lambda line: OUT.print(line, markup=False)):
         OUT.print(line, markup=False)
 
 
 def cmd_fed(args: argparse.Namespace, dotted: dict[str, str]) -> None:
     """Federated rounds on Flower; prints each round, the partition, bytes vs full-model FedAvg."""
-    require_module("flwr", "'petkit[fed]'", "petkit fed")
+    require_module("flwr", extra_install("fed"), "petkit fed")
     from petkit.fed import cli as fed_cli  # here, not at the top: it imports Flower
 
     fed_cli.run_command(args, dotted, lambda line: OUT.print(line, markup=False))
@@ -350,7 +391,7 @@ def cmd_fed(args: argparse.Namespace, dotted: dict[str, str]) -> None:
 
 def cmd_replay(args: argparse.Namespace, dotted: dict[str, str]) -> None:
     """Rebuild the adapter of a zeroth-order run from its log."""
-    out = replay_run(args.log, args.replayed, args.replay_steps)
+    out = replay_run(args.log, args.replayed, args.replay_steps, overwrite=args.overwrite)
     OUT.print(f"adapter: {out} ({format_bytes(folder_bytes(out), 2)}) rebuilt from "
               f"{args.log} ({os.path.getsize(args.log) / 1024:.1f} KiB)")
 
@@ -379,11 +420,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     hf_logging.disable_progress_bar()  # "Loading weights" bars would bury petkit's own output
     try:
         args, extra = build_parser().parse_known_args(argv)
+        args.argv = list(argv) if argv is not None else sys.argv[1:]
         if getattr(args, "nproc", None) and "WORLD_SIZE" not in os.environ:
             return _relaunch(args.nproc, list(argv) if argv is not None else sys.argv[1:])
         COMMANDS[args.command](args, _split_dotted(extra))
     except PetkitError as err:
-        ERR.print(f"[bold red]error:[/bold red] {escape(str(err).splitlines()[0])}")
+        ERR.print(f"[bold red]error:[/bold red] {escape(speak_flags(' '.join(str(err).split())))}")
         return 2
     except KeyboardInterrupt:
         ERR.print("[yellow]interrupted[/yellow]")

@@ -80,3 +80,49 @@ DOTTED = ("Every recipe field is an option too, written --SECTION.FIELD=VALUE wi
           "--data.validation_size=100 --train.stepper.eps=1e-3. Order of precedence: --recipe "
           "(default: the shipped 'default'), then the flags above, then dotted options. An "
           "unknown field's error lists the fields of its section.")
+
+
+
+def _flag_names() -> dict[str, str]:
+    """Dotted field -> the flag a user types for it ("train.max_steps" -> "--steps")."""
+    return {dotted: "--" + name.replace("_", "-") for name, dotted in FLAGS.items()}
+
+
+def _known(section: str, field: str) -> bool:
+    """Whether `section.field` is a recipe field (so "model.safetensors" stays a file name)."""
+    import dataclasses
+
+    from petkit.app.recipe import DataSpec, ModelSpec
+    from petkit.training.config import TrainConfig
+
+    if section == "method":
+        return True
+    top = field.split(".")[0]
+    if section == "train" and "." in field:
+        return top in ("stepper", "ist")
+    cls = {"train": TrainConfig, "data": DataSpec, "model": ModelSpec}[section]
+    return top in {f.name for f in dataclasses.fields(cls)}
+
+
+def speak_flags(message: str) -> str:
+    """A library message in the words of the command line: `TrainConfig.max_steps`,
+    `LoraConfig.r` and `data.text_column` become `--steps`, `--rank` and `--text-column`; a field
+    without a named flag becomes its dotted option (`--train.weight_decay`)."""
+    import re
+
+    from petkit.core.registry import METHODS
+
+    flags = _flag_names()
+    method_classes = {info.config_cls.__name__ for info in METHODS.values()}
+
+    def flag(match: re.Match[str]) -> str:
+        owner, field = match.group(1), match.group(2)
+        section = ("train" if owner == "TrainConfig" else
+                   "method" if owner in method_classes else owner)
+        if section not in ("train", "data", "model", "method") or not _known(section, field):
+            return match.group(0)
+        dotted = f"{section}.{field}"
+        return flags.get(dotted, "--" + dotted)
+
+    return re.sub(r"(?<![\w./=-])([A-Za-z]\w*)\.([a-z][a-z0-9_]*(?:\.[a-z][a-z0-9_]*)?)\b",
+                  flag, message)

@@ -17,6 +17,7 @@ from petkit.app.recipe import DataSpec, ModelSpec, Recipe, load_recipe
 from petkit.core.adapter_schema import check_meta, read_header, read_json
 from petkit.core.errors import ConfigError
 from petkit.core.io import META, TENSORS
+from petkit.data.embedded import EMBEDDED_TASKS
 from petkit.models.embedded import EMBEDDED_MODELS
 from petkit.models.loading import KNOWN_HEAD_NAMES
 
@@ -51,11 +52,12 @@ def _task_spec(adapter: str | Path, meta: dict[str, Any]) -> DataSpec:
     columns = ("prompt_column", "completion_column") if task["type"] == "instruction" else \
         ("text_column", "label_column")
     fields: dict[str, Any] = {"task_type": task["type"], "labels": task.get("labels") or None}
-    for field, key in zip(columns, ("input_column", "target_column")):
-        if task.get(key):
-            fields[field] = task[key]
     if task.get("data"):  # eval without --data scores this task (a vanished file: an error)
         fields.update(name=task["data"], test_file=task.get("test_file"))
+        if task["data"] not in EMBEDDED_TASKS:  # an embedded task's columns are its own
+            for field, key in zip(columns, ("input_column", "target_column")):
+                if task.get(key):
+                    fields[field] = task[key]
     return DataSpec(**fields)
 
 

@@ -24,6 +24,8 @@ from petkit.core.errors import ConfigError
 from petkit.core.disk import folder_bytes
 from petkit.training.evaluate import evaluate, format_metrics
 from petkit.training.loop import TrainResult, preflight, train
+from petkit.training.placement import check_device
+from petkit.app.results import write_results
 from petkit.app.recipe import DataSpec, Recipe
 from petkit.app.run_folder import DEFAULT_OUTPUT
 from petkit.app.adapter_base import recipe_for_adapter  # noqa: F401  (callers import it here)
@@ -221,17 +223,23 @@ def method_config(recipe: Recipe, prep: Prepared) -> Any:
     return make_config(recipe.method_name, **fields)
 
 
-def test_metrics(prep: Prepared, recipe: Recipe) -> dict[str, float]:
-    """Metrics of the current model on the prepared test subset."""
+def test_metrics(prep: Prepared, recipe: Recipe, label: str = "test") -> dict[str, float]:
+    """Metrics of the current model on the prepared test subset (a progress bar named `label`
+    when the pass takes more than a few seconds and the run shows progress)."""
     return evaluate(prep.model, prep.test, batch_size=recipe.train.eval_batch_size or 16,
                     pad_id=prep.pad_id, label_token_ids=prep.label_token_ids,
-                    precision=recipe.train.precision, collate_fn=prep.collate)
+                    precision=recipe.train.precision, collate_fn=prep.collate,
+                    progress=label if recipe.train.progress else None)
 
 
-def run_recipe(recipe: Recipe, echo: Echo = print, hooks: RunHooks | None = None) -> RunReport:
-    """Train as `recipe` says; evaluate on the fixed test subset before and after."""
+def run_recipe(recipe: Recipe, echo: Echo = print, hooks: RunHooks | None = None,
+               command: list[str] | None = None) -> RunReport:
+    """Train as `recipe` says; evaluate on the fixed test subset before and after; write
+    `results.json` (metrics, `command`, versions, times) into the run folder."""
     started = time.perf_counter()
     recipe.method_config()  # a bad method name or field fails before minutes of loading
+    check_device(recipe.train.device)  # likewise a device this machine does not have
+    times: dict[str, float] = {}
     output = Path(recipe.train.output_dir or DEFAULT_OUTPUT)
     echo(f"loading {recipe.model.name} and {recipe.data.name} ...")
     torch.manual_seed(recipe.train.seed)  # a new head's and the delta's init follow the seed
@@ -251,18 +259,25 @@ def run_recipe(recipe: Recipe, echo: Echo = print, hooks: RunHooks | None = None
         echo(note)
     echo(f"{prep.task_type} on {len(prep.train)} train / {len(prep.validation)} validation / "
          f"{len(prep.test)} test examples; {_plan(config, len(prep.train))}")
-    before = test_metrics(prep, resolved)
+    times["load_s"] = time.perf_counter() - started
+    before = test_metrics(prep, resolved, "test before")
+    times["test_before_s"] = time.perf_counter() - started - sum(times.values())
     echo(f"test before: {format_metrics(before)}")
     output.mkdir(parents=True, exist_ok=True)
     (output / "recipe.yaml").write_text(resolved.to_yaml(), encoding="utf-8")
     result = train(prep.model, prep.train, config, eval_data=prep.validation or None,
                    pad_id=prep.pad_id, collate_fn=prep.collate)
+    times["train_s"] = result.seconds
     if hooks is not None:
         result.report.update(hooks.trained(prep, output))
-    after = test_metrics(prep, resolved)
+    mark = time.perf_counter()
+    after = test_metrics(prep, resolved, "test after")
+    times["test_after_s"] = time.perf_counter() - mark
     adapter = Path(result.adapter_path or output / "adapter")
-    return RunReport(resolved, before, after, result, folder_bytes(adapter),
-                     time.perf_counter() - started)
+    report = RunReport(resolved, before, after, result, folder_bytes(adapter),
+                       time.perf_counter() - started)
+    write_results(output / "results.json", report, times, command, len(prep.test))
+    return report
 
 
 def _absolute_files(spec: DataSpec) -> dict[str, str]:

@@ -51,13 +51,16 @@ def task_type_of(recipe: Recipe) -> str:
     return kind
 
 
-def read_inputs(path: str | Path, column: str, flag: str) -> list[dict[str, Any]]:
-    """The rows of `path`; every one must have a non-empty `column` (the run's input column)."""
+def read_inputs(path: str | Path, column: str, flag: str | None) -> list[dict[str, Any]]:
+    """The rows of `path`; every one must have a non-empty `column` (`flag`: the option that
+    names another, when `column` is the run's own input column)."""
     rows = read_records(path)
     for i, row in enumerate(rows, start=1):
         if column not in row:
-            raise ConfigError(f"{path} has no column {column!r}, the one this run read (its "
-                              f"columns: {', '.join(map(str, row))}); rename it or pass {flag}")
+            run = ", the one this run read" if flag else ""
+            fix = f"; rename it or pass {flag}" if flag else ""
+            raise ConfigError(f"{path} has no column {column!r}{run} (its columns: "
+                              f"{', '.join(map(str, row))}){fix}")
         if row[column] is None or not str(row[column]).strip():
             raise ConfigError(f"{path} row {i}: empty {column!r}")
     return rows
@@ -151,15 +154,17 @@ def write_rows(path: Path, rows: list[dict[str, Any]]) -> Path:
 
 def predict_file(recipe: Recipe, adapter: str | Path, data: str | Path, output: str | Path, *,
                  batch_size: int = 16, max_new_tokens: int = 64, overwrite: bool = False,
-                 progress: bool = True) -> Predictions:
-    """Predictions of `adapter` for every row of `data`, written to `output` (see module doc)."""
+                 progress: bool = True, column: str | None = None) -> Predictions:
+    """Predictions of `adapter` for every row of `data`, written to `output` (see module doc);
+    `column`: the file's input column, when it is not the one the run read."""
     if is_vision_model(recipe.model.name):
         raise ConfigError("petkit predict reads text rows; an image model's adapter is scored "
                           "with petkit eval")
     task_type = task_type_of(recipe)
-    column, flag = (recipe.data.prompt_column, "--prompt-column") if task_type == "instruction" \
+    run_column, flag = (recipe.data.prompt_column, "--prompt-column") if task_type == "instruction" \
         else (recipe.data.text_column, "--text-column")
-    rows = read_inputs(data, column, flag)
+    rows = read_inputs(data, column or run_column, None if column else flag)
+    column = column or run_column
     path = claim_file(output, overwrite)
     info = {} if task_type == "instruction" else task_info(recipe, adapter, task_type)
     prep = load_with_adapter(recipe, adapter, with_data=needs_data(recipe))

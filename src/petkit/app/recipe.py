@@ -27,7 +27,7 @@ from petkit.core.config_io import check_keys, dataclass_from_dict
 from petkit.core.errors import ConfigError
 from petkit.training.config import LEGACY_KEYS, TrainConfig
 from petkit.core.registry import get_method, make_config
-from petkit.data import is_data_file
+from petkit.data import EMBEDDED_TASKS, is_data_file
 
 TASK_TYPES = ("auto", "verbaliser", "head", "instruction")
 SECTIONS = ("method", "model", "data", "train")
@@ -109,6 +109,19 @@ class DataSpec:
         if not isinstance(self.max_length, int) or not 8 <= self.max_length <= 32768:
             raise ConfigError(f"data.max_length must be an int in [8, 32768], "
                               f"got {self.max_length!r}")
+        self._check_columns_fit_task()
+
+    def _check_columns_fit_task(self) -> None:
+        """Column names are for the user's own file: an embedded task has its own columns."""
+        if self.name not in EMBEDDED_TASKS:
+            return
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name in ("text_column", "label_column", "prompt_column", "completion_column"):
+            if getattr(self, name) != defaults[name]:
+                raise ConfigError(f"data.{name}={getattr(self, name)!r} names a column of your own "
+                                  f"data file, but data.name={self.name!r} is an embedded task "
+                                  f"with its own columns: drop data.{name}, or give your file "
+                                  f"as data.name")
 
 
 @dataclass(frozen=True)
@@ -228,6 +241,16 @@ def parse_value(text: str, annotation: Any = Any) -> Any:
     return value
 
 
+def _comma_list(value: Any, annotation: Any) -> Any:
+    """"q_proj,k_proj" for a field that takes a list is that list (targets, modules_to_save);
+    a text with a regex repetition like {1,3} stays one pattern."""
+    takes_list = any(typing.get_origin(a) in (list, tuple) or a in (list, tuple)
+                     for a in (annotation, *typing.get_args(annotation)))
+    if not (takes_list and isinstance(value, str) and "," in value and "{" not in value):
+        return value
+    return [item.strip() for item in value.split(",") if item.strip()]  # as a YAML list reads
+
+
 def _section_class(data: dict[str, Any], section: str) -> type:
     if section == "method":
         return get_method(str(data["method"].get("name", "lora"))).config_cls
@@ -256,7 +279,7 @@ def apply_overrides(recipe: Recipe, overrides: dict[str, str]) -> Recipe:
         known = {f.name for f in dataclasses.fields(cls)} | ({"name"} if section == "method" else set())
         check_keys({key: text}, [f"{section}.{k}" for k in known], section)
         annotation = str if name == "name" else _field_type(cls, name)
-        data[section][name] = parse_value(text, annotation)
+        data[section][name] = _comma_list(parse_value(text, annotation), annotation)
     _fresh_file_sizes(recipe, data["data"], overrides)
     return recipe_from_dict(data)
 

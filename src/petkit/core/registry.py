@@ -11,7 +11,7 @@ from typing import Any, ClassVar, TypeVar
 from torch import nn
 
 from .config_io import dataclass_from_dict
-from .errors import ConfigError
+from .errors import ConfigError, did_you_mean
 
 
 @dataclass(frozen=True)
@@ -126,7 +126,8 @@ def list_methods() -> list[tuple[str, str, str]]:
 
 def get_method(name: str) -> MethodInfo:
     if name not in METHODS:
-        raise ConfigError(f"unknown method {name!r}; registered: {', '.join(sorted(METHODS))}")
+        raise ConfigError(f"unknown method {name!r}{did_you_mean(name, METHODS)}; registered: "
+                          f"{', '.join(sorted(METHODS))}")
     return METHODS[name]
 
 

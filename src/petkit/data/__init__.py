@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from petkit.core.errors import ConfigError
+from petkit.core.errors import ConfigError, did_you_mean
 from petkit.data.sealed_split import RecordedSplit, SealedSplitError
 from petkit.data.embedded import EMBEDDED_TASKS, load_embedded
 from petkit.data.encode import collate, encode_classification, encode_instruction, label_token_ids
@@ -48,7 +48,8 @@ def load_task(
         return load_embedded(name_or_path, test_fraction, seed)
     if not is_data_file(name_or_path):
         raise ConfigError(
-            f"unknown task {name_or_path!r}: not an embedded task ({', '.join(EMBEDDED_TASKS)}) "
+            f"unknown task {name_or_path!r}{did_you_mean(name_or_path, EMBEDDED_TASKS)}: not an "
+            f"embedded task ({', '.join(EMBEDDED_TASKS)}) "
             f"nor a data file ({', '.join(SUFFIXES)})"
         )
     columns = Columns(text_column, label_column, prompt_column, completion_column)

@@ -21,6 +21,7 @@ from petkit.core.errors import MissingPackageError, PetkitError
 from petkit.fed.config import FedRecipe
 from petkit.fed.workspace import build_workspace
 from petkit.training.loop import train
+from petkit.models.packages import extra_install
 
 Echo = Callable[[str], None]
 CONNECTION = "petkit"
@@ -107,7 +108,7 @@ def run_deployment(recipe: FedRecipe, address: str, echo: Echo = print,
     beside = Path(sys.executable).parent / "flwr"  # the interpreter's own environment first
     flwr = str(beside) if beside.is_file() else shutil.which("flwr")
     if flwr is None:
-        raise MissingPackageError("the `flwr` command is missing: pip install 'petkit[fed]'")
+        raise MissingPackageError(f"the `flwr` command is missing: {extra_install('fed')}")
     out = recipe.output_dir.resolve()
     recipe = FedRecipe(dataclasses.replace(recipe.recipe, train=recipe.recipe.train.replace(
         output_dir=str(out))), recipe.fed)

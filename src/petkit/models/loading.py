@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from petkit.core.errors import ConfigError, PetkitError
+from petkit.core.errors import ConfigError, PetkitError, did_you_mean
 from petkit.models.embedded import EMBEDDED_MODELS, resolve_model
 
 if TYPE_CHECKING:
@@ -91,12 +91,21 @@ def report_new_weights(name: str, new_modules: list[str], unexpected: object) ->
 
 
 def _not_found(name: str, path: str, cause: Exception) -> PetkitError:
-    names = ", ".join(EMBEDDED_MODELS)
-    if Path(path).is_dir():
-        return PetkitError(f"cannot load model {name!r} from folder {path!r}: {cause}")
+    from petkit.models.vision import VISION_MODELS  # an image encoder is an embedded model too
+
+    known = [*EMBEDDED_MODELS, *VISION_MODELS]
+    folder = Path(path)
+    if folder.is_dir() and not (folder / "config.json").is_file():
+        return PetkitError(f"cannot load model {name!r}: folder {path!r} holds no Hugging Face "
+                           f"model (no config.json); a model folder is what save_pretrained "
+                           f"writes, or use an embedded model ({', '.join(known)})")
+    if folder.is_dir():
+        detail = " ".join(str(cause).split())
+        return PetkitError(f"cannot load model {name!r} from folder {path!r}: {detail}")
     return PetkitError(
-        f"cannot load model {name!r}: it is not an embedded name ({names}), not a local folder, "
-        f"and not reachable on the hub ({type(cause).__name__}: {cause})"
+        f"cannot load model {name!r}{did_you_mean(name, known)}: it is not an embedded name "
+        f"({', '.join(known)}), not a local folder, and not reachable on the hub "
+        f"({type(cause).__name__}: {' '.join(str(cause).split())})"
     )
 
 

@@ -77,3 +77,21 @@ def require_module(module: str, pip_name: str, what: str) -> None:
     """Raise MissingPackageError unless `module` can be imported (checked without importing)."""
     if find_spec(module) is None:
         raise MissingPackageError(f"{what} needs {module!r}. Fix: pip install {pip_name}")
+
+
+def extra_install(extra: str) -> str:
+    """The pip command that installs petkit's optional `extra`: its requirements themselves, which
+    works whether petkit came from PyPI or from a clone (where `petkit[extra]` would fetch
+    another petkit from PyPI)."""
+    import re
+    import shlex
+
+    try:
+        requires = metadata.requires("petkit") or []
+    except metadata.PackageNotFoundError:
+        requires = []
+    marker = re.compile(rf"""extra\s*==\s*["']{re.escape(extra)}["']""")
+    wanted = [r.split(";")[0].strip() for r in requires if marker.search(r)]
+    if not wanted:
+        return f"pip install 'petkit[{extra}]'"
+    return "pip install " + " ".join(shlex.quote(r.replace(" ", "")) for r in wanted)
