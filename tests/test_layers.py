@@ -21,6 +21,7 @@ LAYERS: dict[str, int] = {
     "compress": 4,  # pruning while tuning: used by the CLI and by the benchmark harness's arms
     "fed": 5, "benchmark": 5, "continual": 5, "distributed": 5, "hybrid": 5,
     "cli": 6, "cli_flags": 6,  # the CLI's flag tables (no petkit imports)
+    "cli_adapter": 6,  # petkit export / predict: their arguments and printing
     "__main__": 7,  # python -m petkit (torchrun -m petkit): only calls cli.main
 }
 # Regimes sit side by side: none of them imports another.

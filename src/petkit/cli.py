@@ -29,7 +29,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from petkit.app.export import FORMATS, export_adapter, merge_to_folder
+from petkit import cli_adapter as adapter_cli
+from petkit.app.export import merge_to_folder
 from petkit.app.pipeline import (load_with_adapter, method_config, needs_data, recipe_for_adapter,
                                  run_recipe, test_metrics)
 from petkit.app.rank_sweep import check_ranks, evaluate_at_ranks, parse_ranks, write_sweep
@@ -122,29 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--overwrite", action="store_true", help="replace a folder that holds "
                        "files (by default refused; the old one goes only once the new is complete)")
     _add_flags(merge, ("model", "data", "task_type"))
-    export = sub.add_parser("export", help="write an adapter for other tools: PEFT, or vLLM's "
-                                           "LoRA loader (checked against its rules)")
-    export.add_argument("--adapter", required=True, help="adapter folder")
-    export.add_argument("--format", dest="export_format", default="peft", choices=FORMATS,
-                        help="peft (Hugging Face PEFT) | vllm (PEFT that vLLM serves)")
-    export.add_argument("--output", dest="exported", required=True, help="folder to write")
-    export.add_argument("--overwrite", action="store_true", help="replace a folder that holds files")
-    _add_flags(export, ("model",))
-    predict = sub.add_parser("predict", help="predictions (and scores) of an adapter for the "
-                                             "rows of a file without labels")
-    predict.add_argument("--adapter", required=True, help="adapter folder")
-    predict.add_argument("--data", dest="predict_data", required=True, metavar="FILE",
-                         help=".csv .jsonl .json .parquet with the column the run read")
-    predict.add_argument("--output", dest="predictions", required=True, metavar="FILE",
-                         help="predictions file to write (.csv or .jsonl): input columns + "
-                              "prediction and score_<label> (completion for instruction runs)")
-    predict.add_argument("--overwrite", action="store_true", help="replace an existing file")
-    predict.add_argument("--batch-size", dest="predict_batch", type=int, default=16)
-    predict.add_argument("--max-new-tokens", type=int, default=64,
-                         help="instruction runs: tokens generated per row (greedy)")
-    predict.add_argument("--text-column", "--prompt-column", dest="input_column", metavar="NAME",
-                         help="FILE's column to read (default: the one the run read)")
-    _add_flags(predict, ("model", "max_length"))
+    commands = adapter_cli.add_parsers(sub)
+    _add_flags(commands["export"], ("model",))
+    _add_flags(commands["predict"], ("model", "max_length"))
     inspect = sub.add_parser("inspect", help="table of where each delta sits, with trainable "
                                              "counts")
     inspect.add_argument("--adapter", help="adapter folder to load")
@@ -327,26 +308,12 @@ def cmd_merge(args: argparse.Namespace, dotted: dict[str, str]) -> None:
 
 def cmd_export(args: argparse.Namespace, dotted: dict[str, str]) -> None:
     """Write the adapter as a PEFT folder, or one vLLM's LoRA loader accepts."""
-    out, card = export_adapter(_adapter_recipe(args, dotted), args.adapter, args.exported,
-                               args.export_format, overwrite=args.overwrite)
-    OUT.print(f"{args.export_format} adapter: {out} ({format_bytes(folder_bytes(out), 2)}) for "
-              f"base {card['base']}; how to use it: {out / 'README.md'}", markup=False)
-    if card["max_lora_rank"]:
-        OUT.print(f"vllm serve {card['base']} --enable-lora --max-lora-rank "
-                  f"{card['max_lora_rank']} --lora-modules adapter={out.resolve()}", markup=False)
+    adapter_cli.export(args, _adapter_recipe(args, dotted), lambda line: OUT.print(line, markup=False))
 
 
 def cmd_predict(args: argparse.Namespace, dotted: dict[str, str]) -> None:
     """Predictions of the adapter for every row of a file."""
-    from petkit.app.predict import predict_file
-
-    done = predict_file(_adapter_recipe(args, dotted), args.adapter, args.predict_data,
-                        args.predictions, batch_size=args.predict_batch,
-                        max_new_tokens=args.max_new_tokens, overwrite=args.overwrite,
-                        column=args.input_column)
-    counts = ", ".join(f"{k} {v}" for k, v in done.counts.items())
-    OUT.print(f"{done.rows} predictions ({done.task_type}{': ' + counts if counts else ''}): "
-              f"{done.path}", markup=False)
+    adapter_cli.predict(args, _adapter_recipe(args, dotted), lambda line: OUT.print(line, markup=False))
 
 
 def cmd_inspect(args: argparse.Namespace, dotted: dict[str, str]) -> None:
