@@ -123,10 +123,10 @@ def _vllm_section(card: Card, where: str) -> str:
 
 ```bash
 vllm serve {card.base} --enable-lora --max-lora-rank {card.max_lora_rank} \\
-    --lora-modules petkit-adapter={where}
+    --lora-modules adapter={where}
 ```
 
-Requests then name `"model": "petkit-adapter"` (the base alone: `"model": "{card.base}"`).
+Requests then name `"model": "adapter"` (the base alone: `"model": "{card.base}"`).
 """
 
 
