@@ -7,6 +7,8 @@ exit code 2; no traceback.
     petkit train --data tweets.csv --test-file test.csv --text-column tweet --label-column mood
     petkit eval --adapter runs/default/adapter --data test.csv   # scores every row of test.csv
     petkit merge --adapter runs/default/adapter --output merged/
+    petkit export --adapter runs/default/adapter --format vllm --output served/   # or peft
+    petkit predict --adapter runs/default/adapter --data new.csv --output preds.csv
     petkit inspect --method lora         # table: where each delta sits, trainable counts
     petkit methods
     petkit fed --clients 10 --alpha 0.5   # federated LoRA on Flower, only the delta travels
@@ -27,6 +29,7 @@ from typing import Any, NoReturn
 
 from rich.markup import escape
 
+from petkit import cli_adapter as adapter_cli  # flags only: export / predict load when they run
 from petkit.benchmark import cli as bench_cli  # flags only: the grid runs in its command
 from petkit.cli_flags import (COLUMNS, DATA, DOTTED, FLAGS, HELP, METAVARS, METHOD, OPTIMISERS,
                               TRAINING, speak_flags)
@@ -101,7 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--requantize", action="store_true",
                        help="adapter trained on a quantised base: merge into its 4/8-bit weights and "
                             "report the error that adds (default: into the dequantised base, exact)")
+    merge.add_argument("--overwrite", action="store_true", help="replace a folder that holds "
+                       "files (by default refused; the old one goes only once the new is complete)")
     _add_flags(merge, ("model", "data", "task_type"))
+    commands = adapter_cli.add_parsers(sub)
+    _add_flags(commands["export"], ("model",))
+    _add_flags(commands["predict"], ("model", "max_length"))
     inspect = sub.add_parser("inspect", help="table of where each delta sits, with trainable "
                                              "counts")
     inspect.add_argument("--adapter", help="adapter folder to load")

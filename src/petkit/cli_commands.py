@@ -16,7 +16,9 @@ from rich.markup import escape
 from rich.table import Table
 from transformers.utils import logging as hf_logging
 
-from petkit.app.pipeline import (load_with_adapter, merge_to_folder, method_config, recipe_for_adapter,
+from petkit import cli_adapter as adapter_cli
+from petkit.app.export import merge_to_folder
+from petkit.app.pipeline import (load_with_adapter, method_config, needs_data, recipe_for_adapter,
                                  run_recipe, test_metrics)
 from petkit.app.rank_sweep import check_ranks, evaluate_at_ranks, parse_ranks, write_sweep
 from petkit.app.recipe import apply_overrides, load_recipe
@@ -143,7 +145,8 @@ def _rank_sweep(recipe: Any, adapter: Any, ranks: list[int]) -> None:
 
 
 def _adapter_recipe(args: argparse.Namespace, dotted: dict[str, str]) -> Any:
-    return _recipe(args, dotted, base=recipe_for_adapter(args.adapter))
+    model_given = args.model is not None or "model.name" in dotted
+    return _recipe(args, dotted, base=recipe_for_adapter(args.adapter, model_given))
 
 
 def _eval_data(args: argparse.Namespace, dotted: dict[str, str]) -> dict[str, str]:
@@ -171,9 +174,20 @@ def cmd_eval(args: argparse.Namespace, dotted: dict[str, str]) -> None:
 def cmd_merge(args: argparse.Namespace, dotted: dict[str, str]) -> None:
     """Write the merged model as a plain Hugging Face folder."""
     out = merge_to_folder(_adapter_recipe(args, dotted), args.adapter, args.merged,
-                          requantize=args.requantize, echo=lambda line: OUT.print(line, markup=False))
+                          requantize=args.requantize, overwrite=args.overwrite,
+                          echo=lambda line: OUT.print(line, markup=False))
     OUT.print(f"merged model: {out} ({format_bytes(folder_bytes(out))}; "
-              "loads with transformers' from_pretrained, no petkit needed)")
+              f"loads with transformers' from_pretrained, no petkit needed; how: {out / 'README.md'})")
+
+
+def cmd_export(args: argparse.Namespace, dotted: dict[str, str]) -> None:
+    """Write the adapter as a PEFT folder, or one vLLM's LoRA loader accepts."""
+    adapter_cli.export(args, _adapter_recipe(args, dotted), lambda line: OUT.print(line, markup=False))
+
+
+def cmd_predict(args: argparse.Namespace, dotted: dict[str, str]) -> None:
+    """Predictions of the adapter for every row of a file."""
+    adapter_cli.predict(args, _adapter_recipe(args, dotted), lambda line: OUT.print(line, markup=False))
 
 
 def cmd_inspect(args: argparse.Namespace, dotted: dict[str, str]) -> None:
@@ -181,8 +195,7 @@ def cmd_inspect(args: argparse.Namespace, dotted: dict[str, str]) -> None:
     if args.adapter and args.method:
         raise UsageError("inspect takes --adapter or --method, not both")
     recipe = _adapter_recipe(args, dotted) if args.adapter else _recipe(args, dotted)
-    head = recipe.data.task_type == "head"
-    prep = load_with_adapter(recipe, args.adapter, with_data=head)
+    prep = load_with_adapter(recipe, args.adapter, with_data=needs_data(recipe))
     if not args.adapter:
         attach(prep.model, method_config(recipe, prep))
     OUT.print(summary(prep.model), markup=False)
@@ -240,7 +253,8 @@ def cmd_talk(args: argparse.Namespace, dotted: dict[str, str]) -> None:
     talk_cli.command(args, dotted, chat=args.command == "chat")
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "merge": cmd_merge, "inspect": cmd_inspect,
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "merge": cmd_merge, "export": cmd_export,
+            "predict": cmd_predict, "inspect": cmd_inspect,
             "methods": cmd_methods, "replay": cmd_replay, "fed": cmd_fed, "bench": cmd_bench,
             "continual": cmd_continual,
             "serve": cmd_serve, "generate": cmd_talk, "chat": cmd_talk}

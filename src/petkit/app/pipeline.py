@@ -1,6 +1,7 @@
 """Recipe -> result: load model and task, encode, attach, evaluate before/after, train.
 
-What `petkit train | eval | merge | inspect` do, as library functions the CLI only calls.
+What `petkit train | eval | inspect` do, as library functions the CLI only calls (merge and
+export: `app.export`; predictions: `app.predict`).
 A run writes its resolved recipe to `output_dir/recipe.yaml`, so `eval`/`merge` of
 `output_dir/adapter` rebuild the same model, task type and encoding without flags.
 """
@@ -25,16 +26,16 @@ from petkit.training.evaluate import evaluate, format_metrics
 from petkit.training.loop import TrainResult, preflight, train
 from petkit.training.placement import check_device
 from petkit.app.results import write_results
-from petkit.app.recipe import DataSpec, Recipe, load_recipe
+from petkit.app.recipe import DataSpec, Recipe
 from petkit.app.run_folder import DEFAULT_OUTPUT
+from petkit.app.adapter_base import recipe_for_adapter  # noqa: F401  (callers import it here)
 from petkit.core.durable import write_folder
-from petkit.core.io import load_adapter
-from petkit.core.model import attach, unload
+from petkit.core.io import describe_base, load_adapter
+from petkit.core.model import attach
 from petkit.core.registry import make_config
 from petkit.data import (Columns, encode_classification, encode_instruction, label_token_ids, load_task,
                          load_test_file, split_validation)
 from petkit.data.images import collate_images, encode_images, is_image_task, load_image_folder
-from petkit.models.quant_merge import merge_for_saving
 from petkit.models.quantize import quantize
 from petkit.models import head_module_names, load_model, resolve_model
 from petkit.models.vision import is_vision_model, load_vision_model
@@ -171,13 +172,13 @@ def prepare(recipe: Recipe, *, with_train: bool = True,
     test_raw = _sized("test", task.test, spec.test_size, 0, "--test-size", notes)
     if is_image_task(task):  # a ViT classifier on pixels (models.vision, data.images)
         model = load_vision_model(recipe.model.name, task.num_labels, image_size=spec.image_size)
+        describe_run(model, recipe, task, "head")
         collate = functools.partial(collate_images, image_size=spec.image_size)
         return Prepared(model, None, "head", encode_images(train_raw), encode_images(val_raw),
                         encode_images(test_raw), None, 0, notes, collate), task
     task_type = resolve_task_type(recipe, task.kind)
-    kind = "seq-cls" if task_type == "head" else "causal-lm"
-    num_labels = len(task.label_names) if task_type == "head" else None
-    model, tokenizer = load_model(recipe.model.name, task=kind, num_labels=num_labels)
+    model, tokenizer = load_base(recipe.model.name, task_type, len(task.label_names))
+    describe_run(model, recipe, task, task_type)
     ids = label_token_ids(tokenizer, task.label_words) if task_type == "verbaliser" else None
     prep = Prepared(model, tokenizer, task_type, [], [], [], ids, int(tokenizer.pad_token_id),
                     notes)
@@ -185,6 +186,32 @@ def prepare(recipe: Recipe, *, with_train: bool = True,
     prep.validation = _by_length(encode_examples(val_raw, prep, task, spec.max_length))
     prep.test = _by_length(encode_examples(test_raw, prep, task, spec.max_length))
     return prep, task
+
+
+def load_base(name: str, task_type: str, num_labels: int = 0) -> tuple[nn.Module, Any]:
+    """The base model and tokenizer for `task_type` (a head task: with a new `num_labels` head)."""
+    if task_type == "head":
+        return load_model(name, task="seq-cls", num_labels=num_labels)
+    return load_model(name, task="causal-lm")
+
+
+def describe_run(model: nn.Module, recipe: Recipe, task: Any, task_type: str) -> None:
+    """Record the base's name and the task on `model`: every adapter saved from it carries them
+    in adapter.json (`core.io.describe_base`), so it needs no run folder to be used."""
+    spec = recipe.data
+    files = _absolute_files(spec)
+    info: dict[str, Any] = {"type": task_type, "data": files.get("name", spec.name),
+                            "test_file": files.get("test_file")}
+    if task.kind == "classification":
+        info["labels"] = list(task.label_names)
+        if not is_image_task(task):
+            info.update(input_column=spec.text_column, target_column=spec.label_column)
+        if task_type == "verbaliser":
+            info.update(label_words=list(task.label_words), template=task.template)
+    elif task.kind == "instruction":
+        info.update(input_column=spec.prompt_column, target_column=spec.completion_column)
+    name = recipe.model.name
+    describe_base(model, str(Path(name).resolve()) if Path(name).is_dir() else name, info)
 
 
 def method_config(recipe: Recipe, prep: Prepared) -> Any:
@@ -274,20 +301,12 @@ def _plan(config: Any, n_train: int) -> str:
     return f"{steps} {noun} of {per_step} = {epochs:.2f} epochs{hint}"
 
 
-def recipe_for_adapter(adapter: str | Path) -> Recipe:
-    """The recipe a run saved next to `adapter` (`../recipe.yaml`), else the default recipe."""
-    folder = Path(adapter)
-    if not (folder / "adapter.json").is_file():
-        raise ConfigError(f"{folder} is not an adapter folder (no adapter.json)")
-    saved = folder.parent / "recipe.yaml"
-    return load_recipe(saved) if saved.is_file() else Recipe()
-
-
 def load_with_adapter(recipe: Recipe, adapter: str | Path | None,
                       with_data: bool = True) -> Prepared:
-    """Model (and test data) of `recipe`, with the adapter folder loaded and active."""
+    """Model (and test data) of `recipe`, with the adapter folder loaded and active. Without
+    data, the model is built from the recipe alone (a head model: from `data.labels`)."""
     prep, _ = prepare(recipe, with_train=False, test_only=True) if with_data \
-        else (_model_only(recipe), None)
+        else (model_only(recipe), None)
     if recipe.model.quantize:  # the base the adapter was trained on (its fingerprint says so)
         quantize(prep.model, recipe.model.quantize)
     if adapter is not None:
@@ -295,30 +314,22 @@ def load_with_adapter(recipe: Recipe, adapter: str | Path | None,
     return prep
 
 
-def _model_only(recipe: Recipe) -> Prepared:
-    model, tokenizer = load_model(recipe.model.name, task="causal-lm")
-    return Prepared(model, tokenizer, "verbaliser", [], [], [], None,
-                    int(tokenizer.pad_token_id))
+def needs_data(recipe: Recipe) -> bool:
+    """True when the model cannot be built without reading the task: an image model, or a head
+    model whose number of labels the recipe does not give."""
+    spec = recipe.data
+    task_type = "head" if spec.task_type == "auto" and _is_encoder(recipe.model.name) else spec.task_type
+    return is_vision_model(recipe.model.name) or (task_type == "head" and not spec.labels)
 
 
-def merge_to_folder(recipe: Recipe, adapter: str | Path, output: str | Path, requantize: bool = False,
-                    echo: Echo | None = None) -> Path:
-    """Merge the adapter into the base and save a plain Hugging Face model folder.
-
-    Over a quantised base (model.quantize): into the dequantised base (exact), or with
-    `requantize` into the 4/8-bit weights, saved so that `from_pretrained` reloads them as they are.
-    """
-    if requantize and not recipe.model.quantize:
-        raise ConfigError("--requantize needs an adapter trained on a quantised base (model.quantize)")
-    # A new head's size comes from the task; an image model's head always does.
-    needs_task = recipe.data.task_type == "head" or is_vision_model(recipe.model.name) or requantize
-    prep = load_with_adapter(recipe, adapter, with_data=needs_task)
-    if recipe.model.quantize:
-        base, note = merge_for_saving(prep.model, requantize, sample_batch(prep) if requantize else None)
-        (echo or print)(note)
-    else:
-        base = unload(prep.model, merge=True)
-    return save_folder(base, prep.tokenizer, Path(output))
+def model_only(recipe: Recipe) -> Prepared:
+    """The recipe's base model and tokenizer, with no data read (see `needs_data`)."""
+    spec = recipe.data
+    task_type = spec.task_type
+    if task_type == "auto":
+        task_type = "head" if _is_encoder(recipe.model.name) else "verbaliser"
+    model, tokenizer = load_base(recipe.model.name, task_type, len(spec.labels or ()))
+    return Prepared(model, tokenizer, task_type, [], [], [], None, int(tokenizer.pad_token_id))
 
 
 def save_folder(model: nn.Module, tokenizer: Any, folder: Path) -> Path:

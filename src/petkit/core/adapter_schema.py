@@ -163,6 +163,11 @@ FINGERPRINT = Obj({"architecture": Str(256), "model_type": Str(256),
                                             "compute_dtype": Opt(Str(64))},
                                            required=("mode", "backend")))},
                   required=("architecture", "shapes", "weights_sha256"))
+TASK_TYPES = ("verbaliser", "head", "instruction")
+TASK = Obj({"type": Str(16, re.compile("|".join(TASK_TYPES)), f"one of {', '.join(TASK_TYPES)}"),
+            "labels": List(Str(1024), 100_000), "label_words": List(Str(1024), 100_000),
+            "template": Str(8192), "input_column": Str(1024), "target_column": Str(1024), "data": Str(4096),
+            "test_file": Str(4096)}, required=("type",))
 ADAPTER_SCHEMA = Obj({
     "format_version": Int(1, FORMAT_VERSION),
     "library": Str(64),
@@ -174,6 +179,8 @@ ADAPTER_SCHEMA = Obj({
     "base_fingerprint": FINGERPRINT,
     "tensors_sha256": Str(64, _HEX64, "a sha256 hex digest"),
     "num_parameters": Int(0),
+    "base_model": Str(4096),  # embedded name, hub id or folder (absent in older adapters)
+    "task": TASK,
 }, required=("format_version", "method", "config", "targets", "base_fingerprint",
              "tensors_sha256"))
 

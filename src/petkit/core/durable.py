@@ -10,7 +10,10 @@ of the parent; temp, aside and unlinked version folders left by a killed saver a
 the next save, and by the next read when no saver is busy. A full disk (or a file-size limit)
 during a save is a `DiskFullError` naming the folder and the space needed, after the partial
 files are removed; the previous version is untouched. `RunLock` keeps one live run per run
-folder (pid + host in the lock file; a lock whose process died is taken over with a warning).
+folder (pid + host in the lock file; a lock whose process died is taken over with a warning). Every file and folder a save writes gets the mode
+the user's umask gives a new one (0644 / 0755 under umask 022): writers that create private
+files (safetensors writes 0600) do not leave a model another user or a serving container cannot
+read.
 """
 from __future__ import annotations
 
@@ -178,12 +181,36 @@ def clean_folder(parent: Path) -> None:
             clean_stale(parent / name)
 
 
+def current_umask() -> int:
+    """This process's umask (Linux: read from /proc, no change; elsewhere: set and restored)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(folder: Path) -> None:
+    """Give `folder` and everything under it the modes the umask gives new files (0666 & ~umask)
+    and folders (0777 & ~umask)."""
+    mask = current_umask()
+    for path in [folder, *folder.rglob("*")]:
+        if path.is_symlink():
+            continue
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def _fill_version(final: Path, tmp: Path, fill: Callable[[Path], Any], need: int | None) -> None:
     """`fill(tmp)` and fsync it; on any failure `tmp` is removed, a full disk told clearly."""
     try:
         if need is not None and shutil.disk_usage(final.parent).free < need:
             raise OSError(errno.ENOSPC, "not enough free space before writing")
         fill(tmp)
+        follow_umask(tmp)
         fsync_tree(tmp)
     except BaseException as exc:
         wrote = folder_bytes(tmp) if tmp.is_dir() else 0

@@ -1,5 +1,6 @@
 """Adapter files: `adapter.safetensors` (delta tensors keyed by canonical module path) and
-`adapter.json` (method, config, targets, versions, base fingerprint, tensor checksum).
+`adapter.json` (method, config, targets, versions, base fingerprint, tensor checksum, and where
+`describe_base` said so: the base's name and the task the adapter was trained for).
 
 Saving is atomic and versioned (`durable.write_folder`: a new `.<name>.v<N>` folder, fsynced,
 then the `<name>` symlink swapped onto it): a reader or a crash never sees half an adapter, and
@@ -46,6 +47,30 @@ TENSORS, META = "adapter.safetensors", "adapter.json"
 BUDGET_FACTOR, BUDGET_SLACK = 4, 1 << 20
 
 
+BASE_ATTR = "_petkit_base"  # on a model: what `describe_base` recorded for adapter.json
+
+
+def describe_base(model: nn.Module, base_model: str | None = None,
+                  task: Mapping[str, Any] | None = None) -> nn.Module:
+    """Record on `model` what `save_adapter` writes beside its adapters: `base_model` (an
+    embedded name, a hub id or a folder) and `task` (type: verbaliser | head | instruction, and
+    labels, label_words, template, input_column where they apply), so that an adapter copied out
+    of its run folder still says which base it needs and how it is used."""
+    record = dict(getattr(model, BASE_ATTR, None) or {})
+    if base_model is not None:
+        record["base_model"] = str(base_model)
+    if task is not None:
+        record["task"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in task.items()
+                          if v is not None}
+    model.__dict__[BASE_ATTR] = record
+    return model
+
+
+def base_record(model: nn.Module) -> dict[str, Any]:
+    """What `describe_base` recorded on `model` ({} when nothing)."""
+    return dict(getattr(model, BASE_ATTR, None) or {})
+
+
 def adapter_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     """Adapter `name`'s delta tensors keyed `<canonical module path>.<local name>`."""
     if name not in adapters(model):
@@ -81,6 +106,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
             "base_fingerprint": record.fingerprint,
             "tensors_sha256": file_sha256(tmp / TENSORS),
             "num_parameters": int(sum(v.numel() for v in state.values())),
+            **base_record(model),
         }
         (tmp / META).write_text(json.dumps(meta, indent=2))
 
