@@ -46,4 +46,5 @@ _EXPORTS = {
 
 # pk.<Method>Config for every registered method (LoraConfig, AdapterConfig, ...) comes from
 # the method registry, asked only for a name the table lacks.
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, more="petkit.methods:method_configs")
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, more="petkit.methods:method_configs",
+                                    more_suffix="Config")

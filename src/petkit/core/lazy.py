@@ -19,12 +19,13 @@ def _load(spec: str, name: str) -> Any:
     return getattr(importlib.import_module(module), attribute or name)
 
 
-def lazy_exports(package: str, table: dict[str, str], more: str | None = None
-                 ) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
+def lazy_exports(package: str, table: dict[str, str], more: str | None = None,
+                 more_suffix: str = "") -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
     """`__getattr__` and `__dir__` for `package`: `table` maps a public name to "module" (the
     same name there) or "module:attribute"; `more` names a function returning further
     {name: value} (the facade's `<Method>Config` classes, from the method registry), asked only
-    for a name the table lacks. A loaded name is cached in the package."""
+    for a name the table lacks that ends with `more_suffix` (so `from petkit import cli` and
+    `hasattr` probes of submodules never load the registry). A loaded name is cached."""
 
     def extra() -> dict[str, Any]:
         return _load(more, "")() if more else {}
@@ -34,7 +35,8 @@ def lazy_exports(package: str, table: dict[str, str], more: str | None = None
             return sorted({*table, *extra()})
         if name in table:
             value = _load(table[name], name)
-        elif more and not name.startswith("__") and name in (found := extra()):
+        elif (more and name.endswith(more_suffix) and not name.startswith("__")
+              and name in (found := extra())):
             value = found[name]
         else:
             raise AttributeError(f"module {package!r} has no attribute {name!r}")
