@@ -116,9 +116,19 @@ def _text(row: dict[str, Any], column: str, allow_empty: bool = False) -> str:
     return text
 
 
-def _label(row: dict[str, Any], column: str) -> str:
-    from petkit.data.files import label_key  # the one label normaliser
+def label_key(value: Any) -> str | None:
+    """A label value as text: 1, 1.0 and "1" are all "1"; None or blank is None."""
+    if value is None or isinstance(value, (list, dict)):
+        return None
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (int, float)) and float(value).is_integer():
+        return str(int(value))
+    text = str(value).strip()
+    return text or None
 
+
+def _label(row: dict[str, Any], column: str) -> str:
     if column not in row:
         raise BadRow(f"no {column!r} (it has: {', '.join(row)})")
     key = label_key(row[column])
