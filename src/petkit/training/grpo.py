@@ -117,7 +117,9 @@ class GRPOObjective:
     def __call__(self, model: nn.Module, batch: Batch) -> ObjectiveOutput:
         """One GRPO loss: G samples per prompt, rewards, advantages, policy and reference."""
         cfg, g = self.config, self.config.group_size
-        lengths = batch["attention_mask"].sum(dim=1).tolist()
+        mask = batch.get("attention_mask")  # the loop drops an all-ones mask
+        lengths = mask.sum(dim=1).tolist() if mask is not None \
+            else [batch["input_ids"].shape[1]] * len(batch["input_ids"])
         prompts = [ids[:n].tolist() for ids, n in zip(batch["input_ids"], lengths)]
         row_ids = [int(i) for i in batch["labels"].tolist() for _ in range(g)]
         completions = generate_ids(model, prompts, self.pad_id, self.eos_id, cfg.max_new_tokens,
