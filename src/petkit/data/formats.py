@@ -104,7 +104,10 @@ class Format:
 # ---------------------------------------------------------------------------- field readers
 
 def _text(row: dict[str, Any], column: str, allow_empty: bool = False) -> str:
-    """A text cell: numbers become text; None, blank (unless allowed) and lists are `BadRow`."""
+    """A text cell: numbers become text; None, blank (unless allowed: then a missing cell is "")
+    and lists are `BadRow`."""
+    if column not in row and allow_empty:
+        return ""
     if column not in row:
         raise BadRow(f"no {column!r} (it has: {', '.join(row)})")
     value = row[column]
@@ -254,7 +257,7 @@ def _read_preference(row: dict[str, Any], cols: dict[str, str]) -> dict[str, Any
     if isinstance(chosen, str) != isinstance(rejected, str):
         raise BadRow("chosen and rejected must both be text or both be message lists")
     prompt: str | list[Message] = ""
-    if "prompt" in cols:
+    if "prompt" in cols and row.get(cols["prompt"]) not in (None, "", []):
         prompt = _side(row, cols["prompt"]) if isinstance(chosen, list) else _text(row, cols["prompt"])
     if isinstance(chosen, str):
         if not prompt:
