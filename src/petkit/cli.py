@@ -17,6 +17,7 @@ exit code 2; no traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -27,6 +28,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from petkit.app.objective_run import is_objective_run, run_objective_recipe
 from petkit.app.pipeline import (load_with_adapter, merge_to_folder, method_config, recipe_for_adapter,
                                  run_recipe, test_metrics)
 from petkit.app.rank_sweep import check_ranks, evaluate_at_ranks, parse_ranks, write_sweep
@@ -34,8 +36,8 @@ from petkit.app.recipe import apply_overrides, load_recipe
 from petkit.app.replay import replay_run
 from petkit.app.run_folder import DEFAULT_OUTPUT, claim_output
 from petkit.benchmark import cli as bench_cli
-from petkit.cli_flags import (COLUMNS, DATA, DOTTED, FLAGS, HELP, METAVARS, METHOD, OPTIMISERS,
-                              TRAINING)
+from petkit.cli_flags import (COLUMNS, DATA, DOTTED, FLAGS, HELP, METAVARS, METHOD, OBJECTIVE,
+                              OPTIMISERS, REWARD_HELP, TRAINING)
 from petkit.compress.cli import pruning_hooks
 from petkit.core.disk import folder_bytes, format_bytes
 from petkit.core.errors import PetkitError
@@ -84,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_flags(train, TRAINING, "training", recipe=False)
     _add_flags(train, METHOD, "method and model", recipe=False)
     _add_flags(train, OPTIMISERS, "other optimisers", recipe=False)
+    _add_flags(train, OBJECTIVE, "objectives (docs/objectives.md)", recipe=False)
+    train.add_argument("--reward", action="append", default=None, metavar="MODULE:FUNCTION",
+                       help=REWARD_HELP)
     train.add_argument("--bf16", action="store_true", help="bfloat16 autocast (--precision bf16)")
     train.add_argument("--head", action="store_true", help="train a classification head "
                                                              "instead of the verbaliser")
@@ -164,6 +169,8 @@ def _recipe(args: argparse.Namespace, dotted: dict[str, str], base: Any = None) 
         named["train.resume"] = "true"
     if getattr(args, "resume_override", False):
         named["train.resume_override"] = "true"
+    if getattr(args, "reward", None):
+        named["train.objective.rewards"] = json.dumps(args.reward)
     overrides = {**named, **dotted}
     if "train.epochs" in overrides and "train.max_steps" not in overrides:
         overrides["train.max_steps"] = "none"  # --epochs alone: the recipe's step cap would cut it
@@ -185,8 +192,9 @@ def cmd_train(args: argparse.Namespace, dotted: dict[str, str]) -> None:
     recipe = _recipe(args, dotted)
     ranks = _eval_ranks(args, recipe)
     recipe = claim_output(recipe, args.overwrite, lambda line: OUT.print(line, markup=False))
-    report = run_recipe(recipe, echo=lambda line: OUT.print(f"[dim]{line}[/dim]"),
-                        hooks=pruning_hooks(recipe))
+    echo = lambda line: OUT.print(f"[dim]{escape(line)}[/dim]")  # noqa: E731
+    report = run_objective_recipe(recipe, echo) if is_objective_run(recipe) \
+        else run_recipe(recipe, echo=echo, hooks=pruning_hooks(recipe))
     result = report.result
     OUT.print(f"test after:  [bold green]{format_metrics(report.after)}[/bold green]")
     best = f", best {result.metric}={result.best_metric:.4f} at step {result.best_step}" \

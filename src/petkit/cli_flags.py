@@ -121,3 +121,24 @@ METAVARS.update({"objective": "NAME", "beta": "BETA", "group_size": "G", "kl": "
 REWARD_HELP = ("grpo: a reward function module:function[=weight] taking (prompts, completions, "
                "rows) and returning one number per completion; repeat for a weighted sum "
                "(the module's file is printed before it is imported)")
+# Objectives: train.objective (training/objectives_config.py, docs/objectives.md); --reward is
+# repeatable and set by the CLI itself.
+OBJECTIVE = ("objective", "beta", "group_size", "kl", "max_new_tokens", "temperature", "metric")
+FLAGS.update({name: f"train.objective.{name}" for name in OBJECTIVE})
+FLAGS["objective"] = "train.objective.name"
+HELP.update({
+    "objective": "sft (default) | dpo | rpo | ipo | orpo | simpo | kto (preference pairs) | "
+                 "grpo (prompts + --reward)",
+    "beta": "dpo/rpo/ipo/kto: strength of the pull to the reference (default 0.1); simpo: "
+            "reward scale (default 2.0)",
+    "group_size": "grpo: completions sampled per prompt (default 4)",
+    "kl": "grpo: weight of the KL estimate against the reference (default 0.04)",
+    "max_new_tokens": "grpo sampling and generation evaluation: tokens per completion "
+                      "(default 16)",
+    "temperature": "grpo: sampling temperature (default 1.0)",
+    "metric": "generation evaluation: exact | contains | module:function (default exact)"})
+METAVARS.update({"objective": "NAME", "beta": "BETA", "group_size": "G", "kl": "WEIGHT",
+                 "max_new_tokens": "N", "temperature": "T", "metric": "NAME|MODULE:FUNCTION"})
+REWARD_HELP = ("grpo: a reward function module:function[=weight] taking (prompts, completions, "
+               "rows) and returning one number per completion; repeat for a weighted sum "
+               "(the module's file is printed before it is imported)")
