@@ -218,3 +218,17 @@ def test_cli_trains_on_a_chat_file_and_states_format_and_cuts(tmp_path, capsys) 
     assert lines[1] == f"format: messages (chat; columns: messages) in {path}"
     assert "train: 8 of 8 conversations longer than --max-length 64 were cut (8 at a turn " \
            "boundary, 0 inside their first answer)" in out
+
+
+def test_the_docs_examples_are_recognised(tmp_path) -> None:
+    """docs/data.md: each format's heading, then its example file, which must be read as it."""
+    page = (Path(__file__).resolve().parents[1] / "docs" / "data.md").read_text(encoding="utf-8")
+    found = re.findall(r"^### ([\w-]+).*?\n```(jsonl|csv)\n(.*?)^```", page, re.S | re.M)
+    assert sorted(name for name, _, _ in found) == sorted(FORMATS)
+    for name, suffix, body in found:
+        assert len(body.strip().splitlines()) == 3, name
+        path = tmp_path / f"{name}.{suffix}"
+        path.write_text(body, encoding="utf-8")
+        rows = len(body.strip().splitlines()) - (suffix == "csv")
+        task = load_task(str(path), test_fraction=0.4 if rows > 2 else 0.5)
+        assert task.format == name and len(task.train) + len(task.test) == rows

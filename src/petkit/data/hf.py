@@ -74,10 +74,13 @@ def _open(name: str, config: str | None) -> Any:
     except (ConnectionError, FileNotFoundError) as err:
         if folder.is_dir():
             raise ConfigError(f"cannot read the dataset folder {name}: {err}") from err
+        from petkit.data.embedded import EMBEDDED_TASKS
+
         raise ConfigError(
             f"dataset {name!r} is not in the local Hugging Face cache and the hub cannot be "
             f"reached ({type(err).__name__}); give a local file ({', '.join(SUFFIXES)}), a folder "
-            f"saved with Dataset.save_to_disk, or an embedded task (petkit tasks)") from err
+            f"saved with Dataset.save_to_disk, or an embedded task "
+            f"({', '.join(EMBEDDED_TASKS)})") from err
     except ValueError as err:  # e.g. a config name the dataset lacks
         raise ConfigError(f"dataset {name!r}: {err} (--data-config)") from err
     except Exception as err:  # datasets raises many types for a damaged folder or file
