@@ -178,9 +178,17 @@ def test_saved_datasets_and_their_test_split(tmp_path) -> None:
     assert len(load_task(str(tmp_path / "one"), test_fraction=0.2).test) == 1
 
 
-def test_a_hub_id_offline_and_uncached_is_one_clear_error(monkeypatch) -> None:
-    pytest.importorskip("datasets")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+@pytest.mark.parametrize("offline", [True, False], ids=["HF_HUB_OFFLINE", "hub-unreachable"])
+def test_a_hub_id_offline_and_uncached_is_one_clear_error(monkeypatch, offline) -> None:
+    datasets = pytest.importorskip("datasets")
+    from huggingface_hub import constants
+
+    from petkit.models import hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1" if offline else "0")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", offline)
+    monkeypatch.setattr(hub, "hub_reachable", lambda: False)
     with pytest.raises(ConfigError, match=r"dataset 'org/nowhere-x' is not in the local Hugging "
                                           r"Face cache and the hub cannot be reached .*give a "
                                           r"local file .*save_to_disk, or an embedded task"):

@@ -11,7 +11,9 @@ alternatives.
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +61,25 @@ def _rows(dataset: Any, split: str) -> list[Row]:
     return [(f"{split} row {i}", dict(row)) for i, row in enumerate(dataset, 1)]
 
 
+@contextlib.contextmanager
+def _cache_only_when_unreachable(datasets: Any) -> Iterator[None]:
+    """The hub asked once (`models.hub`): unreachable, `datasets` reads its cache only, instead
+    of retrying the network."""
+    from huggingface_hub import constants
+
+    from petkit.models.hub import _offline, hub_reachable
+
+    if _offline() or hub_reachable():
+        yield
+        return
+    saved = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved
+
+
 def _open(name: str, config: str | None) -> Any:
     """The dataset (or dict of splits) behind `name`, every failure a `ConfigError`."""
     require_module("datasets", "'petkit[data]'  (or: pip install datasets)",
@@ -70,7 +91,10 @@ def _open(name: str, config: str | None) -> Any:
     try:
         if folder.is_dir() and any((folder / m).is_file() for m in SAVED_MARKERS):
             return datasets.load_from_disk(str(folder))
-        return datasets.load_dataset(name, config)
+        if folder.is_dir():
+            return datasets.load_dataset(str(folder), config)
+        with _cache_only_when_unreachable(datasets):
+            return datasets.load_dataset(name, config)
     except (ConnectionError, FileNotFoundError) as err:
         if folder.is_dir():
             raise ConfigError(f"cannot read the dataset folder {name}: {err}") from err
