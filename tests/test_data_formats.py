@@ -240,3 +240,9 @@ def test_the_docs_examples_are_recognised(tmp_path) -> None:
         rows = len(body.strip().splitlines()) - (suffix == "csv")
         task = load_task(str(path), test_fraction=0.4 if rows > 2 else 0.5)
         assert task.format == name and len(task.train) + len(task.test) == rows
+
+
+def test_a_text_answer_starting_with_a_bracket_stays_text(tmp_path) -> None:
+    rows = [{"prompt": f"Song {i}:", "chosen": "[Verse 1] la la", "rejected": "no"} for i in range(3)]
+    task = load_task(write(tmp_path / "s.jsonl", rows), test_fraction=0.34)
+    assert all(r["chosen"] == "[Verse 1] la la" for r in task.train + task.test)

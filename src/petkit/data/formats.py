@@ -111,7 +111,8 @@ def _text(row: dict[str, Any], column: str, allow_empty: bool = False) -> str:
     if column not in row:
         raise BadRow(f"no {column!r} (it has: {', '.join(row)})")
     value = row[column]
-    if isinstance(value, bool) or not isinstance(value, (str, int, float)) and value is not None:
+    is_text = value is None or isinstance(value, (str, int, float)) and not isinstance(value, bool)
+    if not is_text:
         raise BadRow(f"{column!r} is {type(value).__name__}, not text")
     text = "" if value is None else str(value)
     if not allow_empty and not text.strip():
@@ -226,9 +227,16 @@ def _read_reference(row: dict[str, Any], cols: dict[str, str]) -> dict[str, Any]
 
 
 def _side(row: dict[str, Any], column: str) -> str | list[Message]:
+    """A preference cell: text, or a message list (also as a JSON list in a text cell; a text
+    answer that merely starts with "[" stays text)."""
     value = row.get(column)
-    if isinstance(value, str) and not value.lstrip().startswith("["):
-        return _text(row, column)
+    if isinstance(value, str):
+        try:
+            parsed = json.loads(value) if value.lstrip().startswith("[") else None
+        except json.JSONDecodeError:
+            parsed = None
+        if not isinstance(parsed, list):
+            return _text(row, column)
     return messages_of(row, column, need_assistant=False)
 
 
