@@ -61,7 +61,7 @@ def test_token_loss_and_k3_kl_match_the_closed_form() -> None:
 
 def test_embedded_rewards() -> None:
     rows = [{"reference": "42"}, {"reference": "7"}, {"reference": "7"}]
-    assert exact_number([""] * 3, [" 42.", "It is 8, not 7", "7 apples"], rows) == [1.0, 0.0, 1.0]
+    assert exact_number([""] * 3, [" 42.", "It is 7, not 8", "3 + 4 = 7"], rows) == [1.0, 0.0, 1.0]
     assert exact_match([""] * 3, [" 42 \nmore", "7 ", "77"], rows) == [1.0, 1.0, 0.0]
     assert contains([""] * 3, ["x42", "8", "77"], rows) == [1.0, 0.0, 1.0]
 

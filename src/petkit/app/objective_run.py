@@ -33,7 +33,7 @@ from petkit.core.model import attach
 from petkit.data import encode_instruction
 from petkit.data.objective_tasks import OBJECTIVE_TASKS, load_objective_task
 from petkit.models import load_model
-from petkit.training.grpo import GRPOObjective, prompt_collate, prompt_rows
+from petkit.training.grpo import GRPOObjective, generate_texts, prompt_collate, prompt_rows
 from petkit.training.grpo_rewards import load_scorer, load_scorers
 from petkit.training.loop import preflight, train
 from petkit.training.objectives_config import ObjectiveConfig
@@ -110,14 +110,28 @@ def _check_text_pairs(rows: list[dict]) -> None:
                               "--objective (text prompt/chosen/rejected only)")
 
 
-def _evaluate(model: Any, tokenizer: Any, data: _Data, kind: str, metric: Any,
-              spec: ObjectiveConfig, pad_id: int) -> tuple[dict[str, float], list[str]]:
-    """Pair accuracy (pairs) or the metric (references), and the greedy test completions."""
+def _evaluate(model: Any, tokenizer: Any, data: _Data, metric: Any, spec: ObjectiveConfig,
+              pad_id: int) -> tuple[dict[str, float], list[str]]:
+    """The metric on greedy generations (references) or pair accuracy (pairs, `metric` None),
+    and the greedy test completions."""
+    if metric is None:
+        texts = generate_texts(model, tokenizer, data.prompts, spec.max_new_tokens)
+        return {"pair_accuracy": pair_accuracy(model, data.test, pad_id)}, texts
     score, texts = generation_score(model, tokenizer, data.prompts, data.test_raw, metric,
                                     spec.max_new_tokens)
-    if kind == "preference":
-        return {"pair_accuracy": pair_accuracy(model, data.test, pad_id)}, texts
     return {metric.spec.split(":")[-1]: score}, texts
+
+
+def _once(echo: Echo) -> Echo:
+    """`echo` that prints a line only the first time (a module named by --reward and --metric)."""
+    seen: set[str] = set()
+
+    def echo_once(line: str) -> None:
+        if line not in seen:
+            seen.add(line)
+            echo(line)
+
+    return echo_once
 
 
 def run_objective_recipe(recipe: Recipe, echo: Echo = print) -> RunReport:
@@ -132,7 +146,8 @@ def run_objective_recipe(recipe: Recipe, echo: Echo = print) -> RunReport:
     model, tokenizer = load_model(recipe.model.name, task="causal-lm")
     pad_id = int(tokenizer.pad_token_id)
     data = _encode(recipe, task, tokenizer)
-    metric = load_scorer(spec.metric if task.kind == "reference" else "contains", echo)
+    echo = _once(echo)
+    metric = load_scorer(spec.metric, echo) if task.kind == "reference" else None
     config = recipe.train.replace(output_dir=str(output))
     resolved = dataclasses.replace(recipe, train=config)
     attach(model, recipe.method_config())
@@ -145,13 +160,13 @@ def run_objective_recipe(recipe: Recipe, echo: Echo = print) -> RunReport:
         if note:
             echo(note)
     echo(f"{spec.name} on {task.kind} data: {len(data.train)} train / {len(data.test)} test")
-    before, before_texts = _evaluate(model, tokenizer, data, task.kind, metric, spec, pad_id)
+    before, before_texts = _evaluate(model, tokenizer, data, metric, spec, pad_id)
     echo(f"test before: {_format(before)}")
     output.mkdir(parents=True, exist_ok=True)
     (output / "recipe.yaml").write_text(resolved.to_yaml(), encoding="utf-8")
     result = train(model, data.train, config, pad_id=pad_id, collate_fn=collate,
                    objective=objective)
-    after, after_texts = _evaluate(model, tokenizer, data, task.kind, metric, spec, pad_id)
+    after, after_texts = _evaluate(model, tokenizer, data, metric, spec, pad_id)
     files = write_samples(output, data.test_raw, before_texts, after_texts)
     echo(f"samples (prompt, reference, before, after): {files[1]}")
     adapter = Path(result.adapter_path or output / "adapter")

@@ -6,8 +6,8 @@ Every function has the signature petkit calls user functions with:
 
 one value per completion; `rows[i]` is the data row completion i answers (its "reference", ...).
 
-    petkit.data.rewards:exact_number   1.0 when the completion's first number equals the row's
-                                       reference number (arithmetic; "42", " 42.", "42 apples")
+    petkit.data.rewards:exact_number   1.0 when the completion's final number equals the row's
+                                       reference number (arithmetic: "42", "17 + 25 = 42.")
     petkit.data.rewards:exact_match    1.0 when the completion's first line, stripped, equals
                                        the reference, stripped (`--metric exact`)
     petkit.data.rewards:contains       1.0 when the reference occurs in the completion
@@ -22,10 +22,10 @@ from typing import Any
 NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
-def first_number(text: str) -> float | None:
-    """The first number written in `text` (an integer or a decimal), or None."""
-    found = NUMBER.search(text)
-    return float(found.group()) if found else None
+def final_number(text: str) -> float | None:
+    """The last number written in `text` (an integer or a decimal), or None."""
+    found = NUMBER.findall(text)
+    return float(found[-1]) if found else None
 
 
 def _reference(row: dict[str, Any]) -> str:
@@ -34,10 +34,10 @@ def _reference(row: dict[str, Any]) -> str:
 
 def exact_number(prompts: list[str], completions: list[str],
                  rows: list[dict[str, Any]]) -> list[float]:
-    """1.0 where the completion's first number equals the reference's number, else 0.0."""
+    """1.0 where the completion's final number equals the reference's number, else 0.0."""
     out = []
     for completion, row in zip(completions, rows):
-        got, want = first_number(completion), first_number(_reference(row))
+        got, want = final_number(completion), final_number(_reference(row))
         out.append(float(got is not None and want is not None and got == want))
     return out
 
