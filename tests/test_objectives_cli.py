@@ -134,3 +134,20 @@ def test_objective_mistakes_are_one_red_line(args: list[str], needle: str, tiny_
     code, out, err = run(["train", "--model", tiny_llama, "--output", str(tmp_path / "x"),
                           *args, *SMALL], capsys)
     assert code == 2 and needle in err and "Traceback" not in err
+
+
+def test_users_preference_file_and_sft_on_its_chosen_side(tiny_llama: str, tmp_path: Path,
+                                                          capsys) -> None:
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Say {w}.", "chosen": f" {w}",
+                                        "rejected": f" not {w}"}) + "\n"
+                            for w in ("yes", "no", "maybe", "sure", "fine", "ok")))
+    for objective in ("ipo", "sft"):
+        out_dir = tmp_path / objective
+        code, out, err = run(["train", "--model", tiny_llama, "--data", str(data),
+                              "--objective", objective, "--output", str(out_dir), "--steps", "1",
+                              "--batch-size", "2", "--max-new-tokens", "2",
+                              "--train.progress=false"], capsys)
+        assert code == 0, err
+        assert f"{objective} on preference data" in out and "test after:  pair_accuracy=" in out
+        assert (out_dir / "samples.md").is_file()

@@ -193,8 +193,9 @@ def cmd_train(args: argparse.Namespace, dotted: dict[str, str]) -> None:
     ranks = _eval_ranks(args, recipe)
     recipe = claim_output(recipe, args.overwrite, lambda line: OUT.print(line, markup=False))
     echo = lambda line: OUT.print(f"[dim]{escape(line)}[/dim]")  # noqa: E731
-    report = run_objective_recipe(recipe, echo) if is_objective_run(recipe) \
-        else run_recipe(recipe, echo=echo, hooks=pruning_hooks(recipe))
+    hooks = pruning_hooks(recipe)
+    report = run_objective_recipe(recipe, echo, hooks) if is_objective_run(recipe) \
+        else run_recipe(recipe, echo=echo, hooks=hooks)
     result = report.result
     OUT.print(f"test after:  [bold green]{format_metrics(report.after)}[/bold green]")
     best = f", best {result.metric}={result.best_metric:.4f} at step {result.best_step}" \

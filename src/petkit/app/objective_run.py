@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from petkit.app.pipeline import RunReport, load_recipe_task
+from petkit.app.pipeline import RunHooks, RunReport, load_recipe_task, run_recipe
 from petkit.app.recipe import Recipe
 from petkit.app.run_folder import DEFAULT_OUTPUT
 from petkit.core.disk import folder_bytes
@@ -50,8 +50,9 @@ def objective_of(recipe: Recipe) -> ObjectiveConfig:
 
 
 def is_objective_run(recipe: Recipe) -> bool:
-    """Whether `recipe` is served here: a non-SFT objective, or an embedded objective task."""
-    return objective_of(recipe).name != "sft" or recipe.data.name in OBJECTIVE_TASKS
+    """Whether `recipe` is served here: an objective is set (`--objective`, even sft: the data
+    may be pairs), or the data is an embedded objective task."""
+    return recipe.train.objective is not None or recipe.data.name in OBJECTIVE_TASKS
 
 
 def _task(recipe: Recipe) -> Any:
@@ -60,7 +61,7 @@ def _task(recipe: Recipe) -> Any:
         else load_recipe_task(recipe.data, seed)
     spec = objective_of(recipe)
     wanted = "preference" if spec.is_preference else "reference" if spec.name == "grpo" else None
-    if task.kind not in KINDS or (wanted and task.kind != wanted):
+    if (wanted and task.kind != wanted) or (task.kind not in KINDS and spec.name != "sft"):
         need = wanted or " or ".join(KINDS)
         raise ConfigError(f"--objective {spec.name} needs {need} data (prompt/chosen/rejected "
                           f"pairs, or prompt/reference rows); --data {name} holds {task.kind} "
@@ -134,14 +135,18 @@ def _once(echo: Echo) -> Echo:
     return echo_once
 
 
-def run_objective_recipe(recipe: Recipe, echo: Echo = print) -> RunReport:
-    """Train `recipe` with its objective; evaluate before and after; write the sample table."""
+def run_objective_recipe(recipe: Recipe, echo: Echo = print,
+                         hooks: RunHooks | None = None) -> RunReport:
+    """Train `recipe` with its objective; evaluate before and after; write the sample table.
+    `--objective sft` on classification / instruction / chat data is `run_recipe`'s run."""
     started = time.perf_counter()
     spec = objective_of(recipe)
     recipe.method_config()
     output = Path(recipe.train.output_dir or DEFAULT_OUTPUT)
-    echo(f"loading {recipe.model.name} and {recipe.data.name} ...")
     task = _task(recipe)
+    if task.kind not in KINDS:  # plain SFT on other data: the ordinary pipeline
+        return run_recipe(recipe, echo, hooks)
+    echo(f"loading {recipe.model.name} and {recipe.data.name} ...")
     torch.manual_seed(recipe.train.seed)
     model, tokenizer = load_model(recipe.model.name, task="causal-lm")
     pad_id = int(tokenizer.pad_token_id)
