@@ -12,8 +12,8 @@ is refused with a `ConfigError`.
 `--train-on`: `assistant` (default) labels every answer, `last` only the last answer kept, `all`
 every token. A conversation longer than `--max-length` keeps its messages up to the last
 assistant turn that fits (cut at a turn boundary); when not even the first answer fits, the
-first answer is kept with the end of what precedes it (`encode._fit`). `ChatStats` counts both,
-for the run's first lines.
+first answer is kept with the end of what precedes it (`encode.fit_prompt_answer`).
+`ChatStats` counts both, for the run's first lines.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from petkit.core.errors import ConfigError
-from petkit.data.encode import IGNORE_INDEX, _fit
+from petkit.data.encode import IGNORE_INDEX, fit_prompt_answer
 from petkit.data.formats import Message
 
 TRAIN_ON = ("assistant", "all", "last")
@@ -145,7 +145,7 @@ def _cut(parts: list[Piece], max_length: int, first_trained: int) -> tuple[list[
     if first is None:
         return parts, "inside"  # nothing to train on: the caller reports the row
     before = [t for p in parts[:first] for t in p.ids]
-    before, answer = _fit(before, parts[first].ids, max_length)
+    before, answer = fit_prompt_answer(before, parts[first].ids, max_length)
     return [Piece(-1, False, before), Piece(parts[first].message, True, answer)], "inside"
 
 
