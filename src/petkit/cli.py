@@ -31,8 +31,8 @@ from rich.markup import escape
 
 from petkit import cli_adapter as adapter_cli  # flags only: export / predict load when they run
 from petkit.benchmark import cli as bench_cli  # flags only: the grid runs in its command
-from petkit.cli_flags import (COLUMNS, DATA, DOTTED, FLAGS, HELP, METAVARS, METHOD, OPTIMISERS,
-                              TRAINING, speak_flags)
+from petkit.cli_flags import (COLUMNS, DATA, DOTTED, FLAGS, HELP, METAVARS, METHOD, OBJECTIVE,
+                              OPTIMISERS, REWARD_HELP, TRAINING, speak_flags)
 from petkit.cli_io import ERR, OUT, UsageError
 from petkit.core.errors import PetkitError
 from petkit.continual import cli as continual_cli  # flags only, as for bench and fed
@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_flags(train, TRAINING, "training", recipe=False)
     _add_flags(train, METHOD, "method and model", recipe=False)
     _add_flags(train, OPTIMISERS, "other optimisers", recipe=False)
+    _add_flags(train, OBJECTIVE, "objectives (docs/objectives.md)", recipe=False)
+    train.add_argument("--reward", action="append", default=None, metavar="MODULE:FUNCTION",
+                       help=REWARD_HELP)
     train.add_argument("--bf16", action="store_true", help="bfloat16 autocast (--precision bf16)")
     train.add_argument("--head", action="store_true", help="train a classification head "
                                                              "instead of the verbaliser")

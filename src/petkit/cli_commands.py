@@ -8,6 +8,7 @@ command.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from transformers.utils import logging as hf_logging
 
 from petkit import cli_adapter as adapter_cli
 from petkit.app.export import merge_to_folder
+from petkit.app.objective_run import is_objective_run, run_objective_recipe
 from petkit.app.pipeline import (load_with_adapter, method_config, needs_data, recipe_for_adapter,
                                  run_recipe, test_metrics)
 from petkit.app.rank_sweep import check_ranks, evaluate_at_ranks, parse_ranks, write_sweep
@@ -83,6 +85,8 @@ def _overrides(args: argparse.Namespace, dotted: dict[str, str], recipe: Any) ->
         named["data.task_type"] = "head"
     if getattr(args, "bf16", False):
         named["train.precision"] = "bf16"
+    if getattr(args, "reward", None):
+        named["train.objective.rewards"] = json.dumps(args.reward)
     overrides = {**named, **dotted}
     if "train.epochs" in overrides and "train.max_steps" not in overrides:
         overrides["train.max_steps"] = "none"  # --epochs alone: the recipe's step cap would cut it
@@ -104,8 +108,10 @@ def cmd_train(args: argparse.Namespace, dotted: dict[str, str]) -> None:
     recipe = _recipe(args, dotted)
     ranks = _eval_ranks(args, recipe)
     recipe = claim_output(recipe, args.overwrite, lambda line: OUT.print(line, markup=False))
-    report = run_recipe(recipe, echo=lambda line: OUT.print(f"[dim]{line}[/dim]"),
-                        hooks=pruning_hooks(recipe), command=["petkit", *args.argv])
+    echo = lambda line: OUT.print(f"[dim]{escape(line)}[/dim]")  # noqa: E731
+    hooks = pruning_hooks(recipe)
+    report = run_objective_recipe(recipe, echo, hooks) if is_objective_run(recipe) \
+        else run_recipe(recipe, echo=echo, hooks=hooks, command=["petkit", *args.argv])
     result = report.result
     OUT.print(f"test after:  [bold green]{format_metrics(report.after)}[/bold green]")
     best = f", best {result.metric}={result.best_metric:.4f} at step {result.best_step}" \

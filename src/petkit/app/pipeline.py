@@ -33,8 +33,10 @@ from petkit.core.durable import write_folder
 from petkit.core.io import describe_base, load_adapter
 from petkit.core.model import attach
 from petkit.core.registry import make_config
-from petkit.data import (Columns, encode_classification, encode_instruction, label_token_ids, load_task,
-                         load_test_file, split_validation)
+from petkit.data import (Columns, ReadOptions, encode_classification, encode_instruction,
+                         label_token_ids, load_task, load_test_file, split_validation)
+from petkit.data.chat import encode_chat
+from petkit.data.hf import is_dataset_folder
 from petkit.data.images import collate_images, encode_images, is_image_task, load_image_folder
 from petkit.models.quantize import quantize
 from petkit.models import head_module_names, load_model, resolve_model
@@ -97,6 +99,8 @@ def _is_encoder(model_name: str) -> bool:
 def resolve_task_type(recipe: Recipe, task_kind: str) -> str:
     """The concrete task type: "auto" becomes instruction / head (encoders) / verbaliser."""
     wanted = recipe.data.task_type
+    if task_kind == "chat":  # a causal LM on the trained turns, like instruction data
+        task_kind = "instruction"
     if task_kind == "instruction" or wanted == "instruction":
         if task_kind != "instruction" or wanted not in ("auto", "instruction"):
             raise ConfigError(f"data.task_type={wanted!r} does not fit task {recipe.data.name!r} "
@@ -113,8 +117,18 @@ def _subset(examples: Examples, size: int | None, seed: int) -> Examples:
     return random.Random(seed).sample(list(examples), size)
 
 
-def encode_examples(examples: Examples, prep: Prepared, task: Any, max_length: int) -> Examples:
-    """Tokenise raw examples for this run's task type (classification or instruction)."""
+def encode_examples(examples: Examples, prep: Prepared, task: Any, max_length: int,
+                    spec: DataSpec | None = None, split: str = "train") -> Examples:
+    """Tokenise raw examples for this run's task type (classification, instruction or chat:
+    chat rows, and instruction rows when a --chat-template is named, go through the template;
+    rows cut to max_length are counted in `prep.notes`)."""
+    spec = spec or DataSpec()
+    if task.kind == "chat" or prep.task_type == "instruction" and spec.chat_template:
+        encoded, stats = encode_chat(examples, prep.tokenizer, max_length=max_length,
+                                     template=spec.chat_template, train_on=spec.train_on)
+        note = stats.note(split, max_length)
+        prep.notes += [note] if note else []
+        return encoded
     if prep.task_type == "instruction":
         return encode_instruction(examples, prep.tokenizer, max_length=max_length)
     template = task.template if prep.task_type == "verbaliser" else "{text}"
@@ -129,16 +143,19 @@ def _by_length(examples: Examples) -> Examples:
 
 def load_recipe_task(spec: DataSpec, seed: int = 0, test_only: bool = False) -> Any:
     """The recipe's task; `test_only` with a test file reads just that file (all of it)."""
-    if Path(spec.name).is_dir():  # one sub-folder of images per class
+    if Path(spec.name).is_dir() and not is_dataset_folder(spec.name):  # images per class
         return load_image_folder(Path(spec.name), spec.test_fraction, seed)
     columns = Columns(spec.text_column, spec.label_column, spec.prompt_column,
                       spec.completion_column)
     if test_only and spec.test_file:
-        return load_test_file(Path(spec.test_file), columns, spec.labels)
+        options = ReadOptions(columns, spec.format, bad_rows=spec.bad_rows)
+        return load_test_file(Path(spec.test_file), columns, spec.labels, options)
     return load_task(spec.name, text_column=spec.text_column, label_column=spec.label_column,
                      prompt_column=spec.prompt_column, completion_column=spec.completion_column,
                      test_fraction=spec.test_fraction, seed=seed, test_file=spec.test_file,
-                     validation_file=spec.validation_file, labels=spec.labels)
+                     validation_file=spec.validation_file, labels=spec.labels,
+                     format=spec.format, split=spec.split, config=spec.config,
+                     bad_rows=spec.bad_rows)
 
 
 def _sized(what: str, examples: Examples, size: int | None, seed: int, flag: str,
@@ -156,7 +173,7 @@ def prepare(recipe: Recipe, *, with_train: bool = True,
     train/validation/test subsets. `test_only` (eval) reads only a test file when one is set."""
     spec, seed = recipe.data, recipe.train.seed
     task = load_recipe_task(spec, test_only=test_only)
-    notes = list(task.notes)
+    notes = [n for n in (getattr(task, "format_note", ""), *task.notes) if n]
     train_raw = _sized("train", task.train, spec.train_size, seed, "--train-size",
                        notes) if with_train else []
     val_raw: Examples = list(task.validation) if with_train else []
@@ -182,9 +199,10 @@ def prepare(recipe: Recipe, *, with_train: bool = True,
     ids = label_token_ids(tokenizer, task.label_words) if task_type == "verbaliser" else None
     prep = Prepared(model, tokenizer, task_type, [], [], [], ids, int(tokenizer.pad_token_id),
                     notes)
-    prep.train = encode_examples(train_raw, prep, task, spec.max_length)
-    prep.validation = _by_length(encode_examples(val_raw, prep, task, spec.max_length))
-    prep.test = _by_length(encode_examples(test_raw, prep, task, spec.max_length))
+    prep.train = encode_examples(train_raw, prep, task, spec.max_length, spec)
+    prep.validation = _by_length(encode_examples(val_raw, prep, task, spec.max_length, spec,
+                                                 "validation"))
+    prep.test = _by_length(encode_examples(test_raw, prep, task, spec.max_length, spec, "test"))
     return prep, task
 
 
@@ -285,7 +303,7 @@ def _absolute_files(spec: DataSpec) -> dict[str, str]:
     """The user's data files as absolute paths, so eval / merge of the run work from any folder."""
     from petkit.data import is_data_file
 
-    files = {"name": spec.name} if is_data_file(spec.name) else {}
+    files = {"name": spec.name} if is_data_file(spec.name) or Path(spec.name).is_dir() else {}
     files.update({k: v for k in ("test_file", "validation_file") if (v := getattr(spec, k))})
     return {k: str(Path(v).resolve()) for k, v in files.items()}
 

@@ -28,7 +28,8 @@ from petkit.core.errors import ConfigError
 from petkit.training.config import LEGACY_KEYS, TrainConfig
 from petkit.core.registry import get_method, make_config
 from petkit.recipes import shipped
-from petkit.data import EMBEDDED_TASKS, is_data_file
+from petkit.data import BAD_ROWS, EMBEDDED_TASKS, FORMATS, is_data_file, is_source
+from petkit.data.chat import TRAIN_ON
 
 TASK_TYPES = ("auto", "verbaliser", "head", "instruction")
 SECTIONS = ("method", "model", "data", "train")
@@ -82,9 +83,20 @@ class DataSpec:
     completion_column: str = "completion"
     test_fraction: float = 0.2
     labels: list[str] | None = None
+    format: str = "auto"  # a data format of petkit.data.formats (auto: recognised from the columns)
+    split: str = "train"  # datasets: the split that trains (a `test` split is the test set)
+    config: str | None = None  # hub datasets: the configuration (subset) name
+    chat_template: str | None = None  # None: the model's own; chatml | llama3 | zephyr | a file
+    train_on: str = "assistant"  # chat: assistant | last | all (tokens that carry the loss)
+    bad_rows: str = "error"  # malformed rows: error (named) | skip (named in the run's notes)
 
     def __post_init__(self) -> None:
         """Validate each field."""
+        choices = {"format": ("auto", *FORMATS), "train_on": TRAIN_ON, "bad_rows": BAD_ROWS}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"--{name.replace('_', '-')} (data.{name}) must be one of "
+                                  f"{', '.join(allowed)}, got {getattr(self, name)!r}")
         for name in ("name", "text_column", "label_column", "prompt_column", "completion_column"):
             value = getattr(self, name)
             if not isinstance(value, str) or not value:
@@ -282,7 +294,7 @@ def apply_overrides(recipe: Recipe, overrides: dict[str, str]) -> Recipe:
 def _fresh_file_sizes(recipe: Recipe, data: dict[str, Any], overrides: dict[str, str]) -> None:
     """A user file that an override names trains and tests on all its rows: the sizes and label
     names that came with the recipe's previous task are dropped unless these overrides set them."""
-    if data["name"] == recipe.data.name or not is_data_file(data["name"]):
+    if data["name"] == recipe.data.name or not is_source(data["name"]):
         return
     for key in ("train_size", "test_size", "labels"):
         if f"data.{key}" not in overrides:

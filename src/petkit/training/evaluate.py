@@ -66,7 +66,7 @@ def run_objective(model: nn.Module, data: Sequence[Example], objective: Objectiv
             loss_sum, count = loss_sum + float(out.loss) * n, count + n
             if out.predictions is not None and out.targets is not None:
                 correct += int((out.predictions == out.targets).sum())
-                classified += n
+                classified += len(out.targets)  # pair batches: one target per two rows
     finally:
         batches.close()
         model.train(was_training)
