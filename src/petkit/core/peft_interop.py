@@ -107,34 +107,6 @@ def export_peft(model: nn.Module, path: str | os.PathLike, name: str = "default"
     return write_folder(Path(path), lambda out: write_peft(out, tensors, config))
 
 
-def peft_files(model: nn.Module, name: str = "default",
-               base_model: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Adapter `name`'s tensors under PEFT's names and its `adapter_config.json` content."""
-    record = adapters(model).get(name)
-    if record is None:
-        raise AdapterStateError(f"unknown adapter {name!r}")
-    tensors = {peft_key(k): v.detach().cpu().contiguous() for k, v in adapter_state(model, name).items()}
-    conv1d = any(is_linear(innermost(w)) and linear_dims(innermost(w))[2] for _, w in wrappers_of(model, [name]))
-    base_model = base_model or getattr(getattr(model, "config", None), "_name_or_path", None)
-    return tensors, peft_config(record.config, list(tensors), conv1d=conv1d, base_model=base_model)
-
-
-def write_peft(folder: Path, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
-    """Write PEFT's two files into `folder`."""
-    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
-    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
-
-
-def export_peft(model: nn.Module, path: str | os.PathLike, name: str = "default",
-                base_model: str | None = None) -> Path:
-    """Write adapter `name` (method "lora" or "dora") as a PEFT LoRA folder.
-
-    `base_model` goes into `base_model_name_or_path` (default: the model config's
-    `_name_or_path`, often a local cache folder: give the hub id where there is one)."""
-    tensors, config = peft_files(model, name, base_model)
-    return write_folder(Path(path), lambda out: write_peft(out, tensors, config))
-
-
 def _read_peft(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The checked `adapter_config.json` (size, depth, the fields petkit reads) and tensors."""
     cfg_path, tensor_path = folder / "adapter_config.json", folder / "adapter_model.safetensors"
