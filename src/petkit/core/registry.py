@@ -6,15 +6,13 @@ import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from torch import nn
 
 from .config_io import dataclass_from_dict
 from .errors import ConfigError, did_you_mean
 
-if TYPE_CHECKING:
-    from .capabilities import PeftLayout
 
 
 @dataclass(frozen=True)
@@ -111,7 +109,9 @@ class MethodConfig:
     applies_to: ClassVar[tuple[str, ...]] = ("decoder", "encoder")
     suggested_lr: ClassVar[float | None] = None
     capabilities: ClassVar[tuple[type, ...]] = ()
-    peft_layout: ClassVar["PeftLayout | None"] = None
+    # a core.capabilities.PeftLayout, or None: PEFT has no such method (typed Any here, since
+    # capabilities imports this module; get_type_hints of every config must resolve)
+    peft_layout: ClassVar[Any] = None
 
     def __post_init__(self) -> None:
         for f in fields(self):  # lists from JSON/YAML become tuples: configs stay hashable

@@ -360,6 +360,19 @@ def _dominated(match: Detected, others: list[Detected]) -> bool:
     return any(mine < set(o.columns.values()) for o in others)
 
 
+def _named(matches: list[Detected], columns: Columns) -> list[Detected]:
+    """The matches that read the most of the columns the user named with --*-column flags
+    (`--completion-column answer` settles prompt-completion against reference)."""
+    defaults = Columns()
+    named = {(f, getattr(columns, f)) for f in ("text", "label", "prompt", "completion")
+             if getattr(columns, f) != getattr(defaults, f)}
+    if not named or len(matches) < 2:
+        return matches
+    score = {id(m): len(named & set(m.columns.items())) for m in matches}
+    best = max(score.values())
+    return [m for m in matches if score[id(m)] == best]
+
+
 def detect(where: str, found: list[str], columns: Columns, name: str = "auto") -> Detected:
     """The format of a file whose columns are `found` (or the named one, checked against them)."""
     present = set(found)
@@ -373,6 +386,7 @@ def detect(where: str, found: list[str], columns: Columns, name: str = "auto") -
     matches = [Detected(f, c) for f in FORMATS.values()
                if (c := f.resolve(present, columns)) is not None]
     matches = [m for m in matches if not _dominated(m, matches)]
+    matches = _named(matches, columns)
     if len(matches) == 1:
         return matches[0]
     if matches:
