@@ -115,7 +115,6 @@ CASES = [
     Case("loha", "vit", {}, True, True),
     Case("lokr", "vit", {}, True, True),
     Case("adalora", "vit", {}, True, True),
-    Case("shira", "vit", {"r": 4}, True, True),
     Case("peqa", "mlp", {}, False, True),  # init = the RTN-quantised base (tests/methods/test_peqa.py)
     Case("peqa", "llama", {"bits": 3, "group_size": 8}, False, True),
     Case("peqa", "gpt2", {"group_size": 16}, False, True),
