@@ -36,7 +36,7 @@ from petkit.core.model import attach, summary
 from petkit.core.registry import list_methods, suggested_lr
 from petkit.core.state import active_adapters
 from petkit.data import is_data_file
-from petkit.models.packages import extra_install, require_module
+from petkit.models.packages import extra_packages, require_module
 from petkit.training.evaluate import format_metrics
 
 hf_logging.disable_progress_bar()  # "Loading weights" bars would bury petkit's own output
@@ -230,7 +230,7 @@ def cmd_continual(args: argparse.Namespace, dotted: dict[str, str]) -> None:
 
 def cmd_fed(args: argparse.Namespace, dotted: dict[str, str]) -> None:
     """Federated rounds on Flower; prints each round, the partition, bytes vs full-model FedAvg."""
-    require_module("flwr", extra_install("fed"), "petkit fed")
+    require_module("flwr", extra_packages("fed"), "petkit fed")
     from petkit.fed import cli as fed_cli  # here, not at the top: it imports Flower
 
     fed_cli.run_command(args, dotted, lambda line: OUT.print(line, markup=False))

@@ -152,8 +152,9 @@ def clean_stale(final: Path) -> None:
     asides = _siblings(final, OLD)
     if asides and not final.exists() and not final.is_symlink():
         os.replace(asides.pop(), final)
-    current = resolve_folder(final) if final.is_symlink() else None
-    unused = [p for p in _versions(final).values() if p != current]
+    current = resolve_folder(final).resolve() if final.is_symlink() else None
+    # compared resolved: `final` may be relative, the link's target is resolved
+    unused = [p for p in _versions(final).values() if p.resolve() != current]
     temps = [p for p in final.parent.iterdir() if p.name.startswith(f".{final.name}{TMP}")] \
         if final.parent.is_dir() else []
     for stale in asides + temps + unused:

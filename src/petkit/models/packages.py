@@ -101,6 +101,11 @@ def extra_install(extra: str) -> str:
     return "pip install " + " ".join(shlex.quote(r.replace(" ", "")) for r in wanted)
 
 
+def extra_packages(extra: str) -> str:
+    """`extra_install(extra)` without its "pip install ": what `require_module` names."""
+    return extra_install(extra).removeprefix("pip install ")
+
+
 # Log records of optional packages that transformers imports when they are installed, whatever
 # the model: (logger, text in the message). torchao logs "Failed to load" for each CUDA kernel
 # library a CPU build cannot load, torch's pytree a deprecation per enum torchao registers, and

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from petkit.core.errors import ConfigError
-from petkit.models.packages import extra_install, require_module
+from petkit.models.packages import extra_packages, require_module
 from petkit.serve.cli import base_of, parse_adapters
 
 if TYPE_CHECKING:  # the model, the engine and FastAPI load only when `petkit serve` runs
@@ -26,7 +26,7 @@ if TYPE_CHECKING:  # the model, the engine and FastAPI load only when `petkit se
 
 ADAPTER_JSON = "adapter.json"  # petkit.core.io.META, named here without importing torch
 
-EXTRA = extra_install("serve")
+EXTRA = extra_packages("serve")
 DEFAULT_MODEL = "smollm2-135m"
 MODULES = ("fastapi", "uvicorn", "prometheus_client")
 
