@@ -235,7 +235,7 @@ def write_folder(final: str | os.PathLike, fill: Callable[[Path], Any], *, versi
     parent.mkdir(parents=True, exist_ok=True)
     with folder_lock(parent):
         clean_stale(final)
-        if versioned and _can_link(parent):
+        if versioned and _can_link(final):
             return _swap_version(final, fill, need_bytes)
         tmp = parent / f".{final.name}{TMP}{uuid.uuid4().hex[:12]}"
         tmp.mkdir()
@@ -251,8 +251,9 @@ def write_folder(final: str | os.PathLike, fill: Callable[[Path], Any], *, versi
     return final
 
 
-def _can_link(parent: Path) -> bool:
-    probe = parent / f".petkit-link-probe-{uuid.uuid4().hex[:8]}"
+def _can_link(final: Path) -> bool:
+    # named as a temp of `final`, so a save killed right here leaves nothing the next one keeps
+    probe = final.parent / f".{final.name}{TMP}probe-{uuid.uuid4().hex[:8]}"
     try:
         os.symlink(".", probe)
     except (OSError, NotImplementedError):
