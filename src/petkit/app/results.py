@@ -15,6 +15,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from petkit.core.durable import current_umask
 from petkit.core.version import __version__
 
 VERSIONED = ("torch", "transformers", "peft", "accelerate", "safetensors")
@@ -56,13 +57,6 @@ def write_results(path: Path, report: Any, times: dict[str, float], command: lis
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
         json.dump(data, handle, indent=2, default=str)
         handle.write("\n")
-    os.chmod(tmp, 0o666 & ~_umask())
+    os.chmod(tmp, 0o666 & ~current_umask())
     os.replace(tmp, path)
     return path
-
-
-def _umask() -> int:
-    """The process's umask (read by setting and restoring it)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
