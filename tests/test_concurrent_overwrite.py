@@ -123,3 +123,18 @@ def test_30_kills_during_overwrites_leave_nothing_after_the_next_load(tmp_path: 
         assert leftovers(folder) == []  # ... and that load cleaned what the kill left
     print(f"30 kills: {inside} landed inside a save; 0 leftovers after the next load")
     assert inside > 0  # some kills did land inside a save
+
+
+def test_a_version_a_reader_pins_outlives_the_next_save_and_goes_with_the_one_after(
+        tmp_path: Path) -> None:
+    from petkit.core.durable import _pinned, resolve_folder
+    folder = tmp_path / "ad"
+    model = pk.attach(fresh(), pk.LoraConfig(r=2, targets=["0"]), name="a")
+    pk.save_adapter(model, folder, name="a")
+    first = resolve_folder(folder)
+    with _pinned(first) as here:
+        assert here
+        pk.save_adapter(model, folder, name="a")
+        assert first.is_dir() and resolve_folder(folder) != first  # kept for its reader
+    pk.save_adapter(model, folder, name="a")
+    assert not first.exists()

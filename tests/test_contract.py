@@ -112,6 +112,7 @@ CASES = [
     Case("oft", "vit", {"block_size": 8}, True, True),
     Case("hra", "vit", {}, False, True),
     Case("hira", "vit", {}, True, True),
+    Case("shira", "vit", {"r": 2}, True, True),
     Case("loha", "vit", {}, True, True),
     Case("lokr", "vit", {}, True, True),
     Case("adalora", "vit", {}, True, True),

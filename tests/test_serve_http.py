@@ -400,7 +400,9 @@ def test_petkit_serve_end_to_end(tmp_path: Path) -> None:
     try:
         deadline = time.monotonic() + 240
         while True:
-            assert server.poll() is None and time.monotonic() < deadline, "petkit serve did not come up"
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                pytest.fail(f"petkit serve did not come up:\n{server.communicate()[0][-3000:]}")
             try:
                 if httpx.get(url + "/health", timeout=2).status_code == 200:
                     break

@@ -18,7 +18,7 @@ from toys import TOYS, inputs, run
 
 CONTRACT_ON_VIT = {"vpt", "lora", "dora", "adapter", "ia3", "bitfit", "ln-tuning", "late-prompt",
                    "dylora", "krona", "cola", "sira", "peqa", "vera", "oft", "hra", "hira", "loha",
-                   "lokr", "adalora"}
+                   "lokr", "adalora", "shira"}
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +112,8 @@ def test_every_method_attaches_to_a_vit_or_says_why(method):
     try:
         pk.attach(model, config)
     except pk.PetkitError as err:  # says why: names the model and what it lacks, or the field
-        assert method not in CONTRACT_ON_VIT
+        # a default sized for real models (shira's r=32 entries per row) may not fit the toy
+        assert method not in CONTRACT_ON_VIT or "lower r" in str(err), err
         assert (type(model).__name__ in str(err) and ("vpt" in str(err) or "no " in str(err))
                 or isinstance(err, pk.ConfigError) and "--method." in str(err)), err
         assert not any(isinstance(m, DeltaModule) for m in model.modules())
@@ -205,10 +206,16 @@ def test_vit_methods_attach_to_dinov2_s_with_default_targets():
         expected = base(pixel_values=pixels).logits
     for method, *_ in pk.list_methods():
         model = load_vision_model("dinov2-s", 10, image_size=56)
-        config = pk.make_config(method, modules_to_save=["classifier"])
+        try:
+            config = pk.make_config(method, modules_to_save=["classifier"])
+        except pk.ConfigError as err:  # no defaults to attach with (trainable-tokens: which rows)
+            assert method not in CONTRACT_ON_VIT and "--method." in str(err), err
+            continue
         if method not in CONTRACT_ON_VIT:
-            with pytest.raises(pk.PetkitError, match="Dinov2ForImageClassification"):
+            with pytest.raises(pk.PetkitError) as err:
                 pk.attach(model, config)
+            assert ("Dinov2ForImageClassification" in str(err.value)
+                    or isinstance(err.value, pk.ConfigError) and "--method." in str(err.value))
             continue
         pk.attach(model, config)
         assert pk.trainable_parameters(model), method

@@ -20,21 +20,18 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import json
 import os
 import re
 import shutil
-import socket
 import time
 import uuid
-import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 from .disk import folder_bytes
 from .disk_full import DiskFullError, full_message, is_disk_full
-from .errors import CheckpointError, PetkitError
+from .errors import PetkitError
 
 TMP, OLD, VERSION = ".petkit-tmp-", ".petkit-old-", ".v"
 T = TypeVar("T")
@@ -118,17 +115,53 @@ def resolve_folder(final: Path, complete: Callable[[Path], bool] = lambda p: Tru
 def read_version(final: Path, read: Callable[[Path], T],
                  complete: Callable[[Path], bool] = lambda p: True) -> T:
     """`read(folder)` of the version of `final` current now (`resolve_folder`). A version is
-    never changed once published, so a read sees one version whole; if a concurrent save swapped
-    `final` and removed that version mid-read, the read starts again on the new one."""
+    never changed once published, and the reader pins it (a shared `flock` that `clean_stale`
+    respects) for the read, so a concurrent save cannot remove it mid-read; in the instant
+    between resolving and pinning it may, and the read then starts on the new version."""
     clean_if_idle(final)
-    for attempt in range(8):
+    for attempt in range(64):
         folder = resolve_folder(final, complete)
-        try:
-            return read(folder)
-        except (PetkitError, OSError):
-            if attempt == 7 or resolve_folder(final, complete) == folder:
-                raise
-    raise AssertionError("unreachable")  # pragma: no cover
+        with _pinned(folder) as here:
+            if here:
+                return read(folder)
+        if resolve_folder(final, complete) == folder:
+            break
+    return read(resolve_folder(final, complete))  # raises the reader's own error
+
+
+@contextlib.contextmanager
+def _pinned(folder: Path) -> Iterator[bool]:
+    """A shared `flock` on `folder` while the block runs; yields False when `folder` is gone
+    (removed between resolving and pinning). A folder that cannot be opened is read unpinned."""
+    try:
+        import fcntl
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except (ImportError, OSError):
+        yield folder.is_dir()
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        yield os.fstat(fd).st_nlink > 0  # an unlinked folder counts no links
+    finally:
+        os.close(fd)
+
+
+def _remove_unpinned(path: Path) -> None:
+    """Remove version folder `path` unless a reader pins it (it goes with a later save or read).
+    The exclusive lock is held while removing, so a reader pinning meanwhile sees it gone."""
+    try:
+        import fcntl
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except (ImportError, OSError):
+        _remove(path)
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _remove(path)
+    except BlockingIOError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _versions(final: Path) -> dict[int, Path]:
@@ -157,8 +190,10 @@ def clean_stale(final: Path) -> None:
     unused = [p for p in _versions(final).values() if p.resolve() != current]
     temps = [p for p in final.parent.iterdir() if p.name.startswith(f".{final.name}{TMP}")] \
         if final.parent.is_dir() else []
-    for stale in asides + temps + unused:
+    for stale in asides + temps:
         _remove(stale)
+    for stale in unused:
+        _remove_unpinned(stale)
 
 
 def clean_if_idle(final: Path) -> None:
@@ -283,7 +318,7 @@ def _swap_version(final: Path, fill: Callable[[Path], Any], need: int | None) ->
         raise
     _fsync_path(parent, directory=True)
     for old in versions.values():
-        _remove(old)
+        _remove_unpinned(old)
     return final
 
 
@@ -301,106 +336,3 @@ def _exchange(link: Path, folder: Path) -> None:
     os.replace(folder, folder.parent / f".{folder.name}{OLD}{uuid.uuid4().hex[:12]}")
     os.replace(link, folder)
     clean_stale(folder)
-
-
-# --- one live run per run folder -----------------------------------------------------------
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
-class RunLock:
-    """Exclusive lock of a run folder, held by this process while the run goes on.
-
-    The lock file (`.petkit-run.lock`) records pid, host and start time. A second run into the
-    folder gets a `CheckpointError` naming the holder. A lock left by a process that died is
-    free (the `flock` went with the process); it is taken over with a warning naming it.
-    """
-
-    NAME = ".petkit-run.lock"
-
-    def __init__(self, folder: str | os.PathLike) -> None:
-        self.folder = Path(folder)
-        self.path = self.folder / self.NAME
-        self.fd: int | None = None
-
-    def _holder(self) -> dict[str, Any]:
-        try:
-            data = json.loads(self.path.read_text()[:4096])
-            return data if isinstance(data, dict) else {}
-        except (OSError, ValueError):
-            return {}
-
-    def acquire(self) -> RunLock:
-        """Take the lock or raise `CheckpointError`; warn when taking over a stale one."""
-        try:
-            import fcntl
-        except ImportError:  # pragma: no cover - non-POSIX: fall back to the pid record only
-            fcntl = None  # type: ignore[assignment]
-        self.folder.mkdir(parents=True, exist_ok=True)
-        for _ in range(20):  # the file may be replaced under us by a releasing holder
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                if fcntl is not None:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                elif self._held_by_live_process():
-                    raise BlockingIOError
-            except BlockingIOError:
-                os.close(fd)
-                raise CheckpointError(self._busy_message()) from None
-            if os.path.exists(self.path) and os.stat(self.path).st_ino == os.fstat(fd).st_ino:
-                break
-            os.close(fd)
-        else:  # pragma: no cover - only under a storm of concurrent runs
-            raise CheckpointError(f"{self.folder}: could not take the run lock {self.path}")
-        self.fd = fd
-        self._warn_if_stale()
-        record = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(record).encode(), 0)
-        os.fsync(fd)
-        return self
-
-    def _held_by_live_process(self) -> bool:
-        holder = self._holder()
-        return (holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int)
-                and holder["pid"] != os.getpid() and _alive(holder["pid"]))
-
-    def _busy_message(self) -> str:
-        h = self._holder()
-        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(h["since"])) if isinstance(
-            h.get("since"), (int, float)) else "?"
-        return (f"{self.folder} is in use by another run (pid {h.get('pid', '?')} on host "
-                f"{h.get('host', '?')}, since {since}); wait for it to finish or choose another "
-                "output_dir")
-
-    def _warn_if_stale(self) -> None:
-        h = self._holder()
-        if not h or h.get("pid") == os.getpid():
-            return
-        here = h.get("host") == socket.gethostname()
-        state = "is no longer running" if here else f"ran on host {h.get('host')!r}; its lock is free"
-        warnings.warn(f"{self.folder}: taking over a stale run lock of pid {h.get('pid')} "
-                      f"(that process {state})", stacklevel=4)
-
-    def release(self) -> None:
-        """Drop the lock and remove the lock file."""
-        if self.fd is None:
-            return
-        with contextlib.suppress(OSError):
-            os.unlink(self.path)
-        os.close(self.fd)
-        self.fd = None
-
-    def __enter__(self) -> RunLock:
-        return self.acquire()
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()

@@ -73,7 +73,8 @@ def adapter_folders(specs: list[str], folder: str | None) -> dict[str, Path]:
     root = Path(folder).expanduser()
     if not root.is_dir():
         raise ConfigError(f"--adapter-dir {folder}: not a folder")
-    found = sorted(p for p in root.iterdir() if (p / ADAPTER_JSON).is_file())
+    found = sorted(p for p in root.iterdir()  # a dot name is a version or temp of a save
+                   if not p.name.startswith(".") and (p / ADAPTER_JSON).is_file())
     if not found:
         raise ConfigError(f"--adapter-dir {folder} holds no adapter folder (none has {ADAPTER_JSON})")
     for path in found:

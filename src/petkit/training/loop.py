@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from petkit.core.durable import RunLock
+from petkit.core.run_lock import RunLock
 from petkit.core.errors import ConfigError
 from petkit.training import checkpoint as ckpt
 from petkit.training.batching import (Batch, CollateFn, DataPosition, Example, micro_batches, move,
