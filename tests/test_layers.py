@@ -19,7 +19,7 @@ LAYERS: dict[str, int] = {
     "training": 3,
     "app": 4, "recipes": 4,
     "compress": 4,  # pruning while tuning: used by the CLI and by the benchmark harness's arms
-    "fed": 5, "benchmark": 5, "continual": 5, "distributed": 5, "hybrid": 5, "serve": 5,
+    "fed": 5, "benchmark": 5, "continual": 5, "hybrid": 5, "serve": 5,
     "cli": 6, "cli_flags": 6, "cli_io": 6,  # the parser, its flag tables, consoles
     "cli_commands": 6,  # what each subcommand does (imported by cli.main only to run one)
     "cli_adapter": 6,  # petkit export / predict: their arguments and printing
@@ -75,6 +75,11 @@ def test_every_package_has_a_layer():
     assert packages <= set(LAYERS), f"give these a layer in LAYERS: {sorted(packages - set(LAYERS))}"
 
 
+def test_every_layer_names_a_package_that_exists():
+    packages = {_package(_module_name(p)) for p in FILES}
+    assert set(LAYERS) <= packages, f"LAYERS lists no such package: {sorted(set(LAYERS) - packages)}"
+
+
 @pytest.mark.parametrize("path", FILES, ids=lambda p: str(p.relative_to(SRC)))
 def test_imports_point_downwards(path: Path):
     mine = _package(_module_name(path))
@@ -105,3 +110,91 @@ def test_public_train_is_the_function_even_after_the_package_is_imported():
 
     assert callable(pk.train) and pk.train.__module__ == "petkit.training.loop"
     assert callable(pk.bench) and not isinstance(pk.bench, type(pk))
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def _runtime_imports(path: Path) -> list[str]:
+    """Every petkit module (or module-or-name) the file imports when it runs, relative imports
+    resolved; `from pkg import a` yields `pkg.a`. Imports under `if TYPE_CHECKING:` are left out
+    (annotations only: they never run)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    skipped = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
+               and _is_type_checking(block) for stmt in block.body for n in ast.walk(stmt)}
+    here = _module_name(path).split(".")
+    package = here if path.name == "__init__.py" else here[:-1]
+    out = []
+    for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
+        if isinstance(node, ast.Import):
+            out += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            target = ".".join(base + ([node.module] if node.module else []))
+            out += [f"{target}.{a.name}" for a in node.names]
+    return [t for t in out if t.split(".")[0] == "petkit"]
+
+
+MODULES = {_module_name(p): p for p in FILES}
+
+
+def _edges(module: str) -> set[str]:
+    """Petkit modules `module` imports when it runs — at module level or deferred inside a
+    function alike: a deferred import that closes a circle only hides it. `from pkg import name`
+    counts as an edge to `pkg.name` when that is a module, else to `pkg`."""
+    out = set()
+    for target in _runtime_imports(MODULES[module]):
+        while target not in MODULES and "." in target:
+            target = target.rsplit(".", 1)[0]  # `from petkit.x import name`: name is no module
+        if target in MODULES and target != module:
+            out.add(target)
+    return out
+
+
+
+
+def _cycles() -> list[list[str]]:
+    """Every strongly connected component of more than one module (Tarjan), as sorted lists."""
+    graph = {m: _edges(m) for m in MODULES}
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in graph[node]:
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                top = stack.pop()
+                on_stack.discard(top)
+                component.append(top)
+                if top == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for module in sorted(graph):
+        if module not in index:
+            visit(module)
+    return found
+
+
+def test_no_import_circle_anywhere():
+    """No set of petkit modules imports itself round, not even through deferred imports."""
+    cycles = _cycles()
+    assert not cycles, "import circles:\n" + "\n".join(" <-> ".join(c) for c in cycles)

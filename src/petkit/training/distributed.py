@@ -47,7 +47,7 @@ from petkit.training.config import DISTRIBUTED as MODES
 from petkit.training.config import TrainConfig
 from petkit.training.ranks import (RankGroup, cleanup, cut, init_from_env, launch, rank,
                                    world_size)
-from petkit.training.ist import ISTStepper
+from petkit.training.steppers.ist import ISTStepper
 from petkit.training.steppers import Batch, LossFn, Stepper
 from petkit.training.steppers.backprop import BackpropStepper
 

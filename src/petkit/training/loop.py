@@ -39,7 +39,7 @@ from petkit.training.monitor import Monitor, plot_history
 from petkit.training.objectives import Objective
 from petkit.training.objectives_preference import PreferenceObjective, pair_collate
 from petkit.training.run_modes import RunModes, check_modes, packed_collate
-from petkit.training.ist import with_ist
+from petkit.training.steppers.ist import with_ist
 from petkit.training.steppers import Stepper, make_stepper
 from petkit.core.io import save_adapter
 from petkit.core.model import trainable_parameters
