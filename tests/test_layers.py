@@ -198,3 +198,48 @@ def test_no_import_circle_anywhere():
     """No set of petkit modules imports itself round, not even through deferred imports."""
     cycles = _cycles()
     assert not cycles, "import circles:\n" + "\n".join(" <-> ".join(c) for c in cycles)
+
+
+# Probes of third-party objects core/ and training/ may make, per file (exact counts): duck typing
+# is how one reads Hugging Face / torch / bitsandbytes objects whose attributes vary by version and
+# model class. Every other `hasattr(x, ...)` or `getattr(x, ..., default)` is a probe of a petkit
+# object and must be a declared Protocol checked with isinstance instead.
+THIRD_PARTY_PROBES = {
+    "core/blocks.py": 2,  # a transformers model's config.num_hidden_layers
+    "core/config_io.py": 1,  # a typing annotation's __name__ (Optional[...] has none)
+    "core/durable.py": 4,  # os.O_DIRECTORY (absent on Windows)
+    "core/fingerprint.py": 2,  # a transformers model's config.model_type
+    "core/io.py": 2,  # the record petkit keeps on the user's nn.Module (absent before attach)
+    "core/mixed_batch.py": 4,  # transformers' ModelOutput / generation_config token ids
+    "core/peft_interop.py": 2,  # a transformers config's _name_or_path
+    "core/qweight.py": 9,  # bitsandbytes / torchao quantised weights: quant_state, SCB, ...
+    "core/registry.py": 1,  # a typing annotation's __name__
+    "core/targets.py": 4,  # a transformers model's config / get_output_embeddings
+    "training/activations.py": 4,  # transformers' cache objects (DynamicCache and relatives)
+    "training/grpo_rewards.py": 1,  # the user's reward module names a function
+    "training/guards.py": 7,  # a transformers model's head and config (vocab, labels, archs)
+    "training/hub_kernels.py": 1,  # a transformers forward's functools __wrapped__
+    "training/lm_loss.py": 3,  # a transformers model's head / loss_function, nn.Linear sizes
+}
+
+
+def _probes(path: Path) -> list[str]:
+    """`hasattr(...)` and three-argument `getattr(...)` calls: asking whether an attribute is
+    there. (Two-argument getattr reads a named field and fails when it is missing: no probe.)"""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    return [f"line {node.lineno}: {ast.unparse(node)}" for node in ast.walk(tree)
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+            and (node.func.id == "hasattr" or (node.func.id == "getattr" and len(node.args) == 3))]
+
+
+def test_core_and_training_probe_no_petkit_object():
+    """Optional capabilities and hooks are Protocols (core/capabilities.py,
+    training/steppers/base.py) checked with isinstance; only the listed third-party probes remain."""
+    wrong = []
+    for path in sorted((SRC / "core").rglob("*.py")) + sorted((SRC / "training").rglob("*.py")):
+        rel = str(path.relative_to(SRC))
+        found = _probes(path)
+        if len(found) != THIRD_PARTY_PROBES.get(rel, 0):
+            wrong.append(f"{rel}: {len(found)} probes, {THIRD_PARTY_PROBES.get(rel, 0)} allowed "
+                         f"(third-party objects only):\n    " + "\n    ".join(found))
+    assert not wrong, "\n".join(wrong)

@@ -23,9 +23,11 @@ def stepper_configs() -> dict[str, type[StepperConfig]]:
     return registered_configs()
 
 
-def optimizers() -> list[str]:
-    """Every `TrainConfig.optimizer` value some registered stepper serves."""
-    return sorted({o for cls in stepper_configs().values() for o in cls.OPTIMIZERS})
+def optimizers(gradient_free: bool = False) -> list[str]:
+    """Every `TrainConfig.optimizer` value some registered stepper serves (only those of
+    gradient-free steppers when `gradient_free`)."""
+    return sorted({o for cls in stepper_configs().values() if cls.GRADIENT_FREE or not gradient_free
+                   for o in cls.OPTIMIZERS})
 
 
 def stepper_for(optimizer: str) -> type[StepperConfig]:

@@ -100,7 +100,8 @@ class BackpropStepper:
                                         schedule=config.schedule)
         self.head: set[str] = set()  # names of the full trainable copies' parameters
         self.lora_b: set[str] = set()  # names of low-rank B factors (LoRA+)
-        self.ratio = getattr(config.stepper, "loraplus_ratio", None)
+        own = config.stepper
+        self.ratio = own.loraplus_ratio if isinstance(own, BackpropConfig) else None
         self.bound = config.head_lr is None and self.ratio is None  # both need bind_model first
         self._build()
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
 import torch
 from torch import nn
@@ -57,6 +57,54 @@ class Stepper(Protocol):
         ...
 
 
+# Optional hooks: a stepper (or objective) that has one declares it by defining the method; the
+# loop checks them with isinstance, never by probing attribute names.
+@runtime_checkable
+class BindsModel(Protocol):
+    """`bind_model(model)`: called once before the first step (a population stepper batches
+    its forward passes; backprop groups a head's and LoRA+'s parameters)."""
+
+    def bind_model(self, model: nn.Module) -> None: ...
+
+
+@runtime_checkable
+class LogsFields(Protocol):
+    """`log_fields()`: extra columns of each train log row (a stepper's or an objective's)."""
+
+    def log_fields(self) -> dict[str, Any]: ...
+
+
+@runtime_checkable
+class Reports(Protocol):
+    """`report()`: numbers for the run's summary (`TrainResult.report`)."""
+
+    def report(self) -> dict[str, Any]: ...
+
+
+@runtime_checkable
+class WritesLog(Protocol):
+    """A stepper config with a `log` switch: the stepper writes its own log file (only rank 0
+    keeps it under torchrun)."""
+
+    log: bool
+
+
+def log_fields(obj: object) -> dict[str, Any]:
+    """`obj.log_fields()` when it declares the hook (`LogsFields`), else nothing."""
+    return obj.log_fields() if isinstance(obj, LogsFields) else {}
+
+
+def report(obj: object) -> dict[str, Any]:
+    """`obj.report()` when it declares the hook (`Reports`), else nothing."""
+    return obj.report() if isinstance(obj, Reports) else {}
+
+
+def bind_model(stepper: object, model: nn.Module) -> None:
+    """`stepper.bind_model(model)` when it declares the hook (`BindsModel`)."""
+    if isinstance(stepper, BindsModel):
+        stepper.bind_model(model)
+
+
 @dataclass(frozen=True)
 class StepperConfig:
     """Base of a stepper's own settings (a frozen dataclass in the stepper's file).
@@ -64,13 +112,15 @@ class StepperConfig:
     `NAME` is the registered stepper name; `OPTIMIZERS` the `TrainConfig.optimizer` values it
     serves (the stepper "auto" picks); `LEGACY_PREFIX` the prefix of its flat keys of earlier
     releases (error messages name both spellings); `HEAD_LR` whether the stepper trains full
-    trainable copies (a new task head) at `TrainConfig.head_lr` (one optimiser group each).
+    trainable copies (a new task head) at `TrainConfig.head_lr` (one optimiser group each);
+    `GRADIENT_FREE` whether it updates without backpropagation (forward passes only).
     """
 
     NAME: ClassVar[str] = ""
     OPTIMIZERS: ClassVar[tuple[str, ...]] = ()
     LEGACY_PREFIX: ClassVar[str] = ""
     HEAD_LR: ClassVar[bool] = False
+    GRADIENT_FREE: ClassVar[bool] = False
 
     def require(self, ok: bool, field: str, allowed: str, value: object) -> None:
         """Raise `ConfigError` naming `field` (nested and flat spelling) unless `ok`."""

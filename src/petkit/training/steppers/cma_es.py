@@ -53,6 +53,7 @@ class CmaConfig(StepperConfig):
     NAME: ClassVar[str] = "cma"
     OPTIMIZERS: ClassVar[tuple[str, ...]] = ("cma",)
     LEGACY_PREFIX: ClassVar[str] = "es_"
+    GRADIENT_FREE: ClassVar[bool] = True
 
     dim: int = 64
     popsize: int | None = None

@@ -92,6 +92,7 @@ class ZOConfig(StepperConfig):
     NAME: ClassVar[str] = "zo"
     OPTIMIZERS: ClassVar[tuple[str, ...]] = ("mezo", "zo-adam")
     LEGACY_PREFIX: ClassVar[str] = "zo_"
+    GRADIENT_FREE: ClassVar[bool] = True
 
     eps: float = 1e-3
     n_spsa: int = 1
