@@ -146,9 +146,9 @@ def test_nproc_relaunches_through_torchrun(monkeypatch):
     calls: list[list[str]] = []
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.setattr(ranks_module.subprocess, "call", lambda cmd, env: calls.append(cmd) or 3)
-    assert main(["train", "--nproc", "2", "--steps", "3", "--train.distributed=fsdp"]) == 3
+    assert main(["train", "--nproc", "2", "--steps", "3", "--runtime.distributed=fsdp"]) == 3
     assert calls[0][1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                            "-m", "petkit", "train", "--steps", "3", "--train.distributed=fsdp"]
+                            "-m", "petkit", "train", "--steps", "3", "--runtime.distributed=fsdp"]
     launch(4, ["train", "--nproc=4"])
     assert calls[1][-2:] == ["petkit", "train"] and "--nproc-per-node=4" in calls[1]
 

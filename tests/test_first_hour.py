@@ -188,7 +188,7 @@ def test_cli_sizes_apply_to_the_embedded_task_only(tmp_path: Path) -> None:
     assert flags.train.max_steps is None  # --epochs alone is not cut by the recipe's 60 steps
     assert recipe(["train", "--epochs", "2", "--steps", "7"]).train.max_steps == 7
     assert (flags.method["r"], flags.method["alpha"], flags.train.schedule) == (4, 8, "cosine")
-    assert (flags.train.precision, flags.train.eval_every) == ("bf16", 5)
+    assert (flags.runtime.precision, flags.train.eval_every) == ("bf16", 5)
     args, _ = build_parser().parse_known_args(["eval", "--adapter", "a", "--data", data])
     assert _eval_data(args, {}) == {"data.test_file": data, "data.test_size": "none"}
 

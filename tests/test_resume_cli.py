@@ -79,7 +79,7 @@ def test_resume_reads_the_folders_recipe_not_the_defaults(tmp_path: Path) -> Non
     assert recipe.model.name == "minilm-l6" and recipe.train.max_steps == 4
     assert recipe.train.resume and not recipe.train.resume_override
     # where it runs may change freely; what it computes may not
-    assert resume_recipe(run, {"train.device": "cpu", "train.progress": "false"}, []).train.device == "cpu"
+    assert resume_recipe(run, {"runtime.device": "cpu", "train.progress": "false"}, []).runtime.device == "cpu"
     for change, field in [({"data.name": "other.csv"}, "data.name"),
                           ({"train.max_steps": "1"}, "train.max_steps"),
                           ({"method.r": "16"}, "method.r"),

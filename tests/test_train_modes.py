@@ -238,7 +238,7 @@ def test_cli_flags_reach_the_train_config() -> None:
     assert (cfg.device, cfg.compile, cfg.activation_checkpointing, cfg.packing, cfg.precision) \
         == ("cpu", True, "every-2", True, "bf16")
     with pytest.raises(ConfigError, match="activation_checkpointing"):
-        apply_overrides(Recipe(), {"train.activation_checkpointing": "every-1"})
+        apply_overrides(Recipe(), {"runtime.activation_checkpointing": "every-1"})
 
 
 def test_preflight_reports_a_mode_the_model_cannot_run() -> None:

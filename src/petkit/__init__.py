@@ -39,8 +39,8 @@ _EXPORTS = {
     **dict.fromkeys(["active_adapters", "adapters"], "petkit.core.state"),
     **dict.fromkeys(["port_adapter", "train_preference", "transfer_adapter"], "petkit.hybrid"),
     "save_links": "petkit.methods.cola",
-    **dict.fromkeys(["TrainConfig", "TrainResult", "evaluate", "replay_mezo", "train"],
-                    "petkit.training"),
+    **dict.fromkeys(["RuntimeConfig", "TrainConfig", "TrainResult", "evaluate", "replay_mezo",
+                     "train"], "petkit.training"),
 }
 
 

@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--verbose", action="store_true",
                        help="with --nproc: torchrun's own output and the bytes the processes exchanged")
     train.add_argument("--nproc", type=int, default=None,
-                       help="train on N local processes through torchrun (DDP or FSDP2: train.distributed; docs/distributed.md)")
+                       help="train on N local processes through torchrun (DDP or FSDP2: runtime.distributed; docs/distributed.md)")
     train.add_argument("--dylora-eval-ranks", dest="eval_ranks", default=None,
                        help="after training, test the adapter at each rank, e.g. 1,2,4,8 (dylora)")
     evaluate = sub.add_parser("eval", help="test metrics of a saved adapter", epilog=DOTTED)

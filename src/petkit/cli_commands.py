@@ -84,7 +84,7 @@ def _overrides(args: argparse.Namespace, dotted: dict[str, str], recipe: Any) ->
     if getattr(args, "head", False):
         named["data.task_type"] = "head"
     if getattr(args, "bf16", False):
-        named["train.precision"] = "bf16"
+        named["runtime.precision"] = "bf16"
     if getattr(args, "reward", None):
         named["train.objective.rewards"] = json.dumps(args.reward)
     overrides = {**named, **dotted}

@@ -246,7 +246,7 @@ def test_metrics(prep: Prepared, recipe: Recipe, label: str = "test") -> dict[st
     when the pass takes more than a few seconds and the run shows progress)."""
     return evaluate(prep.model, prep.test, batch_size=recipe.train.eval_batch_size or 16,
                     pad_id=prep.pad_id, label_token_ids=prep.label_token_ids,
-                    precision=recipe.train.precision, collate_fn=prep.collate,
+                    precision=recipe.runtime.precision, collate_fn=prep.collate,
                     progress=label if recipe.train.progress else None)
 
 
@@ -256,7 +256,7 @@ def run_recipe(recipe: Recipe, echo: Echo = print, hooks: RunHooks | None = None
     `results.json` (metrics, `command`, versions, times) into the run folder."""
     started = time.perf_counter()
     recipe.method_config()  # a bad method name or field fails before minutes of loading
-    check_device(recipe.train.device)  # likewise a device this machine does not have
+    check_device(recipe.runtime.device)  # likewise a device this machine does not have
     times: dict[str, float] = {}
     output = Path(recipe.train.output_dir or DEFAULT_OUTPUT)
     echo(f"loading {recipe.model.name} and {recipe.data.name} ...")

@@ -1,11 +1,16 @@
-"""Recipes: a whole run (method, model, data, train) as one validated object, YAML round-trip.
+"""Recipes: a whole run (method, model, data, train, runtime) as one validated object, YAML
+round-trip.
 
-A recipe file has four sections::
+A recipe file has five sections (each optional)::
 
-    method: {name: lora, r: 8, targets: [q_proj, v_proj]}   # fields of that method's config
-    model:  {name: smollm2-135m}                             # ModelSpec fields
-    data:   {name: rotten-tomatoes, train_size: 512}         # DataSpec fields
-    train:  {lr: 1.0e-3, max_steps: 60}                      # TrainConfig fields
+    method:  {name: lora, r: 8, targets: [q_proj, v_proj]}   # fields of that method's config
+    model:   {name: smollm2-135m}                             # ModelSpec fields
+    data:    {name: rotten-tomatoes, train_size: 512}         # DataSpec fields
+    train:   {lr: 1.0e-3, max_steps: 60}                      # TrainConfig fields
+    runtime: {device: cpu, precision: auto}                   # RuntimeConfig fields
+
+`runtime` travels as `Recipe.train.runtime`; runtime keys written in `train:` (earlier releases)
+still work, with a DeprecationWarning naming `runtime.<field>`.
 
 Dotted overrides (`method.r=16`, `train.lr=1e-4`) are checked against those dataclasses, so the
 CLI's generic flags come from the configs themselves.
@@ -26,13 +31,14 @@ from petkit.app.train_options import option_type, set_option
 from petkit.core.config_io import check_keys, dataclass_from_dict
 from petkit.core.errors import ConfigError
 from petkit.training.config import LEGACY_KEYS, TrainConfig
+from petkit.training.runtime import RUNTIME_FIELDS, RuntimeConfig
 from petkit.core.registry import get_method, make_config
 from petkit.recipes import shipped
 from petkit.data import BAD_ROWS, EMBEDDED_TASKS, FORMATS, is_data_file, is_source
 from petkit.data.chat import TRAIN_ON
 
 TASK_TYPES = ("auto", "verbaliser", "head", "instruction")
-SECTIONS = ("method", "model", "data", "train")
+SECTIONS = ("method", "model", "data", "train", "runtime")
 
 
 @dataclass(frozen=True)
@@ -156,10 +162,17 @@ class Recipe:
         """Registered name of the method."""
         return str(self.method.get("name", "lora"))
 
+    @property
+    def runtime(self) -> RuntimeConfig:
+        """The runtime section (carried by the train config into `pk.train`)."""
+        return self.train.runtime  # type: ignore[return-value]
+
     def to_dict(self) -> dict[str, Any]:
-        """Plain dict with the four sections."""
+        """Plain dict with the five sections."""
+        train = self.train.to_dict()
+        runtime = train.pop("runtime")
         return {"method": dict(self.method), "model": dataclasses.asdict(self.model),
-                "data": dataclasses.asdict(self.data), "train": self.train.to_dict()}
+                "data": dataclasses.asdict(self.data), "train": train, "runtime": runtime}
 
     def to_yaml(self) -> str:
         """YAML text that `recipe_from_dict(yaml.safe_load(...))` reads back."""
@@ -168,12 +181,13 @@ class Recipe:
 
 def _section(cls: type, data: Any, section: str) -> Any:
     """Build dataclass `cls` from the mapping `data` (None: defaults), naming unknown keys."""
-    extra = LEGACY_KEYS if cls is TrainConfig else ()  # flat train keys, deprecated
+    extra = (*LEGACY_KEYS, *RUNTIME_FIELDS) if cls is TrainConfig else ()  # deprecated flat keys
     return dataclass_from_dict(cls, data, section, extra=extra)
 
 
 def recipe_from_dict(data: dict[str, Any]) -> Recipe:
-    """Recipe from a {method, model, data, train} mapping; missing sections take defaults."""
+    """Recipe from a {method, model, data, train, runtime} mapping; missing sections take
+    defaults."""
     if not isinstance(data, dict):
         raise ConfigError("a recipe must be a mapping with sections " + ", ".join(SECTIONS))
     unknown = sorted(set(data) - set(SECTIONS))
@@ -186,7 +200,16 @@ def recipe_from_dict(data: dict[str, Any]) -> Recipe:
         raise ConfigError("recipe section 'method' must be a mapping with a 'name'")
     return Recipe(method=dict(method), model=_section(ModelSpec, data.get("model"), "model"),
                   data=_section(DataSpec, data.get("data"), "data"),
-                  train=_section(TrainConfig, data.get("train"), "train"))
+                  train=_train(data.get("train"), data.get("runtime")))
+
+
+def _train(train: Any, runtime: Any) -> TrainConfig:
+    """The train section with the runtime section inside (`TrainConfig.runtime`)."""
+    if train is not None and not isinstance(train, dict):
+        return _section(TrainConfig, train, "train")  # the error naming the section
+    train = dict(train or {})
+    train.setdefault("runtime", _section(RuntimeConfig, runtime, "runtime"))
+    return _section(TrainConfig, train, "train")
 
 
 def shipped_recipes(subfolder: str = "") -> dict[str, Path]:
@@ -261,7 +284,8 @@ def _comma_list(value: Any, annotation: Any) -> Any:
 def _section_class(data: dict[str, Any], section: str) -> type:
     if section == "method":
         return get_method(str(data["method"].get("name", "lora"))).config_cls
-    return {"model": ModelSpec, "data": DataSpec, "train": TrainConfig}[section]
+    return {"model": ModelSpec, "data": DataSpec, "train": TrainConfig,
+            "runtime": RuntimeConfig}[section]
 
 
 def apply_overrides(recipe: Recipe, overrides: dict[str, str]) -> Recipe:

@@ -32,7 +32,8 @@ from petkit.training.checkpoint import checkpoint_dir, complete_checkpoints
 DEFAULT_OUTPUT = "runs/default"
 # Where and how a resumed run executes, not what it computes: free to change on resume.
 RESUME_FREE = frozenset({"train.resume", "train.resume_override", "train.progress",
-                         "train.output_dir", "train.device", "train.distributed",
+                         "train.output_dir", "runtime.device", "runtime.distributed",
+                         "train.device", "train.distributed",  # their place before RuntimeConfig
                          "train.eval_batch_size", "train.log_every"})
 # What a bare `--resume-override` accepts (the schedule; see training/checkpoint.py SCHEDULE).
 SCHEDULE_FIELDS = ("train.max_steps", "train.epochs", "train.lr", "train.head_lr",

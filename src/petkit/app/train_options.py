@@ -9,6 +9,7 @@ from typing import Any
 
 from petkit.core.errors import ConfigError
 from petkit.training.config import LEGACY_KEYS, TrainConfig
+from petkit.training.runtime import RUNTIME_FIELDS, RuntimeConfig
 from petkit.training.sections import resolve_stepper, stepper_configs
 from petkit.training.steppers.ist import IstConfig
 from petkit.training.objectives_config import ObjectiveConfig
@@ -28,6 +29,8 @@ def option_type(train: dict[str, Any], key: str) -> Any:
                 return typing.get_type_hints(stepper_configs()[owner])[rest]
         elif key in {f.name for f in dataclasses.fields(TrainConfig)}:
             return hints[key]
+        elif key in RUNTIME_FIELDS:  # moved to the runtime section: accepted, with a warning
+            return typing.get_type_hints(RuntimeConfig)[key]
         else:
             known = sorted({f.name for f in dataclasses.fields(TrainConfig)} | set(LEGACY_KEYS))
             raise ConfigError(f"unknown option --train.{key}; train fields: {known}")

@@ -66,7 +66,7 @@ class Workspace:
         train = self.recipe.recipe.train
         return evaluate(self.model, data, batch_size=train.eval_batch_size or 32,
                         pad_id=self.prep.pad_id, label_token_ids=self.prep.label_token_ids,
-                        precision=train.precision)
+                        precision=train.runtime.precision)
 
     def local_config(self, round_: int, pid: int) -> TrainConfig:
         """The recipe's train section as one client's local training for `round_`."""

@@ -142,7 +142,7 @@ def block_modules(model: nn.Module) -> list[nn.Module]:
     (activation checkpointing and block compilation work block by block)."""
     paths = layer_paths(model)
     if not paths:
-        raise ConfigError("TrainConfig.activation_checkpointing and compile_scope='blocks' need "
+        raise ConfigError("RuntimeConfig.activation_checkpointing and compile_scope='blocks' need "
                           "a model with a stack of transformer blocks; this model has none")
     return [model.get_submodule(p) for p in paths]
 

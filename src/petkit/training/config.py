@@ -1,6 +1,10 @@
-"""`TrainConfig`: every knob of a training run, validated on construction, JSON round-trip.
+"""`TrainConfig`: what a training run trains — length, batch, learning rate and schedule,
+evaluation, checkpoints, logs, the optimizer — validated on construction, JSON round-trip.
 
-Common loop fields live here; each stepper's own knobs live in its own config dataclass (a
+Where and how it executes (device, precision, compile, recomputation, packing, distributed) is
+the runtime section, `TrainConfig.runtime` (`runtime.py`); its flat keys of earlier releases
+(`TrainConfig(device="cpu")`) still work, with a DeprecationWarning, and `cfg.device` reads
+`cfg.runtime.device`. Loop fields live here; each stepper's own knobs live in its own config dataclass (a
 `steppers.base.StepperConfig`), defined and registered in the stepper's file
 (`steppers/backprop.py` `BackpropConfig`, `steppers/zeroth.py` `ZOConfig`, `steppers/cma_es.py`
 `CmaConfig`), and IST's in `steppers/ist.py` (`IstConfig`); `sections.py` resolves the
@@ -25,12 +29,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import warnings
-from dataclasses import InitVar, dataclass
+from dataclasses import InitVar, dataclass, field
 from typing import Any
 
 from petkit.core.config_io import dataclass_from_dict
 from petkit.core.errors import ConfigError
-from petkit.training.activations import RECOMPUTE_MODES
+from petkit.training.runtime import RUNTIME_FIELDS, RuntimeConfig
 from petkit.training.objectives_config import ObjectiveConfig
 from petkit.training.schedule import SCHEDULES
 from petkit.training.sections import check_sections, resolve_stepper, stepper_configs, stepper_for
@@ -38,9 +42,6 @@ from petkit.training.steppers.base import StepperConfig, is_int, is_num
 from petkit.training.steppers.ist import IstConfig
 
 __all__ = ["SCHEDULES", "TrainConfig"]
-PRECISIONS = ("auto", "fp32", "bf16")
-DELTA_DTYPES = ("fp32", "bf16")
-DISTRIBUTED = ("auto", "ddp", "fsdp", "off")  # training/distributed.py
 # Flat keys of earlier releases -> (stepper name or "ist", field of that config).
 LEGACY_KEYS = {"zo_eps": ("zo", "eps"), "zo_n_spsa": ("zo", "n_spsa"),
                "zo_momentum": ("zo", "momentum"), "zo_log": ("zo", "log"),
@@ -80,7 +81,6 @@ class TrainConfig:
     warmup_ratio: float | None = None
     schedule: str = "linear"
     max_grad_norm: float | None = 1.0
-    precision: str = "auto"
     eval_every: int = 0
     eval_batch_size: int | None = None
     early_stopping_patience: int | None = None
@@ -93,25 +93,12 @@ class TrainConfig:
     resume: bool = False
     resume_override: bool = False  # resume even though max_steps/lr/schedule/batch... changed
     progress: bool = True
-    distributed: str = "auto"  # under torchrun: auto | ddp | fsdp | off (docs/distributed.md)
     stepper: StepperConfig | str | dict[str, Any] = "auto"
     ist: IstConfig | dict[str, Any] | None = None
     # None: the model's own loss (SFT); else training/objectives_config.py (docs/objectives.md)
     objective: ObjectiveConfig | dict[str, Any] | str | None = None
-    # Device and memory (docs/training-gpu.md).
-    device: str = "auto"  # auto (the model's GPU, else cuda if any, else cpu) | cpu | cuda[:N]
-    delta_dtype: str = "fp32"  # trainable deltas' dtype when precision is bf16: fp32 | bf16
-    compile: bool = False  # torch.compile the forward + loss
-    compile_scope: str = "model"  # model: one graph of forward + loss | blocks: each block once
-    # off | full | every-K (K >= 2) | selective | elementwise (training/activations.py)
-    activation_checkpointing: str = "off"
-    activation_offload: bool = False  # keep saved activations in host memory (eager only)
-    # compile only: fraction (0, 1] of the activations torch.compile's partitioner may keep; it
-    # recomputes the cheapest ops to fit (torch._functorch.config.activation_memory_budget)
-    activation_budget: float | None = None
-    loss_chunk: int | None = None  # causal-LM loss: tokens per chunk; None auto, 0 dense logits
-    packing: bool = False  # causal LM: several examples per row, isolated by position ids
-    pack_length: int | None = None  # tokens per packed row (None: the micro-batch's longest)
+    # Where and how the run executes (training/runtime.py; the recipe's `runtime:` section).
+    runtime: RuntimeConfig | dict[str, Any] = field(default_factory=RuntimeConfig)
     # Flat keys of earlier releases (deprecated; see LEGACY_KEYS): accepted, never stored.
     zo_eps: InitVar[float | None] = None
     zo_n_spsa: InitVar[int | None] = None
@@ -122,6 +109,19 @@ class TrainConfig:
     es_sigma: InitVar[float | None] = None
     ist_top_k: InitVar[int | None] = None
     ist_every: InitVar[int | None] = None
+    # Runtime fields of earlier releases (deprecated): mapped onto `runtime`, read back through it.
+    device: InitVar[str | None] = None
+    precision: InitVar[str | None] = None
+    delta_dtype: InitVar[str | None] = None
+    compile: InitVar[bool | None] = None
+    compile_scope: InitVar[str | None] = None
+    activation_checkpointing: InitVar[str | None] = None
+    activation_offload: InitVar[bool | None] = None
+    activation_budget: InitVar[float | None] = None
+    loss_chunk: InitVar[int | None] = None
+    packing: InitVar[bool | None] = None
+    pack_length: InitVar[int | None] = None
+    distributed: InitVar[str | None] = None
 
     def __post_init__(self, *legacy: Any) -> None:
         """Validate every field; resolve the stepper and IST configs; map flat legacy keys."""
@@ -131,8 +131,9 @@ class TrainConfig:
                    value)
         self._check_length()
         self._check_optimisation()
-        self._check_device()
         self._check_io()
+        flat = dict(zip(RUNTIME_FIELDS, legacy[len(LEGACY_KEYS):]))
+        object.__setattr__(self, "runtime", _runtime(self.runtime, flat))
         if self.label_token_ids is not None:
             ids = list(self.label_token_ids)
             _check(len(ids) >= 2 and all(is_int(i) and i >= 0 for i in ids), "label_token_ids",
@@ -144,7 +145,7 @@ class TrainConfig:
         _check(self.ist is None or isinstance(self.ist, IstConfig), "ist",
                "None, an IstConfig or a mapping of its fields", self.ist)
         object.__setattr__(self, "objective", ObjectiveConfig.from_value(self.objective))
-        given = {k: v for k, v in zip(LEGACY_KEYS, legacy) if v is not None}
+        given = {k: v for k, v in zip(LEGACY_KEYS, legacy[:len(LEGACY_KEYS)]) if v is not None}
         if given:
             self._apply_legacy(given)
         check_sections(self)
@@ -196,7 +197,6 @@ class TrainConfig:
                    "None or a number in (0, 10]", self.head_lr)
         stepper_for(self.optimizer)  # ConfigError listing the optimizers when none serves it
         _check(self.schedule in SCHEDULES, "schedule", f"one of {SCHEDULES}", self.schedule)
-        _check(self.precision in PRECISIONS, "precision", f"one of {PRECISIONS}", self.precision)
         _check(is_num(self.weight_decay) and self.weight_decay >= 0, "weight_decay",
                "a number >= 0", self.weight_decay)
         _check(is_int(self.warmup_steps) and self.warmup_steps >= 0, "warmup_steps",
@@ -207,52 +207,6 @@ class TrainConfig:
         if self.max_grad_norm is not None:
             _check(is_num(self.max_grad_norm) and self.max_grad_norm > 0, "max_grad_norm",
                    "None or a number > 0", self.max_grad_norm)
-
-    def _check_device(self) -> None:
-        ok = isinstance(self.device, str) and (
-            self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:"))
-        _check(ok, "device", "auto, cpu, cuda or cuda:N", self.device)
-        _check(self.delta_dtype in DELTA_DTYPES, "delta_dtype", f"one of {DELTA_DTYPES}",
-               self.delta_dtype)
-        for name in ("compile", "activation_offload", "packing"):
-            value = getattr(self, name)
-            _check(isinstance(value, bool), name, "true or false", value)
-        _check(self.compile_scope in ("model", "blocks"), "compile_scope", "model or blocks",
-               self.compile_scope)
-        mode = self.activation_checkpointing
-        every = isinstance(mode, str) and mode.startswith("every-") and mode[6:].isdigit()
-        _check(mode == "off" or mode in RECOMPUTE_MODES or (every and int(mode[6:]) >= 2),
-               "activation_checkpointing", f"off, {', '.join(RECOMPUTE_MODES)} or every-K with "
-               "K >= 2", mode)
-        _check(not (self.activation_offload and self.compile), "activation_offload",
-               "false when compile is true (offload hooks run in eager mode only)",
-               self.activation_offload)
-        if self.activation_budget is not None:
-            _check(is_num(self.activation_budget) and 0 < self.activation_budget <= 1,
-                   "activation_budget", "None or a number in (0, 1]", self.activation_budget)
-            _check(self.compile and mode == "off", "activation_budget",
-                   "None unless compile is true and activation_checkpointing is off (the "
-                   "compiler chooses what to recompute)", self.activation_budget)
-        if self.loss_chunk is not None:
-            _check(is_int(self.loss_chunk) and self.loss_chunk >= 0, "loss_chunk",
-                   "None (auto), 0 (dense) or a number of tokens >= 1", self.loss_chunk)
-        if self.pack_length is not None:
-            _check(is_int(self.pack_length) and self.pack_length >= 2, "pack_length",
-                   "None or an int >= 2", self.pack_length)
-
-    def compiles_blocks(self) -> bool:
-        """Whether each transformer block is compiled (compile with compile_scope='blocks')."""
-        return self.compile and self.compile_scope == "blocks"
-
-    def checkpoint_every(self) -> int:
-        """Every how many blocks activations are recomputed (0: off, 1: every block)."""
-        mode = self.activation_checkpointing
-        return 0 if mode == "off" else int(mode[6:]) if mode.startswith("every-") else 1
-
-    def recompute_mode(self) -> str:
-        """What a checkpointed block recomputes: full, selective or elementwise."""
-        mode = self.activation_checkpointing
-        return mode if mode in RECOMPUTE_MODES else "full"
 
     def _check_io(self) -> None:
         _check(is_int(self.seed) and 0 <= self.seed < 2**32, "seed", "an int in [0, 2**32)",
@@ -270,8 +224,6 @@ class TrainConfig:
         for name in ("resume", "resume_override", "progress"):
             value = getattr(self, name)
             _check(isinstance(value, bool), name, "true or false", value)
-        _check(self.distributed in DISTRIBUTED, "distributed", f"one of {DISTRIBUTED}",
-               self.distributed)
         needs_dir = self.resume or self.save_every > 0
         _check(self.output_dir is not None or not needs_dir, "output_dir",
                "set when resume or save_every is used", self.output_dir)
@@ -301,6 +253,7 @@ class TrainConfig:
                                    if self.label_token_ids is not None else None)
         data["stepper"] = self.stepper.to_dict()  # type: ignore[union-attr]
         data["ist"] = self.ist.to_dict() if isinstance(self.ist, IstConfig) else None
+        data["runtime"] = self.runtime.to_dict()  # type: ignore[union-attr]
         data["objective"] = (self.objective.to_dict()
                              if isinstance(self.objective, ObjectiveConfig) else None)
         return data
@@ -312,7 +265,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         """Build from a dict (flat legacy keys allowed); unknown keys raise `ConfigError`."""
-        return dataclass_from_dict(cls, data, "TrainConfig", extra=LEGACY_KEYS)
+        return dataclass_from_dict(cls, data, "TrainConfig", extra=(*LEGACY_KEYS, *RUNTIME_FIELDS))
 
     @classmethod
     def from_json(cls, text: str) -> TrainConfig:
@@ -320,5 +273,35 @@ class TrainConfig:
         return cls.from_dict(json.loads(text))
 
     def replace(self, **changes: Any) -> TrainConfig:
-        """A copy with `changes` applied (and validated)."""
-        return dataclasses.replace(self, **changes)
+        """A copy with `changes` applied (and validated); a flat runtime key (deprecated) changes
+        `runtime`. (`dataclasses.replace` works too, except for a new `runtime` at once: it
+        passes the old runtime's values back as flat keys.)"""
+        kept = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+        return type(self)(**{**kept, **changes})
+
+    def __getattr__(self, name: str) -> Any:
+        """Runtime fields of earlier releases read through `runtime` (`cfg.device` is
+        `cfg.runtime.device`); called only for names the instance does not have."""
+        if name in RUNTIME_FIELDS and "runtime" in self.__dict__:
+            return getattr(self.runtime, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+
+for _name in RUNTIME_FIELDS:  # InitVar defaults would shadow __getattr__ as class attributes
+    delattr(TrainConfig, _name)
+
+
+def _runtime(runtime: Any, flat: dict[str, Any]) -> RuntimeConfig:
+    """`TrainConfig.runtime` as a RuntimeConfig, with the flat keys of earlier releases
+    (`TrainConfig(device="cpu")`, `train: {precision: bf16}`) applied and a DeprecationWarning."""
+    if isinstance(runtime, dict):
+        runtime = RuntimeConfig.from_dict(runtime)
+    _check(isinstance(runtime, RuntimeConfig), "runtime",
+           "a RuntimeConfig or a mapping of its fields", runtime)
+    given = {k: v for k, v in flat.items() if v is not None and v != getattr(runtime, k)}
+    if not given:
+        return runtime
+    warnings.warn(f"TrainConfig keys {sorted(given)} moved to the runtime section: use "
+                  f"{['runtime.' + k for k in sorted(given)]} (RuntimeConfig; --runtime.<field>, "
+                  "a recipe's runtime: section)", DeprecationWarning, stacklevel=5)
+    return dataclasses.replace(runtime, **given)

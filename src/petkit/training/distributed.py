@@ -43,7 +43,7 @@ from torch import nn
 from petkit.core.blocks import layer_paths
 from petkit.core.errors import ConfigError
 from petkit.training import checkpoint as ckpt
-from petkit.training.config import DISTRIBUTED as MODES
+from petkit.training.runtime import DISTRIBUTED as MODES
 from petkit.training.config import TrainConfig
 from petkit.training.ranks import (RankGroup, cleanup, cut, init_from_env, launch, rank,
                                    world_size)
@@ -84,7 +84,7 @@ def _weights_bytes(model: nn.Module) -> int:
 def choose_mode(model: nn.Module, mode: str) -> str:
     """"auto" -> "fsdp" when the weights exceed FSDP_FRACTION of this GPU's memory, else "ddp"."""
     if mode not in MODES:
-        raise ConfigError(f"TrainConfig.distributed must be one of {MODES}, got {mode!r}")
+        raise ConfigError(f"RuntimeConfig.distributed (--runtime.distributed) must be one of {MODES}, got {mode!r}")
     if mode != "auto":
         return mode
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -220,7 +220,7 @@ class Distributed:
         if self.group is None:
             return stepper
         if self.mode == "fsdp" and not isinstance(stepper, (BackpropStepper, ISTStepper)):
-            raise ConfigError("TrainConfig.distributed='fsdp' trains with gradients (backprop); "
+            raise ConfigError("RuntimeConfig.distributed='fsdp' trains with gradients (backprop); "
                               "zeroth-order and CMA-ES keep the whole model on every rank: use "
                               "'ddp'")
         if isinstance(stepper, SplitsPopulation):

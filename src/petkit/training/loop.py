@@ -118,8 +118,8 @@ class _Run:
         self.eval_data = eval_data if eval_data else None
         self.out = Path(config.output_dir) if config.output_dir else None
         self.params = dict(parameters) if parameters else require_trainable(model)
-        self.modes = RunModes(model, config, self.params)  # device, precision, loss, memory
-        self.job = Distributed(model, config.distributed)  # torchrun: DDP / FSDP2, rank 0 writes
+        self.modes = RunModes(model, config.runtime, self.params, config.label_token_ids)  # device, precision, loss, memory
+        self.job = Distributed(model, config.runtime.distributed)  # torchrun: DDP / FSDP2, rank 0 writes
         self.params = self.job.sharded(self.params)  # FSDP2 replaced them by DTensors
         self.device = self.modes.device
         self.objective = self._objective(objective)
@@ -173,7 +173,7 @@ class _Run:
 
     def dense_loss(self, batch: Batch) -> torch.Tensor:
         """Forward + objective for one micro-batch on the device, under the run's precision."""
-        with autocast(self.config.precision, self.device):
+        with autocast(self.config.runtime.precision, self.device):
             return self.objective(self.job.forward_model, batch).loss
 
     def loss(self, batch: Batch) -> torch.Tensor:
@@ -192,7 +192,7 @@ class _Run:
         assert self.eval_data is not None
         size = self.config.eval_batch_size or self.config.batch_size
         metrics = run_objective(self.model, self.eval_data, self.objective, batch_size=size,
-                                collate=self.collate, precision=self.config.precision)
+                                collate=self.collate, precision=self.config.runtime.precision)
         self.metric = self.metric or ("accuracy" if "accuracy" in metrics else "loss")
         row = {"step": self.state.step, **{f"eval_{k}": v for k, v in metrics.items()}}
         self.state.history.append(row)
@@ -294,7 +294,7 @@ def preflight(model: nn.Module, train_data: Sequence[Example], config: TrainConf
     larger than the delta) is reported in seconds. Nothing is trained or changed.
     """
     params = require_trainable(model)
-    check_modes(model, config)  # device, packing, checkpointing
+    check_modes(model, config.runtime)  # device, packing, checkpointing
     stepper = make_stepper(params, config, total_steps(len(train_data), config))
     bind_model(stepper, model)  # e.g. head_lr set on a model without a trainable copy
     with_ist(stepper, model, params, config)
@@ -322,7 +322,8 @@ def train(model: nn.Module, train_data: Sequence[Example], config: TrainConfig |
         collate_fn = functools.partial(pair_collate, pad_id=pad_id)
     check_inputs(model, train_data, eval_data, config.label_token_ids, collate_fn, pad_id)
     with _run_lock(config):
-        collate = packed_collate(config, collate_fn, pad_id) or resolve_collate(collate_fn, pad_id)
+        collate = (packed_collate(config.runtime, collate_fn, pad_id, config.label_token_ids)
+                   or resolve_collate(collate_fn, pad_id))
         run = _Run(model, train_data, config, eval_data, collate, parameters, objective)
         try:
             with run.modes.installed(run.first_batch(), run.dense_loss):

@@ -42,7 +42,7 @@ def pack(examples: list[dict[str, Any]], length: int | None = None,
     for ids, labels in seqs:
         if len(ids) > width:
             raise ConfigError(f"an example of {len(ids)} tokens is longer than "
-                              f"TrainConfig.pack_length={width}")
+                              f"RuntimeConfig.pack_length={width}")
         row = next((r for r in rows if sum(len(i) for i, _ in r) + len(ids) <= width), None)
         if row is None:
             rows.append([(ids, labels)])

@@ -1,4 +1,4 @@
-"""Where and in which dtype a run trains: `TrainConfig.device`, `precision`, `delta_dtype`.
+"""Where and in which dtype a run trains: `RuntimeConfig.device`, `precision`, `delta_dtype`.
 
 `place` moves the model (in place) to the run's device and, for bf16 precision, stores the frozen
 base weights in bf16 (not only autocast: half the weight memory) while the trainable deltas keep
@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from petkit.core.errors import ConfigError
-from petkit.training.config import TrainConfig
+from petkit.training.runtime import RuntimeConfig
 
 
 def check_device(name: str) -> None:
@@ -32,11 +32,11 @@ def resolve_device(name: str, model: nn.Module) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"TrainConfig.device is {name!r} but torch sees no CUDA device; "
-                          f"set TrainConfig.device to cpu or auto")
+        raise ConfigError(f"RuntimeConfig.device (--runtime.device) is {name!r} but torch sees "
+                          f"no CUDA device; set --runtime.device to cpu or auto")
     if device.type == "cuda" and device.index is not None \
             and device.index >= torch.cuda.device_count():
-        raise ConfigError(f"TrainConfig.device is {name!r} but there are only "
+        raise ConfigError(f"RuntimeConfig.device is {name!r} but there are only "
                           f"{torch.cuda.device_count()} CUDA devices")
     return device
 
@@ -48,7 +48,7 @@ def uses_bf16(precision: str, device: torch.device) -> bool:
     return precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
 
 
-def place(model: nn.Module, config: TrainConfig,
+def place(model: nn.Module, config: RuntimeConfig,
           trainable: dict[str, nn.Parameter]) -> torch.device:
     """Move `model` to the run's device; with bf16, frozen weights in bf16, deltas in
     `delta_dtype`. Returns the device."""

@@ -21,7 +21,7 @@ from petkit.core.errors import ConfigError
 from petkit.training.activations import (activation_checkpointing, block_modules, compiled_blocks,
                                          has_extensions, memory_budget, offload_context)
 from petkit.training.batching import Batch, CollateFn
-from petkit.training.config import TrainConfig
+from petkit.training.runtime import RuntimeConfig
 from petkit.training.lm_loss import HeadBypass, can_bypass
 from petkit.training.objectives import Objective, make_objective
 from petkit.training.packing import pack
@@ -30,17 +30,17 @@ from petkit.training.placement import place, resolve_device
 LossFn = Callable[[Batch], torch.Tensor]
 
 
-def packed_collate(config: TrainConfig, collate_fn: CollateFn | None,
-                   pad_id: int) -> CollateFn | None:
-    """The packing collate when `config.packing`, else None."""
-    if not config.packing:
+def packed_collate(runtime: RuntimeConfig, collate_fn: CollateFn | None, pad_id: int,
+                   label_token_ids: list[int] | None) -> CollateFn | None:
+    """The packing collate when `runtime.packing`, else None."""
+    if not runtime.packing:
         return None
     if collate_fn is not None:
-        raise ConfigError("TrainConfig.packing builds its own batches: pass no collate_fn")
-    if config.label_token_ids is not None:
-        raise ConfigError("TrainConfig.packing is for causal-LM / instruction data, not "
+        raise ConfigError("RuntimeConfig.packing builds its own batches: pass no collate_fn")
+    if label_token_ids is not None:
+        raise ConfigError("RuntimeConfig.packing is for causal-LM / instruction data, not "
                           "verbaliser classification (label_token_ids)")
-    return functools.partial(pack, length=config.pack_length, pad_id=pad_id)
+    return functools.partial(pack, length=runtime.pack_length, pad_id=pad_id)
 
 
 def _optional_mask(model: nn.Module) -> bool:
@@ -52,11 +52,11 @@ def _optional_mask(model: nn.Module) -> bool:
     return param is not None and param.default is not inspect.Parameter.empty
 
 
-def check_modes(model: nn.Module, config: TrainConfig) -> None:
+def check_modes(model: nn.Module, config: RuntimeConfig) -> None:
     """`ConfigError` for a mode this model cannot run (checked before anything is moved)."""
     resolve_device(config.device, model)
     if config.packing and has_extensions(model):
-        raise ConfigError("TrainConfig.packing cannot isolate examples when a method adds "
+        raise ConfigError("RuntimeConfig.packing cannot isolate examples when a method adds "
                           "virtual tokens or key/value prefixes (prompt / prefix family)")
     if config.checkpoint_every() or config.compiles_blocks():
         block_modules(model)  # ConfigError when the model has no block stack
@@ -65,11 +65,11 @@ def check_modes(model: nn.Module, config: TrainConfig) -> None:
 class RunModes:
     """Device, precision, loss, compile, checkpointing and offload of one run."""
 
-    def __init__(self, model: nn.Module, config: TrainConfig,
-                 params: dict[str, nn.Parameter]) -> None:
+    def __init__(self, model: nn.Module, config: RuntimeConfig, params: dict[str, nn.Parameter],
+                 label_token_ids: list[int] | None) -> None:
         """Place the model now; the rest is installed by `installed` / applied by `wrap`."""
         check_modes(model, config)
-        self.model, self.config = model, config
+        self.model, self.config, self.label_token_ids = model, config, label_token_ids
         self.device = place(model, config, params)
         use = config.loss_chunk != 0 and can_bypass(model)
         self.bypass = HeadBypass(model, config.loss_chunk or None) if use else None
@@ -80,14 +80,14 @@ class RunModes:
         its forward takes the mask as optional: attention then takes the plain causal path (flash
         attention, no mask tensor). A model whose forward requires the mask keeps it."""
         mask = batch.get("attention_mask")
-        if self.config.label_token_ids is None and self.mask_optional and mask is not None \
+        if self.label_token_ids is None and self.mask_optional and mask is not None \
                 and bool(mask.all()):
             return {k: v for k, v in batch.items() if k != "attention_mask"}
         return batch
 
     def objective(self) -> Objective:
         """The objective, chunked / label-rows-only where the head bypass applies."""
-        return make_objective(self.config.label_token_ids, self.bypass)
+        return make_objective(self.label_token_ids, self.bypass)
 
     def wrap(self, forward: LossFn) -> LossFn:
         """`forward` compiled and/or under activation offload, as configured."""

@@ -1,0 +1,128 @@
+"""`RuntimeConfig`: where and how a run executes — device, precision, compilation, activation
+recomputation and offload, packing, the distributed mode — as opposed to what it trains
+(`TrainConfig`: length, batch, learning rate and schedule, evaluation, checkpoints, logging).
+
+It is the recipe's `runtime:` section and the `--runtime.<field>` flags; `TrainConfig.runtime`
+carries it into `pk.train`, and the parts that read it (`placement.py`, `run_modes.py`,
+`distributed.py`) receive only this section. A bad value raises `ConfigError` naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from petkit.core.config_io import dataclass_from_dict
+from petkit.core.errors import ConfigError
+from petkit.training.activations import RECOMPUTE_MODES
+from petkit.training.steppers.base import is_int, is_num
+
+PRECISIONS = ("auto", "fp32", "bf16")
+DELTA_DTYPES = ("fp32", "bf16")
+DISTRIBUTED = ("auto", "ddp", "fsdp", "off")  # training/distributed.py
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+def _check(ok: bool, name: str, allowed: str, value: object) -> None:
+    if not ok:
+        raise ConfigError(f"RuntimeConfig.{name} (--runtime.{name}) must be "
+                          f"{allowed}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """How a run executes (docs/training-gpu.md, docs/distributed.md); numbers of a run on one
+    device do not depend on these except through precision."""
+
+    device: str = field(default="auto", metadata=_help(
+        "auto (the model's GPU, else cuda if any, else cpu) | cpu | cuda | cuda:N"))
+    precision: str = field(default="auto", metadata=_help("auto | fp32 | bf16"))
+    delta_dtype: str = field(default="fp32", metadata=_help(
+        "trainable deltas' dtype when precision is bf16: fp32 | bf16"))
+    compile: bool = field(default=False, metadata=_help(
+        "true: torch.compile the forward and loss"))
+    compile_scope: str = field(default="model", metadata=_help(
+        "model: one graph of forward + loss | blocks: each transformer block compiled once"))
+    activation_checkpointing: str = field(default="off", metadata=_help(
+        "recompute activations: off | full | every-K (K >= 2) | selective | elementwise"))
+    activation_offload: bool = field(default=False, metadata=_help(
+        "true: keep saved activations in host memory (eager only)"))
+    activation_budget: float | None = field(default=None, metadata=_help(
+        "compile only: fraction (0, 1] of the activations the compiler may keep"))
+    loss_chunk: int | None = field(default=None, metadata=_help(
+        "causal-LM loss: tokens per chunk (none: auto, 0: dense logits)"))
+    packing: bool = field(default=False, metadata=_help(
+        "true: several causal-LM examples per row, isolated by position ids"))
+    pack_length: int | None = field(default=None, metadata=_help(
+        "tokens per packed row (none: the micro-batch's longest)"))
+    distributed: str = field(default="auto", metadata=_help(
+        "under torchrun: auto | ddp | fsdp | off"))
+
+    def __post_init__(self) -> None:
+        """Validate every field and the combinations within this section."""
+        ok = isinstance(self.device, str) and (
+            self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:"))
+        _check(ok, "device", "auto, cpu, cuda or cuda:N", self.device)
+        _check(self.precision in PRECISIONS, "precision", f"one of {PRECISIONS}", self.precision)
+        _check(self.delta_dtype in DELTA_DTYPES, "delta_dtype", f"one of {DELTA_DTYPES}",
+               self.delta_dtype)
+        for name in ("compile", "activation_offload", "packing"):
+            _check(isinstance(getattr(self, name), bool), name, "true or false", getattr(self, name))
+        _check(self.compile_scope in ("model", "blocks"), "compile_scope", "model or blocks",
+               self.compile_scope)
+        self._check_memory()
+        _check(self.distributed in DISTRIBUTED, "distributed", f"one of {DISTRIBUTED}",
+               self.distributed)
+
+    def _check_memory(self) -> None:
+        mode = self.activation_checkpointing
+        every = isinstance(mode, str) and mode.startswith("every-") and mode[6:].isdigit()
+        _check(mode == "off" or mode in RECOMPUTE_MODES or (every and int(mode[6:]) >= 2),
+               "activation_checkpointing", f"off, {', '.join(RECOMPUTE_MODES)} or every-K with "
+               "K >= 2", mode)
+        _check(not (self.activation_offload and self.compile), "activation_offload",
+               "false when compile is true (offload hooks run in eager mode only)",
+               self.activation_offload)
+        if self.activation_budget is not None:
+            budget = self.activation_budget
+            _check(is_num(budget) and 0 < budget <= 1 and budget - budget == 0,
+                   "activation_budget", "None or a number in (0, 1]", budget)
+            _check(self.compile and mode == "off", "activation_budget",
+                   "None unless compile is true and activation_checkpointing is off (the "
+                   "compiler chooses what to recompute)", budget)
+        if self.loss_chunk is not None:
+            _check(is_int(self.loss_chunk) and self.loss_chunk >= 0, "loss_chunk",
+                   "None (auto), 0 (dense) or a number of tokens >= 1", self.loss_chunk)
+        if self.pack_length is not None:
+            _check(is_int(self.pack_length) and self.pack_length >= 2, "pack_length",
+                   "None or an int >= 2", self.pack_length)
+
+    def compiles_blocks(self) -> bool:
+        """Whether each transformer block is compiled (compile with compile_scope='blocks')."""
+        return self.compile and self.compile_scope == "blocks"
+
+    def checkpoint_every(self) -> int:
+        """Every how many blocks activations are recomputed (0: off, 1: every block)."""
+        mode = self.activation_checkpointing
+        return 0 if mode == "off" else int(mode[6:]) if mode.startswith("every-") else 1
+
+    def recompute_mode(self) -> str:
+        """What a checkpointed block recomputes: full, selective or elementwise."""
+        mode = self.activation_checkpointing
+        return mode if mode in RECOMPUTE_MODES else "full"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able fields."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> RuntimeConfig:
+        """Build from a mapping (None: defaults); unknown keys raise `ConfigError`."""
+        return dataclass_from_dict(cls, data, "runtime")
+
+
+RUNTIME_FIELDS = tuple(f.name for f in dataclasses.fields(RuntimeConfig))
