@@ -3,7 +3,9 @@ metavar, and the groups `--help` shows them in (used by `petkit.cli` to build it
 Any recipe field without a named flag is reachable as --section.field."""
 
 from petkit.data.chat import TEMPLATES
+from petkit.data.embedded import DATASETS
 from petkit.data.formats import FORMATS
+from petkit.models.embedded import MODELS
 
 FLAGS = {"method": "method.name", "model": "model.name", "data": "data.name",
          "validation_file": "data.validation_file", "test_file": "data.test_file",
@@ -41,8 +43,7 @@ HELP = {"device": "auto (the GPU when there is one) | cpu | cuda | cuda:N",
                          "compiled once (far shorter compile on deep models)",
         "checkpointing": "activation checkpointing: off | full | every-K | selective | elementwise",
         "packing": "true: several causal-LM examples per row, isolated by position ids",
-        "data": "embedded task (rotten-tomatoes, bbc-news, chatterbot-qa, chatterbot-chat, "
-                "mnist-5k), an image folder (one sub-folder per class), your training file "
+        "data": f"embedded task ({DATASETS.names()}; `petkit embedded`), an image folder (one sub-folder per class), your training file "
                 "(.csv .jsonl .json .parquet), a saved Hugging Face dataset folder or a hub "
                 "dataset id (org/name): all its rows train unless --train-size is given",
         "format": "row layout: auto (recognised from the columns) | " + " | ".join(FORMATS)
@@ -76,7 +77,7 @@ HELP = {"device": "auto (the GPU when there is one) | cpu | cuda | cuda:N",
         "method": "registered method name (see `petkit methods`)",
         "rank": "rank r of LoRA-family methods (method.r)",
         "alpha": "scaling alpha of LoRA-family methods (method.alpha)",
-        "model": "embedded model (smollm2-135m, minilm-l6, dinov2-s), a local folder or a hub id",
+        "model": f"embedded model ({MODELS.names()}), a local folder or a hub id",
         "ist_top_k": "IST: update only this many importance-sampled layers per step",
         "ist_every": "IST: re-score layer importance every this many steps (default 10)",
         "optimizer": "adamw | sgd (backprop), mezo | zo-adam (zeroth-order), cma (CMA-ES)",
