@@ -34,6 +34,7 @@ from petkit.training.ist import IstConfig
 from petkit.training.objectives_config import ObjectiveConfig
 from petkit.training.stepper_config import (StepperConfig, is_int, is_num, resolve_stepper,
                                             stepper_configs, stepper_for)
+from petkit.training.tracking import tracker_names
 
 SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -87,6 +88,7 @@ class TrainConfig:
     save_every: int = 0
     keep_checkpoints: int = 2
     log_every: int = 10
+    report_to: str | list[str] = ""  # trackers: "tensorboard", "mlflow", or both comma-separated
     label_token_ids: list[int] | None = None
     resume: bool = False
     resume_override: bool = False  # resume even though max_steps/lr/schedule/batch... changed
@@ -131,6 +133,7 @@ class TrainConfig:
         self._check_optimisation()
         self._check_device()
         self._check_io()
+        object.__setattr__(self, "report_to", tracker_names(self.report_to))
         if self.label_token_ids is not None:
             ids = list(self.label_token_ids)
             _check(len(ids) >= 2 and all(is_int(i) and i >= 0 for i in ids), "label_token_ids",
