@@ -36,6 +36,7 @@ from petkit.training.schedule import SCHEDULES
 from petkit.training.sections import check_sections, resolve_stepper, stepper_configs, stepper_for
 from petkit.training.steppers.base import StepperConfig, is_int, is_num
 from petkit.training.steppers.ist import IstConfig
+from petkit.training.tracking import tracker_names
 
 __all__ = ["SCHEDULES", "TrainConfig"]
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -89,6 +90,7 @@ class TrainConfig:
     save_every: int = 0
     keep_checkpoints: int = 2
     log_every: int = 10
+    report_to: str | list[str] = ""  # trackers: "tensorboard", "mlflow", or both comma-separated
     label_token_ids: list[int] | None = None
     resume: bool = False
     resume_override: bool = False  # resume even though max_steps/lr/schedule/batch... changed
@@ -133,6 +135,7 @@ class TrainConfig:
         self._check_optimisation()
         self._check_device()
         self._check_io()
+        object.__setattr__(self, "report_to", tracker_names(self.report_to))
         if self.label_token_ids is not None:
             ids = list(self.label_token_ids)
             _check(len(ids) >= 2 and all(is_int(i) and i >= 0 for i in ids), "label_token_ids",
