@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from petkit.core.errors import ConfigError, PetkitError, did_you_mean
-from petkit.models.embedded import EMBEDDED_MODELS, VISION_MODELS, resolve_model
+from petkit.models.embedded import EMBEDDED_MODELS, resolve_model
 from petkit.models.packages import quiet_optional_imports
 
 if TYPE_CHECKING:
@@ -71,7 +71,7 @@ def report_new_weights(name: str, new_modules: list[str], unexpected: object) ->
 
 
 def _not_found(name: str, path: str, cause: Exception) -> PetkitError:
-    known = [*EMBEDDED_MODELS, *VISION_MODELS]  # an image encoder is an embedded model too
+    known = list(EMBEDDED_MODELS)  # image encoders too
     folder = Path(path)
     if folder.is_dir() and not (folder / "config.json").is_file():
         return PetkitError(f"cannot load model {name!r}: folder {path!r} holds no Hugging Face "

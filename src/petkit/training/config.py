@@ -40,6 +40,7 @@ from petkit.training.schedule import SCHEDULES
 from petkit.training.sections import check_sections, resolve_stepper, stepper_configs, stepper_for
 from petkit.training.steppers.base import StepperConfig, is_int, is_num
 from petkit.training.steppers.ist import IstConfig
+from petkit.training.tracking import tracker_names
 
 __all__ = ["SCHEDULES", "TrainConfig"]
 # Flat keys of earlier releases -> (stepper name or "ist", field of that config).
@@ -89,6 +90,7 @@ class TrainConfig:
     save_every: int = 0
     keep_checkpoints: int = 2
     log_every: int = 10
+    report_to: str | list[str] = ""  # trackers: "tensorboard", "mlflow", or both comma-separated
     label_token_ids: list[int] | None = None
     resume: bool = False
     resume_override: bool = False  # resume even though max_steps/lr/schedule/batch... changed
@@ -134,6 +136,7 @@ class TrainConfig:
         self._check_io()
         flat = dict(zip(RUNTIME_FIELDS, legacy[len(LEGACY_KEYS):]))
         object.__setattr__(self, "runtime", _runtime(self.runtime, flat))
+        object.__setattr__(self, "report_to", tracker_names(self.report_to))
         if self.label_token_ids is not None:
             ids = list(self.label_token_ids)
             _check(len(ids) >= 2 and all(is_int(i) and i >= 0 for i in ids), "label_token_ids",

@@ -36,6 +36,7 @@ from petkit.training.guards import check_inputs, check_not_merged, usable_batche
 from petkit.training.distributed import Distributed
 from petkit.training.evaluate import autocast, resolve_collate, run_objective
 from petkit.training.monitor import Monitor, plot_history
+from petkit.training.tracking import open_trackers
 from petkit.training.objectives import Objective
 from petkit.training.objectives_preference import PreferenceObjective, pair_collate
 from petkit.training.run_modes import RunModes, check_modes, packed_collate
@@ -138,8 +139,10 @@ class _Run:
         self.best: dict[str, torch.Tensor] | None = None
         self.metric: str | None = None
         self._resume_or_reset()
+        trackers = open_trackers(config.report_to, self.out, config.to_dict(), self.state.step,
+                                 self.state.history) if self.job.writer else []
         self.monitor = Monitor(self.out if self.job.writer else None, self.total, self.state.step,
-                               self.state.history, config.progress and self.job.writer)
+                               self.state.history, config.progress and self.job.writer, trackers)
 
     def _objective(self, given: Objective | None) -> Objective:
         """`given`, else the config's preference objective, else the model's own loss (chunked
