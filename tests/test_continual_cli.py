@@ -30,8 +30,26 @@ def test_option_and_override_errors():
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         parse_options(["pool"])
     assert method_overrides({"method.r": "16"}) == {"r": 16}
-    with pytest.raises(ConfigError, match="only --method"):
-        method_overrides({"train.lr": "1"})
+    with pytest.raises(ConfigError, match="only --method.FIELD, --train.FIELD"):
+        method_overrides({"data.name": "x"})
+    assert method_overrides({"train.lr": "1", "method.r": "2"}) == {"r": 2}
+
+
+def test_continual_takes_the_train_and_runtime_sections():
+    """One default train section (lr 1e-3, 60 steps, batch 16); --train.F / --runtime.F reach it,
+    the loose flags of earlier releases still apply on top."""
+    from petkit.continual.cli import train_section
+    from petkit.continual.strategy import DEFAULT_TRAIN, continual_train
+
+    assert train_section({}) is DEFAULT_TRAIN
+    assert (DEFAULT_TRAIN.lr, DEFAULT_TRAIN.max_steps, DEFAULT_TRAIN.batch_size) == (1e-3, 60, 16)
+    train = train_section({"train.lr": "0.01", "train.max_steps": "5", "runtime.device": "cpu",
+                           "train.weight_decay": "0.1", "method.r": "4"})
+    assert (train.lr, train.max_steps, train.weight_decay, train.runtime.device) == \
+        (0.01, 5, 0.1, "cpu")
+    assert continual_train(train, lr=0.5, steps=None).lr == 0.5
+    with pytest.raises(ConfigError, match="warmup"):
+        train_section({"train.warmup": "3"})
 
 
 def test_unknown_strategy_is_one_red_line(capsys):

@@ -36,11 +36,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "... when it holds a run; a named folder holding one is refused)")
     parser.add_argument("--overwrite", dest="cl_overwrite", action="store_true",
                         help="replace the run already in --output")
-    parser.add_argument("--steps", dest="cl_steps", metavar="N", type=int, default=60,
-                        help="optimiser steps per task (default 60)")
-    parser.add_argument("--lr", dest="cl_lr", metavar="LR", type=float, default=1e-3, help="default 1e-3")
-    parser.add_argument("--batch-size", dest="cl_batch_size", metavar="N", type=int, default=16)
-    parser.add_argument("--seed", dest="cl_seed", metavar="N", type=int, default=0)
+    parser.add_argument("--steps", dest="cl_steps", metavar="N", type=int, default=None,
+                        help="optimiser steps per task (train.max_steps; default 60)")
+    parser.add_argument("--lr", dest="cl_lr", metavar="LR", type=float, default=None,
+                        help="train.lr (default 1e-3)")
+    parser.add_argument("--batch-size", dest="cl_batch_size", metavar="N", type=int, default=None,
+                        help="train.batch_size (default 16)")
+    parser.add_argument("--seed", dest="cl_seed", metavar="N", type=int, default=None,
+                        help="train.seed (default 0)")
     parser.add_argument("--max-train", dest="cl_max_train", metavar="N", type=int, default=400,
                         help="train examples per task (default 400)")
     parser.add_argument("--max-test", dest="cl_max_test", metavar="N", type=int, default=200,
@@ -70,12 +73,27 @@ def parse_options(items: list[str]) -> dict[str, Any]:
     return out
 
 
+SECTIONS = ("method.", "train.", "runtime.")  # what --section.field may set here
+
+
 def method_overrides(dotted: dict[str, str]) -> dict[str, Any]:
-    """`--method.r=16` -> {"r": 16}; any other section is an error."""
-    others = sorted(k for k in dotted if not k.startswith("method."))
+    """`--method.r=16` -> {"r": 16}; a section other than method, train and runtime is an
+    error (those two: `train_section`)."""
+    others = sorted(k for k in dotted if not k.startswith(SECTIONS))
     if others:
-        raise ConfigError(f"petkit continual takes only --method.FIELD overrides, got {others}")
-    return {k.removeprefix("method."): _value(v) for k, v in dotted.items()}
+        raise ConfigError(f"petkit continual takes only --method.FIELD, --train.FIELD and "
+                          f"--runtime.FIELD overrides, got {others}")
+    return {k.removeprefix("method."): _value(v) for k, v in dotted.items()
+            if k.startswith("method.")}
+
+
+def train_section(dotted: dict[str, str]) -> Any:
+    """The run's TrainConfig: the continual default with `--train.F` / `--runtime.F` applied."""
+    from petkit.app.recipe import Recipe, apply_overrides  # the run's modules: only when it runs
+    from petkit.continual.strategy import DEFAULT_TRAIN
+
+    given = {k: v for k, v in dotted.items() if k.startswith(("train.", "runtime."))}
+    return apply_overrides(Recipe(train=DEFAULT_TRAIN), given).train if given else DEFAULT_TRAIN
 
 
 def _earlier_run(folder: Path) -> str | None:
@@ -97,7 +115,8 @@ def command(args: argparse.Namespace, dotted: dict[str, str],
                        held_by=_earlier_run, echo=echo)
     result = run_continual(
         args.cl_tasks, args.cl_strategy, method=args.cl_method, model=args.cl_model,
-        output_dir=out, lr=args.cl_lr, steps=args.cl_steps, batch_size=args.cl_batch_size,
+        output_dir=out, train=train_section(dotted), lr=args.cl_lr, steps=args.cl_steps,
+        batch_size=args.cl_batch_size,
         seed=args.cl_seed, max_train=args.cl_max_train, max_test=args.cl_max_test,
         max_length=args.cl_max_length, method_options=method_overrides(dotted),
         options=parse_options(args.cl_options), progress=True)

@@ -30,7 +30,9 @@ from petkit.continual.model import ContinualClassifier, build_classifier, encode
 from petkit.continual.orthogonal import InfLora, OLora
 from petkit.continual.plots import plot_matrix
 from petkit.continual.routing import ConPet, Hide
-from petkit.continual.strategy import Context, Multitask, PerTask, Sequential, Strategy
+from petkit.continual.strategy import (Context, Multitask, PerTask, Sequential, Strategy,
+                                      continual_train)
+from petkit.training.config import TrainConfig
 from petkit.continual.tasks import SeqTask, parse_task, task_specs
 from petkit.core.errors import AdapterLoadError, ConfigError
 from petkit.core.io import load_adapter, save_adapter
@@ -91,8 +93,10 @@ def _load_tasks(tasks: str | Sequence[str | SeqTask], max_train: int | None,
 
 def run_continual(tasks: str | Sequence[str | SeqTask], strategy: str = "sequential", *,
                   method: str = "lora", model: str = "minilm-l6",
-                  output_dir: str | Path | None = None, lr: float = 1e-3, steps: int = 60,
-                  batch_size: int = 16, seed: int = 0, max_train: int | None = 400,
+                  output_dir: str | Path | None = None, train: TrainConfig | None = None,
+                  lr: float | None = None, steps: int | None = None,
+                  batch_size: int | None = None, seed: int | None = None,
+                  max_train: int | None = 400,
                   max_test: int | None = 200, max_length: int = 64,
                   method_options: dict[str, Any] | None = None,
                   options: dict[str, Any] | None = None,
@@ -100,12 +104,16 @@ def run_continual(tasks: str | Sequence[str | SeqTask], strategy: str = "sequent
     """Learn `tasks` in order with `strategy`; score every seen task after each one.
 
     `tasks`: a sequence name (bbc-classes, domains), "A,B,C", or a list of task specs or
-    `SeqTask`s. `steps` optimiser steps per task (multitask: steps x tasks). `options`:
+    `SeqTask`s. `train`: the train section (default `strategy.DEFAULT_TRAIN`: lr 1e-3, 60 steps,
+    batch 16); `lr`, `steps` (optimiser steps per task; multitask: steps x tasks), `batch_size`
+    and `seed` are applied on top of it when given. `options`:
     ortho_weight (o-lora), inflora_threshold, pool and replay (conpet). `encoder` replaces the
     named model (its examples must then already be token ids). `progress`: a bar over the tasks
     (the CLI's; off by default in the library).
     """
-    _check(strategy, steps, lr, batch_size)
+    config = continual_train(train, lr=lr, steps=steps, batch_size=batch_size, seed=seed)
+    _check(strategy, config.max_steps, config.lr, config.batch_size)
+    seed = config.seed
     started = time.perf_counter()
     seq = _load_tasks(tasks, max_train, max_test, seed)
     classifier, tokenizer = build_classifier(model, [len(t.label_names) for t in seq], encoder)
@@ -113,7 +121,7 @@ def run_continual(tasks: str | Sequence[str | SeqTask], strategy: str = "sequent
                zip(seq, classifier.offsets)]
     pad = int(getattr(tokenizer, "pad_token_id", 0) or 0)
     ctx = Context(classifier, seq, [tr for tr, _ in encoded], method, dict(method_options or {}),
-                  lr, steps, batch_size, seed, pad, dict(options or {}))
+                  pad_id=pad, options=dict(options or {}), train=config)
     learner = STRATEGIES[strategy](ctx)
     size = len(seq)
     free: list[list[float | None]] = [[None] * size for _ in range(size)]

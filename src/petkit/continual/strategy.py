@@ -13,7 +13,6 @@ finished one, and `train` on the task's examples.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -31,28 +30,55 @@ from petkit.training.config import TrainConfig
 from petkit.training.loop import train
 
 
+# The train section of a continual run when none is given: the one place its defaults live
+# (`petkit continual` flags, `pk.continual` and `Context` all start from it).
+DEFAULT_TRAIN = TrainConfig(lr=1e-3, max_steps=60, batch_size=16, progress=False)
+
+
+def continual_train(train: TrainConfig | None = None, **given: Any) -> TrainConfig:
+    """`train` (default `DEFAULT_TRAIN`) with the loose keyword arguments of earlier releases
+    (lr, steps, batch_size, seed; None: not given) applied on top."""
+    names = {"lr": "lr", "steps": "max_steps", "batch_size": "batch_size", "seed": "seed"}
+    changes = {names[k]: v for k, v in given.items() if v is not None}
+    base = train or DEFAULT_TRAIN
+    if changes.get("max_steps") is not None and base.epochs is not None:
+        changes["epochs"] = None
+    return base.replace(**changes) if changes else base
+
+
 @dataclass
 class Context:
-    """What every strategy works on: the model, the tasks, their encoded examples, settings."""
+    """What every strategy works on: the model, the tasks, their encoded examples, settings.
+
+    `train` is the run's train section (each task trains `train.max_steps` steps, seed
+    `train.seed + task`); lr / steps / batch_size / seed, if given, are applied onto it and are
+    read back from it."""
 
     model: ContinualClassifier
     tasks: list[SeqTask]
     train_sets: list[list[dict]]
     method: str = "lora"
     method_options: dict[str, Any] = field(default_factory=dict)
-    lr: float = 1e-3
-    steps: int = 60
-    batch_size: int = 16
-    seed: int = 0
+    lr: float | None = None
+    steps: int | None = None
+    batch_size: int | None = None
+    seed: int | None = None
     pad_id: int = 0
     options: dict[str, Any] = field(default_factory=dict)  # strategy knobs (replay, pool, ...)
+    train: TrainConfig = DEFAULT_TRAIN
+
+    def __post_init__(self) -> None:
+        self.train = continual_train(self.train, lr=self.lr, steps=self.steps,
+                                     batch_size=self.batch_size, seed=self.seed)
+        assert self.train.max_steps is not None, "a continual task trains a number of steps"
+        self.lr, self.steps = self.train.lr, self.train.max_steps
+        self.batch_size, self.seed = self.train.batch_size, self.train.seed
 
     def train_config(self, task: int, steps: int | None = None) -> TrainConfig:
-        """The run's common TrainConfig fields; a seed per task."""
-        fields = {f.name for f in dataclasses.fields(TrainConfig)}
-        quiet = {"progress": False} if "progress" in fields else {}
-        return TrainConfig(lr=self.lr, max_steps=steps or self.steps,
-                           batch_size=self.batch_size, seed=self.seed + task, **quiet)
+        """The run's train section for `task`: its own seed, `steps` if given, no inner bar (the
+        run has one over the tasks)."""
+        return self.train.replace(max_steps=steps or self.steps, seed=self.train.seed + task,
+                                  progress=False)
 
 
 class Strategy:
