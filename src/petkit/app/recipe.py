@@ -273,12 +273,16 @@ def parse_value(text: str, annotation: Any = Any) -> Any:
 
 def _comma_list(value: Any, annotation: Any) -> Any:
     """"q_proj,k_proj" for a field that takes a list is that list (targets, modules_to_save);
-    a text with a regex repetition like {1,3} stays one pattern."""
-    takes_list = any(typing.get_origin(a) in (list, tuple) or a in (list, tuple)
-                     for a in (annotation, *typing.get_args(annotation)))
+    "5,6" for a list of ints (label_token_ids) is [5, 6]; a text with a regex repetition like
+    {1,3} stays one pattern."""
+    kinds = (annotation, *typing.get_args(annotation))
+    takes_list = any(typing.get_origin(a) in (list, tuple) or a in (list, tuple) for a in kinds)
     if not (takes_list and isinstance(value, str) and "," in value and "{" not in value):
         return value
-    return [item.strip() for item in value.split(",") if item.strip()]  # as a YAML list reads
+    items = [item.strip() for item in value.split(",") if item.strip()]  # as a YAML list reads
+    ints = any(typing.get_args(a) == (int,) for a in kinds)
+    return [int(i) for i in items] if ints and all(i.lstrip("-").isdigit() for i in items) \
+        else items
 
 
 def _section_class(data: dict[str, Any], section: str) -> type:
@@ -304,7 +308,8 @@ def apply_overrides(recipe: Recipe, overrides: dict[str, str]) -> Recipe:
             data["method"] = {"name": text}
             continue
         if section == "train":  # nested stepper / IST options and flat legacy keys
-            set_option(data["train"], name, parse_value(text, option_type(data["train"], name)))
+            annotation = option_type(data["train"], name)
+            set_option(data["train"], name, _comma_list(parse_value(text, annotation), annotation))
             continue
         cls = _section_class(data, section)
         known = {f.name for f in dataclasses.fields(cls)} | ({"name"} if section == "method" else set())
