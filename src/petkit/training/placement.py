@@ -32,8 +32,8 @@ def resolve_device(name: str, model: nn.Module) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"RuntimeConfig.device (--runtime.device) is {name!r} but torch sees "
-                          f"no CUDA device; set --runtime.device to cpu or auto")
+        raise ConfigError(f"RuntimeConfig.device (--device) is {name!r} but torch sees no CUDA "
+                          f"device; set --device to cpu or auto")
     if device.type == "cuda" and device.index is not None \
             and device.index >= torch.cuda.device_count():
         raise ConfigError(f"RuntimeConfig.device is {name!r} but there are only "
