@@ -163,9 +163,15 @@ class BenchSpec:
 
 def set_train_fields(config: TrainConfig) -> dict[str, Any]:
     """The TrainConfig fields that differ from their defaults: a field added to TrainConfig later
-    (with a default that keeps the old behaviour) leaves finished cells finished."""
-    defaults = TrainConfig().to_dict()
-    return {k: v for k, v in config.to_dict().items() if k not in defaults or v != defaults[k]}
+    (with a default that keeps the old behaviour) leaves finished cells finished. Runtime fields
+    count by their flat names, as before the runtime section, so fingerprints stay the same."""
+    defaults = _flat_train(TrainConfig())
+    return {k: v for k, v in _flat_train(config).items() if k not in defaults or v != defaults[k]}
+
+
+def _flat_train(config: TrainConfig) -> dict[str, Any]:
+    data = config.to_dict()
+    return {**data.pop("runtime"), **data}
 
 
 def _set_fields(spec: TaskSpec | ArmSpec) -> dict[str, Any]:
