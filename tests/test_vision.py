@@ -152,7 +152,8 @@ def test_cli_trains_on_mnist_5k_then_merges_to_a_plain_vit_folder(tmp_path, caps
     with transformers alone and gives the adapted model's logits; VPT says it cannot merge."""
     from transformers import AutoModelForImageClassification
 
-    from petkit.app.pipeline import load_with_adapter, recipe_for_adapter
+    from petkit.app.adapter_base import recipe_for_adapter
+    from petkit.app.pipeline import load_with_adapter
     from petkit.cli import main
 
     tiny_vision_model(num_labels=10, image_size=16).save_pretrained(tmp_path / "vit")

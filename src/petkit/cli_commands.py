@@ -20,8 +20,8 @@ from transformers.utils import logging as hf_logging
 from petkit import cli_adapter as adapter_cli
 from petkit.app.export import merge_to_folder
 from petkit.app.objective_run import is_objective_run, run_objective_recipe
-from petkit.app.pipeline import (load_with_adapter, method_config, needs_data, recipe_for_adapter,
-                                 run_recipe, test_metrics)
+from petkit.app.adapter_base import recipe_for_adapter
+from petkit.app.pipeline import load_with_adapter, method_config, needs_data, run_recipe, test_metrics
 from petkit.app.rank_sweep import check_ranks, evaluate_at_ranks, parse_ranks, write_sweep
 from petkit.app.recipe import apply_overrides, load_recipe
 from petkit.app.replay import replay_run
