@@ -205,3 +205,43 @@ def test_meet_recipe_learns_control_tokens_then_the_lora_with_them_fixed(
     for folder in (out_dir / "step1", out_dir):  # each step's own DPO trace
         rows = [r for r in log_rows(folder) if "margin" in r]
         assert len(rows) == 2 and {"pair_accuracy", "chosen", "rejected"} <= set(rows[0])
+
+
+def after_line(out: str) -> str:
+    return next(x for x in out.splitlines() if x.startswith("test after:")).split()[-1]
+
+
+def test_eval_scores_objective_adapters_as_training_did(tiny_llama: str, tmp_path: Path,
+                                                        capsys) -> None:
+    for recipe in ("dpo", "meet"):  # meet: the folder holds the control tokens and the LoRA
+        out_dir = tmp_path / recipe
+        code, out, err = run(["train", "--recipe", recipe, "--model", tiny_llama, "--output",
+                              str(out_dir), "--batch-size", "2", *SMALL], capsys)
+        assert code == 0, err
+        code, evaluated, err = run(["eval", "--adapter", str(out_dir / "adapter")], capsys)
+        assert code == 0, err
+        assert evaluated.splitlines()[-1] == f"test on 4 examples (dpo): {after_line(out)}"
+
+
+def test_eval_takes_the_data_flags_of_train(tiny_llama: str, tmp_path: Path, capsys) -> None:
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"conversations": [
+        {"from": "human", "value": f"question {i}?"}, {"from": "gpt", "value": f"answer {i}."},
+        {"from": "human", "value": "and then?"}, {"from": "gpt", "value": f"then {i}."}]}) + "\n"
+        for i in range(6)))
+    out_dir = tmp_path / "chat"
+    code, out, err = run(["train", "--model", tiny_llama, "--data", str(data), "--steps", "1",
+                          "--batch-size", "2", "--test-size", "2", "--chat-template", "chatml",
+                          "--output", str(out_dir), "--train.progress=false"], capsys)
+    assert code == 0, err
+    losses = {}
+    for extra in ([], ["--format", "sharegpt", "--chat-template", "zephyr"], ["--train-on", "last"]):
+        code, out, err = run(["eval", "--adapter", str(out_dir / "adapter"), "--data", str(data),
+                              *extra], capsys)
+        assert code == 0, err
+        assert f"format: sharegpt (chat; columns: conversations) in {data}" in out
+        losses[tuple(extra)] = out.splitlines()[-1]
+    assert len(set(losses.values())) == 3  # another template / loss mask scores differently
+    code, out, err = run(["eval", "--adapter", str(out_dir / "adapter"), "--data", str(data),
+                          "--format", "preference"], capsys)
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -29,7 +29,9 @@ from petkit.app.recipe import Recipe
 from petkit.app.run_folder import DEFAULT_OUTPUT
 from petkit.core.disk import folder_bytes
 from petkit.core.errors import ConfigError
+from petkit.core.io import load_adapter
 from petkit.core.model import activate, attach, set_trainable
+from petkit.core.state import active_adapters
 from petkit.core.registry import make_config
 from petkit.data import encode_instruction
 from petkit.data.objective_tasks import OBJECTIVE_TASKS, load_objective_task
@@ -186,6 +188,35 @@ def run_objective_recipe(recipe: Recipe, echo: Echo = print,
     adapter = Path(result.adapter_path or output / "adapter")
     return RunReport(resolved, before, after, result, folder_bytes(adapter),
                      time.perf_counter() - started)
+
+
+def evaluate_objective_adapter(recipe: Recipe, adapter: str | Path, echo: Echo = print
+                               ) -> tuple[int, dict[str, float]] | None:
+    """`petkit eval` of an adapter trained on pairs or prompts with references: the recipe's
+    test rows (or --data's), pair accuracy or --metric on greedy generations, as training
+    reports them; (rows, metrics). None when the data is of another kind (the plain pipeline
+    scores it). A folder of several adapters (MEET's control + meet) loads them all, active."""
+    task = _task(recipe)
+    if task.kind not in KINDS:
+        return None
+    spec = objective_of(recipe)
+    model, tokenizer = load_model(recipe.model.name, task="causal-lm")
+    data = _encode(recipe, task, tokenizer)
+    metric = load_scorer(spec.metric, echo) if task.kind == "reference" else None
+    folder = Path(adapter)
+    parts = [folder] if (folder / "adapter.json").is_file() or not folder.is_dir() else \
+        sorted(p for p in folder.iterdir()  # dot names: saved versions, temps
+               if not p.name.startswith(".") and (p / "adapter.json").is_file()) or [folder]
+    names: list[str] = []
+    for part in parts:
+        load_adapter(model, str(part))  # attached and made the one active adapter
+        names += active_adapters(model)
+    activate(model, names)
+    for note in (getattr(task, "format_note", ""), *task.notes):
+        if note:
+            echo(note)
+    metrics, _ = _evaluate(model, tokenizer, data, metric, spec, int(tokenizer.pad_token_id))
+    return len(data.test), metrics
 
 
 def _attach_control(model: Any, spec: ObjectiveConfig, seed: int) -> None:
