@@ -63,6 +63,26 @@ def test_preference_recipe_reports_pair_accuracy_traces_and_samples(
         table = list(csv.DictReader(fh))
     assert len(table) == 4 and table[0]["prompt"].startswith("Write a")
     assert (out_dir / "training.png").is_file() and (out_dir / "adapter").is_dir()
+    assert png_height(out_dir / "training.png") == 700  # the loss panel and the traces panel
+
+
+def png_height(path: Path) -> int:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.size[1]
+
+
+def test_the_plot_draws_each_trace_the_log_has(tmp_path: Path) -> None:
+    from petkit.training.monitor import plot_history, traced
+
+    history = [{"step": s, "train_loss": 1.0 / s, "reward_mean": 0.1 * s, "kl": 0.01}
+               for s in (1, 2, 3)] + [{"step": 3, "eval_loss": 0.5}]
+    assert traced(history) == {"reward_mean": [(1, 0.1), (2, 0.2), (3, 0.30000000000000004)],
+                               "kl": [(1, 0.01), (2, 0.01), (3, 0.01)]}
+    assert png_height(plot_history(history, tmp_path / "a.png", "loss")) == 700
+    plain = [{"step": s, "train_loss": 1.0} for s in (1, 2)]
+    assert traced(plain) == {} and png_height(plot_history(plain, tmp_path / "b.png", "loss")) == 400
 
 
 @pytest.fixture
@@ -70,6 +90,10 @@ def reward_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     (tmp_path / "cli_rewards.py").write_text(textwrap.dedent("""
         def short(prompts, completions, rows):
             return [1.0 / (1 + len(c)) for c in completions]
+        def nan(prompts, completions, rows):
+            return [float("nan")] + [0.0] * (len(completions) - 1)
+        def one(prompts, completions, rows):
+            return [0.0]
         def picky(prompts, completions, rows):
             for row in rows:
                 if row["prompt"] == "What is 2+2?":
@@ -95,6 +119,7 @@ def test_grpo_recipe_with_weighted_rewards(tiny_llama: str, tmp_path: Path, rewa
     rows = [r for r in log_rows(out_dir) if "reward_mean" in r]
     assert len(rows) == 2 and rows[0]["reward_mean"] > 0  # the length reward is never 0
     assert {"reward_std", "kl"} <= set(rows[0])
+    assert png_height(out_dir / "training.png") == 700
     saved = (out_dir / "recipe.yaml").read_text()
     assert "cli_rewards:short=0.5" in saved and "name: grpo" in saved
     assert (out_dir / "samples.md").read_text().startswith("| prompt | reference | before |")
@@ -108,18 +133,24 @@ def test_sft_on_the_same_reference_data_is_the_baseline(tiny_llama: str, tmp_pat
     assert "sft on reference data" in out and "test after:  exact_number=" in out
 
 
-def test_a_reward_that_raises_names_the_row_of_the_users_file(tiny_llama: str, tmp_path: Path,
-                                                              reward_file: str, capsys) -> None:
+@pytest.mark.parametrize("reward, needle", [
+    ("picky", "picky raised KeyError: 'no rule for this prompt' on data row"),
+    ("nan", "nan returned nan for data row"),
+    ("one", "one returned 1 values for 8 completions"),
+])
+def test_a_bad_reward_names_the_row_of_the_users_file(reward: str, needle: str, tiny_llama: str,
+                                                      tmp_path: Path, reward_file: str,
+                                                      capsys) -> None:
     data = tmp_path / "sums.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"What is {a}+2?", "reference": str(a + 2)})
                             + "\n" for a in (2, 3, 4, 5, 6)))
     code, out, err = run(["train", "--model", tiny_llama, "--data", str(data), "--objective",
-                          "grpo", "--reward", f"{reward_file}:picky", "--output",
+                          "grpo", "--reward", f"{reward_file}:{reward}", "--output",
                           str(tmp_path / "run"), "--group-size", "2", "--batch-size", "4",
                           "--test-size", "1", "--steps", "1", "--max-new-tokens", "2",
                           "--train.progress=false", "--overwrite"], capsys)
     assert code == 2
-    assert "picky raised KeyError" in err and "on data row" in err and "Traceback" not in err
+    assert needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -128,6 +159,11 @@ def test_a_reward_that_raises_names_the_row_of_the_users_file(tiny_llama: str, t
     (["--recipe", "grpo", "--optimizer", "mezo"], "--objective grpo needs a gradient stepper"),
     (["--recipe", "dpo", "--objective", "dpoo"], "did you mean 'dpo'"),
     (["--recipe", "grpo", "--reward", "nowhere_here:f"], "no module 'nowhere_here'"),
+    (["--recipe", "meet", "--objective", "grpo"],
+     "--train.objective.control_tokens (MEET's control tokens) needs a preference objective"),
+    (["--recipe", "meet", "--train.objective.control_tokens=-1"],
+     "--train.objective.control_tokens must be an int >= 0, got -1"),
+    (["--recipe", "meet", "--train.max_steps=1"], "give --steps >= 2 (got 1)"),
 ])
 def test_objective_mistakes_are_one_red_line(args: list[str], needle: str, tiny_llama: str,
                                              tmp_path: Path, capsys) -> None:
@@ -151,3 +187,61 @@ def test_users_preference_file_and_sft_on_its_chosen_side(tiny_llama: str, tmp_p
         assert code == 0, err
         assert f"{objective} on preference data" in out and "test after:  pair_accuracy=" in out
         assert (out_dir / "samples.md").is_file()
+
+
+def test_meet_recipe_learns_control_tokens_then_the_lora_with_them_fixed(
+        tiny_llama: str, tmp_path: Path, capsys) -> None:
+    out_dir = tmp_path / "meet"
+    code, out, err = run(["train", "--recipe", "meet", "--model", tiny_llama, "--output",
+                          str(out_dir), "--batch-size", "2", "--train.log_every=1", *SMALL,
+                          "--steps", "4"], capsys)
+    assert code == 0, err
+    assert "MEET step 1: 8 control tokens (prompt tuning), 2 steps, lr 0.03" in out
+    assert "MEET step 2: lora with the control tokens fixed, 2 steps" in out
+    assert "test after:  pair_accuracy=" in out
+    control = json.loads((out_dir / "adapter" / "control" / "adapter.json").read_text())
+    lora = json.loads((out_dir / "adapter" / "meet" / "adapter.json").read_text())
+    assert control["method"] == "prompt" and lora["method"] == "lora"
+    for folder in (out_dir / "step1", out_dir):  # each step's own DPO trace
+        rows = [r for r in log_rows(folder) if "margin" in r]
+        assert len(rows) == 2 and {"pair_accuracy", "chosen", "rejected"} <= set(rows[0])
+
+
+def after_line(out: str) -> str:
+    return next(x for x in out.splitlines() if x.startswith("test after:")).split()[-1]
+
+
+def test_eval_scores_objective_adapters_as_training_did(tiny_llama: str, tmp_path: Path,
+                                                        capsys) -> None:
+    for recipe in ("dpo", "meet"):  # meet: the folder holds the control tokens and the LoRA
+        out_dir = tmp_path / recipe
+        code, out, err = run(["train", "--recipe", recipe, "--model", tiny_llama, "--output",
+                              str(out_dir), "--batch-size", "2", *SMALL], capsys)
+        assert code == 0, err
+        code, evaluated, err = run(["eval", "--adapter", str(out_dir / "adapter")], capsys)
+        assert code == 0, err
+        assert evaluated.splitlines()[-1] == f"test on 4 examples (dpo): {after_line(out)}"
+
+
+def test_eval_takes_the_data_flags_of_train(tiny_llama: str, tmp_path: Path, capsys) -> None:
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"conversations": [
+        {"from": "human", "value": f"question {i}?"}, {"from": "gpt", "value": f"answer {i}."},
+        {"from": "human", "value": "and then?"}, {"from": "gpt", "value": f"then {i}."}]}) + "\n"
+        for i in range(6)))
+    out_dir = tmp_path / "chat"
+    code, out, err = run(["train", "--model", tiny_llama, "--data", str(data), "--steps", "1",
+                          "--batch-size", "2", "--test-size", "2", "--chat-template", "chatml",
+                          "--output", str(out_dir), "--train.progress=false"], capsys)
+    assert code == 0, err
+    losses = {}
+    for extra in ([], ["--format", "sharegpt", "--chat-template", "zephyr"], ["--train-on", "last"]):
+        code, out, err = run(["eval", "--adapter", str(out_dir / "adapter"), "--data", str(data),
+                              *extra], capsys)
+        assert code == 0, err
+        assert f"format: sharegpt (chat; columns: conversations) in {data}" in out
+        losses[tuple(extra)] = out.splitlines()[-1]
+    assert len(set(losses.values())) == 3  # another template / loss mask scores differently
+    code, out, err = run(["eval", "--adapter", str(out_dir / "adapter"), "--data", str(data),
+                          "--format", "preference"], capsys)
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1

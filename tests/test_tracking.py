@@ -88,6 +88,38 @@ def test_mlflow_file_store_holds_metrics_params_and_files(tmp_path: Path,
     assert files == {"recipe.yaml", "metrics.jsonl", "training.png"}
 
 
+def test_a_resumed_run_reports_each_step_once(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Resumed from its step-8 checkpoint after rows up to step 10 were written (as a run that
+    died after step 10 leaves them): TensorBoard
+    keeps steps 2..8 of the first run and 10, 12 of the second; the resumed MLflow run holds
+    them all."""
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    store = (tmp_path / "mlruns").as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    data, out = separable(32), tmp_path / "run"
+    common = dict(output_dir=str(out), log_every=2, save_every=4, report_to="tensorboard,mlflow")
+    run(lora_model(), data, max_steps=10, **common)  # rows to step 10, checkpoints at 4 and 8
+    run(lora_model(), data, max_steps=12, resume=True, resume_override=True, **common)
+    rows = _rows(out)
+    assert [s for s, _ in _series(rows, "train_loss")] == [2, 4, 6, 8, 10, 12]
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    assert _same([(e.step, e.value) for e in events.Scalars("train_loss")],
+                 _series(rows, "train_loss"))
+    client = MlflowClient(store)
+    last = client.search_runs([client.get_experiment_by_name("petkit").experiment_id],
+                              order_by=["attributes.start_time DESC"])[0]
+    got = sorted((m.step, m.value) for m in client.get_metric_history(last.info.run_id,
+                                                                       "train_loss"))
+    assert _same(got, _series(rows, "train_loss"))
+
+
 @pytest.mark.parametrize("value,expected", [
     ("tensorboard", "tensorboard"), ("mlflow, TensorBoard", "mlflow,tensorboard"),
     (["tensorboard", "mlflow", "tensorboard"], "tensorboard,mlflow"), ("", ""), (None, "")])

@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
                                "default: the run's own test set")
     evaluate.add_argument("--rank", dest="eval_rank", type=int, default=None,
                           help="evaluate at this rank (methods trained over a range of ranks: dylora)")
-    _add_flags(evaluate, ("model", *COLUMNS, "max_length", "test_size", "task_type"))
+    _add_flags(evaluate, ("model", *COLUMNS, "max_length", "test_size", "task_type", "format",
+                          "data_split", "data_config", "chat_template", "train_on", "bad_rows"))
     merge = sub.add_parser("merge", help="merge an adapter into a plain Hugging Face model folder")
     merge.add_argument("--adapter", required=True, help="adapter folder")
     merge.add_argument("--output", dest="merged", required=True, help="folder to write")

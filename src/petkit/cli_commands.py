@@ -19,8 +19,9 @@ from transformers.utils import logging as hf_logging
 
 from petkit import cli_adapter as adapter_cli
 from petkit.app.export import merge_to_folder
-from petkit.app.objective_run import is_objective_run, run_objective_recipe
 from petkit.app.adapter_base import recipe_for_adapter
+from petkit.app.objective_run import (evaluate_objective_adapter, is_objective_run, objective_of,
+                                      run_objective_recipe)
 from petkit.app.pipeline import load_with_adapter, method_config, needs_data, run_recipe, test_metrics
 from petkit.app.rank_sweep import check_ranks, evaluate_at_ranks, parse_ranks, write_sweep
 from petkit.app.recipe import apply_overrides, load_recipe
@@ -170,6 +171,12 @@ def _eval_data(args: argparse.Namespace, dotted: dict[str, str]) -> dict[str, st
 def cmd_eval(args: argparse.Namespace, dotted: dict[str, str]) -> None:
     """Test metrics of the base model with the adapter loaded."""
     recipe = _adapter_recipe(args, _eval_data(args, dotted))
+    if is_objective_run(recipe) and args.eval_rank is None:  # pairs / prompts with references
+        scored = evaluate_objective_adapter(recipe, args.adapter, OUT.print)
+        if scored is not None:
+            OUT.print(f"test on {scored[0]} examples ({objective_of(recipe).name}): "
+                      f"{format_metrics(scored[1])}")
+            return
     prep = load_with_adapter(recipe, args.adapter)
     if args.eval_rank is not None:
         set_rank(prep.model, args.eval_rank, active_adapters(prep.model)[0])

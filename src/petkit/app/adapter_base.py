@@ -65,10 +65,10 @@ def _task_spec(adapter: str | Path, meta: dict[str, Any]) -> DataSpec:
 def recipe_for_adapter(adapter: str | Path, model_given: bool = False) -> Recipe:
     """The recipe that rebuilds `adapter`'s model: its run's `../recipe.yaml`, else its
     `adapter.json` record. An adapter that names no base needs `--model` (`model_given`)."""
-    meta = adapter_meta(adapter)
     saved = Path(adapter).parent / "recipe.yaml"
-    if saved.is_file():
+    if saved.is_file() and holds_adapters(adapter):
         return load_recipe(saved)
+    meta = adapter_meta(adapter)
     base = meta.get("base_model")
     if base is None and not model_given:
         raise ConfigError(f"{adapter} does not say which base model it was trained on (an "
@@ -76,6 +76,14 @@ def recipe_for_adapter(adapter: str | Path, model_given: bool = False) -> Recipe
                           f"NAME ({', '.join(EMBEDDED_MODELS)}, a folder or a hub id)")
     recipe = Recipe(data=_task_spec(adapter, meta))
     return dataclasses.replace(recipe, model=ModelSpec(name=base)) if base else recipe
+
+
+def holds_adapters(folder: str | Path) -> bool:
+    """An adapter folder, or a run's folder of several (one sub-folder per adapter name, as
+    training saves several active adapters)."""
+    folder = Path(folder)
+    return (folder / "adapter.json").is_file() or folder.is_dir() and any(
+        (sub / "adapter.json").is_file() for sub in folder.iterdir())
 
 
 def task_record(adapter: str | Path) -> dict[str, Any]:

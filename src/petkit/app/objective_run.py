@@ -29,19 +29,24 @@ from petkit.app.recipe import Recipe
 from petkit.app.run_folder import DEFAULT_OUTPUT
 from petkit.core.disk import folder_bytes
 from petkit.core.errors import ConfigError
-from petkit.core.model import attach
+from petkit.core.io import load_adapter
+from petkit.core.model import activate, attach, set_trainable
+from petkit.core.state import active_adapters
+from petkit.core.registry import make_config
 from petkit.data import encode_instruction
 from petkit.data.objective_tasks import OBJECTIVE_TASKS, load_objective_task
 from petkit.models import load_model
 from petkit.training.grpo import GRPOObjective, generate_texts, prompt_collate, prompt_rows
 from petkit.training.grpo_rewards import load_scorer, load_scorers
-from petkit.training.loop import preflight, train
+from petkit.training.config import TrainConfig
+from petkit.training.loop import TrainResult, preflight, train
 from petkit.training.objectives_config import ObjectiveConfig
 from petkit.training.objectives_eval import generation_score, pair_accuracy, write_samples
 from petkit.training.objectives_preference import chosen_only, encode_pairs
 
 Echo = Callable[[str], None]
 KINDS = ("preference", "reference")
+CONTROL = "control"  # MEET's control-token adapter
 
 
 def objective_of(recipe: Recipe) -> ObjectiveConfig:
@@ -155,7 +160,10 @@ def run_objective_recipe(recipe: Recipe, echo: Echo = print,
     metric = load_scorer(spec.metric, echo) if task.kind == "reference" else None
     config = recipe.train.replace(output_dir=str(output))
     resolved = dataclasses.replace(recipe, train=config)
-    attach(model, recipe.method_config())
+    if spec.control_tokens:
+        _attach_control(model, spec, recipe.train.seed)
+    else:
+        attach(model, recipe.method_config())
     objective, collate = None, None
     if spec.name == "grpo":
         objective = GRPOObjective(spec, tokenizer, data.train_raw, load_scorers(spec.rewards, echo))
@@ -169,14 +177,77 @@ def run_objective_recipe(recipe: Recipe, echo: Echo = print,
     echo(f"test before: {_format(before)}")
     output.mkdir(parents=True, exist_ok=True)
     (output / "recipe.yaml").write_text(resolved.to_yaml(), encoding="utf-8")
-    result = train(model, data.train, config, pad_id=pad_id, collate_fn=collate,
-                   objective=objective)
+    if spec.control_tokens:
+        result = _meet(model, data.train, config, recipe, echo, pad_id)
+    else:
+        result = train(model, data.train, config, pad_id=pad_id, collate_fn=collate,
+                       objective=objective)
     after, after_texts = _evaluate(model, tokenizer, data, metric, spec, pad_id)
     files = write_samples(output, data.test_raw, before_texts, after_texts)
     echo(f"samples (prompt, reference, before, after): {files[1]}")
     adapter = Path(result.adapter_path or output / "adapter")
     return RunReport(resolved, before, after, result, folder_bytes(adapter),
                      time.perf_counter() - started)
+
+
+def evaluate_objective_adapter(recipe: Recipe, adapter: str | Path, echo: Echo = print
+                               ) -> tuple[int, dict[str, float]] | None:
+    """`petkit eval` of an adapter trained on pairs or prompts with references: the recipe's
+    test rows (or --data's), pair accuracy or --metric on greedy generations, as training
+    reports them; (rows, metrics). None when the data is of another kind (the plain pipeline
+    scores it). A folder of several adapters (MEET's control + meet) loads them all, active."""
+    task = _task(recipe)
+    if task.kind not in KINDS:
+        return None
+    spec = objective_of(recipe)
+    model, tokenizer = load_model(recipe.model.name, task="causal-lm")
+    data = _encode(recipe, task, tokenizer)
+    metric = load_scorer(spec.metric, echo) if task.kind == "reference" else None
+    folder = Path(adapter)
+    parts = [folder] if (folder / "adapter.json").is_file() or not folder.is_dir() else \
+        sorted(p for p in folder.iterdir()  # dot names: saved versions, temps
+               if not p.name.startswith(".") and (p / "adapter.json").is_file()) or [folder]
+    names: list[str] = []
+    for part in parts:
+        load_adapter(model, str(part))  # attached and made the one active adapter
+        names += active_adapters(model)
+    activate(model, names)
+    for note in (getattr(task, "format_note", ""), *task.notes):
+        if note:
+            echo(note)
+    metrics, _ = _evaluate(model, tokenizer, data, metric, spec, int(tokenizer.pad_token_id))
+    return len(data.test), metrics
+
+
+def _attach_control(model: Any, spec: ObjectiveConfig, seed: int) -> None:
+    """MEET's first adapter: `spec.control_tokens` virtual tokens (prompt tuning), "control"."""
+    attach(model, make_config("prompt", num_virtual_tokens=spec.control_tokens, seed=seed),
+           CONTROL)
+
+
+def _meet(model: Any, rows: list[dict], config: TrainConfig, recipe: Recipe, echo: Echo,
+          pad_id: int) -> TrainResult:
+    """MEET's two steps, half the steps each, both with the preference objective: (1) the
+    control tokens (attached by `_attach_control`) at `control_lr`, its log in OUTPUT/step1;
+    (2) the recipe's method at the recipe's lr, the control tokens fixed and still active. Both
+    adapters are saved at the end, OUTPUT/adapter/control and OUTPUT/adapter/meet."""
+    spec = objective_of(recipe)
+    total = config.max_steps
+    if total is None or total < 2:
+        raise ConfigError("MEET (--train.objective.control_tokens) splits --steps between its "
+                          f"two steps: give --steps >= 2 (got {total})")
+    first = total // 2
+    output = Path(config.output_dir or DEFAULT_OUTPUT)
+    echo(f"MEET step 1: {spec.control_tokens} control tokens (prompt tuning), {first} steps, "
+         f"lr {spec.control_lr}")
+    train(model, rows, config.replace(max_steps=first, lr=spec.control_lr,
+                                      output_dir=str(output / "step1")), pad_id=pad_id)
+    set_trainable(model, CONTROL, False)
+    attach(model, recipe.method_config(), "meet")
+    activate(model, [CONTROL, "meet"])
+    echo(f"MEET step 2: {recipe.method_name} with the control tokens fixed, {total - first} "
+         f"steps, lr {config.lr}")
+    return train(model, rows, config.replace(max_steps=total - first), pad_id=pad_id)
 
 
 def _format(metrics: dict[str, float]) -> str:

@@ -71,8 +71,21 @@ class Monitor:
             self.handler.close()
 
 
+# Per-step traces an objective logs (training/objectives_preference.py, grpo.py), drawn under
+# the loss curve when present.
+TRACES = ("margin", "pair_accuracy", "chosen", "rejected", "reward_mean", "reward_std", "kl")
+
+
+def traced(history: list[dict[str, Any]]) -> dict[str, list[tuple[int, float]]]:
+    """(step, value) of each objective trace in the train rows of `history` that has any."""
+    series = {k: [(r["step"], r[k]) for r in history if "train_loss" in r and k in r]
+              for k in TRACES}
+    return {k: v for k, v in series.items() if v}
+
+
 def plot_history(history: list[dict[str, Any]], path: Path, metric: str) -> Path:
-    """PNG of train loss and the eval `metric` against the step (matplotlib, Agg backend)."""
+    """PNG of train loss and the eval `metric` against the step (matplotlib, Agg backend), and
+    below it the objective's per-step traces (margins, rewards, KL) when the log has them."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -80,7 +93,10 @@ def plot_history(history: list[dict[str, Any]], path: Path, metric: str) -> Path
 
     train = [(r["step"], r["train_loss"]) for r in history if "train_loss" in r]
     evals = [(r["step"], r[f"eval_{metric}"]) for r in history if f"eval_{metric}" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    traces = traced(history)
+    fig, axes = plt.subplots(2 if traces else 1, 1, figsize=(7, 7 if traces else 4),
+                             squeeze=False, sharex=True)
+    ax = axes[0][0]
     if train:
         ax.plot(*zip(*train), label="train loss", color="tab:blue")
     ax.set_xlabel("step")
@@ -90,6 +106,13 @@ def plot_history(history: list[dict[str, Any]], path: Path, metric: str) -> Path
         twin.plot(*zip(*evals), "o-", label=f"eval {metric}", color="tab:orange")
         twin.set_ylabel(f"eval {metric}")
     fig.legend(loc="upper right")
+    if traces:
+        below = axes[1][0]
+        for name, points in traces.items():
+            below.plot(*zip(*points), ".-", label=name)
+        below.set_xlabel("step")
+        below.set_ylabel("objective traces")
+        below.legend(loc="best", fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

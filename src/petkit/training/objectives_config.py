@@ -5,6 +5,10 @@
     dpo rpo ipo orpo simpo kto   preference pairs (training/objectives_preference.py)
     grpo                         prompts + reward functions (training/grpo.py)
 
+MEET (`control_tokens` > 0, the `meet` recipe): a preference objective trained in two steps,
+control tokens by prompt tuning first, then the recipe's method with them fixed
+(`app/objective_run.py`).
+
 `beta` None takes the objective's usual value (`DEFAULT_BETA`). GRPO needs a gradient: a
 zeroth-order or evolution stepper compares loss values of one batch, and GRPO's loss is built
 from completions sampled afresh on every call (`check_stepper`).
@@ -26,9 +30,13 @@ DEFAULT_BETA = {"dpo": 0.1, "rpo": 0.1, "ipo": 0.1, "kto": 0.1, "simpo": 2.0, "o
 GRADIENT_STEPPERS = ("backprop",)
 
 
+FLAGGED = ("beta", "group_size", "kl", "max_new_tokens", "temperature", "metric", "reward")
+
+
 def _fail(name: str, allowed: str, value: object) -> None:
-    raise ConfigError(f"--{name.replace('_', '-')} (train.objective.{name}) must be {allowed}, "
-                      f"got {value!r}")
+    flag = f"--{name.replace('_', '-')} (train.objective.{name})" if name in FLAGGED \
+        else f"--train.objective.{name}"
+    raise ConfigError(f"{flag} must be {allowed}, got {value!r}")
 
 
 def _number(value: object) -> bool:
@@ -50,6 +58,8 @@ class ObjectiveConfig:
     max_new_tokens: int = 16  # grpo and generation evaluation
     temperature: float = 1.0  # grpo sampling
     metric: str = "exact"  # generation evaluation: exact | contains | module:function
+    control_tokens: int = 0  # MEET: > 0 first learns this many control tokens (prompt tuning)
+    control_lr: float = 3e-2  # MEET: the control tokens' learning rate (step 1)
 
     def __post_init__(self) -> None:
         """Validate each field (errors speak in CLI flags)."""
@@ -66,9 +76,10 @@ class ObjectiveConfig:
             value = getattr(self, name)
             if not (_number(value) and value >= 0):
                 _fail(name, "a number >= 0", value)
-        if not (_number(self.temperature) and self.temperature > 0):
-            _fail("temperature", "a number > 0", self.temperature)
-        for name, low in (("group_size", 2), ("max_new_tokens", 1)):
+        for name in ("temperature", "control_lr"):
+            if not (_number(getattr(self, name)) and getattr(self, name) > 0):
+                _fail(name, "a number > 0", getattr(self, name))
+        for name, low in (("group_size", 2), ("max_new_tokens", 1), ("control_tokens", 0)):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 _fail(name, f"an int >= {low}", value)
@@ -78,6 +89,10 @@ class ObjectiveConfig:
         object.__setattr__(self, "rewards", list(rewards))
         if not isinstance(self.metric, str) or not self.metric:
             _fail("metric", "exact, contains or module:function", self.metric)
+        if self.control_tokens and not self.is_preference:
+            raise ConfigError(f"--train.objective.control_tokens (MEET's control tokens) needs a "
+                              f"preference objective ({', '.join(PREFERENCE)}), not "
+                              f"--objective {self.name}")
 
     @property
     def effective_beta(self) -> float:

@@ -88,9 +88,10 @@ class TensorBoardTracker:
     def __init__(self, output_dir: Path, params: dict[str, str], initial: int) -> None:
         from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
 
-        # a resumed run drops the events an interrupted run wrote after its checkpoint
+        # a resumed run drops the events an interrupted run wrote after its checkpoint (step
+        # `initial`, whose rows stay)
         self.writer = SummaryWriter(str(output_dir / "tensorboard"),
-                                    purge_step=initial or None)
+                                    purge_step=initial + 1 if initial else None)
         table = "\n".join(f"| {k} | {v} |" for k, v in params.items())
         self.writer.add_text("params", "| setting | value |\n|---|---|\n" + table, initial)
 
