@@ -121,6 +121,9 @@ class PeftLayout:
     matches(PEFT config): whether this method reads a folder of `peft_type` (LoRA vs DoRA)
     fan_in_fan_out: PEFT's config has the flag (set for GPT-2 Conv1D layers)
     skip(key, PEFT config): a PEFT tensor petkit rebuilds instead of reading (VeRA's projections)
+    to_value(base module, local name, tensor) / from_value(...): where PEFT stores something else
+        than petkit's delta (LN tuning: the whole new weight), the tensor as PEFT / petkit holds it;
+        `base module` is the innermost module the tensor belongs to
     """
 
     peft_type: str
@@ -130,6 +133,8 @@ class PeftLayout:
     matches: Callable[[dict[str, Any]], bool] = field(default=lambda peft_config: True)
     fan_in_fan_out: bool = False
     skip: Callable[[str, dict[str, Any]], bool] = field(default=lambda key, peft_config: False)
+    to_value: Callable[[Any, str, Any], Any] = field(default=lambda base, local, tensor: tensor)
+    from_value: Callable[[Any, str, Any], Any] = field(default=lambda base, local, tensor: tensor)
 
 
 WRAPPER_CAPABILITIES: tuple[type, ...] = (Weighted, LowRank, RankSettable, ExpertRouted, StepHooked,

@@ -23,7 +23,7 @@ from torch import nn
 from .adapter_check import check_targets_exist, check_values, precheck
 from .adapter_schema import PEFT_SCHEMA, read_header, read_json
 from .capabilities import PeftLayout
-from .delta import innermost
+from .delta import get_canonical, innermost
 from .durable import write_folder
 from .errors import AdapterLoadError, AdapterStateError, ConfigError
 from .io import adapter_state, fill_attached
@@ -55,7 +55,8 @@ def export_peft(model: nn.Module, path: str | os.PathLike, name: str = "default"
     for key, value in adapter_state(model, name).items():
         module_path, _, local = key.rpartition(".")
         if local in layout.keys:
-            tensors[f"{PREFIX}{module_path}.{layout.keys[local]}"] = value.detach().cpu().contiguous()
+            value = layout.to_value(innermost(get_canonical(model, module_path)), local, value.detach())
+            tensors[f"{PREFIX}{module_path}.{layout.keys[local]}"] = value.cpu().contiguous()
             targets.add(module_path)
         else:  # TrainableCopy: "<path>.copy.<param>"
             mod, _, param = key.partition(".copy.")
@@ -139,6 +140,10 @@ def import_peft(model: nn.Module, path: str | os.PathLike, name: str = "default"
     saved = tuple(config.get("modules_to_save") or ())
     ours = _our_tensors(layout, config, tensors, saved)
     targets = sorted({k.rsplit(".", 1)[0] for k in ours if ".copy." not in k})
+    check_targets_exist(model, targets, path)
+    for key in [k for k in ours if ".copy." not in k]:
+        module_path, _, local = key.rpartition(".")
+        ours[key] = layout.from_value(innermost(get_canonical(model, module_path)), local, ours[key])
     try:
         cfg = cls.from_dict({**layout.from_peft(config), "targets": targets, "modules_to_save": list(saved)})
     except ConfigError as exc:
