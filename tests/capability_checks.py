@@ -75,6 +75,25 @@ def check_lowrank(base: nn.Module, model: nn.Module, batch: dict, tmp: Path) -> 
         torch.testing.assert_close(w.delta_weight(), expect.T if transposed else expect, rtol=1e-5, atol=1e-6)
 
 
+def calls(model: nn.Module, batch: dict, protocol: type) -> list[tuple[Any, torch.Tensor, list, dict]]:
+    """(wrapper, x, other args, kwargs) of each of adapter "a"'s `protocol` wrappers in one eval forward."""
+    model.eval()
+    chosen = [w for _, w in wrappers(model, protocol)]
+    seen = wrapper_inputs(model, batch, chosen)
+    return [(w, seen[id(w)][0][0], list(seen[id(w)][0][1:]), seen[id(w)][1]) for w in chosen]
+
+
+def check_row_batchable(base: nn.Module, model: nn.Module, batch: dict, tmp: Path) -> None:
+    """`row_terms()` rebuilds the wrapper's output: gain * base(x) + shift + scale * B A x."""
+    with torch.no_grad():
+        for w, x, rest, kwargs in calls(model, batch, cap.RowBatchable):
+            a, b, scale, gain, shift = w.row_terms()
+            expect = w.base(x, *rest, **kwargs)
+            expect = expect if gain is None else expect * gain
+            expect = (expect if shift is None else expect + shift) + scale * (x @ a.T @ b.T)
+            torch.testing.assert_close(w(x, *rest, **kwargs), expect, rtol=1e-4, atol=1e-5)
+
+
 def check_rank_settable(base: nn.Module, model: nn.Module, batch: dict, tmp: Path) -> None:
     """set_rank changes the output, is stored in the config, survives save/load; out of range raises."""
     model.eval()
@@ -199,20 +218,16 @@ def check_transforms_output(base: nn.Module, model: nn.Module, batch: dict, tmp:
 
 def check_input_scaled(base: nn.Module, model: nn.Module, batch: dict, tmp: Path) -> None:
     """With its scale set to 2, an input-scaled wrapper gives base(2x); an output-scaled one 2 * base(x)."""
-    model.eval()
-    chosen = [w for _, w in wrappers(model, cap.InputScaled)]
-    seen = wrapper_inputs(model, batch, chosen)
     with torch.no_grad():
-        for w in chosen:
+        for w, x, rest, kwargs in calls(model, batch, cap.InputScaled):
             for p in w.delta_parameters().values():
                 p.fill_(2.0)
-            (x, *rest), kwargs = seen[id(w)]
             expect = w.base(2 * x, *rest, **kwargs) if w.on_input else 2 * w.base(x, *rest, **kwargs)
             torch.testing.assert_close(w(x, *rest, **kwargs), expect, rtol=1e-5, atol=1e-5)
 
 
 CHECKS: dict[type, Check] = {
-    cap.Weighted: check_weighted, cap.LowRank: check_lowrank, cap.RankSettable: check_rank_settable,
+    cap.Weighted: check_weighted, cap.LowRank: check_lowrank, cap.RowBatchable: check_row_batchable, cap.RankSettable: check_rank_settable,
     cap.RankRange: check_rank_range, cap.ExpertRouted: check_expert_routed,
     cap.ReportsMetrics: check_reports_metrics, cap.StepHooked: check_step_hooked,
     cap.Foldable: check_foldable, cap.FoldableConfig: check_foldable_config,

@@ -96,7 +96,7 @@ def test_truncated_file(saved):
     _, folder = saved
     data = (folder / "adapter.safetensors").read_bytes()
     (folder / "adapter.safetensors").write_bytes(data[: len(data) // 2])
-    expect_load_error(folder, "checksum.*truncated or corrupted")
+    expect_load_error(folder, "truncated")
 
 
 def test_corrupted_byte(saved):
@@ -147,7 +147,8 @@ def test_name_clash_leaves_model_unchanged(saved):
 def test_save_is_atomic_and_overwrites(saved, tmp_path):
     model, folder = saved
     pk.save_adapter(model, folder, name="a")  # overwrite in place
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    hidden = [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert hidden == [folder.resolve()]  # only the version the folder links to
     other = llama()
     pk.load_adapter(other, folder)
 

@@ -118,7 +118,8 @@ def test_spec_arms_and_cells(toy: dict[str, str]) -> None:
     spec = bench.spec_from_dict(grid(toy, methods="all", sizes=[32, "full"],
                                      baselines={"full": {"lr": 1e-3}, "peft": True}))
     names = [a.name for a in spec.arms]
-    assert names[:len(pk.METHODS)] == list(pk.METHODS)
+    runnable = [m for m in pk.METHODS if m != "trainable-tokens"]  # it needs token ids to run
+    assert names[:len(runnable)] == runnable
     assert "full" in names and "peft:lora" in names and "peft:prompt" in names
     assert not any(n.startswith("peft:") and n[5:] not in bench.spec.PEFT_TWINS for n in names)
     cells = spec.cells()
@@ -250,3 +251,26 @@ def test_full_and_peft_baselines_side_by_side(toy: dict[str, str], tmp_path: Pat
     assert full["trainable_params"] == full["base_params"] and full["trainable_pct"] == 100.0
     assert full["adapter_bytes"] > 4 * full["base_params"]
     assert all(r["n_train"] == 36 for r in rows.values())  # the same data in every arm
+
+
+def test_shipped_quick_grid_is_found_by_name_and_loads(tmp_path, capsys):
+    """`petkit bench --recipe quick` (or `petkit bench quick`) names a shipped grid; a typo gets
+    the close name; a grid must be given."""
+    import argparse
+
+    from petkit.benchmark import cli as bench_cli
+    from petkit.benchmark.spec import load_spec
+    from petkit.cli import main
+
+    parser = argparse.ArgumentParser()
+    bench_cli.add_arguments(parser)
+    for argv in (["--recipe", "quick"], ["quick"]):
+        path = bench_cli.grid_path(parser.parse_args(argv))
+        assert path.name == "quick.yaml" and path.is_file()
+    spec = load_spec(path)
+    assert len(spec.seeds) == 1 and len(spec.sizes) == 1 and {a.name for a in spec.arms} >= {"lora"}
+    assert main(["bench", "--recipe", "quik"]) == 2
+    assert "did you mean 'quick'?" in capsys.readouterr().err
+    assert main(["bench"]) == 2
+    assert "needs a grid" in capsys.readouterr().err
+    assert main(["bench", str(path), "--recipe", "quick"]) == 2

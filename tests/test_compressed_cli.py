@@ -136,8 +136,8 @@ def test_peqa_trains_and_merges_from_the_cli(tiny_llama, tmp_path):
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--prune", "magnitude"], "model.prune must be loraprune or apt"),
-    (["--prune", "apt", "--sparsity", "1.5"], "model.sparsity"),
+    (["--prune", "magnitude"], "--prune must be loraprune or apt"),
+    (["--prune", "apt", "--sparsity", "1.5"], "--sparsity must be"),
     (["--prune", "loraprune", "--quantize", "nf4"], "not supported"),
 ])
 def test_pruning_mistakes_are_one_line_errors(flags, message, tmp_path, capsys):

@@ -59,3 +59,36 @@ def test_cli_runs_a_sequence_of_user_files(tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     assert "forgetting" in capsys.readouterr().out
     assert (out / "results.json").exists() and (out / "adapters" / "routing.json").exists()
+    # the same command again is refused before any work, and the run is kept
+    before = (out / "results.json").read_bytes()
+    code = main(["continual", "--tasks", ",".join(specs), "--strategy", "hide", "--steps", "3",
+                 "--max-train", "16", "--max-test", "8", "--output", str(out)])
+    assert code == 2 and "already holds a run (results and adapters)" in capsys.readouterr().err
+    assert (out / "results.json").read_bytes() == before
+
+
+def test_default_continual_folder_moves_on(tmp_path, monkeypatch, capsys):
+    import argparse
+
+    from petkit.continual import cli as continual_cli
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "continual-hide").mkdir(parents=True)
+    (tmp_path / "runs" / "continual-hide" / "results.json").write_text("{}")
+    seen = {}
+
+    def fake_run(*args, **kwargs):
+        seen.update(kwargs)
+        raise KeyboardInterrupt  # stop before any model work: only the folder choice matters
+
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("petkit.continual.run"), "run_continual", fake_run)
+    parser = argparse.ArgumentParser()
+    continual_cli.add_arguments(parser)
+    lines = []
+    with pytest.raises(KeyboardInterrupt):
+        continual_cli.command(parser.parse_args(["--tasks", "bbc-classes", "--strategy", "hide"]),
+                              {}, lines.append)
+    assert str(seen["output_dir"]) == "runs/continual-hide-2" and seen["progress"] is True
+    assert lines and "writes to runs/continual-hide-2" in lines[0]

@@ -145,7 +145,7 @@ def test_nproc_relaunches_through_torchrun(monkeypatch):
 
     calls: list[list[str]] = []
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    monkeypatch.setattr(ranks_module.subprocess, "call", lambda cmd: calls.append(cmd) or 3)
+    monkeypatch.setattr(ranks_module.subprocess, "call", lambda cmd, env: calls.append(cmd) or 3)
     assert main(["train", "--nproc", "2", "--steps", "3", "--train.distributed=fsdp"]) == 3
     assert calls[0][1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                             "-m", "petkit", "train", "--steps", "3", "--train.distributed=fsdp"]

@@ -4,6 +4,7 @@ simulation and a multi-process localhost deployment (SuperLink + 2 SuperNodes), 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -25,6 +26,10 @@ from petkit.fed.aggregate import dp_average
 from petkit.fed.config import apply_fed_overrides, shipped_fed_recipes
 from petkit.fed.privacy import PrivacyAccountant
 from petkit.fed.prox import proximal, proximal_penalty
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_quiet import LogLines  # noqa: E402
+from toys import save_tiny_bert  # noqa: E402
 
 flwr = pytest.importorskip("flwr")
 
@@ -213,19 +218,7 @@ def test_bad_updates_are_rejected_with_reasons_and_never_reach_the_global_adapte
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A 2-layer, 32-wide random BERT with MiniLM's tokenizer, saved as a model folder."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    from petkit.models import resolve_model
-
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    tok = AutoTokenizer.from_pretrained(resolve_model("minilm-l6"))
-    config = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                        num_attention_heads=4, max_position_embeddings=128, hidden_dropout_prob=0.0,
-                        attention_probs_dropout_prob=0.0, pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    BertModel(config).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return str(folder)
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
 
 
 def _recipe(model: str, out: Path, clients: int, rounds: int, **fed: object) -> "petkit.fed.FedRecipe":
@@ -253,13 +246,22 @@ def _check_report(report: dict, clients: int, rounds: int) -> None:
 
 
 @pytest.mark.slow
-def test_two_round_simulation_end_to_end_with_faulty_clients(tiny_bert: str, tmp_path: Path) -> None:
+def test_two_round_simulation_end_to_end_with_faulty_clients(
+        tiny_bert: str, tmp_path: Path, recwarn: pytest.WarningsRecorder) -> None:
     from petkit.fed import run_simulation
 
     faults = {1: "crash", 2: "wrong-shape", 3: "malformed"}
     recipe = _recipe(tiny_bert, tmp_path / "run", clients=4, rounds=2, strategy="fedprox", proximal_mu=0.1,
                      personal=True, dp_clip=1.0, dp_noise=0.5, dp_seed=0, faults=faults, workers=2)
-    report = run_simulation(recipe)
+    flower = LogLines()
+    logging.getLogger("flwr").addHandler(flower)
+    try:
+        report = run_simulation(recipe)
+    finally:
+        logging.getLogger("flwr").removeHandler(flower)
+    # quiet by default: no Flower banner, no Ray tip
+    assert not [m for m in flower.lines if "DEPRECATED" in m], flower.lines
+    assert not [w for w in recwarn if "Ray will no longer" in str(w.message)]
     _check_report(report, clients=4, rounds=2)
     acc = PrivacyAccountant(4, 4, 0.5, 1e-5)
     for row in report["rounds"][1:]:

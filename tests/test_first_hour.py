@@ -257,7 +257,7 @@ def test_the_cli_starts_without_optional_packages() -> None:
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)})
     assert done.returncode == 2, done.stderr[-2000:]
-    assert "pip install 'petkit[fed]'" in done.stderr and "Traceback" not in done.stderr
+    assert "pip install 'flwr[simulation]" in done.stderr and "Traceback" not in done.stderr
 
 
 @pytest.fixture(scope="module")

@@ -331,5 +331,8 @@ def test_cli_mezo_run_is_rebuilt_by_petkit_replay(tmp_path: Path,
     rebuilt = load_file(str(tmp_path / "rebuilt" / "adapter.safetensors"))
     assert trained.keys() == rebuilt.keys()
     assert all(torch.equal(trained[k], rebuilt[k]) for k in trained)
+    again = ["replay", "--log", str(run / "zo_log.jsonl"), "--output", str(tmp_path / "rebuilt")]
+    assert main(again) == 2 and "--overwrite replaces" in capsys.readouterr().err
+    assert main([*again, "--overwrite"]) == 0
     assert main(["train", "--optimizer", "mezo", "--eps", "0"]) == 2
     assert "zo_eps" in capsys.readouterr().err

@@ -19,8 +19,10 @@ LAYERS: dict[str, int] = {
     "training": 3,
     "app": 4, "recipes": 4,
     "compress": 4,  # pruning while tuning: used by the CLI and by the benchmark harness's arms
-    "fed": 5, "benchmark": 5, "continual": 5, "distributed": 5, "hybrid": 5,
-    "cli": 6, "cli_flags": 6,  # the CLI's flag tables (no petkit imports)
+    "fed": 5, "benchmark": 5, "continual": 5, "distributed": 5, "hybrid": 5, "serve": 5,
+    "cli": 6, "cli_flags": 6, "cli_io": 6,  # the parser, its flag tables, consoles
+    "cli_commands": 6,  # what each subcommand does (imported by cli.main only to run one)
+    "cli_adapter": 6,  # petkit export / predict: their arguments and printing
     "__main__": 7,  # python -m petkit (torchrun -m petkit): only calls cli.main
 }
 # Regimes sit side by side: none of them imports another.

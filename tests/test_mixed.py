@@ -40,7 +40,8 @@ def test_each_row_gets_its_single_adapter_output():
     assert pk.active_adapters(m) == ["d"]  # activation restored
     for name in ("a", None, "p", "d"):
         rows = [i for i, n in enumerate(names) if n == name]
-        torch.testing.assert_close(out[rows], single(m, name, batch, rows), rtol=0, atol=0)
+        # low-rank rows share a batched forward: equal up to float rounding of the batched product
+        torch.testing.assert_close(out[rows], single(m, name, batch, rows), rtol=1e-5, atol=1e-6)
         whole = single(m, name, batch, list(range(6)))  # the full batch with that adapter
         torch.testing.assert_close(out[rows], whole[rows], rtol=1e-5, atol=1e-5)
 
@@ -91,6 +92,6 @@ def test_plain_module_with_positional_input():
     x = torch.randn(3, 8)
     out = pk.mixed_forward(m, [None, "a", None], x)
     base = copy.deepcopy(m)
-    with pk.disabled(base):
-        torch.testing.assert_close(out[[0, 2]], base(x[[0, 2]]), rtol=0, atol=0)
-    torch.testing.assert_close(out[1:2], m(x[1:2]), rtol=0, atol=0)
+    with pk.disabled(base):  # one shared base matmul over 3 rows: equal up to its float rounding
+        torch.testing.assert_close(out[[0, 2]], base(x[[0, 2]]), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out[1:2], m(x[1:2]), rtol=1e-6, atol=1e-6)

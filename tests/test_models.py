@@ -106,7 +106,7 @@ def test_resolve_passthrough_and_unknown(tmp_path: Path):
     assert resolve_model("org/some-model") == "org/some-model"
     with pytest.raises(PetkitError, match="smollm2-135m, minilm-l6"):
         load_model("org/surely-not-a-model-xyz")
-    with pytest.raises(PetkitError, match="from folder"):
+    with pytest.raises(PetkitError, match="holds no Hugging Face model"):
         load_model(str(tmp_path))
     with pytest.raises(ConfigError):
         load_model("minilm-l6", task="translate")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -56,6 +57,24 @@ def bert_cls(seed: int = 0) -> nn.Module:
 def vit(seed: int = 0) -> nn.Module:
     """A 2-block, 32-wide DINOv2 classifier on 16x16 images (patch 4: 16 patches), 3 classes."""
     return tiny_vision_model(num_labels=3, seed=seed)
+
+
+def save_tiny_bert(folder: Path) -> str:
+    """A 2-layer, 32-wide random BERT with MiniLM's tokenizer, saved as a model folder (for
+    commands that take --model FOLDER)."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from petkit.models import resolve_model
+
+    tok = AutoTokenizer.from_pretrained(resolve_model("minilm-l6"))
+    config = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
+                        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                        pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
 
 
 TOYS: dict[str, Callable[[int], nn.Module]] = {"mlp": mlp, "llama": llama, "gpt2": gpt2, "bert": bert_cls,

@@ -4,63 +4,47 @@
     model = pk.attach(model, pk.LoraConfig(r=8, alpha=16, targets=["q_proj", "v_proj"]))
     pk.save_adapter(model, "out/adapter")
 
-This module is the public facade: plain re-exports and nothing else. Nothing inside the package
-imports it (tests/test_layers.py fails on any import from a lower layer to a higher one).
+This module is the public facade: names and where they live, nothing else. Each name is imported
+on first use, so `import petkit` (and `petkit --help`) loads no regime, and not even torch, until
+a name needs it. `pk.<Method>Config` is looked up in the method registry (LoraConfig,
+AdapterConfig, ...). Nothing inside the package imports this module (tests/test_layers.py fails
+on any import from a lower layer to a higher one).
 """
 from __future__ import annotations
 
-from petkit.benchmark import BenchReport
-from petkit.benchmark import run as bench
-from petkit.continual import run_continual as continual
-from petkit.compress import PruneConfig, finish_pruning, merge_dense, merge_quantized, quantization_info, quantize, start_pruning
-from petkit.core.adapter_merge import merge_adapters
-from petkit.core.capabilities import expert_load, set_rank
-from petkit.core.errors import (
-    AdapterLoadError,
-    AdapterStateError,
-    CheckpointError,
-    ConfigError,
-    MissingPackageError,
-    PetkitError,
-    TargetError,
-)
-from petkit.core.fold import fold
-from petkit.core.io import adapter_state, load_adapter, read_adapter, save_adapter, swap_adapter
-from petkit.core.mixed_batch import mixed_forward, mixed_generate
-from petkit.core.model import (
-    activate,
-    attach,
-    detach,
-    disabled,
-    merge,
-    set_trainable,
-    summary,
-    trainable_parameters,
-    unload,
-    unmerge,
-)
-from petkit.core.peft_interop import export_peft, import_peft
-from petkit.core.registry import METHODS, MethodConfig, get_method, list_methods, make_config, register
-from petkit.core.stacking import adapter_weights
-from petkit.core.state import active_adapters, adapters
+from petkit.core.lazy import lazy_exports
 from petkit.core.version import __version__
-from petkit.hybrid import port_adapter, train_preference, transfer_adapter
-from petkit.methods import method_configs
-from petkit.methods.cola import save_links
-from petkit.training import TrainConfig, TrainResult, evaluate, replay_mezo, train
 
-# pk.<Method>Config for every registered method (LoraConfig, AdapterConfig, ...)
-globals().update(method_configs())
+# public name -> "module" (same name there) or "module:attribute"
+_EXPORTS = {
+    "__version__": "petkit.core.version",
+    "BenchReport": "petkit.benchmark", "bench": "petkit.benchmark:run",
+    "continual": "petkit.continual.run:run_continual",
+    **dict.fromkeys(["PruneConfig", "finish_pruning", "merge_dense", "merge_quantized",
+                     "quantization_info", "quantize", "start_pruning"], "petkit.compress"),
+    "merge_adapters": "petkit.core.adapter_merge",
+    **dict.fromkeys(["expert_load", "set_rank"], "petkit.core.capabilities"),
+    **dict.fromkeys(["AdapterLoadError", "AdapterStateError", "CheckpointError", "ConfigError",
+                     "MissingPackageError", "PetkitError", "TargetError"], "petkit.core.errors"),
+    "fold": "petkit.core.fold",
+    **dict.fromkeys(["adapter_state", "load_adapter", "read_adapter", "save_adapter",
+                     "swap_adapter"], "petkit.core.io"),
+    **dict.fromkeys(["mixed_forward", "mixed_generate"], "petkit.core.mixed_batch"),
+    **dict.fromkeys(["activate", "attach", "detach", "disabled", "merge", "set_trainable",
+                     "summary", "trainable_parameters", "unload", "unmerge"], "petkit.core.model"),
+    **dict.fromkeys(["export_peft", "import_peft"], "petkit.core.peft_interop"),
+    **dict.fromkeys(["METHODS", "MethodConfig", "get_method", "list_methods", "make_config",
+                     "register"], "petkit.core.registry"),
+    "adapter_weights": "petkit.core.stacking",
+    **dict.fromkeys(["active_adapters", "adapters"], "petkit.core.state"),
+    **dict.fromkeys(["port_adapter", "train_preference", "transfer_adapter"], "petkit.hybrid"),
+    "save_links": "petkit.methods.cola",
+    **dict.fromkeys(["TrainConfig", "TrainResult", "evaluate", "replay_mezo", "train"],
+                    "petkit.training"),
+}
 
-__all__ = [
-    "PruneConfig", "finish_pruning", "merge_dense", "merge_quantized", "quantization_info", "quantize", "start_pruning",
-    "METHODS", "AdapterLoadError", "AdapterStateError", "BenchReport", "CheckpointError", "ConfigError",
-    "MethodConfig", "MissingPackageError", "PetkitError", "TargetError", "TrainConfig", "TrainResult",
-    "__version__", "activate", "active_adapters", "adapter_state", "adapter_weights", "adapters", "attach",
-    "bench", "continual", "detach", "disabled", "evaluate", "expert_load", "export_peft", "fold", "get_method",
-    "import_peft", "list_methods", "load_adapter", "make_config", "merge", "merge_adapters", "mixed_forward",
-    "mixed_generate", "read_adapter", "register", "replay_mezo", "save_adapter", "save_links", "set_rank",
-    "set_trainable", "summary", "swap_adapter", "train", "trainable_parameters", "unload", "unmerge",
-    "port_adapter", "train_preference", "transfer_adapter",
-    *method_configs(),
-]
+
+# pk.<Method>Config for every registered method (LoraConfig, AdapterConfig, ...) comes from
+# the method registry, asked only for a name the table lacks.
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, more="petkit.methods:method_configs",
+                                    more_suffix="Config")

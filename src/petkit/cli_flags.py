@@ -2,6 +2,9 @@
 metavar, and the groups `--help` shows them in (used by `petkit.cli` to build its parser).
 Any recipe field without a named flag is reachable as --section.field."""
 
+from petkit.data.chat import TEMPLATES
+from petkit.data.formats import FORMATS
+
 FLAGS = {"method": "method.name", "model": "model.name", "data": "data.name",
          "validation_file": "data.validation_file", "test_file": "data.test_file",
          "text_column": "data.text_column", "label_column": "data.label_column",
@@ -19,10 +22,14 @@ FLAGS = {"method": "method.name", "model": "model.name", "data": "data.name",
          "prune": "model.prune", "sparsity": "model.sparsity",
          "device": "train.device", "compile": "train.compile",
          "compile_scope": "train.compile_scope",
-         "checkpointing": "train.activation_checkpointing", "packing": "train.packing"}
+         "checkpointing": "train.activation_checkpointing", "packing": "train.packing",
+         "format": "data.format", "data_split": "data.split", "data_config": "data.config",
+         "chat_template": "data.chat_template", "train_on": "data.train_on",
+         "bad_rows": "data.bad_rows"}
 COLUMNS = ("text_column", "label_column", "prompt_column", "completion_column")
 DATA = ("data", "validation_file", "test_file", *COLUMNS, "task_type", "max_length",
-        "train_size", "test_size")
+        "train_size", "test_size", "format", "data_split", "data_config", "chat_template",
+        "train_on", "bad_rows")
 TRAINING = ("steps", "epochs", "lr", "batch_size", "grad_accum", "warmup", "schedule",
             "eval_every", "precision", "seed", "output", "device", "compile", "compile_scope",
             "checkpointing", "packing")
@@ -34,9 +41,20 @@ HELP = {"device": "auto (the GPU when there is one) | cpu | cuda | cuda:N",
                          "compiled once (far shorter compile on deep models)",
         "checkpointing": "activation checkpointing: off | full | every-K | selective | elementwise",
         "packing": "true: several causal-LM examples per row, isolated by position ids",
-        "data": "embedded task (rotten-tomatoes, bbc-news, chatterbot-qa, mnist-5k), an image folder "
-                "(one sub-folder per class) or your training file "
-                "(.csv .jsonl .json .parquet): all its rows train unless --train-size is given",
+        "data": "embedded task (rotten-tomatoes, bbc-news, chatterbot-qa, chatterbot-chat, "
+                "mnist-5k), an image folder (one sub-folder per class), your training file "
+                "(.csv .jsonl .json .parquet), a saved Hugging Face dataset folder or a hub "
+                "dataset id (org/name): all its rows train unless --train-size is given",
+        "format": "row layout: auto (recognised from the columns) | " + " | ".join(FORMATS)
+                  + " (docs/data.md)",
+        "data_split": "datasets: the split that trains (default: train; a 'test' split tests)",
+        "data_config": "hub datasets: the configuration (subset) name",
+        "chat_template": "chat data: model (the model's own, default) | " + " | ".join(TEMPLATES)
+                         + " | a Jinja file",
+        "train_on": "chat data: which tokens carry the loss: assistant (default) | last "
+                    "(the last answer) | all",
+        "bad_rows": "malformed rows: error (default; each named) | skip (train on the rest, "
+                    "each skipped row named)",
         "validation_file": "your validation file: picks the best step (with --eval-every)",
         "test_file": "your test file, scored in full before and after training (without it, "
                      "20%% of the training file is held out and the output says so)",
@@ -71,7 +89,9 @@ HELP = {"device": "auto (the GPU when there is one) | cpu | cuda | cuda:N",
                  "decoders; BERT-style encoders: MLP channels only); the pruned model is saved "
                  "to OUTPUT/pruned (docs/compressed.md)",
         "sparsity": "with --prune: fraction of block parameters removed (default 0.5)"}
-METAVARS = {"data": "TASK|FILE", "warmup": "STEPS", "eval_every": "STEPS", "n_spsa": "N",
+METAVARS = {"data": "TASK|FILE|FOLDER|HUB_ID", "format": "NAME", "data_split": "SPLIT",
+            "data_config": "NAME", "chat_template": "NAME|FILE", "train_on": "WHICH",
+            "bad_rows": "POLICY", "warmup": "STEPS", "eval_every": "STEPS", "n_spsa": "N",
             "grad_accum": "N", "epochs": "N", "output": "DIR", "method": "NAME", "model": "NAME",
             "schedule": "NAME", "precision": "NAME", "optimizer": "NAME", "rank": "R",
             "alpha": "ALPHA", "steps": "N", "eps": "EPS", "dim": "D", "popsize": "N"}
@@ -80,3 +100,70 @@ DOTTED = ("Every recipe field is an option too, written --SECTION.FIELD=VALUE wi
           "--data.validation_size=100 --train.stepper.eps=1e-3. Order of precedence: --recipe "
           "(default: the shipped 'default'), then the flags above, then dotted options. An "
           "unknown field's error lists the fields of its section.")
+# Objectives: train.objective (training/objectives_config.py, docs/objectives.md); --reward is
+# repeatable and set by the CLI itself.
+OBJECTIVE = ("objective", "beta", "group_size", "kl", "max_new_tokens", "temperature", "metric")
+FLAGS.update({name: f"train.objective.{name}" for name in OBJECTIVE})
+FLAGS["objective"] = "train.objective.name"
+HELP.update({
+    "objective": "sft (default) | dpo | rpo | ipo | orpo | simpo | kto (preference pairs) | "
+                 "grpo (prompts + --reward)",
+    "beta": "dpo/rpo/ipo/kto: strength of the pull to the reference (default 0.1); simpo: "
+            "reward scale (default 2.0)",
+    "group_size": "grpo: completions sampled per prompt (default 4)",
+    "kl": "grpo: weight of the KL estimate against the reference (default 0.04)",
+    "max_new_tokens": "grpo sampling and generation evaluation: tokens per completion "
+                      "(default 16)",
+    "temperature": "grpo: sampling temperature (default 1.0)",
+    "metric": "generation evaluation: exact | contains | module:function (default exact)"})
+METAVARS.update({"objective": "NAME", "beta": "BETA", "group_size": "G", "kl": "WEIGHT",
+                 "max_new_tokens": "N", "temperature": "T", "metric": "NAME|MODULE:FUNCTION"})
+REWARD_HELP = ("grpo: a reward function module:function[=weight] taking (prompts, completions, "
+               "rows) and returning one number per completion; repeat for a weighted sum "
+               "(the module's file is printed before it is imported)")
+
+
+
+def _flag_names() -> dict[str, str]:
+    """Dotted field -> the flag a user types for it ("train.max_steps" -> "--steps")."""
+    return {dotted: "--" + name.replace("_", "-") for name, dotted in FLAGS.items()}
+
+
+def _known(section: str, field: str) -> bool:
+    """Whether `section.field` is a recipe field (so "model.safetensors" stays a file name)."""
+    import dataclasses
+
+    from petkit.app.recipe import DataSpec, ModelSpec
+    from petkit.training.config import TrainConfig
+
+    if section == "method":
+        return True
+    top = field.split(".")[0]
+    if section == "train" and "." in field:
+        return top in ("stepper", "ist", "objective")
+    cls = {"train": TrainConfig, "data": DataSpec, "model": ModelSpec}[section]
+    return top in {f.name for f in dataclasses.fields(cls)}
+
+
+def speak_flags(message: str) -> str:
+    """A library message in the words of the command line: `TrainConfig.max_steps`,
+    `LoraConfig.r` and `data.text_column` become `--steps`, `--rank` and `--text-column`; a field
+    without a named flag becomes its dotted option (`--train.weight_decay`)."""
+    import re
+
+    from petkit.core.registry import METHODS
+
+    flags = _flag_names()
+    method_classes = {info.config_cls.__name__ for info in METHODS.values()}
+
+    def flag(match: re.Match[str]) -> str:
+        owner, field = match.group(1), match.group(2)
+        section = ("train" if owner == "TrainConfig" else
+                   "method" if owner in method_classes else owner)
+        if section not in ("train", "data", "model", "method") or not _known(section, field):
+            return match.group(0)
+        dotted = f"{section}.{field}"
+        return flags.get(dotted, "--" + dotted)
+
+    return re.sub(r"(?<![\w./=-])([A-Za-z]\w*)\.([a-z][a-z0-9_]*(?:\.[a-z][a-z0-9_]*)?)\b",
+                  flag, message)

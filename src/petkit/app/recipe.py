@@ -16,18 +16,20 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from petkit.app.safe_yaml import load_yaml_file
 from petkit.app.train_options import option_type, set_option
 from petkit.core.config_io import check_keys, dataclass_from_dict
 from petkit.core.errors import ConfigError
 from petkit.training.config import LEGACY_KEYS, TrainConfig
 from petkit.core.registry import get_method, make_config
-from petkit.data import is_data_file
+from petkit.recipes import shipped
+from petkit.data import BAD_ROWS, EMBEDDED_TASKS, FORMATS, is_data_file, is_source
+from petkit.data.chat import TRAIN_ON
 
 TASK_TYPES = ("auto", "verbaliser", "head", "instruction")
 SECTIONS = ("method", "model", "data", "train")
@@ -81,9 +83,20 @@ class DataSpec:
     completion_column: str = "completion"
     test_fraction: float = 0.2
     labels: list[str] | None = None
+    format: str = "auto"  # a data format of petkit.data.formats (auto: recognised from the columns)
+    split: str = "train"  # datasets: the split that trains (a `test` split is the test set)
+    config: str | None = None  # hub datasets: the configuration (subset) name
+    chat_template: str | None = None  # None: the model's own; chatml | llama3 | zephyr | a file
+    train_on: str = "assistant"  # chat: assistant | last | all (tokens that carry the loss)
+    bad_rows: str = "error"  # malformed rows: error (named) | skip (named in the run's notes)
 
     def __post_init__(self) -> None:
         """Validate each field."""
+        choices = {"format": ("auto", *FORMATS), "train_on": TRAIN_ON, "bad_rows": BAD_ROWS}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"--{name.replace('_', '-')} (data.{name}) must be one of "
+                                  f"{', '.join(allowed)}, got {getattr(self, name)!r}")
         for name in ("name", "text_column", "label_column", "prompt_column", "completion_column"):
             value = getattr(self, name)
             if not isinstance(value, str) or not value:
@@ -109,6 +122,19 @@ class DataSpec:
         if not isinstance(self.max_length, int) or not 8 <= self.max_length <= 32768:
             raise ConfigError(f"data.max_length must be an int in [8, 32768], "
                               f"got {self.max_length!r}")
+        self._check_columns_fit_task()
+
+    def _check_columns_fit_task(self) -> None:
+        """Column names are for the user's own file: an embedded task has its own columns."""
+        if self.name not in EMBEDDED_TASKS:
+            return
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name in ("text_column", "label_column", "prompt_column", "completion_column"):
+            if getattr(self, name) != defaults[name]:
+                raise ConfigError(f"data.{name}={getattr(self, name)!r} names a column of your own "
+                                  f"data file, but data.name={self.name!r} is an embedded task "
+                                  f"with its own columns: drop data.{name}, or give your file "
+                                  f"as data.name")
 
 
 @dataclass(frozen=True)
@@ -165,13 +191,7 @@ def recipe_from_dict(data: dict[str, Any]) -> Recipe:
 
 def shipped_recipes(subfolder: str = "") -> dict[str, Path]:
     """YAML recipes shipped in `petkit/recipes/<subfolder>`, by file stem."""
-    folder = resources.files("petkit.recipes")
-    if subfolder:
-        folder = folder / subfolder
-    if not folder.is_dir():
-        return {}
-    return {Path(p.name).stem: Path(str(p)) for p in folder.iterdir()
-            if p.name.endswith((".yaml", ".yml"))}
+    return shipped(subfolder)
 
 
 def builtin_recipes() -> dict[str, Path]:
@@ -189,10 +209,10 @@ def read_yaml_mapping(path_or_name: str | Path, shipped: dict[str, Path],
             raise ConfigError(f"{what} {str(path_or_name)!r} is not a file nor a shipped {what} "
                               f"({', '.join(sorted(shipped)) or 'none'})")
         path = shipped[str(path_or_name)]
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as err:
-        raise ConfigError(f"cannot read {what} {path}: {err}") from err
+    data = load_yaml_file(path, what)
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{what} {path} holds a YAML {type(data).__name__}; a {what} is a "
+                          "mapping of sections (method:, model:, data:, train:, ...)")
     return data or {}
 
 
@@ -228,6 +248,16 @@ def parse_value(text: str, annotation: Any = Any) -> Any:
     return value
 
 
+def _comma_list(value: Any, annotation: Any) -> Any:
+    """"q_proj,k_proj" for a field that takes a list is that list (targets, modules_to_save);
+    a text with a regex repetition like {1,3} stays one pattern."""
+    takes_list = any(typing.get_origin(a) in (list, tuple) or a in (list, tuple)
+                     for a in (annotation, *typing.get_args(annotation)))
+    if not (takes_list and isinstance(value, str) and "," in value and "{" not in value):
+        return value
+    return [item.strip() for item in value.split(",") if item.strip()]  # as a YAML list reads
+
+
 def _section_class(data: dict[str, Any], section: str) -> type:
     if section == "method":
         return get_method(str(data["method"].get("name", "lora"))).config_cls
@@ -256,7 +286,7 @@ def apply_overrides(recipe: Recipe, overrides: dict[str, str]) -> Recipe:
         known = {f.name for f in dataclasses.fields(cls)} | ({"name"} if section == "method" else set())
         check_keys({key: text}, [f"{section}.{k}" for k in known], section)
         annotation = str if name == "name" else _field_type(cls, name)
-        data[section][name] = parse_value(text, annotation)
+        data[section][name] = _comma_list(parse_value(text, annotation), annotation)
     _fresh_file_sizes(recipe, data["data"], overrides)
     return recipe_from_dict(data)
 
@@ -264,7 +294,7 @@ def apply_overrides(recipe: Recipe, overrides: dict[str, str]) -> Recipe:
 def _fresh_file_sizes(recipe: Recipe, data: dict[str, Any], overrides: dict[str, str]) -> None:
     """A user file that an override names trains and tests on all its rows: the sizes and label
     names that came with the recipe's previous task are dropped unless these overrides set them."""
-    if data["name"] == recipe.data.name or not is_data_file(data["name"]):
+    if data["name"] == recipe.data.name or not is_source(data["name"]):
         return
     for key in ("train_size", "test_size", "labels"):
         if f"data.{key}" not in overrides:

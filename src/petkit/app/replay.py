@@ -15,14 +15,21 @@ import torch
 from petkit.core.errors import ConfigError
 from petkit.app.pipeline import method_config, prepare
 from petkit.app.recipe import load_recipe
+from petkit.app.run_folder import check_folder_path
 from petkit.training.steppers.zeroth import replay_mezo
 from petkit.core.io import save_adapter
 from petkit.core.model import attach
 
 
-def replay_run(log: str | Path, output: str | Path, steps: int | None = None) -> Path:
-    """Replay `log` (the first `steps` steps, default all) and save the adapter to `output`."""
+def replay_run(log: str | Path, output: str | Path, steps: int | None = None,
+               overwrite: bool = False) -> Path:
+    """Replay `log` (the first `steps` steps, default all) and save the adapter to `output`;
+    an existing non-empty `output` is refused (before any model loads) unless `overwrite`."""
     log = Path(log)
+    check_folder_path(Path(output))
+    if not overwrite and Path(output).is_dir() and any(Path(output).iterdir()):
+        raise ConfigError(f"--output {output} is not empty; --overwrite replaces what it holds, "
+                          f"or name a new folder")
     saved = log.parent / "recipe.yaml"
     if not log.is_file():
         raise ConfigError(f"--log {log}: no such file (a run with train.zo_log=true writes "

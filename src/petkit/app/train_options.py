@@ -1,5 +1,5 @@
 """`--train.<key>=value` overrides: the type of a train option and how to set it in a recipe's
-train section (flat fields, the nested `stepper.` / `ist.` sections, and the legacy flat keys)."""
+train section (flat fields, the nested `stepper.` / `ist.` / `objective.` sections, and the legacy flat keys)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from petkit.core.errors import ConfigError
 from petkit.training.config import LEGACY_KEYS, TrainConfig
 from petkit.training.stepper_config import resolve_stepper, stepper_configs
 from petkit.training.ist import IstConfig
+from petkit.training.objectives_config import ObjectiveConfig
 
 
 def option_type(train: dict[str, Any], key: str) -> Any:
@@ -32,10 +33,12 @@ def option_type(train: dict[str, Any], key: str) -> Any:
             raise ConfigError(f"unknown option --train.{key}; train fields: {known}")
     if head == "ist":
         cls: type = IstConfig
+    elif head == "objective":
+        cls = ObjectiveConfig
     elif head == "stepper":
         cls = type(resolve_stepper(train.get("optimizer", "adamw"), train.get("stepper", "auto")))
     else:
-        raise ConfigError(f"unknown option --train.{key}; nested sections: stepper, ist")
+        raise ConfigError(f"unknown option --train.{key}; nested sections: stepper, ist, objective")
     hints = typing.get_type_hints(cls)
     if rest not in hints or rest.isupper():
         raise ConfigError(f"unknown option --train.{key}; {head} fields: "
@@ -51,6 +54,11 @@ def set_option(train: dict[str, Any], key: str, value: Any) -> None:
         return
     if head == "ist":
         train["ist"] = {**(train.get("ist") or {}), rest: value}
+        return
+    if head == "objective":
+        current = train.get("objective") or {}
+        current = {"name": current} if isinstance(current, str) else current
+        train["objective"] = {**current, rest: value}
         return
     current = resolve_stepper(train.get("optimizer", "adamw"), train.get("stepper", "auto"))
     train["stepper"] = {**current.to_dict(), rest: value}

@@ -13,8 +13,11 @@ step; the test subset is fixed, sealed (`petkit.data.RecordedSplit`) and read on
 training; every arm sees the same data and seeds. See `spec.py` for the YAML format.
 """
 
-from petkit.benchmark.harness import BenchReport, run, write_report
-from petkit.benchmark.spec import ArmSpec, BenchSpec, Cell, TaskSpec, load_spec, spec_from_dict
+from petkit.core.lazy import lazy_exports
 
-__all__ = ["ArmSpec", "BenchReport", "BenchSpec", "Cell", "TaskSpec", "load_spec", "run",
-           "spec_from_dict", "write_report"]
+# public name -> the module it lives in; loaded on first use (torch and the models with it)
+_EXPORTS = {
+    **dict.fromkeys(['BenchReport', 'run', 'write_report'], 'petkit.benchmark.harness'),
+    **dict.fromkeys(['ArmSpec', 'BenchSpec', 'Cell', 'TaskSpec', 'load_spec', 'spec_from_dict'], 'petkit.benchmark.spec'),
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

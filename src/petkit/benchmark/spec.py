@@ -255,6 +255,15 @@ def _method_arm(entry: Any, options: dict[str, Any]) -> ArmSpec:
                    pretrain=pretrain, quantize=quantize, prune=prune)
 
 
+def _has_defaults(method: str) -> bool:
+    """Whether `method`'s config builds with no fields given."""
+    try:
+        make_config(method)
+    except ConfigError:
+        return False
+    return True
+
+
 def _arms(data: dict[str, Any]) -> list[ArmSpec]:
     options = _mapping(data.get("method_options"), "method_options")
     for name in options:
@@ -263,8 +272,8 @@ def _arms(data: dict[str, Any]) -> list[ArmSpec]:
     exclude = data.get("exclude") or []
     if not isinstance(exclude, list):
         raise ConfigError("bench spec: exclude must be a list of method names")
-    if methods == "all":
-        methods = [name for name in METHODS if name not in exclude]
+    if methods == "all":  # every method that has defaults to run with (not trainable-tokens)
+        methods = [name for name in METHODS if name not in exclude and _has_defaults(name)]
     if not isinstance(methods, list):
         raise ConfigError("bench spec: methods must be 'all' or a list of method entries")
     arms = [_method_arm(m, options) for m in methods]

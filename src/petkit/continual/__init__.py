@@ -7,11 +7,12 @@
 Strategies: sequential, multitask, per-task, o-lora, inflora, hide, conpet (docs/continual.md).
 """
 
-from petkit.continual.metrics import average_accuracy, backward_transfer, forgetting, summarise
-from petkit.continual.run import (STRATEGIES, ContinualResult, load_continual, predict,
-                                  run_continual)
-from petkit.continual.tasks import SEQUENCES, SeqTask, parse_task
+from petkit.core.lazy import lazy_exports
 
-__all__ = ["SEQUENCES", "STRATEGIES", "ContinualResult", "SeqTask", "average_accuracy",
-           "backward_transfer", "forgetting", "load_continual", "parse_task", "predict",
-           "run_continual", "summarise"]
+# public name -> the module it lives in; loaded on first use (torch and the models with it)
+_EXPORTS = {
+    **dict.fromkeys(['average_accuracy', 'backward_transfer', 'forgetting', 'summarise'], 'petkit.continual.metrics'),
+    **dict.fromkeys(['STRATEGIES', 'ContinualResult', 'load_continual', 'predict', 'run_continual'], 'petkit.continual.run'),
+    **dict.fromkeys(['SEQUENCES', 'SeqTask', 'parse_task'], 'petkit.continual.tasks'),
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from petkit.core.errors import ConfigError
@@ -30,7 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", dest="cl_model", metavar="NAME", default="minilm-l6",
                         help="encoder (default minilm-l6, embedded)")
     parser.add_argument("--output", dest="cl_output", metavar="DIR", default=None,
-                        help="run folder (default runs/continual-<strategy>)")
+                        help="run folder (default runs/continual-<strategy>, moving on to -2, -3 "
+                             "... when it holds a run; a named folder holding one is refused)")
+    parser.add_argument("--overwrite", dest="cl_overwrite", action="store_true",
+                        help="replace the run already in --output")
     parser.add_argument("--steps", dest="cl_steps", metavar="N", type=int, default=60,
                         help="optimiser steps per task (default 60)")
     parser.add_argument("--lr", dest="cl_lr", metavar="LR", type=float, default=1e-3, help="default 1e-3")
@@ -73,17 +78,29 @@ def method_overrides(dotted: dict[str, str]) -> dict[str, Any]:
     return {k.removeprefix("method."): _value(v) for k, v in dotted.items()}
 
 
-def command(args: argparse.Namespace, dotted: dict[str, str]) -> list[str]:
-    """Run the sequence; return the lines to print (matrix and metrics)."""
+def _earlier_run(folder: Path) -> str | None:
+    """What an earlier `petkit continual` left in `folder`, or None."""
+    held = [what for what, name in (("results", "results.json"), ("adapters", "adapters"))
+            if (folder / name).exists()]
+    return " and ".join(held) or None
+
+
+def command(args: argparse.Namespace, dotted: dict[str, str],
+            echo: Callable[[str], None] = print) -> list[str]:
+    """Run the sequence (`echo`: where the run goes, said before it starts); return the lines to
+    print (matrix and metrics)."""
+    from petkit.app.run_folder import claim_folder  # the run's modules: only when it runs
     from petkit.continual.run import run_continual
 
-    out = args.cl_output or f"runs/continual-{args.cl_strategy}"
+    out = claim_folder(Path(args.cl_output or f"runs/continual-{args.cl_strategy}"),
+                       default=args.cl_output is None, overwrite=args.cl_overwrite,
+                       held_by=_earlier_run, echo=echo)
     result = run_continual(
         args.cl_tasks, args.cl_strategy, method=args.cl_method, model=args.cl_model,
         output_dir=out, lr=args.cl_lr, steps=args.cl_steps, batch_size=args.cl_batch_size,
         seed=args.cl_seed, max_train=args.cl_max_train, max_test=args.cl_max_test,
         max_length=args.cl_max_length, method_options=method_overrides(dotted),
-        options=parse_options(args.cl_options))
+        options=parse_options(args.cl_options), progress=True)
     lines = [f"accuracy a[t][i] ({'task id given' if result.uses_task_id else 'no task id'}):"]
     for t, row in enumerate(result.matrix):
         cells = " ".join("   -  " if v is None else f"{100 * v:5.1f}%" for v in row)

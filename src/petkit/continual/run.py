@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from tqdm.auto import tqdm
 
 from petkit.continual.metrics import summarise
 from petkit.continual.model import ContinualClassifier, build_classifier, encode_task
@@ -94,13 +95,14 @@ def run_continual(tasks: str | Sequence[str | SeqTask], strategy: str = "sequent
                   max_test: int | None = 200, max_length: int = 64,
                   method_options: dict[str, Any] | None = None,
                   options: dict[str, Any] | None = None,
-                  encoder: nn.Module | None = None) -> ContinualResult:
+                  encoder: nn.Module | None = None, progress: bool = False) -> ContinualResult:
     """Learn `tasks` in order with `strategy`; score every seen task after each one.
 
     `tasks`: a sequence name (bbc-classes, domains), "A,B,C", or a list of task specs or
     `SeqTask`s. `steps` optimiser steps per task (multitask: steps x tasks). `options`:
     ortho_weight (o-lora), inflora_threshold, pool and replay (conpet). `encoder` replaces the
-    named model (its examples must then already be token ids).
+    named model (its examples must then already be token ids). `progress`: a bar over the tasks
+    (the CLI's; off by default in the library).
     """
     _check(strategy, steps, lr, batch_size)
     started = time.perf_counter()
@@ -116,13 +118,19 @@ def run_continual(tasks: str | Sequence[str | SeqTask], strategy: str = "sequent
     free: list[list[float | None]] = [[None] * size for _ in range(size)]
     aware: list[list[float | None]] = [[None] * size for _ in range(size)]
     rows = [size - 1] if learner.joint else range(size)
+    bar = tqdm(total=len(rows), desc=f"{strategy}", unit="task", disable=not progress,
+               dynamic_ncols=True)
     if learner.joint:
+        bar.set_postfix_str(f"all {size} tasks at once")
         learner.learn_all()  # type: ignore[attr-defined]
     for t in rows:
+        bar.set_postfix_str(f"task {t + 1}/{size}: {seq[t].name}")
         if not learner.joint:
             learner.learn(t)
         for i in range(t + 1):
             free[t][i], aware[t][i] = _accuracies(learner, encoded[i][1], t, i)
+        bar.update(1)
+    bar.close()
     result = ContinualResult(strategy, [t.name for t in seq], free, aware, summarise(free),
                              summarise(aware), learner.uses_task_id,
                              time.perf_counter() - started, learner.report)

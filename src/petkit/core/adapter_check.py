@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -105,17 +106,17 @@ def dry_attach(model: nn.Module, config: MethodConfig,
     return touched, shapes
 
 
-def compare_shapes(expected: Shapes, tensors: Mapping[str, torch.Tensor]) -> None:
+def compare_shapes(expected: Shapes, actual: Shapes) -> None:
     """Raise naming missing/unexpected keys or the first tensor whose shape differs."""
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
+    missing = sorted(set(expected) - set(actual))
+    unexpected = sorted(set(actual) - set(expected))
     if missing or unexpected:
         raise AdapterLoadError(
             f"adapter tensors do not fit: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
     for key, shape in expected.items():
-        if tuple(tensors[key].shape) != tuple(shape):
-            raise AdapterLoadError(f"tensor {key!r} has shape {tuple(tensors[key].shape)} in the "
+        if tuple(actual[key]) != tuple(shape):
+            raise AdapterLoadError(f"tensor {key!r} has shape {tuple(actual[key])} in the "
                                    f"file but {tuple(shape)} in the model")
 
 
@@ -145,21 +146,20 @@ def check_sizes(model: nn.Module, config: MethodConfig, targets: list[str], nume
 
 
 def precheck(model: nn.Module, config: MethodConfig, name: str, targets: list[str],
-             tensors: Mapping[str, torch.Tensor], where: object) -> None:
-    """Everything about `config` that can be checked against the base without allocating."""
-    check_sizes(model, config, targets, sum(t.numel() for t in tensors.values()), where)
+             declared: Shapes, where: object) -> Shapes | None:
+    """Everything about `config` that can be checked against the base without allocating, with
+    `declared` the file's {tensor: shape} (from its header). Returns the shapes the adapter has
+    on this model (None when the method cannot be built on the meta device)."""
+    check_sizes(model, config, targets, sum(math.prod(s) for s in declared.values()), where)
     dry = dry_attach(model, config, name)
     if dry is None:
-        return
+        return None
     touched, shapes = dry
     if set(touched) != set(targets):
         extra = sorted(set(touched) ^ set(targets))
         raise AdapterLoadError(f"{where}: field 'targets' does not match the modules its config "
                                f"selects in this model (differ: {extra[:3]})")
-    try:
-        compare_shapes(shapes, tensors)
-    except AdapterLoadError as exc:
-        raise AdapterLoadError(f"{where}: {exc}") from None
+    return shapes
 
 
 def check_values(tensors: Mapping[str, torch.Tensor], where: object, strict: bool) -> None:

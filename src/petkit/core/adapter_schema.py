@@ -2,8 +2,8 @@
 
 `read_json` refuses a file above a size cap (checked with `stat`, before reading), text that is
 not UTF-8 JSON, NaN/Infinity, and nesting deeper than a cap. `check_meta` then checks every
-field of `adapter.json` against `ADAPTER_SCHEMA` (type, range, length). `read_header` reads a
-safetensors header (names, dtypes, shapes) without loading a tensor. Every failure is an
+field of `adapter.json` against `ADAPTER_SCHEMA` (type, range, length); `HEADER_ENTRY` is the
+schema of one safetensors header entry (read by `safetensors_header`). Every failure is an
 `AdapterLoadError` naming the file and the field.
 """
 from __future__ import annotations
@@ -19,7 +19,6 @@ from .errors import AdapterLoadError
 
 FORMAT_VERSION = 1  # adapter folder format this petkit writes and reads
 MAX_JSON_BYTES = 1 << 20  # adapter.json / adapter_config.json
-MAX_HEADER_BYTES = 16 << 20  # a safetensors header (names, dtypes, shapes, offsets)
 MAX_DEPTH = 16
 FLOAT_DTYPES = {"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"}
 DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2,
@@ -164,6 +163,11 @@ FINGERPRINT = Obj({"architecture": Str(256), "model_type": Str(256),
                                             "compute_dtype": Opt(Str(64))},
                                            required=("mode", "backend")))},
                   required=("architecture", "shapes", "weights_sha256"))
+TASK_TYPES = ("verbaliser", "head", "instruction")
+TASK = Obj({"type": Str(16, re.compile("|".join(TASK_TYPES)), f"one of {', '.join(TASK_TYPES)}"),
+            "labels": List(Str(1024), 100_000), "label_words": List(Str(1024), 100_000),
+            "template": Str(8192), "input_column": Str(1024), "target_column": Str(1024), "data": Str(4096),
+            "test_file": Str(4096)}, required=("type",))
 ADAPTER_SCHEMA = Obj({
     "format_version": Int(1, FORMAT_VERSION),
     "library": Str(64),
@@ -175,6 +179,8 @@ ADAPTER_SCHEMA = Obj({
     "base_fingerprint": FINGERPRINT,
     "tensors_sha256": Str(64, _HEX64, "a sha256 hex digest"),
     "num_parameters": Int(0),
+    "base_model": Str(4096),  # embedded name, hub id or folder (absent in older adapters)
+    "task": TASK,
 }, required=("format_version", "method", "config", "targets", "base_fingerprint",
              "tensors_sha256"))
 
@@ -261,47 +267,5 @@ def check_meta(meta: Any, where: str) -> dict[str, Any]:
     return meta
 
 
-@dataclass(frozen=True)
-class TensorInfo:
-    dtype: str
-    shape: tuple[int, ...]
-
-
 HEADER_ENTRY = Obj({"dtype": Str(16), "shape": SHAPE, "data_offsets": List(Int(0), 2, 2)},
                    required=("dtype", "shape", "data_offsets"))
-
-
-def read_header(path: Path) -> dict[str, TensorInfo]:
-    """Names, dtypes and shapes of a safetensors file, from its header only (checked)."""
-    where = str(path)
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as fh:
-            prefix = fh.read(8)
-            n = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
-            if not 0 < n <= min(MAX_HEADER_BYTES, size - 8):
-                raise AdapterLoadError(f"{where} is not a safetensors file (header length {n})")
-            raw = fh.read(n)
-    except OSError as exc:
-        raise AdapterLoadError(f"{where} cannot be read: {exc}") from None
-    header = parse_json(raw, f"{where} (header)")
-    if not isinstance(header, dict):
-        raise AdapterLoadError(f"{where}: the safetensors header is not an object")
-    out, data_bytes = {}, size - 8 - n
-    for key, entry in header.items():
-        if key == "__metadata__":
-            continue
-        MODULE_PATH.check(key, where, "tensor name")
-        HEADER_ENTRY.check(entry, where, key)
-        dtype, shape = entry["dtype"], tuple(entry["shape"])
-        if dtype not in DTYPE_BYTES:
-            raise _fail(where, f"{key}.dtype", f"one of {sorted(DTYPE_BYTES)}", dtype)
-        begin, end = entry["data_offsets"]
-        numel = 1
-        for dim in shape:
-            numel *= dim
-        if not begin <= end <= data_bytes or end - begin != numel * DTYPE_BYTES[dtype]:
-            raise AdapterLoadError(f"{where}: tensor {key!r} has offsets {entry['data_offsets']} that "
-                                   f"do not fit its shape {list(shape)} and the file size")
-        out[key] = TensorInfo(dtype, shape)
-    return out

@@ -6,6 +6,8 @@ never through a method's name or a `hasattr` probe:
 
     Weighted        a float `mix` scaling its delta when stacked (`pk.activate(..., weights=)`)
     LowRank         `lowrank() -> (A, B, scale)`: its delta is `scale * B @ A`
+    RowBatchable    `row_terms() -> RowTerms`: its output is `gain * base(x) + shift + scale * B A x`,
+                    so rows of many adapters share one forward (core.batched_lowrank)
     RankSettable    `set_rank(r)`: evaluate at another rank without retraining (DyLoRA)
     ExpertRouted    `expert_counts()`: tokens routed to each expert (LoRA mixtures)
     StepHooked      `on_train_step(step, total)` after each optimiser step (COLA's links)
@@ -29,7 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -52,6 +54,24 @@ class Weighted(Protocol):
 class LowRank(Protocol):
     def lowrank(self) -> Factors:
         """(A (r, in), B (out, r), scale): the delta is `scale * B @ A` in (out, in) layout."""
+        ...
+
+
+class RowTerms(NamedTuple):
+    """One wrapper as `gain * base(x) + shift + scale * B A x` (eval mode, weight 1, alone on its base).
+
+    a (r, in), b (out, r); gain and shift are (out,) vectors, None for 1 and 0."""
+    a: torch.Tensor
+    b: torch.Tensor
+    scale: float
+    gain: torch.Tensor | None = None
+    shift: torch.Tensor | None = None
+
+
+@runtime_checkable
+class RowBatchable(Protocol):
+    def row_terms(self) -> RowTerms:
+        """This wrapper's output as an affine map of its base's plus a low-rank term (see RowTerms)."""
         ...
 
 
@@ -137,9 +157,9 @@ class PeftLayout:
     from_value: Callable[[Any, str, Any], Any] = field(default=lambda base, local, tensor: tensor)
 
 
-WRAPPER_CAPABILITIES: tuple[type, ...] = (Weighted, LowRank, RankSettable, ExpertRouted, StepHooked,
-                                          ReportsMetrics, Foldable, MergesOwnDeltas, TransformsOutput,
-                                          InputScaled)
+WRAPPER_CAPABILITIES: tuple[type, ...] = (Weighted, LowRank, RowBatchable, RankSettable, ExpertRouted,
+                                          StepHooked, ReportsMetrics, Foldable, MergesOwnDeltas,
+                                          TransformsOutput, InputScaled)
 CONFIG_CAPABILITIES: tuple[type, ...] = (RankRange, FoldableConfig)
 
 

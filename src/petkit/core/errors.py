@@ -1,5 +1,14 @@
 """Errors a petkit user can get for a mistake of theirs. All derive from `PetkitError`."""
 
+import difflib
+from collections.abc import Iterable
+
+
+def did_you_mean(name: str, choices: Iterable[str]) -> str:
+    """" (did you mean 'x'?)" for the choices close to `name`, else ""."""
+    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=2, cutoff=0.6)
+    return f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
+
 
 class PetkitError(Exception):
     """Base class of every error petkit raises on purpose."""

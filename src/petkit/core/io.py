@@ -1,20 +1,25 @@
 """Adapter files: `adapter.safetensors` (delta tensors keyed by canonical module path) and
-`adapter.json` (method, config, targets, versions, base fingerprint, tensor checksum).
+`adapter.json` (method, config, targets, versions, base fingerprint, tensor checksum, and where
+`describe_base` said so: the base's name and the task the adapter was trained for).
 
-Saving is atomic (`durable.write_folder`: temp folder, fsync, rename the old aside, rename the
-new in): a reader or a crash never sees half an adapter. Loading checks everything before it
-touches the model: `adapter.json` against its declared schema (`adapter_schema`), the checksum,
-the safetensors header, the recorded targets (exact module paths; a regex from a file is never
-run), the config's sizes and shapes against the base (`adapter_check`, on a meta skeleton, before
-any allocation), the tensors' values. A load that fails later undoes its attach, so a failed
-load leaves the model as it was. Nothing is pickled.
+Saving is atomic and versioned (`durable.write_folder`: a new `.<name>.v<N>` folder, fsynced,
+then the `<name>` symlink swapped onto it): a reader or a crash never sees half an adapter, and
+a reader never finds the folder missing while another process overwrites it. Loading checks
+what the files *declare* before reading any tensor data: `adapter.json` against its schema
+(`adapter_schema`), the safetensors header's layout against the file's size
+(`safetensors_header`), the recorded targets (exact module paths; a regex from a file is never
+run), the config's sizes and the shapes it implies on this base (`adapter_check`, on a meta
+skeleton) against the header's names, shapes and dtypes. Only then the checksum pass, the
+tensors and their values. A load that fails later undoes its attach, so a failed load leaves
+the model as it was. Nothing is pickled.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,17 +30,45 @@ from torch import nn
 
 from .disk import file_sha256
 from .adapter_check import check_targets_exist, check_values, compare_shapes, exact_targets, precheck
-from .adapter_schema import FORMAT_VERSION, check_meta, read_header, read_json
+from .adapter_schema import FORMAT_VERSION, check_meta, read_json
 from .delta import iter_deltas
-from .durable import reading, resolve_folder, write_folder
+from .durable import read_version, write_folder
 from .errors import AdapterLoadError, AdapterStateError, ConfigError
 from .fingerprint import compare, fingerprint
 from .model import activate, attach, detach, set_trainable
 from .state import adapters, check_known
 from .registry import METHODS, MethodConfig, config_from_json
+from .safetensors_header import Header, check_budget, check_declared, read_header
 from .version import __version__
 
 TENSORS, META = "adapter.safetensors", "adapter.json"
+# Bound on the numbers of an adapter whose exact shapes cannot be computed before reading it:
+# this many times the parameters it could be sized from, plus a little (~4 MB of float32).
+BUDGET_FACTOR, BUDGET_SLACK = 4, 1 << 20
+
+
+BASE_ATTR = "_petkit_base"  # on a model: what `describe_base` recorded for adapter.json
+
+
+def describe_base(model: nn.Module, base_model: str | None = None,
+                  task: Mapping[str, Any] | None = None) -> nn.Module:
+    """Record on `model` what `save_adapter` writes beside its adapters: `base_model` (an
+    embedded name, a hub id or a folder) and `task` (type: verbaliser | head | instruction, and
+    labels, label_words, template, input_column where they apply), so that an adapter copied out
+    of its run folder still says which base it needs and how it is used."""
+    record = dict(getattr(model, BASE_ATTR, None) or {})
+    if base_model is not None:
+        record["base_model"] = str(base_model)
+    if task is not None:
+        record["task"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in task.items()
+                          if v is not None}
+    model.__dict__[BASE_ATTR] = record
+    return model
+
+
+def base_record(model: nn.Module) -> dict[str, Any]:
+    """What `describe_base` recorded on `model` ({} when nothing)."""
+    return dict(getattr(model, BASE_ATTR, None) or {})
 
 
 def adapter_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
@@ -73,25 +106,21 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
             "base_fingerprint": record.fingerprint,
             "tensors_sha256": file_sha256(tmp / TENSORS),
             "num_parameters": int(sum(v.numel() for v in state.values())),
+            **base_record(model),
         }
         (tmp / META).write_text(json.dumps(meta, indent=2))
 
-    return write_folder(Path(path), fill)
+    need = sum(v.numel() * v.element_size() for v in state.values()) + (64 << 10)
+    return write_folder(Path(path), fill, versioned=True, need_bytes=need)
 
 
 def _complete(folder: Path) -> bool:
     return (folder / META).is_file() and (folder / TENSORS).is_file()
 
 
-def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Read and check an adapter folder (schema, checksum, header, tensors) without touching
-    any model. Waits for a save into the same folder to finish."""
-    folder = Path(path)
-    with reading(folder):
-        return _read_folder(resolve_folder(folder, _complete), folder)
-
-
-def _read_folder(folder: Path, asked: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def _declared(folder: Path, asked: object) -> tuple[dict[str, Any], Header]:
+    """`adapter.json` (schema-checked) and the tensor file's header (layout checked against the
+    file's size): everything an adapter declares, with no tensor data read."""
     if not folder.is_dir():
         raise AdapterLoadError(f"adapter folder {asked} does not exist")
     meta_path, tensor_path = folder / META, folder / TENSORS
@@ -100,17 +129,54 @@ def _read_folder(folder: Path, asked: Path) -> tuple[dict[str, Any], dict[str, t
     meta = check_meta(read_json(meta_path), str(meta_path))
     if not tensor_path.is_file() or tensor_path.stat().st_size == 0:
         raise AdapterLoadError(f"{tensor_path} is missing or empty")
-    if file_sha256(tensor_path) != meta["tensors_sha256"]:
-        raise AdapterLoadError(f"{tensor_path} does not match the checksum in {META}: truncated or corrupted")
-    read_header(tensor_path)
+    shown = Path(asked) / TENSORS  # the user's path, not the version folder it links to
+    header = read_header(tensor_path, shown=shown)
+    if not header.tensors:
+        raise AdapterLoadError(f"{shown} holds no tensors")
+    return meta, header
+
+
+def _tensors(header: Header, meta: dict[str, Any], asked: object) -> dict[str, torch.Tensor]:
+    """The tensors, read after the declared names, shapes and sizes passed: checksum first."""
+    path, shown = header.path, Path(asked) / TENSORS
     try:
-        with safe_open(str(tensor_path), framework="pt") as fh:
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    except (SafetensorError, OSError, ValueError, TypeError) as exc:
-        raise AdapterLoadError(f"{tensor_path} is not a readable safetensors file: {exc}") from None
-    if not tensors:
-        raise AdapterLoadError(f"{tensor_path} holds no tensors")
-    return meta, tensors
+        digest = file_sha256(path)
+    except OSError as exc:
+        raise AdapterLoadError(f"{shown} cannot be read: {exc}") from None
+    if digest != meta["tensors_sha256"]:
+        raise AdapterLoadError(f"{shown} does not match the checksum in {META}: truncated or corrupted")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return {k: fh.get_tensor(k) for k in fh.keys()}
+    except (SafetensorError, OSError, RuntimeError, ValueError, TypeError) as exc:
+        raise AdapterLoadError(f"{shown} is not a readable safetensors file: {exc}") from None
+
+
+def _fingerprint_budget(meta: dict[str, Any]) -> int:
+    """Numbers an adapter of these targets may hold when its exact shapes are unknown: a
+    multiple of the touched modules' own parameters (delta families stay well below it)."""
+    touched = sum(math.prod(s) for shapes in meta["base_fingerprint"]["shapes"].values() for s in shapes)
+    return BUDGET_FACTOR * touched + BUDGET_SLACK
+
+
+def read_adapter(path: str | os.PathLike, expected: Mapping[str, tuple[int, ...]] | None = None,
+                 check: Callable[[dict[str, Any]], None] | None = None,
+                 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Read and check an adapter folder without touching any model: schema, `check(meta)`, the
+    tensor file's declared layout, its names and shapes (against `expected` {key: shape} when
+    given, else its size against the recorded targets'), checksum, tensors. Reads one version
+    whole even while another process overwrites the folder."""
+    def read(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        meta, header = _declared(folder, path)
+        if check is not None:
+            check(meta)
+        if expected is not None:
+            check_declared(header, expected, path, float_only=False)
+        else:
+            check_budget(header, _fingerprint_budget(meta), path, "the modules it targets")
+        return meta, _tensors(header, meta, path)
+
+    return read_version(Path(path), read, _complete)
 
 
 def config_of(meta: dict[str, Any], where: object) -> MethodConfig:
@@ -136,15 +202,25 @@ def load_adapter(
 
     strict=False turns a base-fingerprint mismatch into a warning; shapes and keys are always checked.
     """
-    meta, tensors = read_adapter(path)
-    config = config_of(meta, path)
-    name = name or meta.get("name") or "default"
-    if name in adapters(model):
-        raise AdapterStateError(f"an adapter named {name!r} is already attached; pass name=... to load under another")
-    _check_base(model, meta, path, strict)
+    def read(folder: Path) -> tuple[MethodConfig, str, dict[str, torch.Tensor]]:
+        meta, header = _declared(folder, path)
+        config = config_of(meta, path)
+        adapter = name or meta.get("name") or "default"
+        if adapter in adapters(model):
+            raise AdapterStateError(f"an adapter named {adapter!r} is already attached; pass "
+                                    "name=... to load under another")
+        _check_base(model, meta, path, strict)
+        config = exact_targets(model, config, meta["targets"], path)
+        expected = precheck(model, config, adapter, meta["targets"], header.shapes, path)
+        if expected is not None:
+            check_declared(header, expected, path, float_only=strict)
+        else:  # a method that cannot be sized on the meta device: bound by the model's size
+            check_budget(header, BUDGET_FACTOR * sum(p.numel() for p in model.parameters())
+                         + BUDGET_SLACK, path, "this model's size")
+        return config, adapter, _tensors(header, meta, path)
+
+    config, name, tensors = read_version(Path(path), read, _complete)
     check_values(tensors, path, strict)
-    config = exact_targets(model, config, meta["targets"], path)
-    precheck(model, config, name, meta["targets"], tensors, path)
     attach(model, config, name)
     fill_attached(model, name, tensors, trainable)
     return model
@@ -163,7 +239,8 @@ def _check_base(model: nn.Module, meta: dict[str, Any], path: Any, strict: bool)
 
 def _copy_tensors(model: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> None:
     state = adapter_state(model, name)
-    compare_shapes({k: tuple(p.shape) for k, p in state.items()}, tensors)
+    compare_shapes({k: tuple(p.shape) for k, p in state.items()},
+                   {k: tuple(t.shape) for k, t in tensors.items()})
     with torch.no_grad():
         for key, param in state.items():
             param.copy_(tensors[key].to(param.dtype))
@@ -208,8 +285,9 @@ def swap_adapter(model: nn.Module, name: str, source: str | os.PathLike | Mappin
         check_values(source, "state dict", strict)
         load_state_into(model, name, dict(source))
         return model
-    meta, tensors = read_adapter(source)
-    _check_same_kind(model, name, meta, source)
+    expected = {k: tuple(p.shape) for k, p in adapter_state(model, name).items()}
+    meta, tensors = read_adapter(source, expected,
+                                 check=lambda meta: _check_same_kind(model, name, meta, source))
     _check_base(model, meta, source, strict)
     check_values(tensors, source, strict)
     load_state_into(model, name, tensors)

@@ -3,26 +3,31 @@
     out = pk.mixed_forward(model, ["a", None, "b", "a"], input_ids=ids, attention_mask=mask)
     seqs = pk.mixed_generate(model, ["a", None], input_ids=ids, attention_mask=mask, max_new_tokens=8)
 
-Rows are grouped by adapter; each group runs through the model with exactly that adapter active
-(a tuple of names stacks several), and the outputs are put back in row order. So every row gets
-what a single-adapter run of its rows gives, for any method — LoRA, adapters, prompt tuning —
-because the model runs unchanged. Refused: a names list whose length is not the batch size,
-training mode, merged adapters (their delta sits in the shared base weights), and labels (a loss
-is a mean over the whole batch).
+Rows whose adapter is low-rank (every wrapper `RowBatchable`: LoRA, rsLoRA, DoRA, DyLoRA at its
+set rank) and rows of the base run together as ONE forward / ONE generate: the base matmuls are
+shared and each row's A/B are gathered and applied in a batched product (core.batched_lowrank).
+Rows of any other method, or naming several adapters (a tuple stacks them), fall back to one run
+per adapter group with exactly that adapter active, and a warning names the methods. Outputs come
+back in row order, and every row gets what a single-adapter run of it gives. Refused: a names list
+whose length is not the batch size, training mode, merged adapters (their delta sits in the shared
+base weights), and labels (a loss is a mean over the whole batch).
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+import warnings
 from typing import Any
 
 import torch
 from torch import nn
 
+from .batched_lowrank import LowRankBank
+from .capabilities import RowBatchable, RowTerms, capable_text
 from .delta import iter_deltas
 from .errors import AdapterStateError, ConfigError
-from .model import keep_activation
-from .model import activate
-from .state import check_known
+from .model import activate, disabled, keep_activation
+from .state import adapters, check_known, wrappers_of
 
 RowName = str | None | Sequence[str]
 
@@ -45,13 +50,62 @@ def _run_grouped(model: nn.Module, names: Sequence[RowName], fn: Callable[..., A
                  kwargs: dict[str, Any], gather: Callable[[list, list[list[int]], int], Any]) -> Any:
     size = _batch_size(args, kwargs)
     groups = _groups(model, names, size)
-    outs = []
+    shared = {key: rows for key, rows in groups.items() if batchable(model, key)}
+    alone = {key: rows for key, rows in groups.items() if key not in shared}
+    _warn_grouped(model, alone)
+    outs, order = [], []
     with keep_activation(model), torch.no_grad():
-        for key, rows in groups.items():
+        if shared:
+            rows = sorted(r for group in shared.values() for r in group)
+            index = torch.tensor(rows)
+            with disabled(model), row_adapters(model, [names[r] for r in rows]):
+                outs.append(fn(*_take(args, index, size), **_take(kwargs, index, size)))
+            order.append(rows)
+        for key, rows in alone.items():
             activate(model, list(key))
             index = torch.tensor(rows)
             outs.append(fn(*_take(args, index, size), **_take(kwargs, index, size)))
-    return gather(outs, list(groups.values()), size)
+            order.append(rows)
+    return gather(outs, order, size)
+
+
+def batchable(model: nn.Module, key: tuple[str, ...]) -> bool:
+    """True for the base and for one adapter whose every wrapper is RowBatchable."""
+    if len(key) > 1:
+        return False
+    return all(isinstance(w, RowBatchable) for _, w in wrappers_of(model, list(key)))
+
+
+def adapter_terms(model: nn.Module, name: str) -> dict[str, RowTerms]:
+    """path -> RowTerms of every wrapper of adapter `name` (all must be RowBatchable)."""
+    return {path: w.row_terms() for path, w in wrappers_of(model, [name]) if isinstance(w, RowBatchable)}
+
+
+@contextmanager
+def row_adapters(model: nn.Module, names: Sequence[str | None]) -> Iterator[LowRankBank]:
+    """Inside: row i of the model's forwards uses adapter `names[i]` through a LowRankBank.
+
+    The model's own wrappers must be disabled (`pk.disabled`); the bank's hooks go on exit."""
+    distinct = sorted({n for n in names if n is not None})
+    slot = {name: i + 1 for i, name in enumerate(distinct)}
+    bank = LowRankBank(model, len(distinct) + 1)
+    try:
+        for name in distinct:
+            bank.put(slot[name], adapter_terms(model, name))
+        bank.rows([0 if n is None else slot[n] for n in names])
+        yield bank
+    finally:
+        bank.close()
+
+
+def _warn_grouped(model: nn.Module, alone: dict[tuple[str, ...], list[int]]) -> None:
+    if not alone:
+        return
+    records = adapters(model)
+    methods = sorted({records[n].config.method for key in alone for n in key})
+    warnings.warn(f"mixed batch: adapters of {', '.join(methods)} (or stacked names) cannot share the "
+                  f"batched low-rank forward ({capable_text(RowBatchable)} can); their rows run as "
+                  f"{len(alone)} separate group(s)", stacklevel=3)
 
 
 def _groups(model: nn.Module, names: Sequence[RowName], size: int) -> dict[tuple[str, ...], list[int]]:

@@ -20,9 +20,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .adapter_check import check_targets_exist, check_values, precheck
-from .adapter_schema import PEFT_SCHEMA, read_header, read_json
+from .adapter_check import check_targets_exist, check_values, compare_shapes, precheck
+from .adapter_schema import PEFT_SCHEMA, read_json
 from .capabilities import PeftLayout
+from .safetensors_header import read_header
 from .delta import get_canonical, innermost
 from .durable import write_folder
 from .errors import AdapterLoadError, AdapterStateError, ConfigError
@@ -40,39 +41,78 @@ def exchangeable() -> list[str]:
     return sorted(n for n, info in METHODS.items() if info.config_cls.peft_layout is not None)
 
 
-def export_peft(model: nn.Module, path: str | os.PathLike, name: str = "default") -> Path:
-    """Write adapter `name` as a PEFT folder (any method PEFT has: `exchangeable()`)."""
+def _layout(cfg: MethodConfig, what: str) -> PeftLayout:
+    """The method's declared PEFT layout; refused for a method PEFT does not have."""
+    layout = type(cfg).peft_layout
+    if layout is None:
+        raise AdapterStateError(f"{what}: this adapter is {cfg.method!r}, which PEFT does not have (no PEFT "
+                                f"tuner computes it); methods PEFT has: {', '.join(exchangeable())}")
+    return layout
+
+
+def peft_key(key: str, layout: PeftLayout) -> str:
+    """A petkit delta tensor key (`pk.adapter_state`) as PEFT names it."""
+    module_path, _, local = key.rpartition(".")
+    if local in layout.keys:
+        return f"{PREFIX}{module_path}.{layout.keys[local]}"
+    mod, _, param = key.partition(".copy.")  # TrainableCopy (modules_to_save): "<path>.copy.<param>"
+    return f"{PREFIX}{mod}.{param}"
+
+
+def peft_config(cfg: MethodConfig, keys: list[str], *, conv1d: bool = False,
+                base_model: str | None = None) -> dict[str, Any]:
+    """PEFT's `adapter_config.json` for config `cfg` whose tensors are `keys` (PEFT names);
+    refuses what PEFT cannot express."""
+    layout = _layout(cfg, "export_peft")
+    names = tuple(f".{n}" for n in layout.keys.values())
+    targets = sorted({k[len(PREFIX):-len(n)] for k in keys for n in names if k.endswith(n)})
+    config = {"peft_type": layout.peft_type, "task_type": None, "target_modules": targets,
+              "modules_to_save": list(cfg.modules_to_save) or None, "inference_mode": True,
+              **layout.to_peft(cfg), "base_model_name_or_path": base_model}
+    alpha = config.get("lora_alpha")
+    if isinstance(alpha, float) and alpha.is_integer():
+        config["lora_alpha"] = int(alpha)  # as PEFT writes it (vLLM reads it as given)
+    if layout.fan_in_fan_out:
+        config["fan_in_fan_out"] = conv1d
+    return config
+
+
+def peft_files(model: nn.Module, name: str = "default",
+               base_model: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Adapter `name`'s tensors under PEFT's names and its `adapter_config.json` content."""
     record = adapters(model).get(name)
     if record is None:
         raise AdapterStateError(f"unknown adapter {name!r}")
-    cfg = record.config
-    layout = type(cfg).peft_layout
-    if layout is None:
-        raise AdapterStateError(f"export_peft: {name!r} is {cfg.method!r}, which PEFT does not have (no PEFT tuner "
-                                f"computes it); methods PEFT has: {', '.join(exchangeable())}")
-    tensors: dict[str, torch.Tensor] = {}
-    targets: set[str] = set()
-    for key, value in adapter_state(model, name).items():
-        module_path, _, local = key.rpartition(".")
-        if local in layout.keys:
-            value = layout.to_value(innermost(get_canonical(model, module_path)), local, value.detach())
-            tensors[f"{PREFIX}{module_path}.{layout.keys[local]}"] = value.cpu().contiguous()
-            targets.add(module_path)
-        else:  # TrainableCopy: "<path>.copy.<param>"
-            mod, _, param = key.partition(".copy.")
-            tensors[f"{PREFIX}{mod}.{param}"] = value.detach().cpu().contiguous()
-    config = {"peft_type": layout.peft_type, "task_type": None, "target_modules": sorted(targets),
-              "modules_to_save": list(cfg.modules_to_save) or None, "inference_mode": True, **layout.to_peft(cfg),
-              "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None)}
-    if layout.fan_in_fan_out:
-        config["fan_in_fan_out"] = any(is_linear(innermost(w)) and linear_dims(innermost(w))[2]
-                                       for _, w in wrappers_of(model, [name]))
+    layout = _layout(record.config, "export_peft")
+    tensors = {peft_key(k, layout): _peft_value(model, layout, k, v.detach()).cpu().contiguous()
+               for k, v in adapter_state(model, name).items()}
+    conv1d = any(is_linear(innermost(w)) and linear_dims(innermost(w))[2] for _, w in wrappers_of(model, [name]))
+    base_model = base_model or getattr(getattr(model, "config", None), "_name_or_path", None)
+    return tensors, peft_config(record.config, list(tensors), conv1d=conv1d, base_model=base_model)
 
-    def fill(out: Path) -> None:
-        save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
-        (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
 
-    return write_folder(Path(path), fill)
+def _peft_value(model: nn.Module, layout: PeftLayout, key: str, value: torch.Tensor) -> torch.Tensor:
+    """The tensor as PEFT holds it (the layout's `to_value`; TrainableCopy tensors as they are)."""
+    module_path, _, local = key.rpartition(".")
+    if local not in layout.keys:
+        return value
+    return layout.to_value(innermost(get_canonical(model, module_path)), local, value)
+
+
+def write_peft(folder: Path, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
+    """Write PEFT's two files into `folder`."""
+    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
+
+
+def export_peft(model: nn.Module, path: str | os.PathLike, name: str = "default",
+                base_model: str | None = None) -> Path:
+    """Write adapter `name` as a PEFT folder (any method PEFT has: `exchangeable()`).
+
+    `base_model` goes into `base_model_name_or_path` (default: the model config's
+    `_name_or_path`, often a local cache folder: give the hub id where there is one)."""
+    tensors, config = peft_files(model, name, base_model)
+    return write_folder(Path(path), lambda out: write_peft(out, tensors, config))
 
 
 def _read_peft(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -151,7 +191,13 @@ def import_peft(model: nn.Module, path: str | os.PathLike, name: str = "default"
     touched = targets + sorted({k.split(".copy.", 1)[0] for k in ours if ".copy." in k})
     check_targets_exist(model, touched, path)
     check_values(ours, path, strict=True)
-    precheck(model, cfg, name, touched, ours, path)
+    shapes = {k: tuple(v.shape) for k, v in ours.items()}
+    expected = precheck(model, cfg, name, touched, shapes, path)
+    if expected is not None:
+        try:
+            compare_shapes(expected, shapes)
+        except AdapterLoadError as exc:
+            raise AdapterLoadError(f"{path}: {exc}") from None
     try:
         attach(model, cfg, name)
     except Exception as exc:

@@ -6,15 +6,13 @@ import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from torch import nn
 
 from .config_io import dataclass_from_dict
-from .errors import ConfigError
+from .errors import ConfigError, did_you_mean
 
-if TYPE_CHECKING:
-    from .capabilities import PeftLayout
 
 
 @dataclass(frozen=True)
@@ -25,7 +23,65 @@ class MethodInfo:
     config_cls: type["MethodConfig"]
 
 
-METHODS: dict[str, MethodInfo] = {}
+ENTRY_POINTS = "petkit.methods"  # group of modules that register methods when imported
+BUILTIN = "petkit.methods"  # petkit's own methods: one module per method
+
+
+class _Registry(dict):  # type: ignore[type-arg]
+    """Registered methods by name. The first lookup imports the modules that register them:
+    petkit's own `petkit.methods` and every module a package declares under the `petkit.methods`
+    entry-point group (a plugin's methods). So registration is one explicit step of the registry,
+    not a side effect of importing the facade, and `core` names no module above it."""
+
+    loaded = False
+
+    def discover(self) -> None:
+        """Import the registering modules once (a module being imported may register itself)."""
+        if self.loaded:
+            return
+        self.loaded = True
+        import importlib
+        from importlib.metadata import entry_points
+
+        importlib.import_module(BUILTIN)
+        for entry in entry_points(group=ENTRY_POINTS):
+            if entry.value != BUILTIN:
+                importlib.import_module(entry.value)
+
+    def __contains__(self, name: object) -> bool:
+        self.discover()
+        return super().__contains__(name)
+
+    def __getitem__(self, name: str) -> MethodInfo:
+        self.discover()
+        return super().__getitem__(name)
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        self.discover()
+        return super().__iter__()
+
+    def __len__(self) -> int:
+        self.discover()
+        return super().__len__()
+
+    def get(self, name: str, default: Any = None) -> Any:
+        self.discover()
+        return super().get(name, default)
+
+    def keys(self):  # type: ignore[no-untyped-def]
+        self.discover()
+        return super().keys()
+
+    def values(self):  # type: ignore[no-untyped-def]
+        self.discover()
+        return super().values()
+
+    def items(self):  # type: ignore[no-untyped-def]
+        self.discover()
+        return super().items()
+
+
+METHODS: dict[str, MethodInfo] = _Registry()
 C = TypeVar("C", bound=type)
 
 
@@ -53,7 +109,9 @@ class MethodConfig:
     applies_to: ClassVar[tuple[str, ...]] = ("decoder", "encoder")
     suggested_lr: ClassVar[float | None] = None
     capabilities: ClassVar[tuple[type, ...]] = ()
-    peft_layout: ClassVar["PeftLayout | None"] = None
+    # a core.capabilities.PeftLayout, or None: PEFT has no such method (typed Any here, since
+    # capabilities imports this module; get_type_hints of every config must resolve)
+    peft_layout: ClassVar[Any] = None
 
     def __post_init__(self) -> None:
         for f in fields(self):  # lists from JSON/YAML become tuples: configs stay hashable
@@ -110,7 +168,7 @@ def register(name: str, *, family: str, paper: str) -> Callable[[C], C]:
     """Class decorator: register a MethodConfig subclass under a short name."""
 
     def deco(cls: C) -> C:
-        if name in METHODS:
+        if dict.__contains__(METHODS, name):  # no discovery: registering is part of it
             raise ValueError(f"method {name!r} is registered twice")
         cls.method = name
         METHODS[name] = MethodInfo(name, family, paper, cls)
@@ -132,7 +190,8 @@ def list_methods() -> list[tuple[str, str, str]]:
 
 def get_method(name: str) -> MethodInfo:
     if name not in METHODS:
-        raise ConfigError(f"unknown method {name!r}; registered: {', '.join(sorted(METHODS))}")
+        raise ConfigError(f"unknown method {name!r}{did_you_mean(name, METHODS)}; registered: "
+                          f"{', '.join(sorted(METHODS))}")
     return METHODS[name]
 
 

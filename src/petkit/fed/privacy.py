@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 
 from petkit.core.errors import MissingPackageError
+from petkit.models.packages import extra_install
 
 
 class PrivacyAccountant:
@@ -24,7 +25,7 @@ class PrivacyAccountant:
             import dp_accounting
             from dp_accounting.rdp import RdpAccountant
         except ImportError as err:  # pragma: no cover - dp-accounting is in the fed extra
-            raise MissingPackageError("DP accounting needs dp-accounting: pip install 'petkit[fed]'") from err
+            raise MissingPackageError(f"DP accounting needs dp-accounting: {extra_install('fed')}") from err
         self._dpa = dp_accounting
         self.clients, self.sampled, self.noise, self.delta = clients, sampled, noise, delta
         self.accountant = RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from petkit.core.disk import format_bytes
+from petkit.core.disk_full import append_text, write_file
 
 Row = dict[str, Any]
 
@@ -42,16 +43,13 @@ def totals(rows: list[Row]) -> dict[str, float]:
 
 def append_row(out: Path, row: Row) -> None:
     """Append one round's row to metrics.jsonl."""
-    with open(out / "metrics.jsonl", "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(row, default=_jsonable) + "\n")
+    append_text(out / "metrics.jsonl", json.dumps(row, default=_jsonable) + "\n")
 
 
 def write_report(out: Path, report: dict[str, Any]) -> Path:
-    """report.json (atomic rename)."""
-    tmp = out / "report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=1, default=_jsonable), encoding="utf-8")
-    tmp.replace(out / "report.json")
-    return out / "report.json"
+    """report.json (atomic rename; a full disk keeps the previous one)."""
+    return write_file(out / "report.json",
+                      json.dumps(report, indent=1, default=_jsonable).encode("utf-8"))
 
 
 def _jsonable(value: Any) -> Any:

@@ -5,6 +5,7 @@ centralised baseline with the same method, data and step budget.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -13,24 +14,40 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from petkit.core.errors import MissingPackageError, PetkitError
 from petkit.fed.config import FedRecipe
 from petkit.fed.workspace import build_workspace
+from petkit.models.packages import dropped_logs, extra_install
 from petkit.training.loop import train
 
 Echo = Callable[[str], None]
 CONNECTION = "petkit"
 
 
-def _quiet_flower(verbose: bool) -> None:
+# What Flower and Ray print on every simulation whatever the run, unless --verbose: Flower's
+# banner for `run_simulation` (petkit runs the simulation in its own process on purpose; `petkit
+# fed --deploy` is the `flwr run` path) and Ray's tip about a default it will change (petkit's
+# clients ask for no GPU, and Ray's current default of hiding the GPUs from them is what it wants).
+_FLOWER_NOISE = (("flwr", "`run_simulation` function is deprecated"),)
+_RAY_TIP = r"Tip: In future versions of Ray, Ray will no longer override accelerator"
+
+
+@contextlib.contextmanager
+def _quiet_flower(verbose: bool) -> Iterator[None]:
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # no phoning home from offline runs
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    if not verbose:
-        logging.getLogger("flwr").setLevel(logging.WARNING)
+    if verbose:
+        yield
+        return
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    with warnings.catch_warnings(), dropped_logs(_FLOWER_NOISE):
+        warnings.filterwarnings("ignore", message=_RAY_TIP, category=FutureWarning)
+        yield
 
 
 def _read_report(recipe: FedRecipe) -> dict[str, Any]:
@@ -53,7 +70,6 @@ def run_simulation(recipe: FedRecipe, verbose: bool = False) -> dict[str, Any]:
     if importlib.util.find_spec("ray") is None:
         raise MissingPackageError("Flower's simulation engine needs Ray: pip install 'flwr[simulation]' "
                                   "(or run the clients as processes: petkit fed --deploy ADDRESS)")
-    _quiet_flower(verbose)
     from flwr.simulation import run_simulation as flower_simulation
 
     from petkit.fed.client import make_client_app  # optional package: client and server import flwr
@@ -63,8 +79,10 @@ def run_simulation(recipe: FedRecipe, verbose: bool = False) -> dict[str, Any]:
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                "init_args": {"num_cpus": recipe.fed.workers, "num_gpus": 0, "include_dashboard": False,
                              "log_to_driver": verbose, "logging_level": "error"}}
-    flower_simulation(server_app=make_server_app(recipe), client_app=make_client_app(recipe),
-                      num_supernodes=recipe.fed.clients, backend_config=backend, verbose_logging=verbose)
+    with _quiet_flower(verbose):
+        flower_simulation(server_app=make_server_app(recipe), client_app=make_client_app(recipe),
+                          num_supernodes=recipe.fed.clients, backend_config=backend,
+                          verbose_logging=verbose)
     return _read_report(recipe)
 
 
@@ -107,7 +125,7 @@ def run_deployment(recipe: FedRecipe, address: str, echo: Echo = print,
     beside = Path(sys.executable).parent / "flwr"  # the interpreter's own environment first
     flwr = str(beside) if beside.is_file() else shutil.which("flwr")
     if flwr is None:
-        raise MissingPackageError("the `flwr` command is missing: pip install 'petkit[fed]'")
+        raise MissingPackageError(f"the `flwr` command is missing: {extra_install('fed')}")
     out = recipe.output_dir.resolve()
     recipe = FedRecipe(dataclasses.replace(recipe.recipe, train=recipe.recipe.train.replace(
         output_dir=str(out))), recipe.fed)

@@ -99,7 +99,7 @@ def port_adapter(adapter: str | os.PathLike, old_base: nn.Module, new_base: nn.M
     old_print = _check_bases(meta, old_base, new_base, adapter)
     attach(new_base, config, name)
     fill_attached(new_base, name, _copy_rebase(new_base, name, tensors, old_base), trainable=False)
-    record = {"source": str(Path(adapter).resolve()), "base_fingerprint": old_print,
+    record = {"source": os.path.abspath(adapter), "base_fingerprint": old_print,
               "tensors_sha256": meta["tensors_sha256"], "rule": RULE,
               "ported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     new_base.__dict__.setdefault("_petkit_ported_from", {})[name] = record

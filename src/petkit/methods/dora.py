@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.capabilities import PeftLayout, MergesOwnDeltas, Weighted
+from ..core.capabilities import PeftLayout, MergesOwnDeltas, RowBatchable, RowTerms, Weighted
 from ..core.delta import DeltaModule, innermost, wrap
 from .family.lowrank import check_lora_fields, factor_pair, linear_shape, to_base_layout, weight_out_in
 from .family.peft_fields import lora_layout
@@ -65,6 +65,14 @@ class DoraLinear(DeltaModule):
         lora = F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
         return y + ((scale - 1) * w0x + scale * lora) * self.mix
 
+    def row_terms(self) -> RowTerms:
+        """m/n * (W0 x + s B A x) + b  =  g * (W0 x + b) + (1 - g) b + s (g B) A x,  g = m/n."""
+        with torch.no_grad():
+            gain = self._magnitude_scale(weight_out_in(self))
+            bias = getattr(innermost(self.base), "bias", None)
+            shift = None if bias is None else (1 - gain) * bias
+            return RowTerms(self.lora_A.detach(), gain[:, None] * self.lora_B, self.scaling, gain, shift)
+
     def delta_weight(self) -> torch.Tensor:
         with torch.no_grad():
             w0 = weight_out_in(self)
@@ -84,7 +92,7 @@ class DoraLinear(DeltaModule):
 @dataclass(frozen=True)
 class DoraConfig(MethodConfig):
     peft_layout: ClassVar[PeftLayout | None] = lora_layout(dora=True)
-    capabilities: ClassVar[tuple[type, ...]] = (Weighted, MergesOwnDeltas)
+    capabilities: ClassVar[tuple[type, ...]] = (Weighted, MergesOwnDeltas, RowBatchable)
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.capabilities import LowRank, RankRange, RankSettable, Weighted
+from ..core.capabilities import LowRank, RankRange, RankSettable, RowBatchable, RowTerms, Weighted
 from ..core.delta import DeltaModule, iter_deltas, wrap
 from .family.lowrank import check_lora_fields, factor_pair, frozen_prefix, linear_shape, to_base_layout, weight_out_in
 from ..core.model import add_detach_hook
@@ -61,6 +61,10 @@ class DyLoraLinear(DeltaModule):
     def lowrank(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         return self.lora_A[: self.rank], self.lora_B[:, : self.rank], self.alpha / self.rank
 
+    def row_terms(self) -> RowTerms:
+        a, bm, scale = self.lowrank()
+        return RowTerms(a.detach(), bm.detach(), scale)
+
     def delta_weight(self) -> torch.Tensor:
         a, bm, scale = self.lowrank()
         return to_base_layout((bm @ a).detach() * (scale * self.mix), self.transposed)
@@ -83,7 +87,7 @@ def _rank_sampler(wrappers: list[DyLoraLinear], low: int, high: int) -> Any:
                 "using Dynamic Search-Free Low-Rank Adaptation")
 @dataclass(frozen=True)
 class DyLoraConfig(MethodConfig):
-    capabilities: ClassVar[tuple[type, ...]] = (Weighted, LowRank, RankSettable, RankRange)
+    capabilities: ClassVar[tuple[type, ...]] = (Weighted, LowRank, RowBatchable, RankSettable, RankRange)
     r: int = 8  # the largest rank trained
     min_rank: int = 1
     alpha: float = 16.0

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .family.bias import BiasDelta
-from ..core.capabilities import PeftLayout, LowRank, Weighted
+from ..core.capabilities import PeftLayout, LowRank, RowBatchable, RowTerms, Weighted
 from ..core.delta import DeltaModule, get_canonical, innermost, wrap
 from .family.lowrank import add_lowrank, factor_pair
 from .family.peft_fields import lora_layout
@@ -54,6 +54,10 @@ class LoraLinear(DeltaModule):
     def lowrank(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         return self.lora_A, self.lora_B, self.scaling
 
+    def row_terms(self) -> RowTerms:
+        shift = None if self.lora_bias is None else self.lora_bias.detach()
+        return RowTerms(self.lora_A.detach(), self.lora_B.detach(), self.scaling, shift=shift)
+
     def delta_weight(self) -> torch.Tensor:
         dw = (self.lora_B @ self.lora_A).detach() * (self.scaling * self.mix)
         return dw.T if self.transposed else dw
@@ -66,7 +70,7 @@ class LoraLinear(DeltaModule):
 @dataclass(frozen=True)
 class LoraConfig(MethodConfig):
     peft_layout: ClassVar[PeftLayout | None] = lora_layout(dora=False)
-    capabilities: ClassVar[tuple[type, ...]] = (Weighted, LowRank)
+    capabilities: ClassVar[tuple[type, ...]] = (Weighted, LowRank, RowBatchable)
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0

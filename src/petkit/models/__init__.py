@@ -1,14 +1,11 @@
-"""Model loading for petkit: embedded offline defaults, local folders, hub ids, tiny test models."""
+"""Model loading for petkit: embedded offline defaults, local folders, hub ids, tiny test models.
+Names load on first use, so `petkit.models.packages` (missing-package checks) costs no torch."""
 
-from petkit.models.embedded import EMBEDDED_MODELS, cache_root, resolve_model
-from petkit.models.loading import head_module_names, load_model
-from petkit.models.tiny import tiny_model
+from petkit.core.lazy import lazy_exports
 
-__all__ = [
-    "EMBEDDED_MODELS",
-    "cache_root",
-    "head_module_names",
-    "load_model",
-    "resolve_model",
-    "tiny_model",
-]
+_EXPORTS = {
+    **dict.fromkeys(["EMBEDDED_MODELS", "cache_root", "resolve_model"], "petkit.models.embedded"),
+    **dict.fromkeys(["head_module_names", "load_model"], "petkit.models.loading"),
+    "tiny_model": "petkit.models.tiny",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

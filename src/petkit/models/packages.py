@@ -3,10 +3,14 @@
 Each embedded default lives inside an ordinary pip package. This module locates the package's folder
 without importing it (some of them import dependencies that are not installed) and, when it is
 missing, raises `MissingPackageError` with the exact `pip install` command that fixes it.
+`quiet_optional_imports` drops the log lines optional packages print when they are imported.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from importlib import metadata
 from importlib.util import find_spec
@@ -77,3 +81,65 @@ def require_module(module: str, pip_name: str, what: str) -> None:
     """Raise MissingPackageError unless `module` can be imported (checked without importing)."""
     if find_spec(module) is None:
         raise MissingPackageError(f"{what} needs {module!r}. Fix: pip install {pip_name}")
+
+
+def extra_install(extra: str) -> str:
+    """The pip command that installs petkit's optional `extra`: its requirements themselves, which
+    works whether petkit came from PyPI or from a clone (where `petkit[extra]` would fetch
+    another petkit from PyPI)."""
+    import re
+    import shlex
+
+    try:
+        requires = metadata.requires("petkit") or []
+    except metadata.PackageNotFoundError:
+        requires = []
+    marker = re.compile(rf"""extra\s*==\s*["']{re.escape(extra)}["']""")
+    wanted = [r.split(";")[0].strip() for r in requires if marker.search(r)]
+    if not wanted:
+        return f"pip install 'petkit[{extra}]'"
+    return "pip install " + " ".join(shlex.quote(r.replace(" ", "")) for r in wanted)
+
+
+def extra_packages(extra: str) -> str:
+    """`extra_install(extra)` without its "pip install ": what `require_module` names."""
+    return extra_install(extra).removeprefix("pip install ")
+
+
+# Log records of optional packages that transformers imports when they are installed, whatever
+# the model: (logger, text in the message). torchao logs "Failed to load" for each CUDA kernel
+# library a CPU build cannot load, torch's pytree a deprecation per enum torchao registers, and
+# bitsandbytes' CPU backend a hub kernel it cannot download. Nothing to do with the run.
+_IMPORT_NOISE = (("torchao", "Failed to load "),
+                 ("torch.utils._pytree", "is an Enum subclass and is now natively supported"),
+                 ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward"))
+
+
+class _DropText(logging.Filter):
+    """Drops the records whose message contains `text`."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+@contextlib.contextmanager
+def dropped_logs(noise: Iterable[tuple[str, str]]) -> Iterator[None]:
+    """Inside, for each (logger name, text) in `noise`, that logger's records whose message
+    contains the text are dropped; its other records still show."""
+    filters = [(logging.getLogger(name), _DropText(text)) for name, text in noise]
+    for logger, drop in filters:
+        logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        for logger, drop in filters:
+            logger.removeFilter(drop)
+
+
+def quiet_optional_imports() -> contextlib.AbstractContextManager[None]:
+    """`_IMPORT_NOISE` dropped inside: wrap the first import of a transformers model class."""
+    return dropped_logs(_IMPORT_NOISE)

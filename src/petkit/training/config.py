@@ -31,6 +31,7 @@ from petkit.core.config_io import dataclass_from_dict
 from petkit.core.errors import ConfigError
 from petkit.training.activations import RECOMPUTE_MODES
 from petkit.training.ist import IstConfig
+from petkit.training.objectives_config import ObjectiveConfig
 from petkit.training.stepper_config import (StepperConfig, is_int, is_num, resolve_stepper,
                                             stepper_configs, stepper_for)
 
@@ -93,6 +94,8 @@ class TrainConfig:
     distributed: str = "auto"  # under torchrun: auto | ddp | fsdp | off (docs/distributed.md)
     stepper: StepperConfig | str | dict[str, Any] = "auto"
     ist: IstConfig | dict[str, Any] | None = None
+    # None: the model's own loss (SFT); else training/objectives_config.py (docs/objectives.md)
+    objective: ObjectiveConfig | dict[str, Any] | str | None = None
     # Device and memory (docs/training-gpu.md).
     device: str = "auto"  # auto (the model's GPU, else cuda if any, else cpu) | cpu | cuda[:N]
     delta_dtype: str = "fp32"  # trainable deltas' dtype when precision is bf16: fp32 | bf16
@@ -141,6 +144,9 @@ class TrainConfig:
             object.__setattr__(self, "ist", IstConfig.from_dict(self.ist))
         _check(self.ist is None or isinstance(self.ist, IstConfig), "ist",
                "None, an IstConfig or a mapping of its fields", self.ist)
+        object.__setattr__(self, "objective", ObjectiveConfig.from_value(self.objective))
+        if self.objective is not None:
+            self.objective.check_stepper(self.stepper.NAME)
         given = {k: v for k, v in zip(LEGACY_KEYS, legacy) if v is not None}
         if given:
             self._apply_legacy(given)
@@ -298,6 +304,8 @@ class TrainConfig:
                                    if self.label_token_ids is not None else None)
         data["stepper"] = self.stepper.to_dict()  # type: ignore[union-attr]
         data["ist"] = self.ist.to_dict() if isinstance(self.ist, IstConfig) else None
+        data["objective"] = (self.objective.to_dict()
+                             if isinstance(self.objective, ObjectiveConfig) else None)
         return data
 
     def to_json(self) -> str:

@@ -51,9 +51,12 @@ from petkit.training.ist import ISTStepper
 from petkit.training.steppers import Batch, LossFn, Stepper
 from petkit.training.steppers.backprop import BackpropStepper
 
-__all__ = ["Distributed", "RankGroup", "SplitsPopulation", "choose_mode", "cleanup", "cut", "full",
-           "init_from_env", "launch", "rank", "shard_state", "world_size"]
+__all__ = ["JOB_KEYS", "Distributed", "RankGroup", "SplitsPopulation", "choose_mode", "cleanup",
+           "cut", "full", "init_from_env", "launch", "rank", "report_lines", "shard_state",
+           "world_size"]
 
+JOB_KEYS = ("world_size", "distributed", "collective_bytes_per_step", "grad_bytes_per_step",
+            "reduced_tensors")  # what `Distributed.report` adds to a run's report
 FSDP_FRACTION = 0.4  # "auto": FSDP when the weights take more than this share of one GPU
 Tensors = dict[str, torch.Tensor]
 
@@ -260,7 +263,8 @@ class Distributed:
         return self.ddp.no_sync()  # type: ignore[operator]
 
     def report(self, steps: int) -> dict[str, Any]:
-        """World size, mode and the bytes sent per step (gradients, petkit's own collectives)."""
+        """World size, mode and the bytes sent per step (gradients, petkit's own collectives):
+        the keys of `JOB_KEYS`."""
         if self.group is None:
             return {}
         out: dict[str, Any] = {"world_size": self.group.world, "distributed": self.mode,
@@ -362,3 +366,14 @@ class _PopulationStepper(_ShardedStepper):
         """The inner step; its population is spread over the ranks by `bind_group`."""
         self.steps += 1
         return self.inner.step(micro_batches, loss_fn)
+
+
+def report_lines(report: dict[str, Any], verbose: bool = False) -> list[str]:
+    """`key: value` lines of a run's report (e.g. IST's per-layer updates); the job's own keys
+    (`JOB_KEYS`: bytes per step ...) only when `verbose`, else one line naming the job."""
+    shown = {k: v for k, v in report.items() if verbose or k not in JOB_KEYS}
+    lines = [f"{key}: {value}" for key, value in shown.items()]
+    if not verbose and "world_size" in report:
+        lines.append(f"{report['world_size']} processes ({report['distributed']}); --verbose "
+                     f"shows the bytes they exchanged")
+    return lines

@@ -9,6 +9,7 @@ adapter is saved with `pk.save_adapter` and the curves are plotted.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import random
 import resource
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from petkit.core.durable import RunLock
+from petkit.core.run_lock import RunLock
 from petkit.core.errors import ConfigError
 from petkit.training import checkpoint as ckpt
 from petkit.training.batching import (Batch, CollateFn, DataPosition, Example, micro_batches, move,
@@ -35,6 +36,8 @@ from petkit.training.guards import check_inputs, check_not_merged, usable_batche
 from petkit.training.distributed import Distributed
 from petkit.training.evaluate import autocast, resolve_collate, run_objective
 from petkit.training.monitor import Monitor, plot_history
+from petkit.training.objectives import Objective
+from petkit.training.objectives_preference import PreferenceObjective, pair_collate
 from petkit.training.run_modes import RunModes, check_modes, packed_collate
 from petkit.training.ist import with_ist
 from petkit.training.steppers import Stepper, make_stepper
@@ -107,7 +110,8 @@ class _Run:
 
     def __init__(self, model: nn.Module, data: Sequence[Example], config: TrainConfig,
                  eval_data: Sequence[Example] | None, collate: CollateFn,
-                 parameters: dict[str, nn.Parameter] | None = None) -> None:
+                 parameters: dict[str, nn.Parameter] | None = None,
+                 objective: Objective | None = None) -> None:
         self.model, self.data, self.config, self.collate = model, data, config, collate
         self.eval_data = eval_data if eval_data else None
         self.out = Path(config.output_dir) if config.output_dir else None
@@ -116,7 +120,7 @@ class _Run:
         self.job = Distributed(model, config.distributed)  # torchrun: DDP / FSDP2, rank 0 writes
         self.params = self.job.sharded(self.params)  # FSDP2 replaced them by DTensors
         self.device = self.modes.device
-        self.objective = self.modes.objective()
+        self.objective = self._objective(objective)
         self._forward = self.modes.wrap(self.dense_loss)  # compiled / offloaded when asked
         self.tokens, self.clock, self.speeds = 0, time.perf_counter(), list[float]()
         self.total = total_steps(len(data), config)
@@ -137,11 +141,26 @@ class _Run:
         self.monitor = Monitor(self.out if self.job.writer else None, self.total, self.state.step,
                                self.state.history, config.progress and self.job.writer)
 
+    def _objective(self, given: Objective | None) -> Objective:
+        """`given`, else the config's preference objective, else the model's own loss (chunked
+        where the head bypass applies; an objective of its own reads the real logits)."""
+        spec = self.config.objective
+        if given is None and spec is not None and spec.name == "grpo":
+            raise ConfigError("--objective grpo samples completions and scores them: pass "
+                              "objective=GRPOObjective(...) (petkit.training.grpo) to train")
+        if given is None and spec is not None and spec.is_preference:
+            given = PreferenceObjective(spec)
+        if given is None:
+            return self.modes.objective()
+        self.modes.bypass = None
+        return given
+
     def _resume_or_reset(self) -> None:
         """Continue from the newest complete checkpoint, or clear stale ones of an older run."""
         if self.out is None:
             return
-        latest = ckpt.intact_checkpoint(self.out) if self.config.resume else None
+        shapes = {k: tuple(p.shape) for k, p in self.params.items()}
+        latest = ckpt.intact_checkpoint(self.out, shapes) if self.config.resume else None
         if latest is None:
             shutil.rmtree(ckpt.checkpoint_dir(self.out), ignore_errors=True)
             return
@@ -235,7 +254,8 @@ class _Run:
         self.tokens, self.clock = 0, now
         row = {"step": self.state.step, "train_loss": sum(losses) / len(losses), "lr": lr,
                "epoch": pos.epoch + pos.index / len(self.data), **self.hooks.metrics(),
-               **getattr(self.stepper, "log_fields", dict)()}
+               **getattr(self.stepper, "log_fields", dict)(),
+               **getattr(self.objective, "log_fields", dict)()}
         self.state.history.append(row)
         self.monitor.record(row)
 
@@ -285,7 +305,8 @@ def preflight(model: nn.Module, train_data: Sequence[Example], config: TrainConf
 
 def train(model: nn.Module, train_data: Sequence[Example], config: TrainConfig | None = None,
           eval_data: Sequence[Example] | None = None, *, collate_fn: CollateFn | None = None,
-          pad_id: int = 0, parameters: dict[str, nn.Parameter] | None = None) -> TrainResult:
+          pad_id: int = 0, parameters: dict[str, nn.Parameter] | None = None,
+          objective: Objective | None = None) -> TrainResult:
     """Train the model's trainable (delta) parameters on encoded `train_data`.
 
     `train_data`/`eval_data` are sequences of encoded examples ({"input_ids", "attention_mask",
@@ -293,14 +314,19 @@ def train(model: nn.Module, train_data: Sequence[Example], config: TrainConfig |
     restored at the end. With `config.output_dir`, the adapter is saved to `output_dir/adapter`
     with metrics.jsonl, train.log, training.png and (if `save_every`) checkpoints.
     `parameters` ({path: Parameter}) trains those instead of the petkit adapters' (baselines:
-    full fine-tuning, another library's adapters).
+    full fine-tuning, another library's adapters). `objective` replaces the loss (a GRPO
+    objective; a preference objective is built from `config.objective`, and its pair batches
+    from `pair_collate` unless `collate_fn` is given: docs/objectives.md).
     """
     started = time.perf_counter()
     config = config or TrainConfig()
+    spec = config.objective
+    if collate_fn is None and spec is not None and spec.is_preference:
+        collate_fn = functools.partial(pair_collate, pad_id=pad_id)
     check_inputs(model, train_data, eval_data, config.label_token_ids, collate_fn, pad_id)
     with _run_lock(config):
         collate = packed_collate(config, collate_fn, pad_id) or resolve_collate(collate_fn, pad_id)
-        run = _Run(model, train_data, config, eval_data, collate, parameters)
+        run = _Run(model, train_data, config, eval_data, collate, parameters, objective)
         try:
             with run.modes.installed(run.first_batch(), run.dense_loss):
                 run.loop()

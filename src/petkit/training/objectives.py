@@ -12,8 +12,6 @@ Two strategies, chosen once by `make_objective`, so the loop and `evaluate` neve
 
 from __future__ import annotations
 
-import functools
-import inspect
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -22,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from petkit.core.signatures import forward_params
 from petkit.training.lm_loss import HeadBypass
 
 Batch = dict[str, torch.Tensor]
@@ -47,11 +46,6 @@ class Objective(Protocol):
 _INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "pixel_values")
 
 
-@functools.lru_cache(maxsize=64)
-def _forward_params(forward_type: type) -> frozenset[str]:
-    return frozenset(inspect.signature(forward_type.forward).parameters)
-
-
 def _forward_type(model: nn.Module) -> type:
     """The class whose forward runs (under DDP, training/distributed.py: the wrapped model's)."""
     return type(model.module if isinstance(model, DistributedDataParallel) else model)
@@ -61,7 +55,7 @@ def _model_inputs(model: nn.Module, batch: Batch) -> dict[str, Any]:
     """The keys a HF model's forward takes (drops e.g. bookkeeping columns; images:
     pixel_values); no key/value cache while training or scoring (transformers would otherwise
     build one in every forward). A model whose forward takes **kwargs gets every input key."""
-    params = _forward_params(_forward_type(model))
+    params = forward_params(_forward_type(model))
     inputs: dict[str, Any] = {k: v for k, v in batch.items() if k in _INPUTS}
     if "position_ids" in inputs and "position_ids" not in params and "kwargs" not in params:
         del inputs["position_ids"]
@@ -97,7 +91,7 @@ class Verbaliser:
         mask = batch["attention_mask"]
         last = (mask.sum(dim=1) - 1).clamp(min=0)
         inputs = _model_inputs(model, batch)
-        if "logits_to_keep" in _forward_params(_forward_type(model)):
+        if "logits_to_keep" in forward_params(_forward_type(model)):
             # Only project the one needed position onto the (large) vocabulary.
             out = model(**inputs, logits_to_keep=last.unsqueeze(1))
             token_logits = out.logits.reshape(len(last), -1)

@@ -17,6 +17,12 @@ from petkit.core.errors import ConfigError
 from petkit.training.config import TrainConfig
 
 
+def check_device(name: str) -> None:
+    """Refuse a device this machine does not have (before any model loads); "auto" always fits."""
+    if name != "auto":
+        resolve_device(name, nn.Module())
+
+
 def resolve_device(name: str, model: nn.Module) -> torch.device:
     """`name` as a device; "auto": the model's GPU, else cuda when available, else the CPU."""
     if name == "auto":
@@ -26,8 +32,8 @@ def resolve_device(name: str, model: nn.Module) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"TrainConfig.device is {name!r} but torch sees no CUDA device "
-                          "(use device='cpu' or 'auto')")
+        raise ConfigError(f"TrainConfig.device is {name!r} but torch sees no CUDA device; "
+                          f"set TrainConfig.device to cpu or auto")
     if device.type == "cuda" and device.index is not None \
             and device.index >= torch.cuda.device_count():
         raise ConfigError(f"TrainConfig.device is {name!r} but there are only "

@@ -61,8 +61,10 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
-def launch(nproc: int, argv: Sequence[str]) -> int:
-    """Run `python -m petkit <argv>` on `nproc` local processes through torchrun; its exit code."""
+def launch(nproc: int, argv: Sequence[str], verbose: bool = False) -> int:
+    """Run `python -m petkit <argv>` on `nproc` local processes through torchrun; its exit code.
+    Unless `verbose`, OMP_NUM_THREADS (when unset) is given the value torchrun would give it, one
+    thread per process, so torchrun prints no banner saying it did."""
     if not isinstance(nproc, int) or nproc < 1:
         raise ConfigError(f"--nproc must be an int >= 1, got {nproc!r}")
     args = list(argv)
@@ -75,7 +77,10 @@ def launch(nproc: int, argv: Sequence[str]) -> int:
             break
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc-per-node={nproc}", "-m", "petkit", *args]
-    return subprocess.call(cmd)
+    env = dict(os.environ)
+    if not verbose and nproc > 1:
+        env.setdefault("OMP_NUM_THREADS", "1")
+    return subprocess.call(cmd, env=env)
 
 
 class RankGroup:

@@ -19,24 +19,20 @@ padding mask (flash attention) gets n ones in front, for the same reason.
 """
 from __future__ import annotations
 
-import functools
 import inspect
 from typing import Any
 
 import torch
 from torch import nn
 
+from petkit.core.signatures import forward_signature
+
 CACHE_ARGS = ("cache", "past_key_values")
-
-
-@functools.lru_cache(maxsize=32)
-def _signature(module_type: type) -> inspect.Signature:
-    return inspect.signature(module_type.forward)
 
 
 def bind_call(block: nn.Module, args: tuple, kwargs: dict[str, Any]) -> inspect.BoundArguments:
     """The block's call as named arguments (blocks are called positionally by some models)."""
-    return _signature(type(block)).bind(block, *args, **kwargs)
+    return forward_signature(type(block)).bind(block, *args, **kwargs)
 
 
 def _var_kwargs(bound: inspect.BoundArguments) -> dict[str, Any]:

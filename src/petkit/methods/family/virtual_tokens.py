@@ -18,8 +18,6 @@ It is None in decoding steps (the content is already in the cache) and outside a
 """
 from __future__ import annotations
 
-import functools
-import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +27,7 @@ from torch import nn
 from petkit.core.delta import DeltaModule, canonical_modules, innermost, iter_deltas
 from petkit.core.errors import ConfigError, TargetError
 from petkit.core.model import add_detach_hook
+from petkit.core.signatures import forward_params
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -116,15 +115,10 @@ def input_embedding_path(model: nn.Module) -> str:
     raise TargetError("input embedding module not found in the model tree")
 
 
-@functools.lru_cache(maxsize=64)
-def _forward_params(cls: type) -> frozenset[str]:
-    return frozenset(inspect.signature(cls.forward).parameters)
-
-
 def cache_kwarg(model: nn.Module, kwargs: dict[str, Any]) -> str:
     if kwargs.get("past_key_values") is not None:
         return "past_key_values"
-    params = _forward_params(type(model))
+    params = forward_params(type(model))
     return "past_key_values" if "past_key_values" in params and "cache" not in params else "cache"
 
 
@@ -200,7 +194,7 @@ def _shift_decoding(model: nn.Module, kwargs: dict[str, Any], ref: torch.Tensor,
                     past: int) -> None:
     if kwargs.get("position_ids") is not None:
         kwargs["position_ids"] = kwargs["position_ids"] + n_tok
-    elif n_kv and "position_ids" in _forward_params(type(model)):  # the model would count the prefix
+    elif n_kv and "position_ids" in forward_params(type(model)):  # the model would count the prefix
         kwargs["position_ids"] = torch.arange(ref.shape[1], device=ref.device).unsqueeze(0) + (past - n_kv)
     if kwargs.get("cache_position") is not None:
         kwargs["cache_position"] = kwargs["cache_position"] + n_tok + n_kv
@@ -235,7 +229,7 @@ def _fill_cache(model: nn.Module, kwargs: dict[str, Any], kv: list[InputExtensio
             keys, values = keys.to(dtype), values.to(dtype)
         cache.update(keys, values, layer)
     kwargs[key] = cache
-    if kwargs.get("position_ids") is None and "position_ids" in _forward_params(type(model)):
+    if kwargs.get("position_ids") is None and "position_ids" in forward_params(type(model)):
         kwargs["position_ids"] = torch.arange(ref.shape[1], device=ref.device).unsqueeze(0)
     start = 0
     for e in kv:

@@ -31,6 +31,7 @@ from petkit.training.config import TrainConfig
 from petkit.training.stepper_config import StepperConfig, is_int, is_num
 from petkit.training.steppers import Batch, LossFn, register_stepper
 from petkit.training.steppers.noise import RngSnapshot, mean_loss, require_parameters
+from petkit.models.packages import extra_install
 
 
 def _cma() -> Any:
@@ -38,7 +39,7 @@ def _cma() -> Any:
         import cma
     except ImportError as err:
         raise MissingPackageError("the CMA-ES stepper needs the `cma` package: "
-                                  "pip install 'petkit[zo]'") from err
+                                  f"{extra_install('zo')}") from err
     return cma
 
 

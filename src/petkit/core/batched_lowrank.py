@@ -1,0 +1,214 @@
+"""Rows of many low-rank adapters in ONE forward (Punica / S-LoRA style batched gather-matmul).
+
+Every `RowBatchable` wrapper (LoRA, rsLoRA, DoRA, DyLoRA at its set rank) is, for one row,
+
+    y = gain * W0 x + shift + scale * B A x              (core.capabilities.RowTerms)
+
+A `LowRankBank` keeps, per wrapped module path, the terms of up to `slots` adapters stacked
+(A^T [S, in, r], (scale B)^T [S, r, out], gain [S, out], shift [S, out]; ranks zero-padded to the
+largest). Slot 0 is the base: all zeros, gain 1, so a row without an adapter gets W0 x exactly.
+`rows(slot_ids)` names each row's slot; a forward hook on every base module then adds
+
+    y[i] = gain[s_i] * y[i] + shift[s_i] + (x[i] @ A^T[s_i]) @ (scale B)^T[s_i]      s_i = slot of row i
+
+as two `bmm`s over the whole batch, the base matmul shared. The rows' gathered stacks are built
+once per batch composition (a decode loop reuses them). Hooks sit on the innermost base module,
+so the model's own wrappers must be disabled while the bank runs (`pk.disabled`).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .capabilities import RowTerms
+from .delta import get_canonical, innermost
+from .errors import ConfigError
+
+
+@dataclass
+class _Stack:
+    """The stacked terms of every slot at one module path."""
+    a_t: torch.Tensor                  # [S, in, r]
+    b_t: torch.Tensor                  # [S, r, out], scale folded in
+    gain: torch.Tensor | None = None   # [S, out]; None while no slot has one
+    shift: torch.Tensor | None = None  # [S, out]
+    used: set[int] = field(default_factory=set)  # slots with terms here
+
+    def grow_rank(self, rank: int) -> None:
+        extra = rank - self.a_t.shape[2]
+        if extra > 0:
+            self.a_t = torch.nn.functional.pad(self.a_t, (0, extra))
+            self.b_t = torch.nn.functional.pad(self.b_t, (0, 0, 0, extra))
+
+    def put(self, slot: int, terms: RowTerms) -> None:
+        rank = terms.a.shape[0]
+        self.grow_rank(rank)
+        self.a_t[slot].zero_()
+        self.b_t[slot].zero_()
+        self.a_t[slot, :, :rank] = terms.a.t()
+        self.b_t[slot, :rank] = (terms.b * terms.scale).t()
+        self._vector("gain", slot, terms.gain, 1.0)
+        self._vector("shift", slot, terms.shift, 0.0)
+        self.used.add(slot)
+
+    def clear(self, slot: int) -> None:
+        self.a_t[slot].zero_()
+        self.b_t[slot].zero_()
+        self._vector("gain", slot, None, 1.0)
+        self._vector("shift", slot, None, 0.0)
+        self.used.discard(slot)
+
+    def _vector(self, kind: str, slot: int, value: torch.Tensor | None, neutral: float) -> None:
+        stack = getattr(self, kind)
+        if stack is None and value is None:
+            return
+        if stack is None:
+            slots, out = self.b_t.shape[0], self.b_t.shape[2]
+            stack = self.b_t.new_full((slots, out), neutral)
+            setattr(self, kind, stack)
+        stack[slot] = neutral if value is None else value.to(stack)
+
+
+class _Gathered:
+    """The stacks indexed by one batch composition: what each row's hook multiplies by."""
+
+    def __init__(self, stack: _Stack, key: tuple[int, ...], index: torch.Tensor) -> None:
+        if len(key) == 1:  # one row (a prefill): a view, no copy
+            take = lambda t: t[key[0]: key[0] + 1]  # noqa: E731
+        else:
+            take = lambda t: t.index_select(0, index)  # noqa: E731
+        self.a_t, self.b_t = take(stack.a_t), take(stack.b_t)
+        self.gain = None if stack.gain is None else take(stack.gain)[:, None, :]
+        self.shift = None if stack.shift is None else take(stack.shift)[:, None, :]
+
+
+class LowRankBank:
+    """Stacked low-rank terms of up to `slots - 1` adapters (slot 0 = base) at a model's paths."""
+
+    def __init__(self, model: nn.Module, slots: int) -> None:
+        if slots < 1:
+            raise ConfigError(f"a bank needs at least 1 slot (slot 0: the base), got {slots}")
+        self.model, self.slots = model, slots
+        self.stacks: dict[str, _Stack] = {}
+        self._hooks: dict[str, torch.utils.hooks.RemovableHandle] = {}
+        self._key: tuple[int, ...] = ()
+        self._index = torch.zeros(0, dtype=torch.long)
+        self._cache: dict[tuple[int, ...], dict[str, _Gathered]] = {}
+
+    # ---- contents ----
+    def put(self, slot: int, terms: Mapping[str, RowTerms]) -> None:
+        """Write an adapter's terms (path -> RowTerms) into `slot`; paths it lacks are zeroed."""
+        self._check_slot(slot)
+        for path, t in terms.items():
+            self._stack(path, t).put(slot, t)
+        for path, stack in self.stacks.items():
+            if path not in terms and slot in stack.used:
+                stack.clear(slot)
+        self._cache.clear()
+
+    def clear(self, slot: int) -> None:
+        self._check_slot(slot)
+        for stack in self.stacks.values():
+            if slot in stack.used:
+                stack.clear(slot)
+        self._cache.clear()
+
+    def _check_slot(self, slot: int) -> None:
+        if not 1 <= slot < self.slots:
+            raise ConfigError(f"slot must be in [1, {self.slots - 1}] (0 is the base), got {slot}")
+
+    def _stack(self, path: str, terms: RowTerms) -> _Stack:
+        if path not in self.stacks:
+            module = innermost(get_canonical(self.model, path))
+            rank, fan_in = terms.a.shape
+            fan_out = terms.b.shape[0]
+            kw = {"dtype": terms.b.dtype, "device": terms.b.device}
+            self.stacks[path] = _Stack(torch.zeros(self.slots, fan_in, rank, **kw),
+                                       torch.zeros(self.slots, rank, fan_out, **kw))
+            self._hooks[path] = module.register_forward_hook(self._hook(path))
+        return self.stacks[path]
+
+    def to(self, device: torch.device | str) -> "LowRankBank":
+        for stack in self.stacks.values():
+            for kind in ("a_t", "b_t", "gain", "shift"):
+                value = getattr(stack, kind)
+                if value is not None:
+                    setattr(stack, kind, value.to(device))
+        self._index = self._index.to(device)
+        self._cache.clear()
+        return self
+
+    def close(self) -> None:
+        """Remove every hook: the model is its plain self again."""
+        for handle in self._hooks.values():
+            handle.remove()
+        self._hooks.clear()
+        self.stacks.clear()
+        self._cache.clear()
+
+    # ---- rows ----
+    def rows(self, slot_ids: Sequence[int]) -> None:
+        """Row i of every following forward uses slot `slot_ids[i]` (beams repeat each row)."""
+        key = tuple(int(s) for s in slot_ids)
+        if key != self._key:
+            self._key = key
+            device = next(iter(self.stacks.values())).a_t.device if self.stacks else "cpu"
+            self._index = torch.tensor(key, dtype=torch.long, device=device)
+
+    @contextmanager
+    def using(self, slot_ids: Sequence[int]) -> Iterator[None]:
+        saved = self._key
+        self.rows(slot_ids)
+        try:
+            yield
+        finally:
+            self.rows(saved)
+
+    def _gathered(self, path: str) -> _Gathered | None:
+        per_path = self._cache.get(self._key)
+        if per_path is None:
+            if len(self._cache) >= 4:  # a decode batch and a few one-row prefills
+                self._cache.pop(next(iter(self._cache)))
+            per_path = self._cache[self._key] = {}
+        if path not in per_path:
+            stack = self.stacks[path]
+            live = any(s in stack.used for s in self._key)
+            index = self._index.to(stack.a_t.device)
+            per_path[path] = _Gathered(stack, self._key, index) if live else None
+        return per_path[path]
+
+    def _hook(self, path: str) -> Callable[[nn.Module, tuple, torch.Tensor], torch.Tensor]:
+        def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+            g = self._gathered(path) if self._key else None
+            if g is None:
+                return out
+            return _apply(g, args[0], out)
+        return hook
+
+
+def _apply(g: _Gathered, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    rows = g.a_t.shape[0]
+    if x.shape[0] != rows:  # generate's beams / return sequences repeat each row
+        if x.shape[0] % rows:
+            raise ConfigError(f"the batch has {x.shape[0]} rows but {rows} row adapters were given")
+        g = _repeat(g, x.shape[0] // rows)
+    shape = y.shape
+    x3, y3 = x.reshape(x.shape[0], -1, x.shape[-1]), y.reshape(y.shape[0], -1, y.shape[-1])
+    a_t, b_t = g.a_t.to(x3.dtype), g.b_t.to(y3.dtype)
+    if g.gain is not None:
+        y3 = y3 * g.gain.to(y3.dtype)
+    if g.shift is not None:
+        y3 = y3 + g.shift.to(y3.dtype)
+    return torch.baddbmm(y3, torch.bmm(x3, a_t).to(y3.dtype), b_t).view(shape)
+
+
+def _repeat(g: _Gathered, times: int) -> _Gathered:
+    out = object.__new__(_Gathered)
+    for kind in ("a_t", "b_t", "gain", "shift"):
+        value = getattr(g, kind)
+        setattr(out, kind, None if value is None else value.repeat_interleave(times, dim=0))
+    return out

@@ -1,0 +1,153 @@
+"""Objectives from the command line, end to end on a tiny random Llama with the embedded model's
+tokenizer: the dpo/grpo recipes and the other preference objectives run, write pair accuracy or
+the metric before/after, the per-step traces and the sample table; user mistakes (wrong data for
+the objective, a gradient-free stepper for GRPO, a reward that raises) are one red line."""
+from __future__ import annotations
+
+import csv
+import json
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from petkit.cli import main
+
+SMALL = ["--train-size", "8", "--test-size", "4", "--steps", "2", "--max-length", "48",
+         "--max-new-tokens", "3", "--train.progress=false", "--overwrite"]
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A 2-layer random Llama with SmolLM2's tokenizer (the embedded recipes' data encodes)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from petkit.models import resolve_model
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def log_rows(folder: Path) -> list[dict]:
+    return [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("objective", ["dpo", "orpo", "simpo", "kto"])
+def test_preference_recipe_reports_pair_accuracy_traces_and_samples(
+        objective: str, tiny_llama: str, tmp_path: Path, capsys) -> None:
+    out_dir = tmp_path / objective
+    code, out, err = run(["train", "--recipe", "dpo", "--model", tiny_llama, "--objective",
+                          objective, "--output", str(out_dir), "--batch-size", "2",
+                          "--train.log_every=1", *SMALL], capsys)
+    assert code == 0, err
+    assert "test before: pair_accuracy=" in out and "test after:  pair_accuracy=" in out
+    rows = [r for r in log_rows(out_dir) if "margin" in r]
+    assert len(rows) == 2 and {"pair_accuracy", "chosen", "rejected"} <= set(rows[0])
+    with open(out_dir / "samples.csv", encoding="utf-8") as fh:
+        table = list(csv.DictReader(fh))
+    assert len(table) == 4 and table[0]["prompt"].startswith("Write a")
+    assert (out_dir / "training.png").is_file() and (out_dir / "adapter").is_dir()
+
+
+@pytest.fixture
+def reward_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    (tmp_path / "cli_rewards.py").write_text(textwrap.dedent("""
+        def short(prompts, completions, rows):
+            return [1.0 / (1 + len(c)) for c in completions]
+        def picky(prompts, completions, rows):
+            for row in rows:
+                if row["prompt"] == "What is 2+2?":
+                    raise KeyError("no rule for this prompt")
+            return [0.0] * len(completions)
+    """))
+    monkeypatch.chdir(tmp_path)
+    yield "cli_rewards"
+    sys.modules.pop("cli_rewards", None)
+
+
+def test_grpo_recipe_with_weighted_rewards(tiny_llama: str, tmp_path: Path, reward_file: str,
+                                           capsys) -> None:
+    out_dir = tmp_path / "grpo"
+    code, out, err = run(["train", "--recipe", "grpo", "--model", tiny_llama, "--output",
+                          str(out_dir), "--group-size", "2", "--batch-size", "2",
+                          "--reward", "petkit.data.rewards:exact_number",
+                          "--reward", f"{reward_file}:short=0.5", "--train.log_every=1", *SMALL],
+                         capsys)
+    assert code == 0, err
+    assert f"{reward_file}:short=0.5: importing {reward_file} from" in out
+    assert "test before: exact_number=" in out and "test after:  exact_number=" in out
+    rows = [r for r in log_rows(out_dir) if "reward_mean" in r]
+    assert len(rows) == 2 and rows[0]["reward_mean"] > 0  # the length reward is never 0
+    assert {"reward_std", "kl"} <= set(rows[0])
+    saved = (out_dir / "recipe.yaml").read_text()
+    assert "cli_rewards:short=0.5" in saved and "name: grpo" in saved
+    assert (out_dir / "samples.md").read_text().startswith("| prompt | reference | before |")
+
+
+def test_sft_on_the_same_reference_data_is_the_baseline(tiny_llama: str, tmp_path: Path,
+                                                       capsys) -> None:
+    code, out, err = run(["train", "--recipe", "grpo", "--model", tiny_llama, "--objective",
+                          "sft", "--output", str(tmp_path / "sft"), *SMALL], capsys)
+    assert code == 0, err
+    assert "sft on reference data" in out and "test after:  exact_number=" in out
+
+
+def test_a_reward_that_raises_names_the_row_of_the_users_file(tiny_llama: str, tmp_path: Path,
+                                                              reward_file: str, capsys) -> None:
+    data = tmp_path / "sums.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"What is {a}+2?", "reference": str(a + 2)})
+                            + "\n" for a in (2, 3, 4, 5, 6)))
+    code, out, err = run(["train", "--model", tiny_llama, "--data", str(data), "--objective",
+                          "grpo", "--reward", f"{reward_file}:picky", "--output",
+                          str(tmp_path / "run"), "--group-size", "2", "--batch-size", "4",
+                          "--test-size", "1", "--steps", "1", "--max-new-tokens", "2",
+                          "--train.progress=false", "--overwrite"], capsys)
+    assert code == 2
+    assert "picky raised KeyError" in err and "on data row" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--recipe", "grpo", "--objective", "dpo"], "--objective dpo needs preference data"),
+    (["--recipe", "dpo", "--objective", "grpo"], "--objective grpo needs reference data"),
+    (["--recipe", "grpo", "--optimizer", "mezo"], "--objective grpo needs a gradient stepper"),
+    (["--recipe", "dpo", "--objective", "dpoo"], "did you mean 'dpo'"),
+    (["--recipe", "grpo", "--reward", "nowhere_here:f"], "no module 'nowhere_here'"),
+])
+def test_objective_mistakes_are_one_red_line(args: list[str], needle: str, tiny_llama: str,
+                                             tmp_path: Path, capsys) -> None:
+    code, out, err = run(["train", "--model", tiny_llama, "--output", str(tmp_path / "x"),
+                          *args, *SMALL], capsys)
+    assert code == 2 and needle in err and "Traceback" not in err
+
+
+def test_users_preference_file_and_sft_on_its_chosen_side(tiny_llama: str, tmp_path: Path,
+                                                          capsys) -> None:
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Say {w}.", "chosen": f" {w}",
+                                        "rejected": f" not {w}"}) + "\n"
+                            for w in ("yes", "no", "maybe", "sure", "fine", "ok")))
+    for objective in ("ipo", "sft"):
+        out_dir = tmp_path / objective
+        code, out, err = run(["train", "--model", tiny_llama, "--data", str(data),
+                              "--objective", objective, "--output", str(out_dir), "--steps", "1",
+                              "--batch-size", "2", "--max-new-tokens", "2",
+                              "--train.progress=false"], capsys)
+        assert code == 0, err
+        assert f"{objective} on preference data" in out and "test after:  pair_accuracy=" in out
+        assert (out_dir / "samples.md").is_file()
