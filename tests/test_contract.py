@@ -38,6 +38,8 @@ CASES = [
     Case("lora", "llama", {}, True, True),
     Case("lora", "gpt2", {"rslora": True, "bias": "lora_only"}, True, True),
     Case("lora", "bert", {"targets": "all-linear", "dropout": 0.1}, True, True),
+    Case("lora", "llama", {"init": "pissa"}, True, True),
+    Case("lora", "gpt2", {"init": "olora", "dropout": 0.1}, True, True),
     Case("adapter", "mlp", {}, True, False),
     Case("adapter", "llama", {}, True, False),
     Case("adapter", "gpt2", {"variant": "parallel"}, True, False),

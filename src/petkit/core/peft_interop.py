@@ -85,7 +85,7 @@ def peft_files(model: nn.Module, name: str = "default",
         raise AdapterStateError(f"unknown adapter {name!r}")
     layout = _layout(record.config, "export_peft")
     tensors = {peft_key(k, layout): _peft_value(model, layout, k, v.detach()).cpu().contiguous()
-               for k, v in adapter_state(model, name).items()}
+               for k, v in layout.to_state(adapter_state(model, name)).items()}
     conv1d = any(is_linear(innermost(w)) and linear_dims(innermost(w))[2] for _, w in wrappers_of(model, [name]))
     base_model = base_model or getattr(getattr(model, "config", None), "_name_or_path", None)
     return tensors, peft_config(record.config, list(tensors), conv1d=conv1d, base_model=base_model)
