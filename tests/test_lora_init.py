@@ -184,3 +184,16 @@ def test_bad_init_names_the_choices():
         pk.LoraConfig(init="pisa")
     with pytest.raises(pk.ConfigError, match="--method.init must be one of"):
         pk.LoraConfig(init="pissa_niter_0")
+
+
+@pytest.mark.parametrize("init", ["eva", "lora-ga"])
+def test_train_runs_the_data_driven_init_on_its_first_batches(init):
+    model = llama()
+    g = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": ids, "attention_mask": [1] * 6, "labels": ids}
+            for ids in torch.randint(3, 60, (8, 6), generator=g).tolist()]
+    pk.attach(model, pk.LoraConfig(r=2, targets=QV, init=init))
+    assert pk.core.initialize.pending(model)
+    pk.train(model, rows, pk.TrainConfig(lr=1e-3, max_steps=1, batch_size=4, progress=False))
+    assert not pk.core.initialize.pending(model)
+    assert all(w.lora_B.any() for w in wrappers(model).values())  # trained a step from its init

@@ -14,7 +14,7 @@ the base are restored.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -32,8 +32,20 @@ def pending(model: nn.Module, name: str = "default") -> list[tuple[str, DeltaMod
     return [(p, w) for p, w in wrappers_of(model, [name]) if isinstance(w, DataInitialized) and w.init_needs]
 
 
-def initialize(model: nn.Module, batches: Iterable[Mapping[str, Any]], name: str = "default") -> nn.Module:
-    """Give adapter `name`'s data-driven initialisation its statistics from `batches`."""
+Loss = Callable[[nn.Module, Mapping[str, Any]], torch.Tensor]
+
+
+def _model_loss(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
+    loss = getattr(model(**batch), "loss", None)
+    if loss is None:
+        raise ConfigError("--method.init lora-ga needs batches with labels (the model must return a loss)")
+    return loss
+
+
+def initialize(model: nn.Module, batches: Iterable[Mapping[str, Any]], name: str = "default",
+               loss: Loss = _model_loss) -> nn.Module:
+    """Give adapter `name`'s data-driven initialisation its statistics from `batches`; `loss`
+    (model, batch) -> scalar is what LoRA-GA differentiates (default: the model's own loss)."""
     check_known(model, [name])
     todo = pending(model, name)
     if not todo:
@@ -44,7 +56,7 @@ def initialize(model: nn.Module, batches: Iterable[Mapping[str, Any]], name: str
         raise ConfigError("initialize needs at least one batch")
     sums: dict[str, list[Any]] = {p: [None, None, 0] for p, w in todo if w.init_needs == "inputs"}
     grads = {p: w for p, w in todo if w.init_needs == "weight_grad"}
-    counts = _run(model, batches, {p: w for p, w in todo if p in sums}, sums, grads)
+    counts = _run(model, batches, {p: w for p, w in todo if p in sums}, sums, grads, loss)
     for path, w in todo:
         if path in sums:
             xtx, xsum, count = sums[path]
@@ -62,7 +74,7 @@ def _mask(batch: Mapping[str, Any], x: torch.Tensor) -> torch.Tensor | None:
 
 
 def _run(model: nn.Module, batches: list[Mapping[str, Any]], hooked: dict[str, DeltaModule],
-         sums: dict[str, list[Any]], grads: dict[str, DeltaModule]) -> dict[str, torch.Tensor]:
+         sums: dict[str, list[Any]], grads: dict[str, DeltaModule], loss: Loss) -> dict[str, torch.Tensor]:
     """One pass: input sums into `sums`, mean weight gradients returned (by path)."""
     current: dict[str, Any] = {}
 
@@ -93,10 +105,12 @@ def _run(model: nn.Module, batches: list[Mapping[str, Any]], hooked: dict[str, D
         for batch in batches:
             current.clear()
             current.update(batch)
-            with torch.set_grad_enabled(bool(weights)):
-                out = model(**batch)
             if weights:
-                _backward(out)
+                with torch.enable_grad():
+                    loss(model, batch).backward()
+            else:
+                with torch.no_grad():
+                    model(**batch)
         return {p: w.grad.detach() / len(batches) for p, w in weights.items()}
     finally:
         for h in handles:
@@ -107,9 +121,3 @@ def _run(model: nn.Module, batches: list[Mapping[str, Any]], hooked: dict[str, D
             weight.requires_grad_(flags[path])
         model.train(was_training)
 
-
-def _backward(out: Any) -> None:
-    loss = getattr(out, "loss", None)
-    if loss is None:
-        raise ConfigError("--method.init lora-ga needs batches with labels (the model must return a loss)")
-    loss.backward()

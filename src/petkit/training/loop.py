@@ -43,6 +43,7 @@ from petkit.training.ist import with_ist
 from petkit.training.steppers import Stepper, make_stepper
 from petkit.core.io import save_adapter
 from petkit.core.model import trainable_parameters
+from petkit.core.initialize import initialize, pending
 from petkit.core.state import active_adapters
 
 
@@ -105,6 +106,9 @@ def _improves(metrics: dict[str, float], state: ckpt.TrainerState, metric: str) 
     return metrics["loss"] < state.best_loss
 
 
+INIT_BATCHES = 4  # batches a data-driven initialisation reads before the first step
+
+
 class _Run:
     """State of one call to `train`; each method is one phase of a step."""
 
@@ -138,6 +142,8 @@ class _Run:
         self.best: dict[str, torch.Tensor] | None = None
         self.metric: str | None = None
         self._resume_or_reset()
+        if not self.state.step:
+            self._data_init()
         self.monitor = Monitor(self.out if self.job.writer else None, self.total, self.state.step,
                                self.state.history, config.progress and self.job.writer)
 
@@ -154,6 +160,15 @@ class _Run:
             return self.modes.objective()
         self.modes.bypass = None
         return given
+
+    def _data_init(self) -> None:
+        """A data-driven LoRA init (--method.init eva|corda|lora-ga: core/initialize.py) reads the
+        first few training batches, with this run's loss."""
+        size = self.config.batch_size
+        rows = range(0, min(len(self.data), INIT_BATCHES * size), size)
+        for name in [n for n in active_adapters(self.model) if pending(self.model, n)]:
+            batches = [move(self.collate(list(self.data[i:i + size])), self.device) for i in rows]
+            initialize(self.model, batches, name, loss=lambda model, batch: self.dense_loss(batch))
 
     def _resume_or_reset(self) -> None:
         """Continue from the newest complete checkpoint, or clear stale ones of an older run."""
