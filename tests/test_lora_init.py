@@ -8,6 +8,7 @@ import torch
 
 import petkit as pk
 from petkit.core.delta import iter_deltas
+from petkit.core.initialize import pending
 from toys import inputs, llama, perturb, run
 
 peft = pytest.importorskip("peft")
@@ -193,7 +194,7 @@ def test_train_runs_the_data_driven_init_on_its_first_batches(init):
     rows = [{"input_ids": ids, "attention_mask": [1] * 6, "labels": ids}
             for ids in torch.randint(3, 60, (8, 6), generator=g).tolist()]
     pk.attach(model, pk.LoraConfig(r=2, targets=QV, init=init))
-    assert pk.core.initialize.pending(model)
+    assert pending(model)
     pk.train(model, rows, pk.TrainConfig(lr=1e-3, max_steps=1, batch_size=4, progress=False))
-    assert not pk.core.initialize.pending(model)
+    assert not pending(model)
     assert all(w.lora_B.any() for w in wrappers(model).values())  # trained a step from its init
