@@ -28,15 +28,9 @@ from petkit.core.qweight import QUANT_ATTR, dense_weight
 from petkit.core.state import adapters, check_known, wrappers_of
 from petkit.core.delta import innermost
 from petkit.core.targets import linear_dims
+from petkit.methods.family.lora_init import weight_factors
 from petkit.models.quantize import QuantSpec, _fits, _resolve_backend, quantization_info, quantize_linear, \
     replace_innermost
-
-
-def _svd_part(residual: torch.Tensor, r: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, B) with s B A the top-r SVD part of `residual`."""
-    u, s, vh = torch.linalg.svd(residual, full_matrices=False)
-    root = (s[:r] / scale).sqrt()
-    return root[:, None] * vh[:r], u[:, :r] * root
 
 
 def loftq_layer(weight: torch.Tensor, bias: torch.Tensor | None, r: int, scale: float, spec: QuantSpec,
@@ -47,7 +41,7 @@ def loftq_layer(weight: torch.Tensor, bias: torch.Tensor | None, r: int, scale: 
     target = w
     for _ in range(iters):
         layer = quantize_linear(target.to(weight.dtype), bias, spec)
-        a, b = _svd_part(w - dense_weight(layer, torch.float32), r, scale)
+        a, b = weight_factors("pissa", w - dense_weight(layer, torch.float32), r, scale)  # top-r SVD part
         target = w - scale * b @ a
     return layer, a, b
 
