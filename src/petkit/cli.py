@@ -11,6 +11,7 @@ exit code 2; no traceback.
     petkit predict --adapter runs/default/adapter --data new.csv --output preds.csv
     petkit inspect --method lora         # table: where each delta sits, trainable counts
     petkit methods
+    petkit embedded                      # the offline tasks and models, each with its pip package
     petkit fed --clients 10 --alpha 0.5   # federated LoRA on Flower, only the delta travels
     petkit bench grid.yaml --output runs/bench   # methods x tasks x seeds x sizes, resumable
     petkit continual --tasks bbc-classes --strategy hide   # tasks in sequence, forgetting
@@ -117,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--adapter", help="adapter folder to load")
     _add_flags(inspect, ("model", "method", "data", "task_type"))
     sub.add_parser("methods", help="registered methods, family and paper")
+    sub.add_parser("embedded", help="embedded tasks and models: what each is, its pinned package")
     replay = sub.add_parser("replay", help="rebuild a zeroth-order run's adapter from its "
                                            "(seed, gradient) log")
     replay.add_argument("--log", required=True, help="zo_log.jsonl of a run with train.zo_log=true")

