@@ -207,6 +207,7 @@ def test_no_import_circle_anywhere():
 THIRD_PARTY_PROBES = {
     "core/blocks.py": 2,  # a transformers model's config.num_hidden_layers
     "core/config_io.py": 1,  # a typing annotation's __name__ (Optional[...] has none)
+    "core/discovery.py": 1,  # an imported module's __path__ (a plain module has none)
     "core/durable.py": 4,  # os.O_DIRECTORY (absent on Windows)
     "core/fingerprint.py": 2,  # a transformers model's config.model_type
     "core/io.py": 2,  # the record petkit keeps on the user's nn.Module (absent before attach)
@@ -214,7 +215,7 @@ THIRD_PARTY_PROBES = {
     "core/peft_interop.py": 2,  # a transformers config's _name_or_path
     "core/qweight.py": 9,  # bitsandbytes / torchao quantised weights: quant_state, SCB, ...
     "core/registry.py": 1,  # a typing annotation's __name__
-    "core/targets.py": 4,  # a transformers model's config / get_output_embeddings
+    "core/targets.py": 5,  # a transformers model's config / get_output_embeddings; its Conv1D
     "training/activations.py": 4,  # transformers' cache objects (DynamicCache and relatives)
     "training/grpo_rewards.py": 1,  # the user's reward module names a function
     "training/guards.py": 7,  # a transformers model's head and config (vocab, labels, archs)

