@@ -36,7 +36,8 @@ Loss = Callable[[nn.Module, Mapping[str, Any]], torch.Tensor]
 
 
 def _model_loss(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
-    loss = getattr(model(**batch), "loss", None)
+    out = model(**batch)  # a transformers ModelOutput is a Mapping
+    loss = out.get("loss") if isinstance(out, Mapping) else None
     if loss is None:
         raise ConfigError("--method.init lora-ga needs batches with labels (the model must return a loss)")
     return loss
