@@ -49,6 +49,7 @@ class LoraLinear(DeltaModule):
             self.init_A = nn.Parameter(torch.zeros_like(self.lora_A))
             self.init_B = nn.Parameter(torch.zeros_like(self.lora_B))
             self.frozen_names = frozenset({"init_A", "init_B"})
+            self.notes.append(f"{init}: half of params is the frozen start B0 A0")
         if kw["device"].type != "meta":  # a dry attach (load checks) computes nothing
             self.start(weight_factors(init, weight_out_in(self), r, self.scaling))
 
