@@ -48,3 +48,5 @@ def test_loftq_mistakes_are_clear():
     pk.attach(model, pk.LoraConfig(r=4, targets=QV, init="loftq"))
     with pytest.raises(pk.ConfigError, match="iters"):
         loftq(model, "nf4", iters=0)
+    with pytest.raises(pk.ConfigError, match="waits for pk.loftq"):
+        pk.initialize(model, [inputs("llama")])  # what pk.train meets before pk.loftq ran

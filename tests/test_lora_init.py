@@ -198,3 +198,13 @@ def test_train_runs_the_data_driven_init_on_its_first_batches(init):
     pk.train(model, rows, pk.TrainConfig(lr=1e-3, max_steps=1, batch_size=4, progress=False))
     assert not pending(model)
     assert all(w.lora_B.any() for w in wrappers(model).values())  # trained a step from its init
+
+
+def test_a_loaded_data_driven_adapter_is_not_initialised_again(tmp_path):
+    model, batch = llama(), inputs("llama")
+    fresh = copy.deepcopy(model)
+    pk.attach(model, pk.LoraConfig(r=2, targets=QV, init="eva"))
+    pk.initialize(model, [batch])
+    pk.save_adapter(model, tmp_path / "a")
+    pk.load_adapter(fresh, tmp_path / "a")
+    assert not pending(fresh, "default")  # pk.train leaves its values alone

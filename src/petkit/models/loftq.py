@@ -72,6 +72,7 @@ def loftq(model: nn.Module, mode: str = "nf4", *, name: str = "default", iters: 
         with torch.no_grad():
             lora_a.copy_(a)
             lora_b.copy_(b)
+        w.init_needs = None
     model.__dict__[QUANT_ATTR] = {**asdict(spec), "layers": len(layers), "skipped": []}
     record.fingerprint = fingerprint(model, record.targets)
     return model

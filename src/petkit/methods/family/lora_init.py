@@ -34,7 +34,8 @@ from petkit.core.errors import ConfigError
 
 NAMES = ("default", "gaussian", "pissa", "pissa_niter_K", "olora", "eva", "corda", "lora-ga", "loftq")
 OFFSET = ("pissa", "olora", "corda", "lora-ga")  # inits whose factors start non-zero (base keeps W - s B0 A0)
-DATA = {"eva": "inputs", "corda": "inputs", "lora-ga": "weight_grad"}  # what pk.initialize collects
+# what a fresh adapter waits for: pk.initialize collects inputs / weight_grad; loftq waits for pk.loftq
+DATA = {"eva": "inputs", "corda": "inputs", "lora-ga": "weight_grad", "loftq": "loftq"}
 _NITER = re.compile(r"pissa_niter_([1-9][0-9]*)")
 GA_GAMMA = 16.0
 
