@@ -4,7 +4,7 @@ time per training step (forward + backward + AdamW) on the same model, batch and
     nice -n 10 python benchmarks/peft_side_by_side.py      # smollm2-135m, writes docs/peft_side_by_side.json
 
 One process, both arms of a method timed alternately (petkit, PEFT, petkit, PEFT, ...) after one
-warm-up step each, so that load on the machine hits both alike; the ratio is petkit / PEFT
+warm-up step each (process CPU time, median of `steps`), so that load on the machine hits both alike; the ratio is petkit / PEFT
 (< 1: petkit faster). Adapters start from each library's own init, then train on the same batch.
 """
 from __future__ import annotations
@@ -35,16 +35,17 @@ ARMS = [
 
 
 def step_time(model: torch.nn.Module, batch: dict, steps: int) -> list[float]:
+    """CPU seconds of each of `steps` training steps (a fresh AdamW: its first step costs alike)."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     times = []
-    for _ in range(steps + 1):  # the first is a warm-up
+    for _ in range(max(steps, 1)):
         start = time.process_time()
         model(**batch, labels=batch["input_ids"]).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.process_time() - start)
-    return times[1:]
+    return times[:steps]
 
 
 def main(steps: int = 3) -> None:
@@ -56,13 +57,14 @@ def main(steps: int = 3) -> None:
     torch.manual_seed(0)
     torch.set_num_threads(2)
     base = load_model("smollm2-135m", dtype=torch.float32)[0].train()
-    batch = {"input_ids": torch.randint(0, 1000, (8, 64), generator=torch.Generator().manual_seed(0))}
-    out = {"model": "smollm2-135m", "batch": "8 x 64 tokens", "steps": steps, "threads": 2, "rows": []}
+    batch = {"input_ids": torch.randint(0, 1000, (4, 32), generator=torch.Generator().manual_seed(0))}
+    out = {"model": "smollm2-135m", "batch": "4 x 32 tokens", "steps": steps, "threads": 2, "rows": []}
     for method, ours_cfg, peft_name, peft_cfg in ARMS:
         ours = pk.attach(copy.deepcopy(base), pk.make_config(method, targets=QV, **ours_cfg))
         theirs = peft.get_peft_model(copy.deepcopy(base), getattr(peft, peft_name)(target_modules=QV, **peft_cfg))
         n_ours = sum(p.numel() for p in pk.trainable_parameters(ours).values())
         n_theirs = sum(p.numel() for p in theirs.parameters() if p.requires_grad)
+        step_time(ours, batch, 0), step_time(theirs, batch, 0)  # warm-up (first-call costs)
         t_ours, t_theirs = [], []
         for _ in range(steps):
             t_ours += step_time(ours, batch, 1)
@@ -74,6 +76,17 @@ def main(steps: int = 3) -> None:
         print(json.dumps(row), flush=True)
         del ours, theirs
     (ROOT / "docs" / "peft_side_by_side.json").write_text(json.dumps(out, indent=2) + "\n")
+    print(render(out))
+
+
+def render(out: dict) -> str:
+    """The docs/methods.md table of a run."""
+    lines = ["| method | PEFT class | trainable (petkit) | trainable (PEFT) | CPU s/step petkit | CPU s/step PEFT "
+             "| petkit / PEFT |", "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in out["rows"]:
+        lines.append(f"| {r['method']} | {r['peft']} | {r['trainable']:,} | {r['peft_trainable']:,} | "
+                     f"{r['cpu_s_step']:.2f} | {r['peft_cpu_s_step']:.2f} | {r['ratio']:.2f} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

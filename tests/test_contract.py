@@ -38,6 +38,8 @@ CASES = [
     Case("lora", "llama", {}, True, True),
     Case("lora", "gpt2", {"rslora": True, "bias": "lora_only"}, True, True),
     Case("lora", "bert", {"targets": "all-linear", "dropout": 0.1}, True, True),
+    Case("lora", "llama", {"init": "pissa"}, True, True),
+    Case("lora", "gpt2", {"init": "olora", "dropout": 0.1}, True, True),
     Case("adapter", "mlp", {}, True, False),
     Case("adapter", "llama", {}, True, False),
     Case("adapter", "gpt2", {"variant": "parallel"}, True, False),
@@ -144,6 +146,8 @@ CASES = [
     Case("oft", "llama", {"block_size": 8}, True, True),
     Case("oft", "gpt2", {"block_size": 16, "block_share": True, "neumann_terms": 0}, True, True),
     Case("oft", "bert", {"block_size": 4, "targets": "all-linear"}, True, True),
+    Case("boft", "llama", {"block_size": 4, "butterfly_factor": 2}, True, True),
+    Case("boft", "gpt2", {"block_size": 8}, True, True),
     # HRA's identity init is a product of pairs of equal reflections: I up to rounding (test_hra.py)
     Case("hra", "mlp", {"r": 2}, False, True),
     Case("hra", "llama", {}, False, True),

@@ -26,10 +26,18 @@ CASES = [
     ("oft", {"block_size": 4, "block_share": True, "neumann_terms": 0},
      lambda: peft.OFTConfig(r=0, oft_block_size=4, block_share=True, use_cayley_neumann=False,
                             target_modules=QV), llama),
+    ("boft", {"block_size": 4}, lambda: peft.BOFTConfig(boft_block_size=4, target_modules=QV), llama),
+    ("boft", {"block_size": 8}, lambda: peft.BOFTConfig(boft_block_size=8, target_modules=QV), llama),
+    ("lora", {"r": 4, "alpha": 8.0}, lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=QV), llama),
+    ("lora", {"r": 4, "alpha": 8.0, "init": "pissa"},
+     lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=QV, init_lora_weights="gaussian"), llama),
     ("hra", {"r": 4}, lambda: peft.HRAConfig(r=4, target_modules=QV), llama),
     ("hra", {"r": 2, "apply_gs": True}, lambda: peft.HRAConfig(r=2, apply_GS=True, target_modules=QV), llama),
     ("adalora", {"init_r": 4, "target_r": 2},
      lambda: peft.AdaLoraConfig(init_r=4, target_r=2, lora_alpha=8, total_step=10, target_modules=QV), llama),
+    ("ln-tuning", {}, lambda: peft.LNTuningConfig(target_modules=["input_layernorm", "post_attention_layernorm",
+                                                                  "norm"]), llama),
+    ("ln-tuning", {}, lambda: peft.LNTuningConfig(target_modules=["ln_1", "ln_2", "ln_f"]), gpt2),
     ("trainable-tokens", {"token_indices": [3, 5, 7]},
      lambda: peft.TrainableTokensConfig(token_indices=[3, 5, 7], target_modules=["embed_tokens"]), llama),
     ("trainable-tokens", {"token_indices": [4, 9]},
@@ -46,7 +54,7 @@ def close(a, b):
 def test_petkit_adapter_loads_in_peft_with_the_same_logits(method, kwargs, make_peft, toy, tmp_path):
     base, batch = toy(), inputs("llama")
     theirs = copy.deepcopy(base)
-    targets = None if method == "trainable-tokens" else QV
+    targets = None if method in ("trainable-tokens", "ln-tuning") else QV
     pk.attach(base, pk.make_config(method, targets=targets, **kwargs))
     perturb(pk.trainable_parameters(base), seed=3)
     expected = run(base, batch)

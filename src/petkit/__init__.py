@@ -27,6 +27,8 @@ _EXPORTS = {
     **dict.fromkeys(["AdapterLoadError", "AdapterStateError", "CheckpointError", "ConfigError",
                      "MissingPackageError", "PetkitError", "TargetError"], "petkit.core.errors"),
     "fold": "petkit.core.fold",
+    "initialize": "petkit.core.initialize",
+    "loftq": "petkit.models.loftq",
     **dict.fromkeys(["adapter_state", "load_adapter", "read_adapter", "save_adapter",
                      "swap_adapter"], "petkit.core.io"),
     **dict.fromkeys(["mixed_forward", "mixed_generate"], "petkit.core.mixed_batch"),

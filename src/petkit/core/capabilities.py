@@ -16,6 +16,9 @@ never through a method's name or a `hasattr` probe:
     MergesOwnDeltas `merge_deltas()`: what merging adds, by base parameter name
     TransformsOutput `transforms_output`: True when it changes its base's output non-additively
     InputScaled     `on_input`: True when it scales its base's input rather than its output
+    DataInitialized `init_needs`, `init_from(stats)`: starts from statistics of a few batches
+                    (`pk.initialize`, core/initialize.py); a per-adapter option (LoRA's `init`),
+                    so not a method's declared capability
     FactorLoadable  `load_factors(a, b, bias)`: takes any low-rank delta (LoRA; merges build on it)
     HoldsForwardState `live`: where an input extension's content sits in the running forward
 
@@ -119,6 +122,25 @@ class InputScaled(Protocol):
     on_input: bool
 
 
+class InitStats(NamedTuple):
+    """What `pk.initialize` collected for one wrapper on a few batches (None where not asked):
+    inputs: xtx = sum of x x^T (in, in), xsum = sum of x (in,), count = tokens (padding left out);
+    weight_grad: grad = mean dL/dW of the innermost base weight, in that weight's layout."""
+    xtx: torch.Tensor | None = None
+    xsum: torch.Tensor | None = None
+    count: int = 0
+    grad: torch.Tensor | None = None
+
+
+@runtime_checkable
+class DataInitialized(Protocol):
+    """A wrapper whose starting values come from data (EVA, CorDA, LoRA-GA): `init_needs` is what
+    `pk.initialize` must collect ("inputs" or "weight_grad"; None once initialised)."""
+    init_needs: str | None
+
+    def init_from(self, stats: InitStats) -> None: ...
+
+
 @runtime_checkable
 class HoldsForwardState(Protocol):
     """An input extension (prompt, prefix) whose `live` says where its content sits in the
@@ -180,6 +202,11 @@ class PeftLayout:
     matches(PEFT config): whether this method reads a folder of `peft_type` (LoRA vs DoRA)
     fan_in_fan_out: PEFT's config has the flag (set for GPT-2 Conv1D layers)
     skip(key, PEFT config): a PEFT tensor petkit rebuilds instead of reading (VeRA's projections)
+    to_value(base module, local name, tensor) / from_value(...): where PEFT stores something else
+        than petkit's delta (LN tuning: the whole new weight), the tensor as PEFT / petkit holds it;
+        `base module` is the innermost module the tensor belongs to
+    to_state(petkit delta tensors) -> the tensors to export, where PEFT holds them combined (a
+        LoRA init's frozen offset folded into one rank-2r LoRA, as PEFT's own conversion does)
     """
 
     peft_type: str
@@ -189,6 +216,9 @@ class PeftLayout:
     matches: Callable[[dict[str, Any]], bool] = field(default=lambda peft_config: True)
     fan_in_fan_out: bool = False
     skip: Callable[[str, dict[str, Any]], bool] = field(default=lambda key, peft_config: False)
+    to_value: Callable[[Any, str, Any], Any] = field(default=lambda base, local, tensor: tensor)
+    from_value: Callable[[Any, str, Any], Any] = field(default=lambda base, local, tensor: tensor)
+    to_state: Callable[[dict[str, Any]], dict[str, Any]] = field(default=lambda state: state)
 
 
 WRAPPER_CAPABILITIES: tuple[type, ...] = (Weighted, LowRank, RowBatchable, RankSettable, ExpertRouted,

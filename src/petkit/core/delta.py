@@ -40,6 +40,10 @@ class DeltaModule(nn.Module):
             self.merged = merged
         self.enabled = self.active and not self.merged
 
+    # local names of delta parameters saved with the adapter but never trained (an initialisation's
+    # frozen offset, e.g. PiSSA's starting B0 A0): `trainable_parameters` leaves them out
+    frozen_names: frozenset[str] = frozenset()
+
     def delta_parameters(self) -> dict[str, nn.Parameter]:
         """This wrapper's own parameters (local name -> parameter), excluding its base's."""
         base_ids = {id(p) for p in self.base.parameters()}

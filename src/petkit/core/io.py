@@ -36,7 +36,8 @@ from .durable import read_version, write_folder
 from .errors import AdapterLoadError, AdapterStateError, ConfigError
 from .fingerprint import compare, fingerprint
 from .model import activate, attach, detach, set_trainable
-from .state import adapters, check_known
+from .capabilities import DataInitialized
+from .state import adapters, check_known, wrappers_of
 from .registry import METHODS, MethodConfig, config_from_json
 from .safetensors_header import Header, check_budget, check_declared, read_header
 from .version import __version__
@@ -244,6 +245,9 @@ def _copy_tensors(model: nn.Module, name: str, tensors: dict[str, torch.Tensor])
     with torch.no_grad():
         for key, param in state.items():
             param.copy_(tensors[key].to(param.dtype))
+    for _, w in wrappers_of(model, [name]):  # loaded values: a data-driven init has nothing left to do
+        if isinstance(w, DataInitialized):
+            w.init_needs = None
 
 
 def fill_attached(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], trainable: bool) -> None:

@@ -150,7 +150,8 @@ def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
         id(p)
         for _, w in wrappers_of(model, active_adapters(model))
         if records[w.adapter_name].trainable
-        for p in w.delta_parameters().values()
+        for local, p in w.delta_parameters().items()
+        if local not in w.frozen_names
     }
     return {n: p for n, p in model.named_parameters() if id(p) in chosen}
 

@@ -24,7 +24,7 @@ from .adapter_check import check_targets_exist, check_values, compare_shapes, pr
 from .adapter_schema import PEFT_SCHEMA, read_json
 from .capabilities import PeftLayout
 from .safetensors_header import read_header
-from .delta import innermost
+from .delta import get_canonical, innermost
 from .durable import write_folder
 from .errors import AdapterLoadError, AdapterStateError, ConfigError
 from .io import adapter_state, fill_attached
@@ -84,11 +84,19 @@ def peft_files(model: nn.Module, name: str = "default",
     if record is None:
         raise AdapterStateError(f"unknown adapter {name!r}")
     layout = _layout(record.config, "export_peft")
-    tensors = {peft_key(k, layout): v.detach().cpu().contiguous()
-               for k, v in adapter_state(model, name).items()}
+    tensors = {peft_key(k, layout): _peft_value(model, layout, k, v.detach()).cpu().contiguous()
+               for k, v in layout.to_state(adapter_state(model, name)).items()}
     conv1d = any(is_linear(innermost(w)) and linear_dims(innermost(w))[2] for _, w in wrappers_of(model, [name]))
     base_model = base_model or getattr(getattr(model, "config", None), "_name_or_path", None)
     return tensors, peft_config(record.config, list(tensors), conv1d=conv1d, base_model=base_model)
+
+
+def _peft_value(model: nn.Module, layout: PeftLayout, key: str, value: torch.Tensor) -> torch.Tensor:
+    """The tensor as PEFT holds it (the layout's `to_value`; TrainableCopy tensors as they are)."""
+    module_path, _, local = key.rpartition(".")
+    if local not in layout.keys:
+        return value
+    return layout.to_value(innermost(get_canonical(model, module_path)), local, value)
 
 
 def write_peft(folder: Path, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
@@ -172,6 +180,10 @@ def import_peft(model: nn.Module, path: str | os.PathLike, name: str = "default"
     saved = tuple(config.get("modules_to_save") or ())
     ours = _our_tensors(layout, config, tensors, saved)
     targets = sorted({k.rsplit(".", 1)[0] for k in ours if ".copy." not in k})
+    check_targets_exist(model, targets, path)
+    for key in [k for k in ours if ".copy." not in k]:
+        module_path, _, local = key.rpartition(".")
+        ours[key] = layout.from_value(innermost(get_canonical(model, module_path)), local, ours[key])
     try:
         cfg = cls.from_dict({**layout.from_peft(config), "targets": targets, "modules_to_save": list(saved)})
     except ConfigError as exc:

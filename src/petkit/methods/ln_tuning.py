@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.capabilities import PeftLayout
 from ..core.delta import DeltaModule, canonical_modules, innermost, wrap
 from ..core.model import no_targets_error
 from ..core.registry import MethodConfig, check_choice, register
@@ -65,10 +66,21 @@ class NormDelta(DeltaModule):
         return None if self.bias_delta is None else self.bias_delta.detach()
 
 
+PEFT = PeftLayout(
+    "LN_TUNING", {"weight_delta": "ln_tuning_layers.weight", "bias_delta": "ln_tuning_layers.bias"},
+    to_peft=lambda c: {},
+    from_peft=lambda d: {"bias": True},
+    # PEFT trains a whole copy of the norm: its tensors are the new weight and bias, not changes
+    to_value=lambda norm, local, t: t + getattr(norm, _BASE[local]).detach(),
+    from_value=lambda norm, local, t: t - getattr(norm, _BASE[local]).detach())
+_BASE = {"weight_delta": "weight", "bias_delta": "bias"}
+
+
 @register("ln-tuning", family="selective",
           paper="Zhao et al., 2023, Tuning LayerNorm in Attention: Towards Efficient Multi-Modal LLM Finetuning")
 @dataclass(frozen=True)
 class LNTuningConfig(MethodConfig):
+    peft_layout: ClassVar[PeftLayout | None] = PEFT
     suggested_lr: ClassVar[float | None] = 0.005
     bias: bool = True  # also tune LayerNorm biases (RMSNorm has none)
 

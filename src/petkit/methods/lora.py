@@ -20,10 +20,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .family.bias import BiasDelta
-from ..core.capabilities import (FactorLoadable, FactorTarget, LowRank, PeftLayout, RowBatchable,
-                                 RowTerms, Weighted)
+from ..core.capabilities import (FactorLoadable, FactorTarget, InitStats, LowRank, PeftLayout,
+                                 RowBatchable, RowTerms, Weighted)
 from ..core.delta import DeltaModule, get_canonical, innermost, wrap
-from .family.lowrank import add_lowrank, factor_pair
+from .family.lora_init import DATA, check_init, data_factors, has_offset, weight_factors
+from .family.lowrank import add_lowrank, factor_pair, weight_out_in
 from .family.peft_fields import lora_layout
 from ..core.registry import MethodConfig, check_choice, check_range, register
 from ..core.qweight import delta_dtype
@@ -32,7 +33,7 @@ from ..core.targets import linear_dims, match_targets, role_targets
 
 class LoraLinear(DeltaModule):
     def __init__(self, base: nn.Module, adapter_name: str, r: int, alpha: float, dropout: float,
-                 rslora: bool, bias: bool) -> None:
+                 rslora: bool, bias: bool, init: str = "default") -> None:
         super().__init__(base, adapter_name)
         inner = innermost(base)
         fan_in, fan_out, self.transposed = linear_dims(inner)
@@ -42,25 +43,64 @@ class LoraLinear(DeltaModule):
         self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
         self.mix = 1.0  # this adapter's weight when stacked (pk.activate(..., weights=...))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
+        self.init = init
+        self.init_needs = DATA.get(init)  # DataInitialized: what pk.initialize collects for it
+        if has_offset(init):  # the starting product, kept frozen: the base seen is W - s B0 A0
+            self.init_A = nn.Parameter(torch.zeros_like(self.lora_A))
+            self.init_B = nn.Parameter(torch.zeros_like(self.lora_B))
+            self.frozen_names = frozenset({"init_A", "init_B"})
+            self.notes.append(f"{init}: half of params is the frozen start B0 A0")
+        if kw["device"].type != "meta":  # a dry attach (load checks) computes nothing
+            self.start(weight_factors(init, weight_out_in(self), r, self.scaling))
+
+    def start(self, factors: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        """Set the starting (A, B), and the frozen offset to the same values where the init has one."""
+        if factors is None:
+            return
+        with torch.no_grad():
+            for own, value in zip((self.lora_A, self.lora_B), factors):
+                own.copy_(value)
+            if self.frozen_names:
+                self.init_A.copy_(self.lora_A)
+                self.init_B.copy_(self.lora_B)
+
+    def init_from(self, stats: InitStats) -> None:
+        if stats.grad is not None and self.transposed:
+            stats = stats._replace(grad=stats.grad.T)
+        self.start(data_factors(self.init, weight_out_in(self), stats, self.lora_A.shape[0], self.scaling))
+        self.init_needs = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         if not self.enabled:
             return y
+        h0 = x
         if self.dropout is not None:
             x = self.dropout(x)
-        y = add_lowrank(y, F.linear(x, self.lora_A), self.lora_B, self.scaling * self.mix)
+        if self.frozen_names:  # difference first: exactly the base at init (B A == B0 A0 bitwise)
+            d = F.linear(F.linear(x, self.lora_A), self.lora_B) - F.linear(F.linear(h0, self.init_A.detach()),
+                                                                            self.init_B.detach())
+            y = y + d * (self.scaling * self.mix)
+        else:
+            y = add_lowrank(y, F.linear(x, self.lora_A), self.lora_B, self.scaling * self.mix)
         return y if self.lora_bias is None else y + self.lora_bias * self.mix
 
     def lowrank(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        if self.frozen_names:  # s (B A - B0 A0) as one rank-2r product
+            return (torch.cat([self.lora_A, self.init_A.detach()]),
+                    torch.cat([self.lora_B, -self.init_B.detach()], dim=1), self.scaling)
         return self.lora_A, self.lora_B, self.scaling
 
     def row_terms(self) -> RowTerms:
         shift = None if self.lora_bias is None else self.lora_bias.detach()
-        return RowTerms(self.lora_A.detach(), self.lora_B.detach(), self.scaling, shift=shift)
+        a, b, scale = self.lowrank()
+        return RowTerms(a.detach(), b.detach(), scale, shift=shift)
 
     def delta_weight(self) -> torch.Tensor:
-        dw = (self.lora_B @ self.lora_A).detach() * (self.scaling * self.mix)
+        dw = self.lora_B @ self.lora_A
+        if self.frozen_names:  # difference first: exactly zero at init
+            dw = dw - self.init_B @ self.init_A
+        dw = dw.detach() * (self.scaling * self.mix)
         return dw.T if self.transposed else dw
 
     def delta_bias(self) -> torch.Tensor | None:
@@ -74,6 +114,9 @@ class LoraLinear(DeltaModule):
         if a is not None and b is not None:
             self.lora_A.zero_()[: a.shape[0]].copy_(a)
             self.lora_B.zero_()[:, : b.shape[1]].copy_(b)
+            if self.frozen_names:  # the delta is now s B A alone: no starting product left
+                self.init_A.zero_()
+                self.init_B.zero_()
         if bias is not None:
             assert self.lora_bias is not None, "for_factors(bias=True) makes the bias delta"
             self.lora_bias.copy_(bias)
@@ -90,6 +133,7 @@ class LoraConfig(MethodConfig):
     dropout: float = 0.0
     rslora: bool = False
     bias: str = "none"  # none | lora_only (bias delta on wrapped layers) | all (also every other biased linear)
+    init: str = "default"  # where A, B start: family/lora_init.py (pissa, olora, eva, corda, lora-ga, loftq...)
 
     def validate(self) -> None:
         check_range("r", self.r, 1, kind=int)
@@ -97,6 +141,7 @@ class LoraConfig(MethodConfig):
         check_range("dropout", self.dropout, 0.0, 0.999)
         check_choice("rslora", self.rslora, (True, False))
         check_choice("bias", self.bias, ("none", "lora_only", "all"))
+        check_init(self.init)
 
     @classmethod
     def for_factors(cls, rank: int, targets: list[str], modules_to_save: list[str],
@@ -109,7 +154,8 @@ class LoraConfig(MethodConfig):
         targets = self.targets if self.targets is not None else role_targets(model, "attn_qv")
         paths = match_targets(model, targets)
         for path in paths:
-            wrap(model, path, LoraLinear, name, self.r, self.alpha, self.dropout, self.rslora, self.bias != "none")
+            wrap(model, path, LoraLinear, name, self.r, self.alpha, self.dropout, self.rslora, self.bias != "none",
+                 self.init)
         if self.bias == "all":
             others = [p for p in match_targets(model, "all-linear") if p not in paths]
             for path in others:

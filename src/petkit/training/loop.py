@@ -46,6 +46,7 @@ from petkit.training.steppers.base import bind_model, log_fields
 from petkit.training.steppers.base import report as stepper_report
 from petkit.core.io import save_adapter
 from petkit.core.model import trainable_parameters
+from petkit.core.initialize import initialize, pending
 from petkit.core.state import active_adapters
 
 
@@ -108,6 +109,9 @@ def _improves(metrics: dict[str, float], state: ckpt.TrainerState, metric: str) 
     return metrics["loss"] < state.best_loss
 
 
+INIT_BATCHES = 4  # batches a data-driven initialisation reads before the first step
+
+
 class _Run:
     """State of one call to `train`; each method is one phase of a step."""
 
@@ -139,6 +143,8 @@ class _Run:
         self.best: dict[str, torch.Tensor] | None = None
         self.metric: str | None = None
         self._resume_or_reset()
+        if not self.state.step:
+            self._data_init()
         trackers = open_trackers(config.report_to, self.out, config.to_dict(), self.state.step,
                                  self.state.history) if self.job.writer else []
         self.monitor = Monitor(self.out if self.job.writer else None, self.total, self.state.step,
@@ -157,6 +163,15 @@ class _Run:
             return self.modes.objective()
         self.modes.bypass = None
         return given
+
+    def _data_init(self) -> None:
+        """A data-driven LoRA init (--method.init eva|corda|lora-ga: core/initialize.py) reads the
+        first few training batches, with this run's loss."""
+        size = self.config.batch_size
+        rows = range(0, min(len(self.data), INIT_BATCHES * size), size)
+        for name in [n for n in active_adapters(self.model) if pending(self.model, n)]:
+            batches = [move(self.collate(list(self.data[i:i + size])), self.device) for i in rows]
+            initialize(self.model, batches, name, loss=lambda model, batch: self.dense_loss(batch))
 
     def _resume_or_reset(self) -> None:
         """Continue from the newest complete checkpoint, or clear stale ones of an older run."""
