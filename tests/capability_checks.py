@@ -226,11 +226,40 @@ def check_input_scaled(base: nn.Module, model: nn.Module, batch: dict, tmp: Path
             torch.testing.assert_close(w(x, *rest, **kwargs), expect, rtol=1e-5, atol=1e-5)
 
 
+def _factor_delta_holds(w: Any, rank: int, scale_of: Callable[[Any], float]) -> None:
+    """`load_factors` of random rank-`rank` factors gives the delta scale * b @ a exactly."""
+    inp, out, transposed = linear_dims(innermost(w))
+    gen = torch.Generator().manual_seed(7)
+    a, b = torch.randn(rank, inp, generator=gen), torch.randn(out, rank, generator=gen)
+    with torch.no_grad():
+        w.load_factors(a, b, None)
+    expect = scale_of(w) * b @ a
+    torch.testing.assert_close(w.delta_weight(), expect.T if transposed else expect, rtol=1e-5, atol=1e-5)
+
+
+def check_factor_loadable(base: nn.Module, model: nn.Module, batch: dict, tmp: Path) -> None:
+    """A wrapper takes factors of a lower rank zero-padded: its delta is its scale * b @ a."""
+    for _, w in wrappers(model, cap.FactorLoadable):
+        _factor_delta_holds(w, 1, lambda w: w.lowrank()[2])
+
+
+def check_factor_target(base: nn.Module, model: nn.Module, batch: dict, tmp: Path) -> None:
+    """`for_factors` makes an adapter at the same targets, scale 1, that holds any B @ A."""
+    paths = sorted({p for p, _ in wrappers(model, cap.FactorLoadable)})
+    cfg = type(pk.adapters(model)["a"].config).for_factors(2, paths, [], False)
+    fresh = pk.attach(copy.deepcopy(base), cfg, name="f")
+    built = [w for _, w in iter_deltas(fresh) if w.adapter_name == "f"]
+    assert built and all(isinstance(w, cap.FactorLoadable) for w in built)
+    for w in built:
+        _factor_delta_holds(w, 2, lambda w: 1.0)
+
+
 CHECKS: dict[type, Check] = {
     cap.Weighted: check_weighted, cap.LowRank: check_lowrank, cap.RowBatchable: check_row_batchable, cap.RankSettable: check_rank_settable,
     cap.RankRange: check_rank_range, cap.ExpertRouted: check_expert_routed,
     cap.ReportsMetrics: check_reports_metrics, cap.StepHooked: check_step_hooked,
     cap.Foldable: check_foldable, cap.FoldableConfig: check_foldable_config,
     cap.MergesOwnDeltas: check_merges_own_deltas, cap.TransformsOutput: check_transforms_output,
-    cap.InputScaled: check_input_scaled,
+    cap.InputScaled: check_input_scaled, cap.FactorLoadable: check_factor_loadable,
+    cap.FactorTarget: check_factor_target,
 }
