@@ -240,7 +240,10 @@ def _factor_delta_holds(w: Any, rank: int, scale_of: Callable[[Any], float]) -> 
 def check_factor_loadable(base: nn.Module, model: nn.Module, batch: dict, tmp: Path) -> None:
     """A wrapper takes factors of a lower rank zero-padded: its delta is its scale * b @ a."""
     for _, w in wrappers(model, cap.FactorLoadable):
+        a, b = w.trained_factors()
+        assert isinstance(a, nn.Parameter) and isinstance(b, nn.Parameter) and b.requires_grad
         _factor_delta_holds(w, 1, lambda w: w.lowrank()[2])
+        assert a[1:].abs().max() == 0 and b[:, 1:].abs().max() == 0  # written into them, padded
 
 
 def check_factor_target(base: nn.Module, model: nn.Module, batch: dict, tmp: Path) -> None:

@@ -32,6 +32,14 @@ def test_b_factors_get_their_own_group_at_lr_times_ratio():
     assert all(v <= 1e-3 * 1.001 for n, v in moved.items() if n.endswith("lora_A"))  # B = 0: A's gradient is 0
 
 
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_an_init_with_a_frozen_offset_still_puts_b_in_the_ratio_group(init):
+    m = pk.attach(llama(), pk.LoraConfig(r=2, init=init))
+    params, stepper = stepper_for(m)
+    b = {id(p) for n, p in params.items() if n.endswith("lora_B")}
+    assert len(b) == 4 and {id(p) for p in stepper.optimizer.param_groups[1]["params"]} == b
+
+
 def test_with_head_lr_three_groups_and_bad_ratio_raises():
     m = pk.attach(llama(), pk.LoraConfig(r=2, modules_to_save=["lm_head"]))
     _, stepper = stepper_for(m, head_lr=5e-3)

@@ -175,6 +175,11 @@ class FactorLoadable(Protocol):
     def load_factors(self, a: torch.Tensor | None, b: torch.Tensor | None,
                      bias: torch.Tensor | None) -> None: ...
 
+    def trained_factors(self) -> tuple[nn.Parameter, nn.Parameter]:
+        """The trained A and B parameters themselves (`lowrank()` may return a product with a
+        frozen starting offset folded in: LoRA+ needs the parameter B)."""
+        ...
+
 
 @runtime_checkable
 class RankRange(Protocol):

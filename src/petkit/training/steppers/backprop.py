@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
-from petkit.core.capabilities import LowRank, capable_text, lowrank_factors
+from petkit.core.capabilities import FactorLoadable, LowRank, capable_text, lowrank_factors
 from petkit.core.delta import iter_deltas
 from petkit.core.errors import ConfigError
 from petkit.core.model import trainable_copy_parameters
@@ -76,7 +76,8 @@ def _optimizer(groups: list[list[nn.Parameter]], lrs: list[float],
 def lowrank_b_names(model: nn.Module, named: dict[str, nn.Parameter]) -> set[str]:
     """Names (in `named`) of the B factors of the model's low-rank wrappers, found by structure:
     the parameter a wrapper's `lowrank()` gives as B (a slice, as DyLoRA's, is not one)."""
-    b_ids = {id(factors[1]) for _, w in iter_deltas(model) if (factors := lowrank_factors(w)) is not None}
+    b_ids = {id(w.trained_factors()[1] if isinstance(w, FactorLoadable) else factors[1])
+             for _, w in iter_deltas(model) if (factors := lowrank_factors(w)) is not None}
     return {n for n, p in named.items() if id(p) in b_ids}
 
 
