@@ -233,3 +233,18 @@ def test_an_image_models_card_runs(tmp_path: Path, capsys: pytest.CaptureFixture
     code = render(card, str(tmp_path / "vit")).split("```python\n", 1)[1].split("```", 1)[0]
     exec(compile(code, "README.md", "exec"), {})  # noqa: S102 - the card's own snippet
     assert set(eval(capsys.readouterr().out)) == {"cat", "dog", "owl"}  # noqa: S307
+
+
+def test_an_init_with_a_frozen_offset_exports_to_vllm_at_twice_its_rank(tmp_path: Path) -> None:
+    """PiSSA/OLoRA-style adapters hold init_A/init_B: folded into one rank-2r LoRA on export,
+    so vLLM can serve them and needs --max-lora-rank for 2r."""
+    from petkit.app.export import exported_rank
+    from toys import llama
+
+    for init in ("pissa", "olora"):
+        model = pk.attach(llama(), pk.LoraConfig(r=2, init=init), name="a")
+        folder = pk.save_adapter(model, tmp_path / init, name="a")
+        assert vllm_refusal(folder) is None
+        assert exported_rank(folder) == 4
+    plain = pk.save_adapter(pk.attach(llama(), pk.LoraConfig(r=2), name="a"), tmp_path / "plain", name="a")
+    assert exported_rank(plain) == 2

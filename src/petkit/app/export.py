@@ -106,13 +106,26 @@ def merge_to_folder(recipe: Recipe, adapter: str | Path, output: str | Path,
     return write_folder(folder, fill)
 
 
+OFFSET_PREFIX = "init_"  # LoRA's frozen starting factors (init_A, init_B)
+
+
+def exported_rank(adapter: str | Path) -> int:
+    """The rank of the exported LoRA: r, or 2r when a frozen starting offset is folded in
+    (PEFT's own conversion of PiSSA/OLoRA adapters)."""
+    r = int(adapter_meta(adapter)["config"]["r"])
+    names = read_header(Path(adapter) / TENSORS).tensors
+    return 2 * r if any(k.rsplit(".", 1)[-1].startswith(OFFSET_PREFIX) for k in names) else r
+
+
 def vllm_refusal(adapter: str | Path) -> str | None:
     """Why vLLM cannot serve `adapter` (None when it can), from its files alone."""
     meta = adapter_meta(adapter)
     if meta["method"] not in ("lora", "dora"):
         return f"it is a {meta['method']} adapter and vLLM serves LoRA adapters only"
     cfg = config_of(meta, adapter)
-    keys = [peft_key(k, type(cfg).peft_layout) for k in read_header(Path(adapter) / TENSORS).tensors]
+    # a frozen starting offset (PiSSA-style inits) is folded into the exported A/B: not a key
+    keys = [peft_key(k, type(cfg).peft_layout) for k in read_header(Path(adapter) / TENSORS).tensors
+            if not k.rsplit(".", 1)[-1].startswith(OFFSET_PREFIX)]
     try:
         config = peft_config(cfg, keys)
     except PetkitError as exc:
@@ -144,7 +157,7 @@ def export_adapter(recipe: Recipe, adapter: str | Path, output: str | Path, fmt:
     folder = claim_folder(output, overwrite)
     prep = load_with_adapter(recipe, adapter, with_data=needs_data(recipe))
     base = public_name(recipe.model.name)
-    rank = max_lora_rank(int(adapter_meta(adapter)["config"]["r"])) if fmt == "vllm" else None
+    rank = max_lora_rank(exported_rank(adapter)) if fmt == "vllm" else None
     card = _card(recipe, adapter, fmt, prep, rank)
     tensors, config = peft_files(prep.model, active_adapters(prep.model)[0], base)
     readme = render(card, str(folder.resolve()))
