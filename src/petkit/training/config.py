@@ -30,6 +30,7 @@ from typing import Any
 from petkit.core.config_io import dataclass_from_dict
 from petkit.core.errors import ConfigError
 from petkit.training.activations import RECOMPUTE_MODES
+from petkit.training.dp import DPConfig
 from petkit.training.ist import IstConfig
 from petkit.training.objectives_config import ObjectiveConfig
 from petkit.training.stepper_config import (StepperConfig, is_int, is_num, resolve_stepper,
@@ -94,6 +95,7 @@ class TrainConfig:
     distributed: str = "auto"  # under torchrun: auto | ddp | fsdp | off (docs/distributed.md)
     stepper: StepperConfig | str | dict[str, Any] = "auto"
     ist: IstConfig | dict[str, Any] | None = None
+    dp: DPConfig | dict[str, Any] | None = None  # DP-SGD on the delta (training/dp.py, docs/privacy.md)
     # None: the model's own loss (SFT); else training/objectives_config.py (docs/objectives.md)
     objective: ObjectiveConfig | dict[str, Any] | str | None = None
     # Device and memory (docs/training-gpu.md).
@@ -144,6 +146,12 @@ class TrainConfig:
             object.__setattr__(self, "ist", IstConfig.from_dict(self.ist))
         _check(self.ist is None or isinstance(self.ist, IstConfig), "ist",
                "None, an IstConfig or a mapping of its fields", self.ist)
+        if isinstance(self.dp, dict):
+            object.__setattr__(self, "dp", DPConfig.from_dict(self.dp))
+        _check(self.dp is None or isinstance(self.dp, DPConfig), "dp",
+               "None, a DPConfig or a mapping of its fields", self.dp)
+        if self.dp is not None and self.loss_chunk is None:  # DP's vmap cannot trace the chunked
+            object.__setattr__(self, "loss_chunk", 0)        # loss (checkpointed): dense logits
         object.__setattr__(self, "objective", ObjectiveConfig.from_value(self.objective))
         if self.objective is not None:
             self.objective.check_stepper(self.stepper.NAME)

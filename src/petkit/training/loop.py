@@ -40,6 +40,7 @@ from petkit.training.objectives import Objective
 from petkit.training.objectives_preference import PreferenceObjective, pair_collate
 from petkit.training.run_modes import RunModes, check_modes, packed_collate
 from petkit.training.ist import with_ist
+from petkit.training.dp import with_dp
 from petkit.training.steppers import Stepper, make_stepper
 from petkit.core.io import save_adapter
 from petkit.core.model import trainable_parameters
@@ -131,6 +132,7 @@ class _Run:
         if callable(bind):  # optional hook: a population stepper batches its forward passes
             bind(model)
         self.stepper = with_ist(self.stepper, model, self.params, config)  # IST when asked
+        self.stepper = with_dp(self.stepper, model, self.params, config, self.total, len(data))
         self.stepper = self.job.wrap(self.stepper)  # under torchrun: this rank's share of a step
         self.hooks = StepHooks(model)  # methods' per-step hooks (COLA links, expert load)
         self.state = ckpt.TrainerState()
@@ -301,6 +303,7 @@ def preflight(model: nn.Module, train_data: Sequence[Example], config: TrainConf
     if callable(bind):  # e.g. head_lr set on a model without a trainable copy
         bind(model)
     with_ist(stepper, model, params, config)
+    with_dp(stepper, model, params, config, total_steps(len(train_data), config), len(train_data))
 
 
 def train(model: nn.Module, train_data: Sequence[Example], config: TrainConfig | None = None,
