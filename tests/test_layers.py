@@ -23,6 +23,7 @@ LAYERS: dict[str, int] = {
     "cli": 6, "cli_flags": 6, "cli_io": 6,  # the parser, its flag tables, consoles
     "cli_commands": 6,  # what each subcommand does (imported by cli.main only to run one)
     "cli_adapter": 6,  # petkit export / predict: their arguments and printing
+    "cli_quantize": 6,  # petkit quantize: its arguments, the run and its report
     "__main__": 7,  # python -m petkit (torchrun -m petkit): only calls cli.main
 }
 # Regimes sit side by side: none of them imports another.
