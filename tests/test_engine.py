@@ -22,7 +22,7 @@ def tiny_chat_model(seed: int = 0):
     """A 2-layer random Llama with SmolLM2's tokenizer (real text, a chat template)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from petkit.models.embedded import smollm2_dir
+    from petkit.models.embedded.smollm2 import smollm2_dir
 
     tok = AutoTokenizer.from_pretrained(smollm2_dir())
     config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,

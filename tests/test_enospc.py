@@ -226,3 +226,36 @@ def test_a_file_size_limit_keeps_the_previous_version(tmp_path: Path, path: str)
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["error"] and f"in {where}" in result["error"] and "file-size limit" in result["error"]
     assert result["partial"] == []
+
+
+def test_write_tensors_is_atomic_follows_the_umask_and_keeps_the_old_file_when_full(
+        tmp_path: Path) -> None:
+    """The writer continual and bench outputs use instead of safetensors' 0600 `save_file`."""
+    import torch
+    from safetensors.torch import load_file
+
+    from petkit.core.disk_full import write_tensors
+
+    path = tmp_path / "routing.safetensors"
+    old = os.umask(0o022)
+    try:
+        write_tensors(path, {"w": torch.ones(3)})
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644
+    assert torch.equal(load_file(path)["w"], torch.ones(3))
+    code = f"""
+import resource, signal, sys, torch
+from petkit.core.disk_full import write_tensors
+from petkit.core.disk_full import DiskFullError
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+try:
+    write_tensors({str(path)!r}, {{"w": torch.zeros(100_000)}})
+except DiskFullError as err:
+    print("full:", err)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "full:" in done.stdout, done.stderr[-1000:]
+    assert torch.equal(load_file(path)["w"], torch.ones(3))  # the previous file, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["routing.safetensors"]

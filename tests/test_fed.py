@@ -247,7 +247,8 @@ def _check_report(report: dict, clients: int, rounds: int) -> None:
 
 @pytest.mark.slow
 def test_two_round_simulation_end_to_end_with_faulty_clients(
-        tiny_bert: str, tmp_path: Path, recwarn: pytest.WarningsRecorder) -> None:
+        tiny_bert: str, tmp_path: Path, recwarn: pytest.WarningsRecorder,
+        capfd: pytest.CaptureFixture[str]) -> None:
     from petkit.fed import run_simulation
 
     faults = {1: "crash", 2: "wrong-shape", 3: "malformed"}
@@ -263,6 +264,8 @@ def test_two_round_simulation_end_to_end_with_faulty_clients(
     assert not [m for m in flower.lines if "DEPRECATED" in m], flower.lines
     assert not [w for w in recwarn if "Ray will no longer" in str(w.message)]
     _check_report(report, clients=4, rounds=2)
+    bar = capfd.readouterr().err  # a progress bar over the rounds, with the test metrics
+    assert "fed: 100%" in bar and "2/2" in bar and "accuracy=" in bar, bar[-500:]
     acc = PrivacyAccountant(4, 4, 0.5, 1e-5)
     for row in report["rounds"][1:]:
         assert row["accepted"] == [0]

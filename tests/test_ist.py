@@ -13,8 +13,8 @@ import petkit as pk
 from petkit.core.errors import ConfigError
 from petkit.models import tiny_model
 from petkit.training import TrainConfig, train
-from petkit.training import ist as ist_mod
-from petkit.training.ist import ISTStepper, LayerGroups
+from petkit.training.steppers import ist as ist_mod
+from petkit.training.steppers.ist import ISTStepper, LayerGroups
 from petkit.training.steppers.backprop import BackpropStepper
 
 LABEL_IDS = [7, 8]

@@ -12,7 +12,7 @@ import petkit.models.packages as packages
 from petkit.core.errors import ConfigError, MissingPackageError, PetkitError
 from petkit.data import encode_classification, encode_instruction, label_token_ids
 from petkit.models import EMBEDDED_MODELS, head_module_names, load_model, resolve_model, tiny_model
-from petkit.models.embedded import CACHE_MARKER, _write_atomically
+from petkit.models.cache import CACHE_MARKER, write_atomically as _write_atomically
 
 
 @pytest.fixture(scope="module")
@@ -101,10 +101,10 @@ def test_unexpected_new_or_unused_weights_are_one_warning_each():
 
 
 def test_resolve_passthrough_and_unknown(tmp_path: Path):
-    assert set(EMBEDDED_MODELS) == {"smollm2-135m", "minilm-l6"}
+    assert set(EMBEDDED_MODELS) == {"smollm2-135m", "minilm-l6", "minilm-l3", "dinov2-s"}
     assert resolve_model(str(tmp_path)) == str(tmp_path)
     assert resolve_model("org/some-model") == "org/some-model"
-    with pytest.raises(PetkitError, match="smollm2-135m, minilm-l6"):
+    with pytest.raises(PetkitError, match="minilm-l6, smollm2-135m"):
         load_model("org/surely-not-a-model-xyz")
     with pytest.raises(PetkitError, match="holds no Hugging Face model"):
         load_model(str(tmp_path))

@@ -76,3 +76,20 @@ def test_every_shipped_recipe_still_loads() -> None:
     from petkit.app.recipe import builtin_recipes
     for name in builtin_recipes():
         load_recipe(name)
+
+
+def test_bench_specs_and_deployment_run_configs_are_bounded_too(tmp_path: Path) -> None:
+    from petkit.benchmark.spec import load_spec
+
+    path = tmp_path / "grid.yaml"
+    path.write_text(BOMB)
+    with pytest.raises(pk.ConfigError, match="alias bomb"):
+        load_spec(path)
+    pytest.importorskip("flwr")
+    from types import SimpleNamespace
+
+    from petkit.fed.client import RECIPE_KEY, recipe_from_context
+
+    context = SimpleNamespace(run_config={RECIPE_KEY: "!!python/object/apply:os.system ['true']"})
+    with pytest.raises(pk.ConfigError, match="recipe-yaml"):
+        recipe_from_context(context)

@@ -11,8 +11,8 @@ import pytest
 from petkit.app.recipe import Recipe, apply_overrides, recipe_from_dict
 from petkit.core.errors import ConfigError
 from petkit.training import TrainConfig, make_stepper, register_stepper
-from petkit.training.stepper_config import StepperConfig
-from petkit.training.ist import IstConfig
+from petkit.training.steppers.base import StepperConfig
+from petkit.training.steppers.ist import IstConfig
 from petkit.training.steppers.backprop import BackpropConfig
 from petkit.training.steppers.cma_es import CmaConfig
 from petkit.training.steppers.zeroth import ZOConfig, ZOStepper

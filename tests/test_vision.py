@@ -10,9 +10,9 @@ import torch
 
 import petkit as pk
 from petkit.core.delta import DeltaModule
-from petkit.data.embedded import IMAGE_TASKS
-from petkit.data.images import (collate_images, few_shot, load_image_folder,
-                                load_mnist_5k, select_classes)
+from petkit.data.embedded import task_names
+from petkit.data.embedded.mnist_5k import load_mnist_5k
+from petkit.data.images import collate_images, few_shot, load_image_folder, select_classes
 from petkit.models.vision import check_image_size, load_vision_model, tiny_vision_model
 from toys import TOYS, inputs, run
 
@@ -29,7 +29,7 @@ def mnist():
 def test_mnist_5k_is_real_stratified_and_registered(mnist):
     from petkit.data import EMBEDDED_TASKS, load_task
 
-    assert "mnist-5k" in IMAGE_TASKS and "mnist-5k" in EMBEDDED_TASKS
+    assert task_names("image") == ["mnist-5k"] and "mnist-5k" in EMBEDDED_TASKS
     again = load_task("mnist-5k").test[:3]
     assert [e["image"].tobytes() for e in again] == [e["image"].tobytes() for e in mnist.test[:3]]
     assert (len(mnist.train), len(mnist.test)) == (4000, 1000)
@@ -152,7 +152,8 @@ def test_cli_trains_on_mnist_5k_then_merges_to_a_plain_vit_folder(tmp_path, caps
     with transformers alone and gives the adapted model's logits; VPT says it cannot merge."""
     from transformers import AutoModelForImageClassification
 
-    from petkit.app.pipeline import load_with_adapter, recipe_for_adapter
+    from petkit.app.adapter_base import recipe_for_adapter
+    from petkit.app.pipeline import load_with_adapter
     from petkit.cli import main
 
     tiny_vision_model(num_labels=10, image_size=16).save_pretrained(tmp_path / "vit")

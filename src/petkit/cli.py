@@ -12,6 +12,7 @@ exit code 2; no traceback.
     petkit inspect --method lora         # table: where each delta sits, trainable counts
     petkit methods
     petkit quantize --method efficientqat --bits int4 --output q4/   # Block-AP, transformers loads q4/
+    petkit embedded                      # the offline tasks and models, each with its pip package
     petkit fed --clients 10 --alpha 0.5   # federated LoRA on Flower, only the delta travels
     petkit bench grid.yaml --output runs/bench   # methods x tasks x seeds x sizes, resumable
     petkit continual --tasks bbc-classes --strategy hide   # tasks in sequence, forgetting
@@ -121,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     qat_cli.add_arguments(sub.add_parser("quantize", help="int4/int3/int2 quantisation (EfficientQAT "
                                          "Block-AP or RTN) saved for transformers (docs/compressed.md)"))
     sub.add_parser("methods", help="registered methods, family and paper")
+    sub.add_parser("embedded", help="embedded tasks and models: what each is, its pinned package")
     replay = sub.add_parser("replay", help="rebuild a zeroth-order run's adapter from its "
                                            "(seed, gradient) log")
     replay.add_argument("--log", required=True, help="zo_log.jsonl of a run with train.zo_log=true")

@@ -20,8 +20,8 @@ from transformers.utils import logging as hf_logging
 from petkit import cli_adapter as adapter_cli
 from petkit.app.export import merge_to_folder
 from petkit.app.objective_run import is_objective_run, run_objective_recipe
-from petkit.app.pipeline import (load_with_adapter, method_config, needs_data, recipe_for_adapter,
-                                 run_recipe, test_metrics)
+from petkit.app.adapter_base import recipe_for_adapter
+from petkit.app.pipeline import load_with_adapter, method_config, needs_data, run_recipe, test_metrics
 from petkit.app.rank_sweep import check_ranks, evaluate_at_ranks, parse_ranks, write_sweep
 from petkit.app.recipe import apply_overrides, load_recipe
 from petkit.app.replay import replay_run
@@ -36,7 +36,9 @@ from petkit.core.model import attach, summary
 from petkit.core.registry import list_methods, suggested_lr
 from petkit.core.state import active_adapters
 from petkit.data import is_data_file
-from petkit.models.packages import extra_packages, require_module
+from petkit.data.embedded import DATASETS
+from petkit.models.embedded import MODELS
+from petkit.models.packages import extra_packages, installed_version, require_module
 from petkit.training.evaluate import format_metrics
 
 hf_logging.disable_progress_bar()  # "Loading weights" bars would bury petkit's own output
@@ -215,6 +217,20 @@ def cmd_methods(args: argparse.Namespace, dotted: dict[str, str]) -> None:
     OUT.print(table)
 
 
+def cmd_embedded(args: argparse.Namespace, dotted: dict[str, str]) -> None:
+    """Table of the registered embedded tasks and models and the packages they read."""
+    table = Table("name", "kind", "package", "what")
+    for entry in [*DATASETS.values(), *MODELS.values()]:
+        package, state = entry.package, ""
+        if package is not None:
+            found = installed_version(package)
+            state = ("" if found == package.version else f" ({found} installed)"
+                     if found != "unknown" else f" (missing: {package.pip_command})")
+        pin = f"{package.dist}=={package.version}{state}" if package else "built in"
+        table.add_row(entry.name, entry.kind, pin, entry.description)
+    OUT.print(table)
+
+
 def cmd_bench(args: argparse.Namespace, dotted: dict[str, str]) -> None:
     """Run or resume a benchmark grid; print where the results are."""
     OUT.print(bench_cli.command(args, dotted))
@@ -268,6 +284,6 @@ def cmd_talk(args: argparse.Namespace, dotted: dict[str, str]) -> None:
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "merge": cmd_merge, "export": cmd_export,
             "predict": cmd_predict, "inspect": cmd_inspect,
-            "methods": cmd_methods, "replay": cmd_replay, "fed": cmd_fed, "bench": cmd_bench,
+            "methods": cmd_methods, "embedded": cmd_embedded, "replay": cmd_replay, "fed": cmd_fed, "bench": cmd_bench,
             "continual": cmd_continual, "quantize": cmd_quantize,
             "serve": cmd_serve, "generate": cmd_talk, "chat": cmd_talk}

@@ -3,7 +3,9 @@ metavar, and the groups `--help` shows them in (used by `petkit.cli` to build it
 Any recipe field without a named flag is reachable as --section.field."""
 
 from petkit.data.chat import TEMPLATES
+from petkit.data.embedded import DATASETS
 from petkit.data.formats import FORMATS
+from petkit.models.embedded import MODELS
 
 FLAGS = {"method": "method.name", "model": "model.name", "data": "data.name",
          "validation_file": "data.validation_file", "test_file": "data.test_file",
@@ -25,14 +27,14 @@ FLAGS = {"method": "method.name", "model": "model.name", "data": "data.name",
          "checkpointing": "train.activation_checkpointing", "packing": "train.packing",
          "format": "data.format", "data_split": "data.split", "data_config": "data.config",
          "chat_template": "data.chat_template", "train_on": "data.train_on",
-         "bad_rows": "data.bad_rows"}
+         "bad_rows": "data.bad_rows", "report_to": "train.report_to"}
 COLUMNS = ("text_column", "label_column", "prompt_column", "completion_column")
 DATA = ("data", "validation_file", "test_file", *COLUMNS, "task_type", "max_length",
         "train_size", "test_size", "format", "data_split", "data_config", "chat_template",
         "train_on", "bad_rows")
 TRAINING = ("steps", "epochs", "lr", "batch_size", "grad_accum", "warmup", "schedule",
             "eval_every", "precision", "seed", "output", "device", "compile", "compile_scope",
-            "checkpointing", "packing")
+            "checkpointing", "packing", "report_to")
 METHOD = ("method", "rank", "alpha", "model", "quantize", "prune", "sparsity")
 OPTIMISERS = ("optimizer", "ist_top_k", "ist_every", "eps", "n_spsa", "dim", "popsize")
 HELP = {"device": "auto (the GPU when there is one) | cpu | cuda | cuda:N",
@@ -41,8 +43,9 @@ HELP = {"device": "auto (the GPU when there is one) | cpu | cuda | cuda:N",
                          "compiled once (far shorter compile on deep models)",
         "checkpointing": "activation checkpointing: off | full | every-K | selective | elementwise",
         "packing": "true: several causal-LM examples per row, isolated by position ids",
-        "data": "embedded task (rotten-tomatoes, bbc-news, chatterbot-qa, chatterbot-chat, "
-                "mnist-5k), an image folder (one sub-folder per class), your training file "
+        "report_to": "also log to tensorboard and/or mlflow (comma-separated; pip install "
+                     "petkit[tensorboard] / petkit[mlflow]; docs/tracking.md)",
+        "data": f"embedded task ({DATASETS.names()}; `petkit embedded`), an image folder (one sub-folder per class), your training file "
                 "(.csv .jsonl .json .parquet), a saved Hugging Face dataset folder or a hub "
                 "dataset id (org/name): all its rows train unless --train-size is given",
         "format": "row layout: auto (recognised from the columns) | " + " | ".join(FORMATS)
@@ -76,7 +79,7 @@ HELP = {"device": "auto (the GPU when there is one) | cpu | cuda | cuda:N",
         "method": "registered method name (see `petkit methods`)",
         "rank": "rank r of LoRA-family methods (method.r)",
         "alpha": "scaling alpha of LoRA-family methods (method.alpha)",
-        "model": "embedded model (smollm2-135m, minilm-l6, dinov2-s), a local folder or a hub id",
+        "model": f"embedded model ({MODELS.names()}), a local folder or a hub id",
         "ist_top_k": "IST: update only this many importance-sampled layers per step",
         "ist_every": "IST: re-score layer importance every this many steps (default 10)",
         "optimizer": "adamw | sgd (backprop), mezo | zo-adam (zeroth-order), cma (CMA-ES)",
@@ -94,7 +97,7 @@ METAVARS = {"data": "TASK|FILE|FOLDER|HUB_ID", "format": "NAME", "data_split": "
             "bad_rows": "POLICY", "warmup": "STEPS", "eval_every": "STEPS", "n_spsa": "N",
             "grad_accum": "N", "epochs": "N", "output": "DIR", "method": "NAME", "model": "NAME",
             "schedule": "NAME", "precision": "NAME", "optimizer": "NAME", "rank": "R",
-            "alpha": "ALPHA", "steps": "N", "eps": "EPS", "dim": "D", "popsize": "N"}
+            "alpha": "ALPHA", "steps": "N", "report_to": "TRACKERS", "eps": "EPS", "dim": "D", "popsize": "N"}
 DOTTED = ("Every recipe field is an option too, written --SECTION.FIELD=VALUE with SECTION one of "
           "method, model, data, train: --method.dropout=0.1 --train.weight_decay=0.01 "
           "--data.validation_size=100 --train.stepper.eps=1e-3. Order of precedence: --recipe "

@@ -28,7 +28,6 @@ from petkit.training.placement import check_device
 from petkit.app.results import write_results
 from petkit.app.recipe import DataSpec, Recipe
 from petkit.app.run_folder import DEFAULT_OUTPUT
-from petkit.app.adapter_base import recipe_for_adapter  # noqa: F401  (callers import it here)
 from petkit.core.durable import write_folder
 from petkit.core.io import describe_base, load_adapter
 from petkit.core.model import attach

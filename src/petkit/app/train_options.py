@@ -9,9 +9,9 @@ from typing import Any
 
 from petkit.core.errors import ConfigError
 from petkit.training.config import LEGACY_KEYS, TrainConfig
-from petkit.training.stepper_config import resolve_stepper, stepper_configs
-from petkit.training.ist import IstConfig
 from petkit.training.dp import DPConfig
+from petkit.training.sections import resolve_stepper, stepper_configs
+from petkit.training.steppers.ist import IstConfig
 from petkit.training.objectives_config import ObjectiveConfig
 
 

@@ -18,6 +18,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from petkit.core.disk_full import write_tensors
 from petkit.benchmark.spec import ArmSpec
 from petkit.compress.prune import PruneConfig, finish_pruning, start_pruning
 from petkit.core.capabilities import InputScaled
@@ -186,11 +187,8 @@ class LinearProbeArm:
 
     def save(self, model: nn.Module, path: Path) -> None:
         """The head's weights as one safetensors file."""
-        from safetensors.torch import save_file
-
         path.mkdir(parents=True, exist_ok=True)
-        save_file({n: p.detach().contiguous() for n, p in self.parameters(model).items()},
-                  str(path / "head.safetensors"))
+        write_tensors(path / "head.safetensors", self.parameters(model))
 
 
 class FullArm:
@@ -208,11 +206,8 @@ class FullArm:
 
     def save(self, model: nn.Module, path: Path) -> None:
         """All weights as one safetensors file."""
-        from safetensors.torch import save_file
-
         path.mkdir(parents=True, exist_ok=True)
-        tensors = {n: p.detach().contiguous() for n, p in model.named_parameters()}
-        save_file(tensors, str(path / "model.safetensors"))
+        write_tensors(path / "model.safetensors", dict(model.named_parameters()))
 
 
 class PeftCausalView(nn.Module):

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from petkit.core.disk_full import write_tensors
 from petkit.benchmark.arms import ArmContext, PetkitArm, transferable_state
 from petkit.benchmark.spec import BenchSpec, Cell, TaskSpec, resolved_options, set_train_fields
 from petkit.benchmark.tasks import LoadedTask
@@ -40,7 +41,7 @@ def _cache_path(cell: Cell, spec: BenchSpec, folder: Path) -> Path:
 def pretrained_delta(cell: Cell, spec: BenchSpec, source: LoadedTask,
                      folder: Path) -> dict[str, torch.Tensor]:
     """The arm's delta trained on the source task (read from `folder` when already there)."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     path = _cache_path(cell, spec, folder)
     if path.is_file():
@@ -54,9 +55,7 @@ def pretrained_delta(cell: Cell, spec: BenchSpec, source: LoadedTask,
                    parameters=arm.parameters(model), collate_fn=source.collate)
     tensors = transferable_state(model, source.head_modules)
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    tmp.replace(path)
+    write_tensors(path, tensors)
     info = {"arm": cell.arm.name, "classes": list(cell.arm.pretrain["classes"]),
             "n_train": len(source.pool), "steps": result.steps,
             "seconds": round(time.perf_counter() - started, 1)}

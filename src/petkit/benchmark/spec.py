@@ -38,8 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
+from petkit.app.safe_yaml import load_yaml_file
 from petkit.compress.prune import PruneConfig
 from petkit.core.errors import ConfigError
 from petkit.training.config import TrainConfig
@@ -366,9 +366,4 @@ def spec_from_dict(data: dict[str, Any]) -> BenchSpec:
 
 def load_spec(path: str | Path) -> BenchSpec:
     """Read a grid from a YAML file."""
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as err:
-        raise ConfigError(f"cannot read bench spec {path}: {err}") from err
-    return spec_from_dict(data or {})
+    return spec_from_dict(load_yaml_file(Path(path), "bench spec") or {})

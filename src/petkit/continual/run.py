@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from petkit.core.disk_full import write_tensors
 from petkit.continual.metrics import summarise
 from petkit.continual.model import ContinualClassifier, build_classifier, encode_task
 from petkit.continual.orthogonal import InfLora, OLora
@@ -154,7 +155,7 @@ def write_run(out: Path, result: ContinualResult, learner: Strategy, model_name:
     (folder / ROUTING).write_text(json.dumps(routing, indent=2))
     tensors = learner.routing_state()
     if tensors:
-        save_file(tensors, str(folder / ROUTING_TENSORS))
+        write_tensors(folder / ROUTING_TENSORS, tensors)
     (out / "results.json").write_text(json.dumps(asdict(result), indent=2))
     plot_matrix(result.matrix, result.tasks, out / "accuracy.png",
                 f"{result.strategy}: accuracy on each task (no task id)")

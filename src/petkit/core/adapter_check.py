@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .capabilities import Ranked
 from .delta import canonical_modules, iter_deltas, wrap
 from .errors import AdapterLoadError, PetkitError
 from .model import TrainableCopy
@@ -139,7 +140,7 @@ def check_sizes(model: nn.Module, config: MethodConfig, targets: list[str], nume
         if value > max(numel, 1):
             raise AdapterLoadError(f"{where}: config.{f.name}={value} is larger than the "
                                    f"{numel} numbers the tensor file holds")
-    rank, widest = getattr(config, "r", None), _max_dim(model, targets)
+    rank, widest = config.r if isinstance(config, Ranked) else None, _max_dim(model, targets)
     if isinstance(rank, int) and widest and rank > widest:
         raise AdapterLoadError(f"{where}: config.r={rank} is above the dimensions of the layers it "
                                f"targets (largest {widest})")

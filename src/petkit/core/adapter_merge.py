@@ -30,11 +30,12 @@ from torch import nn
 from .delta import DeltaModule, get_canonical, innermost, iter_deltas
 from .errors import AdapterStateError, ConfigError
 from .io import adapter_state
-from .capabilities import LowRank, Weighted, capable_text, lowrank_factors
+from .capabilities import (FactorLoadable, FactorTarget, LowRank, Ranked, Weighted, capable_text,
+                           lowrank_factors)
 from .model import TrainableCopy, activate, attach, detach
 from .state import adapters, check_known
 from .targets import linear_shape
-from .registry import check_choice, check_range, make_config
+from .registry import METHODS, check_choice, check_range
 
 HOWS = ("linear", "cat", "svd", "ties", "dare")
 
@@ -143,7 +144,8 @@ def _add_weight_part(w: DeltaModule, path: str, adapter: str, method: str, weigh
 
 
 def _default_rank(model: nn.Module, names: list[str], how: str) -> int:
-    ranks = [getattr(adapters(model)[n].config, "r", None) for n in names]
+    configs = [adapters(model)[n].config for n in names]
+    ranks = [c.r if isinstance(c, Ranked) else None for c in configs]
     if how in ("linear", "cat"):
         return 0  # decided by the inputs
     if any(r is None for r in ranks):
@@ -218,14 +220,14 @@ def lora_from_factors(model: nn.Module, name: str, factors: dict[str, tuple[torc
                       heads: dict[str, dict[str, torch.Tensor]] | None = None) -> nn.Module:
     """Attach a new LoRA adapter `name` whose delta at each path is exactly B @ A (+ bias).
 
-    Ranks differing between paths are zero-padded to the largest; `heads` holds per-path head
-    parameter *deltas* (added to the base's values for the new adapter's trained copies).
+    The method is the registered `FactorTarget` (LoRA). Ranks differing between paths are
+    zero-padded to the largest; `heads` holds per-path head parameter *deltas* (added to the
+    base's values for the new adapter's trained copies).
     """
     biases, heads = biases or {}, heads or {}
     targets = [p for p in factors if factors[p] is not None or p in biases]
     rank = max((f[0].shape[0] for f in factors.values() if f is not None), default=1)
-    cfg = make_config("lora", r=rank, alpha=float(rank), targets=targets, modules_to_save=list(heads),
-                      bias="lora_only" if biases else "none")
+    cfg = factor_target().for_factors(rank, targets, list(heads), bool(biases))
     attach(model, cfg, name)
     try:
         _fill(model, name, factors, biases, heads)
@@ -236,16 +238,24 @@ def lora_from_factors(model: nn.Module, name: str, factors: dict[str, tuple[torc
     return model
 
 
+def factor_target() -> type[FactorTarget]:
+    """The registered method that holds any low-rank delta exactly (declares `FactorTarget`)."""
+    found = [info.config_cls for info in METHODS.values()
+             if FactorTarget in info.config_cls.capabilities]
+    if not found:
+        raise ConfigError("no registered method declares FactorTarget (LoRA does; is "
+                          "petkit.methods imported?)")
+    return found[0]
+
+
 def _fill(model: nn.Module, name: str, factors: dict, biases: dict, heads: dict) -> None:
+    wrappers = {p: w for p, w in iter_deltas(model)
+                if w.adapter_name == name and isinstance(w, FactorLoadable)}
+    for path in set(factors) | set(biases):
+        a, b = factors.get(path) or (None, None)
+        wrappers[path].load_factors(a, b, biases.get(path))
     state = adapter_state(model, name)
     with torch.no_grad():
-        for path, pair in factors.items():
-            if pair is not None:
-                a, b = pair
-                state[f"{path}.lora_A"].zero_()[: a.shape[0]].copy_(a)
-                state[f"{path}.lora_B"].zero_()[:, : b.shape[1]].copy_(b)
-        for path, bias in biases.items():
-            state[f"{path}.lora_bias"].copy_(bias)
         for path, deltas in heads.items():
             base = innermost(get_canonical(model, path))
             for pname, delta in deltas.items():

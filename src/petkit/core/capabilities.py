@@ -16,8 +16,12 @@ never through a method's name or a `hasattr` probe:
     MergesOwnDeltas `merge_deltas()`: what merging adds, by base parameter name
     TransformsOutput `transforms_output`: True when it changes its base's output non-additively
     InputScaled     `on_input`: True when it scales its base's input rather than its output
+    FactorLoadable  `load_factors(a, b, bias)`: takes any low-rank delta (LoRA; merges build on it)
+    HoldsForwardState `live`: where an input extension's content sits in the running forward
 
-A config may satisfy RankRange (`rank_range`, `at_rank`) and FoldableConfig (`folded`). A config
+A config may satisfy RankRange (`rank_range`, `at_rank`), FoldableConfig (`folded`) and
+FactorTarget (`for_factors`: the method merges of several adapters become), and Ranked (one
+rank `r`, read structurally, not claimed). A config
 class whose method PEFT also has declares its `peft_layout` (a `PeftLayout` below: how its
 adapter reads as a PEFT folder; core/peft_interop.py). A registered method
 declares what its wrappers and config satisfy in its config's `capabilities` ClassVar; the
@@ -116,6 +120,41 @@ class InputScaled(Protocol):
 
 
 @runtime_checkable
+class HoldsForwardState(Protocol):
+    """An input extension (prompt, prefix) whose `live` says where its content sits in the
+    running forward (None outside one); recomputation saves and restores it."""
+
+    live: Any
+
+
+@runtime_checkable
+class Ranked(Protocol):
+    """A config with one rank `r` (LoRA family): merges compress to the inputs' largest."""
+
+    r: int
+
+
+@runtime_checkable
+class FactorTarget(Protocol):
+    """A config class whose adapter holds any given low-rank delta B @ A exactly (LoRA): core
+    builds merges and ports into it. `for_factors` makes a config of `rank` at `targets`, scale
+    1, with a bias delta when `bias`; its wrappers take the factors with `load_factors`."""
+
+    @classmethod
+    def for_factors(cls, rank: int, targets: list[str], modules_to_save: list[str],
+                    bias: bool) -> MethodConfig: ...
+
+
+@runtime_checkable
+class FactorLoadable(Protocol):
+    """A wrapper of a `FactorTarget` method: `load_factors(a, b, bias)` writes A (r', in),
+    B (out, r') zero-padded to its rank r >= r', and the bias delta (None: leave it as is)."""
+
+    def load_factors(self, a: torch.Tensor | None, b: torch.Tensor | None,
+                     bias: torch.Tensor | None) -> None: ...
+
+
+@runtime_checkable
 class RankRange(Protocol):
     def rank_range(self) -> tuple[int, int]:
         """(lowest, highest) rank `at_rank` accepts."""
@@ -154,8 +193,8 @@ class PeftLayout:
 
 WRAPPER_CAPABILITIES: tuple[type, ...] = (Weighted, LowRank, RowBatchable, RankSettable, ExpertRouted,
                                           StepHooked, ReportsMetrics, Foldable, MergesOwnDeltas,
-                                          TransformsOutput, InputScaled)
-CONFIG_CAPABILITIES: tuple[type, ...] = (RankRange, FoldableConfig)
+                                          TransformsOutput, InputScaled, FactorLoadable)
+CONFIG_CAPABILITIES: tuple[type, ...] = (RankRange, FoldableConfig, FactorTarget)
 
 
 def capable(protocol: type) -> list[str]:

@@ -65,6 +65,16 @@ def write_file(path: str | os.PathLike, data: bytes) -> Path:
     return path
 
 
+def write_tensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None,
+                  ) -> Path:
+    """`write_file` of a safetensors file: atomic, full-disk safe, and with the mode the umask
+    gives a new file (safetensors' own `save_file` creates it 0600)."""
+    from safetensors.torch import save
+
+    return write_file(path, save({k: v.detach().contiguous() for k, v in tensors.items()},
+                                 metadata=metadata))
+
+
 def append_text(path: str | os.PathLike, text: str) -> None:
     """Append `text` to `path` whole or not at all: a full disk truncates back what was written
     of it (`DiskFullError`), so a log never ends in half a row."""

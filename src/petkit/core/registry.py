@@ -11,6 +11,7 @@ from typing import Any, ClassVar, TypeVar
 from torch import nn
 
 from .config_io import dataclass_from_dict
+from .discovery import Discovered
 from .errors import ConfigError, did_you_mean
 
 
@@ -23,65 +24,12 @@ class MethodInfo:
     config_cls: type["MethodConfig"]
 
 
-ENTRY_POINTS = "petkit.methods"  # group of modules that register methods when imported
-BUILTIN = "petkit.methods"  # petkit's own methods: one module per method
-
-
-class _Registry(dict):  # type: ignore[type-arg]
-    """Registered methods by name. The first lookup imports the modules that register them:
-    petkit's own `petkit.methods` and every module a package declares under the `petkit.methods`
-    entry-point group (a plugin's methods). So registration is one explicit step of the registry,
-    not a side effect of importing the facade, and `core` names no module above it."""
-
-    loaded = False
-
-    def discover(self) -> None:
-        """Import the registering modules once (a module being imported may register itself)."""
-        if self.loaded:
-            return
-        self.loaded = True
-        import importlib
-        from importlib.metadata import entry_points
-
-        importlib.import_module(BUILTIN)
-        for entry in entry_points(group=ENTRY_POINTS):
-            if entry.value != BUILTIN:
-                importlib.import_module(entry.value)
-
-    def __contains__(self, name: object) -> bool:
-        self.discover()
-        return super().__contains__(name)
-
-    def __getitem__(self, name: str) -> MethodInfo:
-        self.discover()
-        return super().__getitem__(name)
-
-    def __iter__(self):  # type: ignore[no-untyped-def]
-        self.discover()
-        return super().__iter__()
-
-    def __len__(self) -> int:
-        self.discover()
-        return super().__len__()
-
-    def get(self, name: str, default: Any = None) -> Any:
-        self.discover()
-        return super().get(name, default)
-
-    def keys(self):  # type: ignore[no-untyped-def]
-        self.discover()
-        return super().keys()
-
-    def values(self):  # type: ignore[no-untyped-def]
-        self.discover()
-        return super().values()
-
-    def items(self):  # type: ignore[no-untyped-def]
-        self.discover()
-        return super().items()
-
-
-METHODS: dict[str, MethodInfo] = _Registry()
+# Registered methods by name. The first lookup imports the modules that register them: petkit's
+# own `petkit.methods` (one module per method) and every module a package declares under the
+# `petkit.methods` entry-point group (a plugin's methods). So registration is one explicit step of
+# the registry, not a side effect of importing the facade, and `core` names no module above it.
+METHODS: Discovered[MethodInfo] = Discovered("method", builtin="petkit.methods",
+                                             group="petkit.methods")
 C = TypeVar("C", bound=type)
 
 
@@ -168,10 +116,8 @@ def register(name: str, *, family: str, paper: str) -> Callable[[C], C]:
     """Class decorator: register a MethodConfig subclass under a short name."""
 
     def deco(cls: C) -> C:
-        if dict.__contains__(METHODS, name):  # no discovery: registering is part of it
-            raise ValueError(f"method {name!r} is registered twice")
+        METHODS.add(name, MethodInfo(name, family, paper, cls))
         cls.method = name
-        METHODS[name] = MethodInfo(name, family, paper, cls)
         return cls
 
     return deco

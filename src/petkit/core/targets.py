@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import sys
 from collections.abc import Callable, Sequence
 
 from torch import nn
@@ -15,10 +16,15 @@ from torch import nn
 from .delta import canonical_modules, innermost
 from .errors import TargetError
 
-try:  # GPT-2 style layers store weight as (in, out)
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover - transformers is a dependency
-    Conv1D = ()  # type: ignore[assignment]
+
+def _is_conv1d(module: nn.Module) -> bool:
+    """A GPT-2 style Conv1D (weight stored (in, out)). Its class is looked up, not imported: a
+    model holding one has imported transformers' module already, and `import petkit` plus a
+    method's config need not load transformers (seconds)."""
+    utils = sys.modules.get("transformers.pytorch_utils")
+    conv1d = getattr(utils, "Conv1D", None)
+    return conv1d is not None and isinstance(module, conv1d)
+
 
 Targets = str | Sequence[str] | None
 
@@ -46,14 +52,14 @@ HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "cls", "pooler.den
 
 
 def is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or (bool(Conv1D) and isinstance(module, Conv1D))
+    return isinstance(module, nn.Linear) or _is_conv1d(module)
 
 
 def linear_dims(module: nn.Module) -> tuple[int, int, bool]:
     """(in_features, out_features, weight_is_in_by_out) of a Linear or GPT-2 Conv1D."""
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features, False
-    if bool(Conv1D) and isinstance(module, Conv1D):
+    if _is_conv1d(module):
         return module.weight.shape[0], module.weight.shape[1], True
     raise TargetError(f"expected a Linear or Conv1D layer, got {type(module).__name__}")
 

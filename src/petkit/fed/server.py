@@ -14,6 +14,7 @@ from typing import Any
 
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
+from tqdm.auto import tqdm
 
 from petkit.fed.client import recipe_from_context
 from petkit.fed.config import FedRecipe
@@ -36,6 +37,8 @@ class _Run:
         self.initial = state_of(self.ws.model, SHARED)
         self.strategy = PetStrategy(recipe.fed, Spec.of(self.initial), self.ws.full_model_bytes)
         self.report = self._header()
+        self.bar = tqdm(total=recipe.fed.rounds, desc="fed", unit="round", dynamic_ncols=True,
+                        disable=not recipe.recipe.train.progress)
 
     def _header(self) -> dict[str, Any]:
         fed, data = self.recipe.fed, self.recipe.recipe.data
@@ -62,6 +65,10 @@ class _Run:
         self.report["rounds"].append(row)
         append_row(self.out, row)
         LOG.info(round_line(row))
+        if server_round > 0:
+            self.bar.update(1)
+            self.bar.set_postfix({k[5:]: f"{v:.4f}" for k, v in row.items()
+                                  if k in ("test_accuracy", "test_loss") and v is not None})
         return MetricRecord(metrics)
 
     def finish(self, arrays: ArrayRecord) -> dict[str, Any]:
@@ -99,6 +106,7 @@ def run_server(grid: Grid, recipe: FedRecipe) -> dict[str, Any]:
                                     evaluate_fn=run.evaluate)
         return run.finish(result.arrays if len(result.arrays) else to_record(run.initial))
     finally:
+        run.bar.close()
         LOG.removeHandler(handler)
         handler.close()
 

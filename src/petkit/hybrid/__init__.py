@@ -3,7 +3,7 @@ to a larger one (PET-GC), porting a patch to an evolved base (PORTLLM), preferen
 with the reference served by `pk.disabled`, MEET's control tokens then LoRA)."""
 from petkit.hybrid.port import evolve_base, port_adapter, ported_from
 from petkit.hybrid.preference import DPOModel, encode_pairs, meet, train_preference
-from petkit.hybrid.small_model import minilm_l3_dir
+from petkit.models.embedded.minilm_l3 import minilm_l3_dir
 from petkit.hybrid.transfer import Transfer, transfer_adapter
 
 __all__ = ["DPOModel", "Transfer", "encode_pairs", "evolve_base", "meet", "minilm_l3_dir",

@@ -52,6 +52,7 @@ from petkit.core.model import attach, disabled
 from petkit.core.state import adapters
 from petkit.data import collate
 from petkit.training import TrainConfig, TrainResult, train
+from petkit.training.sections import optimizers
 
 LAYER = re.compile(r"^(.*?\.(?:layer|layers|h|block)\.)(\d+)(\..*)$")
 READS_RESIDUAL = ("query", "key", "value", "q_proj", "k_proj", "v_proj", "intermediate.dense",
@@ -240,9 +241,9 @@ def transfer_adapter(adapter: str | os.PathLike, small_model: nn.Module, large_m
     Returns the layer map, the alignment residual and the refinement's `TrainResult`."""
     if align not in ALIGNS:
         raise ConfigError(f"transfer_adapter: align must be one of {ALIGNS}, got {align!r}")
-    if refine is not None and refine.stepper_name() == "backprop":
+    if refine is not None and not refine.stepper.GRADIENT_FREE:
         raise ConfigError(f"transfer refinement is gradient-free: TrainConfig.optimizer must be "
-                          f"mezo, zo-adam or cma, got {refine.optimizer!r}")
+                          f"one of {', '.join(optimizers(gradient_free=True))}, got {refine.optimizer!r}")
     if refine is not None and not refine_data:
         raise ConfigError("transfer_adapter(refine=...) needs refine_data")
     config, tensors = _load(adapter, small_model)

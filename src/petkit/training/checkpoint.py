@@ -230,7 +230,7 @@ def _saved_config(path: Path, meta: dict[str, Any]) -> TrainConfig:
 
 def _check_compatible(path: Path, meta: dict[str, Any], config: TrainConfig,
                       params: Tensors, saved: Tensors) -> None:
-    before, override = _saved_config(path, meta), getattr(config, "resume_override", False)
+    before, override = _saved_config(path, meta), config.resume_override
     for name, value in config.resume_identity().items():  # what no override can change
         saved_value = before.resume_identity()[name]
         if saved_value != value and name not in SCHEDULE:

@@ -1,9 +1,10 @@
 """`TrainConfig`: every knob of a training run, validated on construction, JSON round-trip.
 
 Common loop fields live here; each stepper's own knobs live in its own config dataclass (a
-`stepper_config.StepperConfig`), defined and registered in the stepper's file
+`steppers.base.StepperConfig`), defined and registered in the stepper's file
 (`steppers/backprop.py` `BackpropConfig`, `steppers/zeroth.py` `ZOConfig`, `steppers/cma_es.py`
-`CmaConfig`), and IST's in `ist.py` (`IstConfig`):
+`CmaConfig`), and IST's in `steppers/ist.py` (`IstConfig`); `sections.py` resolves the
+optimizer to its stepper and holds the checks across sections:
 
     TrainConfig(optimizer="mezo", stepper=ZOConfig(eps=1e-2))   # or stepper="zo", or a dict
     TrainConfig(ist=IstConfig(top_k=2))
@@ -31,12 +32,14 @@ from petkit.core.config_io import dataclass_from_dict
 from petkit.core.errors import ConfigError
 from petkit.training.activations import RECOMPUTE_MODES
 from petkit.training.dp import DPConfig
-from petkit.training.ist import IstConfig
 from petkit.training.objectives_config import ObjectiveConfig
-from petkit.training.stepper_config import (StepperConfig, is_int, is_num, resolve_stepper,
-                                            stepper_configs, stepper_for)
+from petkit.training.schedule import SCHEDULES
+from petkit.training.sections import check_sections, resolve_stepper, stepper_configs, stepper_for
+from petkit.training.steppers.base import StepperConfig, is_int, is_num
+from petkit.training.steppers.ist import IstConfig
+from petkit.training.tracking import tracker_names
 
-SCHEDULES = ("linear", "cosine", "constant")
+__all__ = ["SCHEDULES", "TrainConfig"]
 PRECISIONS = ("auto", "fp32", "bf16")
 DELTA_DTYPES = ("fp32", "bf16")
 DISTRIBUTED = ("auto", "ddp", "fsdp", "off")  # training/distributed.py
@@ -88,6 +91,7 @@ class TrainConfig:
     save_every: int = 0
     keep_checkpoints: int = 2
     log_every: int = 10
+    report_to: str | list[str] = ""  # trackers: "tensorboard", "mlflow", or both comma-separated
     label_token_ids: list[int] | None = None
     resume: bool = False
     resume_override: bool = False  # resume even though max_steps/lr/schedule/batch... changed
@@ -133,15 +137,13 @@ class TrainConfig:
         self._check_optimisation()
         self._check_device()
         self._check_io()
+        object.__setattr__(self, "report_to", tracker_names(self.report_to))
         if self.label_token_ids is not None:
             ids = list(self.label_token_ids)
             _check(len(ids) >= 2 and all(is_int(i) and i >= 0 for i in ids), "label_token_ids",
                    "None or a list of >= 2 non-negative token ids", self.label_token_ids)
             object.__setattr__(self, "label_token_ids", ids)
         object.__setattr__(self, "stepper", resolve_stepper(self.optimizer, self.stepper))
-        _check(self.head_lr is None or self.stepper.HEAD_LR, "head_lr",
-               f"None for optimizer={self.optimizer!r} (stepper {self.stepper.NAME!r} has no "
-               "per-parameter learning rates; head_lr needs adamw or sgd)", self.head_lr)
         if isinstance(self.ist, dict):
             object.__setattr__(self, "ist", IstConfig.from_dict(self.ist))
         _check(self.ist is None or isinstance(self.ist, IstConfig), "ist",
@@ -153,12 +155,10 @@ class TrainConfig:
         if self.dp is not None and self.loss_chunk is None:  # DP's vmap cannot trace the chunked
             object.__setattr__(self, "loss_chunk", 0)        # loss (checkpointed): dense logits
         object.__setattr__(self, "objective", ObjectiveConfig.from_value(self.objective))
-        if self.objective is not None:
-            self.objective.check_stepper(self.stepper.NAME)
         given = {k: v for k, v in zip(LEGACY_KEYS, legacy) if v is not None}
         if given:
             self._apply_legacy(given)
-        self.stepper.check(self)
+        check_sections(self)
 
     def _apply_legacy(self, given: dict[str, Any]) -> None:
         """Map flat keys onto the nested configs; keys of a stepper not in use are only checked."""

@@ -47,8 +47,10 @@ from petkit.training.config import DISTRIBUTED as MODES
 from petkit.training.config import TrainConfig
 from petkit.training.ranks import (RankGroup, cleanup, cut, init_from_env, launch, rank,
                                    world_size)
-from petkit.training.ist import ISTStepper
+from petkit.training.steppers.ist import ISTStepper
 from petkit.training.steppers import Batch, LossFn, Stepper
+from petkit.training.steppers.base import WritesLog, log_fields
+from petkit.training.steppers.base import report as stepper_report
 from petkit.training.steppers.backprop import BackpropStepper
 
 __all__ = ["JOB_KEYS", "Distributed", "RankGroup", "SplitsPopulation", "choose_mode", "cleanup",
@@ -209,7 +211,7 @@ class Distributed:
     def local_config(self, config: TrainConfig) -> TrainConfig:
         """`config` for this rank's stepper: only rank 0 keeps the stepper's own log file."""
         stepper = config.stepper
-        if self.writer or not getattr(stepper, "log", False):
+        if self.writer or not (isinstance(stepper, WritesLog) and stepper.log):
             return config
         return config.replace(stepper=dataclasses.replace(stepper, log=False))
 
@@ -352,11 +354,11 @@ class _ShardedStepper:
 
     def log_fields(self) -> dict[str, Any]:
         """The inner stepper's log fields, if it has any."""
-        return getattr(self.inner, "log_fields", dict)()
+        return log_fields(self.inner)
 
     def report(self) -> dict[str, Any]:
         """The inner stepper's report plus the job's sizes and bytes per step."""
-        return {**getattr(self.inner, "report", dict)(), **self.job.report(self.steps)}
+        return {**stepper_report(self.inner), **self.job.report(self.steps)}
 
 
 class _PopulationStepper(_ShardedStepper):

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from petkit.core.errors import ConfigError
-from petkit.core.io import BASE_ATTR
+from petkit.core.io import BASE_ATTR, base_record
 
 ACCOUNTANTS = ("rdp", "prv")
 PIP = "opacus==1.6.0"
@@ -209,7 +209,7 @@ class DPStepper:
 
     def _note(self) -> None:
         """Record the budget spent so far where save_adapter writes it (adapter.json `privacy`)."""
-        record = dict(getattr(self.model, BASE_ATTR, None) or {})
+        record = base_record(self.model)
         record["privacy"] = {"mechanism": "dp-sgd", "epsilon": self.epsilon(),
                              "target_epsilon": float(self.config.epsilon), "delta": float(self.config.delta),
                              "max_grad_norm": float(self.config.max_grad_norm),
@@ -239,7 +239,7 @@ class DPStepper:
 def with_dp(stepper: Any, model: nn.Module, params: dict[str, nn.Parameter], config: Any,
             total_steps: int, examples: int) -> Any:
     """`stepper` wrapped in DP-SGD when `config.dp` is set (refused where it cannot apply)."""
-    dp = getattr(config, "dp", None)
+    dp = config.dp
     if dp is None:
         return stepper
     name = config.stepper.NAME

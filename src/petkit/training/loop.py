@@ -36,12 +36,15 @@ from petkit.training.guards import check_inputs, check_not_merged, usable_batche
 from petkit.training.distributed import Distributed
 from petkit.training.evaluate import autocast, resolve_collate, run_objective
 from petkit.training.monitor import Monitor, plot_history
+from petkit.training.tracking import open_trackers
 from petkit.training.objectives import Objective
 from petkit.training.objectives_preference import PreferenceObjective, pair_collate
 from petkit.training.run_modes import RunModes, check_modes, packed_collate
-from petkit.training.ist import with_ist
 from petkit.training.dp import with_dp
+from petkit.training.steppers.ist import with_ist
 from petkit.training.steppers import Stepper, make_stepper
+from petkit.training.steppers.base import bind_model, log_fields
+from petkit.training.steppers.base import report as stepper_report
 from petkit.core.io import save_adapter
 from petkit.core.model import trainable_parameters
 from petkit.core.state import active_adapters
@@ -128,9 +131,7 @@ class _Run:
         seed_everything(config.seed)
         self.stepper: Stepper = make_stepper(self.params, self.job.local_config(config),
                                              self.total)
-        bind = getattr(self.stepper, "bind_model", None)
-        if callable(bind):  # optional hook: a population stepper batches its forward passes
-            bind(model)
+        bind_model(self.stepper, model)  # optional hook: a population stepper batches its passes
         self.stepper = with_ist(self.stepper, model, self.params, config)  # IST when asked
         self.stepper = with_dp(self.stepper, model, self.params, config, self.total, len(data))
         self.stepper = self.job.wrap(self.stepper)  # under torchrun: this rank's share of a step
@@ -140,8 +141,10 @@ class _Run:
         self.best: dict[str, torch.Tensor] | None = None
         self.metric: str | None = None
         self._resume_or_reset()
+        trackers = open_trackers(config.report_to, self.out, config.to_dict(), self.state.step,
+                                 self.state.history) if self.job.writer else []
         self.monitor = Monitor(self.out if self.job.writer else None, self.total, self.state.step,
-                               self.state.history, config.progress and self.job.writer)
+                               self.state.history, config.progress and self.job.writer, trackers)
 
     def _objective(self, given: Objective | None) -> Objective:
         """`given`, else the config's preference objective, else the model's own loss (chunked
@@ -256,8 +259,7 @@ class _Run:
         self.tokens, self.clock = 0, now
         row = {"step": self.state.step, "train_loss": sum(losses) / len(losses), "lr": lr,
                "epoch": pos.epoch + pos.index / len(self.data), **self.hooks.metrics(),
-               **getattr(self.stepper, "log_fields", dict)(),
-               **getattr(self.objective, "log_fields", dict)()}
+               **log_fields(self.stepper), **log_fields(self.objective)}
         self.state.history.append(row)
         self.monitor.record(row)
 
@@ -273,7 +275,7 @@ class _Run:
                                                  self.params))
         if self.out is not None and self.job.writer:
             plot_history(self.state.history, self.out / "training.png", self.metric or "loss")
-        report = getattr(self.stepper, "report", dict)()
+        report = stepper_report(self.stepper)
         if self.skipped:
             report = {**report, "skipped_batches": self.skipped}
         best = "" if self.state.best_step is None else \
@@ -299,9 +301,7 @@ def preflight(model: nn.Module, train_data: Sequence[Example], config: TrainConf
     params = require_trainable(model)
     check_modes(model, config)  # device, packing, checkpointing
     stepper = make_stepper(params, config, total_steps(len(train_data), config))
-    bind = getattr(stepper, "bind_model", None)
-    if callable(bind):  # e.g. head_lr set on a model without a trainable copy
-        bind(model)
+    bind_model(stepper, model)  # e.g. head_lr set on a model without a trainable copy
     with_ist(stepper, model, params, config)
     with_dp(stepper, model, params, config, total_steps(len(train_data), config), len(train_data))
 

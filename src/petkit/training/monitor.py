@@ -1,22 +1,28 @@
-"""What a run reports: a progress bar, `metrics.jsonl`, `train.log` and a PNG of the curves."""
+"""What a run reports: a progress bar, `metrics.jsonl`, `train.log`, a PNG of the curves, and
+the experiment trackers `TrainConfig.report_to` names (`training/tracking.py`)."""
 
 from __future__ import annotations
 
 import json
 import logging
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 from tqdm.auto import tqdm
+
+from petkit.training.tracking import Tracker
 
 LOG = logging.getLogger("petkit.training")
 
 
 class Monitor:
-    """Progress bar plus, when `output_dir` is set, a JSONL metrics log and a text log."""
+    """Progress bar plus, when `output_dir` is set, a JSONL metrics log and a text log; every
+    metrics row also goes to `trackers` (TensorBoard, MLflow)."""
 
     def __init__(self, output_dir: Path | None, total: int, initial: int,
-                 history: list[dict[str, Any]], progress: bool) -> None:
+                 history: list[dict[str, Any]], progress: bool,
+                 trackers: Sequence[Tracker] = ()) -> None:
         """Open the bar at step `initial` of `total` and restart metrics.jsonl from `history` (a
         resumed run's rows, or []): rows an interrupted run wrote after its checkpoint go away."""
         self.output_dir = output_dir
@@ -24,6 +30,7 @@ class Monitor:
                         disable=not progress, dynamic_ncols=True, leave=True)
         self.handler: logging.Handler | None = None
         self.postfix: dict[str, str] = {}
+        self.trackers = list(trackers)
         if output_dir is not None:
             output_dir.mkdir(parents=True, exist_ok=True)
             self.handler = logging.FileHandler(output_dir / "train.log")
@@ -46,14 +53,19 @@ class Monitor:
         if self.output_dir is not None:
             with open(self.output_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
+        for tracker in self.trackers:
+            tracker.log(row)
 
     def advance(self) -> None:
         """One optimiser step done."""
         self.bar.update(1)
 
     def close(self) -> None:
-        """Close the bar and detach the log file."""
+        """Close the bar, finish the trackers and detach the log file."""
         self.bar.close()
+        for tracker in self.trackers:
+            tracker.close()
+        self.trackers = []
         if self.handler is not None:
             LOG.removeHandler(self.handler)
             self.handler.close()

@@ -13,7 +13,7 @@ import functools
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -22,10 +22,11 @@ from petkit.core.capabilities import LowRank, capable_text, lowrank_factors
 from petkit.core.delta import iter_deltas
 from petkit.core.errors import ConfigError
 from petkit.core.model import trainable_copy_parameters
-from petkit.training.config import TrainConfig
-from petkit.training.stepper_config import StepperConfig, is_num
 from petkit.training.schedule import lr_factor
-from petkit.training.steppers import Batch, LossFn, register_stepper
+from petkit.training.steppers.base import Batch, LossFn, StepperConfig, is_num, register_stepper
+
+if TYPE_CHECKING:  # annotations only: the run's config resolves its stepper from the registry
+    from petkit.training.config import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,8 @@ class BackpropStepper:
                                         schedule=config.schedule)
         self.head: set[str] = set()  # names of the full trainable copies' parameters
         self.lora_b: set[str] = set()  # names of low-rank B factors (LoRA+)
-        self.ratio = getattr(config.stepper, "loraplus_ratio", None)
+        own = config.stepper
+        self.ratio = own.loraplus_ratio if isinstance(own, BackpropConfig) else None
         self.bound = config.head_lr is None and self.ratio is None  # both need bind_model first
         self._build()
 

@@ -20,18 +20,20 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 
 from petkit.core.errors import CheckpointError, ConfigError, MissingPackageError
-from petkit.training.config import TrainConfig
-from petkit.training.stepper_config import StepperConfig, is_int, is_num
-from petkit.training.steppers import Batch, LossFn, register_stepper
-from petkit.training.steppers.noise import RngSnapshot, mean_loss, require_parameters
 from petkit.models.packages import extra_install
+from petkit.training.steppers.base import (Batch, LossFn, StepperConfig, is_int, is_num,
+                                           register_stepper)
+from petkit.training.steppers.noise import RngSnapshot, mean_loss, require_parameters
+
+if TYPE_CHECKING:  # annotations only: the run's config resolves its stepper from the registry
+    from petkit.training.config import TrainConfig
 
 
 def _cma() -> Any:
@@ -51,6 +53,7 @@ class CmaConfig(StepperConfig):
     NAME: ClassVar[str] = "cma"
     OPTIMIZERS: ClassVar[tuple[str, ...]] = ("cma",)
     LEGACY_PREFIX: ClassVar[str] = "es_"
+    GRADIENT_FREE: ClassVar[bool] = True
 
     dim: int = 64
     popsize: int | None = None

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from petkit.core.errors import ConfigError
-from petkit.training.steppers import Batch, LossFn
+from petkit.training.steppers.base import Batch, LossFn
 
 
 def step_seed(base: int, step: int, index: int) -> int:

@@ -23,20 +23,22 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 
 from petkit.core.errors import AdapterLoadError, ConfigError
-from petkit.training.config import SCHEDULES, TrainConfig
-from petkit.training.stepper_config import StepperConfig, is_int, is_num
-from petkit.training.schedule import lr_factor
-from petkit.training.steppers import Batch, LossFn, register_stepper
+from petkit.training.schedule import SCHEDULES, lr_factor
+from petkit.training.steppers.base import (Batch, LossFn, StepperConfig, is_int, is_num,
+                                           register_stepper)
 from petkit.training.steppers.noise import (RngSnapshot, SeededNoise, mean_loss, parameters_sha256,
                                          require_parameters, step_seed)
 from petkit.training.steppers.zo_log import LOG_NAME, ZOLog, read_log
 from petkit.core.model import trainable_parameters
+
+if TYPE_CHECKING:  # annotations only: the run's config resolves its stepper from the registry
+    from petkit.training.config import TrainConfig
 
 COPY_LIMIT = 2**24  # elements: deltas up to 64 MB (fp32) keep a copy for an exact restore
 RULES = ("sgd", "adam")
@@ -90,6 +92,7 @@ class ZOConfig(StepperConfig):
     NAME: ClassVar[str] = "zo"
     OPTIMIZERS: ClassVar[tuple[str, ...]] = ("mezo", "zo-adam")
     LEGACY_PREFIX: ClassVar[str] = "zo_"
+    GRADIENT_FREE: ClassVar[bool] = True
 
     eps: float = 1e-3
     n_spsa: int = 1

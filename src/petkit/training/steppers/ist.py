@@ -33,9 +33,11 @@ from petkit.core.delta import DeltaModule, iter_deltas
 from petkit.core.errors import ConfigError
 from petkit.core.blocks import layer_of, layer_paths
 
-if TYPE_CHECKING:  # the config imports IstConfig from here; these are for annotations only
+from petkit.training.steppers.backprop import BackpropStepper
+from petkit.training.steppers.base import Batch, LossFn, Stepper
+
+if TYPE_CHECKING:  # annotations only: the run's config holds an IstConfig
     from petkit.training.config import TrainConfig
-    from petkit.training.steppers import Batch, LossFn, Stepper
 
 ROUNDS = 3  # suppression rounds per re-scoring
 LR = 10.0  # step size of the score update
@@ -102,8 +104,6 @@ def check_ist(config: TrainConfig, groups: LayerGroups, stepper: Stepper) -> Non
     if not groups.layers:
         raise ConfigError("TrainConfig.ist_top_k needs a method whose delta sits inside the blocks "
                           "(this adapter's trainable parameters are all outside them)")
-    from petkit.training.steppers.backprop import BackpropStepper
-
     if not isinstance(stepper, BackpropStepper):
         raise ConfigError(f"TrainConfig.ist_top_k works with the backprop stepper, not "
                           f"{type(stepper).__name__}")

