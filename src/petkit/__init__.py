@@ -40,6 +40,7 @@ _EXPORTS = {
     **dict.fromkeys(["active_adapters", "adapters"], "petkit.core.state"),
     **dict.fromkeys(["port_adapter", "train_preference", "transfer_adapter"], "petkit.hybrid"),
     "save_links": "petkit.methods.cola",
+    "DPConfig": "petkit.training.dp",
     **dict.fromkeys(["TrainConfig", "TrainResult", "evaluate", "replay_mezo", "train"],
                     "petkit.training"),
 }

@@ -19,8 +19,8 @@ integers (EfficientQAT's Block-AP, any compressed-tensors int checkpoint: `core.
 integer_grid`) PEQA takes that grid instead of RTN's, bits and groups included: training its
 scales is then EfficientQAT's second stage, E2E-QP. Merging writes s ⊙ (Q - z) into
 the base weight. Memory: the wrapper keeps the base for `disabled`, so in petkit PEQA saves
-optimiser state (scales only), not weight memory. A maintained GPTQ quantiser was not used (none
-installs here); AlphaTuning is not provided: no maintained binary-coding kernel exists.
+optimiser state (scales only), not weight memory. GPTQ (gptqmodel) runs on the CPU but too slowly
+here to compare (docs/compressed.md); AlphaTuning is not provided: no maintained binary-coding kernel exists.
 """
 from __future__ import annotations
 
