@@ -110,3 +110,25 @@ def test_bad_settings_are_config_errors() -> None:
         pk.quantize(model, "int4", method="efficientqat")
     with pytest.raises(ConfigError, match="no integer quantisation"):
         pk.save_quantized(tiny_model("llama")[0], "/tmp/never-written")
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--method", "gptq"], "--method must be one of efficientqat, rtn"),
+    (["--bits", "int5"], "--bits must be int4, int3 or int2"),
+    (["--calibration", "bbc-new"], "did you mean 'bbc-news'"),
+])
+def test_quantize_cli_mistakes_are_one_red_line(argv, message, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from petkit.cli import main
+
+    assert main(["quantize", "--output", str(tmp_path / "q"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in " ".join(err.split()) and "Traceback" not in err
+
+
+def test_quantize_cli_refuses_a_folder_that_holds_files(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from petkit.cli import main
+
+    (tmp_path / "q").mkdir()
+    (tmp_path / "q" / "keep.txt").write_text("x")
+    assert main(["quantize", "--output", str(tmp_path / "q")]) == 2
+    assert "--overwrite" in capsys.readouterr().err

@@ -44,15 +44,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--overwrite", action="store_true", help="replace a folder that holds files")
 
 
-def _texts(name: str) -> tuple[list[str], list[str]]:
-    from petkit.data.embedded import load_embedded
-
+def _check_text(name: str) -> None:
     if name not in TEXTS:
         from difflib import get_close_matches
 
         close = get_close_matches(name, TEXTS, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ConfigError(f"--calibration must be one of {', '.join(TEXTS)}, got {name!r}{hint}")
+
+
+def _texts(name: str) -> tuple[list[str], list[str]]:
+    from petkit.data.embedded import load_embedded
+
+    _check_text(name)
     task = load_embedded(name, 0.2, 0)  # the fixed split every petkit run of this task uses
 
     def text(row: dict[str, Any]) -> str:
@@ -72,6 +76,9 @@ def run(args: argparse.Namespace, echo: Callable[[str], None] = print) -> dict[s
         raise ConfigError(f"--output {output} already holds files (add --overwrite to replace them)")
     if args.qmethod not in METHODS:
         raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {args.qmethod!r}")
+    if args.bits not in ("int4", "int3", "int2"):
+        raise ConfigError(f"--bits must be int4, int3 or int2, got {args.bits!r}")
+    _check_text(args.calibration)  # mistakes fail before the model loads
     started = time.perf_counter()
     model, tokenizer = load_model(args.model, task="causal-lm")
     train_texts, test_texts = _texts(args.calibration)
