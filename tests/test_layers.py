@@ -23,6 +23,7 @@ LAYERS: dict[str, int] = {
     "cli": 6, "cli_flags": 6, "cli_io": 6,  # the parser, its flag tables, consoles
     "cli_commands": 6,  # what each subcommand does (imported by cli.main only to run one)
     "cli_adapter": 6,  # petkit export / predict: their arguments and printing
+    "cli_quantize": 6,  # petkit quantize: its arguments, the run and its report
     "__main__": 7,  # python -m petkit (torchrun -m petkit): only calls cli.main
 }
 # Regimes sit side by side: none of them imports another.
@@ -213,10 +214,12 @@ THIRD_PARTY_PROBES = {
     "core/io.py": 2,  # the record petkit keeps on the user's nn.Module (absent before attach)
     "core/mixed_batch.py": 4,  # transformers' ModelOutput / generation_config token ids
     "core/peft_interop.py": 2,  # a transformers config's _name_or_path
-    "core/qweight.py": 9,  # bitsandbytes / torchao quantised weights: quant_state, SCB, ...
+    "core/qweight.py": 13,  # bitsandbytes / torchao quantised weights: quant_state, SCB, ...;
+    # compressed-tensors layers: weight_scale, weight_zero_point, quantization_scheme.weights
     "core/registry.py": 1,  # a typing annotation's __name__
     "core/targets.py": 5,  # a transformers model's config / get_output_embeddings; its Conv1D
     "training/activations.py": 4,  # transformers' cache objects (DynamicCache and relatives)
+    "training/dp.py": 2,  # a transformers model's config.is_decoder (the mask DP's vmap builds)
     "training/grpo_rewards.py": 1,  # the user's reward module names a function
     "training/guards.py": 7,  # a transformers model's head and config (vocab, labels, archs)
     "training/hub_kernels.py": 1,  # a transformers forward's functools __wrapped__

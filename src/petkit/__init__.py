@@ -21,7 +21,8 @@ _EXPORTS = {
     "BenchReport": "petkit.benchmark", "bench": "petkit.benchmark:run",
     "continual": "petkit.continual.run:run_continual",
     **dict.fromkeys(["PruneConfig", "finish_pruning", "merge_dense", "merge_quantized",
-                     "quantization_info", "quantize", "start_pruning"], "petkit.compress"),
+                     "quantization_info", "quantize", "start_pruning", "save_quantized",
+                     "load_quantized"], "petkit.compress"),
     "merge_adapters": "petkit.core.adapter_merge",
     **dict.fromkeys(["expert_load", "set_rank"], "petkit.core.capabilities"),
     **dict.fromkeys(["AdapterLoadError", "AdapterStateError", "CheckpointError", "ConfigError",
@@ -41,6 +42,7 @@ _EXPORTS = {
     **dict.fromkeys(["active_adapters", "adapters"], "petkit.core.state"),
     **dict.fromkeys(["port_adapter", "train_preference", "transfer_adapter"], "petkit.hybrid"),
     "save_links": "petkit.methods.cola",
+    "DPConfig": "petkit.training.dp",
     **dict.fromkeys(["RuntimeConfig", "TrainConfig", "TrainResult", "evaluate", "replay_mezo",
                      "train"], "petkit.training"),
 }

@@ -11,6 +11,7 @@ exit code 2; no traceback.
     petkit predict --adapter runs/default/adapter --data new.csv --output preds.csv
     petkit inspect --method lora         # table: where each delta sits, trainable counts
     petkit methods
+    petkit quantize --method efficientqat --bits int4 --output q4/   # Block-AP, transformers loads q4/
     petkit embedded                      # the offline tasks and models, each with its pip package
     petkit fed --clients 10 --alpha 0.5   # federated LoRA on Flower, only the delta travels
     petkit bench grid.yaml --output runs/bench   # methods x tasks x seeds x sizes, resumable
@@ -31,6 +32,7 @@ from rich.markup import escape
 
 from petkit import cli_adapter as adapter_cli  # flags only: export / predict load when they run
 from petkit.benchmark import cli as bench_cli  # flags only: the grid runs in its command
+from petkit import cli_quantize as qat_cli  # flags only: torch loads when `petkit quantize` runs
 from petkit.cli_flags import (COLUMNS, DATA, DOTTED, FLAGS, HELP, METAVARS, METHOD, OBJECTIVE,
                               OPTIMISERS, REWARD_HELP, TRAINING, speak_flags)
 from petkit.cli_io import ERR, UsageError
@@ -118,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
                                              "counts")
     inspect.add_argument("--adapter", help="adapter folder to load")
     _add_flags(inspect, ("model", "method", "data", "task_type"))
+    qat_cli.add_arguments(sub.add_parser("quantize", help="int4/int3/int2 quantisation (EfficientQAT "
+                                         "Block-AP or RTN) saved for transformers (docs/compressed.md)"))
     sub.add_parser("methods", help="registered methods, family and paper")
     sub.add_parser("embedded", help="embedded tasks and models: what each is, its pinned package")
     replay = sub.add_parser("replay", help="rebuild a zeroth-order run's adapter from its "

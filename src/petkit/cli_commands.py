@@ -243,6 +243,13 @@ def cmd_bench(args: argparse.Namespace, dotted: dict[str, str]) -> None:
     OUT.print(bench_cli.command(args, dotted))
 
 
+def cmd_quantize(args: argparse.Namespace, dotted: dict[str, str]) -> None:
+    """Quantise a causal LM to int4/3/2 (EfficientQAT Block-AP or RTN) and save it for transformers."""
+    from petkit import cli_quantize
+
+    cli_quantize.run(args, lambda line: OUT.print(line, markup=False))
+
+
 def cmd_continual(args: argparse.Namespace, dotted: dict[str, str]) -> None:
     """Learn tasks in order; print the accuracy matrix, forgetting and where the files are."""
     from petkit.continual import cli as continual_cli
@@ -285,5 +292,5 @@ def cmd_talk(args: argparse.Namespace, dotted: dict[str, str]) -> None:
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "merge": cmd_merge, "export": cmd_export,
             "predict": cmd_predict, "inspect": cmd_inspect,
             "methods": cmd_methods, "embedded": cmd_embedded, "replay": cmd_replay, "fed": cmd_fed, "bench": cmd_bench,
-            "continual": cmd_continual,
+            "continual": cmd_continual, "quantize": cmd_quantize,
             "serve": cmd_serve, "generate": cmd_talk, "chat": cmd_talk}

@@ -190,6 +190,9 @@ def recipe_from_dict(data: dict[str, Any]) -> Recipe:
     defaults."""
     if not isinstance(data, dict):
         raise ConfigError("a recipe must be a mapping with sections " + ", ".join(SECTIONS))
+    if "dp" in data:  # a top-level `dp:` is the train section's DP options (training/dp.py)
+        data = {**data, "train": {**(data.get("train") or {}), "dp": data["dp"]}}
+        del data["dp"]
     unknown = sorted(set(data) - set(SECTIONS))
     if unknown:
         raise ConfigError(f"recipe has unknown section(s) {unknown}; sections: {list(SECTIONS)}")
@@ -301,6 +304,8 @@ def apply_overrides(recipe: Recipe, overrides: dict[str, str]) -> Recipe:
     ordered = sorted(overrides.items(), key=lambda kv: kv[0] not in first)
     for key, text in ordered:
         section, _, name = key.partition(".")
+        if section == "dp":  # --dp.epsilon: the train section's DP options (training/dp.py)
+            section, name = "train", f"dp.{name}"
         if section not in SECTIONS or not name:
             raise ConfigError(f"override {key!r} must look like <section>.<field> with section "
                               f"in {list(SECTIONS)}")

@@ -9,6 +9,7 @@ from typing import Any
 
 from petkit.core.errors import ConfigError
 from petkit.training.config import LEGACY_KEYS, TrainConfig
+from petkit.training.dp import DPConfig
 from petkit.training.runtime import RUNTIME_FIELDS, RuntimeConfig
 from petkit.training.sections import resolve_stepper, stepper_configs
 from petkit.training.steppers.ist import IstConfig
@@ -36,12 +37,14 @@ def option_type(train: dict[str, Any], key: str) -> Any:
             raise ConfigError(f"unknown option --train.{key}; train fields: {known}")
     if head == "ist":
         cls: type = IstConfig
+    elif head == "dp":
+        cls = DPConfig
     elif head == "objective":
         cls = ObjectiveConfig
     elif head == "stepper":
         cls = type(resolve_stepper(train.get("optimizer", "adamw"), train.get("stepper", "auto")))
     else:
-        raise ConfigError(f"unknown option --train.{key}; nested sections: stepper, ist, objective")
+        raise ConfigError(f"unknown option --train.{key}; nested sections: stepper, ist, dp, objective")
     hints = typing.get_type_hints(cls)
     if rest not in hints or rest.isupper():
         raise ConfigError(f"unknown option --train.{key}; {head} fields: "
@@ -55,8 +58,8 @@ def set_option(train: dict[str, Any], key: str, value: Any) -> None:
     if not rest:
         train[key] = value
         return
-    if head == "ist":
-        train["ist"] = {**(train.get("ist") or {}), rest: value}
+    if head in ("ist", "dp"):
+        train[head] = {**(train.get(head) or {}), rest: value}
         return
     if head == "objective":
         current = train.get("objective") or {}

@@ -168,6 +168,9 @@ TASK = Obj({"type": Str(16, re.compile("|".join(TASK_TYPES)), f"one of {', '.joi
             "labels": List(Str(1024), 100_000), "label_words": List(Str(1024), 100_000),
             "template": Str(8192), "input_column": Str(1024), "target_column": Str(1024), "data": Str(4096),
             "test_file": Str(4096)}, required=("type",))
+PRIVACY = Obj({"mechanism": Str(32), "epsilon": Num(), "target_epsilon": Num(), "delta": Num(),
+               "max_grad_norm": Num(), "noise_multiplier": Num(), "sample_rate": Num(),
+               "steps": Int(0), "accountant": Str(16)}, required=("mechanism", "epsilon", "delta"))
 ADAPTER_SCHEMA = Obj({
     "format_version": Int(1, FORMAT_VERSION),
     "library": Str(64),
@@ -181,6 +184,7 @@ ADAPTER_SCHEMA = Obj({
     "num_parameters": Int(0),
     "base_model": Str(4096),  # embedded name, hub id or folder (absent in older adapters)
     "task": TASK,
+    "privacy": PRIVACY,  # DP-SGD runs: the budget spent (training/dp.py)
 }, required=("format_version", "method", "config", "targets", "base_fingerprint",
              "tensors_sha256"))
 

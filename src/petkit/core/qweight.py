@@ -108,3 +108,26 @@ def plain_tensor(param: torch.Tensor) -> torch.Tensor:
         fn = getattr(t, "get_original_weight", None) or getattr(t, "dequantize")
         t = fn()
     return t.float().cpu().contiguous()
+
+
+def integer_grid(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The integer grid of a layer quantised in the compressed-tensors layout, else None.
+
+    Such a layer (EfficientQAT / RTN through `petkit.compress.qformat`, or any compressed-tensors
+    int-b asymmetric group checkpoint read by `from_pretrained`) holds `weight` = s ⊙ (q - z) with
+    `weight_scale` s and signed `weight_zero_point` z beside it. Returned in PEQA's unsigned form:
+    (codes (out, groups, group) uint8, zero points (out, groups) uint8, scales (out, groups)).
+    """
+    scale = getattr(module, "weight_scale", None)
+    zero = getattr(module, "weight_zero_point", None)
+    args = getattr(getattr(module, "quantization_scheme", None), "weights", None)
+    if not isinstance(scale, torch.Tensor) or not isinstance(zero, torch.Tensor) or args is None:
+        return None
+    if scale.dim() != 2 or zero.shape != scale.shape:
+        return None  # per-tensor or symmetric schemes: PEQA's own RTN applies
+    offset, qmax = 1 << (args.num_bits - 1), (1 << args.num_bits) - 1
+    scales = scale.detach().float()
+    w = module.weight.detach().float().reshape(scales.shape[0], scales.shape[1], -1)
+    zeros = zero.detach().float() + offset
+    codes = torch.round(w / scales[..., None]) + zeros[..., None]
+    return codes.clamp(0, qmax).to(torch.uint8), zeros.to(torch.uint8), scales

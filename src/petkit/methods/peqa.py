@@ -14,10 +14,13 @@ model equals the RTN-quantised base (tested), not the full-precision base — so
 identity at init, and its table row says so. `pk.disabled(model)` gives the full-precision base
 exactly (the wrapper keeps it as `base`, like every wrapper). The adapter file holds the scales
 only: the integers and zero points are recomputed by RTN from the base (deterministic; the
-fingerprint guarantees the same base), so save/load is exact. Merging writes s ⊙ (Q - z) into
+fingerprint guarantees the same base), so save/load is exact. On a base already quantised to
+integers (EfficientQAT's Block-AP, any compressed-tensors int checkpoint: `core.qweight.
+integer_grid`) PEQA takes that grid instead of RTN's, bits and groups included: training its
+scales is then EfficientQAT's second stage, E2E-QP. Merging writes s ⊙ (Q - z) into
 the base weight. Memory: the wrapper keeps the base for `disabled`, so in petkit PEQA saves
-optimiser state (scales only), not weight memory. A maintained GPTQ quantiser was not used (none
-installs here); AlphaTuning is not provided: no maintained binary-coding kernel exists.
+optimiser state (scales only), not weight memory. GPTQ (gptqmodel) runs on the CPU but too slowly
+here to compare (docs/compressed.md); AlphaTuning is not provided: no maintained binary-coding kernel exists.
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ from torch import nn
 from ..core.capabilities import MergesOwnDeltas
 from ..core.delta import DeltaModule, innermost, wrap
 from ..core.errors import ConfigError
-from ..core.qweight import delta_dtype, dense_weight
+from ..core.qweight import delta_dtype, dense_weight, integer_grid
 from ..core.registry import MethodConfig, check_range, register
 from ..core.targets import linear_dims, match_targets
 
@@ -70,7 +73,10 @@ class PeqaLinear(DeltaModule):
         if fan_in % group:
             raise ConfigError(f"group_size {group_size} must divide the layer's {fan_in} inputs")
         weight = dense_weight(inner, torch.float32)
-        codes, zeros, scales = rtn_quantize(weight.T if self.transposed else weight, bits, group)
+        # an integer base (EfficientQAT, compressed-tensors): its own grid, so training its step
+        # sizes is EfficientQAT's E2E-QP; else round-to-nearest
+        grid = integer_grid(inner)
+        codes, zeros, scales = grid or rtn_quantize(weight.T if self.transposed else weight, bits, group)
         self.register_buffer("codes", codes)  # frozen integers
         self.register_buffer("zeros", zeros)
         self.scales = nn.Parameter(scales.to(delta_dtype(inner)))

@@ -34,6 +34,7 @@ from typing import Any
 
 from petkit.core.config_io import dataclass_from_dict
 from petkit.core.errors import ConfigError
+from petkit.training.dp import DPConfig
 from petkit.training.runtime import RUNTIME_FIELDS, RuntimeConfig
 from petkit.training.objectives_config import ObjectiveConfig
 from petkit.training.schedule import SCHEDULES
@@ -97,6 +98,7 @@ class TrainConfig:
     progress: bool = True
     stepper: StepperConfig | str | dict[str, Any] = "auto"
     ist: IstConfig | dict[str, Any] | None = None
+    dp: DPConfig | dict[str, Any] | None = None  # DP-SGD on the delta (training/dp.py, docs/privacy.md)
     # None: the model's own loss (SFT); else training/objectives_config.py (docs/objectives.md)
     objective: ObjectiveConfig | dict[str, Any] | str | None = None
     # Where and how the run executes (training/runtime.py; the recipe's `runtime:` section).
@@ -147,6 +149,13 @@ class TrainConfig:
             object.__setattr__(self, "ist", IstConfig.from_dict(self.ist))
         _check(self.ist is None or isinstance(self.ist, IstConfig), "ist",
                "None, an IstConfig or a mapping of its fields", self.ist)
+        if isinstance(self.dp, dict):
+            object.__setattr__(self, "dp", DPConfig.from_dict(self.dp))
+        _check(self.dp is None or isinstance(self.dp, DPConfig), "dp",
+               "None, a DPConfig or a mapping of its fields", self.dp)
+        if self.dp is not None and self.runtime.loss_chunk is None:  # DP's vmap cannot trace the
+            # chunked (checkpointed) loss: dense logits
+            object.__setattr__(self, "runtime", dataclasses.replace(self.runtime, loss_chunk=0))
         object.__setattr__(self, "objective", ObjectiveConfig.from_value(self.objective))
         given = {k: v for k, v in zip(LEGACY_KEYS, legacy[:len(LEGACY_KEYS)]) if v is not None}
         if given:

@@ -40,6 +40,7 @@ from petkit.training.tracking import open_trackers
 from petkit.training.objectives import Objective
 from petkit.training.objectives_preference import PreferenceObjective, pair_collate
 from petkit.training.run_modes import RunModes, check_modes, packed_collate
+from petkit.training.dp import with_dp
 from petkit.training.steppers.ist import with_ist
 from petkit.training.steppers import Stepper, make_stepper
 from petkit.training.steppers.base import bind_model, log_fields
@@ -136,6 +137,7 @@ class _Run:
                                              self.total)
         bind_model(self.stepper, model)  # optional hook: a population stepper batches its passes
         self.stepper = with_ist(self.stepper, model, self.params, config)  # IST when asked
+        self.stepper = with_dp(self.stepper, model, self.params, config, self.total, len(data))
         self.stepper = self.job.wrap(self.stepper)  # under torchrun: this rank's share of a step
         self.hooks = StepHooks(model)  # methods' per-step hooks (COLA links, expert load)
         self.state = ckpt.TrainerState()
@@ -316,6 +318,7 @@ def preflight(model: nn.Module, train_data: Sequence[Example], config: TrainConf
     stepper = make_stepper(params, config, total_steps(len(train_data), config))
     bind_model(stepper, model)  # e.g. head_lr set on a model without a trainable copy
     with_ist(stepper, model, params, config)
+    with_dp(stepper, model, params, config, total_steps(len(train_data), config), len(train_data))
 
 
 def train(model: nn.Module, train_data: Sequence[Example], config: TrainConfig | None = None,

@@ -81,7 +81,7 @@ class RunModes:
         attention, no mask tensor). A model whose forward requires the mask keeps it."""
         mask = batch.get("attention_mask")
         if self.label_token_ids is None and self.mask_optional and mask is not None \
-                and bool(mask.all()):
+                and mask.dim() == 2 and bool(mask.all()):  # a 4-D mask (DP's vmap) is kept
             return {k: v for k, v in batch.items() if k != "attention_mask"}
         return batch
 

@@ -1,0 +1,61 @@
+"""Held-out perplexity of SmolLM2-135M: full precision vs RTN vs EfficientQAT Block-AP, int4/3/2.
+
+    nice -n 10 python benchmarks/efficientqat.py --group-size 64 --seeds 0,1,2 --out runs/eqat.jsonl
+
+One process, the model loaded once and copied per arm; every arm's result is appended to --out as
+a JSON line as soon as it is measured. Calibration: bbc-news train split; held-out: its test split
+(the same windows for every arm). RTN is deterministic (one row per bit width).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+
+from petkit.cli_quantize import _texts
+from petkit.compress import perplexity, quantize
+from petkit.compress.qformat import text_windows
+from petkit.models import load_model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--group-size", type=int, default=64)
+    parser.add_argument("--bits", default="int4,int3,int2")
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--samples", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--eval-samples", type=int, default=32)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    model, tokenizer = load_model("smollm2-135m", task="causal-lm")
+    train_texts, test_texts = _texts("bbc-news")
+    held_out = text_windows(tokenizer, test_texts, args.seq_len, args.eval_samples, 0)
+    settings = {"group_size": args.group_size, "samples": args.samples, "seq_len": args.seq_len,
+                "epochs": args.epochs, "eval_windows": args.eval_samples}
+
+    def record(**row: object) -> None:
+        with open(args.out, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps({**row, **settings}) + "\n")
+
+    record(arm="fp32", perplexity=perplexity(model, held_out))
+    for bits in args.bits.split(","):
+        started = time.perf_counter()
+        rtn = quantize(copy.deepcopy(model), bits, method="rtn", group_size=args.group_size)
+        record(arm="rtn", bits=bits, perplexity=perplexity(rtn, held_out),
+               seconds=round(time.perf_counter() - started, 1))
+        del rtn
+        for seed in (int(s) for s in args.seeds.split(",")):
+            started = time.perf_counter()
+            calibration = text_windows(tokenizer, train_texts, args.seq_len, args.samples, seed)
+            qat = quantize(copy.deepcopy(model), bits, method="efficientqat", calibration=calibration,
+                           group_size=args.group_size, epochs=args.epochs, seed=seed)
+            record(arm="efficientqat", bits=bits, seed=seed, perplexity=perplexity(qat, held_out),
+                   seconds=round(time.perf_counter() - started, 1))
+            del qat
+
+
+if __name__ == "__main__":
+    main()

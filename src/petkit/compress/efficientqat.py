@@ -1,0 +1,250 @@
+"""EfficientQAT — Chen et al., 2024, "EfficientQAT: Efficient Quantization-Aware Training for Large
+Language Models" (arXiv:2407.11062), its first stage Block-AP; E2E-QP is PEQA on the result.
+
+    Block-AP, for each transformer block i in order (memory: one block + its calibration activations):
+        Y   = block_fp(X_fp)                      the full-precision block on full-precision inputs
+        W_q = s ⊙ (clamp(⌊W/s⌉ + ⌊z⌉, 0, 2^b-1) - ⌊z⌉)   per group of `group_size` inputs of a row
+        min over W, s, z of  || block_q(X_q) - Y ||²   (⌊·⌉ straight-through; AdamW, a few epochs)
+        then freeze: integers Q, zero points ⌊z⌉, scales s; X_q <- block_q(X_q), X_fp <- Y
+    E2E-QP: only the step sizes s train, end to end on the task: `petkit train --method peqa` on the
+        quantised model (PEQA takes the model's own integers, `core.qweight.integer_grid`).
+
+The frozen layers are stored the way compressed-tensors describes them (`petkit.compress.qformat`):
+an `nn.Linear` whose `weight` is exactly s ⊙ (Q - z), with `weight_scale` / `weight_zero_point`
+beside it, so the in-memory model, the saved folder and its `from_pretrained` reload are one thing.
+Block-AP is a calibration loop per block (like GPTQ's), not a training run: it sees no task and
+no labels. RTN (round-to-nearest min/max, `methods.peqa.rtn_quantize`) is its initialisation and
+the baseline it is compared with.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from petkit.core.blocks import layer_paths
+from petkit.core.errors import ConfigError
+from petkit.core.registry import check_range
+from petkit.methods.peqa import rtn_quantize
+
+
+@dataclass(frozen=True)
+class QatConfig:
+    """Block-AP settings (`petkit quantize --method efficientqat` flags of the same names)."""
+
+    bits: int = 4
+    group_size: int = 128
+    epochs: int = 2          # passes over the calibration samples per block
+    batch_size: int = 4
+    lr_weight: float = 2e-5  # the paper's Block-AP rates (weights / quantisation parameters)
+    lr_quant: float = 1e-4
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_range("bits", self.bits, 2, 8, kind=int)
+        check_range("group_size", self.group_size, 1, kind=int)
+        check_range("epochs", self.epochs, 0, kind=int)
+        check_range("batch_size", self.batch_size, 1, kind=int)
+        check_range("lr_weight", self.lr_weight, 0.0)
+        check_range("lr_quant", self.lr_quant, 0.0)
+
+
+def _round_ste(x: torch.Tensor) -> torch.Tensor:
+    return x + (torch.round(x) - x).detach()
+
+
+class FakeQuantLinear(nn.Module):
+    """A linear layer being fitted by Block-AP: weight, scales and zero points all train."""
+
+    def __init__(self, linear: nn.Linear, bits: int, group: int) -> None:
+        super().__init__()
+        out_f, in_f = linear.weight.shape
+        if in_f % group:
+            raise ConfigError(f"--group-size {group} must divide every layer's inputs ({in_f})")
+        self.qmax, self.group = 2**bits - 1, group
+        self.weight = nn.Parameter(linear.weight.detach().float().clone())
+        self.bias = linear.bias
+        codes, zeros, scales = rtn_quantize(self.weight, bits, group)
+        self.scales = nn.Parameter(scales)
+        self.zeros = nn.Parameter(zeros.float())
+
+    def grid(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(codes (out, groups, group) in [0, qmax], integer zero points, scales), differentiable (STE)."""
+        w = self.weight.reshape(self.weight.shape[0], -1, self.group)
+        scales = self.scales.clamp(min=1e-8)
+        zeros = _round_ste(self.zeros).clamp(0, self.qmax)
+        codes = torch.clamp(_round_ste(w / scales[..., None]) + zeros[..., None], 0, self.qmax)
+        return codes, zeros, scales
+
+    def quantized_weight(self) -> torch.Tensor:
+        codes, zeros, scales = self.grid()
+        return (scales[..., None] * (codes - zeros[..., None])).reshape(self.weight.shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.quantized_weight().to(x.dtype), bias)
+
+
+class _Stop(Exception):
+    """Raised by the capture hook: the rest of the model is not needed."""
+
+
+def block_inputs(model: nn.Module, first_block: nn.Module, ids: torch.Tensor,
+                 batch_size: int) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
+    """The hidden states (and keyword arguments: masks, rotary embeddings) entering the first block."""
+    states: list[torch.Tensor] = []
+    kwargs: list[dict[str, Any]] = []
+
+    def grab(_module: nn.Module, args: tuple, kw: dict) -> None:
+        hidden = args[0] if args else kw.pop("hidden_states")
+        states.append(hidden.detach())
+        kwargs.append({k: v for k, v in kw.items() if k not in ("hidden_states", "past_key_values",
+                                                               "past_key_value", "use_cache")})
+        raise _Stop
+
+    handle = first_block.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for start in range(0, len(ids), batch_size):
+                try:
+                    model(input_ids=ids[start:start + batch_size], use_cache=False)
+                except _Stop:
+                    pass
+    finally:
+        handle.remove()
+    return states, kwargs
+
+
+def _run(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+    out = block(hidden, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _linears(block: nn.Module) -> dict[str, nn.Linear]:
+    return {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+
+
+def _swap(block: nn.Module, path: str, new: nn.Module) -> None:
+    parent, _, leaf = path.rpartition(".")
+    setattr(block.get_submodule(parent) if parent else block, leaf, new)
+
+
+def fit_block(block: nn.Module, inputs: list[torch.Tensor], targets: list[torch.Tensor],
+              kwargs: list[dict[str, Any]], config: QatConfig) -> dict[str, tuple]:
+    """Block-AP on one block; returns {linear path: (codes, zeros, scales)}, the block unchanged."""
+    originals = _linears(block)
+    fakes = {p: FakeQuantLinear(m, config.bits, config.group_size) for p, m in originals.items()}
+    for path, fake in fakes.items():
+        _swap(block, path, fake)
+    frozen = [p for p in block.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    optimiser = torch.optim.AdamW([
+        {"params": [f.weight for f in fakes.values()], "lr": config.lr_weight},
+        {"params": [t for f in fakes.values() for t in (f.scales, f.zeros)], "lr": config.lr_quant},
+    ], weight_decay=0.0)
+    for f in fakes.values():
+        for t in (f.weight, f.scales, f.zeros):
+            t.requires_grad_(True)
+    generator = torch.Generator().manual_seed(config.seed)
+    with torch.enable_grad():
+        for _ in range(config.epochs):
+            for i in torch.randperm(len(inputs), generator=generator).tolist():
+                loss = F.mse_loss(_run(block, inputs[i], kwargs[i]).float(), targets[i].float())
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                optimiser.step()
+    with torch.no_grad():
+        grids = {p: tuple(t.detach() for t in f.grid()) for p, f in fakes.items()}
+    for path, linear in originals.items():
+        _swap(block, path, linear)
+    for p in frozen:
+        p.requires_grad_(True)
+    return grids
+
+
+def rtn_grids(block: nn.Module, config: QatConfig) -> dict[str, tuple]:
+    """The round-to-nearest grids of a block's linear layers (Block-AP's start, and the baseline)."""
+    grids = {}
+    for path, linear in _linears(block).items():
+        codes, zeros, scales = rtn_quantize(linear.weight, config.bits, config.group_size)
+        grids[path] = (codes.float(), zeros.float(), scales)
+    return grids
+
+
+def set_grid(linear: nn.Linear, codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor) -> None:
+    """Write s ⊙ (Q - z) into the layer's weight (in its dtype)."""
+    dense = scales[..., None] * (codes.float() - zeros.float()[..., None])
+    with torch.no_grad():
+        linear.weight.copy_(dense.reshape(linear.weight.shape).to(linear.weight.dtype))
+
+
+
+def block_ap(model: nn.Module, calibration: torch.Tensor, config: QatConfig,
+             progress: Callable[[int, int, float], None] | None = None) -> dict[str, tuple]:
+    """Quantise every linear layer of every block of `model` in place; returns {model path: grid}.
+
+    `calibration`: (samples, tokens) token ids. `progress(block, blocks, mse)` after each block,
+    with the block's output MSE against the full-precision block.
+    """
+    stack = layer_paths(model)
+    if not stack:
+        raise ConfigError("efficientqat needs a model made of repeated transformer blocks")
+    for path in stack:  # a bad group size fails before minutes of calibration
+        for name, linear in _linears(model.get_submodule(path)).items():
+            if linear.in_features % config.group_size:
+                raise ConfigError(f"--group-size {config.group_size} must divide the inputs of every "
+                                  f"layer ({path}.{name} has {linear.in_features})")
+    torch.manual_seed(config.seed)
+    was_training = model.training
+    model.eval()
+    fp_in, kwargs = block_inputs(model, model.get_submodule(stack[0]), calibration, config.batch_size)
+    q_in = fp_in
+    grids: dict[str, tuple] = {}
+    for index, path in enumerate(stack):
+        block = model.get_submodule(path)
+        with torch.no_grad():
+            targets = [_run(block, x, kw) for x, kw in zip(fp_in, kwargs)]
+        found = fit_block(block, q_in, targets, kwargs, config) if config.epochs else rtn_grids(block, config)
+        for sub, grid in found.items():
+            set_grid(block.get_submodule(sub), *grid)
+            grids[f"{path}.{sub}"] = grid
+        with torch.no_grad():
+            q_in = [_run(block, x, kw) for x, kw in zip(q_in, kwargs)]
+        if progress is not None:
+            mse = sum(F.mse_loss(a, b).item() for a, b in zip(q_in, targets)) / len(targets)
+            progress(index + 1, len(stack), mse)
+        fp_in = targets
+    model.train(was_training)
+    return grids
+
+
+INT_MODES = {"int4": 4, "int3": 3, "int2": 2}
+INT_METHODS = ("efficientqat", "rtn")
+
+
+def quantize_int(model: nn.Module, mode: str = "int4", *, method: str = "efficientqat",
+                 calibration: torch.Tensor | None = None, group_size: int = 128, epochs: int = 2,
+                 batch_size: int = 4, lr_weight: float = 2e-5, lr_quant: float = 1e-4, seed: int = 0,
+                 progress: Callable[[int, int, float], None] | None = None) -> nn.Module:
+    """`pk.quantize(model, "int4", method="efficientqat", calibration=ids)`: Block-AP (or plain RTN
+    with method="rtn") of every block's linear layers, in place, in the compressed-tensors layout."""
+    from petkit.compress.qformat import attach_scheme
+
+    if mode not in INT_MODES:
+        raise ConfigError(f"--bits must be one of {', '.join(INT_MODES)} for --method {method}, got {mode!r}")
+    if method not in INT_METHODS:
+        raise ConfigError(f"--method must be one of {', '.join(INT_METHODS)}, got {method!r}")
+    config = QatConfig(INT_MODES[mode], group_size, epochs if method == "efficientqat" else 0,
+                       batch_size, lr_weight, lr_quant, seed)
+    if method == "efficientqat" and calibration is None:
+        raise ConfigError("efficientqat needs calibration token ids (calibration=, a (samples, tokens) tensor)")
+    if calibration is None:  # RTN needs no data: one dummy token runs the block walk
+        calibration = torch.zeros(1, 2, dtype=torch.long)
+    grids = block_ap(model, calibration, config, progress)
+    attach_scheme(model, grids, config.bits, group_size)
+    return model

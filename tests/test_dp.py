@@ -1,0 +1,148 @@
+"""DP adapters (training/dp.py): per-example clipping against a hand loop, the accountant against
+Opacus' own, the budget in the log and in adapter.json, refusals."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import petkit as pk
+from petkit.app.recipe import apply_overrides, recipe_from_dict
+from petkit.core.errors import ConfigError
+from petkit.models import tiny_model
+from petkit.training.dp import (DPConfig, DPStepper, clipped_sum, noise_multiplier,
+                                per_example_grads, spent_epsilon)
+from petkit.training.steppers.backprop import BackpropConfig, BackpropStepper
+
+pytest.importorskip("opacus")
+
+
+def _lora_model() -> tuple[torch.nn.Module, dict[str, torch.nn.Parameter]]:
+    model, _ = tiny_model("llama")
+    pk.attach(model, pk.LoraConfig(r=4, targets=["q_proj", "v_proj"]))
+    with torch.no_grad():  # B != 0, so every factor has a gradient
+        for name, p in pk.trainable_parameters(model).items():
+            p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+    return model, dict(pk.trainable_parameters(model))
+
+
+def _batch(rows: int = 5, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Right-padded rows of different lengths, as the loop's collate makes them."""
+    ids = torch.randint(1, 128, (rows, 9), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(ids)
+    for i in range(rows):
+        mask[i, 9 - i % 4:] = 0
+    return {"input_ids": ids * mask, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+
+def _loss_fn(model: torch.nn.Module):  # type: ignore[no-untyped-def]
+    return lambda batch: model(**batch).loss
+
+
+def _hand_grads(model, params, batch):  # type: ignore[no-untyped-def]
+    rows = []
+    for i in range(batch["input_ids"].shape[0]):
+        model.zero_grad()
+        model(**{k: v[i:i + 1] for k, v in batch.items()}).loss.backward()
+        rows.append([p.grad.clone() for p in params.values()])
+    model.zero_grad()
+    return rows
+
+
+@pytest.mark.parametrize("vectorised", [True, False])
+def test_per_example_gradients_equal_one_backward_per_example(vectorised: bool) -> None:
+    model, params = _lora_model()
+    batch = _batch()
+    grads, losses = per_example_grads(model, params, _loss_fn(model), batch, vectorised)
+    for i, row in enumerate(_hand_grads(model, params, batch)):
+        for got, want in zip(grads, row):
+            torch.testing.assert_close(got[i], want, rtol=1e-5, atol=1e-7)
+        assert want.abs().sum() > 0
+    with torch.no_grad():
+        torch.testing.assert_close(losses[2], model(**{k: v[2:3] for k, v in _batch().items()}).loss)
+
+
+def test_clipping_is_exact_against_a_hand_loop() -> None:
+    model, params = _lora_model()
+    batch = _batch()
+    grads, _ = per_example_grads(model, params, _loss_fn(model), batch)
+    limit = 0.5 * float(min(torch.sqrt(sum(g[i].pow(2).sum() for g in grads)) for i in range(5)))
+    expected = [torch.zeros_like(p) for p in params.values()]
+    for row in _hand_grads(model, params, batch):
+        norm = torch.sqrt(sum(g.pow(2).sum() for g in row))
+        for acc, g in zip(expected, row):
+            acc += g * min(1.0, limit / (float(norm) + 1e-6))
+    for got, want in zip(clipped_sum(grads, limit), expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    summed = clipped_sum(grads, limit)
+    assert float(torch.sqrt(sum(s.pow(2).sum() for s in summed))) <= 5 * limit + 1e-5
+
+
+def test_one_private_step_is_clip_sum_noise_divide_then_the_optimiser() -> None:
+    model, params = _lora_model()
+    before = {k: p.detach().clone() for k, p in params.items()}
+    config = pk.TrainConfig(optimizer="sgd", lr=0.1, schedule="constant", max_grad_norm=None,
+                            batch_size=5, stepper=BackpropConfig(momentum=0.0))
+    dp = DPConfig(epsilon=8.0, delta=1e-5, max_grad_norm=0.05)
+    stepper = DPStepper(BackpropStepper(params, config, 10), model, params, dp, 0.05, 10, 5)
+    batch = _batch()
+    expected = clipped_sum([torch.stack(col) for col in zip(*_hand_grads(model, params, batch))], 0.05)
+    torch.manual_seed(7)
+    noise = [torch.normal(0.0, stepper.sigma * 0.05, size=p.shape) for p in params.values()]
+    torch.manual_seed(7)
+    stepper.step([batch], _loss_fn(model))
+    for (name, p), s, n in zip(params.items(), expected, noise):
+        torch.testing.assert_close(p.detach(), before[name] - 0.1 * (s + n) / 5, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_epsilon_equals_opacus_own_accountant_on_the_same_schedule(accountant: str) -> None:
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
+    config = DPConfig(epsilon=8.0, delta=1e-5, accountant=accountant)
+    sigma = noise_multiplier(config, sample_rate=0.01, steps=300)
+    theirs = RDPAccountant() if accountant == "rdp" else PRVAccountant()
+    for _ in range(300):
+        theirs.step(noise_multiplier=sigma, sample_rate=0.01)
+    ours = spent_epsilon(config, sigma, 0.01, 300)
+    assert ours == pytest.approx(theirs.get_epsilon(delta=1e-5), rel=1e-9)
+    assert 7.5 < ours <= 8.0 + 1e-6  # the smallest noise that meets the target
+
+
+def test_training_logs_epsilon_per_step_and_writes_it_into_adapter_json(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    model, _ = _lora_model()
+    data = [{"input_ids": row, "labels": row} for row in _batch(16, seed=3)["input_ids"]]
+    config = pk.TrainConfig(max_steps=4, batch_size=4, lr=1e-2, log_every=1, progress=False,
+                            output_dir=str(tmp_path), dp={"epsilon": 3.0, "delta": 1e-5})
+    result = pk.train(model, data, config)
+    spent = [row["dp_epsilon"] for row in result.history if "dp_epsilon" in row]
+    assert len(spent) == 4 and spent == sorted(spent) and spent[0] > 0
+    assert spent[-1] == pytest.approx(3.0, rel=0.02)
+    assert result.report["dp_per_example"] == "torch.func vmap"  # the loop's real loss traced
+    meta = json.loads((tmp_path / "adapter" / "adapter.json").read_text())
+    assert meta["privacy"]["epsilon"] == pytest.approx(spent[-1], rel=1e-3)
+    assert meta["privacy"]["delta"] == 1e-5 and meta["privacy"]["steps"] == 4
+    fresh, _ = tiny_model("llama")
+    pk.load_adapter(fresh, tmp_path / "adapter")  # the schema accepts the privacy record
+
+
+def test_refused_where_it_cannot_apply() -> None:
+    model, _ = _lora_model()
+    data = [{"input_ids": row, "labels": row} for row in _batch(8)["input_ids"]]
+    with pytest.raises(ConfigError, match="--optimizer adamw or sgd"):
+        pk.train(model, data, pk.TrainConfig(optimizer="mezo", max_steps=1, progress=False, dp={}))
+    with pytest.raises(ConfigError, match="more than the 8 training examples"):
+        pk.train(model, data, pk.TrainConfig(batch_size=4, grad_accum=4, max_steps=1,
+                                             progress=False, dp={}))
+    with pytest.raises(ConfigError, match="--dp.delta"):
+        DPConfig(delta=1.5)
+    with pytest.raises(ConfigError, match="unknown dp option"):
+        pk.TrainConfig(dp={"epsilon": 1.0, "epsilonn": 2})
+
+
+def test_dp_flags_and_recipe_key_reach_the_train_section() -> None:
+    recipe = apply_overrides(recipe_from_dict({}), {"dp.epsilon": "4", "dp.max_grad_norm": "0.5"})
+    assert recipe.train.dp == DPConfig(epsilon=4.0, max_grad_norm=0.5)
+    recipe = recipe_from_dict({"dp": {"epsilon": 2.0, "delta": 1e-6}})
+    assert recipe.train.dp == DPConfig(epsilon=2.0, delta=1e-6)

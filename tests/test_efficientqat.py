@@ -1,0 +1,134 @@
+"""EfficientQAT (Block-AP + E2E-QP through PEQA) on tiny random models: numerics and the saved folder."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import petkit as pk
+from petkit.compress.efficientqat import QatConfig, block_inputs, fit_block, rtn_grids, set_grid
+from petkit.core.blocks import layer_paths
+from petkit.core.errors import ConfigError
+from petkit.core.qweight import integer_grid
+from petkit.models import tiny_model
+
+pytest.importorskip("compressed_tensors")
+
+
+def _calibration(n: int = 8, length: int = 16, seed: int = 1) -> torch.Tensor:
+    return torch.randint(1, 128, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _first_block_mse(grids_of) -> float:  # type: ignore[no-untyped-def]
+    model, _ = tiny_model("llama")
+    block = model.get_submodule(layer_paths(model)[0])
+    inputs, kwargs = block_inputs(model, block, _calibration(), batch_size=4)
+    with torch.no_grad():
+        targets = [block(x, **kw) for x, kw in zip(inputs, kwargs)]
+    for path, grid in grids_of(block, inputs, targets, kwargs).items():
+        set_grid(block.get_submodule(path), *grid)
+    with torch.no_grad():
+        return sum(F.mse_loss(block(x, **kw), t).item() for x, kw, t in zip(inputs, kwargs, targets))
+
+
+@pytest.mark.parametrize(("bits", "at_most"), [(4, 0.95), (3, 0.7), (2, 0.7)])
+def test_block_ap_lowers_the_blocks_output_mse_below_rtn_at_the_same_bits(bits: int, at_most: float) -> None:
+    # the paper's learning rates (the defaults); measured ratios 0.91 / 0.60 / 0.57
+    config = QatConfig(bits=bits, group_size=16, epochs=20, batch_size=4)
+    rtn = _first_block_mse(lambda block, *_: rtn_grids(block, config))
+    ap = _first_block_mse(lambda block, x, y, kw: fit_block(block, x, y, kw, config))
+    assert ap < at_most * rtn, (bits, ap, rtn)
+
+
+def test_frozen_layers_sit_exactly_on_their_integer_grid() -> None:
+    model, _ = tiny_model("llama")
+    pk.quantize(model, "int3", method="efficientqat", calibration=_calibration(), group_size=16,
+                epochs=2, lr_weight=1e-3, lr_quant=1e-3)
+    layer = model.model.layers[1].mlp.down_proj
+    codes, zeros, scales = integer_grid(layer)
+    assert codes.max() <= 7 and zeros.max() <= 7 and scales.shape == (32, 4)
+    rebuilt = (scales[..., None] * (codes.float() - zeros.float()[..., None])).reshape(32, 64)
+    torch.testing.assert_close(rebuilt, layer.weight, rtol=0, atol=1e-6)
+    assert integer_grid(model.lm_head) is None  # the head stays dense
+
+
+def test_saved_folder_reloads_with_transformers_to_the_same_logits(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    model, _ = tiny_model("llama")
+    pk.quantize(model, "int4", method="efficientqat", calibration=_calibration(), group_size=16, epochs=1)
+    ids = _calibration(2, 10, seed=5)
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    pk.save_quantized(model, tmp_path / "q")
+    config = (tmp_path / "q" / "config.json").read_text()
+    assert '"quant_method": "compressed-tensors"' in config and '"num_bits": 4' in config
+    reloaded = pk.load_quantized(tmp_path / "q")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, expected, rtol=0, atol=1e-5)
+    for path in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.up_proj"):
+        mine, theirs = integer_grid(model.get_submodule(path)), integer_grid(reloaded.get_submodule(path))
+        for a, b in zip(mine, theirs):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_peqa_on_the_quantised_model_is_e2e_qp_starting_exactly_from_it() -> None:
+    model, _ = tiny_model("llama")
+    pk.quantize(model, "int2", method="efficientqat", calibration=_calibration(), group_size=16, epochs=1)
+    ids = _calibration(2, 10, seed=5)
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    pk.attach(model, pk.PeqaConfig())  # no bits / group given: the model's own grid
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, expected, rtol=0, atol=1e-5)
+    trainable = pk.trainable_parameters(model)
+    assert trainable and all(name.endswith("scales") for name in trainable)
+    assert trainable["model.layers.0.mlp.up_proj.scales"].shape == (64, 2)  # int2, groups of 16
+    data = [{"input_ids": row, "labels": row} for row in _calibration(8, 12, seed=3)]
+    pk.train(model, data, pk.TrainConfig(max_steps=3, batch_size=4, lr=1e-2, progress=False))
+    codes_after = model.model.layers[0].mlp.up_proj.codes
+    assert int(codes_after.max()) <= 3
+
+
+def test_lora_trains_on_top_of_the_quantised_model() -> None:
+    model, _ = tiny_model("llama")
+    pk.quantize(model, "int4", method="rtn", group_size=16)
+    before = model.model.layers[0].self_attn.q_proj.weight.clone()
+    pk.attach(model, pk.LoraConfig(r=4, targets="all-linear"))
+    data = [{"input_ids": row, "labels": row} for row in _calibration(8, 12, seed=3)]
+    result = pk.train(model, data, pk.TrainConfig(max_steps=3, batch_size=4, lr=1e-2, progress=False))
+    assert result is not None
+    inner = model.model.layers[0].self_attn.q_proj.base
+    torch.testing.assert_close(inner.weight, before, rtol=0, atol=0)
+
+
+def test_bad_settings_are_config_errors() -> None:
+    model, _ = tiny_model("llama")
+    with pytest.raises(ConfigError, match="--bits"):
+        pk.quantize(model, "int5", method="efficientqat", calibration=_calibration())
+    with pytest.raises(ConfigError, match="group"):
+        pk.quantize(model, "int4", method="rtn", group_size=24)
+    with pytest.raises(ConfigError, match="calibration"):
+        pk.quantize(model, "int4", method="efficientqat")
+    with pytest.raises(ConfigError, match="no integer quantisation"):
+        pk.save_quantized(tiny_model("llama")[0], "/tmp/never-written")
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--method", "gptq"], "--method must be one of efficientqat, rtn"),
+    (["--bits", "int5"], "--bits must be int4, int3 or int2"),
+    (["--calibration", "bbc-new"], "did you mean 'bbc-news'"),
+])
+def test_quantize_cli_mistakes_are_one_red_line(argv, message, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from petkit.cli import main
+
+    assert main(["quantize", "--output", str(tmp_path / "q"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in " ".join(err.split()) and "Traceback" not in err
+
+
+def test_quantize_cli_refuses_a_folder_that_holds_files(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from petkit.cli import main
+
+    (tmp_path / "q").mkdir()
+    (tmp_path / "q" / "keep.txt").write_text("x")
+    assert main(["quantize", "--output", str(tmp_path / "q")]) == 2
+    assert "--overwrite" in capsys.readouterr().err
