@@ -106,11 +106,11 @@ class LoraLinear(DeltaModule):
     def delta_bias(self) -> torch.Tensor | None:
         return None if self.lora_bias is None else self.lora_bias.detach() * self.mix
 
-    @torch.no_grad()
     def trained_factors(self) -> tuple[nn.Parameter, nn.Parameter]:
         """FactorLoadable: the trained A and B (without the frozen offset of an init)."""
         return self.lora_A, self.lora_B
 
+    @torch.no_grad()
     def load_factors(self, a: torch.Tensor | None, b: torch.Tensor | None,
                      bias: torch.Tensor | None) -> None:
         """FactorLoadable: A and B zero-padded to this wrapper's rank (None: left as they are);
