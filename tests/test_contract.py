@@ -148,6 +148,7 @@ CASES = [
     Case("oft", "bert", {"block_size": 4, "targets": "all-linear"}, True, True),
     Case("boft", "llama", {"block_size": 4, "butterfly_factor": 2}, True, True),
     Case("boft", "gpt2", {"block_size": 8}, True, True),
+    Case("boft", "vit", {"block_size": 4}, True, True),
     # HRA's identity init is a product of pairs of equal reflections: I up to rounding (test_hra.py)
     Case("hra", "mlp", {"r": 2}, False, True),
     Case("hra", "llama", {}, False, True),
