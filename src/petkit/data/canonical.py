@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from petkit.core.errors import ConfigError
-from petkit.data.formats import BadRow, Columns, Detected, detect
+from petkit.data.formats import Columns, Detected, detect
+from petkit.data.row_values import BadRow
 from petkit.data.readers import Row, read_rows
 
 BAD_ROWS = ("error", "skip")

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from petkit.core.errors import ConfigError
-from petkit.data.formats import Message
+from petkit.data.row_values import Message
 
 TRAIN_ON = ("assistant", "all", "last")
 

@@ -20,7 +20,8 @@ import re
 from pathlib import Path
 from petkit.core.errors import ConfigError
 from petkit.data.canonical import Canonical, ReadOptions, canonical, describe, read_source
-from petkit.data.formats import Columns, label_key
+from petkit.data.formats import Columns
+from petkit.data.row_values import label_key
 from petkit.data.readers import read_rows
 from petkit.data.task import Task, holdout_split
 
