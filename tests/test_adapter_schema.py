@@ -329,3 +329,11 @@ def test_a_regex_saved_by_the_user_loads_by_its_recorded_paths(tmp_path, method)
     batch = inputs("llama")
     torch.testing.assert_close(run(other, batch), run(model, batch), rtol=0, atol=0)
     assert sorted(pk.adapters(other)["a"].targets) == sorted(pk.adapters(model)["a"].targets)
+
+
+@pytest.mark.parametrize("bad", [[None], [""], [3], "head", None])
+def test_modules_to_save_must_be_names(bad) -> None:
+    """Found by the metadata property test: `modules_to_save: [null]` reached the target matcher
+    as a TypeError; every config (Python, recipe, adapter.json) now refuses it by name."""
+    with pytest.raises(pk.ConfigError, match="modules_to_save"):
+        pk.LoraConfig(modules_to_save=bad)

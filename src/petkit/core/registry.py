@@ -73,6 +73,10 @@ class MethodConfig:
             raise ConfigError(f"targets must be a list of names, a regex string or None, got {self.targets!r}")
         if isinstance(self.targets, tuple) and not all(isinstance(t, str) and t for t in self.targets):
             raise ConfigError(f"targets must hold non-empty strings, got {self.targets!r}")
+        if not isinstance(self.modules_to_save, tuple) or not all(
+                isinstance(m, str) and m for m in self.modules_to_save):
+            raise ConfigError("modules_to_save must be a list of non-empty module names, got "
+                              f"{self.modules_to_save!r}")
         self.validate()
 
     def validate(self) -> None:
