@@ -28,7 +28,7 @@ from ..core.delta import DeltaModule
 from ..core.capabilities import PeftLayout
 from .family.peft_fields import need
 from ..core.registry import MethodConfig, check_range, register
-from .family.dense import factor_kw, wrap_targets
+from .family.dense import DroppedDelta, factor_kw, wrap_targets
 from .family.lowrank import linear_shape, to_base_layout
 
 
@@ -86,7 +86,7 @@ class RankAllocator:
                     w.lora_E.masked_fill_((s <= threshold).view(-1, 1), 0.0)
 
 
-class AdaLoraLinear(DeltaModule):
+class AdaLoraLinear(DroppedDelta, DeltaModule):
     def __init__(self, base: nn.Module, adapter_name: str, r: int, alpha: float, dropout: float,
                  allocator: RankAllocator) -> None:
         super().__init__(base, adapter_name)
@@ -103,13 +103,8 @@ class AdaLoraLinear(DeltaModule):
         for p in (self.lora_A, self.lora_B, self.lora_E):
             allocator.watch(p)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
-        if not self.enabled:
-            return y
-        if self.dropout is not None:
-            x = self.dropout(x)
-        return y + F.linear(F.linear(x, self.lora_A * self.lora_E), self.lora_B) * (self.scale * self.mix)
+    def delta_output(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, self.lora_A * self.lora_E), self.lora_B) * (self.scale * self.mix)
 
     def delta_weight(self) -> torch.Tensor:
         dw = (self.lora_B @ (self.lora_A * self.lora_E)).detach() * (self.scale * self.mix)

@@ -28,7 +28,7 @@ from ..core.capabilities import PeftLayout
 from .family.peft_fields import need
 from ..core.registry import MethodConfig, check_range, register
 from ..core.targets import linear_shape, match_targets, role_targets
-from .family.dense import factor_kw
+from .family.dense import DroppedDelta, factor_kw
 from .family.lowrank import to_base_layout
 
 
@@ -44,7 +44,7 @@ def shared_projections(r: int, fan_in: int, fan_out: int, key: int) -> tuple[tor
     return kaiming_draw((r, fan_in), gen), kaiming_draw((fan_out, r), gen)
 
 
-class VeraLinear(DeltaModule):
+class VeraLinear(DroppedDelta, DeltaModule):
     def __init__(self, base: nn.Module, adapter_name: str, proj_a: torch.Tensor, proj_b: torch.Tensor,
                  dropout: float, d_initial: float) -> None:
         super().__init__(base, adapter_name)
@@ -57,14 +57,9 @@ class VeraLinear(DeltaModule):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
         self.mix = 1.0
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
-        if not self.enabled:
-            return y
-        if self.dropout is not None:
-            x = self.dropout(x)
+    def delta_output(self, x: torch.Tensor) -> torch.Tensor:
         h = F.linear(F.linear(x, self.vera_A) * self.vera_lambda_d, self.vera_B)
-        return y + h * (self.vera_lambda_b * self.mix)
+        return h * (self.vera_lambda_b * self.mix)
 
     def delta_weight(self) -> torch.Tensor:
         b = self.vera_lambda_b.detach()[:, None] * self.vera_B

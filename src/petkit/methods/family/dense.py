@@ -66,7 +66,24 @@ def wrap_targets(model: nn.Module, targets: Targets | None, make: type[DeltaModu
     return paths
 
 
-class DenseDelta(DeltaModule):
+
+class DroppedDelta:
+    """The forward shared by additive linear deltas: `base(x) + delta_output(dropout(x))`, the
+    base alone while the adapter is disabled."""
+
+    def delta_output(self, x: torch.Tensor) -> torch.Tensor:
+        """The delta's contribution for input `x` (after dropout), mixing weight included."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if not self.enabled:
+            return y
+        if self.dropout is not None:
+            x = self.dropout(x)
+        return y + self.delta_output(x)
+
+class DenseDelta(DroppedDelta, DeltaModule):
     """h = base(x) + mix * dropout(x) dW^T, with dW = `weight_delta()` (out, in) from the subclass."""
 
     reads_base: ClassVar[bool] = False  # dW depends on the base weight (remembered while merged)
@@ -82,13 +99,8 @@ class DenseDelta(DeltaModule):
         """dW in (out, in) layout, differentiable, without the stacking weight."""
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
-        if not self.enabled:
-            return y
-        if self.dropout is not None:
-            x = self.dropout(x)
-        return y + F.linear(x, self.weight_delta().to(x.dtype)) * self.mix
+    def delta_output(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight_delta().to(x.dtype)) * self.mix
 
     def base_weight(self) -> torch.Tensor:
         """The frozen W0 (out, in) this delta reads (HiRA), as a detached tensor."""
