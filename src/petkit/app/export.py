@@ -109,12 +109,16 @@ def merge_to_folder(recipe: Recipe, adapter: str | Path, output: str | Path,
 OFFSET_PREFIX = "init_"  # LoRA's frozen starting factors (init_A, init_B)
 
 
+def _is_offset(key: str) -> bool:
+    return key.rsplit(".", 1)[-1].startswith(OFFSET_PREFIX)
+
+
 def exported_rank(adapter: str | Path) -> int:
     """The rank of the exported LoRA: r, or 2r when a frozen starting offset is folded in
     (PEFT's own conversion of PiSSA/OLoRA adapters)."""
     r = int(adapter_meta(adapter)["config"]["r"])
     names = read_header(Path(adapter) / TENSORS).tensors
-    return 2 * r if any(k.rsplit(".", 1)[-1].startswith(OFFSET_PREFIX) for k in names) else r
+    return 2 * r if any(_is_offset(k) for k in names) else r
 
 
 def vllm_refusal(adapter: str | Path) -> str | None:
@@ -125,7 +129,7 @@ def vllm_refusal(adapter: str | Path) -> str | None:
     cfg = config_of(meta, adapter)
     # a frozen starting offset (PiSSA-style inits) is folded into the exported A/B: not a key
     keys = [peft_key(k, type(cfg).peft_layout) for k in read_header(Path(adapter) / TENSORS).tensors
-            if not k.rsplit(".", 1)[-1].startswith(OFFSET_PREFIX)]
+            if not _is_offset(k)]
     try:
         config = peft_config(cfg, keys)
     except PetkitError as exc:
