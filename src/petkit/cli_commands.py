@@ -279,9 +279,7 @@ def cmd_serve(args: argparse.Namespace, dotted: dict[str, str]) -> None:
     """Serve the base and its adapters over HTTP until interrupted."""
     from petkit.serve import serve_cli
 
-    if dotted:
-        raise UsageError(f"petkit serve takes no --section.field settings, got --{next(iter(dotted))}")
-    serve_cli.command(args, lambda line: OUT.print(line, markup=False))
+    serve_cli.command(args, lambda line: OUT.print(line, markup=False), dotted)
 
 
 def cmd_talk(args: argparse.Namespace, dotted: dict[str, str]) -> None:

@@ -51,11 +51,15 @@ NOT_APPLICABLE: dict[str, dict[str, str]] = {
     "continual": {"data": "the tasks and their sizes come from --tasks, --max-train, "
                           "--max-test and --max-length"},
     "quantize": {"method": "--method picks efficientqat or rtn, not a PET method",
+                 "model": "--model names the causal LM, quantised from full precision",
                  "data": "calibration text comes from --calibration, --samples, --seq-len",
-                 "train": "Block-AP has its own schedule: --epochs, --lr-weight, --lr-quant"},
+                 "train": "Block-AP has its own schedule: --epochs, --lr-weight, --lr-quant",
+                 "runtime": "it runs where the model loads (the CPU), in full precision"},
     **{cmd: {"method": "it answers with saved adapters (--adapter)",
              "data": "it answers prompts, it reads no task",
              "train": "it trains nothing"} for cmd in ("generate", "chat", "serve")},
+    # (generate / chat / serve read model.name, model.quantize and runtime.device of the
+    # sections they take, and refuse the other fields by name: app/serving.py)
 }
 DEST = "section_values"  # the namespace attribute holding {"section.field": text}, in order
 
