@@ -36,7 +36,8 @@ from petkit import cli_quantize as qat_cli  # flags only: torch loads when `petk
 from petkit.cli_flags import (COLUMNS, DATA, DOTTED, FLAGS, HELP, METAVARS, METHOD, OBJECTIVE,
                               OPTIMISERS, REWARD_HELP, TRAINING, speak_flags)
 from petkit.cli_io import ERR, UsageError
-from petkit.cli_sections import add_section_flags, check_applies, values as section_values
+from petkit.cli_sections import (add_section_flags, check_applies, sections_of,
+                                 values as section_values)
 from petkit.core.errors import PetkitError
 from petkit.continual import cli as continual_cli  # flags only, as for bench and fed
 from petkit.fed import flags as fed_flags  # flags only: `petkit fed` imports Flower when it runs
@@ -57,7 +58,7 @@ class _Parser(argparse.ArgumentParser):
         """Add the `--section.field` flags of this subcommand (once)."""
         if self.section_command is not None:
             command, self.section_command = self.section_command, None
-            if self.usage is None:  # the usage line without a hundred section flags in it
+            if self.usage is None and sections_of(command):  # not a hundred flags in usage
                 usage = super().format_usage().removeprefix("usage: ").rstrip()
                 self.usage = f"{usage} [--SECTION.FIELD VALUE ...]"
             add_section_flags(self, command)

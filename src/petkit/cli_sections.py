@@ -220,7 +220,9 @@ def _group_title(section: str) -> str:
 
 
 def add_section_flags(parser: argparse.ArgumentParser, command: str) -> None:
-    """Every field of every section `command` takes, as `--section.field`, grouped per section."""
+    """Every field of every section `command` takes, as `--section.field`, grouped per section;
+    then the sections it does not take, each with the reason."""
+    skipped = NOT_APPLICABLE.get(command, {})
     for section in sections_of(command):
         if section == "method":
             group = parser.add_argument_group(_group_title(section), (
@@ -237,6 +239,12 @@ def add_section_flags(parser: argparse.ArgumentParser, command: str) -> None:
                 group.add_argument(f"--{name}.{f.name}", dest=f"{name}.{f.name}", action=_Store,
                                    default=argparse.SUPPRESS, metavar=_metavar(f),
                                    help=text.replace("%", "%%"))
+    by_reason: dict[str, list[str]] = {}
+    for section, reason in skipped.items():
+        by_reason.setdefault(reason, []).append(f"--{section}.*")
+    if by_reason:
+        parser.add_argument_group("sections not taken here", "; ".join(
+            f"{', '.join(flags)}: {reason}" for reason, flags in by_reason.items()))
 
 
 def values(args: argparse.Namespace) -> dict[str, str]:

@@ -129,7 +129,8 @@ class TrainConfig:
         "none: the model's own loss (SFT); else an objective's name or settings "
         "(--train.objective.FIELD, docs/objectives.md)"))
     # Where and how the run executes (training/runtime.py; the recipe's `runtime:` section).
-    runtime: RuntimeConfig | dict[str, Any] = field(default_factory=RuntimeConfig)
+    runtime: RuntimeConfig | dict[str, Any] = field(default_factory=RuntimeConfig, metadata=_help(
+        "where and how the run executes: the runtime section (--runtime.FIELD)"))
     # Flat keys of earlier releases (deprecated; see LEGACY_KEYS): accepted, never stored.
     zo_eps: InitVar[float | None] = None
     zo_n_spsa: InitVar[int | None] = None
