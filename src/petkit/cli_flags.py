@@ -80,8 +80,9 @@ METAVARS = {"data": "TASK|FILE|FOLDER|HUB_ID", "format": "NAME", "data_split": "
             "schedule": "NAME", "precision": "NAME", "optimizer": "NAME", "rank": "R",
             "alpha": "ALPHA", "steps": "N", "report_to": "TRACKERS", "eps": "EPS", "dim": "D", "popsize": "N"}
 DOTTED = ("Every recipe field is an option too, written --SECTION.FIELD=VALUE with SECTION one of "
-          "method, model, data, train: --method.dropout=0.1 --train.weight_decay=0.01 "
-          "--data.validation_size=100 --train.stepper.eps=1e-3. Order of precedence: --recipe "
+          "method, model, data, train, runtime (listed above per section): --method.dropout=0.1 "
+          "--train.weight_decay=0.01 --data.validation_size=100 --train.stepper.eps=1e-3 "
+          "--runtime.device=cpu. Order of precedence: --recipe "
           "(default: the shipped 'default'), then the flags above, then dotted options. An "
           "unknown field's error lists the fields of its section.")
 # Objectives: train.objective (training/objectives_config.py, docs/objectives.md); --reward is

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import ast
 import functools
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,22 +77,33 @@ class FieldDoc:
 
 
 @functools.lru_cache(maxsize=None)
-def _module(path: str) -> tuple[ast.Module, tuple[str, ...]]:
-    text = (PACKAGE / path).read_text(encoding="utf-8")
-    return ast.parse(text), tuple(text.splitlines())
+def _lines(path: str) -> tuple[str, ...]:
+    return tuple((PACKAGE / path).read_text(encoding="utf-8").splitlines())
+
+
+def _statement(path: str, pattern: str) -> tuple[ast.stmt, int] | None:
+    """The top-level statement of `path` whose first line matches `pattern`, parsed alone (not
+    the whole file: `--help` stays fast), and the number of lines before it."""
+    lines = _lines(path)
+    for start, line in enumerate(lines):
+        if re.match(pattern, line):
+            end = start + 1  # up to the next line that starts a top-level statement
+            while end < len(lines) and (not lines[end] or lines[end][0] in " \t#)]}"):
+                end += 1
+            return ast.parse("\n".join(lines[start:end])).body[0], start
+    return None
 
 
 def _constant(path: str, name: str, depth: int = 0) -> Any:
     """The literal value of module-level `name` in `path`, following `from petkit.x import name`."""
-    tree, _ = _module(path)
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == name
-                                                for t in node.targets):
-            return ast.literal_eval(node.value)
-        if (isinstance(node, ast.ImportFrom) and depth < 2 and (node.module or "").startswith(
-                "petkit.") and any((a.asname or a.name) == name for a in node.names)):
-            source = node.module.removeprefix("petkit.").replace(".", "/") + ".py"
-            return _constant(source, name, depth + 1)
+    found = _statement(path, rf"{name}\s*(:[^=]*)?=")
+    if found is not None:
+        return ast.literal_eval(found[0].value)  # type: ignore[attr-defined]
+    for line in _lines(path):
+        if depth < 2 and line.startswith("from petkit.") and re.search(rf"\b{name}\b", line):
+            module = line.split()[1]
+            return _constant(module.removeprefix("petkit.").replace(".", "/") + ".py", name,
+                             depth + 1)
     raise ValueError(f"{path}: no literal constant {name}")
 
 
@@ -121,7 +133,7 @@ def _metadata(path: str, node: ast.expr | None) -> dict[str, Any]:
     return {}
 
 
-def _field(path: str, node: ast.AnnAssign, lines: tuple[str, ...]) -> FieldDoc | None:
+def _field(path: str, node: ast.AnnAssign, offset: int) -> FieldDoc | None:
     name, kind = node.target.id, ast.unparse(node.annotation)  # type: ignore[union-attr]
     if kind.startswith(("InitVar", "ClassVar")) or name.isupper():
         return None
@@ -137,20 +149,22 @@ def _field(path: str, node: ast.AnnAssign, lines: tuple[str, ...]) -> FieldDoc |
             default = _spell(_value(path, value))
         except ValueError:
             default = ast.unparse(value)
-    comment = lines[node.lineno - 1].partition("  # ")[2].strip()
+    comment = _lines(path)[offset + node.lineno - 1].partition("  # ")[2].strip()
     choices = tuple(str(c) for c in meta.get("choices", ()))
     return FieldDoc(name, kind, default, meta.get("help") or comment, choices)
 
 
-def _class(path: str, name: str) -> ast.ClassDef:
-    tree, _ = _module(path)
-    return next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == name)
+def _class(path: str, name: str) -> tuple[ast.ClassDef, int]:
+    found = _statement(path, rf"class {name}\b")
+    if found is None:
+        raise ValueError(f"{path}: no class {name}")
+    return found  # type: ignore[return-value]
 
 
 def class_fields(path: str, name: str) -> list[FieldDoc]:
     """The dataclass fields of class `name` in `path` (a file under src/petkit), in order."""
-    _, lines = _module(path)
-    found = (_field(path, n, lines) for n in _class(path, name).body
+    node, offset = _class(path, name)
+    found = (_field(path, n, offset) for n in node.body
              if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name))
     return [f for f in found if f is not None]
 
@@ -160,14 +174,16 @@ def stepper_classes() -> list[tuple[str, str, str, tuple[str, ...]]]:
     out = []
     for file in sorted((PACKAGE / STEPPERS).glob("*.py")):
         path = f"{STEPPERS}/{file.name}"
-        for node in _module(path)[0].body:
-            if isinstance(node, ast.ClassDef) and any(ast.unparse(b) == "StepperConfig"
-                                                      for b in node.bases):
-                consts = {n.target.id: ast.literal_eval(n.value) for n in node.body
-                          if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)
-                          and n.target.id in ("NAME", "OPTIMIZERS") and n.value is not None}
-                out.append((path, node.name, consts.get("NAME", ""),
-                            tuple(consts.get("OPTIMIZERS", ()))))
+        for line in _lines(path):
+            match = re.match(r"class (\w+)\((?:[^)]*\W)?StepperConfig\W", line)
+            if match is None:
+                continue
+            node, _ = _class(path, match.group(1))
+            consts = {n.target.id: ast.literal_eval(n.value) for n in node.body
+                      if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)
+                      and n.target.id in ("NAME", "OPTIMIZERS") and n.value is not None}
+            out.append((path, node.name, consts.get("NAME", ""),
+                        tuple(consts.get("OPTIMIZERS", ()))))
     return out
 
 

@@ -153,9 +153,8 @@ class BenchSpec:
     def _overridden(self, fields: dict[str, Any]) -> TrainConfig:
         """The TrainConfig of `fields` with the command line's section overrides on top."""
         config = TrainConfig.from_dict(fields)
-        if not self.overrides:
-            return config
-        return apply_overrides(Recipe(train=config), self.overrides).train
+        return apply_overrides(Recipe(train=config), self.overrides).train if self.overrides \
+            else config
 
     def fingerprint(self, cell: Cell) -> str:
         """Hash of everything that decides the cell's result."""
@@ -375,12 +374,12 @@ def spec_from_dict(data: dict[str, Any]) -> BenchSpec:
     return checked(spec)
 
 
-# Fields the grid sets per cell, which a command-line override must not change.
 PER_CELL = ("train.seed", "train.output_dir", "train.resume", "train.save_every")
 
 
 def with_overrides(spec: BenchSpec, overrides: dict[str, str]) -> BenchSpec:
-    """`spec` whose every run takes the `--train.F` / `--runtime.F` overrides (checked now)."""
+    """`spec` whose every run takes the `--train.F` / `--runtime.F` overrides (checked now);
+    the fields the grid sets per cell (PER_CELL) are refused."""
     fixed = sorted(k for k in overrides if k in PER_CELL)
     if fixed:
         raise ConfigError(f"petkit bench sets {', '.join('--' + k for k in fixed)} per cell "
