@@ -6,9 +6,9 @@ flags (`--train.lr`, `--runtime.device`), listed in its `--help` grouped per sec
 type or choices, default and help text, unless `NOT_APPLICABLE` says why a section does not apply
 to it. A field added to a section appears everywhere with no other edit.
 
-The fields are read from the dataclasses' source with `ast`, not by importing them: the sections
-live beside torch code, and `petkit <command> --help` must not import torch
-(tests/test_startup.py). `tests/test_cli_sections.py` checks that what is read here equals
+The fields are read from the dataclasses' source with `ast` (only each class's statement is
+parsed), not by importing them: the sections live beside torch code, and `petkit <command>
+--help` must not import torch (tests/test_startup.py). `tests/test_cli_sections.py` checks that what is read here equals
 `dataclasses.fields()` of each class. A field's help is its `metadata["help"]`, else the comment
 on its line; its choices are `metadata["choices"]`. The method's section depends on `--method` and
 the stepper's on `--optimizer`: every registered stepper's fields are listed, and a method's
@@ -46,9 +46,9 @@ NOT_APPLICABLE: dict[str, dict[str, str]] = {
     "embedded": dict.fromkeys(RECIPE, "it lists the embedded tasks and models and runs nothing"),
     "replay": dict.fromkeys(RECIPE, "it rebuilds the adapter exactly as the zeroth-order run's "
                                     "log and saved recipe say"),
-    "bench": {"method": "each arm of the grid names its method and fields",
-              "model": "the grid names its models (models: / sizes:)",
-              "data": "the grid names its tasks (tasks:)"},
+    "bench": {"method": "the grid names each arm's method and fields (methods:, method_options:)",
+              "model": "each task of the grid names its model (tasks: - model:)",
+              "data": "each task of the grid names its data (tasks: - data:)"},
     "continual": {"data": "the tasks and their sizes come from --tasks, --max-train, "
                           "--max-test and --max-length"},
     "quantize": {"method": "--method picks efficientqat or rtn, not a PET method",
