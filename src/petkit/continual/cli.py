@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from petkit.app.aliases import named_overrides
 from petkit.core.errors import ConfigError
 
 STRATEGY_NAMES = ("sequential", "multitask", "per-task", "o-lora", "inflora", "hide", "conpet")
@@ -115,7 +116,6 @@ def command(args: argparse.Namespace, dotted: dict[str, str],
             echo: Callable[[str], None] = print) -> list[str]:
     """Run the sequence (`echo`: where the run goes, said before it starts); return the lines to
     print (matrix and metrics)."""
-    from petkit.app.aliases import named_overrides
     from petkit.app.run_folder import claim_folder  # the run's modules: only when it runs
     from petkit.continual.run import run_continual
 
