@@ -25,6 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from petkit.app.aliases import ALIASES
+from petkit.cli_flags import HELP  # the short flags' help, for fields without their own
+
 PACKAGE = Path(__file__).resolve().parent
 # section -> (file under src/petkit, class); "train.stepper" is every StepperConfig in steppers/.
 SOURCES = {"model": ("app/recipe.py", "ModelSpec"), "data": ("app/recipe.py", "DataSpec"),
@@ -235,13 +238,26 @@ def _group_title(section: str) -> str:
     return f"section {section} ({SOURCES[section][1]}; recipe key {section.split('.')[-1]}:)"
 
 
+def _help(section: str, f: FieldDoc) -> str:
+    """The field's help (else its short flag's, else its class and name), its short flag and
+    default, escaped for argparse."""
+    dotted = f"{section}.{f.name}"
+    short = next((name for name, field in ALIASES.items() if field == dotted), None)
+    text = f.help.replace("%", "%%") or (HELP.get(short, "") if short else "") or \
+        f"{SOURCES.get(section, ('', section))[1]}.{f.name}"
+    also = f"; also --{short.replace('_', '-')}" if short else ""
+    if f.default and "(default" not in text:
+        return f"{text} (default: {f.default}{also})"
+    return f"{text} ({also[2:]})" if also else text
+
+
 def add_section_flags(parser: argparse.ArgumentParser, command: str) -> None:
     """Every field of every section `command` takes, as `--section.field`, grouped per section;
     then the sections it does not take, each with the reason."""
     skipped = NOT_APPLICABLE.get(command, {})
     for section in sections_of(command):
         if section == "method":
-            group = parser.add_argument_group(_group_title(section), (
+            parser.add_argument_group(_group_title(section), (
                 "--method.FIELD=VALUE sets a field of the chosen method's config, e.g. "
                 "--method.dropout=0.1 --method.targets=q_proj,v_proj (`petkit inspect --method "
                 "NAME` shows where it attaches; docs/methods.md lists each method's fields)"))
@@ -250,11 +266,9 @@ def add_section_flags(parser: argparse.ArgumentParser, command: str) -> None:
         for name in (section, *subsections):
             group = parser.add_argument_group(_group_title(name))
             for f in section_fields(name):
-                default = f" (default: {f.default})" if f.default else ""
-                text = (f.help or f"{SOURCES.get(name, ('', name))[1]}.{f.name}") + default
                 group.add_argument(f"--{name}.{f.name}", dest=f"{name}.{f.name}", action=_Store,
                                    default=argparse.SUPPRESS, metavar=_metavar(f),
-                                   help=text.replace("%", "%%"))
+                                   help=_help(name, f))
     by_reason: dict[str, list[str]] = {}
     for section, reason in skipped.items():
         by_reason.setdefault(reason, []).append(f"--{section}.*")
