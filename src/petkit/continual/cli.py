@@ -27,6 +27,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              ":CLASS+CLASS (e.g. bbc-news:business+tech)")
     parser.add_argument("--strategy", dest="cl_strategy", metavar="NAME", default="sequential",
                         help=f"one of {', '.join(STRATEGY_NAMES)} (default sequential)")
+    parser.add_argument("--recipe", dest="cl_recipe", metavar="NAME|FILE", default=None,
+                        help="a training recipe (YAML file or shipped name) whose method, model, "
+                             "train and runtime sections the run takes (default: LoRA on "
+                             "minilm-l6, lr 1e-3, 60 steps per task, batch 16)")
     parser.add_argument("--method", dest="cl_method", metavar="NAME", default=None,
                         help="PET method per task (default lora; o-lora/inflora need the LoRA "
                              "family); set its fields with --method.FIELD=VALUE")
@@ -80,18 +84,24 @@ NAMED = {"cl_method": "method", "cl_model": "model", "cl_steps": "steps", "cl_lr
 SECTIONS = ("method.", "train.", "runtime.", "model.")  # what --section.field may set here
 
 
-def continual_recipe(named: dict[str, str], dotted: dict[str, str]) -> Any:
-    """The run's recipe: `strategy.default_recipe()` with the short flags' fields (`named`) and
-    then the `--method.F`, `--model.F`, `--train.F` and `--runtime.F` options applied."""
-    from petkit.app.recipe import apply_overrides  # the run's modules: only when it runs
+def continual_recipe(named: dict[str, str], dotted: dict[str, str],
+                     recipe: str | None = None) -> Any:
+    """The run's recipe: `recipe` (a YAML file or shipped name; default
+    `strategy.default_recipe()`) with the short flags' fields (`named`) and then the
+    `--method.F`, `--model.F`, `--train.F` and `--runtime.F` options applied."""
+    from petkit.app.recipe import DataSpec, apply_overrides, load_recipe  # only when it runs
     from petkit.continual.strategy import default_recipe
 
     others = sorted(k for k in dotted if not k.startswith(SECTIONS))
     if others:
         raise ConfigError(f"petkit continual takes only --method.FIELD, --train.FIELD, "
                           f"--runtime.FIELD and --model.FIELD overrides, got {others}")
+    base = load_recipe(recipe) if recipe else default_recipe()
+    if base.data != DataSpec():
+        raise ConfigError(f"--recipe {recipe}: petkit continual takes its tasks from --tasks "
+                          "(and --max-train, --max-test, --max-length); drop its data: section")
     overrides = {**named, **dotted}
-    return apply_overrides(default_recipe(), overrides) if overrides else default_recipe()
+    return apply_overrides(base, overrides) if overrides else base
 
 
 def method_overrides(dotted: dict[str, str]) -> dict[str, Any]:
@@ -119,7 +129,8 @@ def command(args: argparse.Namespace, dotted: dict[str, str],
     from petkit.app.run_folder import claim_folder  # the run's modules: only when it runs
     from petkit.continual.run import run_continual
 
-    recipe = continual_recipe(named_overrides(vars(args), NAMED), dotted)
+    recipe = continual_recipe(named_overrides(vars(args), NAMED), dotted,
+                              getattr(args, "cl_recipe", None))
     out = claim_folder(Path(args.cl_output or f"runs/continual-{args.cl_strategy}"),
                        default=args.cl_output is None, overwrite=args.cl_overwrite,
                        held_by=_earlier_run, echo=echo)

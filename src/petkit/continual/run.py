@@ -177,6 +177,9 @@ def _sections(recipe: Recipe | None, method: str | None, model: str | None,
     if recipe.model.quantize or recipe.model.prune:
         raise ConfigError("petkit continual uses its encoder as loaded: model.quantize and "
                           "model.prune do not apply")
+    if recipe.train.output_dir is not None:  # each task would write over the last one's
+        raise ConfigError("a continual run's folder is output_dir= (--output); drop "
+                          "train.output_dir")
     recipe.method_config()  # a bad method name or field fails before any loading
     return recipe
 
