@@ -212,6 +212,10 @@ class PeftLayout:
         `base module` is the innermost module the tensor belongs to
     to_state(petkit delta tensors) -> the tensors to export, where PEFT holds them combined (a
         LoRA init's frozen offset folded into one rank-2r LoRA, as PEFT's own conversion does)
+    params_to_peft(model, adapter name, tensors) -> (the rest, PEFT tensors without the
+        `base_model.model.` prefix) for deltas of parameters rather than modules (PEFT's
+        `target_parameters`: MoE experts); params_from_peft(model, PEFT config, PEFT tensors) ->
+        (the rest, petkit tensors) reads them back
     """
 
     peft_type: str
@@ -224,6 +228,10 @@ class PeftLayout:
     to_value: Callable[[Any, str, Any], Any] = field(default=lambda base, local, tensor: tensor)
     from_value: Callable[[Any, str, Any], Any] = field(default=lambda base, local, tensor: tensor)
     to_state: Callable[[dict[str, Any]], dict[str, Any]] = field(default=lambda state: state)
+    params_to_peft: Callable[[Any, str, dict[str, Any]], tuple[dict[str, Any], dict[str, Any]]] = field(
+        default=lambda model, name, state: (state, {}))
+    params_from_peft: Callable[[Any, dict[str, Any], dict[str, Any]], tuple[dict[str, Any], dict[str, Any]]] = field(
+        default=lambda model, peft_config, tensors: (tensors, {}))
 
 
 WRAPPER_CAPABILITIES: tuple[type, ...] = (Weighted, LowRank, RowBatchable, RankSettable, ExpertRouted,

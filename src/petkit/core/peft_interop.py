@@ -26,7 +26,7 @@ from .capabilities import PeftLayout
 from .safetensors_header import read_header
 from .delta import get_canonical, innermost
 from .durable import write_folder
-from .errors import AdapterLoadError, AdapterStateError, ConfigError
+from .errors import AdapterLoadError, AdapterStateError, ConfigError, PetkitError
 from .io import adapter_state, fill_attached
 from .model import adapters, attach
 from .registry import METHODS, MethodConfig
@@ -84,11 +84,14 @@ def peft_files(model: nn.Module, name: str = "default",
     if record is None:
         raise AdapterStateError(f"unknown adapter {name!r}")
     layout = _layout(record.config, "export_peft")
+    state, params = layout.params_to_peft(model, name, layout.to_state(adapter_state(model, name)))
     tensors = {peft_key(k, layout): _peft_value(model, layout, k, v.detach()).cpu().contiguous()
-               for k, v in layout.to_state(adapter_state(model, name)).items()}
+               for k, v in state.items()}
     conv1d = any(is_linear(innermost(w)) and linear_dims(innermost(w))[2] for _, w in wrappers_of(model, [name]))
     base_model = base_model or getattr(getattr(model, "config", None), "_name_or_path", None)
-    return tensors, peft_config(record.config, list(tensors), conv1d=conv1d, base_model=base_model)
+    config = peft_config(record.config, list(tensors), conv1d=conv1d, base_model=base_model)
+    tensors.update({PREFIX + k: v.detach().cpu().contiguous() for k, v in params.items()})
+    return tensors, config
 
 
 def _peft_value(model: nn.Module, layout: PeftLayout, key: str, value: torch.Tensor) -> torch.Tensor:
@@ -168,6 +171,15 @@ def _our_tensors(layout: PeftLayout, config: dict[str, Any], tensors: dict[str, 
     return ours
 
 
+def _params_from_peft(layout: PeftLayout, model: nn.Module, config: dict[str, Any], tensors: dict[str, torch.Tensor],
+                      path: object) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The layout's `params_from_peft` (parameter targets); a PetkitError says which folder."""
+    try:
+        return layout.params_from_peft(model, config, tensors)
+    except PetkitError as exc:
+        raise AdapterLoadError(f"{path}: {exc}") from None
+
+
 def import_peft(model: nn.Module, path: str | os.PathLike, name: str = "default", trainable: bool = False) -> nn.Module:
     """Load a PEFT folder (any method PEFT and petkit share) into `model` as adapter `name`
     (checked, then activated)."""
@@ -178,6 +190,7 @@ def import_peft(model: nn.Module, path: str | os.PathLike, name: str = "default"
         if config.get(key):
             raise AdapterLoadError(f"PEFT {key} (per-module ranks) is not supported yet")
     saved = tuple(config.get("modules_to_save") or ())
+    tensors, params = _params_from_peft(layout, model, config, tensors, path)
     ours = _our_tensors(layout, config, tensors, saved)
     targets = sorted({k.rsplit(".", 1)[0] for k in ours if ".copy." not in k})
     check_targets_exist(model, targets, path)
@@ -188,7 +201,9 @@ def import_peft(model: nn.Module, path: str | os.PathLike, name: str = "default"
         cfg = cls.from_dict({**layout.from_peft(config), "targets": targets, "modules_to_save": list(saved)})
     except ConfigError as exc:
         raise AdapterLoadError(f"{path}: adapter_config.json: {exc}") from None
-    touched = targets + sorted({k.split(".copy.", 1)[0] for k in ours if ".copy." in k})
+    ours.update(params)
+    touched = targets + sorted({k.rsplit(".", 2)[0] for k in params}) + sorted(
+        {k.split(".copy.", 1)[0] for k in ours if ".copy." in k})
     check_targets_exist(model, touched, path)
     check_values(ours, path, strict=True)
     shapes = {k: tuple(v.shape) for k, v in ours.items()}
