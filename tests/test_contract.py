@@ -157,6 +157,11 @@ CASES = [
     Case("trainable-tokens", "llama", {"token_indices": [3, 5, 7]}, True, True),
     Case("trainable-tokens", "gpt2", {"token_indices": [4, 9]}, True, True),  # tied head
     Case("trainable-tokens", "bert", {"token_indices": [10]}, True, True),
+    # MoE experts as 3-D parameters (PEFT's target_parameters; the router as modules_to_save: test_moe.py)
+    Case("lora", "mixtral", {"targets": ["q_proj", "v_proj"],
+                             "target_parameters": ["experts.gate_up_proj", "experts.down_proj"]}, True, True),
+    Case("lora", "qwen2_moe", {"targets": ["o_proj"], "target_parameters": ["experts.down_proj"],
+                               "experts": [0, 2], "rslora": True}, True, True),
     Case("adalora", "mlp", {"init_r": 4, "target_r": 2}, True, True),
     Case("adalora", "llama", {}, True, True),
     Case("adalora", "gpt2", {"tinit": 1, "tfinal": 1, "delta_t": 2, "dropout": 0.1}, True, True),

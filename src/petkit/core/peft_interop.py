@@ -163,12 +163,22 @@ def _our_tensors(layout: PeftLayout, config: dict[str, Any], tensors: dict[str, 
         if hit is not None:
             ours[f"{hit[1]}.{hit[0]}"] = value
             continue
-        mod = next((m for m in saved if rest.startswith(m + ".") or f".{m}." in f".{rest}"), None)
+        # PEFT's rule: a module whose path ends with the name (so "gate" also saves "shared_expert_gate")
+        mod = next((m for m in saved if rest.startswith(m + ".") or f"{m}." in rest), None)
         if mod is None:
             raise AdapterLoadError(f"tensor {key!r} is neither a {layout.peft_type} tensor nor a modules_to_save module")
         mod_path, _, param = rest.rpartition(".")
         ours[f"{mod_path}.copy.{param}"] = value
     return ours
+
+
+def _saved_modules(saved: tuple[str, ...], ours: dict[str, torch.Tensor]) -> list[str]:
+    """The config's modules_to_save: PEFT's names, or the copied modules' paths where PEFT's
+    looser matching (path ends with the name) took a module petkit's (`.name` suffix) would not."""
+    copies = sorted({k.split(".copy.", 1)[0] for k in ours if ".copy." in k})
+    if all(any(p == m or p.endswith("." + m) for m in saved) for p in copies):
+        return list(saved)
+    return copies
 
 
 def _params_from_peft(layout: PeftLayout, model: nn.Module, config: dict[str, Any], tensors: dict[str, torch.Tensor],
@@ -198,7 +208,8 @@ def import_peft(model: nn.Module, path: str | os.PathLike, name: str = "default"
         module_path, _, local = key.rpartition(".")
         ours[key] = layout.from_value(innermost(get_canonical(model, module_path)), local, ours[key])
     try:
-        cfg = cls.from_dict({**layout.from_peft(config), "targets": targets, "modules_to_save": list(saved)})
+        cfg = cls.from_dict({**layout.from_peft(config), "targets": targets,
+                             "modules_to_save": _saved_modules(saved, ours)})
     except ConfigError as exc:
         raise AdapterLoadError(f"{path}: adapter_config.json: {exc}") from None
     ours.update(params)
