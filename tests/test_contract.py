@@ -162,6 +162,12 @@ CASES = [
                              "target_parameters": ["experts.gate_up_proj", "experts.down_proj"]}, True, True),
     Case("lora", "qwen2_moe", {"targets": ["o_proj"], "target_parameters": ["experts.down_proj"],
                                "experts": [0, 2], "rslora": True}, True, True),
+    # Lily: not mergeable (the mix of the shared B's depends on the batch)
+    Case("lily", "mlp", {"r": 2}, True, False),
+    Case("lily", "llama", {"r": 4, "stride_A": 2, "num_B": 3}, True, False),
+    Case("lily", "gpt2", {"r": 4, "scaling": 0.5}, True, False),
+    Case("lily", "bert", {"r": 4, "targets": "all-linear", "stride_A": 2}, True, False),
+    Case("lily", "vit", {"r": 4}, True, False),
     Case("adalora", "mlp", {"init_r": 4, "target_r": 2}, True, True),
     Case("adalora", "llama", {}, True, True),
     Case("adalora", "gpt2", {"tinit": 1, "tfinal": 1, "delta_t": 2, "dropout": 0.1}, True, True),

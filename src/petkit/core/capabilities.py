@@ -216,6 +216,8 @@ class PeftLayout:
         `base_model.model.` prefix) for deltas of parameters rather than modules (PEFT's
         `target_parameters`: MoE experts); params_from_peft(model, PEFT config, PEFT tensors) ->
         (the rest, petkit tensors) reads them back
+    target_names(module paths) -> PEFT's `target_modules` (Lily: the module names, which PEFT
+        groups its shared layers by)
     """
 
     peft_type: str
@@ -232,6 +234,7 @@ class PeftLayout:
         default=lambda model, name, state: (state, {}))
     params_from_peft: Callable[[Any, dict[str, Any], dict[str, Any]], tuple[dict[str, Any], dict[str, Any]]] = field(
         default=lambda model, peft_config, tensors: (tensors, {}))
+    target_names: Callable[[list[str]], list[str]] = field(default=lambda paths: paths)
 
 
 WRAPPER_CAPABILITIES: tuple[type, ...] = (Weighted, LowRank, RowBatchable, RankSettable, ExpertRouted,

@@ -66,7 +66,7 @@ def peft_config(cfg: MethodConfig, keys: list[str], *, conv1d: bool = False,
     layout = _layout(cfg, "export_peft")
     names = tuple(f".{n}" for n in layout.keys.values())
     targets = sorted({k[len(PREFIX):-len(n)] for k in keys for n in names if k.endswith(n)})
-    config = {"peft_type": layout.peft_type, "task_type": None, "target_modules": targets,
+    config = {"peft_type": layout.peft_type, "task_type": None, "target_modules": layout.target_names(targets),
               "modules_to_save": list(cfg.modules_to_save) or None, "inference_mode": True,
               **layout.to_peft(cfg), "base_model_name_or_path": base_model}
     alpha = config.get("lora_alpha")
