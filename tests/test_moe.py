@@ -195,3 +195,10 @@ def test_mistakes_are_clear_errors(tmp_path):
     save_file(tensors, str(path))
     with pytest.raises(pk.AdapterLoadError, match="no 'base_model.model.model.layers.1.mlp.experts.lora_B.weight'"):
         pk.import_peft(moe(), tmp_path / "peft")
+
+
+def test_vllm_export_is_refused_with_the_reason(tmp_path):
+    from petkit.app.export import vllm_refusal
+
+    _, model = trained(target_parameters=["experts.down_proj"])
+    assert "target_parameters" in vllm_refusal(pk.save_adapter(model, tmp_path / "ad"))

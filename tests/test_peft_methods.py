@@ -38,6 +38,10 @@ CASES = [
     ("lily", {"r": 4, "stride_A": 2, "num_B": 3, "scaling": 0.5},
      lambda: peft.LilyConfig(r=4, stride_A=2, num_B=3, scaling=0.5, target_modules=QV), llama),
     ("lily", {"r": 8}, lambda: peft.LilyConfig(r=8, target_modules=QV), llama),
+    ("ia3", {}, lambda: peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
+                                       feedforward_modules=["down_proj"]), llama),
+    ("ia3", {}, lambda: peft.IA3Config(target_modules=["c_attn", "mlp.c_proj"], feedforward_modules=["mlp.c_proj"],
+                                       fan_in_fan_out=True), gpt2),
     ("ln-tuning", {}, lambda: peft.LNTuningConfig(target_modules=["input_layernorm", "post_attention_layernorm",
                                                                   "norm"]), llama),
     ("ln-tuning", {}, lambda: peft.LNTuningConfig(target_modules=["ln_1", "ln_2", "ln_f"]), gpt2),
@@ -57,7 +61,7 @@ def close(a, b):
 def test_petkit_adapter_loads_in_peft_with_the_same_logits(method, kwargs, make_peft, toy, tmp_path):
     base, batch = toy(), inputs("llama")
     theirs = copy.deepcopy(base)
-    targets = None if method in ("trainable-tokens", "ln-tuning") else QV
+    targets = None if method in ("trainable-tokens", "ln-tuning", "ia3") else QV
     pk.attach(base, pk.make_config(method, targets=targets, **kwargs))
     perturb(pk.trainable_parameters(base), seed=3)
     expected = run(base, batch)

@@ -218,6 +218,9 @@ class PeftLayout:
         (the rest, petkit tensors) reads them back
     target_names(module paths) -> PEFT's `target_modules` (Lily: the module names, which PEFT
         groups its shared layers by)
+    fields_to_peft(model, adapter name) -> PEFT config fields read off the attached adapter
+        ((IA)3's feedforward_modules); fields_from_peft(PEFT config, module paths) -> this method's
+        config fields that depend on which modules PEFT adapted (they override `targets`)
     """
 
     peft_type: str
@@ -235,6 +238,9 @@ class PeftLayout:
     params_from_peft: Callable[[Any, dict[str, Any], dict[str, Any]], tuple[dict[str, Any], dict[str, Any]]] = field(
         default=lambda model, peft_config, tensors: (tensors, {}))
     target_names: Callable[[list[str]], list[str]] = field(default=lambda paths: paths)
+    fields_to_peft: Callable[[Any, str], dict[str, Any]] = field(default=lambda model, name: {})
+    fields_from_peft: Callable[[dict[str, Any], list[str]], dict[str, Any]] = field(
+        default=lambda peft_config, paths: {})
 
 
 WRAPPER_CAPABILITIES: tuple[type, ...] = (Weighted, LowRank, RowBatchable, RankSettable, ExpertRouted,

@@ -90,6 +90,7 @@ def peft_files(model: nn.Module, name: str = "default",
     conv1d = any(is_linear(innermost(w)) and linear_dims(innermost(w))[2] for _, w in wrappers_of(model, [name]))
     base_model = base_model or getattr(getattr(model, "config", None), "_name_or_path", None)
     config = peft_config(record.config, list(tensors), conv1d=conv1d, base_model=base_model)
+    config.update(layout.fields_to_peft(model, name))
     tensors.update({PREFIX + k: v.detach().cpu().contiguous() for k, v in params.items()})
     return tensors, config
 
@@ -209,7 +210,7 @@ def import_peft(model: nn.Module, path: str | os.PathLike, name: str = "default"
         ours[key] = layout.from_value(innermost(get_canonical(model, module_path)), local, ours[key])
     try:
         cfg = cls.from_dict({**layout.from_peft(config), "targets": targets,
-                             "modules_to_save": _saved_modules(saved, ours)})
+                             "modules_to_save": _saved_modules(saved, ours), **layout.fields_from_peft(config, targets)})
     except ConfigError as exc:
         raise AdapterLoadError(f"{path}: adapter_config.json: {exc}") from None
     ours.update(params)
