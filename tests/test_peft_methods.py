@@ -89,7 +89,8 @@ def test_peft_adapter_loads_in_petkit_with_the_same_logits(method, kwargs, make_
 
 
 def test_every_exchangeable_method_has_a_case_and_the_others_are_refused(tmp_path):
-    assert set(exchangeable()) - {"lora", "dora"} <= {m for m, *_ in CASES}
+    # LoRA and DoRA: test_peft_interop.py, LoRA on MoE experts: test_moe.py, prompts: test_peft_prompts.py
+    assert set(exchangeable()) - {"lora", "dora", "prompt", "prefix"} <= {m for m, *_ in CASES}
     m = llama()
     pk.attach(m, pk.KronaConfig())
     with pytest.raises(pk.AdapterStateError, match="'krona', which PEFT does not have"):

@@ -212,10 +212,10 @@ class PeftLayout:
         `base module` is the innermost module the tensor belongs to
     to_state(petkit delta tensors) -> the tensors to export, where PEFT holds them combined (a
         LoRA init's frozen offset folded into one rank-2r LoRA, as PEFT's own conversion does)
-    params_to_peft(model, adapter name, tensors) -> (the rest, PEFT tensors without the
-        `base_model.model.` prefix) for deltas of parameters rather than modules (PEFT's
-        `target_parameters`: MoE experts); params_from_peft(model, PEFT config, PEFT tensors) ->
-        (the rest, petkit tensors) reads them back
+    params_to_peft(model, adapter name, tensors) -> (the rest, tensors under PEFT's full keys)
+        for what PEFT does not keep per module (MoE experts' `target_parameters`, a prompt's
+        `prompt_embeddings`); params_from_peft(model, PEFT config, PEFT tensors) -> (the rest,
+        petkit tensors) reads them back
     target_names(module paths) -> PEFT's `target_modules` (Lily: the module names, which PEFT
         groups its shared layers by)
     fields_to_peft(model, adapter name) -> PEFT config fields read off the attached adapter

@@ -24,7 +24,7 @@ from .adapter_check import check_targets_exist, check_values, compare_shapes, pr
 from .adapter_schema import PEFT_SCHEMA, read_json
 from .capabilities import PeftLayout
 from .safetensors_header import read_header
-from .delta import get_canonical, innermost
+from .delta import canonical_modules, get_canonical, innermost
 from .durable import write_folder
 from .errors import AdapterLoadError, AdapterStateError, ConfigError, PetkitError
 from .io import adapter_state, fill_attached
@@ -91,7 +91,7 @@ def peft_files(model: nn.Module, name: str = "default",
     base_model = base_model or getattr(getattr(model, "config", None), "_name_or_path", None)
     config = peft_config(record.config, list(tensors), conv1d=conv1d, base_model=base_model)
     config.update(layout.fields_to_peft(model, name))
-    tensors.update({PREFIX + k: v.detach().cpu().contiguous() for k, v in params.items()})
+    tensors.update({k: v.detach().cpu().contiguous() for k, v in params.items()})
     return tensors, config
 
 
@@ -173,6 +173,13 @@ def _our_tensors(layout: PeftLayout, config: dict[str, Any], tensors: dict[str, 
     return ours
 
 
+def _module_of(model: nn.Module, key: str) -> str:
+    """The module path a petkit tensor key belongs to (its longest prefix that is a module)."""
+    paths = {p for p, _, _ in canonical_modules(model)}
+    parts = key.split(".")
+    return next((".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1) if ".".join(parts[:i]) in paths), "")
+
+
 def _saved_modules(saved: tuple[str, ...], ours: dict[str, torch.Tensor]) -> list[str]:
     """The config's modules_to_save: PEFT's names, or the copied modules' paths where PEFT's
     looser matching (path ends with the name) took a module petkit's (`.name` suffix) would not."""
@@ -214,7 +221,7 @@ def import_peft(model: nn.Module, path: str | os.PathLike, name: str = "default"
     except ConfigError as exc:
         raise AdapterLoadError(f"{path}: adapter_config.json: {exc}") from None
     ours.update(params)
-    touched = targets + sorted({k.rsplit(".", 2)[0] for k in params}) + sorted(
+    touched = targets + sorted({_module_of(model, k) for k in params}) + sorted(
         {k.split(".copy.", 1)[0] for k in ours if ".copy." in k})
     check_targets_exist(model, touched, path)
     check_values(ours, path, strict=True)

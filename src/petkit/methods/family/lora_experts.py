@@ -133,8 +133,8 @@ def experts_to_peft(model: nn.Module, name: str, state: dict[str, torch.Tensor]
             count = expert_dims(inner, pname)[0]
             full_a = a.new_zeros(count, *a.shape[1:]).index_copy(0, w.expert_ids.to(a.device), a.detach())
             full_b = b.new_zeros(count, *b.shape[1:]).index_copy(0, w.expert_ids.to(b.device), b.detach())
-            out[f"{where}.lora_A.weight"] = full_a.reshape(-1, a.shape[-1])
-            out[f"{where}.lora_B.weight"] = full_b.permute(1, 2, 0).reshape(b.shape[1], -1)
+            out[f"{PEFT_PREFIX}{where}.lora_A.weight"] = full_a.reshape(-1, a.shape[-1])
+            out[f"{PEFT_PREFIX}{where}.lora_B.weight"] = full_b.permute(1, 2, 0).reshape(b.shape[1], -1)
     return rest, out
 
 
