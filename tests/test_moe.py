@@ -202,3 +202,33 @@ def test_vllm_export_is_refused_with_the_reason(tmp_path):
 
     _, model = trained(target_parameters=["experts.down_proj"])
     assert "target_parameters" in vllm_refusal(pk.save_adapter(model, tmp_path / "ad"))
+
+
+@pytest.mark.slow
+def test_cli_trains_experts_and_router_and_exports_them_to_peft(tmp_path):
+    """`petkit train --method.target_parameters ...` on a saved tiny Mixtral (SmolLM2's tokenizer),
+    then `petkit export --format peft`: PEFT loads the folder with petkit's logits."""
+    from transformers import AutoTokenizer, MixtralConfig, MixtralForCausalLM
+
+    from petkit.cli import main
+    from petkit.models import resolve_model
+
+    tok = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
+    config = MixtralConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                           max_position_embeddings=256, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    MixtralForCausalLM(config).save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    assert main(["train", "--model", str(tmp_path / "model"), "--method", "lora", "--method.r=2",
+                 "--method.target_parameters=experts.gate_up_proj,experts.down_proj",
+                 "--method.modules_to_save=[mlp.gate]", "--steps", "2", "--train-size", "16", "--test-size", "8",
+                 "--max-length", "32", "--batch-size", "4", "--output", str(tmp_path / "run"),
+                 "--train.progress=false"]) == 0
+    adapter = tmp_path / "run" / "adapter"
+    assert main(["export", "--adapter", str(adapter), "--format", "peft", "--output", str(tmp_path / "peft")]) == 0
+    base = MixtralForCausalLM.from_pretrained(tmp_path / "model").eval()
+    ours = pk.load_adapter(copy.deepcopy(base), adapter)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "peft")).eval()
+    assert (logits(ours) - logits(theirs)).abs().max() <= 1e-5
+    assert (logits(ours) - logits(base)).abs().max() > 0
