@@ -67,6 +67,18 @@ def test_each_expert_gets_its_own_low_rank_delta_closed_form():
                                    rtol=1e-5, atol=1e-6)
 
 
+def test_factors_start_as_peft_draws_them_and_the_delta_at_zero():
+    """A Kaiming-uniform with PEFT's bound 1/sqrt(in) per expert (gaussian: std 1/r), B = 0."""
+    for init, check in (("default", lambda a, fan_in: a.abs().max() <= 1 / fan_in ** 0.5),
+                        ("gaussian", lambda a, fan_in: abs(a.std().item() - 1 / 4) < 0.05)):
+        model = pk.attach(moe(), pk.LoraConfig(r=4, target_parameters=BOTH, init=init))
+        wrapper = experts_of(model)
+        for pname in BOTH:
+            a = wrapper.lora_A[pname.split(".")[1]]
+            assert check(a, a.shape[-1]) and a.abs().max() > 0
+            assert wrapper.lora_B[pname.split(".")[1]].abs().max() == 0
+
+
 def test_chosen_experts_only_change_those_experts():
     _, model = trained(target_parameters=BOTH, experts=[1, 3])
     wrapper = experts_of(model)
@@ -181,6 +193,8 @@ def test_mistakes_are_clear_errors(tmp_path):
         pk.LoraConfig(experts=[1])
     with pytest.raises(pk.ConfigError, match="distinct"):
         pk.LoraConfig(target_parameters=BOTH, experts=[1, 1])
+    with pytest.raises(pk.ConfigError, match="init='pissa'"):
+        pk.LoraConfig(target_parameters=BOTH, init="pissa")
     assert not pk.adapters(model)
     _, trained_model = trained(target_parameters=BOTH)
     pk.export_peft(trained_model, tmp_path / "peft")

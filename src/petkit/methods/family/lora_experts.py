@@ -56,7 +56,7 @@ class LoraExperts(DeltaModule):
             raise TargetError(f"experts {bad} out of range: {type(inner).__name__} has {count} experts (0..{count - 1})")
         self.register_buffer("expert_ids", torch.tensor(list(chosen), dtype=torch.long), persistent=False)
         for pname in self.params:
-            n, fan_in, fan_out, _ = expert_dims(inner, pname)
+            _, fan_in, fan_out, _ = expert_dims(inner, pname)
             weight = getattr(inner, pname)
             kw = {"dtype": weight.dtype, "device": weight.device}
             a = torch.empty(len(chosen), r, fan_in, **kw)
