@@ -205,6 +205,13 @@ def test_mistakes_are_clear_errors(tmp_path):
 
     path = tmp_path / "peft" / "adapter_model.safetensors"
     tensors = load_file(str(path))
+    config_path = tmp_path / "peft" / "adapter_config.json"
+    good = config_path.read_text()
+    for bad, needle in ((5, "must be a list"), (["experts.nope"], "matched no parameter")):
+        config_path.write_text(json.dumps({**json.loads(good), "target_parameters": bad}))
+        with pytest.raises(pk.AdapterLoadError, match=needle):
+            pk.import_peft(moe(), tmp_path / "peft")
+    config_path.write_text(good)
     del tensors["base_model.model.model.layers.1.mlp.experts.lora_B.weight"]
     save_file(tensors, str(path))
     with pytest.raises(pk.AdapterLoadError, match="no 'base_model.model.model.layers.1.mlp.experts.lora_B.weight'"):

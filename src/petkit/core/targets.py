@@ -165,16 +165,16 @@ def match_parameters(model: nn.Module, entries: Sequence[str]) -> dict[str, list
                 found.setdefault(path, []).append(pname)
     for entry in entries:
         if not any(k == entry or k.endswith("." + entry) for k in keys):
-            raise TargetError(f"parameter target {entry!r} matched no parameter.{_close(entry, keys)}")
+            raise TargetError(f"parameter target {entry!r} matched no parameter.{_close(entry, keys, 'Parameter')}")
     return found
 
 
-def _close(entry: str, paths: Sequence[str]) -> str:
+def _close(entry: str, paths: Sequence[str], noun: str = "Module") -> str:
     leaves = sorted({p.rsplit(".", 1)[-1] for p in paths} | set(paths))
     close = difflib.get_close_matches(entry, leaves, n=5, cutoff=0.5)
     if not close:
         close = sorted({p.rsplit(".", 1)[-1] for p in paths})[:12]
-        return f" Module names in this model include: {', '.join(close)}"
+        return f" {noun} names in this model include: {', '.join(close)}"
     return f" Close names: {', '.join(close)}"
 
 

@@ -105,6 +105,8 @@ def _split_feedforward(peft_config: dict[str, Any], paths: list[str]) -> dict[st
     """PEFT's `feedforward_modules` (a regex full-match, or names a path ends with) as
     feedforward_targets; the other paths are scaled at their output."""
     entries = peft_config.get("feedforward_modules") or []
+    if not isinstance(entries, str) and not all(isinstance(e, str) for e in entries):
+        raise ConfigError(f"PEFT feedforward_modules must be names or a regex, got {entries!r}")
     if isinstance(entries, str):
         inputs = [p for p in paths if re.fullmatch(entries, p)]
     else:
