@@ -52,6 +52,7 @@ CASES = [
     Case("prefix", "llama", {"num_virtual_tokens": 3}, False, False),
     Case("prefix", "gpt2", {"num_virtual_tokens": 2, "projection_dim": 8, "init": "random"}, False, False),
     Case("prefix", "bert", {"num_virtual_tokens": 2}, False, False),
+    Case("prefix", "llama", {"num_virtual_tokens": 2, "positions": "after_prefix"}, False, False),  # PEFT's
     Case("adaptive-prefix", "llama", {"num_virtual_tokens": 3, "projection_dim": 4}, False, False),
     Case("adaptive-prefix", "gpt2", {"num_virtual_tokens": 2}, False, False),
     Case("adaptive-prefix", "bert", {"num_virtual_tokens": 2, "init": "random"}, False, False),

@@ -197,7 +197,7 @@ def _pre_hook(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tu
 def _shift_decoding(model: nn.Module, kwargs: dict[str, Any], ref: torch.Tensor, n_tok: int, n_kv: int,
                     past: int, ext: list[InputExtension]) -> None:
     if kwargs.get("position_ids") is not None:
-        kwargs["position_ids"] = kwargs["position_ids"] + n_tok
+        kwargs["position_ids"] = kwargs["position_ids"] + n_tok + _shift(ext)
     elif n_kv and "position_ids" in forward_params(type(model)):  # the model would count the prefix
         kwargs["position_ids"] = torch.arange(ref.shape[1], device=ref.device).unsqueeze(0) + (past - n_kv
                                                                                                + _shift(ext))
@@ -239,8 +239,11 @@ def _fill_cache(model: nn.Module, kwargs: dict[str, Any], kv: list[InputExtensio
             keys, values = keys.to(dtype), values.to(dtype)
         cache.update(keys, values, layer)
     kwargs[key] = cache
-    if kwargs.get("position_ids") is None and "position_ids" in forward_params(type(model)):
-        kwargs["position_ids"] = torch.arange(ref.shape[1], device=ref.device).unsqueeze(0) + _shift(kv)
+    if "position_ids" in forward_params(type(model)):  # the caller's own, or 0..L-1; after the prefix if it counts
+        own = kwargs.get("position_ids")
+        if own is None:
+            own = torch.arange(ref.shape[1], device=ref.device).unsqueeze(0)
+        kwargs["position_ids"] = own + _shift(kv) if _shift(kv) else own
     start = 0
     for e in kv:
         e.live = Live(start, start + e.num_kv(), n_tok, mask, cache)
