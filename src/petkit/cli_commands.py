@@ -32,6 +32,7 @@ from petkit.cli_flags import FLAGS
 from petkit.cli_io import OUT, UsageError
 from petkit.cli_sections import values as section_values
 from petkit.compress.cli import pruning_hooks
+from petkit.compress.loftq_cli import loftq_run, wants_loftq
 from petkit.core.capabilities import set_rank
 from petkit.core.disk import folder_bytes, format_bytes
 from petkit.core.model import attach, summary
@@ -114,7 +115,7 @@ def cmd_train(args: argparse.Namespace, dotted: dict[str, str]) -> None:
     ranks = _eval_ranks(args, recipe)
     recipe = claim_output(recipe, args.overwrite, lambda line: OUT.print(line, markup=False))
     echo = lambda line: OUT.print(f"[dim]{escape(line)}[/dim]")  # noqa: E731
-    hooks = pruning_hooks(recipe)
+    recipe, hooks = loftq_run(recipe) if wants_loftq(recipe) else (recipe, pruning_hooks(recipe))
     report = run_objective_recipe(recipe, echo, hooks) if is_objective_run(recipe) \
         else run_recipe(recipe, echo=echo, hooks=hooks, command=["petkit", *args.argv])
     result = report.result
