@@ -27,6 +27,7 @@ from typing import Any
 
 from petkit.app.aliases import ALIASES
 from petkit.cli_flags import HELP
+from petkit.cli_io import UsageError
 from petkit.continual import cli as continual_cli  # flags only
 from petkit.fed import flags as fed_flags  # flags only: nothing optional
 
@@ -292,7 +293,7 @@ def add_section_flags(parser: argparse.ArgumentParser, command: str) -> None:
         by_reason.setdefault(reason, []).append(f"--{section}.*")
     if by_reason:
         parser.add_argument_group("sections not taken here", "; ".join(
-            f"{', '.join(flags)}: {reason}" for reason, flags in by_reason.items()))
+            f"{', '.join(names)}: {reason}" for reason, names in by_reason.items()))
 
 
 def values(args: argparse.Namespace) -> dict[str, str]:
@@ -302,8 +303,6 @@ def values(args: argparse.Namespace) -> dict[str, str]:
 
 def check_applies(command: str, dotted: dict[str, str]) -> None:
     """A `--section.field` of a section that does not apply to `command`: a usage error."""
-    from petkit.cli_io import UsageError
-
     for key in dotted:
         reason = NOT_APPLICABLE.get(command, {}).get(key.split(".")[0])
         if reason:
