@@ -129,6 +129,12 @@ def test_help_lists_the_section_flags_with_types_choices_and_help(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "--runtime.device" in text and "--train.lr" not in text
     assert "sections not taken here:" in text and "--train.*: it trains nothing" in text
+    with pytest.raises(SystemExit):  # each flag names the command's own short flag for it
+        main(["fed", "--help"])
+    text = " ".join(capsys.readouterr().out.split()).replace("- ", "-")
+    assert "(default: 100; also --local-steps)" in text and "--fed.clients INT number of clients" in text
+    assert "--fed.seed INT FedConfig.seed (default: 0; also --seed)" in text
+    assert "--train.seed INT seed of data order and initialisation (default: 0) " in text
 
 
 def test_a_section_that_does_not_apply_is_one_red_line(capsys):

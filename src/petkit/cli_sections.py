@@ -26,7 +26,13 @@ from pathlib import Path
 from typing import Any
 
 from petkit.app.aliases import ALIASES
-from petkit.cli_flags import HELP  # the short flags' help, for fields without their own
+from petkit.cli_flags import HELP
+from petkit.cli_io import UsageError
+from petkit.continual import cli as continual_cli  # flags only
+from petkit.fed import flags as fed_flags  # flags only: nothing optional
+
+# Short flags (name -> field) and their help, for the fields that have no help of their own.
+SHORT_FLAGS = ((ALIASES, HELP), (fed_flags.FLAGS, fed_flags.HELP))
 
 PACKAGE = Path(__file__).resolve().parent
 # section -> (file under src/petkit, class); "train.stepper" is every StepperConfig in steppers/.
@@ -238,14 +244,23 @@ def _group_title(section: str) -> str:
     return f"section {section} ({SOURCES[section][1]}; recipe key {section.split('.')[-1]}:)"
 
 
-def _help(section: str, f: FieldDoc) -> str:
-    """The field's help (else its short flag's, else its class and name), its short flag and
-    default, escaped for argparse."""
+def short_flags(parser: argparse.ArgumentParser, command: str) -> dict[str, str]:
+    """{"section.field": "--flag"}: the command's own short flags and the field each sets."""
+    fields = {"fed": fed_flags.FLAGS, "continual": {
+        dest: ALIASES[row] for dest, row in continual_cli.NAMED.items()}}.get(command, ALIASES)
+    return {fields[a.dest]: a.option_strings[0] for a in parser._actions
+            if a.dest in fields and a.option_strings}
+
+
+def _help(section: str, f: FieldDoc, flags: dict[str, str]) -> str:
+    """The field's help (else a short flag's, else its class and name), its default and the
+    command's short flag for it (`flags`, from `short_flags`), escaped for argparse."""
     dotted = f"{section}.{f.name}"
-    short = next((name for name, field in ALIASES.items() if field == dotted), None)
-    text = f.help.replace("%", "%%") or (HELP.get(short, "") if short else "") or \
+    borrowed = (helps.get(name, "") for table, helps in SHORT_FLAGS
+                for name, field in table.items() if field == dotted)
+    text = f.help.replace("%", "%%") or next((h for h in borrowed if h), "") or \
         f"{SOURCES.get(section, ('', section))[1]}.{f.name}"
-    also = f"; also --{short.replace('_', '-')}" if short else ""
+    also = f"; also {flags[dotted]}" if dotted in flags else ""
     if f.default and "(default" not in text:
         return f"{text} (default: {f.default}{also})"
     return f"{text} ({also[2:]})" if also else text
@@ -255,6 +270,7 @@ def add_section_flags(parser: argparse.ArgumentParser, command: str) -> None:
     """Every field of every section `command` takes, as `--section.field`, grouped per section;
     then the sections it does not take, each with the reason."""
     skipped = NOT_APPLICABLE.get(command, {})
+    flags = short_flags(parser, command)
     for section in sections_of(command):
         if section == "method":
             parser.add_argument_group(_group_title(section), (
@@ -264,17 +280,20 @@ def add_section_flags(parser: argparse.ArgumentParser, command: str) -> None:
             continue
         subsections = [s for s in SUBSECTIONS if s.startswith(section + ".")]
         for name in (section, *subsections):
-            group = parser.add_argument_group(_group_title(name))
+            note = None if name != "train" else (
+                "Defaults shown are the sections' own; the command's recipe may set others "
+                "(petkit train: the shipped 'default' recipe, or --recipe)")
+            group = parser.add_argument_group(_group_title(name), note)
             for f in section_fields(name):
                 group.add_argument(f"--{name}.{f.name}", dest=f"{name}.{f.name}", action=_Store,
                                    default=argparse.SUPPRESS, metavar=_metavar(f),
-                                   help=_help(name, f))
+                                   help=_help(name, f, flags))
     by_reason: dict[str, list[str]] = {}
     for section, reason in skipped.items():
         by_reason.setdefault(reason, []).append(f"--{section}.*")
     if by_reason:
         parser.add_argument_group("sections not taken here", "; ".join(
-            f"{', '.join(flags)}: {reason}" for reason, flags in by_reason.items()))
+            f"{', '.join(names)}: {reason}" for reason, names in by_reason.items()))
 
 
 def values(args: argparse.Namespace) -> dict[str, str]:
@@ -284,8 +303,6 @@ def values(args: argparse.Namespace) -> dict[str, str]:
 
 def check_applies(command: str, dotted: dict[str, str]) -> None:
     """A `--section.field` of a section that does not apply to `command`: a usage error."""
-    from petkit.cli_io import UsageError
-
     for key in dotted:
         reason = NOT_APPLICABLE.get(command, {}).get(key.split(".")[0])
         if reason:

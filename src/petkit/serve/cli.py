@@ -56,9 +56,8 @@ def command(args: argparse.Namespace, dotted: dict[str, str], chat: bool, out: T
     --model.F / --runtime.F options (app.serving reads model.quantize and runtime.device)."""
     out = out or sys.stdout
     adapters = parse_adapters(args.adapter)
-    model_name = args.model or base_of(next(iter(adapters.values()), None))
-    engine = load_engine(base_recipe(model_name, args, dotted, "chat" if chat else "generate"),
-                         adapters)
+    engine = load_engine(base_recipe(args.model, adapters, args, dotted,
+                                     "chat" if chat else "generate"), adapters)
     names: list[str | None] = list(adapters) or [None]
     if args.compare and adapters:
         names.insert(0, None)
@@ -107,12 +106,15 @@ def base_of(adapter: Path | None) -> str:
                       "give the base with --model")
 
 
-def base_recipe(model_name: str, args: argparse.Namespace, dotted: dict[str, str],
-                command: str) -> Any:
-    """The serving recipe (app.serving): the base, --device as runtime.device, then `dotted`."""
+def base_recipe(model: str | None, adapters: dict[str, Path], args: argparse.Namespace,
+                dotted: dict[str, str], command: str) -> Any:
+    """The serving recipe (app.serving): base `model` (--model), else the first adapter's (its
+    name by `base_of`, its run's model.quantize); --device as runtime.device, then `dotted`."""
     from petkit.app.serving import serving_recipe  # torch: only once a command runs
 
-    return serving_recipe(model_name, {"runtime.device": args.device, **dotted}, command)
+    first = next(iter(adapters.values()), None)
+    return serving_recipe(model or base_of(first), {"runtime.device": args.device, **dotted},
+                          command, adapter=None if model else first)
 
 
 def load_engine(recipe: Any, adapters: dict[str, Path], **settings: int) -> Engine:

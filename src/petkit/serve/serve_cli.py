@@ -145,10 +145,11 @@ def command(args: argparse.Namespace, echo: Callable[[str], None],
         echo(f"warning: --host {args.host} with no --api-key: anyone who reaches this machine "
              "can use the API and load adapters")
     adapters = adapter_folders(args.adapter, args.adapter_dir)
+    given = args.model or (None if adapters else DEFAULT_MODEL)
     args.model = base_name(args, adapters)
     settings = _settings(args)
     _check_device(args.device)
-    recipe = base_recipe(args.model, args, dotted or {}, "serve")
+    recipe = base_recipe(given, adapters, args, dotted or {}, "serve")
     _check_device(recipe.runtime.device)  # --runtime.device, when given
     _check_port(args.host, args.port)
     engine = _engine(recipe, args, adapters, echo)
