@@ -135,3 +135,16 @@ def test_generate_with_the_embedded_model_in_a_subprocess():
                          capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr
     assert "Paris" in run.stdout
+
+
+def test_generate_takes_the_runtime_section_and_refuses_what_it_does_not_read(files, capsys):
+    """The base loads through the pipeline (app.serving) on --runtime.device; a training field is
+    one red line naming what serving reads."""
+    root, _, _, _ = files
+    code = main(["generate", "--model", str(root / "base"), "--prompt", "Hello there",
+                 "--runtime.device=cpu", "--max-new-tokens", "6"])
+    assert code == 0 and capsys.readouterr().out == f"{expected(files, None, user('Hello there'))}\n"
+    code = main(["generate", "--model", str(root / "base"), "--prompt", "Hi",
+                 "--runtime.compile=true"])
+    err = capsys.readouterr().err
+    assert code == 2 and "reads only --model.name, --model.quantize, --runtime.device" in err
