@@ -173,11 +173,13 @@ def _our_tensors(layout: PeftLayout, config: dict[str, Any], tensors: dict[str, 
     return ours
 
 
-def _module_of(model: nn.Module, key: str) -> str:
-    """The module path a petkit tensor key belongs to (its longest prefix that is a module)."""
-    paths = {p for p, _, _ in canonical_modules(model)}
-    parts = key.split(".")
-    return next((".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1) if ".".join(parts[:i]) in paths), "")
+def _modules_of(model: nn.Module, keys: list[str]) -> list[str]:
+    """The module paths petkit tensor keys belong to (each key's longest prefix that is a module)."""
+    paths, found = {p for p, _, _ in canonical_modules(model)}, set()
+    for key in keys:
+        parts = key.split(".")
+        found.add(next((".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1) if ".".join(parts[:i]) in paths), ""))
+    return sorted(found)
 
 
 def _saved_modules(saved: tuple[str, ...], ours: dict[str, torch.Tensor]) -> list[str]:
@@ -221,7 +223,7 @@ def import_peft(model: nn.Module, path: str | os.PathLike, name: str = "default"
     except ConfigError as exc:
         raise AdapterLoadError(f"{path}: adapter_config.json: {exc}") from None
     ours.update(params)
-    touched = targets + sorted({_module_of(model, k) for k in params}) + sorted(
+    touched = targets + _modules_of(model, list(params)) + sorted(
         {k.split(".copy.", 1)[0] for k in ours if ".copy." in k})
     check_targets_exist(model, touched, path)
     check_values(ours, path, strict=True)
