@@ -26,7 +26,8 @@ from torch import nn
 
 from petkit.core.errors import ConfigError, MissingPackageError, did_you_mean
 from petkit.training import fused_delta
-from petkit.training.liger import (PIECES, PIP, Provider, applicable, family, liger_pieces,
+from petkit.training.liger import (FAMILIES, PIECES, PIP, Provider, applicable, family,
+                                   liger_pieces,
                                    liger_provider)
 
 KERNELS = ("none", "auto", "fused", "liger")
@@ -92,8 +93,8 @@ class KernelPlan:
             yield self
 
 
-def _liger_unavailable(model: nn.Module, device: torch.device) -> Exception | None:
-    """Why Liger cannot run here (None: it can): device, package, model family."""
+def _liger_unavailable(device: torch.device) -> Exception | None:
+    """Why Liger cannot run here (None: it can): device, package."""
     if device.type != "cuda":
         return ConfigError(f"--runtime.kernels=liger needs a CUDA device (Liger's kernels are "
                            f"Triton), the run is on {device.type}")
@@ -101,11 +102,15 @@ def _liger_unavailable(model: nn.Module, device: torch.device) -> Exception | No
     if missing:
         return MissingPackageError(f"--runtime.kernels=liger needs {' and '.join(missing)}. "
                                    f"Fix: {PIP}")
-    if family(model) is None:
-        kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
-        return ConfigError(f"--runtime.kernels=liger supports the llama, mistral, qwen2 and "
-                           f"qwen3 families, not {kind!r}")
     return None
+
+
+def _unfit_family(model: nn.Module) -> ConfigError | None:
+    if family(model) is not None:
+        return None
+    kind = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
+    return ConfigError(f"--runtime.kernels=liger supports the {', '.join(FAMILIES)} families, "
+                       f"not {kind!r}")
 
 
 def plan_kernels(kernels: str, liger: str, model: nn.Module, device: torch.device,
@@ -121,7 +126,8 @@ def plan_kernels(kernels: str, liger: str, model: nn.Module, device: torch.devic
         plan.notes.append(f"fused delta off on {device.type} (it runs on {', '.join(devices)})")
     if not (auto or "liger" in parts):
         return plan
-    problem = None if provider is not None else _liger_unavailable(model, device)
+    problem = (None if provider is not None else _liger_unavailable(device)) \
+        or _unfit_family(model)
     if problem is not None:
         if not auto:
             raise problem

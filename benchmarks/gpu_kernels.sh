@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# The fused-kernel measurements of docs/training-gpu.md (issue 28) in one device call, within
+# DEADLINE seconds (default 505: ~8.5 minutes on an H100), each case its own process:
+#   1.1B shape  PEFT's best mode, petkit blocks + selective, + fused delta, + Liger's fused
+#               linear cross-entropy, + both
+#   8B shape    petkit blocks + selective, + fused delta and Liger flce
+#   8B context  the longest sequence one LoRA step fits, petkit vs PEFT, in the time left
+# Liger Kernel comes from ROOT/whl/liger_kernel-*.whl (installed as gpu_llm.sh installs wheels).
+# Usage: bash benchmarks/gpu_kernels.sh [OUT]   (OUT defaults to $OUT, else ./gpu_out)
+#        SMOKE=1 bash benchmarks/gpu_kernels.sh OUT   every piece tiny on the CPU
+# Knobs: CASES_1B, CASES_8B (space-separated gpu_train.py cases), RESERVE_8B, RESERVE_CONTEXT.
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+OUT="${1:-${OUT:-gpu_out}}"
+DEADLINE="${DEADLINE:-505}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 MPLBACKEND=Agg
+PY="${PYTHON:-python3}"
+BEGAN=$(date +%s)
+left() { echo $(( DEADLINE - ($(date +%s) - BEGAN) )); }
+{
+  date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1
+  if ls "$ROOT"/whl/liger_kernel-*.whl >/dev/null 2>&1; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site "$ROOT"/whl/liger_kernel-*.whl 2>&1 | tail -3
+  fi
+} > "$OUT/env.txt" 2>&1
+export PYTHONPATH="$ROOT/src:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+"$PY" - >> "$OUT/env.txt" 2>&1 <<'PYEOF'
+import importlib
+for name in ("torch", "triton", "transformers", "peft", "liger_kernel", "petkit"):
+    try:
+        m = importlib.import_module(name)
+        print(name, getattr(m, "__version__", "?"), getattr(m, "__file__", ""))
+    except Exception as err:
+        print(name, "IMPORT FAILED:", type(err).__name__, err)
+PYEOF
+cat "$OUT/env.txt"
+set -o pipefail
+B="$ROOT/benchmarks"
+# the case lists (PEFT's best 1.1B mode, peft-compile-ckpt, compiles for ~130 s: add it to
+# CASES_1B when a call has the time; the ratios then come from the same call)
+read -r -a C1 <<< "${CASES_1B:-petkit-blocks-selective petkit-blocks-selective-fused petkit-blocks-selective-flce petkit-blocks-selective-fused-flce}"
+read -r -a C8 <<< "${CASES_8B:-petkit-blocks-selective petkit-blocks-selective-fused-flce}"
+if [ -n "$SMOKE" ]; then
+  DEADLINE=3600
+  S1=(--smoke); S8=(--smoke); CONTEXT=(--smoke --libraries petkit peft)
+else
+  S1=(--shape 1b --steps 30 --window 10 --timeout 100)
+  S8=(--shape 8b --steps 15 --window 5 --timeout 120)
+  CONTEXT=(--libraries petkit peft --start 16384 --steps 2 --try-timeout 110)
+fi
+# 1.1B cases first, leaving RESERVE_8B seconds (default 300) for the 8B cases and the probe
+timeout $(( $(left) - 5 )) "$PY" "$B/gpu_train.py" "${S1[@]}" --cases "${C1[@]}" \
+  --deadline $(( $(left) - ${RESERVE_8B:-300} )) --json "$OUT/train_1b.json" 2>&1 \
+  | tee "$OUT/train_1b.log" | grep -v Warning | tail -25
+echo "train_1b exit $?"
+# 8B cases, leaving RESERVE_CONTEXT seconds (default 150) for the context probe
+timeout $(( $(left) - 5 )) "$PY" "$B/gpu_train.py" "${S8[@]}" --cases "${C8[@]}" \
+  --deadline $(( $(left) - ${RESERVE_CONTEXT:-150} )) --json "$OUT/train_8b.json" 2>&1 \
+  | tee "$OUT/train_8b.log" | grep -v Warning | tail -15
+echo "train_8b exit $?"
+# the context probe, in the time left
+timeout $(( $(left) - 3 )) "$PY" "$B/gpu_context.py" "${CONTEXT[@]}" --budget $(( $(left) - 8 )) \
+  --json "$OUT/context.json" 2>&1 | tee "$OUT/context.log" | grep -v Warning | tail -25
+echo "context exit $?"
+echo "total $(( $(date +%s) - BEGAN )) s"
