@@ -27,8 +27,7 @@ from torch import nn
 from petkit.core.errors import ConfigError, MissingPackageError, did_you_mean
 from petkit.training import fused_delta
 from petkit.training.liger import (FAMILIES, PIECES, PIP, Provider, applicable, family,
-                                   liger_pieces,
-                                   liger_provider)
+                                   liger_pieces, model_type, liger_provider)
 
 KERNELS = ("none", "auto", "fused", "liger")
 AUTO_LIGER = ("flce",)  # auto's Liger pieces: the ones measured to win next to compile
@@ -108,9 +107,8 @@ def _liger_unavailable(device: torch.device) -> Exception | None:
 def _unfit_family(model: nn.Module) -> ConfigError | None:
     if family(model) is not None:
         return None
-    kind = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
     return ConfigError(f"--runtime.kernels=liger supports the {', '.join(FAMILIES)} families, "
-                       f"not {kind!r}")
+                       f"not {model_type(model)!r}")
 
 
 def plan_kernels(kernels: str, liger: str, model: nn.Module, device: torch.device,

@@ -68,9 +68,14 @@ def liger_provider() -> Provider:
     return Provider(rms_norm=rms_norm, rope=lk.liger_rope, swiglu=lk.liger_swiglu, flce=flce)
 
 
+def model_type(model: nn.Module) -> str:
+    """A transformers model's `config.model_type`, else the model's class name."""
+    return getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
+
+
 def family(model: nn.Module) -> str | None:
     """The model's `config.model_type` when Liger's Llama kernels fit it, else None."""
-    kind = getattr(getattr(model, "config", None), "model_type", None)
+    kind = model_type(model)
     return kind if kind in FAMILIES else None
 
 
@@ -106,7 +111,7 @@ def _mlp_forward(mlp: nn.Module, provider: Provider) -> Callable[[torch.Tensor],
 def applicable(model: nn.Module, piece: str, bypass: Any | None) -> str | None:
     """Why `piece` cannot apply to `model` (None: it can)."""
     if piece == "flce":
-        head = getattr(bypass, "head", None)
+        head = None if bypass is None else bypass.head
         return None if type(head) is nn.Linear else \
             "needs the chunked-loss head bypass over a plain nn.Linear head (--runtime.loss_chunk)"
     found = {"rmsnorm": _norms, "swiglu": _swiglu_mlps}.get(piece)
