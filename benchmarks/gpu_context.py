@@ -8,8 +8,8 @@ Every try is its own process with a time limit: an out-of-memory error ends that
 the probe. A try that runs out of time counts as not fitting, marked "timed out".
 
     petkit         pk.train: full activation checkpointing (eager), chunked loss,
-                   --runtime.kernels=auto (fused delta and Liger's fused linear cross-entropy
-                   where installed; its note says which ran)
+                   --runtime.kernels=KERNELS (default fused: the fused delta; its note in the
+                   row says which path ran)
     petkit-offload the same with activation_offload (saved block inputs in host memory)
     peft           PEFT LoRA, HF gradient checkpointing (non-reentrant), the model's dense loss
     peft-liger     the same after Liger's Llama patch (what LLaMA-Factory's enable_liger_kernel does)
@@ -54,7 +54,7 @@ def _petkit_try(args: argparse.Namespace, shape: dict[str, int]) -> dict[str, An
     pk.attach(model, pk.LoraConfig(r=16, alpha=32, dropout=0.0, targets=TARGETS))
     data = [{"input_ids": row, "labels": row} for row in _sequence(shape, args.seq, args.steps)]
     runtime = pk.RuntimeConfig(device=args.device, precision="bf16",
-                               activation_checkpointing="full", kernels="auto",
+                               activation_checkpointing="full", kernels=args.kernels,
                                activation_offload=args.library == "petkit-offload")
     result = pk.train(model, data, pk.TrainConfig(lr=LR, max_steps=args.steps, batch_size=1,
                                                   log_every=1, progress=False, runtime=runtime))
@@ -110,7 +110,7 @@ def _launch(args: argparse.Namespace, library: str, seq: int, limit: float) -> d
     """One try in a fresh process; its JSON row, or why it gave none."""
     cmd = [sys.executable, os.path.abspath(__file__), "--try", "--library", library,
            "--seq", str(seq), "--shape", args.shape, "--device", args.device,
-           "--steps", str(args.steps)]
+           "--steps", str(args.steps), "--kernels", args.kernels]
     started = time.perf_counter()
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=limit)
@@ -168,6 +168,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--resolution", type=float, default=0.125,
                         help="bisect until the gap is below this fraction of the longest fit")
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--kernels", default="fused",
+                        help="petkit's --runtime.kernels (its chunked loss holds no logits)")
     parser.add_argument("--budget", type=float, default=300.0,
                         help="seconds for the whole probe, shared equally by the libraries")
     parser.add_argument("--try-timeout", type=float, default=120.0, help="seconds per try")

@@ -196,11 +196,12 @@ def test_the_fused_forward_compiles_without_graph_breaks_under_selective_recompu
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
 
 
-def _train(kernels: str, out, monkeypatch=None):
+def _train(kernels: str, out, checkpointing: str = "off"):
     model = _lora_llama()
     ids = torch.randint(3, 100, (8, 12), generator=torch.Generator().manual_seed(0))
     data = [{"input_ids": row, "labels": row} for row in ids]
-    runtime = pk.RuntimeConfig(device="cpu", kernels=kernels)
+    runtime = pk.RuntimeConfig(device="cpu", kernels=kernels,
+                               activation_checkpointing=checkpointing)
     config = pk.TrainConfig(max_steps=3, batch_size=4, log_every=1, progress=False,
                             runtime=runtime, output_dir=str(out))
     return model, pk.train(model, data, config)
@@ -217,8 +218,8 @@ def test_train_fused_equals_eager_and_saves_the_same_adapter(tmp_path, monkeypat
     from safetensors.torch import load_file
 
     monkeypatch.setattr(fused_delta, "FUSED_DEVICES", CPU)
-    eager_model, eager = _train("none", tmp_path / "eager")
-    fused_model, fused = _train("fused", tmp_path / "fused")
+    eager_model, eager = _train("none", tmp_path / "eager", "selective")
+    fused_model, fused = _train("fused", tmp_path / "fused", "selective")
     assert fused.report["kernels"] == "kernels: fused delta on 14 of 14 delta layers; liger off"
     assert "kernels" not in eager.report
     losses = [[h["train_loss"] for h in r.history if "train_loss" in h] for r in (eager, fused)]

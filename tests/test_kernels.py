@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -195,3 +197,24 @@ def test_dataclass_fields_have_help() -> None:
     fields = {f.name: f for f in dataclasses.fields(pk.RuntimeConfig)}
     assert "Liger" in fields["kernels"].metadata["help"]
     assert "flce" in fields["liger"].metadata["help"]
+
+
+def test_context_probe_doubles_then_bisects_to_the_resolution(monkeypatch) -> None:
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+    import gpu_context
+
+    tried = []
+
+    def launch(args, library, seq, limit):
+        tried.append(seq)
+        return {"fits": seq <= 40000, "seq": seq, "tok_s": 1.0, "peak_gib": 2.0}
+
+    monkeypatch.setattr(gpu_context, "_launch", launch)
+    args = gpu_context.parse(["--start", "8192", "--budget", "1000"])
+    result = gpu_context.probe(args, "petkit", time.perf_counter() + 1000)
+    assert tried == [8192, 16384, 32768, 65536, 49152, 40960, 36864]
+    assert (result["longest"], result["shortest_failed"]) == (36864, 40960)
+    tried.clear()
+    args = gpu_context.parse(["--start", "131072"])  # the first try fails: halve first
+    result = gpu_context.probe(args, "peft", time.perf_counter() + 1000)
+    assert tried[:3] == [131072, 65536, 32768] and result["longest"] == 36864
