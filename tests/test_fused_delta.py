@@ -33,16 +33,35 @@ def _fused(x, w, a, b, scale):
     return FusedLowRank.apply(x, torch.cat([w, a.detach().to(w.dtype)]), a, b, scale)
 
 
-@pytest.mark.parametrize("out_f,in_f", [(12, 20), (20, 12)])  # both backward branches
-def test_fused_function_equals_the_eager_expression_and_its_gradients(out_f, in_f) -> None:
+# the three ways to the input gradient: merged weight (many tokens), dy beside g, two passes
+@pytest.mark.parametrize("tokens,out_f,in_f", [(64, 12, 20), (5, 12, 20), (5, 20, 12)])
+def test_fused_function_equals_the_eager_expression_and_its_gradients(tokens, out_f,
+                                                                      in_f) -> None:
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(3, 5, in_f, generator=gen, dtype=torch.float64)
+    x = torch.randn(3, tokens, in_f, generator=gen, dtype=torch.float64)
     w = torch.randn(out_f, in_f, generator=gen, dtype=torch.float64)
     a = torch.randn(4, in_f, generator=gen, dtype=torch.float64)
     b = torch.randn(out_f, 4, generator=gen, dtype=torch.float64)
     want, got = _grads(_eager, x, w, a, b, 0.7), _grads(_fused, x, w, a, b, 0.7)
     for ref, out in zip(want, got):
         torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("tokens,out_f,in_f", [(512, 128, 256), (32, 128, 256), (32, 256, 128)])
+def test_fused_function_in_bf16_is_as_close_to_fp64_as_the_eager_path(tokens, out_f,
+                                                                      in_f) -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, tokens, in_f, generator=gen).bfloat16()
+    w = (torch.randn(out_f, in_f, generator=gen) / in_f**0.5).bfloat16()
+    a = torch.randn(16, in_f, generator=gen) / in_f**0.5
+    b = torch.randn(out_f, 16, generator=gen) / 4
+    exact = _grads(_eager, x.double(), w.double(), a.double(), b.double(), 2.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager, fused = _grads(_eager, x, w, a, b, 2.0), _grads(_fused, x, w, a, b, 2.0)
+    for ref, e, f in zip(exact, eager, fused):  # y, dx, dA, dB
+        scale = float(ref.abs().max())
+        error = [float((t.double() - ref).abs().max()) / scale for t in (e, f)]
+        assert error[1] <= 1.25 * error[0] + 1e-3, error
 
 
 def test_fused_function_skips_the_input_gradient_when_the_input_needs_none() -> None:
@@ -240,11 +259,11 @@ needs_cuda = pytest.mark.gpu
 
 
 @needs_cuda
-@pytest.mark.parametrize("out_f,in_f", [(256, 512), (512, 256)])
-def test_fused_function_bf16_on_cuda(out_f, in_f) -> None:
+@pytest.mark.parametrize("tokens,out_f,in_f", [(1024, 256, 512), (64, 256, 512), (64, 512, 256)])
+def test_fused_function_bf16_on_cuda(tokens, out_f, in_f) -> None:
     gen = torch.Generator(device="cuda").manual_seed(0)
     kw = {"device": "cuda", "generator": gen}
-    x = torch.randn(4, 64, in_f, **kw).bfloat16()
+    x = torch.randn(4, tokens, in_f, **kw).bfloat16()
     w = (torch.randn(out_f, in_f, **kw) / in_f**0.5).bfloat16()
     a, b = torch.randn(16, in_f, **kw) / in_f**0.5, torch.randn(out_f, 16, **kw) / 4
     with torch.autocast("cuda", dtype=torch.bfloat16):

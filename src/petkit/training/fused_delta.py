@@ -8,7 +8,8 @@ parameter becomes a view of its first `out` rows), so
     forward    [y0 | h] = x [W; A]^T          one GEMM: base product and h = x A^T
                y = y0 + s h B^T               one addmm into the base output
     backward   g  = s dy B                    (N, r)
-               dx = [dy | g] [W; A]           one GEMM (or dy W, then += g A when out > in)
+               dx = dy (W + s B A)            one GEMM over N tokens; when the merged weight
+                  = [dy | g] [W; A]           costs more than N rows, dy beside g instead
                dB = s dy^T h,  dA = g^T x     rank-r products of tensors already at hand
 
 `FusedLowRank` is a `torch.autograd.Function` of plain torch ops (dynamo traces it: it composes
@@ -66,15 +67,26 @@ class FusedLowRank(torch.autograd.Function):
         g = torch.mm(dy2, bc).mul_(ctx.scale)  # (N, r): the gradient of h
         dx = None
         if ctx.needs_input_grad[0]:
-            if out_f <= in_f:  # copying dy beside g costs less than a second pass over dx
-                dx = torch.mm(torch.cat([dy2, g], dim=1), wa)
-            else:
-                dx = torch.mm(dy2, wa[:out_f]).addmm_(g, wa[out_f:])
+            dx = _input_grad(dy2, g, wa, bc, ctx.scale)
             dx = dx.view(*dy.shape[:-1], in_f).to(ctx.x_dtype)
         da = torch.mm(g.t(), x2).to(ctx.a_dtype) if ctx.needs_input_grad[2] else None
         db = torch.mm(dy2.t(), h).mul_(ctx.scale).to(ctx.b_dtype) \
             if ctx.needs_input_grad[3] else None
         return dx, None, da, db, None
+
+
+def _input_grad(dy: torch.Tensor, g: torch.Tensor, wa: torch.Tensor, b: torch.Tensor,
+                scale: float) -> torch.Tensor:
+    """dx = dy W + g A as one GEMM, by whichever way moves the fewest extra elements:
+    the merged (out, in) weight W + s B A (2 out in), dy copied beside g (2 N out), or a second
+    pass over dx (2 N in)."""
+    tokens, out_f, in_f = dy.shape[0], b.shape[0], wa.shape[1]
+    merged, beside, twice = out_f * in_f, tokens * out_f, tokens * in_f
+    if merged <= min(beside, twice):  # dy (W + s B A): g A is already s dy B A
+        return torch.mm(dy, torch.addmm(wa[:out_f], b, wa[out_f:], alpha=scale))
+    if beside <= twice:
+        return torch.mm(torch.cat([dy, g], dim=1), wa)
+    return torch.mm(dy, wa[:out_f]).addmm_(g, wa[out_f:])
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
