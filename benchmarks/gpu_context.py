@@ -26,13 +26,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu_train import LR, SHAPES, TARGETS, build_model  # noqa: E402
+from gpu_train import LR, SHAPES, TARGETS, build_model, child_row  # noqa: E402
 
 LIBRARIES = ("petkit", "petkit-offload", "peft", "peft-liger")
 
@@ -112,13 +111,9 @@ def _launch(args: argparse.Namespace, library: str, seq: int, limit: float) -> d
            "--seq", str(seq), "--shape", args.shape, "--device", args.device,
            "--steps", str(args.steps), "--kernels", args.kernels]
     started = time.perf_counter()
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=limit)
-        lines = done.stdout.strip().splitlines()
-        row = json.loads(lines[-1]) if done.returncode == 0 and lines else {
-            "fits": False, "error": (done.stderr.strip().splitlines() or ["?"])[-1][:200]}
-    except subprocess.TimeoutExpired:
-        row = {"fits": False, "error": f"timed out after {limit:.0f} s"}
+    row = child_row(cmd, limit)
+    if "error" in row:
+        row = {"fits": False, "error": row["error"][:200]}
     row.update(library=library, seq=seq, wall_s=round(time.perf_counter() - started, 1))
     print(json.dumps(row), flush=True)
     return row

@@ -25,15 +25,7 @@ left() { echo $(( DEADLINE - ($(date +%s) - BEGAN) )); }
   fi
 } > "$OUT/env.txt" 2>&1
 export PYTHONPATH="$ROOT/src:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
-"$PY" - >> "$OUT/env.txt" 2>&1 <<'PYEOF'
-import importlib
-for name in ("torch", "triton", "transformers", "peft", "liger_kernel", "petkit"):
-    try:
-        m = importlib.import_module(name)
-        print(name, getattr(m, "__version__", "?"), getattr(m, "__file__", ""))
-    except Exception as err:
-        print(name, "IMPORT FAILED:", type(err).__name__, err)
-PYEOF
+"$PY" "$ROOT/benchmarks/versions.py" torch triton transformers peft liger_kernel petkit >> "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 set -o pipefail
 B="$ROOT/benchmarks"

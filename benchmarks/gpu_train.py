@@ -231,7 +231,7 @@ def petkit_case(args: argparse.Namespace, shape: dict[str, int], compiled: str, 
     result = pk.train(model, examples(shape), config)
     return {"tok_s": result.tokens_per_s, "loss": result.history[-1]["train_loss"],
             "run_s": time.perf_counter() - started,
-            "kernels": result.report.get("kernels", "kernels: none")}
+            "kernels": result.report.get("kernels", "none")}
 
 
 def bare_case(args: argparse.Namespace, shape: dict[str, int], compiled: str, ckpt: str,
@@ -314,6 +314,20 @@ def table(rows: list[dict[str, Any]], shape: str) -> str:
     return "\n".join(lines)
 
 
+def child_row(cmd: list[str], limit: float, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run a worker that prints one JSON line, within `limit` seconds: its row, or `error` (the
+    last line of its stderr, or the time-out), with `stderr` when it failed."""
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=limit, env=env)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {limit:.0f} s"}
+    lines = done.stdout.strip().splitlines()
+    if done.returncode == 0 and lines:
+        return json.loads(lines[-1])
+    return {"error": (done.stderr.strip().splitlines() or ["?"])[-1][:300],
+            "stderr": done.stderr[-3000:]}
+
+
 def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Every case in a fresh process, with a time limit; one JSON line back from each."""
     rows = []
@@ -327,20 +341,13 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
         cmd += ["--smoke"] if args.smoke else []
         started = time.perf_counter()
         limit = min(args.timeout, args.deadline - (started - begun))
-        if limit < MIN_CASE_S:
-            rows.append({"case": case, "error": f"not run: {args.deadline:.0f} s deadline"})
-            print(json.dumps(rows[-1]), flush=True)
-            continue
-        try:
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=limit, env=env)
-            lines = done.stdout.strip().splitlines()
-            row = json.loads(lines[-1]) if done.returncode == 0 and lines else {
-                "case": case, "error": (done.stderr.strip().splitlines() or ["?"])[-1]}
-            if "error" in row and not any(n in row["error"] for n in NEEDS_GPU):
-                print(done.stderr[-3000:], file=sys.stderr)
-        except subprocess.TimeoutExpired:
-            row = {"case": case, "error": f"timed out after {limit:.0f} s"}
-        row["wall_s"] = round(time.perf_counter() - started, 1)
+        row = {"case": case, "error": f"not run: {args.deadline:.0f} s deadline"}
+        if limit >= MIN_CASE_S:
+            row = {"case": case, **child_row(cmd, limit, env)}
+            row["wall_s"] = round(time.perf_counter() - started, 1)
+        stderr = row.pop("stderr", "")
+        if stderr and not any(n in row["error"] for n in NEEDS_GPU):
+            print(stderr, file=sys.stderr)
         print(json.dumps(row), flush=True)
         rows.append(row)
         if args.json:

@@ -59,7 +59,7 @@ def test_liger_on_the_cpu_is_a_clear_error_and_auto_falls_back() -> None:
         plan_kernels("liger", "flce", model, CPU, None)
     plan = plan_kernels("auto", "flce", model, CPU, None)
     assert not plan.fused and not plan.liger
-    assert plan.note() == ("kernels: eager delta; liger off; fused delta off on cpu (it runs on "
+    assert plan.note() == ("eager delta; liger off; fused delta off on cpu (it runs on "
                            "cuda); liger off (--runtime.kernels=liger needs a CUDA device (Liger's"
                            " kernels are Triton), the run is on cpu)")
 
@@ -142,7 +142,7 @@ def test_every_liger_piece_is_wired_in_and_the_model_is_restored() -> None:
         torch.testing.assert_close(grads1[key], grad, rtol=1e-4, atol=1e-6)
     assert modeling.apply_rotary_pos_emb is rope_before and bypass.fused is None
     assert not any("forward" in vars(m) for m in model.modules())
-    assert plan.note() == "kernels: eager delta; liger flce,rmsnorm,rope,swiglu"
+    assert plan.note() == "eager delta; liger flce,rmsnorm,rope,swiglu"
 
 
 def test_liger_refuses_a_piece_the_model_lacks_and_auto_keeps_only_those_it_has() -> None:

@@ -71,10 +71,10 @@ class KernelPlan:
     delta: str = ""  # what the fused delta did, once installed
 
     def note(self) -> str:
-        """The line the run logs: which path ran."""
+        """Which path ran, for the run's log line and `TrainResult.report["kernels"]`."""
         delta = self.delta or ("fused delta" if self.fused else "eager delta")
         liger = f"liger {','.join(self.liger)}" if self.liger else "liger off"
-        return f"kernels: {delta}; {liger}" + "".join(f"; {n}" for n in self.notes)
+        return f"{delta}; {liger}" + "".join(f"; {n}" for n in self.notes)
 
     @contextlib.contextmanager
     def installed(self, model: nn.Module, bypass: Any | None,

@@ -283,7 +283,7 @@ class _Run:
         """Log which kernels run (`--runtime.kernels`), and keep it for the result's report."""
         if self.config.runtime.kernels != "none":
             self.kernels = self.modes.kernels.note()
-            self.monitor.info(self.kernels)
+            self.monitor.info(f"kernels: {self.kernels}")
 
     def finish(self, started: float) -> TrainResult:
         """Restore the best tensors, save the adapter and the plot, build the result."""
