@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The fused-kernel measurements of docs/training-gpu.md (issue 28) in one device call, within
 # DEADLINE seconds (default 505: ~8.5 minutes on an H100), each case its own process:
-#   1.1B shape  PEFT's best mode, petkit blocks + selective, + fused delta, + Liger's fused
-#               linear cross-entropy, + both
+#   1.1B shape  petkit blocks + selective, + fused delta (forward as one GEMM, and as two),
+#               + Liger's fused linear cross-entropy, + both
 #   8B shape    petkit blocks + selective, + fused delta and Liger flce
 #   8B context  the longest sequence one LoRA step fits, petkit vs PEFT, in the time left
 # Liger Kernel comes from ROOT/whl/liger_kernel-*.whl (installed as gpu_llm.sh installs wheels).
@@ -31,7 +31,7 @@ set -o pipefail
 B="$ROOT/benchmarks"
 # the case lists (PEFT's best 1.1B mode, peft-compile-ckpt, compiles for ~130 s: add it to
 # CASES_1B when a call has the time; the ratios then come from the same call)
-read -r -a C1 <<< "${CASES_1B:-petkit-blocks-selective petkit-blocks-selective-fused petkit-blocks-selective-flce petkit-blocks-selective-fused-flce}"
+read -r -a C1 <<< "${CASES_1B:-petkit-blocks-selective petkit-blocks-selective-fused petkit-blocks-selective-fused2 petkit-blocks-selective-flce petkit-blocks-selective-fused-flce}"
 read -r -a C8 <<< "${CASES_8B:-petkit-blocks-selective petkit-blocks-selective-fused-flce}"
 if [ -n "$SMOKE" ]; then
   DEADLINE=3600
@@ -41,14 +41,14 @@ else
   S8=(--shape 8b --steps 15 --window 5 --timeout 120)
   CONTEXT=(--libraries petkit peft --start 16384 --steps 2 --try-timeout 110)
 fi
-# 1.1B cases first, leaving RESERVE_8B seconds (default 300) for the 8B cases and the probe
+# 1.1B cases first, leaving RESERVE_8B seconds (default 290) for the 8B cases and the probe
 timeout $(( $(left) - 5 )) "$PY" "$B/gpu_train.py" "${S1[@]}" --cases "${C1[@]}" \
-  --deadline $(( $(left) - ${RESERVE_8B:-300} )) --json "$OUT/train_1b.json" 2>&1 \
+  --deadline $(( $(left) - ${RESERVE_8B:-290} )) --json "$OUT/train_1b.json" 2>&1 \
   | tee "$OUT/train_1b.log" | grep -v Warning | tail -25
 echo "train_1b exit $?"
-# 8B cases, leaving RESERVE_CONTEXT seconds (default 150) for the context probe
+# 8B cases, leaving RESERVE_CONTEXT seconds (default 140) for the context probe
 timeout $(( $(left) - 5 )) "$PY" "$B/gpu_train.py" "${S8[@]}" --cases "${C8[@]}" \
-  --deadline $(( $(left) - ${RESERVE_CONTEXT:-150} )) --json "$OUT/train_8b.json" 2>&1 \
+  --deadline $(( $(left) - ${RESERVE_CONTEXT:-140} )) --json "$OUT/train_8b.json" 2>&1 \
   | tee "$OUT/train_8b.log" | grep -v Warning | tail -15
 echo "train_8b exit $?"
 # the context probe, in the time left

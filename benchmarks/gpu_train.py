@@ -34,7 +34,8 @@ SHAPES: dict[str, dict[str, int]] = {
 }
 # case: (library, compile: "" eager | "model" one graph | "blocks" each block, checkpointing or
 # "budget-F": no checkpointing, the compiler keeps at most F of the activations, kernels:
-# `--runtime.kernels` for petkit ("liger" with the pieces of LIGER_PIECES), for PEFT "liger" is
+# `--runtime.kernels` for petkit ("liger" with the pieces of LIGER_PIECES; "fused2": "fused" with
+# the forward's two products as two GEMMs, `fused_delta.ONE_GEMM_FORWARD`), for PEFT "liger" is
 # Liger's own Llama patch, as LLaMA-Factory's `enable_liger_kernel` applies it)
 CASES: dict[str, tuple[str, str, str, str]] = {
     "peft-eager": ("peft", "", "off", "none"),
@@ -57,6 +58,7 @@ CASES: dict[str, tuple[str, str, str, str]] = {
     "petkit-blocks-budget35": ("petkit", "blocks", "budget-0.35", "none"),
     "petkit-blocks-budget20": ("petkit", "blocks", "budget-0.2", "none"),
     "petkit-blocks-selective-fused": ("petkit", "blocks", "selective", "fused"),
+    "petkit-blocks-selective-fused2": ("petkit", "blocks", "selective", "fused2"),
     "petkit-blocks-selective-flce": ("petkit", "blocks", "selective", "liger"),
     "petkit-blocks-selective-fused-flce": ("petkit", "blocks", "selective", "fused,liger"),
     "petkit-blocks-budget35-fused-flce": ("petkit", "blocks", "budget-0.35", "fused,liger"),
@@ -279,12 +281,14 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     """One case in this process."""
     import torch
 
+    from petkit.training import fused_delta
+
     library, compiled, ckpt, kernels = CASES[args.case]
     shape = SHAPES[args.shape]
     if args.smoke:  # run the fused delta's code on the CPU too (it is installed on CUDA only)
-        from petkit.training import fused_delta
-
         fused_delta.FUSED_DEVICES = ("cuda", "cpu")
+    if kernels == "fused2":  # the fused delta with its forward as two GEMMs
+        kernels, fused_delta.ONE_GEMM_FORWARD = "fused", False
     run = {"peft": peft_case, "petkit": petkit_case, "bare": bare_case}[library]
     row = run(args, shape, compiled, ckpt, kernels)
     cuda = args.device.startswith("cuda")

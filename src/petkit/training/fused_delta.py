@@ -39,6 +39,10 @@ from petkit.core.capabilities import FusableLowRank
 from petkit.core.delta import DeltaModule, iter_deltas
 
 FUSED_DEVICES = ("cuda",)  # device types the fused path is installed on (elsewhere: eager)
+# The forward's base and A-products as one GEMM over [W; A] (out + r output columns: one read of
+# x, but a last column of output tiles r wide), or as two GEMMs; the backward is the same.
+# `benchmarks/gpu_train.py` measures both (`...-fused` and `...-fused2`).
+ONE_GEMM_FORWARD = True
 FUSED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -48,13 +52,17 @@ class FusedLowRank(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, wa: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                scale: float) -> torch.Tensor:
+                scale: float, one_gemm: bool = True) -> torch.Tensor:
         out_f = wa.shape[0] - a.shape[0]
         x2 = x.reshape(-1, x.shape[-1]).to(wa.dtype)
-        ya = torch.mm(x2, wa.t())  # base product and A-product from one read of x
-        h = ya[:, out_f:].contiguous()  # (N, r): kept for dB; ya itself is freed below
         bc = b.to(wa.dtype)
-        y = torch.addmm(ya[:, :out_f], h, bc.t(), alpha=scale)
+        if one_gemm:  # base product and A-product from one read of x
+            ya = torch.mm(x2, wa.t())
+            h = ya[:, out_f:].contiguous()  # (N, r): kept for dB; ya itself is freed below
+            y = torch.addmm(ya[:, :out_f], h, bc.t(), alpha=scale)
+        else:  # two GEMMs (no odd-sized output tiles); out of place: a recompute policy may
+            h = torch.mm(x2, wa[out_f:].t())  # keep the base product (tests/test_fused_delta.py)
+            y = torch.addmm(torch.mm(x2, wa[:out_f].t()), h, bc.t(), alpha=scale)
         ctx.save_for_backward(x2, h, wa, bc)
         ctx.scale, ctx.x_dtype, ctx.a_dtype, ctx.b_dtype = scale, x.dtype, a.dtype, b.dtype
         return y.view(*x.shape[:-1], out_f)
@@ -72,7 +80,7 @@ class FusedLowRank(torch.autograd.Function):
         da = torch.mm(g.t(), x2).to(ctx.a_dtype) if ctx.needs_input_grad[2] else None
         db = torch.mm(dy2.t(), h).mul_(ctx.scale).to(ctx.b_dtype) \
             if ctx.needs_input_grad[3] else None
-        return dx, None, da, db, None
+        return dx, None, da, db, None, None
 
 
 def _input_grad(dy: torch.Tensor, g: torch.Tensor, wa: torch.Tensor, b: torch.Tensor,
@@ -136,7 +144,7 @@ class _FusedLayer:
         if terms is None or compute_dtype(x) != self.wa.dtype:
             return self.own(x)
         a, b, scale, shift = terms
-        y = FusedLowRank.apply(x, self.wa, a, b, scale)
+        y = FusedLowRank.apply(x, self.wa, a, b, scale, ONE_GEMM_FORWARD)
         bias = wrapper.base.bias
         if bias is not None:
             y = y + bias.to(y.dtype)
