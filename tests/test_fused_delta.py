@@ -192,6 +192,27 @@ def test_disabled_and_merged_adapters_run_their_own_forward_while_installed() ->
         pk.unmerge(model)
 
 
+def test_two_forwards_then_one_backward(monkeypatch) -> None:
+    """A preference objective runs the model twice before the backward: the first forward's saved
+    [W; A] must not change in between."""
+    model = _lora_llama()
+    ids = torch.randint(3, 100, (2, 8))
+
+    def two() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, labels=ids).loss + 2 * model(input_ids=ids[:, :6],
+                                                                labels=ids[:, :6]).loss
+        loss.backward()
+        return loss.detach(), {k: p.grad for k, p in pk.trainable_parameters(model).items()}
+
+    loss0, grads0 = two()
+    with fused_deltas(model, torch.float32, CPU):
+        loss1, grads1 = two()
+    torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=1e-5)
+    for key, grad in grads0.items():
+        torch.testing.assert_close(grads1[key], grad, rtol=0, atol=1e-4 * float(grad.abs().max()))
+
+
 def test_the_model_is_as_before_after_the_context() -> None:
     model = _lora_llama()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -219,7 +240,7 @@ def test_optimiser_updates_of_a_reach_the_fused_forward() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_fused_forward_compiles_without_graph_breaks_under_selective_recompute(dtype) -> None:
+def test_the_fused_forward_compiles_under_selective_recompute(dtype) -> None:
     from petkit.training.activations import activation_checkpointing
 
     model = _lora_llama()
@@ -237,7 +258,10 @@ def test_the_fused_forward_compiles_without_graph_breaks_under_selective_recompu
         torch._dynamo.reset()
         compiled = torch.compile(loss, backend="aot_eager")(ids)
         eager = loss(ids)
-    assert explained.graph_break_count == 0
+    # one break at the model's entry: the copy of A runs eagerly before the graph (it reads
+    # version counters); under compile_scope="blocks" it runs outside every compiled block
+    reasons = [str(r.reason) for r in explained.break_reasons]
+    assert reasons and all("torch.compiler.disable()" in r for r in reasons), reasons
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
 
 

@@ -137,6 +137,7 @@ class _FusedLayer:
             self.wa[self.out_f:].copy_(a)
         weight.data = self.wa[:self.out_f]  # W now lives in [W; A]: no second copy
         self.a_rows = self.wa[self.out_f:]
+        self.seen = a._version  # the version of A the copy holds
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         wrapper = self.wrapper
@@ -175,15 +176,19 @@ class FusedReport:
 
 
 def _refresh(layers: list[_FusedLayer]) -> None:
-    """Copy each trained A into its [W; A] matrix (the optimiser updated A since)."""
+    """Copy each trained A that changed since (an optimiser step, a zeroth-order perturbation:
+    in-place updates bump its version) into its [W; A] matrix. An unchanged A is not copied:
+    [W; A] is saved for the backward of a forward still pending (two forwards, one backward)."""
     rows, trained = [], []
     for layer in layers:
         terms = layer.wrapper.fused_terms()
-        if terms is not None:
+        if terms is not None and terms.a._version != layer.seen:
             rows.append(layer.a_rows)
             trained.append(terms.a)
-    with torch.no_grad():
-        torch._foreach_copy_(rows, trained)
+            layer.seen = terms.a._version
+    if rows:
+        with torch.no_grad():
+            torch._foreach_copy_(rows, trained)
 
 
 @contextlib.contextmanager
@@ -203,7 +208,11 @@ def fused_deltas(model: nn.Module, dtype: torch.dtype,
         wrapper.forward = layer.forward
         layers.append(layer)
     report.fused = len(layers)
-    hook = model.register_forward_pre_hook(lambda *_: _refresh(layers)) if layers else None
+    @torch._dynamo.disable  # reads version counters: runs eagerly, before a whole-model graph
+    def refresh(module: nn.Module, args: Any) -> None:
+        _refresh(layers)
+
+    hook = model.register_forward_pre_hook(refresh) if layers else None
     try:
         yield report
     finally:
