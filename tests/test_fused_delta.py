@@ -265,14 +265,14 @@ def test_the_fused_forward_compiles_under_selective_recompute(dtype) -> None:
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
 
 
-def _train(kernels: str, out, checkpointing: str = "off"):
+def _train(kernels: str, out, checkpointing: str = "off", optimizer: str = "adamw"):
     model = _lora_llama()
     ids = torch.randint(3, 100, (8, 12), generator=torch.Generator().manual_seed(0))
     data = [{"input_ids": row, "labels": row} for row in ids]
     runtime = pk.RuntimeConfig(device="cpu", kernels=kernels,
                                activation_checkpointing=checkpointing)
     config = pk.TrainConfig(max_steps=3, batch_size=4, log_every=1, progress=False,
-                            runtime=runtime, output_dir=str(out))
+                            runtime=runtime, output_dir=str(out), optimizer=optimizer)
     return model, pk.train(model, data, config)
 
 
@@ -305,10 +305,7 @@ def test_train_fused_equals_eager_and_saves_the_same_adapter(tmp_path, monkeypat
     torch.testing.assert_close(fresh(input_ids=ids).logits, fused_model.eval()(input_ids=ids).logits)
 
 
-needs_cuda = pytest.mark.gpu
-
-
-@needs_cuda
+@pytest.mark.gpu
 @pytest.mark.parametrize("tokens,out_f,in_f", [(1024, 256, 512), (64, 256, 512), (64, 512, 256)])
 def test_fused_function_bf16_on_cuda(tokens, out_f, in_f) -> None:
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -323,7 +320,7 @@ def test_fused_function_bf16_on_cuda(tokens, out_f, in_f) -> None:
         torch.testing.assert_close(out.float(), ref.float(), rtol=0, atol=2e-2 * scale)
 
 
-@needs_cuda
+@pytest.mark.gpu
 def test_a_tiny_llama_bf16_on_cuda_gives_the_same_loss_and_gradients() -> None:
     model = _lora_llama().cuda()
     for param in model.parameters():
@@ -346,3 +343,12 @@ def test_a_tiny_llama_bf16_on_cuda_gives_the_same_loss_and_gradients() -> None:
     for key, grad in grads0.items():
         torch.testing.assert_close(grads1[key], grad, rtol=0,
                                    atol=3e-2 * float(grad.abs().max()))
+
+
+def test_zeroth_order_training_sees_every_perturbation_of_a(tmp_path, monkeypatch) -> None:
+    """MeZO perturbs A in place between forwards, with no optimiser step."""
+    monkeypatch.setattr(fused_delta, "FUSED_DEVICES", CPU)
+    runs = [_train(kernels, tmp_path / kernels, optimizer="mezo")[1] for kernels in ("none", "fused")]
+    losses = [[h["train_loss"] for h in r.history if "train_loss" in h] for r in runs]
+    assert runs[1].report["kernels"].startswith("fused delta on 14")
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6)
