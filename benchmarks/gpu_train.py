@@ -384,8 +384,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--case", choices=list(CASES))
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.smoke:
+    if args.smoke:  # a shared CPU may be slow: a case gets up to 20 minutes
         args.shape, args.device, args.steps, args.window = "tiny", "cpu", 6, 2
+        args.timeout = max(args.timeout, 1200.0)
     return args
 
 
