@@ -116,7 +116,9 @@ def _unfusable(wrapper: DeltaModule, device_types: tuple[str, ...],
     if type(weight.data) is not torch.Tensor or weight.device.type not in device_types:
         return f"weight on {weight.device.type}" if type(weight.data) is torch.Tensor \
             else "sharded weight"
-    if weight.dtype != dtype or dtype not in FUSED_DTYPES:
+    if dtype not in FUSED_DTYPES:
+        return f"compute dtype {dtype}"
+    if weight.dtype != dtype:
         return f"weight dtype {weight.dtype} is not the compute dtype {dtype}"
     return None
 
@@ -208,6 +210,7 @@ def fused_deltas(model: nn.Module, dtype: torch.dtype,
         wrapper.forward = layer.forward
         layers.append(layer)
     report.fused = len(layers)
+
     @torch._dynamo.disable  # reads version counters: runs eagerly, before a whole-model graph
     def refresh(module: nn.Module, args: Any) -> None:
         _refresh(layers)
