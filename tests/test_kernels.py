@@ -218,3 +218,26 @@ def test_context_probe_doubles_then_bisects_to_the_resolution(monkeypatch) -> No
     args = gpu_context.parse(["--start", "131072"])  # the first try fails: halve first
     result = gpu_context.probe(args, "peft", time.perf_counter() + 1000)
     assert tried[:3] == [131072, 65536, 32768] and result["longest"] == 36864
+
+
+@pytest.mark.parametrize("flag,needle", [
+    ("--runtime.kernels=lgier", "did you mean 'liger'"),
+    ("--runtime.liger=rmsnrm", "did you mean 'rmsnorm'"),
+])
+def test_a_bad_kernels_flag_is_one_red_line_and_exit_2(flag: str, needle: str, capsys) -> None:
+    from petkit.cli import main
+
+    assert main(["train", flag, "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_preflight_refuses_liger_on_the_cpu_before_any_training() -> None:
+    from petkit.training.loop import preflight
+
+    model = _lora_llama()
+    data = [{"input_ids": torch.arange(3, 9), "labels": torch.arange(3, 9)}]
+    config = pk.TrainConfig(runtime=pk.RuntimeConfig(device="cpu", kernels="liger"))
+    with pytest.raises(ConfigError, match="needs a CUDA device"):
+        preflight(model, data, config)
+    preflight(model, data, config.replace(runtime=pk.RuntimeConfig(device="cpu", kernels="auto")))

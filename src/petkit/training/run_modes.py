@@ -53,9 +53,16 @@ def _optional_mask(model: nn.Module) -> bool:
     return param is not None and param.default is not inspect.Parameter.empty
 
 
+def _bypass(model: nn.Module, config: RuntimeConfig) -> HeadBypass | None:
+    """The chunked loss's head bypass, for a causal LM unless `loss_chunk=0`."""
+    use = config.loss_chunk != 0 and can_bypass(model)
+    return HeadBypass(model, config.loss_chunk or None) if use else None
+
+
 def check_modes(model: nn.Module, config: RuntimeConfig) -> None:
     """`ConfigError` for a mode this model cannot run (checked before anything is moved)."""
-    resolve_device(config.device, model)
+    device = resolve_device(config.device, model)
+    plan_kernels(config.kernels, config.liger, model, device, _bypass(model, config))
     if config.packing and has_extensions(model):
         raise ConfigError("RuntimeConfig.packing cannot isolate examples when a method adds "
                           "virtual tokens or key/value prefixes (prompt / prefix family)")
@@ -72,8 +79,7 @@ class RunModes:
         check_modes(model, config)
         self.model, self.config, self.label_token_ids = model, config, label_token_ids
         self.device = place(model, config, params)
-        use = config.loss_chunk != 0 and can_bypass(model)
-        self.bypass = HeadBypass(model, config.loss_chunk or None) if use else None
+        self.bypass = _bypass(model, config)
         self.mask_optional = _optional_mask(model)
         self.kernels: KernelPlan = plan_kernels(config.kernels, config.liger, model, self.device,
                                                 self.bypass)
