@@ -74,7 +74,6 @@ NEEDS_GPU = ("needs a CUDA device", "needs liger", "liger_kernel", "triton")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PEAK_TFLOPS = 989.0
 LR, SEQUENCES = 1e-3, 64
-MIN_CASE_S = 20.0  # a case is not started with less time than this left of --deadline
 
 
 def build_model(shape: dict[str, int], device: str) -> Any:
@@ -346,7 +345,7 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
         started = time.perf_counter()
         limit = min(args.timeout, args.deadline - (started - begun))
         row = {"case": case, "error": f"not run: {args.deadline:.0f} s deadline"}
-        if limit >= MIN_CASE_S:
+        if limit >= args.min_case:
             row = {"case": case, **child_row(cmd, limit, env)}
             row["wall_s"] = round(time.perf_counter() - started, 1)
         stderr = row.pop("stderr", "")
@@ -377,6 +376,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per case")
     parser.add_argument("--deadline", type=float, default=float("inf"),
                         help="seconds for all cases: a case gets at most what is left of it")
+    parser.add_argument("--min-case", type=float, default=20.0,
+                        help="no case is started with less than this left of --deadline")
     parser.add_argument("--json", help="write the rows to this file (after every case)")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny shape on the CPU, 6 steps: checks every selected case runs "
