@@ -16,6 +16,7 @@ from typing import Any
 from petkit.core.config_io import dataclass_from_dict
 from petkit.core.errors import ConfigError
 from petkit.training.activations import RECOMPUTE_MODES
+from petkit.training.kernels import kernel_parts, liger_parts
 from petkit.training.steppers.base import is_int, is_num
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -65,6 +66,11 @@ class RuntimeConfig:
         "tokens per packed row (none: the micro-batch's longest)"))
     distributed: str = field(default="auto", metadata=_help(
         "under torchrun (docs/distributed.md)", choices=DISTRIBUTED))
+    kernels: str = field(default="none", metadata=_help(
+        "fused kernels: none | fused (petkit's low-rank delta) | liger (Liger Kernel's, "
+        "--runtime.liger) | fused,liger | auto (what is installed and fits; CUDA only)"))
+    liger: str = field(default="flce", metadata=_help(
+        "Liger pieces for kernels=liger, comma-separated: flce, rmsnorm, rope, swiglu"))
 
     def __post_init__(self) -> None:
         """Validate every field and the combinations within this section."""
@@ -81,6 +87,8 @@ class RuntimeConfig:
         self._check_memory()
         _check(self.distributed in DISTRIBUTED, "distributed", f"one of {DISTRIBUTED}",
                self.distributed)
+        kernel_parts(self.kernels)  # ConfigError naming the flag
+        liger_parts(self.liger)
 
     def _check_memory(self) -> None:
         mode = self.activation_checkpointing
@@ -129,4 +137,6 @@ class RuntimeConfig:
         return dataclass_from_dict(cls, data, "runtime")
 
 
-RUNTIME_FIELDS = tuple(f.name for f in dataclasses.fields(RuntimeConfig))
+_NAMES = tuple(f.name for f in dataclasses.fields(RuntimeConfig))
+# the flat `TrainConfig` keys of earlier releases (deprecated); fields added since are only here
+RUNTIME_FIELDS = _NAMES[:_NAMES.index("distributed") + 1]
