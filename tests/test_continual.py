@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -246,3 +248,14 @@ def test_a_recipe_is_the_run_description_and_loose_keywords_still_work():
     with pytest.raises(ConfigError, match="model.quantize"):
         run_continual(toy_tasks(2), "sequential", encoder=encoder(),
                       recipe=replace(recipe, model=replace(recipe.model, quantize="nf4")))
+
+
+def test_pk_continual_is_the_function_even_after_importing_a_continual_module():
+    """`import petkit.continual.tasks` makes the facade's `continual` attribute the package
+    (the import system sets it); calling it still runs `run_continual`."""
+    code = ("import petkit.continual.tasks, petkit as pk\n"
+            "try:\n    pk.continual('no-such-sequence', 'hide')\n"
+            "except pk.ConfigError as err:\n    print('ConfigError', err)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("ConfigError tasks must name at least 2 tasks"), out.stdout
