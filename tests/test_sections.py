@@ -103,7 +103,8 @@ NEEDS = {"save_every": {"train.output_dir": "out"}, "resume": {"train.output_dir
 # Text values for string / list fields (numbers and switches are derived from the default).
 TEXT = {"optimizer": "sgd", "schedule": "cosine", "output_dir": "out", "report_to": "tensorboard",
         "label_token_ids": "5,6", "device": "cpu", "precision": "fp32", "delta_dtype": "bf16",
-        "compile_scope": "blocks", "activation_checkpointing": "selective", "distributed": "off"}
+        "compile_scope": "blocks", "activation_checkpointing": "selective", "distributed": "off",
+        "offload_optimizer": "cpu"}
 NESTED = {"stepper", "ist", "objective", "runtime", "dp"}  # sections of their own (--train.stepper.F, --dp.F)
 
 
