@@ -70,8 +70,7 @@ def test_offloaded_training_matches_the_plain_optimiser(forced: None) -> None:
 
 def test_full_fine_tuning_in_bf16_keeps_fp32_masters(forced: None) -> None:
     model = _model(torch.bfloat16, full=True)
-    params = dict(pk.trainable_parameters(model)) or {
-        n: p for n, p in model.named_parameters() if p.requires_grad}
+    params = dict(model.named_parameters())
     stepper = backprop.BackpropStepper(params, _config(runtime={"offload_optimizer": "cpu"}), 4)
     optimizer = stepper.optimizer
     assert isinstance(optimizer, HostOffloadOptimizer)
@@ -134,6 +133,18 @@ def test_writes_outside_the_optimiser_and_late_gradient_changes_are_seen() -> No
     optimizer.zero_grad()
     optimizer.step()  # no gradient this step (an IST-frozen layer): unchanged
     assert torch.equal(weight.detach(), torch.full((3,), 4.0))
+
+
+def test_clipping_scales_the_fp32_masters_gradients(forced: None) -> None:
+    weight = torch.nn.Parameter(torch.tensor([1.0, 2.0], dtype=torch.bfloat16))
+    config = _config(optimizer="sgd", lr=1.0, max_grad_norm=0.5, warmup_steps=0,
+                     schedule="constant", runtime={"offload_optimizer": "cpu"})
+    stepper = backprop.BackpropStepper({"w": weight}, config, 1)
+    stepper.step([{"x": torch.tensor([3.0, 4.0])}],  # gradient (3, 4), norm 5: clipped to 0.5
+                 lambda b: (weight.float() * b["x"]).sum())
+    want = torch.tensor([1.0 - 0.3, 2.0 - 0.4])
+    torch.testing.assert_close(stepper.optimizer.masters[0], want, rtol=0, atol=1e-6)
+    assert torch.equal(weight.detach(), want.to(torch.bfloat16))
 
 
 def test_only_the_last_micro_batch_copies_and_free_grads_drops_them() -> None:

@@ -73,9 +73,13 @@ class HostOffloadOptimizer(torch.optim.Optimizer):
             self.masters = [_master(p) for p in self.params]
         # one pinned buffer per parameter in its device dtype: gradients out, weights back in
         self.buffers = [torch.empty(p.shape, dtype=p.dtype, pin_memory=cuda) for p in self.params]
+        # fp32 gradients of the masters where the device dtype differs (kept: no page faults a step)
+        self.host_grads = [b if b.dtype == m.dtype else torch.empty_like(m)
+                           for b, m in zip(self.buffers, self.masters)]
         self.sent: dict[int, tuple[torch.cuda.Event | None, int]] = {}  # index -> (copy done, grad version)
         self.versions = [p._version for p in self.params]
         self.final = True  # the stepper sets False during earlier micro-batches of a step
+        self.gathered = False  # this step's gradients are on the masters (clip, then step)
         self.handles = [p.register_post_accumulate_grad_hook(self._hook(i))
                         for i, p in enumerate(self.params)]
         where = {id(p): m for p, m in zip(self.params, self.masters)}
@@ -125,7 +129,10 @@ class HostOffloadOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def gather(self) -> None:
         """Every parameter's gradient on its master (None where there is none this step);
-        masters of parameters written outside the optimiser are refreshed first."""
+        masters of parameters written outside the optimiser are refreshed first. Once a step."""
+        if self.gathered:
+            return
+        self.gathered = True
         for i, (param, master) in enumerate(zip(self.params, self.masters)):
             if param._version != self.versions[i]:
                 master.copy_(param)
@@ -139,8 +146,10 @@ class HostOffloadOptimizer(torch.optim.Optimizer):
                 continue
             if sent[0] is not None:
                 sent[0].synchronize()
-            buffer = self.buffers[i]
-            master.grad = buffer if buffer.dtype == master.dtype else buffer.to(master.dtype)
+            grad = self.host_grads[i]
+            if grad is not self.buffers[i]:
+                grad.copy_(self.buffers[i])
+            master.grad = grad
 
     def clip_params(self) -> list[torch.Tensor]:
         """The tensors whose `.grad` a global-norm clip should scale: the masters, gathered."""
@@ -153,6 +162,8 @@ class HostOffloadOptimizer(torch.optim.Optimizer):
         assert closure is None, "closures are not supported"
         self.gather()
         self.inner.step()
+        if self.stream is not None:  # the weights are overwritten after the device is done with them
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
         for i, (param, master) in enumerate(zip(self.params, self.masters)):
             if master.grad is None:
                 continue
@@ -168,12 +179,15 @@ class HostOffloadOptimizer(torch.optim.Optimizer):
         if self.stream is not None:  # the next forward waits on the device, not the host
             torch.cuda.current_stream(self.device).wait_stream(self.stream)
         self.sent.clear()
+        self.gathered = False
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Drop the device gradients and the masters'."""
         for param in self.params:
             param.grad = None
         self.inner.zero_grad(set_to_none=True)
+        self.sent.clear()
+        self.gathered = False
 
     def state_dict(self) -> dict[str, Any]:
         """The inner optimiser's state dict; plus the fp32 masters where they are more precise

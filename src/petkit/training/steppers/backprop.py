@@ -190,6 +190,10 @@ class BackpropStepper:
         self.optimizer.zero_grad(set_to_none=True)
         return torch.stack(losses).double().sum() / len(micro_batches)
 
+    def report(self) -> dict[str, Any]:
+        """Where the optimiser state lived, when it was offloaded (TrainResult.report)."""
+        return {"offload_optimizer": "cpu"} if self.host is not None else {}
+
     def current_lr(self) -> float:
         """Learning rate of the next update (of the delta, when the head has its own)."""
         return float(self.optimizer.param_groups[0]["lr"])
