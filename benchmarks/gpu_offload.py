@@ -5,9 +5,10 @@ Cases, each in its own process under a time limit (and all of them under `--budg
   full-1b, full-1b-offload        full fine-tuning of TinyLlama-1.1B's shape (every weight trains)
   lora256-8b, lora256-8b-offload  LoRA r 256 (alpha 512) on the 7 linear layers of Llama-3-8B's shape
 Random weights in bf16, bf16 autocast, full activation checkpointing, AdamW (lr 1e-5 full,
-1e-4 LoRA), grad-norm clip 1.0, linear decay, causal-LM loss on random tokens. Without offload
-the optimiser is torch's fused CUDA AdamW over the bf16 weights (state in bf16) or the fp32
-deltas; with it, fused CPU AdamW over fp32 masters on the host. tok/s is pk.train's
+1e-4 LoRA), grad-norm clip 1.0, linear decay, causal-LM loss on random tokens. Full fine-tuning
+keeps the trained weights in bf16 on the device (`delta_dtype: bf16`), the LoRA factors are fp32.
+Without offload the optimiser is torch's fused CUDA AdamW over the device weights (state in their
+dtype); with it, fused CPU AdamW over fp32 masters on the host. tok/s is pk.train's
 `tokens_per_s` over the last `window` steps (the first steps, with allocation and pinning, are
 left out); peak is `torch.cuda.max_memory_allocated` over the whole process.
 
@@ -89,7 +90,8 @@ def worker(case: str, device: str, smoke: bool) -> dict[str, Any]:
         lr=lr, max_steps=shape["steps"], batch_size=shape["batch"], grad_accum=shape["accum"],
         log_every=shape["window"], schedule="linear", progress=False,
         runtime={"device": device, "precision": "bf16", "activation_checkpointing": "full",
-                 "offload_optimizer": offload})
+                 "offload_optimizer": offload,  # full: the weights stay bf16 on the device
+                 "delta_dtype": "bf16" if trains == "full" else "fp32"})
     started = time.perf_counter()
     result = pk.train(model, [{"input_ids": r, "labels": r} for r in ids], config,
                       parameters=params)
@@ -148,7 +150,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         base = done.get(r["case"].removesuffix("-offload"))
         ratio = (f"{r['tok_s'] / base['tok_s']:.2f}", f"{r['peak_gib'] / base['peak_gib']:.2f}") \
             if base and base is not r and base["tok_s"] and base["peak_gib"] else ("-", "-")
-        lines.append(f"| {r['case']} | {r['trained_params'] / 1e6:,.0f}M | {r['offloaded']} | "
+        lines.append(f"| {r['case']} | {r['trained_params'] / 1e6:,.1f}M | {r['offloaded']} | "
                      f"{r['tok_s']:,.0f} | {r['peak_gib']:.2f} | {ratio[0]} | {ratio[1]} | "
                      f"{r['loss']:.4f} |")
     return "\n".join(lines)
