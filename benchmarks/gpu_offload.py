@@ -34,9 +34,9 @@ SHAPES: dict[str, dict[str, int]] = {
     "tiny": dict(vocab=512, hidden=64, inter=128, layers=2, heads=4, kv=2, batch=2, seq=64,
                  accum=2, steps=4, window=2),
     "1b": dict(vocab=32000, hidden=2048, inter=5632, layers=22, heads=32, kv=4, batch=4, seq=1024,
-               accum=4, steps=6, window=3),
+               accum=16, steps=5, window=2),
     "8b": dict(vocab=128256, hidden=4096, inter=14336, layers=32, heads=32, kv=8, batch=1,
-               seq=2048, accum=4, steps=4, window=2),
+               seq=2048, accum=8, steps=4, window=2),
 }
 # case: (shape, what trains, offload, seconds allowed)
 CASES: dict[str, tuple[str, str, str, float]] = {
