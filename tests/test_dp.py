@@ -146,3 +146,14 @@ def test_dp_flags_and_recipe_key_reach_the_train_section() -> None:
     assert recipe.train.dp == DPConfig(epsilon=4.0, max_grad_norm=0.5)
     recipe = recipe_from_dict({"dp": {"epsilon": 2.0, "delta": 1e-6}})
     assert recipe.train.dp == DPConfig(epsilon=2.0, delta=1e-6)
+
+
+def test_a_dp_run_config_round_trips_through_json_and_the_recipe_yaml() -> None:
+    """`petkit train --dp.epsilon 8` writes recipe.yaml / results.json: DPConfig as a mapping."""
+    import yaml
+
+    config = pk.TrainConfig(dp={"epsilon": 8.0, "delta": 1e-5})
+    assert pk.TrainConfig.from_json(config.to_json()) == config
+    recipe = recipe_from_dict({"train": {"dp": {"epsilon": 8.0, "delta": 1e-5}}})
+    assert yaml.safe_load(recipe.to_yaml())["train"]["dp"]["epsilon"] == 8.0
+    assert recipe_from_dict(yaml.safe_load(recipe.to_yaml())) == recipe
