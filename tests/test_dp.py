@@ -157,3 +157,21 @@ def test_a_dp_run_config_round_trips_through_json_and_the_recipe_yaml() -> None:
     recipe = recipe_from_dict({"train": {"dp": {"epsilon": 8.0, "delta": 1e-5}}})
     assert yaml.safe_load(recipe.to_yaml())["train"]["dp"]["epsilon"] == 8.0
     assert recipe_from_dict(yaml.safe_load(recipe.to_yaml())) == recipe
+
+
+@pytest.mark.slow
+def test_cli_dp_run_records_its_budget(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """`petkit train --dp.epsilon 8` end to end on a tiny Llama: recipe.yaml, adapter.json."""
+    import yaml
+    from toys import save_tiny_llama
+
+    from petkit.cli import main
+
+    model, out = save_tiny_llama(tmp_path / "tiny"), tmp_path / "run"
+    assert main(["train", "--model", model, "--data", "rotten-tomatoes", "--steps", "3",
+                 "--train-size", "24", "--test-size", "8", "--max-length", "24",
+                 "--batch-size", "4", "--train.progress=false", "--dp.epsilon", "8",
+                 "--dp.delta", "1e-5", "--output", str(out)]) == 0
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["train"]["dp"]["epsilon"] == 8.0
+    privacy = json.loads((out / "adapter" / "adapter.json").read_text())["privacy"]
+    assert privacy["steps"] == 3 and 0 < privacy["epsilon"] <= 8.0

@@ -233,3 +233,18 @@ def test_cuda_state_lives_on_the_host_and_device_gradients_are_freed() -> None:
     for master, param in zip(host.masters, params.values()):
         assert master.device.type == "cpu" and master.dtype == torch.float32
         assert torch.equal(master.to(torch.bfloat16), param.detach().cpu())
+
+
+@pytest.mark.slow
+def test_cli_run_on_the_cpu_warns_once_and_trains(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from toys import save_tiny_llama
+
+    from petkit.cli import main
+
+    model = save_tiny_llama(tmp_path / "tiny")
+    with pytest.warns(UserWarning, match="offload_optimizer=cpu has no effect here"):
+        assert main(["train", "--model", model, "--data", "rotten-tomatoes", "--steps", "2",
+                     "--train-size", "16", "--test-size", "8", "--max-length", "24",
+                     "--batch-size", "4", "--train.progress=false", "--device", "cpu",
+                     "--runtime.offload_optimizer=cpu", "--output", str(tmp_path / "run")]) == 0
+    assert "offload_optimizer: cpu" in (tmp_path / "run" / "recipe.yaml").read_text()
