@@ -51,6 +51,8 @@ def main() -> None:
     parser.add_argument("--clf-steps", type=int, default=100)
     parser.add_argument("--clf-test", type=int, default=1000)
     parser.add_argument("--new-tokens", type=int, default=24)
+    parser.add_argument("--untuned", action=argparse.BooleanOptionalAction, default=True,
+                        help="score the untuned model of each seed too (default)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     clf, clf_tok, info = sentiment_judge(args.clf_steps, args.clf_test)
@@ -60,7 +62,7 @@ def main() -> None:
     for run in args.runs:
         recipe = yaml.safe_load((run / "recipe.yaml").read_text())
         seeds[run] = int(recipe["train"].get("seed", 0))
-    for seed in sorted(set(seeds.values())):
+    for seed in sorted(set(seeds.values())) if args.untuned else []:
         rows.append({"run": f"untuned (seed {seed})", "seed": seed,
                      **rate(None, seed, (clf, clf_tok), args.new_tokens)})
         print(json.dumps(rows[-1]), flush=True)
