@@ -127,6 +127,23 @@ def test_training_logs_epsilon_per_step_and_writes_it_into_adapter_json(tmp_path
     pk.load_adapter(fresh, tmp_path / "adapter")  # the schema accepts the privacy record
 
 
+def test_the_per_example_loop_trains_the_same_adapter_as_vmap() -> None:
+    """`--dp.per_example loop` (one backward per example): the same numbers, seeded noise alike."""
+    data = [{"input_ids": row, "labels": row} for row in _batch(16, seed=3)["input_ids"]]
+    trained = []
+    for how in ("vmap", "loop"):
+        model, params = _lora_model()
+        result = pk.train(model, data, pk.TrainConfig(
+            max_steps=3, batch_size=4, lr=1e-2, progress=False,
+            dp={"epsilon": 3.0, "per_example": how}))
+        assert ("vmap" in result.report["dp_per_example"]) == (how == "vmap")
+        trained.append({k: v.detach().clone() for k, v in params.items()})
+    for k in trained[0]:
+        torch.testing.assert_close(trained[1][k], trained[0][k], rtol=1e-4, atol=1e-6)
+    with pytest.raises(ConfigError, match="--dp.per_example must be one of vmap, loop"):
+        DPConfig(per_example="batched")
+
+
 def test_refused_where_it_cannot_apply() -> None:
     model, _ = _lora_model()
     data = [{"input_ids": row, "labels": row} for row in _batch(8)["input_ids"]]
