@@ -18,6 +18,7 @@ from pathlib import Path
 
 from petkit.continual import run_continual
 from petkit.continual.plots import plot_panels
+from petkit.continual.strategy import DEFAULT_TRAIN
 
 SEQUENCES = ("bbc-classes", "domains")
 STRATEGIES = ("sequential", "multitask", "per-task", "o-lora", "inflora", "hide", "conpet")
@@ -35,8 +36,9 @@ def run_cell(seq: str, strategy: str, seed: int, args: argparse.Namespace) -> No
     out = RUNS / seq / f"{strategy}-s{seed}"
     if (out / "results.json").exists():
         return
-    result = run_continual(seq, strategy, seed=seed, steps=args.steps, lr=args.lr,
-                           batch_size=args.batch_size, max_train=args.max_train,
+    train = DEFAULT_TRAIN.replace(seed=seed, max_steps=args.steps, lr=args.lr,
+                                  batch_size=args.batch_size)
+    result = run_continual(seq, strategy, train=train, max_train=args.max_train,
                            max_test=args.max_test, max_length=args.max_length, output_dir=out)
     print(f"{seq} {strategy} s{seed}: {result.metrics} ({result.seconds:.0f}s)", flush=True)
 

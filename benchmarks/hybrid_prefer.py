@@ -170,6 +170,12 @@ def compact(trace: list[dict[str, float]]) -> dict[str, list[float]]:
     return {k: [round(t[k], 4) for t in trace] for k in (trace[0] if trace else {})}
 
 
+def preference(cfg: pk.TrainConfig, args: argparse.Namespace) -> pk.TrainConfig:
+    """`cfg` with the preference objective of the flags: DPO at --beta, RPO when --rpo-alpha > 0."""
+    return cfg.replace(objective={"name": "rpo" if args.rpo_alpha else "dpo",
+                                  "beta": float(args.beta), "rpo_alpha": float(args.rpo_alpha)})
+
+
 def train_arm(arm: str, model: Any, pairs: list[dict], cfg: pk.TrainConfig,
               args: argparse.Namespace, pad: int, row: dict[str, Any]) -> None:
     """Train one arm of the preference measurement in place, its adapters attached with
@@ -187,8 +193,7 @@ def train_arm(arm: str, model: Any, pairs: list[dict], cfg: pk.TrainConfig,
         pk.attach(model, lora, seed=init)
         probe = ReferenceProbe(model)
         with PeakRss() as mem:
-            res = train_preference(model, pairs, cfg, beta=args.beta, pad_id=pad,
-                                   rpo_alpha=args.rpo_alpha)
+            res = train_preference(model, pairs, preference(cfg, args), pad_id=pad)
         row["dpo_s"], row["dpo_peak_rss_mb"] = res.seconds, mem.peak
         row["weights_held_mb_before_dpo"] = probe.before
         row["weights_held_mb_in_reference_pass"] = probe.during
@@ -196,9 +201,9 @@ def train_arm(arm: str, model: Any, pairs: list[dict], cfg: pk.TrainConfig,
     elif arm == "meet":  # two stages, each half of DPO's steps by default
         stage = cfg.replace(max_steps=row["meet_steps"])
         control = pk.make_config("prompt", num_virtual_tokens=8, seed=init)  # its vocab rows
-        first, second = meet(model, pairs, control, lora, stage, beta=args.beta, pad_id=pad,
-                             control_config=stage.replace(lr=args.control_lr), seed=init,
-                             rpo_alpha=args.rpo_alpha)
+        first, second = meet(model, pairs, control, lora, preference(stage, args), pad_id=pad,
+                             control_config=preference(stage.replace(lr=args.control_lr), args),
+                             seed=init)
         row["meet_s"] = first.seconds + second.seconds
         row["meet_trace"] = {"control": compact(first.report["dpo_trace"]),
                              "lora": compact(second.report["dpo_trace"])}

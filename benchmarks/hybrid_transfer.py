@@ -52,7 +52,7 @@ def transfer_arms(small: Any, train: list, test: list, pad: int, args: argparse.
                   row: dict[str, Any]) -> Any:
     """The large model untuned, then with the small adapter transferred three ways (default
     hidden alignment, embeddings, hidden-base); returns the default-transferred large model."""
-    from petkit.hybrid import transfer_adapter
+    from petkit.hybrid import TransferConfig, transfer_adapter
 
     large = large_model()
     row["large_untuned"] = accuracy(large, test, pad)
@@ -69,11 +69,11 @@ def transfer_arms(small: Any, train: list, test: list, pad: int, args: argparse.
     partial(row)
     embedded = large_model()
     started = time.perf_counter()
-    t = transfer_adapter("default", small, embedded, align="embeddings")
+    t = transfer_adapter("default", small, embedded, config=TransferConfig(align="embeddings"))
     row["transfer_s"], row["alignment_error"] = time.perf_counter() - started, t.alignment_error
     row["large_transferred"] = accuracy(embedded, test, pad)
     bases = large_model()
-    transfer_adapter("default", small, bases, align="hidden-base",
+    transfer_adapter("default", small, bases, config=TransferConfig(align="hidden-base"),
                      align_data=train[: args.align_size], pad_id=pad)
     row["large_transferred_hidden_base"] = accuracy(bases, test, pad)
     partial(row)

@@ -178,6 +178,15 @@ def run_missing(cache: dict[str, Any], only: set[str] | None) -> None:
             print(f"{key}: {cell}", flush=True)
 
 
+KEPT = "<!-- below: written by hand; benchmarks/methods_table.py keeps it -->"
+
+
+def hand_written() -> str:
+    """The doc's hand-written sections (from the KEPT marker on), kept when the tables are redone."""
+    text = DOC.read_text(encoding="utf-8") if DOC.is_file() else ""
+    return "\n" + text[text.index(KEPT):] if KEPT in text else ""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", help="comma-separated methods to (re)run; 'untuned' is the baseline")
@@ -193,7 +202,7 @@ def main() -> None:
         run_missing(cache, set(args.only.split(",")) if args.only else None)
     from methods_doc import render
 
-    DOC.write_text(render(cache, methods(), SETTINGS, PROTOCOL, BASELINE), encoding="utf-8")
+    DOC.write_text(render(cache, methods(), SETTINGS, PROTOCOL, BASELINE) + hand_written(), encoding="utf-8")
     print(f"wrote {DOC.relative_to(ROOT)}")
 
 

@@ -2,6 +2,7 @@
 time per training step (forward + backward + AdamW) on the same model, batch and config.
 
     nice -n 10 python benchmarks/peft_side_by_side.py      # smollm2-135m, writes docs/peft_side_by_side.json
+    nice -n 10 python benchmarks/peft_side_by_side.py 3 lily,ia3   # re-run some rows, keep the others
 
 One process, both arms of a method timed alternately (petkit, PEFT, petkit, PEFT, ...) after one
 warm-up step each (process CPU time, median of `steps`), so that load on the machine hits both alike; the ratio is petkit / PEFT
@@ -31,6 +32,8 @@ ARMS = [
     ("hira", {"r": 8}, "HiraConfig", {"r": 8}),
     ("shira", {"r": 32}, "ShiraConfig", {"r": 32}),
     ("adalora", {"init_r": 12, "target_r": 8}, "AdaLoraConfig", {"init_r": 12, "target_r": 8, "total_step": 100}),
+    ("lily", {"r": 32, "stride_A": 1, "num_B": 2}, "LilyConfig", {"r": 32, "stride_A": 1, "num_B": 2}),
+    ("ia3", {"feedforward_targets": []}, "IA3Config", {"feedforward_modules": []}),
 ]
 
 
@@ -48,7 +51,7 @@ def step_time(model: torch.nn.Module, batch: dict, steps: int) -> list[float]:
     return times[:steps]
 
 
-def main(steps: int = 3) -> None:
+def main(steps: int = 3, only: list[str] | None = None) -> None:
     import peft
 
     import petkit as pk
@@ -59,7 +62,13 @@ def main(steps: int = 3) -> None:
     base = load_model("smollm2-135m", dtype=torch.float32)[0].train()
     batch = {"input_ids": torch.randint(0, 1000, (4, 32), generator=torch.Generator().manual_seed(0))}
     out = {"model": "smollm2-135m", "batch": "4 x 32 tokens", "steps": steps, "threads": 2, "rows": []}
+    saved = ROOT / "docs" / "peft_side_by_side.json"
+    kept = {r["method"]: r for r in json.loads(saved.read_text())["rows"]} if only and saved.is_file() else {}
     for method, ours_cfg, peft_name, peft_cfg in ARMS:
+        if only and method not in only:
+            if method in kept:
+                out["rows"].append(kept[method])
+            continue
         ours = pk.attach(copy.deepcopy(base), pk.make_config(method, targets=QV, **ours_cfg))
         theirs = peft.get_peft_model(copy.deepcopy(base), getattr(peft, peft_name)(target_modules=QV, **peft_cfg))
         n_ours = sum(p.numel() for p in pk.trainable_parameters(ours).values())
@@ -90,4 +99,4 @@ def render(out: dict) -> str:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 3)
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 3, sys.argv[2].split(",") if len(sys.argv) > 2 else None)

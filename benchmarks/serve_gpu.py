@@ -6,13 +6,15 @@ Protocol: a random-weight Llama of TinyLlama-1.1B's shape (22 layers, hidden 204
 32 heads / 4 KV heads, vocab 32000) in bf16 on one GPU, served by the engine. Each request has a
 distinct 64-token random prompt and makes exactly `--new-tokens` tokens (EOS ignored), greedy.
 
-  base       64 requests on the base (no adapter registered)
+  base       64 requests on the base (its own copy of the weights, no hooks, no adapter)
   engine     request i on adapter i: 64 distinct rank-16 LoRAs (q_proj, v_proj), all resident
   swapping   1,000 adapters registered, `--max-adapters` resident; each of 3 waves of 64 requests
              names 64 adapters not used before, so every row first swaps its adapter in
   grouped    per-group generation: one adapter attached as petkit LoRA wrappers, HF `generate` of
              one request (a group of one row); its tokens/s is the same for each group run in turn
 
+base and engine waves alternate (`--repeats`, after a full warm-up wave of each) and their
+medians are compared; time to first token alternates one-request runs likewise (`--ttft-runs`).
 decode tok/s counts the steps after every row was admitted (pure decode over the full batch);
 total tok/s includes the prefills. The 1,000 adapters are registered from memory through the
 pool (no adapter folders: loading a folder fingerprints the base, the same for every adapter).
@@ -20,6 +22,7 @@ pool (no adapter folders: loading a folder fingerprints the base, the same for e
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import time
@@ -111,11 +114,14 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--registered", type=int, default=1000)
     ap.add_argument("--max-adapters", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3, help="alternating base/engine waves")
+    ap.add_argument("--ttft-runs", type=int, default=11)
     ap.add_argument("--out", default=None)
     ap.add_argument("--smoke", action="store_true", help="a 2-layer model and few adapters: check the script")
     args = ap.parse_args()
     if args.smoke:
         args.rows, args.new_tokens, args.registered, args.max_adapters = 4, 4, 20, 4
+        args.repeats, args.ttft_runs = 1, 3
     model = tiny_llama_shape(args.smoke)
     proto = random_terms(model, args.rank)
     g = torch.Generator().manual_seed(1)
@@ -123,21 +129,31 @@ def main() -> None:
     prompts = [torch.randint(10, 32000, (64,), generator=g).tolist() for _ in range(n)]
     res: dict = {"device": torch.cuda.get_device_name() if DEV == "cuda" else "cpu", "rows": n, "new_tokens": args.new_tokens, "rank": args.rank}
 
+    # The base runs on its own copy of the weights with no hooks at all; the engine's copy carries
+    # the bank's hooks. Waves alternate (base, engine) after a full warm-up wave of each, so both
+    # see the same warm machine; the medians are compared.
     base = engine_for(model, 0)
-    run_wave(base, prompts[:4], [None] * 4, 4)  # warm-up
-    res["base"] = run_wave(base, prompts, [None] * n, args.new_tokens)
-    res["ttft_ms_base"] = ttft(base, prompts[0], None)
-
-    engine = engine_for(model, n)
+    engine = engine_for(copy.deepcopy(model), n)
     for i in range(n):
         engine.pool.register(f"a{i}", variant(proto, i), "lora")
     names = [f"a{i}" for i in range(n)]
-    run_wave(engine, prompts[:4], names[:4], 4)
-    res["engine"] = run_wave(engine, prompts, names, args.new_tokens)
-    res["ttft_ms_adapter"] = ttft(engine, prompts[0], names[0])
+    run_wave(base, prompts, [None] * n, 8)
+    run_wave(engine, prompts, names, 8)
+    waves: dict[str, list[dict]] = {"base": [], "engine": []}
+    for _ in range(args.repeats):
+        waves["base"].append(run_wave(base, prompts, [None] * n, args.new_tokens))
+        waves["engine"].append(run_wave(engine, prompts, names, args.new_tokens))
+    for kind, runs in waves.items():
+        res[kind] = {k: statistics.median(w[k] for w in runs) for k in runs[0]}
+        res[kind + "_waves"] = runs
+    ttfts: dict[str, list[float]] = {"base": [], "adapter": []}
+    for _ in range(args.ttft_runs):  # alternating one-request runs, the medians compared
+        ttfts["base"].append(ttft(base, prompts[0], None, runs=1))
+        ttfts["adapter"].append(ttft(engine, prompts[0], names[0], runs=1))
+    res["ttft_ms_base"] = statistics.median(ttfts["base"])
+    res["ttft_ms_adapter"] = statistics.median(ttfts["adapter"])
     engine.pool.bank.close()
     del engine
-    res["base_again"] = run_wave(base, prompts, [None] * n, args.new_tokens)  # same warm machine, after
 
     swap = engine_for(model, args.max_adapters)
     started = time.perf_counter()

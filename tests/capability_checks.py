@@ -49,14 +49,19 @@ def wrapper_inputs(model: nn.Module, batch: dict, chosen: list[DeltaModule]) -> 
 
 
 def check_weighted(base: nn.Module, model: nn.Module, batch: dict, tmp: Path) -> None:
-    """Weight 0.5 halves each wrapper's delta (its output minus its base's), in forward and merge."""
+    """Weight 0.5 halves each wrapper's delta: its output minus its base's where the base is
+    linear (so the output is linear in the weight change), and its merged weight change."""
     model.eval()
     chosen = [w for _, w in wrappers(model, cap.Weighted)]
-    seen = wrapper_inputs(model, batch, chosen)
+    linear = [w for w in chosen if is_linear(innermost(w))]
+    merging = [w for w in chosen if isinstance(w, cap.MergesOwnDeltas)]
+    assert all(w in linear or w in merging for w in chosen), "a weighted wrapper neither check covers"
+    seen = wrapper_inputs(model, batch, linear)
     with torch.no_grad():
         def deltas() -> list[torch.Tensor]:
-            return [_tensor(w(*seen[id(w)][0], **seen[id(w)][1])) - _tensor(w.base(*seen[id(w)][0], **seen[id(w)][1]))
-                    for w in chosen]
+            out = [_tensor(w(*seen[id(w)][0], **seen[id(w)][1])) - _tensor(w.base(*seen[id(w)][0], **seen[id(w)][1]))
+                   for w in linear]
+            return out + [d for w in merging for d in w.merge_deltas().values()]
         full = deltas()
         pk.activate(model, "a", weights=[0.5])
         half = deltas()

@@ -274,3 +274,24 @@ def test_shipped_quick_grid_is_found_by_name_and_loads(tmp_path, capsys):
     assert main(["bench"]) == 2
     assert "needs a grid" in capsys.readouterr().err
     assert main(["bench", str(path), "--recipe", "quick"]) == 2
+
+
+def test_section_overrides_reach_every_cell(toy: dict[str, str], tmp_path: Path, capsys) -> None:
+    """`petkit bench GRID --train.max_steps=2 --runtime.device=cpu`: every cell runs with them
+    (and its fingerprint says so); a field the grid sets per cell is refused."""
+    from petkit.benchmark.spec import load_spec, with_overrides
+    from petkit.cli import main
+
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid(toy, methods=["lora"], seeds=[0])), encoding="utf-8")
+    out = tmp_path / "run"
+    assert main(["bench", str(path), "--output", str(out), "--no-progress",
+                 "--train.max_steps=2", "--runtime.device=cpu", "--train.eval_every=1"]) == 0
+    records = [json.loads(line) for line in (out / "cells.jsonl").read_text().splitlines()]
+    assert [r["steps"] for r in records] == [2] and records[0]["status"] == "ok"
+    spec = load_spec(path)
+    cell = spec.cells()[0]
+    assert spec.fingerprint(cell) != with_overrides(spec, {"train.max_steps": "2"}).fingerprint(cell)
+    capsys.readouterr()
+    assert main(["bench", str(path), "--output", str(out), "--train.seed=3"]) == 2
+    assert "per cell" in capsys.readouterr().err

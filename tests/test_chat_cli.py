@@ -3,6 +3,7 @@ as a model folder with SmolLM2's tokenizer, LoRA adapters saved beside it; answe
 Hugging Face `generate` on the chat-templated prompt (greedy)."""
 from __future__ import annotations
 
+import argparse
 import copy
 import io
 import os
@@ -135,3 +136,37 @@ def test_generate_with_the_embedded_model_in_a_subprocess():
                          capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr
     assert "Paris" in run.stdout
+
+
+def test_generate_takes_the_runtime_section_and_refuses_what_it_does_not_read(files, capsys):
+    """The base loads through the pipeline (app.serving) on --runtime.device; a training field is
+    one red line naming what serving reads."""
+    root, _, _, _ = files
+    code = main(["generate", "--model", str(root / "base"), "--prompt", "Hello there",
+                 "--runtime.device=cpu", "--max-new-tokens", "6"])
+    assert code == 0 and capsys.readouterr().out == f"{expected(files, None, user('Hello there'))}\n"
+    code = main(["generate", "--model", str(root / "base"), "--prompt", "Hi",
+                 "--runtime.compile=true"])
+    err = capsys.readouterr().err
+    assert code == 2 and "reads only --model.name, --model.quantize, --runtime.device" in err
+
+
+def test_the_base_of_an_adapter_comes_with_its_runs_quantisation(files, tmp_path):
+    """Without --model, the base an adapter answers on is its run's model section, as `petkit
+    eval` rebuilds it: a run on a quantised base serves on that base."""
+    import shutil
+
+    from petkit.app.serving import serving_recipe
+    from petkit.serve.cli import base_recipe
+
+    root, _, _, paths = files
+    run = tmp_path / "run"
+    shutil.copytree(paths["kind"], run / "adapter")
+    (run / "recipe.yaml").write_text(f"model:\n  name: {root / 'base'}\n  quantize: nf4\n")
+    args = argparse.Namespace(device="cpu")
+    recipe = base_recipe(None, {"kind": run / "adapter"}, args, {}, "chat")
+    assert (recipe.model.name, recipe.model.quantize, recipe.runtime.device) == (
+        str(root / "base"), "nf4", "cpu")
+    given = base_recipe(str(root / "base"), {"kind": run / "adapter"}, args, {}, "chat")
+    assert given.model.quantize is None  # --model names the base as it is
+    assert serving_recipe("m", {"model.quantize": "int8"}).model.quantize == "int8"

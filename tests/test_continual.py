@@ -226,3 +226,23 @@ def test_class_split_of_a_user_file(tmp_path):
     assert {e["label"] for e in task.train + task.test} == {0, 1}
     with pytest.raises(ConfigError, match="no class 'w'"):
         parse_task(f"{path}:w")
+
+
+def test_a_recipe_is_the_run_description_and_loose_keywords_still_work():
+    """`recipe=` (the sections: method and fields, model, train) runs the same sequence as the
+    loose keywords of earlier releases, which now warn; the recipe's method fields reach the
+    adapters."""
+    from dataclasses import replace
+
+    from petkit.continual.strategy import DEFAULT_TRAIN, default_recipe
+
+    recipe = replace(default_recipe(), method={"name": "lora", "r": 4},
+                     train=DEFAULT_TRAIN.replace(max_steps=8, lr=5e-3))
+    new = run_continual(toy_tasks(2), "sequential", encoder=encoder(), recipe=recipe)
+    with pytest.warns(DeprecationWarning, match="train section"):
+        old = run_continual(toy_tasks(2), "sequential", encoder=encoder(), steps=8, lr=5e-3,
+                            method_options={"r": 4})
+    assert new.matrix == old.matrix and new.metrics == old.metrics
+    with pytest.raises(ConfigError, match="model.quantize"):
+        run_continual(toy_tasks(2), "sequential", encoder=encoder(),
+                      recipe=replace(recipe, model=replace(recipe.model, quantize="nf4")))

@@ -110,3 +110,20 @@ def test_default_continual_folder_moves_on(tmp_path, monkeypatch, capsys):
                               {}, lines.append)
     assert str(seen["output_dir"]) == "runs/continual-hide-2" and seen["progress"] is True
     assert lines and "writes to runs/continual-hide-2" in lines[0]
+
+
+def test_recipe_file_gives_the_sections_and_flags_go_on_top(tmp_path):
+    """`--recipe FILE`: its method, model, train and runtime sections; the flags and dotted
+    options apply on top; a data section is refused (the tasks come from --tasks)."""
+    from petkit.continual.cli import continual_recipe
+
+    path = tmp_path / "cl.yaml"
+    path.write_text("method: {name: lora, r: 4}\nmodel: {name: minilm-l6}\n"
+                    "train: {lr: 0.002, max_steps: 7, batch_size: 8}\nruntime: {device: cpu}\n")
+    recipe = continual_recipe({"train.max_steps": "9"}, {"method.alpha": "8"}, str(path))
+    assert recipe.method == {"name": "lora", "r": 4, "alpha": 8}
+    assert (recipe.train.lr, recipe.train.max_steps, recipe.runtime.device) == (0.002, 9, "cpu")
+    with pytest.raises(ConfigError, match="drop its data: section"):
+        continual_recipe({}, {}, "minilm-bbc")
+    args, _ = build_parser().parse_known_args(["continual", "--tasks", "a,b", "--recipe", str(path)])
+    assert args.cl_recipe == str(path)

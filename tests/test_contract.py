@@ -52,6 +52,7 @@ CASES = [
     Case("prefix", "llama", {"num_virtual_tokens": 3}, False, False),
     Case("prefix", "gpt2", {"num_virtual_tokens": 2, "projection_dim": 8, "init": "random"}, False, False),
     Case("prefix", "bert", {"num_virtual_tokens": 2}, False, False),
+    Case("prefix", "llama", {"num_virtual_tokens": 2, "positions": "after_prefix"}, False, False),  # PEFT's
     Case("adaptive-prefix", "llama", {"num_virtual_tokens": 3, "projection_dim": 4}, False, False),
     Case("adaptive-prefix", "gpt2", {"num_virtual_tokens": 2}, False, False),
     Case("adaptive-prefix", "bert", {"num_virtual_tokens": 2, "init": "random"}, False, False),
@@ -157,6 +158,17 @@ CASES = [
     Case("trainable-tokens", "llama", {"token_indices": [3, 5, 7]}, True, True),
     Case("trainable-tokens", "gpt2", {"token_indices": [4, 9]}, True, True),  # tied head
     Case("trainable-tokens", "bert", {"token_indices": [10]}, True, True),
+    # MoE experts as 3-D parameters (PEFT's target_parameters; the router as modules_to_save: test_moe.py)
+    Case("lora", "mixtral", {"targets": ["q_proj", "v_proj"],
+                             "target_parameters": ["experts.gate_up_proj", "experts.down_proj"]}, True, True),
+    Case("lora", "qwen2_moe", {"targets": ["o_proj"], "target_parameters": ["experts.down_proj"],
+                               "experts": [0, 2], "rslora": True}, True, True),
+    # Lily: not mergeable (the mix of the shared B's depends on the batch)
+    Case("lily", "mlp", {"r": 2}, True, False),
+    Case("lily", "llama", {"r": 4, "stride_A": 2, "num_B": 3}, True, False),
+    Case("lily", "gpt2", {"r": 4, "scaling": 0.5}, True, False),
+    Case("lily", "bert", {"r": 4, "targets": "all-linear", "stride_A": 2}, True, False),
+    Case("lily", "vit", {"r": 4}, True, False),
     Case("adalora", "mlp", {"init_r": 4, "target_r": 2}, True, True),
     Case("adalora", "llama", {}, True, True),
     Case("adalora", "gpt2", {"tinit": 1, "tfinal": 1, "delta_t": 2, "dropout": 0.1}, True, True),

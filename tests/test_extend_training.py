@@ -123,7 +123,7 @@ def test_a_stepper_in_its_own_module_reaches_configs_flags_and_a_run(nudge):
     assert result.report["nudge_bound_to"] == type(model).__name__  # BindsModel, Reports
 
 
-FIELD = '''    throwaway_knob: int = 0  # a field added for tests/test_extend_training.py
+FIELD = '''    throwaway_knob: int = field(default=0, metadata=_help("a knob added by a test"))
 '''
 CHECK = '''        _check(is_int(self.throwaway_knob) and self.throwaway_knob >= 0, "throwaway_knob",
                "an int >= 0", self.throwaway_knob)
@@ -132,6 +132,13 @@ RUN = '''
 import json, sys, torch, petkit as pk
 from petkit.cli import _recipe, _split_dotted, build_parser
 from petkit.models.tiny import tiny_model
+import contextlib, io
+from petkit.cli import main
+helps = {}
+for command in ("train", "eval", "continual", "bench", "fed", "serve"):
+    with contextlib.redirect_stdout(io.StringIO()) as text, contextlib.suppress(SystemExit):
+        main([command, "--help"])
+    helps[command] = " ".join(text.getvalue().split())
 args, extra = build_parser().parse_known_args(["train", "--train.throwaway_knob=7"])
 recipe = _recipe(args, _split_dotted(extra))
 model, _ = tiny_model("llama")
@@ -143,7 +150,7 @@ pk.train(model, [{"input_ids": r, "labels": r} for r in ids], cfg)
 try:
     pk.TrainConfig(throwaway_knob=-1)
 except pk.ConfigError as err:
-    print(json.dumps({"knob": recipe.train.throwaway_knob, "error": str(err)}))
+    print(json.dumps({"knob": recipe.train.throwaway_knob, "error": str(err), "helps": helps}))
 '''
 
 
@@ -154,14 +161,19 @@ def test_a_train_config_field_is_one_edit_and_reaches_flags_recipes_and_the_chec
                     ignore=shutil.ignore_patterns("__pycache__"))
     config = tmp_path / "src" / "petkit" / "training" / "config.py"
     text = config.read_text()
-    text = text.replace("    lr: float = 2e-4\n", "    lr: float = 2e-4\n" + FIELD, 1)
-    text = text.replace("    def _check_io(self) -> None:\n",
-                        "    def _check_io(self) -> None:\n" + CHECK, 1)
+    edits = (("    head_lr: float | None", FIELD + "    head_lr: float | None"),
+             ("    def _check_io(self) -> None:\n", "    def _check_io(self) -> None:\n" + CHECK))
+    for anchor, edited in edits:
+        assert anchor in text  # the edit a contributor makes, at a place that exists
+        text = text.replace(anchor, edited, 1)
     config.write_text(text)
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "src")}
     out = subprocess.run([sys.executable, "-c", RUN, str(tmp_path / "run")], env=env,
                          capture_output=True, text=True, timeout=300, check=True)
     found = json.loads(out.stdout.strip().splitlines()[-1])
     assert found["knob"] == 7 and "throwaway_knob" in found["error"]
+    flag = "--train.throwaway_knob INT a knob added by a test (default: 0)"
+    assert all(flag in found["helps"][c] for c in ("train", "eval", "continual", "bench", "fed"))
+    assert "--train.throwaway_knob" not in found["helps"]["serve"]  # serve takes no train section
     saved = next((tmp_path / "run").rglob("trainer.json"))
     assert json.loads(saved.read_text())["config"]["throwaway_knob"] == 7

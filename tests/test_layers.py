@@ -21,6 +21,7 @@ LAYERS: dict[str, int] = {
     "compress": 4,  # pruning while tuning: used by the CLI and by the benchmark harness's arms
     "fed": 5, "benchmark": 5, "continual": 5, "hybrid": 5, "serve": 5,
     "cli": 6, "cli_flags": 6, "cli_io": 6,  # the parser, its flag tables, consoles
+    "cli_sections": 6,  # the --section.field flags of every subcommand, read from the sections
     "cli_commands": 6,  # what each subcommand does (imported by cli.main only to run one)
     "cli_adapter": 6,  # petkit export / predict: their arguments and printing
     "cli_quantize": 6,  # petkit quantize: its arguments, the run and its report

@@ -35,6 +35,13 @@ CASES = [
     ("hra", {"r": 2, "apply_gs": True}, lambda: peft.HRAConfig(r=2, apply_GS=True, target_modules=QV), llama),
     ("adalora", {"init_r": 4, "target_r": 2},
      lambda: peft.AdaLoraConfig(init_r=4, target_r=2, lora_alpha=8, total_step=10, target_modules=QV), llama),
+    ("lily", {"r": 4, "stride_A": 2, "num_B": 3, "scaling": 0.5},
+     lambda: peft.LilyConfig(r=4, stride_A=2, num_B=3, scaling=0.5, target_modules=QV), llama),
+    ("lily", {"r": 8}, lambda: peft.LilyConfig(r=8, target_modules=QV), llama),
+    ("ia3", {}, lambda: peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
+                                       feedforward_modules=["down_proj"]), llama),
+    ("ia3", {}, lambda: peft.IA3Config(target_modules=["c_attn", "mlp.c_proj"], feedforward_modules=["mlp.c_proj"],
+                                       fan_in_fan_out=True), gpt2),
     ("ln-tuning", {}, lambda: peft.LNTuningConfig(target_modules=["input_layernorm", "post_attention_layernorm",
                                                                   "norm"]), llama),
     ("ln-tuning", {}, lambda: peft.LNTuningConfig(target_modules=["ln_1", "ln_2", "ln_f"]), gpt2),
@@ -54,7 +61,7 @@ def close(a, b):
 def test_petkit_adapter_loads_in_peft_with_the_same_logits(method, kwargs, make_peft, toy, tmp_path):
     base, batch = toy(), inputs("llama")
     theirs = copy.deepcopy(base)
-    targets = None if method in ("trainable-tokens", "ln-tuning") else QV
+    targets = None if method in ("trainable-tokens", "ln-tuning", "ia3") else QV
     pk.attach(base, pk.make_config(method, targets=targets, **kwargs))
     perturb(pk.trainable_parameters(base), seed=3)
     expected = run(base, batch)
@@ -82,7 +89,8 @@ def test_peft_adapter_loads_in_petkit_with_the_same_logits(method, kwargs, make_
 
 
 def test_every_exchangeable_method_has_a_case_and_the_others_are_refused(tmp_path):
-    assert set(exchangeable()) - {"lora", "dora"} <= {m for m, *_ in CASES}
+    # LoRA and DoRA: test_peft_interop.py, LoRA on MoE experts: test_moe.py, prompts: test_peft_prompts.py
+    assert set(exchangeable()) - {"lora", "dora", "prompt", "prefix"} <= {m for m, *_ in CASES}
     m = llama()
     pk.attach(m, pk.KronaConfig())
     with pytest.raises(pk.AdapterStateError, match="'krona', which PEFT does not have"):

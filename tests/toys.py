@@ -50,6 +50,15 @@ def gpt2(seed: int = 0) -> nn.Module:
     return tiny_model("gpt2", seed=seed)[0].eval()
 
 
+def mixtral(seed: int = 0) -> nn.Module:
+    """A 2-layer, 32-wide Mixtral: 4 experts as 3-D parameters, 2 per token."""
+    return tiny_model("mixtral", seed=seed)[0].eval()
+
+
+def qwen2_moe(seed: int = 0) -> nn.Module:
+    return tiny_model("qwen2_moe", seed=seed)[0].eval()
+
+
 def bert_cls(seed: int = 0) -> nn.Module:
     return tiny_model("bert", task="seq-cls", num_labels=3, seed=seed)[0].eval()
 
@@ -96,7 +105,7 @@ def save_tiny_llama(folder: Path) -> str:
 
 
 TOYS: dict[str, Callable[[int], nn.Module]] = {"mlp": mlp, "llama": llama, "gpt2": gpt2, "bert": bert_cls,
-                                               "vit": vit}
+                                               "vit": vit, "mixtral": mixtral, "qwen2_moe": qwen2_moe}
 
 
 def inputs(kind: str, seed: int = 1) -> dict[str, torch.Tensor]:

@@ -36,6 +36,8 @@ from petkit import cli_quantize as qat_cli  # flags only: torch loads when `petk
 from petkit.cli_flags import (COLUMNS, DATA, DOTTED, FLAGS, HELP, METAVARS, METHOD, OBJECTIVE,
                               OPTIMISERS, REWARD_HELP, TRAINING, speak_flags)
 from petkit.cli_io import ERR, UsageError
+from petkit.cli_sections import (add_section_flags, check_applies, sections_of,
+                                 values as section_values)
 from petkit.core.errors import PetkitError
 from petkit.continual import cli as continual_cli  # flags only, as for bench and fed
 from petkit.fed import flags as fed_flags  # flags only: `petkit fed` imports Flower when it runs
@@ -44,8 +46,31 @@ from petkit.serve import serve_cli  # flags only: FastAPI and uvicorn load when 
 
 
 class _Parser(argparse.ArgumentParser):
+    """Errors are usage errors; a subcommand's section flags are added when it parses or shows
+    its help (not when `petkit --help` builds every subcommand)."""
+
+    section_command: str | None = None
+
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+    def add_sections(self) -> _Parser:
+        """Add the `--section.field` flags of this subcommand (once)."""
+        if self.section_command is not None:
+            command, self.section_command = self.section_command, None
+            if self.usage is None and sections_of(command):  # not a hundred flags in usage
+                usage = super().format_usage().removeprefix("usage: ").rstrip()
+                self.usage = f"{usage} [--SECTION.FIELD VALUE ...]"
+            add_section_flags(self, command)
+        return self
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        self.add_sections()
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self) -> str:
+        self.add_sections()
+        return super().format_help()
 
 
 def _add_flags(parser: argparse.ArgumentParser, names: Sequence[str], title: str | None = None,
@@ -144,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
                                           "lines; /reset, /exit)"), chat=True)
     serve_cli.add_arguments(sub.add_parser("serve", help="OpenAI-compatible server of a base and "
                                            "many adapters, with a playground page (docs/serving.md)"))
+    for name, command in sub.choices.items():
+        command.section_command = name
     return parser
 
 
@@ -183,7 +210,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, "nproc", None) and "WORLD_SIZE" not in os.environ:
             return _relaunch(args.nproc, list(argv) if argv is not None else sys.argv[1:],
                              args.verbose)
-        dotted = _split_dotted(extra)
+        dotted = {**section_values(args), **_split_dotted(extra)}
+        check_applies(args.command, dotted)
         from petkit.cli_commands import COMMANDS
 
         COMMANDS[args.command](args, dotted)

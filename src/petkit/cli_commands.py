@@ -30,7 +30,9 @@ from petkit.app.run_folder import DEFAULT_OUTPUT, SCHEDULE_FIELDS, claim_output,
 from petkit.benchmark import cli as bench_cli
 from petkit.cli_flags import FLAGS
 from petkit.cli_io import OUT, UsageError
+from petkit.cli_sections import values as section_values
 from petkit.compress.cli import pruning_hooks
+from petkit.compress.loftq_cli import loftq_run, wants_loftq
 from petkit.core.capabilities import set_rank
 from petkit.core.disk import folder_bytes, format_bytes
 from petkit.core.model import attach, summary
@@ -48,6 +50,7 @@ hf_logging.disable_progress_bar()  # "Loading weights" bars would bury petkit's 
 def _recipe(args: argparse.Namespace, dotted: dict[str, str], base: Any = None) -> Any:
     """Recipe from --recipe (or `base`, or the default), then named flags, then dotted ones.
     With --resume: the run folder's own recipe, changed only where --resume-override says."""
+    dotted = {**section_values(args), **dotted}  # the declared --section.field flags too
     if getattr(args, "resume", False):
         if args.recipe:
             raise UsageError("--resume continues the run in --output with its own recipe.yaml; "
@@ -112,7 +115,7 @@ def cmd_train(args: argparse.Namespace, dotted: dict[str, str]) -> None:
     ranks = _eval_ranks(args, recipe)
     recipe = claim_output(recipe, args.overwrite, lambda line: OUT.print(line, markup=False))
     echo = lambda line: OUT.print(f"[dim]{escape(line)}[/dim]")  # noqa: E731
-    hooks = pruning_hooks(recipe)
+    recipe, hooks = loftq_run(recipe) if wants_loftq(recipe) else (recipe, pruning_hooks(recipe))
     report = run_objective_recipe(recipe, echo, hooks) if is_objective_run(recipe) \
         else run_recipe(recipe, echo=echo, hooks=hooks, command=["petkit", *args.argv])
     result = report.result
@@ -277,9 +280,7 @@ def cmd_serve(args: argparse.Namespace, dotted: dict[str, str]) -> None:
     """Serve the base and its adapters over HTTP until interrupted."""
     from petkit.serve import serve_cli
 
-    if dotted:
-        raise UsageError(f"petkit serve takes no --section.field settings, got --{next(iter(dotted))}")
-    serve_cli.command(args, lambda line: OUT.print(line, markup=False))
+    serve_cli.command(args, lambda line: OUT.print(line, markup=False), dotted)
 
 
 def cmd_talk(args: argparse.Namespace, dotted: dict[str, str]) -> None:

@@ -2,32 +2,13 @@
 metavar, and the groups `--help` shows them in (used by `petkit.cli` to build its parser).
 Any recipe field without a named flag is reachable as --section.field."""
 
+from petkit.app.aliases import ALIASES
 from petkit.data.chat import TEMPLATES
 from petkit.data.embedded import DATASETS
 from petkit.data.formats import FORMATS
 from petkit.models.embedded import MODELS
 
-FLAGS = {"method": "method.name", "model": "model.name", "data": "data.name",
-         "validation_file": "data.validation_file", "test_file": "data.test_file",
-         "text_column": "data.text_column", "label_column": "data.label_column",
-         "prompt_column": "data.prompt_column", "completion_column": "data.completion_column",
-         "task_type": "data.task_type", "steps": "train.max_steps", "epochs": "train.epochs",
-         "lr": "train.lr", "batch_size": "train.batch_size", "grad_accum": "train.grad_accum",
-         "warmup": "train.warmup_steps", "schedule": "train.schedule",
-         "eval_every": "train.eval_every", "precision": "runtime.precision",
-         "rank": "method.r", "alpha": "method.alpha", "max_length": "data.max_length",
-         "train_size": "data.train_size", "test_size": "data.test_size", "seed": "train.seed",
-         "output": "train.output_dir", "ist_top_k": "train.ist.top_k",
-         "ist_every": "train.ist.every", "optimizer": "train.optimizer", "eps": "train.stepper.eps",
-         "n_spsa": "train.stepper.n_spsa", "dim": "train.stepper.dim",
-         "popsize": "train.stepper.popsize", "quantize": "model.quantize",
-         "prune": "model.prune", "sparsity": "model.sparsity",
-         "device": "runtime.device", "compile": "runtime.compile",
-         "compile_scope": "runtime.compile_scope",
-         "checkpointing": "runtime.activation_checkpointing", "packing": "runtime.packing",
-         "format": "data.format", "data_split": "data.split", "data_config": "data.config",
-         "chat_template": "data.chat_template", "train_on": "data.train_on",
-         "bad_rows": "data.bad_rows", "report_to": "train.report_to"}
+FLAGS = ALIASES  # the one table of short flags (app/aliases.py)
 COLUMNS = ("text_column", "label_column", "prompt_column", "completion_column")
 DATA = ("data", "validation_file", "test_file", *COLUMNS, "task_type", "max_length",
         "train_size", "test_size", "format", "data_split", "data_config", "chat_template",
@@ -99,15 +80,14 @@ METAVARS = {"data": "TASK|FILE|FOLDER|HUB_ID", "format": "NAME", "data_split": "
             "schedule": "NAME", "precision": "NAME", "optimizer": "NAME", "rank": "R",
             "alpha": "ALPHA", "steps": "N", "report_to": "TRACKERS", "eps": "EPS", "dim": "D", "popsize": "N"}
 DOTTED = ("Every recipe field is an option too, written --SECTION.FIELD=VALUE with SECTION one of "
-          "method, model, data, train: --method.dropout=0.1 --train.weight_decay=0.01 "
-          "--data.validation_size=100 --train.stepper.eps=1e-3. Order of precedence: --recipe "
+          "method, model, data, train, runtime (listed above per section): --method.dropout=0.1 "
+          "--train.weight_decay=0.01 --data.validation_size=100 --train.stepper.eps=1e-3 "
+          "--runtime.device=cpu. Order of precedence: --recipe "
           "(default: the shipped 'default'), then the flags above, then dotted options. An "
           "unknown field's error lists the fields of its section.")
 # Objectives: train.objective (training/objectives_config.py, docs/objectives.md); --reward is
 # repeatable and set by the CLI itself.
 OBJECTIVE = ("objective", "beta", "group_size", "kl", "max_new_tokens", "temperature", "metric")
-FLAGS.update({name: f"train.objective.{name}" for name in OBJECTIVE})
-FLAGS["objective"] = "train.objective.name"
 HELP.update({
     "objective": "sft (default) | dpo | rpo | ipo | orpo | simpo | kto (preference pairs) | "
                  "grpo (prompts + --reward)",

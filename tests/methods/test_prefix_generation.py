@@ -13,6 +13,7 @@ METHODS = {
     "prompt": {"num_virtual_tokens": 3},
     "residual-prompt": {"num_virtual_tokens": 3, "bottleneck": 8},
     "prefix": {"num_virtual_tokens": 3},
+    "prefix[after_prefix]": {"num_virtual_tokens": 3, "positions": "after_prefix"},  # PEFT's positions
     "adaptive-prefix": {"num_virtual_tokens": 3},
     "prefix-propagation": {"num_virtual_tokens": 3},
 }
@@ -23,7 +24,7 @@ CASES = [(m, a) for m in METHODS for a in DECODERS]
 def tuned(method, arch):
     base = DECODERS[arch]()
     model = copy.deepcopy(base)
-    pk.attach(model, pk.make_config(method, **METHODS[method]))
+    pk.attach(model, pk.make_config(method.split("[")[0], **METHODS[method]))
     perturb(pk.trainable_parameters(model), seed=3, scale=0.5)
     return base, model
 

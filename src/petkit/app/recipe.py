@@ -78,7 +78,7 @@ class DataSpec:
     task_type: str = "auto"
     train_size: int | None = None
     test_size: int | None = None
-    validation_size: int = 0
+    validation_size: int = 0  # examples split off the training subset to pick the best step
     max_length: int = 128
     image_size: int = 224  # image tasks: side of the ViT's input (dinov2-s: a multiple of 14)
     test_file: str | None = None
@@ -87,8 +87,8 @@ class DataSpec:
     label_column: str = "label"
     prompt_column: str = "prompt"
     completion_column: str = "completion"
-    test_fraction: float = 0.2
-    labels: list[str] | None = None
+    test_fraction: float = 0.2  # share of a task without a test split held out for testing
+    labels: list[str] | None = None  # label names in order (None: as the data names them)
     format: str = "auto"  # a data format of petkit.data.formats (auto: recognised from the columns)
     split: str = "train"  # datasets: the split that trains (a `test` split is the test set)
     config: str | None = None  # hub datasets: the configuration (subset) name

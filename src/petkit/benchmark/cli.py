@@ -62,19 +62,19 @@ def grid_path(args: argparse.Namespace) -> Path:
 
 
 def command(args: argparse.Namespace, dotted: dict[str, str]) -> str:
-    """Run the grid (or only the report); return a short summary for the console."""
+    """Run the grid (or only the report); return a short summary for the console. `dotted`:
+    the --train.F / --runtime.F options, applied to every cell's run."""
     from petkit.benchmark.harness import run, write_report  # torch and the models: only to run
 
-    if dotted:
-        raise ConfigError(f"petkit bench takes no --section.field overrides ({sorted(dotted)}); "
-                          "put them in the grid file")
     spec = grid_path(args)
     out = Path(args.bench_output or f"runs/bench-{spec.stem}")
+    if args.report_only and dotted:
+        raise ConfigError(f"--report-only runs no cell; --{next(iter(dotted))} has nothing to change")
     if args.report_only:
         report = write_report(out, title=f"Benchmark: {out.name}")
     else:
-        report = run(spec, out, retry_failed=args.retry_failed,
-                           progress=not args.no_progress, shard=parse_shard(args.shard))
+        report = run(spec, out, retry_failed=args.retry_failed, progress=not args.no_progress,
+                     shard=parse_shard(args.shard), overrides=dotted)
     ok = len(report.records) - len(report.failed)
     return (f"{ok} cells finished, {len(report.failed)} failed -> {report.csv}, "
             f"{report.markdown}, {len(report.plots)} plots in {out / 'plots'}")

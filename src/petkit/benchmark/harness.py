@@ -11,7 +11,7 @@ import yaml
 from petkit.benchmark.plots import plot_all
 from petkit.benchmark.report import markdown
 from petkit.benchmark.runner import run_grid
-from petkit.benchmark.spec import BenchSpec, load_spec, spec_from_dict
+from petkit.benchmark.spec import BenchSpec, load_spec, spec_from_dict, with_overrides
 from petkit.benchmark.store import ResultStore
 
 
@@ -54,13 +54,16 @@ def write_report(folder: str | Path, records: list[dict[str, Any]] | None = None
 
 def run(spec: str | Path | BenchSpec | dict[str, Any], output_dir: str | Path, *,
         retry_failed: bool = False, progress: bool = True, shard: tuple[int, int] = (1, 1),
-        echo: Callable[[str], None] = print) -> BenchReport:
+        echo: Callable[[str], None] = print,
+        overrides: dict[str, str] | None = None) -> BenchReport:
     """Run (or resume) the grid `spec` into `output_dir`; write the CSV, tables and plots.
 
     `shard=(i, n)`: this process runs the i-th of n interleaved parts of the grid (1-based);
-    start n processes on the same folder to use n cores.
+    start n processes on the same folder to use n cores. `overrides`: {"train.lr": "1e-3",
+    "runtime.device": "cpu", ...} applied to every run's TrainConfig (`petkit bench --train.lr`).
     """
     grid = _as_spec(spec)
+    grid = with_overrides(grid, overrides) if overrides else grid
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if isinstance(spec, (str, Path)):

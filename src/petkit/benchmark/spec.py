@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 
+from petkit.app.recipe import Recipe, apply_overrides
 from petkit.app.safe_yaml import load_yaml_file
 from petkit.compress.prune import PruneConfig
 from petkit.core.errors import ConfigError
@@ -126,6 +127,8 @@ class BenchSpec:
     train: dict[str, Any] = field(default_factory=dict)
     threads: int | None = None
     per_class: bool = False  # sizes are shots per class
+    # `petkit bench --train.F / --runtime.F`: applied to every run's TrainConfig, last
+    overrides: dict[str, str] = field(default_factory=dict)
 
     def cells(self) -> list[Cell]:
         """Every cell; seeds outermost, so a grid cut short still compares every arm."""
@@ -135,17 +138,23 @@ class BenchSpec:
     def train_config(self, cell: Cell) -> TrainConfig:
         """The grid's, then the task's, then the arm's TrainConfig fields; the cell's seed."""
         fields = {"progress": False, **self.train, **cell.task.train, **cell.arm.train}
-        return TrainConfig.from_dict({**fields, "seed": cell.seed, "output_dir": None,
-                                      "resume": False, "save_every": 0})
+        return self._overridden({**fields, "seed": cell.seed, "output_dir": None,
+                                 "resume": False, "save_every": 0})
 
     def pretrain_config(self, cell: Cell) -> TrainConfig:
         """TrainConfig of the arm's source run: the cell's fields, then `pretrain.train`; no
         validation (nothing of the source task's test split is read)."""
         fields = {"progress": False, **self.train, **cell.task.train, **cell.arm.train,
                   **cell.arm.pretrain.get("train", {})}
-        return TrainConfig.from_dict({**fields, "seed": cell.arm.pretrain.get("seed", 0),
-                                      "output_dir": None, "resume": False, "save_every": 0,
-                                      "eval_every": 0})
+        return self._overridden({**fields, "seed": cell.arm.pretrain.get("seed", 0),
+                                 "output_dir": None, "resume": False, "save_every": 0,
+                                 "eval_every": 0})
+
+    def _overridden(self, fields: dict[str, Any]) -> TrainConfig:
+        """The TrainConfig of `fields` with the command line's section overrides on top."""
+        config = TrainConfig.from_dict(fields)
+        return apply_overrides(Recipe(train=config), self.overrides).train if self.overrides \
+            else config
 
     def fingerprint(self, cell: Cell) -> str:
         """Hash of everything that decides the cell's result."""
@@ -362,6 +371,24 @@ def spec_from_dict(data: dict[str, Any]) -> BenchSpec:
     names = [t.name for t in spec.tasks]
     if len(set(names)) != len(names):
         raise ConfigError(f"bench spec: task names repeat in {names}")
+    return checked(spec)
+
+
+PER_CELL = ("train.seed", "train.output_dir", "train.resume", "train.save_every")
+
+
+def with_overrides(spec: BenchSpec, overrides: dict[str, str]) -> BenchSpec:
+    """`spec` whose every run takes the `--train.F` / `--runtime.F` overrides (checked now);
+    the fields the grid sets per cell (PER_CELL) are refused."""
+    fixed = sorted(k for k in overrides if k in PER_CELL)
+    if fixed:
+        raise ConfigError(f"petkit bench sets {', '.join('--' + k for k in fixed)} per cell "
+                          "(the grid's seeds:, its run folder); drop the option")
+    return checked(dataclasses.replace(spec, overrides=dict(overrides)))
+
+
+def checked(spec: BenchSpec) -> BenchSpec:
+    """`spec` once every (task, arm) builds its TrainConfig: a bad field fails before the grid."""
     for task in spec.tasks:  # a bad train field fails here, not after an hour of grid
         for arm in spec.arms:
             spec.train_config(Cell(task, arm, None, spec.seeds[0]))

@@ -18,22 +18,20 @@ import functools
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from petkit.benchmark.spec import TaskSpec
-from petkit.app.pipeline import resolve_task_type
+from petkit.app.pipeline import load_base, load_recipe_task, resolve_task_type
 from petkit.app.recipe import DataSpec, ModelSpec, Recipe
 from petkit.core.errors import ConfigError
 from petkit.data.sealed_split import RecordedSplit
-from petkit.data import encode_classification, encode_instruction, label_token_ids, load_task
-from petkit.data.images import (collate_images, encode_images, few_shot, is_image_task,
-                                load_image_folder, select_classes)
+from petkit.data import encode_classification, encode_instruction, label_token_ids
+from petkit.data.images import collate_images, encode_images, few_shot, is_image_task, select_classes
 from petkit.data.task import Task, holdout_split
-from petkit.models import head_module_names, load_model
+from petkit.models import head_module_names
 from petkit.models.vision import load_vision_model
 
 Examples = list[dict[str, Any]]
@@ -96,10 +94,11 @@ class LoadedTask:
         return model
 
 
-def _task_type(spec: TaskSpec, kind: str) -> str:
-    recipe = Recipe(model=ModelSpec(spec.model), data=DataSpec(
+def task_recipe(spec: TaskSpec) -> Recipe:
+    """The grid task as a recipe's model and data sections: the one pipeline (app.pipeline)
+    reads the task and loads the model from them, as for `petkit train`."""
+    return Recipe(model=ModelSpec(spec.model), data=DataSpec(
         name=spec.data, task_type=spec.task_type, max_length=spec.max_length))
-    return resolve_task_type(recipe, kind)
 
 
 def _count(model: nn.Module) -> int:
@@ -133,15 +132,14 @@ def _load_images(spec: TaskSpec, task: Task) -> LoadedTask:
 
 def load(spec: TaskSpec) -> LoadedTask:
     """Load the data and the model of `spec`; seal the test subset."""
-    task = load_image_folder(Path(spec.data)) if Path(spec.data).is_dir() else load_task(spec.data)
+    recipe = task_recipe(spec)
+    task = load_recipe_task(recipe.data)
     if is_image_task(task):
         return _load_images(spec, task)
     if spec.classes is not None:
         raise ConfigError(f"task {spec.name!r}: classes applies to image tasks, not {spec.data!r}")
-    task_type = _task_type(spec, task.kind)
-    num_labels = task.num_labels if task_type == "head" else None
-    model, tokenizer = load_model(spec.model, task="seq-cls" if task_type == "head"
-                                  else "causal-lm", num_labels=num_labels)
+    task_type = resolve_task_type(recipe, task.kind)
+    model, tokenizer = load_base(spec.model, task_type, task.num_labels)
     ids = label_token_ids(tokenizer, task.label_words) if task_type == "verbaliser" else None
     heads = tuple(head_module_names(model)) if task_type == "head" else ()
     return LoadedTask(spec, task_type, model, tokenizer, list(task.train),

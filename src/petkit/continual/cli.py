@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from petkit.app.aliases import named_overrides
 from petkit.core.errors import ConfigError
 
 STRATEGY_NAMES = ("sequential", "multitask", "per-task", "o-lora", "inflora", "hide", "conpet")
@@ -26,10 +27,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              ":CLASS+CLASS (e.g. bbc-news:business+tech)")
     parser.add_argument("--strategy", dest="cl_strategy", metavar="NAME", default="sequential",
                         help=f"one of {', '.join(STRATEGY_NAMES)} (default sequential)")
-    parser.add_argument("--method", dest="cl_method", metavar="NAME", default="lora",
+    parser.add_argument("--recipe", dest="cl_recipe", metavar="NAME|FILE", default=None,
+                        help="a training recipe (YAML file or shipped name) whose method, model, "
+                             "train and runtime sections the run takes (default: LoRA on "
+                             "minilm-l6, lr 1e-3, 60 steps per task, batch 16)")
+    parser.add_argument("--method", dest="cl_method", metavar="NAME", default=None,
                         help="PET method per task (default lora; o-lora/inflora need the LoRA "
                              "family); set its fields with --method.FIELD=VALUE")
-    parser.add_argument("--model", dest="cl_model", metavar="NAME", default="minilm-l6",
+    parser.add_argument("--model", dest="cl_model", metavar="NAME", default=None,
                         help="encoder (default minilm-l6, embedded)")
     parser.add_argument("--output", dest="cl_output", metavar="DIR", default=None,
                         help="run folder (default runs/continual-<strategy>, moving on to -2, -3 "
@@ -73,27 +78,41 @@ def parse_options(items: list[str]) -> dict[str, Any]:
     return out
 
 
-SECTIONS = ("method.", "train.", "runtime.")  # what --section.field may set here
+# The short flags of the recipe sections here: argparse dest -> row of app/aliases.py ALIASES.
+NAMED = {"cl_method": "method", "cl_model": "model", "cl_steps": "steps", "cl_lr": "lr",
+         "cl_batch_size": "batch_size", "cl_seed": "seed"}
+SECTIONS = ("method.", "train.", "runtime.", "model.")  # what --section.field may set here
+
+
+def continual_recipe(named: dict[str, str], dotted: dict[str, str],
+                     recipe: str | None = None) -> Any:
+    """The run's recipe: `recipe` (a YAML file or shipped name; default
+    `strategy.default_recipe()`) with the short flags' fields (`named`) and then the
+    `--method.F`, `--model.F`, `--train.F` and `--runtime.F` options applied."""
+    from petkit.app.recipe import DataSpec, apply_overrides, load_recipe  # only when it runs
+    from petkit.continual.strategy import default_recipe
+
+    others = sorted(k for k in dotted if not k.startswith(SECTIONS))
+    if others:
+        raise ConfigError(f"petkit continual takes only --method.FIELD, --train.FIELD, "
+                          f"--runtime.FIELD and --model.FIELD overrides, got {others}")
+    base = load_recipe(recipe) if recipe else default_recipe()
+    if base.data != DataSpec():
+        raise ConfigError(f"--recipe {recipe}: petkit continual takes its tasks from --tasks "
+                          "(and --max-train, --max-test, --max-length); drop its data: section")
+    overrides = {**named, **dotted}
+    return apply_overrides(base, overrides) if overrides else base
 
 
 def method_overrides(dotted: dict[str, str]) -> dict[str, Any]:
-    """`--method.r=16` -> {"r": 16}; a section other than method, train and runtime is an
-    error (those two: `train_section`)."""
-    others = sorted(k for k in dotted if not k.startswith(SECTIONS))
-    if others:
-        raise ConfigError(f"petkit continual takes only --method.FIELD, --train.FIELD and "
-                          f"--runtime.FIELD overrides, got {others}")
-    return {k.removeprefix("method."): _value(v) for k, v in dotted.items()
-            if k.startswith("method.")}
+    """`--method.r=16` -> {"r": 16}, typed by the method's config."""
+    method = continual_recipe({}, dotted).method
+    return {k: v for k, v in method.items() if k != "name"}
 
 
 def train_section(dotted: dict[str, str]) -> Any:
     """The run's TrainConfig: the continual default with `--train.F` / `--runtime.F` applied."""
-    from petkit.app.recipe import Recipe, apply_overrides  # the run's modules: only when it runs
-    from petkit.continual.strategy import DEFAULT_TRAIN
-
-    given = {k: v for k, v in dotted.items() if k.startswith(("train.", "runtime."))}
-    return apply_overrides(Recipe(train=DEFAULT_TRAIN), given).train if given else DEFAULT_TRAIN
+    return continual_recipe({}, dotted).train
 
 
 def _earlier_run(folder: Path) -> str | None:
@@ -110,15 +129,14 @@ def command(args: argparse.Namespace, dotted: dict[str, str],
     from petkit.app.run_folder import claim_folder  # the run's modules: only when it runs
     from petkit.continual.run import run_continual
 
+    recipe = continual_recipe(named_overrides(vars(args), NAMED), dotted,
+                              getattr(args, "cl_recipe", None))
     out = claim_folder(Path(args.cl_output or f"runs/continual-{args.cl_strategy}"),
                        default=args.cl_output is None, overwrite=args.cl_overwrite,
                        held_by=_earlier_run, echo=echo)
     result = run_continual(
-        args.cl_tasks, args.cl_strategy, method=args.cl_method, model=args.cl_model,
-        output_dir=out, train=train_section(dotted), lr=args.cl_lr, steps=args.cl_steps,
-        batch_size=args.cl_batch_size,
-        seed=args.cl_seed, max_train=args.cl_max_train, max_test=args.cl_max_test,
-        max_length=args.cl_max_length, method_options=method_overrides(dotted),
+        args.cl_tasks, args.cl_strategy, recipe=recipe, output_dir=out,
+        max_train=args.cl_max_train, max_test=args.cl_max_test, max_length=args.cl_max_length,
         options=parse_options(args.cl_options), progress=True)
     lines = [f"accuracy a[t][i] ({'task id given' if result.uses_task_id else 'no task id'}):"]
     for t, row in enumerate(result.matrix):

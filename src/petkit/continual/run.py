@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +31,9 @@ from petkit.continual.model import ContinualClassifier, build_classifier, encode
 from petkit.continual.orthogonal import InfLora, OLora
 from petkit.continual.plots import plot_matrix
 from petkit.continual.routing import ConPet, Hide
+from petkit.app.recipe import Recipe
 from petkit.continual.strategy import (Context, Multitask, PerTask, Sequential, Strategy,
-                                      continual_train)
+                                      continual_train, default_recipe)
 from petkit.training.config import TrainConfig
 from petkit.continual.tasks import SeqTask, parse_task, task_specs
 from petkit.core.errors import AdapterLoadError, ConfigError
@@ -92,11 +94,11 @@ def _load_tasks(tasks: str | Sequence[str | SeqTask], max_train: int | None,
 
 
 def run_continual(tasks: str | Sequence[str | SeqTask], strategy: str = "sequential", *,
-                  method: str = "lora", model: str = "minilm-l6",
-                  output_dir: str | Path | None = None, train: TrainConfig | None = None,
-                  lr: float | None = None, steps: int | None = None,
-                  batch_size: int | None = None, seed: int | None = None,
-                  max_train: int | None = 400,
+                  recipe: Recipe | None = None, method: str | None = None,
+                  model: str | None = None, output_dir: str | Path | None = None,
+                  train: TrainConfig | None = None, lr: float | None = None,
+                  steps: int | None = None, batch_size: int | None = None,
+                  seed: int | None = None, max_train: int | None = 400,
                   max_test: int | None = 200, max_length: int = 64,
                   method_options: dict[str, Any] | None = None,
                   options: dict[str, Any] | None = None,
@@ -104,14 +106,25 @@ def run_continual(tasks: str | Sequence[str | SeqTask], strategy: str = "sequent
     """Learn `tasks` in order with `strategy`; score every seen task after each one.
 
     `tasks`: a sequence name (bbc-classes, domains), "A,B,C", or a list of task specs or
-    `SeqTask`s. `train`: the train section (default `strategy.DEFAULT_TRAIN`: lr 1e-3, 60 steps,
-    batch 16); `lr`, `steps` (optimiser steps per task; multitask: steps x tasks), `batch_size`
-    and `seed` are applied on top of it when given. `options`:
+    `SeqTask`s. `recipe`: the run's sections (`strategy.default_recipe()` when not given: LoRA on
+    minilm-l6, lr 1e-3, 60 steps per task, batch 16): its method and fields, its model and its
+    train section (with runtime); the tasks and their sizes come from `tasks`, `max_train`,
+    `max_test` and `max_length`. `method` / `method_options`, `model` and `train` replace those
+    sections; `lr`, `steps` (multitask: steps x tasks), `batch_size` and `seed` are the loose
+    keywords of earlier releases (deprecated: set them in `train` or the recipe). `options`:
     ortho_weight (o-lora), inflora_threshold, pool and replay (conpet). `encoder` replaces the
     named model (its examples must then already be token ids). `progress`: a bar over the tasks
     (the CLI's; off by default in the library).
     """
-    config = continual_train(train, lr=lr, steps=steps, batch_size=batch_size, seed=seed)
+    loose = {k: v for k, v in (("lr", lr), ("steps", steps), ("batch_size", batch_size),
+                               ("seed", seed)) if v is not None}
+    if loose:
+        warnings.warn(f"run_continual({', '.join(loose)}=...) is deprecated: give the train "
+                      "section (train=TrainConfig(...), or recipe=)", DeprecationWarning,
+                      stacklevel=2)
+    recipe = _sections(recipe, method, model, train, method_options)
+    model = recipe.model.name
+    config = continual_train(recipe.train, **loose)
     _check(strategy, config.max_steps, config.lr, config.batch_size)
     seed = config.seed
     started = time.perf_counter()
@@ -120,7 +133,8 @@ def run_continual(tasks: str | Sequence[str | SeqTask], strategy: str = "sequent
     encoded = [encode_task(t, off, tokenizer, max_length) for t, off in
                zip(seq, classifier.offsets)]
     pad = int(getattr(tokenizer, "pad_token_id", 0) or 0)
-    ctx = Context(classifier, seq, [tr for tr, _ in encoded], method, dict(method_options or {}),
+    fields = {k: v for k, v in recipe.method.items() if k != "name"}
+    ctx = Context(classifier, seq, [tr for tr, _ in encoded], recipe.method_name, fields,
                   pad_id=pad, options=dict(options or {}), train=config)
     learner = STRATEGIES[strategy](ctx)
     size = len(seq)
@@ -146,6 +160,28 @@ def run_continual(tasks: str | Sequence[str | SeqTask], strategy: str = "sequent
     if output_dir is not None:
         result.output_dir = str(write_run(Path(output_dir), result, learner, model, seq))
     return result
+
+
+def _sections(recipe: Recipe | None, method: str | None, model: str | None,
+              train: TrainConfig | None, method_options: dict[str, Any] | None) -> Recipe:
+    """The run's recipe: `recipe` (default: `default_recipe()`) with the sections given apart."""
+    recipe = recipe or default_recipe()
+    if method is not None or method_options:
+        name = method or recipe.method_name
+        kept = recipe.method if name == recipe.method_name else {}
+        recipe = replace(recipe, method={**kept, "name": name, **(method_options or {})})
+    if model is not None:
+        recipe = replace(recipe, model=replace(recipe.model, name=model))
+    if train is not None:
+        recipe = replace(recipe, train=train)
+    if recipe.model.quantize or recipe.model.prune:
+        raise ConfigError("petkit continual uses its encoder as loaded: model.quantize and "
+                          "model.prune do not apply")
+    if recipe.train.output_dir is not None:  # each task would write over the last one's
+        raise ConfigError("a continual run's folder is output_dir= (--output); drop "
+                          "train.output_dir")
+    recipe.method_config()  # a bad method name or field fails before any loading
+    return recipe
 
 
 def write_run(out: Path, result: ContinualResult, learner: Strategy, model_name: str,

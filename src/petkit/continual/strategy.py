@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from petkit.app.recipe import ModelSpec, Recipe
 from petkit.continual.model import MASKED, ContinualClassifier, forward_all
 from petkit.continual.tasks import SeqTask
 from petkit.core.model import activate, attach, disabled, set_trainable
@@ -33,6 +34,13 @@ from petkit.training.loop import train
 # The train section of a continual run when none is given: the one place its defaults live
 # (`petkit continual` flags, `pk.continual` and `Context` all start from it).
 DEFAULT_TRAIN = TrainConfig(lr=1e-3, max_steps=60, batch_size=16, progress=False)
+DEFAULT_MODEL = "minilm-l6"
+
+
+def default_recipe() -> Recipe:
+    """The run description of a continual run when nothing is given: LoRA on minilm-l6 with
+    `DEFAULT_TRAIN` (its data section is unused: the tasks come from the task specs)."""
+    return Recipe(method={"name": "lora"}, model=ModelSpec(DEFAULT_MODEL), train=DEFAULT_TRAIN)
 
 
 def continual_train(train: TrainConfig | None = None, **given: Any) -> TrainConfig:

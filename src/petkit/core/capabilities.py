@@ -212,6 +212,15 @@ class PeftLayout:
         `base module` is the innermost module the tensor belongs to
     to_state(petkit delta tensors) -> the tensors to export, where PEFT holds them combined (a
         LoRA init's frozen offset folded into one rank-2r LoRA, as PEFT's own conversion does)
+    params_to_peft(model, adapter name, tensors) -> (the rest, tensors under PEFT's full keys)
+        for what PEFT does not keep per module (MoE experts' `target_parameters`, a prompt's
+        `prompt_embeddings`); params_from_peft(model, PEFT config, PEFT tensors) -> (the rest,
+        petkit tensors) reads them back
+    target_names(module paths) -> PEFT's `target_modules` (Lily: the module names, which PEFT
+        groups its shared layers by)
+    fields_to_peft(model, adapter name) -> PEFT config fields read off the attached adapter
+        ((IA)3's feedforward_modules); fields_from_peft(PEFT config, module paths) -> this method's
+        config fields that depend on which modules PEFT adapted (they override `targets`)
     """
 
     peft_type: str
@@ -224,6 +233,14 @@ class PeftLayout:
     to_value: Callable[[Any, str, Any], Any] = field(default=lambda base, local, tensor: tensor)
     from_value: Callable[[Any, str, Any], Any] = field(default=lambda base, local, tensor: tensor)
     to_state: Callable[[dict[str, Any]], dict[str, Any]] = field(default=lambda state: state)
+    params_to_peft: Callable[[Any, str, dict[str, Any]], tuple[dict[str, Any], dict[str, Any]]] = field(
+        default=lambda model, name, state: (state, {}))
+    params_from_peft: Callable[[Any, dict[str, Any], dict[str, Any]], tuple[dict[str, Any], dict[str, Any]]] = field(
+        default=lambda model, peft_config, tensors: (tensors, {}))
+    target_names: Callable[[list[str]], list[str]] = field(default=lambda paths: paths)
+    fields_to_peft: Callable[[Any, str], dict[str, Any]] = field(default=lambda model, name: {})
+    fields_from_peft: Callable[[dict[str, Any], list[str]], dict[str, Any]] = field(
+        default=lambda peft_config, paths: {})
 
 
 WRAPPER_CAPABILITIES: tuple[type, ...] = (Weighted, LowRank, RowBatchable, RankSettable, ExpertRouted,

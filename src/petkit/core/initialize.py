@@ -53,8 +53,8 @@ def initialize(model: nn.Module, batches: Iterable[Mapping[str, Any]], name: str
         raise ConfigError(f"adapter {name!r} has no data-driven initialisation waiting "
                           "(--method.init eva|corda|lora-ga on a freshly attached LoRA)")
     if any(w.init_needs not in ("inputs", "weight_grad") for _, w in todo):
-        raise ConfigError(f"adapter {name!r} waits for pk.loftq(model, 'nf4') (--method.init loftq quantises the "
-                          "base first; petkit train does not run it yet)")
+        raise ConfigError(f"adapter {name!r} waits for pk.loftq(model, 'nf4'): LoftQ quantises the base before "
+                          "training (petkit train --method.init loftq runs it)")
     batches = list(batches)
     if not batches:
         raise ConfigError("initialize needs at least one batch")

@@ -33,8 +33,12 @@ class TrainableCopy(DeltaModule):
         return self.copy(*args, **kwargs) if self.enabled else self.base(*args, **kwargs)
 
     def merge_deltas(self) -> dict[str, torch.Tensor]:
-        base = innermost(self.base)
-        return {n: p.detach() - base.get_parameter(n).detach() for n, p in self.copy.named_parameters()}
+        """copy - base; while merged, the difference that was added (the base holds the copy then)."""
+        if not self.merged:
+            base = innermost(self.base)
+            self.__dict__["_merged"] = {n: p.detach() - base.get_parameter(n).detach()
+                                        for n, p in self.copy.named_parameters()}
+        return self.__dict__["_merged"]
 
 
 def merge_deltas(wrapper: DeltaModule) -> dict[str, torch.Tensor]:

@@ -24,9 +24,9 @@ from .adapter_check import check_targets_exist, check_values, compare_shapes, pr
 from .adapter_schema import PEFT_SCHEMA, read_json
 from .capabilities import PeftLayout
 from .safetensors_header import read_header
-from .delta import get_canonical, innermost
+from .delta import canonical_modules, get_canonical, innermost
 from .durable import write_folder
-from .errors import AdapterLoadError, AdapterStateError, ConfigError
+from .errors import AdapterLoadError, AdapterStateError, ConfigError, PetkitError
 from .io import adapter_state, fill_attached
 from .model import adapters, attach
 from .registry import METHODS, MethodConfig
@@ -66,7 +66,7 @@ def peft_config(cfg: MethodConfig, keys: list[str], *, conv1d: bool = False,
     layout = _layout(cfg, "export_peft")
     names = tuple(f".{n}" for n in layout.keys.values())
     targets = sorted({k[len(PREFIX):-len(n)] for k in keys for n in names if k.endswith(n)})
-    config = {"peft_type": layout.peft_type, "task_type": None, "target_modules": targets,
+    config = {"peft_type": layout.peft_type, "task_type": None, "target_modules": layout.target_names(targets),
               "modules_to_save": list(cfg.modules_to_save) or None, "inference_mode": True,
               **layout.to_peft(cfg), "base_model_name_or_path": base_model}
     alpha = config.get("lora_alpha")
@@ -84,11 +84,15 @@ def peft_files(model: nn.Module, name: str = "default",
     if record is None:
         raise AdapterStateError(f"unknown adapter {name!r}")
     layout = _layout(record.config, "export_peft")
+    state, params = layout.params_to_peft(model, name, layout.to_state(adapter_state(model, name)))
     tensors = {peft_key(k, layout): _peft_value(model, layout, k, v.detach()).cpu().contiguous()
-               for k, v in layout.to_state(adapter_state(model, name)).items()}
+               for k, v in state.items()}
     conv1d = any(is_linear(innermost(w)) and linear_dims(innermost(w))[2] for _, w in wrappers_of(model, [name]))
     base_model = base_model or getattr(getattr(model, "config", None), "_name_or_path", None)
-    return tensors, peft_config(record.config, list(tensors), conv1d=conv1d, base_model=base_model)
+    config = peft_config(record.config, list(tensors), conv1d=conv1d, base_model=base_model)
+    config.update(layout.fields_to_peft(model, name))
+    tensors.update({k: v.detach().cpu().contiguous() for k, v in params.items()})
+    return tensors, config
 
 
 def _peft_value(model: nn.Module, layout: PeftLayout, key: str, value: torch.Tensor) -> torch.Tensor:
@@ -160,12 +164,40 @@ def _our_tensors(layout: PeftLayout, config: dict[str, Any], tensors: dict[str, 
         if hit is not None:
             ours[f"{hit[1]}.{hit[0]}"] = value
             continue
-        mod = next((m for m in saved if rest.startswith(m + ".") or f".{m}." in f".{rest}"), None)
+        # PEFT's rule: a module whose path ends with the name (so "gate" also saves "shared_expert_gate")
+        mod = next((m for m in saved if rest.startswith(m + ".") or f"{m}." in rest), None)
         if mod is None:
             raise AdapterLoadError(f"tensor {key!r} is neither a {layout.peft_type} tensor nor a modules_to_save module")
         mod_path, _, param = rest.rpartition(".")
         ours[f"{mod_path}.copy.{param}"] = value
     return ours
+
+
+def _modules_of(model: nn.Module, keys: list[str]) -> list[str]:
+    """The module paths petkit tensor keys belong to (each key's longest prefix that is a module)."""
+    paths, found = {p for p, _, _ in canonical_modules(model)}, set()
+    for key in keys:
+        parts = key.split(".")
+        found.add(next((".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1) if ".".join(parts[:i]) in paths), ""))
+    return sorted(found)
+
+
+def _saved_modules(saved: tuple[str, ...], ours: dict[str, torch.Tensor]) -> list[str]:
+    """The config's modules_to_save: PEFT's names, or the copied modules' paths where PEFT's
+    looser matching (path ends with the name) took a module petkit's (`.name` suffix) would not."""
+    copies = sorted({k.split(".copy.", 1)[0] for k in ours if ".copy." in k})
+    if all(any(p == m or p.endswith("." + m) for m in saved) for p in copies):
+        return list(saved)
+    return copies
+
+
+def _params_from_peft(layout: PeftLayout, model: nn.Module, config: dict[str, Any], tensors: dict[str, torch.Tensor],
+                      path: object) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The layout's `params_from_peft` (parameter targets); a PetkitError says which folder."""
+    try:
+        return layout.params_from_peft(model, config, tensors)
+    except PetkitError as exc:
+        raise AdapterLoadError(f"{path}: {exc}") from None
 
 
 def import_peft(model: nn.Module, path: str | os.PathLike, name: str = "default", trainable: bool = False) -> nn.Module:
@@ -178,6 +210,7 @@ def import_peft(model: nn.Module, path: str | os.PathLike, name: str = "default"
         if config.get(key):
             raise AdapterLoadError(f"PEFT {key} (per-module ranks) is not supported yet")
     saved = tuple(config.get("modules_to_save") or ())
+    tensors, params = _params_from_peft(layout, model, config, tensors, path)
     ours = _our_tensors(layout, config, tensors, saved)
     targets = sorted({k.rsplit(".", 1)[0] for k in ours if ".copy." not in k})
     check_targets_exist(model, targets, path)
@@ -185,10 +218,13 @@ def import_peft(model: nn.Module, path: str | os.PathLike, name: str = "default"
         module_path, _, local = key.rpartition(".")
         ours[key] = layout.from_value(innermost(get_canonical(model, module_path)), local, ours[key])
     try:
-        cfg = cls.from_dict({**layout.from_peft(config), "targets": targets, "modules_to_save": list(saved)})
+        cfg = cls.from_dict({**layout.from_peft(config), "targets": targets,
+                             "modules_to_save": _saved_modules(saved, ours), **layout.fields_from_peft(config, targets)})
     except ConfigError as exc:
         raise AdapterLoadError(f"{path}: adapter_config.json: {exc}") from None
-    touched = targets + sorted({k.split(".copy.", 1)[0] for k in ours if ".copy." in k})
+    ours.update(params)
+    touched = targets + _modules_of(model, list(params)) + sorted(
+        {k.split(".copy.", 1)[0] for k in ours if ".copy." in k})
     check_targets_exist(model, touched, path)
     check_values(ours, path, strict=True)
     shapes = {k: tuple(v.shape) for k, v in ours.items()}

@@ -149,12 +149,32 @@ def match_targets(
     return found
 
 
-def _close(entry: str, paths: Sequence[str]) -> str:
+def match_parameters(model: nn.Module, entries: Sequence[str]) -> dict[str, list[str]]:
+    """Resolve parameter targets (`<module path>.<parameter>`, exactly or as a `.suffix`, e.g.
+    "experts.gate_up_proj") to {canonical module path: its matched parameter names}, modules in
+    model order and each module's names in the order it registered them (PEFT's nesting order)."""
+    if isinstance(entries, str) or not entries:
+        raise TargetError("parameter targets must be a non-empty list of names like 'experts.gate_up_proj'")
+    found: dict[str, list[str]] = {}
+    keys: list[str] = []
+    for path, _, inner in canonical_modules(model):
+        for pname, _ in inner.named_parameters(recurse=False):
+            key = f"{path}.{pname}" if path else pname
+            keys.append(key)
+            if any(key == e or key.endswith("." + e) for e in entries):
+                found.setdefault(path, []).append(pname)
+    for entry in entries:
+        if not any(k == entry or k.endswith("." + entry) for k in keys):
+            raise TargetError(f"parameter target {entry!r} matched no parameter.{_close(entry, keys, 'Parameter')}")
+    return found
+
+
+def _close(entry: str, paths: Sequence[str], noun: str = "Module") -> str:
     leaves = sorted({p.rsplit(".", 1)[-1] for p in paths} | set(paths))
     close = difflib.get_close_matches(entry, leaves, n=5, cutoff=0.5)
     if not close:
         close = sorted({p.rsplit(".", 1)[-1] for p in paths})[:12]
-        return f" Module names in this model include: {', '.join(close)}"
+        return f" {noun} names in this model include: {', '.join(close)}"
     return f" Close names: {', '.join(close)}"
 
 

@@ -63,6 +63,9 @@ def vllm_problems(config: Mapping[str, Any], tensor_names: Iterable[str]) -> lis
     if config.get("modules_to_save"):
         problems.append(f"it trains whole modules ({', '.join(config['modules_to_save'])}: "
                         "modules_to_save, e.g. a classification head)")
+    if config.get("target_parameters"):
+        problems.append("it adapts mixture-of-experts weights (target_parameters), which this export does not "
+                        "check vLLM loads; use --format peft")
     if config.get("use_dora"):
         problems.append("it is DoRA (use_dora), which vLLM does not support")
     if config.get("bias", "none") != "none" or config.get("lora_bias"):

@@ -7,15 +7,18 @@ from __future__ import annotations
 
 import argparse
 
+from petkit.app.aliases import ALIASES
+
 DEFAULT_RECIPE = "minilm-bbc-noniid"
-# Named flags and the recipe field each sets; any other field is --section.field=value.
+# Named flags and the field each sets: the federation's own (its `fed` section), then the recipe
+# sections' from the one table of short flags (app/aliases.py; `--local-steps` is its `steps`);
+# any other field is --section.field=value.
 FLAGS = {"clients": "fed.clients", "rounds": "fed.rounds", "fraction": "fed.fraction",
          "alpha": "fed.alpha", "strategy": "fed.strategy", "mu": "fed.proximal_mu",
          "dp_clip": "fed.dp_clip", "dp_noise": "fed.dp_noise", "dp_delta": "fed.dp_delta",
-         "workers": "fed.workers", "local_steps": "train.max_steps", "lr": "train.lr",
-         "method": "method.name", "model": "model.name", "data": "data.name",
-         "seed": "fed.seed", "output": "train.output_dir", "compress": "fed.compress",
-         "compress_down": "fed.compress_down"}
+         "workers": "fed.workers", "seed": "fed.seed", "compress": "fed.compress",
+         "compress_down": "fed.compress_down", "local_steps": ALIASES["steps"],
+         **{name: ALIASES[name] for name in ("lr", "method", "model", "data", "output")}}
 HELP = {"clients": "number of clients N", "rounds": "federated rounds", "alpha": "Dirichlet concentration",
         "fraction": "share of clients trained per round", "strategy": "fedavg | fedprox",
         "mu": "FedProx proximal weight", "dp_clip": "clip each client update to this L2 norm (DP)",

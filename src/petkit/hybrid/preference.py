@@ -18,6 +18,7 @@ recipe `petkit train --recipe meet` runs the same two steps (docs/objectives.md)
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -89,15 +90,29 @@ class DPOModel(nn.Module):
         return PreferenceOutput(loss, s.h().detach())
 
 
+def _loose(beta: float | None, rpo_alpha: float | None, where: str) -> tuple[float, float]:
+    """beta / rpo_alpha given as keywords (earlier releases): kept, with a DeprecationWarning
+    naming the train section's objective; defaults DPO beta 0.1, no RPO term."""
+    given = [k for k, v in (("beta", beta), ("rpo_alpha", rpo_alpha)) if v is not None]
+    if given:
+        warnings.warn(f"{where}({', '.join(given)}=...) is deprecated: give the objective in the "
+                      "train section, TrainConfig(objective=ObjectiveConfig(name='dpo' | 'rpo', "
+                      "beta=..., rpo_alpha=...)) (a recipe's train.objective)",
+                      DeprecationWarning, stacklevel=3)
+    return 0.1 if beta is None else beta, 0.0 if rpo_alpha is None else rpo_alpha
+
+
 def train_preference(model: nn.Module, pairs: Sequence[dict], config: TrainConfig | None = None,
-                     *, beta: float = 0.1, pad_id: int = 0,
+                     *, beta: float | None = None, pad_id: int = 0,
                      eval_pairs: Sequence[dict] | None = None,
-                     rpo_alpha: float = 0.0) -> TrainResult:
+                     rpo_alpha: float | None = None) -> TrainResult:
     """Preference-train the active, trainable adapters of `model` on encoded `pairs`
-    (`encode_pairs`) with `pk.train` (any stepper): DPO, RPO with `rpo_alpha > 0`, or the
-    objective `config.objective` names (then `beta` / `rpo_alpha` come from it). With
-    `config.output_dir`, the adapter is saved to `output_dir/adapter`; checkpoints and resume
-    are not offered here. `report["dpo_trace"]` holds one `trace_row` per training step."""
+    (`encode_pairs`) with `pk.train` (any stepper) and the preference objective of the train
+    section `config` (`config.objective`: dpo, rpo, ipo, ...; none: DPO with beta 0.1). The
+    keywords `beta` and `rpo_alpha` (RPO when > 0) are those of earlier releases (deprecated).
+    With `config.output_dir`, the adapter is saved to `output_dir/adapter`; checkpoints and
+    resume are not offered here. `report["dpo_trace"]` holds one `trace_row` per training step."""
+    beta, rpo_alpha = _loose(beta, rpo_alpha, "train_preference")
     config = config or TrainConfig()
     if config.resume or config.save_every:
         raise ConfigError("TrainConfig.resume / save_every are not offered for DPO runs "
@@ -119,19 +134,25 @@ def train_preference(model: nn.Module, pairs: Sequence[dict], config: TrainConfi
 
 
 def meet(model: nn.Module, pairs: Sequence[dict], control: Any, lora: Any,
-         config: TrainConfig, *, control_config: TrainConfig | None = None, beta: float = 0.1,
-         pad_id: int = 0, seed: int | None = None,
-         rpo_alpha: float = 0.0) -> tuple[TrainResult, TrainResult]:
+         config: TrainConfig, *, control_config: TrainConfig | None = None,
+         beta: float | None = None, pad_id: int = 0, seed: int | None = None,
+         rpo_alpha: float | None = None) -> tuple[TrainResult, TrainResult]:
     """MEET's two steps: (1) learn control tokens (`control`, a prompt-tuning config) by prompt
-    tuning with the preference objective; (2) attach `lora` and train it with the same objective
-    while the control tokens stay fixed. Both adapters stay active ("control", "meet"). With
-    `seed`, both are attached with it (`attach(seed=)`); `rpo_alpha` applies to both steps."""
+    tuning with the preference objective of `control_config` (default `config`); (2) attach
+    `lora` and train it with `config`'s while the control tokens stay fixed. Both adapters stay
+    active ("control", "meet"). With `seed`, both are attached with it (`attach(seed=)`).
+    `beta` / `rpo_alpha`: as in `train_preference` (deprecated keywords; both steps)."""
+    given = {k: v for k, v in (("beta", beta), ("rpo_alpha", rpo_alpha)) if v is not None}
+    if given:
+        _loose(beta, rpo_alpha, "meet")  # the warning; the values go on to both steps
     attach(model, control, "control", seed=seed)
-    first = train_preference(model, pairs, control_config or config, beta=beta, pad_id=pad_id,
-                             rpo_alpha=rpo_alpha)
+    with warnings.catch_warnings():  # said once above
+        warnings.simplefilter("ignore", DeprecationWarning)
+        first = train_preference(model, pairs, control_config or config, pad_id=pad_id, **given)
     set_trainable(model, "control", False)
     attach(model, lora, "meet", seed=seed)
     activate(model, ["control", "meet"])
-    second = train_preference(model, pairs, config, beta=beta, pad_id=pad_id,
-                              rpo_alpha=rpo_alpha)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        second = train_preference(model, pairs, config, pad_id=pad_id, **given)
     return first, second

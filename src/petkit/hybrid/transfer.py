@@ -36,7 +36,9 @@ Llama / GPT-2 block (`READS_RESIDUAL`, `WRITES_RESIDUAL`).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
+import warnings
 import re
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -47,6 +49,7 @@ import torch
 from torch import nn
 
 from petkit.core.errors import ConfigError
+from petkit.hybrid.config import ALIGNS, HybridRecipe, TransferConfig
 from petkit.core.io import adapter_state, fill_attached, read_adapter, config_of
 from petkit.core.model import attach, disabled
 from petkit.core.state import adapters
@@ -100,8 +103,7 @@ def least_squares(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve(gram + ridge * torch.eye(len(gram), dtype=gram.dtype), x.T @ y)
 
 
-ALIGNS = ("hidden", "hidden-base", "embeddings")
-ALIGN_TEXTS = 64  # texts taken from refine_data when align_data is not given
+ALIGN_TEXTS = TransferConfig().align_texts  # texts taken from refine_data (no align_data)
 
 
 def embedding_maps(small: nn.Module, large: nn.Module) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -227,31 +229,54 @@ def _load(adapter: Any, small: nn.Module) -> tuple[Any, dict[str, torch.Tensor]]
     return config_of(meta, adapter), tensors
 
 
+def _settings(recipe: HybridRecipe | None, config: TransferConfig | None,
+              refine: TrainConfig | None, align: str | None) -> tuple[TransferConfig, Any]:
+    """The transfer section and the refinement's train section: `config` / `refine` given apart
+    replace the recipe's; `align=` (earlier releases) still works, with a DeprecationWarning."""
+    recipe = recipe or HybridRecipe()
+    config = config or recipe.transfer
+    if align is not None:
+        warnings.warn("transfer_adapter(align=...) is deprecated: give "
+                      f"config=TransferConfig(align={align!r}) (or a hybrid recipe)",
+                      DeprecationWarning, stacklevel=3)
+        if align not in ALIGNS:
+            raise ConfigError(f"transfer_adapter: align must be one of {ALIGNS}, got {align!r}")
+        config = dataclasses.replace(config, align=align)
+    return config, refine if refine is not None else recipe.train
+
+
 def transfer_adapter(adapter: str | os.PathLike, small_model: nn.Module, large_model: nn.Module,
-                     *, name: str = "default", refine: TrainConfig | None = None,
+                     *, name: str = "default", recipe: HybridRecipe | None = None,
+                     config: TransferConfig | None = None, refine: TrainConfig | None = None,
                      refine_data: Sequence[dict] | None = None,
                      eval_data: Sequence[dict] | None = None, pad_id: int = 0,
-                     align: str = "hidden", align_data: Sequence[dict] | None = None) -> Transfer:
+                     align_data: Sequence[dict] | None = None,
+                     align: str | None = None) -> Transfer:
     """Attach `adapter` (trained on `small_model`) to `large_model` as `name`, mapped by depth
-    and width without gradients; with `refine` (a zeroth-order or CMA-ES TrainConfig) and
-    `refine_data`, refine it with `pk.train`. `align="hidden"` (default) fits the width maps on
-    the two models' hidden states over `align_data` (encoded examples; when not given, the first
-    64 of `refine_data`), reading the small model with its adapter on; `"hidden-base"` reads it
-    as its base; `align="embeddings"` fits one pair on the input embeddings (no data).
-    Returns the layer map, the alignment residual and the refinement's `TrainResult`."""
-    if align not in ALIGNS:
-        raise ConfigError(f"transfer_adapter: align must be one of {ALIGNS}, got {align!r}")
+    and width without gradients; with a refinement train section (a zeroth-order or CMA-ES
+    TrainConfig) and `refine_data`, refine it with `pk.train`.
+
+    The settings are sections: `recipe` (a `HybridRecipe`, e.g. `load_hybrid_recipe("pet-gc")`)
+    holds the transfer section and the refinement's train section; `config` (a
+    `TransferConfig`) and `refine` replace them. `config.align="hidden"` (default) fits the width
+    maps on the two models' hidden states over `align_data` (encoded examples; when not given,
+    the first `config.align_texts` of `refine_data`), reading the small model with its adapter
+    on; `"hidden-base"` reads it as its base; `"embeddings"` fits one pair on the input
+    embeddings (no data). Returns the layer map, the alignment residual and the refinement's
+    `TrainResult`."""
+    config, refine = _settings(recipe, config, refine, align)
+    align = config.align
     if refine is not None and not refine.stepper.GRADIENT_FREE:
         raise ConfigError(f"transfer refinement is gradient-free: TrainConfig.optimizer must be "
                           f"one of {', '.join(optimizers(gradient_free=True))}, got {refine.optimizer!r}")
     if refine is not None and not refine_data:
         raise ConfigError("transfer_adapter(refine=...) needs refine_data")
-    config, tensors = _load(adapter, small_model)
+    method_config, tensors = _load(adapter, small_model)
     layers = depth_map(layer_count(small_model), layer_count(large_model))
     n_s, n_l = layer_count(small_model), layer_count(large_model)
-    texts = align_data if align_data else list(refine_data or [])[:ALIGN_TEXTS]
+    texts = align_data if align_data else list(refine_data or [])[:config.align_texts]
     maps, error = _aligner(align, small_model, large_model, texts, pad_id)
-    attach(large_model, config, name)
+    attach(large_model, method_config, name)
     target = adapter_state(large_model, name)
     mapped = {}
     for key, param in target.items():

@@ -24,11 +24,13 @@ reparameterisation MLP and `pk.fold`) and every transformer block (the gates). N
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.capabilities import PeftLayout
 from ..core.delta import innermost, wrap
 from ..core.errors import TargetError
 from .family.virtual_tokens import LayerExtension, Live
@@ -81,10 +83,12 @@ class PrefixGate(LayerExtension):
 class AdaptivePrefixConfig(PrefixConfig):
     """PrefixConfig's fields (the prefixes are prefix tuning's); `inject` adds the gates."""
 
+    peft_layout: ClassVar[PeftLayout | None] = None  # PEFT has no gated prefixes
+
     def inject(self, model: nn.Module, name: str) -> list[str]:
         blocks = layer_paths(model)
         path, source = attach_prefix(model, name, self.num_virtual_tokens, self.projection_dim, self.init,
-                                     self.init_std, self.seed)
+                                     self.init_std, self.seed, self.positions == "after_prefix")
         layers = source.shape[0]
         if layers != len(blocks):
             raise TargetError(f"{len(blocks)} transformer blocks but {layers} attention layers take a prefix: "

@@ -17,14 +17,15 @@ merged delta is kept while merged, so unmerging subtracts exactly what merging a
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from ..core.capabilities import InputScaled, MergesOwnDeltas, TransformsOutput
-from ..core.delta import DeltaModule, innermost, wrap
+from ..core.capabilities import InputScaled, MergesOwnDeltas, PeftLayout, TransformsOutput
+from ..core.delta import DeltaModule, innermost, iter_deltas, wrap
 from ..core.errors import AdapterStateError, ConfigError, TargetError
 from ..core.registry import MethodConfig, register
 from ..core.qweight import delta_dtype, dense_weight
@@ -87,10 +88,45 @@ def _as_targets(value: object, field: str) -> None:
         raise ConfigError(f"{field} must be a list of names, a regex string or None, got {value!r}")
 
 
+def _scales(model: nn.Module, name: str) -> dict[str, IA3Scale]:
+    return {p: w for p, w in iter_deltas(model) if w.adapter_name == name and isinstance(w, IA3Scale)}
+
+
+def _peft_shapes(model: nn.Module, name: str, state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """PEFT holds l as (out, 1) at an output, (1, in) at an input."""
+    out = dict(state)
+    for path, w in _scales(model, name).items():
+        value = out[f"{path}.ia3_l"]
+        out[f"{path}.ia3_l"] = value.reshape(1, -1) if w.on_input else value.reshape(-1, 1)
+    return out, {}
+
+
+def _split_feedforward(peft_config: dict[str, Any], paths: list[str]) -> dict[str, Any]:
+    """PEFT's `feedforward_modules` (a regex full-match, or names a path ends with) as
+    feedforward_targets; the other paths are scaled at their output."""
+    entries = peft_config.get("feedforward_modules") or []
+    if not isinstance(entries, str) and not all(isinstance(e, str) for e in entries):
+        raise ConfigError(f"PEFT feedforward_modules must be names or a regex, got {entries!r}")
+    if isinstance(entries, str):
+        inputs = [p for p in paths if re.fullmatch(entries, p)]
+    else:
+        inputs = [p for p in paths if any(p.endswith(e) for e in entries)]
+    return {"targets": [p for p in paths if p not in inputs], "feedforward_targets": inputs}
+
+
+PEFT = PeftLayout(
+    "IA3", {"ia3_l": "ia3_l"}, to_peft=lambda c: {"init_ia3_weights": True},
+    from_peft=lambda d: {}, fan_in_fan_out=True, from_value=lambda base, local, t: t.reshape(-1),
+    params_to_peft=_peft_shapes, fields_from_peft=_split_feedforward,
+    fields_to_peft=lambda model, name: {"feedforward_modules": sorted(p for p, w in _scales(model, name).items()
+                                                                      if w.on_input)})
+
+
 @register("ia3", family="additive",
           paper="Liu et al., 2022, Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper than In-Context Learning")
 @dataclass(frozen=True)
 class IA3Config(MethodConfig):
+    peft_layout: ClassVar[PeftLayout | None] = PEFT
     capabilities: ClassVar[tuple[type, ...]] = (MergesOwnDeltas, TransformsOutput, InputScaled)
     suggested_lr: ClassVar[float | None] = 0.01
     feedforward_targets: str | tuple[str, ...] | None = None  # scaled at their input (FFN down projections)

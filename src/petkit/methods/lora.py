@@ -3,7 +3,9 @@
     h = W0 x + (alpha / r) * B A x          A: (r, in), B: (out, r), B = 0 at init
     rsLoRA (Kalajdzievski, 2023): scale alpha / sqrt(r) instead of alpha / r.
 
-Touches Linear / GPT-2 Conv1D layers (default: the attention query and value projections).
+Touches Linear / GPT-2 Conv1D layers (default: the attention query and value projections), and
+with `target_parameters` the 3-D expert parameters of mixture-of-experts layers (all experts or
+`experts=(...)`: family/lora_experts.py; PEFT's `target_parameters` layout).
 The forward adds two small matmuls and nothing else: the second is an `addmm` that adds the
 scaled B A x into the base output (no (..., out) temporaries for the scaling and the sum), no
 dropout op when p = 0, no dict look-ups, no dtype round trips — so it compiles without graph
@@ -20,15 +22,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from .family.bias import BiasDelta
-from ..core.capabilities import (FactorLoadable, FactorTarget, InitStats, LowRank, PeftLayout,
-                                 RowBatchable, RowTerms, Weighted)
+from ..core.capabilities import (FactorLoadable, FactorTarget, InitStats, LowRank, MergesOwnDeltas,
+                                 PeftLayout, RowBatchable, RowTerms, Weighted)
 from ..core.delta import DeltaModule, get_canonical, innermost, wrap
+from .family.lora_experts import LoraExperts
 from .family.lora_init import DATA, check_init, data_factors, has_offset, weight_factors
 from .family.lowrank import add_lowrank, factor_pair, weight_out_in
 from .family.peft_fields import lora_layout
+from ..core.errors import ConfigError
 from ..core.registry import MethodConfig, check_choice, check_range, register
 from ..core.qweight import delta_dtype
-from ..core.targets import linear_dims, match_targets, role_targets
+from ..core.targets import linear_dims, match_parameters, match_targets, role_targets
 
 
 class LoraLinear(DeltaModule):
@@ -106,6 +110,11 @@ class LoraLinear(DeltaModule):
     def delta_bias(self) -> torch.Tensor | None:
         return None if self.lora_bias is None else self.lora_bias.detach() * self.mix
 
+    def merge_deltas(self) -> dict[str, torch.Tensor]:
+        """MergesOwnDeltas (as LoraExperts, so one adapter of both kinds merges alike)."""
+        out = {"weight": self.delta_weight(), "bias": self.delta_bias()}
+        return {k: v for k, v in out.items() if v is not None}
+
     def trained_factors(self) -> tuple[nn.Parameter, nn.Parameter]:
         """FactorLoadable: the trained A and B (without the frozen offset of an init)."""
         return self.lora_A, self.lora_B
@@ -131,13 +140,16 @@ class LoraLinear(DeltaModule):
 class LoraConfig(MethodConfig):
     peft_layout: ClassVar[PeftLayout | None] = lora_layout(dora=False)
     capabilities: ClassVar[tuple[type, ...]] = (Weighted, LowRank, RowBatchable, FactorLoadable,
-                                                FactorTarget)
+                                                FactorTarget, MergesOwnDeltas)
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
     rslora: bool = False
     bias: str = "none"  # none | lora_only (bias delta on wrapped layers) | all (also every other biased linear)
     init: str = "default"  # where A, B start: family/lora_init.py (pissa, olora, eva, corda, lora-ga, loftq...)
+    # 3-D expert parameters ("experts.gate_up_proj", path or .suffix); with them, `targets` None = none
+    target_parameters: tuple[str, ...] | None = None
+    experts: tuple[int, ...] | None = None  # the experts target_parameters adapt; None = all
 
     def validate(self) -> None:
         check_range("r", self.r, 1, kind=int)
@@ -146,6 +158,27 @@ class LoraConfig(MethodConfig):
         check_choice("rslora", self.rslora, (True, False))
         check_choice("bias", self.bias, ("none", "lora_only", "all"))
         check_init(self.init)
+        self._check_parameter_targets()
+
+    def _check_parameter_targets(self) -> None:
+        if self.experts is not None and (not self.experts or len(set(self.experts)) != len(self.experts) or any(
+                isinstance(e, bool) or not isinstance(e, int) or e < 0 for e in self.experts)):
+            raise ConfigError(f"experts must be distinct expert indices >= 0, got {list(self.experts)}")
+        if self.target_parameters is None:
+            if self.experts is not None:
+                raise ConfigError("experts selects among target_parameters' experts: give target_parameters too")
+            return
+        if not isinstance(self.target_parameters, tuple) or not self.target_parameters or not all(
+                isinstance(t, str) and t for t in self.target_parameters):
+            raise ConfigError("target_parameters must be a non-empty list of parameter names like "
+                              f"'experts.gate_up_proj', got {self.target_parameters!r}")
+        # as PEFT's ParamWrapper: these cannot be applied to a parameter used inside its module
+        for field, value, allowed in (("dropout", self.dropout, 0.0), ("bias", self.bias, "none")):
+            if value != allowed:
+                raise ConfigError(f"{field}={value!r} does not work with target_parameters (expert weights): "
+                                  f"use {field}={allowed!r}")
+        if self.init not in ("default", "gaussian"):
+            raise ConfigError(f"init={self.init!r} does not work with target_parameters; use 'default' or 'gaussian'")
 
     @classmethod
     def for_factors(cls, rank: int, targets: list[str], modules_to_save: list[str],
@@ -155,6 +188,14 @@ class LoraConfig(MethodConfig):
                    bias="lora_only" if bias else "none")
 
     def inject(self, model: nn.Module, name: str) -> list[str]:
+        params = match_parameters(model, self.target_parameters) if self.target_parameters else {}
+        for path, names in params.items():
+            wrap(model, path, LoraExperts, name, names, self.r, self.alpha, self.rslora, self.init, self.experts)
+        if params and not self.targets:  # as PEFT: parameter targets alone unless modules are named too
+            return list(params)
+        return list(params) + self._inject_modules(model, name)
+
+    def _inject_modules(self, model: nn.Module, name: str) -> list[str]:
         targets = self.targets if self.targets is not None else role_targets(model, "attn_qv")
         paths = match_targets(model, targets)
         for path in paths:

@@ -35,9 +35,11 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..core.capabilities import Foldable, FoldableConfig
+from ..core.capabilities import Foldable, FoldableConfig, PeftLayout
 from ..core.delta import get_canonical, innermost, wrap
-from ..core.errors import ConfigError, TargetError
+from ..core.errors import AdapterStateError, ConfigError, TargetError
+from .family import peft_prompts
+from .family.peft_fields import need
 from .family.virtual_tokens import KV, InputExtension, cache_kwarg, ensure_input_hooks, input_embedding_path, new_cache
 from ..core.model import disabled
 from ..core.registry import MethodConfig, check_choice, check_range, register
@@ -47,8 +49,9 @@ class KVPrefix(InputExtension):
     """n key/value prefixes for each of the model's attention layers, direct or through an MLP."""
 
     def __init__(self, base: nn.Module, adapter_name: str, init: torch.Tensor, projection_dim: int,
-                 embed_init: torch.Tensor) -> None:
+                 embed_init: torch.Tensor, positions_after_prefix: bool = False) -> None:
         super().__init__(base, adapter_name)
+        self.positions_after_prefix = positions_after_prefix
         self.shape = tuple(init.shape)  # (layers, 2, kv_heads, n, head_dim)
         layers, _, heads, n, dim = self.shape
         kw = {"dtype": init.dtype, "device": init.device}
@@ -141,7 +144,7 @@ def probe_kv(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 
 def attach_prefix(model: nn.Module, name: str, n: int, projection_dim: int, init: str, init_std: float,
-                  seed: int) -> tuple[str, KVPrefix]:
+                  seed: int, positions_after_prefix: bool = False) -> tuple[str, KVPrefix]:
     """Wrap the input embedding with a `KVPrefix` for adapter `name`; returns (path, wrapper)."""
     path = input_embedding_path(model)
     check_length(model, n)
@@ -152,17 +155,52 @@ def attach_prefix(model: nn.Module, name: str, n: int, projection_dim: int, init
         gen = torch.Generator().manual_seed(seed)
         kv = (torch.randn(kv.shape, generator=gen) * init_std).to(kv)
         embed = (torch.randn(embed.shape, generator=gen) * init_std).to(embed)
-    wrapper = wrap(model, path, KVPrefix, name, kv, projection_dim, embed)
+    wrapper = wrap(model, path, KVPrefix, name, kv, projection_dim, embed, positions_after_prefix)
     if init == "zero":
         wrapper.zero_prefixes()
     ensure_input_hooks(model, name)
     return path, wrapper
 
 
+def _peft_prefix(prefixes: torch.Tensor) -> torch.Tensor:
+    """(layers, 2, kv_heads, n, head_dim) as PEFT's `prompt_embeddings` (n, layers 2 kv_heads head_dim)."""
+    return prefixes.permute(3, 0, 1, 2, 4).reshape(prefixes.shape[3], -1)
+
+
+def _from_peft_prefix(value: torch.Tensor, peft_config: dict) -> torch.Tensor:
+    layers, heads = int(need(peft_config, "num_layers")), int(need(peft_config, "num_attention_heads"))
+    n = value.shape[0]
+    return value.reshape(n, layers, 2, heads, -1).permute(1, 2, 3, 0, 4).contiguous()
+
+
+def _peft_fields(model: nn.Module, name: str) -> dict:
+    wrapper = peft_prompts.extension(model, name, KVPrefix)[1]
+    if not wrapper.positions_after_prefix:
+        raise AdapterStateError("PEFT's prefix tuning starts the caller's positions after the prefix; this adapter "
+                                "keeps them at 0..L-1 (positions='own'): attach it with positions='after_prefix' "
+                                "to exchange it with PEFT")
+    _, _, heads, _, dim = wrapper.shape
+    return {**peft_prompts.task_fields(model, heads * dim, heads), "encoder_hidden_size": heads * dim}
+
+
+# PEFT's "PREFIX_TUNING" on a causal LM: all layers' keys and values in one `prompt_embeddings`; a
+# projection (petkit's or PEFT's prefix_projection) travels as the prefixes it computes
+PEFT = PeftLayout(
+    "PREFIX_TUNING", {}, to_peft=lambda c: {"num_virtual_tokens": c.num_virtual_tokens, "prefix_projection": False},
+    from_peft=lambda d: {"num_virtual_tokens": int(need(d, "num_virtual_tokens")), "init": "random",
+                         "positions": "after_prefix"},
+    params_to_peft=lambda model, name, state: peft_prompts.to_peft(model, name, state, KVPrefix,
+                                                                   lambda w: _peft_prefix(w.prefixes())),
+    params_from_peft=lambda model, d, tensors: peft_prompts.from_peft(model, d, tensors, "prefix",
+                                                                      lambda v: _from_peft_prefix(v, d)),
+    fields_to_peft=_peft_fields, fields_from_peft=lambda d, paths: {"targets": None})
+
+
 @register("prefix", family="additive",
           paper="Li & Liang, 2021, Prefix-Tuning; Liu et al., 2022, P-Tuning v2")
 @dataclass(frozen=True)
 class PrefixConfig(MethodConfig):
+    peft_layout: ClassVar[PeftLayout | None] = PEFT
     capabilities: ClassVar[tuple[type, ...]] = (Foldable, FoldableConfig)
     suggested_lr: ClassVar[float | None] = 0.01
     num_virtual_tokens: int = 20
@@ -170,13 +208,17 @@ class PrefixConfig(MethodConfig):
     init: str = "vocab"  # vocab | random | zero
     init_std: float = 0.02
     seed: int = 0
+    # "own": the caller's tokens keep positions 0..L-1 (a prefix has none); "after_prefix": they
+    # start after the n prefix positions, as PEFT's prefix tuning (the cache's length) has them
+    positions: str = "own"
 
     def validate(self) -> None:
         check_prefix_fields(self)
+        check_choice("positions", self.positions, ("own", "after_prefix"))
 
     def inject(self, model: nn.Module, name: str) -> list[str]:
         path, _ = attach_prefix(model, name, self.num_virtual_tokens, self.projection_dim, self.init,
-                                self.init_std, self.seed)
+                                self.init_std, self.seed, self.positions == "after_prefix")
         return [path]
 
     def folded(self) -> "PrefixConfig":

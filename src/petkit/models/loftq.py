@@ -29,8 +29,9 @@ from petkit.core.state import adapters, check_known, wrappers_of
 from petkit.core.delta import innermost
 from petkit.core.targets import linear_dims
 from petkit.methods.family.lora_init import weight_factors
+from petkit.core.targets import match_targets
 from petkit.models.quantize import QuantSpec, _fits, _resolve_backend, quantization_info, quantize_linear, \
-    replace_innermost
+    quantize_paths, replace_innermost
 
 
 def loftq_layer(weight: torch.Tensor, bias: torch.Tensor | None, r: int, scale: float, spec: QuantSpec,
@@ -47,8 +48,11 @@ def loftq_layer(weight: torch.Tensor, bias: torch.Tensor | None, r: int, scale: 
 
 
 def loftq(model: nn.Module, mode: str = "nf4", *, name: str = "default", iters: int = 1,
-          backend: str = "auto", block_size: int = 64) -> nn.Module:
-    """Quantise the bases of adapter `name`'s LoRA layers (attached with init="loftq") LoftQ's way."""
+          backend: str = "auto", block_size: int = 64, all_linear: bool = False) -> nn.Module:
+    """Quantise the bases of adapter `name`'s LoRA layers (attached with init="loftq") LoftQ's way.
+
+    `all_linear`: also quantise every other linear layer as `pk.quantize` does, so that with one
+    iteration the base is exactly `pk.quantize(model, mode)`'s (what `petkit train` records)."""
     check_known(model, [name])
     record = adapters(model)[name]
     if record.config.method != "lora" or record.config.to_dict().get("init") != "loftq":
@@ -73,6 +77,10 @@ def loftq(model: nn.Module, mode: str = "nf4", *, name: str = "default", iters: 
             lora_a.copy_(a)
             lora_b.copy_(b)
         w.init_needs = None
-    model.__dict__[QUANT_ATTR] = {**asdict(spec), "layers": len(layers), "skipped": []}
+    done, skipped = [p for p, _ in layers], []
+    if all_linear:
+        more, skipped = quantize_paths(model, [p for p in match_targets(model, "all-linear") if p not in done], spec)
+        done += more
+    model.__dict__[QUANT_ATTR] = {**asdict(spec), "layers": len(done), "skipped": skipped}
     record.fingerprint = fingerprint(model, record.targets)
     return model

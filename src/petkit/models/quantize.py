@@ -165,17 +165,25 @@ def quantize(
     first = modules[paths[0]].weight
     dtype = compute_dtype or first.dtype
     spec = QuantSpec(mode, _resolve_backend(backend), block_size, str(dtype).removeprefix("torch."))
+    done, skipped = quantize_paths(model, paths, spec)
+    model.__dict__[QUANT_ATTR] = {**asdict(spec), "layers": len(done), "skipped": skipped}
+    _release_checkpoint(model)
+    return model
+
+
+def quantize_paths(model: nn.Module, paths: list[str], spec: QuantSpec) -> tuple[list[str], list[str]]:
+    """Replace the (innermost) linear layer at each path by its quantised form: (done, skipped:
+    layers the spec cannot store or already quantised)."""
+    modules = {p: inner for p, _, inner in canonical_modules(model)}
     done, skipped = [], []
     for path in paths:
         layer = modules[path]
         if not _fits(layer, spec) or is_quantized_weight(layer.weight):
             skipped.append(path)
             continue
-        set_canonical(model, path, quantize_linear(layer.weight, layer.bias, spec))
+        replace_innermost(model, path, quantize_linear(layer.weight, layer.bias, spec))
         done.append(path)
-    model.__dict__[QUANT_ATTR] = {**asdict(spec), "layers": len(done), "skipped": skipped}
-    _release_checkpoint(model)
-    return model
+    return done, skipped
 
 
 def _release_checkpoint(model: nn.Module) -> None:

@@ -32,7 +32,27 @@ def _tiny_config(arch: str, task: str, num_labels: int) -> object:
             n_embd=32, n_layer=2, n_head=4, n_positions=128, resid_pdrop=0.0, embd_pdrop=0.0,
             attn_pdrop=0.0, bos_token_id=1, eos_token_id=2, **common,
         )
-    raise ConfigError(f"tiny_model arch must be 'llama', 'bert' or 'gpt2', got {arch!r}")
+    if arch in MOE:  # experts as 3-D parameters (transformers v5): 4 experts, 2 per token
+        return _moe_config(arch, common)
+    raise ConfigError(f"tiny_model arch must be one of {', '.join(ARCHS)}, got {arch!r}")
+
+
+MOE = ("mixtral", "qwen2_moe", "qwen3_moe")
+ARCHS = ("llama", "bert", "gpt2", *MOE)
+
+
+def _moe_config(arch: str, common: dict) -> object:
+    """A 2-layer, 32-wide mixture-of-experts config of `arch` (every layer sparse)."""
+    from transformers import MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
+
+    shared = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "max_position_embeddings": 128, "num_experts_per_tok": 2, **common}
+    if arch == "mixtral":
+        return MixtralConfig(intermediate_size=48, num_local_experts=4, **shared)
+    cls = Qwen2MoeConfig if arch == "qwen2_moe" else Qwen3MoeConfig
+    extra = {"shared_expert_intermediate_size": 40} if arch == "qwen2_moe" else {}
+    return cls(intermediate_size=48, moe_intermediate_size=24, num_experts=4, decoder_sparse_step=1,
+               **extra, **shared)
 
 
 def tiny_model(

@@ -46,19 +46,18 @@ def add_arguments(parser: argparse.ArgumentParser, chat: bool) -> None:
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
     parser.add_argument("--seed", type=int, default=None, help="sampling seed (same seed, same answer)")
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--device", default="cpu",
+                        help="cpu, cuda, cuda:1, ... or auto (runtime.device; default cpu)")
 
 
 def command(args: argparse.Namespace, dotted: dict[str, str], chat: bool, out: TextIO | None = None,
             inp: TextIO | None = None) -> None:
-    """Run `petkit chat` (chat=True: stdin lines) or `petkit generate`."""
-    if dotted:
-        raise ConfigError(f"petkit {'chat' if chat else 'generate'} takes no --section.field settings, "
-                          f"got --{next(iter(dotted))}")
+    """Run `petkit chat` (chat=True: stdin lines) or `petkit generate`. `dotted`: the
+    --model.F / --runtime.F options (app.serving reads model.quantize and runtime.device)."""
     out = out or sys.stdout
     adapters = parse_adapters(args.adapter)
-    model_name = args.model or base_of(next(iter(adapters.values()), None))
-    engine = load_engine(model_name, adapters, args.device)
+    engine = load_engine(base_recipe(args.model, adapters, args, dotted,
+                                     "chat" if chat else "generate"), adapters)
     names: list[str | None] = list(adapters) or [None]
     if args.compare and adapters:
         names.insert(0, None)
@@ -107,12 +106,25 @@ def base_of(adapter: Path | None) -> str:
                       "give the base with --model")
 
 
-def load_engine(model_name: str, adapters: dict[str, Path], device: str) -> Engine:
-    from petkit.models.loading import load_model
+def base_recipe(model: str | None, adapters: dict[str, Path], args: argparse.Namespace,
+                dotted: dict[str, str], command: str) -> Any:
+    """The serving recipe (app.serving): base `model` (--model), else the first adapter's (its
+    name by `base_of`, its run's model.quantize); --device as runtime.device, then `dotted`."""
+    from petkit.app.serving import serving_recipe  # torch: only once a command runs
+
+    first = next(iter(adapters.values()), None)
+    return serving_recipe(model or base_of(first), {"runtime.device": args.device, **dotted},
+                          command, adapter=None if model else first)
+
+
+def load_engine(recipe: Any, adapters: dict[str, Path], **settings: int) -> Engine:
+    """An engine over the recipe's base (loaded by the pipeline, app.serving) and `adapters`."""
+    from petkit.app.serving import serving_base
     from petkit.serve.engine import Engine
 
-    model, tokenizer = load_model(model_name)
-    engine = Engine(model.to(device), tokenizer, max_batch=16, max_adapters=max(1, len(adapters)))
+    model, tokenizer = serving_base(recipe)
+    settings = {"max_batch": 16, "max_adapters": max(1, len(adapters)), **settings}
+    engine = Engine(model, tokenizer, **settings)
     for name, path in adapters.items():
         engine.add_adapter(name, path)
     return engine

@@ -14,11 +14,11 @@ import os
 import socket
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from petkit.core.errors import ConfigError
 from petkit.models.packages import extra_packages, require_module
-from petkit.serve.cli import base_of, parse_adapters
+from petkit.serve.cli import base_of, base_recipe, load_engine, parse_adapters
 
 if TYPE_CHECKING:  # the model, the engine and FastAPI load only when `petkit serve` runs
     from petkit.serve.engine import Engine
@@ -62,7 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the most new tokens a request may ask for (more: 400)")
     parser.add_argument("--max-body-kb", type=int, metavar="N", default=1024,
                         help="largest request body in KiB (more: 413)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--device", default="cpu",
+                        help="cpu, cuda, cuda:1, ... or auto (runtime.device; default cpu)")
 
 
 def adapter_folders(specs: list[str], folder: str | None) -> dict[str, Path]:
@@ -95,6 +96,8 @@ def _check_device(name: str) -> None:
     """--device names a device this machine has (before the model loads)."""
     import torch
 
+    if name == "auto":
+        return
     try:
         device = torch.device(name)
     except RuntimeError as err:
@@ -129,8 +132,10 @@ def _settings(args: argparse.Namespace) -> ServeSettings:
                          adapter_root=Path(root).expanduser().resolve())
 
 
-def command(args: argparse.Namespace, echo: Callable[[str], None]) -> None:
-    """Check everything cheap, load the base and adapters, serve until interrupted."""
+def command(args: argparse.Namespace, echo: Callable[[str], None],
+            dotted: dict[str, str] | None = None) -> None:
+    """Check everything cheap, load the base and adapters, serve until interrupted. `dotted`:
+    the --model.F / --runtime.F options (app.serving reads model.quantize, runtime.device)."""
     for module in MODULES:
         require_module(module, EXTRA, "petkit serve")
     from petkit.serve.limits import check_bind, is_loopback  # pydantic: it comes with FastAPI
@@ -140,22 +145,22 @@ def command(args: argparse.Namespace, echo: Callable[[str], None]) -> None:
         echo(f"warning: --host {args.host} with no --api-key: anyone who reaches this machine "
              "can use the API and load adapters")
     adapters = adapter_folders(args.adapter, args.adapter_dir)
+    given = args.model or (None if adapters else DEFAULT_MODEL)
     args.model = base_name(args, adapters)
     settings = _settings(args)
     _check_device(args.device)
+    recipe = base_recipe(given, adapters, args, dotted or {}, "serve")
+    _check_device(recipe.runtime.device)  # --runtime.device, when given
     _check_port(args.host, args.port)
-    engine = _engine(args, adapters, echo)
+    engine = _engine(recipe, args, adapters, echo)
     _serve(engine, settings, args, echo)
 
 
-def _engine(args: argparse.Namespace, adapters: dict[str, Path], echo: Callable[[str], None]) -> Engine:
+def _engine(recipe: Any, args: argparse.Namespace, adapters: dict[str, Path],
+            echo: Callable[[str], None]) -> Engine:
     echo(f"loading {args.model} ...")
-    from petkit.models.loading import load_model
-    from petkit.serve.engine import Engine
-
-    model, tokenizer = load_model(args.model)
-    engine = Engine(model.to(args.device), tokenizer, max_batch=args.max_batch,
-                    max_adapters=args.max_adapters, max_queue=args.max_queue)
+    engine = load_engine(recipe, {}, max_batch=args.max_batch, max_adapters=args.max_adapters,
+                         max_queue=args.max_queue)
     for name, path in adapters.items():
         engine.add_adapter(name, path)
         echo(f"adapter {name}: {path}")

@@ -51,6 +51,11 @@ LEGACY_KEYS = {"zo_eps": ("zo", "eps"), "zo_n_spsa": ("zo", "n_spsa"),
                "es_sigma": ("cma", "sigma"), "ist_top_k": ("ist", "top_k"),
                "ist_every": ("ist", "every")}
 
+def _help(text: str, choices: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A field's metadata: the help text `--train.<field>` shows (petkit.cli_sections)."""
+    return {"help": text, **({"choices": choices} if choices else {})}
+
+
 def _check(ok: bool, field: str, allowed: str, value: object) -> None:
     """Raise `ConfigError` for `field` unless `ok`."""
     if not ok:
@@ -71,38 +76,61 @@ class TrainConfig:
     a new task head) under backprop; every other trainable parameter trains at `lr`.
     """
 
-    lr: float = 2e-4
-    head_lr: float | None = None
-    max_steps: int | None = 100
-    epochs: float | None = None
-    batch_size: int = 8
-    grad_accum: int = 1
-    optimizer: str = "adamw"
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    warmup_ratio: float | None = None
-    schedule: str = "linear"
-    max_grad_norm: float | None = 1.0
-    eval_every: int = 0
-    eval_batch_size: int | None = None
-    early_stopping_patience: int | None = None
-    seed: int = 0
-    output_dir: str | None = None
-    save_every: int = 0
-    keep_checkpoints: int = 2
-    log_every: int = 10
-    report_to: str | list[str] = ""  # trackers: "tensorboard", "mlflow", or both comma-separated
-    label_token_ids: list[int] | None = None
-    resume: bool = False
-    resume_override: bool = False  # resume even though max_steps/lr/schedule/batch... changed
-    progress: bool = True
-    stepper: StepperConfig | str | dict[str, Any] = "auto"
-    ist: IstConfig | dict[str, Any] | None = None
-    dp: DPConfig | dict[str, Any] | None = None  # DP-SGD on the delta (training/dp.py, docs/privacy.md)
-    # None: the model's own loss (SFT); else training/objectives_config.py (docs/objectives.md)
-    objective: ObjectiveConfig | dict[str, Any] | str | None = None
+    lr: float = field(default=2e-4, metadata=_help("learning rate (a method's own default: "
+                                                   "its suggested rate)"))
+    head_lr: float | None = field(default=None, metadata=_help(
+        "learning rate of full trainable copies (a new task head) under backprop (none: lr)"))
+    max_steps: int | None = field(default=100, metadata=_help(
+        "optimiser steps (none: epochs decide; both set: whichever comes first)"))
+    epochs: float | None = field(default=None, metadata=_help("passes over the training data"))
+    batch_size: int = field(default=8, metadata=_help("examples per micro-batch"))
+    grad_accum: int = field(default=1, metadata=_help("micro-batches per optimiser step"))
+    optimizer: str = field(default="adamw", metadata=_help(
+        "adamw | sgd (backprop), mezo | zo-adam (zeroth-order), cma (CMA-ES), or a registered "
+        "stepper's optimizer"))
+    weight_decay: float = field(default=0.0, metadata=_help("decoupled weight decay"))
+    warmup_steps: int = field(default=0, metadata=_help("steps of linear warm-up"))
+    warmup_ratio: float | None = field(default=None, metadata=_help(
+        "warm-up as a fraction [0, 1) of the total steps (instead of warmup_steps)"))
+    schedule: str = field(default="linear", metadata=_help(
+        "learning-rate decay after warm-up", choices=SCHEDULES))
+    max_grad_norm: float | None = field(default=1.0, metadata=_help(
+        "clip the gradient to this L2 norm (none: no clipping)"))
+    eval_every: int = field(default=0, metadata=_help(
+        "validate every N steps and keep the best tensors (0: only at the end)"))
+    eval_batch_size: int | None = field(default=None, metadata=_help(
+        "examples per evaluation batch (none: 16)"))
+    early_stopping_patience: int | None = field(default=None, metadata=_help(
+        "stop after this many evaluations without improvement"))
+    seed: int = field(default=0, metadata=_help("seed of data order and initialisation"))
+    output_dir: str | None = field(default=None, metadata=_help(
+        "run folder: adapter, logs, checkpoints, results.json"))
+    save_every: int = field(default=0, metadata=_help(
+        "write a checkpoint every N steps (0: none; needs output_dir)"))
+    keep_checkpoints: int = field(default=2, metadata=_help("checkpoints kept (newest first)"))
+    log_every: int = field(default=10, metadata=_help("log a row every N steps"))
+    report_to: str | list[str] = field(default="", metadata=_help(
+        "trackers besides train.log, comma-separated: tensorboard, mlflow (docs/tracking.md)"))
+    label_token_ids: list[int] | None = field(default=None, metadata=_help(
+        "verbaliser classification on a decoder: the label words' token ids"))
+    resume: bool = field(default=False, metadata=_help(
+        "continue from the newest checkpoint in output_dir"))
+    resume_override: bool = field(default=False, metadata=_help(
+        "resume even though max_steps / lr / schedule / batch changed"))
+    progress: bool = field(default=True, metadata=_help("show progress bars"))
+    stepper: StepperConfig | str | dict[str, Any] = field(default="auto", metadata=_help(
+        "the stepper: auto (the one serving optimizer) or a stepper's name; its own settings "
+        "are --train.stepper.FIELD"))
+    ist: IstConfig | dict[str, Any] | None = field(default=None, metadata=_help(
+        "IST: importance-sampled layers (--train.ist.top_k)"))
+    dp: DPConfig | dict[str, Any] | None = field(default=None, metadata=_help(
+        "DP-SGD on the delta (training/dp.py, docs/privacy.md; --dp.epsilon)"))
+    objective: ObjectiveConfig | dict[str, Any] | str | None = field(default=None, metadata=_help(
+        "none: the model's own loss (SFT); else an objective's name or settings "
+        "(--train.objective.FIELD, docs/objectives.md)"))
     # Where and how the run executes (training/runtime.py; the recipe's `runtime:` section).
-    runtime: RuntimeConfig | dict[str, Any] = field(default_factory=RuntimeConfig)
+    runtime: RuntimeConfig | dict[str, Any] = field(default_factory=RuntimeConfig, metadata=_help(
+        "where and how the run executes: the runtime section (--runtime.FIELD)"))
     # Flat keys of earlier releases (deprecated; see LEGACY_KEYS): accepted, never stored.
     zo_eps: InitVar[float | None] = None
     zo_n_spsa: InitVar[int | None] = None

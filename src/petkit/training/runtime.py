@@ -22,10 +22,12 @@ from petkit.training.steppers.base import is_int, is_num
 PRECISIONS = ("auto", "fp32", "bf16")
 DELTA_DTYPES = ("fp32", "bf16")
 DISTRIBUTED = ("auto", "ddp", "fsdp", "off")  # training/distributed.py
+COMPILE_SCOPES = ("model", "blocks")
 
 
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
+def _help(text: str, choices: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A field's metadata: the help text (and choices) `--runtime.<field>` shows."""
+    return {"help": text, **({"choices": choices} if choices else {})}
 
 
 def _check(ok: bool, name: str, allowed: str, value: object) -> None:
@@ -41,13 +43,15 @@ class RuntimeConfig:
 
     device: str = field(default="auto", metadata=_help(
         "auto (the model's GPU, else cuda if any, else cpu) | cpu | cuda | cuda:N"))
-    precision: str = field(default="auto", metadata=_help("auto | fp32 | bf16"))
+    precision: str = field(default="auto", metadata=_help(
+        "autocast: auto (bf16 where the device supports it) | fp32 | bf16", choices=PRECISIONS))
     delta_dtype: str = field(default="fp32", metadata=_help(
-        "trainable deltas' dtype when precision is bf16: fp32 | bf16"))
+        "trainable deltas' dtype when precision is bf16", choices=DELTA_DTYPES))
     compile: bool = field(default=False, metadata=_help(
         "true: torch.compile the forward and loss"))
     compile_scope: str = field(default="model", metadata=_help(
-        "model: one graph of forward + loss | blocks: each transformer block compiled once"))
+        "model: one graph of forward + loss | blocks: each transformer block compiled once",
+        choices=COMPILE_SCOPES))
     activation_checkpointing: str = field(default="off", metadata=_help(
         "recompute activations: off | full | every-K (K >= 2) | selective | elementwise"))
     activation_offload: bool = field(default=False, metadata=_help(
@@ -63,7 +67,7 @@ class RuntimeConfig:
     pack_length: int | None = field(default=None, metadata=_help(
         "tokens per packed row (none: the micro-batch's longest)"))
     distributed: str = field(default="auto", metadata=_help(
-        "under torchrun: auto | ddp | fsdp | off"))
+        "under torchrun (docs/distributed.md)", choices=DISTRIBUTED))
 
     def __post_init__(self) -> None:
         """Validate every field and the combinations within this section."""
@@ -75,7 +79,7 @@ class RuntimeConfig:
                self.delta_dtype)
         for name in ("compile", "activation_offload", "packing"):
             _check(isinstance(getattr(self, name), bool), name, "true or false", getattr(self, name))
-        _check(self.compile_scope in ("model", "blocks"), "compile_scope", "model or blocks",
+        _check(self.compile_scope in COMPILE_SCOPES, "compile_scope", "model or blocks",
                self.compile_scope)
         self._check_memory()
         _check(self.offload_optimizer in OFFLOAD_MODES, "offload_optimizer", f"one of "

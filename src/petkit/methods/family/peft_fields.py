@@ -12,6 +12,7 @@ import torch
 from petkit.core.capabilities import PeftLayout
 from petkit.core.errors import AdapterStateError, ConfigError
 
+from .lora_experts import experts_from_peft, experts_to_peft
 from .lora_init import has_offset
 
 
@@ -38,9 +39,11 @@ def _lora_to_peft(config: Any, dora: bool) -> dict[str, Any]:
     # an init with a frozen offset exports s (B A - B0 A0) as one rank-2r LoRA, same scaling
     twice = has_offset(getattr(config, "init", "default"))
     alpha = config.alpha * ((2 ** 0.5 if config.rslora else 2) if twice else 1)
+    params = getattr(config, "target_parameters", None)
     return {"r": config.r * (2 if twice else 1), "lora_alpha": alpha, "lora_dropout": config.dropout,
             "use_rslora": config.rslora, "bias": "none", "lora_bias": bias == "lora_only", "init_lora_weights": True,
-            "use_dora": dora, "rank_pattern": {}, "alpha_pattern": {}}
+            "use_dora": dora, "rank_pattern": {}, "alpha_pattern": {},
+            "target_parameters": list(params) if params else None}
 
 
 def fold_offsets(state: dict[str, Any]) -> dict[str, Any]:
@@ -70,7 +73,11 @@ def _lora_from_peft(peft_config: dict[str, Any], dora: bool) -> dict[str, Any]:
     fields = {"r": int(need(peft_config, "r")), "alpha": float(need(peft_config, "lora_alpha")),
               "dropout": float(peft_config.get("lora_dropout", 0.0)),
               "rslora": bool(peft_config.get("use_rslora", False))}
-    return fields if dora else {**fields, "bias": "lora_only" if peft_config.get("lora_bias") else "none"}
+    if dora:
+        return fields
+    params = peft_config.get("target_parameters")
+    return {**fields, "bias": "lora_only" if peft_config.get("lora_bias") else "none",
+            **({"target_parameters": list(params)} if params else {})}
 
 
 def lora_layout(dora: bool) -> PeftLayout:
@@ -79,4 +86,4 @@ def lora_layout(dora: bool) -> PeftLayout:
     return PeftLayout("LORA", {**LORA_KEYS, **extra}, to_peft=lambda c: _lora_to_peft(c, dora),
                       from_peft=lambda d: _lora_from_peft(d, dora),
                       matches=lambda d: bool(d.get("use_dora")) == dora, fan_in_fan_out=True,
-                      to_state=fold_offsets)
+                      to_state=fold_offsets, params_to_peft=experts_to_peft, params_from_peft=experts_from_peft)

@@ -70,6 +70,10 @@ class InputExtension(DeltaModule):
     def num_kv(self) -> int:
         return 0
 
+    # key/value prefixes whose length the caller's positions start after (PEFT's prefix tuning);
+    # by default a prefix has no position and the caller's tokens keep 0..L-1
+    positions_after_prefix = False
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.base(*args, **kwargs)
 
@@ -181,7 +185,7 @@ def _pre_hook(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tu
         kwargs["attention_mask"] = _prepend(mask, n_kv + n_tok, 1)
     past = _cache_len(kwargs)
     if past > 0:  # decoding: the cache already holds prefixes and virtual tokens
-        _shift_decoding(model, kwargs, ref, n_tok, n_kv, past)
+        _shift_decoding(model, kwargs, ref, n_tok, n_kv, past, ext)
         return args, kwargs
     if kv:
         _fill_cache(model, kwargs, kv, ref, n_tok, mask)
@@ -191,13 +195,19 @@ def _pre_hook(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tu
 
 
 def _shift_decoding(model: nn.Module, kwargs: dict[str, Any], ref: torch.Tensor, n_tok: int, n_kv: int,
-                    past: int) -> None:
+                    past: int, ext: list[InputExtension]) -> None:
     if kwargs.get("position_ids") is not None:
-        kwargs["position_ids"] = kwargs["position_ids"] + n_tok
+        kwargs["position_ids"] = kwargs["position_ids"] + n_tok + _shift(ext)
     elif n_kv and "position_ids" in forward_params(type(model)):  # the model would count the prefix
-        kwargs["position_ids"] = torch.arange(ref.shape[1], device=ref.device).unsqueeze(0) + (past - n_kv)
+        kwargs["position_ids"] = torch.arange(ref.shape[1], device=ref.device).unsqueeze(0) + (past - n_kv
+                                                                                               + _shift(ext))
     if kwargs.get("cache_position") is not None:
         kwargs["cache_position"] = kwargs["cache_position"] + n_tok + n_kv
+
+
+def _shift(ext: list[InputExtension]) -> int:
+    """Positions the caller's tokens start after: the prefixes that count as positions."""
+    return sum(e.num_kv() for e in ext if e.positions_after_prefix)
 
 
 def new_cache(model: nn.Module) -> Any:
@@ -229,8 +239,11 @@ def _fill_cache(model: nn.Module, kwargs: dict[str, Any], kv: list[InputExtensio
             keys, values = keys.to(dtype), values.to(dtype)
         cache.update(keys, values, layer)
     kwargs[key] = cache
-    if kwargs.get("position_ids") is None and "position_ids" in forward_params(type(model)):
-        kwargs["position_ids"] = torch.arange(ref.shape[1], device=ref.device).unsqueeze(0)
+    if "position_ids" in forward_params(type(model)):  # the caller's own, or 0..L-1; after the prefix if it counts
+        own = kwargs.get("position_ids")
+        if own is None:
+            own = torch.arange(ref.shape[1], device=ref.device).unsqueeze(0)
+        kwargs["position_ids"] = own + _shift(kv) if _shift(kv) else own
     start = 0
     for e in kv:
         e.live = Live(start, start + e.num_kv(), n_tok, mask, cache)
