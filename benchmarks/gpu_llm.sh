@@ -19,16 +19,8 @@ EXTRA=()  # SMOKE=1: tiny shapes on the CPU, to check this script
   fi
 } > "$OUT/env.txt" 2>&1
 export PYTHONPATH="$ROOT/src:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
-"$PY" - >> "$OUT/env.txt" 2>&1 <<'PYEOF'
-import importlib
-for name in ("torch", "transformers", "peft", "accelerate", "trl", "datasets", "pyarrow",
-             "fsspec", "huggingface_hub", "petkit"):
-    try:
-        m = importlib.import_module(name)
-        print(name, getattr(m, "__version__", "?"), getattr(m, "__file__", ""))
-    except Exception as err:
-        print(name, "IMPORT FAILED:", type(err).__name__, err)
-PYEOF
+"$PY" "$ROOT/benchmarks/versions.py" torch transformers peft accelerate trl datasets pyarrow \
+  fsspec huggingface_hub petkit >> "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 set -o pipefail
 timeout 270 "$PY" "$ROOT/benchmarks/serve_gpu.py" "${EXTRA[@]}" --out "$OUT/serve_gpu.json" 2>&1 \

@@ -12,7 +12,8 @@ loss of the last 10 steps. MFU counts the useful work of a LoRA step, 4 N + 12 L
 
     python benchmarks/gpu_train.py --shape 1b            # all 1.1B cases
     python benchmarks/gpu_train.py --shape 8b --cases peft-compile-ckpt petkit-compile-ckpt
-    python benchmarks/gpu_train.py --shape tiny --device cpu --steps 6   # smoke test
+    python benchmarks/gpu_train.py --smoke --cases petkit-blocks-selective-fused   # CPU check
+    bash benchmarks/gpu_kernels.sh OUT    # the fused-kernel cases and the context probe, one call
 """
 
 from __future__ import annotations
@@ -32,30 +33,44 @@ SHAPES: dict[str, dict[str, int]] = {
                seq=2048),
 }
 # case: (library, compile: "" eager | "model" one graph | "blocks" each block, checkpointing or
-# "budget-F": no checkpointing, the compiler keeps at most F of the activations)
-CASES: dict[str, tuple[str, str, str]] = {
-    "peft-eager": ("peft", "", "off"),
-    "peft-ckpt": ("peft", "", "full"),
-    "peft-compile-ckpt": ("peft", "model", "full"),
-    "peft-blocks-ckpt": ("peft", "blocks", "full"),
-    "petkit-eager": ("petkit", "", "off"),
-    "petkit-ckpt": ("petkit", "", "full"),
-    "petkit-compile": ("petkit", "model", "off"),
-    "petkit-compile-ckpt": ("petkit", "model", "full"),
-    "petkit-compile-selective": ("petkit", "model", "selective"),
-    "petkit-compile-every2": ("petkit", "model", "every-2"),
-    "petkit-blocks": ("petkit", "blocks", "off"),
-    "petkit-blocks-ckpt": ("petkit", "blocks", "full"),
-    "petkit-blocks-selective": ("petkit", "blocks", "selective"),
-    "petkit-blocks-elementwise": ("petkit", "blocks", "elementwise"),
-    "petkit-blocks-budget50": ("petkit", "blocks", "budget-0.5"),
-    "petkit-blocks-budget35": ("petkit", "blocks", "budget-0.35"),
-    "petkit-blocks-budget20": ("petkit", "blocks", "budget-0.2"),
-    "petkit-bare-compile-ckpt": ("bare", "model", "full"),
-    "petkit-bare-blocks-selective": ("bare", "blocks", "selective"),
-    "petkit-bare-blocks-elementwise": ("bare", "blocks", "elementwise"),
-    "petkit-bare-eager": ("bare", "", "off"),
+# "budget-F": no checkpointing, the compiler keeps at most F of the activations, kernels:
+# `--runtime.kernels` for petkit ("liger" with the pieces of LIGER_PIECES; "fused2": "fused" with
+# the forward's two products as two GEMMs, `fused_delta.ONE_GEMM_FORWARD`), for PEFT "liger" is
+# Liger's own Llama patch, as LLaMA-Factory's `enable_liger_kernel` applies it)
+CASES: dict[str, tuple[str, str, str, str]] = {
+    "peft-eager": ("peft", "", "off", "none"),
+    "peft-ckpt": ("peft", "", "full", "none"),
+    "peft-compile-ckpt": ("peft", "model", "full", "none"),
+    "peft-blocks-ckpt": ("peft", "blocks", "full", "none"),
+    "peft-liger-ckpt": ("peft", "", "full", "liger"),
+    "peft-liger-blocks-ckpt": ("peft", "blocks", "full", "liger"),
+    "petkit-eager": ("petkit", "", "off", "none"),
+    "petkit-ckpt": ("petkit", "", "full", "none"),
+    "petkit-compile": ("petkit", "model", "off", "none"),
+    "petkit-compile-ckpt": ("petkit", "model", "full", "none"),
+    "petkit-compile-selective": ("petkit", "model", "selective", "none"),
+    "petkit-compile-every2": ("petkit", "model", "every-2", "none"),
+    "petkit-blocks": ("petkit", "blocks", "off", "none"),
+    "petkit-blocks-ckpt": ("petkit", "blocks", "full", "none"),
+    "petkit-blocks-selective": ("petkit", "blocks", "selective", "none"),
+    "petkit-blocks-elementwise": ("petkit", "blocks", "elementwise", "none"),
+    "petkit-blocks-budget50": ("petkit", "blocks", "budget-0.5", "none"),
+    "petkit-blocks-budget35": ("petkit", "blocks", "budget-0.35", "none"),
+    "petkit-blocks-budget20": ("petkit", "blocks", "budget-0.2", "none"),
+    "petkit-blocks-selective-fused": ("petkit", "blocks", "selective", "fused"),
+    "petkit-blocks-selective-fused2": ("petkit", "blocks", "selective", "fused2"),
+    "petkit-blocks-selective-flce": ("petkit", "blocks", "selective", "liger"),
+    "petkit-blocks-selective-fused-flce": ("petkit", "blocks", "selective", "fused,liger"),
+    "petkit-blocks-budget35-fused-flce": ("petkit", "blocks", "budget-0.35", "fused,liger"),
+    "petkit-blocks-elementwise-fused-flce": ("petkit", "blocks", "elementwise", "fused,liger"),
+    "petkit-bare-compile-ckpt": ("bare", "model", "full", "none"),
+    "petkit-bare-blocks-selective": ("bare", "blocks", "selective", "none"),
+    "petkit-bare-blocks-elementwise": ("bare", "blocks", "elementwise", "none"),
+    "petkit-bare-eager": ("bare", "", "off", "none"),
 }
+LIGER_PIECES = "flce"  # --runtime.liger of the petkit cases with "liger"
+# a smoke run (--smoke) skips these rows' errors on a machine without CUDA / liger-kernel
+NEEDS_GPU = ("needs a CUDA device", "needs liger", "liger_kernel", "triton")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PEAK_TFLOPS = 989.0
 LR, SEQUENCES = 1e-3, 64
@@ -126,15 +141,23 @@ def timed_loop(step: Any, plan: list[Any], device: str) -> tuple[list[float], li
     return times, losses
 
 
-def peft_case(args: argparse.Namespace, shape: dict[str, int], compiled: str, ckpt: str) -> dict:
+def peft_case(args: argparse.Namespace, shape: dict[str, int], compiled: str, ckpt: str,
+              kernels: str = "none") -> dict:
     """PEFT LoRA in a plain loop, HF gradient checkpointing, torch.compile(model) or of each
-    decoder layer (regional, as `compile_scope="blocks"` does for petkit)."""
+    decoder layer (regional, as `compile_scope="blocks"` does for petkit); with "liger", Liger's
+    Llama patch (every kernel, its fused linear cross-entropy included) applied first."""
     import torch
     from peft import LoraConfig, get_peft_model
 
     from petkit.training.schedule import lr_factor
 
     model = build_model(shape, args.device)
+    if kernels == "liger":
+        if not args.device.startswith("cuda"):
+            raise SystemExit("peft + liger needs a CUDA device")
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        apply_liger_kernel_to_llama(model=model)
     if ckpt == "full":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     torch.manual_seed(0)
@@ -174,16 +197,18 @@ def window_row(args: argparse.Namespace, shape: dict[str, int], times: list[floa
             "loss": sum(losses[-w:]) / w, "first_s": times[0]}
 
 
-def petkit_config(args: argparse.Namespace, compiled: str, ckpt: str, batch: int) -> Any:
-    from petkit.training import TrainConfig
+def petkit_config(args: argparse.Namespace, compiled: str, ckpt: str, batch: int,
+                  kernels: str = "none") -> Any:
+    from petkit.training import RuntimeConfig, TrainConfig
 
     budget = ckpt.startswith("budget-")  # the compiler chooses what to recompute
-
+    runtime = RuntimeConfig(device=args.device, precision="bf16", compile=bool(compiled),
+                            compile_scope=compiled or "model",
+                            activation_checkpointing="off" if budget else ckpt,
+                            activation_budget=float(ckpt[7:]) if budget else None,
+                            kernels=kernels, liger=LIGER_PIECES)
     return TrainConfig(lr=LR, max_steps=args.steps, batch_size=batch, log_every=args.window,
-                       schedule="linear", device=args.device, precision="bf16",
-                       compile=bool(compiled), compile_scope=compiled or "model",
-                       activation_checkpointing="off" if budget else ckpt,
-                       activation_budget=float(ckpt[7:]) if budget else None, progress=False)
+                       schedule="linear", progress=False, runtime=runtime)
 
 
 def petkit_model(args: argparse.Namespace, shape: dict[str, int]) -> Any:
@@ -196,18 +221,22 @@ def petkit_model(args: argparse.Namespace, shape: dict[str, int]) -> Any:
     return pk.attach(model, pk.LoraConfig(r=16, alpha=32, dropout=0.0, targets=TARGETS))
 
 
-def petkit_case(args: argparse.Namespace, shape: dict[str, int], compiled: str, ckpt: str) -> dict:
-    """petkit LoRA through pk.train with the run's modes set in TrainConfig."""
+def petkit_case(args: argparse.Namespace, shape: dict[str, int], compiled: str, ckpt: str,
+                kernels: str = "none") -> dict:
+    """petkit LoRA through pk.train with the run's modes set in its runtime section."""
     import petkit as pk
 
     model = petkit_model(args, shape)
     started = time.perf_counter()
-    result = pk.train(model, examples(shape), petkit_config(args, compiled, ckpt, shape["batch"]))
+    config = petkit_config(args, compiled, ckpt, shape["batch"], kernels)
+    result = pk.train(model, examples(shape), config)
     return {"tok_s": result.tokens_per_s, "loss": result.history[-1]["train_loss"],
-            "run_s": time.perf_counter() - started}
+            "run_s": time.perf_counter() - started,
+            "kernels": result.report.get("kernels", "none")}
 
 
-def bare_case(args: argparse.Namespace, shape: dict[str, int], compiled: str, ckpt: str) -> dict:
+def bare_case(args: argparse.Namespace, shape: dict[str, int], compiled: str, ckpt: str,
+              kernels: str = "none") -> dict:
     """petkit's layers and modes (compile, checkpointing, chunked loss) in a plain loop."""
     import torch
 
@@ -218,8 +247,8 @@ def bare_case(args: argparse.Namespace, shape: dict[str, int], compiled: str, ck
 
     model = petkit_model(args, shape)
     params = pk.trainable_parameters(model)
-    config = petkit_config(args, compiled, ckpt, shape["batch"])
-    modes = RunModes(model, config, params)
+    config = petkit_config(args, compiled, ckpt, shape["batch"], kernels)
+    modes = RunModes(model, config.runtime, params, None)
     objective = modes.objective()
     opt = torch.optim.AdamW(list(params.values()), lr=LR, fused=args.device.startswith("cuda"))
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -244,17 +273,23 @@ def bare_case(args: argparse.Namespace, shape: dict[str, int], compiled: str, ck
     plan = batches(examples(shape), shape["batch"], args.steps)
     with modes.installed(None, dense):
         times, losses = timed_loop(step, plan, args.device)
-    return window_row(args, shape, times, losses)
+    return {**window_row(args, shape, times, losses), "kernels": modes.kernels.note()}
 
 
 def worker(args: argparse.Namespace) -> dict[str, Any]:
     """One case in this process."""
     import torch
 
-    library, compiled, ckpt = CASES[args.case]
+    from petkit.training import fused_delta
+
+    library, compiled, ckpt, kernels = CASES[args.case]
     shape = SHAPES[args.shape]
+    if args.smoke:  # run the fused delta's code on the CPU too (it is installed on CUDA only)
+        fused_delta.FUSED_DEVICES = ("cuda", "cpu")
+    if kernels == "fused2":  # the fused delta with its forward as two GEMMs
+        kernels, fused_delta.ONE_GEMM_FORWARD = "fused", False
     run = {"peft": peft_case, "petkit": petkit_case, "bare": bare_case}[library]
-    row = run(args, shape, compiled, ckpt)
+    row = run(args, shape, compiled, ckpt, kernels)
     cuda = args.device.startswith("cuda")
     row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
     row["mfu"] = row["tok_s"] * flops_per_token(shape) / (PEAK_TFLOPS * 1e12)
@@ -268,17 +303,32 @@ def table(rows: list[dict[str, Any]], shape: str) -> str:
     best = max(peft, key=lambda r: r["tok_s"]) if peft else None
     head = (f"{shape} Llama shape, batch {s['batch']}x{s['seq']}, bf16, LoRA r16 on 7 linear; "
             f"ratios vs {best['case'] if best else '-'}")
-    lines = [head, "", "| case | tok/s | peak GiB | MFU | x tok/s | x GiB | loss, window mean |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [head, "", "| case | tok/s | peak GiB | MFU | x tok/s | x GiB | loss, window mean | "
+             "kernels (the run's note) |", "|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['case']} | failed: {r['error'][:80]} | | | | | |")
+            lines.append(f"| {r['case']} | failed: {r['error'][:80]} | | | | | | |")
             continue
         ratio = f"{r['tok_s'] / best['tok_s']:.2f}" if best else "-"
         mem = f"{r['peak_gib'] / best['peak_gib']:.2f}" if best and best["peak_gib"] else "-"
         lines.append(f"| {r['case']} | {r['tok_s']:,.0f} | {r['peak_gib']:.2f} | "
-                     f"{r['mfu']:.1%} | {ratio} | {mem} | {r['loss']:.4f} |")
+                     f"{r['mfu']:.1%} | {ratio} | {mem} | {r['loss']:.4f} | "
+                     f"{r.get('kernels', '-')} |")
     return "\n".join(lines)
+
+
+def child_row(cmd: list[str], limit: float, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run a worker that prints one JSON line, within `limit` seconds: its row, or `error` (the
+    last line of its stderr, or the time-out), with `stderr` when it failed."""
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=limit, env=env)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {limit:.0f} s"}
+    lines = done.stdout.strip().splitlines()
+    if done.returncode == 0 and lines:
+        return json.loads(lines[-1])
+    return {"error": (done.stderr.strip().splitlines() or ["?"])[-1][:300],
+            "stderr": done.stderr[-3000:]}
 
 
 def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -287,21 +337,20 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"),
          os.environ.get("PYTHONPATH", "")])}
+    begun = time.perf_counter()
     for case in args.cases:
         cmd = [sys.executable, __file__, "--worker", "--case", case, "--shape", args.shape,
                "--device", args.device, "--steps", str(args.steps), "--window", str(args.window)]
+        cmd += ["--smoke"] if args.smoke else []
         started = time.perf_counter()
-        try:
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
-                                  env=env)
-            lines = done.stdout.strip().splitlines()
-            row = json.loads(lines[-1]) if done.returncode == 0 and lines else {
-                "case": case, "error": (done.stderr.strip().splitlines() or ["?"])[-1]}
-            if "error" in row:
-                print(done.stderr[-3000:], file=sys.stderr)
-        except subprocess.TimeoutExpired:
-            row = {"case": case, "error": f"timed out after {args.timeout} s"}
-        row["wall_s"] = round(time.perf_counter() - started, 1)
+        limit = min(args.timeout, args.deadline - (started - begun))
+        row = {"case": case, "error": f"not run: {args.deadline:.0f} s deadline"}
+        if limit >= args.min_case:
+            row = {"case": case, **child_row(cmd, limit, env)}
+            row["wall_s"] = round(time.perf_counter() - started, 1)
+        stderr = row.pop("stderr", "")
+        if stderr and not any(n in row["error"] for n in NEEDS_GPU):
+            print(stderr, file=sys.stderr)
         print(json.dumps(row), flush=True)
         rows.append(row)
         if args.json:
@@ -310,8 +359,13 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
-def main() -> None:
-    """Parse; run one case (`--worker`) or all asked for and print the table."""
+def smoke_failures(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of a smoke run that failed for a reason other than having no GPU / Liger."""
+    return [r for r in rows if "error" in r and not any(n in r["error"] for n in NEEDS_GPU)]
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; `--smoke` is every selected case tiny on the CPU."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="1b")
     parser.add_argument("--device", default="cuda")
@@ -320,15 +374,33 @@ def main() -> None:
                         help="tok/s and loss over the last WINDOW steps (pk.train's log_every)")
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per case")
+    parser.add_argument("--deadline", type=float, default=float("inf"),
+                        help="seconds for all cases: a case gets at most what is left of it")
+    parser.add_argument("--min-case", type=float, default=20.0,
+                        help="no case is started with less than this left of --deadline")
     parser.add_argument("--json", help="write the rows to this file (after every case)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny shape on the CPU, 6 steps: checks every selected case runs "
+                             "(a case needing CUDA or liger-kernel must fail saying so)")
     parser.add_argument("--case", choices=list(CASES))
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.smoke:  # a shared CPU may be slow: a case gets up to 20 minutes
+        args.shape, args.device, args.steps, args.window = "tiny", "cpu", 6, 2
+        args.timeout = max(args.timeout, 1200.0)
+    return args
+
+
+def main() -> None:
+    """Parse; run one case (`--worker`) or all asked for and print the table."""
+    args = parse()
     if args.worker:
         print(json.dumps(worker(args)))
         return
     rows = run_all(args)
     print(table(rows, args.shape))
+    if args.smoke and smoke_failures(rows):
+        raise SystemExit(f"smoke: {len(smoke_failures(rows))} case(s) failed")
 
 
 if __name__ == "__main__":

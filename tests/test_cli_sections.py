@@ -216,12 +216,12 @@ def test_a_new_section_field_shows_in_help_without_importing_torch(tmp_path):
     runtime = tmp_path / "petkit" / "training" / "runtime.py"
     text = runtime.read_text()
     anchor = '    distributed: str = field(default="auto"'
-    runtime.write_text(text.replace(anchor, '    kernels: str = field(default="off", metadata=_help(\n'
-                                    '        "fused kernels", choices=("off", "on")))\n' + anchor, 1))
+    runtime.write_text(text.replace(anchor, '    example_switch: str = field(default="off", metadata=_help(\n'
+                                    '        "an example switch", choices=("off", "on")))\n' + anchor, 1))
     code = ("import sys\nfrom petkit.cli import main\nfor cmd in ('train', 'serve', 'bench'):\n"
             "    try:\n        main([cmd, '--help'])\n    except SystemExit:\n        pass\n"
             "print('TORCH', 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"}, check=True).stdout
-    assert out.count("--runtime.kernels {off,on}") == 3 and "fused kernels" in out
+    assert out.count("--runtime.example_switch {off,on}") == 3 and "an example switch" in out
     assert out.rstrip().endswith("TORCH False")

@@ -225,6 +225,8 @@ THIRD_PARTY_PROBES = {
     "training/guards.py": 7,  # a transformers model's head and config (vocab, labels, archs)
     "training/hub_kernels.py": 1,  # a transformers forward's functools __wrapped__
     "training/lm_loss.py": 3,  # a transformers model's head / loss_function, nn.Linear sizes
+    "training/liger.py": 7,  # a transformers model's config.model_type, its RMSNorm / MLP
+    # modules' weight, variance_epsilon, act_fn and projections, its module's RoPE function
 }
 
 

@@ -64,6 +64,23 @@ class LowRank(Protocol):
         ...
 
 
+class FusedTerms(NamedTuple):
+    """What a fused low-rank forward needs: y = base(x) + scale * x A^T B^T (+ shift)."""
+
+    a: torch.Tensor  # (r, in), trained
+    b: torch.Tensor  # (out, r), trained
+    scale: float  # stacking weight included
+    shift: torch.Tensor | None  # a bias delta added to the output, or None
+
+
+@runtime_checkable
+class FusableLowRank(Protocol):
+    def fused_terms(self) -> FusedTerms | None:
+        """The terms when this forward is exactly base(x) + scale B A x (+ shift) right now,
+        else None (dropout active, a frozen offset...): training.fused_delta then runs it."""
+        ...
+
+
 class RowTerms(NamedTuple):
     """One wrapper as `gain * base(x) + shift + scale * B A x` (eval mode, weight 1, alone on its base).
 

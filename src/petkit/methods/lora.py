@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .family.bias import BiasDelta
-from ..core.capabilities import (FactorLoadable, FactorTarget, InitStats, LowRank, MergesOwnDeltas,
-                                 PeftLayout, RowBatchable, RowTerms, Weighted)
+from ..core.capabilities import (FactorLoadable, FactorTarget, FusedTerms, InitStats, LowRank,
+                                 MergesOwnDeltas, PeftLayout, RowBatchable, RowTerms, Weighted)
 from ..core.delta import DeltaModule, get_canonical, innermost, wrap
 from .family.lora_experts import LoraExperts
 from .family.lora_init import DATA, check_init, data_factors, has_offset, weight_factors
@@ -94,6 +94,14 @@ class LoraLinear(DeltaModule):
             return (torch.cat([self.lora_A, self.init_A.detach()]),
                     torch.cat([self.lora_B, -self.init_B.detach()], dim=1), self.scaling)
         return self.lora_A, self.lora_B, self.scaling
+
+    def fused_terms(self) -> FusedTerms | None:
+        """FusableLowRank: (A, B, scale, bias delta) while this forward is exactly
+        base(x) + s B A x (+ bias): no dropout active (p = 0 or eval mode), no frozen offset."""
+        if self.frozen_names or (self.dropout is not None and self.training):
+            return None
+        shift = None if self.lora_bias is None else self.lora_bias * self.mix
+        return FusedTerms(self.lora_A, self.lora_B, self.scaling * self.mix, shift)
 
     def row_terms(self) -> RowTerms:
         shift = None if self.lora_bias is None else self.lora_bias.detach()

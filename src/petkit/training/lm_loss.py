@@ -63,6 +63,12 @@ def chunked_cross_entropy(hidden: torch.Tensor, labels: torch.Tensor,
             total = total + checkpoint(part, h, y, use_reentrant=False)
         else:
             total = total + part(h, y)
+    return _mean(total, labels, ignore_index, num_items)
+
+
+def _mean(total: torch.Tensor, labels: torch.Tensor, ignore_index: int,
+          num_items: torch.Tensor | int | None) -> torch.Tensor:
+    """`total` over the counted labels (or `num_items`), at least 1."""
     count = (labels != ignore_index).sum() if num_items is None else num_items
     if isinstance(count, torch.Tensor):
         return total / count.clamp(min=1).to(total.device)
@@ -92,6 +98,9 @@ class HeadBypass:
         self.chunk = chunk or default_chunk(int(vocab))
         self.project = self.head.forward  # the real head (a petkit wrapper's forward included)
         self.active = False
+        # a fused linear cross-entropy (hidden, weight, labels, bias, ignore_index) -> summed
+        # loss, used instead of the chunks when set (training.liger's `flce`)
+        self.fused: Callable[..., torch.Tensor] | None = None
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, vocab_size: int | None = None,
              num_items_in_batch: torch.Tensor | int | None = None,
@@ -100,7 +109,12 @@ class HeadBypass:
         """Drop-in for transformers' `ForCausalLMLoss`; `logits` are the hidden states here."""
         if shift_labels is None:
             shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
-        return chunked_cross_entropy(logits, shift_labels.to(logits.device), self.project,
+        shift_labels = shift_labels.to(logits.device)
+        if self.fused is not None:
+            hidden, flat = logits.reshape(-1, logits.shape[-1]), shift_labels.reshape(-1)
+            total = self.fused(hidden, self.head.weight, flat, self.head.bias, ignore_index)
+            return _mean(total.float(), flat, ignore_index, num_items_in_batch)
+        return chunked_cross_entropy(logits, shift_labels, self.project,
                                      self.chunk, ignore_index, num_items_in_batch)
 
     def label_logits(self, hidden: torch.Tensor, label_ids: torch.Tensor) -> torch.Tensor:

@@ -142,6 +142,7 @@ class _Run:
         self.hooks = StepHooks(model)  # methods' per-step hooks (COLA links, expert load)
         self.state = ckpt.TrainerState()
         self.skipped = 0  # steps whose every label was ignored
+        self.kernels = ""  # which fused kernels ran (`note_kernels`)
         self.best: dict[str, torch.Tensor] | None = None
         self.metric: str | None = None
         self._resume_or_reset()
@@ -278,6 +279,12 @@ class _Run:
         self.state.history.append(row)
         self.monitor.record(row)
 
+    def note_kernels(self) -> None:
+        """Log which kernels run (`--runtime.kernels`), and keep it for the result's report."""
+        if self.config.runtime.kernels != "none":
+            self.kernels = self.modes.kernels.note()
+            self.monitor.info(f"kernels: {self.kernels}")
+
     def finish(self, started: float) -> TrainResult:
         """Restore the best tensors, save the adapter and the plot, build the result."""
         if self.best is not None:
@@ -293,6 +300,8 @@ class _Run:
         report = stepper_report(self.stepper)
         if self.skipped:
             report = {**report, "skipped_batches": self.skipped}
+        if self.kernels:
+            report = {**report, "kernels": self.kernels}
         best = "" if self.state.best_step is None else \
             f" best_step={self.state.best_step} best_{self.metric}={self.state.best_metric}"
         self.monitor.info(f"done: step={self.state.step}{best}"
@@ -348,6 +357,7 @@ def train(model: nn.Module, train_data: Sequence[Example], config: TrainConfig |
         run = _Run(model, train_data, config, eval_data, collate, parameters, objective)
         try:
             with run.modes.installed(run.first_batch(), run.dense_loss):
+                run.note_kernels()
                 run.loop()
         except BaseException:
             run.monitor.close()

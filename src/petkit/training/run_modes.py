@@ -3,7 +3,7 @@
 `RunModes` places the model (`placement`), picks the loss (`lm_loss`: chunked for causal LMs
 unless `loss_chunk=0`), wraps the forward + loss in `torch.compile` (or compiles each transformer
 block, `compile_scope="blocks"`) and/or activation offload, and installs activation
-checkpointing and the head bypass for the duration of the loop.
+checkpointing, the head bypass and the fused kernels (`kernels`) for the duration of the loop.
 `packed_collate` turns `packing=true` into the collate function.
 """
 
@@ -21,11 +21,12 @@ from petkit.core.errors import ConfigError
 from petkit.training.activations import (activation_checkpointing, block_modules, compiled_blocks,
                                          has_extensions, memory_budget, offload_context)
 from petkit.training.batching import Batch, CollateFn
+from petkit.training.kernels import KernelPlan, plan_kernels
 from petkit.training.runtime import RuntimeConfig
 from petkit.training.lm_loss import HeadBypass, can_bypass
 from petkit.training.objectives import Objective, make_objective
 from petkit.training.packing import pack
-from petkit.training.placement import place, resolve_device
+from petkit.training.placement import place, resolve_device, uses_bf16
 
 LossFn = Callable[[Batch], torch.Tensor]
 
@@ -52,9 +53,16 @@ def _optional_mask(model: nn.Module) -> bool:
     return param is not None and param.default is not inspect.Parameter.empty
 
 
+def _bypass(model: nn.Module, config: RuntimeConfig) -> HeadBypass | None:
+    """The chunked loss's head bypass, for a causal LM unless `loss_chunk=0`."""
+    use = config.loss_chunk != 0 and can_bypass(model)
+    return HeadBypass(model, config.loss_chunk or None) if use else None
+
+
 def check_modes(model: nn.Module, config: RuntimeConfig) -> None:
     """`ConfigError` for a mode this model cannot run (checked before anything is moved)."""
-    resolve_device(config.device, model)
+    device = resolve_device(config.device, model)
+    plan_kernels(config.kernels, config.liger, model, device, _bypass(model, config))
     if config.packing and has_extensions(model):
         raise ConfigError("RuntimeConfig.packing cannot isolate examples when a method adds "
                           "virtual tokens or key/value prefixes (prompt / prefix family)")
@@ -71,9 +79,10 @@ class RunModes:
         check_modes(model, config)
         self.model, self.config, self.label_token_ids = model, config, label_token_ids
         self.device = place(model, config, params)
-        use = config.loss_chunk != 0 and can_bypass(model)
-        self.bypass = HeadBypass(model, config.loss_chunk or None) if use else None
+        self.bypass = _bypass(model, config)
         self.mask_optional = _optional_mask(model)
+        self.kernels: KernelPlan = plan_kernels(config.kernels, config.liger, model, self.device,
+                                                self.bypass)
 
     def trim(self, batch: Batch) -> Batch:
         """The CPU batch without an all-ones attention mask when the model computes the loss and
@@ -118,4 +127,6 @@ class RunModes:
                 stack.enter_context(memory_budget(cfg.activation_budget))
             if self.bypass is not None:
                 stack.enter_context(self.bypass.installed())
+            dtype = torch.bfloat16 if uses_bf16(cfg.precision, self.device) else torch.float32
+            stack.enter_context(self.kernels.installed(self.model, self.bypass, dtype))
             yield

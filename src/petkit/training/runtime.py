@@ -16,6 +16,7 @@ from typing import Any
 from petkit.core.config_io import dataclass_from_dict
 from petkit.core.errors import ConfigError
 from petkit.training.activations import RECOMPUTE_MODES
+from petkit.training.kernels import kernel_parts, liger_parts
 from petkit.training.offload import NVME_REASON, OFFLOAD_MODES
 from petkit.training.steppers.base import is_int, is_num
 
@@ -68,6 +69,11 @@ class RuntimeConfig:
         "tokens per packed row (none: the micro-batch's longest)"))
     distributed: str = field(default="auto", metadata=_help(
         "under torchrun (docs/distributed.md)", choices=DISTRIBUTED))
+    kernels: str = field(default="none", metadata=_help(
+        "fused kernels: none | fused (petkit's low-rank delta) | liger (Liger Kernel's, "
+        "--runtime.liger) | fused,liger | auto (what is installed and fits; CUDA only)"))
+    liger: str = field(default="flce", metadata=_help(
+        "Liger pieces for kernels=liger, comma-separated: flce, rmsnorm, rope, swiglu"))
 
     def __post_init__(self) -> None:
         """Validate every field and the combinations within this section."""
@@ -87,6 +93,8 @@ class RuntimeConfig:
                self.offload_optimizer)
         _check(self.distributed in DISTRIBUTED, "distributed", f"one of {DISTRIBUTED}",
                self.distributed)
+        kernel_parts(self.kernels)  # ConfigError naming the flag
+        liger_parts(self.liger)
 
     def _check_memory(self) -> None:
         mode = self.activation_checkpointing
@@ -135,6 +143,6 @@ class RuntimeConfig:
         return dataclass_from_dict(cls, data, "runtime")
 
 
-# TrainConfig's flat keys of earlier releases, in order; fields added since are runtime-only
-RUNTIME_FIELDS = tuple(f.name for f in dataclasses.fields(RuntimeConfig)
-                       if f.name != "offload_optimizer")
+_NAMES = tuple(f.name for f in dataclasses.fields(RuntimeConfig) if f.name != "offload_optimizer")
+# the flat `TrainConfig` keys of earlier releases (deprecated); fields added since are only here
+RUNTIME_FIELDS = _NAMES[:_NAMES.index("distributed") + 1]

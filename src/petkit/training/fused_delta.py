@@ -1,0 +1,225 @@
+"""petkit's fused low-rank delta: the base product and the A-product from one read of the input.
+
+A LoRA-family layer computes y = x W^T + s (x A^T) B^T. Eagerly that is three GEMMs in the
+forward, and the rank-r product `x A^T` reads the whole activation x a second time. Here the frozen
+W (out, in) and a copy of A (r, in) in W's dtype are rows of one (out + r, in) matrix [W; A] (W's
+parameter becomes a view of its first `out` rows), so
+
+    forward    [y0 | h] = x [W; A]^T          one GEMM: base product and h = x A^T
+               y = y0 + s h B^T               one addmm into the base output
+    backward   g  = s dy B                    (N, r)
+               dx = dy (W + s B A)            one GEMM over N tokens; when the merged weight
+                  = [dy | g] [W; A]           costs more than N rows, dy beside g instead
+               dB = s dy^T h,  dA = g^T x     rank-r products of tensors already at hand
+
+`FusedLowRank` is a `torch.autograd.Function` of plain torch ops (dynamo traces it: it composes
+with torch.compile and the checkpointing policies see its matmuls). The copy of A is refreshed
+from the trained A before every forward of the model (a forward pre-hook), so optimiser updates
+reach it; its gradient goes to the real A, whatever its dtype (fp32 by default).
+
+A layer takes the fused path when its wrapper says its forward is exactly base + s B A x
+(`FusableLowRank.fused_terms()`: LoRA with no active dropout and no frozen offset), its base is a
+plain `nn.Linear` whose weight is an ordinary tensor on a device in `FUSED_DEVICES`, and the
+weight's dtype is the run's compute dtype (bf16 under bf16 precision, else fp32). Any other
+layer, and any call under another autocast dtype or while the adapter is disabled or merged,
+runs the wrapper's own forward. `fused_deltas` yields a `FusedReport` saying which ran.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from petkit.core.capabilities import FusableLowRank
+from petkit.core.delta import DeltaModule, iter_deltas
+
+FUSED_DEVICES = ("cuda",)  # device types the fused path is installed on (elsewhere: eager)
+# The forward's base and A-products as one GEMM over [W; A] (out + r output columns: one read of
+# x, but a last column of output tiles r wide), or as two GEMMs; the backward is the same.
+# `benchmarks/gpu_train.py` measures both (`...-fused` and `...-fused2`).
+ONE_GEMM_FORWARD = True
+FUSED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+class FusedLowRank(torch.autograd.Function):
+    """y = x W^T + scale (x A^T) B^T, with `wa` = [W; A] (out + r, in) in the compute dtype;
+    `a` is the trained A (its gradient's dtype), `b` the trained B."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, wa: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                scale: float, one_gemm: bool = True) -> torch.Tensor:
+        out_f = wa.shape[0] - a.shape[0]
+        x2 = x.reshape(-1, x.shape[-1]).to(wa.dtype)
+        bc = b.to(wa.dtype)
+        if one_gemm:  # base product and A-product from one read of x
+            ya = torch.mm(x2, wa.t())
+            h = ya[:, out_f:].contiguous()  # (N, r): kept for dB; ya itself is freed below
+            y = torch.addmm(ya[:, :out_f], h, bc.t(), alpha=scale)
+        else:  # two GEMMs (no odd-sized output tiles); out of place: a recompute policy may
+            h = torch.mm(x2, wa[out_f:].t())  # keep the base product (tests/test_fused_delta.py)
+            y = torch.addmm(torch.mm(x2, wa[:out_f].t()), h, bc.t(), alpha=scale)
+        ctx.save_for_backward(x2, h, wa, bc)
+        ctx.scale, ctx.x_dtype, ctx.a_dtype, ctx.b_dtype = scale, x.dtype, a.dtype, b.dtype
+        return y.view(*x.shape[:-1], out_f)
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x2, h, wa, bc = ctx.saved_tensors
+        out_f, in_f = bc.shape[0], wa.shape[1]
+        dy2 = dy.reshape(-1, out_f).to(wa.dtype)
+        g = torch.mm(dy2, bc).mul_(ctx.scale)  # (N, r): the gradient of h
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = _input_grad(dy2, g, wa, bc, ctx.scale)
+            dx = dx.view(*dy.shape[:-1], in_f).to(ctx.x_dtype)
+        da = torch.mm(g.t(), x2).to(ctx.a_dtype) if ctx.needs_input_grad[2] else None
+        db = torch.mm(dy2.t(), h).mul_(ctx.scale).to(ctx.b_dtype) \
+            if ctx.needs_input_grad[3] else None
+        return dx, None, da, db, None, None
+
+
+def _input_grad(dy: torch.Tensor, g: torch.Tensor, wa: torch.Tensor, b: torch.Tensor,
+                scale: float) -> torch.Tensor:
+    """dx = dy W + g A as one GEMM, by whichever way moves the fewest extra elements:
+    the merged (out, in) weight W + s B A (2 out in), dy copied beside g (2 N out), or a second
+    pass over dx (2 N in)."""
+    tokens, out_f, in_f = dy.shape[0], b.shape[0], wa.shape[1]
+    merged, beside, twice = out_f * in_f, tokens * out_f, tokens * in_f
+    if merged <= min(beside, twice):  # dy (W + s B A): g A is already s dy B A
+        return torch.mm(dy, torch.addmm(wa[:out_f], b, wa[out_f:], alpha=scale))
+    if beside <= twice:
+        return torch.mm(torch.cat([dy, g], dim=1), wa)
+    return torch.mm(dy, wa[:out_f]).addmm_(g, wa[out_f:])
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a Linear computes in for input `x`: autocast's when it is on, else x's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def _unfusable(wrapper: DeltaModule, device_types: tuple[str, ...],
+               dtype: torch.dtype) -> str | None:
+    """Why `wrapper` cannot take the fused path (None: it can)."""
+    base = wrapper.base
+    if not isinstance(wrapper, FusableLowRank) or wrapper.fused_terms() is None:
+        return "method, dropout or init"
+    if type(base) is not nn.Linear:
+        return "base is not a plain nn.Linear"
+    weight = base.weight
+    if type(weight.data) is not torch.Tensor or weight.device.type not in device_types:
+        return f"weight on {weight.device.type}" if type(weight.data) is torch.Tensor \
+            else "sharded weight"
+    if dtype not in FUSED_DTYPES:
+        return f"compute dtype {dtype}"
+    if weight.dtype != dtype:
+        return f"weight dtype {weight.dtype} is not the compute dtype {dtype}"
+    return None
+
+
+class _FusedLayer:
+    """One wrapper on the fused path: its [W; A] matrix and the forward that uses it."""
+
+    def __init__(self, wrapper: DeltaModule) -> None:
+        a = wrapper.fused_terms().a
+        weight = wrapper.base.weight
+        self.wrapper, self.weight, self.own = wrapper, weight, wrapper.forward
+        self.instance_forward = vars(wrapper).get("forward")  # one set by other code, put back
+        self.out_f = weight.shape[0]
+        self.wa = torch.empty(self.out_f + a.shape[0], weight.shape[1], dtype=weight.dtype,
+                              device=weight.device)
+        with torch.no_grad():
+            self.wa[:self.out_f].copy_(weight)
+            self.wa[self.out_f:].copy_(a)
+        weight.data = self.wa[:self.out_f]  # W now lives in [W; A]: no second copy
+        self.a_rows = self.wa[self.out_f:]
+        self.seen = a._version  # the version of A the copy holds
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        wrapper = self.wrapper
+        terms = wrapper.fused_terms() if wrapper.enabled else None
+        if terms is None or compute_dtype(x) != self.wa.dtype:
+            return self.own(x)
+        a, b, scale, shift = terms
+        y = FusedLowRank.apply(x, self.wa, a, b, scale, ONE_GEMM_FORWARD)
+        bias = wrapper.base.bias
+        if bias is not None:
+            y = y + bias.to(y.dtype)
+        return y if shift is None else y + shift
+
+    def remove(self) -> None:
+        """The wrapper's own forward, and W in a tensor of its own again."""
+        if self.instance_forward is None:
+            del self.wrapper.forward
+        else:
+            self.wrapper.forward = self.instance_forward
+        self.weight.data = self.wa[:self.out_f].clone()
+
+
+@dataclass
+class FusedReport:
+    """Which layers took the fused path, and why the others did not."""
+
+    fused: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    def note(self) -> str:
+        """One line for the run's log."""
+        total = self.fused + sum(self.skipped.values())
+        why = "; ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items()))
+        return f"fused delta on {self.fused} of {total} delta layers" + (f" (eager: {why})"
+                                                                          if why else "")
+
+
+def _refresh(layers: list[_FusedLayer]) -> None:
+    """Copy each trained A that changed since (an optimiser step, a zeroth-order perturbation:
+    in-place updates bump its version) into its [W; A] matrix. An unchanged A is not copied:
+    [W; A] is saved for the backward of a forward still pending (two forwards, one backward)."""
+    rows, trained = [], []
+    for layer in layers:
+        terms = layer.wrapper.fused_terms()
+        if terms is not None and terms.a._version != layer.seen:
+            rows.append(layer.a_rows)
+            trained.append(terms.a)
+            layer.seen = terms.a._version
+    if rows:
+        with torch.no_grad():
+            torch._foreach_copy_(rows, trained)
+
+
+@contextlib.contextmanager
+def fused_deltas(model: nn.Module, dtype: torch.dtype,
+                 device_types: tuple[str, ...] | None = None) -> Iterator[FusedReport]:
+    """Inside the context, every eligible delta wrapper of `model` (module docstring) runs the
+    fused forward for compute dtype `dtype` (on `device_types`, default FUSED_DEVICES); the
+    model is as before afterwards."""
+    report, layers = FusedReport(), []
+    device_types = device_types or FUSED_DEVICES
+    for _, wrapper in iter_deltas(model):
+        reason = _unfusable(wrapper, device_types, dtype)
+        if reason is not None:
+            report.skipped[reason] = report.skipped.get(reason, 0) + 1
+            continue
+        layer = _FusedLayer(wrapper)
+        wrapper.forward = layer.forward
+        layers.append(layer)
+    report.fused = len(layers)
+
+    @torch._dynamo.disable  # reads version counters: runs eagerly, before a whole-model graph
+    def refresh(module: nn.Module, args: Any) -> None:
+        _refresh(layers)
+
+    hook = model.register_forward_pre_hook(refresh) if layers else None
+    try:
+        yield report
+    finally:
+        if hook is not None:
+            hook.remove()
+        for layer in layers:
+            layer.remove()
