@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from petkit.cli import main
+from toys import save_tiny_llama
 
 SHORT = ["--data", "rotten-tomatoes", "--steps", "4", "--train-size", "16", "--test-size", "8",
          "--max-length", "32", "--batch-size", "4", "--train.progress=false"]
@@ -16,19 +17,7 @@ SHORT = ["--data", "rotten-tomatoes", "--steps", "4", "--train-size", "16", "--t
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
     """A 2-layer random Llama (4 heads in 2 KV groups) with the embedded model's tokenizer."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from petkit.models import resolve_model
-
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture(scope="module")

@@ -104,7 +104,7 @@ NEEDS = {"save_every": {"train.output_dir": "out"}, "resume": {"train.output_dir
 TEXT = {"optimizer": "sgd", "schedule": "cosine", "output_dir": "out", "report_to": "tensorboard",
         "label_token_ids": "5,6", "device": "cpu", "precision": "fp32", "delta_dtype": "bf16",
         "compile_scope": "blocks", "activation_checkpointing": "selective", "distributed": "off",
-        "kernels": "fused", "liger": "rope"}
+        "offload_optimizer": "cpu", "kernels": "fused", "liger": "rope"}
 NESTED = {"stepper", "ist", "objective", "runtime", "dp"}  # sections of their own (--train.stepper.F, --dp.F)
 
 

@@ -86,6 +86,24 @@ def save_tiny_bert(folder: Path) -> str:
     return str(folder)
 
 
+def save_tiny_llama(folder: Path) -> str:
+    """A 2-layer, 32-wide random Llama (4 heads in 2 KV groups) with SmolLM2's tokenizer, saved
+    as a model folder (for commands that take --model FOLDER)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from petkit.models import resolve_model
+
+    tok = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=128, pad_token_id=tok.pad_token_id,
+                         tie_word_embeddings=True)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
 TOYS: dict[str, Callable[[int], nn.Module]] = {"mlp": mlp, "llama": llama, "gpt2": gpt2, "bert": bert_cls,
                                                "vit": vit, "mixtral": mixtral, "qwen2_moe": qwen2_moe}
 

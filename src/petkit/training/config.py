@@ -287,7 +287,7 @@ class TrainConfig:
                 "ist_top_k": self.ist.top_k if isinstance(self.ist, IstConfig) else None}
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able dict of every field; `stepper` and `ist` as nested dicts."""
+        """Plain JSON-able dict of every field; `stepper`, `ist`, `dp`... as nested dicts."""
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         data["label_token_ids"] = (list(self.label_token_ids)
                                    if self.label_token_ids is not None else None)
@@ -296,6 +296,7 @@ class TrainConfig:
         data["runtime"] = self.runtime.to_dict()  # type: ignore[union-attr]
         data["objective"] = (self.objective.to_dict()
                              if isinstance(self.objective, ObjectiveConfig) else None)
+        data["dp"] = self.dp.to_dict() if isinstance(self.dp, DPConfig) else None
         return data
 
     def to_json(self) -> str:

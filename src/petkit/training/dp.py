@@ -35,6 +35,8 @@ from petkit.core.errors import ConfigError
 from petkit.core.io import BASE_ATTR, base_record
 
 ACCOUNTANTS = ("rdp", "prv")
+PER_EXAMPLE = ("vmap", "loop")  # loop: one backward per example (19x faster than vmap for the
+# verbaliser objective on SmolLM2, measured: docs/privacy.md)
 PIP = "opacus==1.6.0"
 
 
@@ -46,6 +48,7 @@ class DPConfig:
     delta: float = 1e-5
     max_grad_norm: float = 1.0  # C: each example's gradient is clipped to this L2 norm
     accountant: str = "rdp"
+    per_example: str = "vmap"  # how per-example gradients are taken: vmap | loop
 
     def __post_init__(self) -> None:
         for name, value in (("epsilon", self.epsilon), ("max_grad_norm", self.max_grad_norm)):
@@ -55,6 +58,9 @@ class DPConfig:
             raise ConfigError(f"--dp.delta must be in (0, 1), got {self.delta!r}")
         if self.accountant not in ACCOUNTANTS:
             raise ConfigError(f"--dp.accountant must be one of {', '.join(ACCOUNTANTS)}, got {self.accountant!r}")
+        if self.per_example not in PER_EXAMPLE:
+            raise ConfigError(f"--dp.per_example must be one of {', '.join(PER_EXAMPLE)}, "
+                              f"got {self.per_example!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -173,7 +179,7 @@ class DPStepper:
         self.inner, self.model, self.params, self.config = inner, model, params, config
         self.sample_rate, self.batch = sample_rate, batch
         self.sigma = noise_multiplier(config, sample_rate, total_steps)
-        self.steps, self.vectorised = 0, True
+        self.steps, self.vectorised = 0, config.per_example == "vmap"
         self._note()
 
     def step(self, micro_batches: Sequence[dict[str, Any]], loss_fn: Any) -> torch.Tensor:

@@ -17,6 +17,7 @@ from petkit.core.config_io import dataclass_from_dict
 from petkit.core.errors import ConfigError
 from petkit.training.activations import RECOMPUTE_MODES
 from petkit.training.kernels import kernel_parts, liger_parts
+from petkit.training.offload import NVME_REASON, OFFLOAD_MODES
 from petkit.training.steppers.base import is_int, is_num
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -56,6 +57,8 @@ class RuntimeConfig:
         "recompute activations: off | full | every-K (K >= 2) | selective | elementwise"))
     activation_offload: bool = field(default=False, metadata=_help(
         "true: keep saved activations in host memory (eager only)"))
+    offload_optimizer: str = field(default="none", metadata=_help(
+        "none | cpu: optimiser state, fp32 masters and updates in host memory (docs/offload.md)"))
     activation_budget: float | None = field(default=None, metadata=_help(
         "compile only: fraction (0, 1] of the activations the compiler may keep"))
     loss_chunk: int | None = field(default=None, metadata=_help(
@@ -85,6 +88,9 @@ class RuntimeConfig:
         _check(self.compile_scope in COMPILE_SCOPES, "compile_scope", "model or blocks",
                self.compile_scope)
         self._check_memory()
+        _check(self.offload_optimizer in OFFLOAD_MODES, "offload_optimizer", f"one of "
+               f"{OFFLOAD_MODES}" + ("; " + NVME_REASON if self.offload_optimizer == "nvme" else ""),
+               self.offload_optimizer)
         _check(self.distributed in DISTRIBUTED, "distributed", f"one of {DISTRIBUTED}",
                self.distributed)
         kernel_parts(self.kernels)  # ConfigError naming the flag
@@ -137,6 +143,6 @@ class RuntimeConfig:
         return dataclass_from_dict(cls, data, "runtime")
 
 
-_NAMES = tuple(f.name for f in dataclasses.fields(RuntimeConfig))
+_NAMES = tuple(f.name for f in dataclasses.fields(RuntimeConfig) if f.name != "offload_optimizer")
 # the flat `TrainConfig` keys of earlier releases (deprecated); fields added since are only here
 RUNTIME_FIELDS = _NAMES[:_NAMES.index("distributed") + 1]

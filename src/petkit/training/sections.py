@@ -82,4 +82,9 @@ def check_sections(train: TrainConfig) -> None:
                           f"head_lr needs adamw or sgd), got {train.head_lr!r}")
     if train.objective is not None:
         train.objective.check_stepper(stepper.NAME)
+    if train.runtime.offload_optimizer != "none" and stepper.NAME != "backprop":
+        raise ConfigError(f"--runtime.offload_optimizer={train.runtime.offload_optimizer} applies to "
+                          "backprop runs (--optimizer adamw or sgd), not to the "
+                          f"{stepper.NAME!r} stepper of --optimizer {train.optimizer} (no backward "
+                          "pass whose gradients could stream to the host)")
     stepper.check(train)

@@ -22,6 +22,7 @@ from petkit.core.capabilities import FactorLoadable, LowRank, capable_text, lowr
 from petkit.core.delta import iter_deltas
 from petkit.core.errors import ConfigError
 from petkit.core.model import trainable_copy_parameters
+from petkit.training.offload import HostOffloadOptimizer, offload_wanted
 from petkit.training.schedule import lr_factor
 from petkit.training.steppers.base import Batch, LossFn, StepperConfig, is_num, register_stepper
 
@@ -56,8 +57,9 @@ class BackpropConfig(StepperConfig):
 
 
 def _optimizer(groups: list[list[nn.Parameter]], lrs: list[float],
-               config: TrainConfig) -> torch.optim.Optimizer:
-    """The configured optimiser with one parameter group per entry of `groups`, at `lrs`."""
+               config: TrainConfig, host: bool = False) -> torch.optim.Optimizer:
+    """The configured optimiser with one parameter group per entry of `groups`, at `lrs`
+    (`host`: the masters of an offloaded run, where fused AdamW is the default)."""
     own = config.stepper
     assert isinstance(own, BackpropConfig)
     spec = [{"params": g, "lr": lr} for g, lr in zip(groups, lrs)]
@@ -67,7 +69,7 @@ def _optimizer(groups: list[list[nn.Parameter]], lrs: list[float],
     params = [p for g in groups for p in g]
     fused = own.fused
     if fused is None:
-        fused = bool(params) and all(p.device.type == "cuda" and p.dtype.is_floating_point
+        fused = bool(params) and all((host or p.device.type == "cuda") and p.dtype.is_floating_point
                                      for p in params)
     return torch.optim.AdamW(spec, lr=lrs[0], betas=(own.beta1, own.beta2),
                              weight_decay=config.weight_decay, fused=fused or None)
@@ -104,10 +106,18 @@ class BackpropStepper:
         own = config.stepper
         self.ratio = own.loraplus_ratio if isinstance(own, BackpropConfig) else None
         self.bound = config.head_lr is None and self.ratio is None  # both need bind_model first
+        self.host: HostOffloadOptimizer | None = None  # --runtime.offload_optimizer=cpu on a GPU
         self._build()
 
     def _build(self) -> None:
-        self.optimizer = _optimizer(self._groups(), self._lrs(), self.config)
+        groups, lrs = self._groups(), self._lrs()
+        if self.host is not None:
+            self.host.close()  # regrouped by bind_model: the old hooks go
+        if offload_wanted(self.params, self.config.runtime.offload_optimizer):
+            build = functools.partial(_optimizer, lrs=lrs, config=self.config, host=True)
+            self.optimizer = self.host = HostOffloadOptimizer(groups, build)
+        else:
+            self.optimizer, self.host = _optimizer(groups, lrs, self.config), None
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.factor)
 
     def _lrs(self) -> list[float]:
@@ -165,16 +175,24 @@ class BackpropStepper:
             raise ConfigError("head_lr / loraplus_ratio need the model: call the stepper's "
                               "bind_model(model) before its first step (train() does)")
         losses = []
-        for batch in micro_batches:
+        host = self.host
+        for i, batch in enumerate(micro_batches):
+            if host is not None:  # gradients go to the host after the step's last backward
+                host.final = i == len(micro_batches) - 1
             loss = loss_fn(batch)
             (loss / len(micro_batches)).backward()
             losses.append(loss.detach())
         if self.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+            clipped = self.params if host is None else host.clip_params()
+            torch.nn.utils.clip_grad_norm_(clipped, self.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return torch.stack(losses).double().sum() / len(micro_batches)
+
+    def report(self) -> dict[str, Any]:
+        """Where the optimiser state lived, when it was offloaded (TrainResult.report)."""
+        return {"offload_optimizer": "cpu"} if self.host is not None else {}
 
     def current_lr(self) -> float:
         """Learning rate of the next update (of the delta, when the head has its own)."""

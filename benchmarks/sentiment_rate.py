@@ -1,0 +1,78 @@
+"""Requested-sentiment rate of CLI preference runs (docs/objectives.md), the measure of
+docs/hybrid.md: the share of 40 greedy generations (24 new tokens, no repeated 3-grams) for the
+held-out movies of the run's seed, both sentiments each, that docs/hybrid.md's sentiment judge
+(minilm-l6 + LoRA, trained once on rotten-tomatoes, cached in runs/hybrid/judge) labels with the
+requested sentiment. The untuned model of each seed is scored too.
+
+    python benchmarks/sentiment_rate.py runs/dpo runs/orpo --clf-steps 100 --out rates.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import petkit as pk  # noqa: E402
+from hybrid_prefer import generate, requested_probs, scores, sentiment_judge  # noqa: E402
+from petkit.data.objective_tasks import (EVAL_MOVIES, TRAIN_MOVIES, movie_reviews,  # noqa: E402
+                                         prompt_of, split_movies)
+from petkit.models import load_model  # noqa: E402
+
+
+def held_out_prompts(seed: int) -> tuple[list[str], list[int]]:
+    """The 40 prompts of the seed's held-out movies and the sentiment each asks for."""
+    held, _, _ = split_movies(list(movie_reviews()), seed, EVAL_MOVIES, TRAIN_MOVIES)
+    return [prompt_of(m, s) for m in held for s in (0, 1)], [s for _ in held for s in (0, 1)]
+
+
+def rate(adapter: Path | None, seed: int, judge: tuple[Any, Any], new_tokens: int) -> dict:
+    """Score the model (with `adapter`, or untuned) on the seed's held-out prompts."""
+    model, tok = load_model("smollm2-135m")
+    if adapter is not None:
+        pk.load_adapter(model, adapter)
+    model.eval()
+    prompts, wanted = held_out_prompts(seed)
+    texts = generate(model, tok, prompts, new_tokens)
+    share, prob = scores(requested_probs(*judge, texts, wanted))
+    return {"rate": share, "judge_prob": prob, "generations": len(texts), "samples": texts[:4]}
+
+
+def main() -> None:
+    """Score each run folder, and the untuned model of each seed they use."""
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="petkit train output folders")
+    parser.add_argument("--clf-steps", type=int, default=100)
+    parser.add_argument("--clf-test", type=int, default=1000)
+    parser.add_argument("--new-tokens", type=int, default=24)
+    parser.add_argument("--untuned", action=argparse.BooleanOptionalAction, default=True,
+                        help="score the untuned model of each seed too (default)")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    clf, clf_tok, info = sentiment_judge(args.clf_steps, args.clf_test)
+    print("judge " + json.dumps(info), flush=True)
+    rows: list[dict[str, Any]] = []
+    seeds = {}
+    for run in args.runs:
+        recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+        seeds[run] = int(recipe["train"].get("seed", 0))
+    for seed in sorted(set(seeds.values())) if args.untuned else []:
+        rows.append({"run": f"untuned (seed {seed})", "seed": seed,
+                     **rate(None, seed, (clf, clf_tok), args.new_tokens)})
+        print(json.dumps(rows[-1]), flush=True)
+    for run, seed in seeds.items():
+        rows.append({"run": str(run), "seed": seed,
+                     **rate(run / "adapter", seed, (clf, clf_tok), args.new_tokens)})
+        print(json.dumps(rows[-1]), flush=True)
+    if args.out:
+        args.out.write_text(json.dumps({"judge": info, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
