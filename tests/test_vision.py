@@ -18,7 +18,7 @@ from toys import TOYS, inputs, run
 
 CONTRACT_ON_VIT = {"vpt", "lora", "dora", "adapter", "ia3", "bitfit", "ln-tuning", "late-prompt",
                    "dylora", "krona", "cola", "sira", "peqa", "vera", "oft", "hra", "hira", "loha",
-                   "lokr", "adalora", "shira", "boft"}
+                   "lokr", "adalora", "shira", "boft", "lily"}
 
 
 @pytest.fixture(scope="module")
