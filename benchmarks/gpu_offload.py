@@ -30,6 +30,9 @@ import sys
 import time
 from typing import Any
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gpu_train import TARGETS, build_model  # noqa: E402  (one random-weight Llama builder)
+
 SHAPES: dict[str, dict[str, int]] = {
     "tiny": dict(vocab=512, hidden=64, inter=128, layers=2, heads=4, kv=2, batch=2, seq=64,
                  accum=2, steps=4, window=2),
@@ -45,27 +48,6 @@ CASES: dict[str, tuple[str, str, str, float]] = {
     "lora256-8b": ("8b", "lora256", "none", 90.0),
     "lora256-8b-offload": ("8b", "lora256", "cpu", 90.0),
 }
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def build_model(shape: dict[str, int], device: str) -> Any:
-    """A random-weight Llama of `shape` in bf16 on `device`, seeded."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=shape["vocab"], hidden_size=shape["hidden"],
-                         intermediate_size=shape["inter"], num_hidden_layers=shape["layers"],
-                         num_attention_heads=shape["heads"], num_key_value_heads=shape["kv"],
-                         max_position_embeddings=max(shape["seq"], 2048), use_cache=False)
-    torch.manual_seed(0)
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device(device):
-            return LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(torch.float32)
-
-
 def worker(case: str, device: str, smoke: bool) -> dict[str, Any]:
     """One case in this process: train, then report tok/s, peak memory and the loss."""
     import torch

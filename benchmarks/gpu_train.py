@@ -89,10 +89,9 @@ def build_model(shape: dict[str, int], device: str) -> Any:
     torch.set_default_dtype(torch.bfloat16)
     try:
         with torch.device(device):
-            model = LlamaForCausalLM(config)
+            return LlamaForCausalLM(config)
     finally:
         torch.set_default_dtype(torch.float32)
-    return model
 
 
 def examples(shape: dict[str, int]) -> list[dict[str, Any]]:
