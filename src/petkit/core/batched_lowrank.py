@@ -87,7 +87,8 @@ class _Gathered:
         self.gain = None if stack.gain is None else take(stack.gain)[:, None, :]
         self.shift = None if stack.shift is None else take(stack.shift)[:, None, :]
         self.single = index is None and self.gain is None and self.shift is None
-        self.a2, self.b2 = self.a_t[0], self.b_t[0]
+        if self.single:  # the 2-D factors its hook multiplies by
+            self.a2, self.b2 = self.a_t[0], self.b_t[0]
 
 class LowRankBank:
     """Stacked low-rank terms of up to `slots - 1` adapters (slot 0 = base) at a model's paths."""
