@@ -1,0 +1,203 @@
+"""petkit's Triton kernels for the low-rank delta (`--runtime.kernels=triton`), after LoRAFusion
+(Zhu et al., arXiv 2510.00206): the rank-r products ride inside the base GEMM.
+
+One kernel computes, for a tile of rows of X (M, K) and a tile of columns of the output,
+
+    C = X P + scale * (X Q) R        P (K, N): the frozen weight, Q (K, r), R (r, N): the factors
+    H = X Q                          (M, r), stored by the programs of the first column tile
+
+reading each tile of X once for both products (the r-wide accumulator beside the output's) and
+adding the low-rank product in the output's epilogue. The layer's forward and its input gradient
+are both this kernel:
+
+    forward    y  = x W^T + s (x A^T) B^T       X = x,  P = W^T, Q = A^T, R = B^T;  H = h = x A^T
+    backward   dx = dy W + s (dy B) A           X = dy, P = W,   Q = B,   R = A;    H = dy B
+               dA = s H^T x,  dB = s dy^T h     rank-r GEMMs over the tokens (cuBLAS)
+
+so the backward reads dy once for dx and dy B, and no activation is read twice for the delta.
+Inputs in bf16 or fp16 (the run's compute dtype), accumulation in fp32; A and B of any float
+dtype are cast to the compute dtype for the products and their gradients come back in their own.
+
+`lowrank_linear` is a `torch.autograd.Function` over the custom op `petkit::lowrank_gemm`
+(`torch.library.custom_op` with a fake implementation): torch.compile traces around the op, so the
+layer sits inside petkit's compiled blocks. Triton is imported by this module only: the base
+install never loads it. With `TRITON_INTERPRET=1` set before the first launch the kernel runs on
+the CPU through Triton's interpreter (tests); there, bf16 tiles are widened to fp32 before each
+product (exact for bf16 products; the interpreter multiplies bf16 bit patterns as integers) and
+rounded back to bf16 by hand (its casts truncate), so it computes what the GPU does.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_RANK = 128  # widest r the kernel's extra accumulator takes; wider: the torch fused path
+DTYPES = (torch.bfloat16, torch.float16)
+# (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps): the autotuner's choices on a GPU (Hopper-sized)
+GPU_TILES = ((128, 256, 64, 3, 8), (128, 128, 64, 4, 4), (128, 128, 32, 4, 4),
+             (64, 256, 32, 4, 4), (128, 64, 32, 4, 4), (64, 128, 64, 4, 4))
+INTERPRET_TILE = (32, 32, 32)  # one small tile for the interpreter (no autotuning there)
+
+
+def _lowrank_gemm_kernel(x_ptr, p_ptr, q_ptr, r_ptr, c_ptr, h_ptr, M, N, K, R, scale,
+                         sxm, sxk, spk, spn, sqk, sqr, srr, srn, scm, scn, shm, shr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr, WIDEN: tl.constexpr):
+    """One (BLOCK_M, BLOCK_N) tile of C = X P + scale (X Q) R; the first column of tiles also
+    stores its rows of H = X Q. Programs are grouped GROUP_M row tiles at a time (L2 reuse)."""
+    pid = tl.program_id(0)
+    tiles_m, tiles_n = (M + BLOCK_M - 1) // BLOCK_M, (N + BLOCK_N - 1) // BLOCK_N
+    per_group = GROUP_M * tiles_n
+    first_m = (pid // per_group) * GROUP_M
+    rows_in_group = min(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % rows_in_group
+    pid_n = (pid % per_group) // rows_in_group
+    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    rr = tl.arange(0, BLOCK_R)
+    rk = tl.arange(0, BLOCK_K)
+    # tl.full, not tl.zeros / tl.cdiv: those are jit helpers, which the interpreter runs only
+    # when TRITON_INTERPRET was set before Triton was imported
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+    hacc = tl.full((BLOCK_M, BLOCK_R), 0.0, tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        x = tl.load(x_ptr + rm[:, None] * sxm + kk[None, :] * sxk,
+                    mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
+        p = tl.load(p_ptr + kk[:, None] * spk + rn[None, :] * spn,
+                    mask=(kk[:, None] < K) & (rn[None, :] < N), other=0.0)
+        q = tl.load(q_ptr + kk[:, None] * sqk + rr[None, :] * sqr,
+                    mask=(kk[:, None] < K) & (rr[None, :] < R), other=0.0)
+        if WIDEN:
+            x, p, q = x.to(tl.float32), p.to(tl.float32), q.to(tl.float32)
+        acc = tl.dot(x, p, acc)
+        hacc = tl.dot(x, q, hacc)
+    rt = tl.load(r_ptr + rr[:, None] * srr + rn[None, :] * srn,
+                 mask=(rr[:, None] < R) & (rn[None, :] < N), other=0.0)
+    # H rounded to the compute dtype, as the eager path's x A^T is, before its product with R
+    if WIDEN:  # the interpreter's casts truncate: round to nearest even by hand, stay in fp32
+        hbits = hacc.to(tl.uint32, bitcast=True)
+        hbits = (hbits + 0x7FFF + ((hbits >> 16) & 1)) & 0xFFFF0000
+        h = hbits.to(tl.float32, bitcast=True)
+        acc += scale * tl.dot(h, rt.to(tl.float32))
+        cbits = acc.to(tl.uint32, bitcast=True)
+        acc = ((cbits + 0x7FFF + ((cbits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+    else:
+        h = hacc.to(h_ptr.dtype.element_ty)
+        acc += scale * tl.dot(h, rt)
+    tl.store(c_ptr + rm[:, None] * scm + rn[None, :] * scn, acc.to(c_ptr.dtype.element_ty),
+             mask=(rm[:, None] < M) & (rn[None, :] < N))
+    if pid_n == 0:
+        tl.store(h_ptr + rm[:, None] * shm + rr[None, :] * shr, h,
+                 mask=(rm[:, None] < M) & (rr[None, :] < R))
+
+
+@functools.cache
+def _kernel(interpret: bool) -> Any:
+    """The kernel, jitted (and autotuned on a GPU) on first use, so that the interpreter setting
+    in force at the first launch decides."""
+    jitted = triton.jit(_lowrank_gemm_kernel)
+    if interpret:
+        return jitted
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8},
+                             num_stages=s, num_warps=w) for m, n, k, s, w in GPU_TILES]
+    return triton.autotune(configs, key=["M", "N", "K", "R"])(jitted)
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (`TRITON_INTERPRET=1`)."""
+    return bool(triton.knobs.runtime.interpret)
+
+
+def rank_block(r: int) -> int:
+    """The padded width of the rank accumulator: a power of two, at least 16 (tl.dot's minimum)."""
+    return max(16, triton.next_power_of_2(r))
+
+
+@torch.library.custom_op("petkit::lowrank_gemm", mutates_args=())
+def lowrank_gemm(x: torch.Tensor, p: torch.Tensor, q: torch.Tensor, r: torch.Tensor,
+                 scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(X P + scale (X Q) R, X Q) for X (M, K), P (K, N), Q (K, r), R (r, N), all of one dtype;
+    any strides (transposed views need no copy)."""
+    (m, k), n, rank = x.shape, p.shape[1], q.shape[1]
+    c = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    h = torch.empty(m, rank, dtype=x.dtype, device=x.device)
+    interpret = interpreting()
+    kernel = _kernel(interpret)
+    args = (x, p, q, r, c, h, m, n, k, rank, scale, *x.stride(), *p.stride(), *q.stride(),
+            *r.stride(), *c.stride(), *h.stride())
+    if interpret:
+        bm, bn, bk = INTERPRET_TILE
+        grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+        kernel[grid](*args, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=rank_block(rank),
+                     GROUP_M=8, WIDEN=x.dtype == torch.bfloat16)
+        return c, h
+
+    def grid(meta: dict[str, Any]) -> tuple[int]:
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
+    with torch.cuda.device(x.device):
+        kernel[grid](*args, BLOCK_R=rank_block(rank), WIDEN=False)
+    return c, h
+
+
+@lowrank_gemm.register_fake
+def _(x: torch.Tensor, p: torch.Tensor, q: torch.Tensor, r: torch.Tensor,
+      scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return x.new_empty(x.shape[0], p.shape[1]), x.new_empty(x.shape[0], q.shape[1])
+
+
+class TritonLowRank(torch.autograd.Function):
+    """y = x W^T + scale (x A^T) B^T through `lowrank_gemm`, forward and input gradient alike
+    (module docstring). `w` (out, in) is in the compute dtype; `a` (r, in) and `b` (out, r) in
+    any float dtype (their gradients come back in it)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                scale: float) -> torch.Tensor:
+        out_f, in_f = w.shape
+        x2 = x.reshape(-1, in_f).to(w.dtype)
+        ac, bc = a.to(w.dtype), b.to(w.dtype)
+        y, h = lowrank_gemm(x2, w.t(), ac.t(), bc.t(), scale)
+        ctx.save_for_backward(x2, h, w, ac, bc)
+        ctx.scale, ctx.x_dtype, ctx.a_dtype, ctx.b_dtype = scale, x.dtype, a.dtype, b.dtype
+        return y.view(*x.shape[:-1], out_f)
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x2, h, w, ac, bc = ctx.saved_tensors
+        out_f, in_f = w.shape
+        dy2 = dy.reshape(-1, out_f).to(w.dtype)
+        dx = None
+        if ctx.needs_input_grad[0]:  # dx = dy W + s (dy B) A, and g = dy B, in one kernel
+            dx, g = lowrank_gemm(dy2, w, bc, ac, ctx.scale)
+            dx = dx.view(*dy.shape[:-1], in_f).to(ctx.x_dtype)
+        else:
+            g = torch.mm(dy2, bc)
+        da = torch.mm(g.t(), x2).mul_(ctx.scale).to(ctx.a_dtype) \
+            if ctx.needs_input_grad[2] else None
+        db = torch.mm(dy2.t(), h).mul_(ctx.scale).to(ctx.b_dtype) \
+            if ctx.needs_input_grad[3] else None
+        return dx, None, da, db, None
+
+
+def lowrank_linear(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                   scale: float) -> torch.Tensor:
+    """x W^T + scale (x A^T) B^T on the Triton kernel (differentiable in x, A and B)."""
+    return TritonLowRank.apply(x, w, a, b, scale)
+
+
+def unfit(device: torch.device, dtype: torch.dtype, rank: int) -> str | None:
+    """Why the kernel cannot take a layer (None: it can): device, compute dtype, rank."""
+    if device.type != "cuda" and not interpreting():
+        return f"triton kernel on {device.type}"
+    if dtype not in DTYPES:
+        return f"triton kernel for compute dtype {dtype}"
+    if rank > MAX_RANK:
+        return f"triton kernel for rank above {MAX_RANK}"
+    return None

@@ -1,0 +1,211 @@
+"""petkit's Triton kernel for the low-rank delta (`training.triton_delta`, `--runtime.kernels=
+triton`): forward and every gradient against the eager expression, in Triton's CPU interpreter
+(small shapes, ragged tiles, ranks below, at and above 16) and on CUDA (`gpu`: bf16 at the
+benchmark's layer shapes); a tiny Llama on the kernel through `fused_deltas` and `pk.train`; the
+custom op under torch.compile. Skipped where Triton is not installed."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton")
+
+import petkit as pk  # noqa: E402
+from petkit.training import fused_delta, triton_delta  # noqa: E402
+from petkit.training.fused_delta import fused_deltas  # noqa: E402
+from toys import llama  # noqa: E402
+
+CPU = ("cpu",)
+
+
+@pytest.fixture
+def interpret(monkeypatch):
+    """Kernels launched inside the test run in Triton's CPU interpreter."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def _eager(x, w, a, b, scale):
+    return F.linear(x, w) + scale * F.linear(F.linear(x, a), b)
+
+
+def _grads(fn, x, w, a, b, scale, x_grad=True):
+    x = x.detach().clone().requires_grad_(x_grad)
+    a, b = (t.detach().clone().requires_grad_(True) for t in (a, b))
+    y = fn(x, w, a, b, scale)
+    (y * torch.linspace(-1, 1, y.shape[-1], dtype=y.dtype, device=y.device)).sum().backward()
+    return y.detach(), x.grad, a.grad, b.grad
+
+
+def _factors(tokens, out_f, in_f, rank, device="cpu", b_scale=0.25):
+    gen = torch.Generator(device=device).manual_seed(0)
+    kw = {"generator": gen, "device": device}
+    x = torch.randn(2, tokens, in_f, **kw)
+    w = torch.randn(out_f, in_f, **kw) / in_f**0.5
+    a = torch.randn(rank, in_f, **kw) / in_f**0.5
+    b = torch.randn(out_f, rank, **kw) * b_scale
+    return x, w, a, b
+
+
+# ragged shapes (no dimension a multiple of the 32-wide interpreter tile), r below / at / above 16
+@pytest.mark.parametrize("tokens,out_f,in_f,rank", [(37, 40, 48, 4), (16, 64, 33, 16),
+                                                    (9, 24, 70, 24)])
+def test_the_kernel_in_fp32_equals_the_eager_expression_and_its_gradients(
+        interpret, tokens, out_f, in_f, rank) -> None:
+    x, w, a, b = (t.double() for t in _factors(tokens, out_f, in_f, rank))
+    want = _grads(_eager, x, w, a, b, 0.7)
+    got = _grads(triton_delta.lowrank_linear, x.float(), w.float(), a, b, 0.7)
+    for ref, out in zip(want, got):  # y, dx, dA, dB; A and B's gradients in their fp64
+        assert out.dtype == ref.dtype or out.dtype == torch.float32
+        torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("b_scale", [0.25, 1e-3])  # a delta near W's size, and one below its ulp
+@pytest.mark.parametrize("tokens,out_f,in_f", [(40, 64, 96), (40, 96, 64)])
+def test_the_kernel_in_bf16_is_as_close_to_fp64_as_the_eager_path(interpret, tokens, out_f,
+                                                                  in_f, b_scale) -> None:
+    x, w, a, b = _factors(tokens, out_f, in_f, 16, b_scale=b_scale)
+    x, w = x.bfloat16(), w.bfloat16()
+    exact = _grads(_eager, x.double(), w.double(), a.double(), b.double(), 2.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager = _grads(_eager, x, w, a, b, 2.0)
+    kernel = _grads(triton_delta.lowrank_linear, x, w, a, b, 2.0)
+    assert kernel[0].dtype == torch.bfloat16 and kernel[2].dtype == torch.float32
+    for ref, e, k in zip(exact, eager, kernel):  # y, dx, dA, dB
+        scale = float(ref.abs().max())
+        err_eager, err_kernel = (float((t.double() - ref).abs().max()) / scale for t in (e, k))
+        assert err_kernel <= 1.25 * err_eager + 2e-3, (err_eager, err_kernel)
+
+
+def test_the_kernel_skips_the_input_gradient_when_the_input_needs_none(interpret) -> None:
+    x, w, a, b = _factors(8, 16, 32, 4)
+    want = _grads(_eager, x, w, a, b, 2.0, x_grad=False)
+    got = _grads(triton_delta.lowrank_linear, x, w, a, b, 2.0, x_grad=False)
+    assert got[1] is None
+    for ref, out in zip(want[2:], got[2:]):
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_the_custom_op_compiles_in_one_graph_with_its_backward(interpret) -> None:
+    x, w, a, b = _factors(12, 16, 32, 4)
+    want = _grads(_eager, x, w, a, b, 0.5)
+    torch._dynamo.reset()
+    compiled = torch.compile(triton_delta.lowrank_linear, fullgraph=True, backend="aot_eager")
+    got = _grads(compiled, x, w, a, b, 0.5)
+    torch._dynamo.reset()
+    for ref, out in zip(want, got):
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_unfit_layers_say_why(interpret, monkeypatch) -> None:
+    assert triton_delta.unfit(torch.device("cpu"), torch.bfloat16, 16) is None  # interpreter
+    assert triton_delta.unfit(torch.device("cpu"), torch.float32, 16) == \
+        "triton kernel for compute dtype torch.float32"
+    assert triton_delta.unfit(torch.device("cpu"), torch.bfloat16, 256) == \
+        "triton kernel for rank above 128"
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert triton_delta.unfit(torch.device("cpu"), torch.bfloat16, 16) == "triton kernel on cpu"
+
+
+def _lora_llama(device="cpu", rank=4) -> torch.nn.Module:
+    model = llama()
+    torch.manual_seed(0)
+    pk.attach(model, pk.LoraConfig(r=rank, targets="all-linear"))
+    with torch.no_grad():  # B != 0, so the delta's gradients reach A and the input
+        for param in pk.trainable_parameters(model).values():
+            param.normal_(0, 0.2)
+    for param in model.parameters():
+        if not param.requires_grad:
+            param.data = param.data.to(torch.bfloat16)
+    return model.to(device).train()
+
+
+def _loss_and_grads(model, ids, bf16=True):
+    model.zero_grad(set_to_none=True)
+    with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {k: p.grad.clone() for k, p in pk.trainable_parameters(model).items()}
+
+
+def _assert_as_close_as_eager(exact, eager, kernel) -> None:
+    """Each of the kernel's (loss, gradients) is as close to the fp32 run's as the eager bf16
+    run's is (a quarter more, plus 1% of the largest value: two bf16 roundings apart)."""
+    for key, ref in [("loss", exact[0]), *exact[1].items()]:
+        e, k = (eager[0], kernel[0]) if key == "loss" else (eager[1][key], kernel[1][key])
+        assert k.dtype == ref.dtype
+        scale = float(ref.abs().max())
+        err_eager, err_kernel = (float((t - ref).abs().max()) / scale for t in (e, k))
+        assert err_kernel <= 1.25 * err_eager + 1e-2, (key, err_eager, err_kernel)
+
+
+def _check_llama(device, devices, tokens, compiled=False) -> None:
+    """A tiny Llama (bf16 base, fp32 LoRA) on the kernel: loss and gradients against the same
+    model in fp32 and in eager bf16."""
+    from petkit.training.activations import activation_checkpointing
+
+    model = _lora_llama(device)
+    ids = torch.randint(3, 100, (2, tokens), generator=torch.Generator().manual_seed(1))
+    ids = ids.to(device)
+    eager = _loss_and_grads(model, ids)
+    exact = _loss_and_grads(copy.deepcopy(model).float(), ids, bf16=False)
+    with fused_deltas(model, torch.bfloat16, devices, kernel="triton") as report, \
+            activation_checkpointing(model, 1 if compiled else 0, "selective"):
+        assert report.triton == 14 and report.note() == \
+            "fused delta on 14 of 14 delta layers (triton kernel on 14)"
+        if compiled:  # as compile_scope="blocks" does
+            torch._dynamo.reset()
+            for layer in model.model.layers:
+                layer.compile()
+        kernel = _loss_and_grads(model, ids)
+    _assert_as_close_as_eager(exact, eager, kernel)
+
+
+def test_a_tiny_llama_on_the_kernel_gives_the_eager_loss_and_gradients(interpret) -> None:
+    _check_llama("cpu", CPU, 12)
+
+
+def test_train_on_the_kernel_follows_the_eager_losses(interpret, tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(fused_delta, "FUSED_DEVICES", CPU)
+    ids = torch.randint(3, 100, (8, 12), generator=torch.Generator().manual_seed(0))
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    runs = []
+    for kernels in ("none", "triton"):
+        runtime = pk.RuntimeConfig(device="cpu", precision="bf16", kernels=kernels)
+        config = pk.TrainConfig(max_steps=3, batch_size=4, log_every=1, progress=False,
+                                runtime=runtime, output_dir=str(tmp_path / kernels))
+        runs.append(pk.train(_lora_llama(), data, config))
+    assert runs[1].report["kernels"] == \
+        "fused delta on 14 of 14 delta layers (triton kernel on 14); liger off"
+    losses = [[h["train_loss"] for h in r.history if "train_loss" in h] for r in runs]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens,out_f,in_f", [(8192, 2048, 2048), (8192, 5632, 2048),
+                                               (8192, 2048, 5632), (100, 256, 512)])
+def test_the_kernel_bf16_on_cuda_is_as_close_to_fp64_as_the_eager_path(tokens, out_f,
+                                                                      in_f) -> None:
+    x, w, a, b = _factors(tokens // 2, out_f, in_f, 16, device="cuda")
+    x, w = x.bfloat16(), w.bfloat16()
+    exact = _grads(_eager, x.double(), w.double(), a.double(), b.double(), 2.0)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        eager = _grads(_eager, x, w, a, b, 2.0)
+    kernel = _grads(triton_delta.lowrank_linear, x, w, a, b, 2.0)
+    for ref, e, k in zip(exact, eager, kernel):  # y, dx, dA, dB
+        scale = float(ref.abs().max())
+        err_eager, err_kernel = (float((t.double() - ref).abs().max()) / scale for t in (e, k))
+        assert err_kernel <= 1.25 * err_eager + 2e-3, (err_eager, err_kernel)
+
+
+@pytest.mark.gpu
+def test_a_tiny_llama_on_the_kernel_on_cuda_gives_the_eager_loss_and_gradients() -> None:
+    _check_llama("cuda", ("cuda",), 64)
+
+
+@pytest.mark.gpu
+def test_the_kernel_inside_compiled_blocks_on_cuda_gives_the_eager_loss() -> None:
+    _check_llama("cuda", ("cuda",), 64, compiled=True)
