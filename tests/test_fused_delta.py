@@ -349,7 +349,7 @@ def test_kernels_triton_plans_the_fused_delta_on_its_kernel_and_auto_keeps_one_c
     cpu = kernels.plan_kernels("triton", "flce", model, torch.device("cpu"), None)
     assert not cpu.fused and cpu.note() == \
         "eager delta; liger off; fused delta off on cpu (it runs on cuda)"
-    with pytest.raises(ConfigError, match="one of fused / triton"):
+    with pytest.raises(ConfigError, match="triton in place of fused"):
         kernels.kernel_parts("fused,triton")
     with pytest.raises(ConfigError, match="did you mean 'triton'"):
         pk.RuntimeConfig(kernels="trition")

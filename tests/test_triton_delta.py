@@ -168,6 +168,27 @@ def test_a_tiny_llama_on_the_kernel_gives_the_eager_loss_and_gradients(interpret
     _check_llama("cpu", CPU, 12)
 
 
+@pytest.mark.parametrize("mode,recomputed", [("full", 14), ("selective", 8), ("elementwise", 0)])
+def test_recompute_policies_keep_the_kernels_outputs_as_they_keep_a_matmuls(
+        interpret, monkeypatch, mode, recomputed) -> None:
+    """Selective keeps the outputs of the reducing products (the k, v and down
+    projections: 4 of 7 per block recomputed), elementwise keeps all, full none."""
+    from petkit.training.activations import activation_checkpointing
+
+    launches = []
+    kernel = triton_delta._kernel
+    monkeypatch.setattr(triton_delta, "_kernel", lambda interp: launches.append(1) or kernel(interp))
+    model = _lora_llama()
+    ids = torch.randint(3, 100, (2, 8), generator=torch.Generator().manual_seed(1))
+    with fused_deltas(model, torch.bfloat16, CPU, kernel="triton"):
+        base = len(launches)
+        _loss_and_grads(model, ids)
+        plain = len(launches) - base
+        with activation_checkpointing(model, 1, mode):
+            _loss_and_grads(model, ids)
+    assert len(launches) - base - plain == plain + recomputed
+
+
 def test_train_on_the_kernel_follows_the_eager_losses(interpret, tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(fused_delta, "FUSED_DEVICES", CPU)
     ids = torch.randint(3, 100, (8, 12), generator=torch.Generator().manual_seed(0))

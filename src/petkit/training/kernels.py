@@ -49,8 +49,8 @@ def kernel_parts(value: str) -> tuple[str, ...]:
                               f"use none, auto, fused, triton, liger, fused,liger or triton,liger")
     alone = [p for p in parts if p in ("none", "auto")]
     if not parts or (alone and len(parts) > 1) or {"fused", "triton"} <= set(parts):
-        raise ConfigError(f"--runtime.kernels must be none, auto, or one of fused / triton "
-                          f"and/or liger (comma-separated), got {value!r}")
+        raise ConfigError(f"--runtime.kernels must be none, auto, or fused and/or liger "
+                          f"(comma-separated; triton in place of fused), got {value!r}")
     return () if parts == ("none",) else parts
 
 

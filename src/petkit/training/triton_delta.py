@@ -3,16 +3,16 @@
 
 One kernel computes, for a tile of rows of X (M, K) and a tile of columns of the output,
 
-    C = X P + scale * (X Q) R        P (K, N): the frozen weight, Q (K, r), R (r, N): the factors
-    H = X Q                          (M, r), stored by the programs of the first column tile
+    H = s X Q                        (M, r), stored by the programs of the first column tile
+    C = X P + H R                    P (K, N): the frozen weight, Q (K, r), R (r, N): the factors
 
 reading each tile of X once for both products (the r-wide accumulator beside the output's) and
-adding the low-rank product in the output's epilogue. The layer's forward and its input gradient
-are both this kernel:
+adding the low-rank product in the output's epilogue, into the output's accumulator. The layer's
+forward and its input gradient are both this kernel:
 
-    forward    y  = x W^T + s (x A^T) B^T       X = x,  P = W^T, Q = A^T, R = B^T;  H = h = x A^T
-    backward   dx = dy W + s (dy B) A           X = dy, P = W,   Q = B,   R = A;    H = dy B
-               dA = s H^T x,  dB = s dy^T h     rank-r GEMMs over the tokens (cuBLAS)
+    forward    y  = x W^T + s (x A^T) B^T     X = x,  P = W^T, Q = A^T, R = B^T;  H = s x A^T
+    backward   dx = dy W + s (dy B) A         X = dy, P = W,   Q = B,   R = A;    H = g = s dy B
+               dA = g^T x,  dB = dy^T H       rank-r GEMMs over the tokens (cuBLAS)
 
 so the backward reads dy once for dx and dy B, and no activation is read twice for the delta.
 Inputs in bf16 or fp16 (the run's compute dtype), accumulation in fp32; A and B of any float
@@ -20,8 +20,9 @@ dtype are cast to the compute dtype for the products and their gradients come ba
 
 `lowrank_linear` is a `torch.autograd.Function` over the custom op `petkit::lowrank_gemm`
 (`torch.library.custom_op` with a fake implementation): torch.compile traces around the op, so the
-layer sits inside petkit's compiled blocks. Triton is imported by this module only: the base
-install never loads it. With `TRITON_INTERPRET=1` set before the first launch the kernel runs on
+layer sits inside petkit's compiled blocks, and the "selective" / "elementwise" recompute policies
+keep its outputs as they keep the matmul it replaces (`activations.save_like_matmul`). Triton is
+imported by this module only: the base install never loads it. With `TRITON_INTERPRET=1` set before the first launch the kernel runs on
 the CPU through Triton's interpreter (tests); there, bf16 tiles are widened to fp32 before each
 product (exact for bf16 products; the interpreter multiplies bf16 bit patterns as integers) and
 rounded back to bf16 by hand (its casts truncate), so it computes what the GPU does.
@@ -30,17 +31,21 @@ rounded back to bf16 by hand (its casts truncate), so it computes what the GPU d
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 
+from petkit.training.activations import save_like_matmul
+
 MAX_RANK = 128  # widest r the kernel's extra accumulator takes; wider: the torch fused path
 DTYPES = (torch.bfloat16, torch.float16)
 # (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps): the autotuner's choices on a GPU (Hopper-sized)
-GPU_TILES = ((128, 256, 64, 3, 8), (128, 128, 64, 4, 4), (128, 128, 32, 4, 4),
-             (64, 256, 32, 4, 4), (128, 64, 32, 4, 4), (64, 128, 64, 4, 4))
+GPU_TILES = ((128, 256, 64, 3, 8), (128, 128, 64, 4, 4), (128, 128, 64, 3, 8),
+             (128, 128, 32, 4, 4), (64, 256, 32, 4, 4), (128, 64, 64, 4, 4),
+             (64, 128, 64, 4, 4), (64, 64, 64, 4, 4))
 INTERPRET_TILE = (32, 32, 32)  # one small tile for the interpreter (no autotuning there)
 
 
@@ -48,8 +53,9 @@ def _lowrank_gemm_kernel(x_ptr, p_ptr, q_ptr, r_ptr, c_ptr, h_ptr, M, N, K, R, s
                          sxm, sxk, spk, spn, sqk, sqr, srr, srn, scm, scn, shm, shr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr, WIDEN: tl.constexpr):
-    """One (BLOCK_M, BLOCK_N) tile of C = X P + scale (X Q) R; the first column of tiles also
-    stores its rows of H = X Q. Programs are grouped GROUP_M row tiles at a time (L2 reuse)."""
+    """One (BLOCK_M, BLOCK_N) tile of C = X P + H R with H = scale X Q (rounded to the output's
+    dtype, as the eager path rounds x A^T); the first column of tiles also stores its rows of H.
+    Programs are grouped GROUP_M row tiles at a time (L2 reuse)."""
     pid = tl.program_id(0)
     tiles_m, tiles_n = (M + BLOCK_M - 1) // BLOCK_M, (N + BLOCK_N - 1) // BLOCK_N
     per_group = GROUP_M * tiles_n
@@ -79,17 +85,15 @@ def _lowrank_gemm_kernel(x_ptr, p_ptr, q_ptr, r_ptr, c_ptr, h_ptr, M, N, K, R, s
         hacc = tl.dot(x, q, hacc)
     rt = tl.load(r_ptr + rr[:, None] * srr + rn[None, :] * srn,
                  mask=(rr[:, None] < R) & (rn[None, :] < N), other=0.0)
-    # H rounded to the compute dtype, as the eager path's x A^T is, before its product with R
     if WIDEN:  # the interpreter's casts truncate: round to nearest even by hand, stay in fp32
-        hbits = hacc.to(tl.uint32, bitcast=True)
-        hbits = (hbits + 0x7FFF + ((hbits >> 16) & 1)) & 0xFFFF0000
-        h = hbits.to(tl.float32, bitcast=True)
-        acc += scale * tl.dot(h, rt.to(tl.float32))
+        hbits = (hacc * scale).to(tl.uint32, bitcast=True)
+        h = ((hbits + 0x7FFF + ((hbits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+        acc = tl.dot(h, rt.to(tl.float32), acc)
         cbits = acc.to(tl.uint32, bitcast=True)
         acc = ((cbits + 0x7FFF + ((cbits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
     else:
-        h = hacc.to(h_ptr.dtype.element_ty)
-        acc += scale * tl.dot(h, rt)
+        h = (hacc * scale).to(h_ptr.dtype.element_ty)
+        acc = tl.dot(h, rt, acc)
     tl.store(c_ptr + rm[:, None] * scm + rn[None, :] * scn, acc.to(c_ptr.dtype.element_ty),
              mask=(rm[:, None] < M) & (rn[None, :] < N))
     if pid_n == 0:
@@ -111,7 +115,11 @@ def _kernel(interpret: bool) -> Any:
 
 def interpreting() -> bool:
     """Whether Triton runs kernels in its CPU interpreter (`TRITON_INTERPRET=1`)."""
-    return bool(triton.knobs.runtime.interpret)
+    try:
+        from triton import knobs  # Triton >= 3.4
+    except ImportError:  # earlier: the variable itself
+        return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+    return bool(knobs.runtime.interpret)
 
 
 def rank_block(r: int) -> int:
@@ -122,8 +130,8 @@ def rank_block(r: int) -> int:
 @torch.library.custom_op("petkit::lowrank_gemm", mutates_args=())
 def lowrank_gemm(x: torch.Tensor, p: torch.Tensor, q: torch.Tensor, r: torch.Tensor,
                  scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(X P + scale (X Q) R, X Q) for X (M, K), P (K, N), Q (K, r), R (r, N), all of one dtype;
-    any strides (transposed views need no copy)."""
+    """(X P + H R, H) with H = scale X Q, for X (M, K), P (K, N), Q (K, r), R (r, N), all of
+    one dtype; any strides (transposed views need no copy)."""
     (m, k), n, rank = x.shape, p.shape[1], q.shape[1]
     c = torch.empty(m, n, dtype=x.dtype, device=x.device)
     h = torch.empty(m, rank, dtype=x.dtype, device=x.device)
@@ -152,6 +160,10 @@ def _(x: torch.Tensor, p: torch.Tensor, q: torch.Tensor, r: torch.Tensor,
     return x.new_empty(x.shape[0], p.shape[1]), x.new_empty(x.shape[0], q.shape[1])
 
 
+# the recompute policies keep its outputs where they keep a matmul's: X (M, K) @ P (K, N)
+save_like_matmul(torch.ops.petkit.lowrank_gemm.default, (0, 1))
+
+
 class TritonLowRank(torch.autograd.Function):
     """y = x W^T + scale (x A^T) B^T through `lowrank_gemm`, forward and input gradient alike
     (module docstring). `w` (out, in) is in the compute dtype; `a` (r, in) and `b` (out, r) in
@@ -163,7 +175,7 @@ class TritonLowRank(torch.autograd.Function):
         out_f, in_f = w.shape
         x2 = x.reshape(-1, in_f).to(w.dtype)
         ac, bc = a.to(w.dtype), b.to(w.dtype)
-        y, h = lowrank_gemm(x2, w.t(), ac.t(), bc.t(), scale)
+        y, h = lowrank_gemm(x2, w.t(), ac.t(), bc.t(), scale)  # h = s x A^T
         ctx.save_for_backward(x2, h, w, ac, bc)
         ctx.scale, ctx.x_dtype, ctx.a_dtype, ctx.b_dtype = scale, x.dtype, a.dtype, b.dtype
         return y.view(*x.shape[:-1], out_f)
@@ -174,15 +186,13 @@ class TritonLowRank(torch.autograd.Function):
         out_f, in_f = w.shape
         dy2 = dy.reshape(-1, out_f).to(w.dtype)
         dx = None
-        if ctx.needs_input_grad[0]:  # dx = dy W + s (dy B) A, and g = dy B, in one kernel
+        if ctx.needs_input_grad[0]:  # dx = dy W + g A and g = s dy B, in one kernel
             dx, g = lowrank_gemm(dy2, w, bc, ac, ctx.scale)
             dx = dx.view(*dy.shape[:-1], in_f).to(ctx.x_dtype)
         else:
-            g = torch.mm(dy2, bc)
-        da = torch.mm(g.t(), x2).mul_(ctx.scale).to(ctx.a_dtype) \
-            if ctx.needs_input_grad[2] else None
-        db = torch.mm(dy2.t(), h).mul_(ctx.scale).to(ctx.b_dtype) \
-            if ctx.needs_input_grad[3] else None
+            g = torch.mm(dy2, bc).mul_(ctx.scale)
+        da = torch.mm(g.t(), x2).to(ctx.a_dtype) if ctx.needs_input_grad[2] else None
+        db = torch.mm(dy2.t(), h).to(ctx.b_dtype) if ctx.needs_input_grad[3] else None
         return dx, None, da, db, None
 
 
