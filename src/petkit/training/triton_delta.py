@@ -52,7 +52,8 @@ INTERPRET_TILE = (32, 32, 32)  # one small tile for the interpreter (no autotuni
 def _lowrank_gemm_kernel(x_ptr, p_ptr, q_ptr, r_ptr, c_ptr, h_ptr, M, N, K, R, scale,
                          sxm, sxk, spk, spn, sqk, sqr, srr, srn, scm, scn, shm, shr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr, WIDEN: tl.constexpr):
+                         BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
+                         WIDEN: tl.constexpr):
     """One (BLOCK_M, BLOCK_N) tile of C = X P + H R with H = scale X Q (rounded to the output's
     dtype, as the eager path rounds x A^T); the first column of tiles also stores its rows of H.
     Programs are grouped GROUP_M row tiles at a time (L2 reuse)."""
@@ -65,24 +66,35 @@ def _lowrank_gemm_kernel(x_ptr, p_ptr, q_ptr, r_ptr, c_ptr, h_ptr, M, N, K, R, s
     pid_n = (pid % per_group) // rows_in_group
     rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    # rows and columns past the edge load the first ones again (their results are not stored),
+    # so only K needs masks, and none when BLOCK_K divides it
+    rm_in, rn_in = rm % M, rn % N
     rr = tl.arange(0, BLOCK_R)
     rk = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + rm_in[:, None] * sxm + rk[None, :] * sxk
+    p_ptrs = p_ptr + rk[:, None] * spk + rn_in[None, :] * spn
+    q_ptrs = q_ptr + rk[:, None] * sqk + rr[None, :] * sqr
     # tl.full, not tl.zeros / tl.cdiv: those are jit helpers, which the interpreter runs only
     # when TRITON_INTERPRET was set before Triton was imported
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     hacc = tl.full((BLOCK_M, BLOCK_R), 0.0, tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        kk = k0 + rk
-        x = tl.load(x_ptr + rm[:, None] * sxm + kk[None, :] * sxk,
-                    mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
-        p = tl.load(p_ptr + kk[:, None] * spk + rn[None, :] * spn,
-                    mask=(kk[:, None] < K) & (rn[None, :] < N), other=0.0)
-        q = tl.load(q_ptr + kk[:, None] * sqk + rr[None, :] * sqr,
-                    mask=(kk[:, None] < K) & (rr[None, :] < R), other=0.0)
+        if EVEN_K:
+            x = tl.load(x_ptrs)
+            p = tl.load(p_ptrs)
+            q = tl.load(q_ptrs, mask=rr[None, :] < R, other=0.0)
+        else:
+            kk = k0 + rk
+            x = tl.load(x_ptrs, mask=kk[None, :] < K, other=0.0)
+            p = tl.load(p_ptrs, mask=kk[:, None] < K, other=0.0)
+            q = tl.load(q_ptrs, mask=(kk[:, None] < K) & (rr[None, :] < R), other=0.0)
         if WIDEN:
             x, p, q = x.to(tl.float32), p.to(tl.float32), q.to(tl.float32)
         acc = tl.dot(x, p, acc)
         hacc = tl.dot(x, q, hacc)
+        x_ptrs += BLOCK_K * sxk
+        p_ptrs += BLOCK_K * spk
+        q_ptrs += BLOCK_K * sqk
     rt = tl.load(r_ptr + rr[:, None] * srr + rn[None, :] * srn,
                  mask=(rr[:, None] < R) & (rn[None, :] < N), other=0.0)
     if WIDEN:  # the interpreter's casts truncate: round to nearest even by hand, stay in fp32
@@ -110,7 +122,8 @@ def _kernel(interpret: bool) -> Any:
         return jitted
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8},
                              num_stages=s, num_warps=w) for m, n, k, s, w in GPU_TILES]
-    return triton.autotune(configs, key=["M", "N", "K", "R"])(jitted)
+    even_k = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
+    return triton.autotune(configs, key=["M", "N", "K", "R"])(even_k(jitted))
 
 
 def interpreting() -> bool:
@@ -143,7 +156,7 @@ def lowrank_gemm(x: torch.Tensor, p: torch.Tensor, q: torch.Tensor, r: torch.Ten
         bm, bn, bk = INTERPRET_TILE
         grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
         kernel[grid](*args, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=rank_block(rank),
-                     GROUP_M=8, WIDEN=x.dtype == torch.bfloat16)
+                     GROUP_M=8, EVEN_K=k % bk == 0, WIDEN=x.dtype == torch.bfloat16)
         return c, h
 
     def grid(meta: dict[str, Any]) -> tuple[int]:
