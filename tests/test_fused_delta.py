@@ -366,6 +366,26 @@ def test_train_with_triton_on_the_cpu_equals_eager_and_says_which_path_ran(tmp_p
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
 
 
+def test_the_benchmarks_loss_curve_comparison_measures_against_the_first_case(
+        monkeypatch) -> None:
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+    from gpu_train_runs import curve_gaps, curves_table
+
+    rows = [{"case": "eager", "losses": [2.0, 1.0, 0.5]},
+            {"case": "failed", "error": "out of memory"},
+            {"case": "fused", "losses": [2.0, 1.004, 0.5]},
+            {"case": "triton", "losses": [2.02, 1.0, 0.499]}]
+    gaps = curve_gaps(rows)
+    assert [g["case"] for g in gaps] == ["fused", "triton"]
+    assert gaps[0]["max_gap"] == pytest.approx(0.004) and gaps[0]["within_goal"]
+    assert gaps[1]["max_gap"] == pytest.approx(0.01) and not gaps[1]["within_goal"]
+    assert gaps[1]["last_gap"] == pytest.approx(0.002) and gaps[1]["reference"] == "eager"
+    assert "| triton | eager | 3 | 1.000% | 0.200% | no |" in curves_table(gaps)
+    assert curve_gaps(rows[:2]) == []
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("tokens,out_f,in_f", [(1024, 256, 512), (64, 256, 512), (64, 512, 256)])
 def test_fused_function_bf16_on_cuda(tokens, out_f, in_f) -> None:

@@ -80,6 +80,13 @@ def test_the_kernel_in_bf16_is_as_close_to_fp64_as_the_eager_path(interpret, tok
         assert err_kernel <= 1.25 * err_eager + 2e-3, (err_eager, err_kernel)
 
 
+def test_an_empty_batch_gives_empty_outputs(interpret) -> None:
+    x, w, a, b = _factors(0, 16, 32, 4)
+    y, dx, da, db = _grads(triton_delta.lowrank_linear, x, w, a, b, 2.0)
+    assert y.shape == (2, 0, 16) and dx.shape == (2, 0, 32)
+    assert not da.any() and not db.any()
+
+
 def test_the_kernel_skips_the_input_gradient_when_the_input_needs_none(interpret) -> None:
     x, w, a, b = _factors(8, 16, 32, 4)
     want = _grads(_eager, x, w, a, b, 2.0, x_grad=False)
@@ -140,6 +147,8 @@ def test_the_kernel_compiles_for_hopper_pipelined_without_spills(layout, tile, t
     for i, name in enumerate(fn.arg_names):
         if name == "scale":
             signature[name] = "fp32"
+        elif name == "m_bucket":
+            signature[name] = "i32"
         elif name in consts or _LAYOUTS[layout].get(name) == 1:
             signature[name] = "constexpr"
             consts.setdefault(name, 1)

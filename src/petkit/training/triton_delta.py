@@ -49,14 +49,15 @@ GPU_TILES = ((128, 256, 64, 3, 8), (128, 128, 64, 4, 4), (128, 128, 64, 3, 8),
 INTERPRET_TILE = (32, 32, 32)  # one small tile for the interpreter (no autotuning there)
 
 
-def _lowrank_gemm_kernel(x_ptr, p_ptr, q_ptr, r_ptr, c_ptr, h_ptr, M, N, K, R, scale,
+def _lowrank_gemm_kernel(x_ptr, p_ptr, q_ptr, r_ptr, c_ptr, h_ptr, M, N, K, R, m_bucket, scale,
                          sxm, sxk, spk, spn, sqk, sqr, srr, srn, scm, scn, shm, shr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
                          WIDEN: tl.constexpr):
     """One (BLOCK_M, BLOCK_N) tile of C = X P + H R with H = scale X Q (rounded to the output's
     dtype, as the eager path rounds x A^T); the first column of tiles also stores its rows of H.
-    Programs are grouped GROUP_M row tiles at a time (L2 reuse)."""
+    Programs are grouped GROUP_M row tiles at a time (L2 reuse). `m_bucket` (M's power of two)
+    is only the autotuner's key: batches of other token counts reuse the tiles chosen."""
     pid = tl.program_id(0)
     tiles_m, tiles_n = (M + BLOCK_M - 1) // BLOCK_M, (N + BLOCK_N - 1) // BLOCK_N
     per_group = GROUP_M * tiles_n
@@ -123,7 +124,7 @@ def _kernel(interpret: bool) -> Any:
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8},
                              num_stages=s, num_warps=w) for m, n, k, s, w in GPU_TILES]
     even_k = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
-    return triton.autotune(configs, key=["M", "N", "K", "R"])(even_k(jitted))
+    return triton.autotune(configs, key=["m_bucket", "N", "K", "R"])(even_k(jitted))
 
 
 def interpreting() -> bool:
@@ -148,10 +149,12 @@ def lowrank_gemm(x: torch.Tensor, p: torch.Tensor, q: torch.Tensor, r: torch.Ten
     (m, k), n, rank = x.shape, p.shape[1], q.shape[1]
     c = torch.empty(m, n, dtype=x.dtype, device=x.device)
     h = torch.empty(m, rank, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return c, h
     interpret = interpreting()
     kernel = _kernel(interpret)
-    args = (x, p, q, r, c, h, m, n, k, rank, scale, *x.stride(), *p.stride(), *q.stride(),
-            *r.stride(), *c.stride(), *h.stride())
+    args = (x, p, q, r, c, h, m, n, k, rank, triton.next_power_of_2(m), scale, *x.stride(),
+            *p.stride(), *q.stride(), *r.stride(), *c.stride(), *h.stride())
     if interpret:
         bm, bn, bk = INTERPRET_TILE
         grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
