@@ -28,8 +28,8 @@ import json
 import time
 from typing import Any
 
-from gpu_train_runs import (NEEDS_GPU, child_row, curve_gaps, curves_table,  # noqa: F401
-                            run_all, smoke_failures, table)
+from gpu_train_runs import child_row  # noqa: F401  (gpu_context.py takes it from here)
+from gpu_train_runs import curve_gaps, curves_table, run_all, smoke_failures, table
 
 SHAPES: dict[str, dict[str, int]] = {
     "tiny": dict(vocab=512, hidden=64, inter=128, layers=2, heads=4, kv=2, batch=2, seq=64),
