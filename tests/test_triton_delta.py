@@ -6,6 +6,7 @@ custom op under torch.compile. Skipped where Triton is not installed."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -200,28 +201,34 @@ def _assert_as_close_as_eager(exact, eager, kernel) -> None:
 
 def _check_llama(device, devices, tokens, compiled=False) -> None:
     """A tiny Llama (bf16 base, fp32 LoRA) on the kernel: loss and gradients against the same
-    model in fp32 and in eager bf16."""
-    from petkit.training.activations import activation_checkpointing
+    model in fp32 and in eager bf16 (`compiled`: as compile_scope="blocks" with selective
+    recompute runs it)."""
+    from petkit.training.activations import activation_checkpointing, compiled_blocks
 
     model = _lora_llama(device)
     ids = torch.randint(3, 100, (2, tokens), generator=torch.Generator().manual_seed(1))
     ids = ids.to(device)
     eager = _loss_and_grads(model, ids)
     exact = _loss_and_grads(copy.deepcopy(model).float(), ids, bf16=False)
-    with fused_deltas(model, torch.bfloat16, devices, kernel="triton") as report, \
-            activation_checkpointing(model, 1 if compiled else 0, "selective"):
+    torch._dynamo.reset()
+    with contextlib.ExitStack() as stack:
+        if compiled:
+            stack.enter_context(activation_checkpointing(model, 1, "selective"))
+            stack.enter_context(compiled_blocks(model))
+        report = stack.enter_context(fused_deltas(model, torch.bfloat16, devices, kernel="triton"))
         assert report.triton == 14 and report.note() == \
             "fused delta on 14 of 14 delta layers (triton kernel on 14)"
-        if compiled:  # as compile_scope="blocks" does
-            torch._dynamo.reset()
-            for layer in model.model.layers:
-                layer.compile()
         kernel = _loss_and_grads(model, ids)
     _assert_as_close_as_eager(exact, eager, kernel)
 
 
 def test_a_tiny_llama_on_the_kernel_gives_the_eager_loss_and_gradients(interpret) -> None:
     _check_llama("cpu", CPU, 12)
+
+
+@pytest.mark.slow  # inductor compiles the blocks on the CPU
+def test_a_tiny_llama_on_the_kernel_in_compiled_blocks_with_selective_recompute(interpret) -> None:
+    _check_llama("cpu", CPU, 12, compiled=True)
 
 
 @pytest.mark.parametrize("mode,recomputed", [("full", 14), ("selective", 8), ("elementwise", 0)])
