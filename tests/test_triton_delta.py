@@ -81,6 +81,28 @@ def test_the_kernel_in_bf16_is_as_close_to_fp64_as_the_eager_path(interpret, tok
         assert err_kernel <= 1.25 * err_eager + 2e-3, (err_eager, err_kernel)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dropout_on_the_kernel_equals_the_eager_expression_with_the_same_mask(interpret,
+                                                                              dtype) -> None:
+    """y = x W^T + s (dropout(x) A^T) B^T: the mask is drawn from torch's generator, so the
+    same seed gives it again for the reference."""
+    x, w, a, b = _factors(21, 40, 48, 4)
+    x, w = x.to(dtype), w.to(dtype)
+    torch.manual_seed(7)
+    got = _grads(lambda *args: triton_delta.lowrank_linear(*args, dropout=0.3), x, w, a, b, 0.7)
+    torch.manual_seed(7)
+    keep = triton_delta.keep_mask(x.reshape(-1, 48), 0.3).view(x.shape)
+    assert 0.5 < float(keep.float().mean()) < 0.9
+
+    def eager(x, w, a, b, scale):
+        return F.linear(x, w) + scale * F.linear(F.linear(x * keep / 0.7, a), b)
+
+    want = _grads(eager, x.double(), w.double(), a.double(), b.double(), 0.7)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for ref, out in zip(want, got):  # y, dx, dA, dB
+        torch.testing.assert_close(out.double(), ref, rtol=0, atol=tol * float(ref.abs().max()))
+
+
 def test_an_empty_batch_gives_empty_outputs(interpret) -> None:
     x, w, a, b = _factors(0, 16, 32, 4)
     y, dx, da, db = _grads(triton_delta.lowrank_linear, x, w, a, b, 2.0)
@@ -120,16 +142,21 @@ def test_unfit_layers_say_why(interpret, monkeypatch) -> None:
 
 # the strides of the forward (X = x, P = W^T, Q = A^T, R = B^T) and of the input gradient
 # (X = dy, P = W, Q = B, R = A) at the 1.1B shape's MLP (in 2048, out 5632, r 16)
+# and with dropout: H given to the forward, the mask (tokens, in) read by the input gradient's
 _LAYOUTS = {"forward": dict(sxm=2048, sxk=1, spk=1, spn=2048, sqk=1, sqr=2048, srr=1, srn=16,
-                            scm=5632, scn=1, shm=16, shr=1),
+                            scm=5632, scn=1, shm=16, shr=1, skm=5632, skn=1),
             "backward": dict(sxm=5632, sxk=1, spk=2048, spn=1, sqk=16, sqr=1, srr=2048, srn=1,
-                             scm=2048, scn=1, shm=16, shr=1)}
+                             scm=2048, scn=1, shm=16, shr=1, skm=2048, skn=1)}
+_VARIANTS = {"forward": dict(GIVEN_H=False, MASKED=False),
+             "backward": dict(GIVEN_H=False, MASKED=False),
+             "forward-dropout": dict(GIVEN_H=True, MASKED=False),
+             "backward-dropout": dict(GIVEN_H=False, MASKED=True)}
 
 
-@pytest.mark.parametrize("layout", sorted(_LAYOUTS))
+@pytest.mark.parametrize("variant", sorted(_VARIANTS))
 @pytest.mark.parametrize("tile", [triton_delta.GPU_TILES[0], triton_delta.GPU_TILES[1],
                                   triton_delta.GPU_TILES[-1]])
-def test_the_kernel_compiles_for_hopper_pipelined_without_spills(layout, tile, tmp_path,
+def test_the_kernel_compiles_for_hopper_pipelined_without_spills(variant, tile, tmp_path,
                                                                  monkeypatch) -> None:
     """No GPU needed: Triton compiles the GPU path (not the interpreter's) to PTX for sm_90 as a
     launch specialises it (unit strides constant, the rest divisible by 16): tensor-core wgmma,
@@ -143,18 +170,20 @@ def test_the_kernel_compiles_for_hopper_pipelined_without_spills(layout, tile, t
     fn = triton.jit(triton_delta._lowrank_gemm_kernel)
     bm, bn, bk, stages, warps = tile
     consts = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_R": 16, "GROUP_M": 8,
-              "EVEN_K": True, "WIDEN": False}
+              "EVEN_K": True, "WIDEN": False, **_VARIANTS[variant]}
+    strides = _LAYOUTS[variant.split("-")[0]]
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
-        if name == "scale":
+        if name in ("scale", "keep_scale"):
             signature[name] = "fp32"
         elif name == "m_bucket":
             signature[name] = "i32"
-        elif name in consts or _LAYOUTS[layout].get(name) == 1:
+        elif name in consts or strides.get(name) == 1:
             signature[name] = "constexpr"
             consts.setdefault(name, 1)
         else:
-            signature[name] = "*bf16" if name.endswith("_ptr") else "i32"
+            signature[name] = ("*i1" if name == "keep_ptr" else "*bf16") \
+                if name.endswith("_ptr") else "i32"
             attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=fn, signature=signature, attrs=attrs,
                     constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})

@@ -18,17 +18,18 @@ from the trained A before every forward of the model (a forward pre-hook), so op
 reach it; its gradient goes to the real A, whatever its dtype (fp32 by default).
 
 A layer takes the fused path when its wrapper says its forward is exactly base + s B A x
-(`FusableLowRank.fused_terms()`: LoRA with no active dropout and no frozen offset), its base is a
-plain `nn.Linear` whose weight is an ordinary tensor on a device in `FUSED_DEVICES`, and the
-weight's dtype is the run's compute dtype (bf16 under bf16 precision, else fp32). Any other
-layer, and any call under another autocast dtype or while the adapter is disabled or merged,
-runs the wrapper's own forward. `fused_deltas` yields a `FusedReport` saying which ran.
+(`FusableLowRank.fused_terms()`: LoRA with no frozen offset; no active dropout, on this path),
+its base is a plain `nn.Linear` whose weight is an ordinary tensor on a device in `FUSED_DEVICES`,
+and the weight's dtype is the run's compute dtype (bf16 under bf16 precision, else fp32). Any
+other layer, and any call under another autocast dtype or while the adapter is disabled or
+merged, runs the wrapper's own forward. `fused_deltas` yields a `FusedReport` saying which ran.
 
 With `kernel="triton"` a fused layer runs petkit's Triton kernel instead (`triton_delta`: the
-A-product inside the base GEMM, the B-product in its epilogue, the same for the input gradient)
-when Triton is installed and the kernel takes the layer (a CUDA weight, bf16 or fp16 compute,
-r <= `triton_delta.MAX_RANK`); a fused layer it does not take runs the torch path above, and the
-report says which layers ran which and why.
+A-product inside the base GEMM, the B-product in its epilogue, the same for the input gradient;
+LoRA's dropout included) when Triton is installed and the kernel takes the layer (a CUDA weight,
+bf16 or fp16 compute, r <= `triton_delta.MAX_RANK`); a fused layer it does not take runs the
+torch path above (or, with dropout active, its own forward), and the report says which layers
+ran which and why.
 """
 
 from __future__ import annotations
@@ -156,11 +157,12 @@ class _FusedLayer:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         wrapper = self.wrapper
         terms = wrapper.fused_terms() if wrapper.enabled else None
-        if terms is None or compute_dtype(x) != self.weight.dtype:
+        if terms is None or compute_dtype(x) != self.weight.dtype \
+                or (terms.dropout and self.triton is None):  # dropout: the Triton kernel only
             return self.own(x)
-        a, b, scale, shift = terms
+        a, b, scale, shift, dropout = terms
         if self.triton is not None:
-            y = self.triton.lowrank_linear(x, self.weight, a, b, scale)
+            y = self.triton.lowrank_linear(x, self.weight, a, b, scale, dropout)
         else:
             y = FusedLowRank.apply(x, self.wa, a, b, scale, ONE_GEMM_FORWARD)
         bias = wrapper.base.bias
@@ -210,14 +212,19 @@ def _triton_module() -> ModuleType | None:
 
 
 def _layer(wrapper: DeltaModule, triton: ModuleType | None, dtype: torch.dtype,
-           report: FusedReport) -> _FusedLayer:
-    """The fused layer for `wrapper`: on the Triton kernel when asked and it takes the layer."""
+           report: FusedReport) -> _FusedLayer | None:
+    """The fused layer for `wrapper`: on the Triton kernel when asked and it takes the layer,
+    else on the torch function; None while dropout is active there (only the kernel fuses it)."""
+    reason = None
     if report.kernel == "triton":
         reason = "triton is not installed" if triton is None else triton.unfit(
             wrapper.base.weight.device, dtype, wrapper.fused_terms().a.shape[0])
         if reason is None:
             report.triton += 1
             return _FusedLayer(wrapper, triton)
+    if wrapper.fused_terms().dropout:
+        return None
+    if reason is not None:
         report.torch_only[reason] = report.torch_only.get(reason, 0) + 1
     return _FusedLayer(wrapper)
 
@@ -249,10 +256,11 @@ def fused_deltas(model: nn.Module, dtype: torch.dtype, device_types: tuple[str, 
     device_types = device_types or FUSED_DEVICES
     for _, wrapper in iter_deltas(model):
         reason = _unfusable(wrapper, device_types, dtype)
-        if reason is not None:
+        layer = None if reason is not None else _layer(wrapper, triton, dtype, report)
+        if layer is None:
+            reason = reason or "method, dropout or init"
             report.skipped[reason] = report.skipped.get(reason, 0) + 1
             continue
-        layer = _layer(wrapper, triton, dtype, report)
         wrapper.forward = layer.forward
         layers.append(layer)
     report.fused = len(layers)
