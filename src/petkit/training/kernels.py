@@ -11,9 +11,10 @@
 
 Rules: the fused delta runs on CUDA (`fused_delta.FUSED_DEVICES`); elsewhere the run keeps the
 eager delta and says so. A missing Triton, a compute dtype other than bf16/fp16 or a rank the
-kernel does not take keeps `triton`'s layers on the torch function, and the note says so. `liger` is a clear error when liger-kernel (or triton) is missing, the
-device is not CUDA, the model family is not one Liger's Llama kernels fit, or a piece finds
-nothing to replace; `auto` turns each of those into a logged fallback. `KernelPlan.note()` is
+kernel does not take keeps `triton`'s layers on the torch function, and the note says so.
+`liger` is a clear error when liger-kernel (or triton) is missing, the device is not CUDA, the
+model family is not one Liger's Llama kernels fit, or a piece finds nothing to replace; `auto`
+turns each of those into a logged fallback. `KernelPlan.note()` is
 the line the run logs and keeps in `TrainResult.report["kernels"]`.
 """
 
