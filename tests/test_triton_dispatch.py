@@ -86,3 +86,17 @@ def test_the_benchmarks_loss_curve_comparison_measures_against_the_first_case(
     assert gaps[1]["last_gap"] == pytest.approx(0.002) and gaps[1]["reference"] == "eager"
     assert "| triton | eager | 3 | 1.000% | 0.200% | no |" in curves_table(gaps)
     assert curve_gaps(rows[:2]) == []
+
+
+@pytest.mark.slow  # a fresh interpreter
+def test_planning_the_triton_kernel_does_not_import_triton() -> None:
+    """The base install never loads Triton: only installing the kernel on a layer does."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, petkit as pk; from petkit.training import kernels; "
+            "pk.RuntimeConfig(kernels='triton'); "
+            "kernels.plan_kernels('triton', 'flce', torch.nn.Linear(2, 2), torch.device('cuda'), "
+            "None); print('triton' in sys.modules, 'petkit.training.triton_delta' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["False", "False"]
