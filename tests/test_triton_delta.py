@@ -66,16 +66,18 @@ def test_the_kernel_in_fp32_equals_the_eager_expression_and_its_gradients(
 
 
 @pytest.mark.parametrize("b_scale", [0.25, 1e-3])  # a delta near W's size, and one below its ulp
-@pytest.mark.parametrize("tokens,out_f,in_f", [(40, 64, 96), (40, 96, 64)])
-def test_the_kernel_in_bf16_is_as_close_to_fp64_as_the_eager_path(interpret, tokens, out_f,
-                                                                  in_f, b_scale) -> None:
+@pytest.mark.parametrize("tokens,out_f,in_f,dtype", [(40, 64, 96, torch.bfloat16),
+                                                     (40, 96, 64, torch.bfloat16),
+                                                     (40, 64, 96, torch.float16)])
+def test_the_kernel_in_half_precision_is_as_close_to_fp64_as_the_eager_path(
+        interpret, tokens, out_f, in_f, dtype, b_scale) -> None:
     x, w, a, b = _factors(tokens, out_f, in_f, 16, b_scale=b_scale)
-    x, w = x.bfloat16(), w.bfloat16()
+    x, w = x.to(dtype), w.to(dtype)
     exact = _grads(_eager, x.double(), w.double(), a.double(), b.double(), 2.0)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=dtype):
         eager = _grads(_eager, x, w, a, b, 2.0)
     kernel = _grads(triton_delta.lowrank_linear, x, w, a, b, 2.0)
-    assert kernel[0].dtype == torch.bfloat16 and kernel[2].dtype == torch.float32
+    assert kernel[0].dtype == dtype and kernel[2].dtype == torch.float32
     for ref, e, k in zip(exact, eager, kernel):  # y, dx, dA, dB
         scale = float(ref.abs().max())
         err_eager, err_kernel = (float((t.double() - ref).abs().max()) / scale for t in (e, k))
