@@ -13,7 +13,9 @@
 # Usage: bash benchmarks/gpu_kernels.sh [OUT]   (OUT defaults to $OUT, else ./gpu_out)
 #        SMOKE=1 bash benchmarks/gpu_kernels.sh OUT   every piece tiny on the CPU
 # Knobs: CASES_1B, CASES_8B (space-separated gpu_train.py cases), RESERVE_8B, RESERVE_CONTEXT,
-#        CURVES=1 (the loss-curve run, before the 8B cases), CASES_CURVES.
+#        CURVES=1 (the loss-curve run, before the 8B cases), CASES_CURVES. LoRA dropout 0.05,
+#        which only the Triton kernel fuses: CASES_1B="petkit-blocks-selective-dropout
+#        petkit-blocks-selective-fused-dropout petkit-blocks-selective-triton-dropout".
 # Expected on an H100 (estimates from earlier calls: a 1.1B case ~40 s, an 8B case ~65 s, build
 # and compile included): env ~15 s, tests ~30 s, 1.1B ~190 s (a case that would start with under
 # 35 s (8B: 55 s) of its share left is reported "not run"), 8B ~130 s, the probe the remaining ~130 s.

@@ -73,12 +73,17 @@ CASES: dict[str, tuple[str, str, str, str]] = {
     "petkit-blocks-selective-triton-flce": ("petkit", "blocks", "selective", "triton,liger"),
     "petkit-blocks-budget35-triton-flce": ("petkit", "blocks", "budget-0.35", "triton,liger"),
     "petkit-blocks-elementwise-triton-flce": ("petkit", "blocks", "elementwise", "triton,liger"),
+    "petkit-blocks-selective-dropout": ("petkit", "blocks", "selective", "none"),
+    "petkit-blocks-selective-fused-dropout": ("petkit", "blocks", "selective", "fused"),
+    "petkit-blocks-selective-triton-dropout": ("petkit", "blocks", "selective", "triton"),
     "petkit-bare-compile-ckpt": ("bare", "model", "full", "none"),
     "petkit-bare-blocks-selective": ("bare", "blocks", "selective", "none"),
     "petkit-bare-blocks-elementwise": ("bare", "blocks", "elementwise", "none"),
     "petkit-bare-eager": ("bare", "", "off", "none"),
 }
 LIGER_PIECES = "flce"  # --runtime.liger of the petkit cases with "liger"
+DROPOUT = 0.05  # LoRA dropout of the `-dropout` cases (the others: none); only the Triton kernel
+# fuses it (the torch fused path keeps such layers eager: `-fused-dropout` shows that)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PEAK_TFLOPS = 989.0
 LR, SEQUENCES = 1e-3, 64
@@ -227,7 +232,8 @@ def petkit_model(args: argparse.Namespace, shape: dict[str, int]) -> Any:
 
     model = build_model(shape, args.device)
     torch.manual_seed(0)
-    return pk.attach(model, pk.LoraConfig(r=16, alpha=32, dropout=0.0, targets=TARGETS))
+    dropout = DROPOUT if (args.case or "").endswith("-dropout") else 0.0
+    return pk.attach(model, pk.LoraConfig(r=16, alpha=32, dropout=dropout, targets=TARGETS))
 
 
 def petkit_case(args: argparse.Namespace, shape: dict[str, int], compiled: str, ckpt: str,

@@ -35,6 +35,11 @@ def test_the_triton_kernel_falls_back_to_the_torch_function_and_says_why(monkeyp
     monkeypatch.setattr(fused_delta, "find_spec", lambda name: None)  # no Triton installed
     with fused_deltas(_lora_llama(), torch.float32, CPU, kernel="triton") as report:
         assert report.torch_only == {"triton is not installed": 14}
+    # with dropout active, a layer the kernel does not take keeps its own forward, saying why
+    with fused_deltas(_lora_llama(dropout=0.1), torch.float32, CPU, kernel="triton") as report:
+        assert report.fused == 0 and report.skipped == {"dropout, triton is not installed": 14}
+    assert report.note() == "fused delta on 0 of 14 delta layers (triton kernel on 0) " \
+                            "(eager: 14 dropout, triton is not installed)"
 
 
 def test_kernels_triton_plans_the_fused_delta_on_its_kernel_and_auto_keeps_one_constant() -> None:

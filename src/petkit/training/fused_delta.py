@@ -212,9 +212,10 @@ def _triton_module() -> ModuleType | None:
 
 
 def _layer(wrapper: DeltaModule, triton: ModuleType | None, dtype: torch.dtype,
-           report: FusedReport) -> _FusedLayer | None:
+           report: FusedReport) -> _FusedLayer | str:
     """The fused layer for `wrapper`: on the Triton kernel when asked and it takes the layer,
-    else on the torch function; None while dropout is active there (only the kernel fuses it)."""
+    else on the torch function; while dropout is active, which only the kernel fuses, the
+    reason it keeps its own forward instead."""
     reason = None
     if report.kernel == "triton":
         reason = "triton is not installed" if triton is None else triton.unfit(
@@ -223,7 +224,7 @@ def _layer(wrapper: DeltaModule, triton: ModuleType | None, dtype: torch.dtype,
             report.triton += 1
             return _FusedLayer(wrapper, triton)
     if wrapper.fused_terms().dropout:
-        return None
+        return "method, dropout or init" if reason is None else f"dropout, {reason}"
     if reason is not None:
         report.torch_only[reason] = report.torch_only.get(reason, 0) + 1
     return _FusedLayer(wrapper)
@@ -256,10 +257,9 @@ def fused_deltas(model: nn.Module, dtype: torch.dtype, device_types: tuple[str, 
     device_types = device_types or FUSED_DEVICES
     for _, wrapper in iter_deltas(model):
         reason = _unfusable(wrapper, device_types, dtype)
-        layer = None if reason is not None else _layer(wrapper, triton, dtype, report)
-        if layer is None:
-            reason = reason or "method, dropout or init"
-            report.skipped[reason] = report.skipped.get(reason, 0) + 1
+        layer = reason if reason is not None else _layer(wrapper, triton, dtype, report)
+        if isinstance(layer, str):
+            report.skipped[layer] = report.skipped.get(layer, 0) + 1
             continue
         wrapper.forward = layer.forward
         layers.append(layer)
