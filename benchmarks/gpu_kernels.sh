@@ -4,6 +4,7 @@
 #   1.1B shape  petkit blocks + selective, + fused delta (torch function; petkit's Triton kernel),
 #               + Liger's fused linear cross-entropy with each
 #   8B shape    petkit blocks + selective + Liger flce, with the torch / the Triton fused delta
+#   one layer   each linear shape's forward + backward alone: eager, torch fused, Triton
 #   curves      (CURVES=1) 50 steps of the 1.1B shape, eager vs fused vs Triton delta, per-step
 #               loss gaps against the eager delta (goal: within 0.5%)
 #   8B context  the longest sequence one LoRA step fits, petkit vs PEFT, in the time left
@@ -61,6 +62,16 @@ if "$PY" -c "import pytest" 2>/dev/null; then
     | tee "$OUT/gpu_tests.log" | tail -15
   echo "gpu_tests exit $?"
 fi
+# one LoRA layer timed alone, eager / torch fused / Triton, at every linear shape (~40 s; with
+# LoRA dropout 0.05 on the 1.1B shapes when DELTA_DROPOUT=1); the log goes beside the tests'
+# (a call brings back at most 8 files)
+timeout 100 "$PY" "$B/gpu_delta_kernels.py" ${SMOKE:+--smoke} \
+  2>&1 | grep -v Warning | tee -a "$OUT/gpu_tests.log" | tail -14
+echo "delta_kernels exit $?"
+if [ -n "$DELTA_DROPOUT" ]; then
+  timeout 60 "$PY" "$B/gpu_delta_kernels.py" --shapes 1b --dropout 0.05 ${SMOKE:+--smoke} 2>&1 \
+    | grep -v Warning | tee -a "$OUT/gpu_tests.log" | tail -8
+fi
 # 1.1B cases, leaving RESERVE_8B seconds (default 270) for the 8B cases and the probe
 timeout $(( $(left) - 5 )) "$PY" "$B/gpu_train.py" "${S1[@]}" --cases "${C1[@]}" \
   --deadline $(( $(left) - ${RESERVE_8B:-270} )) --json "$OUT/train_1b.json" 2>&1 \
@@ -70,7 +81,7 @@ echo "train_1b exit $?"
 if [ -n "$CURVES" ]; then
   timeout $(( $(left) - 5 )) "$PY" "$B/gpu_train.py" "${SC[@]}" --curves --cases "${CC[@]}" \
     --deadline $(( $(left) - ${RESERVE_8B:-270} )) --json "$OUT/curves_1b.json" 2>&1 \
-    | tee "$OUT/curves_1b.log" | grep -v Warning | tail -12
+    | tee -a "$OUT/train_1b.log" | grep -v Warning | tail -12
   echo "curves exit $?"
 fi
 # 8B cases, leaving RESERVE_CONTEXT seconds (default 130) for the context probe
@@ -85,6 +96,6 @@ if [ ${#C8[@]} -gt 0 ]; then
 fi
 # the context probe, in the time left
 timeout $(( $(left) - 3 )) "$PY" "$B/gpu_context.py" "${CONTEXT[@]}" --budget $(( $(left) - 8 )) \
-  --json "$OUT/context.json" 2>&1 | tee "$OUT/context.log" | grep -v Warning | tail -25
+  --json "$OUT/context.json" 2>&1 | tee -a "$OUT/train_8b.log" | grep -v Warning | tail -25
 echo "context exit $?"
 echo "total $(( $(date +%s) - BEGAN )) s"
