@@ -370,3 +370,20 @@ def test_a_tiny_llama_on_the_kernel_on_cuda_gives_the_eager_loss_and_gradients(d
 @pytest.mark.gpu
 def test_the_kernel_inside_compiled_blocks_on_cuda_gives_the_eager_loss() -> None:
     _check_llama("cuda", ("cuda",), 64, compiled=True)
+
+
+def test_the_one_layer_benchmark_times_every_path(interpret, monkeypatch) -> None:
+    """benchmarks/gpu_delta_kernels.py's smoke: each path runs and is timed (dropout: the torch
+    fused function, which keeps such layers eager, is left out)."""
+    import argparse
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+    import gpu_delta_kernels as bench
+
+    for dropout, paths in [(0.0, ("eager", "torch-fused", "triton")), (0.1, ("eager", "triton"))]:
+        args = argparse.Namespace(device="cpu", smoke=True, dropout=dropout, warmup=1, iters=2)
+        row = bench.layer_row("tiny", 40, 64, 96, args)
+        assert all(isinstance(row[p], float) and row[p] > 0 for p in paths), row
+        assert ("torch-fused" in row) == (dropout == 0.0)
+        assert f"| tiny | 40 x 64 -> 96 | {row['eager'] * 1e3:.3f} |" in bench.table([row], args)
