@@ -25,7 +25,7 @@ def _eager(x, w, a, b, scale):
 def _grads(fn, x, w, a, b, scale):
     x, a, b = (t.detach().clone().requires_grad_(True) for t in (x, a, b))
     y = fn(x, w, a, b, scale)
-    (y * torch.linspace(-1, 1, y.shape[-1], dtype=y.dtype)).sum().backward()
+    (y * torch.linspace(-1, 1, y.shape[-1], dtype=y.dtype, device=y.device)).sum().backward()
     return y.detach(), x.grad, a.grad, b.grad
 
 

@@ -248,3 +248,15 @@ def test_cli_run_on_the_cpu_warns_once_and_trains(tmp_path: Path, capsys: pytest
                      "--batch-size", "4", "--train.progress=false", "--device", "cpu",
                      "--runtime.offload_optimizer=cpu", "--output", str(tmp_path / "run")]) == 0
     assert "offload_optimizer: cpu" in (tmp_path / "run" / "recipe.yaml").read_text()
+
+
+def test_a_full_fine_tune_with_an_output_folder_saves_its_trained_tensors(tmp_path: Path) -> None:
+    """No adapter attached, `parameters=` given: the run ends by writing those tensors (it
+    crashed asking for adapter 'default' before)."""
+    from safetensors.torch import load_file
+    model = _model(full=True)
+    result = pk.train(model, _data(), _config(output_dir=str(tmp_path)),
+                      parameters=dict(model.named_parameters()))
+    saved = load_file(Path(result.adapter_path) / "trained.safetensors")
+    assert saved.keys() == _trained(model).keys()
+    assert all(torch.equal(saved[k], v) for k, v in _trained(model).items())
