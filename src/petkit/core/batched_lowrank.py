@@ -91,7 +91,8 @@ class _Gathered:
         self.a_t, self.b_t = take(stack.a_t), take(stack.b_t)
         self.gain = None if stack.gain is None else take(stack.gain)[:, None, :]
         self.shift = None if stack.shift is None else take(stack.shift)[:, None, :]
-        self.single = index is None and self.gain is None and self.shift is None
+        self.plain = self.gain is None and self.shift is None  # low-rank terms only
+        self.single = index is None and self.plain
         if self.single:  # the 2-D factors its hook multiplies by
             self.a2, self.b2 = self.a_t[0], self.b_t[0]
 
@@ -210,6 +211,8 @@ def _apply(g: _Gathered, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     rows = g.a_t.shape[0]
     if g.single and x.dtype == g.a2.dtype == y.dtype:  # one row: two plain matmuls, no batching
         return y + torch.matmul(torch.matmul(x, g.a2), g.b2)
+    if g.plain and x.dim() == 3 == y.dim() and x.shape[0] == rows and x.dtype == g.a_t.dtype == y.dtype:
+        return torch.baddbmm(y, torch.bmm(x, g.a_t), g.b_t)  # a decode step: two calls, no reshapes
     if x.shape[0] != rows:  # generate's beams / return sequences repeat each row
         if x.shape[0] % rows:
             raise ConfigError(f"the batch has {x.shape[0]} rows but {rows} row adapters were given")
@@ -231,6 +234,7 @@ def _apply(g: _Gathered, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def _repeat(g: _Gathered, times: int) -> _Gathered:
     out = object.__new__(_Gathered)
+    out.single = out.plain = False
     for kind in ("a_t", "b_t", "gain", "shift"):
         value = getattr(g, kind)
         setattr(out, kind, None if value is None else value.repeat_interleave(times, dim=0))
