@@ -61,7 +61,7 @@ def test_liger_on_the_cpu_is_a_clear_error_and_auto_falls_back() -> None:
     plan = plan_kernels("auto", "flce", model, CPU, None)
     assert not plan.fused and not plan.liger
     fused_off = "fused delta off on cpu (it runs on cuda); " if kernels.AUTO_DELTA else ""
-    assert plan.note() == ("eager delta; liger off; " + fused_off + "liger off (--runtime.kernels="
+    assert plan.note() == ("eager delta; " + fused_off + "liger off (--runtime.kernels="
                            "liger needs a CUDA device (Liger's kernels are Triton), the run is on cpu)")
 
 

@@ -84,9 +84,12 @@ class KernelPlan:
 
     def note(self) -> str:
         """Which path ran, for the run's log line and `TrainResult.report["kernels"]`."""
-        delta = self.delta or ("fused delta" if self.fused else "eager delta")
-        liger = f"liger {','.join(self.liger)}" if self.liger else "liger off"
-        return f"{delta}; {liger}" + "".join(f"; {n}" for n in self.notes)
+        parts = [self.delta or ("fused delta" if self.fused else "eager delta")]
+        if self.liger:
+            parts.append(f"liger {','.join(self.liger)}")
+        elif not any(n.startswith("liger off") for n in self.notes):  # else the note says why
+            parts.append("liger off")
+        return "; ".join(parts + self.notes)
 
     @contextlib.contextmanager
     def installed(self, model: nn.Module, bypass: Any | None,
