@@ -43,6 +43,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from petkit.core.capabilities import FusableLowRank
 from petkit.core.delta import DeltaModule, iter_deltas
@@ -230,14 +231,16 @@ def _layer(wrapper: DeltaModule, triton: ModuleType | None, dtype: torch.dtype,
     return _FusedLayer(wrapper)
 
 
-def _refresh(layers: list[_FusedLayer]) -> None:
-    """Copy each trained A that changed since (an optimiser step, a zeroth-order perturbation:
-    in-place updates bump its version) into its [W; A] matrix. An unchanged A is not copied:
-    [W; A] is saved for the backward of a forward still pending (two forwards, one backward)."""
+def _refresh(layers: list[_FusedLayer], stepped: bool) -> None:
+    """Copy each trained A that changed into its [W; A] matrix: every A after an optimiser step
+    (`stepped`: torch's fused AdamW updates in place WITHOUT bumping version counters), else
+    those whose version moved (a zeroth-order perturbation, a load). An unchanged A is not
+    copied: [W; A] is saved for the backward of a forward still pending (two forwards, one
+    backward), and a copy would bump its version."""
     rows, trained = [], []
     for layer in layers:
         terms = layer.wrapper.fused_terms()
-        if terms is not None and terms.a._version != layer.seen:
+        if terms is not None and (stepped or terms.a._version != layer.seen):
             rows.append(layer.a_rows)
             trained.append(terms.a)
             layer.seen = terms.a._version
@@ -266,15 +269,22 @@ def fused_deltas(model: nn.Module, dtype: torch.dtype, device_types: tuple[str, 
     report.fused = len(layers)
     copied = [layer for layer in layers if layer.triton is None]
 
+    steps = [0, 0]  # optimiser steps seen by the hook, and by the last refresh
+
+    def stepped(optimizer: Any, args: Any, kwargs: Any) -> None:
+        steps[0] += 1
+
     @torch._dynamo.disable  # reads version counters: runs eagerly, before a whole-model graph
     def refresh(module: nn.Module, args: Any) -> None:
-        _refresh(copied)
+        _refresh(copied, steps[0] != steps[1])
+        steps[1] = steps[0]
 
-    hook = model.register_forward_pre_hook(refresh) if copied else None
+    hooks = [model.register_forward_pre_hook(refresh),
+             register_optimizer_step_post_hook(stepped)] if copied else []
     try:
         yield report
     finally:
-        if hook is not None:
+        for hook in hooks:
             hook.remove()
         for layer in layers:
             layer.remove()

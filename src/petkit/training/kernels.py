@@ -6,8 +6,9 @@
                     the layer, by the torch function elsewhere
     liger           Liger Kernel's pieces named by `--runtime.liger` (`liger`)
     fused,liger     both (likewise triton,liger)
-    auto            what is installed and fits: the fused delta (computed by AUTO_DELTA) and
-                    AUTO_LIGER, on CUDA only
+    auto            what is installed, fits and measured faster: AUTO_LIGER (Liger's fused
+                    linear cross-entropy), and the fused delta once AUTO_DELTA names a kernel that
+                    beat the eager delta on a GPU (none has yet), on CUDA only
 
 Rules: the fused delta runs on CUDA (`fused_delta.FUSED_DEVICES`); elsewhere the run keeps the
 eager delta and says so. A missing Triton, a compute dtype other than bf16/fp16 or a rank the
@@ -36,9 +37,11 @@ from petkit.training.liger import (FAMILIES, PIECES, PIP, Provider, applicable, 
 
 KERNELS = ("none", "auto", "fused", "triton", "liger")
 AUTO_LIGER = ("flce",)  # auto's Liger pieces: the ones measured to win next to compile
-# what computes auto's fused delta (fused_delta.DELTA_KERNELS): "triton" once it measured faster
-# than the torch function on a GPU (benchmarks/gpu_train.py, `...-fused` against `...-triton`)
-AUTO_DELTA = "torch"
+# what computes auto's fused delta (fused_delta.DELTA_KERNELS), None: auto keeps the eager delta.
+# Measured on an H100 (2026-12-06, benchmarks/gpu_train.py, 1.1B shape, compiled blocks +
+# selective recompute; docs/training-gpu.md): eager 57,495 tok/s, torch fused 56,903 (0.99x),
+# Triton 43,690 (0.76x); Liger's flce 61,369 (1.07x; 8B 1.11x): so auto is flce alone.
+AUTO_DELTA: str | None = None
 
 
 def kernel_parts(value: str) -> tuple[str, ...]:
@@ -81,9 +84,12 @@ class KernelPlan:
 
     def note(self) -> str:
         """Which path ran, for the run's log line and `TrainResult.report["kernels"]`."""
-        delta = self.delta or ("fused delta" if self.fused else "eager delta")
-        liger = f"liger {','.join(self.liger)}" if self.liger else "liger off"
-        return f"{delta}; {liger}" + "".join(f"; {n}" for n in self.notes)
+        parts = [self.delta or ("fused delta" if self.fused else "eager delta")]
+        if self.liger:
+            parts.append(f"liger {','.join(self.liger)}")
+        elif not any(n.startswith("liger off") for n in self.notes):  # else the note says why
+            parts.append("liger off")
+        return "; ".join(parts + self.notes)
 
     @contextlib.contextmanager
     def installed(self, model: nn.Module, bypass: Any | None,
@@ -127,8 +133,8 @@ def plan_kernels(kernels: str, liger: str, model: nn.Module, device: torch.devic
     docstring's rules). `provider` replaces Liger's functions (tests)."""
     parts = kernel_parts(kernels)
     auto = "auto" in parts
-    plan = KernelPlan(fused=auto or "fused" in parts or "triton" in parts,
-                      kernel=AUTO_DELTA if auto else "triton" if "triton" in parts else "torch")
+    plan = KernelPlan(fused=(auto and AUTO_DELTA is not None) or "fused" in parts or "triton" in parts,
+                      kernel=(AUTO_DELTA or "torch") if auto else "triton" if "triton" in parts else "torch")
     devices = fused_delta.FUSED_DEVICES
     if plan.fused and device.type not in devices:
         plan.fused = False
