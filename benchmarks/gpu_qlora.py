@@ -11,6 +11,10 @@ compute, as QLoRA), then trains LoRA r16 on the seven linear layers of each bloc
   petkit-qlora-fused       the same with `--runtime.kernels=fused` (the fused delta falls back on
                            the nf4 layers, saying why, where it cannot take them)
 
+`benchmarks/qlora_gpu.py` is the earlier, eager comparison (PEFT with
+`prepare_model_for_kbit_training`, petkit with full checkpointing; README's QLoRA row); this one
+puts each library in its fastest mode, through `gpu_train`'s own loops.
+
 tok/s over the last `--window` steps, peak GPU memory after the base was quantised (the bf16 build
 is not counted: both arms load a quantised checkpoint in real use). Each case in its own process.
 
