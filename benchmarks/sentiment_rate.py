@@ -7,7 +7,13 @@ requested sentiment. The untuned model of each seed is scored too.
 `--split validation` scores 20 other movies instead: the first 20 of the seed's movies that are
 neither held out nor trained on (`split_movies`' rest), for choosing a recipe's defaults without
 looking at the held-out movies. Each row also carries the pair accuracy of that split's 40 pairs
-(`objectives_eval.pair_accuracy`, the CLI's measure).
+(`objectives_eval.pair_accuracy`, the CLI's measure) and what decides it: the pairs are swapped
+twins (one movie's two reviews, chosen and rejected trading places with the request), so a pair
+is won beyond one per twin only where the request moves the two reviews' mean token
+log-probabilities further apart than they already are: `review_gap` (mean |gap| in nats per
+token under the negative request) against `request_shift` (how far the positive request moves
+the gap towards the positive review, mean over movies) and `shift_right` (share of movies where
+it moves that way).
 
     python benchmarks/sentiment_rate.py runs/dpo runs/orpo --clf-steps 100 --out rates.json
     python benchmarks/sentiment_rate.py runs/dpo runs/rpo --split validation
@@ -21,6 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -31,7 +38,8 @@ from petkit.data.objective_tasks import (EVAL_MOVIES, TRAIN_MOVIES, movie_review
                                          preference_pairs, prompt_of, split_movies)
 from petkit.models import load_model  # noqa: E402
 from petkit.training.objectives_eval import pair_accuracy  # noqa: E402
-from petkit.training.objectives_preference import encode_pairs  # noqa: E402
+from petkit.training.objectives_preference import (IGNORE, encode_pairs,  # noqa: E402
+                                                   pair_collate, sequence_logp)
 
 SPLITS = ("test", "validation")
 MAX_LENGTH = 64  # the dpo recipe's data.max_length
@@ -58,8 +66,27 @@ def rate(adapter: Path | None, seed: int, judge: tuple[Any, Any], new_tokens: in
     pairs = encode_pairs(preference_pairs(movie_reviews(), names, 1), tok, MAX_LENGTH)
     return {"split": split, "rate": share, "judge_prob": prob,
             "pair_accuracy": pair_accuracy(model, pairs, int(tok.pad_token_id)),
+            **twin_gaps(model, pairs, int(tok.pad_token_id)),
             "generations": len(texts), "samples": texts[:4]}
 
+
+@torch.no_grad()
+def twin_gaps(model: Any, pairs: list[dict], pad_id: int, batch_size: int = 8) -> dict[str, float]:
+    """Per movie (pairs 2i: negative request, 2i+1: positive), the chosen-minus-rejected mean
+    token log-probability under each request: its size and how the request moves it."""
+    gaps = []
+    for start in range(0, len(pairs), batch_size):
+        batch = pair_collate(pairs[start:start + batch_size], pad_id)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       use_cache=False).logits
+        per_token = sequence_logp(logits, batch["labels"]) \
+            / (batch["labels"][:, 1:] != IGNORE).sum(dim=1).clamp(min=1)
+        half = len(per_token) // 2
+        gaps.append(per_token[:half] - per_token[half:])  # chosen minus rejected
+    gap = torch.cat(gaps).view(-1, 2)  # (movies, [negative request, positive request])
+    shift = gap[:, 1] + gap[:, 0]  # (pos - neg) under the positive request minus under the negative
+    return {"review_gap": float(gap[:, 0].abs().mean()), "request_shift": float(shift.mean()),
+            "shift_right": float((shift > 0).float().mean())}
 
 def main() -> None:
     """Score each run folder, and the untuned model of each seed they use."""
