@@ -216,3 +216,32 @@ def test_swapped_pairs_score_exactly_half_for_a_model_blind_to_the_request() -> 
     for i in (0, 2):  # each twin: one side wins, the other loses
         wins = [pair_accuracy(model, [pair], 0) for pair in twins[i:i + 2]]
         assert sorted(wins) == [0.0, 1.0]
+
+
+class CharTokenizer:
+    """One token per character (its code point mod 50), EOS 1."""
+
+    eos_token_id = 1
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
+        return {"input_ids": [2 + ord(c) % 48 for c in text]}
+
+
+def test_answer_log_probs_score_exactly_the_answer_and_its_eos() -> None:
+    """encode_pairs masks the prompt and ends each answer with EOS; sequence_logp sums the log-
+    probability of each answer token given everything before it, and nothing else (by hand)."""
+    from petkit.training.objectives_preference import encode_pairs
+
+    row = encode_pairs([{"prompt": "ab", "chosen": "cd", "rejected": "efg"}], CharTokenizer())[0]
+    tok = CharTokenizer()("abcdefg")["input_ids"]
+    assert row["input_ids"] == tok[:4] + [1] and row["labels"] == [-100, -100, *tok[2:4], 1]
+    assert row["rejected_labels"] == [-100, -100, *tok[4:7], 1]
+    model = tiny_model("llama")[0].eval()
+    batch = pair_collate([row], pad_id=0)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    summed = sequence_logp(logits, batch["labels"])  # the chosen row is padded: 5 of 6 tokens
+    for side, ids in enumerate((row["input_ids"], row["rejected_input_ids"])):
+        logp = torch.log_softmax(logits[side].float(), dim=-1)
+        by_hand = sum(float(logp[t - 1, ids[t]]) for t in range(2, len(ids)))  # answer + EOS
+        assert float(summed[side]) == pytest.approx(by_hand, abs=1e-5)
