@@ -181,3 +181,67 @@ def test_objective_round_trips_through_json_and_dotted_overrides() -> None:
     recipe = apply_overrides(Recipe(), {"train.objective.name": "kto",
                                         "train.objective.beta": "0.2"})
     assert recipe.train.objective == ObjectiveConfig("kto", beta=0.2)
+
+
+class Bigram(torch.nn.Module):
+    """Next-token logits from the current token only: blind to everything earlier."""
+
+    def __init__(self, vocab: int = 16) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.table = torch.nn.Embedding(vocab, vocab)
+
+    def forward(self, input_ids: torch.Tensor, **_: object) -> object:
+        from types import SimpleNamespace
+
+        return SimpleNamespace(logits=self.table(input_ids))
+
+
+def test_swapped_pairs_score_exactly_half_for_a_model_blind_to_the_request() -> None:
+    """The embedded sentiment pairs come in swapped twins (one movie's two reviews, chosen and
+    rejected trading places with the requested sentiment): a model whose answer likelihoods do
+    not depend on the request wins exactly one pair of each twin, 50.0% (docs/objectives.md)."""
+    from petkit.training.objectives_eval import pair_accuracy
+
+    def row(prompt: list[int], chosen: list[int], rejected: list[int]) -> dict:
+        mask = [-100] * len(prompt)
+        return {"input_ids": prompt + chosen, "labels": mask + chosen,
+                "rejected_input_ids": prompt + rejected, "rejected_labels": mask + rejected}
+
+    negative, positive = [3, 4, 9], [5, 4, 9]  # requests that differ before the last token
+    twins = [row(negative, [7, 8, 2], [11, 12, 2]), row(positive, [11, 12, 2], [7, 8, 2]),
+             row(negative, [6, 13, 2], [10, 1, 2]), row(positive, [10, 1, 2], [6, 13, 2])]
+    assert pair_accuracy(Bigram(), twins, pad_id=0) == 0.5
+    model = Bigram()
+    for i in (0, 2):  # each twin: one side wins, the other loses
+        wins = [pair_accuracy(model, [pair], 0) for pair in twins[i:i + 2]]
+        assert sorted(wins) == [0.0, 1.0]
+
+
+class CharTokenizer:
+    """One token per character (its code point mod 50), EOS 1."""
+
+    eos_token_id = 1
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
+        return {"input_ids": [2 + ord(c) % 48 for c in text]}
+
+
+def test_answer_log_probs_score_exactly_the_answer_and_its_eos() -> None:
+    """encode_pairs masks the prompt and ends each answer with EOS; sequence_logp sums the log-
+    probability of each answer token given everything before it, and nothing else (by hand)."""
+    from petkit.training.objectives_preference import encode_pairs
+
+    row = encode_pairs([{"prompt": "ab", "chosen": "cd", "rejected": "efg"}], CharTokenizer())[0]
+    tok = CharTokenizer()("abcdefg")["input_ids"]
+    assert row["input_ids"] == tok[:4] + [1] and row["labels"] == [-100, -100, *tok[2:4], 1]
+    assert row["rejected_labels"] == [-100, -100, *tok[4:7], 1]
+    model = tiny_model("llama")[0].eval()
+    batch = pair_collate([row], pad_id=0)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    summed = sequence_logp(logits, batch["labels"])  # the chosen row is padded: 5 of 6 tokens
+    for side, ids in enumerate((row["input_ids"], row["rejected_input_ids"])):
+        logp = torch.log_softmax(logits[side].float(), dim=-1)
+        by_hand = sum(float(logp[t - 1, ids[t]]) for t in range(2, len(ids)))  # answer + EOS
+        assert float(summed[side]) == pytest.approx(by_hand, abs=1e-5)
