@@ -58,7 +58,9 @@ def search(path: str, shard: str = "1/1") -> None:
     done = {json.loads(line)["key"] for line in SEARCH_OUT.read_text().splitlines()} \
         if SEARCH_OUT.exists() else set()
     loaded = {}
-    for cell in spec.cells()[index - 1::count]:
+    arms = [a.name for a in spec.arms]  # arm by arm, both tasks each: a search cut short compares alike
+    cells = sorted(spec.cells(), key=lambda c: (c.seed, arms.index(c.arm.name)))
+    for cell in cells[index - 1::count]:
         if cell.key in done:
             continue
         if cell.task.name not in loaded:
