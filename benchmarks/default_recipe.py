@@ -79,17 +79,17 @@ def _rows(records: list[dict], value: str) -> dict[tuple[str, str], list[float]]
 
 
 def _markdown(records: list[dict], value: str, step: str, scale: float) -> str:
-    """arm x task table of mean `value` (x scale), seeds counted, and mean `step` time."""
+    """arm x task table: mean `value` (x scale) and mean `step` time per task, seeds counted."""
     tasks = sorted({r["task"] for r in records})
     arms = list(dict.fromkeys(r["arm"] for r in records))
     values, steps = _rows(records, value), _rows(records, step)
-    lines = [f"| arm | {' | '.join(tasks)} | seeds | s/step |", "| --- |" + " ---: |" * (len(tasks) + 2)]
+    head = " | ".join(f"{t} | {t} s/step" for t in tasks)
+    lines = [f"| arm | {head} | seeds |", "| --- |" + " ---: |" * (2 * len(tasks) + 1)]
     for arm in arms:
-        cells = [f"{scale * statistics.mean(values[arm, t]):.1f}" if (arm, t) in values else "not measured"
-                 for t in tasks]
-        n = min((len(values.get((arm, t), [])) for t in tasks), default=0)
-        times = [x for t in tasks for x in steps.get((arm, t), [])]
-        lines.append(f"| {arm} | {' | '.join(cells)} | {n} | {statistics.mean(times):.2f} |")
+        cells = [f"{scale * statistics.mean(values[arm, t]):.1f} | {statistics.mean(steps[arm, t]):.2f}"
+                 if (arm, t) in values else "not measured | —" for t in tasks]
+        n = min(len(values.get((arm, t), [])) for t in tasks)
+        lines.append(f"| {arm} | {' | '.join(cells)} | {n} |")
     return "\n".join(lines)
 
 
