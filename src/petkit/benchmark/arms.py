@@ -285,7 +285,11 @@ def peft_config(method: str, config: Any, model: nn.Module, task_type: str) -> A
     if method == "ia3":
         return peft.IA3Config(task_type=kind, target_modules=targets,
                               feedforward_modules=on_input)
-    raise ConfigError(f"no peft twin for method {method!r}")
+    layout = type(config).peft_layout  # any other method PEFT has: the fields its export writes
+    if layout is None:
+        raise ConfigError(f"no peft twin for method {method!r}")
+    return peft.get_peft_config({"peft_type": layout.peft_type, "task_type": kind,
+                                 "target_modules": layout.target_names(targets), **layout.to_peft(config)})
 
 
 class PeftArm:

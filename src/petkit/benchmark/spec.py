@@ -4,6 +4,8 @@
       - {name: rt, model: smollm2-135m, data: rotten-tomatoes, max_length: 64, test_size: 300}
     methods: all                            # every registered method, or a list:
                                             #   [lora, {name: prompt, num_virtual_tokens: 10}]
+                                            # PEFT's implementation alone (`kind: peft`):
+                                            #   {name: lora, arm: peft-lora, kind: peft, r: 8}
                                             # compressed bases (`arm` names the row):
                                             #   {name: lora, arm: qlora-nf4, quantize: nf4}
                                             #   {name: lora, arm: loraprune-50, prune: {sparsity: 0.5}}
@@ -259,6 +261,9 @@ def _method_arm(entry: Any, options: dict[str, Any]) -> ArmSpec:
     label = merged.pop("arm", name)
     if not isinstance(label, str) or not label:
         raise ConfigError(f"bench spec: {name}.arm must be a non-empty string, got {label!r}")
+    kind = merged.pop("kind", "petkit")
+    if kind not in ("petkit", "peft"):
+        raise ConfigError(f"bench spec: {label}.kind must be petkit or peft, got {kind!r}")
     pretrain = _pretrain(merged.pop("pretrain", None), f"{label}.pretrain")
     quantize, prune = merged.pop("quantize", None), _mapping(merged.pop("prune", None), f"{label}.prune")
     make_config(name, **merged)  # unknown method / bad field: ConfigError now
@@ -266,7 +271,9 @@ def _method_arm(entry: Any, options: dict[str, Any]) -> ArmSpec:
         raise ConfigError(f"bench spec: {label}.quantize must be nf4, fp4 or int8, got {quantize!r}")
     if prune:
         PruneConfig(**prune)  # a bad field fails now
-    return ArmSpec(name=label, kind="petkit", method=name, options=merged, train=train,
+    if kind == "peft" and (pretrain or quantize or prune):
+        raise ConfigError(f"bench spec: {label} (kind: peft) takes no pretrain, quantize or prune")
+    return ArmSpec(name=label, kind=kind, method=name, options=merged, train=train,
                    pretrain=pretrain, quantize=quantize, prune=prune)
 
 

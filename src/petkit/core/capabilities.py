@@ -224,6 +224,8 @@ class PeftLayout:
         (raises ConfigError for what petkit cannot load exactly)
     matches(PEFT config): whether this method reads a folder of `peft_type` (LoRA vs DoRA)
     fan_in_fan_out: PEFT's config has the flag (set for GPT-2 Conv1D layers)
+    modules_to_save: PEFT's config has the field (not TrainableTokensConfig: such an adapter with
+        modules to save is refused, and the field is not written)
     skip(key, PEFT config): a PEFT tensor petkit rebuilds instead of reading (VeRA's projections)
     to_value(base module, local name, tensor) / from_value(...): where PEFT stores something else
         than petkit's delta (LN tuning: the whole new weight), the tensor as PEFT / petkit holds it;
@@ -247,6 +249,7 @@ class PeftLayout:
     from_peft: Callable[[dict[str, Any]], dict[str, Any]]
     matches: Callable[[dict[str, Any]], bool] = field(default=lambda peft_config: True)
     fan_in_fan_out: bool = False
+    modules_to_save: bool = True
     skip: Callable[[str, dict[str, Any]], bool] = field(default=lambda key, peft_config: False)
     to_value: Callable[[Any, str, Any], Any] = field(default=lambda base, local, tensor: tensor)
     from_value: Callable[[Any, str, Any], Any] = field(default=lambda base, local, tensor: tensor)

@@ -67,7 +67,7 @@ def peft_config(cfg: MethodConfig, keys: list[str], *, conv1d: bool = False,
     names = tuple(f".{n}" for n in layout.keys.values())
     targets = sorted({k[len(PREFIX):-len(n)] for k in keys for n in names if k.endswith(n)})
     config = {"peft_type": layout.peft_type, "task_type": None, "target_modules": layout.target_names(targets),
-              "modules_to_save": list(cfg.modules_to_save) or None, "inference_mode": True,
+              **_modules_to_save(cfg, layout), "inference_mode": True,
               **layout.to_peft(cfg), "base_model_name_or_path": base_model}
     alpha = config.get("lora_alpha")
     if isinstance(alpha, float) and alpha.is_integer():
@@ -75,6 +75,17 @@ def peft_config(cfg: MethodConfig, keys: list[str], *, conv1d: bool = False,
     if layout.fan_in_fan_out:
         config["fan_in_fan_out"] = conv1d
     return config
+
+
+def _modules_to_save(cfg: MethodConfig, layout: PeftLayout) -> dict[str, Any]:
+    """PEFT's `modules_to_save` entry; none where PEFT's config has no such field (PEFT warns
+    about an unknown key), and then an adapter with full copies is refused."""
+    if layout.modules_to_save:
+        return {"modules_to_save": list(cfg.modules_to_save) or None}
+    if cfg.modules_to_save:
+        raise AdapterStateError(f"export_peft: PEFT's {layout.peft_type} adapters cannot hold full module copies "
+                                f"(modules_to_save={list(cfg.modules_to_save)} has no place in its config)")
+    return {}
 
 
 def peft_files(model: nn.Module, name: str = "default",

@@ -21,7 +21,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..core.delta import DeltaModule, canonical_modules, innermost, wrap
+from ..core.delta import DeltaModule, canonical_modules, innermost, iter_deltas, wrap
 from ..core.errors import ConfigError, TargetError
 from ..core.capabilities import PeftLayout
 from .family.peft_fields import need
@@ -102,11 +102,19 @@ def tied_heads(model: nn.Module, embedding: nn.Module) -> list[str]:
             if p and isinstance(m, nn.Linear) and m.weight is embedding.weight]
 
 
+def _tied_rows(model: nn.Module, name: str, state: dict) -> tuple[dict, dict]:
+    """PeftLayout.params_to_peft: the rows again under each tied output head, as PEFT saves them
+    (PEFT reports the head's copy as a missing key when it is absent)."""
+    heads = {f"base_model.model.{path}.trainable_tokens_delta": w.rows.trainable_tokens_delta.detach().clone()
+             for path, w in iter_deltas(model) if w.adapter_name == name and isinstance(w, TiedTokenLogits)}
+    return state, heads
+
+
 PEFT = PeftLayout(
     "TRAINABLE_TOKENS", {"trainable_tokens_delta": "trainable_tokens_delta"},
     to_peft=lambda c: {"token_indices": list(c.token_indices), "init_weights": True},
     from_peft=lambda d: {"token_indices": [int(t) for t in need(d, "token_indices")]},
-    skip=lambda key, d: _tied_copy(key, d))
+    skip=lambda key, d: _tied_copy(key, d), params_to_peft=_tied_rows, modules_to_save=False)
 
 
 def _tied_copy(key: str, peft_config: dict) -> bool:

@@ -1,0 +1,112 @@
+"""The search behind `petkit train`'s default recipe (docs/default-recipe.md): candidate recipes
+trained on a training subset and scored on a validation split carved from it (the harness's own
+data, arms and training loop; the sealed test subset is never opened), then a table.
+
+    nice -n 10 python benchmarks/default_recipe.py search benchmarks/default_recipe_search.yaml 1/2 &
+    nice -n 10 python benchmarks/default_recipe.py search benchmarks/default_recipe_search.yaml 2/2
+    python benchmarks/default_recipe.py table           # search table + the test grid's table
+
+The test comparison (winner, today's default, PEFT's default LoRA; 3 seeds; test split) is a
+plain harness grid: `petkit bench benchmarks/default_recipe_test.yaml --output runs/bench-default-test`.
+Results of the search go to docs/default_recipe_search.jsonl (one line per cell; re-running
+skips cells already there, so an interrupted search resumes).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from petkit.benchmark.arms import ArmContext, make_arm
+from petkit.benchmark.spec import Cell, load_spec
+from petkit.benchmark.tasks import cell_data, load
+from petkit.training import train
+
+ROOT = Path(__file__).resolve().parents[1]
+SEARCH_OUT = ROOT / "docs" / "default_recipe_search.jsonl"
+TEST_RUN = ROOT / "runs" / "bench-default-test"
+
+
+def validation_cell(cell: Cell, spec, loaded) -> dict:
+    """Train one cell; its accuracy on the validation split at the last step (no test)."""
+    data = cell_data(loaded, cell.size, cell.seed, spec.validation_fraction, spec.validation_max)
+    config = spec.train_config(cell).replace(label_token_ids=loaded.label_token_ids, eval_every=0)
+    arm = make_arm(cell.arm)
+    model = arm.setup(loaded.fresh_model(cell.seed), ArmContext(loaded.task_type, loaded.head_modules, cell.seed))
+    params = arm.parameters(model)
+    cpu, wall = time.process_time(), time.perf_counter()
+    result = train(model, data.train, config, eval_data=data.validation, pad_id=loaded.pad_id,
+                   parameters=params, collate_fn=loaded.collate)
+    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    return {"key": cell.key, "task": cell.task.name, "arm": cell.arm.name, "seed": cell.seed,
+            "val_accuracy": result.best_metric, "n_train": len(data.train), "n_val": len(data.validation),
+            "steps": result.steps, "trainable": sum(p.numel() for p in params.values()),
+            "cpu_s_per_step": cpu / max(result.steps, 1), "wall_s_per_step": wall / max(result.steps, 1)}
+
+
+def search(path: str, shard: str = "1/1") -> None:
+    """Run this shard's cells of the search grid that are not in SEARCH_OUT yet."""
+    spec = load_spec(path)
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    index, count = (int(x) for x in shard.split("/"))
+    done = {json.loads(line)["key"] for line in SEARCH_OUT.read_text().splitlines()} \
+        if SEARCH_OUT.exists() else set()
+    loaded = {}
+    arms = [a.name for a in spec.arms]  # arm by arm, both tasks each: a search cut short compares alike
+    cells = sorted(spec.cells(), key=lambda c: (c.seed, arms.index(c.arm.name)))
+    for cell in cells[index - 1::count]:
+        if cell.key in done:
+            continue
+        if cell.task.name not in loaded:
+            loaded[cell.task.name] = load(cell.task)
+        record = validation_cell(cell, spec, loaded[cell.task.name])
+        print(json.dumps(record), flush=True)
+        with SEARCH_OUT.open("a", encoding="utf-8") as out:
+            out.write(json.dumps(record) + "\n")
+
+
+def _rows(records: list[dict], value: str) -> dict[tuple[str, str], list[float]]:
+    table: dict[tuple[str, str], list[float]] = {}
+    for r in records:
+        table.setdefault((r["arm"], r["task"]), []).append(float(r[value]))
+    return table
+
+
+def _markdown(records: list[dict], value: str, step: str, scale: float) -> str:
+    """arm x task table: mean `value` (x scale) and mean `step` time per task, seeds counted."""
+    tasks = sorted({r["task"] for r in records})
+    arms = list(dict.fromkeys(r["arm"] for r in records))
+    values, steps = _rows(records, value), _rows(records, step)
+    head = " | ".join(f"{t} | {t} s/step" for t in tasks)
+    lines = [f"| arm | {head} | seeds |", "| --- |" + " ---: |" * (2 * len(tasks) + 1)]
+    for arm in arms:
+        cells = [f"{scale * statistics.mean(values[arm, t]):.1f} | {statistics.mean(steps[arm, t]):.2f}"
+                 if (arm, t) in values else "not measured | —" for t in tasks]
+        n = min(len(values.get((arm, t), [])) for t in tasks)
+        lines.append(f"| {arm} | {' | '.join(cells)} | {n} |")
+    return "\n".join(lines)
+
+
+def table() -> None:
+    """Print the search's validation table and, where it ran, the test grid's table."""
+    if SEARCH_OUT.exists():
+        records = [json.loads(line) for line in SEARCH_OUT.read_text().splitlines()]
+        print("validation accuracy (%), CPU s/step:\n" + _markdown(records, "val_accuracy", "cpu_s_per_step", 100))
+    results = TEST_RUN / "results.csv"
+    if results.exists():
+        with results.open(encoding="utf-8") as handle:
+            rows = [r for r in csv.DictReader(handle) if r.get("status", "ok") == "ok" and r["test_metric"]]
+        print("\ntest accuracy (%), wall s/step:\n" + _markdown(rows, "test_metric", "s_per_step", 100))
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "search":
+        search(*sys.argv[2:])
+    else:
+        table()

@@ -1,0 +1,40 @@
+"""The harness's PEFT arm for every method PEFT has (built from the method's PEFT layout), and
+method entries of `kind: peft` (PEFT's implementation alone, e.g. PEFT's default LoRA)."""
+from __future__ import annotations
+
+import pytest
+
+import petkit.benchmark as bench
+from petkit.core.errors import ConfigError
+from test_bench import grid, toy  # noqa: F401 - the tiny Llama / BERT + toy task fixture
+
+peft = pytest.importorskip("peft")
+
+ARMS = [{"name": "vera", "r": 16}, {"name": "vera", "arm": "peft:vera", "kind": "peft", "r": 16},
+        {"name": "loha", "r": 2}, {"name": "loha", "arm": "peft:loha", "kind": "peft", "r": 2},
+        {"name": "lora", "arm": "peft-default", "kind": "peft", "r": 8, "alpha": 8,
+         "targets": ["query", "value"]}]
+
+
+def test_peft_kind_entries_parse_and_refuse_bad_fields(toy):  # noqa: F811
+    spec = bench.spec_from_dict(grid(toy, methods=ARMS))
+    assert [(a.name, a.kind) for a in spec.arms][-2:] == [("peft:loha", "peft"), ("peft-default", "peft")]
+    with pytest.raises(ConfigError, match="kind must be petkit or peft"):
+        bench.spec_from_dict(grid(toy, methods=[{"name": "lora", "kind": "adapters"}]))
+    with pytest.raises(ConfigError, match="kind: peft.*quantize"):
+        bench.spec_from_dict(grid(toy, methods=[{"name": "lora", "kind": "peft", "quantize": "nf4"}]))
+
+
+def test_peft_twins_of_new_methods_train_the_same_parameters(toy, tmp_path):  # noqa: F811
+    spec = grid(toy, model="bert", seeds=[0], methods=ARMS, validation={"fraction": 0},
+                train={"lr": 1e-2, "max_steps": 2, "batch_size": 8})
+    report = bench.run(spec, tmp_path / "run", progress=False, echo=lambda s: None)
+    assert not report.failed, [r["error"] for r in report.failed]
+    rows = {r["arm"]: r for r in report.records}
+    head = 32 * 2 + 2  # the new classifier trains in every arm
+    assert rows["vera"]["trainable_params"] == rows["peft:vera"]["trainable_params"] \
+        == 2 * 2 * (32 + 16) + head  # d (out) and b (r) per query / value layer
+    assert rows["loha"]["trainable_params"] == rows["peft:loha"]["trainable_params"] \
+        == 2 * 2 * 2 * (2 * 32 + 2 * 32) + head
+    assert rows["peft-default"]["trainable_params"] == 2 * 2 * (32 + 32) * 8 + head
+    assert all(0 <= r["test_metric"] <= 1 for r in rows.values())
