@@ -27,6 +27,8 @@ def cell(args: argparse.Namespace, arm: str, seed: int, lr: float, rank: int) ->
     import petkit as pk
     from petkit.app.pipeline import method_config, prepare
     from petkit.app.recipe import DataSpec, ModelSpec, Recipe
+    from petkit.models import head_module_names
+    from petkit.models.loading import NEW_MODULES_ATTR
     from petkit.training import evaluate, train
 
     val = args.val if args.split == "validation" else 0
@@ -42,7 +44,11 @@ def cell(args: argparse.Namespace, arm: str, seed: int, lr: float, rank: int) ->
     rec = Recipe(method=method, model=ModelSpec(args.model), data=data, train=config)
     torch.manual_seed(seed)
     prep, _ = prepare(rec)
+    if args.head == "classifier":  # the new random pooler stays frozen: fewer noised coordinates
+        new = [m for m in head_module_names(prep.model) if m.split(".")[-1] == "classifier"]
+        setattr(prep.model, NEW_MODULES_ATTR, new)
     pk.attach(prep.model, method_config(rec, prep))
+    trainable = sum(p.numel() for p in pk.trainable_parameters(prep.model).values())
     started = time.perf_counter()
     result = train(prep.model, prep.train, config.replace(label_token_ids=prep.label_token_ids),
                    pad_id=prep.pad_id, collate_fn=prep.collate)
@@ -50,7 +56,7 @@ def cell(args: argparse.Namespace, arm: str, seed: int, lr: float, rank: int) ->
     accuracy = evaluate(prep.model, examples, batch_size=32, pad_id=prep.pad_id,
                         label_token_ids=prep.label_token_ids, collate_fn=prep.collate)["accuracy"]
     return {"arm": arm, "seed": seed, "lr": lr, "rank": rank, "targets": args.targets or "default",
-            "split": args.split, "accuracy": accuracy, "examples": len(examples),
+            "split": args.split, "head": args.head, "trainable": trainable, "accuracy": accuracy, "examples": len(examples),
             "train_size": len(prep.train), "steps": result.steps, "batch_size": args.batch_size,
             "model": args.model, "epsilon_spent": result.report.get("dp_epsilon"),
             "sigma": result.report.get("dp_noise_multiplier"), "train_s": round(time.perf_counter() - started, 1)}
@@ -65,6 +71,8 @@ def main() -> None:
     parser.add_argument("--lr", default="3e-3")
     parser.add_argument("--rank", default="8")
     parser.add_argument("--targets", default="", help="comma-separated LoRA targets (default: petkit's)")
+    parser.add_argument("--head", choices=("all", "classifier"), default="all",
+                        help="which new head modules train: all (petkit's default) or the classifier only")
     parser.add_argument("--train-size", type=int, default=2000)
     parser.add_argument("--val", type=int, default=300)
     parser.add_argument("--test-size", type=int, default=300)

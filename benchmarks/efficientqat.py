@@ -20,6 +20,21 @@ from petkit.compress.qformat import text_windows
 from petkit.models import load_model
 
 
+def render(path: str) -> str:
+    """The docs' table from the JSON lines: each arm's perplexity against fp32 and against RTN."""
+    rows = [json.loads(line) for line in open(path, encoding="utf-8")]
+    fp32 = next(r["perplexity"] for r in rows if r["arm"] == "fp32")
+    rtn = {r["bits"]: r["perplexity"] for r in rows if r["arm"] == "rtn"}
+    lines = ["| arm | bits | seed | perplexity | vs fp32 | vs RTN | seconds |", "|---|---|---|---:|---:|---:|---:|",
+             f"| fp32 | - | - | {fp32:.2f} | - | - | - |"]
+    for r in rows[1:]:
+        base = rtn.get(r["bits"])
+        versus = "-" if r["arm"] == "rtn" or base is None else f"{100 * (r['perplexity'] / base - 1):+.1f}%"
+        lines.append(f"| {r['arm']} | {r['bits']} | {r.get('seed', '-')} | {r['perplexity']:.2f} | "
+                     f"{100 * (r['perplexity'] / fp32 - 1):+.1f}% | {versus} | {r['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--group-size", type=int, default=128)
@@ -30,7 +45,11 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--eval-samples", type=int, default=32)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--render", action="store_true", help="print the table of --out and stop")
     args = parser.parse_args()
+    if args.render:
+        print(render(args.out))
+        return
     model, tokenizer = load_model("smollm2-135m", task="causal-lm")
     train_texts, test_texts = _texts("bbc-news")
     held_out = text_windows(tokenizer, test_texts, args.seq_len, args.eval_samples, 0)
