@@ -3,6 +3,9 @@
 
 Cases, each in its own process under a time limit (and all of them under `--budget`):
   full-1b, full-1b-offload        full fine-tuning of TinyLlama-1.1B's shape (every weight trains)
+  full-1b-fp32                    the same on the device with fp32 weights and AdamW state: the
+                                  optimiser arithmetic the offloaded run does on the host (fp32
+                                  masters), the usual mixed-precision full fine-tune
   lora256-8b, lora256-8b-offload  LoRA r 256 (alpha 512) on the 7 linear layers of Llama-3-8B's shape
 Random weights in bf16, bf16 autocast, full activation checkpointing, AdamW (lr 1e-5 full,
 1e-4 LoRA), grad-norm clip 1.0, linear decay, causal-LM loss on random tokens. Full fine-tuning
@@ -44,6 +47,7 @@ SHAPES: dict[str, dict[str, int]] = {
 # case: (shape, what trains, offload, seconds allowed)
 CASES: dict[str, tuple[str, str, str, float]] = {
     "full-1b": ("1b", "full", "none", 60.0),
+    "full-1b-fp32": ("1b", "full32", "none", 70.0),
     "full-1b-offload": ("1b", "full", "cpu", 75.0),
     "lora256-8b": ("8b", "lora256", "none", 90.0),
     "lora256-8b-offload": ("8b", "lora256", "cpu", 90.0),
@@ -57,7 +61,7 @@ def worker(case: str, device: str, smoke: bool) -> dict[str, Any]:
     name, trains, offload, _ = CASES[case]
     shape = SHAPES["tiny" if smoke else name]
     model = build_model(shape, device)
-    if trains == "full":
+    if trains.startswith("full"):
         for param in model.parameters():
             param.requires_grad_(True)
         params, lr = dict(model.named_parameters()), 1e-5
@@ -73,7 +77,7 @@ def worker(case: str, device: str, smoke: bool) -> dict[str, Any]:
         log_every=shape["window"], schedule="linear", progress=False,
         runtime={"device": device, "precision": "bf16", "activation_checkpointing": "full",
                  "offload_optimizer": offload,  # full: the weights stay bf16 on the device
-                 "delta_dtype": "bf16" if trains == "full" else "fp32"})
+                 "delta_dtype": "bf16" if trains == "full" else "fp32"})  # full32: fp32 weights
     started = time.perf_counter()
     result = pk.train(model, [{"input_ids": r, "labels": r} for r in ids], config,
                       parameters=params)
@@ -82,7 +86,8 @@ def worker(case: str, device: str, smoke: bool) -> dict[str, Any]:
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
             "offloaded": result.report.get("offload_optimizer", "none"),
             "trained_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "run_s": round(time.perf_counter() - started, 1)}
+            "run_s": round(time.perf_counter() - started, 1),
+            **{k: v for k, v in result.report.items() if k.endswith("_s") and k.startswith("offload")}}
 
 
 def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -120,8 +125,15 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+def _ratios(r: dict[str, Any], base: dict[str, Any] | None) -> tuple[str, str]:
+    if not base or base is r or not base["tok_s"] or not base["peak_gib"]:
+        return "-", "-"
+    return f"{r['tok_s'] / base['tok_s']:.2f}", f"{r['peak_gib'] / base['peak_gib']:.2f}"
+
+
 def table(rows: list[dict[str, Any]]) -> str:
-    """Markdown table; each offloaded case against the same case without offload."""
+    """Markdown table; each offloaded case against the same case without offload (and a line
+    against each other baseline of its shape, e.g. the fp32-weight one)."""
     done = {r["case"]: r for r in rows if "error" not in r}
     lines = ["| case | trained params | offloaded | tok/s | peak GiB | x tok/s | x peak | loss |",
              "|---|---:|---|---:|---:|---:|---:|---:|"]
@@ -130,11 +142,15 @@ def table(rows: list[dict[str, Any]]) -> str:
             lines.append(f"| {r['case']} | {r['error'][:90]} | | | | | | |")
             continue
         base = done.get(r["case"].removesuffix("-offload"))
-        ratio = (f"{r['tok_s'] / base['tok_s']:.2f}", f"{r['peak_gib'] / base['peak_gib']:.2f}") \
-            if base and base is not r and base["tok_s"] and base["peak_gib"] else ("-", "-")
+        ratio = _ratios(r, base)
         lines.append(f"| {r['case']} | {r['trained_params'] / 1e6:,.1f}M | {r['offloaded']} | "
                      f"{r['tok_s']:,.0f} | {r['peak_gib']:.2f} | {ratio[0]} | {ratio[1]} | "
                      f"{r['loss']:.4f} |")
+        if base is None or base is r:
+            continue
+        for other in sorted(c for c in done if c.startswith(base["case"] + "-") and c != r["case"]):
+            ratio = _ratios(r, done[other])
+            lines.append(f"| {r['case']} vs {other} | | | | | {ratio[0]} | {ratio[1]} | |")
     return "\n".join(lines)
 
 

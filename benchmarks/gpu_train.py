@@ -13,18 +13,23 @@ loss of the last 10 steps. MFU counts the useful work of a LoRA step, 4 N + 12 L
     python benchmarks/gpu_train.py --shape 1b            # all 1.1B cases
     python benchmarks/gpu_train.py --shape 8b --cases peft-compile-ckpt petkit-compile-ckpt
     python benchmarks/gpu_train.py --smoke --cases petkit-blocks-selective-fused   # CPU check
+    python benchmarks/gpu_train.py --shape 1b --steps 50 --curves --cases petkit-blocks-selective \
+        petkit-blocks-selective-fused petkit-blocks-selective-triton   # loss curves vs the first
     bash benchmarks/gpu_kernels.sh OUT    # the fused-kernel cases and the context probe, one call
+
+`--curves` keeps every step's loss (pk.train logging every step) and compares each case's curve
+with the first case's: the largest relative gap over the steps (goal: within 0.5%).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import time
 from typing import Any
+
+from gpu_train_runs import child_row  # noqa: F401  (gpu_context.py takes it from here)
+from gpu_train_runs import curve_gaps, curves_table, run_all, smoke_failures, table
 
 SHAPES: dict[str, dict[str, int]] = {
     "tiny": dict(vocab=512, hidden=64, inter=128, layers=2, heads=4, kv=2, batch=2, seq=64),
@@ -35,7 +40,8 @@ SHAPES: dict[str, dict[str, int]] = {
 # case: (library, compile: "" eager | "model" one graph | "blocks" each block, checkpointing or
 # "budget-F": no checkpointing, the compiler keeps at most F of the activations, kernels:
 # `--runtime.kernels` for petkit ("liger" with the pieces of LIGER_PIECES; "fused2": "fused" with
-# the forward's two products as two GEMMs, `fused_delta.ONE_GEMM_FORWARD`), for PEFT "liger" is
+# the forward's two products as two GEMMs, `fused_delta.ONE_GEMM_FORWARD`; "triton": the fused
+# delta on petkit's Triton kernel, `triton_delta`), for PEFT "liger" is
 # Liger's own Llama patch, as LLaMA-Factory's `enable_liger_kernel` applies it)
 CASES: dict[str, tuple[str, str, str, str]] = {
     "peft-eager": ("peft", "", "off", "none"),
@@ -63,14 +69,21 @@ CASES: dict[str, tuple[str, str, str, str]] = {
     "petkit-blocks-selective-fused-flce": ("petkit", "blocks", "selective", "fused,liger"),
     "petkit-blocks-budget35-fused-flce": ("petkit", "blocks", "budget-0.35", "fused,liger"),
     "petkit-blocks-elementwise-fused-flce": ("petkit", "blocks", "elementwise", "fused,liger"),
+    "petkit-blocks-selective-triton": ("petkit", "blocks", "selective", "triton"),
+    "petkit-blocks-selective-triton-flce": ("petkit", "blocks", "selective", "triton,liger"),
+    "petkit-blocks-budget35-triton-flce": ("petkit", "blocks", "budget-0.35", "triton,liger"),
+    "petkit-blocks-elementwise-triton-flce": ("petkit", "blocks", "elementwise", "triton,liger"),
+    "petkit-blocks-selective-dropout": ("petkit", "blocks", "selective", "none"),
+    "petkit-blocks-selective-fused-dropout": ("petkit", "blocks", "selective", "fused"),
+    "petkit-blocks-selective-triton-dropout": ("petkit", "blocks", "selective", "triton"),
     "petkit-bare-compile-ckpt": ("bare", "model", "full", "none"),
     "petkit-bare-blocks-selective": ("bare", "blocks", "selective", "none"),
     "petkit-bare-blocks-elementwise": ("bare", "blocks", "elementwise", "none"),
     "petkit-bare-eager": ("bare", "", "off", "none"),
 }
 LIGER_PIECES = "flce"  # --runtime.liger of the petkit cases with "liger"
-# a smoke run (--smoke) skips these rows' errors on a machine without CUDA / liger-kernel
-NEEDS_GPU = ("needs a CUDA device", "needs liger", "liger_kernel", "triton")
+DROPOUT = 0.05  # LoRA dropout of the `-dropout` cases (the others: none); only the Triton kernel
+# fuses it (the torch fused path keeps such layers eager: `-fused-dropout` shows that)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PEAK_TFLOPS = 989.0
 LR, SEQUENCES = 1e-3, 64
@@ -193,7 +206,8 @@ def window_row(args: argparse.Namespace, shape: dict[str, int], times: list[floa
     """tok/s and mean loss over the last `args.window` steps of a plain loop."""
     w = args.window
     return {"tok_s": shape["batch"] * shape["seq"] * w / sum(times[-w:]),
-            "loss": sum(losses[-w:]) / w, "first_s": times[0]}
+            "loss": sum(losses[-w:]) / w, "first_s": times[0],
+            **({"losses": losses} if args.curves else {})}
 
 
 def petkit_config(args: argparse.Namespace, compiled: str, ckpt: str, batch: int,
@@ -206,7 +220,8 @@ def petkit_config(args: argparse.Namespace, compiled: str, ckpt: str, batch: int
                             activation_checkpointing="off" if budget else ckpt,
                             activation_budget=float(ckpt[7:]) if budget else None,
                             kernels=kernels, liger=LIGER_PIECES)
-    return TrainConfig(lr=LR, max_steps=args.steps, batch_size=batch, log_every=args.window,
+    log_every = 1 if getattr(args, "curves", False) else args.window  # --curves: every step
+    return TrainConfig(lr=LR, max_steps=args.steps, batch_size=batch, log_every=log_every,
                        schedule="linear", progress=False, runtime=runtime)
 
 
@@ -217,7 +232,8 @@ def petkit_model(args: argparse.Namespace, shape: dict[str, int]) -> Any:
 
     model = build_model(shape, args.device)
     torch.manual_seed(0)
-    return pk.attach(model, pk.LoraConfig(r=16, alpha=32, dropout=0.0, targets=TARGETS))
+    dropout = DROPOUT if (args.case or "").endswith("-dropout") else 0.0
+    return pk.attach(model, pk.LoraConfig(r=16, alpha=32, dropout=dropout, targets=TARGETS))
 
 
 def petkit_case(args: argparse.Namespace, shape: dict[str, int], compiled: str, ckpt: str,
@@ -229,9 +245,12 @@ def petkit_case(args: argparse.Namespace, shape: dict[str, int], compiled: str, 
     started = time.perf_counter()
     config = petkit_config(args, compiled, ckpt, shape["batch"], kernels)
     result = pk.train(model, examples(shape), config)
-    return {"tok_s": result.tokens_per_s, "loss": result.history[-1]["train_loss"],
+    losses = [h["train_loss"] for h in result.history if "train_loss" in h]
+    w = min(args.window, len(losses)) if args.curves else 1  # the window's mean, as logged
+    return {"tok_s": result.tokens_per_s, "loss": sum(losses[-w:]) / w,
             "run_s": time.perf_counter() - started,
-            "kernels": result.report.get("kernels", "none")}
+            "kernels": result.report.get("kernels", "none"),
+            **({"losses": losses} if args.curves else {})}
 
 
 def bare_case(args: argparse.Namespace, shape: dict[str, int], compiled: str, ckpt: str,
@@ -295,74 +314,6 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     return {"case": args.case, **row}
 
 
-def table(rows: list[dict[str, Any]], shape: str) -> str:
-    """Markdown table; ratios against the best PEFT row (highest tok/s)."""
-    s = SHAPES[shape]
-    peft = [r for r in rows if r["case"].startswith("peft") and "tok_s" in r]
-    best = max(peft, key=lambda r: r["tok_s"]) if peft else None
-    head = (f"{shape} Llama shape, batch {s['batch']}x{s['seq']}, bf16, LoRA r16 on 7 linear; "
-            f"ratios vs {best['case'] if best else '-'}")
-    lines = [head, "", "| case | tok/s | peak GiB | MFU | x tok/s | x GiB | loss, window mean | "
-             "kernels (the run's note) |", "|---|---:|---:|---:|---:|---:|---:|---|"]
-    for r in rows:
-        if "error" in r:
-            lines.append(f"| {r['case']} | failed: {r['error'][:80]} | | | | | | |")
-            continue
-        ratio = f"{r['tok_s'] / best['tok_s']:.2f}" if best else "-"
-        mem = f"{r['peak_gib'] / best['peak_gib']:.2f}" if best and best["peak_gib"] else "-"
-        lines.append(f"| {r['case']} | {r['tok_s']:,.0f} | {r['peak_gib']:.2f} | "
-                     f"{r['mfu']:.1%} | {ratio} | {mem} | {r['loss']:.4f} | "
-                     f"{r.get('kernels', '-')} |")
-    return "\n".join(lines)
-
-
-def child_row(cmd: list[str], limit: float, env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run a worker that prints one JSON line, within `limit` seconds: its row, or `error` (the
-    last line of its stderr, or the time-out), with `stderr` when it failed."""
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=limit, env=env)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {limit:.0f} s"}
-    lines = done.stdout.strip().splitlines()
-    if done.returncode == 0 and lines:
-        return json.loads(lines[-1])
-    return {"error": (done.stderr.strip().splitlines() or ["?"])[-1][:300],
-            "stderr": done.stderr[-3000:]}
-
-
-def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Every case in a fresh process, with a time limit; one JSON line back from each."""
-    rows = []
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"),
-         os.environ.get("PYTHONPATH", "")])}
-    begun = time.perf_counter()
-    for case in args.cases:
-        cmd = [sys.executable, __file__, "--worker", "--case", case, "--shape", args.shape,
-               "--device", args.device, "--steps", str(args.steps), "--window", str(args.window)]
-        cmd += ["--smoke"] if args.smoke else []
-        started = time.perf_counter()
-        limit = min(args.timeout, args.deadline - (started - begun))
-        row = {"case": case, "error": f"not run: {args.deadline:.0f} s deadline"}
-        if limit >= args.min_case:
-            row = {"case": case, **child_row(cmd, limit, env)}
-            row["wall_s"] = round(time.perf_counter() - started, 1)
-        stderr = row.pop("stderr", "")
-        if stderr and not any(n in row["error"] for n in NEEDS_GPU):
-            print(stderr, file=sys.stderr)
-        print(json.dumps(row), flush=True)
-        rows.append(row)
-        if args.json:
-            with open(args.json, "w", encoding="utf-8") as out:
-                json.dump({"args": vars(args), "rows": rows}, out, indent=1)
-    return rows
-
-
-def smoke_failures(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The rows of a smoke run that failed for a reason other than having no GPU / Liger."""
-    return [r for r in rows if "error" in r and not any(n in r["error"] for n in NEEDS_GPU)]
-
-
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line; `--smoke` is every selected case tiny on the CPU."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -381,6 +332,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true",
                         help="tiny shape on the CPU, 6 steps: checks every selected case runs "
                              "(a case needing CUDA or liger-kernel must fail saying so)")
+    parser.add_argument("--curves", action="store_true",
+                        help="keep every step's loss; compare each case's curve with the first's")
     parser.add_argument("--case", choices=list(CASES))
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -396,8 +349,12 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args)))
         return
-    rows = run_all(args)
-    print(table(rows, args.shape))
+    rows = run_all(__file__, args)
+    s = SHAPES[args.shape]
+    print(table(rows, f"{args.shape} Llama shape, batch {s['batch']}x{s['seq']}, bf16, LoRA r16 "
+                      f"on 7 linear"))
+    if args.curves:
+        print(curves_table(curve_gaps(rows)))
     if args.smoke and smoke_failures(rows):
         raise SystemExit(f"smoke: {len(smoke_failures(rows))} case(s) failed")
 

@@ -136,3 +136,15 @@ def test_switching_method_takes_its_suggested_learning_rate(argv: list[str], lr:
 
     args, extra = build_parser().parse_known_args(argv)
     assert _recipe(args, _split_dotted(extra)).train.lr == pytest.approx(lr)
+
+
+def test_embedded_lists_the_defaults_first_and_marks_them(capsys: pytest.CaptureFixture[str],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from petkit.app.recipe import DataSpec, ModelSpec
+
+    monkeypatch.setenv("COLUMNS", "200")
+    code, out, _ = run_cli(["embedded"], capsys)
+    rows = [line.split("│")[1].strip() for line in out.splitlines() if line.startswith("│")]
+    assert code == 0 and len(rows) > 4
+    assert set(rows[:2]) == {f"{DataSpec().name} (default)", f"{ModelSpec().name} (default)"}
+    assert not any("(default)" in r for r in rows[2:])

@@ -25,7 +25,7 @@ def _eager(x, w, a, b, scale):
 def _grads(fn, x, w, a, b, scale):
     x, a, b = (t.detach().clone().requires_grad_(True) for t in (x, a, b))
     y = fn(x, w, a, b, scale)
-    (y * torch.linspace(-1, 1, y.shape[-1], dtype=y.dtype)).sum().backward()
+    (y * torch.linspace(-1, 1, y.shape[-1], dtype=y.dtype, device=y.device)).sum().backward()
     return y.detach(), x.grad, a.grad, b.grad
 
 
@@ -245,6 +245,27 @@ def test_optimiser_updates_of_a_reach_the_fused_forward(dtype) -> None:
         eager = model(input_ids=ids).logits
     tol = 1e-5 if dtype == torch.float32 else 2e-2 * float(eager.detach().abs().max())
     torch.testing.assert_close(fused, eager, rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("fused_adamw", [True, False])
+def test_a_fused_adamw_step_reaches_the_fused_forward(fused_adamw: bool) -> None:
+    """torch's fused AdamW updates A in place without bumping its version counter (checked
+    here): the refresh must follow optimiser steps, not versions alone (on a GPU the [W; A] copy
+    went stale, and training lost A's updates)."""
+    model = _lora_llama().eval()
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=0.5, fused=fused_adamw, foreach=not fused_adamw)
+    ids = torch.randint(3, 100, (1, 8))
+    with fused_deltas(model, torch.float32, CPU):
+        model(input_ids=ids).logits.sum().backward()
+        versions = [p._version for p in trained]
+        optimizer.step()
+        assert fused_adamw == all(p._version == v for p, v in zip(trained, versions))
+        with torch.no_grad():
+            fused = model(input_ids=ids).logits
+    with torch.no_grad():
+        eager = model(input_ids=ids).logits
+    torch.testing.assert_close(fused, eager, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

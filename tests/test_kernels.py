@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 import petkit as pk
 from petkit.core.errors import ConfigError, MissingPackageError
+from petkit.training import kernels
 from petkit.training.kernels import kernel_parts, plan_kernels
 from petkit.training.liger import Provider, liger_pieces
 from petkit.training.lm_loss import HeadBypass
@@ -59,9 +60,9 @@ def test_liger_on_the_cpu_is_a_clear_error_and_auto_falls_back() -> None:
         plan_kernels("liger", "flce", model, CPU, None)
     plan = plan_kernels("auto", "flce", model, CPU, None)
     assert not plan.fused and not plan.liger
-    assert plan.note() == ("eager delta; liger off; fused delta off on cpu (it runs on "
-                           "cuda); liger off (--runtime.kernels=liger needs a CUDA device (Liger's"
-                           " kernels are Triton), the run is on cpu)")
+    fused_off = "fused delta off on cpu (it runs on cuda); " if kernels.AUTO_DELTA else ""
+    assert plan.note() == ("eager delta; " + fused_off + "liger off (--runtime.kernels="
+                           "liger needs a CUDA device (Liger's kernels are Triton), the run is on cpu)")
 
 
 def test_liger_without_the_package_names_the_install(monkeypatch) -> None:
@@ -71,8 +72,9 @@ def test_liger_without_the_package_names_the_install(monkeypatch) -> None:
     monkeypatch.setattr(kernels, "find_spec", lambda name: None)
     with pytest.raises(MissingPackageError, match=r"pip install 'petkit\[kernels\]'"):
         plan_kernels("liger", "flce", llama(), CUDA, None)
-    plan = plan_kernels("auto", "flce", llama(), CUDA, None)  # CUDA device: the fused delta on
-    assert plan.fused and not plan.liger and "liger off" in plan.note()
+    plan = plan_kernels("auto", "flce", llama(), CUDA, None)  # CUDA: the fused delta as measured
+    assert plan.fused == (kernels.AUTO_DELTA is not None) and not plan.liger
+    assert "liger off" in plan.note()
 
 
 def _reference() -> tuple[Provider, dict[str, int]]:

@@ -18,6 +18,7 @@ import torch
 import petkit as pk
 from petkit.core.errors import ConfigError
 from petkit.models import tiny_model
+from petkit.training import offload
 from petkit.training.offload import HostOffloadOptimizer
 from petkit.training.runtime import RuntimeConfig
 from petkit.training.steppers import backprop
@@ -55,7 +56,10 @@ def forced(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(backprop, "offload_wanted", lambda params, mode: mode != "none")
 
 
-def test_offloaded_training_matches_the_plain_optimiser(forced: None) -> None:
+@pytest.mark.parametrize("chunk_bytes", [offload.CHUNK_BYTES, 1])  # one chunk; one per tensor
+def test_offloaded_training_matches_the_plain_optimiser(forced: None, chunk_bytes: int,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(offload, "CHUNK_BYTES", chunk_bytes)
     plain, host = _model(), _model()
     pk.train(plain, _data(), _config())
     result = pk.train(host, _data(), _config(runtime={"offload_optimizer": "cpu"}))
@@ -66,6 +70,7 @@ def test_offloaded_training_matches_the_plain_optimiser(forced: None) -> None:
     for k in a:  # fused CPU AdamW on the host vs foreach AdamW: equal to rounding
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
     assert result.steps == 4
+    assert {"offload_gather_s", "offload_update_s", "offload_send_back_s"} <= result.report.keys()
 
 
 def test_full_fine_tuning_in_bf16_keeps_fp32_masters(forced: None) -> None:
@@ -248,3 +253,15 @@ def test_cli_run_on_the_cpu_warns_once_and_trains(tmp_path: Path, capsys: pytest
                      "--batch-size", "4", "--train.progress=false", "--device", "cpu",
                      "--runtime.offload_optimizer=cpu", "--output", str(tmp_path / "run")]) == 0
     assert "offload_optimizer: cpu" in (tmp_path / "run" / "recipe.yaml").read_text()
+
+
+def test_a_full_fine_tune_with_an_output_folder_saves_its_trained_tensors(tmp_path: Path) -> None:
+    """No adapter attached, `parameters=` given: the run ends by writing those tensors (it
+    crashed asking for adapter 'default' before)."""
+    from safetensors.torch import load_file
+    model = _model(full=True)
+    result = pk.train(model, _data(), _config(output_dir=str(tmp_path)),
+                      parameters=dict(model.named_parameters()))
+    saved = load_file(Path(result.adapter_path) / "trained.safetensors")
+    assert saved.keys() == _trained(model).keys()
+    assert all(torch.equal(saved[k], v) for k, v in _trained(model).items())

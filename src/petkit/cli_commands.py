@@ -228,16 +228,22 @@ def cmd_methods(args: argparse.Namespace, dotted: dict[str, str]) -> None:
 
 
 def cmd_embedded(args: argparse.Namespace, dotted: dict[str, str]) -> None:
-    """Table of the registered embedded tasks and models and the packages they read."""
+    """Table of the registered embedded tasks and models and the packages they read; `petkit
+    train`'s default task and model first, marked."""
+    from petkit.app.recipe import DataSpec, ModelSpec
+
     table = Table("name", "kind", "package", "what")
-    for entry in [*DATASETS.values(), *MODELS.values()]:
+    defaults = {DataSpec().name, ModelSpec().name}
+    entries = [*DATASETS.values(), *MODELS.values()]
+    for entry in sorted(entries, key=lambda e: e.name not in defaults):  # stable: the rest as registered
         package, state = entry.package, ""
         if package is not None:
             found = installed_version(package)
             state = ("" if found == package.version else f" ({found} installed)"
                      if found != "unknown" else f" (missing: {package.pip_command})")
         pin = f"{package.dist}=={package.version}{state}" if package else "built in"
-        table.add_row(entry.name, entry.kind, pin, entry.description)
+        name = f"{entry.name} (default)" if entry.name in defaults else entry.name
+        table.add_row(name, entry.kind, pin, entry.description)
     OUT.print(table)
 
 

@@ -7,13 +7,18 @@ Every `RowBatchable` wrapper (LoRA, rsLoRA, DoRA, DyLoRA at its set rank) is, fo
 A `LowRankBank` keeps, per wrapped module path, the terms of up to `slots` adapters stacked
 (A^T [S, in, r], (scale B)^T [S, r, out], gain [S, out], shift [S, out]; ranks zero-padded to the
 largest). Slot 0 is the base: all zeros, gain 1, so a row without an adapter gets W0 x exactly.
-`rows(slot_ids)` names each row's slot; a forward hook on every base module then adds
+`rows(slot_ids)` names each row's slot; every base module's forward (wrapped, see below) then adds
 
     y[i] = gain[s_i] * y[i] + shift[s_i] + (x[i] @ A^T[s_i]) @ (scale B)^T[s_i]      s_i = slot of row i
 
 as two `bmm`s over the whole batch, the base matmul shared. The rows' gathered stacks are built
-once per batch composition (a decode loop reuses them). Hooks sit on the innermost base module,
-so the model's own wrappers must be disabled while the bank runs (`pk.disabled`).
+once per batch composition (a decode loop reuses them). The wrapped forward sits on the innermost
+base module, so the model's own wrappers must be disabled while the bank runs (`pk.disabled`).
+
+The wrapper replaces the module's `forward` (an instance attribute, removed by `close`) rather
+than registering a forward hook: a hook sends every call of the module through torch's slow
+`_call_impl` path, which on a GPU, where a short prefill is bound by Python and kernel launches,
+cost about as much again as the two small matmuls themselves.
 """
 from __future__ import annotations
 
@@ -86,7 +91,8 @@ class _Gathered:
         self.a_t, self.b_t = take(stack.a_t), take(stack.b_t)
         self.gain = None if stack.gain is None else take(stack.gain)[:, None, :]
         self.shift = None if stack.shift is None else take(stack.shift)[:, None, :]
-        self.single = index is None and self.gain is None and self.shift is None
+        self.plain = self.gain is None and self.shift is None  # low-rank terms only
+        self.single = index is None and self.plain
         if self.single:  # the 2-D factors its hook multiplies by
             self.a2, self.b2 = self.a_t[0], self.b_t[0]
 
@@ -98,7 +104,7 @@ class LowRankBank:
             raise ConfigError(f"a bank needs at least 1 slot (slot 0: the base), got {slots}")
         self.model, self.slots = model, slots
         self.stacks: dict[str, _Stack] = {}
-        self._hooks: dict[str, torch.utils.hooks.RemovableHandle] = {}
+        self._wrapped: dict[str, tuple[nn.Module, Callable | None]] = {}  # path -> (module, own forward)
         self._key: tuple[int, ...] = ()
         self._cache: dict[tuple[int, ...], dict[str, _Gathered]] = {}
         self._indices: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
@@ -133,7 +139,8 @@ class LowRankBank:
             kw = {"dtype": terms.b.dtype, "device": terms.b.device}
             self.stacks[path] = _Stack(torch.zeros(self.slots, fan_in, rank, **kw),
                                        torch.zeros(self.slots, rank, fan_out, **kw))
-            self._hooks[path] = module.register_forward_hook(self._hook(path))
+            self._wrapped[path] = (module, module.__dict__.get("forward"))
+            module.forward = self._forward(path, module.forward)
         return self.stacks[path]
 
     def to(self, device: torch.device | str) -> "LowRankBank":
@@ -146,10 +153,13 @@ class LowRankBank:
         return self
 
     def close(self) -> None:
-        """Remove every hook: the model is its plain self again."""
-        for handle in self._hooks.values():
-            handle.remove()
-        self._hooks.clear()
+        """Unwrap every module: the model is its plain self again."""
+        for module, own in reversed(list(self._wrapped.values())):
+            if own is None:
+                del module.forward
+            else:
+                module.forward = own
+        self._wrapped.clear()
         self.stacks.clear()
         self._cache.clear()
 
@@ -189,21 +199,20 @@ class LowRankBank:
                 self._key, dtype=torch.long, device=device)
         return index
 
-    def _hook(self, path: str) -> Callable[[nn.Module, tuple, torch.Tensor], torch.Tensor]:
-        def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+    def _forward(self, path: str, plain: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        def forward(x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+            y = plain(x, *args, **kwargs)
             g = self._gathered(path) if self._key else None
-            if g is None:
-                return out
-            return _apply(g, args[0], out)
-        return hook
+            return y if g is None else _apply(g, x, y)
+        return forward
 
 
 def _apply(g: _Gathered, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     rows = g.a_t.shape[0]
     if g.single and x.dtype == g.a2.dtype == y.dtype:  # one row: two plain matmuls, no batching
-        shape = y.shape
-        x2, y2 = x.reshape(-1, x.shape[-1]), y.reshape(-1, shape[-1])
-        return torch.addmm(y2, torch.mm(x2, g.a2), g.b2).view(shape)
+        return y + torch.matmul(torch.matmul(x, g.a2), g.b2)
+    if g.plain and x.dim() == 3 == y.dim() and x.shape[0] == rows and x.dtype == g.a_t.dtype == y.dtype:
+        return torch.baddbmm(y, torch.bmm(x, g.a_t), g.b_t)  # a decode step: two calls, no reshapes
     if x.shape[0] != rows:  # generate's beams / return sequences repeat each row
         if x.shape[0] % rows:
             raise ConfigError(f"the batch has {x.shape[0]} rows but {rows} row adapters were given")
@@ -225,6 +234,7 @@ def _apply(g: _Gathered, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def _repeat(g: _Gathered, times: int) -> _Gathered:
     out = object.__new__(_Gathered)
+    out.single = out.plain = False
     for kind in ("a_t", "b_t", "gain", "shift"):
         value = getattr(g, kind)
         setattr(out, kind, None if value is None else value.repeat_interleave(times, dim=0))

@@ -65,19 +65,20 @@ class LowRank(Protocol):
 
 
 class FusedTerms(NamedTuple):
-    """What a fused low-rank forward needs: y = base(x) + scale * x A^T B^T (+ shift)."""
+    """What a fused low-rank forward needs: y = base(x) + scale * dropout(x) A^T B^T (+ shift)."""
 
     a: torch.Tensor  # (r, in), trained
     b: torch.Tensor  # (out, r), trained
     scale: float  # stacking weight included
     shift: torch.Tensor | None  # a bias delta added to the output, or None
+    dropout: float = 0.0  # dropout probability on the delta's input right now (0: none)
 
 
 @runtime_checkable
 class FusableLowRank(Protocol):
     def fused_terms(self) -> FusedTerms | None:
-        """The terms when this forward is exactly base(x) + scale B A x (+ shift) right now,
-        else None (dropout active, a frozen offset...): training.fused_delta then runs it."""
+        """The terms when this forward is exactly base(x) + scale B A dropout(x) (+ shift) right
+        now, else None (a frozen offset...): training.fused_delta then runs it."""
         ...
 
 

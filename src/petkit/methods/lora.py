@@ -96,12 +96,13 @@ class LoraLinear(DeltaModule):
         return self.lora_A, self.lora_B, self.scaling
 
     def fused_terms(self) -> FusedTerms | None:
-        """FusableLowRank: (A, B, scale, bias delta) while this forward is exactly
-        base(x) + s B A x (+ bias): no dropout active (p = 0 or eval mode), no frozen offset."""
-        if self.frozen_names or (self.dropout is not None and self.training):
+        """FusableLowRank: (A, B, scale, bias delta, dropout p while training) while this
+        forward is exactly base(x) + s B A dropout(x) (+ bias): no frozen offset."""
+        if self.frozen_names:
             return None
         shift = None if self.lora_bias is None else self.lora_bias * self.mix
-        return FusedTerms(self.lora_A, self.lora_B, self.scaling * self.mix, shift)
+        dropout = self.dropout.p if self.dropout is not None and self.training else 0.0
+        return FusedTerms(self.lora_A, self.lora_B, self.scaling * self.mix, shift, dropout)
 
     def row_terms(self) -> RowTerms:
         shift = None if self.lora_bias is None else self.lora_bias.detach()

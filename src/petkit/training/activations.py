@@ -49,6 +49,12 @@ _MATMUL = {torch.ops.aten.mm.default: (0, 1), torch.ops.aten.addmm.default: (1, 
 RECOMPUTE_MODES = ("full", "selective", "elementwise")
 
 
+def save_like_matmul(op: Any, operands: tuple[int, int]) -> None:
+    """Let the "selective" and "elementwise" policies treat custom op `op` as the matmul
+    args[i] @ args[j] for `operands` (i, j): a kernel that replaces one (`triton_delta`)."""
+    _MATMUL[op] = operands
+
+
 def _keep_reducing_matmuls(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
     """The "selective" policy: save attention and reducing matmuls' outputs, recompute the rest."""
     if op in _ATTENTION:

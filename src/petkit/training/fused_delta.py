@@ -18,11 +18,18 @@ from the trained A before every forward of the model (a forward pre-hook), so op
 reach it; its gradient goes to the real A, whatever its dtype (fp32 by default).
 
 A layer takes the fused path when its wrapper says its forward is exactly base + s B A x
-(`FusableLowRank.fused_terms()`: LoRA with no active dropout and no frozen offset), its base is a
-plain `nn.Linear` whose weight is an ordinary tensor on a device in `FUSED_DEVICES`, and the
-weight's dtype is the run's compute dtype (bf16 under bf16 precision, else fp32). Any other
-layer, and any call under another autocast dtype or while the adapter is disabled or merged,
-runs the wrapper's own forward. `fused_deltas` yields a `FusedReport` saying which ran.
+(`FusableLowRank.fused_terms()`: LoRA with no frozen offset; no active dropout, on this path),
+its base is a plain `nn.Linear` whose weight is an ordinary tensor on a device in `FUSED_DEVICES`,
+and the weight's dtype is the run's compute dtype (bf16 under bf16 precision, else fp32). Any
+other layer, and any call under another autocast dtype or while the adapter is disabled or
+merged, runs the wrapper's own forward. `fused_deltas` yields a `FusedReport` saying which ran.
+
+With `kernel="triton"` a fused layer runs petkit's Triton kernel instead (`triton_delta`: the
+A-product inside the base GEMM, the B-product in its epilogue, the same for the input gradient;
+LoRA's dropout included) when Triton is installed and the kernel takes the layer (a CUDA weight,
+bf16 or fp16 compute, r <= `triton_delta.MAX_RANK`); a fused layer it does not take runs the
+torch path above (or, with dropout active, its own forward), and the report says which layers
+ran which and why.
 """
 
 from __future__ import annotations
@@ -30,10 +37,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from importlib.util import find_spec
+from types import ModuleType
 from typing import Any
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from petkit.core.capabilities import FusableLowRank
 from petkit.core.delta import DeltaModule, iter_deltas
@@ -44,6 +54,7 @@ FUSED_DEVICES = ("cuda",)  # device types the fused path is installed on (elsewh
 # `benchmarks/gpu_train.py` measures both (`...-fused` and `...-fused2`).
 ONE_GEMM_FORWARD = True
 FUSED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+DELTA_KERNELS = ("torch", "triton")  # what computes a fused layer: the torch function, or Triton
 
 
 class FusedLowRank(torch.autograd.Function):
@@ -124,14 +135,17 @@ def _unfusable(wrapper: DeltaModule, device_types: tuple[str, ...],
 
 
 class _FusedLayer:
-    """One wrapper on the fused path: its [W; A] matrix and the forward that uses it."""
+    """One wrapper on the fused path: its [W; A] matrix and the forward that uses it, or (with
+    `triton`, the `triton_delta` module) the Triton kernel over W and the trained A, B."""
 
-    def __init__(self, wrapper: DeltaModule) -> None:
+    def __init__(self, wrapper: DeltaModule, triton: ModuleType | None = None) -> None:
         a = wrapper.fused_terms().a
         weight = wrapper.base.weight
-        self.wrapper, self.weight, self.own = wrapper, weight, wrapper.forward
+        self.wrapper, self.weight, self.own, self.triton = wrapper, weight, wrapper.forward, triton
         self.instance_forward = vars(wrapper).get("forward")  # one set by other code, put back
         self.out_f = weight.shape[0]
+        if triton is not None:  # the kernel reads W and A where they are: no [W; A] copy
+            return
         self.wa = torch.empty(self.out_f + a.shape[0], weight.shape[1], dtype=weight.dtype,
                               device=weight.device)
         with torch.no_grad():
@@ -144,10 +158,14 @@ class _FusedLayer:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         wrapper = self.wrapper
         terms = wrapper.fused_terms() if wrapper.enabled else None
-        if terms is None or compute_dtype(x) != self.wa.dtype:
+        if terms is None or compute_dtype(x) != self.weight.dtype \
+                or (terms.dropout and self.triton is None):  # dropout: the Triton kernel only
             return self.own(x)
-        a, b, scale, shift = terms
-        y = FusedLowRank.apply(x, self.wa, a, b, scale, ONE_GEMM_FORWARD)
+        a, b, scale, shift, dropout = terms
+        if self.triton is not None:
+            y = self.triton.lowrank_linear(x, self.weight, a, b, scale, dropout)
+        else:
+            y = FusedLowRank.apply(x, self.wa, a, b, scale, ONE_GEMM_FORWARD)
         bias = wrapper.base.bias
         if bias is not None:
             y = y + bias.to(y.dtype)
@@ -159,32 +177,70 @@ class _FusedLayer:
             del self.wrapper.forward
         else:
             self.wrapper.forward = self.instance_forward
-        self.weight.data = self.wa[:self.out_f].clone()
+        if self.triton is None:
+            self.weight.data = self.wa[:self.out_f].clone()
 
 
 @dataclass
 class FusedReport:
-    """Which layers took the fused path, and why the others did not."""
+    """Which layers took the fused path (and the Triton kernel), and why the others did not."""
 
     fused: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
+    kernel: str = "torch"
+    triton: int = 0  # fused layers on the Triton kernel
+    torch_only: dict[str, int] = field(default_factory=dict)  # fused layers it did not take, why
 
     def note(self) -> str:
         """One line for the run's log."""
         total = self.fused + sum(self.skipped.values())
+        line = f"fused delta on {self.fused} of {total} delta layers"
+        if self.kernel == "triton":
+            torch_why = "".join(f"; torch on {n}: {why}"
+                                for why, n in sorted(self.torch_only.items()))
+            line += f" (triton kernel on {self.triton}{torch_why})"
         why = "; ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items()))
-        return f"fused delta on {self.fused} of {total} delta layers" + (f" (eager: {why})"
-                                                                          if why else "")
+        return line + (f" (eager: {why})" if why else "")
 
 
-def _refresh(layers: list[_FusedLayer]) -> None:
-    """Copy each trained A that changed since (an optimiser step, a zeroth-order perturbation:
-    in-place updates bump its version) into its [W; A] matrix. An unchanged A is not copied:
-    [W; A] is saved for the backward of a forward still pending (two forwards, one backward)."""
+def _triton_module() -> ModuleType | None:
+    """`triton_delta`, imported now, or None when Triton is not installed."""
+    if find_spec("triton") is None:
+        return None
+    from petkit.training import triton_delta
+
+    return triton_delta
+
+
+def _layer(wrapper: DeltaModule, triton: ModuleType | None, dtype: torch.dtype,
+           report: FusedReport) -> _FusedLayer | str:
+    """The fused layer for `wrapper`: on the Triton kernel when asked and it takes the layer,
+    else on the torch function; while dropout is active, which only the kernel fuses, the
+    reason it keeps its own forward instead."""
+    reason = None
+    if report.kernel == "triton":
+        reason = "triton is not installed" if triton is None else triton.unfit(
+            wrapper.base.weight.device, dtype, wrapper.fused_terms().a.shape[0])
+        if reason is None:
+            report.triton += 1
+            return _FusedLayer(wrapper, triton)
+    if wrapper.fused_terms().dropout:
+        return "method, dropout or init" if reason is None else f"dropout, {reason}"
+    if reason is not None:
+        report.torch_only[reason] = report.torch_only.get(reason, 0) + 1
+    return _FusedLayer(wrapper)
+
+
+def _refresh(layers: list[_FusedLayer], stepped: bool) -> None:
+    """Copy each trained A that changed into its [W; A] matrix: every A after an optimiser step
+    (`stepped`: torch's fused AdamW updates in place WITHOUT bumping version counters), else
+    those whose version moved (a zeroth-order perturbation, a load). An unchanged A is not
+    copied: [W; A] is saved for the backward of a forward still pending (two forwards, one
+    backward), and a copy would bump its version."""
     rows, trained = [], []
     for layer in layers:
         terms = layer.wrapper.fused_terms()
-        if terms is not None and terms.a._version != layer.seen:
+        if terms is not None and (stepped or terms.a._version != layer.seen):
             rows.append(layer.a_rows)
             trained.append(terms.a)
             layer.seen = terms.a._version
@@ -194,32 +250,41 @@ def _refresh(layers: list[_FusedLayer]) -> None:
 
 
 @contextlib.contextmanager
-def fused_deltas(model: nn.Module, dtype: torch.dtype,
-                 device_types: tuple[str, ...] | None = None) -> Iterator[FusedReport]:
+def fused_deltas(model: nn.Module, dtype: torch.dtype, device_types: tuple[str, ...] | None = None,
+                 kernel: str = "torch") -> Iterator[FusedReport]:
     """Inside the context, every eligible delta wrapper of `model` (module docstring) runs the
-    fused forward for compute dtype `dtype` (on `device_types`, default FUSED_DEVICES); the
-    model is as before afterwards."""
-    report, layers = FusedReport(), []
+    fused forward for compute dtype `dtype` (on `device_types`, default FUSED_DEVICES), computed
+    by `kernel` (DELTA_KERNELS) where it takes the layer; the model is as before afterwards."""
+    report, layers = FusedReport(kernel=kernel), []
+    triton = _triton_module() if kernel == "triton" else None
     device_types = device_types or FUSED_DEVICES
     for _, wrapper in iter_deltas(model):
         reason = _unfusable(wrapper, device_types, dtype)
-        if reason is not None:
-            report.skipped[reason] = report.skipped.get(reason, 0) + 1
+        layer = reason if reason is not None else _layer(wrapper, triton, dtype, report)
+        if isinstance(layer, str):
+            report.skipped[layer] = report.skipped.get(layer, 0) + 1
             continue
-        layer = _FusedLayer(wrapper)
         wrapper.forward = layer.forward
         layers.append(layer)
     report.fused = len(layers)
+    copied = [layer for layer in layers if layer.triton is None]
+
+    steps = [0, 0]  # optimiser steps seen by the hook, and by the last refresh
+
+    def stepped(optimizer: Any, args: Any, kwargs: Any) -> None:
+        steps[0] += 1
 
     @torch._dynamo.disable  # reads version counters: runs eagerly, before a whole-model graph
     def refresh(module: nn.Module, args: Any) -> None:
-        _refresh(layers)
+        _refresh(copied, steps[0] != steps[1])
+        steps[1] = steps[0]
 
-    hook = model.register_forward_pre_hook(refresh) if layers else None
+    hooks = [model.register_forward_pre_hook(refresh),
+             register_optimizer_step_post_hook(stepped)] if copied else []
     try:
         yield report
     finally:
-        if hook is not None:
+        for hook in hooks:
             hook.remove()
         for layer in layers:
             layer.remove()

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from petkit.core.run_lock import RunLock
@@ -48,7 +49,7 @@ from petkit.training.steppers.base import report as stepper_report
 from petkit.core.io import save_adapter
 from petkit.core.model import trainable_parameters
 from petkit.core.initialize import initialize, pending
-from petkit.core.state import active_adapters
+from petkit.core.state import active_adapters, adapters
 
 
 @dataclass
@@ -91,6 +92,14 @@ def save_active_adapters(model: nn.Module, path: Path) -> Path:
         return save_adapter(model, path, name=names[0])
     for name in names:
         save_adapter(model, path / name, name=name)
+    return path
+
+
+def save_parameters(model: nn.Module, path: Path, params: dict[str, nn.Parameter]) -> Path:
+    """No adapter attached (`parameters=` trained the model's own tensors): those tensors, by
+    path, in `path`/trained.safetensors."""
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({k: p.detach().contiguous().cpu() for k, p in params.items()}, path / "trained.safetensors")
     return path
 
 
@@ -293,8 +302,9 @@ class _Run:
                     param.copy_(self.best[key])
         adapter = None
         if self.out is not None:
-            adapter = str(self.job.save_adapters(save_active_adapters, self.out / "adapter",
-                                                 self.params))
+            save = save_active_adapters if adapters(self.model) else \
+                functools.partial(save_parameters, params=self.params)
+            adapter = str(self.job.save_adapters(save, self.out / "adapter", self.params))
         if self.out is not None and self.job.writer:
             plot_history(self.state.history, self.out / "training.png", self.metric or "loss")
         report = stepper_report(self.stepper)

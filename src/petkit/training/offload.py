@@ -22,6 +22,7 @@ are copied again; the backprop stepper clips on the host instead (`clip_params`)
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -35,6 +36,7 @@ OFFLOAD_MODES = ("none", "cpu")
 NVME_REASON = ("nvme is not offered: no maintained NVMe optimiser serves a plain PyTorch loop "
                "(DeepSpeed's needs its engine and libaio); use cpu")
 
+CHUNK_BYTES = 256 * 2**20  # host update and copy-back overlap in chunks of this many master bytes
 BuildFn = Callable[[list[list[torch.Tensor]]], torch.optim.Optimizer]
 
 
@@ -79,7 +81,10 @@ class HostOffloadOptimizer(torch.optim.Optimizer):
         self.sent: dict[int, tuple[torch.cuda.Event | None, int]] = {}  # index -> (copy done, grad version)
         self.versions = [p._version for p in self.params]
         self.final = True  # the stepper sets False during earlier micro-batches of a step
+        self.seconds = {"gather": 0.0, "update": 0.0, "send_back": 0.0}  # host time, all steps
+        self.steps = 0
         self.gathered = False  # this step's gradients are on the masters (clip, then step)
+        self.chunks = _chunks(self.masters, CHUNK_BYTES)
         self.handles = [p.register_post_accumulate_grad_hook(self._hook(i))
                         for i, p in enumerate(self.params)]
         where = {id(p): m for p, m in zip(self.params, self.masters)}
@@ -133,6 +138,7 @@ class HostOffloadOptimizer(torch.optim.Optimizer):
         if self.gathered:
             return
         self.gathered = True
+        started = time.perf_counter()
         for i, (param, master) in enumerate(zip(self.params, self.masters)):
             if param._version != self.versions[i]:
                 master.copy_(param)
@@ -150,6 +156,7 @@ class HostOffloadOptimizer(torch.optim.Optimizer):
             if grad is not self.buffers[i]:
                 grad.copy_(self.buffers[i])
             master.grad = grad
+        self.seconds["gather"] += time.perf_counter() - started
 
     def clip_params(self) -> list[torch.Tensor]:
         """The tensors whose `.grad` a global-norm clip should scale: the masters, gathered."""
@@ -158,28 +165,52 @@ class HostOffloadOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> None:  # type: ignore[override]
-        """Update the masters on the host and copy them back to the device."""
+        """Update the masters on the host and copy them back to the device, chunk by chunk: the
+        copies of one chunk run on the side stream while the host updates the next. (A per-element
+        optimiser updates a parameter the same way whichever others have gradients.)"""
         assert closure is None, "closures are not supported"
         self.gather()
-        self.inner.step()
         if self.stream is not None:  # the weights are overwritten after the device is done with them
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
-        for i, (param, master) in enumerate(zip(self.params, self.masters)):
-            if master.grad is None:
-                continue
+        grads = [m.grad for m in self.masters]
+        for master in self.masters:
             master.grad = None
-            buffer = self.buffers[i]
-            buffer.copy_(master)
-            if self.stream is None:
-                param.copy_(buffer)
-            else:
-                with torch.cuda.stream(self.stream):
-                    param.copy_(buffer, non_blocking=True)
-            self.versions[i] = param._version
+        for chunk in self.chunks:
+            live = [i for i in chunk if grads[i] is not None]
+            if not live:
+                continue
+            started = time.perf_counter()
+            for i in live:
+                self.masters[i].grad = grads[i]
+            self.inner.step()
+            updated = time.perf_counter()
+            for i in live:
+                self.masters[i].grad = None
+                self._send_back(i)
+            self.seconds["update"] += updated - started
+            self.seconds["send_back"] += time.perf_counter() - updated
         if self.stream is not None:  # the next forward waits on the device, not the host
             torch.cuda.current_stream(self.device).wait_stream(self.stream)
+        self.steps += 1
         self.sent.clear()
         self.gathered = False
+
+    def _send_back(self, index: int) -> None:
+        """Parameter `index`'s updated master into its device weight (queued on the side stream)."""
+        param, buffer = self.params[index], self.buffers[index]
+        buffer.copy_(self.masters[index])
+        if self.stream is None:
+            param.copy_(buffer)
+        else:
+            with torch.cuda.stream(self.stream):
+                param.copy_(buffer, non_blocking=True)
+        self.versions[index] = param._version
+
+    def report(self) -> dict[str, Any]:
+        """What the run reports: the mode and the host's mean seconds per step in each phase
+        (gradients to fp32 masters, the optimiser's update, weights queued back)."""
+        per_step = {f"offload_{k}_s": round(v / max(self.steps, 1), 4) for k, v in self.seconds.items()}
+        return {"offload_optimizer": "cpu", **per_step}
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Drop the device gradients and the masters'."""
@@ -213,3 +244,16 @@ def _master(param: nn.Parameter) -> torch.Tensor:
     """An fp32 host copy of `param` (its own dtype if not floating point), a leaf."""
     dtype = torch.float32 if param.dtype.is_floating_point else param.dtype
     return param.detach().to("cpu", dtype, copy=True)
+
+
+def _chunks(masters: Sequence[torch.Tensor], limit: int) -> list[list[int]]:
+    """Consecutive indices grouped so that each group's masters hold about `limit` bytes."""
+    chunks: list[list[int]] = [[]]
+    size = 0
+    for i, master in enumerate(masters):
+        if chunks[-1] and size + master.nbytes > limit:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(i)
+        size += master.nbytes
+    return chunks

@@ -70,8 +70,9 @@ class RuntimeConfig:
     distributed: str = field(default="auto", metadata=_help(
         "under torchrun (docs/distributed.md)", choices=DISTRIBUTED))
     kernels: str = field(default="none", metadata=_help(
-        "fused kernels: none | fused (petkit's low-rank delta) | liger (Liger Kernel's, "
-        "--runtime.liger) | fused,liger | auto (what is installed and fits; CUDA only)"))
+        "fused kernels: none | fused (petkit's low-rank delta) | triton (the same on petkit's "
+        "Triton kernel) | liger (Liger Kernel's, --runtime.liger) | fused,liger | triton,liger "
+        "| auto (what is installed and fits; CUDA only)"))
     liger: str = field(default="flce", metadata=_help(
         "Liger pieces for kernels=liger, comma-separated: flce, rmsnorm, rope, swiglu"))
 

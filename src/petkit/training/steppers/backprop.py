@@ -192,7 +192,7 @@ class BackpropStepper:
 
     def report(self) -> dict[str, Any]:
         """Where the optimiser state lived, when it was offloaded (TrainResult.report)."""
-        return {"offload_optimizer": "cpu"} if self.host is not None else {}
+        return self.host.report() if self.host is not None else {}
 
     def current_lr(self) -> float:
         """Learning rate of the next update (of the delta, when the head has its own)."""
