@@ -4,7 +4,7 @@ Language Models" (arXiv:2407.11062), its first stage Block-AP; E2E-QP is PEQA on
     Block-AP, for each transformer block i in order (memory: one block + its calibration activations):
         Y   = block_fp(X_fp)                      the full-precision block on full-precision inputs
         W_q = s ⊙ (clamp(⌊W/s⌉ + ⌊z⌉, 0, 2^b-1) - ⌊z⌉)   per group of `group_size` inputs of a row
-        min over W, s, z of  || block_q(X_q) - Y ||²   (⌊·⌉ straight-through; AdamW, a few epochs)
+        min over W, s, z of  || block_q(X_q) - Y ||²   (⌊·⌉ straight-through; AdamW, cosine to lr/20)
         then freeze: integers Q, zero points ⌊z⌉, scales s; X_q <- block_q(X_q), X_fp <- Y
     E2E-QP: only the step sizes s train, end to end on the task: `petkit train --method peqa` on the
         quantised model (PEQA takes the model's own integers, `core.qweight.integer_grid`).
@@ -14,7 +14,8 @@ an `nn.Linear` whose `weight` is exactly s ⊙ (Q - z), with `weight_scale` / `w
 beside it, so the in-memory model, the saved folder and its `from_pretrained` reload are one thing.
 Block-AP is a calibration loop per block (like GPTQ's), not a training run: it sees no task and
 no labels. RTN (round-to-nearest min/max, `methods.peqa.rtn_quantize`) is its initialisation and
-the baseline it is compared with.
+the baseline it is compared with. A group size that does not divide a layer's inputs leaves a
+shorter last group, quantised on its own (`pad_groups`), as GPTQ's `column // group` does.
 """
 from __future__ import annotations
 

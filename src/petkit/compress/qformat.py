@@ -3,7 +3,8 @@
 After `block_ap` (or RTN) every quantised linear layer is described the way compressed-tensors
 describes a frozen, asymmetric, group-wise int-b layer: `weight` = s ⊙ (Q - z) exactly, plus
 `weight_scale` (out, groups) and `weight_zero_point` (out, groups, int8, offset by 2^(b-1)) and a
-`quantization_scheme`. `save_quantized` writes the folder through compressed-tensors' own
+`quantization_scheme`. compressed-tensors needs the group to divide every layer: a group that
+does not (128 on 576 inputs) is stored at the greatest common divisor, values repeated. `save_quantized` writes the folder through compressed-tensors' own
 compressor (`ModelCompressor`) and `from_pretrained` reads it back to the same logits (tested).
 
 Format, as measured with transformers 5.25 and compressed-tensors 0.20.1 on the CPU: the
