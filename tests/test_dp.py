@@ -63,6 +63,27 @@ def test_per_example_gradients_equal_one_backward_per_example(vectorised: bool) 
         torch.testing.assert_close(losses[2], model(**{k: v[2:3] for k, v in _batch().items()}).loss)
 
 
+def test_per_example_gradients_of_an_encoder_with_a_new_head_equal_one_backward_each() -> None:
+    # the DP search ran on MiniLM + a classification head (docs/privacy.md): the vmap path's 4-D
+    # mask on a bidirectional encoder, the head's copy (modules_to_save) included
+    from petkit.models import head_module_names
+
+    model, _ = tiny_model("bert", task="seq-cls")
+    pk.attach(model, pk.LoraConfig(r=2, targets=["query", "value"], modules_to_save=head_module_names(model)))
+    model.eval()
+    with torch.no_grad():
+        for name, p in pk.trainable_parameters(model).items():
+            if "lora_B" in name:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+    params = dict(pk.trainable_parameters(model))
+    batch = {**_batch(4), "labels": torch.tensor([0, 1, 1, 0])}
+    grads, _ = per_example_grads(model, params, _loss_fn(model), batch, True)
+    for i, row in enumerate(_hand_grads(model, params, batch)):
+        for got, want in zip(grads, row):
+            torch.testing.assert_close(got[i], want, rtol=1e-4, atol=1e-6)
+    assert any("classifier" in name for name in params)
+
+
 def test_clipping_is_exact_against_a_hand_loop() -> None:
     model, params = _lora_model()
     batch = _batch()

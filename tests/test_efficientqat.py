@@ -6,10 +6,11 @@ import torch
 import torch.nn.functional as F
 
 import petkit as pk
-from petkit.compress.efficientqat import QatConfig, block_inputs, fit_block, rtn_grids, set_grid
+from petkit.compress.efficientqat import QatConfig, block_inputs, cosine_to, fit_block, rtn_grids, set_grid
 from petkit.core.blocks import layer_paths
 from petkit.core.errors import ConfigError
 from petkit.core.qweight import integer_grid
+from petkit.methods.peqa import rtn_quantize
 from petkit.models import tiny_model
 
 pytest.importorskip("compressed_tensors")
@@ -31,10 +32,10 @@ def _first_block_mse(grids_of) -> float:  # type: ignore[no-untyped-def]
         return sum(F.mse_loss(block(x, **kw), t).item() for x, kw, t in zip(inputs, kwargs, targets))
 
 
-@pytest.mark.parametrize(("bits", "at_most"), [(4, 0.95), (3, 0.7), (2, 0.7)])
+@pytest.mark.parametrize(("bits", "at_most"), [(4, 0.8), (3, 0.85), (2, 0.85)])
 def test_block_ap_lowers_the_blocks_output_mse_below_rtn_at_the_same_bits(bits: int, at_most: float) -> None:
-    # the paper's learning rates (the defaults); measured ratios 0.91 / 0.60 / 0.57
-    config = QatConfig(bits=bits, group_size=16, epochs=20, batch_size=4)
+    # the paper's learning rates, cosine to 1/20; measured ratios 0.69 / 0.77 / 0.73
+    config = QatConfig(bits=bits, group_size=16, epochs=20, batch_size=4, lr_weight=2e-5, lr_quant=1e-4)
     rtn = _first_block_mse(lambda block, *_: rtn_grids(block, config))
     ap = _first_block_mse(lambda block, x, y, kw: fit_block(block, x, y, kw, config))
     assert ap < at_most * rtn, (bits, ap, rtn)
@@ -68,6 +69,31 @@ def test_saved_folder_reloads_with_transformers_to_the_same_logits(tmp_path) -> 
         mine, theirs = integer_grid(model.get_submodule(path)), integer_grid(reloaded.get_submodule(path))
         for a, b in zip(mine, theirs):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_a_group_that_does_not_divide_a_layer_leaves_a_short_last_group(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # 64 inputs in groups of 24: 24 + 24 + 16, the last 16 quantised on their own (as 128 on
+    # SmolLM2's 576); the folder stores groups of gcd(24, 64) = 8 with the scales repeated
+    model, _ = tiny_model("llama")
+    weight = model.model.layers[0].mlp.down_proj.weight.detach().clone()
+    pk.quantize(model, "int3", method="rtn", group_size=24)
+    quantised = model.model.layers[0].mlp.down_proj.weight
+    codes, zeros, scales = rtn_quantize(weight[:, 48:], 3, 16)  # the short group alone
+    alone = (scales[..., None] * (codes.float() - zeros.float()[..., None])).reshape(-1, 16)
+    torch.testing.assert_close(quantised[:, 48:], alone, rtol=0, atol=1e-6)
+    assert model.__dict__["_petkit_int_quantization"]["stored_group_size"] == 8
+    ids = _calibration(2, 10, seed=5)
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    pk.save_quantized(model, tmp_path / "q")
+    with torch.no_grad():
+        torch.testing.assert_close(pk.load_quantized(tmp_path / "q")(input_ids=ids).logits, expected,
+                                   rtol=0, atol=1e-5)
+
+
+def test_block_ap_rates_follow_a_cosine_down_to_a_twentieth() -> None:
+    factor = cosine_to(10)
+    assert factor(0) == 1.0 and factor(10) == pytest.approx(1 / 20) and factor(5) == pytest.approx(0.525)
 
 
 def test_peqa_on_the_quantised_model_is_e2e_qp_starting_exactly_from_it() -> None:
@@ -104,8 +130,6 @@ def test_bad_settings_are_config_errors() -> None:
     model, _ = tiny_model("llama")
     with pytest.raises(ConfigError, match="--bits"):
         pk.quantize(model, "int5", method="efficientqat", calibration=_calibration())
-    with pytest.raises(ConfigError, match="group"):
-        pk.quantize(model, "int4", method="rtn", group_size=24)
     with pytest.raises(ConfigError, match="calibration"):
         pk.quantize(model, "int4", method="efficientqat")
     with pytest.raises(ConfigError, match="no integer quantisation"):

@@ -3,7 +3,8 @@
 After `block_ap` (or RTN) every quantised linear layer is described the way compressed-tensors
 describes a frozen, asymmetric, group-wise int-b layer: `weight` = s ⊙ (Q - z) exactly, plus
 `weight_scale` (out, groups) and `weight_zero_point` (out, groups, int8, offset by 2^(b-1)) and a
-`quantization_scheme`. `save_quantized` writes the folder through compressed-tensors' own
+`quantization_scheme`. compressed-tensors needs the group to divide every layer: a group that
+does not (128 on 576 inputs) is stored at the greatest common divisor, values repeated. `save_quantized` writes the folder through compressed-tensors' own
 compressor (`ModelCompressor`) and `from_pretrained` reads it back to the same logits (tested).
 
 Format, as measured with transformers 5.25 and compressed-tensors 0.20.1 on the CPU: the
@@ -18,6 +19,7 @@ complete on this machine (docs/compressed.md).
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 from typing import Any
 
@@ -34,15 +36,32 @@ def _require() -> None:
     require_module("compressed_tensors", PIP, "saving an integer-quantised model (petkit[qat])")
 
 
+def storage_group(model: nn.Module, paths: list[str], group: int) -> int:
+    """The group size the folder stores: `group`, or where it does not divide every layer's inputs
+    (compressed-tensors requires that), their greatest common divisor (128 on 576 -> 64)."""
+    return math.gcd(group, *(model.get_submodule(p).weight.shape[1] for p in paths))
+
+
+def _spread(values: torch.Tensor, group: int, stored: int) -> torch.Tensor:
+    """Per-group values (out, groups of `group`) repeated onto the finer groups of `stored` inputs."""
+    columns = values.shape[1] * group
+    return values[:, torch.arange(0, columns, stored) // group]
+
+
 def attach_scheme(model: nn.Module, grids: dict[str, tuple], bits: int, group: int) -> None:
-    """Describe the quantised layers `grids` ({path: (codes, zeros, scales)}) as compressed-tensors does."""
+    """Describe the quantised layers `grids` ({path: (codes, zeros, scales)}) as compressed-tensors does.
+
+    A group that does not divide a layer is stored at `storage_group`: each of its (shared) scale
+    and zero point repeated over the finer groups it covers, the same weights exactly.
+    """
     _require()
     from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig,
                                                  QuantizationScheme, QuantizationStatus,
                                                  apply_quantization_config)
 
+    stored = storage_group(model, list(grids), group)
     args = QuantizationArgs(num_bits=bits, type="int", symmetric=False, strategy="group",
-                            group_size=group)
+                            group_size=stored)
     scheme = QuantizationScheme(targets=sorted(grids), weights=args)
     config = QuantizationConfig(config_groups={"group_0": scheme},
                                 quantization_status=QuantizationStatus.FROZEN)
@@ -51,12 +70,13 @@ def attach_scheme(model: nn.Module, grids: dict[str, tuple], bits: int, group: i
     with torch.no_grad():
         for path, (_codes, zeros, scales) in grids.items():
             layer = model.get_submodule(path)
+            scales, zeros = (_spread(t, group, stored)[:, :layer.weight_scale.shape[1]] for t in (scales, zeros))
             layer.weight_scale.copy_(scales.to(layer.weight_scale.dtype))
             layer.weight_zero_point.copy_((zeros.round() - offset).to(layer.weight_zero_point.dtype))
     for param in (p for n, p in model.named_parameters() if n.endswith(("weight_scale", "weight_zero_point"))):
         param.requires_grad_(False)
     model.__dict__["_petkit_int_quantization"] = {"bits": bits, "group_size": group,
-                                                  "layers": len(grids)}
+                                                  "stored_group_size": stored, "layers": len(grids)}
 
 
 def save_quantized(model: nn.Module, folder: str | Path, tokenizer: Any = None) -> Path:
