@@ -213,3 +213,30 @@ def test_cli_dp_run_records_its_budget(tmp_path) -> None:  # type: ignore[no-unt
     assert yaml.safe_load((out / "recipe.yaml").read_text())["train"]["dp"]["epsilon"] == 8.0
     privacy = json.loads((out / "adapter" / "adapter.json").read_text())["privacy"]
     assert privacy["steps"] == 3 and 0 < privacy["epsilon"] <= 8.0
+
+
+def test_without_noise_or_a_binding_clip_dp_trains_what_plain_training_trains(monkeypatch) -> None:
+    """The DP path's mechanics on an encoder with a new head (the docs/privacy.md search's setup):
+    with sigma 0 and a clip that never binds, `pk.train` with `dp` gives the same adapter and head
+    as plain training (per-example sum / B == the batch-mean gradient)."""
+    import petkit.training.dp as dp_module
+    from petkit.models import head_module_names
+
+    monkeypatch.setattr(dp_module, "noise_multiplier", lambda *args, **kwargs: 0.0)
+    ids = torch.randint(1, 128, (16, 7), generator=torch.Generator().manual_seed(5))
+    data = [{"input_ids": row, "attention_mask": torch.ones_like(row), "labels": torch.tensor(i % 2)}
+            for i, row in enumerate(ids)]
+    trained = []
+    for dp in (None, {"epsilon": 8.0, "max_grad_norm": 1e6}):
+        model, _ = tiny_model("bert", task="seq-cls")
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        pk.attach(model, pk.LoraConfig(r=2, dropout=0.0, targets=["query", "value"],
+                                       modules_to_save=head_module_names(model)), seed=0)
+        pk.train(model, data, pk.TrainConfig(max_steps=3, batch_size=4, lr=1e-2, progress=False,
+                                             max_grad_norm=None, seed=0, dp=dp))
+        trained.append({k: v.detach().clone() for k, v in pk.trainable_parameters(model).items()})
+    assert any("classifier" in k for k in trained[0])
+    for k in trained[0]:
+        torch.testing.assert_close(trained[1][k], trained[0][k], rtol=1e-4, atol=1e-6)
