@@ -40,13 +40,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
 from petkit.app.recipe import Recipe, apply_overrides
 from petkit.app.safe_yaml import load_yaml_file
 from petkit.compress.prune import PruneConfig
 from petkit.core.errors import ConfigError
 from petkit.training.config import TrainConfig
 from petkit.core.registry import METHODS, get_method, make_config
+from petkit.benchmark.spec_values import (FULL, label_ids, as_mapping, no_unknown, seed_list,
+                                          sizes_or_shots)
 
 KEYS = ("tasks", "methods", "method_options", "baselines", "seeds", "sizes", "shots", "validation",
         "train", "threads")
@@ -56,7 +57,6 @@ PRETRAIN_KEYS = ("classes", "train", "seed")
 LINEAR_PROBE = "linear-probe"
 # petkit methods that `peft` also implements: the twins the peft baseline runs.
 PEFT_TWINS = ("lora", "prefix", "prompt", "ia3")
-FULL = "full"
 
 
 @dataclass(frozen=True)
@@ -197,53 +197,30 @@ def resolved_options(arm: ArmSpec) -> dict[str, Any]:
     return make_config(arm.method, **arm.options).to_dict()
 
 
-def _mapping(value: Any, where: str) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise ConfigError(f"bench spec: {where} must be a mapping, got {type(value).__name__}")
-    return dict(value)
-
-
-def _no_unknown(data: dict[str, Any], known: tuple[str, ...], where: str) -> None:
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        raise ConfigError(f"bench spec: {where} has unknown key(s) {unknown}; known: {list(known)}")
-
-
 def _task(data: Any, index: int) -> TaskSpec:
-    entry = _mapping(data, f"tasks[{index}]")
-    _no_unknown(entry, TASK_KEYS, f"tasks[{index}]")
+    entry = as_mapping(data, f"tasks[{index}]")
+    no_unknown(entry, TASK_KEYS, f"tasks[{index}]")
     for key in ("model", "data"):
         if not isinstance(entry.get(key), str) or not entry[key]:
             raise ConfigError(f"bench spec: tasks[{index}].{key} must be a non-empty string")
     entry.setdefault("name", f"{entry['data']}-{entry['model']}")
-    entry["train"] = _mapping(entry.get("train"), f"tasks[{index}].train")
+    entry["train"] = as_mapping(entry.get("train"), f"tasks[{index}].train")
     size = entry.get("image_size", 224)
     if not isinstance(size, int) or isinstance(size, bool) or size < 1:
         raise ConfigError(f"bench spec: tasks[{index}].image_size must be an int >= 1, got {size!r}")
     if entry.get("classes") is not None:
-        entry["classes"] = _classes(entry["classes"], f"tasks[{index}].classes")
+        entry["classes"] = label_ids(entry["classes"], f"tasks[{index}].classes")
     return TaskSpec(**entry)
-
-
-def _classes(values: Any, where: str) -> tuple[int, ...]:
-    ok = isinstance(values, list) and len(values) >= 2 and all(
-        isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in values)
-    if not ok or len(set(values)) != len(values):
-        raise ConfigError(f"bench spec: {where} must be a list of >= 2 distinct label ids, "
-                          f"got {values!r}")
-    return tuple(values)
 
 
 def _pretrain(value: Any, where: str) -> dict[str, Any]:
     """`{classes: [...], train: {...}, seed: 0}` of a PVP arm (classes required)."""
-    pre = _mapping(value, where)
+    pre = as_mapping(value, where)
     if not pre:
         return {}
-    _no_unknown(pre, PRETRAIN_KEYS, where)
-    pre["classes"] = list(_classes(pre.get("classes"), f"{where}.classes"))
-    pre["train"] = _mapping(pre.get("train"), f"{where}.train")
+    no_unknown(pre, PRETRAIN_KEYS, where)
+    pre["classes"] = list(label_ids(pre.get("classes"), f"{where}.classes"))
+    pre["train"] = as_mapping(pre.get("train"), f"{where}.train")
     seed = pre.setdefault("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ConfigError(f"bench spec: {where}.seed must be an int >= 0, got {seed!r}")
@@ -252,12 +229,12 @@ def _pretrain(value: Any, where: str) -> dict[str, Any]:
 
 def _method_arm(entry: Any, options: dict[str, Any]) -> ArmSpec:
     """A petkit arm from `lora` or `{name: lora, r: 4, train: {...}}` plus method_options."""
-    fields = {"name": entry} if isinstance(entry, str) else _mapping(entry, "methods entry")
+    fields = {"name": entry} if isinstance(entry, str) else as_mapping(entry, "methods entry")
     name = fields.pop("name", None)
     if not isinstance(name, str):
         raise ConfigError(f"bench spec: each methods entry needs a name, got {entry!r}")
-    merged = {**_mapping(options.get(name), f"method_options.{name}"), **fields}
-    train = _mapping(merged.pop("train", None), f"{name}.train")
+    merged = {**as_mapping(options.get(name), f"method_options.{name}"), **fields}
+    train = as_mapping(merged.pop("train", None), f"{name}.train")
     label = merged.pop("arm", name)
     if not isinstance(label, str) or not label:
         raise ConfigError(f"bench spec: {name}.arm must be a non-empty string, got {label!r}")
@@ -265,7 +242,7 @@ def _method_arm(entry: Any, options: dict[str, Any]) -> ArmSpec:
     if kind not in ("petkit", "peft"):
         raise ConfigError(f"bench spec: {label}.kind must be petkit or peft, got {kind!r}")
     pretrain = _pretrain(merged.pop("pretrain", None), f"{label}.pretrain")
-    quantize, prune = merged.pop("quantize", None), _mapping(merged.pop("prune", None), f"{label}.prune")
+    quantize, prune = merged.pop("quantize", None), as_mapping(merged.pop("prune", None), f"{label}.prune")
     make_config(name, **merged)  # unknown method / bad field: ConfigError now
     if quantize not in (None, "nf4", "fp4", "int8"):
         raise ConfigError(f"bench spec: {label}.quantize must be nf4, fp4 or int8, got {quantize!r}")
@@ -287,7 +264,7 @@ def _has_defaults(method: str) -> bool:
 
 
 def _arms(data: dict[str, Any]) -> list[ArmSpec]:
-    options = _mapping(data.get("method_options"), "method_options")
+    options = as_mapping(data.get("method_options"), "method_options")
     for name in options:
         get_method(name)  # a typo in a method name: ConfigError listing the registered
     methods = data.get("methods", "all")
@@ -299,12 +276,12 @@ def _arms(data: dict[str, Any]) -> list[ArmSpec]:
     if not isinstance(methods, list):
         raise ConfigError("bench spec: methods must be 'all' or a list of method entries")
     arms = [_method_arm(m, options) for m in methods]
-    baselines = _mapping(data.get("baselines"), "baselines")
-    _no_unknown(baselines, (FULL, LINEAR_PROBE, "peft"), "baselines")
+    baselines = as_mapping(data.get("baselines"), "baselines")
+    no_unknown(baselines, (FULL, LINEAR_PROBE, "peft"), "baselines")
     for kind in (LINEAR_PROBE, FULL):
         wanted = baselines.get(kind)
         if wanted:
-            arms.append(ArmSpec(kind, kind, train={} if wanted is True else _mapping(wanted, kind)))
+            arms.append(ArmSpec(kind, kind, train={} if wanted is True else as_mapping(wanted, kind)))
     peft = baselines.get("peft")
     if peft:
         wanted = PEFT_TWINS if peft is True else tuple(peft)
@@ -317,50 +294,15 @@ def _arms(data: dict[str, Any]) -> list[ArmSpec]:
     return arms
 
 
-def _sizes(values: Any) -> tuple[int | None, ...]:
-    if not isinstance(values, list) or not values:
-        raise ConfigError("bench spec: sizes must be a non-empty list of ints >= 2 or 'full'")
-    out: list[int | None] = []
-    for v in values:
-        if v == FULL:
-            out.append(None)
-        elif isinstance(v, int) and not isinstance(v, bool) and v >= 2:
-            out.append(v)
-        else:
-            raise ConfigError(f"bench spec: sizes entries must be ints >= 2 or 'full', got {v!r}")
-    return tuple(out)
-
-
-def _sizes_or_shots(data: dict[str, Any]) -> tuple[int | None, ...]:
-    """`sizes` (training examples), or `shots` (examples per class: ints >= 1)."""
-    if "shots" not in data:
-        return _sizes(data.get("sizes", [64, 256, 1024, FULL]))
-    if "sizes" in data:
-        raise ConfigError("bench spec: give sizes (training examples) or shots (per class), not both")
-    shots = data["shots"]
-    if not isinstance(shots, list) or not shots or not all(
-            isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in shots):
-        raise ConfigError(f"bench spec: shots must be a non-empty list of ints >= 1, got {shots!r}")
-    return tuple(shots)
-
-
-def _seeds(values: Any) -> tuple[int, ...]:
-    ok = isinstance(values, list) and values and all(
-        isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in values)
-    if not ok or len(set(values)) != len(values):
-        raise ConfigError(f"bench spec: seeds must be a list of distinct ints >= 0, got {values!r}")
-    return tuple(values)
-
-
 def spec_from_dict(data: dict[str, Any]) -> BenchSpec:
     """Build and check a grid from its YAML mapping (every TrainConfig is built once)."""
-    data = _mapping(data, "the spec")
-    _no_unknown(data, KEYS + ("exclude",), "the spec")
+    data = as_mapping(data, "the spec")
+    no_unknown(data, KEYS + ("exclude",), "the spec")
     tasks = data.get("tasks")
     if not isinstance(tasks, list) or not tasks:
         raise ConfigError("bench spec: tasks must be a non-empty list of {model, data} entries")
-    validation = _mapping(data.get("validation"), "validation")
-    _no_unknown(validation, ("fraction", "max"), "validation")
+    validation = as_mapping(data.get("validation"), "validation")
+    no_unknown(validation, ("fraction", "max"), "validation")
     fraction = validation.get("fraction", 0.2)
     if not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
         raise ConfigError(f"bench spec: validation.fraction must be in [0, 1), got {fraction!r}")
@@ -371,9 +313,9 @@ def spec_from_dict(data: dict[str, Any]) -> BenchSpec:
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise ConfigError(f"bench spec: threads must be an int >= 1, got {threads!r}")
     spec = BenchSpec(tasks=tuple(_task(t, i) for i, t in enumerate(tasks)),
-                     arms=tuple(_arms(data)), seeds=_seeds(data.get("seeds", [0, 1, 2])),
-                     sizes=_sizes_or_shots(data), validation_fraction=float(fraction),
-                     validation_max=vmax, train=_mapping(data.get("train"), "train"),
+                     arms=tuple(_arms(data)), seeds=seed_list(data.get("seeds", [0, 1, 2])),
+                     sizes=sizes_or_shots(data), validation_fraction=float(fraction),
+                     validation_max=vmax, train=as_mapping(data.get("train"), "train"),
                      threads=threads, per_class="shots" in data)
     names = [t.name for t in spec.tasks]
     if len(set(names)) != len(names):

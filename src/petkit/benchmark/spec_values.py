@@ -1,0 +1,67 @@
+"""The bench spec's value checks: mappings, unknown keys, label lists, sizes, shots and seeds
+(each a clear ConfigError naming the spec key)."""
+from __future__ import annotations
+
+from typing import Any
+
+from petkit.core.errors import ConfigError
+
+FULL = "full"
+
+
+def as_mapping(value: Any, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"bench spec: {where} must be a mapping, got {type(value).__name__}")
+    return dict(value)
+
+
+def no_unknown(data: dict[str, Any], known: tuple[str, ...], where: str) -> None:
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(f"bench spec: {where} has unknown key(s) {unknown}; known: {list(known)}")
+
+
+def label_ids(values: Any, where: str) -> tuple[int, ...]:
+    ok = isinstance(values, list) and len(values) >= 2 and all(
+        isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in values)
+    if not ok or len(set(values)) != len(values):
+        raise ConfigError(f"bench spec: {where} must be a list of >= 2 distinct label ids, "
+                          f"got {values!r}")
+    return tuple(values)
+
+
+def size_list(values: Any) -> tuple[int | None, ...]:
+    if not isinstance(values, list) or not values:
+        raise ConfigError("bench spec: sizes must be a non-empty list of ints >= 2 or 'full'")
+    out: list[int | None] = []
+    for v in values:
+        if v == FULL:
+            out.append(None)
+        elif isinstance(v, int) and not isinstance(v, bool) and v >= 2:
+            out.append(v)
+        else:
+            raise ConfigError(f"bench spec: sizes entries must be ints >= 2 or 'full', got {v!r}")
+    return tuple(out)
+
+
+def sizes_or_shots(data: dict[str, Any]) -> tuple[int | None, ...]:
+    """`sizes` (training examples), or `shots` (examples per class: ints >= 1)."""
+    if "shots" not in data:
+        return size_list(data.get("sizes", [64, 256, 1024, FULL]))
+    if "sizes" in data:
+        raise ConfigError("bench spec: give sizes (training examples) or shots (per class), not both")
+    shots = data["shots"]
+    if not isinstance(shots, list) or not shots or not all(
+            isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in shots):
+        raise ConfigError(f"bench spec: shots must be a non-empty list of ints >= 1, got {shots!r}")
+    return tuple(shots)
+
+
+def seed_list(values: Any) -> tuple[int, ...]:
+    ok = isinstance(values, list) and values and all(
+        isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in values)
+    if not ok or len(set(values)) != len(values):
+        raise ConfigError(f"bench spec: seeds must be a list of distinct ints >= 0, got {values!r}")
+    return tuple(values)
