@@ -26,13 +26,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gpu_train  # noqa: E402  (the shapes, the model builder and both libraries' loops)
+from gpu_train_runs import child_row  # noqa: E402  (a worker process's JSON row, or its error)
 
 CASES: dict[str, tuple[str, str, str, str]] = {  # library, compile, checkpointing, kernels
     "peft-qlora-ckpt": ("peft", "", "full", "none"),
@@ -84,15 +84,9 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
             continue
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", case, "--shape", args.shape,
                "--device", args.device, "--steps", str(args.steps), "--window", str(args.window)]
-        try:
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=min(args.timeout, left))
-            lines = done.stdout.strip().splitlines()
-            row = json.loads(lines[-1]) if done.returncode == 0 and lines else {
-                "case": case, "error": (done.stderr.strip().splitlines() or ["?"])[-1][:300]}
-            if "error" in row:
-                print(done.stderr[-3000:], file=sys.stderr)
-        except subprocess.TimeoutExpired:
-            row = {"case": case, "error": f"timed out after {min(args.timeout, left):.0f} s"}
+        row = {"case": case, **child_row(cmd, min(args.timeout, left))}
+        if "stderr" in row:
+            print(row.pop("stderr"), file=sys.stderr)
         print(json.dumps(row), flush=True)
         rows.append(row)
         if args.out:
