@@ -28,13 +28,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpu_train import TARGETS, build_model  # noqa: E402  (one random-weight Llama builder)
+from gpu_train_runs import child_row  # noqa: E402  (a worker process's JSON row, or its error)
 
 SHAPES: dict[str, dict[str, int]] = {
     "tiny": dict(vocab=512, hidden=64, inter=128, layers=2, heads=4, kv=2, batch=2, seq=64,
@@ -107,15 +107,9 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", case, "--device", args.device]
         cmd += ["--smoke"] if args.smoke else []
         started = time.perf_counter()
-        try:
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=limit, env=env)
-            lines = done.stdout.strip().splitlines()
-            row = json.loads(lines[-1]) if done.returncode == 0 and lines else {
-                "case": case, "error": (done.stderr.strip().splitlines() or ["?"])[-1]}
-            if "error" in row:
-                print(done.stderr[-3000:], file=sys.stderr)
-        except subprocess.TimeoutExpired:
-            row = {"case": case, "error": f"timed out after {limit:.0f} s"}
+        row = {"case": case, **child_row(cmd, limit, env)}
+        if "stderr" in row:
+            print(row.pop("stderr"), file=sys.stderr)
         row["wall_s"] = round(time.perf_counter() - started, 1)
         print(json.dumps(row), flush=True)
         rows.append(row)
