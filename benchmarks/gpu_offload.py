@@ -34,7 +34,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpu_train import TARGETS, build_model  # noqa: E402  (one random-weight Llama builder)
-from gpu_train_runs import child_row  # noqa: E402  (a worker process's JSON row, or its error)
+from gpu_train_runs import run_cases  # noqa: E402  (each case in its own worker process)
 
 SHAPES: dict[str, dict[str, int]] = {
     "tiny": dict(vocab=512, hidden=64, inter=128, layers=2, heads=4, kv=2, batch=2, seq=64,
@@ -92,31 +92,11 @@ def worker(case: str, device: str, smoke: bool) -> dict[str, Any]:
 
 def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Every case in a fresh process under its time limit, within the overall budget."""
-    rows: list[dict[str, Any]] = []
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"),
-         os.environ.get("PYTHONPATH", "")])}
-    begun = time.perf_counter()
-    for case in args.cases:
-        left = args.budget - (time.perf_counter() - begun)
-        if left < 15:
-            rows.append({"case": case, "error": f"skipped: the {args.budget:.0f} s budget is spent"})
-            print(json.dumps(rows[-1]), flush=True)
-            continue
-        limit = min(CASES[case][3], left)
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", case, "--device", args.device]
-        cmd += ["--smoke"] if args.smoke else []
-        started = time.perf_counter()
-        row = {"case": case, **child_row(cmd, limit, env)}
-        if "stderr" in row:
-            print(row.pop("stderr"), file=sys.stderr)
-        row["wall_s"] = round(time.perf_counter() - started, 1)
-        print(json.dumps(row), flush=True)
-        rows.append(row)
-        if args.out:
-            with open(args.out, "w", encoding="utf-8") as out:
-                json.dump({"args": vars(args), "rows": rows}, out, indent=1)
-    return rows
+    def command(case: str) -> list[str]:
+        return [sys.executable, os.path.abspath(__file__), "--worker", case, "--device",
+                args.device] + (["--smoke"] if args.smoke else [])
+    return run_cases(args.cases, args.budget, command, lambda case, left: min(CASES[case][3], left),
+                     args.out, {"args": vars(args)})
 
 
 def _ratios(r: dict[str, Any], base: dict[str, Any] | None) -> tuple[str, str]:

@@ -27,12 +27,11 @@ import argparse
 import json
 import os
 import sys
-import time
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gpu_train  # noqa: E402  (the shapes, the model builder and both libraries' loops)
-from gpu_train_runs import child_row  # noqa: E402  (a worker process's JSON row, or its error)
+from gpu_train_runs import run_cases  # noqa: E402  (each case in its own worker process)
 
 CASES: dict[str, tuple[str, str, str, str]] = {  # library, compile, checkpointing, kernels
     "peft-qlora-ckpt": ("peft", "", "full", "none"),
@@ -74,25 +73,12 @@ def worker(case: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
-    begun = time.perf_counter()
-    for case in args.cases:
-        left = args.budget - (time.perf_counter() - begun)
-        if left < 30:
-            rows.append({"case": case, "error": f"not run: the {args.budget:.0f} s budget is spent"})
-            print(json.dumps(rows[-1]), flush=True)
-            continue
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", case, "--shape", args.shape,
-               "--device", args.device, "--steps", str(args.steps), "--window", str(args.window)]
-        row = {"case": case, **child_row(cmd, min(args.timeout, left))}
-        if "stderr" in row:
-            print(row.pop("stderr"), file=sys.stderr)
-        print(json.dumps(row), flush=True)
-        rows.append(row)
-        if args.out:
-            with open(args.out, "w", encoding="utf-8") as out:
-                json.dump({"args": vars(args), "rows": rows}, out, indent=1)
-    return rows
+    """Every case in a fresh process under `--timeout`, within `--budget`."""
+    def command(case: str) -> list[str]:
+        return [sys.executable, os.path.abspath(__file__), "--worker", case, "--shape", args.shape,
+                "--device", args.device, "--steps", str(args.steps), "--window", str(args.window)]
+    return run_cases(args.cases, args.budget, command, lambda case, left: min(args.timeout, left),
+                     args.out, {"args": vars(args)}, min_left=30.0)
 
 
 def table(rows: list[dict[str, Any]]) -> str:

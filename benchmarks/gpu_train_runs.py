@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 # a smoke run (--smoke) skips these rows' errors on a machine without CUDA / liger-kernel
@@ -110,6 +111,34 @@ def run_all(script: str, args: argparse.Namespace) -> list[dict[str, Any]]:
             with open(args.json, "w", encoding="utf-8") as out:
                 json.dump({"args": vars(args), "rows": rows, "curves": curve_gaps(rows)}, out,
                           indent=1)
+    return rows
+
+
+def run_cases(cases: list[str], budget: float, command: Callable[[str], list[str]],
+              limit: Callable[[str, float], float], out: str | None = None,
+              meta: dict[str, Any] | None = None, min_left: float = 15.0) -> list[dict[str, Any]]:
+    """Each case's worker (`command(case)`) in a fresh process with `src` on its path, within
+    `limit(case, seconds left)` and all within `budget` seconds; each row printed and (with `out`)
+    written with `meta` after every case."""
+    rows: list[dict[str, Any]] = []
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"),
+         os.environ.get("PYTHONPATH", "")])}
+    begun = time.perf_counter()
+    for case in cases:
+        started = time.perf_counter()
+        left = budget - (started - begun)
+        row = {"case": case, "error": f"not run: the {budget:.0f} s budget is spent"}
+        if left >= min_left:
+            row = {"case": case, **child_row(command(case), limit(case, left), env)}
+            row["wall_s"] = round(time.perf_counter() - started, 1)
+        if "stderr" in row:
+            print(row.pop("stderr"), file=sys.stderr)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        if out:
+            with open(out, "w", encoding="utf-8") as handle:
+                json.dump({**(meta or {}), "rows": rows}, handle, indent=1)
     return rows
 
 
