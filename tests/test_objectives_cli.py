@@ -66,6 +66,24 @@ def test_preference_recipe_reports_pair_accuracy_traces_and_samples(
     assert png_height(out_dir / "training.png") == 700  # the loss panel and the traces panel
 
 
+def test_switching_the_objective_takes_its_own_beta(tiny_llama: str, tmp_path: Path,
+                                                    capsys) -> None:
+    """`--recipe dpo --objective simpo` scores with SimPO's beta 2.0, not the recipe's DPO 0.1:
+    step 1's margin (same batch, same initial weights) is 20x that of `--beta 0.1`."""
+    first = {}
+    for beta in (None, "0.1"):
+        out_dir = tmp_path / f"simpo-{beta}"
+        flags = ["--beta", beta] if beta else []
+        code, out, err = run(["train", "--recipe", "dpo", "--model", tiny_llama, "--objective",
+                              "simpo", *flags, "--output", str(out_dir), "--batch-size", "2",
+                              "--train.log_every=1", *SMALL], capsys)
+        assert code == 0, err
+        assert ("beta 2: simpo's default, not the recipe's 0.1 for dpo" in out) == (beta is None)
+        first[beta] = [r for r in log_rows(out_dir) if "margin" in r][0]["margin"]
+    assert abs(first["0.1"]) > 1e-4
+    assert first[None] == pytest.approx(20 * first["0.1"], rel=1e-3)
+
+
 def png_height(path: Path) -> int:
     from PIL import Image
 

@@ -21,7 +21,7 @@ from petkit import cli_adapter as adapter_cli
 from petkit.app.export import merge_to_folder
 from petkit.app.adapter_base import recipe_for_adapter
 from petkit.app.objective_run import (evaluate_objective_adapter, is_objective_run, objective_of,
-                                      run_objective_recipe)
+                                      objective_switch, run_objective_recipe)
 from petkit.app.pipeline import load_with_adapter, method_config, needs_data, run_recipe, test_metrics
 from petkit.app.rank_sweep import check_ranks, evaluate_at_ranks, parse_ranks, write_sweep
 from petkit.app.recipe import apply_overrides, load_recipe
@@ -102,6 +102,9 @@ def _overrides(args: argparse.Namespace, dotted: dict[str, str], recipe: Any) ->
         if lr is not None:
             overrides["train.lr"] = str(lr)
             OUT.print(f"[dim]lr {lr:g}: {overrides['method.name']}'s suggested rate (--lr sets another)[/dim]")
+    overrides, note = objective_switch(recipe, overrides)
+    if note:
+        OUT.print(f"[dim]{escape(note)}[/dim]")
     return overrides
 
 

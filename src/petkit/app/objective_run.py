@@ -60,6 +60,20 @@ def is_objective_run(recipe: Recipe) -> bool:
     return recipe.train.objective is not None or recipe.data.name in OBJECTIVE_TASKS
 
 
+def objective_switch(recipe: Recipe, overrides: dict[str, str]) -> tuple[dict[str, str], str]:
+    """Overrides that `--objective` implies: switching the recipe's objective to another drops
+    the recipe's `beta` unless `--beta` is given, since each objective reads it on its own scale
+    (SimPO's 2.0 is a reward scale, DPO's 0.1 a KL strength); the note says so ("" if none)."""
+    pinned = recipe.train.objective
+    new = overrides.get("train.objective.name")
+    if pinned is None or pinned.beta is None or new in (None, pinned.name) \
+            or "train.objective.beta" in overrides:
+        return overrides, ""
+    note = (f"beta {ObjectiveConfig(name=new).effective_beta:g}: {new}'s default, not the "
+            f"recipe's {pinned.beta:g} for {pinned.name} (--beta sets another)")
+    return {**overrides, "train.objective.beta": "none"}, note
+
+
 def _task(recipe: Recipe) -> Any:
     name, seed = recipe.data.name, recipe.train.seed
     task = load_objective_task(name, seed) if name in OBJECTIVE_TASKS \
