@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import sys
 import textwrap
 from pathlib import Path
@@ -68,7 +69,7 @@ def test_preference_recipe_reports_pair_accuracy_traces_and_samples(
 
 def test_switching_the_objective_takes_its_own_beta(tiny_llama: str, tmp_path: Path,
                                                     capsys) -> None:
-    """`--recipe dpo --objective simpo` scores with SimPO's beta 2.0, not the recipe's DPO 0.1:
+    """`--recipe dpo --objective simpo` scores with SimPO's beta 2.0, not the recipe's 0.1:
     step 1's margin (same batch, same initial weights) is 20x that of `--beta 0.1`."""
     first = {}
     for beta in (None, "0.1"):
@@ -78,10 +79,27 @@ def test_switching_the_objective_takes_its_own_beta(tiny_llama: str, tmp_path: P
                               "simpo", *flags, "--output", str(out_dir), "--batch-size", "2",
                               "--train.log_every=1", *SMALL], capsys)
         assert code == 0, err
-        assert ("beta 2: simpo's default, not the recipe's 0.1 for dpo" in out) == (beta is None)
+        assert ("beta 2: simpo's default, not the recipe's 0.1" in out) == (beta is None)
         first[beta] = [r for r in log_rows(out_dir) if "margin" in r][0]["margin"]
     assert abs(first["0.1"]) > 1e-4
     assert first[None] == pytest.approx(20 * first["0.1"], rel=1e-3)
+
+
+def test_the_dpo_recipe_adds_rpos_nll_and_objective_dpo_is_plain_dpo(
+        tiny_llama: str, tmp_path: Path, capsys) -> None:
+    """Step 1 (LoRA B = 0: policy = reference, margin 0): plain DPO's loss is log 2; the recipe's
+    default adds the chosen answers' NLL per token (a random model's: several nats)."""
+    first = {}
+    for flags in ([], ["--objective", "dpo"]):
+        out_dir = tmp_path / ("-".join(flags) or "recipe")
+        code, out, err = run(["train", "--recipe", "dpo", "--model", tiny_llama, *flags,
+                              "--output", str(out_dir), "--batch-size", "2",
+                              "--train.log_every=1", *SMALL], capsys)
+        assert code == 0, err
+        first[tuple(flags)] = [r for r in log_rows(out_dir) if "margin" in r][0]
+    assert first[("--objective", "dpo")]["train_loss"] == pytest.approx(math.log(2), abs=1e-4)
+    assert first[()]["margin"] == pytest.approx(0.0, abs=1e-4)
+    assert first[()]["train_loss"] > math.log(2) + 3.0
 
 
 def png_height(path: Path) -> int:
