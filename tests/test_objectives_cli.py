@@ -249,14 +249,14 @@ def after_line(out: str) -> str:
 
 def test_eval_scores_objective_adapters_as_training_did(tiny_llama: str, tmp_path: Path,
                                                         capsys) -> None:
-    for recipe in ("dpo", "meet"):  # meet: the folder holds the control tokens and the LoRA
+    for recipe, objective in (("dpo", "rpo"), ("meet", "dpo")):  # meet: control tokens + LoRA
         out_dir = tmp_path / recipe
         code, out, err = run(["train", "--recipe", recipe, "--model", tiny_llama, "--output",
                               str(out_dir), "--batch-size", "2", *SMALL], capsys)
         assert code == 0, err
         code, evaluated, err = run(["eval", "--adapter", str(out_dir / "adapter")], capsys)
         assert code == 0, err
-        assert evaluated.splitlines()[-1] == f"test on 4 examples (dpo): {after_line(out)}"
+        assert evaluated.splitlines()[-1] == f"test on 4 examples ({objective}): {after_line(out)}"
 
 
 def test_eval_takes_the_data_flags_of_train(tiny_llama: str, tmp_path: Path, capsys) -> None:
