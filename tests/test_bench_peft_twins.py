@@ -11,6 +11,7 @@ from test_bench import grid, toy  # noqa: F401 - the tiny Llama / BERT + toy tas
 peft = pytest.importorskip("peft")
 
 ARMS = [{"name": "vera", "r": 16}, {"name": "vera", "arm": "peft:vera", "kind": "peft", "r": 16},
+        {"name": "lily", "r": 4}, {"name": "lily", "arm": "peft:lily", "kind": "peft", "r": 4},
         {"name": "loha", "r": 2}, {"name": "loha", "arm": "peft:loha", "kind": "peft", "r": 2},
         {"name": "lora", "arm": "peft-default", "kind": "peft", "r": 8, "alpha": 8,
          "targets": ["query", "value"]}]
@@ -38,3 +39,6 @@ def test_peft_twins_of_new_methods_train_the_same_parameters(toy, tmp_path):  # 
         == 2 * 2 * 2 * (2 * 32 + 2 * 32) + head
     assert rows["peft-default"]["trainable_params"] == 2 * 2 * (32 + 32) * 8 + head
     assert all(0 <= r["test_metric"] <= 1 for r in rows.values())
+    # both arms of a method start from the same adapter (one seed, the same draws) and train alike
+    for method in ("loha", "lily"):
+        assert rows[method]["test_loss"] == pytest.approx(rows[f"peft:{method}"]["test_loss"], rel=1e-6)

@@ -305,9 +305,11 @@ class PeftArm:
 
         assert self.spec.method is not None
         config = petkit_config(self.spec, ctx, with_head=False)  # peft adds the head itself
+        # the twin's config first: finding its targets attaches petkit's method, which draws, so
+        # seeding after it starts PEFT's draws where the petkit arm's start
+        twin = peft_config(self.spec.method, config, model, ctx.task_type)
         torch.manual_seed(ctx.seed)
-        peft_model = peft.get_peft_model(model, peft_config(self.spec.method, config, model,
-                                                            ctx.task_type))
+        peft_model = peft.get_peft_model(model, twin)
         if ctx.task_type == "head":
             return peft_model
         shift = config.num_virtual_tokens if self.spec.method == "prompt" else 0
