@@ -57,7 +57,8 @@ def collect(runs: Path = OUT, saved: Path = SAVED) -> dict[str, list[dict]]:
         ok = [{k: r[k] for k in KEEP} for r in records if r.get("status") == "ok"]
         if ok:
             cells[folder.name] = ok
-    saved.write_text(json.dumps(dict(sorted(cells.items())), indent=1) + "\n", encoding="utf-8")
+    cells = dict(sorted(cells.items()))
+    saved.write_text(json.dumps(cells, indent=1) + "\n", encoding="utf-8")
     return cells
 
 
