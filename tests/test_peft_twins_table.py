@@ -1,5 +1,5 @@
 """benchmarks/peft_twins.py's table: cells of each method's run folder kept in a JSON file (a method
-run again replaces its earlier cells), both arms averaged over seeds."""
+run again replaces its earlier cells), both arms averaged over seeds; the benchmark grids load."""
 from __future__ import annotations
 
 import importlib.util
@@ -36,3 +36,16 @@ def test_table_averages_seeds_and_a_new_run_replaces_a_methods_cells(tmp_path):
     # method, trainable x2, acc petkit, acc PEFT, gap, seeds, seeds alike, s/step x2, ratio
     assert rows["lily"][3:11] == ["70.0", "75.0", "-5.0", "2", "1", "2.000", "2.000", "1.00"]
     assert rows["hra"][3:11] == ["50.0", "50.0", "+0.0", "1", "1", "1.000", "2.000", "0.50"]
+
+
+def test_the_grids_of_the_side_by_side_and_the_default_recipe_load():
+    from petkit.benchmark.spec import load_spec
+
+    twins_spec = load_spec(str(ROOT / "benchmarks" / "peft_twins.yaml"))
+    ours = {a.method for a in twins_spec.arms if a.kind == "petkit"}
+    assert ours == {a.method for a in twins_spec.arms if a.kind == "peft"}  # every method has its twin
+    assert len(twins_spec.seeds) == 3
+    for name in ("default_recipe_search.yaml", "default_recipe_test.yaml"):
+        spec = load_spec(str(ROOT / "benchmarks" / name))
+        assert {"default-qv-r8", "peft-default"} <= {a.name for a in spec.arms}
+        assert {t.name for t in spec.tasks} == {"rotten-tomatoes", "bbc-news"}
