@@ -12,7 +12,15 @@ turn into the same engine (same model, same 44 rank-16 q/v adapters as benchmark
   grouped  q and v read the same input: one bmm(x, [A_q A_v]^T) per layer, reused by both, each
            layer's baddbmm against its B zero-padded to the pair's rank (no slicing); the ceiling
            of sharing the A-product between layers with one input (built here, not in the bank)
+  dense    the floor of any low-rank path: q's call multiplies x by the pair's merged delta
+           [A_q A_v]^T [B_q 0; 0 B_v] (one GEMM; a dense per-adapter copy, not a serving design),
+           q and v each add their slice
+  wrapper  the wrapped forward with no delta at all (what the wrapper costs alone)
+  one-gemm the wrapper and one discarded bmm(x, A^T) (what one small GEMM costs)
   shipped  whatever `_apply` does now
+
+Then the shipped path's raw prefill ratio at other prompt lengths (`--lengths`): the adapter's
+cost per layer is fixed while the base's prefill grows with the prompt.
 
 Per variant: the raw prefill forward (`model(ids, use_cache=True, logits_to_keep=1)`, 64 tokens)
 against the base's hook-free copy, alternating, medians of `--runs`; and the engine's time to
@@ -50,6 +58,22 @@ def one_row_grouped(g: bl._Gathered, x: torch.Tensor, y: torch.Tensor) -> torch.
     return torch.baddbmm(y, shared["xa"], g.b_pad)
 
 
+def one_row_dense(g: bl._Gathered, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    shared = g.shared
+    if shared["x"] is not x or shared["version"] != x._version:
+        shared["d"], shared["x"], shared["version"] = torch.bmm(x, shared["m"]), x, x._version
+    return y + shared["d"][..., g.cols]
+
+
+def wrapper_only(g: bl._Gathered, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return y
+
+
+def one_gemm(g: bl._Gathered, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    torch.bmm(x, g.a_t)
+    return y
+
+
 def share_inputs(bank: bl.LowRankBank, key: tuple[int, ...]) -> None:
     """Give each q/v pair's gathered terms one concatenated A and zero-padded Bs (`grouped`)."""
     gathered = bank._cache[key]
@@ -62,11 +86,14 @@ def share_inputs(bank: bl.LowRankBank, key: tuple[int, ...]) -> None:
         g.b_pad = torch.cat([g.b_t, g.b_t.new_zeros(1, rv, g.b_t.shape[2])], dim=1)
         other.b_pad = torch.cat([other.b_t.new_zeros(1, rq, other.b_t.shape[2]), other.b_t], dim=1)
         g.shared = other.shared = shared
+        shared["m"] = torch.cat([g.a_t @ g.b_t, other.a_t @ other.b_t], dim=2).contiguous()
+        g.cols, other.cols = slice(0, g.b_t.shape[2]), slice(g.b_t.shape[2], None)
 
 
 SHIPPED = bl._apply
 VARIANTS: dict[str, Callable | None] = {"matmul": one_row_matmul, "bmm": one_row_bmm,
-                                        "grouped": one_row_grouped, "shipped": None}
+                                        "grouped": one_row_grouped, "dense": one_row_dense,
+                                        "wrapper": wrapper_only, "one-gemm": one_gemm, "shipped": None}
 
 
 def patched(one_row: Callable | None) -> Callable:
@@ -95,6 +122,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=41, help="alternating raw prefills per variant")
     ap.add_argument("--ttft-runs", type=int, default=21)
     ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--lengths", type=int, nargs="*", default=[16, 256, 1024])
     ap.add_argument("--out", default=None)
     ap.add_argument("--smoke", action="store_true", help="a 2-layer model: check the script")
     args = ap.parse_args()
@@ -133,7 +161,22 @@ def main() -> None:
             row["ttft_ratio"] = row["ttft_ms_adapter"] / row["ttft_ms_base"]
             res["variants"][name] = row
             print(name, json.dumps(row), flush=True)
-    bl._apply = SHIPPED
+        bl._apply = SHIPPED
+        res["lengths"] = {}
+        for length in args.lengths:
+            ids = torch.randint(10, 32000, (1, length), generator=torch.Generator().manual_seed(2)).to(DEV)
+            times = {"base": [], "adapter": []}
+            for i in range(args.runs + 5):
+                b = forward_ms(base.model, ids)
+                with engine.pool.bank.using([slot]):
+                    a = forward_ms(engine.model, ids)
+                if i >= 5:
+                    times["base"].append(b)
+                    times["adapter"].append(a)
+            row = {f"prefill_ms_{k}": statistics.median(v) for k, v in times.items()}
+            row["prefill_ratio"] = row["prefill_ms_adapter"] / row["prefill_ms_base"]
+            res["lengths"][length] = row
+            print("length", length, json.dumps(row), flush=True)
     print(json.dumps(res, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
