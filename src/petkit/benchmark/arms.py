@@ -39,6 +39,7 @@ class ArmContext:
     head_modules: tuple[str, ...]
     seed: int
     init: Mapping[str, torch.Tensor] | None = None  # pre-trained delta tensors (PVP)
+    total_steps: int | None = None  # the cell's optimiser steps (PEFT's AdaLoRA schedule needs it)
 
 
 class Arm(Protocol):
@@ -292,6 +293,27 @@ def peft_config(method: str, config: Any, model: nn.Module, task_type: str) -> A
                                  "target_modules": layout.target_names(targets), **layout.to_peft(config)})
 
 
+def _peft_allocation(peft_model: nn.Module) -> Any:
+    """PEFT's AdaLoRA moves rank only when the training loop calls its `update_and_allocate`
+    after each optimiser step, before the gradients are cleared (PEFT's documented loop); the
+    harness's loop knows nothing of PEFT, so an optimiser post-step hook makes that call, for the
+    optimiser that trains this model only. Returns the hook's handle (None for other methods)."""
+    tuner = peft_model.base_model
+    if not isinstance(tuner, _peft().AdaLoraModel):
+        return None
+    mine = [p for p in peft_model.parameters() if p.requires_grad]
+    steps = iter(range(2**62))
+
+    def after_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if any(p is mine[0] for p in params):
+            tuner.update_and_allocate(next(steps))
+
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    return register_optimizer_step_post_hook(after_step)
+
+
 class PeftArm:
     """The `peft` package's implementation of a petkit method, on the same base and data."""
 
@@ -305,9 +327,14 @@ class PeftArm:
 
         assert self.spec.method is not None
         config = petkit_config(self.spec, ctx, with_head=False)  # peft adds the head itself
+        # the twin's config first: finding its targets attaches petkit's method, which draws, so
+        # seeding after it starts PEFT's draws where the petkit arm's start
+        twin = peft_config(self.spec.method, config, model, ctx.task_type)
+        if isinstance(twin, peft.AdaLoraConfig) and ctx.total_steps:
+            twin.total_step = ctx.total_steps  # its budget schedule spans the cell's steps
         torch.manual_seed(ctx.seed)
-        peft_model = peft.get_peft_model(model, peft_config(self.spec.method, config, model,
-                                                            ctx.task_type))
+        peft_model = peft.get_peft_model(model, twin)
+        self.allocation = _peft_allocation(peft_model)
         if ctx.task_type == "head":
             return peft_model
         shift = config.num_virtual_tokens if self.spec.method == "prompt" else 0
@@ -316,6 +343,17 @@ class PeftArm:
     def parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
         """Whatever peft left trainable (its adapter, and the head for classification)."""
         return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+    def finish(self, model: nn.Module) -> nn.Module:
+        """Training is over: PEFT's rank allocation (AdaLoRA) stops."""
+        if getattr(self, "allocation", None) is not None:
+            self.allocation.remove()
+            self.allocation = None
+        return model
+
+    def untrained_parameters(self) -> int:
+        """0: PEFT's twin trains what it hands to the optimiser."""
+        return 0
 
     def save(self, model: nn.Module, path: Path) -> None:
         """peft's `save_pretrained`."""

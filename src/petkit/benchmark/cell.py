@@ -24,6 +24,7 @@ from petkit.benchmark.tasks import CellData, LoadedTask
 from petkit.compress.measure import stored_bytes
 from petkit.core.disk import folder_bytes
 from petkit.training import evaluate, train
+from petkit.training.batching import total_steps
 
 PAGE = 4096
 
@@ -113,7 +114,8 @@ def run_cell(cell: Cell, spec: BenchSpec, loaded: LoadedTask, data: CellData,
     started = time.perf_counter()
     with PeakMemory(device) as memory:
         model = loaded.fresh_model(cell.seed).to(device)
-        ctx = ArmContext(loaded.task_type, loaded.head_modules, cell.seed, init)
+        ctx = ArmContext(loaded.task_type, loaded.head_modules, cell.seed, init,
+                         total_steps(len(data.train), config))
         model = arm.setup(model, ctx)
         params = arm.parameters(model)
         begun = time.perf_counter()

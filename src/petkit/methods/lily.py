@@ -31,6 +31,23 @@ from ..core.targets import is_linear, linear_dims, match_targets, role_targets
 from .family.peft_fields import need
 
 
+def _kaiming(shape: tuple[int, int], kw: dict[str, Any]) -> torch.Tensor:
+    out = torch.empty(shape, **kw)
+    nn.init.kaiming_uniform_(out, a=math.sqrt(5))
+    return out
+
+
+def peft_draws(r: int, fan_in: int, fan_out: int, num_b: int, kw: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (r, in) and the router (num_B, r), drawn as PEFT draws them for every layer (a follower
+    too), so that one seed starts both libraries from the same adapter: PEFT's `nn.Linear`s for
+    A, B and the router initialise themselves first (those values are then replaced), then A and
+    the router are drawn again (Kaiming-uniform) and B is zeroed."""
+    for shape in ((r, fan_in), (num_b * r, fan_out), (num_b, r)):
+        _kaiming(shape, kw)
+    a = _kaiming((r, fan_in), kw)
+    return a, _kaiming((num_b, r), kw)
+
+
 class LilyLinear(DeltaModule):
     """One layer of a Lily adapter: its own router; A and B its own or its group leader's."""
 
@@ -41,11 +58,10 @@ class LilyLinear(DeltaModule):
         fan_in, fan_out, _ = linear_dims(inner)
         kw = {"dtype": inner.weight.dtype, "device": inner.weight.device}
         self.num_b, self.scaling = num_b, scaling
-        self.lily_router = nn.Parameter(torch.empty(num_b, r, **kw))
-        nn.init.kaiming_uniform_(self.lily_router, a=math.sqrt(5))
+        a, router = peft_draws(r, fan_in, fan_out, num_b, kw)
+        self.lily_router = nn.Parameter(router)
         if a_from is None:
-            self.lily_A = nn.Parameter(torch.empty(r, fan_in, **kw))
-            nn.init.kaiming_uniform_(self.lily_A, a=math.sqrt(5))
+            self.lily_A = nn.Parameter(a)
         if b_from is None:
             self.lily_B = nn.Parameter(torch.zeros(num_b * r, fan_out, **kw))
         # a follower reads its leader's factors (not registered here: saved and trained once)
@@ -158,7 +174,9 @@ class LilyConfig(MethodConfig):
     def inject(self, model: nn.Module, name: str) -> list[str]:
         paths = match_targets(model, self.targets if self.targets is not None else role_targets(model, "attn_qv"))
         made: dict[str, LilyLinear] = {}
-        for path, (a_owner, b_owner) in leaders(model, paths, self.stride_A).items():
+        owners = leaders(model, paths, self.stride_A)
+        for path in paths:  # in model order, as PEFT creates (and draws) its layers
+            a_owner, b_owner = owners[path]
             made[path] = wrap(model, path, LilyLinear, name, self.r, self.num_B, self.scaling,
                               made[a_owner] if a_owner != path else None, made[b_owner] if b_owner != path else None)
         return paths

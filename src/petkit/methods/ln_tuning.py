@@ -5,7 +5,8 @@ Multi-Modal LLM Finetuning" (arXiv:2312.11420).
     RMSNorm:    y = (γ + Δγ) ⊙ x / rms(x)                   (no bias: Llama, Mistral, ...)
 
 Only the normalisation layers' affine parameters train. Computed around the frozen norm as
-y = norm(x) + Δγ ⊙ x̂ + Δβ, with x̂ the normalised input; Δ = 0 at init (the exact identity).
+y = norm(x) + Δγ ⊙ x̂ + Δβ, with x̂ the normalised input (an nn.LayerNorm: one layer_norm with
+γ + Δγ, β + Δβ, as cheap as PEFT's copy); Δ = 0 at init (the exact identity).
 Touches every LayerNorm and RMSNorm (any module class named `*RMSNorm` with a weight) of the
 model by default; `bias=False` leaves LayerNorm biases frozen. Mergeable: Δγ is added to the
 weight, Δβ to the bias (a norm without a bias gets no bias delta).
@@ -24,6 +25,7 @@ from ..core.delta import DeltaModule, canonical_modules, innermost, wrap
 from ..core.model import no_targets_error
 from ..core.registry import MethodConfig, check_choice, register
 from ..core.targets import match_targets
+from .family.dense import plain_base
 
 
 def is_norm(module: nn.Module) -> bool:
@@ -53,6 +55,10 @@ class NormDelta(DeltaModule):
         self.bias_delta = nn.Parameter(torch.zeros(inner.weight.shape[0], **kw)) if tune_bias and has_bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        norm = plain_base(self, nn.LayerNorm) if self.enabled else None
+        if norm is not None:  # one norm with γ + Δγ, β + Δβ: as cheap as PEFT's copy
+            bias = norm.bias if self.bias_delta is None else norm.bias + self.bias_delta
+            return F.layer_norm(x, norm.normalized_shape, norm.weight + self.weight_delta, bias, norm.eps)
         y = self.base(x)
         if not self.enabled:
             return y

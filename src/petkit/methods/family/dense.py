@@ -57,6 +57,17 @@ def remembered(wrapper: DeltaModule, compute: Callable[[], torch.Tensor]) -> tor
     return delta
 
 
+def plain_base(wrapper: DeltaModule, kind: type[nn.Module]) -> nn.Module | None:
+    """The plain `kind` module (exactly that class) under `wrapper` when every wrapper in between
+    is disabled, so that `wrapper.base(x)` is that module's own output; else None. A wrapper may
+    then fold its delta into the module's weight (one product instead of two) and still compute
+    what it computes stacked, bit for bit, whichever adapters are attached but inactive."""
+    module = wrapper.base
+    while isinstance(module, DeltaModule) and not module.enabled:
+        module = module.base
+    return module if type(module) is kind else None
+
+
 def wrap_targets(model: nn.Module, targets: Targets | None, make: type[DeltaModule], name: str,
                  *args: object, role: str = "attn_qv") -> list[str]:
     """Wrap every matched Linear / Conv1D (None: the architecture's `role` layers) with `make`."""
