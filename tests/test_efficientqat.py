@@ -114,6 +114,32 @@ def test_peqa_on_the_quantised_model_is_e2e_qp_starting_exactly_from_it() -> Non
     assert int(codes_after.max()) <= 3
 
 
+def test_e2e_qp_on_the_calibration_trains_only_the_step_sizes_and_lowers_its_loss() -> None:
+    cal = _calibration()
+    block_ap_only, _ = tiny_model("llama")
+    with_e2e, _ = tiny_model("llama")
+    options = {"method": "efficientqat", "calibration": cal, "group_size": 16, "epochs": 1}
+    pk.quantize(block_ap_only, "int3", **options)
+    pk.quantize(with_e2e, "int3", e2e_steps=12, e2e_lr=1e-2, **options)
+    changed = 0
+    for path in layer_paths(with_e2e):
+        for name, layer in with_e2e.get_submodule(path).named_modules():
+            if isinstance(layer, torch.nn.Linear):
+                (c0, z0, s0), (c1, z1, s1) = (integer_grid(m.get_submodule(f"{path}.{name}"))
+                                              for m in (block_ap_only, with_e2e))
+                torch.testing.assert_close(c1, c0, rtol=0, atol=0)  # the integers stay
+                torch.testing.assert_close(z1, z0, rtol=0, atol=0)
+                changed += not torch.equal(s1, s0)
+                rebuilt = (s1[..., None] * (c1.float() - z1.float()[..., None])).reshape(layer.weight.shape)
+                torch.testing.assert_close(rebuilt, layer.weight, rtol=0, atol=1e-6)
+    assert changed == 14  # every linear layer of both blocks
+    torch.testing.assert_close(with_e2e.lm_head.weight, block_ap_only.lm_head.weight, rtol=0, atol=0)
+    assert all(p.requires_grad for p in with_e2e.model.embed_tokens.parameters())  # restored
+    with torch.no_grad():
+        before, after = (m(input_ids=cal, labels=cal).loss.item() for m in (block_ap_only, with_e2e))
+    assert after < 0.98 * before, (before, after)
+
+
 def test_lora_trains_on_top_of_the_quantised_model() -> None:
     model, _ = tiny_model("llama")
     pk.quantize(model, "int4", method="rtn", group_size=16)
@@ -132,6 +158,8 @@ def test_bad_settings_are_config_errors() -> None:
         pk.quantize(model, "int5", method="efficientqat", calibration=_calibration())
     with pytest.raises(ConfigError, match="calibration"):
         pk.quantize(model, "int4", method="efficientqat")
+    with pytest.raises(ConfigError, match="--e2e-steps must be >= 0"):
+        pk.quantize(model, "int4", method="efficientqat", calibration=_calibration(), e2e_steps=-1)
     with pytest.raises(ConfigError, match="no integer quantisation"):
         pk.save_quantized(tiny_model("llama")[0], "/tmp/never-written")
 
