@@ -10,7 +10,8 @@ calibrate, so a larger budget holds the smaller one's windows); the test split i
 the reported perplexity (the same 32 windows as benchmarks/efficientqat.py). `blocks`: each
 setting on the first three blocks, quantised and chained as Block-AP does, scored by the output
 MSE on the validation windows (the fast signal). `full`: every block, then the validation and the
-test perplexity (`--e2e-steps`: then E2E-QP on the calibration windows); `baselines`: fp32 and
+test perplexity (`--e2e-steps`: then E2E-QP on the calibration windows, once per rate of `--e2e-lrs`, each
+from the same Block-AP model); `baselines`: fp32 and
 RTN on the same windows. Each setting's row is appended to --out as soon as it is measured.
 """
 from __future__ import annotations
@@ -19,13 +20,15 @@ import argparse
 import copy
 import json
 import time
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 
 from petkit.cli_quantize import _texts
 from petkit.compress import perplexity, quantize
-from petkit.compress.efficientqat import QatConfig, _run, block_inputs, fit_block, rtn_grids, set_grid
+from petkit.compress.efficientqat import (QatConfig, _run, block_ap, block_inputs, e2e_qp, fit_block,
+                                         rtn_grids, set_grid)
 from petkit.compress.qformat import text_windows
 from petkit.core.blocks import layer_paths
 from petkit.models import load_model
@@ -76,7 +79,7 @@ def main() -> None:
     parser.add_argument("--settings", default="32:2:1e-4:1e-3,128:2:1e-4:1e-3",
                         help="blocks mode: samples:epochs:lr_weight:lr_quant, comma-separated")
     parser.add_argument("--e2e-steps", type=int, default=0)
-    parser.add_argument("--e2e-lr", type=float, default=1e-4)
+    parser.add_argument("--e2e-lrs", default="1e-4", help="E2E-QP rates, each from the same Block-AP model")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
@@ -107,16 +110,20 @@ def main() -> None:
                 quantize(model, args.bits, method="rtn", group_size=128)
             record(mode=arm, val_perplexity=perplexity(model, val), test_perplexity=perplexity(model, test))
         return
+    config = QatConfig(bits, 128, args.epochs, 4, args.lr_weight, args.lr_quant, args.seed, args.e2e_steps)
     started = time.perf_counter()
     mses: list[float] = []
-    quantize(model, args.bits, method="efficientqat", calibration=pool[:args.samples], group_size=128,
-             epochs=args.epochs, lr_weight=args.lr_weight, lr_quant=args.lr_quant, seed=args.seed,
-             e2e_steps=args.e2e_steps, e2e_lr=args.e2e_lr, progress=lambda _b, _n, mse: mses.append(mse))
-    seconds = round(time.perf_counter() - started, 1)
-    record(mode="full", samples=args.samples, epochs=args.epochs, lr_weight=args.lr_weight,
-           lr_quant=args.lr_quant, e2e_steps=args.e2e_steps, e2e_lr=args.e2e_lr, seconds=seconds,
-           last_block_mse=mses[-1], val_perplexity=perplexity(model, val),
-           test_perplexity=perplexity(model, test))
+    grids = block_ap(model, pool[:args.samples], config, lambda _b, _n, mse: mses.append(mse))
+    settings = {"samples": args.samples, "epochs": args.epochs, "lr_weight": args.lr_weight,
+                "lr_quant": args.lr_quant, "last_block_mse": mses[-1]}
+    record(mode="full", **settings, seconds=round(time.perf_counter() - started, 1),
+           val_perplexity=perplexity(model, val), test_perplexity=perplexity(model, test))
+    for lr in (float(x) for x in args.e2e_lrs.split(",") if args.e2e_steps):
+        started, tuned = time.perf_counter(), copy.deepcopy(model)
+        e2e_qp(tuned, grids, pool[:args.samples], replace(config, e2e_lr=lr))
+        record(mode="full+e2e", **settings, e2e_steps=args.e2e_steps, e2e_lr=lr,
+               seconds=round(time.perf_counter() - started, 1),
+               val_perplexity=perplexity(tuned, val), test_perplexity=perplexity(tuned, test))
 
 
 if __name__ == "__main__":

@@ -168,6 +168,9 @@ def test_bad_settings_are_config_errors() -> None:
     (["--method", "gptq"], "--method must be one of efficientqat, rtn"),
     (["--bits", "int5"], "--bits must be int4, int3 or int2"),
     (["--calibration", "bbc-new"], "did you mean 'bbc-news'"),
+    (["--e2e-steps", "-1"], "--e2e-steps must be >= 0"),
+    (["--e2e-lr", "-0.1"], "--e2e-lr must be >= 0.0"),
+    (["--group-size", "0"], "--group-size must be >= 1"),
 ])
 def test_quantize_cli_mistakes_are_one_red_line(argv, message, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
     from petkit.cli import main
