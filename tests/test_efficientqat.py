@@ -187,3 +187,20 @@ def test_quantize_cli_refuses_a_folder_that_holds_files(tmp_path, capsys) -> Non
     (tmp_path / "q" / "keep.txt").write_text("x")
     assert main(["quantize", "--output", str(tmp_path / "q")]) == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_quantize_cli_runs_block_ap_then_e2e_qp_on_the_embedded_model(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from petkit.cli import main
+
+    out = tmp_path / "q"
+    argv = ["quantize", "--output", str(out), "--samples", "4", "--seq-len", "16", "--epochs", "1",
+            "--e2e-steps", "2", "--eval-samples", "2"]
+    assert main(argv) == 0
+    report = json.loads((out / "quantize.json").read_text())
+    assert report["e2e_steps"] == 2 and report["e2e_lr"] == 1e-4 and len(report["block_mse"]) == 30
+    reloaded = pk.load_quantized(out)
+    codes, zeros, scales = integer_grid(reloaded.model.layers[3].mlp.down_proj)
+    assert int(codes.max()) <= 15 and scales.shape[1] == 1536 // 64  # g128 stored at gcd 64
