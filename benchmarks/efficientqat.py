@@ -4,7 +4,7 @@
 
 One process, the model loaded once and copied per arm; every arm's result is appended to --out as
 a JSON line as soon as it is measured, seed by seed (every bit width of seed 0 first, so a run
-cut short still has each width once). Calibration: bbc-news train split; held out: its test split
+cut short still has each width once); fp32 and RTN rows already in --out are not measured again. Calibration: bbc-news train split; held out: its test split
 (the same windows for every arm) and, as a second domain the calibration never saw,
 rotten-tomatoes' test split (`other`: does E2E-QP on the calibration text recover the
 quantisation or only adapt to news?). EfficientQAT is measured twice per run: after Block-AP,
@@ -44,6 +44,15 @@ def render(path: str) -> str:
     return "\n".join(lines)
 
 
+def measured(path: str) -> set[tuple[str, str | None]]:
+    """(arm, bits) of the fp32 and RTN rows already in `path`: a later run does not repeat them."""
+    try:
+        rows = [json.loads(line) for line in open(path, encoding="utf-8")]
+    except FileNotFoundError:
+        return set()
+    return {(r["arm"], r.get("bits")) for r in rows if r["arm"] in ("fp32", "rtn")}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--group-size", type=int, default=128)
@@ -55,7 +64,6 @@ def main() -> None:
     parser.add_argument("--e2e-steps", type=int, default=QatConfig.e2e_steps)
     parser.add_argument("--e2e-lr", type=float, default=QatConfig.e2e_lr)
     parser.add_argument("--eval-samples", type=int, default=32)
-    parser.add_argument("--no-baselines", action="store_true", help="skip fp32 and RTN (already in --out)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--render", action="store_true", help="print the table of --out and stop")
     args = parser.parse_args()
@@ -75,11 +83,13 @@ def main() -> None:
         with open(args.out, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(row) + "\n")
 
-    if not args.no_baselines:
+    done = measured(args.out)
+    if ("fp32", None) not in done:
         record(model, time.perf_counter(), arm="fp32")
-    for position, seed in enumerate(int(s) for s in args.seeds.split(",")):
+    for seed in (int(s) for s in args.seeds.split(",")):
         for bits in args.bits.split(","):
-            if position == 0 and not args.no_baselines:  # RTN is deterministic: one row per width
+            if ("rtn", bits) not in done:  # RTN is deterministic: one row per width
+                done.add(("rtn", bits))
                 started = time.perf_counter()
                 rtn = quantize(copy.deepcopy(model), bits, method="rtn", group_size=args.group_size)
                 record(rtn, started, arm="rtn", bits=bits)
