@@ -18,9 +18,13 @@ import copy
 import json
 import time
 
+import torch
+from torch import nn
+
 from petkit.cli_quantize import _texts
 from petkit.compress import perplexity, quantize
-from petkit.compress.efficientqat import INT_MODES, QatConfig, block_ap, e2e_qp
+from petkit.compress.efficientqat import INT_MODES, QatConfig, block_ap, e2e_qp, pad_groups, padded_rtn
+from petkit.core.blocks import layer_paths
 from petkit.compress.qformat import text_windows
 from petkit.models import load_model
 
@@ -29,6 +33,9 @@ def render(path: str) -> str:
     """The docs' table from the JSON lines: each arm's perplexity against fp32 and against RTN."""
     rows = [json.loads(line) for line in open(path, encoding="utf-8")]
     fp32 = next(r for r in rows if r["arm"] == "fp32")
+    arms, widths = ("fp32", "fp32+e2e-scales", "rtn", "block-ap", "block-ap+e2e-qp"), ("int4", "int3", "int2")
+    rows.sort(key=lambda r: (r["arm"] != "fp32+e2e-scales", widths.index(r.get("bits", "int4")),
+                             r.get("seed", -1), arms.index(r["arm"])))
     rtn = {r["bits"]: r["perplexity"] for r in rows if r["arm"] == "rtn"}
     lines = ["| arm | bits | seed | perplexity | vs fp32 | vs RTN | other domain (vs fp32) | seconds |",
              "|---|---|---|---:|---:|---:|---:|---:|",
@@ -36,9 +43,9 @@ def render(path: str) -> str:
     for r in rows:
         if r["arm"] == "fp32":
             continue
-        base = rtn.get(r["bits"])
+        base = rtn.get(r.get("bits"))
         versus = "-" if r["arm"] == "rtn" or base is None else f"{100 * (r['perplexity'] / base - 1):+.1f}%"
-        lines.append(f"| {r['arm']} | {r['bits']} | {r.get('seed', '-')} | {r['perplexity']:.2f} | "
+        lines.append(f"| {r['arm']} | {r.get('bits', '-')} | {r.get('seed', '-')} | {r['perplexity']:.2f} | "
                      f"{100 * (r['perplexity'] / fp32['perplexity'] - 1):+.1f}% | {versus} | "
                      f"{r['other']:.2f} ({100 * (r['other'] / fp32['other'] - 1):+.1f}%) | {r['seconds']:.0f} |")
     return "\n".join(lines)
@@ -50,7 +57,21 @@ def measured(path: str) -> set[tuple[str, str | None]]:
         rows = [json.loads(line) for line in open(path, encoding="utf-8")]
     except FileNotFoundError:
         return set()
-    return {(r["arm"], r.get("bits")) for r in rows if r["arm"] in ("fp32", "rtn")}
+    return {(r["arm"], r.get("bits")) for r in rows if r["arm"] in ("fp32", "rtn", "fp32+e2e-scales")}
+
+
+def fp32_grids(model: nn.Module, group: int) -> dict[str, tuple]:
+    """The fp32 weights written as s ⊙ (W/s - 0) with int4 RTN's step sizes s and *unrounded* codes
+    W/s: `e2e_qp` on these trains the same per-group scales with the same magnitudes, on an
+    unquantised model (the control: what that tuning does without any quantisation)."""
+    grids = {}
+    for path in layer_paths(model):
+        for sub, layer in model.get_submodule(path).named_modules():
+            if isinstance(layer, nn.Linear):
+                scales = padded_rtn(layer.weight, 4, group)[2]
+                weight = pad_groups(layer.weight.detach().float(), group).reshape(*scales.shape, group)
+                grids[f"{path}.{sub}"] = (weight / scales[..., None], torch.zeros_like(scales), scales)
+    return grids
 
 
 def main() -> None:
@@ -64,6 +85,8 @@ def main() -> None:
     parser.add_argument("--e2e-steps", type=int, default=QatConfig.e2e_steps)
     parser.add_argument("--e2e-lr", type=float, default=QatConfig.e2e_lr)
     parser.add_argument("--eval-samples", type=int, default=32)
+    parser.add_argument("--fp32-e2e", action="store_true",
+                        help="also the control: the same E2E-QP tuning of per-group scales on the fp32 model")
     parser.add_argument("--out", required=True)
     parser.add_argument("--render", action="store_true", help="print the table of --out and stop")
     args = parser.parse_args()
@@ -86,8 +109,15 @@ def main() -> None:
     done = measured(args.out)
     if ("fp32", None) not in done:
         record(model, time.perf_counter(), arm="fp32")
+    if args.fp32_e2e and ("fp32+e2e-scales", None) not in done:
+        started, tuned = time.perf_counter(), copy.deepcopy(model)
+        calibration = text_windows(tokenizer, train_texts, args.seq_len, args.samples, 0)
+        e2e_qp(tuned, fp32_grids(tuned, args.group_size), calibration,
+               QatConfig(group_size=args.group_size, e2e_steps=args.e2e_steps, e2e_lr=args.e2e_lr))
+        record(tuned, started, arm="fp32+e2e-scales", e2e_steps=args.e2e_steps, e2e_lr=args.e2e_lr)
+        del tuned
     for seed in (int(s) for s in args.seeds.split(",")):
-        for bits in args.bits.split(","):
+        for bits in filter(None, args.bits.split(",")):  # --bits "": only the fp32 rows
             if ("rtn", bits) not in done:  # RTN is deterministic: one row per width
                 done.add(("rtn", bits))
                 started = time.perf_counter()
