@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from petkit.cli_quantize import _texts
-from petkit.compress.efficientqat import QatConfig, _run, block_inputs, fit_block, rtn_grids, set_grid
+from efficientqat_budget import first_blocks  # benchmarks/, beside this file
+from petkit.compress.efficientqat import QatConfig
 from petkit.compress.qformat import perplexity, text_windows
 from petkit.core.blocks import layer_paths
 from petkit.models import load_model
@@ -57,31 +58,14 @@ def rtn_parts(model: torch.nn.Module, tok: object) -> None:
     print("rtn int3 g128", run(3, 128), flush=True)
 
 
-def lr_select(model: torch.nn.Module, tok: object, bits: int, blocks: int = 3) -> None:
-    model.eval()
+def lr_select(model: torch.nn.Module, tok: object, bits: int) -> None:
     train, _ = _texts("bbc-news")
     windows = text_windows(tok, train, 128, 40, 123)
-    stack = layer_paths(model)
-    x_cal, kw = block_inputs(model, model.get_submodule(stack[0]), windows[:32], 4)
-    x_val, kwv = block_inputs(model, model.get_submodule(stack[0]), windows[32:], 4)
     for lw, lq in [(0.0, 0.0), (2e-5, 1e-4), (1e-4, 1e-3), (5e-4, 3e-3)]:
-        started, m = time.time(), copy.deepcopy(model)
-        fp_c, q_c, fp_v, q_v = x_cal, x_cal, x_val, x_val
-        for path in stack[:blocks]:
-            block = m.get_submodule(path)
-            with torch.no_grad():
-                tc = [_run(block, x, k) for x, k in zip(fp_c, kw)]
-                tv = [_run(block, x, k) for x, k in zip(fp_v, kwv)]
-            cfg = QatConfig(bits, 128, 2, 4, lw, lq, 0)
-            grids = fit_block(block, q_c, tc, kw, cfg) if lw else rtn_grids(block, cfg)
-            for sub, g in grids.items():
-                set_grid(block.get_submodule(sub), *g)
-            with torch.no_grad():
-                q_c = [_run(block, x, k) for x, k in zip(q_c, kw)]
-                q_v = [_run(block, x, k) for x, k in zip(q_v, kwv)]
-            fp_c, fp_v = tc, tv
-            mse = sum(F.mse_loss(a, b).item() for a, b in zip(q_v, tv)) / len(tv)
-            print(f"bits {bits} lr_w {lw} lr_q {lq} {path} val mse {mse:.4e}", flush=True)
+        started = time.time()
+        config = QatConfig(bits, 128, 2 if lw else 0, 4, lw, lq, 0)  # epochs 0: RTN
+        for index, mse in enumerate(first_blocks(model, windows[:32], windows[32:], config)):
+            print(f"bits {bits} lr_w {lw} lr_q {lq} block {index} val mse {mse:.4e}", flush=True)
         print("seconds", round(time.time() - started), flush=True)
 
 

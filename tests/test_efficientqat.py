@@ -114,6 +114,32 @@ def test_peqa_on_the_quantised_model_is_e2e_qp_starting_exactly_from_it() -> Non
     assert int(codes_after.max()) <= 3
 
 
+def test_e2e_qp_on_the_calibration_trains_only_the_step_sizes_and_lowers_its_loss() -> None:
+    cal = _calibration()
+    block_ap_only, _ = tiny_model("llama")
+    with_e2e, _ = tiny_model("llama")
+    options = {"method": "efficientqat", "calibration": cal, "group_size": 16, "epochs": 1}
+    pk.quantize(block_ap_only, "int3", **options)
+    pk.quantize(with_e2e, "int3", e2e_steps=12, e2e_lr=1e-2, **options)
+    changed = 0
+    for path in layer_paths(with_e2e):
+        for name, layer in with_e2e.get_submodule(path).named_modules():
+            if isinstance(layer, torch.nn.Linear):
+                (c0, z0, s0), (c1, z1, s1) = (integer_grid(m.get_submodule(f"{path}.{name}"))
+                                              for m in (block_ap_only, with_e2e))
+                torch.testing.assert_close(c1, c0, rtol=0, atol=0)  # the integers stay
+                torch.testing.assert_close(z1, z0, rtol=0, atol=0)
+                changed += not torch.equal(s1, s0)
+                rebuilt = (s1[..., None] * (c1.float() - z1.float()[..., None])).reshape(layer.weight.shape)
+                torch.testing.assert_close(rebuilt, layer.weight, rtol=0, atol=1e-6)
+    assert changed == 14  # every linear layer of both blocks
+    torch.testing.assert_close(with_e2e.lm_head.weight, block_ap_only.lm_head.weight, rtol=0, atol=0)
+    assert all(p.requires_grad for p in with_e2e.model.embed_tokens.parameters())  # restored
+    with torch.no_grad():
+        before, after = (m(input_ids=cal, labels=cal).loss.item() for m in (block_ap_only, with_e2e))
+    assert after < 0.98 * before, (before, after)
+
+
 def test_lora_trains_on_top_of_the_quantised_model() -> None:
     model, _ = tiny_model("llama")
     pk.quantize(model, "int4", method="rtn", group_size=16)
@@ -132,6 +158,8 @@ def test_bad_settings_are_config_errors() -> None:
         pk.quantize(model, "int5", method="efficientqat", calibration=_calibration())
     with pytest.raises(ConfigError, match="calibration"):
         pk.quantize(model, "int4", method="efficientqat")
+    with pytest.raises(ConfigError, match="--e2e-steps must be >= 0"):
+        pk.quantize(model, "int4", method="efficientqat", calibration=_calibration(), e2e_steps=-1)
     with pytest.raises(ConfigError, match="no integer quantisation"):
         pk.save_quantized(tiny_model("llama")[0], "/tmp/never-written")
 
@@ -140,6 +168,9 @@ def test_bad_settings_are_config_errors() -> None:
     (["--method", "gptq"], "--method must be one of efficientqat, rtn"),
     (["--bits", "int5"], "--bits must be int4, int3 or int2"),
     (["--calibration", "bbc-new"], "did you mean 'bbc-news'"),
+    (["--e2e-steps", "-1"], "--e2e-steps must be >= 0"),
+    (["--e2e-lr", "-0.1"], "--e2e-lr must be >= 0.0"),
+    (["--group-size", "0"], "--group-size must be >= 1"),
 ])
 def test_quantize_cli_mistakes_are_one_red_line(argv, message, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
     from petkit.cli import main
@@ -156,3 +187,20 @@ def test_quantize_cli_refuses_a_folder_that_holds_files(tmp_path, capsys) -> Non
     (tmp_path / "q" / "keep.txt").write_text("x")
     assert main(["quantize", "--output", str(tmp_path / "q")]) == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_quantize_cli_runs_block_ap_then_e2e_qp_on_the_embedded_model(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from petkit.cli import main
+
+    out = tmp_path / "q"
+    argv = ["quantize", "--output", str(out), "--samples", "4", "--seq-len", "16", "--epochs", "1",
+            "--e2e-steps", "2", "--eval-samples", "2"]
+    assert main(argv) == 0
+    report = json.loads((out / "quantize.json").read_text())
+    assert report["e2e_steps"] == 2 and report["e2e_lr"] == 1e-4 and len(report["block_mse"]) == 30
+    reloaded = pk.load_quantized(out)
+    codes, zeros, scales = integer_grid(reloaded.model.layers[3].mlp.down_proj)
+    assert int(codes.max()) <= 15 and scales.shape[1] == 1536 // 64  # g128 stored at gcd 64

@@ -1,6 +1,6 @@
 """`petkit quantize`: integer int4/int3/int2 quantisation of a causal LM, saved for transformers.
 
-    petkit quantize --method efficientqat --bits int4 --group-size 128 --output q4/   # Block-AP
+    petkit quantize --method efficientqat --bits int4 --group-size 128 --output q4/   # Block-AP + E2E-QP
     petkit quantize --method rtn --bits int3 --output q3-rtn/                         # baseline
     petkit train --model q4/ --method peqa            # E2E-QP: only the step sizes train, on the task
     petkit train --model q4/ --method lora            # or LoRA over the integer base
@@ -38,6 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--batch-size", dest="qbatch", type=int, default=4, help="windows per Block-AP step")
     add("--lr-weight", type=float, default=1e-4, help="Block-AP learning rate of the weights")
     add("--lr-quant", type=float, default=1e-3, help="Block-AP learning rate of scales and zero points")
+    add("--e2e-steps", type=int, default=32, help="E2E-QP on the calibration windows after Block-AP: steps (step sizes only; 0: none)")
+    add("--e2e-lr", type=float, default=1e-4, help="E2E-QP learning rate of the step sizes")
     add("--eval-samples", type=int, default=32, help="held-out windows for the perplexity (0: skip)")
     add("--seed", type=int, default=0, help="which calibration windows; Block-AP's order")
     add("--output", dest="qoutput", required=True, help="folder to write (transformers loads it)")
@@ -68,6 +70,7 @@ def _texts(name: str) -> tuple[list[str], list[str]]:
 def run(args: argparse.Namespace, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Quantise as the flags say, save the folder, return (and write) the report."""
     from petkit.compress import perplexity, quantize, save_quantized
+    from petkit.compress.efficientqat import QatConfig
     from petkit.compress.qformat import text_windows
     from petkit.models import load_model
 
@@ -79,6 +82,8 @@ def run(args: argparse.Namespace, echo: Callable[[str], None] = print) -> dict[s
     if args.bits not in ("int4", "int3", "int2"):
         raise ConfigError(f"--bits must be int4, int3 or int2, got {args.bits!r}")
     _check_text(args.calibration)  # mistakes fail before the model loads
+    QatConfig(int(args.bits[3:]), args.group_size, args.epochs, args.qbatch, args.lr_weight, args.lr_quant,
+              args.seed, args.e2e_steps, args.e2e_lr)
     started = time.perf_counter()
     model, tokenizer = load_model(args.model, task="causal-lm")
     train_texts, test_texts = _texts(args.calibration)
@@ -87,7 +92,8 @@ def run(args: argparse.Namespace, echo: Callable[[str], None] = print) -> dict[s
     report: dict[str, Any] = {"model": args.model, "method": args.qmethod, "bits": args.bits,
                               "group_size": args.group_size, "calibration": args.calibration,
                               "samples": args.samples, "seq_len": args.seq_len, "epochs": args.epochs,
-                              "lr_weight": args.lr_weight, "lr_quant": args.lr_quant, "seed": args.seed}
+                              "lr_weight": args.lr_weight, "lr_quant": args.lr_quant, "seed": args.seed,
+                              "e2e_steps": args.e2e_steps, "e2e_lr": args.e2e_lr}
     if held_out is not None:
         report["perplexity_full_precision"] = perplexity(model, held_out)
         echo(f"held-out perplexity, full precision: {report['perplexity_full_precision']:.3f}")
@@ -99,7 +105,8 @@ def run(args: argparse.Namespace, echo: Callable[[str], None] = print) -> dict[s
 
     quantize(model, args.bits, method=args.qmethod, calibration=calibration, group_size=args.group_size,
              epochs=args.epochs, batch_size=args.qbatch, lr_weight=args.lr_weight,
-             lr_quant=args.lr_quant, seed=args.seed, progress=progress)
+             lr_quant=args.lr_quant, seed=args.seed, e2e_steps=args.e2e_steps, e2e_lr=args.e2e_lr,
+             progress=progress)
     report["block_mse"] = mses
     if held_out is not None:
         report["perplexity_quantized"] = perplexity(model, held_out)
