@@ -240,3 +240,23 @@ def test_without_noise_or_a_binding_clip_dp_trains_what_plain_training_trains(mo
     assert any("classifier" in k for k in trained[0])
     for k in trained[0]:
         torch.testing.assert_close(trained[1][k], trained[0][k], rtol=1e-4, atol=1e-6)
+
+
+def test_length_chunks_give_the_same_clipped_sum_and_are_cut_to_their_longest_row() -> None:
+    """A step's rows are regrouped by length and each group cut to its longest row (less padding
+    computed): the clipped per-example sum is the whole padded batch's."""
+    from petkit.training.dp import by_length
+
+    model, params = _lora_model()
+    batch = _batch(7)
+    batch["input_ids"] = torch.cat([batch["input_ids"], torch.zeros(7, 5, dtype=torch.long)], 1)
+    batch["attention_mask"] = torch.cat([batch["attention_mask"], torch.zeros(7, 5, dtype=torch.long)], 1)
+    batch["labels"] = torch.cat([batch["labels"], torch.full((7, 5), -100)], 1)
+    chunks = by_length(batch, rows=3)
+    assert [c["input_ids"].shape for c in chunks] == [(3, 7), (3, 9), (1, 9)]
+    whole = clipped_sum(per_example_grads(model, params, _loss_fn(model), batch)[0], 0.05)
+    parts = [clipped_sum(per_example_grads(model, params, _loss_fn(model), c)[0], 0.05) for c in chunks]
+    for i, want in enumerate(whole):
+        torch.testing.assert_close(sum(p[i] for p in parts), want, rtol=1e-5, atol=1e-7)
+    scored = {**batch, "labels": batch["input_ids"]}  # a padded column is scored: never cut
+    assert all(c["input_ids"].shape[1] == 14 for c in by_length(scored, rows=3))
