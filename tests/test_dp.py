@@ -270,7 +270,7 @@ def test_the_dp_lora_recipe_states_its_settings_and_stays_within_its_budget() ->
     recipe = load_recipe("dp-lora")
     train = recipe.train
     assert train.dp == DPConfig(epsilon=8.0, delta=1e-5, max_grad_norm=1.0)
-    assert (train.batch_size, train.grad_accum, train.max_steps, train.lr) == (512, 1, 24, 1e-2)
+    assert (train.batch_size, train.grad_accum, train.max_steps, train.lr, train.head_lr) == (512, 1, 24, 1e-2, 0.1)
     assert recipe.data.train_size == 4000 and recipe.model.name == "minilm-l6"
     method = recipe.method_config()
     assert (method.r, tuple(method.targets)) == (1, ("encoder.layer.5.attention.self.value",))
