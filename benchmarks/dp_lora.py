@@ -14,7 +14,6 @@ those V only.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import time
 from typing import Any

@@ -142,7 +142,7 @@ def by_length(batch: dict[str, Any], rows: int = CHUNK_ROWS) -> list[dict[str, A
 
     A DP step sums clipped per-example gradients, which no grouping of the rows changes; a
     chunk of similar lengths is padded to its own longest row, not the batch's (rotten-tomatoes:
-    27 tokens on average, a batch of 256 is padded to ~64)."""
+    27 tokens on average, a batch of 256 is padded to ~60)."""
     mask = batch.get("attention_mask")
     if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
         return [batch]
