@@ -150,3 +150,26 @@ def test_bank_slots_put_clear_and_grow_rank():
     assert torch.equal(cleared[0], base[0]) and torch.equal(after, base)
     with pytest.raises(pk.ConfigError, match="slot must be in"):
         LowRankBank(m, 2).put(2, {})
+
+
+@pytest.mark.parametrize("shape", [(1, 5, 16), (5, 16), (3, 5, 16)], ids=["prefill", "tokens-2d", "beams-of-one-row"])
+def test_one_row_bank_equals_the_layer_with_its_adapter_in_every_input_layout(shape):
+    """One row's slot serves a [1, T, in] prefill (bmm path), a [T, in] input and the repeated
+    rows of beams (matmul path) exactly as the attached LoRA layer does."""
+    layer = torch.nn.Sequential(torch.nn.Linear(16, 12))
+    pk.attach(layer, pk.LoraConfig(r=4, targets=["0"]), name="a")
+    perturb(pk.trainable_parameters(layer), seed=2, scale=0.5)
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = layer(x)
+        with pk.disabled(layer):
+            bank = LowRankBank(layer, 2)
+            bank.put(1, adapter_terms(layer, "a"))
+            with bank.using([1]):
+                got = layer(x)
+            base = layer(x)
+            bank.close()
+        with pk.disabled(layer):
+            plain = layer(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(got, base) and torch.equal(base, plain)

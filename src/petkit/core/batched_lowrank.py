@@ -79,9 +79,9 @@ class _Stack:
 
 
 class _Gathered:
-    """The stacks indexed by one batch composition: what each row's hook multiplies by.
+    """The stacks indexed by one batch composition: what each row's forward multiplies by.
 
-    One row (a prefill) keeps 2-D views of its slot, so its hook is two plain matmuls."""
+    One row (a prefill) keeps [1, ...] views of its slot: no copy."""
 
     def __init__(self, stack: _Stack, key: tuple[int, ...], index: torch.Tensor | None) -> None:
         if index is None:  # one row: a view, no copy
@@ -92,9 +92,6 @@ class _Gathered:
         self.gain = None if stack.gain is None else take(stack.gain)[:, None, :]
         self.shift = None if stack.shift is None else take(stack.shift)[:, None, :]
         self.plain = self.gain is None and self.shift is None  # low-rank terms only
-        self.single = index is None and self.plain
-        if self.single:  # the 2-D factors its hook multiplies by
-            self.a2, self.b2 = self.a_t[0], self.b_t[0]
 
 class LowRankBank:
     """Stacked low-rank terms of up to `slots - 1` adapters (slot 0 = base) at a model's paths."""
@@ -209,10 +206,11 @@ class LowRankBank:
 
 def _apply(g: _Gathered, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     rows = g.a_t.shape[0]
-    if g.single and x.dtype == g.a2.dtype == y.dtype:  # one row: two plain matmuls, no batching
-        return y + torch.matmul(torch.matmul(x, g.a2), g.b2)
-    if g.plain and x.dim() == 3 == y.dim() and x.shape[0] == rows and x.dtype == g.a_t.dtype == y.dtype:
-        return torch.baddbmm(y, torch.bmm(x, g.a_t), g.b_t)  # a decode step: two calls, no reshapes
+    if g.plain and x.dtype == g.a_t.dtype == y.dtype:
+        if x.dim() == 3 == y.dim() and x.shape[0] == rows:  # a decode step or a prefill: two calls
+            return torch.baddbmm(y, torch.bmm(x, g.a_t), g.b_t)
+        if rows == 1:  # one row in another layout ([tokens, in], beams of one row, ...)
+            return y + torch.matmul(torch.matmul(x, g.a_t[0]), g.b_t[0])
     if x.shape[0] != rows:  # generate's beams / return sequences repeat each row
         if x.shape[0] % rows:
             raise ConfigError(f"the batch has {x.shape[0]} rows but {rows} row adapters were given")
@@ -234,7 +232,7 @@ def _apply(g: _Gathered, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def _repeat(g: _Gathered, times: int) -> _Gathered:
     out = object.__new__(_Gathered)
-    out.single = out.plain = False
+    out.plain = False
     for kind in ("a_t", "b_t", "gain", "shift"):
         value = getattr(g, kind)
         setattr(out, kind, None if value is None else value.repeat_interleave(times, dim=0))
