@@ -13,7 +13,8 @@ Per-example gradients come from torch.func (`vmap` over `grad` of a `functional_
 Opacus' `GradSampleModule` cannot wrap petkit's layers (a delta wrapper holds its parameters
 and calls its frozen base; Opacus finds no activations for `LoraLinear`, in hook and in functorch
 mode alike: measured with opacus 1.6.0). An objective that vmap cannot trace falls back to one
-backward per example (the same numbers, tested). The accountant is Opacus' own.
+backward per example (the same numbers, tested). A step's rows go through in groups of similar
+length, each cut to its longest row (exact; less padding computed). The accountant is Opacus' own.
 
 `TrainConfig(dp=DPConfig(epsilon=8, delta=1e-5, max_grad_norm=1.0))`, or `--dp.epsilon 8` /
 recipe `dp:`. The epsilon spent so far is logged every step (`dp_epsilon`) and written into
