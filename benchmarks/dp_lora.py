@@ -14,7 +14,6 @@ those V only.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import time
 from typing import Any
@@ -36,7 +35,7 @@ def cell(args: argparse.Namespace, arm: str, seed: int, lr: float, rank: int) ->
                     validation_size=val, test_size=args.test_size, max_length=64)
     dp = pk.DPConfig(epsilon=args.epsilon, delta=args.delta, max_grad_norm=args.clip,
                      per_example=args.per_example) if arm == "dp" else None
-    config = pk.TrainConfig(lr=lr, max_steps=args.steps, batch_size=args.batch_size, warmup_ratio=0.1,
+    config = pk.TrainConfig(lr=lr, head_lr=args.head_lr, max_steps=args.steps, batch_size=args.batch_size, warmup_ratio=0.1,
                             schedule="linear", seed=seed, progress=False, log_every=1000, dp=dp)
     method = {"name": "lora", "r": rank, "alpha": 2 * rank}
     if args.targets:
@@ -55,7 +54,7 @@ def cell(args: argparse.Namespace, arm: str, seed: int, lr: float, rank: int) ->
     examples = prep.validation if val else prep.test
     accuracy = evaluate(prep.model, examples, batch_size=32, pad_id=prep.pad_id,
                         label_token_ids=prep.label_token_ids, collate_fn=prep.collate)["accuracy"]
-    return {"arm": arm, "seed": seed, "lr": lr, "rank": rank, "targets": args.targets or "default",
+    return {"arm": arm, "seed": seed, "lr": lr, "head_lr": args.head_lr, "rank": rank, "targets": args.targets or "default",
             "split": args.split, "head": args.head, "trainable": trainable, "accuracy": accuracy, "examples": len(examples),
             "train_size": len(prep.train), "steps": result.steps, "batch_size": args.batch_size,
             "model": args.model, "epsilon_spent": result.report.get("dp_epsilon"),
@@ -73,6 +72,7 @@ def main() -> None:
     parser.add_argument("--targets", default="", help="comma-separated LoRA targets (default: petkit's)")
     parser.add_argument("--head", choices=("all", "classifier"), default="all",
                         help="which new head modules train: all (petkit's default) or the classifier only")
+    parser.add_argument("--head-lr", type=float, default=None, help="rate of the new head (none: --lr)")
     parser.add_argument("--train-size", type=int, default=2000)
     parser.add_argument("--val", type=int, default=300)
     parser.add_argument("--test-size", type=int, default=300)

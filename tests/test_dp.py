@@ -240,3 +240,57 @@ def test_without_noise_or_a_binding_clip_dp_trains_what_plain_training_trains(mo
     assert any("classifier" in k for k in trained[0])
     for k in trained[0]:
         torch.testing.assert_close(trained[1][k], trained[0][k], rtol=1e-4, atol=1e-6)
+
+
+def test_length_chunks_give_the_same_clipped_sum_and_are_cut_to_their_longest_row() -> None:
+    """A step's rows are regrouped by length and each group cut to its longest row (less padding
+    computed): the clipped per-example sum is the whole padded batch's."""
+    from petkit.training.dp import by_length
+
+    model, params = _lora_model()
+    batch = _batch(7)
+    batch["input_ids"] = torch.cat([batch["input_ids"], torch.zeros(7, 5, dtype=torch.long)], 1)
+    batch["attention_mask"] = torch.cat([batch["attention_mask"], torch.zeros(7, 5, dtype=torch.long)], 1)
+    batch["labels"] = torch.cat([batch["labels"], torch.full((7, 5), -100)], 1)
+    chunks = by_length(batch, rows=3)
+    assert [c["input_ids"].shape for c in chunks] == [(3, 7), (3, 9), (1, 9)]
+    whole = clipped_sum(per_example_grads(model, params, _loss_fn(model), batch)[0], 0.05)
+    parts = [clipped_sum(per_example_grads(model, params, _loss_fn(model), c)[0], 0.05) for c in chunks]
+    for i, want in enumerate(whole):
+        torch.testing.assert_close(sum(p[i] for p in parts), want, rtol=1e-5, atol=1e-7)
+    scored = {**batch, "labels": batch["input_ids"]}  # a padded column is scored: never cut
+    assert all(c["input_ids"].shape[1] == 14 for c in by_length(scored, rows=3))
+
+
+def test_the_dp_lora_recipe_states_its_settings_and_stays_within_its_budget() -> None:
+    """`petkit train --recipe dp-lora` (docs/privacy.md): the settings the docs report, and the
+    accountant's epsilon after its 24 steps at q = 512 / 4000 within the target."""
+    from petkit.app.recipe import load_recipe
+
+    recipe = load_recipe("dp-lora")
+    train = recipe.train
+    assert train.dp == DPConfig(epsilon=8.0, delta=1e-5, max_grad_norm=1.0)
+    assert (train.batch_size, train.grad_accum, train.max_steps, train.lr, train.head_lr) == (512, 1, 24, 1e-2, 0.1)
+    assert recipe.data.train_size == 4000 and recipe.model.name == "minilm-l6"
+    method = recipe.method_config()
+    assert (method.r, tuple(method.targets)) == (1, ("encoder.layer.5.attention.self.value",))
+    sigma = noise_multiplier(train.dp, 512 / 4000, 24)
+    assert 7.5 < spent_epsilon(train.dp, sigma, 512 / 4000, 24) <= 8.0 + 1e-6
+
+
+@pytest.mark.slow
+def test_the_dp_lora_recipe_runs_end_to_end_and_records_its_budget(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The recipe from the CLI on a tiny BERT (its one target renamed to the tiny model's layer)."""
+    from toys import save_tiny_bert
+
+    from petkit.cli import main
+
+    model, out = save_tiny_bert(tmp_path / "tiny"), tmp_path / "run"
+    assert main(["train", "--recipe", "dp-lora", "--model", model,
+                 "--method.targets=[encoder.layer.1.attention.self.value]", "--train-size", "64",
+                 "--test-size", "8", "--batch-size", "16", "--steps", "3",
+                 "--train.progress=false", "--output", str(out)]) == 0
+    privacy = json.loads((out / "adapter" / "adapter.json").read_text())["privacy"]
+    assert privacy["steps"] == 3 and privacy["sample_rate"] == 0.25
+    assert 0 < privacy["epsilon"] <= privacy["target_epsilon"] == 8.0
+    assert privacy["noise_multiplier"] == pytest.approx(noise_multiplier(DPConfig(), 0.25, 3))
