@@ -117,6 +117,19 @@ def forward_ms(model: torch.nn.Module, ids: torch.Tensor) -> float:
     return 1000 * (time.perf_counter() - started)
 
 
+def alternate_prefills(base, engine, slot: int, ids: torch.Tensor, runs: int) -> dict[str, list[float]]:
+    """Raw prefill times (ms) of the base and of the adapter in `slot`, alternating, after 5 warm-up pairs."""
+    times: dict[str, list[float]] = {"base": [], "adapter": []}
+    for i in range(runs + 5):
+        b = forward_ms(base.model, ids)
+        with engine.pool.bank.using([slot]):
+            a = forward_ms(engine.model, ids)
+        if i >= 5:
+            times["base"].append(b)
+            times["adapter"].append(a)
+    return times
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=41, help="alternating raw prefills per variant")
@@ -143,14 +156,7 @@ def main() -> None:
         share_inputs(engine.pool.bank, (slot,))
         for name, one_row in VARIANTS.items():
             bl._apply = patched(one_row)
-            times: dict[str, list[float]] = {"base": [], "adapter": []}
-            for i in range(args.runs + 5):  # 5 warm-up pairs
-                b = forward_ms(base.model, ids)
-                with engine.pool.bank.using([slot]):
-                    a = forward_ms(engine.model, ids)
-                if i >= 5:
-                    times["base"].append(b)
-                    times["adapter"].append(a)
+            times = alternate_prefills(base, engine, slot, ids, args.runs)
             ttfts: dict[str, list[float]] = {"base": [], "adapter": []}
             for _ in range(args.ttft_runs):
                 ttfts["base"].append(ttft(base, prompt, None, runs=1))
@@ -165,14 +171,7 @@ def main() -> None:
         res["lengths"] = {}
         for length in args.lengths:
             ids = torch.randint(10, 32000, (1, length), generator=torch.Generator().manual_seed(2)).to(DEV)
-            times = {"base": [], "adapter": []}
-            for i in range(args.runs + 5):
-                b = forward_ms(base.model, ids)
-                with engine.pool.bank.using([slot]):
-                    a = forward_ms(engine.model, ids)
-                if i >= 5:
-                    times["base"].append(b)
-                    times["adapter"].append(a)
+            times = alternate_prefills(base, engine, slot, ids, args.runs)
             row = {f"prefill_ms_{k}": statistics.median(v) for k, v in times.items()}
             row["prefill_ratio"] = row["prefill_ms_adapter"] / row["prefill_ms_base"]
             res["lengths"][length] = row
