@@ -171,5 +171,5 @@ def test_one_row_bank_equals_the_layer_with_its_adapter_in_every_input_layout(sh
             bank.close()
         with pk.disabled(layer):
             plain = layer(x)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    assert not torch.allclose(got, base) and torch.equal(base, plain)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # float32, another summation order
+    assert not torch.allclose(got, base, atol=1e-2) and torch.equal(base, plain)
