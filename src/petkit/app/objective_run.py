@@ -67,10 +67,12 @@ def objective_switch(recipe: Recipe, overrides: dict[str, str]) -> tuple[dict[st
     pinned = recipe.train.objective
     new = overrides.get("train.objective.name")
     if pinned is None or pinned.beta is None or new in (None, pinned.name) \
-            or "train.objective.beta" in overrides \
-            or ObjectiveConfig(name=new).effective_beta == pinned.beta:
+            or "train.objective.beta" in overrides:
         return overrides, ""
-    note = (f"beta {ObjectiveConfig(name=new).effective_beta:g}: {new}'s default, not the "
+    beta = ObjectiveConfig(name=new).effective_beta
+    if beta == pinned.beta:
+        return overrides, ""
+    note = (f"beta {beta:g}: {new}'s default, not the "
             f"recipe's {pinned.beta:g} for {pinned.name} (--beta sets another)")
     return {**overrides, "train.objective.beta": "none"}, note
 

@@ -93,6 +93,7 @@ class _Gathered:
         self.shift = None if stack.shift is None else take(stack.shift)[:, None, :]
         self.plain = self.gain is None and self.shift is None  # low-rank terms only
 
+
 class LowRankBank:
     """Stacked low-rank terms of up to `slots - 1` adapters (slot 0 = base) at a model's paths."""
 
