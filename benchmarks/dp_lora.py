@@ -31,13 +31,13 @@ def cell(args: argparse.Namespace, arm: str, seed: int, lr: float, rank: int) ->
     from petkit.training import evaluate, train
 
     val = args.val if args.split == "validation" else 0
-    data = DataSpec(name="rotten-tomatoes", task_type="auto", train_size=args.train_size + val,
-                    validation_size=val, test_size=args.test_size, max_length=64)
+    data = DataSpec(name="rotten-tomatoes", task_type="auto", train_size=args.train_size + val if args.train_size else None,
+                    validation_size=val, test_size=args.test_size, max_length=args.max_length)
     dp = pk.DPConfig(epsilon=args.epsilon, delta=args.delta, max_grad_norm=args.clip,
                      per_example=args.per_example) if arm == "dp" else None
     config = pk.TrainConfig(lr=lr, head_lr=args.head_lr, max_steps=args.steps, batch_size=args.batch_size, warmup_ratio=0.1,
                             schedule="linear", seed=seed, progress=False, log_every=1000, dp=dp)
-    method = {"name": "lora", "r": rank, "alpha": 2 * rank}
+    method = {"name": "lora", "r": rank, "alpha": args.alpha or 2 * rank}
     if args.targets:
         method["targets"] = args.targets.split(",")
     rec = Recipe(method=method, model=ModelSpec(args.model), data=data, train=config)
@@ -54,9 +54,9 @@ def cell(args: argparse.Namespace, arm: str, seed: int, lr: float, rank: int) ->
     examples = prep.validation if val else prep.test
     accuracy = evaluate(prep.model, examples, batch_size=32, pad_id=prep.pad_id,
                         label_token_ids=prep.label_token_ids, collate_fn=prep.collate)["accuracy"]
-    return {"arm": arm, "seed": seed, "lr": lr, "head_lr": args.head_lr, "rank": rank, "targets": args.targets or "default",
+    return {"arm": arm, "seed": seed, "lr": lr, "head_lr": args.head_lr, "rank": rank, "alpha": method["alpha"], "targets": args.targets or "default",
             "split": args.split, "head": args.head, "trainable": trainable, "accuracy": accuracy, "examples": len(examples),
-            "train_size": len(prep.train), "steps": result.steps, "batch_size": args.batch_size,
+            "train_size": len(prep.train), "max_length": args.max_length, "steps": result.steps, "batch_size": args.batch_size,
             "model": args.model, "epsilon_spent": result.report.get("dp_epsilon"),
             "sigma": result.report.get("dp_noise_multiplier"), "train_s": round(time.perf_counter() - started, 1)}
 
@@ -69,11 +69,13 @@ def main() -> None:
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--lr", default="3e-3")
     parser.add_argument("--rank", default="8")
+    parser.add_argument("--alpha", type=float, default=None, help="LoRA alpha (none: 2 x rank)")
+    parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--targets", default="", help="comma-separated LoRA targets (default: petkit's)")
     parser.add_argument("--head", choices=("all", "classifier"), default="all",
                         help="which new head modules train: all (petkit's default) or the classifier only")
     parser.add_argument("--head-lr", type=float, default=None, help="rate of the new head (none: --lr)")
-    parser.add_argument("--train-size", type=int, default=2000)
+    parser.add_argument("--train-size", type=int, default=2000, help="0: the whole training pool")
     parser.add_argument("--val", type=int, default=300)
     parser.add_argument("--test-size", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=64)

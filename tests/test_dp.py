@@ -118,15 +118,16 @@ def test_one_private_step_is_clip_sum_noise_divide_then_the_optimiser() -> None:
 
 
 @pytest.mark.parametrize("accountant", ["rdp", "prv"])
-def test_epsilon_equals_opacus_own_accountant_on_the_same_schedule(accountant: str) -> None:
+@pytest.mark.parametrize(("rate", "steps"), [(0.01, 300), (256 / 10_752, 48)])  # the dp-lora recipe's
+def test_epsilon_equals_opacus_own_accountant_on_the_same_schedule(accountant: str, rate: float, steps: int) -> None:
     from opacus.accountants import PRVAccountant, RDPAccountant
 
     config = DPConfig(epsilon=8.0, delta=1e-5, accountant=accountant)
-    sigma = noise_multiplier(config, sample_rate=0.01, steps=300)
+    sigma = noise_multiplier(config, sample_rate=rate, steps=steps)
     theirs = RDPAccountant() if accountant == "rdp" else PRVAccountant()
-    for _ in range(300):
-        theirs.step(noise_multiplier=sigma, sample_rate=0.01)
-    ours = spent_epsilon(config, sigma, 0.01, 300)
+    for _ in range(steps):
+        theirs.step(noise_multiplier=sigma, sample_rate=rate)
+    ours = spent_epsilon(config, sigma, rate, steps)
     assert ours == pytest.approx(theirs.get_epsilon(delta=1e-5), rel=1e-9)
     assert 7.5 < ours <= 8.0 + 1e-6  # the smallest noise that meets the target
 
@@ -263,19 +264,25 @@ def test_length_chunks_give_the_same_clipped_sum_and_are_cut_to_their_longest_ro
 
 
 def test_the_dp_lora_recipe_states_its_settings_and_stays_within_its_budget() -> None:
-    """`petkit train --recipe dp-lora` (docs/privacy.md): the settings the docs report, and the
-    accountant's epsilon after its 24 steps at q = 512 / 4000 within the target."""
+    """`petkit train --recipe dp-lora` (docs/privacy.md): the settings the docs measured, and the
+    accountant's epsilon after its 48 steps at q = 256 / 10,752 (the whole pool) within the target."""
+    from petkit.app.pipeline import load_recipe_task
     from petkit.app.recipe import load_recipe
 
     recipe = load_recipe("dp-lora")
     train = recipe.train
     assert train.dp == DPConfig(epsilon=8.0, delta=1e-5, max_grad_norm=1.0)
-    assert (train.batch_size, train.grad_accum, train.max_steps, train.lr, train.head_lr) == (512, 1, 24, 1e-2, 0.1)
-    assert recipe.data.train_size == 4000 and recipe.model.name == "minilm-l6"
+    assert (train.batch_size, train.grad_accum, train.max_steps, train.lr, train.head_lr) == (256, 1, 48, 1e-3, 0.3)
+    assert (train.warmup_ratio, train.schedule) == (0.1, "linear")
+    assert recipe.model.name == "minilm-l6" and recipe.data.name == "rotten-tomatoes"
+    assert (recipe.data.train_size, recipe.data.test_size, recipe.data.max_length) == (None, 300, 48)
     method = recipe.method_config()
-    assert (method.r, tuple(method.targets)) == (1, ("encoder.layer.5.attention.self.value",))
-    sigma = noise_multiplier(train.dp, 512 / 4000, 24)
-    assert 7.5 < spent_epsilon(train.dp, sigma, 512 / 4000, 24) <= 8.0 + 1e-6
+    assert (method.r, method.alpha, tuple(method.targets)) == (1, 2, ("encoder.layer.5.attention.self.value",))
+    pool = len(load_recipe_task(recipe.data).train)
+    assert pool == 10_752
+    sigma = noise_multiplier(train.dp, 256 / pool, 48)
+    assert sigma == pytest.approx(0.555, abs=0.005)
+    assert 7.5 < spent_epsilon(train.dp, sigma, 256 / pool, 48) <= 8.0 + 1e-6
 
 
 @pytest.mark.slow
