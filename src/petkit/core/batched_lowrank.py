@@ -43,22 +43,26 @@ class _Stack:
     shift: torch.Tensor | None = None  # [S, out]
     used: set[int] = field(default_factory=set)  # slots with terms here
 
-    def grow_rank(self, rank: int) -> None:
+    def grow_rank(self, rank: int) -> bool:
+        """Pad every slot to `rank`; True when the stacks were reallocated."""
         extra = rank - self.a_t.shape[2]
         if extra > 0:
             self.a_t = torch.nn.functional.pad(self.a_t, (0, extra))
             self.b_t = torch.nn.functional.pad(self.b_t, (0, 0, 0, extra))
+        return extra > 0
 
-    def put(self, slot: int, terms: RowTerms) -> None:
+    def put(self, slot: int, terms: RowTerms) -> bool:
+        """Write `terms` into `slot`; True when a stack was reallocated (grown or created)."""
         rank = terms.a.shape[0]
-        self.grow_rank(rank)
+        moved = self.grow_rank(rank)
         self.a_t[slot].zero_()
         self.b_t[slot].zero_()
         self.a_t[slot, :, :rank] = terms.a.t()
         self.b_t[slot, :rank] = (terms.b * terms.scale).t()
-        self._vector("gain", slot, terms.gain, 1.0)
-        self._vector("shift", slot, terms.shift, 0.0)
+        moved |= self._vector("gain", slot, terms.gain, 1.0)
+        moved |= self._vector("shift", slot, terms.shift, 0.0)
         self.used.add(slot)
+        return moved
 
     def clear(self, slot: int) -> None:
         self.a_t[slot].zero_()
@@ -67,21 +71,25 @@ class _Stack:
         self._vector("shift", slot, None, 0.0)
         self.used.discard(slot)
 
-    def _vector(self, kind: str, slot: int, value: torch.Tensor | None, neutral: float) -> None:
+    def _vector(self, kind: str, slot: int, value: torch.Tensor | None, neutral: float) -> bool:
+        """Write a per-slot vector; True when its stack was created."""
         stack = getattr(self, kind)
         if stack is None and value is None:
-            return
-        if stack is None:
+            return False
+        created = stack is None
+        if created:
             slots, out = self.b_t.shape[0], self.b_t.shape[2]
             stack = self.b_t.new_full((slots, out), neutral)
             setattr(self, kind, stack)
         stack[slot] = neutral if value is None else value.to(stack)
+        return created
 
 
 class _Gathered:
     """The stacks indexed by one batch composition: what each row's forward multiplies by.
 
-    One row (a prefill) keeps [1, ...] views of its slot: no copy."""
+    One row (a prefill) keeps [1, ...] views of its slot: no copy. With `index` given, rows are
+    gathered by it (an index_select: the decode batch's rows, or a captured prefill's one row)."""
 
     def __init__(self, stack: _Stack, key: tuple[int, ...], index: torch.Tensor | None) -> None:
         if index is None:  # one row: a view, no copy
@@ -104,6 +112,8 @@ class LowRankBank:
         self.stacks: dict[str, _Stack] = {}
         self._wrapped: dict[str, tuple[nn.Module, Callable | None]] = {}  # path -> (module, own forward)
         self._key: tuple[int, ...] = ()
+        self._slot_index: torch.Tensor | None = None  # set by `indexed_row`
+        self.layout = 0  # bumped whenever a stack is (re)allocated: captured graphs read addresses
         self._cache: dict[tuple[int, ...], dict[str, _Gathered]] = {}
         self._indices: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
 
@@ -112,7 +122,8 @@ class LowRankBank:
         """Write an adapter's terms (path -> RowTerms) into `slot`; paths it lacks are zeroed."""
         self._check_slot(slot)
         for path, t in terms.items():
-            self._stack(path, t).put(slot, t)
+            if self._stack(path, t).put(slot, t):
+                self.layout += 1
         for path, stack in self.stacks.items():
             if path not in terms and slot in stack.used:
                 stack.clear(slot)
@@ -139,6 +150,7 @@ class LowRankBank:
                                        torch.zeros(self.slots, rank, fan_out, **kw))
             self._wrapped[path] = (module, module.__dict__.get("forward"))
             module.forward = self._forward(path, module.forward)
+            self.layout += 1
         return self.stacks[path]
 
     def to(self, device: torch.device | str) -> "LowRankBank":
@@ -148,6 +160,7 @@ class LowRankBank:
                 if value is not None:
                     setattr(stack, kind, value.to(device))
         self._cache.clear()
+        self.layout += 1
         return self
 
     def close(self) -> None:
@@ -160,6 +173,7 @@ class LowRankBank:
         self._wrapped.clear()
         self.stacks.clear()
         self._cache.clear()
+        self.layout += 1
 
     # ---- rows ----
     def rows(self, slot_ids: Sequence[int]) -> None:
@@ -168,14 +182,29 @@ class LowRankBank:
 
     @contextmanager
     def using(self, slot_ids: Sequence[int]) -> Iterator[None]:
-        saved = self._key
+        saved = self._key, self._slot_index
         self.rows(slot_ids)
+        self._slot_index = None
         try:
             yield
         finally:
-            self.rows(saved)
+            self._key, self._slot_index = saved
+
+    @contextmanager
+    def indexed_row(self, slot_index: torch.Tensor) -> Iterator[None]:
+        """One row whose slot is read from the device tensor `slot_index` ([1], long) at run time:
+        every stacked path gathers its slot with an index_select, so a captured CUDA graph serves
+        whichever slot the tensor holds at replay (a slot without terms at a path adds zeros)."""
+        saved = self._key, self._slot_index
+        self._key, self._slot_index = (-1,), slot_index
+        try:
+            yield
+        finally:
+            self._key, self._slot_index = saved
 
     def _gathered(self, path: str) -> _Gathered | None:
+        if self._slot_index is not None:  # never cached: a capture must record the gather itself
+            return _Gathered(self.stacks[path], self._key, self._slot_index)
         per_path = self._cache.get(self._key)
         if per_path is None:
             if len(self._cache) >= 4:  # a decode batch and a few one-row prefills
