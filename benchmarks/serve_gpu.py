@@ -36,6 +36,7 @@ import torch
 import petkit as pk
 from petkit.core.capabilities import RowTerms
 from petkit.serve.engine import Engine, GenerationRequest
+from petkit.serve.prefill_graphs import PrefillGraphs
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -112,13 +113,15 @@ def ttft(engine: Engine, prompt: list[int], adapter: str | None, runs: int = 5) 
 
 
 def ttft_pair(base: Engine, engine: Engine, prompt: list[int], adapter: str, runs: int) -> dict:
-    """Median time to first token, base and adapter alternating, graphed then eager prefills
-    (the same two engines with their graphs taken away for the eager runs)."""
+    """Median time to first token, base and adapter alternating, in three modes on the same two
+    engines: their graphed prefills (one gathering adapter graph per length bucket, the default),
+    eager prefills (graphs taken away), and one graph per adapter slot (`_slot`)."""
     graphs = base.graphs, engine.graphs
+    per_slot = None if engine.graphs is None else PrefillGraphs(engine.model, engine.pool.bank, per_slot=True)
+    modes = {"": graphs, "_eager": (None, None), "_slot": (base.graphs, per_slot)}
     times: dict[str, list[float]] = {}
     for i in range(runs + 1):  # the first round captures the graphs: left out
-        for suffix, eager in (("", False), ("_eager", True)):
-            base.graphs, engine.graphs = (None, None) if eager else graphs
+        for suffix, (base.graphs, engine.graphs) in modes.items():
             for kind, e, name in (("base", base, None), ("adapter", engine, adapter)):
                 took = ttft(e, prompt, name, runs=1)
                 if i:
@@ -127,6 +130,7 @@ def ttft_pair(base: Engine, engine: Engine, prompt: list[int], adapter: str, run
     out = {k: statistics.median(v) for k, v in times.items()}
     out["ratio"] = out["ttft_ms_adapter"] / out["ttft_ms_base"]
     out["ratio_eager"] = out["ttft_ms_adapter_eager"] / out["ttft_ms_base_eager"]
+    out["ratio_slot"] = out["ttft_ms_adapter_slot"] / out["ttft_ms_base_slot"]
     return out
 
 

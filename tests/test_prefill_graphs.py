@@ -39,8 +39,8 @@ def terms(model: torch.nn.Module, rank: int, seed: int, projs: tuple[str, ...]) 
     return out
 
 
-def engine(model: torch.nn.Module, graphs: bool) -> Engine:
-    e = Engine(copy.deepcopy(model), None, max_batch=8, max_adapters=3, cuda_graphs=graphs)
+def engine(model: torch.nn.Module, graphs: bool, resident: int = 3) -> Engine:
+    e = Engine(copy.deepcopy(model), None, max_batch=8, max_adapters=resident, cuda_graphs=graphs)
     e.eos = set()
     e.pool.register("a", terms(model, 4, 1, ("q_proj", "v_proj")), "lora")
     e.pool.register("b", terms(model, 2, 2, ("q_proj",)), "lora")
@@ -80,7 +80,7 @@ def test_graphed_prefills_give_the_eager_engines_tokens_for_the_base_and_every_a
     work = jobs((5, 16, 17, 40, 100, 9), (None, "a", "b", "a", None, "b"))
     for together in (False, True):
         assert serve(graphed, work, together) == serve(eager, work, together)
-    assert graphed.graphs.enabled and {(16, False), (16, True), (32, True), (128, False)} <= set(graphed.graphs._graphs)
+    assert graphed.graphs.enabled and {(16, 0), (16, -1), (32, -1), (128, 0)} <= set(graphed.graphs._graphs)
     # the graphed prefill's logits are the eager prefill's (fp32; padding changes only GEMM shapes)
     slot = graphed.pool.acquire("a")
     logits, cache = graphed.graphs.run(work[3][0], slot)
@@ -103,7 +103,21 @@ def test_adapter_graphs_are_captured_again_when_the_bank_grows() -> None:
     work = jobs((12, 20, 7), ("c", "a", "c"))
     assert serve(graphed, work, False) == serve(eager, work, False)
     assert graphed.pool.bank.layout > layout
-    assert all(g.layout == graphed.pool.bank.layout for (_, adapted), g in graphed.graphs._graphs.items() if adapted)
+    assert all(g.layout == graphed.pool.bank.layout for (_, which), g in graphed.graphs._graphs.items() if which)
+
+
+@pytest.mark.gpu
+def test_per_slot_graphs_follow_what_each_slot_holds() -> None:
+    """One graph per slot reads the slot in place; a slot refilled with an adapter on other paths
+    (no reallocation) is captured again, and a bounded number of graphs is kept."""
+    model = tiny("cuda")
+    eager, graphed = engine(model, False, resident=1), engine(model, True, resident=1)  # one slot, refilled
+    graphed.graphs = PrefillGraphs(graphed.model, graphed.pool.bank, per_slot=True, max_graphs=3)
+    for e in (eager, graphed):
+        e.pool.register("c", terms(model, 4, 4, ("k_proj",)), "lora")
+    work = jobs((12, 20, 7, 30, 14, 5), ("a", "b", "c", "a", None, "b"))
+    assert serve(graphed, work, False) == serve(eager, work, False)
+    assert len(graphed.graphs._graphs) <= 3
 
 
 @pytest.mark.gpu

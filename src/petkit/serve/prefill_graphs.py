@@ -11,7 +11,9 @@ attention means a real token never sees the padding, and only the last real posi
 computed (`logits_to_keep` as a device tensor). Per bucket there are two graphs, captured on first
 use: the base's (no adapter term at all: the exact base) and the adapters' one, which gathers its
 slot from the bank with an index read from a device tensor at replay (`LowRankBank.indexed_row`),
-so one graph serves every resident adapter. A bank whose stacks were reallocated (a larger rank,
+so one graph serves every resident adapter (`per_slot=True` captures one graph per slot instead,
+reading the slot's stacks in place: no gather, more graphs, at most `max_graphs` kept, least
+recently used dropped). A bank whose stacks were reallocated (a larger rank,
 a new module path) has its adapter graphs captured again. Every graph shares one memory pool:
 replays run one at a time and their outputs are copied out at once (the row's own key/value cache,
 cut to its real length, and its last logits).
@@ -27,6 +29,7 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,20 +47,22 @@ class _Graph:
     graph: torch.cuda.CUDAGraph
     logits: torch.Tensor   # [1, 1, vocab]: the last real position's
     cache: Any             # the captured forward's cache object (its tensors are the graph's outputs)
-    layout: int            # the bank layout it was captured against (-1: the base graph reads none)
+    layout: object         # what it was captured against: the bank's layout (and a slot graph's paths)
 
 
 class PrefillGraphs:
     """Captured one-row prefills per prompt-length bucket; `run` returns None where it does not apply."""
 
-    def __init__(self, model: nn.Module, bank: LowRankBank, smallest: int = 16, largest: int = 2048) -> None:
+    def __init__(self, model: nn.Module, bank: LowRankBank, smallest: int = 16, largest: int = 2048,
+                 per_slot: bool = False, max_graphs: int = 64) -> None:
         self.model, self.bank = model, bank
+        self.per_slot, self.max_graphs = per_slot, max_graphs
         self.device = next(model.parameters()).device
         limit = getattr(getattr(model, "config", None), "max_position_embeddings", None) or largest
         self.smallest, self.largest = smallest, min(largest, limit)
         self.enabled = self.device.type == "cuda" and \
             "logits_to_keep" in inspect.signature(model.forward).parameters
-        self._graphs: dict[tuple[int, bool], _Graph] = {}
+        self._graphs: OrderedDict[tuple[int, int], _Graph] = OrderedDict()  # (bucket, 0 | -1 | slot)
         self._ids: dict[int, torch.Tensor] = {}
         self._last = torch.zeros(1, dtype=torch.long, device=self.device)
         self._slot = torch.zeros(1, dtype=torch.long, device=self.device)
@@ -74,9 +79,9 @@ class PrefillGraphs:
         size = self.bucket(len(ids)) if self.enabled and ids else None
         if size is None:
             return None
-        adapted = slot != 0
+        which = slot if self.per_slot or slot == 0 else -1  # -1: the gathering adapter graph
         try:
-            graph = self._graph(size, adapted)
+            graph = self._graph(size, which)
         except Exception as err:  # noqa: BLE001  (any capture failure: eager prefill serves, said once)
             self.enabled = False
             LOG.warning("CUDA-graph prefill is off for this engine: capturing failed (%s: %s)",
@@ -85,30 +90,38 @@ class PrefillGraphs:
         n = len(ids)
         self._ids[size][0, :n].copy_(torch.tensor(ids, dtype=torch.long))
         self._last.fill_(n - 1)
-        if adapted:
+        if which == -1:
             self._slot.fill_(slot)
         graph.graph.replay()
         return graph.logits[0, -1].clone(), _cut(graph.cache, n)
 
-    def _graph(self, size: int, adapted: bool) -> _Graph:
-        key = (size, adapted)
-        layout = self.bank.layout if adapted else -1
+    def _graph(self, size: int, which: int) -> _Graph:
+        key = (size, which)
+        layout = self._layout(which)
         graph = self._graphs.get(key)
         if graph is None or graph.layout != layout:
             self._graphs.pop(key, None)  # its outputs go back to the pool before capturing again
-            graph = self._graphs[key] = self._capture(size, adapted, layout)
+            while len(self._graphs) >= self.max_graphs:
+                self._graphs.popitem(last=False)
+            graph = self._graphs[key] = self._capture(size, which, layout)
+        self._graphs.move_to_end(key)
         return graph
 
-    def _capture(self, size: int, adapted: bool, layout: int) -> _Graph:
+    def _layout(self, which: int) -> object:
+        """What a graph depends on: nothing for the base; the stacks' addresses for the gathering
+        graph; for one slot's graph also the paths where that slot has terms (others captured none)."""
+        if which <= 0:
+            return self.bank.layout if which else None
+        return self.bank.layout, tuple(p for p, stack in self.bank.stacks.items() if which in stack.used)
+
+    def _capture(self, size: int, which: int, layout: object) -> _Graph:
         ids = self._ids.setdefault(size, torch.zeros(1, size, dtype=torch.long, device=self.device))
         self._last.fill_(size - 1)
         self._slot.zero_()
 
         def forward() -> Any:
-            if adapted:
-                with self.bank.indexed_row(self._slot):
-                    return self.model(input_ids=ids, use_cache=True, logits_to_keep=self._last)
-            with self.bank.using([0]):
+            rows = self.bank.indexed_row(self._slot) if which == -1 else self.bank.using([which])
+            with rows:
                 return self.model(input_ids=ids, use_cache=True, logits_to_keep=self._last)
 
         side = torch.cuda.Stream(self.device)
