@@ -113,12 +113,17 @@ def ttft(engine: Engine, prompt: list[int], adapter: str | None, runs: int = 5) 
 
 
 def ttft_pair(base: Engine, engine: Engine, prompt: list[int], adapter: str, runs: int) -> dict:
-    """Median time to first token, base and adapter alternating, in three modes on the same two
-    engines: their graphed prefills (one gathering adapter graph per length bucket, the default),
-    eager prefills (graphs taken away), and one graph per adapter slot (`_slot`)."""
+    """Median time to first token, base and adapter alternating, in four modes on the same two
+    engines: their graphed prefills (the default: one adapter graph per length bucket, the fused
+    row kernel where triton is installed), eager prefills (graphs taken away), one graph per
+    adapter slot (`_slot`, two cuBLAS calls a layer) and the one graph with a gather and two cuBLAS
+    calls a layer (`_gather`)."""
     graphs = base.graphs, engine.graphs
-    per_slot = None if engine.graphs is None else PrefillGraphs(engine.model, engine.pool.bank, per_slot=True)
-    modes = {"": graphs, "_eager": (None, None), "_slot": (base.graphs, per_slot)}
+    other = {} if engine.graphs is None else {
+        "_slot": PrefillGraphs(engine.model, engine.pool.bank, per_slot=True),
+        "_gather": PrefillGraphs(engine.model, engine.pool.bank, kernel=False)}
+    modes = {"": graphs, "_eager": (None, None),
+             **{k: (base.graphs, other.get(k)) for k in ("_slot", "_gather")}}
     times: dict[str, list[float]] = {}
     for i in range(runs + 1):  # the first round captures the graphs: left out
         for suffix, (base.graphs, engine.graphs) in modes.items():
@@ -130,7 +135,8 @@ def ttft_pair(base: Engine, engine: Engine, prompt: list[int], adapter: str, run
     out = {k: statistics.median(v) for k, v in times.items()}
     out["ratio"] = out["ttft_ms_adapter"] / out["ttft_ms_base"]
     out["ratio_eager"] = out["ttft_ms_adapter_eager"] / out["ttft_ms_base_eager"]
-    out["ratio_slot"] = out["ttft_ms_adapter_slot"] / out["ttft_ms_base_slot"]
+    for suffix in ("_slot", "_gather"):
+        out["ratio" + suffix] = out[f"ttft_ms_adapter{suffix}"] / out[f"ttft_ms_base{suffix}"]
     return out
 
 

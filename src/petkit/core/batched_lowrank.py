@@ -89,10 +89,18 @@ class _Gathered:
     """The stacks indexed by one batch composition: what each row's forward multiplies by.
 
     One row (a prefill) keeps [1, ...] views of its slot: no copy. With `index` given, rows are
-    gathered by it (an index_select: the decode batch's rows, or a captured prefill's one row)."""
+    gathered by it (an index_select: the decode batch's rows, or a captured prefill's one row);
+    with `kernel` too, nothing is gathered: the full stacks and the index go to the fused kernel
+    (core.lowrank_rows), which reads each row's slot on the device."""
 
-    def __init__(self, stack: _Stack, key: tuple[int, ...], index: torch.Tensor | None) -> None:
-        if index is None:  # one row: a view, no copy
+    slots: torch.Tensor | None = None  # set: the full stacks, for the kernel
+
+    def __init__(self, stack: _Stack, key: tuple[int, ...], index: torch.Tensor | None,
+                 kernel: bool = False) -> None:
+        if kernel and index is not None:
+            take = lambda t: t  # noqa: E731
+            self.slots = index
+        elif index is None:  # one row: a view, no copy
             take = lambda t: t[key[0]: key[0] + 1]  # noqa: E731
         else:
             take = lambda t: t.index_select(0, index)  # noqa: E731
@@ -100,6 +108,15 @@ class _Gathered:
         self.gain = None if stack.gain is None else take(stack.gain)[:, None, :]
         self.shift = None if stack.shift is None else take(stack.shift)[:, None, :]
         self.plain = self.gain is None and self.shift is None  # low-rank terms only
+
+    def gather(self) -> "_Gathered":
+        """The rows' own terms (an index_select of the full stacks the kernel path keeps)."""
+        out = object.__new__(_Gathered)
+        out.plain = self.plain
+        for kind in ("a_t", "b_t", "gain", "shift"):  # gain and shift are [S, 1, out] already
+            value = getattr(self, kind)
+            setattr(out, kind, None if value is None else value.index_select(0, self.slots))
+        return out
 
 
 class LowRankBank:
@@ -113,6 +130,7 @@ class LowRankBank:
         self._wrapped: dict[str, tuple[nn.Module, Callable | None]] = {}  # path -> (module, own forward)
         self._key: tuple[int, ...] = ()
         self._slot_index: torch.Tensor | None = None  # set by `indexed_row`
+        self._row_kernel = False  # indexed rows through core.lowrank_rows
         self.layout = 0  # bumped whenever a stack is (re)allocated: captured graphs read addresses
         self._cache: dict[tuple[int, ...], dict[str, _Gathered]] = {}
         self._indices: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
@@ -191,20 +209,21 @@ class LowRankBank:
             self._key, self._slot_index = saved
 
     @contextmanager
-    def indexed_row(self, slot_index: torch.Tensor) -> Iterator[None]:
+    def indexed_row(self, slot_index: torch.Tensor, kernel: bool = False) -> Iterator[None]:
         """One row whose slot is read from the device tensor `slot_index` ([1], long) at run time:
-        every stacked path gathers its slot with an index_select, so a captured CUDA graph serves
-        whichever slot the tensor holds at replay (a slot without terms at a path adds zeros)."""
-        saved = self._key, self._slot_index
-        self._key, self._slot_index = (-1,), slot_index
+        every stacked path gathers its slot with an index_select (or, with `kernel`, the fused
+        kernel of core.lowrank_rows reads it: one launch a layer, no gather), so a captured CUDA
+        graph serves whichever slot the tensor holds at replay (a slot without terms adds zeros)."""
+        saved = self._key, self._slot_index, self._row_kernel
+        self._key, self._slot_index, self._row_kernel = (-1,), slot_index, kernel
         try:
             yield
         finally:
-            self._key, self._slot_index = saved
+            self._key, self._slot_index, self._row_kernel = saved
 
     def _gathered(self, path: str) -> _Gathered | None:
         if self._slot_index is not None:  # never cached: a capture must record the gather itself
-            return _Gathered(self.stacks[path], self._key, self._slot_index)
+            return _Gathered(self.stacks[path], self._key, self._slot_index, self._row_kernel)
         per_path = self._cache.get(self._key)
         if per_path is None:
             if len(self._cache) >= 4:  # a decode batch and a few one-row prefills
@@ -235,6 +254,13 @@ class LowRankBank:
 
 
 def _apply(g: _Gathered, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    if g.slots is not None:
+        if g.plain and x.dim() == 3 == y.dim() and x.shape[0] == g.slots.shape[0] \
+                and x.dtype == g.a_t.dtype == y.dtype and g.a_t.shape[2] <= 128:
+            from .lowrank_rows import lowrank_rows  # triton: only where a caller asked for the kernel
+
+            return lowrank_rows(x, y, g.a_t, g.b_t, g.slots)
+        g = g.gather()
     rows = g.a_t.shape[0]
     if g.plain and x.dtype == g.a_t.dtype == y.dtype:
         if x.dim() == 3 == y.dim() and x.shape[0] == rows:  # a decode step or a prefill: two calls

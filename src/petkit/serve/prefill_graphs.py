@@ -11,7 +11,9 @@ attention means a real token never sees the padding, and only the last real posi
 computed (`logits_to_keep` as a device tensor). Per bucket there are two graphs, captured on first
 use: the base's (no adapter term at all: the exact base) and the adapters' one, which gathers its
 slot from the bank with an index read from a device tensor at replay (`LowRankBank.indexed_row`),
-so one graph serves every resident adapter (`per_slot=True` captures one graph per slot instead,
+so one graph serves every resident adapter; where `triton` is installed that graph runs one fused
+kernel per adapted layer instead (core.lowrank_rows: the slot read on the device, no gather, shrink
+and expand in one launch; `kernel=False` keeps the gather and the two cuBLAS calls) (`per_slot=True` captures one graph per slot instead,
 reading the slot's stacks in place: no gather, more graphs, at most `max_graphs` kept, least
 recently used dropped). A bank whose stacks were reallocated (a larger rank,
 a new module path) has its adapter graphs captured again. Every graph shares one memory pool:
@@ -27,6 +29,7 @@ same path, so a row batched with others still equals the same request served alo
 from __future__ import annotations
 
 import copy
+import importlib.util
 import inspect
 import logging
 from collections import OrderedDict
@@ -54,9 +57,10 @@ class PrefillGraphs:
     """Captured one-row prefills per prompt-length bucket; `run` returns None where it does not apply."""
 
     def __init__(self, model: nn.Module, bank: LowRankBank, smallest: int = 16, largest: int = 2048,
-                 per_slot: bool = False, max_graphs: int = 64) -> None:
+                 per_slot: bool = False, max_graphs: int = 64, kernel: bool | None = None) -> None:
         self.model, self.bank = model, bank
         self.per_slot, self.max_graphs = per_slot, max_graphs
+        self.kernel = importlib.util.find_spec("triton") is not None if kernel is None else kernel
         self.device = next(model.parameters()).device
         limit = getattr(getattr(model, "config", None), "max_position_embeddings", None) or largest
         self.smallest, self.largest = smallest, min(largest, limit)
@@ -120,7 +124,7 @@ class PrefillGraphs:
         self._slot.zero_()
 
         def forward() -> Any:
-            rows = self.bank.indexed_row(self._slot) if which == -1 else self.bank.using([which])
+            rows = self.bank.indexed_row(self._slot, self.kernel) if which == -1 else self.bank.using([which])
             with rows:
                 return self.model(input_ids=ids, use_cache=True, logits_to_keep=self._last)
 
