@@ -80,7 +80,10 @@ def test_graphed_prefills_give_the_eager_engines_tokens_for_the_base_and_every_a
     work = jobs((5, 16, 17, 40, 100, 9), (None, "a", "b", "a", None, "b"))
     for together in (False, True):
         assert serve(graphed, work, together) == serve(eager, work, together)
-    assert graphed.graphs.enabled and {(16, 0), (16, -1), (32, -1), (128, 0)} <= set(graphed.graphs._graphs)
+    slots = {graphed.pool.slots[name] for name in ("a", "b")}
+    assert graphed.graphs.enabled and graphed.graphs.per_slot
+    assert {(16, 0), (128, 0)} <= set(graphed.graphs._graphs)
+    assert {which for (_, which) in graphed.graphs._graphs if which} == slots
     # the graphed prefill's logits are the eager prefill's (fp32; padding changes only GEMM shapes)
     slot = graphed.pool.acquire("a")
     logits, cache = graphed.graphs.run(work[3][0], slot)
@@ -92,9 +95,12 @@ def test_graphed_prefills_give_the_eager_engines_tokens_for_the_base_and_every_a
 
 
 @pytest.mark.gpu
-def test_adapter_graphs_are_captured_again_when_the_bank_grows() -> None:
+@pytest.mark.parametrize("per_slot,kernel", [(True, False), (False, True), (False, False)],
+                         ids=["per-slot", "one-graph-kernel", "one-graph-gather"])
+def test_adapter_graphs_are_captured_again_when_the_bank_grows(per_slot, kernel) -> None:
     model = tiny("cuda")
     eager, graphed = engine(model, False), engine(model, True)
+    graphed.graphs = PrefillGraphs(graphed.model, graphed.pool.bank, per_slot=per_slot, kernel=kernel)
     work = jobs((12, 20), ("a", "b"))
     assert serve(graphed, work, True) == serve(eager, work, True)
     layout = graphed.pool.bank.layout
@@ -103,7 +109,8 @@ def test_adapter_graphs_are_captured_again_when_the_bank_grows() -> None:
     work = jobs((12, 20, 7), ("c", "a", "c"))
     assert serve(graphed, work, False) == serve(eager, work, False)
     assert graphed.pool.bank.layout > layout
-    assert all(g.layout == graphed.pool.bank.layout for (_, which), g in graphed.graphs._graphs.items() if which)
+    layout = graphed.pool.bank.layout
+    assert all((g.layout[0] if per_slot else g.layout) == layout for (_, which), g in graphed.graphs._graphs.items() if which)
 
 
 @pytest.mark.gpu
@@ -118,6 +125,9 @@ def test_per_slot_graphs_follow_what_each_slot_holds() -> None:
     work = jobs((12, 20, 7, 30, 14, 5), ("a", "b", "c", "a", None, "b"))
     assert serve(graphed, work, False) == serve(eager, work, False)
     assert len(graphed.graphs._graphs) <= 3
+    graphed.graphs.max_bytes = 1  # a byte budget below one graph's outputs: only the newest is kept
+    assert serve(graphed, jobs((40,), ("a",)), False) == serve(eager, jobs((40,), ("a",)), False)
+    assert len(graphed.graphs._graphs) == 1
 
 
 @pytest.mark.gpu

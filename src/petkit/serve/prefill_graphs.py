@@ -8,17 +8,19 @@ its products' GPU time alone.
 
 Prompts are padded on the right to a power-of-two bucket (`smallest` .. `largest` tokens); causal
 attention means a real token never sees the padding, and only the last real position's logits are
-computed (`logits_to_keep` as a device tensor). Per bucket there are two graphs, captured on first
-use: the base's (no adapter term at all: the exact base) and the adapters' one, which gathers its
-slot from the bank with an index read from a device tensor at replay (`LowRankBank.indexed_row`),
-so one graph serves every resident adapter; where `triton` is installed that graph runs one fused
-kernel per adapted layer instead (core.lowrank_rows: the slot read on the device, no gather, shrink
-and expand in one launch; `kernel=False` keeps the gather and the two cuBLAS calls) (`per_slot=True` captures one graph per slot instead,
-reading the slot's stacks in place: no gather, more graphs, at most `max_graphs` kept, least
-recently used dropped). A bank whose stacks were reallocated (a larger rank,
-a new module path) has its adapter graphs captured again. Every graph shares one memory pool:
-replays run one at a time and their outputs are copied out at once (the row's own key/value cache,
-cut to its real length, and its last logits).
+computed (`logits_to_keep` as a device tensor). Graphs are captured on first use: per bucket, the
+base's (no adapter term at all: the exact base) and, by default, one per adapter slot, which reads
+that slot's factors in place: no gather, the two cuBLAS calls a layer the eager path makes (the
+fastest of the modes measured on an H100, docs/serving_engine.md). A slot graph is captured again
+when its slot's adapter covers other modules. With `per_slot=False` one adapter graph per bucket
+serves every slot instead, reading the slot from a device tensor at replay
+(`LowRankBank.indexed_row`): where `triton` is installed each adapted layer is then one fused
+kernel (core.lowrank_rows: the slot loaded on the device, shrink and expand in one launch), else a
+gather and the two cuBLAS calls. At most `max_graphs` graphs, holding at most `max_bytes` of
+outputs, are kept, least recently used dropped first. A bank whose stacks were reallocated (a
+larger rank, a new module path) has its adapter graphs captured again. Every graph shares one
+memory pool: replays run one at a time and their outputs are copied out at once (the row's own
+key/value cache, cut to its real length, and its last logits).
 
 Off on the CPU, for prompts longer than `largest`, for models whose forward takes no
 `logits_to_keep`, and for good after a capture fails (the failure is logged; eager prefill serves).
@@ -51,15 +53,17 @@ class _Graph:
     logits: torch.Tensor   # [1, 1, vocab]: the last real position's
     cache: Any             # the captured forward's cache object (its tensors are the graph's outputs)
     layout: object         # what it was captured against: the bank's layout (and a slot graph's paths)
+    nbytes: int            # what its outputs hold on the device while it is kept
 
 
 class PrefillGraphs:
     """Captured one-row prefills per prompt-length bucket; `run` returns None where it does not apply."""
 
     def __init__(self, model: nn.Module, bank: LowRankBank, smallest: int = 16, largest: int = 2048,
-                 per_slot: bool = False, max_graphs: int = 64, kernel: bool | None = None) -> None:
+                 per_slot: bool = True, max_graphs: int = 64, max_bytes: int = 2 * 2**30,
+                 kernel: bool | None = None) -> None:
         self.model, self.bank = model, bank
-        self.per_slot, self.max_graphs = per_slot, max_graphs
+        self.per_slot, self.max_graphs, self.max_bytes = per_slot, max_graphs, max_bytes
         self.kernel = importlib.util.find_spec("triton") is not None if kernel is None else kernel
         self.device = next(model.parameters()).device
         limit = getattr(getattr(model, "config", None), "max_position_embeddings", None) or largest
@@ -108,6 +112,8 @@ class PrefillGraphs:
             while len(self._graphs) >= self.max_graphs:
                 self._graphs.popitem(last=False)
             graph = self._graphs[key] = self._capture(size, which, layout)
+            while len(self._graphs) > 1 and sum(g.nbytes for g in self._graphs.values()) > self.max_bytes:
+                self._graphs.popitem(last=False)  # least recently used first; never the new one
         self._graphs.move_to_end(key)
         return graph
 
@@ -136,7 +142,9 @@ class PrefillGraphs:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
             out = forward()
-        return _Graph(graph, out.logits, output_cache(out), layout)
+        cache = output_cache(out)
+        held = out.logits.nbytes + sum(t.nbytes for layer in cache.layers for t in (layer.keys, layer.values))
+        return _Graph(graph, out.logits, cache, layout, held)
 
 
 def _cut(cache: Any, length: int) -> Any:
