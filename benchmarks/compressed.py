@@ -16,6 +16,8 @@ fp32 checkpoint is loaded before quantising, so the process peak would hide the 
 wall time per step, and the size of the weights a deployment stores (quantised layers at their
 bit width, PEQA integers packed at `bits` per weight, pruned models at their new shapes). Pruned
 arms also time the forward pass of the pruned model against the unpruned one (same batch).
+The `eqat-int4+peqa` arm (decoder only) is E2E-QP on the task: PEQA over the EfficientQAT int4
+folder that `QAT_BASE` (below) writes, which must exist first.
 On the encoder (minilm-l6) pruning removes MLP channels only (BERT heads cannot be reloaded
 fewer by transformers 5), the same fraction of block parameters as on the decoder.
 
@@ -61,6 +63,10 @@ ARMS: dict[str, dict[str, Any]] = {
     # docs/compressed.md); head_lr: the encoder's new head trains at the LoRA arms' lr.
     "peqa-int4": {"method": {"name": "peqa", "bits": 4}, "lr": {"decoder": 3e-4, "encoder": 1e-3}, "head_lr": LR},
     "peqa-int3": {"method": {"name": "peqa", "bits": 3}, "lr": {"decoder": 3e-3, "encoder": 3e-3}, "head_lr": LR},
+    # E2E-QP on the task: PEQA's step sizes over the EfficientQAT int4 (group 128) folder that
+    # `petkit quantize` writes (QAT_BASE), at the decoder's PEQA int4 rate; a causal LM only.
+    "eqat-int4+peqa": {"method": {"name": "peqa"}, "model": "runs/eqat-int4-g128", "lr": 3e-4,
+                       "settings": ("decoder",)},
     "loraprune-30": {"method": LORA, "prune": {"sparsity": 0.3}},
     "loraprune-50": {"method": LORA, "prune": {"sparsity": 0.5}},
     "apt-30": {"method": LORA, "prune": {"sparsity": 0.3, "method": "apt", "init_rank": 2, "grow_rank": 2,
@@ -68,6 +74,27 @@ ARMS: dict[str, dict[str, Any]] = {
     "apt-50": {"method": LORA, "prune": {"sparsity": 0.5, "method": "apt", "init_rank": 2, "grow_rank": 2,
                                          "grow_every": 2, "every": 1}},
 }
+
+
+QAT_BASE = "petkit quantize --method efficientqat --bits int4 --group-size 128 --output runs/eqat-int4-g128"
+
+
+def model_of(arm: str, setting: str) -> Any:
+    """The recipe's ModelSpec for the arm: the setting's model, or the arm's quantised folder."""
+    from methods_table import recipe
+    from petkit.app.recipe import ModelSpec
+
+    folder = ARMS[arm].get("model")
+    if folder is None:
+        return recipe(setting, "lora").model
+    if not (ROOT / folder / "config.json").is_file():
+        raise SystemExit(f"{arm} needs the EfficientQAT folder {folder}: run `{QAT_BASE}` first")
+    return ModelSpec(str(ROOT / folder))
+
+
+def arms_on(setting: str, arms: list[str]) -> list[str]:
+    """The arms of `arms` that run on `setting` (an arm's "settings", else every setting)."""
+    return [arm for arm in arms if setting in ARMS[arm].get("settings", (setting,))]
 
 
 def lr_of(arm: str, setting: str) -> float:
@@ -165,8 +192,10 @@ def run_cell(setting: str, arm: str, seed: int, opts: argparse.Namespace) -> dic
     rec = recipe(setting, "lora")
     size, val = opts.train_size or rec.data.train_size, opts.val or 0
     data = dataclasses.replace(rec.data, train_size=size + val, validation_size=val)
-    rec = dataclasses.replace(rec, method=dict(spec["method"]), data=data, train=rec.train.replace(
-        lr=opts.lr or lr_of(arm, setting), seed=seed, epochs=opts.epochs or rec.train.epochs))
+    train_config = rec.train.replace(lr=opts.lr or lr_of(arm, setting), seed=seed,
+                                     epochs=opts.epochs or rec.train.epochs)
+    rec = dataclasses.replace(rec, method=dict(spec["method"]), data=data, model=model_of(arm, setting),
+                              train=train_config)
     torch.manual_seed(seed)
     prep, _ = prepare(rec)
     model = prep.model
@@ -341,7 +370,7 @@ def run_grid(args: argparse.Namespace) -> None:
     arms = args.only.split(",") if args.only else list(ARMS)
     for seed in ([] if args.render else [int(s) for s in args.seeds.split(",")]):
         for setting in args.settings.split(","):
-            for arm in arms:
+            for arm in arms_on(setting, arms):
                 for lr in candidates:
                     key = f"{setting}/{arm}/{seed}{suffix}" + (f"/lr{lr:g}" if lr else "")
                     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}  # a parallel run may have done it

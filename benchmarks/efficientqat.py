@@ -48,7 +48,24 @@ def render(path: str) -> str:
         lines.append(f"| {r['arm']} | {r.get('bits', '-')} | {r.get('seed', '-')} | {r['perplexity']:.2f} | "
                      f"{100 * (r['perplexity'] / fp32['perplexity'] - 1):+.1f}% | {versus} | "
                      f"{r['other']:.2f} ({100 * (r['other'] / fp32['other'] - 1):+.1f}%) | {r['seconds']:.0f} |")
-    return "\n".join(lines)
+    return "\n".join(lines + means(rows, fp32, rtn))
+
+
+def means(rows: list[dict], fp32: dict, rtn: dict[str, float]) -> list[str]:
+    """Mean over the seeds of each EfficientQAT (arm, bits) run with more than one seed."""
+    lines = []
+    for arm in ("block-ap", "block-ap+e2e-qp"):
+        for bits in ("int4", "int3", "int2"):
+            runs = [r for r in rows if r["arm"] == arm and r.get("bits") == bits]
+            if len(runs) < 2:
+                continue
+            ppl, other = (sum(r[k] for r in runs) / len(runs) for k in ("perplexity", "other"))
+            seeds = ",".join(str(r["seed"]) for r in runs)
+            versus = f"{100 * (ppl / rtn[bits] - 1):+.1f}%" if bits in rtn else "-"
+            lines.append(f"| **{arm}** | {bits} | mean ({seeds}) | **{ppl:.2f}** | "
+                         f"{100 * (ppl / fp32['perplexity'] - 1):+.1f}% | {versus} | "
+                         f"{other:.2f} ({100 * (other / fp32['other'] - 1):+.1f}%) | - |")
+    return lines
 
 
 def measured(path: str) -> set[tuple[str, str | None]]:
