@@ -25,7 +25,7 @@ from petkit.cli_quantize import _texts
 from petkit.compress import perplexity, quantize
 from petkit.compress.efficientqat import INT_MODES, QatConfig, block_ap, e2e_qp, pad_groups, padded_rtn
 from petkit.core.blocks import layer_paths
-from petkit.compress.qformat import text_windows
+from petkit.compress.qformat import attach_scheme, save_quantized, text_windows
 from petkit.models import load_model
 
 
@@ -104,6 +104,8 @@ def main() -> None:
     parser.add_argument("--eval-samples", type=int, default=32)
     parser.add_argument("--fp32-e2e", action="store_true",
                         help="also the control: the same E2E-QP tuning of per-group scales on the fp32 model")
+    parser.add_argument("--save", help="also write each Block-AP + E2E-QP model as a compressed-tensors "
+                        "folder DIR/BITS-seedN (what `petkit quantize` writes, e.g. for PEQA on a task)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--render", action="store_true", help="print the table of --out and stop")
     args = parser.parse_args()
@@ -150,9 +152,12 @@ def main() -> None:
             record(qat, started, arm="block-ap", bits=bits, seed=seed)
             if args.e2e_steps:
                 started = time.perf_counter()
-                e2e_qp(qat, grids, calibration, config)
+                grids = e2e_qp(qat, grids, calibration, config)
                 record(qat, started, arm="block-ap+e2e-qp", bits=bits, seed=seed,
                        e2e_steps=args.e2e_steps, e2e_lr=args.e2e_lr)
+                if args.save:
+                    attach_scheme(qat, grids, config.bits, args.group_size)
+                    save_quantized(qat, f"{args.save}/{bits}-seed{seed}", tokenizer)
             del qat
 
 
