@@ -167,6 +167,39 @@ def head_lr_of(arm: str, task_type: str, override: str | None = None) -> float |
     return value if task_type == "head" else None
 
 
+def setup_arm(arm: str, model: Any, task_type: str, heads: tuple[str, ...], seed: int) -> tuple[Any, Any]:
+    """The harness's arm for `arm` (`petkit.benchmark.arms`) and the model it set up: quantised /
+    pruning-ready, the delta attached at its initialisation."""
+    from petkit.benchmark.arms import ArmContext, make_arm
+    from petkit.benchmark.spec import ArmSpec
+
+    spec = ARMS[arm]
+    options = {k: v for k, v in spec["method"].items() if k != "name"}
+    bench_arm = make_arm(ArmSpec(arm, "petkit", spec["method"]["name"], options,
+                                 quantize=spec.get("quantize"), prune=spec.get("prune", {})))
+    return bench_arm, bench_arm.setup(model, ArmContext(task_type, heads, seed))
+
+
+def zero_shot(setting: str, arm: str) -> dict[str, Any]:
+    """Test accuracy of the arm's model *before training* (its base as the arm sets it up, the
+    delta at initialisation; a verbaliser setting, where an untrained model has an accuracy)."""
+    import dataclasses
+
+    import torch
+
+    from methods_table import recipe
+    from petkit.app.pipeline import prepare
+    from petkit.training import evaluate
+
+    torch.set_num_threads(1)
+    rec = dataclasses.replace(recipe(setting, "lora"), method=dict(ARMS[arm]["method"]), model=model_of(arm, setting))
+    prep, _ = prepare(rec)
+    model = setup_arm(arm, prep.model, prep.task_type, (), 0)[1]
+    metrics = evaluate(model, prep.test, batch_size=16, pad_id=prep.pad_id,
+                       label_token_ids=prep.label_token_ids, collate_fn=prep.collate)
+    return {"setting": setting, "arm": arm, "zero_shot_accuracy": metrics["accuracy"], "test_size": len(prep.test)}
+
+
 def run_cell(setting: str, arm: str, seed: int, opts: argparse.Namespace) -> dict[str, Any]:
     """One cell through the harness's arm (`petkit.benchmark.arms`): quantise / attach / prune,
     train, finish pruning; on the methods table's protocol (no validation carve-out), with its
@@ -180,8 +213,7 @@ def run_cell(setting: str, arm: str, seed: int, opts: argparse.Namespace) -> dic
     import petkit as pk
     from methods_table import PROTOCOL, recipe
     from petkit.app.pipeline import prepare, test_metrics
-    from petkit.benchmark.arms import ArmContext, Finishing, make_arm
-    from petkit.benchmark.spec import ArmSpec
+    from petkit.benchmark.arms import Finishing
     from petkit.compress.measure import forward_seconds, stored_bytes
     from petkit.core.model import trainable_copy_parameters
     from petkit.models import head_module_names
@@ -203,11 +235,8 @@ def run_cell(setting: str, arm: str, seed: int, opts: argparse.Namespace) -> dic
     out: dict[str, Any] = {"seed": seed, "lr": rec.train.lr}
     if "prune" in spec:
         out["forward_s_unpruned"], out["forward_cpu_s_unpruned"] = forward_seconds(model, batch)
-    options = {k: v for k, v in spec["method"].items() if k != "name"}
-    bench_arm = make_arm(ArmSpec(arm, "petkit", spec["method"]["name"], options,
-                                 quantize=spec.get("quantize"), prune=spec.get("prune", {})))
     heads = tuple(head_module_names(model)) if prep.task_type == "head" else ()
-    model = bench_arm.setup(model, ArmContext(prep.task_type, heads, seed))
+    bench_arm, model = setup_arm(arm, model, prep.task_type, heads, seed)
     out["trainable"] = sum(p.numel() for p in pk.trainable_parameters(model).values())
     config = rec.train.replace(label_token_ids=prep.label_token_ids,
                                head_lr=head_lr_of(arm, prep.task_type, opts.head_lr))
@@ -323,6 +352,7 @@ def main() -> None:
     parser.add_argument("--val", type=int, help="training examples held out for validation (with --select-lr)")
     parser.add_argument("--lr", type=float, help=argparse.SUPPRESS)  # a cell's lr (from --select-lr)
     parser.add_argument("--head-lr", help="override the arms' head_lr in a selection run: a number or none")
+    parser.add_argument("--zero-shot", help="test accuracy of these decoder arms before training (comma-separated)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.memory and not os.environ.get("MALLOC_MMAP_THRESHOLD_"):
@@ -336,6 +366,13 @@ def main() -> None:
     if args.backends or args.merge_error:
         for row in (backend_speed() if args.backends else merge_error()):
             print(json.dumps(row))
+        return
+    if args.zero_shot:  # one process, arm after arm; each result stored under setting/arm/zero-shot
+        for arm in args.zero_shot.split(","):
+            row = zero_shot("decoder", arm)
+            cache = json.loads(LONG_CACHE.read_text()) if LONG_CACHE.is_file() else {}
+            LONG_CACHE.write_text(json.dumps({**cache, f"decoder/{arm}/zero-shot": row}, indent=1, sort_keys=True))
+            print(json.dumps(row), flush=True)
         return
     if args.cell:
         cell = run_cell(args.cell[0], args.cell[1], int(args.cell[2]), args)
