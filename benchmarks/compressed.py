@@ -64,8 +64,9 @@ ARMS: dict[str, dict[str, Any]] = {
     "peqa-int4": {"method": {"name": "peqa", "bits": 4}, "lr": {"decoder": 3e-4, "encoder": 1e-3}, "head_lr": LR},
     "peqa-int3": {"method": {"name": "peqa", "bits": 3}, "lr": {"decoder": 3e-3, "encoder": 3e-3}, "head_lr": LR},
     # E2E-QP on the task: PEQA's step sizes over the EfficientQAT int4 (group 128) folder that
-    # `petkit quantize` writes (QAT_BASE), at the decoder's PEQA int4 rate; a causal LM only.
-    "eqat-int4+peqa": {"method": {"name": "peqa"}, "model": "runs/eqat-int4-g128", "lr": 3e-4,
+    # `petkit quantize` writes (QAT_BASE); its rate chosen on 200 held-out training examples, seed 0
+    # (3e-5, 1e-4, 3e-4 tie, 1e-3 worse: docs/compressed.md); a causal LM only.
+    "eqat-int4+peqa": {"method": {"name": "peqa"}, "model": "runs/eqat-int4-g128", "lr": 3e-5,
                        "settings": ("decoder",)},
     "loraprune-30": {"method": LORA, "prune": {"sparsity": 0.3}},
     "loraprune-50": {"method": LORA, "prune": {"sparsity": 0.5}},
