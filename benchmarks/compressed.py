@@ -16,6 +16,8 @@ fp32 checkpoint is loaded before quantising, so the process peak would hide the 
 wall time per step, and the size of the weights a deployment stores (quantised layers at their
 bit width, PEQA integers packed at `bits` per weight, pruned models at their new shapes). Pruned
 arms also time the forward pass of the pruned model against the unpruned one (same batch).
+The `eqat-int4+peqa` arm (decoder only) is E2E-QP on the task: PEQA over the EfficientQAT int4
+folder that `QAT_BASE` (below) writes, which must exist first.
 On the encoder (minilm-l6) pruning removes MLP channels only (BERT heads cannot be reloaded
 fewer by transformers 5), the same fraction of block parameters as on the decoder.
 
@@ -61,6 +63,11 @@ ARMS: dict[str, dict[str, Any]] = {
     # docs/compressed.md); head_lr: the encoder's new head trains at the LoRA arms' lr.
     "peqa-int4": {"method": {"name": "peqa", "bits": 4}, "lr": {"decoder": 3e-4, "encoder": 1e-3}, "head_lr": LR},
     "peqa-int3": {"method": {"name": "peqa", "bits": 3}, "lr": {"decoder": 3e-3, "encoder": 3e-3}, "head_lr": LR},
+    # E2E-QP on the task: PEQA's step sizes over the EfficientQAT int4 (group 128) folder that
+    # `petkit quantize` writes (QAT_BASE); its rate chosen on 200 held-out training examples, seed 0
+    # (3e-5, 1e-4, 3e-4 tie, 1e-3 worse: docs/compressed.md); a causal LM only.
+    "eqat-int4+peqa": {"method": {"name": "peqa"}, "model": "runs/eqat-int4-g128", "lr": 3e-5,
+                       "settings": ("decoder",)},
     "loraprune-30": {"method": LORA, "prune": {"sparsity": 0.3}},
     "loraprune-50": {"method": LORA, "prune": {"sparsity": 0.5}},
     "apt-30": {"method": LORA, "prune": {"sparsity": 0.3, "method": "apt", "init_rank": 2, "grow_rank": 2,
@@ -68,6 +75,27 @@ ARMS: dict[str, dict[str, Any]] = {
     "apt-50": {"method": LORA, "prune": {"sparsity": 0.5, "method": "apt", "init_rank": 2, "grow_rank": 2,
                                          "grow_every": 2, "every": 1}},
 }
+
+
+QAT_BASE = "petkit quantize --method efficientqat --bits int4 --group-size 128 --output runs/eqat-int4-g128"
+
+
+def model_of(arm: str, setting: str) -> Any:
+    """The recipe's ModelSpec for the arm: the setting's model, or the arm's quantised folder."""
+    from methods_table import recipe
+    from petkit.app.recipe import ModelSpec
+
+    folder = ARMS[arm].get("model")
+    if folder is None:
+        return recipe(setting, "lora").model
+    if not (ROOT / folder / "config.json").is_file():
+        raise SystemExit(f"{arm} needs the EfficientQAT folder {folder}: run `{QAT_BASE}` first")
+    return ModelSpec(str(ROOT / folder))
+
+
+def arms_on(setting: str, arms: list[str]) -> list[str]:
+    """The arms of `arms` that run on `setting` (an arm's "settings", else every setting)."""
+    return [arm for arm in arms if setting in ARMS[arm].get("settings", (setting,))]
 
 
 def lr_of(arm: str, setting: str) -> float:
@@ -140,6 +168,39 @@ def head_lr_of(arm: str, task_type: str, override: str | None = None) -> float |
     return value if task_type == "head" else None
 
 
+def setup_arm(arm: str, model: Any, task_type: str, heads: tuple[str, ...], seed: int) -> tuple[Any, Any]:
+    """The harness's arm for `arm` (`petkit.benchmark.arms`) and the model it set up: quantised /
+    pruning-ready, the delta attached at its initialisation."""
+    from petkit.benchmark.arms import ArmContext, make_arm
+    from petkit.benchmark.spec import ArmSpec
+
+    spec = ARMS[arm]
+    options = {k: v for k, v in spec["method"].items() if k != "name"}
+    bench_arm = make_arm(ArmSpec(arm, "petkit", spec["method"]["name"], options,
+                                 quantize=spec.get("quantize"), prune=spec.get("prune", {})))
+    return bench_arm, bench_arm.setup(model, ArmContext(task_type, heads, seed))
+
+
+def zero_shot(setting: str, arm: str) -> dict[str, Any]:
+    """Test accuracy of the arm's model *before training* (its base as the arm sets it up, the
+    delta at initialisation; a verbaliser setting, where an untrained model has an accuracy)."""
+    import dataclasses
+
+    import torch
+
+    from methods_table import recipe
+    from petkit.app.pipeline import prepare
+    from petkit.training import evaluate
+
+    torch.set_num_threads(1)
+    rec = dataclasses.replace(recipe(setting, "lora"), method=dict(ARMS[arm]["method"]), model=model_of(arm, setting))
+    prep, _ = prepare(rec)
+    model = setup_arm(arm, prep.model, prep.task_type, (), 0)[1]
+    metrics = evaluate(model, prep.test, batch_size=16, pad_id=prep.pad_id,
+                       label_token_ids=prep.label_token_ids, collate_fn=prep.collate)
+    return {"setting": setting, "arm": arm, "zero_shot_accuracy": metrics["accuracy"], "test_size": len(prep.test)}
+
+
 def run_cell(setting: str, arm: str, seed: int, opts: argparse.Namespace) -> dict[str, Any]:
     """One cell through the harness's arm (`petkit.benchmark.arms`): quantise / attach / prune,
     train, finish pruning; on the methods table's protocol (no validation carve-out), with its
@@ -153,8 +214,7 @@ def run_cell(setting: str, arm: str, seed: int, opts: argparse.Namespace) -> dic
     import petkit as pk
     from methods_table import PROTOCOL, recipe
     from petkit.app.pipeline import prepare, test_metrics
-    from petkit.benchmark.arms import ArmContext, Finishing, make_arm
-    from petkit.benchmark.spec import ArmSpec
+    from petkit.benchmark.arms import Finishing
     from petkit.compress.measure import forward_seconds, stored_bytes
     from petkit.core.model import trainable_copy_parameters
     from petkit.models import head_module_names
@@ -165,8 +225,10 @@ def run_cell(setting: str, arm: str, seed: int, opts: argparse.Namespace) -> dic
     rec = recipe(setting, "lora")
     size, val = opts.train_size or rec.data.train_size, opts.val or 0
     data = dataclasses.replace(rec.data, train_size=size + val, validation_size=val)
-    rec = dataclasses.replace(rec, method=dict(spec["method"]), data=data, train=rec.train.replace(
-        lr=opts.lr or lr_of(arm, setting), seed=seed, epochs=opts.epochs or rec.train.epochs))
+    train_config = rec.train.replace(lr=opts.lr or lr_of(arm, setting), seed=seed,
+                                     epochs=opts.epochs or rec.train.epochs)
+    rec = dataclasses.replace(rec, method=dict(spec["method"]), data=data, model=model_of(arm, setting),
+                              train=train_config)
     torch.manual_seed(seed)
     prep, _ = prepare(rec)
     model = prep.model
@@ -174,11 +236,8 @@ def run_cell(setting: str, arm: str, seed: int, opts: argparse.Namespace) -> dic
     out: dict[str, Any] = {"seed": seed, "lr": rec.train.lr}
     if "prune" in spec:
         out["forward_s_unpruned"], out["forward_cpu_s_unpruned"] = forward_seconds(model, batch)
-    options = {k: v for k, v in spec["method"].items() if k != "name"}
-    bench_arm = make_arm(ArmSpec(arm, "petkit", spec["method"]["name"], options,
-                                 quantize=spec.get("quantize"), prune=spec.get("prune", {})))
     heads = tuple(head_module_names(model)) if prep.task_type == "head" else ()
-    model = bench_arm.setup(model, ArmContext(prep.task_type, heads, seed))
+    bench_arm, model = setup_arm(arm, model, prep.task_type, heads, seed)
     out["trainable"] = sum(p.numel() for p in pk.trainable_parameters(model).values())
     config = rec.train.replace(label_token_ids=prep.label_token_ids,
                                head_lr=head_lr_of(arm, prep.task_type, opts.head_lr))
@@ -294,6 +353,7 @@ def main() -> None:
     parser.add_argument("--val", type=int, help="training examples held out for validation (with --select-lr)")
     parser.add_argument("--lr", type=float, help=argparse.SUPPRESS)  # a cell's lr (from --select-lr)
     parser.add_argument("--head-lr", help="override the arms' head_lr in a selection run: a number or none")
+    parser.add_argument("--zero-shot", help="test accuracy of these decoder arms before training (comma-separated)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.memory and not os.environ.get("MALLOC_MMAP_THRESHOLD_"):
@@ -307,6 +367,13 @@ def main() -> None:
     if args.backends or args.merge_error:
         for row in (backend_speed() if args.backends else merge_error()):
             print(json.dumps(row))
+        return
+    if args.zero_shot:  # one process, arm after arm; each result stored under setting/arm/zero-shot
+        for arm in args.zero_shot.split(","):
+            row = zero_shot("decoder", arm)
+            cache = json.loads(LONG_CACHE.read_text()) if LONG_CACHE.is_file() else {}
+            LONG_CACHE.write_text(json.dumps({**cache, f"decoder/{arm}/zero-shot": row}, indent=1, sort_keys=True))
+            print(json.dumps(row), flush=True)
         return
     if args.cell:
         cell = run_cell(args.cell[0], args.cell[1], int(args.cell[2]), args)
@@ -341,7 +408,7 @@ def run_grid(args: argparse.Namespace) -> None:
     arms = args.only.split(",") if args.only else list(ARMS)
     for seed in ([] if args.render else [int(s) for s in args.seeds.split(",")]):
         for setting in args.settings.split(","):
-            for arm in arms:
+            for arm in arms_on(setting, arms):
                 for lr in candidates:
                     key = f"{setting}/{arm}/{seed}{suffix}" + (f"/lr{lr:g}" if lr else "")
                     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}  # a parallel run may have done it

@@ -25,7 +25,7 @@ from petkit.cli_quantize import _texts
 from petkit.compress import perplexity, quantize
 from petkit.compress.efficientqat import INT_MODES, QatConfig, block_ap, e2e_qp, pad_groups, padded_rtn
 from petkit.core.blocks import layer_paths
-from petkit.compress.qformat import text_windows
+from petkit.compress.qformat import attach_scheme, save_quantized, text_windows
 from petkit.models import load_model
 
 
@@ -48,7 +48,24 @@ def render(path: str) -> str:
         lines.append(f"| {r['arm']} | {r.get('bits', '-')} | {r.get('seed', '-')} | {r['perplexity']:.2f} | "
                      f"{100 * (r['perplexity'] / fp32['perplexity'] - 1):+.1f}% | {versus} | "
                      f"{r['other']:.2f} ({100 * (r['other'] / fp32['other'] - 1):+.1f}%) | {r['seconds']:.0f} |")
-    return "\n".join(lines)
+    return "\n".join(lines + means(rows, fp32, rtn))
+
+
+def means(rows: list[dict], fp32: dict, rtn: dict[str, float]) -> list[str]:
+    """Mean over the seeds of each EfficientQAT (arm, bits) run with more than one seed."""
+    lines = []
+    for arm in ("block-ap", "block-ap+e2e-qp"):
+        for bits in ("int4", "int3", "int2"):
+            runs = [r for r in rows if r["arm"] == arm and r.get("bits") == bits]
+            if len(runs) < 2:
+                continue
+            ppl, other = (sum(r[k] for r in runs) / len(runs) for k in ("perplexity", "other"))
+            seeds = ",".join(str(r["seed"]) for r in runs)
+            versus = f"{100 * (ppl / rtn[bits] - 1):+.1f}%" if bits in rtn else "-"
+            lines.append(f"| **{arm}** | {bits} | mean ({seeds}) | **{ppl:.2f}** | "
+                         f"{100 * (ppl / fp32['perplexity'] - 1):+.1f}% | {versus} | "
+                         f"{other:.2f} ({100 * (other / fp32['other'] - 1):+.1f}%) | - |")
+    return lines
 
 
 def measured(path: str) -> set[tuple[str, str | None]]:
@@ -87,6 +104,8 @@ def main() -> None:
     parser.add_argument("--eval-samples", type=int, default=32)
     parser.add_argument("--fp32-e2e", action="store_true",
                         help="also the control: the same E2E-QP tuning of per-group scales on the fp32 model")
+    parser.add_argument("--save", help="also write each Block-AP + E2E-QP model as a compressed-tensors "
+                        "folder DIR/BITS-seedN (what `petkit quantize` writes, e.g. for PEQA on a task)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--render", action="store_true", help="print the table of --out and stop")
     args = parser.parse_args()
@@ -133,9 +152,12 @@ def main() -> None:
             record(qat, started, arm="block-ap", bits=bits, seed=seed)
             if args.e2e_steps:
                 started = time.perf_counter()
-                e2e_qp(qat, grids, calibration, config)
+                grids = e2e_qp(qat, grids, calibration, config)
                 record(qat, started, arm="block-ap+e2e-qp", bits=bits, seed=seed,
                        e2e_steps=args.e2e_steps, e2e_lr=args.e2e_lr)
+                if args.save:
+                    attach_scheme(qat, grids, config.bits, args.group_size)
+                    save_quantized(qat, f"{args.save}/{bits}-seed{seed}", tokenizer)
             del qat
 
 

@@ -204,3 +204,28 @@ def test_quantize_cli_runs_block_ap_then_e2e_qp_on_the_embedded_model(tmp_path, 
     reloaded = pk.load_quantized(out)
     codes, zeros, scales = integer_grid(reloaded.model.layers[3].mlp.down_proj)
     assert int(codes.max()) <= 15 and scales.shape[1] == 1536 // 64  # g128 stored at gcd 64
+
+
+@pytest.mark.slow
+def test_petkit_train_peqa_on_a_saved_integer_folder_trains_its_grid_scales(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """`petkit train --model q4/ --method peqa` (E2E-QP on a task) from the folder on disk."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from petkit.cli import main
+    from toys import save_tiny_llama
+
+    fp = save_tiny_llama(tmp_path / "fp")
+    model = AutoModelForCausalLM.from_pretrained(fp)
+    pk.quantize(model, "int4", method="rtn", group_size=16)
+    pk.save_quantized(model, tmp_path / "q4", AutoTokenizer.from_pretrained(fp))
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(tmp_path / "q4"), "--method", "peqa", "--output", str(out),
+                 "--data", "rotten-tomatoes", "--steps", "3", "--train-size", "12", "--test-size", "4",
+                 "--max-length", "24", "--batch-size", "4", "--lr", "1e-2", "--train.progress=false"]) == 0
+    stored = pk.load_quantized(tmp_path / "q4").model.layers[1].mlp.down_proj.weight_scale
+    with safe_open(str(out / "adapter" / "adapter.safetensors"), "pt") as f:
+        assert f.keys() and all(k.endswith("scales") for k in f.keys())
+        trained = f.get_tensor(next(k for k in f.keys() if "layers.1.mlp.down_proj" in k))
+    assert trained.shape == stored.shape == (32, 64 // 16)  # the folder's groups, not PEQA's per channel
+    assert not torch.allclose(trained, stored.float())  # the step sizes trained
