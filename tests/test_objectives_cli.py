@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from petkit.cli import main
+from petkit.training.objectives_config import ObjectiveConfig
 
 SMALL = ["--train-size", "8", "--test-size", "4", "--steps", "2", "--max-length", "48",
          "--max-new-tokens", "3", "--train.progress=false", "--overwrite"]
@@ -83,6 +84,27 @@ def test_switching_the_objective_takes_its_own_beta(tiny_llama: str, tmp_path: P
         first[beta] = [r for r in log_rows(out_dir) if "margin" in r][0]["margin"]
     assert abs(first["0.1"]) > 1e-4
     assert first[None] == pytest.approx(20 * first["0.1"], rel=1e-3)
+
+
+def test_orpo_weighs_its_odds_ratio_by_its_default_lambda_unless_the_flag_sets_one(
+        tiny_llama: str, tmp_path: Path, capsys) -> None:
+    """ORPO's step-1 loss is the chosen NLL - lambda log sigmoid(log odds ratio), linear in
+    lambda on the same batch and weights: with no flag it is the default lambda's (1.0, chosen in
+    docs/objectives.md), `--train.objective.orpo_lambda` replaces it."""
+    assert ObjectiveConfig("orpo").orpo_lambda == 1.0
+    first = {}
+    for value in (None, "0", "0.25"):
+        out_dir = tmp_path / f"orpo-{value}"
+        flags = [f"--train.objective.orpo_lambda={value}"] if value else []
+        code, out, err = run(["train", "--recipe", "dpo", "--model", tiny_llama, "--objective",
+                              "orpo", *flags, "--output", str(out_dir), "--batch-size", "2",
+                              "--train.log_every=1", *SMALL], capsys)
+        assert code == 0, err
+        first[value] = [r for r in log_rows(out_dir) if "margin" in r][0]["train_loss"]
+    odds_term = first["0.25"] - first["0"]  # 0.25 x -log sigmoid(ratio) > 0
+    assert odds_term > 1e-4
+    default = ObjectiveConfig("orpo").orpo_lambda
+    assert first[None] - first["0"] == pytest.approx(default / 0.25 * odds_term, rel=1e-3)
 
 
 def test_the_dpo_recipe_adds_rpos_nll_and_objective_dpo_is_plain_dpo(
