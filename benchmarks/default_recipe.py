@@ -98,10 +98,11 @@ def table() -> None:
     if SEARCH_OUT.exists():
         records = [json.loads(line) for line in SEARCH_OUT.read_text().splitlines()]
         print("validation accuracy (%), CPU s/step:\n" + _markdown(records, "val_accuracy", "cpu_s_per_step", 100))
-    results = TEST_RUN / "results.csv"
+    results = TEST_RUN / "cells.csv"
     if results.exists():
         with results.open(encoding="utf-8") as handle:
             rows = [r for r in csv.DictReader(handle) if r.get("status", "ok") == "ok" and r["test_metric"]]
+        print("\ntest accuracy (%), CPU s/step:\n" + _markdown(rows, "test_metric", "cpu_s_per_step", 100))
         print("\ntest accuracy (%), wall s/step:\n" + _markdown(rows, "test_metric", "s_per_step", 100))
 
 
