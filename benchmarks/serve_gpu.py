@@ -14,7 +14,10 @@ distinct 64-token random prompt and makes exactly `--new-tokens` tokens (EOS ign
              one request (a group of one row); its tokens/s is the same for each group run in turn
 
 base and engine waves alternate (`--repeats`, after a full warm-up wave of each) and their
-medians are compared; time to first token alternates one-request runs likewise (`--ttft-runs`).
+medians are compared; time to first token alternates one-request runs likewise (`--ttft-runs`),
+with the engines' CUDA-graph prefills (serve.prefill_graphs, the default) and, on the same two
+engines with the graphs taken away, eager prefills; `--ttft-lengths` repeats both at other prompt
+lengths.
 decode tok/s counts the steps after every row was admitted (pure decode over the full batch);
 total tok/s includes the prefills. The 1,000 adapters are registered from memory through the
 pool (no adapter folders: loading a folder fingerprints the base, the same for every adapter).
@@ -33,6 +36,7 @@ import torch
 import petkit as pk
 from petkit.core.capabilities import RowTerms
 from petkit.serve.engine import Engine, GenerationRequest
+from petkit.serve.prefill_graphs import PrefillGraphs
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -91,8 +95,9 @@ def run_wave(engine: Engine, prompts: list[list[int]], names: list[str | None], 
     return {"total_tok_s": made / (done - started), "decode_tok_s": decode_tokens / (done - admitted)}
 
 
-def engine_for(model, adapters: int) -> Engine:
-    engine = Engine(model, None, max_batch=64, max_adapters=max(1, adapters), max_queue=256)
+def engine_for(model, adapters: int, graphs: bool = True) -> Engine:
+    engine = Engine(model, None, max_batch=64, max_adapters=max(1, adapters), max_queue=256,
+                    cuda_graphs=graphs)
     engine.eos = set()
     return engine
 
@@ -107,6 +112,34 @@ def ttft(engine: Engine, prompt: list[int], adapter: str | None, runs: int = 5) 
     return 1000 * statistics.median(times)
 
 
+def ttft_pair(base: Engine, engine: Engine, prompt: list[int], adapter: str, runs: int) -> dict:
+    """Median time to first token, base and adapter alternating, in four modes on the same two
+    engines: their graphed prefills (the default: one adapter graph per length bucket, the fused
+    row kernel where triton is installed), eager prefills (graphs taken away), one graph per
+    adapter slot (`_slot`, two cuBLAS calls a layer) and the one graph with a gather and two cuBLAS
+    calls a layer (`_gather`)."""
+    graphs = base.graphs, engine.graphs
+    other = {} if engine.graphs is None else {
+        "_slot": PrefillGraphs(engine.model, engine.pool.bank, per_slot=True),
+        "_gather": PrefillGraphs(engine.model, engine.pool.bank, kernel=False)}
+    modes = {"": graphs, "_eager": (None, None),
+             **{k: (base.graphs, other.get(k)) for k in ("_slot", "_gather")}}
+    times: dict[str, list[float]] = {}
+    for i in range(runs + 1):  # the first round captures the graphs: left out
+        for suffix, (base.graphs, engine.graphs) in modes.items():
+            for kind, e, name in (("base", base, None), ("adapter", engine, adapter)):
+                took = ttft(e, prompt, name, runs=1)
+                if i:
+                    times.setdefault(f"ttft_ms_{kind}{suffix}", []).append(took)
+    base.graphs, engine.graphs = graphs
+    out = {k: statistics.median(v) for k, v in times.items()}
+    out["ratio"] = out["ttft_ms_adapter"] / out["ttft_ms_base"]
+    out["ratio_eager"] = out["ttft_ms_adapter_eager"] / out["ttft_ms_base_eager"]
+    for suffix in ("_slot", "_gather"):
+        out["ratio" + suffix] = out[f"ttft_ms_adapter{suffix}"] / out[f"ttft_ms_base{suffix}"]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=64)
@@ -116,6 +149,8 @@ def main() -> None:
     ap.add_argument("--max-adapters", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3, help="alternating base/engine waves")
     ap.add_argument("--ttft-runs", type=int, default=11)
+    ap.add_argument("--ttft-lengths", type=int, nargs="*", default=[16, 256, 1024],
+                    help="other prompt lengths for time to first token (5 alternating runs each)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--smoke", action="store_true", help="a 2-layer model and few adapters: check the script")
     args = ap.parse_args()
@@ -146,12 +181,12 @@ def main() -> None:
     for kind, runs in waves.items():
         res[kind] = {k: statistics.median(w[k] for w in runs) for k in runs[0]}
         res[kind + "_waves"] = runs
-    ttfts: dict[str, list[float]] = {"base": [], "adapter": []}
-    for _ in range(args.ttft_runs):  # alternating one-request runs, the medians compared
-        ttfts["base"].append(ttft(base, prompts[0], None, runs=1))
-        ttfts["adapter"].append(ttft(engine, prompts[0], names[0], runs=1))
-    res["ttft_ms_base"] = statistics.median(ttfts["base"])
-    res["ttft_ms_adapter"] = statistics.median(ttfts["adapter"])
+    res.update(ttft_pair(base, engine, prompts[0], names[0], args.ttft_runs))
+    res["ttft_by_length"] = {}
+    for length in args.ttft_lengths:
+        prompt = torch.randint(10, 32000, (length,), generator=g).tolist()
+        res["ttft_by_length"][length] = ttft_pair(base, engine, prompt, names[0], 5)
+    res["prefill_graphs"] = all(e.graphs is not None and e.graphs.enabled for e in (base, engine))
     engine.pool.bank.close()
     del engine
 
@@ -182,6 +217,7 @@ def main() -> None:
     res["engine_vs_base_decode"] = res["engine"]["decode_tok_s"] / res["base"]["decode_tok_s"]
     res["engine_vs_grouped_total"] = res["engine"]["total_tok_s"] / res["grouped_tok_s"]
     res["ttft_ratio"] = res["ttft_ms_adapter"] / res["ttft_ms_base"]
+    res["ttft_ratio_eager"] = res["ttft_ms_adapter_eager"] / res["ttft_ms_base_eager"]
     print(json.dumps(res, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=2) + "\n")

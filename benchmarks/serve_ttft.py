@@ -41,6 +41,7 @@ import torch
 from serve_gpu import DEV, engine_for, random_terms, sync, tiny_llama_shape, ttft, variant
 
 from petkit.core import batched_lowrank as bl
+from petkit.serve.prefill_graphs import PrefillGraphs
 
 
 def one_row_matmul(g: bl._Gathered, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -49,6 +50,10 @@ def one_row_matmul(g: bl._Gathered, x: torch.Tensor, y: torch.Tensor) -> torch.T
 
 def one_row_bmm(g: bl._Gathered, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.baddbmm(y, torch.bmm(x, g.a_t), g.b_t)
+
+
+def one_row_mm2d(g: bl._Gathered, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return torch.addmm(y[0], torch.mm(x[0], g.a_t[0]), g.b_t[0]).unsqueeze(0)
 
 
 def one_row_grouped(g: bl._Gathered, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -91,7 +96,7 @@ def share_inputs(bank: bl.LowRankBank, key: tuple[int, ...]) -> None:
 
 
 SHIPPED = bl._apply
-VARIANTS: dict[str, Callable | None] = {"matmul": one_row_matmul, "bmm": one_row_bmm,
+VARIANTS: dict[str, Callable | None] = {"matmul": one_row_matmul, "bmm": one_row_bmm, "mm2d": one_row_mm2d,
                                         "grouped": one_row_grouped, "dense": one_row_dense,
                                         "wrapper": wrapper_only, "one-gemm": one_gemm, "shipped": None}
 
@@ -136,14 +141,20 @@ def main() -> None:
     ap.add_argument("--ttft-runs", type=int, default=21)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--lengths", type=int, nargs="*", default=[16, 256, 1024])
+    ap.add_argument("--graphs", action="store_true",
+                    help="time to first token with per-slot CUDA-graph prefills, each variant captured "
+                         "anew (raw eager prefills and --lengths skipped)")
+    ap.add_argument("--variants", nargs="*", default=list(VARIANTS))
     ap.add_argument("--out", default=None)
     ap.add_argument("--smoke", action="store_true", help="a 2-layer model: check the script")
     args = ap.parse_args()
     if args.smoke:
         args.runs, args.ttft_runs = 3, 3
     model = tiny_llama_shape(args.smoke)
-    base = engine_for(model, 0)
-    engine = engine_for(copy.deepcopy(model), 1)
+    base = engine_for(model, 0, graphs=args.graphs)  # the one-row path is what varies here
+    engine = engine_for(copy.deepcopy(model), 1, graphs=args.graphs)
+    if engine.graphs is not None:
+        engine.graphs = PrefillGraphs(engine.model, engine.pool.bank, per_slot=True)
     engine.pool.register("a0", variant(random_terms(model, args.rank), 0), "lora")
     prompt = torch.randint(10, 32000, (64,), generator=torch.Generator().manual_seed(1)).tolist()
     ids = torch.tensor([prompt], device=DEV)
@@ -154,22 +165,26 @@ def main() -> None:
         with engine.pool.bank.using([slot]):
             engine.model(input_ids=ids, use_cache=True, logits_to_keep=1)  # fills the bank's cache
         share_inputs(engine.pool.bank, (slot,))
-        for name, one_row in VARIANTS.items():
-            bl._apply = patched(one_row)
-            times = alternate_prefills(base, engine, slot, ids, args.runs)
+        for name in args.variants:
+            bl._apply = patched(VARIANTS[name])
+            if engine.graphs is not None:
+                engine.graphs._graphs.clear()  # captured again with this variant
+            times = alternate_prefills(base, engine, slot, ids, 0 if args.graphs else args.runs)
             ttfts: dict[str, list[float]] = {"base": [], "adapter": []}
+            ttft(base, prompt, None, runs=1), ttft(engine, prompt, "a0", runs=1)  # captures, if any
             for _ in range(args.ttft_runs):
                 ttfts["base"].append(ttft(base, prompt, None, runs=1))
                 ttfts["adapter"].append(ttft(engine, prompt, "a0", runs=1))
-            row = {f"prefill_ms_{k}": statistics.median(v) for k, v in times.items()}
+            row = {f"prefill_ms_{k}": statistics.median(v) for k, v in times.items() if v}
             row.update({f"ttft_ms_{k}": statistics.median(v) for k, v in ttfts.items()})
-            row["prefill_ratio"] = row["prefill_ms_adapter"] / row["prefill_ms_base"]
+            if times["base"]:
+                row["prefill_ratio"] = row["prefill_ms_adapter"] / row["prefill_ms_base"]
             row["ttft_ratio"] = row["ttft_ms_adapter"] / row["ttft_ms_base"]
             res["variants"][name] = row
             print(name, json.dumps(row), flush=True)
         bl._apply = SHIPPED
         res["lengths"] = {}
-        for length in args.lengths:
+        for length in [] if args.graphs else args.lengths:
             ids = torch.randint(10, 32000, (1, length), generator=torch.Generator().manual_seed(2)).to(DEV)
             times = alternate_prefills(base, engine, slot, ids, args.runs)
             row = {f"prefill_ms_{k}": statistics.median(v) for k, v in times.items()}

@@ -173,3 +173,33 @@ def test_one_row_bank_equals_the_layer_with_its_adapter_in_every_input_layout(sh
             plain = layer(x)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # float32, another summation order
     assert not torch.allclose(got, base, atol=1e-2) and torch.equal(base, plain)
+
+
+def test_an_indexed_row_reads_its_slot_at_run_time_and_the_layout_counts_reallocations():
+    """`indexed_row` (what a captured prefill graph replays) gives, for whichever slot the device
+    tensor holds, exactly the one-row path of `using([slot])`; a slot with no terms at a path adds
+    nothing there; the layout counter moves when stacks are (re)allocated, not on in-place writes."""
+    m = many(configs={"a": pk.LoraConfig(r=2, targets=["q_proj"]),
+                      "b": pk.DoraConfig(r=3, targets=["q_proj", "v_proj"])})
+    batch = {"input_ids": prompts(2)["input_ids"][:1]}
+    with pk.disabled(m), torch.no_grad():
+        base = m(**batch).logits
+        bank = LowRankBank(m, 3)
+        layouts = [bank.layout]
+        bank.put(1, adapter_terms(m, "a"))
+        layouts.append(bank.layout)
+        bank.put(2, adapter_terms(m, "b"))  # v_proj appears, q_proj's rank grows, gains appear
+        layouts.append(bank.layout)
+        bank.put(1, adapter_terms(m, "a"))  # in place: graphs captured before stay valid
+        layouts.append(bank.layout)
+        index = torch.zeros(1, dtype=torch.long)
+        for slot in (1, 2, 0):
+            with bank.using([slot]):
+                want = m(**batch).logits
+            index.fill_(slot)
+            with bank.indexed_row(index):
+                got = m(**batch).logits
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+        assert torch.equal(got, base)  # slot 0 through the gather is the exact base
+        bank.close()
+    assert layouts[0] < layouts[1] < layouts[2] == layouts[3]

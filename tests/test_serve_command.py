@@ -41,6 +41,23 @@ def test_serve_command_refuses_a_port_in_use(capsys) -> None:
     assert "pick another --port" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, graphs", [([], True), (["--no-cuda-graphs"], False)])
+def test_serve_command_passes_the_cuda_graph_switch_to_the_engine(argv, graphs, monkeypatch, capsys) -> None:
+    from petkit.cli import main
+    from petkit.core.errors import ConfigError
+    from petkit.serve import serve_cli
+
+    seen = {}
+
+    def record(recipe, adapters, **settings):
+        seen.update(settings)
+        raise ConfigError("stopped before loading")
+
+    monkeypatch.setattr(serve_cli, "load_engine", record)
+    assert main(["serve", "--model", "smollm2-135m", *argv]) == 2
+    assert seen["cuda_graphs"] is graphs and "stopped before loading" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_petkit_serve_end_to_end(tmp_path: Path) -> None:
     """The real command in its own process: a model folder, --adapter-dir, --api-key; the openai

@@ -43,22 +43,26 @@ class _Stack:
     shift: torch.Tensor | None = None  # [S, out]
     used: set[int] = field(default_factory=set)  # slots with terms here
 
-    def grow_rank(self, rank: int) -> None:
+    def grow_rank(self, rank: int) -> bool:
+        """Pad every slot to `rank`; True when the stacks were reallocated."""
         extra = rank - self.a_t.shape[2]
         if extra > 0:
             self.a_t = torch.nn.functional.pad(self.a_t, (0, extra))
             self.b_t = torch.nn.functional.pad(self.b_t, (0, 0, 0, extra))
+        return extra > 0
 
-    def put(self, slot: int, terms: RowTerms) -> None:
+    def put(self, slot: int, terms: RowTerms) -> bool:
+        """Write `terms` into `slot`; True when a stack was reallocated (grown or created)."""
         rank = terms.a.shape[0]
-        self.grow_rank(rank)
+        moved = self.grow_rank(rank)
         self.a_t[slot].zero_()
         self.b_t[slot].zero_()
         self.a_t[slot, :, :rank] = terms.a.t()
         self.b_t[slot, :rank] = (terms.b * terms.scale).t()
-        self._vector("gain", slot, terms.gain, 1.0)
-        self._vector("shift", slot, terms.shift, 0.0)
+        moved |= self._vector("gain", slot, terms.gain, 1.0)
+        moved |= self._vector("shift", slot, terms.shift, 0.0)
         self.used.add(slot)
+        return moved
 
     def clear(self, slot: int) -> None:
         self.a_t[slot].zero_()
@@ -67,24 +71,36 @@ class _Stack:
         self._vector("shift", slot, None, 0.0)
         self.used.discard(slot)
 
-    def _vector(self, kind: str, slot: int, value: torch.Tensor | None, neutral: float) -> None:
+    def _vector(self, kind: str, slot: int, value: torch.Tensor | None, neutral: float) -> bool:
+        """Write a per-slot vector; True when its stack was created."""
         stack = getattr(self, kind)
         if stack is None and value is None:
-            return
-        if stack is None:
+            return False
+        created = stack is None
+        if created:
             slots, out = self.b_t.shape[0], self.b_t.shape[2]
             stack = self.b_t.new_full((slots, out), neutral)
             setattr(self, kind, stack)
         stack[slot] = neutral if value is None else value.to(stack)
+        return created
 
 
 class _Gathered:
     """The stacks indexed by one batch composition: what each row's forward multiplies by.
 
-    One row (a prefill) keeps [1, ...] views of its slot: no copy."""
+    One row (a prefill) keeps [1, ...] views of its slot: no copy. With `index` given, rows are
+    gathered by it (an index_select: the decode batch's rows, or a captured prefill's one row);
+    with `kernel` too, nothing is gathered: the full stacks and the index go to the fused kernel
+    (core.lowrank_rows), which reads each row's slot on the device."""
 
-    def __init__(self, stack: _Stack, key: tuple[int, ...], index: torch.Tensor | None) -> None:
-        if index is None:  # one row: a view, no copy
+    slots: torch.Tensor | None = None  # set: the full stacks, for the kernel
+
+    def __init__(self, stack: _Stack, key: tuple[int, ...], index: torch.Tensor | None,
+                 kernel: bool = False) -> None:
+        if kernel and index is not None:
+            take = lambda t: t  # noqa: E731
+            self.slots = index
+        elif index is None:  # one row: a view, no copy
             take = lambda t: t[key[0]: key[0] + 1]  # noqa: E731
         else:
             take = lambda t: t.index_select(0, index)  # noqa: E731
@@ -92,6 +108,15 @@ class _Gathered:
         self.gain = None if stack.gain is None else take(stack.gain)[:, None, :]
         self.shift = None if stack.shift is None else take(stack.shift)[:, None, :]
         self.plain = self.gain is None and self.shift is None  # low-rank terms only
+
+    def gather(self) -> "_Gathered":
+        """The rows' own terms (an index_select of the full stacks the kernel path keeps)."""
+        out = object.__new__(_Gathered)
+        out.plain = self.plain
+        for kind in ("a_t", "b_t", "gain", "shift"):  # gain and shift are [S, 1, out] already
+            value = getattr(self, kind)
+            setattr(out, kind, None if value is None else value.index_select(0, self.slots))
+        return out
 
 
 class LowRankBank:
@@ -104,6 +129,9 @@ class LowRankBank:
         self.stacks: dict[str, _Stack] = {}
         self._wrapped: dict[str, tuple[nn.Module, Callable | None]] = {}  # path -> (module, own forward)
         self._key: tuple[int, ...] = ()
+        self._slot_index: torch.Tensor | None = None  # set by `indexed_row`
+        self._row_kernel = False  # indexed rows through core.lowrank_rows
+        self.layout = 0  # bumped whenever a stack is (re)allocated: captured graphs read addresses
         self._cache: dict[tuple[int, ...], dict[str, _Gathered]] = {}
         self._indices: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
 
@@ -112,7 +140,8 @@ class LowRankBank:
         """Write an adapter's terms (path -> RowTerms) into `slot`; paths it lacks are zeroed."""
         self._check_slot(slot)
         for path, t in terms.items():
-            self._stack(path, t).put(slot, t)
+            if self._stack(path, t).put(slot, t):
+                self.layout += 1
         for path, stack in self.stacks.items():
             if path not in terms and slot in stack.used:
                 stack.clear(slot)
@@ -139,6 +168,7 @@ class LowRankBank:
                                        torch.zeros(self.slots, rank, fan_out, **kw))
             self._wrapped[path] = (module, module.__dict__.get("forward"))
             module.forward = self._forward(path, module.forward)
+            self.layout += 1
         return self.stacks[path]
 
     def to(self, device: torch.device | str) -> "LowRankBank":
@@ -148,6 +178,7 @@ class LowRankBank:
                 if value is not None:
                     setattr(stack, kind, value.to(device))
         self._cache.clear()
+        self.layout += 1
         return self
 
     def close(self) -> None:
@@ -160,6 +191,7 @@ class LowRankBank:
         self._wrapped.clear()
         self.stacks.clear()
         self._cache.clear()
+        self.layout += 1
 
     # ---- rows ----
     def rows(self, slot_ids: Sequence[int]) -> None:
@@ -168,14 +200,30 @@ class LowRankBank:
 
     @contextmanager
     def using(self, slot_ids: Sequence[int]) -> Iterator[None]:
-        saved = self._key
+        saved = self._key, self._slot_index
         self.rows(slot_ids)
+        self._slot_index = None
         try:
             yield
         finally:
-            self.rows(saved)
+            self._key, self._slot_index = saved
+
+    @contextmanager
+    def indexed_row(self, slot_index: torch.Tensor, kernel: bool = False) -> Iterator[None]:
+        """One row whose slot is read from the device tensor `slot_index` ([1], long) at run time:
+        every stacked path gathers its slot with an index_select (or, with `kernel`, the fused
+        kernel of core.lowrank_rows reads it: one launch a layer, no gather), so a captured CUDA
+        graph serves whichever slot the tensor holds at replay (a slot without terms adds zeros)."""
+        saved = self._key, self._slot_index, self._row_kernel
+        self._key, self._slot_index, self._row_kernel = (-1,), slot_index, kernel
+        try:
+            yield
+        finally:
+            self._key, self._slot_index, self._row_kernel = saved
 
     def _gathered(self, path: str) -> _Gathered | None:
+        if self._slot_index is not None:  # never cached: a capture must record the gather itself
+            return _Gathered(self.stacks[path], self._key, self._slot_index, self._row_kernel)
         per_path = self._cache.get(self._key)
         if per_path is None:
             if len(self._cache) >= 4:  # a decode batch and a few one-row prefills
@@ -206,6 +254,13 @@ class LowRankBank:
 
 
 def _apply(g: _Gathered, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    if g.slots is not None:
+        if g.plain and x.dim() == 3 == y.dim() and x.shape[0] == g.slots.shape[0] \
+                and x.dtype == g.a_t.dtype == y.dtype and g.a_t.shape[2] <= 128:
+            from .lowrank_rows import lowrank_rows  # triton: only where a caller asked for the kernel
+
+            return lowrank_rows(x, y, g.a_t, g.b_t, g.slots)
+        g = g.gather()
     rows = g.a_t.shape[0]
     if g.plain and x.dtype == g.a_t.dtype == y.dtype:
         if x.dim() == 3 == y.dim() and x.shape[0] == rows:  # a decode step or a prefill: two calls

@@ -117,7 +117,7 @@ def base_recipe(model: str | None, adapters: dict[str, Path], args: argparse.Nam
                           command, adapter=None if model else first)
 
 
-def load_engine(recipe: Any, adapters: dict[str, Path], **settings: int) -> Engine:
+def load_engine(recipe: Any, adapters: dict[str, Path], **settings: int | bool) -> Engine:
     """An engine over the recipe's base (loaded by the pipeline, app.serving) and `adapters`."""
     from petkit.app.serving import serving_base
     from petkit.serve.engine import Engine

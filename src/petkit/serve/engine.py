@@ -13,7 +13,9 @@ batch: serve.kv_batch), and runs ONE decode forward for every running row, whate
 the adapters' low-rank terms are gathered per row by the pool's LowRankBank (core.batched_lowrank),
 the base matmuls shared. Finished and cancelled rows leave at once. Every row sees only its own
 tokens and its own adapter, so it gets what the same request served alone gets (greedy: token for
-token). `petkit chat` / `generate` and `petkit serve` both run on this engine.
+token). On a GPU a one-row prefill of up to 2,048 tokens replays a captured CUDA graph, the base's or
+the adapters' one (serve.prefill_graphs; `cuda_graphs=False` / `--no-cuda-graphs` turns it off).
+`petkit chat` / `generate` and `petkit serve` both run on this engine.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ from petkit.core.errors import ConfigError
 from petkit.core.state import adapters as attached
 from petkit.serve.adapter_pool import AdapterPool
 from petkit.serve.kv_batch import BatchCache, cache_kwarg, output_cache
+from petkit.serve.prefill_graphs import PrefillGraphs
 from petkit.serve.request import GenerationRequest, Handle, QueueFull, UnknownAdapter
 from petkit.serve.sampling import choose, row_generator
 from petkit.serve.text import TextStream
@@ -51,7 +54,7 @@ class _Row:
 
 class Engine:
     def __init__(self, model: nn.Module, tokenizer: Any, max_batch: int = 16, max_adapters: int = 8,
-                 max_queue: int = 64) -> None:
+                 max_queue: int = 64, cuda_graphs: bool = True) -> None:
         for field_, value in (("--max-batch", max_batch), ("--max-adapters", max_adapters), ("--max-queue", max_queue)):
             if value < 1:
                 raise ConfigError(f"{field_} must be >= 1, got {value}")
@@ -62,6 +65,7 @@ class Engine:
         self.max_batch, self.max_adapters, self.max_queue = max_batch, max_adapters, max_queue
         self.device = next(model.parameters()).device
         self.pool = AdapterPool(model, max_adapters)
+        self.graphs = PrefillGraphs(model, self.pool.bank) if cuda_graphs and self.device.type == "cuda" else None
         self.eos = _eos_ids(model, tokenizer)
         self.cache_kw = cache_kwarg(model)
         self.max_length = getattr(getattr(model, "config", None), "max_position_embeddings", None)
@@ -177,14 +181,18 @@ class Engine:
             self._prefill(handle, slot)
 
     def _prefill(self, handle: Handle, slot: int) -> None:
-        ids = torch.tensor([handle.prompt_ids], device=self.device)
-        with self.pool.bank.using([slot]):
-            out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        graphed = self.graphs.run(handle.prompt_ids, slot) if self.graphs is not None else None
+        if graphed is None:
+            ids = torch.tensor([handle.prompt_ids], device=self.device)
+            with self.pool.bank.using([slot]):
+                out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+            graphed = out.logits[0, -1], output_cache(out)
+        logits, cache = graphed
         request = handle.request
         row = _Row(handle, slot, TextStream(self.tokenizer, request.stop), row_generator(request.seed))
-        self._batch.join(output_cache(out), ids.shape[1])
+        self._batch.join(cache, len(handle.prompt_ids))
         self._rows.append(row)
-        if self._emit(row, out.logits[0, -1]):
+        if self._emit(row, logits):
             self._leave([len(self._rows) - 1], None)
 
     def _decode(self) -> None:

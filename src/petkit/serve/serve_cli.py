@@ -64,6 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="largest request body in KiB (more: 413)")
     parser.add_argument("--device", default="cpu",
                         help="cpu, cuda, cuda:1, ... or auto (runtime.device; default cpu)")
+    parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                        help="on a GPU, prefill eagerly instead of replaying captured CUDA graphs")
 
 
 def adapter_folders(specs: list[str], folder: str | None) -> dict[str, Path]:
@@ -160,7 +162,7 @@ def _engine(recipe: Any, args: argparse.Namespace, adapters: dict[str, Path],
             echo: Callable[[str], None]) -> Engine:
     echo(f"loading {args.model} ...")
     engine = load_engine(recipe, {}, max_batch=args.max_batch, max_adapters=args.max_adapters,
-                         max_queue=args.max_queue)
+                         max_queue=args.max_queue, cuda_graphs=args.cuda_graphs)
     for name, path in adapters.items():
         engine.add_adapter(name, path)
         echo(f"adapter {name}: {path}")

@@ -31,13 +31,13 @@ rounded back to bf16 by hand (its casts truncate), so it computes what the GPU d
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 
+from petkit.core.lowrank_rows import interpreting
 from petkit.training.activations import save_like_matmul
 
 MAX_RANK = 128  # widest r the kernel's extra accumulator takes; wider: the torch fused path
@@ -143,15 +143,6 @@ def _kernel(interpret: bool) -> Any:
                              num_stages=s, num_warps=w) for m, n, k, s, w in GPU_TILES]
     even_k = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
     return triton.autotune(configs, key=["m_bucket", "N", "K", "R"])(even_k(jitted))
-
-
-def interpreting() -> bool:
-    """Whether Triton runs kernels in its CPU interpreter (`TRITON_INTERPRET=1`)."""
-    try:
-        from triton import knobs  # Triton >= 3.4
-    except ImportError:  # earlier: the variable itself
-        return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-    return bool(knobs.runtime.interpret)
 
 
 def rank_block(r: int) -> int:
