@@ -30,6 +30,7 @@ from petkit.training import train
 ROOT = Path(__file__).resolve().parents[1]
 SEARCH_OUT = ROOT / "docs" / "default_recipe_search.jsonl"
 TEST_RUN = ROOT / "runs" / "bench-default-test"
+TEST_COPY = ROOT / "docs" / "default_recipe_test.csv"  # the 2026-12-07 run's cells.csv, kept
 
 
 def validation_cell(cell: Cell, spec, loaded) -> dict:
@@ -93,16 +94,45 @@ def _markdown(records: list[dict], value: str, step: str, scale: float) -> str:
     return "\n".join(lines)
 
 
+def _per_seed(rows: list[dict]) -> str:
+    """arm x task table of the test accuracy (%) of each seed, in seed order."""
+    tasks = sorted({r["task"] for r in rows})
+    arms = list(dict.fromkeys(r["arm"] for r in rows))
+    seeds = {(r["arm"], r["task"], int(r["seed"])): 100 * float(r["test_metric"]) for r in rows}
+    lines = [f"| arm | {' | '.join(tasks)} |", "| --- |" + " --- |" * len(tasks)]
+    for arm in arms:
+        cells = [" / ".join(f"{v:.1f}" for (a, t, _), v in sorted(seeds.items(), key=lambda i: i[0][2])
+                            if (a, t) == (arm, task)) or "not measured" for task in tasks]
+        lines.append(f"| {arm} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
+def _against(rows: list[dict], reference: str = "peft-default") -> str:
+    """Each other arm against `reference`, per task: mean test points above it, CPU time ratio."""
+    values, cpu = _rows(rows, "test_metric"), _rows(rows, "cpu_s_per_step")
+    lines = []
+    for arm, task in values:
+        if arm != reference and (reference, task) in values:
+            gap = 100 * (statistics.mean(values[arm, task]) - statistics.mean(values[reference, task]))
+            ratio = statistics.mean(cpu[arm, task]) / statistics.mean(cpu[reference, task])
+            lines.append(f"{arm} - {reference} on {task}: {gap:+.1f} points, CPU s/step x{ratio:.2f} "
+                         f"({len(values[arm, task])} and {len(values[reference, task])} seeds)")
+    return "\n".join(lines)
+
+
 def table() -> None:
     """Print the search's validation table and, where it ran, the test grid's table."""
     if SEARCH_OUT.exists():
         records = [json.loads(line) for line in SEARCH_OUT.read_text().splitlines()]
         print("validation accuracy (%), CPU s/step:\n" + _markdown(records, "val_accuracy", "cpu_s_per_step", 100))
-    results = TEST_RUN / "results.csv"
+    results = TEST_RUN / "cells.csv" if (TEST_RUN / "cells.csv").exists() else TEST_COPY
     if results.exists():
         with results.open(encoding="utf-8") as handle:
             rows = [r for r in csv.DictReader(handle) if r.get("status", "ok") == "ok" and r["test_metric"]]
+        print("\ntest accuracy (%), CPU s/step:\n" + _markdown(rows, "test_metric", "cpu_s_per_step", 100))
         print("\ntest accuracy (%), wall s/step:\n" + _markdown(rows, "test_metric", "s_per_step", 100))
+        print("\ntest accuracy (%) per seed (seeds 0 / 1 / 2):\n" + _per_seed(rows))
+        print("\n" + _against(rows))
 
 
 if __name__ == "__main__":

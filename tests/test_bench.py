@@ -170,6 +170,7 @@ def test_grid_end_to_end(toy: dict[str, str], tmp_path: Path,
         assert 0.0 <= r["test_metric"] <= 1.0 and r["best_val_metric"] is not None
         assert r["trainable_pct"] == pytest.approx(100 * r["trainable_params"] / r["base_params"])
         assert r["adapter_bytes"] > 4 * r["trainable_params"] and r["s_per_step"] > 0
+        assert 0 < r["cpu_s_per_step"]
         assert r["steps"] == 6 and r["peak_mem_mb"] == r["peak_mem_mb"]  # a number, not NaN
         log = json.loads((Path(report.folder) / "cells" / _folder(r) / "test_access.json")
                          .read_text())

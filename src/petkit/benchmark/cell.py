@@ -118,10 +118,10 @@ def run_cell(cell: Cell, spec: BenchSpec, loaded: LoadedTask, data: CellData,
                          total_steps(len(data.train), config))
         model = arm.setup(model, ctx)
         params = arm.parameters(model)
-        begun = time.perf_counter()
+        begun, cpu_begun = time.perf_counter(), time.process_time()
         result = train(model, data.train, config, eval_data=data.validation or None,
                        pad_id=loaded.pad_id, parameters=params, collate_fn=loaded.collate)
-        train_s = time.perf_counter() - begun
+        train_s, cpu_s = time.perf_counter() - begun, time.process_time() - cpu_begun
     untrained = 0
     if isinstance(arm, Finishing):  # e.g. pruning: the sliced model is what is tested
         model = arm.finish(model)
@@ -137,6 +137,7 @@ def run_cell(cell: Cell, spec: BenchSpec, loaded: LoadedTask, data: CellData,
         "trainable_pct": 100.0 * trainable / loaded.base_params,
         "peak_mem_mb": memory.peak_mb, "train_s": train_s,
         "s_per_step": train_s / max(result.steps, 1),
+        "cpu_s_per_step": cpu_s / max(result.steps, 1),  # the process's CPU time, all threads
         "adapter_bytes": folder_bytes(folder / "adapter"),
         "model_bytes": stored_bytes(model),
         "cell_s": time.perf_counter() - started,

@@ -17,7 +17,7 @@ from typing import Any
 COLUMNS = ("key", "status", "task", "model", "data", "arm", "impl", "method", "family", "size", "unit",
            "seed", "n_train", "n_val", "n_test", "metric", "test_metric", "test_loss",
            "best_val_metric", "best_step", "steps", "trainable_params", "base_params",
-           "trainable_pct", "peak_mem_mb", "train_s", "s_per_step", "adapter_bytes", "model_bytes", "cell_s",
+           "trainable_pct", "peak_mem_mb", "train_s", "s_per_step", "cpu_s_per_step", "adapter_bytes", "model_bytes", "cell_s",
            "device", "fingerprint", "finished", "error")
 
 
