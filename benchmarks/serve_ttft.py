@@ -167,8 +167,8 @@ def main() -> None:
         share_inputs(engine.pool.bank, (slot,))
         for name in args.variants:
             bl._apply = patched(VARIANTS[name])
-            if engine.graphs is not None:
-                engine.graphs._graphs.clear()  # captured again with this variant
+            if engine.graphs is not None:  # captured anew with this variant (a failed one stays eager)
+                engine.graphs = PrefillGraphs(engine.model, engine.pool.bank, per_slot=True)
             times = alternate_prefills(base, engine, slot, ids, 0 if args.graphs else args.runs)
             ttfts: dict[str, list[float]] = {"base": [], "adapter": []}
             ttft(base, prompt, None, runs=1), ttft(engine, prompt, "a0", runs=1)  # captures, if any
@@ -177,6 +177,7 @@ def main() -> None:
                 ttfts["adapter"].append(ttft(engine, prompt, "a0", runs=1))
             row = {f"prefill_ms_{k}": statistics.median(v) for k, v in times.items() if v}
             row.update({f"ttft_ms_{k}": statistics.median(v) for k, v in ttfts.items()})
+            row["graphed"] = engine.graphs is not None and engine.graphs.enabled
             if times["base"]:
                 row["prefill_ratio"] = row["prefill_ms_adapter"] / row["prefill_ms_base"]
             row["ttft_ratio"] = row["ttft_ms_adapter"] / row["ttft_ms_base"]
