@@ -111,12 +111,7 @@ class _Gathered:
 
     def gather(self) -> "_Gathered":
         """The rows' own terms (an index_select of the full stacks the kernel path keeps)."""
-        out = object.__new__(_Gathered)
-        out.plain = self.plain
-        for kind in ("a_t", "b_t", "gain", "shift"):  # gain and shift are [S, 1, out] already
-            value = getattr(self, kind)
-            setattr(out, kind, None if value is None else value.index_select(0, self.slots))
-        return out
+        return _mapped(self, lambda t: t.index_select(0, self.slots), self.plain)  # gain: [S, 1, out]
 
 
 class LowRankBank:
@@ -287,9 +282,14 @@ def _apply(g: _Gathered, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def _repeat(g: _Gathered, times: int) -> _Gathered:
+    return _mapped(g, lambda t: t.repeat_interleave(times, dim=0), False)
+
+
+def _mapped(g: _Gathered, take: Callable[[torch.Tensor], torch.Tensor], plain: bool) -> _Gathered:
+    """A _Gathered whose terms are `take` of g's (rows selected or repeated)."""
     out = object.__new__(_Gathered)
-    out.plain = False
+    out.plain = plain
     for kind in ("a_t", "b_t", "gain", "shift"):
         value = getattr(g, kind)
-        setattr(out, kind, None if value is None else value.repeat_interleave(times, dim=0))
+        setattr(out, kind, None if value is None else take(value))
     return out

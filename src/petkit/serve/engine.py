@@ -14,7 +14,7 @@ the adapters' low-rank terms are gathered per row by the pool's LowRankBank (cor
 the base matmuls shared. Finished and cancelled rows leave at once. Every row sees only its own
 tokens and its own adapter, so it gets what the same request served alone gets (greedy: token for
 token). On a GPU a one-row prefill of up to 2,048 tokens replays a captured CUDA graph, the base's or
-the adapters' one (serve.prefill_graphs; `cuda_graphs=False` / `--no-cuda-graphs` turns it off).
+its adapter slot's (serve.prefill_graphs; `cuda_graphs=False` / `--no-cuda-graphs` turns it off).
 `petkit chat` / `generate` and `petkit serve` both run on this engine.
 """
 from __future__ import annotations
