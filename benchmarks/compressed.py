@@ -17,7 +17,7 @@ wall time per step, and the size of the weights a deployment stores (quantised l
 bit width, PEQA integers packed at `bits` per weight, pruned models at their new shapes). Pruned
 arms also time the forward pass of the pruned model against the unpruned one (same batch).
 The `eqat-int4+peqa` arm (decoder only) is E2E-QP on the task: PEQA over the EfficientQAT int4
-folder that `QAT_BASE` (below) writes, which must exist first.
+folder that `QAT_BASES` (below) names, which must exist first.
 On the encoder (minilm-l6) pruning removes MLP channels only (BERT heads cannot be reloaded
 fewer by transformers 5), the same fraction of block parameters as on the decoder.
 
@@ -64,10 +64,14 @@ ARMS: dict[str, dict[str, Any]] = {
     "peqa-int4": {"method": {"name": "peqa", "bits": 4}, "lr": {"decoder": 3e-4, "encoder": 1e-3}, "head_lr": LR},
     "peqa-int3": {"method": {"name": "peqa", "bits": 3}, "lr": {"decoder": 3e-3, "encoder": 3e-3}, "head_lr": LR},
     # E2E-QP on the task: PEQA's step sizes over the EfficientQAT int4 (group 128) folder that
-    # `petkit quantize` writes (QAT_BASE); its rate chosen on 200 held-out training examples, seed 0
+    # `petkit quantize` writes (QAT_BASES); its rate chosen on 200 held-out training examples, seed 0
     # (3e-5, 1e-4, 3e-4 tie, 1e-3 worse: docs/compressed.md); a causal LM only.
     "eqat-int4+peqa": {"method": {"name": "peqa"}, "model": "runs/eqat-int4-g128", "lr": 3e-5,
                        "settings": ("decoder",)},
+    # The paper's order: Block-AP only (`--e2e-steps 0`), then E2E-QP on the task itself (PEQA's
+    # step sizes over that folder, QAT_BASES); no E2E-QP on the calibration text in between.
+    "eqat-ap-int4+peqa": {"method": {"name": "peqa"}, "model": "runs/eqat-ap-int4-g128", "lr": 3e-4,
+                          "settings": ("decoder",)},
     "loraprune-30": {"method": LORA, "prune": {"sparsity": 0.3}},
     "loraprune-50": {"method": LORA, "prune": {"sparsity": 0.5}},
     "apt-30": {"method": LORA, "prune": {"sparsity": 0.3, "method": "apt", "init_rank": 2, "grow_rank": 2,
@@ -77,7 +81,9 @@ ARMS: dict[str, dict[str, Any]] = {
 }
 
 
-QAT_BASE = "petkit quantize --method efficientqat --bits int4 --group-size 128 --output runs/eqat-int4-g128"
+QAT = "petkit quantize --method efficientqat --bits int4 --group-size 128"
+QAT_BASES = {"runs/eqat-int4-g128": f"{QAT} --output runs/eqat-int4-g128",  # the command that writes each folder
+             "runs/eqat-ap-int4-g128": f"{QAT} --e2e-steps 0 --output runs/eqat-ap-int4-g128"}
 
 
 def model_of(arm: str, setting: str) -> Any:
@@ -89,7 +95,7 @@ def model_of(arm: str, setting: str) -> Any:
     if folder is None:
         return recipe(setting, "lora").model
     if not (ROOT / folder / "config.json").is_file():
-        raise SystemExit(f"{arm} needs the EfficientQAT folder {folder}: run `{QAT_BASE}` first")
+        raise SystemExit(f"{arm} needs the EfficientQAT folder {folder}: run `{QAT_BASES[folder]}` first")
     return ModelSpec(str(ROOT / folder))
 
 

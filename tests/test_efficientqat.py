@@ -71,6 +71,44 @@ def test_saved_folder_reloads_with_transformers_to_the_same_logits(tmp_path) -> 
             torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("loader", ["load_quantized", "load_model"])
+def test_peqa_attached_to_a_reloaded_folder_before_any_forward_starts_from_its_grid(loader, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Regression: transformers keeps a compressed-tensors folder's layers compressed (int8 codes in
+    `weight`) until the first forward; PEQA attached before it read the codes as weights, and the
+    EfficientQAT task arm trained from garbage (one label for every example). petkit's loaders
+    (`pk.load_quantized`, and `load_model` under `petkit train --model DIR`) decompress at once."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from petkit.models import load_model
+    from toys import save_tiny_llama
+
+    fp = save_tiny_llama(tmp_path / "fp")  # with a tokenizer: `load_model` reads one
+    model = AutoModelForCausalLM.from_pretrained(fp)
+    pk.quantize(model, "int4", method="efficientqat", calibration=_calibration(), group_size=16, epochs=1,
+                e2e_steps=0)
+    ids = _calibration(2, 10, seed=5)
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    pk.save_quantized(model, tmp_path / "q", AutoTokenizer.from_pretrained(fp))
+    reloaded = pk.load_quantized(tmp_path / "q") if loader == "load_quantized" else \
+        load_model(str(tmp_path / "q"), task="causal-lm")[0]
+    assert reloaded.model.layers[0].mlp.up_proj.weight.is_floating_point()
+    pk.attach(reloaded, pk.PeqaConfig())  # before any forward
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, expected, rtol=0, atol=1e-5)
+
+
+def test_the_grid_of_a_still_compressed_layer_is_refused(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from transformers import AutoModelForCausalLM
+
+    model, _ = tiny_model("llama")
+    pk.quantize(model, "int4", method="rtn", group_size=16)
+    pk.save_quantized(model, tmp_path / "q")
+    compressed = AutoModelForCausalLM.from_pretrained(tmp_path / "q")  # no forward yet: int8 codes
+    with pytest.raises(ConfigError, match="still compressed"):
+        integer_grid(compressed.model.layers[0].mlp.up_proj)
+
+
 def test_a_group_that_does_not_divide_a_layer_leaves_a_short_last_group(tmp_path) -> None:  # type: ignore[no-untyped-def]
     # 64 inputs in groups of 24: 24 + 24 + 16, the last 16 quantised on their own (as 128 on
     # SmolLM2's 576); the folder stores groups of gcd(24, 64) = 8 with the scales repeated

@@ -41,3 +41,10 @@ def test_the_quantised_folder_arm_needs_its_folder_and_runs_on_the_decoder_only(
     assert compressed.model_of("lora-fp32", "decoder").name == "smollm2-135m"
     assert compressed.arms_on("encoder", ["lora-fp32", "eqat-int4+peqa"]) == ["lora-fp32"]
     assert compressed.arms_on("decoder", ["lora-fp32", "eqat-int4+peqa"]) == ["lora-fp32", "eqat-int4+peqa"]
+
+
+def test_the_block_ap_only_arm_names_the_command_that_writes_its_folder(monkeypatch, tmp_path) -> None:
+    monkeypatch.setattr(compressed, "ROOT", tmp_path)
+    with pytest.raises(SystemExit, match="--e2e-steps 0 --output runs/eqat-ap-int4-g128"):
+        compressed.model_of("eqat-ap-int4+peqa", "decoder")
+    assert compressed.arms_on("encoder", ["eqat-ap-int4+peqa"]) == []

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from petkit.core.errors import ConfigError
+from petkit.core.qweight import decompress_loaded
 from petkit.models.packages import require_module
 
 PIP = "compressed-tensors==0.20.1"
@@ -99,11 +100,12 @@ def save_quantized(model: nn.Module, folder: str | Path, tokenizer: Any = None) 
 
 
 def load_quantized(folder: str | Path) -> nn.Module:
-    """`AutoModelForCausalLM.from_pretrained(folder)`: what any transformers user runs."""
+    """`AutoModelForCausalLM.from_pretrained(folder)`, what any transformers user runs, with its
+    layers decompressed at once (transformers waits for the first forward: `decompress_loaded`)."""
     _require()
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(folder).eval()
+    return decompress_loaded(AutoModelForCausalLM.from_pretrained(folder)).eval()
 
 
 def text_windows(tokenizer: Any, texts: list[str], length: int, count: int, seed: int) -> torch.Tensor:

@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .errors import ConfigError
+
 QUANT_ATTR = "_petkit_quantization"  # where `pk.quantize` records its spec on the model
 
 
@@ -110,6 +112,20 @@ def plain_tensor(param: torch.Tensor) -> torch.Tensor:
     return t.float().cpu().contiguous()
 
 
+def decompress_loaded(model: nn.Module) -> nn.Module:
+    """Decompress, now, a model that transformers loaded from a compressed-tensors folder.
+
+    Such a model keeps its quantised layers compressed (`weight` holds int8 codes) until its first
+    forward, which a hook (`ct_decompress_hook`) decompresses to s ⊙ (q - z) in place. A wrapper
+    attached before that forward would read the codes as weights (PEQA's grid from them was
+    garbage: one label for every example), so loaders decompress at once. Other models: unchanged.
+    """
+    compressor = getattr(getattr(model, "hf_quantizer", None), "compressor", None)
+    if getattr(model, "ct_decompress_hook", None) is not None and compressor is not None:
+        compressor.decompress_model(model)  # removes the hook too
+    return model
+
+
 def integer_grid(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """The integer grid of a layer quantised in the compressed-tensors layout, else None.
 
@@ -125,6 +141,9 @@ def integer_grid(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.T
         return None
     if scale.dim() != 2 or zero.shape != scale.shape:
         return None  # per-tensor or symmetric schemes: PEQA's own RTN applies
+    if not module.weight.is_floating_point():
+        raise ConfigError("this integer layer is still compressed (its weight holds int8 codes): load "
+                          "the folder with petkit (`--model DIR`, pk.load_quantized) or run one forward first")
     offset, qmax = 1 << (args.num_bits - 1), (1 << args.num_bits) - 1
     scales = scale.detach().float()
     w = module.weight.detach().float().reshape(scales.shape[0], scales.shape[1], -1)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from petkit.core.errors import ConfigError, PetkitError, did_you_mean
+from petkit.core.qweight import decompress_loaded
 from petkit.models.embedded import EMBEDDED_MODELS, resolve_model
 from petkit.models.packages import quiet_optional_imports
 
@@ -114,6 +115,7 @@ def load_model(
             model, info = auto.from_pretrained(path, output_loading_info=True, **kwargs)
     except (OSError, ValueError) as err:
         raise _not_found(name_or_path, path, err) from err
+    decompress_loaded(model)  # an integer folder (EfficientQAT / RTN): weights readable before attach
     _ensure_pad(model, tokenizer)
     new_modules = _missing_modules(model, info.get("missing_keys", ())) if task == "seq-cls" else []
     if task == "seq-cls":
