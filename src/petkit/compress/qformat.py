@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from petkit.core.errors import ConfigError
-from petkit.core.qweight import decompress_loaded
+from petkit.models.loading import decompress_loaded
 from petkit.models.packages import require_module
 
 PIP = "compressed-tensors==0.20.1"

@@ -112,20 +112,6 @@ def plain_tensor(param: torch.Tensor) -> torch.Tensor:
     return t.float().cpu().contiguous()
 
 
-def decompress_loaded(model: nn.Module) -> nn.Module:
-    """Decompress, now, a model that transformers loaded from a compressed-tensors folder.
-
-    Such a model keeps its quantised layers compressed (`weight` holds int8 codes) until its first
-    forward, which a hook (`ct_decompress_hook`) decompresses to s ⊙ (q - z) in place. A wrapper
-    attached before that forward would read the codes as weights (PEQA's grid from them was
-    garbage: one label for every example), so loaders decompress at once. Other models: unchanged.
-    """
-    compressor = getattr(getattr(model, "hf_quantizer", None), "compressor", None)
-    if getattr(model, "ct_decompress_hook", None) is not None and compressor is not None:
-        compressor.decompress_model(model)  # removes the hook too
-    return model
-
-
 def integer_grid(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """The integer grid of a layer quantised in the compressed-tensors layout, else None.
 

@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING
 import torch
 
 from petkit.core.errors import ConfigError, PetkitError, did_you_mean
-from petkit.core.qweight import decompress_loaded
 from petkit.models.embedded import EMBEDDED_MODELS, resolve_model
 from petkit.models.packages import quiet_optional_imports
 
@@ -123,6 +122,20 @@ def load_model(
     setattr(model, NEW_MODULES_ATTR, new_modules)
     model.eval()
     return model, tokenizer
+
+
+def decompress_loaded(model: torch.nn.Module) -> torch.nn.Module:
+    """Decompress, now, a model that transformers loaded from a compressed-tensors folder.
+
+    Such a model keeps its quantised layers compressed (`weight` holds int8 codes) until its first
+    forward, which a hook (`ct_decompress_hook`) decompresses to s ⊙ (q - z) in place. A wrapper
+    attached before that forward would read the codes as weights (PEQA's grid from them was
+    garbage: one label for every example), so loaders decompress at once. Other models: unchanged.
+    """
+    compressor = getattr(getattr(model, "hf_quantizer", None), "compressor", None)
+    if getattr(model, "ct_decompress_hook", None) is not None and compressor is not None:
+        compressor.decompress_model(model)  # removes the hook too
+    return model
 
 
 def _ensure_pad(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> None:
