@@ -70,7 +70,7 @@ ARMS: dict[str, dict[str, Any]] = {
                        "settings": ("decoder",)},
     # The paper's order: Block-AP only (`--e2e-steps 0`), then E2E-QP on the task itself (PEQA's
     # step sizes over that folder, QAT_BASES); no E2E-QP on the calibration text in between.
-    "eqat-ap-int4+peqa": {"method": {"name": "peqa"}, "model": "runs/eqat-ap-int4-g128", "lr": 3e-4,
+    "eqat-ap-int4+peqa": {"method": {"name": "peqa"}, "model": "runs/eqat-ap-int4-g128", "lr": 1e-4,
                           "settings": ("decoder",)},
     "loraprune-30": {"method": LORA, "prune": {"sparsity": 0.3}},
     "loraprune-50": {"method": LORA, "prune": {"sparsity": 0.5}},
