@@ -16,8 +16,8 @@ fp32 checkpoint is loaded before quantising, so the process peak would hide the 
 wall time per step, and the size of the weights a deployment stores (quantised layers at their
 bit width, PEQA integers packed at `bits` per weight, pruned models at their new shapes). Pruned
 arms also time the forward pass of the pruned model against the unpruned one (same batch).
-The `eqat-int4+peqa` arm (decoder only) is E2E-QP on the task: PEQA over the EfficientQAT int4
-folder that `QAT_BASES` (below) names, which must exist first.
+The `eqat-ap-int4+peqa` / `eqat-int4+peqa` arms (decoder only) are E2E-QP on the task: PEQA over
+the EfficientQAT int4 folders that `QAT_BASES` (below) names, which must exist first.
 On the encoder (minilm-l6) pruning removes MLP channels only (BERT heads cannot be reloaded
 fewer by transformers 5), the same fraction of block parameters as on the decoder.
 
@@ -63,13 +63,13 @@ ARMS: dict[str, dict[str, Any]] = {
     # docs/compressed.md); head_lr: the encoder's new head trains at the LoRA arms' lr.
     "peqa-int4": {"method": {"name": "peqa", "bits": 4}, "lr": {"decoder": 3e-4, "encoder": 1e-3}, "head_lr": LR},
     "peqa-int3": {"method": {"name": "peqa", "bits": 3}, "lr": {"decoder": 3e-3, "encoder": 3e-3}, "head_lr": LR},
-    # E2E-QP on the task: PEQA's step sizes over the EfficientQAT int4 (group 128) folder that
-    # `petkit quantize` writes (QAT_BASES); its rate chosen on 200 held-out training examples, seed 0
-    # (3e-5, 1e-4, 3e-4 tie, 1e-3 worse: docs/compressed.md); a causal LM only.
-    "eqat-int4+peqa": {"method": {"name": "peqa"}, "model": "runs/eqat-int4-g128", "lr": 3e-5,
+    # E2E-QP on the task: PEQA's step sizes over the EfficientQAT int4 (group 128) folders that
+    # `petkit quantize` writes (QAT_BASES); rates chosen on 200 held-out training examples, seed 0
+    # (1e-4 for both among 3e-5..1e-3: docs/compressed.md); a causal LM only. This one: Block-AP,
+    # then E2E-QP on the calibration text, then on the task.
+    "eqat-int4+peqa": {"method": {"name": "peqa"}, "model": "runs/eqat-int4-g128", "lr": 1e-4,
                        "settings": ("decoder",)},
-    # The paper's order: Block-AP only (`--e2e-steps 0`), then E2E-QP on the task itself (PEQA's
-    # step sizes over that folder, QAT_BASES); no E2E-QP on the calibration text in between.
+    # The paper's order for a task: Block-AP only (`--e2e-steps 0`), then E2E-QP on the task itself.
     "eqat-ap-int4+peqa": {"method": {"name": "peqa"}, "model": "runs/eqat-ap-int4-g128", "lr": 1e-4,
                           "settings": ("decoder",)},
     "loraprune-30": {"method": LORA, "prune": {"sparsity": 0.3}},
