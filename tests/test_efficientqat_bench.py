@@ -48,3 +48,18 @@ def test_the_block_ap_only_arm_names_the_command_that_writes_its_folder(monkeypa
     with pytest.raises(SystemExit, match="--e2e-steps 0 --output runs/eqat-ap-int4-g128"):
         compressed.model_of("eqat-ap-int4+peqa", "decoder")
     assert compressed.arms_on("encoder", ["eqat-ap-int4+peqa"]) == []
+
+
+def test_the_diagnosis_sees_an_untied_or_changed_output_head() -> None:
+    import torch
+
+    from petkit.models import tiny_model
+
+    task = importlib.import_module("efficientqat_task")
+    model, _ = tiny_model("llama")
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    head = model.get_output_embeddings().weight.detach().float().clone()
+    assert task.head_state(model, head) == {"head_tied": True, "head_equal_fp32": True}
+    model.lm_head.weight = torch.nn.Parameter(head + 1)  # untied and moved
+    assert task.head_state(model, head) == {"head_tied": False, "head_equal_fp32": False}
