@@ -1,15 +1,19 @@
 """The search behind `petkit train`'s default recipe (docs/default-recipe.md): candidate recipes
-trained on a training subset and scored on a validation split carved from it (the harness's own
-data, arms and training loop; the sealed test subset is never opened), then a table.
+trained on a training subset and scored on a validation split (the harness's own data, arms and
+training loop; the sealed test subset is never opened), then a table.
 
-    nice -n 10 python benchmarks/default_recipe.py search benchmarks/default_recipe_search.yaml 1/2 &
-    nice -n 10 python benchmarks/default_recipe.py search benchmarks/default_recipe_search.yaml 2/2
-    python benchmarks/default_recipe.py table           # search table + the test grid's table
+Where the grid carves validation from the training subset (`validation: {fraction: 0.2, ...}`,
+the first search) the cell trains on the rest. With `validation: {fraction: 0}` (the held-out
+search) the cell trains on all `size` examples, exactly as the test grid does, and is scored on
+the HELD_OUT training-pool examples that follow them in the seed's order (never among them).
+
+    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/default_recipe.py search benchmarks/default_recipe_heldout.yaml
+    python benchmarks/default_recipe.py table           # search tables + the test grid's table
 
 The test comparison (winner, today's default, PEFT's default LoRA; 3 seeds; test split) is a
 plain harness grid: `petkit bench benchmarks/default_recipe_test.yaml --output runs/bench-default-test`.
-Results of the search go to docs/default_recipe_search.jsonl (one line per cell; re-running
-skips cells already there, so an interrupted search resumes).
+Results of a search go to docs/<grid file's stem>.jsonl (one line per cell; re-running skips
+cells already there, so an interrupted search resumes).
 """
 from __future__ import annotations
 
@@ -24,18 +28,29 @@ import torch
 
 from petkit.benchmark.arms import ArmContext, make_arm
 from petkit.benchmark.spec import Cell, load_spec
-from petkit.benchmark.tasks import cell_data, load
+from petkit.benchmark.tasks import CellData, cell_data, load
 from petkit.training import train
 
 ROOT = Path(__file__).resolve().parents[1]
-SEARCH_OUT = ROOT / "docs" / "default_recipe_search.jsonl"
+SEARCHES = {"validation carved from the 480 (96 examples)": ROOT / "docs" / "default_recipe_search.jsonl",
+            "held-out validation (400 examples outside the 480)": ROOT / "docs" / "default_recipe_heldout.jsonl"}
+HELD_OUT = 400  # validation examples after the cell's training examples (grids with fraction 0)
 TEST_RUN = ROOT / "runs" / "bench-default-test"
 TEST_COPY = ROOT / "docs" / "default_recipe_test.csv"  # the 2026-12-07 run's cells.csv, kept
 
 
+def search_data(loaded, size: int, seed: int, fraction: float, maximum: int | None) -> CellData:
+    """Carved from the `size` examples (fraction > 0), or all of them for training and the
+    HELD_OUT pool examples after them in the seed's order for validation (fraction 0)."""
+    if fraction > 0:
+        return cell_data(loaded, size, seed, fraction, maximum)
+    both = cell_data(loaded, size + HELD_OUT, seed, 0, None).train  # sizes are nested: train first
+    return CellData(both[:size], both[size:])
+
+
 def validation_cell(cell: Cell, spec, loaded) -> dict:
     """Train one cell; its accuracy on the validation split at the last step (no test)."""
-    data = cell_data(loaded, cell.size, cell.seed, spec.validation_fraction, spec.validation_max)
+    data = search_data(loaded, cell.size, cell.seed, spec.validation_fraction, spec.validation_max)
     config = spec.train_config(cell).replace(label_token_ids=loaded.label_token_ids, eval_every=0)
     arm = make_arm(cell.arm)
     model = arm.setup(loaded.fresh_model(cell.seed), ArmContext(loaded.task_type, loaded.head_modules, cell.seed))
@@ -51,13 +66,13 @@ def validation_cell(cell: Cell, spec, loaded) -> dict:
 
 
 def search(path: str, shard: str = "1/1") -> None:
-    """Run this shard's cells of the search grid that are not in SEARCH_OUT yet."""
+    """Run this shard's cells of the search grid that are not in its jsonl (docs/) yet."""
     spec = load_spec(path)
     if spec.threads:
         torch.set_num_threads(spec.threads)
     index, count = (int(x) for x in shard.split("/"))
-    done = {json.loads(line)["key"] for line in SEARCH_OUT.read_text().splitlines()} \
-        if SEARCH_OUT.exists() else set()
+    out = ROOT / "docs" / f"{Path(path).stem}.jsonl"
+    done = {json.loads(line)["key"] for line in out.read_text().splitlines()} if out.exists() else set()
     loaded = {}
     arms = [a.name for a in spec.arms]  # arm by arm, both tasks each: a search cut short compares alike
     cells = sorted(spec.cells(), key=lambda c: (c.seed, arms.index(c.arm.name)))
@@ -68,8 +83,8 @@ def search(path: str, shard: str = "1/1") -> None:
             loaded[cell.task.name] = load(cell.task)
         record = validation_cell(cell, spec, loaded[cell.task.name])
         print(json.dumps(record), flush=True)
-        with SEARCH_OUT.open("a", encoding="utf-8") as out:
-            out.write(json.dumps(record) + "\n")
+        with out.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
 
 
 def _rows(records: list[dict], value: str) -> dict[tuple[str, str], list[float]]:
@@ -122,9 +137,11 @@ def _against(rows: list[dict], reference: str = "peft-default") -> str:
 
 def table() -> None:
     """Print the search's validation table and, where it ran, the test grid's table."""
-    if SEARCH_OUT.exists():
-        records = [json.loads(line) for line in SEARCH_OUT.read_text().splitlines()]
-        print("validation accuracy (%), CPU s/step:\n" + _markdown(records, "val_accuracy", "cpu_s_per_step", 100))
+    for name, path in SEARCHES.items():
+        if path.exists():
+            records = [json.loads(line) for line in path.read_text().splitlines()]
+            print(f"{name}: validation accuracy (%), CPU s/step:\n"
+                  + _markdown(records, "val_accuracy", "cpu_s_per_step", 100) + "\n")
     results = TEST_RUN / "cells.csv" if (TEST_RUN / "cells.csv").exists() else TEST_COPY
     if results.exists():
         with results.open(encoding="utf-8") as handle:

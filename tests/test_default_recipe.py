@@ -1,0 +1,53 @@
+"""benchmarks/default_recipe.py: the held-out search trains on exactly the test grid's examples and
+scores on pool examples outside them; the carved search keeps its split; the grids load."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from types import SimpleNamespace
+
+from petkit.benchmark.spec import load_spec
+from petkit.benchmark.tasks import cell_data
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("default_recipe", ROOT / "benchmarks" / "default_recipe.py")
+recipe = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(recipe)
+
+
+def pool_task(n: int) -> SimpleNamespace:
+    """The parts of a LoadedTask that cell_data reads; encoding keeps the example."""
+    pool = [{"text": f"t{i}", "label": i % 2} for i in range(n)]
+    return SimpleNamespace(pool=pool, encode=list, spec=SimpleNamespace(data="toy"))
+
+
+def texts(examples) -> list[str]:
+    return [e["text"] for e in examples]
+
+
+def test_held_out_validation_is_outside_the_training_examples_of_the_test_grid():
+    loaded = pool_task(1000)
+    for seed in (0, 1):
+        data = recipe.search_data(loaded, 480, seed, 0.0, None)
+        assert texts(data.train) == texts(cell_data(loaded, 480, seed, 0, None).train)  # what the test grid trains on
+        assert len(data.validation) == recipe.HELD_OUT
+        assert not set(texts(data.validation)) & set(texts(data.train))
+    assert texts(recipe.search_data(loaded, 480, 0, 0.0, None).validation) != \
+        texts(recipe.search_data(loaded, 480, 1, 0.0, None).validation)  # drawn with the seed
+
+
+def test_carved_validation_is_the_harness_split_of_the_first_search():
+    loaded = pool_task(1000)
+    data = recipe.search_data(loaded, 480, 0, 0.2, 96)
+    reference = cell_data(loaded, 480, 0, 0.2, 96)
+    assert texts(data.train) == texts(reference.train) and texts(data.validation) == texts(reference.validation)
+    assert len(data.train) == 384 and len(data.validation) == 96
+
+
+def test_the_default_recipe_grids_load_with_todays_default_arm():
+    for name in ("default_recipe_search.yaml", "default_recipe_heldout.yaml", "default_recipe_test.yaml"):
+        spec = load_spec(str(ROOT / "benchmarks" / name))
+        assert "default-qv-r8" in {a.name for a in spec.arms}
+        assert {t.name for t in spec.tasks} == {"rotten-tomatoes", "bbc-news"}
+        assert spec.train["max_steps"] == 60 and spec.train["batch_size"] == 8 and tuple(spec.sizes) == (480,)
+    assert load_spec(str(ROOT / "benchmarks" / "default_recipe_heldout.yaml")).validation_fraction == 0
