@@ -35,8 +35,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SEARCHES = {"validation carved from the 480 (96 examples)": ROOT / "docs" / "default_recipe_search.jsonl",
             "held-out validation (400 examples outside the 480)": ROOT / "docs" / "default_recipe_heldout.jsonl"}
 HELD_OUT = 400  # validation examples after the cell's training examples (grids with fraction 0)
-TEST_RUN = ROOT / "runs" / "bench-default-test"
-TEST_COPY = ROOT / "docs" / "default_recipe_test.csv"  # the 2026-12-07 run's cells.csv, kept
+# test grids: their run folder's cells.csv, else the copy kept in docs/ (the runs of 2026-12-07)
+TESTS = {ROOT / "runs" / "bench-default-test": ROOT / "docs" / "default_recipe_test.csv",
+         ROOT / "runs" / "bench-default-test-candidate": ROOT / "docs" / "default_recipe_test_candidate.csv"}
 
 
 def search_data(loaded, size: int, seed: int, fraction: float, maximum: int | None) -> CellData:
@@ -122,17 +123,28 @@ def _per_seed(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _against(rows: list[dict], reference: str = "peft-default") -> str:
+def _against(rows: list[dict], reference: str, skip: tuple[str, ...] = ()) -> str:
     """Each other arm against `reference`, per task: mean test points above it, CPU time ratio."""
     values, cpu = _rows(rows, "test_metric"), _rows(rows, "cpu_s_per_step")
     lines = []
     for arm, task in values:
-        if arm != reference and (reference, task) in values:
+        if arm != reference and arm not in skip and (reference, task) in values:
             gap = 100 * (statistics.mean(values[arm, task]) - statistics.mean(values[reference, task]))
             ratio = statistics.mean(cpu[arm, task]) / statistics.mean(cpu[reference, task])
             lines.append(f"{arm} - {reference} on {task}: {gap:+.1f} points, CPU s/step x{ratio:.2f} "
                          f"({len(values[arm, task])} and {len(values[reference, task])} seeds)")
     return "\n".join(lines)
+
+
+def test_rows() -> list[dict]:
+    """The finished cells of every test grid (today's default and PEFT's, then the candidate)."""
+    rows = []
+    for run, copy in TESTS.items():
+        results = run / "cells.csv" if (run / "cells.csv").exists() else copy
+        if results.exists():
+            with results.open(encoding="utf-8") as handle:
+                rows += [r for r in csv.DictReader(handle) if r.get("status", "ok") == "ok" and r["test_metric"]]
+    return rows
 
 
 def table() -> None:
@@ -142,14 +154,13 @@ def table() -> None:
             records = [json.loads(line) for line in path.read_text().splitlines()]
             print(f"{name}: validation accuracy (%), CPU s/step:\n"
                   + _markdown(records, "val_accuracy", "cpu_s_per_step", 100) + "\n")
-    results = TEST_RUN / "cells.csv" if (TEST_RUN / "cells.csv").exists() else TEST_COPY
-    if results.exists():
-        with results.open(encoding="utf-8") as handle:
-            rows = [r for r in csv.DictReader(handle) if r.get("status", "ok") == "ok" and r["test_metric"]]
+    rows = test_rows()
+    if rows:
         print("\ntest accuracy (%), CPU s/step:\n" + _markdown(rows, "test_metric", "cpu_s_per_step", 100))
         print("\ntest accuracy (%), wall s/step:\n" + _markdown(rows, "test_metric", "s_per_step", 100))
         print("\ntest accuracy (%) per seed (seeds 0 / 1 / 2):\n" + _per_seed(rows))
-        print("\n" + _against(rows))
+        print("\n" + _against(rows, "peft-default"))
+        print(_against(rows, "default-qv-r8", skip=("peft-default",)))
 
 
 if __name__ == "__main__":

@@ -51,3 +51,18 @@ def test_the_default_recipe_grids_load_with_todays_default_arm():
         assert {t.name for t in spec.tasks} == {"rotten-tomatoes", "bbc-news"}
         assert spec.train["max_steps"] == 60 and spec.train["batch_size"] == 8 and tuple(spec.sizes) == (480,)
     assert load_spec(str(ROOT / "benchmarks" / "default_recipe_heldout.yaml")).validation_fraction == 0
+
+
+def cells(arm: str, task: str, accs: list[float], cpu: float) -> list[dict]:
+    return [{"arm": arm, "task": task, "seed": str(s), "test_metric": str(a), "cpu_s_per_step": str(cpu)}
+            for s, a in enumerate(accs)]
+
+
+def test_each_arm_is_compared_with_peft_and_todays_default_per_task():
+    rows = (cells("default-qv-r8", "rt", [0.80, 0.82, 0.84], 2.0) + cells("peft-default", "rt", [0.80, 0.80, 0.80], 2.0)
+            + cells("cand", "rt", [0.85, 0.85, 0.85], 2.5))
+    lines = recipe._against(rows, "peft-default").splitlines()
+    assert lines == ["default-qv-r8 - peft-default on rt: +2.0 points, CPU s/step x1.00 (3 and 3 seeds)",
+                     "cand - peft-default on rt: +5.0 points, CPU s/step x1.25 (3 and 3 seeds)"]
+    assert recipe._against(rows, "default-qv-r8", skip=("peft-default",)) == \
+        "cand - default-qv-r8 on rt: +3.0 points, CPU s/step x1.25 (3 and 3 seeds)"
