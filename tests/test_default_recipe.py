@@ -44,13 +44,27 @@ def test_carved_validation_is_the_harness_split_of_the_first_search():
     assert len(data.train) == 384 and len(data.validation) == 96
 
 
-def test_the_default_recipe_grids_load_with_todays_default_arm():
-    for name in ("default_recipe_search.yaml", "default_recipe_heldout.yaml", "default_recipe_test.yaml"):
-        spec = load_spec(str(ROOT / "benchmarks" / name))
-        assert "default-qv-r8" in {a.name for a in spec.arms}
+def grid(name: str):
+    return load_spec(str(ROOT / "benchmarks" / name))
+
+
+def test_the_default_recipe_grids_share_todays_budget_and_tasks():
+    for name in ("default_recipe_search.yaml", "default_recipe_heldout.yaml", "default_recipe_test.yaml",
+                 "default_recipe_test_candidate.yaml"):
+        spec = grid(name)
         assert {t.name for t in spec.tasks} == {"rotten-tomatoes", "bbc-news"}
         assert spec.train["max_steps"] == 60 and spec.train["batch_size"] == 8 and tuple(spec.sizes) == (480,)
-    assert load_spec(str(ROOT / "benchmarks" / "default_recipe_heldout.yaml")).validation_fraction == 0
+    assert "default-qv-r8" in {a.name for a in grid("default_recipe_heldout.yaml").arms}
+    assert grid("default_recipe_heldout.yaml").validation_fraction == 0
+
+
+def test_the_candidate_runs_the_test_grid_with_the_searched_arm():
+    test, candidate = grid("default_recipe_test.yaml"), grid("default_recipe_test_candidate.yaml")
+    assert (candidate.train, candidate.tasks, candidate.seeds, candidate.validation_fraction) == \
+        (test.train, test.tasks, test.seeds, test.validation_fraction)
+    searched = {a.name: a for a in grid("default_recipe_heldout.yaml").arms}
+    (arm,) = candidate.arms
+    assert arm == searched[arm.name]
 
 
 def cells(arm: str, task: str, accs: list[float], cpu: float) -> list[dict]:
