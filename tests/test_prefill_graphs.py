@@ -143,3 +143,32 @@ def test_a_failed_capture_falls_back_to_eager_prefill_and_says_so(monkeypatch, c
     with caplog.at_level("WARNING", logger="petkit.serve"):
         assert serve(graphed, work, True) == serve(eager, work, True)
     assert not graphed.graphs.enabled and "CUDA-graph prefill is off" in caplog.text
+
+
+@pytest.mark.gpu
+def test_overlapped_shrink_equals_the_one_stream_path_eagerly_and_in_a_graph() -> None:
+    model = tiny("cuda")
+    e = Engine(model, None, max_batch=4, max_adapters=2, cuda_graphs=False)
+    e.pool.register("a", terms(model, 4, 1, ("q_proj", "v_proj")), "lora")
+    bank, slot = e.pool.bank, e.pool.acquire("a")
+    ids = torch.randint(3, 256, (1, 24), generator=torch.Generator().manual_seed(3)).to("cuda")
+    aside = torch.cuda.Stream()
+    with torch.no_grad(), bank.using([slot]):
+        plain = model(input_ids=ids).logits
+        with bank.overlapping(aside):
+            eager = model(input_ids=ids).logits
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                model(input_ids=ids)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                captured = model(input_ids=ids).logits
+        graph.replay()
+        torch.cuda.synchronize()
+        with bank.using([0]):
+            base = model(input_ids=ids).logits
+    assert (plain - base).abs().max() > 1e-2  # the adapter is live
+    torch.testing.assert_close(eager, plain, rtol=0, atol=0)
+    torch.testing.assert_close(captured, plain, rtol=0, atol=0)

@@ -126,6 +126,7 @@ class LowRankBank:
         self._key: tuple[int, ...] = ()
         self._slot_index: torch.Tensor | None = None  # set by `indexed_row`
         self._row_kernel = False  # indexed rows through core.lowrank_rows
+        self._aside: torch.cuda.Stream | None = None  # set by `overlapping`
         self.layout = 0  # bumped whenever a stack is (re)allocated: captured graphs read addresses
         self._cache: dict[tuple[int, ...], dict[str, _Gathered]] = {}
         self._indices: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
@@ -216,6 +217,18 @@ class LowRankBank:
         finally:
             self._key, self._slot_index, self._row_kernel = saved
 
+    @contextmanager
+    def overlapping(self, aside: "torch.cuda.Stream | None") -> Iterator[None]:
+        """One-row forwards on a GPU take each layer's shrink `x @ A^T` off the critical path: it
+        runs on the stream `aside` while the base matmul runs on the current one, and only the
+        expand (one `baddbmm`) waits for both. Used while capturing a CUDA-graph prefill, where a
+        one-row adapter costs what its kernels add to the chain of kernels the graph replays."""
+        saved, self._aside = self._aside, aside
+        try:
+            yield
+        finally:
+            self._aside = saved
+
     def _gathered(self, path: str) -> _Gathered | None:
         if self._slot_index is not None:  # never cached: a capture must record the gather itself
             return _Gathered(self.stacks[path], self._key, self._slot_index, self._row_kernel)
@@ -242,8 +255,10 @@ class LowRankBank:
 
     def _forward(self, path: str, plain: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         def forward(x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
-            y = plain(x, *args, **kwargs)
             g = self._gathered(path) if self._key else None
+            if g is not None and self._aside is not None and _overlappable(g, x):
+                return _overlapped(g, x, lambda: plain(x, *args, **kwargs), self._aside)
+            y = plain(x, *args, **kwargs)
             return y if g is None else _apply(g, x, y)
         return forward
 
@@ -279,6 +294,30 @@ def _apply(g: _Gathered, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         y3 = y3 + g.shift.to(y3.dtype)
     xa = torch.bmm(x3, a_t)
     return torch.baddbmm(y3, xa if xa.dtype == y3.dtype else xa.to(y3.dtype), b_t).view(shape)
+
+
+def _overlappable(g: _Gathered, x: torch.Tensor) -> bool:
+    """Rows that map one to one onto the gathered terms, low-rank terms only, on a GPU."""
+    return (g.plain and g.slots is None and x.is_cuda and x.dim() == 3
+            and x.shape[0] == g.a_t.shape[0] and x.dtype == g.a_t.dtype)
+
+
+def _overlapped(g: _Gathered, x: torch.Tensor, base: Callable[[], torch.Tensor],
+                aside: "torch.cuda.Stream") -> torch.Tensor:
+    """`base() + (x @ A^T) @ (s B)^T` with the shrink on `aside`, beside the base matmul.
+
+    The caching allocator stays safe across the two streams: `x` lives until after the join, and
+    the next use of `xa`'s memory on `aside` is queued behind this join (every shrink first waits
+    for the current stream)."""
+    main = torch.cuda.current_stream(x.device)
+    aside.wait_stream(main)
+    with torch.cuda.stream(aside):
+        xa = torch.bmm(x, g.a_t)
+    y = base()
+    main.wait_stream(aside)
+    if y.dtype == xa.dtype and y.dim() == 3:
+        return torch.baddbmm(y, xa, g.b_t)
+    return y + torch.bmm(xa, g.b_t).to(y.dtype).view(y.shape)
 
 
 def _repeat(g: _Gathered, times: int) -> _Gathered:
