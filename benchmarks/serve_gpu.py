@@ -114,13 +114,13 @@ def ttft(engine: Engine, prompt: list[int], adapter: str | None, runs: int = 5) 
 
 def ttft_pair(base: Engine, engine: Engine, prompt: list[int], adapter: str, runs: int) -> dict:
     """Median time to first token, base and adapter alternating, in four modes on the same two
-    engines: their graphed prefills (the default: one graph per adapter slot, each layer's shrink
-    on a side stream beside the base matmul), eager prefills (graphs taken away), the per-slot
-    graphs with the shrink in line (`_serial`: the default before 2026-12-08) and one graph per
-    bucket for every slot, through the fused row kernel where triton is installed (`_kernel`)."""
+    engines: their graphed prefills (the default: one graph per adapter slot, siblings' shrinks in
+    one GEMM, expands in place), eager prefills (graphs taken away), the per-slot graphs without
+    that sharing (`_serial`: the default before 2026-12-08) and one graph per bucket for every
+    slot, through the fused row kernel where triton is installed (`_kernel`)."""
     graphs = base.graphs, engine.graphs
     other = {} if engine.graphs is None else {
-        "_serial": PrefillGraphs(engine.model, engine.pool.bank, overlap=False),
+        "_serial": PrefillGraphs(engine.model, engine.pool.bank, share=False),
         "_kernel": PrefillGraphs(engine.model, engine.pool.bank, per_slot=False)}
     modes = {"": graphs, "_eager": (None, None), **{k: (base.graphs, other.get(k)) for k in ("_serial", "_kernel")}}
     times: dict[str, list[float]] = {}

@@ -17,12 +17,12 @@ turn into the same engine (same model, same 44 rank-16 q/v adapters as benchmark
            q and v each add their slice
   wrapper  the wrapped forward with no delta at all (what the wrapper costs alone)
   one-gemm the wrapper and one discarded bmm(x, A^T) (what one small GEMM costs)
+  inplace  bmm, the expand added in place on the base output (`baddbmm_`: no copy of y first)
   shipped  whatever `_apply` does now
-  overlap  (with --graphs) the shipped per-slot graphs: each layer's shrink on a side stream beside
-           the base matmul, the expand (one baddbmm) after both (LowRankBank.overlapping)
-  overlap-add  the same, with both products on the side stream and one add after the base matmul
+  shared   (with --graphs) the shipped per-slot graphs: siblings reading one input share one
+           shrink GEMM with their joint A, each expand added in place (LowRankBank.sharing)
 
-Every other variant is captured with the shrink in line (`PrefillGraphs(overlap=False)`).
+Every other variant is captured without the bank's sharing (`PrefillGraphs(share=False)`).
 
 Then the shipped path's raw prefill ratio at other prompt lengths (`--lengths`): the adapter's
 cost per layer is fixed while the base's prefill grows with the prompt.
@@ -100,22 +100,15 @@ def share_inputs(bank: bl.LowRankBank, key: tuple[int, ...]) -> None:
         g.cols, other.cols = slice(0, g.b_t.shape[2]), slice(g.b_t.shape[2], None)
 
 
-def overlapped_add(g: bl._Gathered, x: torch.Tensor, base: Callable, aside: torch.cuda.Stream) -> torch.Tensor:
-    main = torch.cuda.current_stream(x.device)
-    aside.wait_stream(main)
-    with torch.cuda.stream(aside):
-        delta = torch.bmm(torch.bmm(x, g.a_t), g.b_t)
-    y = base()
-    main.wait_stream(aside)
-    return y + delta
+def one_row_inplace(g: bl._Gathered, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return y.baddbmm_(torch.bmm(x, g.a_t), g.b_t)
 
 
-SHIPPED, OVERLAPPED = bl._apply, bl._overlapped
-OVERLAPS = {"overlap": OVERLAPPED, "overlap-add": overlapped_add}
+SHIPPED = bl._apply
 VARIANTS: dict[str, Callable | None] = {"matmul": one_row_matmul, "bmm": one_row_bmm, "mm2d": one_row_mm2d,
                                         "grouped": one_row_grouped, "dense": one_row_dense,
-                                        "wrapper": wrapper_only, "one-gemm": one_gemm, "shipped": None,
-                                        "overlap": None, "overlap-add": None}
+                                        "wrapper": wrapper_only, "one-gemm": one_gemm, "inplace": one_row_inplace,
+                                        "shipped": None, "shared": None}
 
 
 def patched(one_row: Callable | None) -> Callable:
@@ -184,9 +177,8 @@ def main() -> None:
         share_inputs(engine.pool.bank, (slot,))
         for name in args.variants:
             bl._apply = patched(VARIANTS[name])
-            bl._overlapped = OVERLAPS.get(name, OVERLAPPED)
             if engine.graphs is not None:  # captured anew with this variant (a failed one stays eager)
-                engine.graphs = PrefillGraphs(engine.model, engine.pool.bank, overlap=name in OVERLAPS)
+                engine.graphs = PrefillGraphs(engine.model, engine.pool.bank, share=name == "shared")
             times = alternate_prefills(base, engine, slot, ids, 0 if args.graphs else args.runs)
             ttfts: dict[str, list[float]] = {"base": [], "adapter": []}
             ttft(base, prompt, None, runs=1), ttft(engine, prompt, "a0", runs=1)  # captures, if any
@@ -201,7 +193,7 @@ def main() -> None:
             row["ttft_ratio"] = row["ttft_ms_adapter"] / row["ttft_ms_base"]
             res["variants"][name] = row
             print(name, json.dumps(row), flush=True)
-        bl._apply, bl._overlapped = SHIPPED, OVERLAPPED
+        bl._apply = SHIPPED
         res["lengths"] = {}
         for length in [] if args.graphs else args.lengths:
             ids = torch.randint(10, 32000, (1, length), generator=torch.Generator().manual_seed(2)).to(DEV)

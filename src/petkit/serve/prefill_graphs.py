@@ -11,9 +11,9 @@ attention means a real token never sees the padding, and only the last real posi
 computed (`logits_to_keep` as a device tensor). Graphs are captured on first use: per bucket, the
 base's (no adapter term at all: the exact base) and, by default, one per adapter slot, which reads
 that slot's factors in place: no gather, the two cuBLAS calls a layer the eager path makes (the
-fastest of the modes measured on an H100, docs/serving_engine.md), the shrink captured on a side
-stream beside the base matmul (`overlap`, `LowRankBank.overlapping`), so that only the expand
-lengthens the chain of kernels a replay runs. A slot graph is captured again
+fastest of the modes measured on an H100, docs/serving_engine.md); there sibling layers that read
+one input (q/k/v, gate/up) share one shrink GEMM and each expand is added in place on the base
+output (`share`, `LowRankBank.sharing`): fewer kernels in the chain a replay runs. A slot graph is captured again
 when its slot's adapter covers other modules. With `per_slot=False` one adapter graph per bucket
 serves every slot instead, reading the slot from a device tensor at replay
 (`LowRankBank.indexed_row`): where `triton` is installed each adapted layer is then one fused
@@ -36,6 +36,7 @@ import copy
 import importlib.util
 import inspect
 import logging
+from contextlib import nullcontext
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -63,7 +64,7 @@ class PrefillGraphs:
 
     def __init__(self, model: nn.Module, bank: LowRankBank, smallest: int = 16, largest: int = 2048,
                  per_slot: bool = True, max_graphs: int = 64, max_bytes: int = 2 * 2**30,
-                 kernel: bool | None = None, overlap: bool = True) -> None:
+                 kernel: bool | None = None, share: bool = True) -> None:
         self.model, self.bank = model, bank
         self.per_slot, self.max_graphs, self.max_bytes = per_slot, max_graphs, max_bytes
         self.kernel = importlib.util.find_spec("triton") is not None if kernel is None else kernel
@@ -77,7 +78,7 @@ class PrefillGraphs:
         self._last = torch.zeros(1, dtype=torch.long, device=self.device)
         self._slot = torch.zeros(1, dtype=torch.long, device=self.device)
         self._pool = torch.cuda.graph_pool_handle() if self.enabled else None
-        self._aside = torch.cuda.Stream(self.device) if self.enabled and overlap else None
+        self.share = share
 
     def bucket(self, length: int) -> int | None:
         size = self.smallest
@@ -134,7 +135,7 @@ class PrefillGraphs:
 
         def forward() -> Any:
             rows = self.bank.indexed_row(self._slot, self.kernel) if which == -1 else self.bank.using([which])
-            with rows, self.bank.overlapping(self._aside if which > 0 else None):
+            with rows, self.bank.sharing() if which > 0 and self.share else nullcontext():
                 return self.model(input_ids=ids, use_cache=True, logits_to_keep=self._last)
 
         side = torch.cuda.Stream(self.device)
