@@ -108,7 +108,7 @@ def test_adapter_graphs_are_captured_again_when_the_bank_grows(per_slot, kernel)
     layout = graphed.pool.bank.layout
     for e in (eager, graphed):  # a larger rank and a new path: the stacks are reallocated
         e.pool.register("c", terms(model, 8, 3, ("v_proj", "o_proj")), "lora")
-    work = jobs((12, 20, 7), ("c", "a", "c"))
+    work = jobs((12, 20, 7, 20, 12), ("c", "a", "c", "b", "a"))  # every earlier (bucket, slot) again
     assert serve(graphed, work, False) == serve(eager, work, False)
     assert graphed.pool.bank.layout > layout and graphed.graphs.enabled  # no capture fell back
     layout = graphed.pool.bank.layout
@@ -171,10 +171,9 @@ def test_sharing_computes_one_shrink_per_sibling_group_and_the_same_logits(devic
             shared = model(input_ids=ids).logits
         with bank.using([0]):
             base = model(input_ids=ids).logits
-    layers = len(model.model.layers)
-    assert plain_ops.ops["bmm"] == 3 * layers  # q, v, o: a shrink each
-    assert shared_ops.ops["bmm"] == 2 * layers  # q and v read one input: one shrink; o its own
-    assert shared_ops.ops["baddbmm_"] == 3 * layers and "baddbmm" not in shared_ops.ops
+    layers = len(model.model.layers)  # q and v read one input: one shrink for both; o its own
+    assert plain_ops.ops["bmm"] - shared_ops.ops["bmm"] == layers  # (attention may add bmms of its own)
+    assert shared_ops.ops["baddbmm_"] == 3 * layers == plain_ops.ops["baddbmm"] + shared_ops.ops["baddbmm"]
     assert (plain - base).abs().max() > 1e-2  # the adapter is live
     torch.testing.assert_close(shared, plain, rtol=1e-4, atol=1e-4)
 
