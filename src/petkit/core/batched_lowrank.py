@@ -11,7 +11,8 @@ largest). Slot 0 is the base: all zeros, gain 1, so a row without an adapter get
 
     y[i] = gain[s_i] * y[i] + shift[s_i] + (x[i] @ A^T[s_i]) @ (scale B)^T[s_i]      s_i = slot of row i
 
-as two `bmm`s over the whole batch, the base matmul shared. The rows' gathered stacks are built
+as two `bmm`s over the whole batch, the base matmul shared. Under `sharing()` a one-row forward
+computes sibling paths' shrinks (q/k/v, gate/up: one input) as one product with their joint A. The rows' gathered stacks are built
 once per batch composition (a decode loop reuses them). The wrapped forward sits on the innermost
 base module, so the model's own wrappers must be disabled while the bank runs (`pk.disabled`).
 
@@ -150,7 +151,7 @@ class LowRankBank:
         self._row_kernel = False  # indexed rows through core.lowrank_rows
         self._joints: dict[str, _Joint] | None = None  # path -> its siblings' joint A (`sharing`)
         self._joint_layout = -1  # the layout the joints were built for
-        self._shared: dict[int, tuple] | None = None  # joint id -> (x, its version, x @ joint A)
+        self._shared: dict[int, tuple] | None = None  # joint id -> (weakref to x, x's version, x @ joint A)
         self.layout = 0  # bumped whenever a stack is (re)allocated: captured graphs read addresses
         self._cache: dict[tuple[int, ...], dict[str, _Gathered]] = {}
         self._indices: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}

@@ -13,8 +13,8 @@ base's (no adapter term at all: the exact base) and, by default, one per adapter
 that slot's factors in place: no gather, the two cuBLAS calls a layer the eager path makes (the
 fastest of the modes measured on an H100, docs/serving_engine.md); there sibling layers that read
 one input (q/k/v, gate/up) share one shrink GEMM and each expand is added in place on the base
-output (`share`, `LowRankBank.sharing`): fewer kernels in the chain a replay runs. A slot graph is captured again
-when its slot's adapter covers other modules. With `per_slot=False` one adapter graph per bucket
+output (`share`, `LowRankBank.sharing`): fewer kernels in the chain a replay runs. A slot graph
+is captured again when its slot's adapter covers other modules. With `per_slot=False` one adapter graph per bucket
 serves every slot instead, reading the slot from a device tensor at replay
 (`LowRankBank.indexed_row`): where `triton` is installed each adapted layer is then one fused
 kernel (core.lowrank_rows: the slot loaded on the device, shrink and expand in one launch), else a
@@ -36,8 +36,8 @@ import copy
 import importlib.util
 import inspect
 import logging
-from contextlib import nullcontext
 from collections import OrderedDict
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,7 +66,7 @@ class PrefillGraphs:
                  per_slot: bool = True, max_graphs: int = 64, max_bytes: int = 2 * 2**30,
                  kernel: bool | None = None, share: bool = True) -> None:
         self.model, self.bank = model, bank
-        self.per_slot, self.max_graphs, self.max_bytes = per_slot, max_graphs, max_bytes
+        self.per_slot, self.max_graphs, self.max_bytes, self.share = per_slot, max_graphs, max_bytes, share
         self.kernel = importlib.util.find_spec("triton") is not None if kernel is None else kernel
         self.device = next(model.parameters()).device
         limit = getattr(getattr(model, "config", None), "max_position_embeddings", None) or largest
@@ -78,7 +78,6 @@ class PrefillGraphs:
         self._last = torch.zeros(1, dtype=torch.long, device=self.device)
         self._slot = torch.zeros(1, dtype=torch.long, device=self.device)
         self._pool = torch.cuda.graph_pool_handle() if self.enabled else None
-        self.share = share
 
     def bucket(self, length: int) -> int | None:
         size = self.smallest
