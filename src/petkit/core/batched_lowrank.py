@@ -11,9 +11,9 @@ largest). Slot 0 is the base: all zeros, gain 1, so a row without an adapter get
 
     y[i] = gain[s_i] * y[i] + shift[s_i] + (x[i] @ A^T[s_i]) @ (scale B)^T[s_i]      s_i = slot of row i
 
-as two `bmm`s over the whole batch, the base matmul shared. Under `sharing()` a one-row forward
-computes sibling paths' shrinks (q/k/v, gate/up: one input) as one product with their joint A. The rows' gathered stacks are built
-once per batch composition (a decode loop reuses them). The wrapped forward sits on the innermost
+as two `bmm`s over the whole batch, the base matmul shared. The rows' gathered stacks are built
+once per batch composition (a decode loop reuses them). Under `sharing()` a one-row forward
+computes sibling paths' shrinks (q/k/v, gate/up: one input) as one product with their joint A. The wrapped forward sits on the innermost
 base module, so the model's own wrappers must be disabled while the bank runs (`pk.disabled`).
 
 The wrapper replaces the module's `forward` (an instance attribute, removed by `close`) rather
