@@ -1,15 +1,19 @@
 """The search behind `petkit train`'s default recipe (docs/default-recipe.md): candidate recipes
-trained on a training subset and scored on a validation split carved from it (the harness's own
-data, arms and training loop; the sealed test subset is never opened), then a table.
+trained on a training subset and scored on a validation split (the harness's own data, arms and
+training loop; the sealed test subset is never opened), then a table.
 
-    nice -n 10 python benchmarks/default_recipe.py search benchmarks/default_recipe_search.yaml 1/2 &
-    nice -n 10 python benchmarks/default_recipe.py search benchmarks/default_recipe_search.yaml 2/2
-    python benchmarks/default_recipe.py table           # search table + the test grid's table
+Where the grid carves validation from the training subset (`validation: {fraction: 0.2, ...}`,
+the first search) the cell trains on the rest. With `validation: {fraction: 0}` (the held-out
+search) the cell trains on all `size` examples, exactly as the test grid does, and is scored on
+the HELD_OUT training-pool examples that follow them in the seed's order (never among them).
+
+    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/default_recipe.py search benchmarks/default_recipe_heldout.yaml
+    python benchmarks/default_recipe.py table           # search tables + the test grid's table
 
 The test comparison (winner, today's default, PEFT's default LoRA; 3 seeds; test split) is a
 plain harness grid: `petkit bench benchmarks/default_recipe_test.yaml --output runs/bench-default-test`.
-Results of the search go to docs/default_recipe_search.jsonl (one line per cell; re-running
-skips cells already there, so an interrupted search resumes).
+Results of a search go to docs/<grid file's stem>.jsonl (one line per cell; re-running skips
+cells already there, so an interrupted search resumes).
 """
 from __future__ import annotations
 
@@ -24,18 +28,30 @@ import torch
 
 from petkit.benchmark.arms import ArmContext, make_arm
 from petkit.benchmark.spec import Cell, load_spec
-from petkit.benchmark.tasks import cell_data, load
+from petkit.benchmark.tasks import CellData, cell_data, load
 from petkit.training import train
 
 ROOT = Path(__file__).resolve().parents[1]
-SEARCH_OUT = ROOT / "docs" / "default_recipe_search.jsonl"
-TEST_RUN = ROOT / "runs" / "bench-default-test"
-TEST_COPY = ROOT / "docs" / "default_recipe_test.csv"  # the 2026-12-07 run's cells.csv, kept
+SEARCHES = {"validation carved from the 480 (96 examples)": ROOT / "docs" / "default_recipe_search.jsonl",
+            "held-out validation (400 examples outside the 480)": ROOT / "docs" / "default_recipe_heldout.jsonl"}
+HELD_OUT = 400  # validation examples after the cell's training examples (grids with fraction 0)
+# test grids: their run folder's cells.csv, else the copy kept in docs/ (the runs of 2026-12-07)
+TESTS = {ROOT / "runs" / "bench-default-test": ROOT / "docs" / "default_recipe_test.csv",
+         ROOT / "runs" / "bench-default-test-candidate": ROOT / "docs" / "default_recipe_test_candidate.csv"}
+
+
+def search_data(loaded, size: int, seed: int, fraction: float, maximum: int | None) -> CellData:
+    """Carved from the `size` examples (fraction > 0), or all of them for training and the
+    HELD_OUT pool examples after them in the seed's order for validation (fraction 0)."""
+    if fraction > 0:
+        return cell_data(loaded, size, seed, fraction, maximum)
+    both = cell_data(loaded, size + HELD_OUT, seed, 0, None).train  # sizes are nested: train first
+    return CellData(both[:size], both[size:])
 
 
 def validation_cell(cell: Cell, spec, loaded) -> dict:
     """Train one cell; its accuracy on the validation split at the last step (no test)."""
-    data = cell_data(loaded, cell.size, cell.seed, spec.validation_fraction, spec.validation_max)
+    data = search_data(loaded, cell.size, cell.seed, spec.validation_fraction, spec.validation_max)
     config = spec.train_config(cell).replace(label_token_ids=loaded.label_token_ids, eval_every=0)
     arm = make_arm(cell.arm)
     model = arm.setup(loaded.fresh_model(cell.seed), ArmContext(loaded.task_type, loaded.head_modules, cell.seed))
@@ -51,13 +67,13 @@ def validation_cell(cell: Cell, spec, loaded) -> dict:
 
 
 def search(path: str, shard: str = "1/1") -> None:
-    """Run this shard's cells of the search grid that are not in SEARCH_OUT yet."""
+    """Run this shard's cells of the search grid that are not in its jsonl (docs/) yet."""
     spec = load_spec(path)
     if spec.threads:
         torch.set_num_threads(spec.threads)
     index, count = (int(x) for x in shard.split("/"))
-    done = {json.loads(line)["key"] for line in SEARCH_OUT.read_text().splitlines()} \
-        if SEARCH_OUT.exists() else set()
+    out = ROOT / "docs" / f"{Path(path).stem}.jsonl"
+    done = {json.loads(line)["key"] for line in out.read_text().splitlines()} if out.exists() else set()
     loaded = {}
     arms = [a.name for a in spec.arms]  # arm by arm, both tasks each: a search cut short compares alike
     cells = sorted(spec.cells(), key=lambda c: (c.seed, arms.index(c.arm.name)))
@@ -68,8 +84,8 @@ def search(path: str, shard: str = "1/1") -> None:
             loaded[cell.task.name] = load(cell.task)
         record = validation_cell(cell, spec, loaded[cell.task.name])
         print(json.dumps(record), flush=True)
-        with SEARCH_OUT.open("a", encoding="utf-8") as out:
-            out.write(json.dumps(record) + "\n")
+        with out.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
 
 
 def _rows(records: list[dict], value: str) -> dict[tuple[str, str], list[float]]:
@@ -107,12 +123,12 @@ def _per_seed(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _against(rows: list[dict], reference: str = "peft-default") -> str:
+def _against(rows: list[dict], reference: str, skip: tuple[str, ...] = ()) -> str:
     """Each other arm against `reference`, per task: mean test points above it, CPU time ratio."""
     values, cpu = _rows(rows, "test_metric"), _rows(rows, "cpu_s_per_step")
     lines = []
     for arm, task in values:
-        if arm != reference and (reference, task) in values:
+        if arm != reference and arm not in skip and (reference, task) in values:
             gap = 100 * (statistics.mean(values[arm, task]) - statistics.mean(values[reference, task]))
             ratio = statistics.mean(cpu[arm, task]) / statistics.mean(cpu[reference, task])
             lines.append(f"{arm} - {reference} on {task}: {gap:+.1f} points, CPU s/step x{ratio:.2f} "
@@ -120,19 +136,31 @@ def _against(rows: list[dict], reference: str = "peft-default") -> str:
     return "\n".join(lines)
 
 
+def test_rows() -> list[dict]:
+    """The finished cells of every test grid (today's default and PEFT's, then the candidate)."""
+    rows = []
+    for run, copy in TESTS.items():
+        results = run / "cells.csv" if (run / "cells.csv").exists() else copy
+        if results.exists():
+            with results.open(encoding="utf-8") as handle:
+                rows += [r for r in csv.DictReader(handle) if r.get("status", "ok") == "ok" and r["test_metric"]]
+    return rows
+
+
 def table() -> None:
     """Print the search's validation table and, where it ran, the test grid's table."""
-    if SEARCH_OUT.exists():
-        records = [json.loads(line) for line in SEARCH_OUT.read_text().splitlines()]
-        print("validation accuracy (%), CPU s/step:\n" + _markdown(records, "val_accuracy", "cpu_s_per_step", 100))
-    results = TEST_RUN / "cells.csv" if (TEST_RUN / "cells.csv").exists() else TEST_COPY
-    if results.exists():
-        with results.open(encoding="utf-8") as handle:
-            rows = [r for r in csv.DictReader(handle) if r.get("status", "ok") == "ok" and r["test_metric"]]
+    for name, path in SEARCHES.items():
+        if path.exists():
+            records = [json.loads(line) for line in path.read_text().splitlines()]
+            print(f"{name}: validation accuracy (%), CPU s/step:\n"
+                  + _markdown(records, "val_accuracy", "cpu_s_per_step", 100) + "\n")
+    rows = test_rows()
+    if rows:
         print("\ntest accuracy (%), CPU s/step:\n" + _markdown(rows, "test_metric", "cpu_s_per_step", 100))
         print("\ntest accuracy (%), wall s/step:\n" + _markdown(rows, "test_metric", "s_per_step", 100))
         print("\ntest accuracy (%) per seed (seeds 0 / 1 / 2):\n" + _per_seed(rows))
-        print("\n" + _against(rows))
+        print("\n" + _against(rows, "peft-default"))
+        print(_against(rows, "default-qv-r8", skip=("peft-default",)))
 
 
 if __name__ == "__main__":

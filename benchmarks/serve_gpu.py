@@ -114,16 +114,15 @@ def ttft(engine: Engine, prompt: list[int], adapter: str | None, runs: int = 5) 
 
 def ttft_pair(base: Engine, engine: Engine, prompt: list[int], adapter: str, runs: int) -> dict:
     """Median time to first token, base and adapter alternating, in four modes on the same two
-    engines: their graphed prefills (the default: one adapter graph per length bucket, the fused
-    row kernel where triton is installed), eager prefills (graphs taken away), one graph per
-    adapter slot (`_slot`, two cuBLAS calls a layer) and the one graph with a gather and two cuBLAS
-    calls a layer (`_gather`)."""
+    engines: their graphed prefills (the default: one graph per adapter slot, siblings' shrinks in
+    one GEMM, expands in place), eager prefills (graphs taken away), the per-slot graphs without
+    that sharing (`_serial`: the default before 2026-12-08) and one graph per bucket for every
+    slot, through the fused row kernel where triton is installed (`_kernel`)."""
     graphs = base.graphs, engine.graphs
     other = {} if engine.graphs is None else {
-        "_slot": PrefillGraphs(engine.model, engine.pool.bank, per_slot=True),
-        "_gather": PrefillGraphs(engine.model, engine.pool.bank, kernel=False)}
-    modes = {"": graphs, "_eager": (None, None),
-             **{k: (base.graphs, other.get(k)) for k in ("_slot", "_gather")}}
+        "_serial": PrefillGraphs(engine.model, engine.pool.bank, share=False),
+        "_kernel": PrefillGraphs(engine.model, engine.pool.bank, per_slot=False)}
+    modes = {"": graphs, "_eager": (None, None), **{k: (base.graphs, other.get(k)) for k in ("_serial", "_kernel")}}
     times: dict[str, list[float]] = {}
     for i in range(runs + 1):  # the first round captures the graphs: left out
         for suffix, (base.graphs, engine.graphs) in modes.items():
@@ -133,9 +132,7 @@ def ttft_pair(base: Engine, engine: Engine, prompt: list[int], adapter: str, run
                     times.setdefault(f"ttft_ms_{kind}{suffix}", []).append(took)
     base.graphs, engine.graphs = graphs
     out = {k: statistics.median(v) for k, v in times.items()}
-    out["ratio"] = out["ttft_ms_adapter"] / out["ttft_ms_base"]
-    out["ratio_eager"] = out["ttft_ms_adapter_eager"] / out["ttft_ms_base_eager"]
-    for suffix in ("_slot", "_gather"):
+    for suffix in modes:
         out["ratio" + suffix] = out[f"ttft_ms_adapter{suffix}"] / out[f"ttft_ms_base{suffix}"]
     return out
 

@@ -17,7 +17,12 @@ turn into the same engine (same model, same 44 rank-16 q/v adapters as benchmark
            q and v each add their slice
   wrapper  the wrapped forward with no delta at all (what the wrapper costs alone)
   one-gemm the wrapper and one discarded bmm(x, A^T) (what one small GEMM costs)
+  inplace  bmm, the expand added in place on the base output (`baddbmm_`: no copy of y first)
   shipped  whatever `_apply` does now
+  shared   (with --graphs) the shipped per-slot graphs: siblings reading one input share one
+           shrink GEMM with their joint A, each expand added in place (LowRankBank.sharing)
+
+Every other variant is captured without the bank's sharing (`PrefillGraphs(share=False)`).
 
 Then the shipped path's raw prefill ratio at other prompt lengths (`--lengths`): the adapter's
 cost per layer is fixed while the base's prefill grows with the prompt.
@@ -95,10 +100,15 @@ def share_inputs(bank: bl.LowRankBank, key: tuple[int, ...]) -> None:
         g.cols, other.cols = slice(0, g.b_t.shape[2]), slice(g.b_t.shape[2], None)
 
 
+def one_row_inplace(g: bl._Gathered, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return y.baddbmm_(torch.bmm(x, g.a_t), g.b_t)
+
+
 SHIPPED = bl._apply
 VARIANTS: dict[str, Callable | None] = {"matmul": one_row_matmul, "bmm": one_row_bmm, "mm2d": one_row_mm2d,
                                         "grouped": one_row_grouped, "dense": one_row_dense,
-                                        "wrapper": wrapper_only, "one-gemm": one_gemm, "shipped": None}
+                                        "wrapper": wrapper_only, "one-gemm": one_gemm, "inplace": one_row_inplace,
+                                        "shipped": None, "shared": None}
 
 
 def patched(one_row: Callable | None) -> Callable:
@@ -144,7 +154,7 @@ def main() -> None:
     ap.add_argument("--graphs", action="store_true",
                     help="time to first token with per-slot CUDA-graph prefills, each variant captured "
                          "anew (raw eager prefills and --lengths skipped)")
-    ap.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    ap.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--out", default=None)
     ap.add_argument("--smoke", action="store_true", help="a 2-layer model: check the script")
     args = ap.parse_args()
@@ -168,7 +178,7 @@ def main() -> None:
         for name in args.variants:
             bl._apply = patched(VARIANTS[name])
             if engine.graphs is not None:  # captured anew with this variant (a failed one stays eager)
-                engine.graphs = PrefillGraphs(engine.model, engine.pool.bank, per_slot=True)
+                engine.graphs = PrefillGraphs(engine.model, engine.pool.bank, share=name == "shared")
             times = alternate_prefills(base, engine, slot, ids, 0 if args.graphs else args.runs)
             ttfts: dict[str, list[float]] = {"base": [], "adapter": []}
             ttft(base, prompt, None, runs=1), ttft(engine, prompt, "a0", runs=1)  # captures, if any
@@ -181,7 +191,8 @@ def main() -> None:
             if times["base"]:
                 row["prefill_ratio"] = row["prefill_ms_adapter"] / row["prefill_ms_base"]
             row["ttft_ratio"] = row["ttft_ms_adapter"] / row["ttft_ms_base"]
-            res["variants"][name] = row
+            repeat = sum(k.split("#")[0] == name for k in res["variants"])
+            res["variants"][name if not repeat else f"{name}#{repeat + 1}"] = row  # a repeated variant kept too
             print(name, json.dumps(row), flush=True)
         bl._apply = SHIPPED
         res["lengths"] = {}

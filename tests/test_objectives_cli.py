@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import sys
 import textwrap
 from pathlib import Path
@@ -84,6 +85,42 @@ def test_switching_the_objective_takes_its_own_beta(tiny_llama: str, tmp_path: P
         first[beta] = [r for r in log_rows(out_dir) if "margin" in r][0]["margin"]
     assert abs(first["0.1"]) > 1e-4
     assert first[None] == pytest.approx(20 * first["0.1"], rel=1e-3)
+
+
+def documented_beta(objective: str) -> float:
+    """The `--beta` default that docs/objectives.md's objectives table gives `objective`."""
+    docs = Path(__file__).resolve().parents[1] / "docs" / "objectives.md"
+    row = next(line for line in docs.read_text().splitlines()
+               if line.startswith(f"| `{objective}` |"))
+    return float(re.search(r"`--beta` \(([0-9.]+)", row).group(1))
+
+
+@pytest.mark.parametrize("objective", ["dpo", "ipo"])
+def test_plain_dpo_and_ipo_take_their_documented_beta(objective: str, tiny_llama: str,
+                                                      tmp_path: Path, capsys) -> None:
+    """`--recipe dpo --objective dpo|ipo` trains with the objective's own default beta, the one
+    docs/objectives.md documents (DPO's 0.5 chosen on the validation movies; IPO's 0.1), says so
+    in its first lines when it is not the recipe's 0.1, and the loss reads it: DPO's logged margin is beta x (chosen - rejected) log-ratios at step 2; IPO's step-1 loss
+    (policy = reference, h = 0) is (1 / (2 beta))^2. `--beta 0.1` replaces it."""
+    default = ObjectiveConfig(objective).effective_beta
+    assert default == documented_beta(objective)
+    for beta in (None, 0.1):
+        out_dir = tmp_path / f"{objective}-{beta}"
+        flags = ["--beta", str(beta)] if beta else []
+        code, out, err = run(["train", "--recipe", "dpo", "--model", tiny_llama, "--objective",
+                              objective, *flags, "--output", str(out_dir), "--batch-size", "2",
+                              "--train.log_every=1", *SMALL], capsys)
+        assert code == 0, err
+        note = f"beta {default:g}: {objective}'s default, not the recipe's 0.1 for rpo"
+        assert (note in out) == (beta is None and default != 0.1)
+        want = beta or default
+        first, second = [r for r in log_rows(out_dir) if "margin" in r]
+        if objective == "ipo":
+            assert first["train_loss"] == pytest.approx((1 / (2 * want)) ** 2, rel=1e-4)
+        else:
+            assert abs(second["chosen"] - second["rejected"]) > 1e-4
+            assert second["margin"] == pytest.approx(
+                want * (second["chosen"] - second["rejected"]), rel=1e-4)
 
 
 def test_orpo_weighs_its_odds_ratio_by_its_default_lambda_unless_the_flag_sets_one(

@@ -4,9 +4,11 @@ back to eager prefill when capturing fails. The graphs need CUDA: those tests ar
 from __future__ import annotations
 
 import copy
+from collections import Counter
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from petkit.core.capabilities import RowTerms
 from petkit.serve.engine import Engine, GenerationRequest
@@ -106,9 +108,9 @@ def test_adapter_graphs_are_captured_again_when_the_bank_grows(per_slot, kernel)
     layout = graphed.pool.bank.layout
     for e in (eager, graphed):  # a larger rank and a new path: the stacks are reallocated
         e.pool.register("c", terms(model, 8, 3, ("v_proj", "o_proj")), "lora")
-    work = jobs((12, 20, 7), ("c", "a", "c"))
+    work = jobs((12, 20, 7, 20, 12), ("c", "a", "c", "b", "a"))  # every earlier (bucket, slot) again
     assert serve(graphed, work, False) == serve(eager, work, False)
-    assert graphed.pool.bank.layout > layout
+    assert graphed.pool.bank.layout > layout and graphed.graphs.enabled  # no capture fell back
     layout = graphed.pool.bank.layout
     assert all((g.layout[0] if per_slot else g.layout) == layout for (_, which), g in graphed.graphs._graphs.items() if which)
 
@@ -143,3 +145,62 @@ def test_a_failed_capture_falls_back_to_eager_prefill_and_says_so(monkeypatch, c
     with caplog.at_level("WARNING", logger="petkit.serve"):
         assert serve(graphed, work, True) == serve(eager, work, True)
     assert not graphed.graphs.enabled and "CUDA-graph prefill is off" in caplog.text
+
+
+class _Count(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_sharing_computes_one_shrink_per_sibling_group_and_the_same_logits(device) -> None:
+    model = tiny(device)
+    e = Engine(model, None, max_batch=4, max_adapters=2, cuda_graphs=False)
+    e.pool.register("a", terms(model, 4, 1, ("q_proj", "v_proj", "o_proj")), "lora")
+    bank, slot = e.pool.bank, e.pool.acquire("a")
+    ids = torch.randint(3, 256, (1, 24), generator=torch.Generator().manual_seed(3)).to(device)
+    with torch.no_grad(), bank.using([slot]):
+        with _Count() as plain_ops:
+            plain = model(input_ids=ids).logits
+        with bank.sharing(), _Count() as shared_ops:
+            shared = model(input_ids=ids).logits
+        with bank.using([0]):
+            base = model(input_ids=ids).logits
+    layers = len(model.model.layers)  # q and v read one input: one shrink for both; o its own
+    assert plain_ops.ops["bmm"] - shared_ops.ops["bmm"] == layers  # (attention may add bmms of its own)
+    assert shared_ops.ops["baddbmm_"] == 3 * layers == plain_ops.ops["baddbmm"] + shared_ops.ops["baddbmm"]
+    assert (plain - base).abs().max() > 1e-2  # the adapter is live
+    torch.testing.assert_close(shared, plain, rtol=1e-4, atol=1e-4)
+
+
+def test_sharing_follows_a_refilled_slot_and_a_grown_bank() -> None:
+    model = tiny()
+    e = Engine(model, None, max_batch=4, max_adapters=2, cuda_graphs=False)
+    bank = e.pool.bank
+    ids = torch.randint(3, 256, (1, 9), generator=torch.Generator().manual_seed(4))
+
+    def both(slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad(), bank.using([slot]):
+            plain = model(input_ids=ids).logits
+            with bank.sharing():
+                return plain, model(input_ids=ids).logits
+
+    bank.put(1, terms(model, 4, 1, ("q_proj", "v_proj")))
+    plain, shared = both(1)
+    torch.testing.assert_close(shared, plain, rtol=1e-4, atol=1e-4)
+    joints, layout = bank._joints, bank.layout
+    bank.put(1, terms(model, 4, 7, ("q_proj", "v_proj")))  # same shapes: written in place
+    assert bank.layout == layout and bank._joints is joints
+    refilled, shared = both(1)
+    assert (refilled - plain).abs().max() > 1e-2
+    torch.testing.assert_close(shared, refilled, rtol=1e-4, atol=1e-4)
+    bank.put(1, terms(model, 8, 9, ("q_proj", "k_proj", "v_proj")))  # larger rank, a new path
+    assert bank._joints is None
+    grown, shared = both(1)
+    torch.testing.assert_close(shared, grown, rtol=1e-4, atol=1e-4)
+    assert len({id(j) for j in bank._joints.values()}) == len(model.model.layers)  # q/k/v per layer

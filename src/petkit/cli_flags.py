@@ -91,8 +91,8 @@ OBJECTIVE = ("objective", "beta", "group_size", "kl", "max_new_tokens", "tempera
 HELP.update({
     "objective": "sft (default) | dpo | rpo | ipo | orpo | simpo | kto (preference pairs) | "
                  "grpo (prompts + --reward)",
-    "beta": "dpo/rpo/ipo/kto: strength of the pull to the reference (default 0.1); simpo: "
-            "reward scale (default 2.0)",
+    "beta": "dpo/rpo/ipo/kto: strength of the pull to the reference (default 0.1; dpo 0.5); "
+            "simpo: reward scale (default 2.0)",
     "group_size": "grpo: completions sampled per prompt (default 4)",
     "kl": "grpo: weight of the KL estimate against the reference (default 0.04)",
     "max_new_tokens": "grpo sampling and generation evaluation: tokens per completion "

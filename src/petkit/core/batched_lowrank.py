@@ -12,7 +12,8 @@ largest). Slot 0 is the base: all zeros, gain 1, so a row without an adapter get
     y[i] = gain[s_i] * y[i] + shift[s_i] + (x[i] @ A^T[s_i]) @ (scale B)^T[s_i]      s_i = slot of row i
 
 as two `bmm`s over the whole batch, the base matmul shared. The rows' gathered stacks are built
-once per batch composition (a decode loop reuses them). The wrapped forward sits on the innermost
+once per batch composition (a decode loop reuses them). Under `sharing()` a one-row forward
+computes sibling paths' shrinks (q/k/v, gate/up: one input) as one product with their joint A. The wrapped forward sits on the innermost
 base module, so the model's own wrappers must be disabled while the bank runs (`pk.disabled`).
 
 The wrapper replaces the module's `forward` (an instance attribute, removed by `close`) rather
@@ -22,6 +23,7 @@ cost about as much again as the two small matmuls themselves.
 """
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -85,6 +87,27 @@ class _Stack:
         return created
 
 
+@dataclass
+class _Joint:
+    """Sibling paths' A^T side by side, [S, in, r_1 + r_2 + ...]: a copy beside their stacks, kept
+    in step by every write, so one GEMM gives every sibling's x @ A^T when they read the same x."""
+    paths: tuple[str, ...]
+    a_t: torch.Tensor
+    cols: dict[str, slice]
+
+    @classmethod
+    def of(cls, stacks: Mapping[str, _Stack], paths: tuple[str, ...]) -> "_Joint":
+        cols, start = {}, 0
+        for path in paths:
+            rank = stacks[path].a_t.shape[2]
+            cols[path], start = slice(start, start + rank), start + rank
+        return cls(paths, torch.cat([stacks[p].a_t for p in paths], dim=2), cols)
+
+    def refresh(self, stacks: Mapping[str, _Stack], slot: int) -> None:
+        for path in self.paths:
+            self.a_t[slot, :, self.cols[path]] = stacks[path].a_t[slot]
+
+
 class _Gathered:
     """The stacks indexed by one batch composition: what each row's forward multiplies by.
 
@@ -126,6 +149,9 @@ class LowRankBank:
         self._key: tuple[int, ...] = ()
         self._slot_index: torch.Tensor | None = None  # set by `indexed_row`
         self._row_kernel = False  # indexed rows through core.lowrank_rows
+        self._joints: dict[str, _Joint] | None = None  # path -> its siblings' joint A (`sharing`)
+        self._joint_layout = -1  # the layout the joints were built for
+        self._shared: dict[int, tuple] | None = None  # joint id -> (weakref to x, x's version, x @ joint A)
         self.layout = 0  # bumped whenever a stack is (re)allocated: captured graphs read addresses
         self._cache: dict[tuple[int, ...], dict[str, _Gathered]] = {}
         self._indices: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
@@ -140,14 +166,24 @@ class LowRankBank:
         for path, stack in self.stacks.items():
             if path not in terms and slot in stack.used:
                 stack.clear(slot)
-        self._cache.clear()
+        self._refresh_joints(slot)
 
     def clear(self, slot: int) -> None:
         self._check_slot(slot)
         for stack in self.stacks.values():
             if slot in stack.used:
                 stack.clear(slot)
+        self._refresh_joints(slot)
+
+    def _refresh_joints(self, slot: int) -> None:
+        """After a write into `slot`: the joints follow in place (their addresses kept for captured
+        graphs), or are dropped when a stack moved (built again at the next `sharing`)."""
         self._cache.clear()
+        if self._joints is not None and self._joint_layout == self.layout:
+            for joint in {id(j): j for j in self._joints.values()}.values():
+                joint.refresh(self.stacks, slot)
+        else:
+            self._joints = None
 
     def _check_slot(self, slot: int) -> None:
         if not 1 <= slot < self.slots:
@@ -173,6 +209,7 @@ class LowRankBank:
                 if value is not None:
                     setattr(stack, kind, value.to(device))
         self._cache.clear()
+        self._joints = None
         self.layout += 1
         return self
 
@@ -186,6 +223,7 @@ class LowRankBank:
         self._wrapped.clear()
         self.stacks.clear()
         self._cache.clear()
+        self._joints = None
         self.layout += 1
 
     # ---- rows ----
@@ -216,6 +254,48 @@ class LowRankBank:
         finally:
             self._key, self._slot_index, self._row_kernel = saved
 
+    @contextmanager
+    def sharing(self) -> Iterator[None]:
+        """One-row forwards compute the shrink `x @ A^T` of sibling paths (same parent module, same
+        input width: q/k/v, gate/up) as ONE product with their joint A, when the siblings are
+        called with the same input tensor, each sibling then reading its columns; the expand is
+        added in place on the base output (no grad). Fewer, larger kernels: what a one-row prefill
+        replayed from a CUDA graph pays for an adapter (serve.prefill_graphs). The joints are
+        copies of the siblings' A stacks (the bank's A memory again, for grouped paths), built on
+        first use and kept in step by `put` / `clear`."""
+        if self._joints is None or self._joint_layout != self.layout:
+            self._joints, self._joint_layout = self._build_joints(), self.layout
+        saved, self._shared = self._shared, {}
+        try:
+            yield
+        finally:
+            self._shared = saved
+
+    def _build_joints(self) -> dict[str, _Joint]:
+        groups: dict[tuple, list[str]] = {}
+        for path, stack in self.stacks.items():
+            key = (path.rpartition(".")[0], stack.a_t.shape[1], stack.a_t.dtype, stack.a_t.device)
+            groups.setdefault(key, []).append(path)
+        joints = {}
+        for paths in groups.values():
+            if len(paths) > 1:
+                joint = _Joint.of(self.stacks, tuple(paths))
+                joints.update(dict.fromkeys(paths, joint))
+        return joints
+
+    def _shared_row(self, path: str, g: _Gathered, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y + (x @ A^T) @ (s B)^T for one row, the A-product taken from the joint's, computed once
+        per input tensor (held by a weak reference: a new tensor at a reused address never matches)."""
+        joint, slot = self._joints[path], self._key[0]
+        hit = self._shared.get(id(joint))
+        if hit is None or hit[0]() is not x or hit[1] != x._version:
+            hit = self._shared[id(joint)] = (weakref.ref(x), x._version,
+                                             torch.bmm(x, joint.a_t[slot: slot + 1]))
+        xa = hit[2][..., joint.cols[path]]
+        if torch.is_grad_enabled() or y.data_ptr() == x.data_ptr():
+            return torch.baddbmm(y, xa, g.b_t)
+        return y.baddbmm_(xa, g.b_t)  # the base's fresh output: no copy of it first
+
     def _gathered(self, path: str) -> _Gathered | None:
         if self._slot_index is not None:  # never cached: a capture must record the gather itself
             return _Gathered(self.stacks[path], self._key, self._slot_index, self._row_kernel)
@@ -244,7 +324,11 @@ class LowRankBank:
         def forward(x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
             y = plain(x, *args, **kwargs)
             g = self._gathered(path) if self._key else None
-            return y if g is None else _apply(g, x, y)
+            if g is None:
+                return y
+            if self._shared is not None and path in self._joints and _one_row(g, x, y):
+                return self._shared_row(path, g, x, y)
+            return _apply(g, x, y)
         return forward
 
 
@@ -279,6 +363,12 @@ def _apply(g: _Gathered, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         y3 = y3 + g.shift.to(y3.dtype)
     xa = torch.bmm(x3, a_t)
     return torch.baddbmm(y3, xa if xa.dtype == y3.dtype else xa.to(y3.dtype), b_t).view(shape)
+
+
+def _one_row(g: _Gathered, x: torch.Tensor, y: torch.Tensor) -> bool:
+    """One row of low-rank terms only, 3-D, one dtype: the product the joint A can share."""
+    return g.plain and g.slots is None and x.dim() == 3 == y.dim() and x.shape[0] == 1 == g.a_t.shape[0] \
+        and x.dtype == g.a_t.dtype == y.dtype
 
 
 def _repeat(g: _Gathered, times: int) -> _Gathered:

@@ -11,8 +11,10 @@ attention means a real token never sees the padding, and only the last real posi
 computed (`logits_to_keep` as a device tensor). Graphs are captured on first use: per bucket, the
 base's (no adapter term at all: the exact base) and, by default, one per adapter slot, which reads
 that slot's factors in place: no gather, the two cuBLAS calls a layer the eager path makes (the
-fastest of the modes measured on an H100, docs/serving_engine.md). A slot graph is captured again
-when its slot's adapter covers other modules. With `per_slot=False` one adapter graph per bucket
+fastest of the modes measured on an H100, docs/serving_engine.md); there sibling layers that read
+one input (q/k/v, gate/up) share one shrink GEMM and each expand is added in place on the base
+output (`share`, `LowRankBank.sharing`): fewer kernels in the chain a replay runs. A slot graph
+is captured again when its slot's adapter covers other modules. With `per_slot=False` one adapter graph per bucket
 serves every slot instead, reading the slot from a device tensor at replay
 (`LowRankBank.indexed_row`): where `triton` is installed each adapted layer is then one fused
 kernel (core.lowrank_rows: the slot loaded on the device, shrink and expand in one launch), else a
@@ -35,6 +37,7 @@ import importlib.util
 import inspect
 import logging
 from collections import OrderedDict
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,9 +64,9 @@ class PrefillGraphs:
 
     def __init__(self, model: nn.Module, bank: LowRankBank, smallest: int = 16, largest: int = 2048,
                  per_slot: bool = True, max_graphs: int = 64, max_bytes: int = 2 * 2**30,
-                 kernel: bool | None = None) -> None:
+                 kernel: bool | None = None, share: bool = True) -> None:
         self.model, self.bank = model, bank
-        self.per_slot, self.max_graphs, self.max_bytes = per_slot, max_graphs, max_bytes
+        self.per_slot, self.max_graphs, self.max_bytes, self.share = per_slot, max_graphs, max_bytes, share
         self.kernel = importlib.util.find_spec("triton") is not None if kernel is None else kernel
         self.device = next(model.parameters()).device
         limit = getattr(getattr(model, "config", None), "max_position_embeddings", None) or largest
@@ -131,7 +134,7 @@ class PrefillGraphs:
 
         def forward() -> Any:
             rows = self.bank.indexed_row(self._slot, self.kernel) if which == -1 else self.bank.using([which])
-            with rows:
+            with rows, self.bank.sharing() if which > 0 and self.share else nullcontext():
                 return self.model(input_ids=ids, use_cache=True, logits_to_keep=self._last)
 
         side = torch.cuda.Stream(self.device)

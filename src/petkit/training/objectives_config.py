@@ -9,9 +9,10 @@ MEET (`control_tokens` > 0, the `meet` recipe): a preference objective trained i
 control tokens by prompt tuning first, then the recipe's method with them fixed
 (`app/objective_run.py`).
 
-`beta` None takes the objective's usual value (`DEFAULT_BETA`). GRPO needs a gradient: a
-zeroth-order or evolution stepper compares loss values of one batch, and GRPO's loss is built
-from completions sampled afresh on every call (`check_stepper`).
+`beta` None takes the objective's default (`DEFAULT_BETA`): DPO's 0.5 was chosen on the embedded
+pairs' validation movies, where the usual 0.1 let plain DPO collapse (docs/objectives.md). GRPO
+needs a gradient: a zeroth-order or evolution stepper compares loss values of one batch, and
+GRPO's loss is built from completions sampled afresh on every call (`check_stepper`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from petkit.core.errors import ConfigError
 PREFERENCE = ("dpo", "rpo", "ipo", "orpo", "simpo", "kto")
 OBJECTIVES = ("sft", *PREFERENCE, "grpo")
 REFERENCE_FREE = ("orpo", "simpo")  # no reference pass at all
-DEFAULT_BETA = {"dpo": 0.1, "rpo": 0.1, "ipo": 0.1, "kto": 0.1, "simpo": 2.0, "orpo": 0.1}
+DEFAULT_BETA = {"dpo": 0.5, "rpo": 0.1, "ipo": 0.1, "kto": 0.1, "simpo": 2.0, "orpo": 0.1}
 GRADIENT_STEPPERS = ("backprop",)
 
 

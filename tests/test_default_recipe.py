@@ -1,0 +1,82 @@
+"""benchmarks/default_recipe.py: the held-out search trains on exactly the test grid's examples and
+scores on pool examples outside them; the carved search keeps its split; the grids load."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from types import SimpleNamespace
+
+from petkit.benchmark.spec import load_spec
+from petkit.benchmark.tasks import cell_data
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("default_recipe", ROOT / "benchmarks" / "default_recipe.py")
+recipe = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(recipe)
+
+
+def pool_task(n: int) -> SimpleNamespace:
+    """The parts of a LoadedTask that cell_data reads; encoding keeps the example."""
+    pool = [{"text": f"t{i}", "label": i % 2} for i in range(n)]
+    return SimpleNamespace(pool=pool, encode=list, spec=SimpleNamespace(data="toy"))
+
+
+def texts(examples) -> list[str]:
+    return [e["text"] for e in examples]
+
+
+def test_held_out_validation_is_outside_the_training_examples_of_the_test_grid():
+    loaded = pool_task(1000)
+    for seed in (0, 1):
+        data = recipe.search_data(loaded, 480, seed, 0.0, None)
+        assert texts(data.train) == texts(cell_data(loaded, 480, seed, 0, None).train)  # what the test grid trains on
+        assert len(data.validation) == recipe.HELD_OUT
+        assert not set(texts(data.validation)) & set(texts(data.train))
+    assert texts(recipe.search_data(loaded, 480, 0, 0.0, None).validation) != \
+        texts(recipe.search_data(loaded, 480, 1, 0.0, None).validation)  # drawn with the seed
+
+
+def test_carved_validation_is_the_harness_split_of_the_first_search():
+    loaded = pool_task(1000)
+    data = recipe.search_data(loaded, 480, 0, 0.2, 96)
+    reference = cell_data(loaded, 480, 0, 0.2, 96)
+    assert texts(data.train) == texts(reference.train) and texts(data.validation) == texts(reference.validation)
+    assert len(data.train) == 384 and len(data.validation) == 96
+
+
+def grid(name: str):
+    return load_spec(str(ROOT / "benchmarks" / name))
+
+
+def test_the_default_recipe_grids_share_todays_budget_and_tasks():
+    for name in ("default_recipe_search.yaml", "default_recipe_heldout.yaml", "default_recipe_test.yaml",
+                 "default_recipe_test_candidate.yaml"):
+        spec = grid(name)
+        assert {t.name for t in spec.tasks} == {"rotten-tomatoes", "bbc-news"}
+        assert spec.train["max_steps"] == 60 and spec.train["batch_size"] == 8 and tuple(spec.sizes) == (480,)
+    assert "default-qv-r8" in {a.name for a in grid("default_recipe_heldout.yaml").arms}
+    assert grid("default_recipe_heldout.yaml").validation_fraction == 0
+
+
+def test_the_candidate_runs_the_test_grid_with_the_searched_arm():
+    test, candidate = grid("default_recipe_test.yaml"), grid("default_recipe_test_candidate.yaml")
+    assert (candidate.train, candidate.tasks, candidate.seeds, candidate.validation_fraction) == \
+        (test.train, test.tasks, test.seeds, test.validation_fraction)
+    searched = {a.name: a for a in grid("default_recipe_heldout.yaml").arms}
+    (arm,) = candidate.arms
+    assert arm == searched[arm.name]
+
+
+def cells(arm: str, task: str, accs: list[float], cpu: float) -> list[dict]:
+    return [{"arm": arm, "task": task, "seed": str(s), "test_metric": str(a), "cpu_s_per_step": str(cpu)}
+            for s, a in enumerate(accs)]
+
+
+def test_each_arm_is_compared_with_peft_and_todays_default_per_task():
+    rows = (cells("default-qv-r8", "rt", [0.80, 0.82, 0.84], 2.0) + cells("peft-default", "rt", [0.80, 0.80, 0.80], 2.0)
+            + cells("cand", "rt", [0.85, 0.85, 0.85], 2.5))
+    lines = recipe._against(rows, "peft-default").splitlines()
+    assert lines == ["default-qv-r8 - peft-default on rt: +2.0 points, CPU s/step x1.00 (3 and 3 seeds)",
+                     "cand - peft-default on rt: +5.0 points, CPU s/step x1.25 (3 and 3 seeds)"]
+    assert recipe._against(rows, "default-qv-r8", skip=("peft-default",)) == \
+        "cand - default-qv-r8 on rt: +3.0 points, CPU s/step x1.25 (3 and 3 seeds)"
