@@ -204,3 +204,18 @@ def test_sharing_follows_a_refilled_slot_and_a_grown_bank() -> None:
     grown, shared = both(1)
     torch.testing.assert_close(shared, grown, rtol=1e-4, atol=1e-4)
     assert len({id(j) for j in bank._joints.values()}) == len(model.model.layers)  # q/k/v per layer
+
+
+def test_sharing_leaves_an_indexed_row_to_its_own_path() -> None:
+    model = tiny()
+    e = Engine(model, None, max_batch=4, max_adapters=2, cuda_graphs=False)
+    bank = e.pool.bank
+    bank.put(1, terms(model, 4, 1, ("q_proj", "v_proj")))
+    ids = torch.randint(3, 256, (1, 9), generator=torch.Generator().manual_seed(4))
+    slot = torch.tensor([1])
+    with torch.no_grad():
+        with bank.using([1]):
+            alone = model(input_ids=ids).logits
+        with bank.indexed_row(slot), bank.sharing():
+            shared = model(input_ids=ids).logits
+    torch.testing.assert_close(shared, alone, rtol=1e-5, atol=1e-5)

@@ -326,7 +326,8 @@ class LowRankBank:
             g = self._gathered(path) if self._key else None
             if g is None:
                 return y
-            if self._shared is not None and path in self._joints and _one_row(g, x, y):
+            if self._shared is not None and self._slot_index is None and path in self._joints \
+                    and _one_row(g, x, y):  # (an indexed row's slot is only known on the device)
                 return self._shared_row(path, g, x, y)
             return _apply(g, x, y)
         return forward
