@@ -100,8 +100,9 @@ def test_plain_dpo_and_ipo_take_their_documented_beta(objective: str, tiny_llama
                                                       tmp_path: Path, capsys) -> None:
     """`--recipe dpo --objective dpo|ipo` trains with the objective's own default beta, the one
     docs/objectives.md documents (DPO's 0.5 chosen on the validation movies; IPO's 0.1), says so
-    in its first lines when it is not the recipe's 0.1, and the loss reads it: DPO's logged margin is beta x (chosen - rejected) log-ratios at step 2; IPO's step-1 loss
-    (policy = reference, h = 0) is (1 / (2 beta))^2. `--beta 0.1` replaces it."""
+    in its first lines when it is not the recipe's 0.1, and the loss reads it: DPO's logged margin
+    is beta x (chosen - rejected) log-ratios at step 2; IPO's step-1 loss (policy = reference,
+    h = 0) is (1 / (2 beta))^2. `--beta 0.1` replaces it."""
     default = ObjectiveConfig(objective).effective_beta
     assert default == documented_beta(objective)
     for beta in (None, 0.1):
