@@ -93,6 +93,12 @@ def hard_prompts(movies: Movies, names: list[str], n: int,
     return out
 
 
+def held_out_pairs(movies: Movies, held: list[str]) -> list[dict[str, str]]:
+    """The held-out movies' pairs, one per movie and sentiment: the CLI's test pairs (the
+    `sentiment-pairs` task of the same seed), on which each arm's pair accuracy is scored."""
+    return preference_pairs(movies, held, 1)
+
+
 # --- the judge and the scores ---------------------------------------------------------------
 
 
@@ -292,7 +298,7 @@ def run(args: argparse.Namespace) -> None:
         _, tok = load_model("smollm2-135m")
         pairs = encode_pairs(preference_pairs(movies, train_movies, args.per_movie), tok,
                              args.max_length)
-        held_pairs = encode_pairs(preference_pairs(movies, held, 1), tok, args.max_length)
+        held_pairs = encode_pairs(held_out_pairs(movies, held), tok, args.max_length)
         pad = int(tok.pad_token_id)
         cfg = pk.TrainConfig(lr=args.lr, max_steps=args.steps, batch_size=4, seed=seed,
                              warmup_steps=2, progress=False)
