@@ -162,3 +162,48 @@ def test_an_activation_budget_reaches_the_compiler_and_keeps_the_losses() -> Non
                 {"activation_budget": 0.0, "compile": True}):
         with pytest.raises(ConfigError, match="activation_budget"):
             TrainConfig(**bad)
+
+
+@pytest.mark.slow  # compiles a block with inductor on the CPU, three times
+def test_quantized_activations_keep_the_forward_and_approximate_the_gradients() -> None:
+    """activation_quantization=fp8: the partitioner's saved activations go through the
+    quantization pass (counted), the first step's loss (forward only) is the unquantized run's
+    exactly, the next steps follow it closely but not identically (the backward read fp8 copies);
+    tensors under the size floor are left alone (same losses as without quantization)."""
+    from torch._dynamo.utils import counters
+
+    from petkit.training import RuntimeConfig
+
+    def run(kind: str = "none", min_mb: float = 0.0) -> list[float]:
+        torch._dynamo.reset()
+        counters.clear()
+        runtime = RuntimeConfig(compile=True, compile_scope="blocks", precision="fp32",
+                                activation_checkpointing="elementwise",
+                                activation_quantization=kind, activation_quantization_min_mb=min_mb)
+        return lora_losses(same_length, layers=2, steps=4, runtime=runtime)
+
+    same_length = [{"input_ids": row, "labels": row} for row in torch.randint(3, 60, (12, 16))]
+    plain = run()
+    assert not counters["inductor"]["activation_quantization_fwd_aten_pass"]
+    fp8 = run("fp8")
+    passes = [counters["inductor"][f"activation_quantization_{g}_aten_pass"] for g in ("fwd", "bwd")]
+    floor = run("fp8", min_mb=1e6)
+    torch._dynamo.reset()
+    assert min(passes) >= 1 and not counters["inductor"]["activation_quantization_fwd_aten_pass"]
+    assert fp8[0] == plain[0]
+    assert fp8[1:] == pytest.approx(plain[1:], rel=2e-2) and fp8[1:] != plain[1:]
+    assert floor == plain
+
+
+def test_activation_quantization_is_checked() -> None:
+    """A kind outside the list, a negative floor, or quantization without compile: ConfigError
+    naming the flag."""
+    from petkit.training import RuntimeConfig
+
+    assert RuntimeConfig(compile=True, activation_quantization="fp8").activation_quantization == "fp8"
+    for bad, flag in (({"activation_quantization": "fp4", "compile": True}, "activation_quantization"),
+                      ({"activation_quantization": "fp8"}, "activation_quantization.*compile"),
+                      ({"activation_quantization_min_mb": -1.0}, "activation_quantization_min_mb"),
+                      ({"activation_quantization_min_mb": float("nan")}, "min_mb")):
+        with pytest.raises(ConfigError, match=flag):
+            RuntimeConfig(**bad)

@@ -18,7 +18,8 @@ torch.compile (hub kernels' wrappers are switched off inside the checkpointed bl
 extensions' per-forward state (`live`) are put back as they were when the block first ran
 before it is recomputed. `activation_offload` keeps every saved activation in pinned host memory
 (`torch.autograd.graph.save_on_cpu`) instead of the device: eager mode only. Under compile,
-`activation_budget` lets the compiler choose what to recompute instead (`memory_budget`).
+`activation_budget` lets the compiler choose what to recompute instead (`memory_budget`), and
+`activation_quantization` has it keep what it saves in 8-bit floats (`quantized_activations`).
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ _MATMUL = {torch.ops.aten.mm.default: (0, 1), torch.ops.aten.addmm.default: (1, 
 
 
 RECOMPUTE_MODES = ("full", "selective", "elementwise")
+QUANTIZED_ACTIVATIONS = ("none", "fp8", "fp8-e5m2")
+_FP8_TYPES = {"fp8": "torch.float8_e4m3fn", "fp8-e5m2": "torch.float8_e5m2"}
 
 
 def save_like_matmul(op: Any, operands: tuple[int, int]) -> None:
@@ -206,6 +209,27 @@ def memory_budget(fraction: float) -> contextlib.AbstractContextManager[Any]:
     import torch._functorch.config as functorch_config
 
     return functorch_config.patch(activation_memory_budget=fraction)
+
+
+def quantized_activations(kind: str, min_mb: float) -> contextlib.AbstractContextManager[Any]:
+    """Graphs compiled inside keep each saved activation of at least `min_mb` MiB (bf16, fp16
+    or fp32) as 8-bit floats with one scale per tensor (amax / the format's largest value),
+    quantized in the forward graph's epilogue and dequantized in the backward graph's prologue
+    (inductor's `activation_quantization_aten_pass`): half of bf16's bytes, a relative error of
+    2^-4 (e4m3) or 2^-3 (e5m2) in what the backward reads. The forward's values are unchanged."""
+    if kind == "none":
+        return contextlib.nullcontext()
+    import torch._functorch.partitioners as partitioners
+    import torch._inductor.config as inductor_config
+
+    if not hasattr(partitioners, "enable_activation_quantization"):
+        raise ConfigError(f"--runtime.activation_quantization={kind} needs torch's activation "
+                          f"quantization pass (torch >= 2.8); this is torch {torch.__version__}")
+    options = dict(inductor_config.post_grad_fusion_options)
+    options["activation_quantization_aten_pass"] = {
+        "quant_type": _FP8_TYPES[kind], "use_scaling": True, "size_in_mb": float(min_mb),
+        "allowed_dtypes": "torch.bfloat16;torch.float16;torch.float32"}
+    return inductor_config.patch(post_grad_fusion_options=options)
 
 
 def offload_context(enabled: bool) -> contextlib.AbstractContextManager[Any]:

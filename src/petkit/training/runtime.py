@@ -15,7 +15,7 @@ from typing import Any
 
 from petkit.core.config_io import dataclass_from_dict
 from petkit.core.errors import ConfigError
-from petkit.training.activations import RECOMPUTE_MODES
+from petkit.training.activations import QUANTIZED_ACTIVATIONS, RECOMPUTE_MODES
 from petkit.training.kernels import kernel_parts, liger_parts
 from petkit.training.offload import NVME_REASON, OFFLOAD_MODES
 from petkit.training.steppers.base import is_int, is_num
@@ -75,6 +75,11 @@ class RuntimeConfig:
         "| auto (what is installed and fits; CUDA only)"))
     liger: str = field(default="flce", metadata=_help(
         "Liger pieces for kernels=liger, comma-separated: flce, rmsnorm, rope, swiglu"))
+    activation_quantization: str = field(default="none", metadata=_help(
+        "compile only: keep saved activations in 8-bit floats, none | fp8 (e4m3) | fp8-e5m2, "
+        "one scale per tensor (docs/training-gpu.md)", choices=QUANTIZED_ACTIVATIONS))
+    activation_quantization_min_mb: float = field(default=1.0, metadata=_help(
+        "with activation_quantization: only saved activations of at least this many MiB"))
 
     def __post_init__(self) -> None:
         """Validate every field and the combinations within this section."""
@@ -113,12 +118,24 @@ class RuntimeConfig:
             _check(self.compile and mode == "off", "activation_budget",
                    "None unless compile is true and activation_checkpointing is off (the "
                    "compiler chooses what to recompute)", budget)
+        self._check_quantization()
         if self.loss_chunk is not None:
             _check(is_int(self.loss_chunk) and self.loss_chunk >= 0, "loss_chunk",
                    "None (auto), 0 (dense) or a number of tokens >= 1", self.loss_chunk)
         if self.pack_length is not None:
             _check(is_int(self.pack_length) and self.pack_length >= 2, "pack_length",
                    "None or an int >= 2", self.pack_length)
+
+    def _check_quantization(self) -> None:
+        kind = self.activation_quantization
+        _check(kind in QUANTIZED_ACTIVATIONS, "activation_quantization",
+               f"one of {QUANTIZED_ACTIVATIONS}", kind)
+        least = self.activation_quantization_min_mb
+        _check(is_num(least) and 0 <= least < float("inf"), "activation_quantization_min_mb",
+               "a number of MiB >= 0", least)
+        _check(kind == "none" or self.compile, "activation_quantization",
+               "none unless compile is true (the compiler's partitioner quantizes what it saves)",
+               kind)
 
     def compiles_blocks(self) -> bool:
         """Whether each transformer block is compiled (compile with compile_scope='blocks')."""
