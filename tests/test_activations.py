@@ -183,15 +183,34 @@ def test_quantized_activations_keep_the_forward_and_approximate_the_gradients() 
         return lora_losses(same_length, layers=2, steps=4, runtime=runtime)
 
     same_length = [{"input_ids": row, "labels": row} for row in torch.randint(3, 60, (12, 16))]
+    import torch._functorch.partitioners as partitioners
+
+    widths: dict[str, set[int]] = {}
+    perform = partitioners.perform_fp8_activation_quantization
+
+    def spy(fwd_module: Any, *args: Any, **kwargs: Any) -> None:  # the widths it quantized
+        perform(fwd_module, *args, **kwargs)
+        outputs = fwd_module.graph.find_nodes(op="output")[0].args[0]
+        widths[kind] |= {n.meta["val"].shape[-1] for n in outputs if "fp8_quant_" in n.name}
+
     plain = run()
     assert not counters["inductor"]["activation_quantization_fwd_aten_pass"]
-    fp8 = run("fp8")
-    passes = [counters["inductor"][f"activation_quantization_{g}_aten_pass"] for g in ("fwd", "bwd")]
+    runs = {}
+    for kind in ("fp8", "fp8-mlp"):
+        widths[kind] = set()
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(partitioners, "perform_fp8_activation_quantization", spy)
+            runs[kind] = run(kind)
+        assert counters["inductor"]["activation_quantization_fwd_aten_pass"] >= 1, kind
+        assert counters["inductor"]["activation_quantization_bwd_aten_pass"] >= 1, kind
     floor = run("fp8", min_mb=1e6)
     torch._dynamo.reset()
-    assert min(passes) >= 1 and not counters["inductor"]["activation_quantization_fwd_aten_pass"]
-    assert fp8[0] == plain[0]
-    assert fp8[1:] == pytest.approx(plain[1:], rel=2e-2) and fp8[1:] != plain[1:]
+    assert not counters["inductor"]["activation_quantization_fwd_aten_pass"]
+    for kind, losses in runs.items():
+        assert losses[0] == plain[0], kind
+        assert losses[1:] == pytest.approx(plain[1:], rel=2e-2) and losses[1:] != plain[1:], kind
+    assert widths["fp8-mlp"] == {64} and {32, 64} < widths["fp8"], widths  # hidden 32, MLP 64
+    assert runs["fp8-mlp"] != runs["fp8"]  # fewer tensors rounded: another trajectory
     assert floor == plain
 
 
@@ -201,7 +220,8 @@ def test_activation_quantization_is_checked() -> None:
     from petkit.training import RuntimeConfig
 
     assert RuntimeConfig(compile=True, activation_quantization="fp8").activation_quantization == "fp8"
-    for bad, flag in (({"activation_quantization": "fp4", "compile": True}, "activation_quantization"),
+    for bad, flag in (({"activation_quantization": "fp8-e5m2", "compile": True},
+                       "activation_quantization"),
                       ({"activation_quantization": "fp8"}, "activation_quantization.*compile"),
                       ({"activation_quantization_min_mb": -1.0}, "activation_quantization_min_mb"),
                       ({"activation_quantization_min_mb": float("nan")}, "min_mb")):

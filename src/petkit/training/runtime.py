@@ -76,8 +76,8 @@ class RuntimeConfig:
     liger: str = field(default="flce", metadata=_help(
         "Liger pieces for kernels=liger, comma-separated: flce, rmsnorm, rope, swiglu"))
     activation_quantization: str = field(default="none", metadata=_help(
-        "compile only: keep saved activations in 8-bit floats, none | fp8 (e4m3) | fp8-e5m2, "
-        "one scale per tensor (docs/training-gpu.md)", choices=QUANTIZED_ACTIVATIONS))
+        "compile only: keep saved activations in fp8 (e4m3, one scale per tensor): none | fp8 "
+        "(all) | fp8-mlp (the MLP's hidden activations only; docs/training-gpu.md)", choices=QUANTIZED_ACTIVATIONS))
     activation_quantization_min_mb: float = field(default=1.0, metadata=_help(
         "with activation_quantization: only saved activations of at least this many MiB"))
 
