@@ -186,18 +186,21 @@ def test_quantized_activations_keep_the_forward_and_approximate_the_gradients() 
     import torch._functorch.partitioners as partitioners
 
     widths: dict[str, set[int]] = {}
+    shapes: dict[str, set[torch.Size]] = {}
     perform = partitioners.perform_fp8_activation_quantization
 
     def spy(fwd_module: Any, *args: Any, **kwargs: Any) -> None:  # the widths it quantized
         perform(fwd_module, *args, **kwargs)
         outputs = fwd_module.graph.find_nodes(op="output")[0].args[0]
-        widths[kind] |= {n.meta["val"].shape[-1] for n in outputs if "fp8_quant_" in n.name}
+        quantized = [n.meta["val"].shape for n in outputs if "fp8_quant_" in n.name]
+        widths[kind] |= {shape[-1] for shape in quantized}
+        shapes[kind] |= set(quantized)
 
     plain = run()
     assert not counters["inductor"]["activation_quantization_fwd_aten_pass"]
     runs = {}
     for kind in ("fp8", "fp8-mlp"):
-        widths[kind] = set()
+        widths[kind], shapes[kind] = set(), set()
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(partitioners, "perform_fp8_activation_quantization", spy)
             runs[kind] = run(kind)
@@ -211,6 +214,8 @@ def test_quantized_activations_keep_the_forward_and_approximate_the_gradients() 
         assert losses[1:] == pytest.approx(plain[1:], rel=2e-2) and losses[1:] != plain[1:], kind
     assert widths["fp8-mlp"] == {64} and {32, 64} < widths["fp8"], widths  # hidden 32, MLP 64
     assert runs["fp8-mlp"] != runs["fp8"]  # fewer tensors rounded: another trajectory
+    weights = {(64, 32), (32, 64), (32, 32), (16, 32), (4, 32), (4, 64), (32, 4), (64, 4), (16, 4)}
+    assert not weights & {tuple(s) for s in shapes["fp8"]}, shapes  # no weight is rounded
     assert floor == plain
 
 

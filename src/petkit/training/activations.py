@@ -220,7 +220,7 @@ def quantized_activations(kind: str, min_mb: float) -> Iterator[None]:
     activation; "fp8-mlp": only those as wide as the widest one a graph saves (a block's MLP
     hidden activations), leaving the residual stream's outlier channels, which one scale per
     tensor rounds coarsely, and attention's inputs in their own dtype (docs/training-gpu.md).
-    A graph's inputs (weights, a block's input) are never quantized."""
+    Weights are never quantized (the pass skips static inputs)."""
     if kind == "none":
         yield
         return
@@ -234,8 +234,7 @@ def quantized_activations(kind: str, min_mb: float) -> Iterator[None]:
     options = dict(inductor_config.post_grad_fusion_options)
     options["activation_quantization_aten_pass"] = {
         "quant_type": "torch.float8_e4m3fn", "use_scaling": True, "size_in_mb": float(min_mb),
-        "allowed_dtypes": "torch.bfloat16;torch.float16;torch.float32",
-        "exclude_primals": True}  # a graph's inputs: weights, and the residual stream
+        "allowed_dtypes": "torch.bfloat16;torch.float16;torch.float32"}
     with inductor_config.patch(post_grad_fusion_options=options), contextlib.ExitStack() as stack:
         if kind == "fp8-mlp":
             stack.enter_context(_widest_only(partitioners))
@@ -249,7 +248,7 @@ def _widest_only(partitioners: Any) -> Iterator[None]:
     enable, should = partitioners.enable_activation_quantization, partitioners.should_quantize
 
     def width(node: Any) -> int:
-        if getattr(node, "op", "placeholder") == "placeholder":  # a graph input: never quantized
+        if getattr(node, "op", "placeholder") == "placeholder":  # a block's input: the residual
             return 0
         value = node.meta.get("val")
         return value.shape[-1] if isinstance(value, torch.Tensor) and value.dim() else 0
