@@ -81,6 +81,7 @@ CASES: dict[str, tuple[str, str, str, str]] = {
     "petkit-blocks-budget50-fp8-flce": ("petkit", "blocks", "budget-0.5", "liger"),
     "petkit-blocks-budget50-fp8mlp": ("petkit", "blocks", "budget-0.5", "none"),
     "petkit-blocks-fp8-flce": ("petkit", "blocks", "off", "liger"),
+    "petkit-blocks-elementwise-fp8big-flce": ("petkit", "blocks", "elementwise", "liger"),
     "petkit-blocks-selective-dropout": ("petkit", "blocks", "selective", "none"),
     "petkit-blocks-selective-fused-dropout": ("petkit", "blocks", "selective", "fused"),
     "petkit-blocks-selective-triton-dropout": ("petkit", "blocks", "selective", "triton"),
@@ -94,7 +95,7 @@ DROPOUT = 0.05  # LoRA dropout of the `-dropout` cases (the others: none); only 
 # fuses it (the torch fused path keeps such layers eager: `-fused-dropout` shows that)
 # `-fp8` cases keep what the compiled blocks save for the backward in fp8 (e4m3, one scale per
 # tensor: `--runtime.activation_quantization=fp8`), every saved tensor of at least 1 MiB;
-# `-fp8mlp` only the MLP's hidden activations (`fp8-mlp`)
+# `-fp8mlp` only the MLP's hidden activations (`fp8-mlp`); `-fp8big` those of at least 16 MiB
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PEAK_TFLOPS = 989.0
 LR, SEQUENCES = 1e-3, 64
@@ -221,9 +222,10 @@ def window_row(args: argparse.Namespace, shape: dict[str, int], times: list[floa
             **({"losses": losses} if args.curves else {})}
 
 
-def quantization(case: str) -> str:
-    """`--runtime.activation_quantization` for `case`."""
-    return "fp8-mlp" if "-fp8mlp" in case else "fp8" if "-fp8" in case else "none"
+def quantization(case: str) -> tuple[str, float]:
+    """`--runtime.activation_quantization` and its size floor in MiB for `case`."""
+    kind = "fp8-mlp" if "-fp8mlp" in case else "fp8" if "-fp8" in case else "none"
+    return kind, 16.0 if "-fp8big" in case else 1.0
 
 
 def petkit_config(args: argparse.Namespace, compiled: str, ckpt: str, batch: int,
@@ -231,12 +233,12 @@ def petkit_config(args: argparse.Namespace, compiled: str, ckpt: str, batch: int
     from petkit.training import RuntimeConfig, TrainConfig
 
     budget = ckpt.startswith("budget-")  # the compiler chooses what to recompute
-    kind = quantization(getattr(args, "case", None) or "")
+    kind, floor = quantization(getattr(args, "case", None) or "")
     runtime = RuntimeConfig(device=args.device, precision="bf16", compile=bool(compiled),
                             compile_scope=compiled or "model",
                             activation_checkpointing="off" if budget else ckpt,
                             activation_budget=float(ckpt[7:]) if budget else None,
-                            activation_quantization=kind,
+                            activation_quantization=kind, activation_quantization_min_mb=floor,
                             kernels=kernels, liger=LIGER_PIECES)
     log_every = 1 if getattr(args, "curves", False) else args.window  # --curves: every step
     return TrainConfig(lr=LR, max_steps=args.steps, batch_size=batch, log_every=log_every,
