@@ -117,6 +117,12 @@ class RunModes:
         """Checkpointing and the head bypass (checked on `first` against the dense loss)."""
         cfg = self.config
         with contextlib.ExitStack() as stack:
+            if cfg.compile and (cfg.activation_budget is not None
+                                or cfg.activation_quantization != "none"):
+                # both are read when a graph is partitioned, and torch's compile cache does not
+                # key on them: graphs of an earlier run must not serve this one, nor ours a later
+                torch._dynamo.reset()
+                stack.callback(torch._dynamo.reset)
             if self.bypass is not None and first is not None \
                     and not self.bypass.verify(first, dense_forward):
                 self.bypass = None
