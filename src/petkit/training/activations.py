@@ -227,8 +227,7 @@ def quantized_activations(kind: str, min_mb: float) -> Iterator[None]:
     import torch._functorch.partitioners as partitioners
     import torch._inductor.config as inductor_config
 
-    if not all(hasattr(partitioners, name) for name in ("enable_activation_quantization",
-                                                        "should_quantize")):
+    if not {"enable_activation_quantization", "should_quantize"} <= vars(partitioners).keys():
         raise ConfigError(f"--runtime.activation_quantization={kind} needs torch's activation "
                           f"quantization pass (torch >= 2.8); this is torch {torch.__version__}")
     options = dict(inductor_config.post_grad_fusion_options)
@@ -248,7 +247,7 @@ def _widest_only(partitioners: Any) -> Iterator[None]:
     enable, should = partitioners.enable_activation_quantization, partitioners.should_quantize
 
     def width(node: Any) -> int:
-        if getattr(node, "op", "placeholder") == "placeholder":  # a block's input: the residual
+        if node.op == "placeholder":  # a graph input, e.g. a block's: the residual stream
             return 0
         value = node.meta.get("val")
         return value.shape[-1] if isinstance(value, torch.Tensor) and value.dim() else 0
