@@ -232,3 +232,12 @@ def test_activation_quantization_is_checked() -> None:
                       ({"activation_quantization_min_mb": float("nan")}, "min_mb")):
         with pytest.raises(ConfigError, match=flag):
             RuntimeConfig(**bad)
+    import torch._functorch.partitioners as partitioners
+
+    from petkit.training.activations import quantized_activations
+
+    with pytest.MonkeyPatch.context() as patch:  # a torch without the pass
+        patch.delattr(partitioners, "should_quantize")
+        with pytest.raises(ConfigError, match="activation_quantization=fp8 needs torch's"):
+            with quantized_activations("fp8", 1.0):
+                pass
