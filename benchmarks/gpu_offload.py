@@ -3,6 +3,7 @@
 
 Cases, each in its own process under a time limit (and all of them under `--budget`):
   full-1b, full-1b-offload        full fine-tuning of TinyLlama-1.1B's shape (every weight trains)
+  full-1b-offload-nvme            the offloaded run with its host state in files (`nvme`, TMPDIR)
   full-1b-fp32                    the same on the device with fp32 weights and AdamW state: the
                                   optimiser arithmetic the offloaded run does on the host (fp32
                                   masters), the usual mixed-precision full fine-tune
@@ -49,6 +50,7 @@ CASES: dict[str, tuple[str, str, str, float]] = {
     "full-1b": ("1b", "full", "none", 60.0),
     "full-1b-fp32": ("1b", "full32", "none", 70.0),
     "full-1b-offload": ("1b", "full", "cpu", 75.0),
+    "full-1b-offload-nvme": ("1b", "full", "nvme", 90.0),
     "lora256-8b": ("8b", "lora256", "none", 90.0),
     "lora256-8b-offload": ("8b", "lora256", "cpu", 90.0),
 }
@@ -115,7 +117,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         if "error" in r:
             lines.append(f"| {r['case']} | {r['error'][:90]} | | | | | | |")
             continue
-        base = done.get(r["case"].removesuffix("-offload"))
+        base = done.get(r["case"].split("-offload")[0])
         ratio = _ratios(r, base)
         lines.append(f"| {r['case']} | {r['trained_params'] / 1e6:,.1f}M | {r['offloaded']} | "
                      f"{r['tok_s']:,.0f} | {r['peak_gib']:.2f} | {ratio[0]} | {ratio[1]} | "

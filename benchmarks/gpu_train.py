@@ -73,6 +73,15 @@ CASES: dict[str, tuple[str, str, str, str]] = {
     "petkit-blocks-selective-triton-flce": ("petkit", "blocks", "selective", "triton,liger"),
     "petkit-blocks-budget35-triton-flce": ("petkit", "blocks", "budget-0.35", "triton,liger"),
     "petkit-blocks-elementwise-triton-flce": ("petkit", "blocks", "elementwise", "triton,liger"),
+    "petkit-blocks-elementwise-fp8": ("petkit", "blocks", "elementwise", "none"),
+    "petkit-blocks-elementwise-fp8-flce": ("petkit", "blocks", "elementwise", "liger"),
+    "petkit-blocks-elementwise-fp8mlp": ("petkit", "blocks", "elementwise", "none"),
+    "petkit-blocks-elementwise-fp8mlp-flce": ("petkit", "blocks", "elementwise", "liger"),
+    "petkit-blocks-budget50-fp8": ("petkit", "blocks", "budget-0.5", "none"),
+    "petkit-blocks-budget50-fp8-flce": ("petkit", "blocks", "budget-0.5", "liger"),
+    "petkit-blocks-budget50-fp8mlp": ("petkit", "blocks", "budget-0.5", "none"),
+    "petkit-blocks-fp8-flce": ("petkit", "blocks", "off", "liger"),
+    "petkit-blocks-elementwise-fp8big-flce": ("petkit", "blocks", "elementwise", "liger"),
     "petkit-blocks-selective-dropout": ("petkit", "blocks", "selective", "none"),
     "petkit-blocks-selective-fused-dropout": ("petkit", "blocks", "selective", "fused"),
     "petkit-blocks-selective-triton-dropout": ("petkit", "blocks", "selective", "triton"),
@@ -84,6 +93,9 @@ CASES: dict[str, tuple[str, str, str, str]] = {
 LIGER_PIECES = "flce"  # --runtime.liger of the petkit cases with "liger"
 DROPOUT = 0.05  # LoRA dropout of the `-dropout` cases (the others: none); only the Triton kernel
 # fuses it (the torch fused path keeps such layers eager: `-fused-dropout` shows that)
+# `-fp8` cases keep what the compiled blocks save for the backward in fp8 (e4m3, one scale per
+# tensor: `--runtime.activation_quantization=fp8`), every saved tensor of at least 1 MiB;
+# `-fp8mlp` only the MLP's hidden activations (`fp8-mlp`); `-fp8big` those of at least 16 MiB
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PEAK_TFLOPS = 989.0
 LR, SEQUENCES = 1e-3, 64
@@ -210,15 +222,23 @@ def window_row(args: argparse.Namespace, shape: dict[str, int], times: list[floa
             **({"losses": losses} if args.curves else {})}
 
 
+def quantization(case: str) -> tuple[str, float]:
+    """`--runtime.activation_quantization` and its size floor in MiB for `case`."""
+    kind = "fp8-mlp" if "-fp8mlp" in case else "fp8" if "-fp8" in case else "none"
+    return kind, 16.0 if "-fp8big" in case else 1.0
+
+
 def petkit_config(args: argparse.Namespace, compiled: str, ckpt: str, batch: int,
                   kernels: str = "none") -> Any:
     from petkit.training import RuntimeConfig, TrainConfig
 
     budget = ckpt.startswith("budget-")  # the compiler chooses what to recompute
+    kind, floor = quantization(getattr(args, "case", None) or "")
     runtime = RuntimeConfig(device=args.device, precision="bf16", compile=bool(compiled),
                             compile_scope=compiled or "model",
                             activation_checkpointing="off" if budget else ckpt,
                             activation_budget=float(ckpt[7:]) if budget else None,
+                            activation_quantization=kind, activation_quantization_min_mb=floor,
                             kernels=kernels, liger=LIGER_PIECES)
     log_every = 1 if getattr(args, "curves", False) else args.window  # --curves: every step
     return TrainConfig(lr=LR, max_steps=args.steps, batch_size=batch, log_every=log_every,

@@ -10,7 +10,9 @@ whose reviews lean one way form a second, larger evaluation scored also on the p
 for the sentiment against that majority; --hard-new-tokens makes those generations longer (scored
 at the --new-tokens prefix and in full) and --hard-paraphrase asks for the same movies in a wording
 never trained on. The hard set is generated after the standard one, so it changes neither the
-trained models nor the standard numbers."""
+trained models nor the standard numbers. Each arm's pair accuracy on the held-out movies' 40 pairs
+(`<arm>_pair_accuracy`) is the CLI's measure on the CLI's test pairs (`objectives_eval.
+pair_accuracy`, the `sentiment-pairs` task of the same seed)."""
 from __future__ import annotations
 
 import argparse
@@ -28,6 +30,7 @@ from petkit.data.objective_tasks import (SENTIMENTS, Movies, movie_reviews,  # n
                                          preference_pairs, prompt_of, split_movies)
 from petkit.models import load_model
 from petkit.models.loading import head_module_names
+from petkit.training.objectives_eval import pair_accuracy
 
 PREFER_ARMS = ("untuned", "sft_chosen", "dpo", "meet")
 JUDGE_LENGTH = 48  # tokens; a review is ~30, a scored generation 24
@@ -88,6 +91,12 @@ def hard_prompts(movies: Movies, names: list[str], n: int,
         majority = int(len(movies[m][1]) > len(movies[m][0]))
         out += [(prompt_of(m, s, template), s, s != majority) for s in (0, 1)]
     return out
+
+
+def held_out_pairs(movies: Movies, held: list[str]) -> list[dict[str, str]]:
+    """The held-out movies' pairs, one per movie and sentiment: the CLI's test pairs (the
+    `sentiment-pairs` task of the same seed), on which each arm's pair accuracy is scored."""
+    return preference_pairs(movies, held, 1)
 
 
 # --- the judge and the scores ---------------------------------------------------------------
@@ -289,6 +298,7 @@ def run(args: argparse.Namespace) -> None:
         _, tok = load_model("smollm2-135m")
         pairs = encode_pairs(preference_pairs(movies, train_movies, args.per_movie), tok,
                              args.max_length)
+        held_pairs = encode_pairs(held_out_pairs(movies, held), tok, args.max_length)
         pad = int(tok.pad_token_id)
         cfg = pk.TrainConfig(lr=args.lr, max_steps=args.steps, batch_size=4, seed=seed,
                              warmup_steps=2, progress=False)
@@ -299,6 +309,7 @@ def run(args: argparse.Namespace) -> None:
             texts = generate(model, tok, prompts, args.new_tokens)
             probs = requested_probs(clf, clf_tok, texts, wanted)
             row[arm], row[f"{arm}_prob"] = scores(probs)
+            row[f"{arm}_pair_accuracy"] = pair_accuracy(model, held_pairs, pad)
             row["samples"][arm] = texts[:4]
             save_generations(row, arm, prompts, wanted, texts, probs)
             if args.hard_movies:

@@ -162,3 +162,82 @@ def test_an_activation_budget_reaches_the_compiler_and_keeps_the_losses() -> Non
                 {"activation_budget": 0.0, "compile": True}):
         with pytest.raises(ConfigError, match="activation_budget"):
             TrainConfig(**bad)
+
+
+@pytest.mark.slow  # compiles a block with inductor on the CPU, three times
+def test_quantized_activations_keep_the_forward_and_approximate_the_gradients() -> None:
+    """activation_quantization=fp8: the partitioner's saved activations go through the
+    quantization pass (counted), the first step's loss (forward only) is the unquantized run's
+    exactly, the next steps follow it closely but not identically (the backward read fp8 copies);
+    tensors under the size floor are left alone (same losses as without quantization)."""
+    from torch._dynamo.utils import counters
+
+    from petkit.training import RuntimeConfig
+
+    def run(kind: str = "none", min_mb: float = 0.0) -> list[float]:
+        counters.clear()  # no dynamo reset between runs: a run must not reuse another's graphs
+        runtime = RuntimeConfig(compile=True, compile_scope="blocks", precision="fp32",
+                                activation_checkpointing="elementwise",
+                                activation_quantization=kind, activation_quantization_min_mb=min_mb)
+        return lora_losses(same_length, layers=2, steps=4, runtime=runtime)
+
+    same_length = [{"input_ids": row, "labels": row} for row in torch.randint(3, 60, (12, 16))]
+    import torch._functorch.partitioners as partitioners
+
+    widths: dict[str, set[int]] = {}
+    shapes: dict[str, set[torch.Size]] = {}
+    perform = partitioners.perform_fp8_activation_quantization
+
+    def spy(fwd_module: Any, *args: Any, **kwargs: Any) -> None:  # the widths it quantized
+        perform(fwd_module, *args, **kwargs)
+        outputs = fwd_module.graph.find_nodes(op="output")[0].args[0]
+        quantized = [n.meta["val"].shape for n in outputs if "fp8_quant_" in n.name]
+        widths[kind] |= {shape[-1] for shape in quantized}
+        shapes[kind] |= set(quantized)
+
+    plain = run()
+    assert not counters["inductor"]["activation_quantization_fwd_aten_pass"]
+    runs = {}
+    for kind in ("fp8", "fp8-mlp"):
+        widths[kind], shapes[kind] = set(), set()
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(partitioners, "perform_fp8_activation_quantization", spy)
+            runs[kind] = run(kind)
+        assert counters["inductor"]["activation_quantization_fwd_aten_pass"] >= 1, kind
+        assert counters["inductor"]["activation_quantization_bwd_aten_pass"] >= 1, kind
+    floor = run("fp8", min_mb=1e6)
+    assert not counters["inductor"]["activation_quantization_fwd_aten_pass"]
+    assert run() == plain and not counters["inductor"]["activation_quantization_fwd_aten_pass"]
+    torch._dynamo.reset()
+    for kind, losses in runs.items():
+        assert losses[0] == plain[0], kind
+        assert losses[1:] == pytest.approx(plain[1:], rel=2e-2) and losses[1:] != plain[1:], kind
+    assert widths["fp8-mlp"] == {64} and {32, 64} < widths["fp8"], widths  # hidden 32, MLP 64
+    assert runs["fp8-mlp"] != runs["fp8"]  # fewer tensors rounded: another trajectory
+    weights = {(64, 32), (32, 64), (32, 32), (16, 32), (4, 32), (4, 64), (32, 4), (64, 4), (16, 4)}
+    assert not weights & {tuple(s) for s in shapes["fp8"]}, shapes  # no weight is rounded
+    assert floor == plain
+
+
+def test_activation_quantization_is_checked() -> None:
+    """A kind outside the list, a negative floor, or quantization without compile: ConfigError
+    naming the flag."""
+    from petkit.training import RuntimeConfig
+
+    assert RuntimeConfig(compile=True, activation_quantization="fp8").activation_quantization == "fp8"
+    for bad, flag in (({"activation_quantization": "fp8-e5m2", "compile": True},
+                       "activation_quantization"),
+                      ({"activation_quantization": "fp8"}, "activation_quantization.*compile"),
+                      ({"activation_quantization_min_mb": -1.0}, "activation_quantization_min_mb"),
+                      ({"activation_quantization_min_mb": float("nan")}, "min_mb")):
+        with pytest.raises(ConfigError, match=flag):
+            RuntimeConfig(**bad)
+    import torch._functorch.partitioners as partitioners
+
+    from petkit.training.activations import quantized_activations
+
+    with pytest.MonkeyPatch.context() as patch:  # a torch without the pass
+        patch.delattr(partitioners, "should_quantize")
+        with pytest.raises(ConfigError, match="activation_quantization=fp8 needs torch's"):
+            with quantized_activations("fp8", 1.0):
+                pass

@@ -60,6 +60,17 @@ def test_movie_split_is_disjoint_and_keeps_the_documented_order() -> None:
     assert hybrid_prefer.split_movies(names, 2, 5, 10)[0] != held  # the seed picks the movies
 
 
+def test_pair_accuracy_is_scored_on_the_clis_test_pairs() -> None:
+    """The benchmark's pair accuracy (docs/hybrid.md, the library's DPO + RPO figure) is on the
+    pairs the CLI scores: the `sentiment-pairs` task's test set of the same seed."""
+    from petkit.data.objective_tasks import sentiment_pairs
+
+    movies = hybrid_prefer.movie_reviews()
+    held, _, _ = hybrid_prefer.split_movies(list(movies), 1, 20, 64)
+    pairs = hybrid_prefer.held_out_pairs(movies, held)
+    assert len(pairs) == 40 and pairs == sentiment_pairs(1).test
+
+
 def test_hard_prompts_skip_ties_and_mark_the_request_against_the_majority() -> None:
     hard = hybrid_prefer.hard_prompts(MOVIES, list(MOVIES), 2)
     titles = [p.split("movie ")[1].split(".")[0] for p, _, _ in hard]

@@ -245,3 +245,20 @@ def test_answer_log_probs_score_exactly_the_answer_and_its_eos() -> None:
         logp = torch.log_softmax(logits[side].float(), dim=-1)
         by_hand = sum(float(logp[t - 1, ids[t]]) for t in range(2, len(ids)))  # answer + EOS
         assert float(summed[side]) == pytest.approx(by_hand, abs=1e-5)
+
+
+def test_orpo_margin_wins_a_pair_exactly_where_pair_accuracy_does() -> None:
+    """ORPO's margin, the log odds ratio of the answers' mean token probabilities, is positive
+    exactly where the chosen answer's mean token log-probability is above the rejected one's (log
+    odds is increasing in p): its own margin is the CLI's pair-accuracy criterion, where DPO's is
+    a summed log-ratio against the reference (docs/objectives.md, "ORPO's pair accuracy")."""
+    g = torch.Generator().manual_seed(0)
+    nc, nr = torch.randint(1, 40, (256,), generator=g), torch.randint(1, 40, (256,), generator=g)
+    per_c, per_r = -6 * torch.rand(256, generator=g), -6 * torch.rand(256, generator=g)
+    s = PairLogps(per_c * nc, per_r * nr, None, None, nc, nr)
+    _, margin = LOSSES["orpo"](s, ObjectiveConfig("orpo"))
+    assert torch.equal(margin > 0, per_c > per_r)
+    odds = lambda p: math.log(p / (1 - p))  # noqa: E731
+    i = 3
+    want = odds(math.exp(float(per_c[i]))) - odds(math.exp(float(per_r[i])))
+    assert float(margin[i]) == pytest.approx(want, rel=1e-5)

@@ -127,9 +127,9 @@ def test_plain_dpo_and_ipo_take_their_documented_beta(objective: str, tiny_llama
 def test_orpo_weighs_its_odds_ratio_by_its_default_lambda_unless_the_flag_sets_one(
         tiny_llama: str, tmp_path: Path, capsys) -> None:
     """ORPO's step-1 loss is the chosen NLL - lambda log sigmoid(log odds ratio), linear in
-    lambda on the same batch and weights: with no flag it is the default lambda's (1.0, chosen in
+    lambda on the same batch and weights: with no flag it is the default lambda's (2.0, chosen in
     docs/objectives.md), `--train.objective.orpo_lambda` replaces it."""
-    assert ObjectiveConfig("orpo").orpo_lambda == 1.0
+    assert ObjectiveConfig("orpo").orpo_lambda == 2.0
     first = {}
     for value in (None, "0", "0.25"):
         out_dir = tmp_path / f"orpo-{value}"

@@ -89,11 +89,13 @@ def test_full_fine_tuning_in_bf16_keeps_fp32_masters(forced: None) -> None:
     assert all(s["exp_avg"].dtype == torch.float32 for s in state["state"].values())
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype,mode", [(torch.float32, "cpu"), (torch.bfloat16, "cpu"),
+                                        (torch.bfloat16, "nvme")])
 def test_resume_is_bit_exact_with_offload(tmp_path: Path, forced: None,
-                                          dtype: torch.dtype) -> None:
+                                          dtype: torch.dtype, mode: str) -> None:
     cfg = dict(max_steps=6, save_every=2, keep_checkpoints=5,
-               runtime={"offload_optimizer": "cpu"})
+               runtime={"offload_optimizer": mode, **({"offload_dir": str(tmp_path / "state")}
+                                                       if mode == "nvme" else {})})
     full, part = tmp_path / "full", tmp_path / "part"
     pk.train(_model(dtype), _data(), _config(output_dir=str(full), **cfg))
     shutil.copytree(full / "checkpoints" / "step-2", part / "checkpoints" / "step-2")
@@ -176,22 +178,61 @@ def test_on_the_cpu_the_option_is_a_no_op_with_a_warning() -> None:
 
 
 def test_refusals() -> None:
-    with pytest.raises(ConfigError, match="nvme is not offered"):
-        RuntimeConfig(offload_optimizer="nvme")
-    with pytest.raises(ConfigError, match=r"offload_optimizer.*one of \('none', 'cpu'\)"):
+    with pytest.raises(ConfigError, match=r"offload_optimizer.*one of \('none', 'cpu', 'nvme'\)"):
         RuntimeConfig(offload_optimizer="gpu")
+    with pytest.raises(ConfigError, match="offload_dir.*with offload_optimizer=nvme"):
+        RuntimeConfig(offload_optimizer="cpu", offload_dir="/tmp/x")
     with pytest.raises(ConfigError, match="not to the 'zo' stepper of --optimizer mezo"):
         pk.TrainConfig(optimizer="mezo", runtime={"offload_optimizer": "cpu"})
 
 
-@pytest.mark.slow
-def test_cli_refuses_nvme_in_one_line(tmp_path: Path) -> None:
-    import subprocess
-    import sys
-    out = subprocess.run([sys.executable, "-m", "petkit", "train", "--runtime.offload_optimizer=nvme",
-                          "--output", str(tmp_path / "run")], capture_output=True, text=True)
-    assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert "nvme is not offered" in out.stderr + out.stdout
+def test_nvme_keeps_masters_and_state_in_files_and_trains_as_cpu_does(tmp_path: Path,
+                                                                      forced: None) -> None:
+    """nvme: every master and optimiser state tensor (but scalars) is a memory-mapped file in
+    --runtime.offload_dir, unlinked at once (the folder stays empty); the updates are the cpu
+    mode's bit for bit."""
+    from petkit.training.file_store import file_backed
+
+    folder = tmp_path / "state"
+    host, disk = _model(torch.bfloat16, full=True), _model(torch.bfloat16, full=True)
+    params = dict(disk.named_parameters())
+    runtime = {"offload_optimizer": "nvme", "offload_dir": str(folder)}
+    stepper = backprop.BackpropStepper(params, _config(runtime=runtime), 4)
+    optimizer = stepper.optimizer
+    assert isinstance(optimizer, HostOffloadOptimizer)
+    assert all(file_backed(m) for m in optimizer.masters if m.numel() > 1)
+    batch = {"input_ids": torch.randint(1, 128, (2, 8)), "labels": torch.randint(1, 128, (2, 8))}
+    stepper.step([batch], lambda b: disk(**b).loss)
+    tensors = [v for s in optimizer.state.values() for v in s.values() if v.numel() > 1]
+    assert len(tensors) == 2 * len(params) and all(file_backed(t) for t in tensors)
+    assert optimizer.report()["offload_optimizer"] == "nvme"
+    assert folder.is_dir() and not list(folder.iterdir())  # nothing left behind
+    cpu = backprop.BackpropStepper(dict(host.named_parameters()),
+                                   _config(runtime={"offload_optimizer": "cpu"}), 4)
+    cpu.step([batch], lambda b: host(**b).loss)
+    for (name, a), b in zip(host.named_parameters(), params.values()):
+        assert torch.equal(a, b), name
+
+
+def test_a_full_or_unwritable_drive_is_a_clear_error(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+    import os
+
+    from petkit.training.file_store import FileStore
+
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    store = FileStore(str(tmp_path / "state"))
+    kept = store.copy(torch.ones(4))
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(ConfigError, match=r"offload_dir .*cannot hold .*No space left"):
+        store.copy(torch.ones(1024))
+    assert not list((tmp_path / "state").iterdir()) and kept.sum() == 4
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(ConfigError, match="offload_dir .*cannot create it"):
+        FileStore(str(tmp_path / "a-file" / "under"))
 
 
 @pytest.mark.gpu
@@ -241,18 +282,22 @@ def test_cuda_state_lives_on_the_host_and_device_gradients_are_freed() -> None:
 
 
 @pytest.mark.slow
-def test_cli_run_on_the_cpu_warns_once_and_trains(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+@pytest.mark.parametrize("mode", ["cpu", "nvme"])
+def test_cli_run_on_the_cpu_warns_once_and_trains(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                  mode: str) -> None:
     from toys import save_tiny_llama
 
     from petkit.cli import main
 
     model = save_tiny_llama(tmp_path / "tiny")
-    with pytest.warns(UserWarning, match="offload_optimizer=cpu has no effect here"):
+    where = [f"--runtime.offload_dir={tmp_path / 'state'}"] if mode == "nvme" else []
+    with pytest.warns(UserWarning, match=f"offload_optimizer={mode} has no effect here"):
         assert main(["train", "--model", model, "--data", "rotten-tomatoes", "--steps", "2",
                      "--train-size", "16", "--test-size", "8", "--max-length", "24",
                      "--batch-size", "4", "--train.progress=false", "--device", "cpu",
-                     "--runtime.offload_optimizer=cpu", "--output", str(tmp_path / "run")]) == 0
-    assert "offload_optimizer: cpu" in (tmp_path / "run" / "recipe.yaml").read_text()
+                     f"--runtime.offload_optimizer={mode}", *where,
+                     "--output", str(tmp_path / "run")]) == 0
+    assert f"offload_optimizer: {mode}" in (tmp_path / "run" / "recipe.yaml").read_text()
 
 
 def test_a_full_fine_tune_with_an_output_folder_saves_its_trained_tensors(tmp_path: Path) -> None:

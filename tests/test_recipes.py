@@ -38,6 +38,18 @@ def test_overrides_are_typed_by_the_config_fields() -> None:
     assert tuple(recipe.method_config().targets) == ("q_proj", "k_proj")
     assert recipe.data.train_size == 64 and recipe.train.resume is True
     assert parse_value("1e-3", float) == 1e-3 and parse_value("none") is None
+    assert parse_value("none", str) == "none" and parse_value("none", str | None) is None
+
+
+def test_none_is_a_word_for_a_text_field_and_none_for_an_optional_one() -> None:
+    """`--runtime.kernels=none` (a str field whose choices include "none") reaches the field
+    as the word; `--runtime.loss_chunk=none` (int or None) as None."""
+    recipe = apply_overrides(load_recipe("default"), {
+        "runtime.kernels": "none", "runtime.offload_optimizer": "none",
+        "runtime.activation_quantization": "none", "runtime.loss_chunk": "none"})
+    runtime = recipe.runtime
+    assert (runtime.kernels, runtime.offload_optimizer) == ("none", "none")
+    assert runtime.activation_quantization == "none" and runtime.loss_chunk is None
 
 
 def test_switching_method_resets_its_fields() -> None:

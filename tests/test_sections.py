@@ -99,12 +99,15 @@ def test_the_runtime_parts_receive_only_the_runtime_section():
 
 # Fields whose sample value needs another field set (the section's own cross-field checks).
 NEEDS = {"save_every": {"train.output_dir": "out"}, "resume": {"train.output_dir": "out"},
-         "activation_budget": {"runtime.compile": "true"}}
+         "activation_budget": {"runtime.compile": "true"},
+         "activation_quantization": {"runtime.compile": "true"},
+         "offload_dir": {"runtime.offload_optimizer": "nvme"}}
 # Text values for string / list fields (numbers and switches are derived from the default).
 TEXT = {"optimizer": "sgd", "schedule": "cosine", "output_dir": "out", "report_to": "tensorboard",
         "label_token_ids": "5,6", "device": "cpu", "precision": "fp32", "delta_dtype": "bf16",
         "compile_scope": "blocks", "activation_checkpointing": "selective", "distributed": "off",
-        "offload_optimizer": "cpu", "kernels": "fused", "liger": "rope"}
+        "offload_optimizer": "cpu", "kernels": "fused", "liger": "rope",
+        "activation_quantization": "fp8", "offload_dir": "state"}
 NESTED = {"stepper", "ist", "objective", "runtime", "dp"}  # sections of their own (--train.stepper.F, --dp.F)
 
 

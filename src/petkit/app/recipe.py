@@ -257,9 +257,10 @@ def _accepts(annotation: Any, kind: type) -> bool:
 
 def parse_value(text: str, annotation: Any = Any) -> Any:
     """A flag's text as a value of `annotation`: YAML scalars/lists, with numbers made floats
-    where the field is a float (YAML reads "1e-4" as a string); "none" means None."""
+    where the field is a float (YAML reads "1e-4" as a string); "none" means None, except for a
+    field that takes only text, where it is the word (`--runtime.kernels=none`)."""
     if text.strip().lower() == "none":
-        return None
+        return text.strip() if annotation is str else None
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError:

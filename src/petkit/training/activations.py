@@ -18,7 +18,8 @@ torch.compile (hub kernels' wrappers are switched off inside the checkpointed bl
 extensions' per-forward state (`live`) are put back as they were when the block first ran
 before it is recomputed. `activation_offload` keeps every saved activation in pinned host memory
 (`torch.autograd.graph.save_on_cpu`) instead of the device: eager mode only. Under compile,
-`activation_budget` lets the compiler choose what to recompute instead (`memory_budget`).
+`activation_budget` lets the compiler choose what to recompute instead (`memory_budget`), and
+`activation_quantization` has it keep what it saves in 8-bit floats (`quantized_activations`).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ _MATMUL = {torch.ops.aten.mm.default: (0, 1), torch.ops.aten.addmm.default: (1, 
 
 
 RECOMPUTE_MODES = ("full", "selective", "elementwise")
+QUANTIZED_ACTIVATIONS = ("none", "fp8", "fp8-mlp")
 
 
 def save_like_matmul(op: Any, operands: tuple[int, int]) -> None:
@@ -206,6 +208,63 @@ def memory_budget(fraction: float) -> contextlib.AbstractContextManager[Any]:
     import torch._functorch.config as functorch_config
 
     return functorch_config.patch(activation_memory_budget=fraction)
+
+
+@contextlib.contextmanager
+def quantized_activations(kind: str, min_mb: float) -> Iterator[None]:
+    """Graphs compiled inside keep saved activations of at least `min_mb` MiB (bf16, fp16 or
+    fp32) as fp8 e4m3 with one scale per tensor (amax / 448), quantized in the forward graph's
+    epilogue and dequantized in the backward graph's prologue (inductor's
+    `activation_quantization_aten_pass`): half of bf16's bytes, a relative rounding error of up to
+    2^-4 in what the backward reads; the forward's values are unchanged. "fp8": every such
+    activation; "fp8-mlp": only those as wide as the widest one a graph saves (a block's MLP
+    hidden activations), leaving the residual stream's outlier channels, which one scale per
+    tensor rounds coarsely, and attention's inputs in their own dtype (docs/training-gpu.md).
+    Weights are never quantized (the pass skips static inputs)."""
+    if kind == "none":
+        yield
+        return
+    import torch._functorch.partitioners as partitioners
+    import torch._inductor.config as inductor_config
+
+    if not {"enable_activation_quantization", "should_quantize"} <= vars(partitioners).keys():
+        raise ConfigError(f"--runtime.activation_quantization={kind} needs torch's activation "
+                          f"quantization pass (torch >= 2.8); this is torch {torch.__version__}")
+    options = dict(inductor_config.post_grad_fusion_options)
+    options["activation_quantization_aten_pass"] = {
+        "quant_type": "torch.float8_e4m3fn", "use_scaling": True, "size_in_mb": float(min_mb),
+        "allowed_dtypes": "torch.bfloat16;torch.float16;torch.float32"}
+    with inductor_config.patch(post_grad_fusion_options=options), contextlib.ExitStack() as stack:
+        if kind == "fp8-mlp":
+            stack.enter_context(_widest_only(partitioners))
+        yield
+
+
+@contextlib.contextmanager
+def _widest_only(partitioners: Any) -> Iterator[None]:
+    """Within the context the quantization pass takes, of a graph's saved activations, only
+    those whose last dimension is the largest among them."""
+    enable, should = partitioners.enable_activation_quantization, partitioners.should_quantize
+
+    def width(node: Any) -> int:
+        if node.op == "placeholder":  # a graph input, e.g. a block's: the residual stream
+            return 0
+        value = node.meta.get("val")
+        return value.shape[-1] if isinstance(value, torch.Tensor) and value.dim() else 0
+
+    def enable_widest(saved_values: list[Any], *args: Any, **kwargs: Any) -> None:
+        widest = max((width(n) for n in saved_values), default=0)
+        partitioners.should_quantize = lambda node: should(node) and width(node) == widest
+        try:
+            enable(saved_values, *args, **kwargs)
+        finally:
+            partitioners.should_quantize = should
+
+    partitioners.enable_activation_quantization = enable_widest
+    try:
+        yield
+    finally:
+        partitioners.enable_activation_quantization = enable
 
 
 def offload_context(enabled: bool) -> contextlib.AbstractContextManager[Any]:

@@ -51,7 +51,7 @@ class ObjectiveConfig:
     name: str = "sft"
     beta: float | None = None  # dpo/rpo/ipo/kto: reference-KL strength; simpo: reward scale
     rpo_alpha: float = 1.0  # rpo: weight of the chosen answers' NLL per token
-    orpo_lambda: float = 1.0  # orpo: weight of the odds-ratio term (docs/objectives.md: 1.0 chosen)
+    orpo_lambda: float = 2.0  # orpo: weight of the odds-ratio term (docs/objectives.md: 2.0 chosen)
     simpo_gamma: float = 1.0  # simpo: target reward margin
     rewards: list[str] = field(default_factory=list)  # grpo: "module:function[=weight]"
     group_size: int = 4  # grpo: completions sampled per prompt

@@ -1,4 +1,4 @@
-"""Optimiser updates on the host (`--runtime.offload_optimizer=cpu`; docs/offload.md).
+"""Optimiser updates on the host (`--runtime.offload_optimizer=cpu|nvme`; docs/offload.md).
 
 The accelerator keeps only the trained weights (and their gradients until they have been copied
 out); an fp32 master copy of every trained parameter, the optimiser's state and the update live in
@@ -12,7 +12,9 @@ on the device, not on the host.
 Everything a plain torch optimiser holds is the inner optimiser's: `param_groups` (so learning-rate
 schedulers work), `state`, and a `state_dict` of the same layout. When a parameter's device dtype
 is not fp32 (a bf16 model), the fp32 masters are added to the state dict, so a resumed run
-continues from the same fp32 weights, exactly.
+continues from the same fp32 weights, exactly. With `nvme` the masters and the state are
+memory-mapped files (`file_store.FileStore`, in `--runtime.offload_dir`): the same updates, with
+the operating system's page cache holding in host memory what fits.
 
 Writes to a trained parameter made outside the optimiser (a method's per-step hook, a checkpoint
 load) are noticed through the tensor's version counter and copied into the master before the next
@@ -31,10 +33,9 @@ import torch
 from torch import nn
 
 from petkit.core.errors import ConfigError
+from petkit.training.file_store import FileStore, file_backed
 
-OFFLOAD_MODES = ("none", "cpu")
-NVME_REASON = ("nvme is not offered: no maintained NVMe optimiser serves a plain PyTorch loop "
-               "(DeepSpeed's needs its engine and libaio); use cpu")
+OFFLOAD_MODES = ("none", "cpu", "nvme")
 
 CHUNK_BYTES = 256 * 2**20  # host update and copy-back overlap in chunks of this many master bytes
 BuildFn = Callable[[list[list[torch.Tensor]]], torch.optim.Optimizer]
@@ -46,7 +47,7 @@ def offload_wanted(params: Sequence[nn.Parameter], mode: str) -> bool:
     if mode == "none":
         return False
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        raise ConfigError("--runtime.offload_optimizer=cpu runs in one process: under torchrun, "
+        raise ConfigError(f"--runtime.offload_optimizer={mode} runs in one process: under torchrun, "
                           "--runtime.distributed=fsdp shards the optimiser state instead")
     if all(p.device.type == "cpu" for p in params):
         warnings.warn(f"--runtime.offload_optimizer={mode} has no effect here: the trained "
@@ -63,9 +64,11 @@ class HostOffloadOptimizer(torch.optim.Optimizer):
     called: `param_groups`, `state` and `defaults` are the inner optimiser's."""
 
     def __init__(self, groups: list[list[nn.Parameter]], build: BuildFn, *,
-                 free_grads: bool | None = None) -> None:
+                 free_grads: bool | None = None, store: FileStore | None = None) -> None:
         """`build(master_groups)` makes the inner optimiser; `free_grads` (default: on CUDA)
-        drops a device gradient once its copy is queued."""
+        drops a device gradient once its copy is queued; with `store` (nvme) the masters and the
+        optimiser's state live in its files, host memory caching what fits."""
+        self.store = store
         self.params = [p for group in groups for p in group]
         self.device = self.params[0].device if self.params else torch.device("cpu")
         cuda = self.device.type == "cuda"
@@ -73,6 +76,8 @@ class HostOffloadOptimizer(torch.optim.Optimizer):
         self.free_grads = cuda if free_grads is None else free_grads
         with torch.no_grad():
             self.masters = [_master(p) for p in self.params]
+            if store is not None:
+                self.masters = [store.copy(m) if m.numel() > 1 else m for m in self.masters]
         # one pinned buffer per parameter in its device dtype: gradients out, weights back in
         self.buffers = [torch.empty(p.shape, dtype=p.dtype, pin_memory=cuda) for p in self.params]
         # fp32 gradients of the masters where the device dtype differs (kept: no page faults a step)
@@ -191,6 +196,7 @@ class HostOffloadOptimizer(torch.optim.Optimizer):
             self.seconds["send_back"] += time.perf_counter() - updated
         if self.stream is not None:  # the next forward waits on the device, not the host
             torch.cuda.current_stream(self.device).wait_stream(self.stream)
+        self._spill()
         self.steps += 1
         self.sent.clear()
         self.gathered = False
@@ -206,11 +212,23 @@ class HostOffloadOptimizer(torch.optim.Optimizer):
                 param.copy_(buffer, non_blocking=True)
         self.versions[index] = param._version
 
+    @torch.no_grad()
+    def _spill(self) -> None:
+        """With a store: state tensors the inner optimiser made (its first step, a loaded state
+        dict) moved into files; the optimiser updates them in place from then on."""
+        if self.store is None:
+            return
+        for state in self.inner.state.values():
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and value.numel() > 1 and not file_backed(value):
+                    state[key] = self.store.copy(value)
+
     def report(self) -> dict[str, Any]:
         """What the run reports: the mode and the host's mean seconds per step in each phase
         (gradients to fp32 masters, the optimiser's update, weights queued back)."""
         per_step = {f"offload_{k}_s": round(v / max(self.steps, 1), 4) for k, v in self.seconds.items()}
-        return {"offload_optimizer": "cpu", **per_step}
+        where = "cpu" if self.store is None else "nvme"
+        return {"offload_optimizer": where, **per_step}
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Drop the device gradients and the masters'."""
@@ -238,6 +256,7 @@ class HostOffloadOptimizer(torch.optim.Optimizer):
             master.copy_(param if saved is None else saved[i])
             self.versions[i] = param._version
         self.inner.load_state_dict(state)
+        self._spill()
 
 
 def _master(param: nn.Parameter) -> torch.Tensor:

@@ -19,7 +19,8 @@ from torch import nn
 
 from petkit.core.errors import ConfigError
 from petkit.training.activations import (activation_checkpointing, block_modules, compiled_blocks,
-                                         has_extensions, memory_budget, offload_context)
+                                         has_extensions, memory_budget, offload_context,
+                                         quantized_activations)
 from petkit.training.batching import Batch, CollateFn
 from petkit.training.kernels import KernelPlan, plan_kernels
 from petkit.training.runtime import RuntimeConfig
@@ -116,6 +117,12 @@ class RunModes:
         """Checkpointing and the head bypass (checked on `first` against the dense loss)."""
         cfg = self.config
         with contextlib.ExitStack() as stack:
+            if cfg.compile and (cfg.activation_budget is not None
+                                or cfg.activation_quantization != "none"):
+                # both are read when a graph is partitioned, and torch's compile cache does not
+                # key on them: graphs of an earlier run must not serve this one, nor ours a later
+                torch._dynamo.reset()
+                stack.callback(torch._dynamo.reset)
             if self.bypass is not None and first is not None \
                     and not self.bypass.verify(first, dense_forward):
                 self.bypass = None
@@ -125,6 +132,8 @@ class RunModes:
                 stack.enter_context(compiled_blocks(self.model))
             if cfg.activation_budget is not None:  # read when a graph compiles: the first step
                 stack.enter_context(memory_budget(cfg.activation_budget))
+            stack.enter_context(quantized_activations(  # read when a graph compiles, too
+                cfg.activation_quantization, cfg.activation_quantization_min_mb))
             if self.bypass is not None:
                 stack.enter_context(self.bypass.installed())
             dtype = torch.bfloat16 if uses_bf16(cfg.precision, self.device) else torch.float32

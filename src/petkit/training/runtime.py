@@ -15,9 +15,9 @@ from typing import Any
 
 from petkit.core.config_io import dataclass_from_dict
 from petkit.core.errors import ConfigError
-from petkit.training.activations import RECOMPUTE_MODES
+from petkit.training.activations import QUANTIZED_ACTIVATIONS, RECOMPUTE_MODES
 from petkit.training.kernels import kernel_parts, liger_parts
-from petkit.training.offload import NVME_REASON, OFFLOAD_MODES
+from petkit.training.offload import OFFLOAD_MODES
 from petkit.training.steppers.base import is_int, is_num
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -58,7 +58,8 @@ class RuntimeConfig:
     activation_offload: bool = field(default=False, metadata=_help(
         "true: keep saved activations in host memory (eager only)"))
     offload_optimizer: str = field(default="none", metadata=_help(
-        "none | cpu: optimiser state, fp32 masters and updates in host memory (docs/offload.md)"))
+        "none | cpu: optimiser state, fp32 masters and updates in host memory | nvme: the same "
+        "in files (--runtime.offload_dir), host memory caching what fits (docs/offload.md)"))
     activation_budget: float | None = field(default=None, metadata=_help(
         "compile only: fraction (0, 1] of the activations the compiler may keep"))
     loss_chunk: int | None = field(default=None, metadata=_help(
@@ -75,6 +76,14 @@ class RuntimeConfig:
         "| auto (what is installed and fits; CUDA only)"))
     liger: str = field(default="flce", metadata=_help(
         "Liger pieces for kernels=liger, comma-separated: flce, rmsnorm, rope, swiglu"))
+    offload_dir: str | None = field(default=None, metadata=_help(
+        "offload_optimizer=nvme: the folder (on the NVMe drive) for the optimiser state's files "
+        "(none: the system's temporary folder, TMPDIR)"))
+    activation_quantization: str = field(default="none", metadata=_help(
+        "compile only: keep saved activations in fp8 (e4m3, one scale per tensor): none | fp8 "
+        "(all) | fp8-mlp (the MLP's hidden activations only; docs/training-gpu.md)", choices=QUANTIZED_ACTIVATIONS))
+    activation_quantization_min_mb: float = field(default=1.0, metadata=_help(
+        "with activation_quantization: only saved activations of at least this many MiB"))
 
     def __post_init__(self) -> None:
         """Validate every field and the combinations within this section."""
@@ -89,9 +98,11 @@ class RuntimeConfig:
         _check(self.compile_scope in COMPILE_SCOPES, "compile_scope", "model or blocks",
                self.compile_scope)
         self._check_memory()
-        _check(self.offload_optimizer in OFFLOAD_MODES, "offload_optimizer", f"one of "
-               f"{OFFLOAD_MODES}" + ("; " + NVME_REASON if self.offload_optimizer == "nvme" else ""),
-               self.offload_optimizer)
+        _check(self.offload_optimizer in OFFLOAD_MODES, "offload_optimizer",
+               f"one of {OFFLOAD_MODES}", self.offload_optimizer)
+        _check(self.offload_dir is None or (isinstance(self.offload_dir, str) and self.offload_dir
+                                            and self.offload_optimizer == "nvme"),
+               "offload_dir", "None, or a folder with offload_optimizer=nvme", self.offload_dir)
         _check(self.distributed in DISTRIBUTED, "distributed", f"one of {DISTRIBUTED}",
                self.distributed)
         kernel_parts(self.kernels)  # ConfigError naming the flag
@@ -113,12 +124,24 @@ class RuntimeConfig:
             _check(self.compile and mode == "off", "activation_budget",
                    "None unless compile is true and activation_checkpointing is off (the "
                    "compiler chooses what to recompute)", budget)
+        self._check_quantization()
         if self.loss_chunk is not None:
             _check(is_int(self.loss_chunk) and self.loss_chunk >= 0, "loss_chunk",
                    "None (auto), 0 (dense) or a number of tokens >= 1", self.loss_chunk)
         if self.pack_length is not None:
             _check(is_int(self.pack_length) and self.pack_length >= 2, "pack_length",
                    "None or an int >= 2", self.pack_length)
+
+    def _check_quantization(self) -> None:
+        kind = self.activation_quantization
+        _check(kind in QUANTIZED_ACTIVATIONS, "activation_quantization",
+               f"one of {QUANTIZED_ACTIVATIONS}", kind)
+        least = self.activation_quantization_min_mb
+        _check(is_num(least) and 0 <= least < float("inf"), "activation_quantization_min_mb",
+               "a number of MiB >= 0", least)
+        _check(kind == "none" or self.compile, "activation_quantization",
+               "none unless compile is true (the compiler's partitioner quantizes what it saves)",
+               kind)
 
     def compiles_blocks(self) -> bool:
         """Whether each transformer block is compiled (compile with compile_scope='blocks')."""

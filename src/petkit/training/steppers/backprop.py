@@ -22,6 +22,7 @@ from petkit.core.capabilities import FactorLoadable, LowRank, capable_text, lowr
 from petkit.core.delta import iter_deltas
 from petkit.core.errors import ConfigError
 from petkit.core.model import trainable_copy_parameters
+from petkit.training.file_store import FileStore
 from petkit.training.offload import HostOffloadOptimizer, offload_wanted
 from petkit.training.schedule import lr_factor
 from petkit.training.steppers.base import Batch, LossFn, StepperConfig, is_num, register_stepper
@@ -115,7 +116,9 @@ class BackpropStepper:
             self.host.close()  # regrouped by bind_model: the old hooks go
         if offload_wanted(self.params, self.config.runtime.offload_optimizer):
             build = functools.partial(_optimizer, lrs=lrs, config=self.config, host=True)
-            self.optimizer = self.host = HostOffloadOptimizer(groups, build)
+            runtime = self.config.runtime
+            store = FileStore(runtime.offload_dir) if runtime.offload_optimizer == "nvme" else None
+            self.optimizer = self.host = HostOffloadOptimizer(groups, build, store=store)
         else:
             self.optimizer, self.host = _optimizer(groups, lrs, self.config), None
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.factor)
