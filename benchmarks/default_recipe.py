@@ -33,11 +33,14 @@ from petkit.training import train
 
 ROOT = Path(__file__).resolve().parents[1]
 SEARCHES = {"validation carved from the 480 (96 examples)": ROOT / "docs" / "default_recipe_search.jsonl",
-            "held-out validation (400 examples outside the 480)": ROOT / "docs" / "default_recipe_heldout.jsonl"}
+            "held-out validation (400 examples outside the 480)": ROOT / "docs" / "default_recipe_heldout.jsonl",
+            "held-out validation, seed 1 (400 examples outside the 480)":
+                ROOT / "docs" / "default_recipe_heldout_seed1.jsonl"}
 HELD_OUT = 400  # validation examples after the cell's training examples (grids with fraction 0)
 # test grids: their run folder's cells.csv, else the copy kept in docs/ (the runs of 2026-12-07)
 TESTS = {ROOT / "runs" / "bench-default-test": ROOT / "docs" / "default_recipe_test.csv",
-         ROOT / "runs" / "bench-default-test-candidate": ROOT / "docs" / "default_recipe_test_candidate.csv"}
+         ROOT / "runs" / "bench-default-test-candidate": ROOT / "docs" / "default_recipe_test_candidate.csv",
+         ROOT / "runs" / "bench-default-test-candidate2": ROOT / "docs" / "default_recipe_test_candidate2.csv"}
 
 
 def search_data(loaded, size: int, seed: int, fraction: float, maximum: int | None) -> CellData:

@@ -49,8 +49,8 @@ def grid(name: str):
 
 
 def test_the_default_recipe_grids_share_todays_budget_and_tasks():
-    for name in ("default_recipe_search.yaml", "default_recipe_heldout.yaml", "default_recipe_test.yaml",
-                 "default_recipe_test_candidate.yaml"):
+    for name in ("default_recipe_search.yaml", "default_recipe_heldout.yaml", "default_recipe_heldout_seed1.yaml",
+                 "default_recipe_test.yaml", "default_recipe_test_candidate.yaml", "default_recipe_test_candidate2.yaml"):
         spec = grid(name)
         assert {t.name for t in spec.tasks} == {"rotten-tomatoes", "bbc-news"}
         assert spec.train["max_steps"] == 60 and spec.train["batch_size"] == 8 and tuple(spec.sizes) == (480,)
@@ -58,13 +58,22 @@ def test_the_default_recipe_grids_share_todays_budget_and_tasks():
     assert grid("default_recipe_heldout.yaml").validation_fraction == 0
 
 
-def test_the_candidate_runs_the_test_grid_with_the_searched_arm():
-    test, candidate = grid("default_recipe_test.yaml"), grid("default_recipe_test_candidate.yaml")
-    assert (candidate.train, candidate.tasks, candidate.seeds, candidate.validation_fraction) == \
-        (test.train, test.tasks, test.seeds, test.validation_fraction)
+def test_each_candidate_runs_the_test_grid_with_the_searched_arm():
+    test, searched = grid("default_recipe_test.yaml"), {a.name: a for a in grid("default_recipe_heldout.yaml").arms}
+    for name in ("default_recipe_test_candidate.yaml", "default_recipe_test_candidate2.yaml"):
+        candidate = grid(name)
+        assert (candidate.train, candidate.tasks, candidate.seeds, candidate.validation_fraction) == \
+            (test.train, test.tasks, test.seeds, test.validation_fraction)
+        (arm,) = candidate.arms
+        assert arm == searched[arm.name]
+
+
+def test_the_second_validation_seed_reruns_searched_arms_with_todays_default():
     searched = {a.name: a for a in grid("default_recipe_heldout.yaml").arms}
-    (arm,) = candidate.arms
-    assert arm == searched[arm.name]
+    second = grid("default_recipe_heldout_seed1.yaml")
+    assert tuple(second.seeds) == (1,) and second.train == grid("default_recipe_heldout.yaml").train
+    assert all(arm == searched[arm.name] for arm in second.arms)
+    assert "default-qv-r8" in {a.name for a in second.arms}
 
 
 def cells(arm: str, task: str, accs: list[float], cpu: float) -> list[dict]:
