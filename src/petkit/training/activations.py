@@ -234,9 +234,8 @@ def quantized_activations(kind: str, min_mb: float) -> Iterator[None]:
     options["activation_quantization_aten_pass"] = {
         "quant_type": "torch.float8_e4m3fn", "use_scaling": True, "size_in_mb": float(min_mb),
         "allowed_dtypes": "torch.bfloat16;torch.float16;torch.float32"}
-    with inductor_config.patch(post_grad_fusion_options=options), contextlib.ExitStack() as stack:
-        if kind == "fp8-mlp":
-            stack.enter_context(_widest_only(partitioners))
+    widest = _widest_only(partitioners) if kind == "fp8-mlp" else contextlib.nullcontext()
+    with inductor_config.patch(post_grad_fusion_options=options), widest:
         yield
 
 

@@ -81,7 +81,8 @@ class RuntimeConfig:
         "(none: the system's temporary folder, TMPDIR)"))
     activation_quantization: str = field(default="none", metadata=_help(
         "compile only: keep saved activations in fp8 (e4m3, one scale per tensor): none | fp8 "
-        "(all) | fp8-mlp (the MLP's hidden activations only; docs/training-gpu.md)", choices=QUANTIZED_ACTIVATIONS))
+        "(all) | fp8-mlp (the MLP's hidden activations only; docs/training-gpu.md)",
+        choices=QUANTIZED_ACTIVATIONS))
     activation_quantization_min_mb: float = field(default=1.0, metadata=_help(
         "with activation_quantization: only saved activations of at least this many MiB"))
 
