@@ -5,9 +5,11 @@ training loop; the sealed test subset is never opened), then a table.
 Where the grid carves validation from the training subset (`validation: {fraction: 0.2, ...}`,
 the first search) the cell trains on the rest. With `validation: {fraction: 0}` (the held-out
 search) the cell trains on all `size` examples, exactly as the test grid does, and is scored on
-the HELD_OUT training-pool examples that follow them in the seed's order (never among them).
+the HELD_OUT training-pool examples that follow them in the seed's order (never among them), or
+on `validation.max` of them where the grid sets it (round 4: 1,200).
 
     OMP_NUM_THREADS=1 nice -n 10 python benchmarks/default_recipe.py search benchmarks/default_recipe_heldout.yaml
+    ... search benchmarks/default_recipe_heldout_r4.yaml 1/1 rotten-tomatoes [ARM,ARM]   # one task, some arms
     python benchmarks/default_recipe.py table           # search tables + the test grid's table
 
 The test comparison (winner, today's default, PEFT's default LoRA; 3 seeds; test split) is a
@@ -35,8 +37,10 @@ ROOT = Path(__file__).resolve().parents[1]
 SEARCHES = {"validation carved from the 480 (96 examples)": ROOT / "docs" / "default_recipe_search.jsonl",
             "held-out validation (400 examples outside the 480)": ROOT / "docs" / "default_recipe_heldout.jsonl",
             "held-out validation, seed 1 (400 examples outside the 480)":
-                ROOT / "docs" / "default_recipe_heldout_seed1.jsonl"}
-HELD_OUT = 400  # validation examples after the cell's training examples (grids with fraction 0)
+                ROOT / "docs" / "default_recipe_heldout_seed1.jsonl",
+            "held-out validation, round 4 (1,200 examples outside the 480)":
+                ROOT / "docs" / "default_recipe_heldout_r4.jsonl"}
+HELD_OUT = 400  # validation examples after the cell's training examples (grids with fraction 0, no max)
 # test grids: their run folder's cells.csv, else the copy kept in docs/ (the runs of 2026-12-07)
 TESTS = {ROOT / "runs" / "bench-default-test": ROOT / "docs" / "default_recipe_test.csv",
          ROOT / "runs" / "bench-default-test-candidate": ROOT / "docs" / "default_recipe_test_candidate.csv",
@@ -45,10 +49,11 @@ TESTS = {ROOT / "runs" / "bench-default-test": ROOT / "docs" / "default_recipe_t
 
 def search_data(loaded, size: int, seed: int, fraction: float, maximum: int | None) -> CellData:
     """Carved from the `size` examples (fraction > 0), or all of them for training and the
-    HELD_OUT pool examples after them in the seed's order for validation (fraction 0)."""
+    `maximum` (HELD_OUT where None) pool examples after them in the seed's order for validation
+    (fraction 0)."""
     if fraction > 0:
         return cell_data(loaded, size, seed, fraction, maximum)
-    both = cell_data(loaded, size + HELD_OUT, seed, 0, None).train  # sizes are nested: train first
+    both = cell_data(loaded, size + (maximum or HELD_OUT), seed, 0, None).train  # nested: train first
     return CellData(both[:size], both[size:])
 
 
@@ -69,8 +74,9 @@ def validation_cell(cell: Cell, spec, loaded) -> dict:
             "cpu_s_per_step": cpu / max(result.steps, 1), "wall_s_per_step": wall / max(result.steps, 1)}
 
 
-def search(path: str, shard: str = "1/1") -> None:
-    """Run this shard's cells of the search grid that are not in its jsonl (docs/) yet."""
+def search(path: str, shard: str = "1/1", task: str = "", only: str = "") -> None:
+    """Run this shard's cells of the search grid that are not in its jsonl (docs/) yet; only
+    `task`'s and only those of the comma-separated arms `only` where given."""
     spec = load_spec(path)
     if spec.threads:
         torch.set_num_threads(spec.threads)
@@ -81,11 +87,15 @@ def search(path: str, shard: str = "1/1") -> None:
     arms = [a.name for a in spec.arms]  # arm by arm, both tasks each: a search cut short compares alike
     cells = sorted(spec.cells(), key=lambda c: (c.seed, arms.index(c.arm.name)))
     for cell in cells[index - 1::count]:
-        if cell.key in done:
+        if cell.key in done or (task and cell.task.name != task) or (only and cell.arm.name not in only.split(",")):
             continue
         if cell.task.name not in loaded:
             loaded[cell.task.name] = load(cell.task)
-        record = validation_cell(cell, spec, loaded[cell.task.name])
+        try:
+            record = validation_cell(cell, spec, loaded[cell.task.name])
+        except Exception as error:  # one broken arm must not stop the others: reported, not recorded
+            print(f"{cell.key}: failed: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+            continue
         print(json.dumps(record), flush=True)
         with out.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
