@@ -46,7 +46,8 @@ HELD_OUT = 400  # validation examples after the cell's training examples (grids 
 # test grids: their run folder's cells.csv, else the copy kept in docs/ (the runs of 2026-12-07)
 TESTS = {ROOT / "runs" / "bench-default-test": ROOT / "docs" / "default_recipe_test.csv",
          ROOT / "runs" / "bench-default-test-candidate": ROOT / "docs" / "default_recipe_test_candidate.csv",
-         ROOT / "runs" / "bench-default-test-candidate2": ROOT / "docs" / "default_recipe_test_candidate2.csv"}
+         ROOT / "runs" / "bench-default-test-candidate2": ROOT / "docs" / "default_recipe_test_candidate2.csv",
+         ROOT / "runs" / "bench-default-test-candidate3": ROOT / "docs" / "default_recipe_test_candidate3.csv"}
 
 
 def search_data(loaded, size: int, seed: int, fraction: float, maximum: int | None) -> CellData:
