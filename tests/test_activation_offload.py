@@ -109,6 +109,23 @@ def test_offload_fetches_each_group_once_top_down_and_survives_a_second_backward
     assert not offload.pending
 
 
+def test_a_tensor_several_ops_save_moves_once_per_block() -> None:
+    """Eager: the LoRA factors of q_proj and v_proj save the same normed input; it is copied
+    once and read twice."""
+    model = tiny_llama(layers=2)
+    batch = padded(lm_examples(3))
+    want = loss_and_grads(model, batch)
+    offload = ActivationOffload(model, copy_on_cpu=True)
+    with offload.installed(), offload.saving():
+        loss = model(**batch).loss
+    shared = [ref() for refs in offload.groups.values() for ref in refs if ref().packs > 1]
+    assert shared and max(s.packs for s in shared) >= 2
+    loss.backward()
+    grads = {k: p.grad for k, p in pk.trainable_parameters(model).items()}
+    assert_same((loss.item(), grads), want)
+    assert all(s.device is None for s in shared)  # released after the last read
+
+
 def test_a_model_without_blocks_is_one_group() -> None:
     model = pk.attach(TOYS["mlp"](0), pk.LoraConfig(r=2, targets=["fc1"]))
     x = torch.randn(5, 8)

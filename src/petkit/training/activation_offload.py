@@ -36,6 +36,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from torch.multiprocessing.reductions import StorageWeakRef
+
 from petkit.core.blocks import layer_paths
 from petkit.core.errors import ConfigError
 
@@ -43,12 +45,14 @@ from petkit.core.errors import ConfigError
 class _Saved:
     """One offloaded tensor: its block, its host copy, and (fetched) its device copy."""
 
-    __slots__ = ("group", "host", "device", "target", "ready", "__weakref__")
+    __slots__ = ("group", "host", "device", "target", "ready", "packs", "left", "__weakref__")
 
     def __init__(self, group: int, host: torch.Tensor, target: torch.device) -> None:
         self.group, self.host, self.target = group, host, target
         self.device: torch.Tensor | None = None
         self.ready: Any = None  # a CUDA event: the fetch has run
+        self.packs = 1  # how often autograd saved this tensor (eager ops share their inputs)
+        self.left = 0  # reads of the device copy before it is released
 
 
 def chosen_blocks(n: int, fraction: float) -> list[int]:
@@ -85,6 +89,7 @@ class ActivationOffload:
         self.moved_bytes = 0  # bytes copied to host memory by the last forward
         self.moved_groups: set[int] = set()
         self._kept: set[int] = set()
+        self._seen: dict[tuple, tuple[StorageWeakRef, weakref.ref[_Saved]]] = {}
         self._streams: dict[torch.device, tuple[Any, Any]] = {}
 
     @contextlib.contextmanager
@@ -119,8 +124,11 @@ class ActivationOffload:
         self.moved_bytes, self.moved_groups = 0, set()
         self._kept = {t.untyped_storage().data_ptr()
                       for t in (*self.model.parameters(), *self.model.buffers())}
-        with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
-            yield
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
+                yield
+        finally:
+            self._seen = {}
         self.pending = sorted(self.groups, reverse=True)
 
     def _stream_pair(self, device: torch.device) -> tuple[Any, Any]:
@@ -135,6 +143,14 @@ class ActivationOffload:
                 or tensor.layout != torch.strided \
                 or tensor.untyped_storage().data_ptr() in self._kept:
             return tensor
+        storage = tensor.untyped_storage()
+        key = (group, storage.data_ptr(), tensor.storage_offset(), tensor.size(), tensor.stride(),
+               tensor.dtype)  # per block: a tensor every block reads moves with each of them
+        known = self._seen.get(key)
+        saved = known[1]() if known is not None and not known[0].expired() else None
+        if saved is not None:  # the same live tensor, saved again by another op: one copy
+            saved.packs += 1
+            return saved
         host = _strided_like(tensor, torch.device("cpu"), pin=on_cuda)
         if on_cuda:
             offload, _ = self._stream_pair(tensor.device)
@@ -146,6 +162,7 @@ class ActivationOffload:
             host.copy_(tensor)
         saved = _Saved(group, host, tensor.device)
         self.groups.setdefault(group, []).append(weakref.ref(saved))
+        self._seen[key] = (StorageWeakRef(storage), weakref.ref(saved))
         self.moved_bytes += host.untyped_storage().nbytes()
         self.moved_groups.add(group)
         return saved
@@ -161,7 +178,9 @@ class ActivationOffload:
             self.ahead = None
         if self.ahead is None and self.pending:  # the next chosen block below, one ahead
             self._fetch(self.pending[0])
-        tensor, saved.device = saved.device, None
+        tensor, saved.left = saved.device, saved.left - 1
+        if saved.left <= 0:
+            saved.device = None  # the last read: the backward owns it now
         if saved.ready is not None:  # wait for its fetch; free it only after the backward's use
             compute = torch.cuda.current_stream(tensor.device)
             compute.wait_event(saved.ready)
@@ -188,4 +207,4 @@ class ActivationOffload:
             else:
                 device = _strided_like(saved.host, saved.target, pin=False)
                 device.copy_(saved.host)
-            saved.device = device
+            saved.device, saved.left = device, saved.packs
