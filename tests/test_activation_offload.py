@@ -115,6 +115,7 @@ def test_a_tensor_several_ops_save_moves_once_per_block() -> None:
     model = tiny_llama(layers=2)
     batch = padded(lm_examples(3))
     want = loss_and_grads(model, batch)
+    model.zero_grad(set_to_none=True)
     offload = ActivationOffload(model, copy_on_cpu=True)
     with offload.installed(), offload.saving():
         loss = model(**batch).loss
