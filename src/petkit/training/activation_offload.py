@@ -6,10 +6,12 @@ spread from block 0 (the top block only when fraction is 1: its backward comes f
 nothing to hide its copy behind). `installed()` marks which block is running for the run;
 `saving()` is the context of one forward (torch's `saved_tensors_hooks`):
 
-- forward: each tensor saved while a chosen block runs is copied into pinned host memory on an
-  "offload" stream that waits for the compute stream; the device copy is released as soon as its
-  copy has run (`record_stream`), so a block's activations leave the card while the next
-  block computes. Parameters and buffers stay where they are (they are on the card anyway).
+- forward: the storage of each tensor saved while a chosen block runs is copied into pinned host
+  memory on an "offload" stream that waits for the compute stream, once per block however many
+  saved tensors view it (eager ops share inputs; q, k and v can split one output); the device
+  copy is released as soon as its copy has run (`record_stream`), so a block's activations leave
+  the card while the next block computes. Parameters, buffers and tensor subclasses stay where
+  they are.
 - backward: the first saved tensor the backward pass reads starts fetching the highest chosen
   block back on a "fetch" stream; reading a chosen block's tensors waits for its fetch and starts
   the next chosen block below it, so one block's activations travel while the block above
@@ -43,16 +45,32 @@ from petkit.core.errors import ConfigError
 
 
 class _Saved:
-    """One offloaded tensor: its block, its host copy, and (fetched) its device copy."""
+    """One offloaded storage: its block, its bytes in host memory and (fetched) on the device.
+    Autograd holds `_View`s of it: several saved tensors can be views of one storage."""
 
     __slots__ = ("group", "host", "device", "target", "ready", "packs", "left", "__weakref__")
 
     def __init__(self, group: int, host: torch.Tensor, target: torch.device) -> None:
         self.group, self.host, self.target = group, host, target
-        self.device: torch.Tensor | None = None
+        self.device: torch.Tensor | None = None  # uint8, the storage's bytes
         self.ready: Any = None  # a CUDA event: the fetch has run
-        self.packs = 1  # how often autograd saved this tensor (eager ops share their inputs)
+        self.packs = 1  # how many saved tensors view it
         self.left = 0  # reads of the device copy before it is released
+
+
+class _View:
+    """A saved tensor: its storage's `_Saved` and where in it the tensor lies."""
+
+    __slots__ = ("saved", "dtype", "offset", "size", "stride")
+
+    def __init__(self, saved: _Saved, tensor: torch.Tensor) -> None:
+        self.saved, self.dtype, self.offset = saved, tensor.dtype, tensor.storage_offset()
+        self.size, self.stride = tensor.size(), tensor.stride()
+
+    def on(self, storage: torch.Tensor) -> torch.Tensor:
+        """This view of `storage` (a uint8 tensor of the storage's bytes)."""
+        out = torch.empty(0, dtype=self.dtype, device=storage.device)
+        return out.set_(storage.untyped_storage(), self.offset, self.size, self.stride)
 
 
 def chosen_blocks(n: int, fraction: float) -> list[int]:
@@ -61,11 +79,9 @@ def chosen_blocks(n: int, fraction: float) -> list[int]:
     return sorted({j * n // k for j in range(k)})
 
 
-def _strided_like(tensor: torch.Tensor, device: torch.device, pin: bool) -> torch.Tensor:
-    """An empty tensor of `tensor`'s size, strides and dtype on `device` (compiled backward
-    graphs check the strides of what they read)."""
-    return torch.empty_strided(tensor.size(), tensor.stride(), dtype=tensor.dtype, device=device,
-                               pin_memory=pin)
+def _bytes(storage: torch.UntypedStorage) -> torch.Tensor:
+    """A uint8 tensor over all of `storage`'s bytes."""
+    return torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
 
 
 class ActivationOffload:
@@ -140,45 +156,46 @@ class ActivationOffload:
         group = self.current
         on_cuda = tensor.device.type == "cuda"
         if group is None or group not in self.chosen or not (on_cuda or self.copy_on_cpu) \
-                or tensor.layout != torch.strided \
+                or type(tensor) is not torch.Tensor or tensor.layout != torch.strided \
                 or tensor.untyped_storage().data_ptr() in self._kept:
-            return tensor
+            return tensor  # parameters, buffers, subclasses, other blocks: left where they are
         storage = tensor.untyped_storage()
-        key = (group, storage.data_ptr(), tensor.storage_offset(), tensor.size(), tensor.stride(),
-               tensor.dtype)  # per block: a tensor every block reads moves with each of them
+        key = (group, storage.data_ptr())  # per block: what every block reads moves with each
         known = self._seen.get(key)
         saved = known[1]() if known is not None and not known[0].expired() else None
-        if saved is not None:  # the same live tensor, saved again by another op: one copy
-            saved.packs += 1
-            return saved
-        host = _strided_like(tensor, torch.device("cpu"), pin=on_cuda)
+        if saved is not None:  # another view of a storage already copied (eager ops share
+            saved.packs += 1  # their inputs, q / k / v split one output): no second copy
+            return _View(saved, tensor)
+        device = _bytes(storage)
+        host = torch.empty(device.shape, dtype=torch.uint8, pin_memory=on_cuda)
         if on_cuda:
             offload, _ = self._stream_pair(tensor.device)
             offload.wait_stream(torch.cuda.current_stream(tensor.device))
             with torch.cuda.stream(offload):
-                host.copy_(tensor, non_blocking=True)
+                host.copy_(device, non_blocking=True)
             tensor.record_stream(offload)  # its memory is reused only after the copy has run
         else:
-            host.copy_(tensor)
+            host.copy_(device)
         saved = _Saved(group, host, tensor.device)
         self.groups.setdefault(group, []).append(weakref.ref(saved))
         self._seen[key] = (StorageWeakRef(storage), weakref.ref(saved))
-        self.moved_bytes += host.untyped_storage().nbytes()
+        self.moved_bytes += host.numel()
         self.moved_groups.add(group)
-        return saved
+        return _View(saved, tensor)
 
-    def _unpack(self, saved: Any) -> torch.Tensor:
-        if not isinstance(saved, _Saved):  # the backward has begun: fetch the top group early
+    def _unpack(self, view: Any) -> torch.Tensor:
+        if not isinstance(view, _View):  # the backward has begun: fetch the top group early
             if self.ahead is None and self.pending:
                 self._fetch(self.pending[0])
-            return saved
+            return view
+        saved = view.saved
         if saved.device is None:
             self._fetch(saved.group)
         if self.ahead == saved.group:
             self.ahead = None
         if self.ahead is None and self.pending:  # the next chosen block below, one ahead
             self._fetch(self.pending[0])
-        tensor, saved.left = saved.device, saved.left - 1
+        tensor, saved.left = view.on(saved.device), saved.left - 1
         if saved.left <= 0:
             saved.device = None  # the last read: the backward owns it now
         if saved.ready is not None:  # wait for its fetch; free it only after the backward's use
@@ -200,11 +217,10 @@ class ActivationOffload:
                 offload, fetch = self._stream_pair(saved.target)
                 fetch.wait_stream(offload)  # the host copy is complete
                 with torch.cuda.stream(fetch):  # allocated from the fetch stream's memory
-                    device = _strided_like(saved.host, saved.target, pin=False)
+                    device = torch.empty_like(saved.host, device=saved.target)
                     device.copy_(saved.host, non_blocking=True)
                     saved.ready = torch.cuda.Event()
                     saved.ready.record(fetch)
             else:
-                device = _strided_like(saved.host, saved.target, pin=False)
-                device.copy_(saved.host)
+                device = saved.host.clone()
             saved.device, saved.left = device, saved.packs
