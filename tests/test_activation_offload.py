@@ -127,6 +127,28 @@ def test_a_tensor_several_ops_save_moves_once_per_block() -> None:
     assert all(s.device is None for s in shared)  # released after the last read
 
 
+def test_two_forwards_then_one_backward() -> None:
+    """A preference objective's two forwards, each its own `saving`, then one backward."""
+    model = tiny_llama(layers=2)
+    first, second = padded(lm_examples(3)), padded(lm_examples(2))
+
+    def run(offload: ActivationOffload | None) -> dict[str, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        losses = []
+        for batch in (first, second):
+            with offload.saving() if offload else torch.enable_grad():
+                losses.append(model(**batch).loss)
+        (losses[0] - 0.5 * losses[1]).backward()
+        return {k: p.grad.clone() for k, p in pk.trainable_parameters(model).items()}
+
+    want = run(None)
+    offload = ActivationOffload(model, copy_on_cpu=True)
+    with offload.installed():
+        got = run(offload)
+    for key, grad in got.items():
+        torch.testing.assert_close(grad, want[key], atol=1e-6, rtol=1e-5)
+
+
 def test_a_model_without_blocks_is_one_group() -> None:
     model = pk.attach(TOYS["mlp"](0), pk.LoraConfig(r=2, targets=["fc1"]))
     x = torch.randn(5, 8)

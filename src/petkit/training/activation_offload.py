@@ -191,6 +191,8 @@ class ActivationOffload:
         saved = view.saved
         if saved.device is None:
             self._fetch(saved.group)
+        if saved.device is None:  # saved by an earlier forward whose backward comes only now
+            self._fetch_one(saved)
         if self.ahead == saved.group:
             self.ahead = None
         if self.ahead is None and self.pending:  # the next chosen block below, one ahead
@@ -205,22 +207,24 @@ class ActivationOffload:
         return tensor
 
     def _fetch(self, group: int) -> None:
-        """Start copying `group`'s live tensors back to their device."""
+        """Start copying `group`'s live storages back to their device."""
         if group in self.pending:
             self.pending.remove(group)
             self.ahead = group
         for ref in self.groups.get(group, []):
             saved = ref()
-            if saved is None or saved.device is not None:
-                continue
-            if saved.target.type == "cuda":
-                offload, fetch = self._stream_pair(saved.target)
-                fetch.wait_stream(offload)  # the host copy is complete
-                with torch.cuda.stream(fetch):  # allocated from the fetch stream's memory
-                    device = torch.empty_like(saved.host, device=saved.target)
-                    device.copy_(saved.host, non_blocking=True)
-                    saved.ready = torch.cuda.Event()
-                    saved.ready.record(fetch)
-            else:
-                device = saved.host.clone()
-            saved.device, saved.left = device, saved.packs
+            if saved is not None and saved.device is None:
+                self._fetch_one(saved)
+
+    def _fetch_one(self, saved: _Saved) -> None:
+        if saved.target.type == "cuda":
+            offload, fetch = self._stream_pair(saved.target)
+            fetch.wait_stream(offload)  # the host copy is complete
+            with torch.cuda.stream(fetch):  # allocated from the fetch stream's memory
+                device = torch.empty_like(saved.host, device=saved.target)
+                device.copy_(saved.host, non_blocking=True)
+                saved.ready = torch.cuda.Event()
+                saved.ready.record(fetch)
+        else:
+            device = saved.host.clone()
+        saved.device, saved.left = device, saved.packs
