@@ -87,6 +87,8 @@ CASES: dict[str, tuple[str, str, str, str]] = {
     "petkit-blocks-elementwise-fp8-flce-off50": ("petkit", "blocks", "elementwise", "liger"),
     "petkit-blocks-elementwise-flce-off50": ("petkit", "blocks", "elementwise", "liger"),
     "petkit-blocks-elementwise-flce-off100": ("petkit", "blocks", "elementwise", "liger"),
+    "petkit-blocks-fp8-flce-off25": ("petkit", "blocks", "off", "liger"),
+    "petkit-blocks-fp8-flce-off50": ("petkit", "blocks", "off", "liger"),
     "petkit-blocks-selective-dropout": ("petkit", "blocks", "selective", "none"),
     "petkit-blocks-selective-fused-dropout": ("petkit", "blocks", "selective", "fused"),
     "petkit-blocks-selective-triton-dropout": ("petkit", "blocks", "selective", "triton"),
