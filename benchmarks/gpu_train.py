@@ -103,8 +103,7 @@ DROPOUT = 0.05  # LoRA dropout of the `-dropout` cases (the others: none); only 
 # `-fp8` cases keep what the compiled blocks save for the backward in fp8 (e4m3, one scale per
 # tensor: `--runtime.activation_quantization=fp8`), every saved tensor of at least 1 MiB;
 # `-fp8mlp` only the MLP's hidden activations (`fp8-mlp`); `-fp8big` those of at least 16 MiB
-# `-offNN` keeps the saved activations of NN% of the blocks in host memory
-# (`--runtime.activation_offload=true --runtime.activation_offload_fraction=0.NN`)
+# `-offNN`: NN% of the blocks' saved activations in host memory (activation_offload_fraction)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PEAK_TFLOPS = 989.0
 LR, SEQUENCES = 1e-3, 64
