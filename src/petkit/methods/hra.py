@@ -9,8 +9,8 @@ Householder Reflection Adaptation" (NeurIPS 2024, arXiv:2405.17484).
 A chain of r Householder reflections is an orthogonal matrix at r·in numbers per layer. The
 forward reflects each token r times, x ← x - 2 (x·û) ûᵀ (no (in, in) matrix), or, on a plain
 nn.Linear fed more tokens than it has outputs, the weight's rows instead (W H, as PEFT does):
-4 r · min(tokens, out) · in operations, and the saved intermediates the smaller of the two. Touches Linear /
-GPT-2 Conv1D layers (default: attention query and value). Mergeable: W' = W0 H. Names and init
+4 r · min(tokens, out) · in operations, and the saved intermediates the smaller of the two.
+Touches Linear / GPT-2 Conv1D layers (default: attention query and value). Mergeable: W' = W0 H. Names and init
 follow PEFT's `HRAConfig` (`hra_u`: (in, r)).
 """
 from __future__ import annotations

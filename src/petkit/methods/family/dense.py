@@ -8,9 +8,9 @@ with the frozen weight) and SHiRA (a sparse set of entries) all compute
 so they share one wrapper: a subclass builds `weight_delta()` and the forward, merge and stacking
 weight come from here. dW is built in full anyway, so on a plain nn.Linear (no dropout, dW in the
 weight's dtype) the forward is one product with W0 + mix dW: a matrix product less, forward and
-backward, than base(x) + x dW^T, and bit-equal to the merged layer. Where dW reads the base weight (HiRA), the merged delta is remembered so
-that unmerging subtracts exactly what merging added (recomputing it from the merged weight would
-not). Also the wrapper of the orthogonal methods (OFT, HRA), which turn the input before the
+backward, than base(x) + x dW^T, and bit-equal to the merged layer. Where dW reads the base
+weight (HiRA), the merged delta is remembered so that unmerging subtracts exactly what merging
+added (recomputing it from the merged weight would not). Also the wrapper of the orthogonal methods (OFT, HRA), which turn the input before the
 base, h = W0 (M x), and merge as W0 M.
 """
 from __future__ import annotations
