@@ -10,8 +10,8 @@ A chain of r Householder reflections is an orthogonal matrix at r·in numbers pe
 forward reflects each token r times, x ← x - 2 (x·û) ûᵀ (no (in, in) matrix), or, on a plain
 nn.Linear fed more tokens than it has outputs, the weight's rows instead (W H, as PEFT does):
 4 r · min(tokens, out) · in operations, and the saved intermediates the smaller of the two.
-Touches Linear / GPT-2 Conv1D layers (default: attention query and value). Mergeable: W' = W0 H. Names and init
-follow PEFT's `HRAConfig` (`hra_u`: (in, r)).
+Touches Linear / GPT-2 Conv1D layers (default: attention query and value). Mergeable: W' = W0 H.
+Names and init follow PEFT's `HRAConfig` (`hra_u`: (in, r)).
 """
 from __future__ import annotations
 

@@ -10,8 +10,8 @@ weight come from here. dW is built in full anyway, so on a plain nn.Linear (no d
 weight's dtype) the forward is one product with W0 + mix dW: a matrix product less, forward and
 backward, than base(x) + x dW^T, and bit-equal to the merged layer. Where dW reads the base
 weight (HiRA), the merged delta is remembered so that unmerging subtracts exactly what merging
-added (recomputing it from the merged weight would not). Also the wrapper of the orthogonal methods (OFT, HRA), which turn the input before the
-base, h = W0 (M x), and merge as W0 M.
+added (recomputing it from the merged weight would not). Also the wrapper of the orthogonal
+methods (OFT, HRA), which turn the input before the base, h = W0 (M x), and merge as W0 M.
 """
 from __future__ import annotations
 
