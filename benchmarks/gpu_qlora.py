@@ -10,6 +10,10 @@ compute, as QLoRA), then trains LoRA r16 on the seven linear layers of each bloc
   petkit-qlora-selective   pk.train: compiled blocks, selective checkpointing
   petkit-qlora-fused       the same with `--runtime.kernels=fused` (the fused delta falls back on
                            the nf4 layers, saying why, where it cannot take them)
+  petkit-qlora-elementwise-fp8-flce   compiled blocks, `elementwise` recompute, fp8 saved
+                           activations, Liger's fused linear cross-entropy (gpu_train's suffixes)
+  petkit-qlora-elementwise-fp8-flce-off25   the same with a quarter of the blocks' saved
+                           activations in host memory (`activation_offload_fraction=0.25`)
 
 `benchmarks/qlora_gpu.py` is the earlier, eager comparison (PEFT with
 `prepare_model_for_kbit_training`, petkit with full checkpointing; README's QLoRA row); this one
@@ -38,6 +42,8 @@ CASES: dict[str, tuple[str, str, str, str]] = {  # library, compile, checkpointi
     "peft-qlora-blocks-ckpt": ("peft", "blocks", "full", "none"),
     "petkit-qlora-selective": ("petkit", "blocks", "selective", "none"),
     "petkit-qlora-fused": ("petkit", "blocks", "selective", "fused"),
+    "petkit-qlora-elementwise-fp8-flce": ("petkit", "blocks", "elementwise", "liger"),
+    "petkit-qlora-elementwise-fp8-flce-off25": ("petkit", "blocks", "elementwise", "liger"),
 }
 
 
@@ -65,6 +71,7 @@ def worker(case: str, args: argparse.Namespace) -> dict[str, Any]:
     gpu_train.build_model = quantised_builder(gpu_train.build_model)
     shape = gpu_train.SHAPES[args.shape]
     run = {"peft": gpu_train.peft_case, "petkit": gpu_train.petkit_case}[library]
+    args.case = case  # gpu_train reads the -fp8 / -offNN suffixes from it
     row = run(args, shape, compiled, ckpt, kernels)
     cuda = args.device.startswith("cuda")
     row.pop("losses", None)

@@ -82,6 +82,13 @@ CASES: dict[str, tuple[str, str, str, str]] = {
     "petkit-blocks-budget50-fp8mlp": ("petkit", "blocks", "budget-0.5", "none"),
     "petkit-blocks-fp8-flce": ("petkit", "blocks", "off", "liger"),
     "petkit-blocks-elementwise-fp8big-flce": ("petkit", "blocks", "elementwise", "liger"),
+    "petkit-blocks-elementwise-fp8-flce-off25": ("petkit", "blocks", "elementwise", "liger"),
+    "petkit-blocks-elementwise-fp8-flce-off40": ("petkit", "blocks", "elementwise", "liger"),
+    "petkit-blocks-elementwise-fp8-flce-off50": ("petkit", "blocks", "elementwise", "liger"),
+    "petkit-blocks-elementwise-flce-off50": ("petkit", "blocks", "elementwise", "liger"),
+    "petkit-blocks-elementwise-flce-off100": ("petkit", "blocks", "elementwise", "liger"),
+    "petkit-blocks-fp8-flce-off25": ("petkit", "blocks", "off", "liger"),
+    "petkit-blocks-fp8-flce-off50": ("petkit", "blocks", "off", "liger"),
     "petkit-blocks-selective-dropout": ("petkit", "blocks", "selective", "none"),
     "petkit-blocks-selective-fused-dropout": ("petkit", "blocks", "selective", "fused"),
     "petkit-blocks-selective-triton-dropout": ("petkit", "blocks", "selective", "triton"),
@@ -96,6 +103,7 @@ DROPOUT = 0.05  # LoRA dropout of the `-dropout` cases (the others: none); only 
 # `-fp8` cases keep what the compiled blocks save for the backward in fp8 (e4m3, one scale per
 # tensor: `--runtime.activation_quantization=fp8`), every saved tensor of at least 1 MiB;
 # `-fp8mlp` only the MLP's hidden activations (`fp8-mlp`); `-fp8big` those of at least 16 MiB
+# `-offNN`: NN% of the blocks' saved activations in host memory (activation_offload_fraction)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PEAK_TFLOPS = 989.0
 LR, SEQUENCES = 1e-3, 64
@@ -228,18 +236,27 @@ def quantization(case: str) -> tuple[str, float]:
     return kind, 16.0 if "-fp8big" in case else 1.0
 
 
+def offload(case: str) -> float | None:
+    """`--runtime.activation_offload_fraction` of `case` (None: no offload)."""
+    _, off, percent = case.rpartition("-off")
+    return int(percent) / 100 if off and percent.isdigit() else None
+
+
 def petkit_config(args: argparse.Namespace, compiled: str, ckpt: str, batch: int,
                   kernels: str = "none") -> Any:
     from petkit.training import RuntimeConfig, TrainConfig
 
     budget = ckpt.startswith("budget-")  # the compiler chooses what to recompute
     kind, floor = quantization(getattr(args, "case", None) or "")
+    fraction = offload(getattr(args, "case", None) or "")
     runtime = RuntimeConfig(device=args.device, precision="bf16", compile=bool(compiled),
                             compile_scope=compiled or "model",
                             activation_checkpointing="off" if budget else ckpt,
                             activation_budget=float(ckpt[7:]) if budget else None,
                             activation_quantization=kind, activation_quantization_min_mb=floor,
-                            kernels=kernels, liger=LIGER_PIECES)
+                            kernels=kernels, liger=LIGER_PIECES,
+                            activation_offload=fraction is not None,
+                            activation_offload_fraction=fraction or 1.0)
     log_every = 1 if getattr(args, "curves", False) else args.window  # --curves: every step
     return TrainConfig(lr=LR, max_steps=args.steps, batch_size=batch, log_every=log_every,
                        schedule="linear", progress=False, runtime=runtime)

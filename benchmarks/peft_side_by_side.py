@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import statistics
 import sys
 import time
@@ -58,10 +59,11 @@ def main(steps: int = 3, only: list[str] | None = None) -> None:
     from petkit.models import load_model
 
     torch.manual_seed(0)
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))  # 2 unless set
     base = load_model("smollm2-135m", dtype=torch.float32)[0].train()
     batch = {"input_ids": torch.randint(0, 1000, (4, 32), generator=torch.Generator().manual_seed(0))}
-    out = {"model": "smollm2-135m", "batch": "4 x 32 tokens", "steps": steps, "threads": 2, "rows": []}
+    out = {"model": "smollm2-135m", "batch": "4 x 32 tokens", "steps": steps,
+           "threads": torch.get_num_threads(), "rows": []}
     saved = ROOT / "docs" / "peft_side_by_side.json"
     kept = {r["method"]: r for r in json.loads(saved.read_text())["rows"]} if only and saved.is_file() else {}
     for method, ours_cfg, peft_name, peft_cfg in ARMS:

@@ -101,7 +101,8 @@ def test_the_runtime_parts_receive_only_the_runtime_section():
 NEEDS = {"save_every": {"train.output_dir": "out"}, "resume": {"train.output_dir": "out"},
          "activation_budget": {"runtime.compile": "true"},
          "activation_quantization": {"runtime.compile": "true"},
-         "offload_dir": {"runtime.offload_optimizer": "nvme"}}
+         "offload_dir": {"runtime.offload_optimizer": "nvme"},
+         "activation_offload_fraction": {"runtime.activation_offload": "true"}}
 # Text values for string / list fields (numbers and switches are derived from the default).
 TEXT = {"optimizer": "sgd", "schedule": "cosine", "output_dir": "out", "report_to": "tensorboard",
         "label_token_ids": "5,6", "device": "cpu", "precision": "fp32", "delta_dtype": "bf16",

@@ -7,9 +7,11 @@ Householder Reflection Adaptation" (NeurIPS 2024, arXiv:2405.17484).
     Gram-Schmidt; otherwise Kaiming-uniform U (not the identity)
 
 A chain of r Householder reflections is an orthogonal matrix at r·in numbers per layer. The
-forward reflects each token r times, x ← x - 2 (x·û) ûᵀ (no (in, in) matrix). Touches Linear /
-GPT-2 Conv1D layers (default: attention query and value). Mergeable: W' = W0 H. Names and init
-follow PEFT's `HRAConfig` (`hra_u`: (in, r)).
+forward reflects each token r times, x ← x - 2 (x·û) ûᵀ (no (in, in) matrix), or, on a plain
+nn.Linear fed more tokens than it has outputs, the weight's rows instead (W H, as PEFT does):
+4 r · min(tokens, out) · in operations, and the saved intermediates the smaller of the two.
+Touches Linear / GPT-2 Conv1D layers (default: attention query and value). Mergeable: W' = W0 H.
+Names and init follow PEFT's `HRAConfig` (`hra_u`: (in, r)).
 """
 from __future__ import annotations
 
@@ -18,13 +20,14 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..core.capabilities import TransformsOutput
 from ..core.capabilities import PeftLayout
 from .family.peft_fields import need, refuse
 from ..core.registry import MethodConfig, check_choice, check_range, register
-from .family.dense import RotatedInput, wrap_targets
+from .family.dense import RotatedInput, plain_base, wrap_targets
 
 
 def gram_schmidt(u: torch.Tensor) -> torch.Tensor:
@@ -61,6 +64,21 @@ class HraLinear(RotatedInput):
 
     def rotation(self) -> torch.Tensor:
         return self.rotate(torch.eye(self.fan_in, **self.kw)).T
+
+    def reflect_weight(self, w: torch.Tensor) -> torch.Tensor:
+        """W H for an (out, in) weight: its rows reflected, H_1 first."""
+        u = self.directions().to(w.dtype)
+        if self.apply_gs:
+            return w - 2 * (w @ u) @ u.T
+        for i in range(u.shape[1]):  # W H = W H_1 H_2 ... H_r
+            w = w - 2 * (w @ u[:, i:i + 1]) * u[:, i]
+        return w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        linear = plain_base(self, nn.Linear) if self.enabled else None
+        if linear is None or x.numel() // max(x.shape[-1], 1) <= self.fan_out:
+            return super().forward(x)  # few tokens, or another base: reflect the tokens
+        return F.linear(x, self.reflect_weight(linear.weight), linear.bias)
 
 
 PEFT = PeftLayout(

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..core.capabilities import Weighted
@@ -24,7 +23,7 @@ from ..core.errors import ConfigError
 from ..core.capabilities import PeftLayout
 from .family.peft_fields import need, refuse
 from ..core.registry import MethodConfig, check_range, register
-from .family.dense import DenseDelta, plain_base, wrap_targets, zeros
+from .family.dense import DenseDelta, wrap_targets, zeros
 
 
 def random_positions(rows: int, cols: int, count: int, seed: int | None) -> torch.Tensor:
@@ -48,15 +47,6 @@ class ShiraLinear(DenseDelta):
     def weight_delta(self) -> torch.Tensor:
         flat = self.shira_weight.new_zeros(self.fan_out * self.fan_in)
         return flat.index_put((self.positions,), self.shira_weight).view(self.fan_out, self.fan_in)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # on a plain nn.Linear one product with W0 + dW (as PEFT computes it) costs a matrix
-        # product less, forward and backward, than base(x) + x dW^T; any other base: the latter
-        linear = plain_base(self, nn.Linear) if self.enabled else None
-        if linear is None:
-            return super().forward(x)
-        w = linear.weight
-        return F.linear(x, w + self.weight_delta().to(w.dtype) * self.mix, linear.bias)
 
 
 PEFT = PeftLayout(

@@ -16,8 +16,8 @@ Non-reentrant checkpointing needs no input that requires grad and composes with 
 torch.compile (hub kernels' wrappers are switched off inside the checkpointed blocks: see
 `hub_kernels`). Input-extension methods keep working: the prefix key/value cache and the
 extensions' per-forward state (`live`) are put back as they were when the block first ran
-before it is recomputed. `activation_offload` keeps every saved activation in pinned host memory
-(`torch.autograd.graph.save_on_cpu`) instead of the device: eager mode only. Under compile,
+before it is recomputed. `activation_offload` keeps the blocks' saved activations in host memory
+instead (`activation_offload.py`). Under compile,
 `activation_budget` lets the compiler choose what to recompute instead (`memory_budget`), and
 `activation_quantization` has it keep what it saves in 8-bit floats (`quantized_activations`).
 """
@@ -264,10 +264,3 @@ def _widest_only(partitioners: Any) -> Iterator[None]:
         yield
     finally:
         partitioners.enable_activation_quantization = enable
-
-
-def offload_context(enabled: bool) -> contextlib.AbstractContextManager[Any]:
-    """Saved activations to pinned host memory while the forward runs, when `enabled`."""
-    if not enabled:
-        return contextlib.nullcontext()
-    return torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available())

@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 from petkit.core.errors import ConfigError
+from petkit.training.activation_offload import ActivationOffload
 from petkit.training.activations import (activation_checkpointing, block_modules, compiled_blocks,
-                                         has_extensions, memory_budget, offload_context,
-                                         quantized_activations)
+                                         has_extensions, memory_budget, quantized_activations)
 from petkit.training.batching import Batch, CollateFn
 from petkit.training.kernels import KernelPlan, plan_kernels
 from petkit.training.runtime import RuntimeConfig
@@ -84,6 +84,8 @@ class RunModes:
         self.mask_optional = _optional_mask(model)
         self.kernels: KernelPlan = plan_kernels(config.kernels, config.liger, model, self.device,
                                                 self.bypass)
+        self.offload = (ActivationOffload(model, config.activation_offload_fraction)
+                        if config.activation_offload else None)
 
     def trim(self, batch: Batch) -> Batch:
         """The CPU batch without an all-ones attention mask when the model computes the loss and
@@ -103,11 +105,12 @@ class RunModes:
         """`forward` compiled and/or under activation offload, as configured."""
         if self.config.compile and not self.config.compiles_blocks():
             forward = torch.compile(forward)
-        if not self.config.activation_offload:
+        offload = self.offload
+        if offload is None:
             return forward
 
         def offloaded(batch: Batch) -> torch.Tensor:
-            with offload_context(True):
+            with offload.saving():
                 return forward(batch)
 
         return offloaded
@@ -130,6 +133,8 @@ class RunModes:
                 self.model, cfg.checkpoint_every(), cfg.recompute_mode()))
             if cfg.compiles_blocks():
                 stack.enter_context(compiled_blocks(self.model))
+            if self.offload is not None:  # around the compiled blocks' calls
+                stack.enter_context(self.offload.installed())
             if cfg.activation_budget is not None:  # read when a graph compiles: the first step
                 stack.enter_context(memory_budget(cfg.activation_budget))
             stack.enter_context(quantized_activations(  # read when a graph compiles, too

@@ -56,7 +56,8 @@ class RuntimeConfig:
     activation_checkpointing: str = field(default="off", metadata=_help(
         "recompute activations: off | full | every-K (K >= 2) | selective | elementwise"))
     activation_offload: bool = field(default=False, metadata=_help(
-        "true: keep saved activations in host memory (eager only)"))
+        "true: keep the blocks' saved activations in host memory, copied while the GPU computes "
+        "(with compile: compile_scope=blocks; docs/training-gpu.md)"))
     offload_optimizer: str = field(default="none", metadata=_help(
         "none | cpu: optimiser state, fp32 masters and updates in host memory | nvme: the same "
         "in files (--runtime.offload_dir), host memory caching what fits (docs/offload.md)"))
@@ -85,6 +86,9 @@ class RuntimeConfig:
         choices=QUANTIZED_ACTIVATIONS))
     activation_quantization_min_mb: float = field(default=1.0, metadata=_help(
         "with activation_quantization: only saved activations of at least this many MiB"))
+    activation_offload_fraction: float = field(default=1.0, metadata=_help(
+        "with activation_offload: the fraction (0, 1] of the blocks whose saved activations "
+        "go to host memory, evenly spread"))
 
     def __post_init__(self) -> None:
         """Validate every field and the combinations within this section."""
@@ -115,9 +119,14 @@ class RuntimeConfig:
         _check(mode == "off" or mode in RECOMPUTE_MODES or (every and int(mode[6:]) >= 2),
                "activation_checkpointing", f"off, {', '.join(RECOMPUTE_MODES)} or every-K with "
                "K >= 2", mode)
-        _check(not (self.activation_offload and self.compile), "activation_offload",
-               "false when compile is true (offload hooks run in eager mode only)",
-               self.activation_offload)
+        _check(not (self.activation_offload and self.compile and self.compile_scope == "model"),
+               "activation_offload", "false when compile is true with compile_scope=model (one "
+               "graph saves everything at its end, where no copy overlaps anything): use "
+               "compile_scope=blocks", self.activation_offload)
+        part = self.activation_offload_fraction
+        _check(is_num(part) and 0 < part <= 1 and (part == 1 or self.activation_offload),
+               "activation_offload_fraction", "a number in (0, 1], below 1 only with "
+               "activation_offload=true", part)
         if self.activation_budget is not None:
             budget = self.activation_budget
             _check(is_num(budget) and 0 < budget <= 1 and budget - budget == 0,

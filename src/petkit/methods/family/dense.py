@@ -6,10 +6,12 @@ with the frozen weight) and SHiRA (a sparse set of entries) all compute
     h = W0 x + mix * dW(θ) x          dW: (out, in), differentiable in the wrapper's tensors θ
 
 so they share one wrapper: a subclass builds `weight_delta()` and the forward, merge and stacking
-weight come from here. Where dW reads the base weight (HiRA), the merged delta is remembered so
-that unmerging subtracts exactly what merging added (recomputing it from the merged weight would
-not). Also the wrapper of the orthogonal methods (OFT, HRA), which turn the input before the
-base, h = W0 (M x), and merge as W0 M.
+weight come from here. dW is built in full anyway, so on a plain nn.Linear (no dropout, dW in the
+weight's dtype) the forward is one product with W0 + mix dW: a matrix product less, forward and
+backward, than base(x) + x dW^T, and bit-equal to the merged layer. Where dW reads the base
+weight (HiRA), the merged delta is remembered so that unmerging subtracts exactly what merging
+added (recomputing it from the merged weight would not). Also the wrapper of the orthogonal
+methods (OFT, HRA), which turn the input before the base, h = W0 (M x), and merge as W0 M.
 """
 from __future__ import annotations
 
@@ -112,6 +114,15 @@ class DenseDelta(DroppedDelta, DeltaModule):
 
     def delta_output(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight_delta().to(x.dtype)) * self.mix
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        linear = plain_base(self, nn.Linear) if self.enabled and self.dropout is None else None
+        if linear is None:
+            return super().forward(x)
+        delta = self.weight_delta()
+        if delta.dtype != linear.weight.dtype:  # W0 + dW would round dW to the base's precision
+            return super().forward(x)
+        return F.linear(x, linear.weight + delta * self.mix, linear.bias)
 
     def base_weight(self) -> torch.Tensor:
         """The frozen W0 (out, in) this delta reads (HiRA), as a detached tensor."""
