@@ -208,3 +208,17 @@ def test_a_loaded_data_driven_adapter_is_not_initialised_again(tmp_path):
     pk.save_adapter(model, tmp_path / "a")
     pk.load_adapter(fresh, tmp_path / "a")
     assert not pending(fresh, "default")  # pk.train leaves its values alone
+
+
+@pytest.mark.parametrize("init", ["eva", "corda", "lora-ga"])
+def test_data_driven_inits_run_on_verbaliser_batches(init):
+    """A verbaliser's batch holds class ids as labels: the inputs-only inits (EVA, CorDA) must not
+    hand them to the language model's own token loss (they did: a batch-size error)."""
+    model = llama()
+    g = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": ids, "attention_mask": [1] * 6, "labels": i % 2}
+            for i, ids in enumerate(torch.randint(3, 60, (8, 6), generator=g).tolist())]
+    pk.attach(model, pk.LoraConfig(r=2, targets=QV, init=init))
+    pk.train(model, rows, pk.TrainConfig(lr=1e-3, max_steps=1, batch_size=4, progress=False,
+                                         label_token_ids=[5, 6]))
+    assert not pending(model)

@@ -112,9 +112,9 @@ def _run(model: nn.Module, batches: list[Mapping[str, Any]], hooked: dict[str, D
             if weights:
                 with torch.enable_grad():
                     loss(model, batch).backward()
-            else:
+            else:  # inputs only: no labels, which a verbaliser's batch holds as class ids
                 with torch.no_grad():
-                    model(**batch)
+                    model(**{k: v for k, v in batch.items() if k != "labels"})
         return {p: w.grad.detach() / len(batches) for p, w in weights.items()}
     finally:
         for h in handles:
