@@ -117,12 +117,10 @@ class DenseDelta(DroppedDelta, DeltaModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         linear = plain_base(self, nn.Linear) if self.enabled and self.dropout is None else None
-        if linear is None:
-            return super().forward(x)
-        delta = self.weight_delta()
-        if delta.dtype != linear.weight.dtype:  # W0 + dW would round dW to the base's precision
-            return super().forward(x)
-        return F.linear(x, linear.weight + delta * self.mix, linear.bias)
+        own = next(self.parameters(recurse=False), None)  # dW's dtype, without building dW
+        if linear is None or own is None or own.dtype != linear.weight.dtype:
+            return super().forward(x)  # W0 + dW would round dW to the base's precision
+        return F.linear(x, linear.weight + self.weight_delta() * self.mix, linear.bias)
 
     def base_weight(self) -> torch.Tensor:
         """The frozen W0 (out, in) this delta reads (HiRA), as a detached tensor."""
