@@ -88,6 +88,7 @@ CASES: dict[str, tuple[str, str, str, str]] = {
     "petkit-blocks-elementwise-flce-off50": ("petkit", "blocks", "elementwise", "liger"),
     "petkit-blocks-elementwise-flce-off100": ("petkit", "blocks", "elementwise", "liger"),
     "petkit-blocks-fp8-flce-off25": ("petkit", "blocks", "off", "liger"),
+    "petkit-blocks-fp8-flce-off35": ("petkit", "blocks", "off", "liger"),
     "petkit-blocks-fp8-flce-off50": ("petkit", "blocks", "off", "liger"),
     "petkit-blocks-selective-dropout": ("petkit", "blocks", "selective", "none"),
     "petkit-blocks-selective-fused-dropout": ("petkit", "blocks", "selective", "fused"),
@@ -96,6 +97,7 @@ CASES: dict[str, tuple[str, str, str, str]] = {
     "petkit-bare-blocks-selective": ("bare", "blocks", "selective", "none"),
     "petkit-bare-blocks-elementwise": ("bare", "blocks", "elementwise", "none"),
     "petkit-bare-eager": ("bare", "", "off", "none"),
+    "petkit-bare-blocks-elementwise-fp8-flce": ("bare", "blocks", "elementwise", "liger"),
 }
 LIGER_PIECES = "flce"  # --runtime.liger of the petkit cases with "liger"
 DROPOUT = 0.05  # LoRA dropout of the `-dropout` cases (the others: none); only the Triton kernel
