@@ -296,3 +296,38 @@ def test_section_overrides_reach_every_cell(toy: dict[str, str], tmp_path: Path,
     capsys.readouterr()
     assert main(["bench", str(path), "--output", str(out), "--train.seed=3"]) == 2
     assert "per cell" in capsys.readouterr().err
+
+
+
+def test_shards_on_one_folder_keep_each_others_cells_in_the_csv(
+        toy: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two `--shard` processes on one output: the CSV a shard rewrites after each of its cells
+    holds the cells the other shard finished meanwhile (not only those seen at its start)."""
+    import petkit.benchmark.runner as runner
+
+    spec, out = bench.spec_from_dict(grid(toy)), tmp_path / "run"
+    others = spec.cells()[1::2]  # shard 2/2's cells
+    store, shown = runner.ResultStore(out), []
+
+    def record(cell: Any) -> dict[str, Any]:
+        return {**runner._identity(cell, spec.fingerprint(cell)), "status": "ok",
+                "metric": "accuracy", "test_metric": 0.5, "trainable_pct": 1.0, "cell_s": 1.0}
+
+    def fake_run_one(cell: Any, *_: Any) -> dict[str, Any]:
+        store.append(record(others[len(shown)]))  # the other shard finishes a cell meanwhile
+        return record(cell)
+
+    real_write = runner.ResultStore.write_csv
+
+    def spy_write(self: Any, records: list[dict[str, Any]]) -> Path:
+        shown.append({r["key"] for r in records})
+        return real_write(self, records)
+
+    monkeypatch.setattr(runner, "_run_one", fake_run_one)
+    monkeypatch.setattr(runner.ResultStore, "write_csv", spy_write)
+    runner.run_grid(spec, out, progress=False, shard=(1, 2), echo=lambda s: None)
+    mine = spec.cells()[0::2]
+    assert [len(keys) for keys in shown] == [2 * (i + 1) for i in range(len(mine))]
+    assert others[0].key in shown[0]  # in the CSV right after our first cell
+    with open(out / "cells.csv", encoding="utf-8") as handle:
+        assert {row["key"] for row in csv.DictReader(handle)} == {c.key for c in spec.cells()}

@@ -161,7 +161,7 @@ def _run(spec: BenchSpec, out: Path, retry_failed: bool, progress: bool, shard: 
             bar.set_postfix_str(cell.key, refresh=True)
             record = _run_one(cell, spec, tasks, _cell_folder(out, cell))
             store.append(record)
-            stored[cell.key] = record
+            stored.update(store.load())  # this cell, and what other shards have finished since
             done += 1
             bar.update(1)
             (bar.write if progress else echo)(_line(record))
