@@ -10,6 +10,7 @@ on `validation.max` of them where the grid sets it (round 4: 1,200).
 
     OMP_NUM_THREADS=1 nice -n 10 python benchmarks/default_recipe.py search benchmarks/default_recipe_heldout.yaml
     ... search benchmarks/default_recipe_heldout_r4.yaml 1/1 rotten-tomatoes [ARM,ARM]   # one task, some arms
+    ... search benchmarks/default_recipe_heldout_r5.yaml 1/1 bbc-news ARM 1               # and one seed
     python benchmarks/default_recipe.py table           # search tables + the test grid's table
 
 The test comparison (winner, today's default, PEFT's default LoRA; 3 seeds; test split) is a
@@ -41,13 +42,18 @@ SEARCHES = {"validation carved from the 480 (96 examples)": ROOT / "docs" / "def
             "held-out validation, round 4 (1,200 examples outside the 480)":
                 ROOT / "docs" / "default_recipe_heldout_r4.jsonl",
             "held-out validation, round 4, seed 1 (1,200 examples outside the 480)":
-                ROOT / "docs" / "default_recipe_heldout_r4_seed1.jsonl"}
+                ROOT / "docs" / "default_recipe_heldout_r4_seed1.jsonl",
+            "held-out validation, round 5, seeds 0 and 1 (1,200 examples outside the 480)":
+                ROOT / "docs" / "default_recipe_heldout_r5.jsonl",
+            "held-out validation, round 6, seeds 0 and 1 (1,200 examples outside the 480)":
+                ROOT / "docs" / "default_recipe_heldout_r6.jsonl"}
 HELD_OUT = 400  # validation examples after the cell's training examples (grids with fraction 0, no max)
 # test grids: their run folder's cells.csv, else the copy kept in docs/ (the runs of 2026-12-07)
 TESTS = {ROOT / "runs" / "bench-default-test": ROOT / "docs" / "default_recipe_test.csv",
          ROOT / "runs" / "bench-default-test-candidate": ROOT / "docs" / "default_recipe_test_candidate.csv",
          ROOT / "runs" / "bench-default-test-candidate2": ROOT / "docs" / "default_recipe_test_candidate2.csv",
-         ROOT / "runs" / "bench-default-test-candidate3": ROOT / "docs" / "default_recipe_test_candidate3.csv"}
+         ROOT / "runs" / "bench-default-test-candidate3": ROOT / "docs" / "default_recipe_test_candidate3.csv",
+         ROOT / "runs" / "bench-default-test-candidate4": ROOT / "docs" / "default_recipe_test_candidate4.csv"}
 
 
 def search_data(loaded, size: int, seed: int, fraction: float, maximum: int | None) -> CellData:
@@ -77,9 +83,9 @@ def validation_cell(cell: Cell, spec, loaded) -> dict:
             "cpu_s_per_step": cpu / max(result.steps, 1), "wall_s_per_step": wall / max(result.steps, 1)}
 
 
-def search(path: str, shard: str = "1/1", task: str = "", only: str = "") -> None:
+def search(path: str, shard: str = "1/1", task: str = "", only: str = "", seed: str = "") -> None:
     """Run this shard's cells of the search grid that are not in its jsonl (docs/) yet; only
-    `task`'s and only those of the comma-separated arms `only` where given."""
+    `task`'s, only those of the comma-separated arms `only` and only `seed`'s where given."""
     spec = load_spec(path)
     if spec.threads:
         torch.set_num_threads(spec.threads)
@@ -90,7 +96,8 @@ def search(path: str, shard: str = "1/1", task: str = "", only: str = "") -> Non
     arms = [a.name for a in spec.arms]  # arm by arm, both tasks each: a search cut short compares alike
     cells = sorted(spec.cells(), key=lambda c: (c.seed, arms.index(c.arm.name)))
     for cell in cells[index - 1::count]:
-        if cell.key in done or (task and cell.task.name != task) or (only and cell.arm.name not in only.split(",")):
+        if cell.key in done or (task and cell.task.name != task) or (only and cell.arm.name not in only.split(",")) \
+                or (seed and cell.seed != int(seed)):
             continue
         if cell.task.name not in loaded:
             loaded[cell.task.name] = load(cell.task)

@@ -89,3 +89,37 @@ def test_each_arm_is_compared_with_peft_and_todays_default_per_task():
                      "cand - peft-default on rt: +5.0 points, CPU s/step x1.25 (3 and 3 seeds)"]
     assert recipe._against(rows, "default-qv-r8", skip=("peft-default",)) == \
         "cand - default-qv-r8 on rt: +3.0 points, CPU s/step x1.25 (3 and 3 seeds)"
+
+
+def test_rounds_5_and_6_copy_round_4s_cells_only_for_the_same_arms_split_and_budget():
+    import json
+
+    round4 = grid("default_recipe_heldout_r4.yaml")
+    earlier = {a.name: a for a in round4.arms}
+    for name in ("default_recipe_heldout_r5.yaml", "default_recipe_heldout_r6.yaml"):
+        spec = grid(name)
+        assert tuple(spec.seeds) == (0, 1) and spec.train == round4.train and spec.tasks == round4.tasks
+        assert (spec.validation_fraction, spec.validation_max) == (0, 1200)
+        arms = {a.name: a for a in spec.arms}
+        assert {"default-qv-r8", "ia3-lr1e-2"} <= set(arms)
+        copied = [json.loads(line) for line in (ROOT / "docs" / f"{Path(name).stem}.jsonl").read_text().splitlines()]
+        for record in (r for r in copied if "copied_from" in r):
+            assert arms[record["arm"]] == earlier[record["arm"]] and record["n_val"] == 1200
+
+
+def test_round_6s_test_grid_is_round_4s_with_the_searched_arm():
+    test, candidate = grid("default_recipe_test_candidate3.yaml"), grid("default_recipe_test_candidate4.yaml")
+    assert (candidate.train, candidate.tasks, candidate.seeds, candidate.validation_fraction) == \
+        (test.train, test.tasks, test.seeds, test.validation_fraction)
+    (arm,) = candidate.arms
+    assert arm == {a.name: a for a in grid("default_recipe_heldout_r6.yaml").arms}[arm.name]
+
+
+def test_search_runs_only_the_asked_task_arm_and_seed(tmp_path, monkeypatch):
+    ran = []
+    monkeypatch.setattr(recipe, "ROOT", tmp_path)
+    monkeypatch.setattr(recipe, "load", lambda task: task.name)
+    monkeypatch.setattr(recipe, "validation_cell", lambda cell, spec, loaded: ran.append(cell.key) or {"key": cell.key})
+    (tmp_path / "docs").mkdir()
+    recipe.search(str(ROOT / "benchmarks" / "default_recipe_heldout_r5.yaml"), "1/1", "bbc-news", "ia3-lr2e-2", "1")
+    assert ran == ["bbc-news/ia3-lr2e-2/n=480/seed=1"]
