@@ -158,6 +158,22 @@ def test_corda_matches_peft_on_one_batch():
     close(run(base, batch), expected)
 
 
+def test_corda_factors_do_not_grow_with_the_tokens_seen():
+    """B A is the same at any covariance scale, the split is not: CorDA's A and B must not
+    depend on how many tokens the covariance summed (B grew as their square root: on
+    SmolLM2 B was up to 11x PiSSA's after 8 short texts, and training collapsed), and each
+    rank's norm is shared evenly between them, as PiSSA's."""
+    batch = {"input_ids": inputs("llama")["input_ids"]}
+    once, twice = llama(), llama()
+    for model, seen in ((once, [batch]), (twice, [batch, batch])):
+        pk.attach(model, pk.LoraConfig(r=4, alpha=8, targets=QV, init="corda"))
+        pk.initialize(model, seen)
+    for (path, a), b in zip(wrappers(once).items(), wrappers(twice).values()):
+        close(a.lora_A, b.lora_A, tol=1e-4)
+        close(a.lora_B, b.lora_B, tol=1e-4)
+        close(a.lora_A.norm(dim=1), a.lora_B.norm(dim=0), tol=1e-4)  # each rank split evenly
+
+
 def test_lora_ga_starts_from_the_gradient_svd():
     base, batch = llama(), inputs("llama")
     batch = {**batch, "labels": batch["input_ids"]}

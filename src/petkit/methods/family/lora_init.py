@@ -92,7 +92,12 @@ def data_factors(init: str, w: torch.Tensor, stats: InitStats, r: int, scale: fl
         damp = 0.01 * cov.diagonal().mean()
         fixed = cov + damp * torch.eye(cov.shape[0], dtype=cov.dtype)
         u, s, vh = torch.linalg.svd(w.double() @ fixed, full_matrices=False)
-        a, b = _split(u[:, :r], s[:r] / scale, vh[:r] @ torch.linalg.inv(fixed))
+        c = vh[:r] @ torch.linalg.inv(fixed)  # W's top-r part is U S c, c's rows not unit
+        n = c.norm(dim=1)
+        # Each rank's norm split evenly between B and A (as PiSSA's, which this is at C = I):
+        # sqrt(S) on both sides would leave B larger with the covariance's scale (the tokens
+        # summed), and Adam's steps on A would then move B A that much further.
+        a, b = _split(u[:, :r], s[:r] * n / scale, c / n[:, None])
         return a.float(), b.float()
     if init == "lora-ga":
         u, s, v = torch.svd_lowrank(stats.grad.float(), q=min(4 * r, *stats.grad.shape), niter=4)
