@@ -241,3 +241,33 @@ def test_activation_quantization_is_checked() -> None:
         with pytest.raises(ConfigError, match="activation_quantization=fp8 needs torch's"):
             with quantized_activations("fp8", 1.0):
                 pass
+
+
+@pytest.mark.slow  # compiles a block with inductor on the CPU, twice
+@pytest.mark.parametrize("mode", ["elementwise", "selective"])
+def test_compiled_lora_adds_its_b_product_into_the_base_output_in_place(mode: str) -> None:
+    """Under torch.compile LoRA's B-product accumulates into the base output in place
+    (`petkit::addmm_into`: no out-of-place addmm, which copies the base output first); the
+    losses are eager mode's; eager mode keeps the out-of-place addmm (eager selective
+    checkpointing refuses a saved output mutated in place)."""
+    from torch.profiler import profile
+
+    from petkit.training import RuntimeConfig
+
+    data = [{"input_ids": row, "labels": row} for row in torch.randint(3, 60, (12, 16))]
+
+    def ops(**modes: Any) -> tuple[list[float], dict[str, int]]:
+        with profile() as prof:
+            losses = lora_losses(data, layers=2, steps=3, **modes)
+        return losses, {e.key: e.count for e in prof.key_averages()}
+
+    runtime = RuntimeConfig(compile=True, compile_scope="blocks", precision="fp32",
+                            activation_checkpointing=mode)
+    compiled, compiled_ops = ops(runtime=runtime)
+    eager, eager_ops = ops(activation_checkpointing=mode)
+    assert compiled == pytest.approx(eager, rel=1e-5)
+    # 7 layers x 2 blocks x 3 steps, and again wherever the backward recomputes them
+    assert "petkit::addmm_into" not in eager_ops and eager_ops["aten::addmm"] >= 3 * 2 * 7
+    assert compiled_ops["petkit::addmm_into"] >= 3 * 2 * 7
+    # out-of-place addmm would run at least as often (a few run outside the compiled blocks)
+    assert compiled_ops.get("aten::addmm", 0) < eager_ops["aten::addmm"] // 2

@@ -34,6 +34,7 @@ from torch import nn
 from torch.utils.checkpoint import (CheckpointPolicy, checkpoint,
                                     create_selective_checkpoint_contexts)
 
+import petkit.core.accumulate  # noqa: F401 - registers torch.ops.petkit.addmm_into
 from petkit.core.blocks import layer_paths
 from petkit.core.capabilities import HoldsForwardState
 from petkit.core.delta import iter_deltas
@@ -44,7 +45,10 @@ _ATTENTION = {torch.ops.aten._scaled_dot_product_flash_attention.default,
               torch.ops.aten._scaled_dot_product_efficient_attention.default,
               torch.ops.aten._scaled_dot_product_cudnn_attention.default,
               torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default}
-_MATMUL = {torch.ops.aten.mm.default: (0, 1), torch.ops.aten.addmm.default: (1, 2)}
+# op: (i, j) with args[i] @ args[j] its product; petkit::addmm_into (core.accumulate) is the
+# in-place addmm of compiled LoRA layers: h (N, r) @ B^T, B given as (out, r)
+_MATMUL = {torch.ops.aten.mm.default: (0, 1), torch.ops.aten.addmm.default: (1, 2),
+           torch.ops.petkit.addmm_into.default: (1, 2)}
 
 
 RECOMPUTE_MODES = ("full", "selective", "elementwise")

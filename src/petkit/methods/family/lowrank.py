@@ -12,6 +12,7 @@ import math
 import torch
 from torch import nn
 
+from petkit.core.accumulate import accumulate_lowrank, in_place_ok
 from petkit.core.delta import DeltaModule, innermost
 from petkit.core.registry import check_range
 from petkit.core.capabilities import Factors, LowRank, lowrank_factors  # noqa: F401 - re-exported for methods
@@ -41,6 +42,8 @@ def add_lowrank(y: torch.Tensor, h: torch.Tensor, b: torch.Tensor, scale: float)
     autocast; a base that returns another dtype) it falls back to that expression, which promotes."""
     if y.dtype != h.dtype:
         return y + torch.nn.functional.linear(h, b) * scale
+    if in_place_ok(y, h, b):  # compiled: into y's own memory, no copy of it (core.accumulate)
+        return accumulate_lowrank(y, h, b, scale)
     out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), b.t(), alpha=scale)
     return out.view(y.shape)
 
