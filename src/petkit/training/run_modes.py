@@ -24,10 +24,15 @@ from petkit.training.activations import (activation_checkpointing, block_modules
 from petkit.training.batching import Batch, CollateFn
 from petkit.training.kernels import KernelPlan, plan_kernels
 from petkit.training.runtime import RuntimeConfig
+from petkit.training.shared_input import shared_input_lowrank
 from petkit.training.lm_loss import HeadBypass, can_bypass
 from petkit.training.objectives import Objective, make_objective
 from petkit.training.packing import pack
 from petkit.training.placement import place, resolve_device, uses_bf16
+
+# compiled graphs form the rank-r products of LoRA layers that share an input as one GEMM
+# (`shared_input`); `benchmarks/gpu_train.py`'s `-unshared` cases turn it off for comparison
+SHARED_INPUT_LOWRANK = True
 
 LossFn = Callable[[Batch], torch.Tensor]
 
@@ -139,6 +144,8 @@ class RunModes:
                 stack.enter_context(memory_budget(cfg.activation_budget))
             stack.enter_context(quantized_activations(  # read when a graph compiles, too
                 cfg.activation_quantization, cfg.activation_quantization_min_mb))
+            if cfg.compile and SHARED_INPUT_LOWRANK:  # read when a graph compiles
+                stack.enter_context(shared_input_lowrank())
             if self.bypass is not None:
                 stack.enter_context(self.bypass.installed())
             dtype = torch.bfloat16 if uses_bf16(cfg.precision, self.device) else torch.float32
