@@ -88,6 +88,31 @@ def test_device_auto_is_the_cpu_here_and_cuda_without_a_gpu_is_a_config_error() 
         TrainConfig(device="tpu")
 
 
+def test_threads_hold_for_the_run_and_are_put_back_after() -> None:
+    """runtime.threads: every batch of the run is made while torch computes with that many
+    threads; the count before comes back after, also when the run fails; 0 or 1.5 is refused."""
+    from petkit.training import RuntimeConfig
+    from petkit.data import collate as default_collate
+
+    before, seen = torch.get_num_threads(), []
+    wanted = 1 if before > 1 else 2
+
+    def collate(rows: list) -> dict:
+        seen.append(torch.get_num_threads())
+        return default_collate(rows, pad_id=0)
+
+    cfg = TrainConfig(max_steps=2, batch_size=3, progress=False, runtime=RuntimeConfig(threads=wanted))
+    train(pk.attach(llama(), pk.LoraConfig(r=4)), lm_examples(), cfg, collate_fn=collate)
+    assert seen and set(seen) == {wanted} and torch.get_num_threads() == before
+    with pytest.raises(ValueError):
+        train(pk.attach(llama(), pk.LoraConfig(r=4)), lm_examples(), cfg,
+              collate_fn=lambda rows: (_ for _ in ()).throw(ValueError("bad batch")))
+    assert torch.get_num_threads() == before
+    for bad in (0, 1.5, "2"):
+        with pytest.raises(ConfigError, match="threads"):
+            RuntimeConfig(threads=bad)
+
+
 @pytest.mark.parametrize("delta_dtype,want", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
 def test_bf16_stores_frozen_weights_in_bf16_and_deltas_in_delta_dtype(
         delta_dtype: str, want: torch.dtype, tmp_path: Path) -> None:

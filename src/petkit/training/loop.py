@@ -39,6 +39,7 @@ from petkit.training.evaluate import autocast, resolve_collate, run_objective
 from petkit.training.monitor import Monitor, plot_history
 from petkit.training.tracking import open_trackers
 from petkit.training.objectives import Objective
+from petkit.training.placement import cpu_threads
 from petkit.training.objectives_preference import PreferenceObjective, pair_collate
 from petkit.training.run_modes import RunModes, check_modes, packed_collate
 from petkit.training.dp import with_dp
@@ -360,19 +361,20 @@ def train(model: nn.Module, train_data: Sequence[Example], config: TrainConfig |
     spec = config.objective
     if collate_fn is None and spec is not None and spec.is_preference:
         collate_fn = functools.partial(pair_collate, pad_id=pad_id)
-    check_inputs(model, train_data, eval_data, config.label_token_ids, collate_fn, pad_id)
-    with _run_lock(config):
-        collate = (packed_collate(config.runtime, collate_fn, pad_id, config.label_token_ids)
-                   or resolve_collate(collate_fn, pad_id))
-        run = _Run(model, train_data, config, eval_data, collate, parameters, objective)
-        try:
-            with run.modes.installed(run.first_batch(), run.dense_loss):
-                run.note_kernels()
-                run.loop()
-        except BaseException:
-            run.monitor.close()
-            raise
-        return run.finish(started)
+    with cpu_threads(config.runtime.threads):
+        check_inputs(model, train_data, eval_data, config.label_token_ids, collate_fn, pad_id)
+        with _run_lock(config):
+            collate = (packed_collate(config.runtime, collate_fn, pad_id, config.label_token_ids)
+                       or resolve_collate(collate_fn, pad_id))
+            run = _Run(model, train_data, config, eval_data, collate, parameters, objective)
+            try:
+                with run.modes.installed(run.first_batch(), run.dense_loss):
+                    run.note_kernels()
+                    run.loop()
+            except BaseException:
+                run.monitor.close()
+                raise
+            return run.finish(started)
 
 
 def _run_lock(config: TrainConfig) -> contextlib.AbstractContextManager[Any]:

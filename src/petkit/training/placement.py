@@ -1,4 +1,5 @@
-"""Where and in which dtype a run trains: `RuntimeConfig.device`, `precision`, `delta_dtype`.
+"""Where and in which dtype a run trains: `RuntimeConfig.device`, `precision`, `delta_dtype`,
+and with how many CPU threads (`threads`, `cpu_threads`).
 
 `place` moves the model (in place) to the run's device and, for bf16 precision, stores the frozen
 base weights in bf16 (not only autocast: half the weight memory) while the trainable deltas keep
@@ -10,11 +11,29 @@ and loaded onto whatever device the parameters are on.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
 from petkit.core.errors import ConfigError
 from petkit.training.runtime import RuntimeConfig
+
+
+@contextlib.contextmanager
+def cpu_threads(count: int | None) -> Iterator[None]:
+    """torch computes with `count` CPU threads inside (None: as it is); the count before is put
+    back after."""
+    if count is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def check_device(name: str) -> None:

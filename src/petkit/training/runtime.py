@@ -89,6 +89,9 @@ class RuntimeConfig:
     activation_offload_fraction: float = field(default=1.0, metadata=_help(
         "with activation_offload: the fraction (0, 1] of the blocks whose saved activations "
         "go to host memory, evenly spread"))
+    threads: int | None = field(default=None, metadata=_help(
+        "CPU threads torch computes with during the run (None: torch's default, one per core); "
+        "on a machine others share, fewer than its cores keeps them from slowing each other"))
 
     def __post_init__(self) -> None:
         """Validate every field and the combinations within this section."""
@@ -110,6 +113,8 @@ class RuntimeConfig:
                "offload_dir", "None, or a folder with offload_optimizer=nvme", self.offload_dir)
         _check(self.distributed in DISTRIBUTED, "distributed", f"one of {DISTRIBUTED}",
                self.distributed)
+        _check(self.threads is None or (is_int(self.threads) and self.threads >= 1), "threads",
+               "None or a whole number >= 1", self.threads)
         kernel_parts(self.kernels)  # ConfigError naming the flag
         liger_parts(self.liger)
 
