@@ -266,8 +266,8 @@ def test_compiled_lora_adds_its_b_product_into_the_base_output_in_place(mode: st
     compiled, compiled_ops = ops(runtime=runtime)
     eager, eager_ops = ops(activation_checkpointing=mode)
     assert compiled == pytest.approx(eager, rel=1e-5)
-    # 7 layers x 2 blocks x 3 steps, and again wherever the backward recomputes them
-    assert "petkit::addmm_into" not in eager_ops and eager_ops["aten::addmm"] >= 3 * 2 * 7
-    assert compiled_ops["petkit::addmm_into"] >= 3 * 2 * 7
+    # LoRA on q and v (its Llama default) x 2 blocks x 3 steps, more where a backward recomputes
+    assert "petkit::addmm_into" not in eager_ops and eager_ops["aten::addmm"] >= 2 * 2 * 3
+    assert compiled_ops["petkit::addmm_into"] >= 2 * 2 * 3
     # out-of-place addmm would run at least as often (a few run outside the compiled blocks)
     assert compiled_ops.get("aten::addmm", 0) < eager_ops["aten::addmm"] // 2

@@ -85,3 +85,49 @@ def test_frozen_weights_and_mixed_dtypes_are_left_alone() -> None:
     model, x = Mixed(), torch.randn(3, 8)
     assert torch.compile(model, backend=backend)(x).item() == pytest.approx(model(x).item(), rel=1e-6)
     assert fused == [0]
+
+
+def test_the_installed_hook_is_one_callable_that_keeps_an_earlier_pass() -> None:
+    """torch 2.11's inductor calls `pre_grad_custom_pass` as one callable (a list fails there):
+    the hook installed is one, and it runs a pass already set before this one."""
+    import torch._inductor.config as inductor_config
+
+    from petkit.training.shared_input import shared_input_lowrank
+
+    ran = []
+    with inductor_config.patch(pre_grad_custom_pass=lambda graph: ran.append("earlier")):
+        with shared_input_lowrank():
+            hook = inductor_config.pre_grad_custom_pass
+            assert callable(hook) and not isinstance(hook, (list, tuple))
+            hook(torch.fx.Graph())
+    assert ran == ["earlier"]
+
+
+@pytest.mark.slow  # compiles a block with inductor on the CPU
+def test_a_compiled_run_with_the_pass_matches_eager(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Switched on for training (`run_modes.SHARED_INPUT_LOWRANK`), the pass fuses the factors
+    of q and v (LoRA's default targets on a Llama) in every compiled block, with eager's losses."""
+    import sys
+    from pathlib import Path
+
+    from petkit.training import RuntimeConfig, run_modes, shared_input
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_activations import lora_losses
+
+    fused = []
+    fuse = shared_input.fuse_shared_input_linears
+    monkeypatch.setattr(shared_input, "fuse_shared_input_linears",
+                        lambda graph: fused.append(fuse(graph)) or fused[-1])
+    monkeypatch.setattr(run_modes, "SHARED_INPUT_LOWRANK", True)
+    data = [{"input_ids": row, "labels": row} for row in torch.randint(3, 60, (12, 16))]
+    eager = lora_losses(data, layers=2, steps=3)
+    runtime = RuntimeConfig(compile=True, compile_scope="blocks", precision="fp32",
+                            activation_checkpointing="elementwise")
+    torch._dynamo.reset()
+    try:
+        compiled = lora_losses(data, layers=2, steps=3, runtime=runtime)
+    finally:
+        torch._dynamo.reset()  # no later test reuses graphs compiled with the pass
+    assert compiled == pytest.approx(eager, rel=1e-5)
+    assert sum(fused) >= 1, fused

@@ -31,8 +31,9 @@ from petkit.training.packing import pack
 from petkit.training.placement import place, resolve_device, uses_bf16
 
 # compiled graphs form the rank-r products of LoRA layers that share an input as one GEMM
-# (`shared_input`); `benchmarks/gpu_train.py`'s `-unshared` cases turn it off for comparison
-SHARED_INPUT_LOWRANK = True
+# (`shared_input`): off until a GPU run measures it faster (`benchmarks/gpu_train.py`'s
+# `-shared` case turns it on; docs/training-gpu.md, "The B-product in place")
+SHARED_INPUT_LOWRANK = False
 
 LossFn = Callable[[Batch], torch.Tensor]
 

@@ -14,7 +14,10 @@ to the graph dynamo captured, before autograd is traced (inductor's `pre_grad_cu
 on every compiled graph and on the checkpointed blocks' subgraphs): it groups `F.linear(x, W)`
 calls with one input `x`, no bias, and a weight that is trained and has at most `MAX_ROWS` rows
 (the low-rank factors; the frozen base weights are never concatenated, which would copy them
-every step). `shared_input_lowrank()` installs it while graphs compile.
+every step). `shared_input_lowrank()` installs it while graphs compile; training runs do so
+only with `run_modes.SHARED_INPUT_LOWRANK`, off until a GPU run measures it faster (its first
+GPU run, 2026-12-07, failed on torch 2.11, whose hook takes one callable, not a list: fixed
+since; the next ran out of its call's time).
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import operator
 from collections.abc import Iterator
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -97,7 +99,12 @@ def shared_input_lowrank() -> Iterator[None]:
     import torch._inductor.config as inductor_config
 
     present = inductor_config.pre_grad_custom_pass
-    passes: Any = [*(present if isinstance(present, (list, tuple)) else [present] if present else []),
-                   fuse_shared_input_linears]
+    earlier = list(present) if isinstance(present, (list, tuple)) else [present] if present else []
+
+    def passes(graph: fx.Graph) -> None:  # one callable: torch < 2.12 takes no list here
+        for each in earlier:
+            each(graph)
+        fuse_shared_input_linears(graph)
+
     with inductor_config.patch(pre_grad_custom_pass=passes):
         yield
