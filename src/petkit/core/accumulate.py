@@ -56,12 +56,15 @@ class AccumulateLowRank(torch.autograd.Function):
 
 
 def in_place_ok(y: torch.Tensor, h: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether `y` may take the B-product in place: under torch.compile, one dtype, y contiguous
-    and not a leaf that autograd tracks."""
-    return (torch.compiler.is_compiling() and y.dtype == h.dtype == b.dtype and y.is_contiguous()
-            and not (y.is_leaf and y.requires_grad))
+    """Whether `y` may take the B-product in place: under torch.compile, y and h of one dtype
+    and B of it too, or cast to it as autocast would (fp32 factors under bf16 autocast), y
+    contiguous and not a leaf that autograd tracks."""
+    return (torch.compiler.is_compiling() and y.dtype == h.dtype and y.is_contiguous()
+            and not (y.is_leaf and y.requires_grad)
+            and (b.dtype == y.dtype or torch.is_autocast_enabled(y.device.type)))
 
 
 def accumulate_lowrank(y: torch.Tensor, h: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
-    """y + scale h B^T, in y's own memory (see `in_place_ok` for when)."""
-    return AccumulateLowRank.apply(y, h, b, scale)
+    """y + scale h B^T, in y's own memory (see `in_place_ok` for when); B in y's dtype, as
+    autocast casts it for an addmm (its gradient comes back in B's own dtype)."""
+    return AccumulateLowRank.apply(y, h, b.to(y.dtype), scale)
