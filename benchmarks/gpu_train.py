@@ -94,8 +94,8 @@ CASES: dict[str, tuple[str, str, str, str]] = {
     "petkit-bare-blocks-elementwise": ("bare", "blocks", "elementwise", "none"),
     "petkit-bare-eager": ("bare", "", "off", "none"),
     "petkit-bare-blocks-elementwise-fp8-flce": ("bare", "blocks", "elementwise", "liger"),
-    **{f"petkit-blocks-elementwise-fp8-flce-{old}": ("petkit", "blocks", "elementwise", "liger")
-       for old in ("copy", "shared")},
+    **{f"petkit-blocks-elementwise-fp8-flce-{variant}": ("petkit", "blocks", "elementwise", "liger")
+       for variant in ("inplace", "shared")},
 }
 LIGER_PIECES = "flce"  # --runtime.liger of the petkit cases with "liger"
 DROPOUT = 0.05  # LoRA dropout of the `-dropout` cases (the others: none); only the Triton kernel
@@ -104,9 +104,9 @@ DROPOUT = 0.05  # LoRA dropout of the `-dropout` cases (the others: none); only 
 # tensor: `--runtime.activation_quantization=fp8`), every saved tensor of at least 1 MiB;
 # `-fp8mlp` only the MLP's hidden activations (`fp8-mlp`); `-fp8big` those of at least 16 MiB
 # `-offNN`: NN% of the blocks' saved activations in host memory (activation_offload_fraction);
-# `-shared`: the A-products of LoRA layers that read one input as one GEMM (`training.shared_input`,
-# off by default); `-copy`: the B-product added out of place (a copy of each output), as before
-# `core.accumulate`
+# `-inplace`: LoRA's B-product added into the base output in place (`core.accumulate`, off by
+# default); `-shared`: also the A-products of LoRA layers that read one input as one GEMM
+# (`training.shared_input`, off by default)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PEAK_TFLOPS = 989.0
 LR, SEQUENCES = 1e-3, 64
@@ -338,7 +338,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     """One case in this process."""
     import torch
 
-    from petkit.methods.family import lowrank
+    from petkit.core import accumulate
     from petkit.training import fused_delta, run_modes
 
     library, compiled, ckpt, kernels = CASES[args.case]
@@ -347,10 +347,10 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         fused_delta.FUSED_DEVICES = ("cuda", "cpu")
     if kernels == "fused2":  # the fused delta with its forward as two GEMMs
         kernels, fused_delta.ONE_GEMM_FORWARD = "fused", False
+    if args.case.endswith(("-inplace", "-shared")):
+        accumulate.IN_PLACE = True
     if args.case.endswith("-shared"):
         run_modes.SHARED_INPUT_LOWRANK = True
-    if args.case.endswith("-copy"):
-        lowrank.in_place_ok = lambda *tensors: False
     run = {"peft": peft_case, "petkit": petkit_case, "bare": bare_case}[library]
     row = run(args, shape, compiled, ckpt, kernels)
     cuda = args.device.startswith("cuda")

@@ -1,5 +1,5 @@
-"""LoRA's B-product in place under torch.compile (`core.accumulate`): the op runs where the
-out-of-place addmm ran, also with fp32 factors under bf16 autocast (a bf16 GPU run's layout),
+"""LoRA's B-product in place under torch.compile (`core.accumulate`, switched on here: off by
+default until measured on a GPU): the op runs where the out-of-place addmm ran, also with fp32 factors under bf16 autocast (a bf16 GPU run's layout),
 with the same loss and gradients as the compiled out-of-place path; eager mode never uses it."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from torch import nn
 from torch.profiler import profile
 
 import petkit as pk
+from petkit.core import accumulate
 from petkit.core.accumulate import in_place_ok
 from petkit.methods.family import lowrank
 
@@ -54,12 +55,13 @@ def run(forward: Any, params: dict[str, nn.Parameter], x: torch.Tensor
 
 @pytest.mark.slow  # compiles twice with inductor on the CPU (~15 s)
 def test_fp32_factors_under_bf16_autocast_take_the_in_place_op(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(accumulate, "IN_PLACE", True)
     model, params = bf16_base_fp32_factors()
     x = torch.randn(3, 5, 32, dtype=torch.bfloat16)
     eager = run(model, params, x)
     torch._dynamo.reset()
     compiled = run(torch.compile(model), params, x)
-    monkeypatch.setattr(lowrank, "in_place_ok", lambda *tensors: False)
+    monkeypatch.setattr(accumulate, "IN_PLACE", False)
     torch._dynamo.reset()
     copied = run(torch.compile(model), params, x)
     torch._dynamo.reset()
@@ -71,7 +73,8 @@ def test_fp32_factors_under_bf16_autocast_take_the_in_place_op(monkeypatch: pyte
         torch.testing.assert_close(compiled[1][key], grad, rtol=2e-2, atol=1e-2 * grad.abs().max().item())
 
 
-def test_outside_compile_nothing_is_in_place() -> None:
+def test_outside_compile_nothing_is_in_place(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(accumulate, "IN_PLACE", True)
     y, h, b = torch.randn(4, 8), torch.randn(4, 2), torch.randn(8, 2)
     assert not in_place_ok(y, h, b)
     out = lowrank.add_lowrank(y, h, b, 0.5)

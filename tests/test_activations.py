@@ -245,15 +245,19 @@ def test_activation_quantization_is_checked() -> None:
 
 @pytest.mark.slow  # compiles a block with inductor on the CPU, twice
 @pytest.mark.parametrize("mode", ["elementwise", "selective"])
-def test_compiled_lora_adds_its_b_product_into_the_base_output_in_place(mode: str) -> None:
+def test_compiled_lora_adds_its_b_product_into_the_base_output_in_place(
+        mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Under torch.compile LoRA's B-product accumulates into the base output in place
     (`petkit::addmm_into`: no out-of-place addmm, which copies the base output first); the
     losses are eager mode's; eager mode keeps the out-of-place addmm (eager selective
     checkpointing refuses a saved output mutated in place)."""
     from torch.profiler import profile
 
+    from petkit.core import accumulate
     from petkit.training import RuntimeConfig
 
+    monkeypatch.setattr(accumulate, "IN_PLACE", True)  # off by default until measured on a GPU
+    torch._dynamo.reset()
     data = [{"input_ids": row, "labels": row} for row in torch.randint(3, 60, (12, 16))]
 
     def ops(**modes: Any) -> tuple[list[float], dict[str, int]]:
@@ -263,7 +267,10 @@ def test_compiled_lora_adds_its_b_product_into_the_base_output_in_place(mode: st
 
     runtime = RuntimeConfig(compile=True, compile_scope="blocks", precision="fp32",
                             activation_checkpointing=mode)
-    compiled, compiled_ops = ops(runtime=runtime)
+    try:
+        compiled, compiled_ops = ops(runtime=runtime)
+    finally:
+        torch._dynamo.reset()  # no later test reuses graphs compiled with the switch on
     eager, eager_ops = ops(activation_checkpointing=mode)
     assert compiled == pytest.approx(eager, rel=1e-5)
     # LoRA on q and v (its Llama default) x 2 blocks x 3 steps, more where a backward recomputes

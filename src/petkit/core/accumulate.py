@@ -16,12 +16,19 @@ y0 is mutated, so the tensor the base layer returned is gone: that is safe in a 
 whose functional form keeps every value a later use needs, but not in eager selective
 checkpointing, which caches a saved matmul's output and refuses one mutated since. So the
 in-place path runs only while torch.compile traces (`in_place_ok`); eager code adds out of place.
+
+It is off (`IN_PLACE`) until a GPU run measures it: its CPU tests pass on torch 2.13, but its two
+GPU calls (2026-12-07) never took it (a bf16 run's fp32 factors fell back, since fixed), and it
+has not run on the GPUs' torch 2.11, whose dynamo support for `mark_dirty` is unverified.
+`benchmarks/gpu_train.py`'s `-inplace` cases turn it on.
 """
 from __future__ import annotations
 
 from typing import Any
 
 import torch
+
+IN_PLACE = False  # on once a GPU run measures it faster (docs/training-gpu.md)
 
 
 @torch.library.custom_op("petkit::addmm_into", mutates_args=("y",))
@@ -59,7 +66,7 @@ def in_place_ok(y: torch.Tensor, h: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether `y` may take the B-product in place: under torch.compile, y and h of one dtype
     and B of it too, or cast to it as autocast would (fp32 factors under bf16 autocast), y
     contiguous and not a leaf that autograd tracks."""
-    return (torch.compiler.is_compiling() and y.dtype == h.dtype and y.is_contiguous()
+    return (IN_PLACE and torch.compiler.is_compiling() and y.dtype == h.dtype and y.is_contiguous()
             and not (y.is_leaf and y.requires_grad)
             and (b.dtype == y.dtype or torch.is_autocast_enabled(y.device.type)))
 
