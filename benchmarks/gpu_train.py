@@ -29,7 +29,8 @@ import time
 from typing import Any
 
 from gpu_train_runs import child_row  # noqa: F401  (gpu_context.py takes it from here)
-from gpu_train_runs import curve_gaps, curves_table, run_all, smoke_failures, table
+from gpu_train_runs import (curve_gaps, curves_table, run_all, smoke_failures, table, timed_loop,
+                            window_row)
 
 SHAPES: dict[str, dict[str, int]] = {
     "tiny": dict(vocab=512, hidden=64, inter=128, layers=2, heads=4, kv=2, batch=2, seq=64),
@@ -162,20 +163,6 @@ def batches(data: list[dict[str, Any]], batch: int, steps: int) -> list[dict[str
     return [{k: v for k, v in b.items() if k != "attention_mask"} for b in out[:steps]]
 
 
-def timed_loop(step: Any, plan: list[Any], device: str) -> tuple[list[float], list[float]]:
-    """Run `step(batch) -> loss` over `plan`; per-step wall times and losses."""
-    import torch
-
-    times, losses = [], []
-    for batch in plan:
-        start = time.perf_counter()
-        losses.append(float(step(batch)))
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return times, losses
-
-
 def peft_case(args: argparse.Namespace, shape: dict[str, int], compiled: str, ckpt: str,
               kernels: str = "none") -> dict:
     """PEFT LoRA in a plain loop, HF gradient checkpointing, torch.compile(model) or of each
@@ -222,15 +209,6 @@ def peft_case(args: argparse.Namespace, shape: dict[str, int], compiled: str, ck
     times, losses = timed_loop(step, batches(examples(shape), shape["batch"], args.steps),
                                args.device)
     return window_row(args, shape, times, losses)
-
-
-def window_row(args: argparse.Namespace, shape: dict[str, int], times: list[float],
-               losses: list[float]) -> dict[str, float]:
-    """tok/s and mean loss over the last `args.window` steps of a plain loop."""
-    w = args.window
-    return {"tok_s": shape["batch"] * shape["seq"] * w / sum(times[-w:]),
-            "loss": sum(losses[-w:]) / w, "first_s": times[0],
-            **({"losses": losses} if args.curves else {})}
 
 
 def quantization(case: str) -> tuple[str, float]:
@@ -347,10 +325,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         fused_delta.FUSED_DEVICES = ("cuda", "cpu")
     if kernels == "fused2":  # the fused delta with its forward as two GEMMs
         kernels, fused_delta.ONE_GEMM_FORWARD = "fused", False
-    if args.case.endswith(("-inplace", "-shared")):
-        accumulate.IN_PLACE = True
-    if args.case.endswith("-shared"):
-        run_modes.SHARED_INPUT_LOWRANK = True
+    accumulate.IN_PLACE = args.case.endswith(("-inplace", "-shared"))  # both off by default
+    run_modes.SHARED_INPUT_LOWRANK = args.case.endswith("-shared")
     run = {"peft": peft_case, "petkit": petkit_case, "bare": bare_case}[library]
     row = run(args, shape, compiled, ckpt, kernels)
     cuda = args.device.startswith("cuda")

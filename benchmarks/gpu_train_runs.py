@@ -145,3 +145,26 @@ def run_cases(cases: list[str], budget: float, command: Callable[[str], list[str
 def smoke_failures(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The rows of a smoke run that failed for a reason other than having no GPU / Liger."""
     return [r for r in rows if "error" in r and not any(n in r["error"] for n in NEEDS_GPU)]
+
+
+def timed_loop(step: Any, plan: list[Any], device: str) -> tuple[list[float], list[float]]:
+    """Run `step(batch) -> loss` over `plan`; per-step wall times and losses."""
+    import torch
+
+    times, losses = [], []
+    for batch in plan:
+        start = time.perf_counter()
+        losses.append(float(step(batch)))
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return times, losses
+
+
+def window_row(args: argparse.Namespace, shape: dict[str, int], times: list[float],
+               losses: list[float]) -> dict[str, float]:
+    """tok/s and mean loss over the last `args.window` steps of a plain loop."""
+    w = args.window
+    return {"tok_s": shape["batch"] * shape["seq"] * w / sum(times[-w:]),
+            "loss": sum(losses[-w:]) / w, "first_s": times[0],
+            **({"losses": losses} if args.curves else {})}
