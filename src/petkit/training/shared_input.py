@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import operator
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -34,14 +35,18 @@ MAX_ROWS = 256  # a weight with more rows is not a low-rank factor (LoRA's r is 
 _LINEARS = (F.linear, torch._C._nn.linear)
 
 
+def _operands(node: fx.Node) -> tuple[Any, ...]:
+    """(input, weight, bias) of an `F.linear` call node, positional or keyword."""
+    return tuple(node.args[i] if len(node.args) > i else node.kwargs.get(name)
+                 for i, name in enumerate(("input", "weight", "bias")))
+
+
 def _factor_linear(node: fx.Node) -> bool:
     """`F.linear(x, W)` with no bias and W a trained matrix of at most MAX_ROWS rows."""
     if node.op != "call_function" or node.target not in _LINEARS:
         return False
-    args = list(node.args) + [None] * 3
-    bias = args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-    weight = args[1] if len(node.args) > 1 else node.kwargs.get("weight")
-    if bias is not None or not isinstance(weight, fx.Node) or not isinstance(args[0], fx.Node):
+    x, weight, bias = _operands(node)
+    if bias is not None or not isinstance(weight, fx.Node) or not isinstance(x, fx.Node):
         return False
     value = weight.meta.get("example_value")
     return (isinstance(value, torch.Tensor) and value.requires_grad and value.dim() == 2
@@ -63,11 +68,11 @@ def fuse_shared_input_linears(graph: fx.Graph) -> int:
     groups: dict[fx.Node, list[fx.Node]] = {}
     for node in graph.nodes:
         if _factor_linear(node):
-            groups.setdefault(node.args[0], []).append(node)
+            groups.setdefault(_operands(node)[0], []).append(node)
     fused = 0
     for x, linears in groups.items():
         first = linears[0]
-        weights = [n.args[1] if len(n.args) > 1 else n.kwargs["weight"] for n in linears]
+        weights = [_operands(n)[1] for n in linears]
         dtypes = {w.meta["example_value"].dtype for w in weights}
         if len(linears) < 2 or len(dtypes) > 1 \
                 or not all(_defined_before(graph, w, first) for w in weights):
@@ -101,7 +106,7 @@ def shared_input_lowrank() -> Iterator[None]:
     present = inductor_config.pre_grad_custom_pass
     earlier = list(present) if isinstance(present, (list, tuple)) else [present] if present else []
 
-    def passes(graph: fx.Graph) -> None:  # one callable: torch < 2.12 takes no list here
+    def passes(graph: fx.Graph) -> None:  # one callable: torch 2.11 takes no list here
         for each in earlier:
             each(graph)
         fuse_shared_input_linears(graph)
