@@ -1,6 +1,7 @@
 """LoRA's B-product in place under torch.compile (`core.accumulate`, switched on here: off by
-default until measured on a GPU): the op runs where the out-of-place addmm ran, also with fp32 factors under bf16 autocast (a bf16 GPU run's layout),
-with the same loss and gradients as the compiled out-of-place path; eager mode never uses it."""
+default until measured on a GPU): the op runs where the out-of-place addmm ran, also with fp32
+factors under bf16 autocast (a bf16 GPU run's layout), with the same loss and gradients as the
+compiled out-of-place path; eager mode never uses it."""
 
 from __future__ import annotations
 
