@@ -96,7 +96,7 @@ CASES: dict[str, tuple[str, str, str, str]] = {
     "petkit-bare-eager": ("bare", "", "off", "none"),
     "petkit-bare-blocks-elementwise-fp8-flce": ("bare", "blocks", "elementwise", "liger"),
     **{f"petkit-blocks-elementwise-fp8-flce-{variant}": ("petkit", "blocks", "elementwise", "liger")
-       for variant in ("inplace", "shared")},
+       for variant in ("copy", "inplace", "shared")},
 }
 LIGER_PIECES = "flce"  # --runtime.liger of the petkit cases with "liger"
 DROPOUT = 0.05  # LoRA dropout of the `-dropout` cases (the others: none); only the Triton kernel
@@ -105,9 +105,10 @@ DROPOUT = 0.05  # LoRA dropout of the `-dropout` cases (the others: none); only 
 # tensor: `--runtime.activation_quantization=fp8`), every saved tensor of at least 1 MiB;
 # `-fp8mlp` only the MLP's hidden activations (`fp8-mlp`); `-fp8big` those of at least 16 MiB
 # `-offNN`: NN% of the blocks' saved activations in host memory (activation_offload_fraction);
-# `-inplace`: LoRA's B-product added into the base output in place (`core.accumulate`, off by
-# default); `-shared`: also the A-products of LoRA layers that read one input as one GEMM
-# (`training.shared_input`, off by default)
+# the library's defaults add LoRA's B-product into the base output in place (`core.accumulate`)
+# and form the A-products of LoRA layers that read one input as one GEMM (`training.shared_input`);
+# `-copy` turns both off (the path before 2026-12-07), `-inplace` keeps only the first, `-shared`
+# is the defaults under the name the 2026-12-07 calls measured them by
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PEAK_TFLOPS = 989.0
 LR, SEQUENCES = 1e-3, 64
@@ -325,8 +326,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         fused_delta.FUSED_DEVICES = ("cuda", "cpu")
     if kernels == "fused2":  # the fused delta with its forward as two GEMMs
         kernels, fused_delta.ONE_GEMM_FORWARD = "fused", False
-    accumulate.IN_PLACE = args.case.endswith(("-inplace", "-shared"))  # both off by default
-    run_modes.SHARED_INPUT_LOWRANK = args.case.endswith("-shared")
+    accumulate.IN_PLACE = not args.case.endswith("-copy")  # both on by default
+    run_modes.SHARED_INPUT_LOWRANK = not args.case.endswith(("-copy", "-inplace"))
     run = {"peft": peft_case, "petkit": petkit_case, "bare": bare_case}[library]
     row = run(args, shape, compiled, ckpt, kernels)
     cuda = args.device.startswith("cuda")

@@ -1,7 +1,7 @@
-"""LoRA's B-product in place under torch.compile (`core.accumulate`, switched on here: off by
-default until measured on a GPU): the op runs where the out-of-place addmm ran, also with fp32
-factors under bf16 autocast (a bf16 GPU run's layout), with the same loss and gradients as the
-compiled out-of-place path; eager mode never uses it."""
+"""LoRA's B-product in place under torch.compile (`core.accumulate`, on by default; the tests set
+the switch themselves): the op runs where the out-of-place addmm ran, also with fp32 factors under
+bf16 autocast (a bf16 GPU run's layout), with the same loss and gradients as the compiled
+out-of-place path; eager mode never uses it."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def run(forward: Any, params: dict[str, nn.Parameter], x: torch.Tensor
         ) -> tuple[float, dict[str, torch.Tensor], dict[str, int]]:
     for p in params.values():
         p.grad = None
-    with torch.autocast("cpu", dtype=torch.bfloat16), profile() as prof:
+    with torch.autocast(x.device.type, dtype=torch.bfloat16), profile() as prof:
         loss = forward(x)
         loss.backward()
     ops = {e.key: e.count for e in prof.key_averages() if "addmm" in e.key}
@@ -55,10 +55,13 @@ def run(forward: Any, params: dict[str, nn.Parameter], x: torch.Tensor
 
 
 @pytest.mark.slow  # compiles twice with inductor on the CPU (~15 s)
-def test_fp32_factors_under_bf16_autocast_take_the_in_place_op(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_fp32_factors_under_bf16_autocast_take_the_in_place_op(
+        device: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(accumulate, "IN_PLACE", True)
     model, params = bf16_base_fp32_factors()
-    x = torch.randn(3, 5, 32, dtype=torch.bfloat16)
+    model.to(device)
+    x = torch.randn(3, 5, 32, dtype=torch.bfloat16, device=device)
     eager = run(model, params, x)
     torch._dynamo.reset()
     compiled = run(torch.compile(model), params, x)

