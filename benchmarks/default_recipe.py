@@ -46,14 +46,17 @@ SEARCHES = {"validation carved from the 480 (96 examples)": ROOT / "docs" / "def
             "held-out validation, round 5, seeds 0 and 1 (1,200 examples outside the 480)":
                 ROOT / "docs" / "default_recipe_heldout_r5.jsonl",
             "held-out validation, round 6, seeds 0 and 1 (1,200 examples outside the 480)":
-                ROOT / "docs" / "default_recipe_heldout_r6.jsonl"}
+                ROOT / "docs" / "default_recipe_heldout_r6.jsonl",
+            "held-out validation, round 7, seeds 0 and 1 (1,200 examples outside the 480)":
+                ROOT / "docs" / "default_recipe_heldout_r7.jsonl"}
 HELD_OUT = 400  # validation examples after the cell's training examples (grids with fraction 0, no max)
 # test grids: their run folder's cells.csv, else the copy kept in docs/ (the runs of 2026-12-07)
 TESTS = {ROOT / "runs" / "bench-default-test": ROOT / "docs" / "default_recipe_test.csv",
          ROOT / "runs" / "bench-default-test-candidate": ROOT / "docs" / "default_recipe_test_candidate.csv",
          ROOT / "runs" / "bench-default-test-candidate2": ROOT / "docs" / "default_recipe_test_candidate2.csv",
          ROOT / "runs" / "bench-default-test-candidate3": ROOT / "docs" / "default_recipe_test_candidate3.csv",
-         ROOT / "runs" / "bench-default-test-candidate4": ROOT / "docs" / "default_recipe_test_candidate4.csv"}
+         ROOT / "runs" / "bench-default-test-candidate4": ROOT / "docs" / "default_recipe_test_candidate4.csv",
+         ROOT / "runs" / "bench-default-test-candidate5": ROOT / "docs" / "default_recipe_test_candidate5.csv"}
 
 
 def search_data(loaded, size: int, seed: int, fraction: float, maximum: int | None) -> CellData:
