@@ -18,7 +18,7 @@ checkpointing, which caches a saved matmul's output and refuses one mutated sinc
 in-place path runs only while torch.compile traces (`in_place_ok`); eager code adds out of place.
 
 It is on by default (`IN_PLACE`): measured on an H100 (torch 2.11, 2026-12-07), together with
-`training.shared_input`, the 1.1B LoRA step's median process went from 72,188 to 76,827 tok/s at
+`training.shared_input`, the 1.1B LoRA step's median process went from 69,663 to 76,906 tok/s at
 the same peak memory (docs/training-gpu.md). `benchmarks/gpu_train.py`'s `-copy` cases turn it
 off.
 """

@@ -16,7 +16,7 @@ calls with one input `x`, no bias, and a weight that is trained and has at most 
 (the low-rank factors; the frozen base weights are never concatenated, which would copy them
 every step). `shared_input_lowrank()` installs it while graphs compile; training runs do so
 while `run_modes.SHARED_INPUT_LOWRANK` is on (the default: with the in-place B-product of
-`core.accumulate`, the 1.1B LoRA step's median process on an H100 went from 72,188 to 76,827
+`core.accumulate`, the 1.1B LoRA step's median process on an H100 went from 69,663 to 76,906
 tok/s, 2026-12-07).
 """
 
