@@ -25,7 +25,7 @@ from petkit.core.capabilities import InputScaled
 from petkit.core.delta import iter_deltas
 from petkit.core.errors import ConfigError, MissingPackageError
 from petkit.core.io import adapter_state, save_adapter
-from petkit.core.model import attach, detach, trainable_parameters
+from petkit.core.model import activate, attach, detach, trainable_parameters
 from petkit.core.registry import get_method, make_config
 from petkit.core.state import adapters
 from petkit.models.quantize import quantize
@@ -81,20 +81,30 @@ class PetkitArm:
         self.spec = spec
 
     def setup(self, model: nn.Module, ctx: ArmContext) -> nn.Module:
-        """Attach the method (its init drawn from the cell's seed, or `ctx.init`'s tensors)."""
+        """Attach the method (its init drawn from the cell's seed, or `ctx.init`'s tensors), and
+        the stacked methods after it, all active."""
         torch.manual_seed(ctx.seed)
         attach(model, petkit_config(self.spec, ctx))
         if ctx.init is not None:
             start_from(model, ctx.init)
+        for entry in self.spec.stack:
+            spec = ArmSpec(entry["adapter"], "petkit", entry["name"], entry["options"])
+            attach(model, petkit_config(spec, ctx, with_head=False), name=entry["adapter"])
+        if self.spec.stack:
+            activate(model, ["default", *(entry["adapter"] for entry in self.spec.stack)])
         return model
 
     def parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
-        """The adapter's trainable parameters."""
+        """The active adapters' trainable parameters."""
         return trainable_parameters(model)
 
     def save(self, model: nn.Module, path: Path) -> None:
-        """`pk.save_adapter`."""
-        save_adapter(model, path)
+        """`pk.save_adapter`; a stacked arm's adapters each in their own folder under `path`."""
+        if not self.spec.stack:
+            save_adapter(model, path)
+            return
+        for name in ("default", *(entry["adapter"] for entry in self.spec.stack)):
+            save_adapter(model, path / name, name=name)
 
 
 @runtime_checkable

@@ -88,6 +88,9 @@ class ArmSpec:
     pretrain: dict[str, Any] = field(default_factory=dict)
     quantize: str | None = None  # petkit arms: nf4 | fp4 | int8 base (pk.quantize) before attaching
     prune: dict[str, Any] = field(default_factory=dict)  # petkit arms: PruneConfig fields (LoRAPrune, APT)
+    # petkit arms: more methods trained beside `method`, each {name, adapter, options, lr}: attached
+    # as adapter `adapter` and trained together with it, at `lr` (None: the arm's rate)
+    stack: tuple[dict[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -164,6 +167,8 @@ class BenchSpec:
         blob = {"task": _set_fields(cell.task), "arm": _set_fields(cell.arm), "method": method, "size": cell.size, "seed": cell.seed,
                 "validation": [self.validation_fraction, self.validation_max],
                 "train": set_train_fields(self.train_config(cell))}
+        if cell.arm.stack:  # the stacked methods' full configs (defaults filled in)
+            blob["stack"] = [make_config(e["name"], **e["options"]).to_dict() for e in cell.arm.stack]
         if cell.per_class:  # only when set, so the fingerprints of earlier grids stay
             blob["per_class"] = True
         if cell.arm.pretrain:
@@ -187,7 +192,7 @@ def _flat_train(config: TrainConfig) -> dict[str, Any]:
 
 def _set_fields(spec: TaskSpec | ArmSpec) -> dict[str, Any]:
     """The spec as a dict; the image / pretraining fields only when set (older fingerprints stay)."""
-    later = {"image_size": 224, "classes": None, "pretrain": {}}
+    later = {"image_size": 224, "classes": None, "pretrain": {}, "stack": ()}
     return {k: v for k, v in dataclasses.asdict(spec).items() if k not in later or v != later[k]}
 
 
@@ -243,6 +248,7 @@ def _method_arm(entry: Any, options: dict[str, Any]) -> ArmSpec:
         raise ConfigError(f"bench spec: {label}.kind must be petkit or peft, got {kind!r}")
     pretrain = _pretrain(merged.pop("pretrain", None), f"{label}.pretrain")
     quantize, prune = merged.pop("quantize", None), as_mapping(merged.pop("prune", None), f"{label}.prune")
+    stack_entries = merged.pop("stack", None)
     make_config(name, **merged)  # unknown method / bad field: ConfigError now
     if quantize not in (None, "nf4", "fp4", "int8"):
         raise ConfigError(f"bench spec: {label}.quantize must be nf4, fp4 or int8, got {quantize!r}")
@@ -250,8 +256,52 @@ def _method_arm(entry: Any, options: dict[str, Any]) -> ArmSpec:
         PruneConfig(**prune)  # a bad field fails now
     if kind == "peft" and (pretrain or quantize or prune):
         raise ConfigError(f"bench spec: {label} (kind: peft) takes no pretrain, quantize or prune")
+    stack = _stack(stack_entries, label, bool(kind == "peft" or pretrain or quantize or prune))
+    rates = {m["adapter"]: m["lr"] for m in stack if m["lr"] is not None}
+    if rates:
+        train = {**train, "stepper": _with_adapter_lr(train.get("stepper", "backprop"), rates, label)}
     return ArmSpec(name=label, kind=kind, method=name, options=merged, train=train,
-                   pretrain=pretrain, quantize=quantize, prune=prune)
+                   pretrain=pretrain, quantize=quantize, prune=prune, stack=stack)
+
+
+def _stack(value: Any, label: str, alone: bool) -> tuple[dict[str, Any], ...]:
+    """A method entry's `stack: [{name: lora, r: 8, lr: 1.0e-3, adapter: lora}, ...]`: methods
+    attached beside the arm's own (adapter "default"), each under `adapter` (default: its method
+    name) and trained together, at its `lr` (default: the arm's)."""
+    if value is None:
+        return ()
+    where = f"bench spec: {label}.stack"
+    if alone:
+        raise ConfigError(f"{where}: a stacked arm is a plain petkit arm (no kind peft, pretrain, "
+                          "quantize or prune)")
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{where} must be a non-empty list of {{name: METHOD, ...}} entries, got {value!r}")
+    stack, names = [], ["default"]
+    for i, entry in enumerate(value):
+        fields = as_mapping(entry, f"{label}.stack[{i}]")
+        method, lr = fields.pop("name", None), fields.pop("lr", None)
+        adapter = fields.pop("adapter", method)
+        if not isinstance(method, str) or not method:
+            raise ConfigError(f"{where}[{i}] needs a method name (name: lora), got {entry!r}")
+        if not isinstance(adapter, str) or not adapter or adapter in names:
+            raise ConfigError(f"{where}[{i}].adapter must be a name not used by another adapter of the "
+                              f"arm ({names}), got {adapter!r}")
+        if lr is not None and (not isinstance(lr, (int, float)) or isinstance(lr, bool) or not 0 < lr <= 10):
+            raise ConfigError(f"{where}[{i}].lr must be a number in (0, 10], got {lr!r}")
+        make_config(method, **fields)  # unknown method / bad field: ConfigError now
+        names.append(adapter)
+        stack.append({"name": method, "adapter": adapter, "options": fields,
+                      "lr": None if lr is None else float(lr)})
+    return tuple(stack)
+
+
+def _with_adapter_lr(stepper: Any, rates: dict[str, float], label: str) -> dict[str, Any]:
+    """The arm's stepper section with `adapter_lr` set to the stacked adapters' rates."""
+    own = {"name": stepper} if isinstance(stepper, str) else as_mapping(stepper, f"{label}.train.stepper")
+    if own.get("name", "backprop") not in ("backprop", "auto"):
+        raise ConfigError(f"bench spec: {label}.stack: a stacked method's lr needs the backprop stepper, "
+                          f"not {own.get('name')!r}")
+    return {**own, "name": "backprop", "adapter_lr": {**own.get("adapter_lr", {}), **rates}}
 
 
 def _has_defaults(method: str) -> bool:
@@ -287,7 +337,7 @@ def _arms(data: dict[str, Any]) -> list[ArmSpec]:
         wanted = PEFT_TWINS if peft is True else tuple(peft)
         arms += [dataclasses.replace(a, name=f"peft:{a.method}", kind="peft")
                  for a in list(arms) if a.kind == "petkit" and a.method in wanted
-                 and not (a.quantize or a.prune)]  # twins of the plain arms only
+                 and not (a.quantize or a.prune or a.stack)]  # twins of the plain arms only
     names = [a.name for a in arms]
     if len(set(names)) != len(names):
         raise ConfigError(f"bench spec: arm names repeat in {names}; give entries distinct names")

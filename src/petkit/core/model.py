@@ -160,6 +160,13 @@ def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if id(p) in chosen}
 
 
+def parameter_adapters(model: nn.Module) -> dict[str, str]:
+    """{path: adapter name} of every attached adapter's delta parameters (paths as in
+    named_parameters)."""
+    owner = {id(p): w.adapter_name for _, w in wrappers_of(model) for p in w.delta_parameters().values()}
+    return {n: owner[id(p)] for n, p in model.named_parameters() if id(p) in owner}
+
+
 def trainable_copy_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """The part of `trainable_parameters(model)` that belongs to full trainable copies
     (`modules_to_save`, e.g. a new task head), found by wrapper type, by path."""
