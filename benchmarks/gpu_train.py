@@ -96,7 +96,7 @@ CASES: dict[str, tuple[str, str, str, str]] = {
     "petkit-bare-eager": ("bare", "", "off", "none"),
     "petkit-bare-blocks-elementwise-fp8-flce": ("bare", "blocks", "elementwise", "liger"),
     **{f"petkit-blocks-elementwise-fp8-flce-{variant}": ("petkit", "blocks", "elementwise", "liger")
-       for variant in ("copy", "inplace", "shared")},
+       for variant in ("copy", "inplace", "shared", "off50-copy")},
 }
 LIGER_PIECES = "flce"  # --runtime.liger of the petkit cases with "liger"
 DROPOUT = 0.05  # LoRA dropout of the `-dropout` cases (the others: none); only the Triton kernel
@@ -220,7 +220,7 @@ def quantization(case: str) -> tuple[str, float]:
 
 def offload(case: str) -> float | None:
     """`--runtime.activation_offload_fraction` of `case` (None: no offload)."""
-    _, off, percent = case.rpartition("-off")
+    _, off, percent = case.removesuffix("-copy").rpartition("-off")
     return int(percent) / 100 if off and percent.isdigit() else None
 
 
