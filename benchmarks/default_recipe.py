@@ -50,7 +50,9 @@ SEARCHES = {"validation carved from the 480 (96 examples)": ROOT / "docs" / "def
             "held-out validation, round 7, seeds 0 and 1 (1,200 examples outside the 480)":
                 ROOT / "docs" / "default_recipe_heldout_r7.jsonl",
             "held-out validation, round 8, seeds 0 and 1 (1,200 examples outside the 480)":
-                ROOT / "docs" / "default_recipe_heldout_r8.jsonl"}
+                ROOT / "docs" / "default_recipe_heldout_r8.jsonl",
+            "held-out validation, round 9, seeds 0 and 1 (1,200 examples outside the 480)":
+                ROOT / "docs" / "default_recipe_heldout_r9.jsonl"}
 HELD_OUT = 400  # validation examples after the cell's training examples (grids with fraction 0, no max)
 # test grids: their run folder's cells.csv, else the copy kept in docs/ (the runs of 2026-12-07)
 TESTS = {ROOT / "runs" / "bench-default-test": ROOT / "docs" / "default_recipe_test.csv",
