@@ -47,7 +47,7 @@ from petkit.core.errors import ConfigError
 from petkit.training.config import TrainConfig
 from petkit.core.registry import METHODS, get_method, make_config
 from petkit.benchmark.spec_values import (FULL, label_ids, as_mapping, no_unknown, seed_list,
-                                          sizes_or_shots)
+                                          sizes_or_shots, stack_entries_of, with_adapter_lr)
 
 KEYS = ("tasks", "methods", "method_options", "baselines", "seeds", "sizes", "shots", "validation",
         "train", "threads")
@@ -256,52 +256,12 @@ def _method_arm(entry: Any, options: dict[str, Any]) -> ArmSpec:
         PruneConfig(**prune)  # a bad field fails now
     if kind == "peft" and (pretrain or quantize or prune):
         raise ConfigError(f"bench spec: {label} (kind: peft) takes no pretrain, quantize or prune")
-    stack = _stack(stack_entries, label, bool(kind == "peft" or pretrain or quantize or prune))
+    stack = stack_entries_of(stack_entries, label, bool(kind == "peft" or pretrain or quantize or prune))
     rates = {m["adapter"]: m["lr"] for m in stack if m["lr"] is not None}
     if rates:
-        train = {**train, "stepper": _with_adapter_lr(train.get("stepper", "backprop"), rates, label)}
+        train = {**train, "stepper": with_adapter_lr(train.get("stepper", "backprop"), rates, label)}
     return ArmSpec(name=label, kind=kind, method=name, options=merged, train=train,
                    pretrain=pretrain, quantize=quantize, prune=prune, stack=stack)
-
-
-def _stack(value: Any, label: str, alone: bool) -> tuple[dict[str, Any], ...]:
-    """A method entry's `stack: [{name: lora, r: 8, lr: 1.0e-3, adapter: lora}, ...]`: methods
-    attached beside the arm's own (adapter "default"), each under `adapter` (default: its method
-    name) and trained together, at its `lr` (default: the arm's)."""
-    if value is None:
-        return ()
-    where = f"bench spec: {label}.stack"
-    if alone:
-        raise ConfigError(f"{where}: a stacked arm is a plain petkit arm (no kind peft, pretrain, "
-                          "quantize or prune)")
-    if not isinstance(value, list) or not value:
-        raise ConfigError(f"{where} must be a non-empty list of {{name: METHOD, ...}} entries, got {value!r}")
-    stack, names = [], ["default"]
-    for i, entry in enumerate(value):
-        fields = as_mapping(entry, f"{label}.stack[{i}]")
-        method, lr = fields.pop("name", None), fields.pop("lr", None)
-        adapter = fields.pop("adapter", method)
-        if not isinstance(method, str) or not method:
-            raise ConfigError(f"{where}[{i}] needs a method name (name: lora), got {entry!r}")
-        if not isinstance(adapter, str) or not adapter or adapter in names:
-            raise ConfigError(f"{where}[{i}].adapter must be a name not used by another adapter of the "
-                              f"arm ({names}), got {adapter!r}")
-        if lr is not None and (not isinstance(lr, (int, float)) or isinstance(lr, bool) or not 0 < lr <= 10):
-            raise ConfigError(f"{where}[{i}].lr must be a number in (0, 10], got {lr!r}")
-        make_config(method, **fields)  # unknown method / bad field: ConfigError now
-        names.append(adapter)
-        stack.append({"name": method, "adapter": adapter, "options": fields,
-                      "lr": None if lr is None else float(lr)})
-    return tuple(stack)
-
-
-def _with_adapter_lr(stepper: Any, rates: dict[str, float], label: str) -> dict[str, Any]:
-    """The arm's stepper section with `adapter_lr` set to the stacked adapters' rates."""
-    own = {"name": stepper} if isinstance(stepper, str) else as_mapping(stepper, f"{label}.train.stepper")
-    if own.get("name", "backprop") not in ("backprop", "auto"):
-        raise ConfigError(f"bench spec: {label}.stack: a stacked method's lr needs the backprop stepper, "
-                          f"not {own.get('name')!r}")
-    return {**own, "name": "backprop", "adapter_lr": {**own.get("adapter_lr", {}), **rates}}
 
 
 def _has_defaults(method: str) -> bool:

@@ -1,10 +1,11 @@
-"""The bench spec's value checks: mappings, unknown keys, label lists, sizes, shots and seeds
-(each a clear ConfigError naming the spec key)."""
+"""The bench spec's value checks: mappings, unknown keys, label lists, sizes, shots, seeds and a
+stacked arm's methods (each a clear ConfigError naming the spec key)."""
 from __future__ import annotations
 
 from typing import Any
 
 from petkit.core.errors import ConfigError
+from petkit.core.registry import make_config
 
 FULL = "full"
 
@@ -65,3 +66,43 @@ def seed_list(values: Any) -> tuple[int, ...]:
     if not ok or len(set(values)) != len(values):
         raise ConfigError(f"bench spec: seeds must be a list of distinct ints >= 0, got {values!r}")
     return tuple(values)
+
+
+def stack_entries_of(value: Any, label: str, alone: bool) -> tuple[dict[str, Any], ...]:
+    """A method entry's `stack: [{name: lora, r: 8, lr: 1.0e-3, adapter: lora}, ...]`: methods
+    attached beside the arm's own (adapter "default"), each under `adapter` (default: its method
+    name) and trained together, at its `lr` (default: the arm's)."""
+    if value is None:
+        return ()
+    where = f"bench spec: {label}.stack"
+    if alone:
+        raise ConfigError(f"{where}: a stacked arm is a plain petkit arm (no kind peft, pretrain, "
+                          "quantize or prune)")
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{where} must be a non-empty list of {{name: METHOD, ...}} entries, got {value!r}")
+    stack, names = [], ["default"]
+    for i, entry in enumerate(value):
+        fields = as_mapping(entry, f"{label}.stack[{i}]")
+        method, lr = fields.pop("name", None), fields.pop("lr", None)
+        adapter = fields.pop("adapter", method)
+        if not isinstance(method, str) or not method:
+            raise ConfigError(f"{where}[{i}] needs a method name (name: lora), got {entry!r}")
+        if not isinstance(adapter, str) or not adapter or adapter in names:
+            raise ConfigError(f"{where}[{i}].adapter must be a name not used by another adapter of the "
+                              f"arm ({names}), got {adapter!r}")
+        if lr is not None and (not isinstance(lr, (int, float)) or isinstance(lr, bool) or not 0 < lr <= 10):
+            raise ConfigError(f"{where}[{i}].lr must be a number in (0, 10], got {lr!r}")
+        make_config(method, **fields)  # unknown method / bad field: ConfigError now
+        names.append(adapter)
+        stack.append({"name": method, "adapter": adapter, "options": fields,
+                      "lr": None if lr is None else float(lr)})
+    return tuple(stack)
+
+
+def with_adapter_lr(stepper: Any, rates: dict[str, float], label: str) -> dict[str, Any]:
+    """The arm's stepper section with `adapter_lr` set to the stacked adapters' rates."""
+    own = {"name": stepper} if isinstance(stepper, str) else as_mapping(stepper, f"{label}.train.stepper")
+    if own.get("name", "backprop") not in ("backprop", "auto"):
+        raise ConfigError(f"bench spec: {label}.stack: a stacked method's lr needs the backprop stepper, "
+                          f"not {own.get('name')!r}")
+    return {**own, "name": "backprop", "adapter_lr": {**own.get("adapter_lr", {}), **rates}}
