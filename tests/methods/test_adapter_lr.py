@@ -145,3 +145,18 @@ def test_the_command_line_spelling_reads_as_the_yaml_one():
     assert recipe.train.stepper.adapter_rates() == {"ia3": 1e-2, "lora": 5e-4}
     recipe = apply_overrides(Recipe(), {"train.stepper.adapter_lr": "{ia3: 1.0e-2}"})
     assert recipe.train.stepper.adapter_rates() == {"ia3": 1e-2}
+
+
+def test_parameters_are_found_by_identity_under_a_wrapper():
+    """A wrapped model (as DDP wraps it: `module.` before every name) still finds its adapters."""
+    m = stacked()
+    params = pk.trainable_parameters(m)
+    wrapper = torch.nn.Module()
+    wrapper.module = m
+    config = TrainConfig(lr=1e-3, stepper=BackpropConfig(adapter_lr={"ia3": 1e-2}))
+    stepper = BackpropStepper(params, config, total_steps=10)
+    stepper.bind_model(wrapper)  # its names differ from params' keys; it holds no adapter records
+    assert {n for n, a in stepper.owner.items() if a == "ia3"} == {n for n in params if n.endswith("ia3_l")}
+    assert [len(g["params"]) for g in stepper.optimizer.param_groups] == [8, 6]
+    with pytest.raises(pk.ConfigError, match=r"the model's adapters: \['ia3', 'lora'\]"):
+        BackpropStepper(params, TrainConfig(stepper=BackpropConfig(adapter_lr={"x": 1e-2})), 10).bind_model(wrapper)

@@ -228,12 +228,17 @@ class BackpropStepper:
     def _owners(self, model: nn.Module) -> dict[str, str]:
         """{trained parameter name: adapter} for the adapters `adapter_lr` names; raises
         ConfigError for a name that is no attached adapter, or one with nothing trained."""
-        attached = sorted(adapters(model))
+        # by identity and by the wrappers: a wrapped model (DDP) renames its parameters and does
+        # not hold the adapters' records
+        found = parameter_adapters(model)
+        attached = sorted(set(adapters(model)) | set(found.values()))
         unknown = [a for a in self.rates if a not in attached]
         if unknown:
             raise ConfigError(f"TrainConfig.stepper.adapter_lr names {unknown}, which no attached adapter "
                               f"is called; the model's adapters: {attached}")
-        owner = {n: a for n, a in parameter_adapters(model).items() if n in self.named and a in self.rates}
+        ours, tensors = {id(p): n for n, p in self.named.items()}, dict(model.named_parameters())
+        owner = {ours[id(tensors[path])]: a for path, a in found.items()
+                 if id(tensors[path]) in ours and a in self.rates}
         idle = [a for a in self.rates if a not in owner.values()]
         if idle:
             raise ConfigError(f"TrainConfig.stepper.adapter_lr names {idle}, whose parameters are not "
