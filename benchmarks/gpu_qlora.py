@@ -44,6 +44,8 @@ CASES: dict[str, tuple[str, str, str, str]] = {  # library, compile, checkpointi
     "petkit-qlora-fused": ("petkit", "blocks", "selective", "fused"),
     "petkit-qlora-elementwise-fp8-flce": ("petkit", "blocks", "elementwise", "liger"),
     "petkit-qlora-elementwise-fp8-flce-off25": ("petkit", "blocks", "elementwise", "liger"),
+    # the path before 2026-12-07: B-product out of place, no shared A-products (gpu_train's -copy)
+    "petkit-qlora-elementwise-fp8-flce-copy": ("petkit", "blocks", "elementwise", "liger"),
 }
 
 
@@ -67,7 +69,11 @@ def worker(case: str, args: argparse.Namespace) -> dict[str, Any]:
     """One case in this process."""
     import torch
 
+    from petkit.core import accumulate
+    from petkit.training import run_modes
+
     library, compiled, ckpt, kernels = CASES[case]
+    accumulate.IN_PLACE = run_modes.SHARED_INPUT_LOWRANK = not case.endswith("-copy")
     gpu_train.build_model = quantised_builder(gpu_train.build_model)
     shape = gpu_train.SHAPES[args.shape]
     run = {"peft": gpu_train.peft_case, "petkit": gpu_train.petkit_case}[library]
