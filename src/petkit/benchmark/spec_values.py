@@ -6,6 +6,7 @@ from typing import Any
 
 from petkit.core.errors import ConfigError
 from petkit.core.registry import make_config
+from petkit.training.steppers.backprop import BackpropConfig
 
 FULL = "full"
 
@@ -105,4 +106,5 @@ def with_adapter_lr(stepper: Any, rates: dict[str, float], label: str) -> dict[s
     if own.get("name", "backprop") not in ("backprop", "auto"):
         raise ConfigError(f"bench spec: {label}.stack: a stacked method's lr needs the backprop stepper, "
                           f"not {own.get('name')!r}")
-    return {**own, "name": "backprop", "adapter_lr": {**own.get("adapter_lr", {}), **rates}}
+    given = BackpropConfig(adapter_lr=own.get("adapter_lr", ())).adapter_rates()  # any spelling it reads
+    return {**own, "name": "backprop", "adapter_lr": {**given, **rates}}
