@@ -12,6 +12,12 @@ on `validation.max` of them where the grid sets it (round 4: 1,200).
     ... search benchmarks/default_recipe_heldout_r4.yaml 1/1 rotten-tomatoes [ARM,ARM]   # one task, some arms
     ... search benchmarks/default_recipe_heldout_r5.yaml 1/1 bbc-news ARM 1               # and one seed
     python benchmarks/default_recipe.py table           # search tables + the test grid's table
+    ... cost benchmarks/default_recipe_heldout_r10.yaml rotten-tomatoes 20   # CPU s/step only
+
+`cost` trains each arm of the grid for a few steps on seed 0's training examples only (no
+validation or test example is read, nothing is scored) and prints its CPU s/step against the
+grid's first arm, measured in the same process: what a rule about CPU time needs before any of
+its cells run.
 
 The test comparison (winner, today's default, PEFT's default LoRA; 3 seeds; test split) is a
 plain harness grid: `petkit bench benchmarks/default_recipe_test.yaml --output runs/bench-default-test`.
@@ -52,7 +58,9 @@ SEARCHES = {"validation carved from the 480 (96 examples)": ROOT / "docs" / "def
             "held-out validation, round 8, seeds 0 and 1 (1,200 examples outside the 480)":
                 ROOT / "docs" / "default_recipe_heldout_r8.jsonl",
             "held-out validation, round 9, seeds 0 and 1 (1,200 examples outside the 480)":
-                ROOT / "docs" / "default_recipe_heldout_r9.jsonl"}
+                ROOT / "docs" / "default_recipe_heldout_r9.jsonl",
+            "held-out validation, round 10, seeds 0 and 1 (1,200 examples outside the 480)":
+                ROOT / "docs" / "default_recipe_heldout_r10.jsonl"}
 HELD_OUT = 400  # validation examples after the cell's training examples (grids with fraction 0, no max)
 # test grids: their run folder's cells.csv, else the copy kept in docs/ (the runs of 2026-12-07)
 TESTS = {ROOT / "runs" / "bench-default-test": ROOT / "docs" / "default_recipe_test.csv",
@@ -60,7 +68,8 @@ TESTS = {ROOT / "runs" / "bench-default-test": ROOT / "docs" / "default_recipe_t
          ROOT / "runs" / "bench-default-test-candidate2": ROOT / "docs" / "default_recipe_test_candidate2.csv",
          ROOT / "runs" / "bench-default-test-candidate3": ROOT / "docs" / "default_recipe_test_candidate3.csv",
          ROOT / "runs" / "bench-default-test-candidate4": ROOT / "docs" / "default_recipe_test_candidate4.csv",
-         ROOT / "runs" / "bench-default-test-candidate5": ROOT / "docs" / "default_recipe_test_candidate5.csv"}
+         ROOT / "runs" / "bench-default-test-candidate5": ROOT / "docs" / "default_recipe_test_candidate5.csv",
+         ROOT / "runs" / "bench-default-test-candidate6": ROOT / "docs" / "default_recipe_test_candidate6.csv"}
 
 
 def search_data(loaded, size: int, seed: int, fraction: float, maximum: int | None) -> CellData:
@@ -116,6 +125,30 @@ def search(path: str, shard: str = "1/1", task: str = "", only: str = "", seed: 
         print(json.dumps(record), flush=True)
         with out.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
+
+
+def cost(path: str, task: str, steps: str = "20") -> None:
+    """CPU s/step of each arm over `steps` training steps of `task` (seed 0's training examples;
+    the first step, which warms caches up, not counted), and its ratio to the first arm's."""
+    spec = load_spec(path)
+    torch.set_num_threads(spec.threads or 1)
+    cells = [c for c in spec.cells() if c.task.name == task and c.seed == spec.seeds[0]]
+    loaded, first = load(cells[0].task), None
+    for cell in cells:
+        data = search_data(loaded, cell.size, cell.seed, spec.validation_fraction, spec.validation_max)
+        config = spec.train_config(cell).replace(label_token_ids=loaded.label_token_ids, eval_every=0)
+        arm = make_arm(cell.arm)
+        model = arm.setup(loaded.fresh_model(cell.seed), ArmContext(loaded.task_type, loaded.head_modules, cell.seed))
+        params = arm.parameters(model)
+        train(model, data.train, config.replace(max_steps=1), pad_id=loaded.pad_id, parameters=params,
+              collate_fn=loaded.collate)  # warm-up step, not counted
+        start = time.process_time()
+        train(model, data.train, config.replace(max_steps=int(steps)), pad_id=loaded.pad_id,
+              parameters=params, collate_fn=loaded.collate)
+        per_step = (time.process_time() - start) / int(steps)
+        first = first or per_step
+        print(f"{task} {cell.arm.name}: batch {config.batch_size}, {sum(p.numel() for p in params.values()):,} "
+              f"trainable, CPU {per_step:.2f} s/step, x{per_step / first:.2f} the first arm's", flush=True)
 
 
 def _rows(records: list[dict], value: str) -> dict[tuple[str, str], list[float]]:
@@ -196,5 +229,7 @@ def table() -> None:
 if __name__ == "__main__":
     if sys.argv[1] == "search":
         search(*sys.argv[2:])
+    elif sys.argv[1] == "cost":
+        cost(*sys.argv[2:])
     else:
         table()
