@@ -91,12 +91,13 @@ def test_each_arm_is_compared_with_peft_and_todays_default_per_task():
         "cand - default-qv-r8 on rt: +3.0 points, CPU s/step x1.25 (3 and 3 seeds)"
 
 
-def test_rounds_5_and_6_copy_round_4s_cells_only_for_the_same_arms_split_and_budget():
+def test_rounds_5_to_10_copy_round_4s_cells_only_for_the_same_arms_split_and_budget():
     import json
 
     round4 = grid("default_recipe_heldout_r4.yaml")
     earlier = {a.name: a for a in round4.arms}
-    for name in ("default_recipe_heldout_r5.yaml", "default_recipe_heldout_r6.yaml"):
+    for name in ("default_recipe_heldout_r5.yaml", "default_recipe_heldout_r6.yaml", "default_recipe_heldout_r7.yaml",
+                 "default_recipe_heldout_r8.yaml", "default_recipe_heldout_r9.yaml", "default_recipe_heldout_r10.yaml"):
         spec = grid(name)
         assert tuple(spec.seeds) == (0, 1) and spec.train == round4.train and spec.tasks == round4.tasks
         assert (spec.validation_fraction, spec.validation_max) == (0, 1200)
@@ -123,3 +124,22 @@ def test_search_runs_only_the_asked_task_arm_and_seed(tmp_path, monkeypatch):
     (tmp_path / "docs").mkdir()
     recipe.search(str(ROOT / "benchmarks" / "default_recipe_heldout_r5.yaml"), "1/1", "bbc-news", "ia3-lr2e-2", "1")
     assert ran == ["bbc-news/ia3-lr2e-2/n=480/seed=1"]
+
+
+def test_cost_trains_each_arm_on_its_training_examples_only_and_reports_ratios(monkeypatch, capsys):
+    seen = []
+
+    def fake_train(model, data, config, **kwargs):  # some CPU time per step, as a real step has
+        seen.append((len(data), config.max_steps, config.batch_size, kwargs.get("eval_data")))
+        sum(range(20_000 * config.max_steps))
+
+    monkeypatch.setattr(recipe, "train", fake_train)
+    path = ROOT / "benchmarks" / "default_recipe_heldout_r10.yaml"
+    recipe.cost(str(path), "rotten-tomatoes", "3")
+    arms = [a.name for a in grid(path.name).arms]
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == [f"rotten-tomatoes {arm}" for arm in arms]
+    assert lines[0].endswith("x1.00 the first arm's") and "batch 14," in lines[arms.index("ia3-top10-b14")]
+    # one warm-up step, then the measured steps; the 480 training examples, no evaluation data
+    assert [steps for _, steps, _, _ in seen] == [1, 3] * len(arms)
+    assert all(n == 480 and evaluation is None for n, _, _, evaluation in seen)
