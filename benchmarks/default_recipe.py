@@ -60,7 +60,9 @@ SEARCHES = {"validation carved from the 480 (96 examples)": ROOT / "docs" / "def
             "held-out validation, round 9, seeds 0 and 1 (1,200 examples outside the 480)":
                 ROOT / "docs" / "default_recipe_heldout_r9.jsonl",
             "held-out validation, round 10, seeds 0 and 1 (1,200 examples outside the 480)":
-                ROOT / "docs" / "default_recipe_heldout_r10.jsonl"}
+                ROOT / "docs" / "default_recipe_heldout_r10.jsonl",
+            **{f"held-out validation, full fine-tuning at lr {lr}, seeds 0 and 1 (1,200 examples outside the 480)":
+               ROOT / "docs" / f"default_recipe_ceiling_lr{lr}.jsonl" for lr in ("1e-5", "3e-5", "1e-4")}}
 HELD_OUT = 400  # validation examples after the cell's training examples (grids with fraction 0, no max)
 # test grids: their run folder's cells.csv, else the copy kept in docs/ (the runs of 2026-12-07)
 TESTS = {ROOT / "runs" / "bench-default-test": ROOT / "docs" / "default_recipe_test.csv",
