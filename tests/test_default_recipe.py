@@ -143,3 +143,4 @@ def test_cost_trains_each_arm_on_its_training_examples_only_and_reports_ratios(m
     # one warm-up step, then the measured steps; the 480 training examples, no evaluation data
     assert [steps for _, steps, _, _ in seen] == [1, 3] * len(arms)
     assert all(n == 480 and evaluation is None for n, _, _, evaluation in seen)
+    assert [batch for _, _, batch, _ in seen[::2]] == [8, 8, 14, 12, 8]  # each arm's own batch size
