@@ -61,6 +61,8 @@ SEARCHES = {"validation carved from the 480 (96 examples)": ROOT / "docs" / "def
                 ROOT / "docs" / "default_recipe_heldout_r9.jsonl",
             "held-out validation, round 10, seeds 0 and 1 (1,200 examples outside the 480)":
                 ROOT / "docs" / "default_recipe_heldout_r10.jsonl",
+            "held-out validation, round 11, seeds 0 and 1 (1,200 examples outside the 480)":
+                ROOT / "docs" / "default_recipe_heldout_r11.jsonl",
             **{f"held-out validation, full fine-tuning at lr {lr}, seeds 0 and 1 (1,200 examples outside the 480)":
                ROOT / "docs" / f"default_recipe_ceiling_lr{lr}.jsonl" for lr in ("1e-5", "3e-5", "1e-4")}}
 HELD_OUT = 400  # validation examples after the cell's training examples (grids with fraction 0, no max)

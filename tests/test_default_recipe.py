@@ -91,13 +91,14 @@ def test_each_arm_is_compared_with_peft_and_todays_default_per_task():
         "cand - default-qv-r8 on rt: +3.0 points, CPU s/step x1.25 (3 and 3 seeds)"
 
 
-def test_rounds_5_to_10_copy_round_4s_cells_only_for_the_same_arms_split_and_budget():
+def test_rounds_5_to_11_copy_round_4s_cells_only_for_the_same_arms_split_and_budget():
     import json
 
     round4 = grid("default_recipe_heldout_r4.yaml")
     earlier = {a.name: a for a in round4.arms}
     for name in ("default_recipe_heldout_r5.yaml", "default_recipe_heldout_r6.yaml", "default_recipe_heldout_r7.yaml",
-                 "default_recipe_heldout_r8.yaml", "default_recipe_heldout_r9.yaml", "default_recipe_heldout_r10.yaml"):
+                 "default_recipe_heldout_r8.yaml", "default_recipe_heldout_r9.yaml", "default_recipe_heldout_r10.yaml",
+                 "default_recipe_heldout_r11.yaml"):
         spec = grid(name)
         assert tuple(spec.seeds) == (0, 1) and spec.train == round4.train and spec.tasks == round4.tasks
         assert (spec.validation_fraction, spec.validation_max) == (0, 1200)
