@@ -85,13 +85,18 @@ def search_data(loaded, size: int, seed: int, fraction: float, maximum: int | No
     return CellData(both[:size], both[size:])
 
 
-def validation_cell(cell: Cell, spec, loaded) -> dict:
-    """Train one cell; its accuracy on the validation split at the last step (no test)."""
-    data = search_data(loaded, cell.size, cell.seed, spec.validation_fraction, spec.validation_max)
+def _arm_model(cell: Cell, spec, loaded):
+    """The cell's TrainConfig (no evaluation inside), its arm's fresh model and trained parameters."""
     config = spec.train_config(cell).replace(label_token_ids=loaded.label_token_ids, eval_every=0)
     arm = make_arm(cell.arm)
     model = arm.setup(loaded.fresh_model(cell.seed), ArmContext(loaded.task_type, loaded.head_modules, cell.seed))
-    params = arm.parameters(model)
+    return config, model, arm.parameters(model)
+
+
+def validation_cell(cell: Cell, spec, loaded) -> dict:
+    """Train one cell; its accuracy on the validation split at the last step (no test)."""
+    data = search_data(loaded, cell.size, cell.seed, spec.validation_fraction, spec.validation_max)
+    config, model, params = _arm_model(cell, spec, loaded)
     cpu, wall = time.process_time(), time.perf_counter()
     result = train(model, data.train, config, eval_data=data.validation, pad_id=loaded.pad_id,
                    parameters=params, collate_fn=loaded.collate)
@@ -139,10 +144,7 @@ def cost(path: str, task: str, steps: str = "20") -> None:
     loaded, first = load(cells[0].task), None
     for cell in cells:
         data = cell_data(loaded, cell.size, cell.seed, 0, None)  # the test grid's training examples, nothing else
-        config = spec.train_config(cell).replace(label_token_ids=loaded.label_token_ids, eval_every=0)
-        arm = make_arm(cell.arm)
-        model = arm.setup(loaded.fresh_model(cell.seed), ArmContext(loaded.task_type, loaded.head_modules, cell.seed))
-        params = arm.parameters(model)
+        config, model, params = _arm_model(cell, spec, loaded)
         train(model, data.train, config.replace(max_steps=1), pad_id=loaded.pad_id, parameters=params,
               collate_fn=loaded.collate)  # warm-up step, not counted
         start = time.process_time()
